@@ -1,0 +1,145 @@
+"""``lowbit`` command line: it only wires the Python API.
+
+    lowbit train CONFIG [key=value ...] [--out DIR]      train; prints a summary, writes a run folder
+    lowbit train --resume RUN_DIR                        continue a killed run from its last epoch
+    lowbit eval RUN_DIR                                  re-evaluate a run's best checkpoint
+    lowbit info CONFIG|RUN_DIR [key=value ...]           plan table and cost, no training
+    lowbit list                                          registered models, datasets, quantizers, methods
+
+Every user error (unknown name, bits out of range, missing file, wrong type) prints one line
+``lowbit: error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import LowbitError
+
+
+def _load_cfg(target: str, overrides: list[str]):
+    from .config import load_config
+
+    p = Path(target)
+    if p.is_dir():
+        if not (p / "config.yaml").is_file():
+            raise LowbitError(f"{p} is not a run folder (no config.yaml)")
+        return load_config(p / "config.yaml", overrides)
+    return load_config(target, overrides)
+
+
+def cmd_train(args) -> int:
+    from .train import format_summary, run
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = _load_cfg(str(run_dir), [])
+        if args.config or args.overrides:
+            raise LowbitError("--resume takes the config of the run folder; give no CONFIG or overrides")
+    else:
+        if not args.config:
+            raise LowbitError("train needs a CONFIG file (or --resume RUN_DIR)")
+        cfg = _load_cfg(args.config, args.overrides)
+        run_dir = Path(args.out) if args.out else Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (run_dir / "last.pt").exists():
+            raise LowbitError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    print(f"run folder: {run_dir}", file=sys.stderr)
+    res = run(cfg, run_dir, resume=bool(args.resume))
+    print(format_summary(res.summary))
+    print(f"run folder      {run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .train import BatchLoader, build_model, evaluate, format_summary, load_data, make_summary
+
+    run_dir = Path(args.run_dir)
+    cfg = _load_cfg(str(run_dir), [])
+    ck = run_dir / "best.pt"
+    if not ck.is_file():
+        raise LowbitError(f"{run_dir} has no best.pt checkpoint: the run did not finish an epoch")
+    data = load_data(cfg)
+    model = build_model(cfg, data)
+    state = torch.load(ck, weights_only=False)
+    model.load_state_dict(state["model"])
+    t = cfg.train
+    val = evaluate(model, BatchLoader(data.val, data.info, t.eval_batch_size))
+    test = evaluate(model, BatchLoader(data.test, data.info, t.eval_batch_size))
+    summary = make_summary(cfg, model, data, test, {"epoch": state["epoch"], "val_acc": val["acc"]})
+    print(format_summary(summary))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .train import build_model, cost_of, load_data
+
+    cfg = _load_cfg(args.target, args.overrides)
+    data = load_data(cfg)
+    model = build_model(cfg, data)
+    from .quantize import quant_state
+
+    print(quant_state(model).table())
+    print()
+    print(cost_of(model, data).table())
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .data import list_datasets
+    from .methods import list_methods
+    from .models import list_models
+    from .quant import list_quantizers
+
+    print("models:     ", ", ".join(list_models()))
+    print("datasets:   ", ", ".join(list_datasets()))
+    print("quantizers: ", ", ".join(list_quantizers("weight")), "(weights)")
+    print("            ", ", ".join(list_quantizers("act")), "(activations)")
+    print("methods:    ", ", ".join(list_methods()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Train, measure and export low-bit quantized CNNs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a config; writes a run folder")
+    t.add_argument("config", nargs="?", help="YAML config")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values)")
+    t.add_argument("--out", help="run folder (default: OUT_DIR/NAME-TIMESTAMP)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="evaluate a run's best checkpoint on validation and test")
+    e.add_argument("run_dir")
+    e.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    e.set_defaults(func=cmd_eval)
+    i = sub.add_parser("info", help="plan table and cost of a config or run folder, no training")
+    i.add_argument("target", help="YAML config or run folder")
+    i.add_argument("overrides", nargs="*")
+    i.set_defaults(func=cmd_info)
+    ls = sub.add_parser("list", help="registered models, datasets, quantizers and methods")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; continue with `lowbit train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

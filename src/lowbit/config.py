@@ -1,0 +1,158 @@
+"""Typed run configuration: model, data, plan (with its method) and training, from YAML.
+
+Every field is validated on load; an unknown key, a wrong type or a value out of range is a
+one-line :class:`~lowbit.errors.ConfigError` naming the field (``train.lr: ...``). Names of
+models, datasets, quantizers and methods are checked against their registries by
+:func:`validate_names`, so ``lowbit info`` catches them before any training starts.
+
+Command-line overrides use dotted keys with YAML values: ``train.epochs=3 plan.weight.bits=4``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+from .plan import Plan, one_line
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(BaseModel):
+    """A registered model name; any extra key is a keyword of its builder (e.g. ``width: 2``)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "resnet20"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(_Strict):
+    name: str = "fashion-mnist"
+    root: str | None = None
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    augment: bool = True
+    limit: int | None = Field(None, gt=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(500, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "multistep", "onecycle", "constant"] = "cosine"
+    #: multistep: epochs at which the lr is multiplied by ``gamma``
+    milestones: list[int] = Field(default_factory=lambda: [])
+    gamma: float = Field(0.1, gt=0, le=1)
+    seed: int = 0
+    #: torch threads (None: all cores)
+    threads: int | None = Field(None, ge=1)
+    progress: bool = True
+
+
+class Config(_Strict):
+    name: str = "run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    plan: Plan = Field(default_factory=Plan)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    out_dir: str = "runs"
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not k for k in key.split(".")):
+        raise ConfigError(f"override '{item}': bad key '{key}'")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            if not isinstance(node[k], dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+        if "name" not in data:
+            data["name"] = p.stem
+    data = apply_overrides(data, overrides or [])
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(one_line(e, "config")) from None
+    validate_names(cfg)
+    return cfg
+
+
+def validate_names(cfg: Config) -> None:
+    """Check registry names and quantizer/method options without building anything large."""
+    from .data import list_datasets
+    from .methods import build_method
+    from .models import list_models, model_keywords
+    from .quant import build_quantizer
+
+    if cfg.model.name not in list_models():
+        raise ConfigError(f"model.name: unknown model '{cfg.model.name}'; available: {', '.join(list_models())}")
+    bad = sorted(set(cfg.model.options) - set(model_keywords(cfg.model.name)))
+    if bad:
+        raise ConfigError(
+            f"model: '{cfg.model.name}' has no option {', '.join(bad)}; "
+            f"its options: {', '.join(model_keywords(cfg.model.name)) or '(none)'}"
+        )
+    if cfg.data.name not in list_datasets():
+        raise ConfigError(f"data.name: unknown dataset '{cfg.data.name}'; available: {', '.join(list_datasets())}")
+    for role in ("weight", "act"):
+        spec = getattr(cfg.plan, role)
+        if spec is not None:
+            try:
+                build_quantizer(spec.name, spec.bits, role=role, **spec.options)
+            except ConfigError as e:
+                raise ConfigError(f"plan.{role}: {e}") from None
+    try:
+        build_method(cfg.plan.method.name, **cfg.plan.method.options)
+    except ConfigError as e:
+        raise ConfigError(f"plan.method: {e}") from None

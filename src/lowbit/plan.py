@@ -1,0 +1,176 @@
+"""A ``Plan``: which layers are quantized, with which quantizer and bits, and by which method.
+
+A plan is plain data (YAML-loadable, printable, saved next to every run)::
+
+    weight: {name: sawb, bits: 2}          # default weight quantizer (omit: weights stay FP32)
+    act: {name: pact, bits: 2}             # default input-activation quantizer (omit: FP32)
+    keep_first: true                       # first conv/linear stays full precision (as in the papers)
+    keep_last: true                        # last conv/linear stays full precision
+    layers:                                # per-layer overrides, by exact name or glob pattern
+      "layer3.*": {weight: {bits: 4}}      #   partial specs are merged into the default
+      fc: fp                               #   "fp": weight and input activation full precision
+    method: {name: ste}                    # how the quantized weight is trained (see lowbit.methods)
+
+Quantizer options go beside ``name`` and ``bits`` (``{name: lsq, bits: 2, per_channel: true}``).
+``resolve(model)`` turns a plan into one :class:`LayerPlan` per conv/linear layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+from .errors import ConfigError
+
+QUANTIZABLE = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+class QuantSpec(BaseModel):
+    """One quantizer: a registered name, bits, and its options (any extra keys)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    bits: int | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def merged(self, patch: dict[str, Any]) -> "QuantSpec":
+        return QuantSpec(**{**self.model_dump(), **patch})
+
+    def label(self) -> str:
+        opts = "".join(f",{k}={v}" for k, v in self.options.items())
+        return f"{self.name}{'' if self.bits is None else self.bits}{opts}"
+
+
+class MethodSpec(BaseModel):
+    """A training method by name (``ste``, ...) and its options (extra keys)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "ste"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+PatchOrFP = Union[Literal["fp"], dict[str, Any]]
+
+
+class LayerOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: PatchOrFP | None = None
+    act: PatchOrFP | None = None
+
+
+class Plan(BaseModel):
+    """Per-layer quantization, as data. See the module docstring for the YAML form."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: QuantSpec | None = None
+    act: QuantSpec | None = None
+    keep_first: bool = True
+    keep_last: bool = True
+    layers: dict[str, Union[Literal["fp"], LayerOverride]] = Field(default_factory=dict)
+    method: MethodSpec = Field(default_factory=MethodSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data):
+        # "weight: fp" / "act: fp" mean no quantizer
+        if isinstance(data, dict):
+            data = {k: (None if k in ("weight", "act") and v == "fp" else v) for k, v in data.items()}
+        return data
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict | None, where: str = "plan") -> "Plan":
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as e:
+            raise ConfigError(one_line(e, where)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "Plan":
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"plan file not found: {path}") from None
+        return cls.from_dict(data, where=path)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=False)
+
+    # -- resolution ----------------------------------------------------------------------------
+    def resolve(self, model: nn.Module) -> list["LayerPlan"]:
+        """One :class:`LayerPlan` per conv/linear layer of ``model`` (registration order)."""
+        names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+        if not names:
+            raise ConfigError("the model has no Conv or Linear layer to quantize")
+        modules = dict(model.named_modules())
+        w = {n: self.weight for n in names}
+        a = {n: self.act for n in names}
+        if self.keep_first:
+            w[names[0]] = a[names[0]] = None
+        if self.keep_last:
+            w[names[-1]] = a[names[-1]] = None
+        for pattern, ov in self.layers.items():
+            hit = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+            if not hit:
+                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+                raise ConfigError(f"plan.layers: '{pattern}' matches no layer; layers are: {shown}")
+            for n in hit:
+                if ov == "fp":
+                    w[n] = a[n] = None
+                    continue
+                w[n] = _apply(w[n], self.weight, ov.weight, f"plan.layers.{pattern}.weight")
+                a[n] = _apply(a[n], self.act, ov.act, f"plan.layers.{pattern}.act")
+        return [LayerPlan(n, modules[n], w[n], a[n]) for n in names]
+
+
+def _apply(current: QuantSpec | None, default: QuantSpec | None, patch, where: str) -> QuantSpec | None:
+    if patch is None:
+        return current
+    if patch == "fp":
+        return None
+    base = current or default
+    try:
+        if base is None or "name" in patch and patch["name"] != base.name:
+            return QuantSpec(**patch)
+        return base.merged(patch)
+    except ValidationError as e:
+        raise ConfigError(one_line(e, where)) from None
+
+
+@dataclass
+class LayerPlan:
+    """The resolved plan of one layer: its weight and input-activation quantizer specs."""
+
+    name: str
+    module: nn.Module
+    weight: QuantSpec | None
+    act: QuantSpec | None
+
+    @property
+    def kind(self) -> str:
+        return "linear" if isinstance(self.module, nn.Linear) else "conv"
+
+
+def one_line(e: ValidationError, where: str) -> str:
+    """A pydantic ValidationError as one line: 'where.field: message (input ...)'."""
+    parts = []
+    for err in e.errors()[:3]:
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "literal[")))
+        msg = err["msg"]
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{where}.{loc}: {msg}" if loc else f"{where}: {msg}")
+    more = f" (+{len(e.errors()) - 3} more)" if len(e.errors()) > 3 else ""
+    return "; ".join(parts) + more

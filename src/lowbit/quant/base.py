@@ -1,0 +1,200 @@
+"""The quantizer base class, the straight-through helpers and the registry.
+
+A quantizer maps a real tensor onto a finite set of values (its *levels*). It is a small
+``nn.Module``: ``forward(x) -> x_q`` with a straight-through gradient, ``bits``, ``levels()``
+(the exact value set it maps onto now) and, for some families, learned state (LSQ's step,
+PACT's clip). Methods (plain STE, BinaryRelax, DQA, ...) compose quantizers; they never
+re-implement one.
+
+Conventions every quantizer follows:
+
+* ``role`` is ``"weight"`` or ``"act"``. Weight quantizers compute their statistics from the
+  tensor itself on every call; activation quantizers keep running statistics or learned ranges.
+* ``per_channel=True`` (where the family defines it) computes one scale per output channel
+  (dim 0 of the weight); ``levels()`` is then a ``(C, L)`` tensor, one row per channel.
+* ``levels()`` returns the level set of the *last* forward call (for data-dependent weight
+  quantizers) or of the current learned state. It is sorted and has at most ``2**bits`` entries
+  (or exactly the value set for finite-set quantizers).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+ROLES = ("weight", "act")
+
+
+# ---------------------------------------------------------------------------------------------
+# straight-through primitives
+# ---------------------------------------------------------------------------------------------
+def ste(x: Tensor, q: Tensor) -> Tensor:
+    """Return ``q`` in the forward pass with the gradient of ``x`` (``dq/dx := 1``).
+
+    Written as ``q + (x - x.detach())`` rather than ``x + (q - x).detach()``: the second form
+    adds float rounding error, so the forward value would not lie exactly on the level set.
+    """
+    return q.detach() + (x - x.detach())
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """round(x) in the forward pass, identity in the backward pass (Bengio et al. 2013 STE)."""
+    return ste(x, torch.round(x))
+
+
+def grad_scale(x: Tensor, scale: float) -> Tensor:
+    """Forward ``x`` unchanged, multiply its gradient by ``scale`` (LSQ's gradient scaling)."""
+    return (x - x * scale).detach() + x * scale
+
+
+def channel_view(stat: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-output-channel statistic of shape (C,) to broadcast against ``x`` (C, ...)."""
+    return stat.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def reduce_abs_mean(x: Tensor, per_channel: bool) -> Tensor:
+    """E|x| over the tensor, or per output channel (dim 0), shaped to broadcast against x."""
+    if per_channel:
+        return channel_view(x.detach().abs().flatten(1).mean(1), x)
+    return x.detach().abs().mean()
+
+
+def uniform_levels(low: Tensor, step: Tensor, n: int) -> Tensor:
+    """Levels ``low + i*step`` for i in 0..n-1; scalars give (n,), (C,) stats give (C, n)."""
+    i = torch.arange(n, dtype=step.dtype, device=step.device)
+    low, step = low.detach(), step.detach()
+    if step.dim() == 0 and low.dim() == 0:
+        return low + i * step
+    return low.reshape(-1, 1) + i * step.reshape(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# base class
+# ---------------------------------------------------------------------------------------------
+class Quantizer(nn.Module):
+    """Base class: ``forward(x) -> x_q`` with a straight-through gradient.
+
+    Subclasses set the class attributes below and implement ``quantize(x)`` and ``_levels()``.
+    """
+
+    alias: ClassVar[str] = ""
+    #: the roles this family defines ("weight", "act")
+    roles: ClassVar[tuple[str, ...]] = ("weight",)
+    #: allowed bit widths (inclusive)
+    min_bits: ClassVar[int] = 1
+    max_bits: ClassVar[int] = 8
+    #: whether a per-output-channel variant exists
+    supports_per_channel: ClassVar[bool] = False
+
+    def __init__(self, bits: int, role: str = "weight", per_channel: bool = False):
+        super().__init__()
+        check_bits(type(self), bits)
+        if role not in self.roles:
+            raise ConfigError(
+                f"quantizer '{self.alias}' cannot quantize role '{role}'; it supports: {', '.join(self.roles)}"
+            )
+        if per_channel and not self.supports_per_channel:
+            raise ConfigError(f"quantizer '{self.alias}' has no per_channel variant")
+        self.bits = int(bits)
+        self.role = role
+        self.per_channel = bool(per_channel)
+        self._last_levels: Tensor | None = None
+
+    # -- interface ---------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quantize(x)
+
+    def quantize(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def levels(self) -> Tensor:
+        """The sorted value set this quantizer maps onto now ((L,) or (C, L) per channel)."""
+        if self._last_levels is None:
+            raise RuntimeError(f"{type(self).__name__}.levels(): call the quantizer on a tensor first")
+        return self._last_levels
+
+    @property
+    def n_scales(self) -> int:
+        """How many full-precision numbers must be stored next to the integer codes."""
+        lv = self._last_levels
+        return 2 if lv is None else 2 * (lv.shape[0] if lv.dim() == 2 else 1)
+
+    def _remember(self, levels: Tensor) -> None:
+        self._last_levels = levels.detach()
+
+    def extra_repr(self) -> str:
+        s = f"bits={self.bits}, role={self.role}"
+        return s + (", per_channel=True" if self.per_channel else "")
+
+
+def check_bits(cls: type, bits) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ConfigError(f"bits must be an integer, got {bits!r}")
+    if not cls.min_bits <= bits <= cls.max_bits:
+        allowed = (
+            str(cls.min_bits) if cls.min_bits == cls.max_bits else f"{cls.min_bits}..{cls.max_bits}"
+        )
+        raise ConfigError(f"quantizer '{cls.alias}' supports bits {allowed}, got {bits}")
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Quantizer]] = {}
+
+
+def register_quantizer(alias: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
+    """Class decorator: make a quantizer buildable by name (``build_quantizer(alias, ...)``)."""
+
+    def deco(cls: type[Quantizer]) -> type[Quantizer]:
+        if alias in _REGISTRY:
+            raise ValueError(f"quantizer alias '{alias}' registered twice")
+        cls.alias = alias
+        _REGISTRY[alias] = cls
+        return cls
+
+    return deco
+
+
+def list_quantizers(role: str | None = None) -> list[str]:
+    return sorted(a for a, c in _REGISTRY.items() if role is None or role in c.roles)
+
+
+def get_quantizer_class(name: str) -> type[Quantizer]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown quantizer '{name}'; available: {', '.join(list_quantizers())}"
+        ) from None
+
+
+def quantizer_options(name: str) -> list[str]:
+    """Keyword options a quantizer accepts besides ``bits`` and ``role``."""
+    sig = inspect.signature(get_quantizer_class(name).__init__)
+    return [p for p in sig.parameters if p not in ("self", "bits", "role")]
+
+
+def build_quantizer(name: str, bits: int, role: str = "weight", **options) -> Quantizer:
+    """Build a registered quantizer; every bad input is a one-line :class:`ConfigError`."""
+    cls = get_quantizer_class(name)
+    if role not in ROLES:
+        raise ConfigError(f"role must be one of {', '.join(ROLES)}, got '{role}'")
+    allowed = quantizer_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"quantizer '{name}' has no option {', '.join(unknown)}; "
+            f"its options: {', '.join(allowed) or '(none)'}"
+        )
+    try:
+        return cls(bits=bits, role=role, **options)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"quantizer '{name}': {e}") from None

@@ -1,0 +1,373 @@
+"""Uniform-grid quantizers: min-max, SAWB, LSQ, PACT, DoReFa and the running-range activation one.
+
+Every quantizer here maps onto ``2**bits`` evenly spaced levels ``low + i*step``. They differ in
+how ``low`` and ``step`` are chosen (tensor statistics, a fitted closed form, a learned step or
+clip) and in the gradient they define for those choices.
+
+The activation path runs on every training step over large tensors, so its forward and backward
+are written as single ``autograd.Function`` s (:class:`_ClipRound`, :class:`_LSQFn`) instead of
+chains of small ops; their gradients are tested against the formulas in the docstrings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .base import (
+    Quantizer,
+    channel_view,
+    register_quantizer,
+    round_ste,
+    ste,
+    uniform_levels,
+)
+
+_EPS = 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# fused clip + round with a clipped straight-through gradient
+# ---------------------------------------------------------------------------------------------
+class _ClipRound(torch.autograd.Function):
+    """q = low + round((clamp(x, low, high) - low) / step) * step.
+
+    Backward (clipped STE, PACT's rule for the upper clip):
+        dq/dx    = 1[low <= x <= high]
+        dq/dhigh = 1[x > high]          (only when ``high`` requires grad: PACT's learned alpha)
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, low: Tensor, high: Tensor, n_steps: int):
+        step = ((high - low) / n_steps).clamp_min(_EPS)
+        q = torch.clamp(x, low, high).sub_(low).div_(step).round_().mul_(step).add_(low)
+        ctx.save_for_backward(x, low, high)
+        return q
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, low, high = ctx.saved_tensors
+        above = x > high
+        inside = (x >= low) & ~above
+        gx = g * inside
+        ghigh = None
+        if ctx.needs_input_grad[2]:
+            ghigh = (g * above).sum().reshape(high.shape)
+        return gx, None, ghigh, None
+
+
+def clip_round(x: Tensor, low: Tensor, high: Tensor, bits: int) -> Tensor:
+    return _ClipRound.apply(x, low, high, 2**bits - 1)
+
+
+class _LSQFn(torch.autograd.Function):
+    """LSQ (Esser et al. 2020): v_hat = round(clamp(v/s, -Qn, Qp)) * s.
+
+    Backward:
+        d v_hat / d v = 1[-Qn <= v/s <= Qp]
+        d v_hat / d s = round(v/s) - v/s  inside,  -Qn below,  Qp above;  times g = 1/sqrt(N*Qp)
+    ``s`` may be a scalar or a per-channel tensor shaped to broadcast against ``v``.
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, s: Tensor, qn: int, qp: int, gscale: float):
+        u = v / s
+        c = torch.clamp(u, -qn, qp)
+        r = torch.round(c)
+        ctx.save_for_backward(u, s)
+        ctx.q = (qn, qp, gscale)
+        return r * s
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        u, s = ctx.saved_tensors
+        qn, qp, gscale = ctx.q
+        inside = (u >= -qn) & (u <= qp)
+        gv = g * inside
+        gs = None
+        if ctx.needs_input_grad[1]:
+            ds = torch.where(inside, torch.round(u) - u, torch.clamp(u, -qn, qp))
+            gs = g * ds
+            if s.numel() == 1:
+                gs = gs.sum().reshape(s.shape)
+            else:  # per-channel step: reduce over every dim but the channel one
+                gs = gs.sum(dim=[d for d in range(g.dim()) if s.shape[d] == 1], keepdim=True)
+            gs = gs * gscale
+        return gv, gs, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# min-max (003 A.1 eq. 10, 13)
+# ---------------------------------------------------------------------------------------------
+@register_quantizer("minmax")
+class MinMaxQuantizer(Quantizer):
+    """Min-max quantization (003 appendix A.1, eq. 10 and 13; Nikolić et al. 2020).
+
+    ``q_i = x_min + (i-1)(x_max - x_min)/(2^n - 1)``, i = 1..2^n, and x maps to the nearest q_i.
+
+    * weights: x_min, x_max are the tensor's (or each output channel's) min and max, recomputed
+      on every call; the gradient is straight-through (the range is treated as a constant).
+    * activations: x_min, x_max are running averages (``momentum``) of the batch min/max,
+      updated in training mode and frozen in eval mode; values outside are clipped and get no
+      gradient (clipped STE).
+    """
+
+    roles = ("weight", "act")
+    supports_per_channel = True
+
+    def __init__(self, bits: int, role: str = "weight", per_channel: bool = False, momentum: float = 0.1):
+        super().__init__(bits, role, per_channel and role == "weight")
+        if per_channel and role == "act":
+            raise ConfigError("quantizer 'minmax' has per_channel only for weights")
+        self.momentum = float(momentum)
+        if role == "act":
+            self.register_buffer("running_min", torch.zeros(()))
+            self.register_buffer("running_max", torch.zeros(()))
+            self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def _range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.role == "weight":
+            d = x.detach()
+            if self.per_channel:
+                f = d.flatten(1)
+                return channel_view(f.min(1).values, x), channel_view(f.max(1).values, x)
+            return d.min(), d.max()
+        if self.training:
+            lo, hi = x.detach().aminmax()
+            if not bool(self.initialized):
+                self.running_min.copy_(lo)
+                self.running_max.copy_(hi)
+                self.initialized.fill_(True)
+            else:
+                self.running_min.lerp_(lo, self.momentum)
+                self.running_max.lerp_(hi, self.momentum)
+        return self.running_min, self.running_max
+
+    def quantize(self, x: Tensor) -> Tensor:
+        lo, hi = self._range(x)
+        n = 2**self.bits - 1
+        step = ((hi - lo) / n).clamp_min(_EPS)
+        self._remember(uniform_levels(lo, step, n + 1))
+        if self.role == "weight":  # range covers the tensor: plain STE, no clipping needed
+            return ste(x, torch.round((x.detach() - lo) / step) * step + lo)
+        return clip_round(x, lo, hi, self.bits)
+
+
+@register_quantizer("uniform")
+class UniformActQuantizer(MinMaxQuantizer):
+    """Unsigned uniform activation quantizer on [0, r] (QNN-style, for post-ReLU inputs).
+
+    ``q = round(clip(x, 0, r) / Δ) Δ``, Δ = r/(2^n - 1); r is a running average of the batch
+    maximum (``momentum``), frozen in eval mode. Clipped straight-through gradient.
+    """
+
+    roles = ("act",)
+    supports_per_channel = False
+
+    def __init__(self, bits: int, role: str = "act", momentum: float = 0.1):
+        super().__init__(bits, role, False, momentum)
+
+    def _range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _, hi = super()._range(x)
+        return torch.zeros_like(hi), hi
+
+
+# ---------------------------------------------------------------------------------------------
+# SAWB (003 eq. 11-12; Choi et al. 2018)
+# ---------------------------------------------------------------------------------------------
+#: SAWB's fitted constants: alpha = c1*sqrt(E[w^2]) + c2*E|w| (Choi et al. 2018, per bit width)
+SAWB_COEFFS = {2: (3.12, -2.064), 3: (7.509, -6.892), 4: (12.68, -12.80), 5: (17.74, -18.64), 8: (31.76, -35.04)}
+
+
+def mse_optimal_alpha(x: Tensor, bits: int, per_channel: bool, grid: int = 64) -> Tensor:
+    """argmin_alpha E||x - Q(x; n, alpha)||^2 over a grid of alpha in (0, max|x|] (003 eq. 12)."""
+    d = x.detach()
+    flat = d.flatten(1) if per_channel else d.reshape(1, -1)
+    amax = flat.abs().max(1, keepdim=True).values.clamp_min(_EPS)
+    n = 2**bits - 1
+    best_err = torch.full_like(amax, float("inf"))
+    best = amax.clone()
+    for k in range(1, grid + 1):
+        a = amax * (k / grid)
+        step = 2 * a / n
+        q = torch.clamp(flat, -a, a).add(a).div(step).round().mul(step).sub(a)
+        err = (q - flat).pow(2).mean(1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, a, best)
+    return channel_view(best.squeeze(1), d) if per_channel else best.reshape(())
+
+
+@register_quantizer("sawb")
+class SAWBQuantizer(Quantizer):
+    """Statistics-Aware Weight Binning (003 appendix A.1 eq. 11-12; Choi et al. 2018).
+
+    Symmetric uniform levels ``q_i = -α + (i-1)·2α/(2^n - 1)``. α minimises the quantization MSE
+    (eq. 12). ``alpha="closed_form"`` uses SAWB's fit ``α = c1·sqrt(E[w²]) + c2·E|w|`` (constants
+    for 2, 3, 4, 5, 8 bits); ``alpha="mse"`` minimises eq. 12 numerically on a grid (any bits).
+    The default, ``"auto"``, uses the closed form where constants exist and the grid otherwise.
+    Values beyond ±α are clipped (their gradient is zero: clipped STE).
+    """
+
+    supports_per_channel = True
+
+    def __init__(self, bits: int, role: str = "weight", per_channel: bool = False, alpha: str = "auto"):
+        super().__init__(bits, role, per_channel)
+        if alpha not in ("auto", "closed_form", "mse"):
+            raise ConfigError(f"sawb option alpha must be auto, closed_form or mse, got '{alpha}'")
+        if alpha == "closed_form" and bits not in SAWB_COEFFS:
+            raise ConfigError(
+                f"sawb closed-form constants exist for bits {sorted(SAWB_COEFFS)}, not {bits}; use alpha=mse"
+            )
+        self.alpha_mode = alpha
+
+    def alpha(self, x: Tensor) -> Tensor:
+        if self.alpha_mode == "mse" or (self.alpha_mode == "auto" and self.bits not in SAWB_COEFFS):
+            return mse_optimal_alpha(x, self.bits, self.per_channel)
+        c1, c2 = SAWB_COEFFS[self.bits]
+        d = x.detach()
+        if self.per_channel:
+            f = d.flatten(1)
+            a = c1 * f.pow(2).mean(1).sqrt() + c2 * f.abs().mean(1)
+            return channel_view(a.clamp_min(_EPS), d)
+        return (c1 * d.pow(2).mean().sqrt() + c2 * d.abs().mean()).clamp_min(_EPS)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        a = self.alpha(x)
+        self._remember(uniform_levels(-a, 2 * a / (2**self.bits - 1), 2**self.bits))
+        return clip_round(x, -a, a, self.bits)
+
+    @property
+    def n_scales(self) -> int:
+        lv = self._last_levels
+        return 1 if lv is None or lv.dim() == 1 else lv.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# LSQ (Esser et al. 2020)
+# ---------------------------------------------------------------------------------------------
+@register_quantizer("lsq")
+class LSQQuantizer(Quantizer):
+    """Learned Step Size Quantization (Esser et al. 2020).
+
+    ``v̂ = round(clamp(v/s, -Qn, Qp))·s`` with a learned step ``s``. Weights are signed
+    (Qn = 2^(b-1), Qp = 2^(b-1) - 1, so b >= 2); activations unsigned (Qn = 0, Qp = 2^b - 1)
+    unless ``signed=True``. The gradient of ``s`` is scaled by 1/sqrt(N·Qp), N = elements of the
+    weight tensor (per channel: of one channel) or features per sample for activations.
+    ``s`` is initialised on the first training call to 2·mean|v|/sqrt(Qp).
+    """
+
+    roles = ("weight", "act")
+    supports_per_channel = True
+
+    def __init__(self, bits: int, role: str = "weight", per_channel: bool = False, signed: bool | None = None):
+        super().__init__(bits, role, per_channel)
+        if per_channel and role == "act":
+            raise ConfigError("quantizer 'lsq' has per_channel only for weights")
+        self.signed = (role == "weight") if signed is None else bool(signed)
+        if self.signed and bits < 2:
+            raise ConfigError("quantizer 'lsq' needs bits >= 2 when signed (weights); use bwn for 1 bit")
+        if self.signed:
+            self.qn, self.qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
+        else:
+            self.qn, self.qp = 0, 2**bits - 1
+        self.step = nn.Parameter(torch.ones(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def _init_step(self, x: Tensor) -> None:
+        d = x.detach()
+        if self.per_channel:
+            s = 2 * d.abs().flatten(1).mean(1) / math.sqrt(self.qp)
+            self.step.data = channel_view(s, d).clamp_min(_EPS).clone()
+        else:
+            self.step.data = (2 * d.abs().mean() / math.sqrt(self.qp)).clamp_min(_EPS).reshape(())
+        self.initialized.fill_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a per-channel step has the shape of the channels: adopt it before the copy
+        key = prefix + "step"
+        if key in state_dict and state_dict[key].shape != self.step.shape:
+            self.step.data = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        if not bool(self.initialized):
+            self._init_step(x)
+        n = x.numel() // x.shape[0] if (self.role == "act" or self.per_channel) else x.numel()
+        gscale = 1.0 / math.sqrt(n * self.qp)
+        s = self.step.abs() + _EPS  # |s| keeps the step positive whatever the optimizer does
+        k = torch.arange(-self.qn, self.qp + 1, dtype=s.dtype)
+        self._remember(k * s.detach().reshape(-1, 1) if s.numel() > 1 else k * s.detach())
+        return _LSQFn.apply(x, s, self.qn, self.qp, gscale)
+
+    @property
+    def n_scales(self) -> int:
+        return self.step.numel()
+
+
+# ---------------------------------------------------------------------------------------------
+# PACT (Choi et al. 2018)
+# ---------------------------------------------------------------------------------------------
+@register_quantizer("pact")
+class PACTQuantizer(Quantizer):
+    """PACT activation quantizer (Choi et al. 2018).
+
+    ``y = clip(x, 0, α)``, quantized on the grid α/(2^k - 1): ``y_q = round(y·(2^k-1)/α)·α/(2^k-1)``.
+    α is learned, ∂y_q/∂α = 1[x > α] and ∂y_q/∂x = 1[0 <= x <= α] (straight-through round).
+    ``init`` is α's initial value (the PACT paper uses 10; 6-10 is common). Weight decay on α comes
+    from the optimizer (PACT's L2 on α).
+    """
+
+    roles = ("act",)
+
+    def __init__(self, bits: int, role: str = "act", init: float = 6.0):
+        super().__init__(bits, role)
+        if init <= 0:
+            raise ConfigError(f"pact option init must be > 0, got {init}")
+        self.alpha = nn.Parameter(torch.tensor(float(init)))
+
+    def quantize(self, x: Tensor) -> Tensor:
+        a = self.alpha.abs() + _EPS
+        zero = torch.zeros((), dtype=x.dtype)
+        self._remember(uniform_levels(zero, a / (2**self.bits - 1), 2**self.bits))
+        return clip_round(x, zero, a, self.bits)
+
+    @property
+    def n_scales(self) -> int:
+        return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# DoReFa (Zhou et al. 2016)
+# ---------------------------------------------------------------------------------------------
+@register_quantizer("dorefa")
+class DoReFaQuantizer(Quantizer):
+    """DoReFa-Net quantizers (Zhou et al. 2016).
+
+    Q_k(r) = round((2^k - 1)·r)/(2^k - 1) on r in [0, 1].
+
+    * weights, k >= 2: ``w_q = 2·Q_k(tanh(w)/(2·max|tanh(w)|) + 1/2) - 1`` (levels evenly spaced
+      in [-1, 1]); the gradient flows through tanh and the max, straight-through the round.
+    * weights, k = 1: ``w_q = E|w|·sign(w)`` (the paper's binary case).
+    * activations: ``Q_k(clip(x, 0, 1))`` with a clipped straight-through gradient.
+    """
+
+    roles = ("weight", "act")
+
+    def quantize(self, x: Tensor) -> Tensor:
+        n = 2**self.bits - 1
+        if self.role == "act":
+            zero, one = torch.zeros((), dtype=x.dtype), torch.ones((), dtype=x.dtype)
+            self._remember(uniform_levels(zero, one / n, n + 1))
+            return clip_round(x, zero, one, self.bits)
+        if self.bits == 1:
+            beta = x.detach().abs().mean()
+            self._remember(torch.stack([-beta, beta]))
+            return ste(x, torch.where(x.detach() >= 0, beta, -beta))
+        t = torch.tanh(x)
+        r = t / (2 * t.abs().max().clamp_min(_EPS)) + 0.5
+        self._remember(2 * (torch.arange(n + 1, dtype=x.dtype) / n) - 1)  # same ops as below: exact
+        return 2 * (round_ste(r * n) / n) - 1

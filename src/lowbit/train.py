@@ -1,0 +1,270 @@
+"""The training loop: one readable file, no framework.
+
+``run(cfg, run_dir)`` builds data, model and plan, trains with the plan's method, evaluates the
+held-out validation split after every epoch, keeps the best-validation checkpoint and reports the
+test accuracy *at that epoch* (seed 002's protocol). Every epoch writes ``last.pt`` (model,
+optimizer, scheduler, method state) and one line of ``metrics.jsonl``, so ``resume=True`` continues
+a killed run and reproduces the metrics of an uninterrupted one (batch order and augmentation are
+a function of (seed, epoch); nothing else draws random numbers).
+
+Run folder::
+
+    config.yaml    the resolved config        plan.txt      the per-layer plan table
+    metrics.jsonl  one JSON object per epoch  last.pt       checkpoint of the last epoch
+    best.pt        best-validation weights    summary.json  test accuracy, bits, size, BitOPs
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import Config
+from .cost import CostSummary, profile
+from .data import BatchLoader, DataSplits, load_dataset
+from .errors import ConfigError, TrainingDiverged
+from .models import create_model
+from .quantize import layer_bits, quant_state, quantize, weight_param
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------
+def build_model(cfg: Config, data: DataSplits) -> nn.Module:
+    """Model for the dataset's shape, seeded, with the plan applied."""
+    torch.manual_seed(cfg.train.seed)
+    info = data.info
+    model = create_model(cfg.model.name, in_channels=info.in_channels, num_classes=info.num_classes,
+                         image_size=info.image_size, **cfg.model.options)
+    return quantize(model, cfg.plan)
+
+
+def load_data(cfg: Config) -> DataSplits:
+    d = cfg.data
+    return load_dataset(d.name, root=d.root, val_fraction=d.val_fraction, seed=cfg.train.seed, limit=d.limit)
+
+
+def build_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
+    # One group, weight decay on every parameter (He et al.'s CIFAR recipe); this includes PACT's
+    # clip alpha, whose L2 decay is part of PACT.
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
+    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def build_scheduler(opt, t, steps_per_epoch: int):
+    """Stepped once per batch; milestones are given in epochs."""
+    total = t.epochs * steps_per_epoch
+    if t.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if t.schedule == "multistep":
+        bad = [m for m in t.milestones if not 0 < m < t.epochs]
+        if bad:
+            raise ConfigError(f"train.milestones: {bad} not within 1..{t.epochs - 1} (epochs)")
+        return torch.optim.lr_scheduler.MultiStepLR(opt, [m * steps_per_epoch for m in t.milestones], t.gamma)
+    if t.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=total)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader) -> dict[str, float]:
+    """Loss and accuracy over a whole split (eval mode; the caller restores train mode)."""
+    model.eval()
+    loss, correct, n = 0.0, 0, 0
+    for x, y in loader:
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        n += len(y)
+    if n == 0:
+        return {"loss": float("nan"), "acc": float("nan")}
+    return {"loss": loss / n, "acc": correct / n}
+
+
+def distinct_weight_values(model: nn.Module) -> dict[str, int]:
+    """Number of distinct values each quantized layer's weight takes now (a check, not a claim)."""
+    out = {}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if weight_param(m) is not None:
+                out[name] = int(torch.unique(m.weight).numel())
+    return out
+
+
+def cost_of(model: nn.Module, data: DataSplits) -> CostSummary:
+    x = data.test.images[:1].float() / 255.0
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        model(x)  # quantizers record their current levels (scale counts depend on them)
+        model.train(was)
+    return profile(model, x, layer_bits(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+    model: nn.Module
+
+
+def _save(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint
+
+
+def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits | None = None) -> RunResult:
+    """Train ``cfg`` into ``run_dir`` (created; with ``resume``, continued from ``last.pt``)."""
+    t = cfg.train
+    run_dir = Path(run_dir)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    data = data or load_data(cfg)
+    model = build_model(cfg, data)
+    state = quant_state(model)
+    method = state.method
+
+    train_loader = BatchLoader(data.train, data.info, t.batch_size, shuffle=True, augment=cfg.data.augment, seed=t.seed)
+    val_loader = BatchLoader(data.val, data.info, t.eval_batch_size)
+    test_loader = BatchLoader(data.test, data.info, t.eval_batch_size)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ConfigError("data: the training split is empty")
+    opt = build_optimizer(model, t)
+    sched = build_scheduler(opt, t, steps_per_epoch)
+    method.setup(model, t.epochs * steps_per_epoch, steps_per_epoch)
+
+    start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1}
+    last = run_dir / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise ConfigError(f"cannot resume: no checkpoint {last}")
+        ck = torch.load(last, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        method.load_state_dict(ck["method"])
+        start_epoch, best = ck["epoch"] + 1, ck["best"]
+        _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        (run_dir / "plan.txt").write_text(state.table() + "\n")
+        (run_dir / "metrics.jsonl").write_text("")
+
+    for epoch in range(start_epoch, t.epochs):
+        model.train()
+        train_loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        tot_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, disable=not t.progress,
+                   dynamic_ncols=True)
+        for i, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            method.on_step(model, step)
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            extra = method.extra_loss(model)
+            total = loss if extra is None else loss + extra
+            if not torch.isfinite(total):
+                raise TrainingDiverged(
+                    f"loss became {total.item()} at epoch {epoch + 1}, step {i + 1}; "
+                    f"lower train.lr (now {opt.param_groups[0]['lr']:.3g}) or check the data"
+                )
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sched.step()
+            tot_loss += loss.item() * len(y)
+            correct += (out.argmax(1) == y).sum().item()
+            seen += len(y)
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{correct / seen:.3f}", **{
+                    k: f"{v:.3g}" for k, v in method.log().items()})
+        epoch_time = time.perf_counter() - t0
+        method.on_epoch_end(model, epoch)
+        val = evaluate(model, val_loader)
+        row = {
+            "epoch": epoch + 1, "train_loss": tot_loss / seen, "train_acc": correct / seen,
+            "val_loss": val["loss"], "val_acc": val["acc"], "lr": opt.param_groups[0]["lr"],
+            "epoch_time": epoch_time, **method.log(),
+        }
+        # best-validation epoch (002); with no validation split, the last epoch
+        score = val["acc"] if not math.isnan(val["acc"]) else float(epoch)
+        if score > best["val_acc"]:
+            best = {"val_acc": score, "epoch": epoch + 1}
+            _save(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch + 1})
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        _save(last, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "method": method.state_dict(), "epoch": epoch, "best": best})
+        if t.progress:
+            tqdm.write(f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.4f}  "
+                       f"val {val['acc']:.4f}  {epoch_time:.1f}s")
+
+    method.finalize(model)
+    model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=False)["model"])
+    test = evaluate(model, test_loader)
+    summary = make_summary(cfg, model, data, test, best)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return RunResult(run_dir, summary, model)
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metric lines of epochs after the checkpoint (a run killed between the two writes)."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        path.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["epoch"] <= epochs_done))
+
+
+def make_summary(cfg: Config, model: nn.Module, data: DataSplits, test: dict, best: dict) -> dict:
+    cost = cost_of(model, data)
+    bits = layer_bits(model)
+    wb = sorted({b.weight for b in bits.values() if b.weight})
+    ab = sorted({b.act for b in bits.values() if b.act})
+    return {
+        "name": cfg.name,
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "method": cfg.plan.method.name,
+        "weight": cfg.plan.weight.label() if cfg.plan.weight else "fp32",
+        "act": cfg.plan.act.label() if cfg.plan.act else "fp32",
+        "weight_bits": wb, "act_bits": ab,
+        "first_last_fp": [cfg.plan.keep_first, cfg.plan.keep_last],
+        "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
+        "test_acc": test["acc"], "test_loss": test["loss"],
+        "params": cost.params, "macs": cost.macs, "bitops": cost.bitops,
+        "size_bytes": cost.size_bytes, "fp32_size_bytes": cost.fp32_size_bytes,
+        "mem_002_bits": cost.mem_bits,
+        "distinct_weight_values": distinct_weight_values(model),
+    }
+
+
+def format_summary(s: dict) -> str:
+    bits = f"W{'/'.join(map(str, s['weight_bits'])) or '32'}A{'/'.join(map(str, s['act_bits'])) or '32'}"
+    return "\n".join([
+        f"test accuracy   {100 * s['test_acc']:.2f}%  (best validation epoch {s['best_epoch']}, "
+        f"val {100 * s['best_val_acc']:.2f}%)",
+        f"bits            {bits}  weight {s['weight']}, act {s['act']}, method {s['method']}"
+        f"{', first/last layer FP32' if all(s['first_last_fp']) else ''}",
+        f"model size      {s['size_bytes'] / 1024:.1f} KiB at these bits vs {s['fp32_size_bytes'] / 1024:.1f} KiB FP32 "
+        f"({s['fp32_size_bytes'] / s['size_bytes']:.1f}x smaller)",
+        f"BitOPs          {s['bitops'] / 1e9:.3f} G per image ({s['macs'] / 1e6:.2f} M MACs; "
+        f"FP32 would be {32 * 32 * s['macs'] / 1e9:.2f} G)",
+        f"memory (002)    {s['mem_002_bits'] / 8 / 1024:.1f} KiB = params at their bits + largest activation",
+    ])
