@@ -180,9 +180,13 @@ def quantizer_options(name: str) -> list[str]:
     return [p for p in sig.parameters if p not in ("self", "bits", "role")]
 
 
-def build_quantizer(name: str, bits: int, role: str = "weight", **options) -> Quantizer:
-    """Build a registered quantizer; every bad input is a one-line :class:`ConfigError`."""
+def build_quantizer(name: str, bits: int | None, role: str | None = None, **options) -> Quantizer:
+    """Build a registered quantizer; every bad input is a one-line :class:`ConfigError`.
+
+    ``role`` defaults to the family's first role ("weight", or "act" for PACT / uniform).
+    """
     cls = get_quantizer_class(name)
+    role = role or cls.roles[0]
     if role not in ROLES:
         raise ConfigError(f"role must be one of {', '.join(ROLES)}, got '{role}'")
     allowed = quantizer_options(name)
