@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -128,8 +129,13 @@ def _save(path: Path, obj) -> None:
     os.replace(tmp, path)  # never leave a half-written checkpoint
 
 
-def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits | None = None) -> RunResult:
-    """Train ``cfg`` into ``run_dir`` (created; with ``resume``, continued from ``last.pt``)."""
+def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits | None = None,
+        callbacks: list[Callable[[dict], None]] | None = None) -> RunResult:
+    """Train ``cfg`` into ``run_dir`` (created; with ``resume``, continued from ``last.pt``).
+
+    ``data`` reuses already loaded splits; each callback gets the epoch's metrics row after the
+    epoch is checkpointed (raising from one stops the run there, resumable).
+    """
     t = cfg.train
     run_dir = Path(run_dir)
     if t.threads:
@@ -213,6 +219,8 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
             f.write(json.dumps(row) + "\n")
         _save(last, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "method": method.state_dict(), "epoch": epoch, "best": best})
+        for cb in callbacks or []:
+            cb(row)
         if t.progress:
             tqdm.write(f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.4f}  "
                        f"val {val['acc']:.4f}  {epoch_time:.1f}s")

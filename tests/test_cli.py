@@ -1,0 +1,93 @@
+"""The CLI: every bad input is one line naming the field and the allowed values; no traceback."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lowbit.cli import main
+from lowbit.config import load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+TINY = ["model.name=resnet8", "model.width=0.25", "data.limit=300", "train.epochs=1", "train.batch_size=100",
+        "train.progress=false"]
+
+
+def err_of(capsys, argv):
+    code = main(argv)
+    out = capsys.readouterr()
+    assert code == 2, out
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lowbit: error: "), out.err
+    assert "Traceback" not in out.err
+    return lines[0]
+
+
+@pytest.fixture
+def config(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"model": {"name": "resnet8"}, "plan": {"weight": {"name": "sawb", "bits": 2}}}))
+    return str(p)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.name=resnet7", "model.name: unknown model 'resnet7'; available: "),
+    ("model.depth=3", "model: 'resnet8' has no option depth; its options: width"),
+    ("data.name=imagenet", "data.name: unknown dataset 'imagenet'; available: "),
+    ("plan.weight.name=sawbb", "plan.weight: unknown quantizer 'sawbb'; available: "),
+    ("plan.weight.bits=9", "plan.weight: quantizer 'sawb' supports bits 1..8, got 9"),
+    ("plan.weight={name: bwn, bits: 2}", "plan.weight: quantizer 'bwn' supports bits 1, got 2"),
+    ("plan.act={name: pact, bits: 2, alpha: 3}", "plan.act: quantizer 'pact' has no option alpha; its options: init"),
+    ("plan.method.name=magic", "plan.method: unknown method 'magic'; available: ste"),
+    ("train.epochs=abc", "config.train.epochs: Input should be a valid integer"),
+    ("train.optimizer=rmsprop", "config.train.optimizer: Input should be 'sgd' or 'adam'"),
+    ("train.lr=-1", "config.train.lr: Input should be greater than 0"),
+    ("train.colour=red", "config.train.colour: unknown field"),
+    ("data.val_fraction=0.7", "config.data.val_fraction: Input should be less than 0.5"),
+])
+def test_bad_values_give_one_line_errors(capsys, config, override, expected):
+    assert expected in err_of(capsys, ["info", config, override])
+
+
+def test_missing_files_give_one_line_errors(capsys, tmp_path, config):
+    assert "config file not found: " in err_of(capsys, ["train", str(tmp_path / "nope.yaml")])
+    line = err_of(capsys, ["info", config, "data.name=cifar10", f"data.root={tmp_path}"])
+    assert "cifar10" in line and str(tmp_path) in line
+    assert "no best.pt" in err_of(capsys, ["eval", str(_empty_run(tmp_path))])
+    assert "not a run folder" in err_of(capsys, ["eval", str(tmp_path)])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    assert "not valid YAML" in err_of(capsys, ["info", str(bad)])
+
+
+def _empty_run(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "config.yaml").write_text("model: {name: resnet8}\n")
+    return d
+
+
+def test_override_syntax_error(capsys, config):
+    assert "must look like key.sub=value" in err_of(capsys, ["info", config, "train.epochs"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+
+
+def test_info_prints_plan_and_cost(capsys, config):
+    assert main(["info", config, "data.limit=50"]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0.0.conv1" in out and "sawb2" in out and "BitOPs" in out and "compression" in out
+
+
+def test_train_then_eval_then_refuse_overwrite(capsys, tmp_path, config):
+    run_dir = tmp_path / "run"
+    assert main(["train", config, *TINY, "--out", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "model size" in out and "BitOPs" in out
+    assert main(["eval", str(run_dir)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert "already holds a run" in err_of(capsys, ["train", config, *TINY, "--out", str(run_dir)])

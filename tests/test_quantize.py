@@ -1,0 +1,167 @@
+"""quantize(model, plan): which layers get quantized, how, and what layer.weight becomes."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lowbit.errors import ConfigError
+from lowbit.models import create_model
+from lowbit.plan import Plan
+from lowbit.quantize import layer_bits, quant_state, quantize, weight_param
+
+W2A2 = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}}
+
+
+class UserNet(nn.Module):
+    """Not one of ours: functional activations, a Conv1d, nested containers."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(2, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv1d(8, 8, 3, padding=1), nn.BatchNorm1d(8))
+        self.head = nn.ModuleDict({"fc1": nn.Linear(8 * 16, 32), "fc2": nn.Linear(32, 5)})
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.body(x)).flatten(1)
+        return self.head["fc2"](torch.relu(self.head["fc1"](x)))
+
+
+def resnet(**kw):
+    torch.manual_seed(0)
+    return create_model("resnet8", in_channels=1, num_classes=10, image_size=28, **kw)
+
+
+def test_first_and_last_layer_stay_full_precision_by_default():
+    m = quantize(resnet(), W2A2)
+    layers = quant_state(m).layers
+    assert layers[0].name == "conv1" and layers[-1].name == "fc"
+    assert not parametrize.is_parametrized(m.conv1) and not hasattr(m.conv1, "input_quantizer")
+    assert not parametrize.is_parametrized(m.fc) and not hasattr(m.fc, "input_quantizer")
+    inner = [lp for lp in layers[1:-1]]
+    assert inner and all(parametrize.is_parametrized(lp.module, "weight") for lp in inner)
+    assert all(hasattr(lp.module, "input_quantizer") for lp in inner)
+
+
+def test_option_quantizes_first_and_last_too():
+    m = quantize(resnet(), {**W2A2, "keep_first": False, "keep_last": False})
+    assert parametrize.is_parametrized(m.conv1) and parametrize.is_parametrized(m.fc)
+
+
+@pytest.mark.parametrize("spec", [
+    {"name": "sawb", "bits": 2}, {"name": "minmax", "bits": 3}, {"name": "bwn", "bits": 1},
+    {"name": "twn", "bits": 2}, {"name": "lsq", "bits": 2, "per_channel": False}, {"name": "po2", "bits": 2},
+])
+def test_layer_weight_takes_at_most_2_pow_bits_values(spec):
+    m = quantize(resnet(), {"weight": spec})
+    m(torch.randn(2, 1, 28, 28))
+    for lp in quant_state(m).layers[1:-1]:
+        values = torch.unique(lp.module.weight.detach())
+        assert 1 <= values.numel() <= 2 ** spec["bits"], lp.name
+        assert torch.isin(values, weight_param(lp.module).quantizer.levels()).all()
+    # the latent weight is still full precision and trainable
+    latent = m.layers[0][0].conv1.parametrizations.weight.original
+    assert latent.requires_grad and torch.unique(latent).numel() > 16
+
+
+def test_activation_quantizer_quantizes_the_layer_input():
+    m = quantize(resnet(), {"act": {"name": "pact", "bits": 2, "init": 3.0}})
+    seen = {}
+    layer = m.layers[0][0].conv2
+    layer.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0].detach()))
+    m(torch.randn(4, 1, 28, 28))
+    # PACT hook was registered first, so this hook sees the quantized input: 4 levels of 3/3 = 1.0
+    assert set(torch.unique(seen["x"]).tolist()) <= {0.0, 1.0, 2.0, 3.0}
+
+
+def test_overrides_by_pattern_and_name_and_fp():
+    plan = {**W2A2, "layers": {"layers.2.*": {"weight": {"bits": 4}}, "layers.1.0.conv1": "fp",
+                               "layers.0.*": {"act": "fp"}}}
+    m = quantize(resnet(), plan)
+    by = {lp.name: lp for lp in quant_state(m).layers}
+    assert by["layers.2.0.conv1"].weight.bits == 4 and by["layers.2.0.conv1"].weight.name == "sawb"
+    assert by["layers.2.0.conv1"].act.bits == 2
+    assert by["layers.1.0.conv1"].weight is None and by["layers.1.0.conv1"].act is None
+    assert by["layers.0.0.conv1"].act is None and by["layers.0.0.conv1"].weight.bits == 2
+    bits = layer_bits(m)
+    assert bits["layers.2.0.conv1"].weight == 4 and "layers.1.0.conv1" not in bits
+    # a new quantizer name in an override replaces the default spec instead of merging
+    m2 = quantize(resnet(), {**W2A2, "layers": {"layers.1.*": {"weight": {"name": "bwn", "bits": 1}}}})
+    assert weight_param(m2.layers[1][0].conv1).quantizer.alias == "bwn"
+
+
+def test_override_matching_nothing_is_an_error():
+    with pytest.raises(ConfigError, match="'layer9.*' matches no layer"):
+        quantize(resnet(), {**W2A2, "layers": {"layer9.*": "fp"}})
+
+
+@pytest.mark.parametrize("plan, msg", [
+    ({"weight": {"name": "nope", "bits": 2}}, "unknown quantizer 'nope'"),
+    ({"weight": {"name": "bwn", "bits": 2}}, "'bwn' supports bits 1"),
+    ({"weight": {"name": "minmax", "bits": 9}}, "supports bits 1..8"),
+    ({"weight": {"name": "minmax"}}, "bits is required"),
+    ({"weight": {"name": "sawb", "bits": 2, "colour": 1}}, "no option colour"),
+    ({"act": {"name": "bwn", "bits": 1}}, "cannot quantize role 'act'"),
+    ({"method": {"name": "magic"}}, "unknown method 'magic'"),
+    ({"wieght": {"name": "sawb", "bits": 2}}, "plan.wieght: unknown field"),
+])
+def test_bad_plans_give_clear_errors(plan, msg):
+    with pytest.raises(ConfigError, match=msg):
+        quantize(resnet(), plan)
+
+
+def test_works_on_a_user_module_and_trains():
+    torch.manual_seed(0)
+    net = UserNet()
+    quantize(net, {"weight": {"name": "minmax", "bits": 2}, "act": {"name": "lsq", "bits": 4, "signed": True}})
+    names = [lp.name for lp in quant_state(net).layers]
+    assert names == ["stem", "body.0", "head.fc1", "head.fc2"]
+    assert parametrize.is_parametrized(net.body[0]) and parametrize.is_parametrized(net.head["fc1"])
+    x, y = torch.randn(64, 2, 16), torch.randint(0, 5, (64,))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    first = None
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(net(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first
+    assert torch.unique(net.body[0].weight.detach()).numel() <= 4
+
+
+def test_state_dict_round_trip_after_quantize():
+    m = quantize(resnet(), {"weight": {"name": "lsq", "bits": 2, "per_channel": True}, "act": {"name": "lsq", "bits": 2}})
+    x = torch.randn(3, 1, 28, 28)
+    m.train()
+    m(x)
+    m.eval()
+    ref = m(x)
+    m2 = quantize(resnet(), {"weight": {"name": "lsq", "bits": 2, "per_channel": True}, "act": {"name": "lsq", "bits": 2}})
+    m2.load_state_dict(m.state_dict())
+    m2.eval()
+    assert torch.equal(m2(x), ref)
+
+
+def test_quantizing_twice_is_refused():
+    m = quantize(resnet(), W2A2)
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize(m, W2A2)
+
+
+def test_plan_table_lists_every_layer_with_bits():
+    m = quantize(resnet(), W2A2)
+    table = quant_state(m).table()
+    assert "layers.0.0.conv1" in table and "sawb2" in table and "pact2" in table
+    first_row = next(line for line in table.splitlines() if line.startswith("conv1 "))
+    assert first_row.split()[3:5] == ["fp32", "fp32"]
+
+
+def test_plan_from_yaml(tmp_path):
+    p = tmp_path / "plan.yaml"
+    p.write_text("weight: {name: lsq, bits: 3, per_channel: true}\nact: fp\nkeep_first: false\n")
+    plan = Plan.from_yaml(str(p))
+    assert plan.weight.options == {"per_channel": True} and plan.act is None and not plan.keep_first
+    with pytest.raises(ConfigError, match="plan file not found"):
+        Plan.from_yaml(str(tmp_path / "missing.yaml"))

@@ -1,0 +1,78 @@
+"""The training loop on a real slice of Fashion-MNIST: learning, protocol, resume, divergence."""
+
+import json
+
+import pytest
+
+from lowbit.config import load_config
+from lowbit.errors import TrainingDiverged
+from lowbit.train import run
+
+W2A4 = ["plan.weight={name: sawb, bits: 2}", "plan.act={name: pact, bits: 4, init: 4.0}"]
+
+
+def cfg(*overrides, epochs=3):
+    base = ["model.name=resnet8", "model.width=0.5", "data.limit=1200", f"train.epochs={epochs}",
+            "train.batch_size=64", "train.lr=0.05", "train.progress=false", "train.threads=2"]
+    return load_config(None, base + list(overrides))
+
+
+def rows(run_dir):
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_quantized_training_lowers_the_loss_and_beats_chance(tmp_path, fmnist_small):
+    res = run(cfg(*W2A4), tmp_path / "r", data=fmnist_small)
+    r = rows(tmp_path / "r")
+    assert len(r) == 3
+    assert r[-1]["train_loss"] < 0.75 * r[0]["train_loss"]
+    assert res.summary["test_acc"] > 0.3  # three times chance (0.1); 1,140 images, 3 epochs
+    # the run folder has everything a user needs
+    for f in ("config.yaml", "plan.txt", "metrics.jsonl", "last.pt", "best.pt", "summary.json"):
+        assert (tmp_path / "r" / f).is_file(), f
+    s = res.summary
+    assert s["weight_bits"] == [2] and s["act_bits"] == [4]
+    assert 1 <= s["best_epoch"] <= 3
+    assert s["best_val_acc"] == max(x["val_acc"] for x in r)  # 002: the best validation epoch
+    assert s["size_bytes"] < s["fp32_size_bytes"] / 4
+    assert all(n <= 4 for n in s["distinct_weight_values"].values())
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, fmnist_small):
+    c = cfg(*W2A4)
+    run(c, tmp_path / "full", data=fmnist_small)
+
+    def kill_after_second_epoch(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(c, tmp_path / "cut", data=fmnist_small, callbacks=[kill_after_second_epoch])
+    assert len(rows(tmp_path / "cut")) == 2
+    resumed = run(c, tmp_path / "cut", resume=True, data=fmnist_small)
+    full, cut = rows(tmp_path / "full"), rows(tmp_path / "cut")
+    assert len(cut) == 3
+    for a, b in zip(full, cut):
+        a.pop("epoch_time"), b.pop("epoch_time")
+        assert a == b
+    assert resumed.summary["test_acc"] == json.loads((tmp_path / "full" / "summary.json").read_text())["test_acc"]
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path, fmnist_small):
+    a = run(cfg(epochs=1), tmp_path / "a", data=fmnist_small).summary
+    b = run(cfg(epochs=1), tmp_path / "b", data=fmnist_small).summary
+    c = run(cfg("train.seed=1", epochs=1), tmp_path / "c", data=fmnist_small).summary
+    assert a["test_loss"] == b["test_loss"]
+    assert a["test_loss"] != c["test_loss"]
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, fmnist_small):
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).*lower train.lr"):
+        run(cfg("train.lr=1e12", "train.weight_decay=0", epochs=1), tmp_path / "nan", data=fmnist_small)
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, fmnist_small):
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot resume"):
+        run(cfg(epochs=1), tmp_path / "none", resume=True, data=fmnist_small)
