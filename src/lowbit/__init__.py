@@ -1,3 +1,22 @@
-"""lowbit: training low-bit quantized CNNs for edge devices."""
+"""lowbit: training low-bit (1-8 bit) quantized CNNs for edge devices.
+
+    >>> import lowbit
+    >>> model = lowbit.create_model("resnet8", in_channels=1, num_classes=10, image_size=28)
+    >>> lowbit.quantize(model, {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}})
+"""
 
 __version__ = "0.1.0"
+
+from .config import Config, load_config
+from .data import load_dataset
+from .errors import ConfigError, DataError, LowbitError, TrainingDiverged
+from .models import create_model
+from .plan import Plan
+from .quant import build_quantizer
+from .quantize import layer_bits, quant_state, quantize
+from .train import run
+
+__all__ = [
+    "Config", "ConfigError", "DataError", "LowbitError", "Plan", "TrainingDiverged", "build_quantizer",
+    "create_model", "layer_bits", "load_config", "load_dataset", "quant_state", "quantize", "run",
+]

@@ -225,8 +225,8 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
             tqdm.write(f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.4f}  "
                        f"val {val['acc']:.4f}  {epoch_time:.1f}s")
 
-    method.finalize(model)
     model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=False)["model"])
+    method.finalize(model)  # on the weights that are evaluated and exported (e.g. harden a mixture)
     test = evaluate(model, test_loader)
     summary = make_summary(cfg, model, data, test, best)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
