@@ -1,6 +1,7 @@
 """The training loop on a real slice of Fashion-MNIST: learning, protocol, resume, divergence."""
 
 import json
+import math
 
 import pytest
 
@@ -76,3 +77,56 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, fmnist_small):
 
     with pytest.raises(ConfigError, match="cannot resume"):
         run(cfg(epochs=1), tmp_path / "none", resume=True, data=fmnist_small)
+
+
+@pytest.mark.parametrize("schedule, extra, expect", [
+    ("multistep", {"milestones": [2, 3]}, [0.1, 0.1, 0.01, 0.001]),   # lr at the start of epochs 1..4
+    ("constant", {}, [0.1, 0.1, 0.1, 0.1]),
+    ("cosine", {}, [0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2, 0.05, 0.1 * (1 + math.cos(3 * math.pi / 4)) / 2]),
+])
+def test_learning_rate_schedules(schedule, extra, expect):
+    import torch
+
+    from lowbit.config import TrainConfig
+    from lowbit.train import build_optimizer, build_scheduler
+
+    t = TrainConfig(epochs=4, lr=0.1, schedule=schedule, **extra)
+    opt = build_optimizer(torch.nn.Linear(2, 2), t)
+    sched = build_scheduler(opt, t, steps_per_epoch=5)
+    seen = []
+    for _ in range(4):
+        seen.append(opt.param_groups[0]["lr"])
+        for _ in range(5):
+            opt.step()
+            sched.step()
+    assert seen == pytest.approx(expect)
+
+
+def test_onecycle_and_adam_peak_at_lr():
+    import torch
+
+    from lowbit.config import TrainConfig
+    from lowbit.train import build_optimizer, build_scheduler
+
+    t = TrainConfig(epochs=2, lr=0.01, schedule="onecycle", optimizer="adam")
+    opt = build_optimizer(torch.nn.Linear(2, 2), t)
+    assert isinstance(opt, torch.optim.Adam)
+    sched = build_scheduler(opt, t, steps_per_epoch=10)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(0.01) and lrs[0] < 0.001 and lrs[-1] < 0.001
+
+
+def test_bad_milestones_are_refused():
+    import torch
+
+    from lowbit.config import TrainConfig
+    from lowbit.errors import ConfigError
+    from lowbit.train import build_optimizer, build_scheduler
+
+    t = TrainConfig(epochs=4, schedule="multistep", milestones=[4])
+    with pytest.raises(ConfigError, match="train.milestones"):
+        build_scheduler(build_optimizer(torch.nn.Linear(2, 2), t), t, 5)

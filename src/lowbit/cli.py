@@ -79,6 +79,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from .cost import training_memory
+    from .quantize import layer_bits
     from .train import build_model, cost_of, load_data
 
     cfg = _load_cfg(args.target, args.overrides)
@@ -89,6 +91,12 @@ def cmd_info(args) -> int:
     print(quant_state(model).table())
     print()
     print(cost_of(model, data).table())
+    t = cfg.train
+    tm = training_memory(model, data.test.images[:1].float() / 255.0, layer_bits(model), batch_size=t.batch_size,
+                         optimizer_slots=1 if t.optimizer == "sgd" else 2, stored="layer_inputs")
+    print(f"training memory (002, batch {t.batch_size}): latent params {tm['latent_params_mb']:.3f} MB + optimizer "
+          f"{tm['optimizer_mb']:.3f} MB + layer inputs {tm['activations_mb']:.3f} MB = {tm['total_mb']:.3f} MB; "
+          f"inference {tm['inference_total_mb']:.4f} MB")
     return 0
 
 
