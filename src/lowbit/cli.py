@@ -81,14 +81,17 @@ def cmd_eval(args) -> int:
 def cmd_info(args) -> int:
     from .cost import training_memory
     from .quantize import layer_bits
+    from .quantize import quant_state
     from .train import build_model, cost_of, load_data
 
     cfg = _load_cfg(args.target, args.overrides)
     data = load_data(cfg)
     model = build_model(cfg, data)
-    from .quantize import quant_state
 
-    print(quant_state(model).table())
+    state = quant_state(model)
+    print(state.table())
+    for k, v in state.method.summary(model).items():
+        print(f"{k}: {v}")
     print()
     print(cost_of(model, data).table())
     t = cfg.train

@@ -208,7 +208,7 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
         row = {
             "epoch": epoch + 1, "train_loss": tot_loss / seen, "train_acc": correct / seen,
             "val_loss": val["loss"], "val_acc": val["acc"], "lr": opt.param_groups[0]["lr"],
-            "epoch_time": epoch_time, **method.log(),
+            "epoch_time": epoch_time, **method.log(), **method.epoch_record(model),
         }
         # best-validation epoch (002); with no validation split, the last epoch
         score = val["acc"] if not math.isnan(val["acc"]) else float(epoch)
@@ -260,6 +260,7 @@ def make_summary(cfg: Config, model: nn.Module, data: DataSplits, test: dict, be
         "size_bytes": cost.size_bytes, "fp32_size_bytes": cost.fp32_size_bytes,
         "mem_002_bits": cost.mem_bits,
         "distinct_weight_values": distinct_weight_values(model),
+        "method_info": quant_state(model).method.summary(model),
     }
 
 
@@ -275,4 +276,5 @@ def format_summary(s: dict) -> str:
         f"BitOPs          {s['bitops'] / 1e9:.3f} G per image ({s['macs'] / 1e6:.2f} M MACs; "
         f"FP32 would be {32 * 32 * s['macs'] / 1e9:.2f} G)",
         f"memory (002)    {s['mem_002_bits'] / 8 / 1024:.1f} KiB = params at their bits + largest activation",
+        *(f"{k:<15s} {v}" for k, v in s.get("method_info", {}).items()),
     ])

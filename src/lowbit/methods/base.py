@@ -88,6 +88,14 @@ class Method:
         """Scalars to show in the progress bar and the metrics (temperature, η, ...)."""
         return {}
 
+    def epoch_record(self, model: nn.Module) -> dict:
+        """JSON-able values added to the epoch's metrics line (e.g. every layer's attention)."""
+        return {}
+
+    def summary(self, model: nn.Module) -> dict:
+        """JSON-able facts for summary.json and ``lowbit info`` (e.g. the value space used)."""
+        return {}
+
     def state_dict(self) -> dict:
         """Schedule state that a resumed run needs (learned tensors live in the model)."""
         return {}
