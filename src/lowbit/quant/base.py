@@ -64,15 +64,6 @@ def reduce_abs_mean(x: Tensor, per_channel: bool) -> Tensor:
     return x.detach().abs().mean()
 
 
-def uniform_levels(low: Tensor, step: Tensor, n: int) -> Tensor:
-    """Levels ``low + i*step`` for i in 0..n-1; scalars give (n,), (C,) stats give (C, n)."""
-    i = torch.arange(n, dtype=step.dtype, device=step.device)
-    low, step = low.detach(), step.detach()
-    if step.dim() == 0 and low.dim() == 0:
-        return low + i * step
-    return low.reshape(-1, 1) + i * step.reshape(-1, 1)
-
-
 # ---------------------------------------------------------------------------------------------
 # base class
 # ---------------------------------------------------------------------------------------------
@@ -133,12 +124,10 @@ class Quantizer(nn.Module):
 
 
 def check_bits(cls: type, bits) -> None:
+    allowed = str(cls.min_bits) if cls.min_bits == cls.max_bits else f"{cls.min_bits}..{cls.max_bits}"
     if isinstance(bits, bool) or not isinstance(bits, int):
-        raise ConfigError(f"bits must be an integer, got {bits!r}")
+        raise ConfigError(f"quantizer '{cls.alias}' supports integer bits {allowed}, got {bits!r}")
     if not cls.min_bits <= bits <= cls.max_bits:
-        allowed = (
-            str(cls.min_bits) if cls.min_bits == cls.max_bits else f"{cls.min_bits}..{cls.max_bits}"
-        )
         raise ConfigError(f"quantizer '{cls.alias}' supports bits {allowed}, got {bits}")
 
 

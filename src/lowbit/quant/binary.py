@@ -25,7 +25,9 @@ class BWNQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         beta = reduce_abs_mean(x, self.per_channel)
-        self._remember(torch.stack([-beta.reshape(-1), beta.reshape(-1)], 1).squeeze(0))
+        b = beta.reshape(-1)
+        lv = torch.stack([-b, b], 1)  # (C, 2) per channel
+        self._remember(lv if self.per_channel else lv[0])
         return ste(x, torch.where(x.detach() >= 0, beta, -beta))
 
     @property
@@ -67,7 +69,8 @@ class TWNQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         delta, beta = self.thresholds(x)
         b = beta.reshape(-1)
-        self._remember(torch.stack([-b, torch.zeros_like(b), b], 1).squeeze(0))
+        lv = torch.stack([-b, torch.zeros_like(b), b], 1)  # (C, 3) per channel
+        self._remember(lv if self.per_channel else lv[0])
         d = x.detach()
         q = torch.where(d > delta, beta, torch.where(d < -delta, -beta, torch.zeros_like(beta)))
         return ste(x, q)

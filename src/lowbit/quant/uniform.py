@@ -23,7 +23,6 @@ from .base import (
     register_quantizer,
     round_ste,
     ste,
-    uniform_levels,
 )
 
 _EPS = 1e-8
@@ -32,6 +31,36 @@ _EPS = 1e-8
 # ---------------------------------------------------------------------------------------------
 # fused clip + round with a clipped straight-through gradient
 # ---------------------------------------------------------------------------------------------
+def _bounds(low: Tensor, high: Tensor, n_steps: int):
+    """(lo, hi, step): Python floats for a per-tensor range (cheap in-place ops on big activation
+    tensors), detached tensors shaped like ``low`` for a per-channel one."""
+    if low.numel() == 1 and high.numel() == 1:
+        lo, hi = float(low), float(high)
+        return lo, hi, max((hi - lo) / n_steps, _EPS)
+    lo, hi = low.detach(), high.detach()
+    return lo, hi, ((hi - lo) / n_steps).clamp_min(_EPS)
+
+
+def _codes_to_values(k: Tensor, lo, step) -> Tensor:
+    """Integer codes (as floats) -> values ``k*step + lo``, in place. The one place this is done,
+    so that forward outputs and ``levels()`` agree bit for bit."""
+    k.mul_(step)
+    if not (isinstance(lo, float) and lo == 0.0):
+        k.add_(lo)
+    return k
+
+
+def grid_levels(lo, step, n_levels: int, dtype=torch.float32) -> Tensor:
+    """The levels ``lo + i*step`` (i < n_levels): (L,) for float/scalar bounds, (C, L) per channel."""
+    k = torch.arange(n_levels, dtype=dtype)
+    if isinstance(step, Tensor) and step.numel() > 1:
+        k = k.repeat(step.numel(), 1)
+        return _codes_to_values(k, lo.reshape(-1, 1), step.reshape(-1, 1))
+    if isinstance(step, Tensor):
+        step, lo = step.reshape(()), lo.reshape(())
+    return _codes_to_values(k, lo, step)
+
+
 class _ClipRound(torch.autograd.Function):
     """q = low + round((clamp(x, low, high) - low) / step) * step,  step = (high - low) / n_steps.
 
@@ -39,23 +68,21 @@ class _ClipRound(torch.autograd.Function):
         dq/dx    = 1[low <= x <= high]
         dq/dhigh = 1[x > high]          (only when ``high`` requires grad: PACT's learned alpha)
 
-    This runs on every activation of every step: the range is read once as Python floats and the
-    forward is one clamp plus in-place ops (no sub/add when low = 0, the post-ReLU case).
+    This runs on every activation of every step: a per-tensor range is read once as Python
+    floats and the forward is one clamp plus in-place ops (no sub/add when low = 0, post-ReLU).
+    ``low``/``high`` may also be per-channel tensors (SAWB per output channel).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, low: Tensor, high: Tensor, n_steps: int):
-        lo, hi = float(low), float(high)
-        step = max((hi - lo) / n_steps, _EPS)
+        lo, hi, step = _bounds(low, high, n_steps)
         q = torch.clamp(x, lo, hi)
-        if lo != 0.0:
+        if not (isinstance(lo, float) and lo == 0.0):
             q.sub_(lo)
-        q.mul_(1.0 / step).round_().mul_(step)
-        if lo != 0.0:
-            q.add_(lo)
+        q.div_(step).round_()
         ctx.save_for_backward(x)
         ctx.range = (lo, hi)
-        return q
+        return _codes_to_values(q, lo, step)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -70,6 +97,13 @@ class _ClipRound(torch.autograd.Function):
 
 def clip_round(x: Tensor, low: Tensor, high: Tensor, bits: int) -> Tensor:
     return _ClipRound.apply(x, low, high, 2**bits - 1)
+
+
+def clip_round_levels(low: Tensor, high: Tensor, bits: int, per_channel: bool = False) -> Tensor:
+    """The exact value set :func:`clip_round` maps onto for this range ((C, L) per channel)."""
+    lo, _, step = _bounds(low, high, 2**bits - 1)
+    lv = grid_levels(lo, step, 2**bits)
+    return lv.reshape(-1, 2**bits) if per_channel else lv
 
 
 class _LSQFn(torch.autograd.Function):
@@ -87,7 +121,7 @@ class _LSQFn(torch.autograd.Function):
     def forward(ctx, v: Tensor, s: Tensor, qn: int, qp: int, gscale: float):
         if s.numel() == 1:
             sf = float(s)
-            q = torch.mul(v, 1.0 / sf).clamp_(-qn, qp).round_().mul_(sf)
+            q = torch.mul(v, 1.0 / sf).clamp_(-qn, qp).round_().mul_(sf)  # same ops as levels()
         else:
             q = torch.div(v, s).clamp_(-qn, qp).round_().mul_(s)
         ctx.save_for_backward(v, s, q)
@@ -166,11 +200,10 @@ class MinMaxQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         lo, hi = self._range(x)
-        n = 2**self.bits - 1
-        step = ((hi - lo) / n).clamp_min(_EPS)
-        self._remember(uniform_levels(lo, step, n + 1))
-        if self.role == "weight":  # range covers the tensor: plain STE, no clipping needed
-            return ste(x, torch.round((x.detach() - lo) / step) * step + lo)
+        self._remember(clip_round_levels(lo, hi, self.bits, self.per_channel))
+        if self.role == "weight":  # the range covers the tensor: plain STE, no clipping needed
+            lo_, _, step = _bounds(lo, hi, 2**self.bits - 1)
+            return ste(x, _codes_to_values(torch.round((x.detach() - lo_) / step), lo_, step))
         return clip_round(x, lo, hi, self.bits)
 
 
@@ -255,7 +288,7 @@ class SAWBQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         a = self.alpha(x)
-        self._remember(uniform_levels(-a, 2 * a / (2**self.bits - 1), 2**self.bits))
+        self._remember(clip_round_levels(-a, a, self.bits, self.per_channel))
         return clip_round(x, -a, a, self.bits)
 
     @property
@@ -318,7 +351,7 @@ class LSQQuantizer(Quantizer):
         gscale = 1.0 / math.sqrt(n * self.qp)
         s = self.step.abs() + _EPS  # |s| keeps the step positive whatever the optimizer does
         k = torch.arange(-self.qn, self.qp + 1, dtype=s.dtype)
-        self._remember(k * s.detach().reshape(-1, 1) if s.numel() > 1 else k * s.detach())
+        self._remember(k * s.detach().reshape(-1, 1) if self.per_channel else k * s.detach())
         return _LSQFn.apply(x, s, self.qn, self.qp, gscale)
 
     @property
@@ -350,7 +383,7 @@ class PACTQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         a = self.alpha.abs() + _EPS
         zero = torch.zeros((), dtype=x.dtype)
-        self._remember(uniform_levels(zero, a / (2**self.bits - 1), 2**self.bits))
+        self._remember(clip_round_levels(zero, a, self.bits))
         return clip_round(x, zero, a, self.bits)
 
     @property
@@ -379,7 +412,7 @@ class DoReFaQuantizer(Quantizer):
         n = 2**self.bits - 1
         if self.role == "act":
             zero, one = torch.zeros((), dtype=x.dtype), torch.ones((), dtype=x.dtype)
-            self._remember(uniform_levels(zero, one / n, n + 1))
+            self._remember(clip_round_levels(zero, one, self.bits))
             return clip_round(x, zero, one, self.bits)
         if self.bits == 1:
             beta = x.detach().abs().mean()

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Quantizer, channel_view, register_quantizer, ste
+from .base import Quantizer, channel_view, check_bits, register_quantizer, ste
 
 #: named value sets (000's spaces; "int-2bit" is the signed 2-bit integer grid)
 VALUE_SETS: dict[str, tuple[float, ...]] = {
@@ -66,8 +66,10 @@ class ValueSetQuantizer(Quantizer):
                  values: str | Sequence[float] = "binary", scale: str = "none"):
         vals = resolve_values(values)
         need = bits_for(len(vals))
-        if bits is not None and bits != need:
-            raise ConfigError(f"value set of {len(vals)} values needs bits={need}, got bits={bits}")
+        if bits is not None:
+            check_bits(type(self), bits)
+            if bits != need:
+                raise ConfigError(f"value set of {len(vals)} values needs bits={need}, got bits={bits}")
         super().__init__(need, role, per_channel)
         if scale not in SCALES:
             raise ConfigError(f"valueset option scale must be one of {', '.join(SCALES)}, got '{scale}'")
@@ -89,9 +91,10 @@ class ValueSetQuantizer(Quantizer):
         return s.clamp_min(1e-12)
 
     def codes(self, x: Tensor, s: Tensor | None = None) -> Tensor:
-        """Index into ``values`` of the nearest value for each element (int64)."""
+        """Index into ``values`` of the nearest value for each element (int64); a value exactly
+        half-way between two goes to the larger one (so binary + mean maps 0 to +β, as BWN)."""
         s = self.scale(x) if s is None else s
-        return torch.bucketize((x.detach() / s).contiguous(), self.midpoints)
+        return torch.bucketize((x.detach() / s).contiguous(), self.midpoints, right=True)
 
     def quantize(self, x: Tensor) -> Tensor:
         s = self.scale(x)
@@ -123,6 +126,7 @@ class PowerOfTwoQuantizer(ValueSetQuantizer):
 
     def __init__(self, bits: int, role: str = "weight", per_channel: bool = False,
                  zero: bool = False, scale: str = "max"):
+        check_bits(type(self), bits)
         if zero and bits < 2:
             raise ConfigError("po2 with zero=True needs bits >= 2")
         super().__init__(bits, role, per_channel, values=po2_values(bits, zero), scale=scale)
