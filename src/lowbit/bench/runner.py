@@ -1,0 +1,134 @@
+"""Run a grid of configs x seeds with the core training loop, resumably, and tabulate it.
+
+A *row* is a label and a dict of config overrides (nested, merged into a base config dict).
+Each (row, seed) is one run folder ``OUT/<row-slug>/seed<k>``; a run with ``summary.json`` is
+done and is skipped when the grid is run again, a run with only ``last.pt`` is resumed. So a
+killed benchmark continues where it stopped, and every number in a table comes from a run folder
+holding its config.
+
+Tables follow seed 002's protocol: the test accuracy of each run is taken at its best-validation
+epoch, and rows report mean ± std over seeds. Epoch time is the median over a run's epochs; the
+time ratio is taken against a reference row *with the same seed*, so both were measured in the
+same benchmark process.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import re
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import Config, validate_names
+from ..errors import ConfigError
+from ..plan import one_line
+
+
+def deep_merge(base: dict, patch: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
+
+
+def make_config(base: dict, overrides: dict, seed: int, label: str) -> Config:
+    from pydantic import ValidationError
+
+    data = deep_merge(base, overrides)
+    data = deep_merge(data, {"name": label, "train": {"seed": seed}})
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(one_line(e, f"row '{label}'")) from None
+    validate_names(cfg)
+    return cfg
+
+
+def read_run(run_dir: Path) -> dict:
+    """One finished run as a flat record: summary + median epoch time + per-epoch metrics."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    epochs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return {**summary, "run_dir": str(run_dir), "epochs": len(epochs),
+            "epoch_time": statistics.median(e["epoch_time"] for e in epochs), "history": epochs}
+
+
+def run_grid(rows: dict[str, dict], base: dict, seeds: list[int], out: str | Path,
+             log: Callable[[str], None] = print) -> list[dict]:
+    """Train every (row, seed) not yet finished under ``out``; return one record per run."""
+    from ..train import run  # late: keeps `import lowbit.bench` light
+
+    out = Path(out)
+    configs = {(label, s): make_config(base, ov, s, label) for label, ov in rows.items() for s in seeds}
+    records = []
+    for (label, seed), cfg in configs.items():
+        run_dir = out / slug(label) / f"seed{seed}"
+        if not (run_dir / "summary.json").is_file():
+            log(f"== {label} (seed {seed})")
+            run(cfg, run_dir, resume=(run_dir / "last.pt").is_file())
+        records.append({"row": label, "seed": seed, **read_run(run_dir)})
+    return records
+
+
+def aggregate(records: list[dict], reference: str | None = None) -> list[dict]:
+    """Mean ± std per row (in row order) of test accuracy and epoch-time ratio to ``reference``."""
+    ref_time = {r["seed"]: r["epoch_time"] for r in records if r["row"] == reference}
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        a = out.setdefault(r["row"], {"row": r["row"], "acc": [], "ratio": [], "rec": r})
+        a["acc"].append(r["test_acc"])
+        if r["seed"] in ref_time:
+            a["ratio"].append(r["epoch_time"] / ref_time[r["seed"]])
+    rows = []
+    for a in out.values():
+        r = a["rec"]
+        rows.append({
+            "row": a["row"], "n": len(a["acc"]),
+            "acc_mean": statistics.fmean(a["acc"]), "acc_std": statistics.stdev(a["acc"]) if len(a["acc"]) > 1 else 0.0,
+            "time_ratio": statistics.fmean(a["ratio"]) if a["ratio"] else float("nan"),
+            "weight": r["weight"], "act": r["act"], "size_kib": r["size_bytes"] / 1024, "bitops_g": r["bitops"] / 1e9,
+            "epochs": r["epochs"],
+        })
+    return rows
+
+
+def markdown(rows: list[dict], reference: str | None = None) -> str:
+    ref = next((r for r in rows if r["row"] == reference), None)
+    head = ["row", "weight", "act", "test acc % (mean ± std)", "n", "size KiB", "GBitOPs", "epoch time / ref"]
+    if ref:
+        head.insert(4, "Δ vs ref")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["row"], r["weight"], r["act"], f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}",
+                 str(r["n"]), f"{r['size_kib']:.1f}", f"{r['bitops_g']:.3f}", f"{r['time_ratio']:.2f}"]
+        if ref:
+            cells.insert(4, f"{100 * (r['acc_mean'] - ref['acc_mean']):+.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: str | Path, records: list[dict], rows: list[dict], reference: str | None = None,
+                  meta: dict | None = None) -> str:
+    """results.jsonl (one line per run), summary.csv, summary.md; returns the markdown table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "history"}) + "\n")
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    table = markdown(rows, reference)
+    note = f"\n\n{json.dumps(meta)}\n" if meta else "\n"
+    (out / "summary.md").write_text(table + note)
+    return table
