@@ -245,3 +245,14 @@ def test_register_model_rejects_duplicates_and_bad_builders():
     with pytest.raises(TypeError):
         register_model("_bad_builder")(lambda channels: nn.Identity())
     assert "_bad_builder" not in list_models()
+
+
+def test_resnet_activation_option():
+    """hardtanh (BinaryNet-style, signed activations for sign quantizers) replaces every ReLU."""
+    import torch.nn as nn
+
+    m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28, activation="hardtanh")
+    acts = [type(x) for x in m.modules() if isinstance(x, (nn.ReLU, nn.Hardtanh))]
+    assert acts and set(acts) == {nn.Hardtanh}
+    with pytest.raises(ConfigError, match="activation must be one of relu, hardtanh"):
+        create_model("resnet20", activation="gelu")

@@ -11,6 +11,16 @@ from lowbit.errors import ConfigError
 from lowbit.models._common import check_min_image_size, check_width, init_weights, scale_channels
 from lowbit.models.registry import register_model
 
+#: the activation after each BN: "relu" (He et al.) or "hardtanh" (BinaryNet-style networks whose
+#: activation quantizer is sign(x), which needs signed inputs)
+ACTIVATIONS = {"relu": nn.ReLU, "hardtanh": nn.Hardtanh}
+
+
+def make_activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]()
+
 
 class BasicBlock(nn.Module):
     """Two-conv residual block of He et al., "Deep Residual Learning for Image Recognition", CVPR 2016.
@@ -25,11 +35,11 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, activation: str = "relu") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
-        self.relu1 = nn.ReLU(inplace=False)
+        self.relu1 = make_activation(activation)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         if stride != 1 or in_channels != out_channels:
@@ -39,7 +49,7 @@ class BasicBlock(nn.Module):
             )
         else:
             self.shortcut = nn.Identity()
-        self.relu2 = nn.ReLU(inplace=False)
+        self.relu2 = make_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
@@ -70,6 +80,7 @@ class ResNet(nn.Module):
         stage_strides: Sequence[int],
         in_channels: int = 3,
         num_classes: int = 10,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         if not (len(stage_channels) == len(blocks_per_stage) == len(stage_strides)):
@@ -77,13 +88,13 @@ class ResNet(nn.Module):
         stem_channels = stage_channels[0]
         self.conv1 = nn.Conv2d(in_channels, stem_channels, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_channels)
-        self.relu = nn.ReLU(inplace=False)
+        self.relu = make_activation(activation)
         stages = []
         channels = stem_channels
         for out_channels, blocks, stride in zip(stage_channels, blocks_per_stage, stage_strides):
             layers = []
             for i in range(blocks):
-                layers.append(BasicBlock(channels, out_channels, stride if i == 0 else 1))
+                layers.append(BasicBlock(channels, out_channels, stride if i == 0 else 1, activation))
                 channels = out_channels
             stages.append(nn.Sequential(*layers))
         self.layers = nn.Sequential(*stages)
@@ -104,6 +115,7 @@ def cifar_resnet(
     num_classes: int = 10,
     image_size: int | tuple[int, int] = 32,
     width: float = 1.0,
+    activation: str = "relu",
 ) -> ResNet:
     """CIFAR ResNet of the given ``depth`` = 6n + 2: stages of n BasicBlocks with 16w/32w/64w channels."""
     name = f"resnet{depth}"
@@ -118,40 +130,41 @@ def cifar_resnet(
         stage_strides=[1, 2, 2],
         in_channels=in_channels,
         num_classes=num_classes,
+        activation=activation,
     )
 
 
 @register_model("resnet8")
 def resnet8(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-            width: float = 1.0) -> ResNet:
+            width: float = 1.0, activation: str = "relu") -> ResNet:
     """CIFAR ResNet-8 (n=1), option-B shortcuts."""
-    return cifar_resnet(8, in_channels, num_classes, image_size, width)
+    return cifar_resnet(8, in_channels, num_classes, image_size, width, activation)
 
 
 @register_model("resnet20")
 def resnet20(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-             width: float = 1.0) -> ResNet:
+             width: float = 1.0, activation: str = "relu") -> ResNet:
     """CIFAR ResNet-20 (n=3), option-B shortcuts."""
-    return cifar_resnet(20, in_channels, num_classes, image_size, width)
+    return cifar_resnet(20, in_channels, num_classes, image_size, width, activation)
 
 
 @register_model("resnet32")
 def resnet32(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-             width: float = 1.0) -> ResNet:
+             width: float = 1.0, activation: str = "relu") -> ResNet:
     """CIFAR ResNet-32 (n=5), option-B shortcuts."""
-    return cifar_resnet(32, in_channels, num_classes, image_size, width)
+    return cifar_resnet(32, in_channels, num_classes, image_size, width, activation)
 
 
 @register_model("resnet56")
 def resnet56(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-             width: float = 1.0) -> ResNet:
+             width: float = 1.0, activation: str = "relu") -> ResNet:
     """CIFAR ResNet-56 (n=9), option-B shortcuts."""
-    return cifar_resnet(56, in_channels, num_classes, image_size, width)
+    return cifar_resnet(56, in_channels, num_classes, image_size, width, activation)
 
 
 @register_model("resnet18")
 def resnet18(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-             width: float = 1.0) -> ResNet:
+             width: float = 1.0, activation: str = "relu") -> ResNet:
     """CIFAR ResNet-18: 3x3 stride-1 stem, no max-pool, stages 64w..512w of [2, 2, 2, 2] BasicBlocks."""
     width = check_width("resnet18", width)
     check_min_image_size("resnet18", image_size, 8, "three stride-2 stages")
@@ -161,4 +174,5 @@ def resnet18(in_channels: int = 3, num_classes: int = 10, image_size: int | tupl
         stage_strides=[1, 2, 2, 2],
         in_channels=in_channels,
         num_classes=num_classes,
+        activation=activation,
     )
