@@ -4,6 +4,9 @@
     lowbit train --resume RUN_DIR                        continue a killed run from its last epoch
     lowbit eval RUN_DIR                                  re-evaluate a run's best checkpoint
     lowbit info CONFIG|RUN_DIR [key=value ...]           plan table and cost, no training
+    lowbit bench SUITE [--workers N] [--dry-run]         run a grid of configs x seeds (resumable)
+    lowbit report RESULTS                                002-style table (mean ± std error) + plots
+    lowbit budget --model M --bits ... --ratio C         002's widest-network-per-precision under a budget
     lowbit list                                          registered models, datasets, quantizers, methods
 
 Every user error (unknown name, bits out of range, missing file, wrong type) prints one line
@@ -117,6 +120,48 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.suite import run_suite
+
+    res = run_suite(args.suite, workers=args.workers, out=args.out, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"{res['runs']} runs into {res['out']}:")
+        print("\n".join(f"  {r}" for r in res["rows"]))
+        return 0
+    print(res["table"])
+    print(f"results: {res['out']}/results.jsonl  (tables: summary.md, summary.csv)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .bench.report import report
+
+    res = report(args.results, out=args.out, plots=not args.no_plots)
+    print(res["table"])
+    print("wrote " + ", ".join(res["files"]))
+    return 0
+
+
+def cmd_budget(args) -> int:
+    import yaml
+
+    from .data import load_dataset
+    from .search.budget import budget_table, format_table, make_suite
+
+    info = load_dataset(args.dataset, limit=1).info
+    budget, choices = budget_table(args.model, args.bits, info.in_channels, info.num_classes, info.image_size,
+                                   ratio=args.ratio, budget_kib=args.budget_kib)
+    print(format_table(args.model, budget, choices))
+    if args.emit:
+        tag = f"C{args.ratio:g}" if args.ratio else f"{args.budget_kib:g}KiB"
+        base = {"model": {"name": args.model}, "data": {"name": args.dataset},
+                "train": {"epochs": args.epochs, "progress": False}}
+        suite = make_suite(choices, base, args.seeds, name=f"budget-{args.model}-{tag}")
+        Path(args.emit).write_text(yaml.safe_dump(suite, sort_keys=False))
+        print(f"suite written to {args.emit}: run it with `lowbit bench {args.emit}`, then `lowbit report bench_out/{suite['name']}`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Train, measure and export low-bit quantized CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,6 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("target", help="YAML config or run folder")
     i.add_argument("overrides", nargs="*")
     i.set_defaults(func=cmd_info)
+    b = sub.add_parser("bench", help="run a benchmark suite (methods x bits x models x widths x seeds)")
+    b.add_argument("suite", help="suite YAML")
+    b.add_argument("--workers", type=int, default=1, help="runs at once, as separate processes")
+    b.add_argument("--out", help="output folder (default: the suite's out, or bench_out/NAME)")
+    b.add_argument("--dry-run", action="store_true", help="validate every config and list the runs")
+    b.set_defaults(func=cmd_bench)
+    r = sub.add_parser("report", help="seed 002's table (mean ± std test error) and plots from results")
+    r.add_argument("results", help="results.jsonl, or the folder holding it")
+    r.add_argument("--out", help="where to write report.md/.csv and PNGs (default: beside the results)")
+    r.add_argument("--no-plots", action="store_true")
+    r.set_defaults(func=cmd_report)
+    g = sub.add_parser("budget", help="002: widest network per precision under a memory budget")
+    g.add_argument("--model", default="resnet20")
+    g.add_argument("--dataset", default="fashion-mnist")
+    g.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 32])
+    grp = g.add_mutually_exclusive_group(required=True)
+    grp.add_argument("--ratio", type=float, help="budget M = M0 / RATIO (M0: the FP32 width-1 model)")
+    grp.add_argument("--budget-kib", type=float, help="absolute budget in KiB")
+    g.add_argument("--emit", metavar="SUITE.yaml", help="write a bench suite that trains every choice")
+    g.add_argument("--epochs", type=int, default=10, help="epochs in the emitted suite")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds in the emitted suite")
+    g.set_defaults(func=cmd_budget)
     ls = sub.add_parser("list", help="registered models, datasets, quantizers and methods")
     ls.set_defaults(func=cmd_list)
     return p

@@ -55,28 +55,59 @@ def make_config(base: dict, overrides: dict, seed: int, label: str) -> Config:
 
 
 def read_run(run_dir: Path) -> dict:
-    """One finished run as a flat record: summary + median epoch time + per-epoch metrics."""
+    """One finished run as a flat record: summary, config, median epoch time, per-epoch metrics."""
+    import yaml
+
     summary = json.loads((run_dir / "summary.json").read_text())
     epochs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return {**summary, "run_dir": str(run_dir), "epochs": len(epochs),
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return {**summary, "run_dir": str(run_dir), "config": config, "epochs": len(epochs),
             "epoch_time": statistics.median(e["epoch_time"] for e in epochs), "history": epochs}
 
 
-def run_grid(rows: dict[str, dict], base: dict, seeds: list[int], out: str | Path,
-             log: Callable[[str], None] = print) -> list[dict]:
-    """Train every (row, seed) not yet finished under ``out``; return one record per run."""
-    from ..train import run  # late: keeps `import lowbit.bench` light
+def _train_job(cfg_dict: dict, run_dir: str) -> str:
+    """One (row, seed) run in a worker process (module level: picklable for spawn)."""
+    from ..train import run
 
+    cfg = Config.model_validate(cfg_dict)
+    run(cfg, Path(run_dir), resume=(Path(run_dir) / "last.pt").is_file())
+    return run_dir
+
+
+def run_grid(rows: dict[str, dict], base: dict, seeds: list[int], out: str | Path, workers: int = 1,
+             dry_run: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+    """Train every (row, seed) not yet finished under ``out``; return one record per run.
+
+    With ``workers > 1`` the runs go to that many separate processes, each with
+    ``cpu_count // workers`` torch threads. ``dry_run`` validates every config and trains nothing.
+    """
     out = Path(out)
     configs = {(label, s): make_config(base, ov, s, label) for label, ov in rows.items() for s in seeds}
-    records = []
-    for (label, seed), cfg in configs.items():
-        run_dir = out / slug(label) / f"seed{seed}"
-        if not (run_dir / "summary.json").is_file():
+    jobs = [(k, cfg, out / slug(k[0]) / f"seed{k[1]}") for k, cfg in configs.items()]
+    todo = [j for j in jobs if not (j[2] / "summary.json").is_file()]
+    if dry_run:
+        return []
+    if workers <= 1:
+        from ..train import run  # late: keeps `import lowbit.bench` light
+
+        for (label, seed), cfg, run_dir in todo:
             log(f"== {label} (seed {seed})")
             run(cfg, run_dir, resume=(run_dir / "last.pt").is_file())
-        records.append({"row": label, "seed": seed, **read_run(run_dir)})
-    return records
+    elif todo:
+        import multiprocessing as mp
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {}
+            for (label, seed), cfg, run_dir in todo:
+                d = deep_merge(cfg.to_dict(), {"train": {"threads": threads, "progress": False}})
+                futures[pool.submit(_train_job, d, str(run_dir))] = (label, seed)
+                log(f"== {label} (seed {seed}) queued")
+            for f in futures:
+                f.result()  # re-raise a worker's error here
+    return [{"row": label, "seed": seed, **read_run(run_dir)} for (label, seed), _, run_dir in jobs]
 
 
 def aggregate(records: list[dict], reference: str | None = None) -> list[dict]:

@@ -1,0 +1,133 @@
+"""``lowbit report RESULTS``: seed 002's table (mean ± std test error per method) and two plots.
+
+RESULTS is a ``results.jsonl`` (one line per run, as written by ``lowbit bench`` and every
+``benchmarks/`` script) or a folder holding one. Rows keep the order of the file; each row is
+one label (method, bits, model, width) with its seeds pooled. Written next to RESULTS (or --out):
+``report.md``, ``report.csv``, ``acc_vs_bits.png`` and ``acc_vs_size.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+def load_results(path: str | Path) -> tuple[list[dict], Path]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.jsonl"
+    if not p.is_file():
+        raise ConfigError(f"no results file at {p} (expected the results.jsonl written by `lowbit bench`)")
+    records = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ConfigError(f"{p}:{i}: not a JSON line") from None
+    if not records:
+        raise ConfigError(f"{p} holds no runs")
+    missing = [k for k in ("row", "test_acc", "size_bytes", "bitops") if k not in records[0]]
+    if missing:
+        raise ConfigError(f"{p}: records lack {', '.join(missing)}; is this a lowbit results file?")
+    return records, p.parent
+
+
+def _bits(rec: dict, key: str) -> str:
+    b = rec.get(key) or []
+    return "/".join(map(str, b)) if b else "32"
+
+
+def table_rows(records: list[dict]) -> list[dict]:
+    """One row per label: test error mean ± std over its runs (seeds), bits, size, BitOPs."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["row"], []).append(r)
+    rows = []
+    for label, rs in groups.items():
+        errs = [1.0 - r["test_acc"] for r in rs]
+        r0 = rs[0]
+        rows.append({
+            "row": label, "method": r0.get("method", label),
+            "w_bits": _bits(r0, "weight_bits"), "a_bits": _bits(r0, "act_bits"),
+            "width": (r0.get("config") or {}).get("model", {}).get("width", r0.get("width") or 1.0),
+            "n": len(rs), "err_mean": statistics.fmean(errs),
+            "err_std": statistics.stdev(errs) if len(errs) > 1 else 0.0,
+            "size_kib": r0["size_bytes"] / 1024, "bitops_g": r0["bitops"] / 1e9,
+            "epochs": r0.get("epochs"),
+        })
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| method | W bits | A bits | width | test error % (mean ± std) | runs | size KiB | GBitOPs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['w_bits']} | {r['a_bits']} | {r['width']:g} | "
+                     f"{100 * r['err_mean']:.2f} ± {100 * r['err_std']:.2f} | {r['n']} | "
+                     f"{r['size_kib']:.1f} | {r['bitops_g']:.3f} |")
+    return "\n".join(lines)
+
+
+def _plots(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    if all(len(v) == 1 for v in by_method.values()):  # one point per method (e.g. a budget suite): one curve
+        by_method = {"all rows": rows}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, rs in by_method.items():
+        xs = [int(r["w_bits"].split("/")[0]) for r in rs]
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        ax.errorbar([xs[i] for i in order], [100 * (1 - rs[i]["err_mean"]) for i in order],
+                    yerr=[100 * rs[i]["err_std"] for i in order], marker="o", capsize=3, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("weight bits")
+    ax.set_ylabel("test accuracy % (mean ± std)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "acc_vs_bits.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.errorbar(r["size_kib"], 100 * (1 - r["err_mean"]), yerr=100 * r["err_std"], marker="o", capsize=3)
+        ax.annotate(r["row"], (r["size_kib"], 100 * (1 - r["err_mean"])), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("model size at the trained bits (KiB)")
+    ax.set_ylabel("test accuracy % (mean ± std)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "acc_vs_size.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def report(results: str | Path, out: str | Path | None = None, plots: bool = True) -> dict:
+    """Build the table (printed form returned), write report.md/.csv and the plots."""
+    records, where = load_results(results)
+    out = Path(out) if out else where
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(records)
+    md = markdown(rows)
+    (out / "report.md").write_text(md + "\n")
+    with open(out / "report.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    files = [out / "report.md", out / "report.csv"] + (_plots(rows, out) if plots else [])
+    return {"table": md, "rows": rows, "files": [str(f) for f in files]}

@@ -1,0 +1,142 @@
+"""Benchmark suites: a base config and a grid (methods x bits x models x widths x seeds) in YAML.
+
+    name: qat002
+    base: ../configs/fp32.yaml          # a config file (relative to the suite) or an inline mapping
+    base_overrides: {train: {epochs: 3}}
+    methods:                            # label -> config patch (plan, model options, method, ...)
+      FP32: {}
+      LSQ: {plan: {weight: {name: lsq}, act: {name: lsq}}}          # no bits: takes each of `bits`
+      BNN: {plan: {weight: {name: bnn, bits: 1}, act: {name: bnn, bits: 1}}, model: {activation: hardtanh}}
+    bits: [3]                           # fills weight/act specs that give no bits
+    models: [resnet20]
+    widths: [1.0]
+    seeds: [0, 1, 2]
+    reference: FP32                     # epoch-time ratios and Δ accuracy against this method
+    out: bench_out/qat002               # default: bench_out/<name>
+
+``expand(suite)`` gives one row per (method, bits, model, width); each row runs once per seed
+with the core loop (``lowbit.bench.runner``), skipping finished runs, so a killed suite resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ConfigError
+from ..plan import one_line
+from .runner import aggregate, deep_merge, run_grid, write_results
+
+
+class Suite(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "suite"
+    base: str | dict[str, Any] = Field(default_factory=dict)
+    base_overrides: dict[str, Any] = Field(default_factory=dict)
+    methods: dict[str, dict[str, Any]] = Field(min_length=1)
+    bits: list[int] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list)
+    widths: list[float] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    reference: str | None = None
+    out: str | None = None
+
+
+@dataclass
+class Row:
+    label: str
+    method: str
+    overrides: dict
+    meta: dict = field(default_factory=dict)
+
+
+def load_suite(path: str | Path) -> tuple[Suite, dict, Path]:
+    """The suite, its resolved base config (as a dict) and its default output folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"suite file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        suite = Suite.model_validate(data)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except ValidationError as e:
+        raise ConfigError(one_line(e, "suite")) from None
+    if isinstance(suite.base, str):
+        base_path = (path.parent / suite.base).resolve()
+        if not base_path.is_file():
+            raise ConfigError(f"suite.base: config file not found: {base_path}")
+        base = yaml.safe_load(base_path.read_text()) or {}
+    else:
+        base = copy.deepcopy(suite.base)
+    base = deep_merge(base, suite.base_overrides)
+    if suite.reference is not None and suite.reference not in suite.methods:
+        raise ConfigError(f"suite.reference: '{suite.reference}' is not one of the methods: {', '.join(suite.methods)}")
+    out = Path(suite.out) if suite.out else Path("bench_out") / suite.name
+    return suite, base, out
+
+
+def _needs_bits(patch: dict) -> bool:
+    plan = patch.get("plan", {}) or {}
+    return any(isinstance(plan.get(r), dict) and plan[r].get("bits") is None and plan[r].get("name") != "valueset"
+               for r in ("weight", "act"))
+
+
+def _with_bits(patch: dict, b: int) -> dict:
+    p = copy.deepcopy(patch)
+    for r in ("weight", "act"):
+        spec = p.get("plan", {}).get(r)
+        if isinstance(spec, dict) and spec.get("bits") is None:
+            spec["bits"] = b
+    return p
+
+
+def expand(suite: Suite) -> list[Row]:
+    """One row per method x (bits, where the method takes them) x model x width."""
+    rows = []
+    models = suite.models or [None]
+    widths = suite.widths or [None]
+    for method, patch in suite.methods.items():
+        bit_list = suite.bits if _needs_bits(patch) else [None]
+        if _needs_bits(patch) and not suite.bits:
+            raise ConfigError(f"suite.methods.{method}: a quantizer has no bits and the suite has no `bits` list")
+        for b in bit_list:
+            for m in models:
+                for w in widths:
+                    ov = _with_bits(patch, b) if b is not None else copy.deepcopy(patch)
+                    label = method
+                    if b is not None:
+                        label += f" {b}b"
+                    if m is not None:
+                        ov = deep_merge(ov, {"model": {"name": m}})
+                        label += f" {m}" if len(models) > 1 else ""
+                    if w is not None:
+                        ov = deep_merge(ov, {"model": {"width": w}})
+                        label += f" x{w:g}" if len(widths) > 1 else ""
+                    rows.append(Row(label, method, ov, {"method": method, "bits": b, "model": m, "width": w}))
+    return rows
+
+
+def run_suite(path: str | Path, workers: int = 1, out: str | Path | None = None, dry_run: bool = False) -> dict:
+    """Run (or, with ``dry_run``, only validate and list) a suite; returns records, table, paths."""
+    suite, base, default_out = load_suite(path)
+    out = Path(out) if out else default_out
+    rows = expand(suite)
+    grid = {r.label: r.overrides for r in rows}
+    records = run_grid(grid, base, suite.seeds, out, workers=workers, dry_run=dry_run)
+    if dry_run:
+        return {"rows": [r.label for r in rows], "runs": len(rows) * len(suite.seeds), "out": str(out)}
+    meta = {r.label: r.meta for r in rows}
+    for rec in records:
+        rec.update({k: v for k, v in meta[rec["row"]].items()})
+    ref = None
+    if suite.reference is not None:
+        ref = next((r.label for r in rows if r.method == suite.reference), None)
+    agg = aggregate(records, ref)
+    table = write_results(out, records, agg, ref, meta={"suite": str(path), "seeds": suite.seeds})
+    return {"records": records, "table": table, "out": str(out)}

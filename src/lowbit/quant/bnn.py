@@ -1,0 +1,42 @@
+"""Binarized Neural Networks: sign(x) for weights and activations (002 ref. [4], BinaryNet)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Quantizer, register_quantizer, ste
+
+
+@register_quantizer("bnn")
+class BNNQuantizer(Quantizer):
+    """BinaryNet (Courbariaux, Hubara et al. 2016; 002 ref. [4], the "Binarized NN (1 bit)" row of
+    002's W3A3 table): ``Q(x) = sign(x) ∈ {-1, +1}`` with sign(0) = +1, and no scale.
+
+    Backward: the straight-through estimator with the hardtanh clip of the paper (their eq. 4),
+    ``dQ/dx = 1[|x| <= 1]`` (inclusive at ±1), for weights and activations alike.
+
+    The levels are the constant set {-1, +1}: a following BatchNorm absorbs the magnitude, so
+    nothing besides the sign bit is stored (``n_scales = 0``).
+
+    As an *activation* quantizer it needs signed inputs: after a ReLU every input is >= 0 and maps
+    to +1. Use a network whose activation in front of the quantizer is hardtanh (or the identity),
+    e.g. ``model: {name: resnet20, activation: hardtanh}``.
+    """
+
+    roles = ("weight", "act")
+    min_bits = max_bits = 1
+
+    def __init__(self, bits: int = 1, role: str = "weight"):
+        super().__init__(bits, role)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        one = torch.ones((), dtype=x.dtype)
+        self._remember(torch.stack([-one, one]))
+        q = torch.where(x.detach() >= 0, one, -one)
+        # torch.clamp's gradient is 1 on the closed interval [-1, 1]: the paper's 1[|x| <= 1]
+        return ste(torch.clamp(x, -1.0, 1.0), q)
+
+    @property
+    def n_scales(self) -> int:
+        return 0

@@ -1,0 +1,118 @@
+"""lowbit bench / report / budget: grid expansion, resumable runs, 002's table, the memory budget."""
+
+import json
+
+import pytest
+import yaml
+
+from lowbit.bench.report import report, table_rows
+from lowbit.bench.suite import Suite, expand, run_suite
+from lowbit.cli import main
+from lowbit.cost import mem_002
+from lowbit.errors import ConfigError
+from lowbit.search.budget import WIDTH_STEP, budget_table, measure
+
+BASE = {"model": {"name": "resnet8", "width": 0.25}, "data": {"name": "digits"},
+        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "progress": False, "threads": 1}}
+
+
+def test_expand_grid_methods_bits_models_widths():
+    s = Suite(methods={"FP32": {}, "LSQ": {"plan": {"weight": {"name": "lsq"}, "act": {"name": "lsq"}}},
+                       "TWN": {"plan": {"weight": {"name": "twn", "bits": 2}}}},
+              bits=[2, 3], models=["resnet8", "resnet20"], widths=[1.0, 2.0], seeds=[0, 1])
+    rows = expand(s)
+    # FP32 and TWN give no bits to fill: 1 x 2 models x 2 widths each; LSQ: 2 bits x 2 x 2
+    assert len(rows) == 4 + 8 + 4
+    lsq = [r for r in rows if r.method == "LSQ"]
+    assert {(r.meta["bits"], r.meta["model"], r.meta["width"]) for r in lsq} == {
+        (b, m, w) for b in (2, 3) for m in ("resnet8", "resnet20") for w in (1.0, 2.0)}
+    r = next(r for r in lsq if r.label == "LSQ 3b resnet20 x2")
+    assert r.overrides["plan"]["weight"]["bits"] == 3 and r.overrides["plan"]["act"]["bits"] == 3
+    assert r.overrides["model"] == {"name": "resnet20", "width": 2.0}
+    twn = [r for r in rows if r.method == "TWN"]
+    assert all(r.overrides["plan"]["weight"]["bits"] == 2 and r.meta["bits"] is None for r in twn)
+
+
+def test_a_method_without_bits_needs_a_bits_list():
+    with pytest.raises(ConfigError, match="has no bits"):
+        expand(Suite(methods={"LSQ": {"plan": {"weight": {"name": "lsq"}}}}))
+
+
+def _suite(tmp_path, **extra):
+    p = tmp_path / "suite.yaml"
+    p.write_text(yaml.safe_dump({
+        "name": "t", "base": BASE, "out": str(tmp_path / "out"), "reference": "FP32", "seeds": [0, 1],
+        "methods": {"FP32": {}, "SAWB": {"plan": {"weight": {"name": "sawb"}}}}, "bits": [2], **extra}))
+    return p
+
+
+def test_bench_runs_writes_json_lines_and_resumes(tmp_path):
+    p = _suite(tmp_path)
+    res = run_suite(p)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["seed"]) for r in lines] == [("FP32", 0), ("FP32", 1), ("SAWB 2b", 0), ("SAWB 2b", 1)]
+    for r in lines:
+        for k in ("config", "best_epoch", "test_acc", "size_bytes", "bitops", "epoch_time", "weight", "act"):
+            assert k in r, k
+        assert r["config"]["train"]["seed"] == r["seed"]
+    assert lines[2]["config"]["plan"]["weight"]["bits"] == 2 and lines[2]["method"] == "SAWB"
+    assert "SAWB 2b" in res["table"]
+    # finished runs are skipped: nothing is retrained
+    done = tmp_path / "out" / "SAWB_2b" / "seed1" / "summary.json"
+    stamp = done.stat().st_mtime_ns
+    run_suite(p)
+    assert done.stat().st_mtime_ns == stamp
+    # a run killed before its summary is redone from its checkpoint, the others are kept
+    done.unlink()
+    run_suite(p)
+    assert done.is_file()
+
+
+def test_bench_workers_run_in_separate_processes(tmp_path):
+    p = _suite(tmp_path, seeds=[3])
+    run_suite(p, workers=2)
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    cfg = yaml.safe_load((tmp_path / "out" / "FP32" / "seed3" / "config.yaml").read_text())
+    assert cfg["train"]["threads"] >= 1  # the worker's share of the cores was written down
+
+
+def test_report_table_is_mean_and_std_of_the_error(tmp_path):
+    recs = [{"row": "A", "test_acc": a, "size_bytes": 2048, "bitops": 3e9, "weight_bits": [2], "act_bits": [2]}
+            for a in (0.9, 0.8)] + [{"row": "B", "test_acc": 0.5, "size_bytes": 1024, "bitops": 1e9}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rows = table_rows(recs)
+    assert rows[0]["err_mean"] == pytest.approx(0.15) and rows[0]["err_std"] == pytest.approx(0.0707106781)
+    assert rows[1]["n"] == 1 and rows[1]["err_std"] == 0.0 and rows[1]["w_bits"] == "32"
+    res = report(tmp_path)
+    assert "| A | 2 | 2 | 1 | 15.00 ± 7.07 | 2 | 2.0 | 3.000 |" in res["table"]
+    for f in ("report.md", "report.csv", "acc_vs_bits.png", "acc_vs_size.png"):
+        assert (tmp_path / f).stat().st_size > 0
+
+
+def test_report_and_bench_errors(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results file" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "none.yaml")]) == 2
+    assert "suite file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"methods": {"X": {"plan": {"weight": {"name": "nope", "bits": 2}}}}, "base": BASE}))
+    assert main(["bench", str(bad), "--dry-run"]) == 2
+    assert "unknown quantizer 'nope'" in capsys.readouterr().err
+
+
+def test_budget_picks_the_widest_width_that_fits():
+    shape = dict(in_channels=1, num_classes=10, image_size=(8, 8))
+    budget, choices = budget_table("resnet8", [2, 4, 8, 32], ratio=8, **shape)
+    n_p, n_a = measure("resnet8", 1.0, **shape)
+    assert budget == mem_002(n_p, n_a, 32) / 8
+    by = {c.bits: c for c in choices}
+    # Mem(k, 4) = 4 (N_p + N_a) and M0 = 32 (N_p + N_a): at C = 8 the 4-bit network is exactly width 1
+    assert by[4].width == 1.0 and by[4].mem_bits == budget
+    for c in choices:
+        assert c.mem_bits <= budget
+        n_p, n_a = measure("resnet8", c.width + WIDTH_STEP, **shape)
+        assert mem_002(n_p, n_a, c.bits) > budget  # one step wider does not fit
+    assert by[2].width > by[4].width > by[8].width > by[32].width
+    with pytest.raises(ConfigError, match="too small"):
+        budget_table("resnet8", [8], budget_kib=0.01, **shape)
