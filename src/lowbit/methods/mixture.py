@@ -1,0 +1,417 @@
+"""Mixtures of quantizers: the building block that DQA and BinaryRelax share.
+
+A layer's weight (or its input activation) is quantized by K registered quantizers at once and the
+results are combined linearly (003 eq. 2-3)::
+
+    q = Σ_k c_k · Q_k(x),      Q_1 .. Q_K sorted by bits, n_1 < n_2 < ... < n_K
+
+Q_1 is the *final* quantizer: the plan's ``weight`` / ``act`` spec, what the network is at the end
+of training and what cost and export see (``bits``, ``n_scales``, ``quantizer``, ``levels()`` are
+Q_1's). The higher-bit members come from the method's ``mixture`` / ``act_mixture`` option. Only
+the coefficients c differ between methods:
+
+* DQA (:class:`AttentionMixture`): c = softmax(α/T), α learned (003 eq. 4);
+* BinaryRelax (:class:`ScheduledMixture`): c = [ω, 1, ..., 1]/(ω + K - 1) with ω on a fixed
+  schedule (Yin et al. 2018 for K = 2 with Q_2 = FP; 003 eq. 8 for K = 3).
+
+Every member is built with :func:`lowbit.quant.build_quantizer`; nothing here quantizes by itself.
+A mixture module is a weight parametrization (``torch.nn.utils.parametrize``) and, the same class,
+an activation quantizer (``layer.input_quantizer``).
+
+Evaluation and the end of training: in eval mode the module computes Q_1 alone (``eval_mode=
+"final"``, the default), so validation measures the network that will be deployed and the
+best-validation checkpoint is a Q_1 network (BinaryRelax's authors validate the quantized weights
+the same way). :meth:`QuantizerMixture.harden` makes that permanent (``finalize``): the layer is then
+exactly Q_1 whatever the mode.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..plan import QuantSpec
+from ..quant import Quantizer, build_quantizer, get_quantizer_class
+from .base import Method, QuantizedWeight, build_from_spec
+
+EVAL_MODES = ("final", "mixture")
+
+
+# ---------------------------------------------------------------------------------------------
+# member specs
+# ---------------------------------------------------------------------------------------------
+def build_member(spec: dict | QuantSpec, role: str, where: str = "mixture") -> Quantizer:
+    """Build one mixture member with the core's ``build_quantizer``.
+
+    ``bits`` may be left out for single-width families (fp: 32, bwn: 1, twn: 2) and value sets.
+    """
+    d = spec.model_dump() if isinstance(spec, QuantSpec) else dict(spec)
+    d = {**d, **d.pop("model_extra", {})} if "model_extra" in d else d
+    if isinstance(spec, QuantSpec):
+        d = {"name": spec.name, "bits": spec.bits, **spec.options}
+    name, bits = d.pop("name", None), d.pop("bits", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: each member needs a quantizer name, e.g. {{name: minmax, bits: 4}}; got {spec!r}")
+    try:
+        cls = get_quantizer_class(name)
+        if bits is None and cls.min_bits == cls.max_bits:
+            bits = cls.min_bits
+        if bits is None and name != "valueset":
+            raise ConfigError(f"quantizer '{name}' needs bits")
+        return build_quantizer(name, bits, role=role, **d)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def label(q: Quantizer) -> str:
+    """Short name of a member: ``minmax4``, ``twn2``, ``fp32``."""
+    return f"{q.alias}{q.bits}"
+
+
+def parse_members(value: Any, role: str, where: str) -> list[dict] | None:
+    """Validate a ``mixture`` option (a list of quantizer specs) and return it sorted by bits.
+
+    Each member is built once to check it (unknown names, bad bits and options fail here, at config
+    load, as one line). Bits must be distinct: 003 assumes n_1 < n_2 < ... < n_K.
+    """
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{where}: a non-empty list of quantizers, e.g. [{{name: minmax, bits: 4}}], got {value!r}")
+    specs = []
+    for i, s in enumerate(value):
+        if isinstance(s, str):  # shorthand: "fp", "twn", "bwn"
+            s = {"name": s}
+        if not isinstance(s, dict):
+            raise ConfigError(f"{where}[{i}]: a quantizer spec like {{name: minmax, bits: 4}}, got {s!r}")
+        q = build_member(s, role, f"{where}[{i}]")
+        specs.append((q.bits, {**s, "bits": q.bits}))
+    specs.sort(key=lambda t: t[0])
+    bits = [b for b, _ in specs]
+    if len(set(bits)) != len(bits):
+        raise ConfigError(f"{where}: members need distinct bits (003: n_1 < n_2 < ... < n_K), got bits {bits}")
+    return [s for _, s in specs]
+
+
+# ---------------------------------------------------------------------------------------------
+# the mixture module
+# ---------------------------------------------------------------------------------------------
+class QuantizerMixture(nn.Module):
+    """``x -> Σ_k c_k Q_k(x)`` over members sorted by bits; subclasses define the coefficients c.
+
+    Gradients: every member has its own straight-through gradient, so dq/dx = Σ_k c_k dQ_k/dx
+    (= 1 where no member clips, since Σ c_k = 1), and dq/dc_k = Q_k(x).
+    """
+
+    def __init__(self, members: Sequence[Quantizer], eval_mode: str = "final"):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("a mixture needs at least two quantizers")
+        bits = [m.bits for m in members]
+        if bits != sorted(bits) or len(set(bits)) != len(bits):
+            raise ValueError(f"mixture members must be sorted by strictly increasing bits, got {bits}")
+        if eval_mode not in EVAL_MODES:
+            raise ConfigError(f"eval_mode must be one of {', '.join(EVAL_MODES)}, got {eval_mode!r}")
+        self.members = nn.ModuleList(members)
+        self.eval_mode = eval_mode
+        # a buffer, so that a hardened model saved and loaded stays hardened
+        self.register_buffer("hardened", torch.zeros((), dtype=torch.bool))
+
+    # -- what the final network is ---------------------------------------------------------------
+    @property
+    def quantizer(self) -> Quantizer:
+        """Q_1, the final (lowest-bit) quantizer: what export and cost see."""
+        return self.members[0]
+
+    @property
+    def bits(self) -> int:
+        return self.members[0].bits
+
+    @property
+    def n_scales(self) -> int:
+        return self.members[0].n_scales
+
+    @property
+    def role(self) -> str:
+        return self.members[0].role
+
+    @property
+    def per_channel(self) -> bool:
+        return self.members[0].per_channel
+
+    def levels(self) -> Tensor:
+        return self.members[0].levels()
+
+    def labels(self) -> list[str]:
+        return [label(m) for m in self.members]
+
+    # -- coefficients ----------------------------------------------------------------------------
+    def coefficients(self) -> Tensor:  # pragma: no cover - abstract
+        """The K mixing coefficients c (they sum to 1)."""
+        raise NotImplementedError
+
+    # -- forward ---------------------------------------------------------------------------------
+    def is_final(self) -> bool:
+        """Whether forward computes Q_1 alone (hardened, or evaluating with eval_mode 'final')."""
+        return bool(self.hardened) or (not self.training and self.eval_mode == "final")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.is_final():
+            return self.members[0](x)
+        return self.mix(x, self.coefficients())
+
+    def mix(self, x: Tensor, c: Tensor) -> Tensor:
+        """Σ_k c_k Q_k(x) (003 eq. 2). A member whose coefficient is exactly 0 is skipped: its term
+        and every gradient through it are exactly 0 (softmax underflow, a hard BinaryRelax phase)."""
+        q = None
+        for k, member in enumerate(self.members):
+            if k > 0 and not c.requires_grad and float(c[k]) == 0.0:
+                continue
+            term = c[k] * member(x)
+            q = term if q is None else q + term
+        return q
+
+    def harden(self) -> None:
+        """From now on the module is exactly Q_1 (003: the network ends as the lowest-bit quantizer)."""
+        self.hardened.fill_(True)
+
+    @torch.no_grad()
+    def transfer_curve(self, w: Tensor, points: int = 33) -> tuple[list[float], list[float]]:
+        """The mixture's quantization function q(w) = Σ c_k Q_k(w) sampled at ``points`` of the
+        layer's own weights, evenly spread over [min w, max w] (003 Figure 3b).
+
+        Quantizer statistics (min/max, E|w|, α) depend on the whole tensor, so the function is read
+        off the tensor itself: (w_i, q_i) for the weights nearest to an even grid of w.
+        """
+        flat = w.detach().flatten()
+        q = self.mix(w.detach(), self.coefficients().detach()).flatten()
+        order = flat.argsort()
+        s = flat[order]
+        targets = torch.linspace(float(s[0]), float(s[-1]), points)
+        idx = torch.unique(torch.searchsorted(s, targets).clamp_(max=len(s) - 1))
+        pick = order[idx]
+        return [_r(v) for v in flat[pick].tolist()], [_r(v) for v in q[pick].tolist()]
+
+    def extra_repr(self) -> str:
+        return f"members={'+'.join(self.labels())}, eval_mode={self.eval_mode}"
+
+
+def _r(v: float, digits: int = 5) -> float:
+    """Round to ``digits`` significant digits (keeps metrics.jsonl small)."""
+    return float(f"{v:.{digits}g}") if math.isfinite(v) else v
+
+
+def eq7_init(bits: Sequence[int]) -> list[float]:
+    """003 eq. 7: α_k = Σ_{j≠k} n_j / Σ_j n_j (the lowest bit width gets the largest α)."""
+    total = float(sum(bits))
+    return [(total - n) / total for n in bits]
+
+
+class AttentionMixture(QuantizerMixture):
+    """DQA's layer (003 eq. 2-4): q = Σ_k a_k Q_k(x), a = softmax(α/T), α learned.
+
+    α is initialised by eq. 7; the temperature T is set from outside (the method's schedule,
+    eq. 5) and :meth:`normalize_` applies Algorithm 1's α ← α/std(α) before each step.
+    """
+
+    def __init__(self, members: Sequence[Quantizer], eval_mode: str = "final", temperature: float = 100.0):
+        super().__init__(members, eval_mode)
+        self.alpha = nn.Parameter(torch.tensor(eq7_init([m.bits for m in members])))
+        self.temperature = float(temperature)
+
+    def attention(self) -> Tensor:
+        """a = softmax(α/T) (003 eq. 4)."""
+        return torch.softmax(self.alpha / self.temperature, 0)
+
+    def coefficients(self) -> Tensor:
+        return self.attention()
+
+    @torch.no_grad()
+    def normalize_(self, eps: float = 1e-12) -> None:
+        """α ← α/std(α) (003 Algorithm 1; torch's unbiased std). Skipped when std is 0 or not
+        finite (all α equal: the softmax is uniform anyway, and dividing would give inf/NaN)."""
+        s = self.alpha.std()
+        if torch.isfinite(s) and s > eps:
+            self.alpha.div_(s)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", T={self.temperature:.4g}"
+
+
+class ScheduledMixture(QuantizerMixture):
+    """BinaryRelax's layer: q = (ω·Q_1(x) + Σ_{k>1} Q_k(x)) / (ω + K - 1), ω set from outside.
+
+    K = 2 with Q_2 = FP is the original (η·Q(w) + w)/(1 + η) of Yin et al. 2018; K = 3 is 003 eq. 8.
+    ``omega = inf`` gives Q_1 exactly (BinaryRelax's second, purely quantized phase).
+    """
+
+    def __init__(self, members: Sequence[Quantizer], eval_mode: str = "final", omega: float = 1.0):
+        super().__init__(members, eval_mode)
+        self.omega = float(omega)
+
+    def coefficients(self) -> Tensor:
+        k = len(self.members)
+        if math.isinf(self.omega):
+            c = torch.zeros(k)
+            c[0] = 1.0
+            return c
+        c = torch.ones(k)
+        c[0] = self.omega
+        return c / (self.omega + k - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the method part both share
+# ---------------------------------------------------------------------------------------------
+def mixture_layers(model: nn.Module) -> Iterator[tuple[str, str, QuantizerMixture]]:
+    """(layer name, "weight" | "act", module) for every mixture in a quantized model."""
+    from ..quantize import weight_param
+
+    for name, m in model.named_modules():
+        wp = weight_param(m)
+        if isinstance(wp, QuantizerMixture):
+            yield name, "weight", wp
+        aq = getattr(m, "input_quantizer", None)
+        if isinstance(aq, QuantizerMixture):
+            yield name, "act", aq
+
+
+def distinct_values_check(model: nn.Module) -> tuple[int, int, dict[str, int]]:
+    """Count, per quantized layer, the distinct values of ``layer.weight`` (per output channel for a
+    per-channel Q_1) and compare with 2^n_1. Returns (layers within bound, layers, counts)."""
+    from ..quantize import weight_param
+
+    ok, total, counts = 0, 0, {}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            wp = weight_param(m)
+            if wp is None:
+                continue
+            w = m.weight
+            q1 = wp.quantizer
+            if q1.bits >= 32:
+                continue
+            if q1.per_channel:
+                n = max(int(torch.unique(row).numel()) for row in w.flatten(1))
+            else:
+                n = int(torch.unique(w).numel())
+            counts[name] = n
+            total += 1
+            ok += n <= 2**q1.bits
+    return ok, total, counts
+
+
+class MixtureMethod(Method):
+    """The method part DQA and BinaryRelax share: build members around the plan's final quantizer,
+    step a schedule, harden at the end, record coefficients per epoch, check the final network.
+
+    Members with no more bits than a layer's final quantizer are left out for that layer (a layer
+    the plan keeps at 8 bits gets no 8-bit member); a layer left with no member is plain STE.
+    """
+
+    mixture_cls: type[QuantizerMixture] = QuantizerMixture
+
+    def __init__(self, mixture: Any = None, act_mixture: Any = None, eval_mode: str = "final",
+                 record_points: int = 33):
+        super().__init__()
+        if eval_mode not in EVAL_MODES:
+            raise ConfigError(f"option eval_mode must be one of {', '.join(EVAL_MODES)}, got {eval_mode!r}")
+        if not isinstance(record_points, int) or isinstance(record_points, bool) or record_points < 0:
+            raise ConfigError(f"option record_points must be an integer >= 0, got {record_points!r}")
+        self.mixture = parse_members(mixture, "weight", "mixture")
+        self.act_mixture = parse_members(act_mixture, "act", "act_mixture")
+        self.eval_mode = eval_mode
+        self.record_points = record_points
+        self.step = -1
+        self.finalized = False
+        self.q1_weight_at_end: dict[str, float] = {}
+        self._n_act = 0
+
+    # -- building layers -------------------------------------------------------------------------
+    def _members(self, spec: QuantSpec, extra: list[dict] | None, role: str, layer: str) -> list[Quantizer]:
+        q1 = build_from_spec(spec, role)
+        if q1.bits >= 32:
+            raise ConfigError(f"plan.{role} of layer '{layer}': the final quantizer must be low-bit, got {spec.name}")
+        higher = [build_member(s, role, f"{'act_' if role == 'act' else ''}mixture") for s in extra or []]
+        return [q1] + [m for m in higher if m.bits > q1.bits]
+
+    def make_mixture(self, members: list[Quantizer]) -> QuantizerMixture:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def weight_parametrization(self, layer: str, module: nn.Module, spec: QuantSpec) -> nn.Module:
+        members = self._members(spec, self.mixture, "weight", layer)
+        return QuantizedWeight(members[0]) if len(members) == 1 else self.make_mixture(members)
+
+    def act_quantizer(self, layer: str, module: nn.Module, spec: QuantSpec) -> nn.Module:
+        self._n_act += 1
+        members = self._members(spec, self.act_mixture, "act", layer)
+        return members[0] if len(members) == 1 else self.make_mixture(members)
+
+    def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
+        super().setup(model, total_steps, steps_per_epoch)
+        if self.act_mixture and not any(r == "act" for _, r, _ in mixture_layers(model)):
+            raise ConfigError("plan.method.act_mixture is set but no layer has an activation quantizer (plan.act)")
+
+    # -- the end ---------------------------------------------------------------------------------
+    def finalize(self, model: nn.Module) -> None:
+        """Harden every mixture into Q_1; remember how much weight Q_1 had just before."""
+        for name, role, m in mixture_layers(model):
+            self.q1_weight_at_end[f"{name}:{role}" if role == "act" else name] = float(m.coefficients()[0])
+            m.harden()
+        self.finalized = True
+
+    # -- records ---------------------------------------------------------------------------------
+    def epoch_record(self, model: nn.Module) -> dict:
+        """Per layer: the coefficients (``attention``, ``act_attention``), the member labels
+        (``mixture``) and the quantization function q(w) (``qfunc``: [w points, q points])."""
+        att, act_att, labels, qfunc = {}, {}, {}, {}
+        for name, role, m in mixture_layers(model):
+            c = [_r(v, 6) for v in m.coefficients().detach().tolist()]
+            if role == "weight":
+                att[name] = c
+                labels[name] = m.labels()
+                if self.record_points:
+                    w = _latent(model, name)
+                    qfunc[name] = list(m.transfer_curve(w, self.record_points))
+            else:
+                act_att[name] = c
+                labels[f"{name}:act"] = m.labels()
+        out = {"attention": att, "mixture": labels}
+        if act_att:
+            out["act_attention"] = act_att
+        if qfunc:
+            out["qfunc"] = qfunc
+        return out
+
+    def summary(self, model: nn.Module) -> dict:
+        layers = list(mixture_layers(model))
+        w_labels = sorted({"+".join(m.labels()) for _, r, m in layers if r == "weight"})
+        a_labels = sorted({"+".join(m.labels()) for _, r, m in layers if r == "act"})
+        out = {"mixture": ", ".join(w_labels) or "none"}
+        if a_labels:
+            out["act mixture"] = ", ".join(a_labels)
+        if self.finalized:
+            ok, total, _ = distinct_values_check(model)
+            out["exact Q1"] = (f"{'yes' if ok == total else 'NO'}: {ok}/{total} quantized layers have "
+                               f"<= 2^n1 distinct weight values (hardened to Q1)")
+            if self.q1_weight_at_end:
+                out["Q1 weight at end"] = (f"min {min(self.q1_weight_at_end.values()):.4f} over "
+                                           f"{len(self.q1_weight_at_end)} mixtures, before hardening")
+        return out
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state.get("step", -1))
+
+
+def _latent(model: nn.Module, layer: str) -> Tensor:
+    """The latent (full-precision) weight of a parametrized layer."""
+    return model.get_submodule(layer).parametrizations.weight.original

@@ -1,0 +1,115 @@
+"""Learned scalar codebooks: 002's "Scalar centroids" (k-means levels per layer), and the batched
+nearest-level search and cluster statistics it shares with LQ-Net (``lqnet.py``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import Quantizer, register_quantizer, ste
+
+#: torch.quantile's input limit; larger tensors are subsampled with a stride for the init
+_QUANTILE_MAX = 2**24 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared with LQ-Net
+# ---------------------------------------------------------------------------------------------
+def nearest_index(rows: Tensor, levels: Tensor) -> Tensor:
+    """Index of the nearest level for every entry: ``rows`` (R, N), ``levels`` (R, L) sorted
+    along dim 1. One batched ``searchsorted`` on the midpoints; an entry exactly half-way between
+    two levels goes to the upper one (as ``valueset``, so sign(0) = +1 for {-β, β})."""
+    mid = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
+    return torch.searchsorted(mid, rows.contiguous(), right=True)
+
+
+def cluster_stats(rows: Tensor, idx: Tensor, n_levels: int) -> tuple[Tensor, Tensor]:
+    """(count, sum) of the entries of each row assigned to each level: two (R, L) float64 tensors.
+
+    One ``bincount`` over ``row·L + idx`` (linear in the entries; no (N, L) one-hot is built)."""
+    r = rows.shape[0]
+    flat = (idx + torch.arange(r, device=idx.device).unsqueeze(1) * n_levels).reshape(-1)
+    count = torch.bincount(flat, minlength=r * n_levels).double().reshape(r, n_levels)
+    total = torch.bincount(flat, weights=rows.reshape(-1).double(), minlength=r * n_levels)
+    return count, total.reshape(r, n_levels)
+
+
+def clipped_ste(x: Tensor, q: Tensor, lo: float, hi: float) -> Tensor:
+    """``q`` forward, gradient ``1[lo <= x <= hi]`` (torch.clamp's gradient is inclusive)."""
+    return ste(torch.clamp(x, lo, hi), q)
+
+
+# ---------------------------------------------------------------------------------------------
+# scalar centroids
+# ---------------------------------------------------------------------------------------------
+@register_quantizer("centroids")
+class CentroidsQuantizer(Quantizer):
+    """Learned scalar codebook per layer (002's "Scalar centroids": "any centroids" /
+    "learnt discretization set" in its list of QAT approaches; the "Scalar centroids" row of the
+    W3A3 table; METHODS.md "Learned centroids").
+
+    ``Q(x) = c_j`` with ``j = argmin_i |x - c_i|`` over 2^k centroids c (one codebook per tensor).
+
+    * init (first call, any mode): ``c_i`` = the ((i + 1/2)/2^k)-quantile (linear interpolation,
+      numpy's default) of the tensor's *distinct* values, i = 0..2^k-1. Distinct values rather than
+      all entries so that a point mass (the zeros after a ReLU) cannot give duplicate centroids;
+      for continuous weights the two are the same.
+    * update (training mode, every call): one k-means (Lloyd) step as a moving average,
+      ``c_i <- (1 - m)·c_i + m·mean{x : x assigned to c_i}`` with m = ``momentum`` (0.1), an
+      empty cluster keeps its value. The output of a call uses the codebook from before that
+      call's update; the update shows from the next call (so one nearest search serves both).
+    * backward: straight-through, identity for weights; clipped to [min c, max c] for activations.
+
+    The codebook is a buffer (``centroids``), so ``state_dict`` round-trips it; it is stored next to
+    the k-bit codes (``n_scales = 2^k``).
+    """
+
+    roles = ("weight", "act")
+
+    def __init__(self, bits: int, role: str = "weight", momentum: float = 0.1):
+        super().__init__(bits, role)
+        if not 0.0 < momentum <= 1.0:
+            raise ConfigError(f"centroids option momentum must be in (0, 1], got {momentum}")
+        self.momentum = float(momentum)
+        self.register_buffer("centroids", torch.zeros(2**bits))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def init_centroids(self, x: Tensor) -> None:
+        flat = x.detach().reshape(-1)
+        if flat.numel() > _QUANTILE_MAX:
+            flat = flat[:: flat.numel() // _QUANTILE_MAX + 1]
+        vals = torch.unique(flat).double()  # sorted distinct values
+        p = (torch.arange(2**self.bits, dtype=torch.float64) + 0.5) / 2**self.bits
+        self.centroids.copy_(torch.quantile(vals, p))
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def kmeans_step(self, rows: Tensor, idx: Tensor) -> None:
+        """The moving-average Lloyd step on the assignment ``idx`` of ``rows`` (1, N)."""
+        count, total = cluster_stats(rows, idx, 2**self.bits)
+        count, total = count[0], total[0]
+        used = count > 0
+        mean = torch.where(used, total / count.clamp_min(1), self.centroids.double())
+        new = self.centroids.double().lerp(mean, self.momentum)
+        # a Lloyd step keeps the order (each centroid stays inside its own cell); sort for safety
+        self.centroids.copy_(new.sort().values)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        if not bool(self.initialized):
+            self.init_centroids(x)
+        c = self.centroids.to(x.dtype, copy=True)  # a copy: the update below is in place
+        self._remember(c)
+        rows = x.detach().reshape(1, -1)
+        idx = nearest_index(rows, c.reshape(1, -1))
+        q = c[idx.reshape(x.shape)]
+        if self.training:
+            self.kmeans_step(rows, idx)
+        if self.role == "weight":
+            return ste(x, q)
+        return clipped_ste(x, q, float(c[0]), float(c[-1]))
+
+    @property
+    def n_scales(self) -> int:
+        return 2**self.bits
