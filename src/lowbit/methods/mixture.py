@@ -49,10 +49,7 @@ def build_member(spec: dict | QuantSpec, role: str, where: str = "mixture") -> Q
 
     ``bits`` may be left out for single-width families (fp: 32, bwn: 1, twn: 2) and value sets.
     """
-    d = spec.model_dump() if isinstance(spec, QuantSpec) else dict(spec)
-    d = {**d, **d.pop("model_extra", {})} if "model_extra" in d else d
-    if isinstance(spec, QuantSpec):
-        d = {"name": spec.name, "bits": spec.bits, **spec.options}
+    d = {"name": spec.name, "bits": spec.bits, **spec.options} if isinstance(spec, QuantSpec) else dict(spec)
     name, bits = d.pop("name", None), d.pop("bits", None)
     if not isinstance(name, str):
         raise ConfigError(f"{where}: each member needs a quantizer name, e.g. {{name: minmax, bits: 4}}; got {spec!r}")
@@ -171,7 +168,7 @@ class QuantizerMixture(nn.Module):
         and every gradient through it are exactly 0 (softmax underflow, a hard BinaryRelax phase)."""
         q = None
         for k, member in enumerate(self.members):
-            if k > 0 and not c.requires_grad and float(c[k]) == 0.0:
+            if k > 0 and float(c[k]) == 0.0:
                 continue
             term = c[k] * member(x)
             q = term if q is None else q + term

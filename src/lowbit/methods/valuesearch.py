@@ -343,20 +343,31 @@ def value_space(module: nn.Module) -> LayerValueSpace | None:
     with torch.no_grad():
         w = module.weight.detach()
     u = torch.unique(w)
-    if u.numel() <= MAX_VALUES and not needs_multiplier(u.tolist()):
+    small = u.numel() <= MAX_VALUES
+    if small and not needs_multiplier(u.tolist()):
         top = u.abs().max().item()
         scale = "none" if top == 0 or is_power_of_two(top) else "per layer"
-        norm = u if scale == "none" else u / top
-        return LayerValueSpace(tuple(norm.tolist()), None, scale, False)
+        return LayerValueSpace(tuple((u if scale == "none" else u / top).tolist()), None, scale, False)
+    per_row = _per_channel(w)
+    if per_row is not None and (not per_row.req_mult or not small):
+        return per_row
+    if small:  # a few values, but not powers of two of one scale (e.g. SAWB's {±a, ±3a})
+        return LayerValueSpace(tuple((u / u.abs().max()).tolist()), None, "per layer", True)
+    return LayerValueSpace((), None, "real", True)
+
+
+def _per_channel(w: Tensor) -> LayerValueSpace | None:
+    """The layer read as one value set per output channel (None if a channel has too many)."""
     rows = w.flatten(1) if w.dim() > 1 else w.reshape(1, -1)
-    normed = set()
+    normed, req = set(), False
     for r in rows:
         ur = torch.unique(r)
-        if ur.numel() > MAX_VALUES or needs_multiplier(ur.tolist()):
-            return LayerValueSpace((), None, "real", True)
+        if ur.numel() > MAX_VALUES:
+            return None
+        req = req or needs_multiplier(ur.tolist())
         top = ur.abs().max()
         normed.update((ur / top if top > 0 else ur).tolist())
-    return LayerValueSpace(tuple(sorted(normed)), None, "per channel", False)
+    return LayerValueSpace(tuple(sorted(normed)), None, "per channel", req)
 
 
 def value_space_report(model: nn.Module) -> dict[str, LayerValueSpace]:

@@ -35,7 +35,7 @@ def _bounds(low: Tensor, high: Tensor, n_steps: int):
     """(lo, hi, step): Python floats for a per-tensor range (cheap in-place ops on big activation
     tensors), detached tensors shaped like ``low`` for a per-channel one."""
     if low.numel() == 1 and high.numel() == 1:
-        lo, hi = float(low), float(high)
+        lo, hi = float(low.detach()), float(high.detach())
         return lo, hi, max((hi - lo) / n_steps, _EPS)
     lo, hi = low.detach(), high.detach()
     return lo, hi, ((hi - lo) / n_steps).clamp_min(_EPS)
