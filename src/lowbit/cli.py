@@ -154,11 +154,13 @@ def cmd_budget(args) -> int:
     print(format_table(args.model, budget, choices))
     if args.emit:
         tag = f"C{args.ratio:g}" if args.ratio else f"{args.budget_kib:g}KiB"
-        base = {"model": {"name": args.model}, "data": {"name": args.dataset},
+        base = {"model": {"name": args.model}, "data": {"name": args.dataset, "limit": args.limit},
                 "train": {"epochs": args.epochs, "progress": False}}
         suite = make_suite(choices, base, args.seeds, name=f"budget-{args.model}-{tag}")
+        if args.out:
+            suite["out"] = args.out
         Path(args.emit).write_text(yaml.safe_dump(suite, sort_keys=False))
-        print(f"suite written to {args.emit}: run it with `lowbit bench {args.emit}`, then `lowbit report bench_out/{suite['name']}`")
+        print(f"suite written to {args.emit}: run it with `lowbit bench {args.emit}`, then `lowbit report {suite.get('out') or 'bench_out/' + suite['name']}`")
     return 0
 
 
@@ -200,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--emit", metavar="SUITE.yaml", help="write a bench suite that trains every choice")
     g.add_argument("--epochs", type=int, default=10, help="epochs in the emitted suite")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds in the emitted suite")
+    g.add_argument("--limit", type=int, help="cap the training set in the emitted suite")
+    g.add_argument("--out", help="the emitted suite's output folder (default bench_out/NAME)")
     g.set_defaults(func=cmd_budget)
     ls = sub.add_parser("list", help="registered models, datasets, quantizers and methods")
     ls.set_defaults(func=cmd_list)

@@ -16,6 +16,7 @@ from .base import (
     ste,
 )
 from .binary import BWNQuantizer, FullPrecision, TWNQuantizer
+from .bnn import BNNQuantizer
 from .uniform import (
     DoReFaQuantizer,
     LSQQuantizer,
@@ -26,6 +27,10 @@ from .uniform import (
     mse_optimal_alpha,
 )
 from .valueset import VALUE_SETS, PowerOfTwoQuantizer, ValueSetQuantizer, po2_values
+from .qnn import QNNQuantizer
+from .sat import SATQuantizer
+from .centroids import CentroidsQuantizer
+from .lqnet import LQNetQuantizer
 
 __all__ = [
     "Quantizer", "build_quantizer", "get_quantizer_class", "grad_scale", "list_quantizers",
@@ -33,4 +38,5 @@ __all__ = [
     "BWNQuantizer", "TWNQuantizer", "FullPrecision", "MinMaxQuantizer", "UniformActQuantizer",
     "SAWBQuantizer", "LSQQuantizer", "PACTQuantizer", "DoReFaQuantizer", "mse_optimal_alpha",
     "ValueSetQuantizer", "PowerOfTwoQuantizer", "VALUE_SETS", "po2_values",
+    "BNNQuantizer", "QNNQuantizer", "SATQuantizer", "LQNetQuantizer", "CentroidsQuantizer",
 ]
