@@ -167,8 +167,9 @@ class QuantizerMixture(nn.Module):
         """Σ_k c_k Q_k(x) (003 eq. 2). A member whose coefficient is exactly 0 is skipped: its term
         and every gradient through it are exactly 0 (softmax underflow, a hard BinaryRelax phase)."""
         q = None
+        zero = (c.detach() == 0).tolist()
         for k, member in enumerate(self.members):
-            if k > 0 and float(c[k]) == 0.0:
+            if k > 0 and zero[k]:
                 continue
             term = c[k] * member(x)
             q = term if q is None else q + term
@@ -359,7 +360,7 @@ class MixtureMethod(Method):
     def finalize(self, model: nn.Module) -> None:
         """Harden every mixture into Q_1; remember how much weight Q_1 had just before."""
         for name, role, m in mixture_layers(model):
-            self.q1_weight_at_end[f"{name}:{role}" if role == "act" else name] = float(m.coefficients()[0])
+            self.q1_weight_at_end[f"{name}:{role}" if role == "act" else name] = float(m.coefficients().detach()[0])
             m.harden()
         self.finalized = True
 

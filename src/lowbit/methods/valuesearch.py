@@ -449,6 +449,10 @@ class ValueSearchMethod(Method):
     def _remember_codes(self) -> None:
         self._codes = {n: p.codes(a).to(_code_dtype(p.m)) for n, _, p, a in self.searches()}
 
+    def load_state_dict(self, state: dict) -> None:
+        # called on resume after the model's α were loaded: the epoch starts from these codes
+        self._remember_codes()
+
     def epoch_record(self, model: nn.Module) -> dict:
         """``changed``: fraction of searched weights whose value changed during the epoch."""
         changed = total = 0
@@ -547,6 +551,7 @@ class RDHS(ValueSearchMethod):
         return {"epochs_done": self.epochs_done}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.epochs_done = int(state.get("epochs_done", 0))
         self._push_tau()
 

@@ -17,6 +17,10 @@ from .base import (
 )
 from .binary import BWNQuantizer, FullPrecision, TWNQuantizer
 from .bnn import BNNQuantizer
+from .centroids import CentroidsQuantizer
+from .lqnet import LQNetQuantizer
+from .qnn import QNNQuantizer
+from .sat import SATQuantizer
 from .uniform import (
     DoReFaQuantizer,
     LSQQuantizer,
@@ -27,10 +31,6 @@ from .uniform import (
     mse_optimal_alpha,
 )
 from .valueset import VALUE_SETS, PowerOfTwoQuantizer, ValueSetQuantizer, po2_values
-from .qnn import QNNQuantizer
-from .sat import SATQuantizer
-from .centroids import CentroidsQuantizer
-from .lqnet import LQNetQuantizer
 
 __all__ = [
     "Quantizer", "build_quantizer", "get_quantizer_class", "grad_scale", "list_quantizers",

@@ -81,6 +81,8 @@ class Quantizer(nn.Module):
     max_bits: ClassVar[int] = 8
     #: whether a per-output-channel variant exists
     supports_per_channel: ClassVar[bool] = False
+    #: full-precision numbers per level set (offset + step for min-max; one scale if symmetric)
+    scales_per_row: ClassVar[int] = 2
 
     def __init__(self, bits: int, role: str = "weight", per_channel: bool = False):
         super().__init__()
@@ -110,10 +112,15 @@ class Quantizer(nn.Module):
         return self._last_levels
 
     @property
+    def rows(self) -> int:
+        """Level sets in use: 1 per tensor, C per output channel (known after the first call)."""
+        lv = self._last_levels
+        return 1 if lv is None or lv.dim() == 1 else lv.shape[0]
+
+    @property
     def n_scales(self) -> int:
         """How many full-precision numbers must be stored next to the integer codes."""
-        lv = self._last_levels
-        return 2 if lv is None else 2 * (lv.shape[0] if lv.dim() == 2 else 1)
+        return self.scales_per_row * self.rows
 
     def _remember(self, levels: Tensor) -> None:
         self._last_levels = levels.detach()

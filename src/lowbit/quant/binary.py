@@ -19,6 +19,7 @@ class BWNQuantizer(Quantizer):
 
     min_bits = max_bits = 1
     supports_per_channel = True
+    scales_per_row = 1
 
     def __init__(self, bits: int = 1, role: str = "weight", per_channel: bool = False):
         super().__init__(bits, role, per_channel)
@@ -29,11 +30,6 @@ class BWNQuantizer(Quantizer):
         lv = torch.stack([-b, b], 1)  # (C, 2) per channel
         self._remember(lv if self.per_channel else lv[0])
         return ste(x, torch.where(x.detach() >= 0, beta, -beta))
-
-    @property
-    def n_scales(self) -> int:
-        lv = self._last_levels
-        return 1 if lv is None or lv.dim() == 1 else lv.shape[0]
 
 
 @register_quantizer("twn")
@@ -48,6 +44,7 @@ class TWNQuantizer(Quantizer):
 
     min_bits = max_bits = 2
     supports_per_channel = True
+    scales_per_row = 1
 
     def __init__(self, bits: int = 2, role: str = "weight", per_channel: bool = False):
         super().__init__(bits, role, per_channel)
@@ -74,11 +71,6 @@ class TWNQuantizer(Quantizer):
         d = x.detach()
         q = torch.where(d > delta, beta, torch.where(d < -delta, -beta, torch.zeros_like(beta)))
         return ste(x, q)
-
-    @property
-    def n_scales(self) -> int:
-        lv = self._last_levels
-        return 1 if lv is None or lv.dim() == 1 else lv.shape[0]
 
 
 @register_quantizer("fp")

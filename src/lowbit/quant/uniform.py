@@ -264,6 +264,7 @@ class SAWBQuantizer(Quantizer):
     """
 
     supports_per_channel = True
+    scales_per_row = 1
 
     def __init__(self, bits: int, role: str = "weight", per_channel: bool = False, alpha: str = "auto"):
         super().__init__(bits, role, per_channel)
@@ -290,11 +291,6 @@ class SAWBQuantizer(Quantizer):
         a = self.alpha(x)
         self._remember(clip_round_levels(-a, a, self.bits, self.per_channel))
         return clip_round(x, -a, a, self.bits)
-
-    @property
-    def n_scales(self) -> int:
-        lv = self._last_levels
-        return 1 if lv is None or lv.dim() == 1 else lv.shape[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,8 +104,7 @@ class ValueSetQuantizer(Quantizer):
 
     @property
     def n_scales(self) -> int:
-        rows = 1 if self._last_levels is None or self._last_levels.dim() == 1 else self._last_levels.shape[0]
-        return len(self.values) + (0 if self.scale_mode == "none" else rows)
+        return len(self.values) + (0 if self.scale_mode == "none" else self.rows)
 
 
 def po2_values(bits: int, zero: bool) -> tuple[float, ...]:

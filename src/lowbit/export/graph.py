@@ -1,0 +1,309 @@
+"""Lower a (quantized) PyTorch model to the exporter's graph: a list of small deployable ops.
+
+The model is traced with ``torch.fx`` (every Conv/Linear/BatchNorm/ReLU/pool/flatten module is a
+leaf; containers such as a ResNet ``BasicBlock`` are traced through, so the residual ``+`` becomes
+an ``add`` op). Each op reads float32 tensors and writes one:
+
+===========  =====================================================================================
+``conv``     Conv2d or Linear (``kind`` "conv"/"linear") with, optionally, its input quantizer
+             (``act``), a quantized weight (``weight`` is a :class:`WeightQ`: codes + level set) or a
+             float32 weight, and the BatchNorm that follows it: folded into a float weight
+             (``bn = "folded"``), or kept as the per-channel affine ``scale, shift`` applied after
+             the accumulation of a quantized weight (``bn = "affine"``; :mod:`lowbit.export.fold`)
+``affine``   a BatchNorm with no conv before it (``y = scale·x + shift`` per channel)
+``relu``     ``max(x, 0)``
+``add``      elementwise sum of two tensors (residual connections)
+``gap``      global average pooling (``AdaptiveAvgPool2d(1)``)
+``maxpool``  ``MaxPool2d``
+``flatten``  ``Flatten`` (a reshape; no data moves)
+===========  =====================================================================================
+
+Identity and Dropout disappear. Anything else raises a one-line :class:`ConfigError` naming the
+layer. With an example input the shapes (per sample, no batch dimension) are recorded and every
+quantizer runs once in eval mode, so their level sets are current.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..quant import FullPrecision
+from ..quantize import weight_param
+from .fold import bn_affine, fold_bn
+from .levels import ActQuant, LevelSpec, act_quant, describe_levels, weight_codes
+
+SUPPORTED = ("Conv2d (groups=1, dilation=1, zero padding), Linear, BatchNorm1d/2d, ReLU, MaxPool2d, "
+             "AdaptiveAvgPool2d(1), Flatten, Identity, Dropout, +")
+_LEAVES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.MaxPool2d,
+           nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+
+
+@dataclass
+class WeightQ:
+    """A quantized weight: integer codes (index into its level set) plus the level set."""
+
+    quantizer: str  # label, e.g. "sawb2"
+    bits: int
+    codes: np.ndarray  # uint8, the weight's shape
+    levels: LevelSpec
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    def row_index(self) -> np.ndarray:
+        """Level-set row of each output channel."""
+        o = self.codes.shape[0]
+        return np.arange(o) if self.levels.rows > 1 else np.zeros(o, dtype=np.int64)
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weight ``levels[row, code]``."""
+        lv = self.levels.levels32()
+        flat = self.codes.reshape(self.codes.shape[0], -1).astype(np.int64)
+        return lv[self.row_index()[:, None], flat].reshape(self.codes.shape)
+
+
+@dataclass
+class Op:
+    """One deployable op of the graph (module docstring)."""
+
+    kind: str
+    name: str
+    inputs: list[str]
+    output: str
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+    attrs: dict = field(default_factory=dict)  # conv: kernel, stride, padding; maxpool: same
+    weight: np.ndarray | WeightQ | None = None
+    bias: np.ndarray | None = None  # float32 (folded) bias of a float-weight conv
+    scale: np.ndarray | None = None  # per-channel affine after accumulation (quantized conv, affine op)
+    shift: np.ndarray | None = None
+    act: ActQuant | None = None
+    bn: str = ""  # "", "folded" or "affine"
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.weight, WeightQ)
+
+
+@dataclass
+class Graph:
+    """The lowered model: ops in execution order, one float32 input, one output."""
+
+    ops: list[Op]
+    input: str
+    output: str
+    input_shape: tuple[int, ...] = ()
+    output_shape: tuple[int, ...] = ()
+    meta: dict = field(default_factory=dict)
+
+    def conv_ops(self) -> list[Op]:
+        return [op for op in self.ops if op.kind == "conv"]
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.GraphModule(model, _Tracer().trace(model))
+    except Exception as e:  # noqa: BLE001 - any tracing failure is a user-facing "cannot export"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"export: cannot trace {type(model).__name__} with torch.fx ({msg})") from None
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _unsupported(where: str, what: str) -> ConfigError:
+    return ConfigError(f"export: layer '{where}' ({what}) is not supported; supported: {SUPPORTED}")
+
+
+def _weight(name: str, module: nn.Module) -> tuple[np.ndarray | WeightQ, bool]:
+    """(weight, quantized?) of a conv/linear: codes + levels for a quantized one."""
+    wp = weight_param(module)
+    with torch.no_grad():
+        w = module.weight.detach()  # runs the parametrization: the quantizer records its levels
+    if wp is None:
+        return w.numpy().astype(np.float32), False
+    q = getattr(wp, "quantizer", None)
+    if q is None:
+        raise ConfigError(
+            f"export: layer '{name}': weight parametrization {type(wp).__name__} exposes no .quantizer; "
+            "the exporter needs weight_param(layer).quantizer with levels()"
+        )
+    if isinstance(q, FullPrecision) or getattr(q, "bits", 32) >= 32:
+        return w.numpy().astype(np.float32), False
+    try:
+        levels = q.levels()
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"export: layer '{name}': quantizer {type(q).__name__} has no level set ({e})") from None
+    codes = weight_codes(w, levels, name)
+    label = getattr(q, "alias", type(q).__name__) + str(q.bits)
+    if getattr(q, "per_channel", False):
+        label += "/ch"
+    lv = levels.detach().float().numpy()
+    if lv.ndim == 2 and lv.shape[0] == 1:
+        lv = lv[0]
+    return WeightQ(label, int(q.bits), codes, describe_levels(lv)), True
+
+
+def _conv_op(name: str, module: nn.Module, bn: nn.Module | None, inp: str, out: str) -> Op:
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or _pair(module.dilation) != (1, 1) or module.padding_mode != "zeros" \
+                or isinstance(module.padding, str):
+            raise _unsupported(name, f"Conv2d with groups={module.groups}, dilation={module.dilation}, "
+                                     f"padding={module.padding!r}, padding_mode={module.padding_mode}")
+        attrs = {"kernel": list(module.kernel_size), "stride": list(_pair(module.stride)),
+                 "padding": list(_pair(module.padding))}
+        kind = "conv"
+    else:
+        attrs = {"kernel": [1, 1], "stride": [1, 1], "padding": [0, 0]}
+        kind = "linear"
+    weight, quantized = _weight(name, module)
+    bias = None if module.bias is None else module.bias.detach().numpy().astype(np.float64)
+    op = Op("conv", name, [inp], out, attrs={"layer": kind, **attrs},
+            act=act_quant(getattr(module, "input_quantizer", None), name))
+    if not quantized:
+        if bn is not None:
+            op.weight, op.bias = fold_bn(weight, bias, bn)
+            op.bn = "folded"
+        else:
+            op.weight = weight
+            op.bias = None if bias is None else bias.astype(np.float32)
+        return op
+    op.weight = weight
+    if bn is not None:
+        g, h = bn_affine(bn)
+        if bias is not None:
+            h = h + g * bias
+        op.scale, op.shift, op.bn = g.astype(np.float32), h.astype(np.float32), "affine"
+    elif bias is not None:
+        op.shift = bias.astype(np.float32)
+    return op
+
+
+def lower(model: nn.Module, example_input: torch.Tensor | None = None) -> Graph:
+    """Trace and lower ``model`` (put in eval mode) to a :class:`Graph`.
+
+    ``example_input`` (a batch) records per-sample shapes and runs every quantizer once; without
+    it, shapes are left empty (enough for size accounting) and input quantizers must already have
+    run.
+    """
+    model.eval()
+    gm = trace(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if example_input is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            try:
+                ShapeProp(gm).propagate(example_input)
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise ConfigError(f"export: the model does not run on the example input ({e})") from None
+        for node in gm.graph.nodes:
+            tm = node.meta.get("tensor_meta")
+            if tm is not None and hasattr(tm, "shape"):
+                shapes[node.name] = tuple(int(d) for d in tm.shape[1:])
+    modules = dict(gm.named_modules())
+    users = {node.name: list(node.users) for node in gm.graph.nodes}
+    alias: dict[str, str] = {}
+    absorbed: set[str] = set()
+    ops: list[Op] = []
+    inp = out = None
+
+    def t(node) -> str:
+        if not isinstance(node, fx.Node):
+            raise ConfigError(f"export: a constant operand ({node!r}) in the graph is not supported")
+        return alias.get(node.name, node.name)
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if inp is not None:
+                raise ConfigError("export: models with more than one input are not supported")
+            inp = node.name
+            continue
+        if node.op == "output":
+            out = t(node.args[0])
+            continue
+        if node.name in absorbed:
+            continue
+        if node.op == "call_module":
+            m = modules[node.target]
+            src = node.target
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nxt = users[node.name]
+                bn = None
+                if len(nxt) == 1 and nxt[0].op == "call_module" and \
+                        isinstance(modules[nxt[0].target], nn.modules.batchnorm._BatchNorm):
+                    bn = modules[nxt[0].target]
+                    absorbed.add(nxt[0].name)
+                    alias[nxt[0].name] = node.name
+                ops.append(_conv_op(src, m, bn, t(node.args[0]), node.name))
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                g, h = bn_affine(m)
+                ops.append(Op("affine", src, [t(node.args[0])], node.name,
+                              scale=g.astype(np.float32), shift=h.astype(np.float32)))
+            elif isinstance(m, nn.ReLU):
+                ops.append(Op("relu", src, [t(node.args[0])], node.name))
+            elif isinstance(m, (nn.Identity, nn.Dropout)):
+                alias[node.name] = t(node.args[0])
+            elif isinstance(m, nn.Flatten):
+                if m.start_dim != 1 or m.end_dim != -1:
+                    raise _unsupported(src, f"Flatten(start_dim={m.start_dim}, end_dim={m.end_dim})")
+                ops.append(Op("flatten", src, [t(node.args[0])], node.name))
+            elif isinstance(m, nn.AdaptiveAvgPool2d):
+                if _pair(m.output_size) != (1, 1):
+                    raise _unsupported(src, f"AdaptiveAvgPool2d(output_size={m.output_size})")
+                ops.append(Op("gap", src, [t(node.args[0])], node.name))
+            elif isinstance(m, nn.MaxPool2d):
+                if m.ceil_mode or _pair(m.dilation) != (1, 1) or m.return_indices:
+                    raise _unsupported(src, "MaxPool2d with ceil_mode, dilation or return_indices")
+                ops.append(Op("maxpool", src, [t(node.args[0])], node.name, attrs={
+                    "kernel": list(_pair(m.kernel_size)),
+                    "stride": list(_pair(m.stride if m.stride is not None else m.kernel_size)),
+                    "padding": list(_pair(m.padding))}))
+            else:
+                raise _unsupported(src, type(m).__name__)
+        elif node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 \
+                and not node.kwargs:
+            ops.append(Op("add", node.name, [t(node.args[0]), t(node.args[1])], node.name))
+        elif node.op == "call_function" and node.target in (F.relu, torch.relu) and not node.kwargs.get("inplace"):
+            ops.append(Op("relu", node.name, [t(node.args[0])], node.name))
+        elif node.op == "call_function" and node.target is torch.flatten and tuple(node.args[1:]) in ((1,), (1, -1)):
+            ops.append(Op("flatten", node.name, [t(node.args[0])], node.name))
+        else:
+            what = getattr(node.target, "__name__", str(node.target))
+            raise _unsupported(node.name, f"{node.op} {what}")
+    g = Graph(ops, inp, out)
+    if example_input is not None:
+        g.input_shape = tuple(int(d) for d in example_input.shape[1:])
+        for op in ops:
+            op.out_shape = shapes.get(op.output, ())
+        g.output_shape = shapes.get(out, g.input_shape if out == inp else ())
+        _check_shapes(g)
+    return g
+
+
+def _check_shapes(g: Graph) -> None:
+    shape = {g.input: g.input_shape}
+    for op in g.ops:
+        op.in_shape = shape[op.inputs[0]]
+        shape[op.output] = op.out_shape
+        if op.kind == "conv" and op.attrs["layer"] == "linear" and len(op.in_shape) != 1:
+            raise ConfigError(f"export: Linear '{op.name}' on a {len(op.in_shape) + 1}-d input is not supported")
+        if op.kind in ("conv", "maxpool", "gap") and op.attrs.get("layer") != "linear" and len(op.in_shape) != 3:
+            raise ConfigError(f"export: layer '{op.name}' needs a (C, H, W) input, got {op.in_shape}")

@@ -1,0 +1,272 @@
+"""What a deployed layer needs to know about its quantizers: level sets, integer codes, act grids.
+
+Weights
+-------
+A quantized weight is stored as integer *codes*: the index of each weight's value in the sorted
+level set ``levels()`` of its quantizer (per tensor ``(L,)`` or per output channel ``(R, L)``),
+bit-packed at the quantizer's bits. The level set itself is stored compactly (:class:`LevelSpec`):
+
+* ``grid``:   ``lo + j (hi - lo)/(L - 1)`` per row: uniform quantizers (min-max, SAWB, LSQ, DoReFa;
+  BWN ``{-β, β}`` and TWN ``{-β, 0, β}`` are grids too): 2 floats per row;
+* ``values``: ``scale[r] · v_j``, one shared value list (power-of-two and value-set quantizers per
+  channel): L + R floats;
+* ``table``:  every level of every row (anything else; per tensor this is the smallest anyway).
+
+For integer arithmetic every row is then written as ``level_j = off + s · m_j`` with small
+integers ``m`` (:func:`integer_form`), preferring ``off = 0``: symmetric grids give odd integers
+(SAWB 2 bit: ``α/3 · {-3, -1, 1, 3}``), LSQ gives ``s · {-2^(b-1) .. 2^(b-1)-1}``, power-of-two
+sets give ``2^-K · {±1, ±2, .., ±2^K}`` (shifts); a uniform grid whose 0 is off the grid keeps an
+offset ``off = lo`` with ``m = j``. A value set with no common base (``{-1, 0.3, 1}``) has no
+integer form; its layer runs on float MACs over the decoded levels.
+
+Activations
+-----------
+Every supported activation quantizer maps onto a uniform grid, and the exporter replays its exact
+float32 operations so that codes agree bit for bit (:class:`ActQuant`):
+
+* ``clip_div`` (min-max, uniform, PACT, DoReFa: :func:`lowbit.quant.uniform.clip_round`):
+  ``k = min(rint((max(x, lo) - lo) / step), 2^b - 1)``, value ``lo + k·step``. The quantizer
+  clamps at ``hi`` before dividing; because ``(hi - lo)/step`` rounds to ``2^b - 1`` the clamp of
+  the code gives the same result without storing ``hi``.
+* ``mul_clip`` (LSQ, Esser et al. 2020 eq. 1): ``k = rint(clamp(x · (1/s), -Qn, Qp))``, value
+  ``k·s``.
+
+``rint`` is round-half-to-even (``torch.round``, C99 ``rintf``, ``np.rint``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..quant import (
+    DoReFaQuantizer,
+    FullPrecision,
+    LSQQuantizer,
+    MinMaxQuantizer,
+    PACTQuantizer,
+    Quantizer,
+)
+from ..quant.uniform import _bounds
+
+#: relative tolerance when recognising a grid or an integer form in float32 levels
+LEVEL_RTOL = 1e-5
+#: largest |m| of an integer form (C accumulates m·k in int32)
+MAX_INT_LEVEL = 2**15
+
+
+# ---------------------------------------------------------------------------------------------
+# weight level sets
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class LevelSpec:
+    """A layer's level set, ``R`` rows (1 per tensor, or one per output channel) of ``L`` levels."""
+
+    kind: str  # "grid" | "values" | "table"
+    rows: int
+    n: int  # L
+    lo: np.ndarray | None = None  # grid: (R,) float32
+    hi: np.ndarray | None = None  # grid: (R,) float32
+    values: np.ndarray | None = None  # values: (L,) float32
+    scale: np.ndarray | None = None  # values: (R,) float32
+    table: np.ndarray | None = None  # table: (R, L) float32
+
+    def levels64(self) -> np.ndarray:
+        """The levels as float64 ``(R, L)``, reconstructed from what is stored."""
+        j = np.arange(self.n, dtype=np.float64)
+        if self.kind == "grid":
+            lo, hi = self.lo.astype(np.float64)[:, None], self.hi.astype(np.float64)[:, None]
+            return lo + j * (hi - lo) / (self.n - 1)
+        if self.kind == "values":
+            return self.scale.astype(np.float64)[:, None] * self.values.astype(np.float64)[None, :]
+        return self.table.astype(np.float64)
+
+    def levels32(self) -> np.ndarray:
+        return self.levels64().astype(np.float32)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The float32 arrays stored for this level set (what the size accounting counts)."""
+        names = {"grid": ("lo", "hi"), "values": ("values", "scale"), "table": ("table",)}[self.kind]
+        return {k: getattr(self, k) for k in names}
+
+    @property
+    def n_floats(self) -> int:
+        return sum(a.size for a in self.arrays().values())
+
+
+def describe_levels(levels: np.ndarray) -> LevelSpec:
+    """The most compact :class:`LevelSpec` that reproduces ``levels`` ((L,) or (R, L), float32)."""
+    lv32 = np.asarray(levels, dtype=np.float32)
+    lv32 = lv32.reshape(1, -1) if lv32.ndim == 1 else lv32
+    lv = lv32.astype(np.float64)
+    rows, n = lv.shape
+    tol = LEVEL_RTOL * np.maximum(np.abs(lv).max(1, keepdims=True), np.finfo(np.float32).tiny)
+    grid = LevelSpec("grid", rows, n, lo=lv32[:, 0].copy(), hi=lv32[:, -1].copy())
+    if np.all(np.abs(grid.levels64() - lv) <= tol) and 2 * rows <= rows * n:
+        return grid
+    if rows > 1:
+        amax = np.abs(lv).max(1)
+        ref = int(np.argmax(amax))
+        vals = LevelSpec("values", rows, n, values=(lv[ref] / amax[ref]).astype(np.float32),
+                         scale=amax.astype(np.float32))
+        if np.all(np.abs(vals.levels64() - lv) <= tol) and n + rows < rows * n:
+            return vals
+    return LevelSpec("table", rows, n, table=lv32.copy())
+
+
+def integer_form(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Write each row as ``level_j = off + s·m_j`` with integers ``m`` (module docstring).
+
+    Returns ``(m (R, L) int64, s (R,) float64, off (R,) float64)``, or None when some row has no
+    such form (a value set without a common base). ``off = 0`` whenever the row is an integer
+    multiple of its smallest non-zero magnitude; otherwise a uniform grid keeps ``off = lo``.
+    """
+    lv = np.asarray(levels, dtype=np.float64)
+    lv = lv.reshape(1, -1) if lv.ndim == 1 else lv
+    rows, n = lv.shape
+    m = np.zeros((rows, n), dtype=np.int64)
+    s = np.zeros(rows)
+    off = np.zeros(rows)
+    for r in range(rows):
+        row = lv[r]
+        amax = np.abs(row).max()
+        if amax == 0.0:
+            continue  # an all-zero row: m = 0
+        nz = np.abs(row[row != 0.0])
+        base = nz.min()
+        q = row / base
+        qi = np.rint(q)
+        if np.abs(qi).max() <= MAX_INT_LEVEL and np.all(np.abs(q - qi) <= LEVEL_RTOL * np.abs(qi).max()):
+            m[r], s[r] = qi.astype(np.int64), base
+            continue
+        step = (row[-1] - row[0]) / (n - 1)
+        j = np.arange(n)
+        if step > 0 and np.all(np.abs(row[0] + j * step - row) <= LEVEL_RTOL * amax):
+            m[r], s[r], off[r] = j, step, row[0]
+            continue
+        return None
+    return m, s, off
+
+
+def weight_codes(weight: torch.Tensor, levels: torch.Tensor, layer: str) -> np.ndarray:
+    """Index of each weight's value in its row of ``levels`` (uint8, the weight's shape).
+
+    The quantized weight must lie on the level set (the quantizers guarantee it bit for bit);
+    a weight that does not (a relaxed or mixed weight of a method that was not finalized) is a
+    :class:`ConfigError`: it has no integer code.
+    """
+    w = weight.detach().double()
+    lv = levels.detach().double()
+    per_row = lv.dim() == 2 and lv.shape[0] > 1
+    lv = lv.reshape(lv.shape[0] if per_row else 1, -1)
+    wr = w.reshape(lv.shape[0] if per_row else 1, -1)
+    if per_row and wr.shape[0] != lv.shape[0]:
+        raise ConfigError(f"layer '{layer}': {lv.shape[0]} level rows for a weight of {w.shape[0]} output channels")
+    mid = (lv[:, 1:] + lv[:, :-1]) / 2
+    codes = torch.stack([torch.bucketize(wr[i], mid[i]) for i in range(wr.shape[0])])
+    dev = (lv.gather(1, codes) - wr).abs().max().item()
+    scale = max(lv.abs().max().item(), 1e-30)
+    if dev > 1e-6 * scale:
+        raise ConfigError(
+            f"layer '{layer}': its weight is not on its quantizer's level set (max deviation {dev:.3g}); "
+            "only weights that are exactly quantized can be exported (finalize the method first)"
+        )
+    return codes.reshape(w.shape).numpy().astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# activation grids
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ActQuant:
+    """A layer's input quantizer as a deployable rule (module docstring); constants are float32."""
+
+    quantizer: str
+    bits: int
+    rule: str  # "clip_div" | "mul_clip"
+    step: float  # clip_div: the divisor; mul_clip: the step s (value = k*s)
+    lo: float = 0.0  # clip_div: the lower clip (value of code 0)
+    inv: float = 0.0  # mul_clip: float32(1/s), the multiplier
+    qmin: int = 0  # integer code range
+    qmax: int = 0
+
+    @property
+    def zero(self) -> int:
+        """Storage offset: codes are kept as ``k - qmin`` in 0..2^b-1 (uint8)."""
+        return -self.qmin
+
+    @property
+    def real_lo(self) -> float:
+        """The real value of integer code 0 (``a = real_lo + step·k``)."""
+        return self.lo if self.rule == "clip_div" else 0.0
+
+    def to_dict(self) -> dict:
+        return {"quantizer": self.quantizer, "bits": self.bits, "rule": self.rule, "step": self.step,
+                "lo": self.lo, "inv": self.inv, "qmin": self.qmin, "qmax": self.qmax}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ActQuant":
+        return cls(**d)
+
+    # -- reference implementation (NumPy, float32: the same operations as PyTorch and the C code)
+    def codes(self, x: np.ndarray) -> np.ndarray:
+        """Integer codes ``k`` (int32) of a float32 array."""
+        x = np.asarray(x, dtype=np.float32)
+        f32 = np.float32
+        if self.rule == "clip_div":
+            t = np.maximum(x, f32(self.lo))
+            if self.lo != 0.0:
+                t = t - f32(self.lo)
+            k = np.rint(t / f32(self.step))
+            return np.minimum(k, f32(self.qmax)).astype(np.int32)
+        t = np.minimum(np.maximum(x * f32(self.inv), f32(self.qmin)), f32(self.qmax))
+        return np.rint(t).astype(np.int32)
+
+    def values(self, k: np.ndarray) -> np.ndarray:
+        """Dequantized float32 values of codes, computed as the quantizer computes them."""
+        v = np.asarray(k).astype(np.float32) * np.float32(self.step)
+        if self.rule == "clip_div" and self.lo != 0.0:
+            v = v + np.float32(self.lo)
+        return v
+
+
+def _f32(x) -> float:
+    return float(np.float32(x))
+
+
+def act_quant(q: nn.Module | None, layer: str) -> ActQuant | None:
+    """The :class:`ActQuant` of a layer's ``input_quantizer`` (None for none or full precision).
+
+    Read from the quantizer's ``levels()`` of its last call (so run one forward pass first): for
+    the clip-round family code 0 is ``lo`` exactly and, when ``lo = 0``, level 1 is the float32
+    step exactly (:func:`lowbit.quant.uniform.grid_levels`); LSQ's level ``Qn + 1`` is ``s``.
+    """
+    if q is None or isinstance(q, FullPrecision):
+        return None
+    if not isinstance(q, Quantizer):
+        raise ConfigError(f"layer '{layer}': input quantizer {type(q).__name__} is not a lowbit Quantizer")
+    try:
+        lv = q.levels().detach().reshape(-1).float()
+    except RuntimeError:
+        raise ConfigError(f"layer '{layer}': its input quantizer has not run yet; run one forward pass") from None
+    name, bits = q.alias, int(q.bits)
+    if isinstance(q, LSQQuantizer):
+        s = _f32(lv[q.qn + 1])
+        return ActQuant(name, bits, "mul_clip", step=s, inv=_f32(1.0 / s), qmin=-q.qn, qmax=q.qp)
+    if isinstance(q, (MinMaxQuantizer, PACTQuantizer, DoReFaQuantizer)):
+        lo = _f32(lv[0])
+        if lo == 0.0:
+            step = _f32(lv[1])
+        elif isinstance(q, MinMaxQuantizer):
+            step = _f32(_bounds(q.running_min, q.running_max, 2**bits - 1)[2])
+        else:  # pragma: no cover - PACT/DoReFa start at 0
+            raise ConfigError(f"layer '{layer}': unexpected non-zero low level for '{name}'")
+        return ActQuant(name, bits, "clip_div", step=step, lo=lo, qmin=0, qmax=2**bits - 1)
+    raise ConfigError(
+        f"layer '{layer}': activation quantizer '{name}' is not supported by the exporter; "
+        "supported: minmax, uniform, pact, dorefa, lsq"
+    )
