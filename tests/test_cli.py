@@ -32,13 +32,13 @@ def config(tmp_path):
 
 @pytest.mark.parametrize("override, expected", [
     ("model.name=resnet7", "model.name: unknown model 'resnet7'; available: "),
-    ("model.depth=3", "model: 'resnet8' has no option depth; its options: width"),
+    ("model.depth=3", "model 'resnet8' has no option depth; its options: width, activation"),
     ("data.name=imagenet", "data.name: unknown dataset 'imagenet'; available: "),
     ("plan.weight.name=sawbb", "plan.weight: unknown quantizer 'sawbb'; available: "),
     ("plan.weight.bits=9", "plan.weight: quantizer 'sawb' supports bits 1..8, got 9"),
     ("plan.weight={name: bwn, bits: 2}", "plan.weight: quantizer 'bwn' supports bits 1, got 2"),
     ("plan.act={name: pact, bits: 2, alpha: 3}", "plan.act: quantizer 'pact' has no option alpha; its options: init"),
-    ("plan.method.name=magic", "plan.method: unknown method 'magic'; available: ste"),
+    ("plan.method.name=magic", "plan.method: unknown method 'magic'; available: "),
     ("train.epochs=abc", "config.train.epochs: Input should be a valid integer"),
     ("train.optimizer=rmsprop", "config.train.optimizer: Input should be 'sgd' or 'adam'"),
     ("train.lr=-1", "config.train.lr: Input should be greater than 0"),

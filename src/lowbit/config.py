@@ -132,17 +132,14 @@ def validate_names(cfg: Config) -> None:
     """Check registry names and quantizer/method options without building anything large."""
     from .data import list_datasets
     from .methods import build_method
-    from .models import list_models, model_keywords
+    from .models import MODELS
     from .quant import build_quantizer
 
-    if cfg.model.name not in list_models():
-        raise ConfigError(f"model.name: unknown model '{cfg.model.name}'; available: {', '.join(list_models())}")
-    bad = sorted(set(cfg.model.options) - set(model_keywords(cfg.model.name)))
-    if bad:
-        raise ConfigError(
-            f"model: '{cfg.model.name}' has no option {', '.join(bad)}; "
-            f"its options: {', '.join(model_keywords(cfg.model.name)) or '(none)'}"
-        )
+    try:
+        MODELS.get(cfg.model.name)
+    except ConfigError as e:
+        raise ConfigError(f"model.name: {e}") from None
+    MODELS.check_options(cfg.model.name, cfg.model.options)  # "model 'x' has no option y; ..."
     if cfg.data.name not in list_datasets():
         raise ConfigError(f"data.name: unknown dataset '{cfg.data.name}'; available: {', '.join(list_datasets())}")
     for role in ("weight", "act"):

@@ -16,13 +16,13 @@ Parametrization modules expose ``bits`` and ``n_scales`` (what the layer costs a
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, ClassVar
 
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..plan import QuantSpec
+from ..registry import Registry
 from ..quant import Quantizer, build_quantizer
 
 
@@ -104,35 +104,24 @@ class Method:
         pass
 
 
-_METHODS: dict[str, type[Method]] = {}
+_METHODS = Registry("method")
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     def deco(cls: type[Method]) -> type[Method]:
-        if name in _METHODS:
-            raise ValueError(f"method '{name}' registered twice")
         cls.name = name
-        _METHODS[name] = cls
-        return cls
+        return _METHODS.register(name)(cls)
 
     return deco
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    return _METHODS.names()
 
 
 def build_method(name: str, **options) -> Method:
-    if name not in _METHODS:
-        raise ConfigError(f"unknown method '{name}'; available: {', '.join(list_methods())}")
-    cls = _METHODS[name]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"method '{name}' has no option {', '.join(unknown)}; its options: {', '.join(allowed) or '(none)'}"
-        )
-    return cls(**options)
+    _METHODS.check_options(name, options)
+    return _METHODS.get(name)(**options)
 
 
 @register_method("ste")

@@ -9,7 +9,7 @@ and has ``bias=False`` on convolutions followed by BatchNorm. Convolutions get K
 (fan_out, relu) init, BatchNorm weight 1 / bias 0, Linear layers the PyTorch default.
 """
 
-from lowbit.models.registry import create_model, list_models, model_keywords, register_model
+from lowbit.models.registry import MODELS, create_model, list_models, model_keywords, register_model
 
 # Importing the model modules registers their builders.
 from lowbit.models.lenet import LeNet5, lenet5
@@ -36,6 +36,7 @@ __all__ = [
     "cifar_resnet",
     "create_model",
     "lenet5",
+    "MODELS",
     "list_models",
     "mobilenetv2",
     "model_keywords",

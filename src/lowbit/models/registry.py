@@ -16,43 +16,42 @@ from torch import nn
 
 from lowbit.errors import ConfigError
 from lowbit.models._common import check_image_size_arg, check_int_arg
+from lowbit.registry import Registry
 
 COMMON_PARAMETERS = ("in_channels", "num_classes", "image_size")
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator that registers a model builder under ``name`` and returns the builder unchanged."""
-
-    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ConfigError(f"model {name!r} is already registered (by {_REGISTRY[name].__module__})")
-        params = list(inspect.signature(builder).parameters)
-        if tuple(params[:3]) != COMMON_PARAMETERS:
-            raise TypeError(
-                f"builder of model {name!r} must start with parameters {', '.join(COMMON_PARAMETERS)}; "
-                f"got {', '.join(params) or 'none'}"
-            )
-        _REGISTRY[name] = builder
-        return builder
-
-    return decorator
-
-
-def list_models() -> list[str]:
-    """Names of all registered models, sorted with numbers in numeric order (resnet8 before resnet18)."""
-    return sorted(_REGISTRY, key=_natural_key)
 
 
 def _natural_key(name: str) -> list[tuple[int, int | str]]:
     return [(1, int(part)) if part.isdigit() else (0, part) for part in re.split(r"(\d+)", name) if part]
 
 
+MODELS = Registry("model", fixed=COMMON_PARAMETERS, sort_key=_natural_key)
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator that registers a model builder under ``name`` and returns the builder unchanged."""
+
+    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        params = list(inspect.signature(builder).parameters)
+        if tuple(params[:3]) != COMMON_PARAMETERS:
+            raise TypeError(
+                f"builder of model {name!r} must start with parameters {', '.join(COMMON_PARAMETERS)}; "
+                f"got {', '.join(params) or 'none'}"
+            )
+        return MODELS.register(name)(builder)
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted with numbers in numeric order (resnet8 before resnet18)."""
+    return MODELS.names()
+
+
 def model_keywords(name: str) -> list[str]:
     """Model-specific keywords that ``create_model(name, ...)`` accepts (beyond the common ones)."""
-    builder = _get_builder(name)
-    return [p for p in inspect.signature(builder).parameters if p not in COMMON_PARAMETERS]
+    return MODELS.options(name)
 
 
 def create_model(
@@ -75,21 +74,9 @@ def create_model(
     Raises:
         ConfigError: unknown name or keyword, or an invalid value.
     """
-    builder = _get_builder(name)
-    accepted = model_keywords(name)
-    unknown = sorted(k for k in kwargs if k not in accepted)
-    if unknown:
-        raise ConfigError(
-            f"model {name!r} got unknown keyword {', '.join(map(repr, unknown))}; "
-            f"accepted keywords: {', '.join(accepted) or 'none'}"
-        )
+    builder = MODELS.get(name)
+    MODELS.check_options(name, kwargs)
     in_channels = check_int_arg(name, "in_channels", in_channels, minimum=1)
     num_classes = check_int_arg(name, "num_classes", num_classes, minimum=2)
     size = check_image_size_arg(name, image_size)
     return builder(in_channels, num_classes, size, **kwargs)
-
-
-def _get_builder(name: str) -> Callable[..., nn.Module]:
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return _REGISTRY[name]

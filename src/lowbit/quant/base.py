@@ -19,13 +19,13 @@ Conventions every quantizer follows:
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..registry import Registry
 
 ROLES = ("weight", "act")
 
@@ -141,39 +141,30 @@ def check_bits(cls: type, bits) -> None:
 # ---------------------------------------------------------------------------------------------
 # registry
 # ---------------------------------------------------------------------------------------------
-_REGISTRY: dict[str, type[Quantizer]] = {}
+_REGISTRY = Registry("quantizer", fixed=("bits", "role"))
 
 
 def register_quantizer(alias: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
     """Class decorator: make a quantizer buildable by name (``build_quantizer(alias, ...)``)."""
 
     def deco(cls: type[Quantizer]) -> type[Quantizer]:
-        if alias in _REGISTRY:
-            raise ValueError(f"quantizer alias '{alias}' registered twice")
         cls.alias = alias
-        _REGISTRY[alias] = cls
-        return cls
+        return _REGISTRY.register(alias)(cls)
 
     return deco
 
 
 def list_quantizers(role: str | None = None) -> list[str]:
-    return sorted(a for a, c in _REGISTRY.items() if role is None or role in c.roles)
+    return [a for a in _REGISTRY.names() if role is None or role in _REGISTRY.get(a).roles]
 
 
 def get_quantizer_class(name: str) -> type[Quantizer]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown quantizer '{name}'; available: {', '.join(list_quantizers())}"
-        ) from None
+    return _REGISTRY.get(name)
 
 
 def quantizer_options(name: str) -> list[str]:
     """Keyword options a quantizer accepts besides ``bits`` and ``role``."""
-    sig = inspect.signature(get_quantizer_class(name).__init__)
-    return [p for p in sig.parameters if p not in ("self", "bits", "role")]
+    return _REGISTRY.options(name)
 
 
 def build_quantizer(name: str, bits: int | None, role: str | None = None, **options) -> Quantizer:
@@ -185,13 +176,7 @@ def build_quantizer(name: str, bits: int | None, role: str | None = None, **opti
     role = role or cls.roles[0]
     if role not in ROLES:
         raise ConfigError(f"role must be one of {', '.join(ROLES)}, got '{role}'")
-    allowed = quantizer_options(name)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"quantizer '{name}' has no option {', '.join(unknown)}; "
-            f"its options: {', '.join(allowed) or '(none)'}"
-        )
+    _REGISTRY.check_options(name, options)
     try:
         return cls(bits=bits, role=role, **options)
     except (TypeError, ValueError) as e:

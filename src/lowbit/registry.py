@@ -1,0 +1,57 @@
+"""Name -> class or builder, for quantizers, methods and models: one lookup, one option check.
+
+Every registry gives the same one-line errors: ``unknown quantizer 'x'; available: ...`` and
+``method 'dqa' has no option foo; its options: ...``. Options are the keyword parameters of the
+registered class's ``__init__`` (or the builder function), less the ``fixed`` ones every entry
+takes (e.g. a quantizer's ``bits`` and ``role``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable
+
+from .errors import ConfigError
+
+
+class Registry:
+    def __init__(self, kind: str, fixed: Iterable[str] = (), sort_key: Callable[[str], Any] | None = None):
+        self.kind = kind
+        self.fixed = tuple(fixed)
+        self._sort_key = sort_key
+        self._entries: dict[str, Any] = {}
+
+    def register(self, name: str) -> Callable[[Any], Any]:
+        """Decorator: register ``obj`` under ``name`` (twice is a programming error)."""
+
+        def deco(obj):
+            if name in self._entries:
+                raise ConfigError(f"{self.kind} '{name}' is already registered")
+            self._entries[name] = obj
+            return obj
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self._entries, key=self._sort_key)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> Any:
+        if not isinstance(name, str) or name not in self._entries:
+            raise ConfigError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
+        return self._entries[name]
+
+    def options(self, name: str) -> list[str]:
+        obj = self.get(name)
+        fn = obj.__init__ if inspect.isclass(obj) else obj
+        return [p for p in inspect.signature(fn).parameters if p != "self" and p not in self.fixed]
+
+    def check_options(self, name: str, given: Iterable[str]) -> None:
+        allowed = self.options(name)
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            raise ConfigError(
+                f"{self.kind} '{name}' has no option {', '.join(unknown)}; its options: {', '.join(allowed) or '(none)'}"
+            )
