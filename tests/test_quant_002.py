@@ -367,7 +367,7 @@ def lq_levels(v: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
     return lv[order], b[order]
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5])  # 5 bits: 32 levels, the searchsorted path
 def test_lqnet_weight_init_levels_per_channel(bits):
     scales = torch.tensor([0.05, 0.5, 2.0, 1.0]).reshape(-1, 1, 1, 1)
     w = randn(4, 6, 3, 3, seed=110 + bits) * scales
@@ -557,7 +557,7 @@ def test_lqnet_state_dict_round_trip(role):
 # ---------------------------------------------------------------------------------------------
 # scalar centroids
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6])  # 6 bits: 64 levels, the searchsorted path
 def test_centroids_init_from_quantiles(bits):
     w = randn(6, 50, seed=190 + bits, scale=0.4)
     q = build_quantizer("centroids", bits)

@@ -159,7 +159,7 @@ def _weight(name: str, module: nn.Module) -> tuple[np.ndarray | WeightQ, bool]:
     return WeightQ(label, int(q.bits), codes, describe_levels(lv)), True
 
 
-def _conv_op(name: str, module: nn.Module, bn: nn.Module | None, inp: str, out: str) -> Op:
+def _conv_op(name: str, module: nn.Module, bn: nn.Module | None, inp: str, out: str, acts: bool = True) -> Op:
     if isinstance(module, nn.Conv2d):
         if module.groups != 1 or _pair(module.dilation) != (1, 1) or module.padding_mode != "zeros" \
                 or isinstance(module.padding, str):
@@ -174,7 +174,7 @@ def _conv_op(name: str, module: nn.Module, bn: nn.Module | None, inp: str, out: 
     weight, quantized = _weight(name, module)
     bias = None if module.bias is None else module.bias.detach().numpy().astype(np.float64)
     op = Op("conv", name, [inp], out, attrs={"layer": kind, **attrs},
-            act=act_quant(getattr(module, "input_quantizer", None), name))
+            act=act_quant(getattr(module, "input_quantizer", None), name) if acts else None)
     if not quantized:
         if bn is not None:
             op.weight, op.bias = fold_bn(weight, bias, bn)
@@ -194,12 +194,12 @@ def _conv_op(name: str, module: nn.Module, bn: nn.Module | None, inp: str, out: 
     return op
 
 
-def lower(model: nn.Module, example_input: torch.Tensor | None = None) -> Graph:
+def lower(model: nn.Module, example_input: torch.Tensor | None = None, acts: bool = True) -> Graph:
     """Trace and lower ``model`` (put in eval mode) to a :class:`Graph`.
 
     ``example_input`` (a batch) records per-sample shapes and runs every quantizer once; without
-    it, shapes are left empty (enough for size accounting) and input quantizers must already have
-    run.
+    it, shapes are left empty and input quantizers must already have run. ``acts=False`` leaves
+    the input quantizers out (enough for weight size accounting, :func:`packed_size_table`).
     """
     model.eval()
     gm = trace(model)
@@ -252,7 +252,7 @@ def lower(model: nn.Module, example_input: torch.Tensor | None = None) -> Graph:
                     bn = modules[nxt[0].target]
                     absorbed.add(nxt[0].name)
                     alias[nxt[0].name] = node.name
-                ops.append(_conv_op(src, m, bn, t(node.args[0]), node.name))
+                ops.append(_conv_op(src, m, bn, t(node.args[0]), node.name, acts))
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 g, h = bn_affine(m)
                 ops.append(Op("affine", src, [t(node.args[0])], node.name,

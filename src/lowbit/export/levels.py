@@ -6,11 +6,13 @@ A quantized weight is stored as integer *codes*: the index of each weight's valu
 level set ``levels()`` of its quantizer (per tensor ``(L,)`` or per output channel ``(R, L)``),
 bit-packed at the quantizer's bits. The level set itself is stored compactly (:class:`LevelSpec`):
 
-* ``grid``:   ``lo + j (hi - lo)/(L - 1)`` per row: uniform quantizers (min-max, SAWB, LSQ, DoReFa;
-  BWN ``{-β, β}`` and TWN ``{-β, 0, β}`` are grids too): 2 floats per row;
-* ``values``: ``scale[r] · v_j``, one shared value list (power-of-two and value-set quantizers per
-  channel): L + R floats;
-* ``table``:  every level of every row (anything else; per tensor this is the smallest anyway).
+* ``grid``:   ``lo + j·step`` per row: uniform quantizers (min-max, SAWB; BWN ``{-β, β}`` and TWN
+  ``{-β, 0, β}`` are grids too): 2 floats per row;
+* ``values``: ``scale[r] · v_j``, one shared value list (LSQ ``s·{-2^(b-1) ..}``, power-of-two
+  and value-set quantizers): L + R floats;
+* ``table``:  every level of every row (anything else; per tensor this is often the smallest).
+
+The kind is chosen so that the stored numbers rebuild the quantizer's float32 levels bit for bit.
 
 For integer arithmetic every row is then written as ``level_j = off + s · m_j`` with small
 integers ``m`` (:func:`integer_form`), preferring ``off = 0``: symmetric grids give odd integers
@@ -64,33 +66,44 @@ MAX_INT_LEVEL = 2**15
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class LevelSpec:
-    """A layer's level set, ``R`` rows (1 per tensor, or one per output channel) of ``L`` levels."""
+    """A layer's level set, ``R`` rows (1 per tensor, or one per output channel) of ``L`` levels.
+
+    Stored so that :meth:`levels32` rebuilds the quantizer's float32 levels bit for bit (the
+    exporter only chooses a kind that does): ``grid`` as the quantizer computes it,
+    ``f32(j·step) + lo`` (:func:`lowbit.quant.uniform.grid_levels`); ``values`` as
+    ``f32(values·scale)``; ``table`` as is.
+    """
 
     kind: str  # "grid" | "values" | "table"
     rows: int
     n: int  # L
     lo: np.ndarray | None = None  # grid: (R,) float32
-    hi: np.ndarray | None = None  # grid: (R,) float32
+    step: np.ndarray | None = None  # grid: (R,) float32
     values: np.ndarray | None = None  # values: (L,) float32
     scale: np.ndarray | None = None  # values: (R,) float32
     table: np.ndarray | None = None  # table: (R, L) float32
 
     def levels64(self) -> np.ndarray:
-        """The levels as float64 ``(R, L)``, reconstructed from what is stored."""
-        j = np.arange(self.n, dtype=np.float64)
+        """The levels as float64 ``(R, L)``: the exact real values the stored numbers define."""
         if self.kind == "grid":
-            lo, hi = self.lo.astype(np.float64)[:, None], self.hi.astype(np.float64)[:, None]
-            return lo + j * (hi - lo) / (self.n - 1)
+            j = np.arange(self.n, dtype=np.float64)
+            return self.lo.astype(np.float64)[:, None] + j * self.step.astype(np.float64)[:, None]
         if self.kind == "values":
             return self.scale.astype(np.float64)[:, None] * self.values.astype(np.float64)[None, :]
         return self.table.astype(np.float64)
 
     def levels32(self) -> np.ndarray:
-        return self.levels64().astype(np.float32)
+        """The float32 levels, computed as the quantizer computes them."""
+        if self.kind == "grid":
+            j = np.arange(self.n, dtype=np.float32)
+            return j[None, :] * self.step[:, None] + self.lo[:, None]
+        if self.kind == "values":
+            return self.values[None, :] * self.scale[:, None]
+        return self.table
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The float32 arrays stored for this level set (what the size accounting counts)."""
-        names = {"grid": ("lo", "hi"), "values": ("values", "scale"), "table": ("table",)}[self.kind]
+        names = {"grid": ("lo", "step"), "values": ("values", "scale"), "table": ("table",)}[self.kind]
         return {k: getattr(self, k) for k in names}
 
     @property
@@ -99,23 +112,29 @@ class LevelSpec:
 
 
 def describe_levels(levels: np.ndarray) -> LevelSpec:
-    """The most compact :class:`LevelSpec` that reproduces ``levels`` ((L,) or (R, L), float32)."""
-    lv32 = np.asarray(levels, dtype=np.float32)
-    lv32 = lv32.reshape(1, -1) if lv32.ndim == 1 else lv32
-    lv = lv32.astype(np.float64)
+    """The most compact :class:`LevelSpec` whose :meth:`~LevelSpec.levels32` equals ``levels``
+    ((L,) or (R, L), float32) bit for bit; a table when nothing smaller is exact."""
+    lv = np.asarray(levels, dtype=np.float32)
+    lv = lv.reshape(1, -1) if lv.ndim == 1 else lv
     rows, n = lv.shape
-    tol = LEVEL_RTOL * np.maximum(np.abs(lv).max(1, keepdims=True), np.finfo(np.float32).tiny)
-    grid = LevelSpec("grid", rows, n, lo=lv32[:, 0].copy(), hi=lv32[:, -1].copy())
-    if np.all(np.abs(grid.levels64() - lv) <= tol) and 2 * rows <= rows * n:
-        return grid
-    if rows > 1:
-        amax = np.abs(lv).max(1)
-        ref = int(np.argmax(amax))
-        vals = LevelSpec("values", rows, n, values=(lv[ref] / amax[ref]).astype(np.float32),
-                         scale=amax.astype(np.float32))
-        if np.all(np.abs(vals.levels64() - lv) <= tol) and n + rows < rows * n:
-            return vals
-    return LevelSpec("table", rows, n, table=lv32.copy())
+    f32, f64 = np.float32, np.float64
+    lo, hi = lv[:, 0], lv[:, -1]
+    cands = []
+    # grids: the step as a per-tensor range computes it (float64 then float32) or a per-channel
+    # one (float32 throughout), or the step between the two first levels
+    for step in (((hi.astype(f64) - lo.astype(f64)) / (n - 1)).astype(f32), (hi - lo) / f32(n - 1), lv[:, 1] - lo):
+        cands.append(LevelSpec("grid", rows, n, lo=lo.copy(), step=np.asarray(step, f32)))
+    # shared values x per-row scale: integers x step (LSQ, power-of-two) or values / max|level|
+    amax = np.abs(lv).max(1)
+    form = integer_form(lv)
+    if form is not None and np.all(form[2] == 0) and np.all(form[0] == form[0][:1]):
+        cands.append(LevelSpec("values", rows, n, values=form[0][0].astype(f32), scale=form[1].astype(f32)))
+    ref = int(np.argmax(amax))
+    if amax[ref] > 0:
+        cands.append(LevelSpec("values", rows, n, values=(lv[ref] / amax[ref]).astype(f32), scale=amax.astype(f32)))
+    cands.append(LevelSpec("table", rows, n, table=lv.copy()))
+    exact = [c for c in cands if np.array_equal(c.levels32(), lv)]
+    return min(exact, key=lambda c: c.n_floats)  # the table is always exact; min keeps the first of equals
 
 
 def integer_form(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

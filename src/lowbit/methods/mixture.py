@@ -166,14 +166,10 @@ class QuantizerMixture(nn.Module):
     def mix(self, x: Tensor, c: Tensor) -> Tensor:
         """Σ_k c_k Q_k(x) (003 eq. 2). A member whose coefficient is exactly 0 is skipped: its term
         and every gradient through it are exactly 0 (softmax underflow, a hard BinaryRelax phase)."""
-        q = None
-        zero = (c.detach() == 0).tolist()
-        for k, member in enumerate(self.members):
-            if k > 0 and zero[k]:
-                continue
-            term = c[k] * member(x)
-            q = term if q is None else q + term
-        return q
+        keep = [k for k, z in enumerate((c.detach() == 0).tolist()) if k == 0 or not z]
+        qs = [self.members[k](x) for k in keep]
+        cs = c if len(keep) == len(self.members) else c[keep]
+        return weighted_sum(cs, qs)
 
     def harden(self) -> None:
         """From now on the module is exactly Q_1 (003: the network ends as the lowest-bit quantizer)."""
@@ -198,6 +194,40 @@ class QuantizerMixture(nn.Module):
 
     def extra_repr(self) -> str:
         return f"members={'+'.join(self.labels())}, eval_mode={self.eval_mode}"
+
+
+class _WeightedSum(torch.autograd.Function):
+    """q = Σ_k c_k·Q_k with dq/dc_k = <G, Q_k> and dq/dQ_k = c_k·G.
+
+    The same values and gradients as ``sum(c[k] * qs[k])``, in one output buffer and with the
+    coefficient gradients as dot products: activation mixtures run this on every layer input of
+    every step, where the K temporaries of the plain expression cost more than the quantizers.
+    """
+
+    @staticmethod
+    def forward(ctx, c: Tensor, *qs: Tensor) -> Tensor:
+        cf = c.detach().tolist()
+        out = torch.mul(qs[0], cf[0])
+        for ck, qk in zip(cf[1:], qs[1:]):
+            out.add_(qk, alpha=ck)
+        ctx.save_for_backward(c, *qs)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        c, *qs = ctx.saved_tensors
+        gc = None
+        if ctx.needs_input_grad[0]:
+            gf = g.reshape(-1)
+            gc = torch.stack([torch.dot(gf, q.reshape(-1)) for q in qs]).to(c.dtype)
+        gqs = [(g if ck == 1.0 else g * ck) if ctx.needs_input_grad[k + 1] else None
+               for k, ck in enumerate(c.tolist())]
+        return (gc, *gqs)
+
+
+def weighted_sum(c: Tensor, qs: Sequence[Tensor]) -> Tensor:
+    """Σ_k c_k·qs[k] (c: a K-vector, possibly requiring grad)."""
+    return _WeightedSum.apply(c, *qs)
 
 
 def _r(v: float, digits: int = 5) -> float:

@@ -30,12 +30,18 @@ each of m masks"). Two backward rules (000, "Method: RDHS" / "Method: SGT"):
 Both are weight parametrizations (:class:`ValueSearch`) registered by ``lowbit.quantize``: the
 trainable tensor ``layer.parametrizations.weight.original`` *is* α, shape ``weight.shape + (m,)``
 (float32, m × the weight's memory); no float copy of the weight is kept. It is initialised from
-the layer's latent weight ``w`` (random init or a pretrained model) as ``α_i = −|w − c·v_i|``, so
-the initial argmax is the nearest value of ``c·V`` and the logit margins have the size of the
-latent weight (for {±1} the margin ``α_+ − α_−`` is ``2w``: SGT then moves it exactly like
-BinaryConnect moves its latent weight, at half the rate). ``c`` is the value set's scale when the
-plan gives one, else ``E|w| / E|V|`` per layer (``init_scale``), which spreads the weights over all
-levels of a power-of-two set instead of putting them all on the smallest one.
+the layer's latent weight ``w`` (random init or a pretrained model) as
+
+    α_i = −|w − c·v_i| / 2
+
+so the initial argmax is the nearest value of ``c·V``, and between two neighbouring values the
+logit margin is ``α_k − α_{k+1} = c·(v_k + v_{k+1})/2 − w``: the latent weight's distance to the
+decision threshold. SGT moves that margin by the step's gradient, exactly as straight-through QAT
+moves a latent weight; for {±1}, ``α_+ − α_− = w`` and SGT *is* BinaryConnect (same momentum and
+weight decay, tested). ``c`` is the value set's scale when the plan gives one, else
+``max|w| / max|V|`` per layer (``init_scale: max``; ``mean`` uses ``E|w| / E|V|``, ``none`` 1):
+with ``max`` no weight lies beyond the outer values and a power-of-two set is filled as by the
+``po2`` quantizer.
 
 Which values a trained layer uses, and whether its products need a multiplier (000's "Req. Mult"
 column: values in ``{0, ±2^k}`` times one scale need none), is reported by :func:`value_space`
@@ -59,7 +65,7 @@ from ..quant import build_quantizer
 from ..quant.valueset import ValueSetQuantizer
 from .base import Method, build_from_spec, register_method
 
-INIT_SCALES = ("mean", "max", "none")
+INIT_SCALES = ("max", "mean", "none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,12 +142,12 @@ class ValueSearch(nn.Module):
     buffer ``scale``) and the bit width ``ceil(log2 m)``.
 
     ``right_inverse(w)`` (called by ``register_parametrization`` and by ``layer.weight = w``) turns
-    a float weight into logits ``α_i = −|w − c·v_i|`` (module docstring), shape ``w.shape + (m,)``.
+    a float weight into logits ``α_i = −|w − c·v_i| / 2`` (module docstring), shape ``w.shape + (m,)``.
     Subclasses implement ``forward(α)`` with their backward rule; without a gradient to compute
     (evaluation) both just return ``s·v[argmax α]``.
     """
 
-    def __init__(self, quantizer: ValueSetQuantizer, init_scale: str = "mean"):
+    def __init__(self, quantizer: ValueSetQuantizer, init_scale: str = "max"):
         super().__init__()
         self.quantizer = quantizer
         self.init_scale = init_scale
@@ -181,7 +187,7 @@ class ValueSearch(nn.Module):
             self.scale = None
             c = self._init_normaliser(w)
         c = c.unsqueeze(-1) if c.dim() else c
-        return -(w.unsqueeze(-1) - c * self.values.to(w.dtype)).abs()
+        return (w.unsqueeze(-1) - c * self.values.to(w.dtype)).abs_().mul_(-0.5)
 
     def _init_normaliser(self, w: Tensor) -> Tensor:
         if self.init_scale == "none":
@@ -231,7 +237,7 @@ class RDHSSearch(ValueSearch):
     method re-seeds every step, so a resumed run draws the same noise).
     """
 
-    def __init__(self, quantizer: ValueSetQuantizer, init_scale: str = "mean", mu: float = 0.0, tau: float = 1.0):
+    def __init__(self, quantizer: ValueSetQuantizer, init_scale: str = "max", mu: float = 0.0, tau: float = 1.0):
         super().__init__(quantizer, init_scale)
         self.mu = mu
         self.tau = tau
@@ -417,7 +423,7 @@ class ValueSearchMethod(Method):
 
     search_cls: type[ValueSearch] = ValueSearch
 
-    def __init__(self, init_scale: str = "mean"):
+    def __init__(self, init_scale: str = "max"):
         super().__init__()
         if init_scale not in INIT_SCALES:
             raise ConfigError(f"method '{self.name}' option init_scale must be one of "
@@ -489,7 +495,7 @@ class SGT(ValueSearchMethod):
     """000's stochastic gradient transfer over a finite value set (:class:`_SGT`).
 
     ``plan: {weight: {name: valueset, values: po2-2bit}, method: {name: sgt}}``.
-    Option ``init_scale`` (mean | max | none): how the latent weight is matched to the value set
+    Option ``init_scale`` (max | mean | none): how the latent weight is matched to the value set
     to pick the initial (nearest) value when the value set has no scale of its own.
     """
 
@@ -508,7 +514,7 @@ class RDHS(ValueSearchMethod):
     search_cls = RDHSSearch
 
     def __init__(self, mu: float = 0.0, tau0: float = 1.0, tau_decay: float = 0.97, tau_min: float = 1e-5,
-                 init_scale: str = "mean"):
+                 init_scale: str = "max"):
         super().__init__(init_scale)
         self.mu = _number("rdhs", "mu", mu, low=0.0)
         self.tau0 = _number("rdhs", "tau0", tau0, low=0.0, low_open=True)

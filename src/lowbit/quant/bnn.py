@@ -26,6 +26,7 @@ class BNNQuantizer(Quantizer):
 
     roles = ("weight", "act")
     min_bits = max_bits = 1
+    scales_per_row = 0
 
     def __init__(self, bits: int = 1, role: str = "weight"):
         super().__init__(bits, role)
@@ -36,7 +37,3 @@ class BNNQuantizer(Quantizer):
         q = torch.where(x.detach() >= 0, one, -one)
         # torch.clamp's gradient is 1 on the closed interval [-1, 1]: the paper's 1[|x| <= 1]
         return ste(torch.clamp(x, -1.0, 1.0), q)
-
-    @property
-    def n_scales(self) -> int:
-        return 0

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .base import Quantizer, register_quantizer, ste
-from .centroids import cluster_stats, clipped_ste, nearest_index
+from .centroids import cluster_stats, clipped_ste, nearest_index, take_levels
 
 _EPS = 1e-8
 #: proximal weight of the least-squares step, relative to the mean diagonal of BᵀB (see ``qem_step``)
@@ -69,6 +69,7 @@ class LQNetQuantizer(Quantizer):
             raise ConfigError(f"lqnet option qem_iters must be an integer >= 1, got {qem_iters!r}")
         self.momentum = float(momentum)
         self.qem_iters = qem_iters
+        self.scales_per_row = bits  # the K basis numbers of each row; the codes are the K bits
         self.register_buffer("table", code_table(bits, signed=role == "weight"), persistent=False)
         self.register_buffer("basis", torch.zeros(1, bits))  # (rows, K); rows = C once initialised
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -131,13 +132,9 @@ class LQNetQuantizer(Quantizer):
         lv, perm = self.sorted_levels(self.basis.to(x.dtype))
         self._remember(lv if self.per_channel else lv[0])
         idx = nearest_index(rows, lv)
-        q = lv.gather(1, idx).reshape(x.shape)
+        q = take_levels(lv, idx).reshape(x.shape)
         if self.training:
             self.qem_step(rows, idx, perm)
         if self.role == "weight":
             return ste(x, q)
         return clipped_ste(x, q, float(lv[0, 0]), float(lv[0, -1]))
-
-    @property
-    def n_scales(self) -> int:
-        return self.basis.numel()  # the K basis numbers per row; the codes are the K bits

@@ -30,6 +30,7 @@ class QNNQuantizer(Quantizer):
     """
 
     roles = ("weight", "act")
+    scales_per_row = 0  # the range is fixed by the bit width
 
     def __init__(self, bits: int, role: str = "weight"):
         super().__init__(bits, role)
@@ -46,7 +47,3 @@ class QNNQuantizer(Quantizer):
         lo, hi = self.low.to(x.dtype), self.high.to(x.dtype)
         self._remember(clip_round_levels(lo, hi, self.bits))
         return clip_round(x, lo, hi, self.bits)
-
-    @property
-    def n_scales(self) -> int:
-        return 0  # the range is fixed by the bit width

@@ -47,6 +47,7 @@ class SATQuantizer(Quantizer):
     """
 
     roles = ("weight", "act")
+    scales_per_row = 1  # the rescaling constant (weights) or the clip α (activations)
 
     def __init__(self, bits: int, role: str = "weight", scale_grad: bool | None = None,
                  init: float | None = None, calibrated: bool | None = None):
@@ -85,10 +86,6 @@ class SATQuantizer(Quantizer):
         s = a / n
         self._remember(torch.arange(n + 1, dtype=x.dtype) * s.detach())
         return _LSQFn.apply(x, s, 0, n, 1.0)
-
-    @property
-    def n_scales(self) -> int:
-        return 1
 
     def extra_repr(self) -> str:
         opt = f"scale_grad={self.scale_grad}" if self.role == "weight" else f"calibrated={self.calibrated}"

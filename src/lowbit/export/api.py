@@ -1,0 +1,337 @@
+"""``export_run``: deploy a trained run and prove the deployed model computes what was trained.
+
+    report = export_run("runs/w2a2", formats=("packed", "onnx", "c"))
+    print(format_report(report))
+
+1. load the run (``config.yaml`` + ``best.pt``; the method's ``finalize`` runs, as in training);
+2. lower it (:mod:`.graph`: BatchNorm folded into full-precision layers, kept as a per-channel
+   affine after quantized ones), write the packed file and load it back (:mod:`.package`);
+3. from the *loaded* package: the NumPy integer reference, the ONNX QDQ model (and its FP32
+   twin) and the C99 code; each one's predictions are compared with the PyTorch fake-quantized
+   model on the whole test set (count of disagreeing images, largest logit difference), the C
+   outputs with the NumPy reference bit for bit;
+4. sizes: packed file vs the limit and vs FP32, C flash and RAM vs seed 002's
+   ``Mem = N_p·b_p + N_a·max(b_p, 4)``; onnxruntime latency QDQ vs FP32, measured side by side.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .graph import Graph, WeightQ, lower
+from .numpy_ref import IntegerReference
+from .package import Sizes, load_package, op_arrays, save_package, sizes
+from .pack import packed_nbytes
+
+FORMATS = ("packed", "onnx", "c")
+BN_NOTE = {"folded": "folded into the float weights", "affine": "per-channel affine after the integer accumulator",
+           "": "none"}
+
+
+def _formats(formats) -> tuple[str, ...]:
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ConfigError(f"export format {', '.join(map(repr, bad)) or '(none)'} unknown; allowed: {', '.join(FORMATS)}")
+    return tuple(dict.fromkeys(formats))
+
+
+def compare(ref: np.ndarray, out: np.ndarray) -> dict:
+    """Prediction agreement of ``out`` with ``ref`` (logits, N x classes)."""
+    same = ref.argmax(1) == out.argmax(1)
+    return {"images": int(len(ref)), "agreement": float(same.mean()) if len(ref) else float("nan"),
+            "mismatches": int((~same).sum()),
+            "max_logit_diff": float(np.abs(ref.astype(np.float64) - out).max()) if len(ref) else 0.0}
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
+    return None if labels is None else float((logits.argmax(1) == labels).mean())
+
+
+def layer_table(graph: Graph, modes: dict[str, str] | None = None) -> list[dict]:
+    """Per conv/linear layer: weight, input quantization, what happened to its BN, kernel."""
+    rows = []
+    for op in graph.conv_ops():
+        rows.append({
+            "layer": op.name,
+            "weight": op.weight.quantizer if isinstance(op.weight, WeightQ) else "fp32",
+            "act": f"{op.act.quantizer}{op.act.bits}" if op.act is not None else "fp32",
+            "bn": BN_NOTE[op.bn],
+            **({"kernel": modes[op.name]} if modes else {}),
+        })
+    return rows
+
+
+def _mem_002(model: nn.Module, x: torch.Tensor) -> dict:
+    from ..cost import MIN_ACT_BITS, profile
+    from ..quantize import layer_bits
+
+    cs = profile(model, x[:1], layer_bits(model))
+    act_bits = cs.max_act_elems * max(cs.act_bits, MIN_ACT_BITS)
+    return {"bytes": cs.mem_bits / 8, "params_bytes": (cs.mem_bits - act_bits) / 8, "activation_bytes": act_bits / 8,
+            "largest_activation": cs.max_act_elems, "act_bits": max(cs.act_bits, MIN_ACT_BITS)}
+
+
+def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats=FORMATS,
+                 labels: torch.Tensor | None = None, c_images: int | None = 8, batch: int = 500,
+                 latency_batch: int = 256, latency_repeats: int = 20, log=None) -> dict:
+    """Export ``model`` (quantized, eval mode) and check every format on the inputs ``x``.
+
+    ``x`` is the evaluation set (normalised float32, N x C x H x W), ``labels`` its classes
+    (optional). ``c_images`` inputs go through the compiled C code (None: all of ``x``).
+    Returns a JSON-able report (see :func:`format_report`).
+    """
+    from ..cost import count_params
+
+    formats = _formats(formats)
+    say = log or (lambda s: None)
+    out = Path(out_dir)
+    model.eval()
+    x = x.float()
+    xn = x.numpy()
+    y = None if labels is None else labels.numpy()
+    with torch.no_grad():
+        ref = torch.cat([model(x[i: i + batch]) for i in range(0, len(x), batch)]).numpy()
+    graph = lower(model, x[:2])
+    report: dict = {"images": int(len(x)), "formats": list(formats), "out_dir": str(out),
+                    "torch": {"accuracy": _accuracy(ref, y)}}
+
+    # packed file, loaded back: everything below comes from the file alone
+    tmp = None
+    pdir = out / "packed"
+    if "packed" not in formats:
+        tmp = tempfile.TemporaryDirectory()
+        pdir = Path(tmp.name)
+    sz = save_package(graph, pdir, fp32_params=count_params(model))
+    pkg = load_package(pdir / "model.json")
+    if "packed" in formats:
+        report["packed"] = {"dir": str(pdir), **sz.to_dict()}
+
+    say("numpy integer reference")
+    numpy_ref = IntegerReference(pkg)
+    t0 = time.perf_counter()
+    ref_np = numpy_ref.run(xn, batch=250)
+    report["numpy"] = {**compare(ref, ref_np), "accuracy": _accuracy(ref_np, y),
+                       "seconds": time.perf_counter() - t0}
+    report["layers"] = layer_table(pkg, numpy_ref.modes())
+
+    if "onnx" in formats:
+        say("onnx")
+        report["onnx"] = _onnx(pkg, out / "onnx", xn, ref, y, latency_batch, latency_repeats, batch)
+    if "c" in formats:
+        say("c")
+        report["c"] = _c(pkg, out / "c", xn, ref, ref_np, y, c_images)
+        report["c"]["mem_002"] = _mem_002(model, x)
+    if tmp is not None:
+        tmp.cleanup()
+    return report
+
+
+def _onnx(pkg: Graph, d: Path, xn, ref, y, latency_batch: int, repeats: int, batch: int) -> dict:
+    import onnx
+
+    from . import onnx_export as ox
+
+    d.mkdir(parents=True, exist_ok=True)
+    mq, mf = ox.to_onnx(pkg, qdq=True), ox.to_onnx(pkg, qdq=False)
+    ox.check(mq)
+    ox.check(mf)
+    onnx.save(mq, str(d / "model_qdq.onnx"))
+    onnx.save(mf, str(d / "model_fp32.onnx"))
+    sq, sf = ox.session(mq), ox.session(mf)
+    t0 = time.perf_counter()
+    lo = ox.run(sq, xn, batch)
+    seconds = time.perf_counter() - t0
+    lat = ox.latency({"qdq": sq, "fp32": sf}, xn[:latency_batch], repeats)
+    return {"dir": str(d), "checker": "ok", "opset": ox.OPSET, **compare(ref, lo), "accuracy": _accuracy(lo, y),
+            "seconds": seconds, "qdq_bytes": (d / "model_qdq.onnx").stat().st_size,
+            "fp32_bytes": (d / "model_fp32.onnx").stat().st_size,
+            "latency_batch": int(min(latency_batch, len(xn))), "latency_ms": lat,
+            "latency_ratio": lat["qdq"] / lat["fp32"]}
+
+
+def _c(pkg: Graph, d: Path, xn, ref, ref_np, y, c_images: int | None) -> dict:
+    import subprocess
+
+    from .c_export import compile_c, find_cc, run_c, write_c
+
+    n_self = min(3, len(xn))
+    ce = write_c(pkg, d, xn[:n_self], ref_np[:n_self])
+    rep = {**ce.to_dict(), "compiled": False}
+    if find_cc() is None:
+        rep["note"] = "no C compiler on PATH: code written, not built"
+        return rep
+    exe = compile_c(d)
+    st = subprocess.run([str(exe)], capture_output=True, text=True)
+    n = len(xn) if c_images is None else min(int(c_images), len(xn))
+    t0 = time.perf_counter()
+    lc = run_c(exe, xn[:n], ref.shape[1])
+    secs = time.perf_counter() - t0
+    exe.unlink()  # a host build product; the sources are the export
+    exact = np.all(lc.view(np.uint32) == ref_np[:n].view(np.uint32), axis=1)
+    rep.update({"compiled": True, "self_test": st.stdout.strip(), "self_test_ok": st.returncode == 0,
+                "bit_exact_images": int(exact.sum()), **compare(ref[:n], lc),
+                "accuracy": _accuracy(lc, None if y is None else y[:n]), "seconds_per_image": secs / max(n, 1)})
+    return rep
+
+
+def load_run(run_dir: str | Path):
+    """(cfg, data, model) of a run folder, best checkpoint loaded and the method finalized."""
+    from ..config import load_config
+    from ..quantize import quant_state
+    from ..train import build_model, load_data
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
+    ck = run_dir / "best.pt"
+    if not ck.is_file():
+        raise ConfigError(f"{run_dir}: no best.pt checkpoint to export (the run did not finish an epoch)")
+    cfg = load_config(run_dir / "config.yaml")
+    data = load_data(cfg)
+    model = build_model(cfg, data)
+    model.load_state_dict(torch.load(ck, weights_only=False)["model"])
+    quant_state(model).method.finalize(model)  # as train.run does before its test evaluation
+    model.eval()
+    return cfg, data, model
+
+
+def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None = None, *,
+               limit: int | None = None, c_images: int | None = 8, latency_batch: int = 256,
+               latency_repeats: int = 20, log=None) -> dict:
+    """Export a run folder (``config.yaml`` + ``best.pt``) into ``out_dir`` (default
+    ``RUN_DIR/export``) and check it on the run's test set (the first ``limit`` images)."""
+    from ..data import BatchLoader
+
+    formats = _formats(formats)
+    cfg, data, model = load_run(run_dir)
+    loader = BatchLoader(data.test, data.info, 1000)
+    xs, ys = zip(*loader) if len(data.test) else ((), ())
+    if not xs:
+        raise ConfigError(f"{run_dir}: the test split is empty; nothing to check the export on")
+    x, y = torch.cat(xs), torch.cat(ys)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
+    report = export_model(model, x, out, formats, labels=y, c_images=c_images, latency_batch=latency_batch,
+                          latency_repeats=latency_repeats, log=log)
+    plan = cfg.plan
+    report = {"run_dir": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name,
+              "weight": plan.weight.label() if plan.weight else "fp32",
+              "act": plan.act.label() if plan.act else "fp32",
+              "first_last_fp": [plan.keep_first, plan.keep_last], **report}
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# text
+# ---------------------------------------------------------------------------------------------
+def _kib(b: float) -> str:
+    return f"{b / 1024:.1f} KiB"
+
+
+def _agree(r: dict) -> str:
+    return (f"{r['images'] - r['mismatches']}/{r['images']} predictions agree with PyTorch "
+            f"({100 * r['agreement']:.2f}%, {r['mismatches']} mismatches), max |Δlogit| {r['max_logit_diff']:.2g}")
+
+
+def format_report(report: dict) -> str:
+    """The report of :func:`export_run` / :func:`export_model` as a few lines of text."""
+    lines = []
+    if "run_dir" in report:
+        fl = ", first conv / last linear FP32" if all(report.get("first_last_fp", [False])) else ""
+        lines.append(f"export of {report['run_dir']} ({report['model']}, weight {report['weight']}, "
+                     f"act {report['act']}{fl}) -> {report['out_dir']}")
+    acc = report["torch"].get("accuracy")
+    if acc is not None:
+        lines.append(f"PyTorch         accuracy {100 * acc:.2f}% on {report['images']} test images (fake-quantized)")
+    layers = report.get("layers", [])
+    folded = sum(r["bn"].startswith("folded") for r in layers)
+    kept = sum(r["bn"].startswith("per-channel") for r in layers)
+    n_int = sum(r.get("kernel") == "int" for r in layers)
+    lines.append(f"BatchNorm       folded into {folded} full-precision layer(s); kept as per-channel affine after "
+                 f"the integer accumulator in {kept} quantized layer(s)")
+    p = report.get("packed")
+    if p:
+        lines.append(
+            f"packed          {_kib(p['file_bytes'])} (codes {_kib(p['codes_bytes'])} + float32 {_kib(p['float_bytes'])}"
+            f" + header {p['header_bytes']} B) vs FP32 {_kib(p['fp32_bytes'])} ({p['vs_fp32']:.1f}x smaller); "
+            f"limit {_kib(p['limit_bytes'])}: {'within' if p['within_limit'] else 'OVER'}; manifest {_kib(p['manifest_bytes'])}")
+    nr = report["numpy"]
+    lines.append(f"NumPy integer   {n_int}/{len(layers)} layers on integer MACs; {_agree(nr)}"
+                 + (f"; accuracy {100 * nr['accuracy']:.2f}%" if nr.get("accuracy") is not None else ""))
+    o = report.get("onnx")
+    if o:
+        lines.append(f"ONNX QDQ        checker {o['checker']}, opset {o['opset']}; {_agree(o)}")
+        lines.append(f"onnxruntime     {o['latency_ms']['qdq']:.2f} ms (QDQ) vs {o['latency_ms']['fp32']:.2f} ms (FP32 ONNX) "
+                     f"per batch of {o['latency_batch']}: {o['latency_ratio']:.2f}x")
+    c = report.get("c")
+    if c:
+        m = c["mem_002"]
+        lines.append(f"C99             flash {_kib(c['flash_bytes'])}, RAM {_kib(c['ram_bytes'])} (float32 activations "
+                     f"{_kib(c['arena_bytes'])} + scratch {c['scratch_bytes']} B); 002 Mem {_kib(m['bytes'])} "
+                     f"(params {_kib(m['params_bytes'])} + largest activation {m['largest_activation']} x "
+                     f"{m['act_bits']} bit {_kib(m['activation_bytes'])})")
+        if c.get("compiled"):
+            lines.append(f"C vs NumPy      {c['bit_exact_images']}/{c['images']} images bit-exact (self-test: "
+                         f"{c['self_test']}); {_agree(c)}")
+        else:
+            lines.append(f"C               {c.get('note', 'not built')}")
+    return "\n".join(lines)
+
+
+def packed_size_table(model: nn.Module) -> str:
+    """Per-layer packed size of a quantized model and the total vs FP32 (for ``lowbit info``).
+
+    Weight codes at the trained bits, plus the float32 numbers each layer keeps (level set,
+    per-channel BN affine of quantized layers; folded weights and biases of full-precision ones);
+    the total is the real ``model.safetensors`` size, header included.
+    """
+    from ..cost import count_params
+
+    graph = lower(model, None, acts=False)
+    with tempfile.TemporaryDirectory() as d:
+        sz: Sizes = save_package(graph, d, fp32_params=count_params(model))
+    modules = dict(model.named_modules())
+    rows = [("layer", "weight", "params", "codes B", "float32 B", "FP32 B")]
+    fp32_sum = 0
+    for op in graph.ops:
+        floats = sum(a.size for a in op_arrays(op).values())
+        if op.kind == "conv":
+            m = modules[op.name]
+            params = m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+            fp32 = 4 * params + (8 * op.weight.shape[0] if op.bn else 0)  # + BN gamma, beta
+            wq = op.weight if isinstance(op.weight, WeightQ) else None
+            codes = packed_nbytes(wq.codes.size, wq.bits) if wq else 0
+            label = wq.quantizer if wq else "fp32"
+            note = f" (BN {'folded' if op.bn == 'folded' else 'kept'})" if op.bn else ""
+            rows.append((op.name + note, label, f"{params:,}", f"{codes:,}" if wq else "-", f"{4 * floats:,}", f"{fp32:,}"))
+        elif op.kind == "affine":
+            fp32 = 8 * op.scale.size
+            rows.append((op.name, "BN", f"{2 * op.scale.size:,}", "-", f"{4 * floats:,}", f"{fp32:,}"))
+        else:
+            continue
+        fp32_sum += fp32
+    other = sz.fp32_bytes - fp32_sum
+    if other > 0:
+        rows.append(("(other parameters)", "fp32", f"{other // 4:,}", "-", "-", f"{other:,}"))
+    header = sz.file_bytes - sz.codes_bytes - sz.float_bytes
+    rows.append(("total", f"{sz.quantized_params:,} quantized", f"{sz.fp32_params:,}", f"{sz.codes_bytes:,}",
+                 f"{sz.float_bytes:,}", f"{sz.fp32_bytes:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    fmt = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    fmt.insert(1, "-" * len(fmt[0]))
+    fmt.insert(len(fmt) - 1, "-" * len(fmt[0]))
+    fmt.append(f"packed file {sz.file_bytes:,} B = codes + float32 + {header} B header "
+               f"({sz.fp32_bytes / sz.file_bytes:.1f}x smaller than FP32 {sz.fp32_bytes:,} B); "
+               f"limit 1.02 x {sz.ideal_bits / 8:,.0f} B + float32 = {sz.limit_bytes:,.0f} B: "
+               f"{'within' if sz.file_bytes <= sz.limit_bytes else 'OVER'}")
+    return "\n".join(fmt)

@@ -1,0 +1,226 @@
+"""ONNX export of a packed model: QuantizeLinear/DequantizeLinear (QDQ) graph, and its FP32 twin.
+
+Built with ``onnx.helper`` from the packed graph (not from PyTorch), so ONNX, the NumPy reference
+and the C code all come from the same file. Opset 21 (int4/uint4 Q/DQ, supported by onnxruntime):
+
+* quantized input activation: ``Clip`` to the trained range, ``QuantizeLinear`` into a
+  ``uint4``/``int4`` container (bits <= 4) or ``uint8``/``int8`` (5..8 bits), ``DequantizeLinear``;
+  a grid whose code 0 is not 0 (min-max on signed inputs) is shifted by ``Sub``/``Add`` around it;
+* quantized weight with an integer form ``off + s·m`` (:func:`lowbit.export.levels.integer_form`):
+  the integers ``m`` as an ``int4``/``int8``/``int16`` initializer, ``DequantizeLinear`` with the
+  per-tensor or per-output-channel (``axis=0``) scale ``s``, then ``Add(off)`` if ``off != 0``;
+  a value set with no integer form is stored as its decoded float weight (ONNX has no LUT type);
+* BatchNorm of a quantized layer: ``Mul``/``Add`` per channel after the conv (as in the integer
+  graph); of a full-precision layer: folded into its float weight and bias.
+
+The FP32 twin (``qdq=False``) is the same network in plain float: no Q/DQ, dequantized weights
+with every BatchNorm folded. It is the baseline of the latency comparison.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from .graph import Graph, Op, WeightQ
+from .levels import ActQuant, integer_form
+
+OPSET = 21
+IR_VERSION = 10
+
+
+class _Builder:
+    def __init__(self):
+        self.nodes, self.inits = [], []
+        self._n = 0
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}__{self._n}"
+
+    def const(self, base: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        n = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), n))
+        return n
+
+    def int_const(self, base: str, values: np.ndarray, dtype: int) -> str:
+        from onnx import helper
+
+        n = self.name(base)
+        v = np.asarray(values)
+        self.inits.append(helper.make_tensor(n, dtype, list(v.shape), v.reshape(-1).astype(int).tolist()))
+        return n
+
+    def node(self, op_type: str, inputs: list[str], output: str | None = None, base: str = "t", **attrs) -> str:
+        from onnx import helper
+
+        out = output or self.name(base)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=self.name(op_type), **attrs))
+        return out
+
+
+def _int_type(lo: int, hi: int) -> int:
+    from onnx import TensorProto as T
+
+    if lo >= 0:
+        return T.UINT4 if hi <= 15 else T.UINT8 if hi <= 255 else T.UINT16
+    return T.INT4 if -8 <= lo and hi <= 7 else T.INT8 if -128 <= lo and hi <= 127 else T.INT16
+
+
+def _act_qdq(b: _Builder, x: str, a: ActQuant, base: str) -> str:
+    f = np.float32
+    lo = f(a.real_lo)
+    if lo != 0.0:
+        x = b.node("Sub", [x, b.const(base + ".act_lo", np.array(lo, f))], base=base)
+    clip_lo, clip_hi = f(a.qmin) * f(a.step), f(a.qmax) * f(a.step)
+    x = b.node("Clip", [x, b.const(base + ".clip_lo", np.array(clip_lo, f)),
+                        b.const(base + ".clip_hi", np.array(clip_hi, f))], base=base)
+    scale = b.const(base + ".act_scale", np.array(a.step, f))
+    zp = b.int_const(base + ".act_zp", np.array(0), _int_type(a.qmin, a.qmax))
+    q = b.node("QuantizeLinear", [x, scale, zp], base=base)
+    x = b.node("DequantizeLinear", [q, scale, zp], base=base)
+    if lo != 0.0:
+        x = b.node("Add", [x, b.const(base + ".act_lo", np.array(lo, f))], base=base)
+    return x
+
+
+def _channel_shape(op: Op, n: int) -> tuple[int, ...]:
+    return (n,) if op.attrs["layer"] == "linear" else (1, n, 1, 1)
+
+
+def _conv(b: _Builder, op: Op, qdq: bool) -> None:
+    f = np.float32
+    x = op.inputs[0]
+    o = op.weight.shape[0]
+    w_shape = op.weight.shape
+    base = op.name
+    if qdq and op.act is not None:
+        x = _act_qdq(b, x, op.act, base)
+    wq = op.weight if isinstance(op.weight, WeightQ) else None
+    bias = None
+    post_mul = post_add = None
+    if wq is not None and qdq:
+        form = integer_form(wq.levels.levels64())
+        if form is not None:
+            m_lut, s, off = form
+            rows = wq.row_index()
+            m = m_lut[rows[:, None], wq.codes.reshape(o, -1).astype(np.int64)].reshape(w_shape)
+            per_row = wq.levels.rows > 1
+            dt = _int_type(int(m.min()), int(m.max()))
+            mi = b.int_const(base + ".w_int", m, dt)
+            sc = b.const(base + ".w_scale", (s if per_row else s[:1].reshape(())).astype(f))
+            zp = b.int_const(base + ".w_zp", np.zeros(o if per_row else ()), dt)
+            w = b.node("DequantizeLinear", [mi, sc, zp], base=base, **({"axis": 0} if per_row else {}))
+            if np.any(off != 0):
+                offv = off[rows] if per_row else np.full(o, off[0])
+                w = b.node("Add", [w, b.const(base + ".w_off", offv.astype(f).reshape((o,) + (1,) * (len(w_shape) - 1)))],
+                           base=base)
+        else:
+            w = b.const(base + ".w", wq.dequantize())
+        if op.scale is not None:
+            post_mul, post_add = op.scale, op.shift
+        elif op.shift is not None:
+            bias = op.shift
+    else:
+        wf = (wq.dequantize() if wq is not None else op.weight).astype(np.float64)
+        bf = None if op.bias is None else op.bias.astype(np.float64)
+        if op.scale is not None:  # the FP32 twin folds every BN
+            wf = wf * op.scale.astype(np.float64).reshape((o,) + (1,) * (wf.ndim - 1))
+            bf = op.shift.astype(np.float64)
+        elif op.shift is not None:
+            bf = op.shift.astype(np.float64)
+        w = b.const(base + ".w", wf.astype(f))
+        bias = bf
+    ins = [x, w] + ([b.const(base + ".b", bias.astype(f))] if bias is not None else [])
+    out = op.output if post_mul is None else None
+    if op.attrs["layer"] == "linear":
+        y = b.node("Gemm", ins, out, base=base, transB=1)
+    else:
+        (ph, pw) = op.attrs["padding"]
+        y = b.node("Conv", ins, out, base=base, kernel_shape=list(op.attrs["kernel"]),
+                   strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw])
+    if post_mul is not None:
+        shp = _channel_shape(op, o)
+        y = b.node("Mul", [y, b.const(base + ".bn_scale", post_mul.astype(f).reshape(shp))], base=base)
+        b.node("Add", [y, b.const(base + ".bn_shift", post_add.astype(f).reshape(shp))], op.output)
+
+
+def to_onnx(graph: Graph, qdq: bool = True):
+    """The ONNX ``ModelProto`` of a packed graph: QDQ (default) or the FP32 twin (``qdq=False``)."""
+    from onnx import TensorProto, helper
+
+    b = _Builder()
+    for op in graph.ops:
+        x = op.inputs
+        if op.kind == "conv":
+            _conv(b, op, qdq)
+        elif op.kind == "relu":
+            b.node("Relu", x, op.output)
+        elif op.kind == "add":
+            b.node("Add", x, op.output)
+        elif op.kind == "gap":
+            b.node("GlobalAveragePool", x, op.output)
+        elif op.kind == "flatten":
+            b.node("Flatten", x, op.output, axis=1)
+        elif op.kind == "maxpool":
+            (ph, pw) = op.attrs["padding"]
+            b.node("MaxPool", x, op.output, kernel_shape=list(op.attrs["kernel"]),
+                   strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw])
+        elif op.kind == "affine":
+            shp = (1, -1) + (1,) * (len(op.in_shape) - 1)
+            y = b.node("Mul", [x[0], b.const(op.name + ".scale", op.scale.reshape(shp))], base=op.name)
+            b.node("Add", [y, b.const(op.name + ".shift", op.shift.reshape(shp))], op.output)
+        else:  # pragma: no cover - graph.lower only emits the kinds above
+            raise ValueError(op.kind)
+    inp = helper.make_tensor_value_info(graph.input, TensorProto.FLOAT, ["N", *graph.input_shape])
+    out = helper.make_tensor_value_info(graph.output, TensorProto.FLOAT, ["N", *graph.output_shape])
+    g = helper.make_graph(b.nodes, "lowbit_" + ("qdq" if qdq else "fp32"), [inp], [out], b.inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lowbit")
+    model.ir_version = IR_VERSION
+    return model
+
+
+def check(model) -> None:
+    """``onnx.checker`` with full shape inference (raises on an invalid model)."""
+    import onnx
+
+    onnx.checker.check_model(model, full_check=True)
+
+
+def session(model, threads: int = 1):
+    """An onnxruntime CPU session (graph optimizations on, ``threads`` intra-op threads)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # onnxruntime's WeightBiasQuantization pass would re-quantize a float weight that meets a
+    # DequantizeLinear input to int8 (a value-set layer stored as float weights): not our model.
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=["WeightBiasQuantization"])
+
+
+def run(sess, x: np.ndarray, batch: int = 500) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    x = np.asarray(x, dtype=np.float32)
+    return np.concatenate([sess.run(None, {name: x[i: i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def latency(sessions: dict, x: np.ndarray, repeats: int = 20) -> dict[str, float]:
+    """Median milliseconds per call of each session on the batch ``x``, measured side by side
+    (the sessions alternate within every repeat, so load on a shared machine hits both alike)."""
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():  # warm-up
+        run(s, x, len(x))
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            run(s, x, len(x))
+            times[k].append(1000 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -1,0 +1,363 @@
+"""lowbit.export: packing, BN folding, quantizer rules, NumPy integer reference, ONNX, C, run export."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lowbit import create_model, quantize
+from lowbit.config import Config
+from lowbit.errors import ConfigError
+from lowbit.export import (
+    IntegerReference,
+    compile_c,
+    export_run,
+    fold_bn,
+    format_report,
+    load_package,
+    lower,
+    pack_codes,
+    packed_size_table,
+    run_c,
+    save_package,
+    to_onnx,
+    unpack_codes,
+    write_c,
+)
+from lowbit.export.fold import bn_affine
+from lowbit.export.levels import act_quant, integer_form
+from lowbit.export.numpy_ref import prepare
+from lowbit.quant import build_quantizer
+from lowbit.quantize import weight_param
+from lowbit.train import run
+
+W2A2 = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}}
+
+
+def quantized_resnet(plan: dict, width: float = 0.25, seed: int = 0) -> nn.Module:
+    """A randomly initialised quantized ResNet-8 whose BN statistics, activation ranges and LSQ
+    steps were set by three training-mode forward passes (no optimizer step)."""
+    torch.manual_seed(seed)
+    m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=width)
+    quantize(m, plan)
+    m.train()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 1, 28, 28, generator=g))
+    return m.eval()
+
+
+def inputs(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def torch_logits(m: nn.Module, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return m(x).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# packing
+# ---------------------------------------------------------------------------------------------
+def test_pack_hand_cases():
+    # LSB first: code j occupies stream bits j*b .. j*b+b-1; stream bit t is bit t%8 of byte t//8
+    assert pack_codes([3, 1, 2, 0], 2).tolist() == [0b00100111]
+    assert pack_codes([1, 0, 1, 1, 0, 0, 0, 0, 1], 1).tolist() == [0b00001101, 0b1]
+    # 3 bits straddle bytes: 5=101, 6=110, 7=111 -> bits 1,0,1, 0,1,1, 1,1 | 1
+    assert pack_codes([5, 6, 7], 3).tolist() == [0b11110101, 0b00000001]
+    assert unpack_codes([0b11110101, 0b1], 3, 3).tolist() == [5, 6, 7]
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 7, 13, 1001])
+def test_pack_roundtrip_every_bitwidth_and_odd_sizes(bits, n):
+    codes = np.random.default_rng(bits * 1000 + n).integers(0, 2**bits, n)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == np.uint8 and packed.size == -(-n * bits // 8)  # ceil: the physical limit
+    assert np.array_equal(unpack_codes(packed, bits, n), codes)
+
+
+def test_pack_rejects_codes_out_of_range():
+    with pytest.raises(ConfigError, match="0..3"):
+        pack_codes([0, 4], 2)
+    with pytest.raises(ConfigError, match="bits 1..8"):
+        pack_codes([0], 9)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm folding
+# ---------------------------------------------------------------------------------------------
+def test_bn_affine_hand_case():
+    bn = nn.BatchNorm2d(1, eps=0.0).eval()
+    bn.weight.data.fill_(2.0)
+    bn.bias.data.fill_(1.0)
+    bn.running_mean.fill_(3.0)
+    bn.running_var.fill_(4.0)
+    g, h = bn_affine(bn)  # g = 2/sqrt(4) = 1, h = 1 - 1*3 = -2
+    assert g.tolist() == [1.0] and h.tolist() == [-2.0]
+
+
+def test_fold_bn_preserves_outputs():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=True)
+    bn = nn.BatchNorm2d(5)
+    bn.weight.data.uniform_(0.5, 2)
+    bn.bias.data.normal_()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.2, 3)
+    bn.eval()
+    x = torch.randn(4, 3, 8, 8)
+    w, b = fold_bn(conv.weight.detach().numpy(), conv.bias.detach().numpy(), bn)
+    with torch.no_grad():
+        want = bn(conv(x))
+        got = nn.functional.conv2d(x, torch.from_numpy(w), torch.from_numpy(b), padding=1)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(conv(x), want, atol=1e-2)  # the BN did change the output
+
+
+def test_bn_folded_into_fp_layers_and_kept_after_quantized_ones():
+    m = quantized_resnet(W2A2)
+    ops = {op.name: op for op in lower(m, inputs(2)).ops}
+    assert ops["conv1"].bn == "folded" and isinstance(ops["conv1"].weight, np.ndarray)
+    q = ops["layers.0.0.conv1"]
+    assert q.bn == "affine" and q.quantized
+    bn = m.layers[0][0].bn1
+    g = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    assert np.allclose(q.scale, g.numpy(), rtol=1e-6)
+    # codes index the quantizer's levels: decoding them gives the quantized weight exactly
+    assert np.array_equal(q.weight.dequantize(), m.layers[0][0].conv1.weight.detach().numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# quantizer rules
+# ---------------------------------------------------------------------------------------------
+def test_integer_form_hand_cases():
+    m, s, off = integer_form(np.array([-0.3, -0.1, 0.1, 0.3]))  # symmetric 2-bit grid: odd integers
+    assert m.tolist() == [[-3, -1, 1, 3]] and np.allclose(s, 0.1) and off.tolist() == [0.0]
+    m, s, off = integer_form(np.array([-1.0, -0.5, 0.5, 1.0]))  # power-of-two: shifts
+    assert m.tolist() == [[-2, -1, 1, 2]] and s.tolist() == [0.5]
+    m, s, off = integer_form(np.array([-0.25, 0.15, 0.55, 0.95]))  # grid with 0 off the lattice
+    assert m.tolist() == [[0, 1, 2, 3]] and np.allclose(s, 0.4) and np.allclose(off, -0.25)
+    assert integer_form(np.array([-1.0, 0.3, 1.0])) is None  # no common base: float MACs
+
+
+def test_pact_codes_hand_case():
+    q = build_quantizer("pact", 2, role="act", init=3.0).eval()
+    x = torch.tensor([-1.0, 0.4, 0.5, 1.5, 2.5, 7.0])
+    q(x)
+    a = act_quant(q, "t")  # step = 3/3 = 1; round half to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
+    assert a.codes(x.numpy()).tolist() == [0, 0, 0, 2, 2, 3]
+
+
+@pytest.mark.parametrize("name,options", [("pact", {}), ("lsq", {}), ("lsq", {"signed": True}), ("uniform", {}),
+                                          ("minmax", {}), ("dorefa", {})])
+@pytest.mark.parametrize("bits", [2, 3])
+def test_activation_rules_reproduce_the_quantizer_bit_for_bit(name, options, bits):
+    torch.manual_seed(bits)
+    q = build_quantizer(name, bits, role="act", **options)
+    q.train()
+    q(torch.randn(512) * 2)  # running range / LSQ step initialisation
+    q.eval()
+    q(torch.zeros(1))
+    a = act_quant(q, "t")
+    lv = q.levels().numpy()
+    mids = (lv[1:] + lv[:-1]) / 2  # exact rounding ties
+    x = np.concatenate([np.random.default_rng(0).normal(0, 2, 4000), mids, lv, [lv[0] - 5, lv[-1] + 5]])
+    x = torch.tensor(x, dtype=torch.float32)
+    want = q(x).numpy()
+    got = a.values(a.codes(x.numpy()))
+    assert np.array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy integer reference
+# ---------------------------------------------------------------------------------------------
+PLANS = {
+    "sawb2+pact2": (W2A2, "int"),
+    "lsq3/ch+lsq3": ({"weight": {"name": "lsq", "bits": 3, "per_channel": True}, "act": {"name": "lsq", "bits": 3}},
+                     "int"),
+    "bwn (fp acts)": ({"weight": {"name": "bwn", "bits": 1}}, "float"),
+    "twn/ch+uniform4": ({"weight": {"name": "twn", "bits": 2, "per_channel": True},
+                         "act": {"name": "uniform", "bits": 4}}, "int"),
+    "po2-4+dorefa8": ({"weight": {"name": "po2", "bits": 4}, "act": {"name": "dorefa", "bits": 8}}, "int"),
+    "valueset+minmax3": ({"weight": {"name": "valueset", "values": [-1, 0.3, 1], "scale": "max"},
+                          "act": {"name": "minmax", "bits": 3}}, "float"),
+    "minmax3/ch+minmax5, first layer quantized": (
+        {"weight": {"name": "minmax", "bits": 3, "per_channel": True}, "act": {"name": "minmax", "bits": 5},
+         "keep_first": False}, "int"),
+}
+
+
+@pytest.mark.parametrize("label", list(PLANS))
+def test_numpy_reference_predicts_what_pytorch_predicts(label, tmp_path):
+    plan, mode = PLANS[label]
+    m = quantized_resnet(plan)
+    x = inputs(64)
+    graph = lower(m, x[:2])
+    save_package(graph, tmp_path)
+    pkg = load_package(tmp_path / "model.json")
+    for a, b in zip(graph.conv_ops(), pkg.conv_ops()):  # the file holds exactly the codes
+        if a.quantized:
+            assert np.array_equal(a.weight.codes, b.weight.codes)
+    ref = IntegerReference(pkg)
+    modes = ref.modes()
+    quantized = [op.name for op in pkg.conv_ops() if op.quantized]
+    assert quantized and all(modes[n] == mode for n in quantized)
+    want, got = torch_logits(m, x), ref.run(x.numpy())
+    assert np.array_equal(got.argmax(1), want.argmax(1))
+    assert np.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_offset_terms_are_exercised_by_grids_without_zero():
+    # a min-max weight grid keeps an offset (K term); min-max on the signed network input has
+    # code 0 != 0.0 (M and n terms): every term of the integer rescale is in use
+    m = quantized_resnet(PLANS["minmax3/ch+minmax5, first layer quantized"][0])
+    k = {kk.op.name: kk for kk in prepare(lower(m, inputs(2))) if hasattr(kk, "mode")}["conv1"]
+    assert k.mode == "int" and all(getattr(k, c) is not None for c in ("ca", "cb", "cc", "cd"))
+
+
+def test_packed_file_is_at_the_physical_limit(tmp_path):
+    for plan in (W2A2, {"weight": {"name": "bwn", "bits": 1}}):
+        m = quantized_resnet(plan, width=1.0)
+        sz = save_package(lower(m, inputs(2)), tmp_path / plan["weight"]["name"])
+        ideal_bits = sum(mod.weight.numel() * weight_param(mod).bits
+                         for mod in m.modules() if weight_param(mod) is not None)
+        assert sz.ideal_bits == ideal_bits
+        assert sz.file_bytes <= 1.02 * ideal_bits / 8 + sz.float_bytes
+        fp32 = 4 * sum(p.numel() for n, p in m.named_parameters() if "alpha" not in n)
+        assert sz.file_bytes * 10 < fp32
+
+
+def test_packed_size_table_lists_layers_and_total():
+    m = quantized_resnet(W2A2)
+    text = packed_size_table(m)
+    n = m.layers[2][0].conv2.weight.numel()
+    row = next(line for line in text.splitlines() if line.startswith("layers.2.0.conv2"))
+    assert "sawb2" in row and f"{n * 2 // 8:,}" in row.split()
+    assert "total" in text and "smaller than FP32" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("label", ["sawb2+pact2", "lsq3/ch+lsq3"])
+def test_onnx_qdq_passes_checker_and_matches_pytorch(label):
+    import onnx
+    import onnxruntime as ort
+
+    m = quantized_resnet(PLANS[label][0])
+    x = inputs(64)
+    graph = lower(m, x[:2])
+    model = to_onnx(graph)
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 8 and "DequantizeLinear" in ops
+    types = {t.data_type for t in model.graph.initializer}
+    assert onnx.TensorProto.INT4 in types  # 2/3-bit weight integers in int4 containers
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=["WeightBiasQuantization"])
+    got = sess.run(None, {graph.input: x.numpy()})[0]
+    want = torch_logits(m, x)
+    assert np.array_equal(got.argmax(1), want.argmax(1))
+    assert np.allclose(got, want, atol=1e-4, rtol=1e-4)
+    fp32 = to_onnx(graph, qdq=False)
+    onnx.checker.check_model(fp32, full_check=True)
+    assert not any(n.op_type.endswith("QuantizeLinear") for n in fp32.graph.node)
+
+
+# ---------------------------------------------------------------------------------------------
+# C
+# ---------------------------------------------------------------------------------------------
+def lenet_w2a2() -> nn.Module:
+    torch.manual_seed(0)
+    m = create_model("lenet5", in_channels=1, num_classes=10, image_size=28, width=0.5, batch_norm=True)
+    quantize(m, W2A2)
+    m.train()
+    with torch.no_grad():
+        m(inputs(16, seed=3))
+    return m.eval()
+
+
+@pytest.mark.parametrize("label", ["sawb2+pact2", "valueset+minmax3", "minmax3/ch+minmax5, first layer quantized",
+                                   "lenet"])
+def test_c_code_compiles_and_is_bit_exact_with_numpy(label, tmp_path):
+    assert shutil.which("gcc"), "the C export test needs gcc"
+    m = lenet_w2a2() if label == "lenet" else quantized_resnet(PLANS[label][0])
+    x = inputs(4, seed=5).numpy()
+    graph = lower(m, torch.from_numpy(x[:2]))
+    want = IntegerReference(graph).run(x)
+    ce = write_c(graph, tmp_path, samples=x[:2], expected=want[:2])
+    exe = compile_c(tmp_path)
+    got = run_c(exe, x, want.shape[1])
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))  # bit for bit
+    st = subprocess.run([str(exe)], capture_output=True, text=True)  # the embedded self-test
+    assert st.returncode == 0 and "2/2 samples bit-exact" in st.stdout
+    assert ce.flash_bytes > 0 and ce.ram_bytes >= 4 * max(x[0].size, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders and errors
+# ---------------------------------------------------------------------------------------------
+def test_export_run_end_to_end(tmp_path, fmnist_small):
+    cfg = Config.model_validate({
+        "name": "tiny", "model": {"name": "resnet8", "width": 0.25},
+        "data": {"name": "fashion-mnist", "limit": 1200, "val_fraction": 0.05}, "plan": W2A2,
+        "train": {"epochs": 1, "batch_size": 64, "progress": False, "seed": 0}})
+    run(cfg, tmp_path / "run", data=fmnist_small)
+    rep = export_run(tmp_path / "run", limit=300, c_images=3, latency_batch=32, latency_repeats=2)
+    assert rep["numpy"]["images"] == 300 and rep["numpy"]["mismatches"] == 0
+    assert rep["onnx"]["checker"] == "ok" and rep["onnx"]["agreement"] == 1.0
+    assert rep["c"]["bit_exact_images"] == 3 and rep["c"]["self_test_ok"]
+    assert (tmp_path / "run" / "export" / "packed" / "model.safetensors").is_file()
+    assert rep["packed"]["codes_bytes"] == sum(-(-r * 2 // 8) for r in (144, 144, 288, 576, 32, 1152, 2304, 128))
+    text = format_report(rep)
+    assert "3/3 images bit-exact" in text and "300/300 predictions agree" in text
+    # no checkpoint / not a run folder / unknown format: one-line ConfigErrors naming the problem
+    (tmp_path / "run" / "best.pt").unlink()
+    with pytest.raises(ConfigError, match="no best.pt"):
+        export_run(tmp_path / "run")
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        export_run(tmp_path)
+    with pytest.raises(ConfigError, match="allowed: packed, onnx, c"):
+        export_run(tmp_path / "run", formats=("tflite",))
+
+
+def test_unsupported_layer_is_a_config_error_naming_it():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.act = nn.GELU()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+    m = quantize(Net(), W2A2)
+    with pytest.raises(ConfigError, match=r"layer 'act' \(GELU\) is not supported"):
+        lower(m, torch.randn(1, 1, 6, 6))
+
+
+def test_weight_off_its_level_set_is_a_config_error():
+    m = quantized_resnet(W2A2)
+    layer = m.layers[0][0].conv1
+    wp = weight_param(layer)
+    quantizer = wp.quantizer
+
+    class Relaxed(nn.Module):  # a relaxed weight (BinaryRelax-like mixture) not on the levels
+        def __init__(self):
+            super().__init__()
+            self.quantizer = quantizer
+
+        def forward(self, w):
+            return 0.5 * (self.quantizer(w) + w)
+
+    layer.parametrizations.weight[0] = Relaxed()
+    with pytest.raises(ConfigError, match="layer 'layers.0.0.conv1': its weight is not on its quantizer's level set"):
+        lower(m, inputs(2))
