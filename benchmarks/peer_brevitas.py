@@ -324,8 +324,8 @@ def bench() -> None:
     for seed in args.seeds:
         data = load_dataset("fashion-mnist", val_fraction=VAL_FRACTION, seed=seed, limit=args.limit)
         t = TrainConfig(epochs=args.epochs, seed=seed, threads=args.threads, progress=False, **RECIPE)
-        if seed == args.seeds[0]:  # checks before any training; the split sizes do not depend on the seed
-            for b in args.bits:  # fail before any training on bits or a model either side cannot take
+        if seed == args.seeds[0]:  # before any training (the split sizes do not depend on the seed):
+            for b in args.bits:  # a model or bits either side cannot take fails here, not after FP32
                 lowbit_model(args.model, data, seed, b)
                 brevitas_model(args.model, data, seed, b)
             warn_collect_phase(math.ceil(len(data.train) / t.batch_size), t.epochs)

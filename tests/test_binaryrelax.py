@@ -99,13 +99,15 @@ def test_schedules_spread_the_papers_growth_over_the_run():
     br.on_step(m, 80)
     assert br.log()["c1"] == 1.0 and torch.equal(m.c1.weight, build_quantizer("minmax", 2)(latent(m)))
 
-    lit = quant_state(tiny({"name": "binaryrelax", "growth_epochs": "run", "hard_fraction": 0})).method
-    lit.setup(None, total_steps=100, steps_per_epoch=10)
+    m = tiny({"name": "binaryrelax", "growth_epochs": "run", "hard_fraction": 0})
+    lit = quant_state(m).method
+    lit.setup(m, total_steps=100, steps_per_epoch=10)
     assert lit.omega_at(20) == pytest.approx(1.04**2)  # start of epoch 3: ×1.04 per epoch, literally
     assert lit.omega_at(99) == pytest.approx(1.04**9.9)
 
-    mix = quant_state(tiny({"name": "binaryrelax", "form": "mixture", "mixture": [MM(4), MM(8)]})).method
-    mix.setup(None, total_steps=200, steps_per_epoch=20)  # 003: ×1.02 per epoch over 300 epochs
+    m = tiny({"name": "binaryrelax", "form": "mixture", "mixture": [MM(4), MM(8)]})
+    mix = quant_state(m).method
+    mix.setup(m, total_steps=200, steps_per_epoch=20)  # 003: ×1.02 per epoch over 300 epochs
     assert mix.relax_steps == 200
     assert mix.omega_at(100) == pytest.approx(1.02**150)
     assert mix.omega_at(199) == pytest.approx(1.02 ** (300 * 199 / 200))

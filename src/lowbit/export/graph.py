@@ -114,6 +114,20 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the traced model once and records every node's per-sample output shape."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n.name] = tuple(int(d) for d in out.shape[1:])
+        return out
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.GraphModule(model, _Tracer().trace(model))
@@ -205,19 +219,15 @@ def lower(model: nn.Module, example_input: torch.Tensor | None = None, acts: boo
     gm = trace(model)
     shapes: dict[str, tuple[int, ...]] = {}
     if example_input is not None:
-        from torch.fx.passes.shape_prop import ShapeProp
-
+        rec = _ShapeRecorder(gm)
         with torch.no_grad():
             try:
-                ShapeProp(gm).propagate(example_input)
+                rec.run(example_input)
             except ConfigError:
                 raise
             except Exception as e:  # noqa: BLE001
                 raise ConfigError(f"export: the model does not run on the example input ({e})") from None
-        for node in gm.graph.nodes:
-            tm = node.meta.get("tensor_meta")
-            if tm is not None and hasattr(tm, "shape"):
-                shapes[node.name] = tuple(int(d) for d in tm.shape[1:])
+        shapes = rec.shapes
     modules = dict(gm.named_modules())
     users = {node.name: list(node.users) for node in gm.graph.nodes}
     alias: dict[str, str] = {}
