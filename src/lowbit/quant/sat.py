@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .base import Quantizer, build_quantizer, register_quantizer
-from .uniform import _LSQFn, clip_round, clip_round_levels
+from .uniform import clip_round, clip_round_levels, lsq_quantize
 
 _EPS = 1e-8
 
@@ -85,7 +85,7 @@ class SATQuantizer(Quantizer):
             return clip_round(x, zero, a, self.bits)
         s = a / n
         self._remember(torch.arange(n + 1, dtype=x.dtype) * s.detach())
-        return _LSQFn.apply(x, s, 0, n, 1.0)
+        return lsq_quantize(x, s, 0, n, 1.0)
 
     def extra_repr(self) -> str:
         opt = f"scale_grad={self.scale_grad}" if self.role == "weight" else f"calibrated={self.calibrated}"

@@ -95,6 +95,11 @@ class _ClipRound(torch.autograd.Function):
         return gx, None, ghigh, None
 
 
+def lsq_quantize(v: Tensor, s: Tensor, qn: int, qp: int, gscale: float) -> Tensor:
+    """round(clamp(v/s, -qn, qp))*s with LSQ's gradients (see :class:`_LSQFn`)."""
+    return _LSQFn.apply(v, s, qn, qp, gscale)
+
+
 def clip_round(x: Tensor, low: Tensor, high: Tensor, bits: int) -> Tensor:
     return _ClipRound.apply(x, low, high, 2**bits - 1)
 
@@ -348,7 +353,7 @@ class LSQQuantizer(Quantizer):
         s = self.step.abs() + _EPS  # |s| keeps the step positive whatever the optimizer does
         k = torch.arange(-self.qn, self.qp + 1, dtype=s.dtype)
         self._remember(k * s.detach().reshape(-1, 1) if self.per_channel else k * s.detach())
-        return _LSQFn.apply(x, s, self.qn, self.qp, gscale)
+        return lsq_quantize(x, s, self.qn, self.qp, gscale)
 
     @property
     def n_scales(self) -> int:
