@@ -90,4 +90,9 @@ def test_train_then_eval_then_refuse_overwrite(capsys, tmp_path, config):
     assert "test accuracy" in out and "model size" in out and "BitOPs" in out
     assert main(["eval", str(run_dir)]) == 0
     assert "test accuracy" in capsys.readouterr().out
+    assert main(["info", str(run_dir)]) == 0
+    assert "packed" in capsys.readouterr().out.lower()
+    assert main(["export", str(run_dir), "--format", "packed", "--limit", "50"]) == 0
+    assert (run_dir / "export" / "packed" / "model.safetensors").is_file()
+    capsys.readouterr()
     assert "already holds a run" in err_of(capsys, ["train", config, *TINY, "--out", str(run_dir)])

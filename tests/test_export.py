@@ -39,6 +39,15 @@ from lowbit.train import run
 W2A2 = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These tests run many small ops: one thread avoids OpenMP spinning on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def quantized_resnet(plan: dict, width: float = 0.25, seed: int = 0) -> nn.Module:
     """A randomly initialised quantized ResNet-8 whose BN statistics, activation ranges and LSQ
     steps were set by three training-mode forward passes (no optimizer step)."""
@@ -147,6 +156,19 @@ def test_integer_form_hand_cases():
     assert integer_form(np.array([-1.0, 0.3, 1.0])) is None  # no common base: float MACs
 
 
+def test_level_sets_are_stored_compactly_and_exactly():
+    from lowbit.export.levels import describe_levels
+    from lowbit.quant.uniform import grid_levels
+
+    sawb = grid_levels(-0.3, 0.6 / 3, 4).numpy()  # as SAWB computes its levels
+    lsq = (torch.arange(-128, 128, dtype=torch.float32) * torch.tensor(0.0123)).numpy()  # LSQ 8 bit: k*s
+    odd = np.array([-1.0, 0.3, 1.0], dtype=np.float32)
+    for levels, kind, floats in ((sawb, "grid", 2), (lsq, "lattice", 2), (odd, "table", 3)):
+        spec = describe_levels(levels)
+        assert (spec.kind, spec.n_floats) == (kind, floats)
+        assert np.array_equal(spec.levels32()[0], levels)  # bit for bit
+
+
 def test_pact_codes_hand_case():
     q = build_quantizer("pact", 2, role="act", init=3.0).eval()
     x = torch.tensor([-1.0, 0.4, 0.5, 1.5, 2.5, 7.0])
@@ -190,6 +212,9 @@ PLANS = {
     "po2-4+dorefa8": ({"weight": {"name": "po2", "bits": 4}, "act": {"name": "dorefa", "bits": 8}}, "int"),
     "valueset+minmax3": ({"weight": {"name": "valueset", "values": [-1, 0.3, 1], "scale": "max"},
                           "act": {"name": "minmax", "bits": 3}}, "float"),
+    "sgt po2-2bit+pact2 (levels from the weight)": ({"weight": {"name": "valueset", "values": "po2-2bit"},
+                                                     "act": {"name": "pact", "bits": 2}, "method": {"name": "sgt"}},
+                                                    "int"),
     "minmax3/ch+minmax5, first layer quantized": (
         {"weight": {"name": "minmax", "bits": 3, "per_channel": True}, "act": {"name": "minmax", "bits": 5},
          "keep_first": False}, "int"),
@@ -301,7 +326,7 @@ def test_c_code_compiles_and_is_bit_exact_with_numpy(label, tmp_path):
     exe = compile_c(tmp_path)
     got = run_c(exe, x, want.shape[1])
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))  # bit for bit
-    st = subprocess.run([str(exe)], capture_output=True, text=True)  # the embedded self-test
+    st = subprocess.run([str(exe)], capture_output=True, text=True, check=False)  # the embedded self-test
     assert st.returncode == 0 and "2/2 samples bit-exact" in st.stdout
     assert ce.flash_bytes > 0 and ce.ram_bytes >= 4 * max(x[0].size, 10)
 
@@ -313,7 +338,7 @@ def test_export_run_end_to_end(tmp_path, fmnist_small):
     cfg = Config.model_validate({
         "name": "tiny", "model": {"name": "resnet8", "width": 0.25},
         "data": {"name": "fashion-mnist", "limit": 1200, "val_fraction": 0.05}, "plan": W2A2,
-        "train": {"epochs": 1, "batch_size": 64, "progress": False, "seed": 0}})
+        "train": {"epochs": 1, "batch_size": 64, "progress": False, "seed": 0, "threads": 1}})
     run(cfg, tmp_path / "run", data=fmnist_small)
     rep = export_run(tmp_path / "run", limit=300, c_images=3, latency_batch=32, latency_repeats=2)
     assert rep["numpy"]["images"] == 300 and rep["numpy"]["mismatches"] == 0

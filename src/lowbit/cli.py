@@ -3,7 +3,8 @@
     lowbit train CONFIG [key=value ...] [--out DIR]      train; prints a summary, writes a run folder
     lowbit train --resume RUN_DIR                        continue a killed run from its last epoch
     lowbit eval RUN_DIR                                  re-evaluate a run's best checkpoint
-    lowbit info CONFIG|RUN_DIR [key=value ...]           plan table and cost, no training
+    lowbit info CONFIG|RUN_DIR [key=value ...]           plan table and cost (+ packed size of a run), no training
+    lowbit export RUN_DIR [--format packed,onnx,c]       deployable files, each checked against PyTorch
     lowbit bench SUITE [--workers N] [--dry-run]         run a grid of configs x seeds (resumable)
     lowbit report RESULTS                                002-style table (mean ± std error) + plots
     lowbit budget --model M --bits ... --ratio C         002's widest-network-per-precision under a budget
@@ -60,6 +61,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
+    from .quantize import quant_state
     from .train import BatchLoader, build_model, evaluate, format_summary, load_data, make_summary
 
     run_dir = Path(args.run_dir)
@@ -71,6 +73,7 @@ def cmd_eval(args) -> int:
     model = build_model(cfg, data)
     state = torch.load(ck, weights_only=False)
     model.load_state_dict(state["model"])
+    quant_state(model).method.finalize(model)  # as train.run does before its test evaluation
     t = cfg.train
     val = evaluate(model, BatchLoader(data.val, data.info, t.eval_batch_size))
     test = evaluate(model, BatchLoader(data.test, data.info, t.eval_batch_size))
@@ -90,6 +93,12 @@ def cmd_info(args) -> int:
     cfg = _load_cfg(args.target, args.overrides)
     data = load_data(cfg)
     model = build_model(cfg, data)
+    run_ck = Path(args.target) / "best.pt"
+    if run_ck.is_file():  # a run folder: describe the trained model, incl. its packed size
+        import torch
+
+        model.load_state_dict(torch.load(run_ck, weights_only=False)["model"])
+        quant_state(model).method.finalize(model)
 
     state = quant_state(model)
     print(state.table())
@@ -103,6 +112,11 @@ def cmd_info(args) -> int:
     print(f"training memory (002, batch {t.batch_size}): latent params {tm['latent_params_mb']:.3f} MB + optimizer "
           f"{tm['optimizer_mb']:.3f} MB + layer inputs {tm['activations_mb']:.3f} MB = {tm['total_mb']:.3f} MB; "
           f"inference {tm['inference_total_mb']:.4f} MB")
+    if run_ck.is_file():
+        from .export import packed_size_table
+
+        print()
+        print(packed_size_table(model))
     return 0
 
 
@@ -117,6 +131,17 @@ def cmd_list(args) -> int:
     print("quantizers: ", ", ".join(list_quantizers("weight")), "(weights)")
     print("            ", ", ".join(list_quantizers("act")), "(activations)")
     print("methods:    ", ", ".join(list_methods()))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run, format_report
+
+    formats = [f for part in (args.format or ["packed,onnx,c"]) for f in part.split(",") if f]
+    rep = export_run(args.run_dir, formats=formats, out_dir=args.out, limit=args.limit, c_images=args.c_images)
+    print(format_report(rep))
+    if args.json:
+        print(json.dumps(rep, indent=2))
     return 0
 
 
@@ -181,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("target", help="YAML config or run folder")
     i.add_argument("overrides", nargs="*")
     i.set_defaults(func=cmd_info)
+    x = sub.add_parser("export", help="export a run: packed weights, ONNX, C99; each checked against PyTorch")
+    x.add_argument("run_dir")
+    x.add_argument("--format", action="append", help="packed, onnx, c (comma-separated or repeated; default all)")
+    x.add_argument("--out", help="output folder (default RUN_DIR/export)")
+    x.add_argument("--limit", type=int, help="check on the first N test images only")
+    x.add_argument("--c-images", type=int, default=8, help="test images run through the compiled C code")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="run a benchmark suite (methods x bits x models x widths x seeds)")
     b.add_argument("suite", help="suite YAML")
     b.add_argument("--workers", type=int, default=1, help="runs at once, as separate processes")

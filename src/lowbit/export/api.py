@@ -27,8 +27,8 @@ from torch import nn
 from ..errors import ConfigError
 from .graph import Graph, WeightQ, lower
 from .numpy_ref import IntegerReference
-from .package import Sizes, load_package, op_arrays, save_package, sizes
 from .pack import packed_nbytes
+from .package import Sizes, load_package, op_arrays, save_package
 
 FORMATS = ("packed", "onnx", "c")
 BN_NOTE = {"folded": "folded into the float weights", "affine": "per-channel affine after the integer accumulator",
@@ -47,7 +47,7 @@ def _formats(formats) -> tuple[str, ...]:
 def compare(ref: np.ndarray, out: np.ndarray) -> dict:
     """Prediction agreement of ``out`` with ``ref`` (logits, N x classes)."""
     same = ref.argmax(1) == out.argmax(1)
-    return {"images": int(len(ref)), "agreement": float(same.mean()) if len(ref) else float("nan"),
+    return {"images": len(ref), "agreement": float(same.mean()) if len(ref) else float("nan"),
             "mismatches": int((~same).sum()),
             "max_logit_diff": float(np.abs(ref.astype(np.float64) - out).max()) if len(ref) else 0.0}
 
@@ -82,12 +82,13 @@ def _mem_002(model: nn.Module, x: torch.Tensor) -> dict:
 
 def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats=FORMATS,
                  labels: torch.Tensor | None = None, c_images: int | None = 8, batch: int = 500,
-                 latency_batch: int = 256, latency_repeats: int = 20, log=None) -> dict:
+                 latency_batch: int = 256, latency_repeats: int = 20, log=None, meta: dict | None = None) -> dict:
     """Export ``model`` (quantized, eval mode) and check every format on the inputs ``x``.
 
     ``x`` is the evaluation set (normalised float32, N x C x H x W), ``labels`` its classes
     (optional). ``c_images`` inputs go through the compiled C code (None: all of ``x``).
-    Returns a JSON-able report (see :func:`format_report`).
+    ``meta`` (JSON-able) goes into the manifest. Returns a JSON-able report (see
+    :func:`format_report`).
     """
     from ..cost import count_params
 
@@ -101,7 +102,8 @@ def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats
     with torch.no_grad():
         ref = torch.cat([model(x[i: i + batch]) for i in range(0, len(x), batch)]).numpy()
     graph = lower(model, x[:2])
-    report: dict = {"images": int(len(x)), "formats": list(formats), "out_dir": str(out),
+    graph.meta = dict(meta or {})
+    report: dict = {"images": len(x), "formats": list(formats), "out_dir": str(out),
                     "torch": {"accuracy": _accuracy(ref, y)}}
 
     # packed file, loaded back: everything below comes from the file alone
@@ -154,7 +156,7 @@ def _onnx(pkg: Graph, d: Path, xn, ref, y, latency_batch: int, repeats: int, bat
     return {"dir": str(d), "checker": "ok", "opset": ox.OPSET, **compare(ref, lo), "accuracy": _accuracy(lo, y),
             "seconds": seconds, "qdq_bytes": (d / "model_qdq.onnx").stat().st_size,
             "fp32_bytes": (d / "model_fp32.onnx").stat().st_size,
-            "latency_batch": int(min(latency_batch, len(xn))), "latency_ms": lat,
+            "latency_batch": min(latency_batch, len(xn)), "latency_ms": lat,
             "latency_ratio": lat["qdq"] / lat["fp32"]}
 
 
@@ -170,7 +172,7 @@ def _c(pkg: Graph, d: Path, xn, ref, ref_np, y, c_images: int | None) -> dict:
         rep["note"] = "no C compiler on PATH: code written, not built"
         return rep
     exe = compile_c(d)
-    st = subprocess.run([str(exe)], capture_output=True, text=True)
+    st = subprocess.run([str(exe)], capture_output=True, text=True, check=False)
     n = len(xn) if c_images is None else min(int(c_images), len(xn))
     t0 = time.perf_counter()
     lc = run_c(exe, xn[:n], ref.shape[1])
@@ -221,9 +223,15 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
     if limit is not None:
         x, y = x[:limit], y[:limit]
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
-    report = export_model(model, x, out, formats, labels=y, c_images=c_images, latency_batch=latency_batch,
-                          latency_repeats=latency_repeats, log=log)
     plan = cfg.plan
+    info = data.info
+    meta = {"run": str(run_dir), "model": cfg.model.name, "model_options": cfg.model.options, "dataset": cfg.data.name,
+            "classes": info.num_classes, "weight": plan.weight.label() if plan.weight else "fp32",
+            "act": plan.act.label() if plan.act else "fp32", "method": plan.method.name,
+            "input_normalisation": {"formula": "x = (pixel / 255 - mean) / std, per channel, C x H x W",
+                                    "mean": list(info.mean), "std": list(info.std)}}
+    report = export_model(model, x, out, formats, labels=y, c_images=c_images, latency_batch=latency_batch,
+                          latency_repeats=latency_repeats, log=log, meta=meta)
     report = {"run_dir": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name,
               "weight": plan.weight.label() if plan.weight else "fp32",
               "act": plan.act.label() if plan.act else "fp32",

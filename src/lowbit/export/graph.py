@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from ..errors import ConfigError
 from ..quant import FullPrecision
@@ -152,25 +151,42 @@ def _weight(name: str, module: nn.Module) -> tuple[np.ndarray | WeightQ, bool]:
     if wp is None:
         return w.numpy().astype(np.float32), False
     q = getattr(wp, "quantizer", None)
-    if q is None:
+    bits = getattr(wp, "bits", getattr(q, "bits", None))
+    if bits is None:
         raise ConfigError(
-            f"export: layer '{name}': weight parametrization {type(wp).__name__} exposes no .quantizer; "
+            f"export: layer '{name}': weight parametrization {type(wp).__name__} exposes no .quantizer or .bits; "
             "the exporter needs weight_param(layer).quantizer with levels()"
         )
-    if isinstance(q, FullPrecision) or getattr(q, "bits", 32) >= 32:
+    if isinstance(q, FullPrecision) or bits >= 32:
         return w.numpy().astype(np.float32), False
     try:
         levels = q.levels()
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"export: layer '{name}': quantizer {type(q).__name__} has no level set ({e})") from None
+    except (AttributeError, RuntimeError, ValueError):
+        # a parametrization that never calls its quantizer (SGT/RDHS pick values directly):
+        # the level set is the weight's own distinct values
+        levels = observed_levels(w, int(bits), name)
     codes = weight_codes(w, levels, name)
-    label = getattr(q, "alias", type(q).__name__) + str(q.bits)
+    label = getattr(q, "alias", type(wp).__name__) + str(bits)
     if getattr(q, "per_channel", False):
         label += "/ch"
     lv = levels.detach().float().numpy()
     if lv.ndim == 2 and lv.shape[0] == 1:
         lv = lv[0]
-    return WeightQ(label, int(q.bits), codes, describe_levels(lv)), True
+    return WeightQ(label, int(bits), codes, describe_levels(lv)), True
+
+
+def observed_levels(w: torch.Tensor, bits: int, name: str) -> torch.Tensor:
+    """The sorted distinct values of ``w`` ((L,)), or of each output channel ((C, L), short rows
+    padded with their largest value), when there are at most ``2**bits`` of them."""
+    u = torch.unique(w)
+    if u.numel() <= 2**bits:
+        return u
+    rows = [torch.unique(r) for r in w.reshape(w.shape[0], -1)]
+    most = max(r.numel() for r in rows)
+    if most > 2**bits:
+        raise ConfigError(f"export: layer '{name}': its weight takes {u.numel()} distinct values, more than "
+                          f"2^{bits}, and its quantizer has no level set: it is not a {bits}-bit weight")
+    return torch.stack([torch.cat([r, r[-1:].expand(most - r.numel())]) for r in rows])
 
 
 def _conv_op(name: str, module: nn.Module, bn: nn.Module | None, inp: str, out: str, acts: bool = True) -> Op:
@@ -226,7 +242,8 @@ def lower(model: nn.Module, example_input: torch.Tensor | None = None, acts: boo
             except ConfigError:
                 raise
             except Exception as e:  # noqa: BLE001
-                raise ConfigError(f"export: the model does not run on the example input ({e})") from None
+                msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ConfigError(f"export: the model does not run on the example input ({msg})") from None
         shapes = rec.shapes
     modules = dict(gm.named_modules())
     users = {node.name: list(node.users) for node in gm.graph.nodes}
@@ -268,6 +285,8 @@ def lower(model: nn.Module, example_input: torch.Tensor | None = None, acts: boo
                 ops.append(Op("affine", src, [t(node.args[0])], node.name,
                               scale=g.astype(np.float32), shift=h.astype(np.float32)))
             elif isinstance(m, nn.ReLU):
+                if m.inplace and len(users[node.args[0].name]) > 1:  # others would read the ReLU output
+                    raise _unsupported(src, "ReLU(inplace=True) on a tensor that other layers also read")
                 ops.append(Op("relu", src, [t(node.args[0])], node.name))
             elif isinstance(m, (nn.Identity, nn.Dropout)):
                 alias[node.name] = t(node.args[0])

@@ -8,6 +8,7 @@ bit-packed at the quantizer's bits. The level set itself is stored compactly (:c
 
 * ``grid``:   ``lo + j·step`` per row: uniform quantizers (min-max, SAWB; BWN ``{-β, β}`` and TWN
   ``{-β, 0, β}`` are grids too): 2 floats per row;
+* ``lattice``: ``(j + zero)·step`` per row, integer ``zero`` (LSQ's ``k·s``): 2 floats per row;
 * ``values``: ``scale[r] · v_j``, one shared value list (LSQ ``s·{-2^(b-1) ..}``, power-of-two
   and value-set quantizers): L + R floats;
 * ``table``:  every level of every row (anything else; per tensor this is often the smallest).
@@ -70,40 +71,46 @@ class LevelSpec:
 
     Stored so that :meth:`levels32` rebuilds the quantizer's float32 levels bit for bit (the
     exporter only chooses a kind that does): ``grid`` as the quantizer computes it,
-    ``f32(j·step) + lo`` (:func:`lowbit.quant.uniform.grid_levels`); ``values`` as
-    ``f32(values·scale)``; ``table`` as is.
+    ``f32(j·step) + lo`` (:func:`lowbit.quant.uniform.grid_levels`); ``lattice`` as
+    ``f32((j + zero)·step)`` (LSQ's ``k·s``); ``values`` as ``f32(values·scale)``; ``table`` as is.
     """
 
-    kind: str  # "grid" | "values" | "table"
+    kind: str  # "grid" | "lattice" | "values" | "table"
     rows: int
     n: int  # L
     lo: np.ndarray | None = None  # grid: (R,) float32
-    step: np.ndarray | None = None  # grid: (R,) float32
+    step: np.ndarray | None = None  # grid, lattice: (R,) float32
+    zero: np.ndarray | None = None  # lattice: (R,) integers (as float32): level j is (j + zero)·step
     values: np.ndarray | None = None  # values: (L,) float32
     scale: np.ndarray | None = None  # values: (R,) float32
     table: np.ndarray | None = None  # table: (R, L) float32
 
     def levels64(self) -> np.ndarray:
         """The levels as float64 ``(R, L)``: the exact real values the stored numbers define."""
+        j = np.arange(self.n, dtype=np.float64)
         if self.kind == "grid":
-            j = np.arange(self.n, dtype=np.float64)
             return self.lo.astype(np.float64)[:, None] + j * self.step.astype(np.float64)[:, None]
+        if self.kind == "lattice":
+            return (j[None, :] + self.zero.astype(np.float64)[:, None]) * self.step.astype(np.float64)[:, None]
         if self.kind == "values":
             return self.scale.astype(np.float64)[:, None] * self.values.astype(np.float64)[None, :]
         return self.table.astype(np.float64)
 
     def levels32(self) -> np.ndarray:
         """The float32 levels, computed as the quantizer computes them."""
+        j = np.arange(self.n, dtype=np.float32)
         if self.kind == "grid":
-            j = np.arange(self.n, dtype=np.float32)
             return j[None, :] * self.step[:, None] + self.lo[:, None]
+        if self.kind == "lattice":
+            return (j[None, :] + self.zero[:, None]) * self.step[:, None]
         if self.kind == "values":
             return self.values[None, :] * self.scale[:, None]
         return self.table
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The float32 arrays stored for this level set (what the size accounting counts)."""
-        names = {"grid": ("lo", "step"), "values": ("values", "scale"), "table": ("table",)}[self.kind]
+        names = {"grid": ("lo", "step"), "lattice": ("zero", "step"), "values": ("values", "scale"),
+                 "table": ("table",)}[self.kind]
         return {k: getattr(self, k) for k in names}
 
     @property
@@ -124,6 +131,10 @@ def describe_levels(levels: np.ndarray) -> LevelSpec:
     # one (float32 throughout), or the step between the two first levels
     for step in (((hi.astype(f64) - lo.astype(f64)) / (n - 1)).astype(f32), (hi - lo) / f32(n - 1), lv[:, 1] - lo):
         cands.append(LevelSpec("grid", rows, n, lo=lo.copy(), step=np.asarray(step, f32)))
+    # integer lattices k·s (LSQ): s is the smallest non-zero magnitude, 0 is level -zero
+    nz = np.where(lv != 0, np.abs(lv), np.inf).min(1)
+    if np.all(np.isfinite(nz)):
+        cands.append(LevelSpec("lattice", rows, n, zero=np.rint(lo / nz).astype(f32), step=nz.astype(f32)))
     # shared values x per-row scale: integers x step (LSQ, power-of-two) or values / max|level|
     amax = np.abs(lv).max(1)
     form = integer_form(lv)
@@ -228,7 +239,7 @@ class ActQuant:
                 "lo": self.lo, "inv": self.inv, "qmin": self.qmin, "qmax": self.qmax}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ActQuant":
+    def from_dict(cls, d: dict) -> ActQuant:
         return cls(**d)
 
     # -- reference implementation (NumPy, float32: the same operations as PyTorch and the C code)

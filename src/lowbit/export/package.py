@@ -5,8 +5,8 @@ is at the physical limit even for a small network:
 
 * ``codes`` (uint8): every quantized layer's weight codes, bit-packed at the layer's bits
   (:mod:`lowbit.export.pack`), one run per layer starting on a byte boundary;
-* ``f32`` (float32): every full-precision number, concatenated: level sets (grid ``lo, hi`` per
-  row, or value lists and scales), the per-channel affine of quantized layers (BN kept after the
+* ``f32`` (float32): every full-precision number, concatenated: level sets (grid ``lo, step``
+  per row, or value lists and scales), the per-channel affine of quantized layers (BN kept after the
   integer accumulator), folded weights and biases of full-precision layers.
 
 (One safetensors tensor per layer would cost ~80 header bytes each: more than 2% of a 2-bit
