@@ -21,8 +21,9 @@ over the run (see lowbit/methods/binaryrelax.py). Nothing here is tuned on these
 
 Test accuracy at the best-validation epoch (002's protocol; DQA/BR validate the final Q_1
 network); epoch time is the median over a run's epochs, as a ratio to FP32 with the same seed.
-Finished runs are skipped, killed ones resumed; disjoint ``--rows`` subsets may run in parallel
-into the same ``--out`` and a last call without training (all done) writes the full table.
+Finished runs are skipped, killed ones resumed. ``--part 1/2`` and ``--part 2/2`` (or disjoint
+``--rows``) may run in parallel into the same ``--out``; a last call without ``--part`` (nothing
+left to train) writes the full table.
 Writes results.jsonl, summary.csv, summary.md and ordering.md (DQA vs BR vs plain, paired by seed).
 """
 
@@ -38,7 +39,9 @@ from lowbit.bench import aggregate, run_grid, write_results
 MM = lambda b: {"name": "minmax", "bits": b}  # noqa: E731
 SAWB = lambda b: {"name": "sawb", "bits": b}  # noqa: E731
 PACT = lambda b: {"name": "pact", "bits": b, "init": 6.0}  # noqa: E731
+BWN = {"name": "bwn", "bits": 1}  # one β = E|w| per layer (003 eq. 14)
 BR_FP = {"name": "binaryrelax", "form": "original"}
+BR_FP_ACT = {**BR_FP, "act_mixture": [{"name": "fp"}]}  # weights and inputs relaxed towards FP
 
 
 def br_mix(members):
@@ -65,18 +68,18 @@ FAMILIES = {
         "W2 SAWB DQA (2/4/8)": {"weight": SAWB(2), "method": dqa([SAWB(4), SAWB(8)], 1)},
     },
     "W1 BWN": {
-        "W1 BWN": {"weight": {"name": "bwn", "bits": 1}},
-        "W1 BWN BR (BWN/TWN/FP)": {"weight": {"name": "bwn", "bits": 1}, "method": br_mix([{"name": "twn"}, {"name": "fp"}])},
-        "W1 BWN DQA (BWN/TWN/FP)": {"weight": {"name": "bwn", "bits": 1}, "method": dqa([{"name": "twn"}, {"name": "fp"}], 5)},
+        "W1 BWN": {"weight": BWN},
+        "W1 BWN BR (BWN/TWN/FP)": {"weight": BWN, "method": br_mix([{"name": "twn"}, {"name": "fp"}])},
+        "W1 BWN DQA (BWN/TWN/FP)": {"weight": BWN, "method": dqa([{"name": "twn"}, {"name": "fp"}], 5)},
     },
     "W2A2 min-max": {
         "W2A2 min-max": {"weight": MM(2), "act": MM(2)},
-        "W2A2 min-max BR (FP)": {"weight": MM(2), "act": MM(2), "method": {**BR_FP, "act_mixture": [{"name": "fp"}]}},
+        "W2A2 min-max BR (FP)": {"weight": MM(2), "act": MM(2), "method": BR_FP_ACT},
         "W2A2 min-max DQA (2/4/8)": {"weight": MM(2), "act": MM(2), "method": dqa([MM(4), MM(8)], 5, [MM(4), MM(8)])},
     },
     "W2A2 PACT-SAWB": {
         "W2A2 PACT-SAWB": {"weight": SAWB(2), "act": PACT(2)},
-        "W2A2 PACT-SAWB BR (FP)": {"weight": SAWB(2), "act": PACT(2), "method": {**BR_FP, "act_mixture": [{"name": "fp"}]}},
+        "W2A2 PACT-SAWB BR (FP)": {"weight": SAWB(2), "act": PACT(2), "method": BR_FP_ACT},
         "W2A2 PACT-SAWB DQA (2/4/8)": {"weight": SAWB(2), "act": PACT(2),
                                        "method": dqa([SAWB(4), SAWB(8)], 1, [PACT(4), PACT(8)])},
     },
@@ -128,12 +131,21 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", nargs="*", default=None, help="subset of the rows (default all): " + "; ".join(ROWS))
+    ap.add_argument("--part", default=None, metavar="K/N",
+                    help="train only every N-th row starting at the K-th (1-based), to run N processes in parallel")
     ap.add_argument("--out", default="benchmarks/results/dqa_table")
     args = ap.parse_args()
     labels = args.rows or list(ROWS)
     unknown = [lb for lb in labels if lb not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; rows: {'; '.join(ROWS)}")
+    if args.part:
+        try:
+            k, n = (int(v) for v in args.part.split("/"))
+            assert 1 <= k <= n
+        except (ValueError, AssertionError):
+            ap.error(f"--part must look like K/N with 1 <= K <= N, got {args.part!r}")
+        labels = labels[k - 1::n]
     base = {
         "model": {"name": args.model},
         "data": {"name": "fashion-mnist", "limit": args.limit},

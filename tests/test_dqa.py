@@ -12,11 +12,11 @@ import lowbit
 from lowbit.config import load_config
 from lowbit.errors import ConfigError
 from lowbit.methods import build_method
-from lowbit.methods.dqa import DQA, network_weights, temperature
+from lowbit.methods.dqa import network_weights, temperature
 from lowbit.methods.mixture import AttentionMixture, eq7_init, mixture_layers
 from lowbit.quant import build_quantizer
 from lowbit.quantize import quant_state
-from lowbit.train import run
+from lowbit.train import BatchLoader, evaluate, run
 
 MM = lambda b: {"name": "minmax", "bits": b}  # noqa: E731
 DQA_MM = {"name": "dqa", "mixture": [MM(4), MM(8)]}
@@ -67,7 +67,8 @@ def test_temperature_schedule_endpoints_and_psi():
 def test_eq7_initial_attention_logits():
     assert eq7_init([2, 4, 8]) == pytest.approx([12 / 14, 10 / 14, 6 / 14])  # 6/7, 5/7, 3/7
     assert eq7_init([1, 2, 32]) == pytest.approx([34 / 35, 33 / 35, 3 / 35])  # BWN, TWN, FP
-    m = tiny({"weight": {"name": "bwn", "bits": 1}, "method": {"name": "dqa", "mixture": [{"name": "fp"}, {"name": "twn"}]}})
+    m = tiny({"weight": {"name": "bwn", "bits": 1},
+              "method": {"name": "dqa", "mixture": [{"name": "fp"}, {"name": "twn"}]}})
     a = att(m, "c1")
     assert a.labels() == ["bwn1", "twn2", "fp32"]  # sorted by bits, Q_1 = the plan's weight
     assert a.alpha.tolist() == pytest.approx([34 / 35, 33 / 35, 3 / 35])
@@ -145,6 +146,9 @@ def test_hardened_layer_is_exactly_q1_and_the_summary_says_so():
         a.temperature = 0.5
     # soft attention: far more than 2^2 values (the check below can fail)
     assert torch.unique(m.c1.weight.detach()).numel() > 4
+    assert "exact Q1" not in meth.summary(m)  # training mode: the network is still a mixture
+    m.eval()  # evaluation (lowbit eval) sees Q_1 alone: the check applies
+    assert meth.summary(m)["exact Q1"].startswith("yes: 2/2")
     meth.finalize(m)
     m.train()
     for layer in ("c1", "c2"):
@@ -181,9 +185,15 @@ def test_members_not_above_a_layers_bits_are_left_out():
     ({"mixture": [MM(4)], "temp": 3}, "has no option temp"),
 ])
 def test_bad_options_are_one_line_config_errors(options, message):
-    with pytest.raises(ConfigError, match=None) as e:
+    with pytest.raises(ConfigError) as e:
         build_method("dqa", **options)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_schedule_refuses_to_run_without_setup():
+    m = tiny({"weight": MM(2), "method": DQA_MM})
+    with pytest.raises(RuntimeError, match="call setup"):
+        quant_state(m).method.on_step(m, 0)
 
 
 def test_act_mixture_needs_an_act_quantizer():
@@ -203,6 +213,12 @@ def test_act_mixture_attention_is_trained_and_penalised():
     loss = m(torch.randn(2, 1, 6, 6)).square().sum() + meth.extra_loss(m)
     loss.backward()
     assert aq.alpha.grad is not None and aq.alpha.grad.abs().sum() > 0
+    # at the end the input quantizer *is* Q_1 (what export reads), trained state included
+    q1 = aq.members[0]
+    meth.finalize(m)
+    assert m.c1.input_quantizer is q1 and not any(r == "act" for _, r, _ in mixture_layers(m))
+    s = meth.summary(m)
+    assert s["act mixture"] == "minmax2+minmax4+minmax8" and s["exact Q1"].startswith("yes: 2/2")
 
 
 # -- a real run ---------------------------------------------------------------------------------
@@ -238,6 +254,13 @@ def test_dqa_run_records_attention_cools_to_q1_and_ends_exact(full_run):
     assert all(n <= 4 for n in s["distinct_weight_values"].values())
     assert s["method_info"]["exact Q1"].startswith("yes: 8/8")
     assert r[1]["train_loss"] < r[0]["train_loss"]  # it learns (18 steps of a quarter-width ResNet-8)
+
+
+def test_validation_saw_the_network_that_is_finalized_and_tested(full_run, fmnist_small):
+    # eval_mode "final": the best-validation epoch was chosen on Q_1 alone, so the hardened model
+    # (what the test accuracy and export use) scores exactly that validation accuracy again
+    v = evaluate(full_run.model, BatchLoader(fmnist_small.val, fmnist_small.info, 500))
+    assert v["acc"] == full_run.summary["best_val_acc"]
 
 
 def test_dqa_resume_reproduces_an_uninterrupted_run(tmp_path, fmnist_small, full_run):

@@ -115,9 +115,11 @@ def test_rdhs_gradient_is_the_softmax_straight_through_gradient_hand_case():
     w = p(alpha)
     assert w.tolist() == [1.0]  # z = one_hot(argmax) picks +1
     (2 * w).sum().backward()
-    # y = (1/4, 3/4); ∂L/∂z = 2·v = (-2, 2); ∂L/∂α = y ⊙ (∂L/∂z − y·∂L/∂z) = (1/4·(−3), 3/4·1)
+    # y = (1/4, 3/4); ∂L/∂z = 2·v = (-2, 2); ∂L/∂α = y ⊙ (∂L/∂z − y·∂L/∂z)
+    #   = (1/4·(−2 − 1), 3/4·(2 − 1))
     assert torch.allclose(alpha.grad, torch.tensor([[-0.75, 0.75]]))
-    # τ = 1/2: y = softmax(0, 2 ln 3) = (1/10, 9/10), ȳ = 0.8; ∂L/∂α = (2/τ)·y ⊙ (v − ȳ) = 4·(−0.18, 0.18)
+    # τ = 1/2: y = softmax(0, 2 ln 3) = (1/10, 9/10), ȳ = 0.8;
+    #   ∂L/∂α = (2/τ)·y ⊙ (v − ȳ) = 4·(1/10·(−1.8), 9/10·0.2)
     p.tau = 0.5
     alpha.grad = None
     (2 * p(alpha)).sum().backward()

@@ -579,7 +579,10 @@ def training_memory(
     if stored not in _STORED_RULES:
         raise ConfigError(f"stored must be one of {', '.join(_STORED_RULES)}, got {stored!r}")
     summary, trace = _profile(model, example_input, bits)
-    trainable = summary.params + summary.n_scales
+    # what the optimizer really holds: at least the visible weights + scales, more when a method keeps a
+    # larger latent state than the weight it produces (RDHS/SGT: m logits per weight)
+    trainable = max(summary.params + summary.n_scales,
+                    sum(p.numel() for p in model.parameters() if p.requires_grad))
     per_sample = sum(
         s.elems * (FP_BITS if s.bits is None else s.bits)
         for s in trace.stored.values()

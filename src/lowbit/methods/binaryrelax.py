@@ -121,6 +121,7 @@ class BinaryRelax(MixtureMethod):
             m.omega = omega
 
     def on_step(self, model: nn.Module, step: int) -> None:
+        self._check_setup()
         self.step = step
         self._set(self.omega_at(step))
 

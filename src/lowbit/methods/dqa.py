@@ -38,7 +38,8 @@ from .mixture import AttentionMixture, MixtureMethod, mixture_layers
 
 
 def _number(name: str, v: Any, low: float, strict: bool = True) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (v <= low if strict else v < low):
+    bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+    if bad or (v <= low if strict else v < low):
         raise ConfigError(f"option {name} must be a number {'>' if strict else '>='} {low:g}, got {v!r}")
     return float(v)
 
@@ -113,8 +114,9 @@ class DQA(MixtureMethod):
 
     def on_step(self, model: nn.Module, step: int) -> None:
         """Algorithm 1 for batch b = step + 1: T(b) ← T(0)ψ^b, then α ← α/std(α) in every layer."""
+        self._check_setup()
         self.step = step
-        self._set_temperature(temperature(step + 1, self.t0, self.t_end, max(self.total_steps, 1)))
+        self._set_temperature(temperature(step + 1, self.t0, self.t_end, self.total_steps))
         for m in self._att:
             m.normalize_()
 

@@ -359,7 +359,15 @@ class MixtureMethod(Method):
         self.step = -1
         self.finalized = False
         self.q1_weight_at_end: dict[str, float] = {}
-        self._n_act = 0
+        self._labels: dict[str, str] = {}
+        self._ready = False
+
+    def _check_setup(self) -> None:
+        # the schedules are functions of the batch index over the whole run: without setup() they
+        # would silently stay at their start values
+        if not self._ready or self.total_steps <= 0:
+            raise RuntimeError(f"method '{self.name}': call setup(model, total_steps, steps_per_epoch) before "
+                               "training (lowbit.train.run does)")
 
     # -- building layers -------------------------------------------------------------------------
     def _members(self, spec: QuantSpec, extra: list[dict] | None, role: str, layer: str) -> list[Quantizer]:
@@ -377,22 +385,37 @@ class MixtureMethod(Method):
         return QuantizedWeight(members[0]) if len(members) == 1 else self.make_mixture(members)
 
     def act_quantizer(self, layer: str, module: nn.Module, spec: QuantSpec) -> nn.Module:
-        self._n_act += 1
         members = self._members(spec, self.act_mixture, "act", layer)
         return members[0] if len(members) == 1 else self.make_mixture(members)
 
     def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
         super().setup(model, total_steps, steps_per_epoch)
+        self._ready = True
         if self.act_mixture and not any(r == "act" for _, r, _ in mixture_layers(model)):
             raise ConfigError("plan.method.act_mixture is set but no layer has an activation quantizer (plan.act)")
 
     # -- the end ---------------------------------------------------------------------------------
     def finalize(self, model: nn.Module) -> None:
-        """Harden every mixture into Q_1; remember how much weight Q_1 had just before."""
-        for name, role, m in mixture_layers(model):
+        """Make the network exactly Q_1: harden every weight mixture (``layer.weight`` = Q_1(w),
+        ``.quantizer`` = Q_1 for export) and put each activation mixture's Q_1 itself in its place
+        as ``layer.input_quantizer``. Remembers how much weight Q_1 had just before."""
+        self._labels = self._mixture_labels(model)
+        for name, role, m in list(mixture_layers(model)):
             self.q1_weight_at_end[f"{name}:{role}" if role == "act" else name] = float(m.coefficients().detach()[0])
             m.harden()
+            if role == "act":
+                model.get_submodule(name).input_quantizer = m.members[0]
         self.finalized = True
+
+    @staticmethod
+    def _mixture_labels(model: nn.Module) -> dict[str, str]:
+        layers = list(mixture_layers(model))
+        out = {}
+        for role, key in (("weight", "mixture"), ("act", "act mixture")):
+            labels = sorted({"+".join(m.labels()) for _, r, m in layers if r == role})
+            if labels or role == "weight":
+                out[key] = ", ".join(labels) or "none"
+        return out
 
     # -- records ---------------------------------------------------------------------------------
     def epoch_record(self, model: nn.Module) -> dict:
@@ -418,16 +441,14 @@ class MixtureMethod(Method):
         return out
 
     def summary(self, model: nn.Module) -> dict:
+        """The mixtures; once the network is Q_1 (finalized, or evaluated with eval_mode "final"),
+        the check that every quantized layer's weight has at most 2^n_1 distinct values."""
+        out = dict(self._labels) if self.finalized else self._mixture_labels(model)
         layers = list(mixture_layers(model))
-        w_labels = sorted({"+".join(m.labels()) for _, r, m in layers if r == "weight"})
-        a_labels = sorted({"+".join(m.labels()) for _, r, m in layers if r == "act"})
-        out = {"mixture": ", ".join(w_labels) or "none"}
-        if a_labels:
-            out["act mixture"] = ", ".join(a_labels)
-        if self.finalized:
+        if self.finalized or (layers and all(m.is_final() for _, _, m in layers)):
             ok, total, _ = distinct_values_check(model)
             out["exact Q1"] = (f"{'yes' if ok == total else 'NO'}: {ok}/{total} quantized layers have "
-                               f"<= 2^n1 distinct weight values (hardened to Q1)")
+                               f"<= 2^n1 distinct weight values")
             if self.q1_weight_at_end:
                 out["Q1 weight at end"] = (f"min {min(self.q1_weight_at_end.values()):.4f} over "
                                            f"{len(self.q1_weight_at_end)} mixtures, before hardening")

@@ -197,6 +197,11 @@ class ValueSearch(nn.Module):
                             per_channel=self.quantizer.per_channel)
         return q.scale(w).to(w.dtype)
 
+    def remember_levels(self) -> None:
+        """Record the level set on the quantizer, so ``quantizer.levels()`` answers (the exporter
+        and the cost model read it) although the quantizer itself never runs."""
+        self.quantizer.record_levels(self.levels())
+
     def hard(self, alpha: Tensor) -> Tensor:
         """``s·v[argmax α]``, no gradient."""
         w = self.values[alpha.argmax(-1)]
@@ -224,6 +229,7 @@ class SGTSearch(ValueSearch):
     """:class:`ValueSearch` with 000's stochastic gradient transfer (:class:`_SGT`)."""
 
     def forward(self, alpha: Tensor) -> Tensor:
+        self.remember_levels()
         if not self._needs_grad(alpha):
             return self.hard(alpha)
         return _SGT.apply(alpha, self.values, self.scale)
@@ -244,6 +250,7 @@ class RDHSSearch(ValueSearch):
         self.generator: torch.Generator | None = None
 
     def forward(self, alpha: Tensor) -> Tensor:
+        self.remember_levels()
         logits = alpha
         if self.mu > 0 and self.training:  # μ = 0: no noise term at all (0·inf would be NaN)
             logits = alpha + self.mu * gumbel_like(alpha, self.generator)
@@ -540,6 +547,11 @@ class RDHS(ValueSearchMethod):
     def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
         super().setup(model, total_steps, steps_per_epoch)
         self._seed = torch.initial_seed()  # the run's seed (train.build_model seeds torch)
+        device = next((a.device for _, _, _, a in self.searches()), torch.device("cpu"))
+        if self.generator.device != device:  # the noise is drawn where α lives
+            self.generator = torch.Generator(device=device)
+            for _, _, p, _ in self.searches():
+                p.generator = self.generator
         self._push_tau()
 
     def on_step(self, model: nn.Module, step: int) -> None:

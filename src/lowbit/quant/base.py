@@ -122,7 +122,7 @@ class Quantizer(nn.Module):
         """How many full-precision numbers must be stored next to the integer codes."""
         return self.scales_per_row * self.rows
 
-    def _remember(self, levels: Tensor) -> None:
+    def record_levels(self, levels: Tensor) -> None:
         self._last_levels = levels.detach()
 
     def extra_repr(self) -> str:

@@ -28,7 +28,7 @@ class BWNQuantizer(Quantizer):
         beta = reduce_abs_mean(x, self.per_channel)
         b = beta.reshape(-1)
         lv = torch.stack([-b, b], 1)  # (C, 2) per channel
-        self._remember(lv if self.per_channel else lv[0])
+        self.record_levels(lv if self.per_channel else lv[0])
         return ste(x, torch.where(x.detach() >= 0, beta, -beta))
 
 
@@ -67,7 +67,7 @@ class TWNQuantizer(Quantizer):
         delta, beta = self.thresholds(x)
         b = beta.reshape(-1)
         lv = torch.stack([-b, torch.zeros_like(b), b], 1)  # (C, 3) per channel
-        self._remember(lv if self.per_channel else lv[0])
+        self.record_levels(lv if self.per_channel else lv[0])
         d = x.detach()
         q = torch.where(d > delta, beta, torch.where(d < -delta, -beta, torch.zeros_like(beta)))
         return ste(x, q)

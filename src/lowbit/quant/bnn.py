@@ -33,7 +33,7 @@ class BNNQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         one = torch.ones((), dtype=x.dtype)
-        self._remember(torch.stack([-one, one]))
+        self.record_levels(torch.stack([-one, one]))
         q = torch.where(x.detach() >= 0, one, -one)
         # torch.clamp's gradient is 1 on the closed interval [-1, 1]: the paper's 1[|x| <= 1]
         return ste(torch.clamp(x, -1.0, 1.0), q)

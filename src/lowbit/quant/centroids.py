@@ -140,7 +140,7 @@ class CentroidsQuantizer(Quantizer):
         if not bool(self.initialized):
             self.init_centroids(x)
         c = self.centroids.to(x.dtype, copy=True)  # a copy: the update below is in place
-        self._remember(c)
+        self.record_levels(c)
         rows = x.detach().reshape(1, -1)
         idx = nearest_index(rows, c.reshape(1, -1))
         q = take_levels(c.reshape(1, -1), idx).reshape(x.shape)

@@ -130,7 +130,7 @@ class LQNetQuantizer(Quantizer):
         if not bool(self.initialized):
             self.init_basis(rows)
         lv, perm = self.sorted_levels(self.basis.to(x.dtype))
-        self._remember(lv if self.per_channel else lv[0])
+        self.record_levels(lv if self.per_channel else lv[0])
         idx = nearest_index(rows, lv)
         q = take_levels(lv, idx).reshape(x.shape)
         if self.training:

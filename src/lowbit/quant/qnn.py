@@ -42,8 +42,8 @@ class QNNQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         if self._sign is not None:  # 1-bit weights: round-half-to-even would send 0 to -1
             q = self._sign(x)
-            self._remember(self._sign.levels())
+            self.record_levels(self._sign.levels())
             return q
         lo, hi = self.low.to(x.dtype), self.high.to(x.dtype)
-        self._remember(clip_round_levels(lo, hi, self.bits))
+        self.record_levels(clip_round_levels(lo, hi, self.bits))
         return clip_round(x, lo, hi, self.bits)

@@ -75,16 +75,16 @@ class SATQuantizer(Quantizer):
         if self.role == "weight":
             q = self.dorefa(x)
             c = self.scale(q)
-            self._remember(self.dorefa.levels() * c.detach())  # same product as below: exact levels
+            self.record_levels(self.dorefa.levels() * c.detach())  # same product as below: exact levels
             return q * c
         n = 2**self.bits - 1
         a = self.alpha.abs() + _EPS
         if not self.calibrated:
             zero = torch.zeros((), dtype=x.dtype)
-            self._remember(clip_round_levels(zero, a, self.bits))
+            self.record_levels(clip_round_levels(zero, a, self.bits))
             return clip_round(x, zero, a, self.bits)
         s = a / n
-        self._remember(torch.arange(n + 1, dtype=x.dtype) * s.detach())
+        self.record_levels(torch.arange(n + 1, dtype=x.dtype) * s.detach())
         return lsq_quantize(x, s, 0, n, 1.0)
 
     def extra_repr(self) -> str:

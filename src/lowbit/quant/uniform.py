@@ -205,7 +205,7 @@ class MinMaxQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         lo, hi = self._range(x)
-        self._remember(clip_round_levels(lo, hi, self.bits, self.per_channel))
+        self.record_levels(clip_round_levels(lo, hi, self.bits, self.per_channel))
         if self.role == "weight":  # the range covers the tensor: plain STE, no clipping needed
             lo_, _, step = _bounds(lo, hi, 2**self.bits - 1)
             return ste(x, _codes_to_values(torch.round((x.detach() - lo_) / step), lo_, step))
@@ -294,7 +294,7 @@ class SAWBQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         a = self.alpha(x)
-        self._remember(clip_round_levels(-a, a, self.bits, self.per_channel))
+        self.record_levels(clip_round_levels(-a, a, self.bits, self.per_channel))
         return clip_round(x, -a, a, self.bits)
 
 
@@ -352,7 +352,7 @@ class LSQQuantizer(Quantizer):
         gscale = 1.0 / math.sqrt(n * self.qp)
         s = self.step.abs() + _EPS  # |s| keeps the step positive whatever the optimizer does
         k = torch.arange(-self.qn, self.qp + 1, dtype=s.dtype)
-        self._remember(k * s.detach().reshape(-1, 1) if self.per_channel else k * s.detach())
+        self.record_levels(k * s.detach().reshape(-1, 1) if self.per_channel else k * s.detach())
         return lsq_quantize(x, s, self.qn, self.qp, gscale)
 
     @property
@@ -384,7 +384,7 @@ class PACTQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         a = self.alpha.abs() + _EPS
         zero = torch.zeros((), dtype=x.dtype)
-        self._remember(clip_round_levels(zero, a, self.bits))
+        self.record_levels(clip_round_levels(zero, a, self.bits))
         return clip_round(x, zero, a, self.bits)
 
     @property
@@ -413,13 +413,13 @@ class DoReFaQuantizer(Quantizer):
         n = 2**self.bits - 1
         if self.role == "act":
             zero, one = torch.zeros((), dtype=x.dtype), torch.ones((), dtype=x.dtype)
-            self._remember(clip_round_levels(zero, one, self.bits))
+            self.record_levels(clip_round_levels(zero, one, self.bits))
             return clip_round(x, zero, one, self.bits)
         if self.bits == 1:
             beta = x.detach().abs().mean()
-            self._remember(torch.stack([-beta, beta]))
+            self.record_levels(torch.stack([-beta, beta]))
             return ste(x, torch.where(x.detach() >= 0, beta, -beta))
         t = torch.tanh(x)
         r = t / (2 * t.abs().max().clamp_min(_EPS)) + 0.5
-        self._remember(2 * (torch.arange(n + 1, dtype=x.dtype) / n) - 1)  # same ops as below: exact
+        self.record_levels(2 * (torch.arange(n + 1, dtype=x.dtype) / n) - 1)  # same ops as below: exact
         return 2 * (round_ste(r * n) / n) - 1

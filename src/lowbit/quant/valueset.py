@@ -99,7 +99,7 @@ class ValueSetQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         s = self.scale(x)
         lv = self.values * s.reshape(-1, 1) if s.dim() > 0 else self.values * s
-        self._remember(lv)
+        self.record_levels(lv)
         return ste(x, self.values[self.codes(x, s)] * s)
 
     @property

@@ -152,7 +152,8 @@ def loss_surface(config, out_png: str | Path, steps: int = 21, span: float = 1.0
         ax.set_xlabel("direction 1")
         ax.set_aspect("equal")
     axes[0].set_ylabel("direction 2")
-    fig.suptitle(f"loss on one batch of {batch_size} ({cfg.model.name}, random init, {steps}x{steps} grid)", fontsize=10)
+    fig.suptitle(f"loss on one batch of {batch_size} ({cfg.model.name}, random init, {steps}x{steps} grid)",
+                 fontsize=10)
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
