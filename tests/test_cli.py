@@ -96,3 +96,16 @@ def test_train_then_eval_then_refuse_overwrite(capsys, tmp_path, config):
     assert (run_dir / "export" / "packed" / "model.safetensors").is_file()
     capsys.readouterr()
     assert "already holds a run" in err_of(capsys, ["train", config, *TINY, "--out", str(run_dir)])
+
+
+def test_report_figures_of_003(capsys, tmp_path):
+    """`lowbit report attention RUN_DIR` (003 Fig. 3) and `lowbit report loss-surface CONFIG` (Fig. 4)."""
+    cfg = Path(__file__).parent.parent / "configs" / "dqa_w2_minmax.yaml"
+    run_dir = tmp_path / "dqa"
+    assert main(["train", str(cfg), *TINY, "--out", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert main(["report", "attention", str(run_dir), "--out", str(tmp_path / "att.png")]) == 0
+    assert (tmp_path / "att.png").stat().st_size > 0
+    assert main(["report", "loss-surface", str(cfg), *TINY[:3], "--steps", "3", "--out", str(tmp_path / "ls.png")]) == 0
+    assert (tmp_path / "ls.png").stat().st_size > 0
+    assert "usage: lowbit report attention" in err_of(capsys, ["report", "attention"])

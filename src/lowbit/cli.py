@@ -7,6 +7,7 @@
     lowbit export RUN_DIR [--format packed,onnx,c]       deployable files, each checked against PyTorch
     lowbit bench SUITE [--workers N] [--dry-run]         run a grid of configs x seeds (resumable)
     lowbit report RESULTS                                002-style table (mean ± std error) + plots
+    lowbit report attention RUN_DIR | loss-surface CONFIG   003 Figures 3 and 4
     lowbit budget --model M --bits ... --ratio C         002's widest-network-per-precision under a budget
     lowbit list                                          registered models, datasets, quantizers, methods
 
@@ -159,9 +160,25 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
+    if args.target == "attention":  # 003 Figure 3 for a DQA run
+        from .viz import plot_attention
+
+        if len(args.rest) != 1:
+            raise LowbitError("usage: lowbit report attention RUN_DIR [--layer NAME] [--out PNG]")
+        print(f"wrote {plot_attention(args.rest[0], layer=args.layer, out_png=args.out)}")
+        return 0
+    if args.target == "loss-surface":  # 003 Figure 4 for a config
+        from .viz import loss_surface
+
+        if not args.rest:
+            raise LowbitError("usage: lowbit report loss-surface CONFIG [key=value ...] --out PNG")
+        out = args.out or "loss_surface.png"
+        png = loss_surface(args.rest[0], out, steps=args.steps, span=args.span, overrides=args.rest[1:])
+        print(f"wrote {png}")
+        return 0
     from .bench.report import report
 
-    res = report(args.results, out=args.out, plots=not args.no_plots)
+    res = report(args.target, out=args.out, plots=not args.no_plots)
     print(res["table"])
     print("wrote " + ", ".join(res["files"]))
     return 0
@@ -220,10 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output folder (default: the suite's out, or bench_out/NAME)")
     b.add_argument("--dry-run", action="store_true", help="validate every config and list the runs")
     b.set_defaults(func=cmd_bench)
-    r = sub.add_parser("report", help="seed 002's table (mean ± std test error) and plots from results")
-    r.add_argument("results", help="results.jsonl, or the folder holding it")
-    r.add_argument("--out", help="where to write report.md/.csv and PNGs (default: beside the results)")
+    r = sub.add_parser("report", help="002's table + plots from results; `attention RUN_DIR`; `loss-surface CONFIG`",
+                       description="lowbit report RESULTS | attention RUN_DIR | loss-surface CONFIG [key=value ...]")
+    r.add_argument("target", help="results.jsonl (or its folder), or 'attention', or 'loss-surface'")
+    r.add_argument("rest", nargs="*", help="RUN_DIR for attention; CONFIG [key=value ...] for loss-surface")
+    r.add_argument("--out", help="output folder (table) or PNG path (figures)")
     r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--layer", help="attention: the layer to draw (default: the first quantized one)")
+    r.add_argument("--steps", type=int, default=21, help="loss-surface: grid points per direction")
+    r.add_argument("--span", type=float, default=1.0, help="loss-surface: extent along each direction")
     r.set_defaults(func=cmd_report)
     g = sub.add_parser("budget", help="002: widest network per precision under a memory budget")
     g.add_argument("--model", default="resnet20")

@@ -343,8 +343,6 @@ class MixtureMethod(Method):
     the plan keeps at 8 bits gets no 8-bit member); a layer left with no member is plain STE.
     """
 
-    mixture_cls: type[QuantizerMixture] = QuantizerMixture
-
     def __init__(self, mixture: Any = None, act_mixture: Any = None, eval_mode: str = "final",
                  record_points: int = 33):
         super().__init__()
