@@ -558,7 +558,9 @@ def compile_c(c_dir: str | Path, cc: str | None = None) -> Path:
     r = subprocess.run([cc, *CFLAGS, "-o", str(exe), "model.c", "main.c", "-lm"], cwd=d,
                        capture_output=True, text=True, check=False)
     if r.returncode != 0:
-        raise ConfigError(f"export: the generated C code does not compile: {r.stderr.strip().splitlines()[0]}")
+        lines = r.stderr.strip().splitlines() or [f"{cc} exited with {r.returncode}"]
+        first = next((ln for ln in lines if "error" in ln), lines[0])  # the error, not a warning
+        raise ConfigError(f"export: the generated C code does not compile: {first}")
     return exe
 
 
