@@ -15,6 +15,7 @@ import torch
 
 from lowbit.errors import ConfigError
 from lowbit.quant import build_quantizer, list_quantizers
+from quant_helpers import assert_on_levels, np64, randn
 
 ALL_NAMES = ["minmax", "sawb", "bwn", "twn", "dorefa", "lsq", "pact", "po2", "valueset", "uniform", "fp"]
 
@@ -25,33 +26,6 @@ SAWB_TABLE = {2: (3.12, -2.064), 3: (7.509, -6.892), 4: (12.68, -12.80), 5: (17.
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def randn(*shape, seed=0, scale=1.0, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g) * scale + shift
-
-
-def np64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().double().numpy()
-
-
-def assert_on_levels(y: torch.Tensor, lv: torch.Tensor) -> None:
-    """Every value of y is exactly one of the levels (per tensor, or per output-channel row)."""
-    if lv.dim() == 1:
-        bad = ~torch.isin(y.detach(), lv)
-        if bad.any():
-            v = y.detach()[bad][:3]
-            gap = (v[:, None] - lv[None, :]).abs().min(1).values
-            raise AssertionError(
-                f"{int(bad.sum())} of {y.numel()} outputs are not exactly in levels(): e.g. {v.tolist()} "
-                f"lie {gap.tolist()} from the nearest level"
-            )
-    else:
-        assert lv.shape[0] == y.shape[0]
-        for c in range(y.shape[0]):
-            bad = ~torch.isin(y[c].detach(), lv[c])
-            assert not bad.any(), f"channel {c}: outputs {y[c][bad][:3].tolist()} not in row {lv[c].tolist()}"
-
-
 def assert_nearest(x, y, levels, tol=1e-5) -> None:
     """eq. 9: y is (one of) the nearest levels to x: |x - y| <= min_j |x - q_j| + tol."""
     x, y, levels = np.asarray(x, float).ravel(), np.asarray(y, float).ravel(), np.asarray(levels, float)

@@ -19,6 +19,7 @@ from lowbit.errors import ConfigError
 from lowbit.models import create_model
 from lowbit.quant import build_quantizer, list_quantizers
 from lowbit.quantize import quantize, weight_param
+from quant_helpers import assert_on_levels, np64, randn
 
 NEW = ["bnn", "qnn", "sat", "lqnet", "centroids"]
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("w3a3_*.yaml"))
@@ -27,27 +28,6 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("w3a3_*.yaml"))
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def randn(*shape, seed=0, scale=1.0, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g) * scale + shift
-
-
-def np64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().double().numpy()
-
-
-def assert_on_levels(y: torch.Tensor, lv: torch.Tensor) -> None:
-    """Every value of y is exactly one of the levels (per tensor, or per output-channel row)."""
-    if lv.dim() == 1:
-        bad = ~torch.isin(y.detach(), lv)
-        assert not bad.any(), f"{int(bad.sum())} outputs not in levels(), e.g. {y.detach()[bad][:3].tolist()}"
-    else:
-        assert lv.shape[0] == y.shape[0]
-        for c in range(y.shape[0]):
-            bad = ~torch.isin(y[c].detach(), lv[c])
-            assert not bad.any(), f"channel {c}: outputs {y[c][bad][:3].tolist()} not in row {lv[c].tolist()}"
-
-
 def assert_nearest(x, y, levels, tol=1e-6) -> None:
     """y is (one of) the nearest levels to x: |x - y| <= min_j |x - q_j| + tol."""
     x, y, levels = np.asarray(x, float).ravel(), np.asarray(y, float).ravel(), np.asarray(levels, float)

@@ -1,0 +1,31 @@
+"""Helpers shared by the quantizer tests."""
+
+import numpy as np
+import torch
+
+
+def randn(*shape, seed=0, scale=1.0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale + shift
+
+
+def np64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+def assert_on_levels(y: torch.Tensor, lv: torch.Tensor) -> None:
+    """Every value of y is exactly one of the levels (per tensor, or per output-channel row)."""
+    if lv.dim() == 1:
+        bad = ~torch.isin(y.detach(), lv)
+        if bad.any():
+            v = y.detach()[bad][:3]
+            gap = (v[:, None] - lv[None, :]).abs().min(1).values
+            raise AssertionError(
+                f"{int(bad.sum())} of {y.numel()} outputs are not exactly in levels(): e.g. {v.tolist()} "
+                f"lie {gap.tolist()} from the nearest level"
+            )
+    else:
+        assert lv.shape[0] == y.shape[0]
+        for c in range(y.shape[0]):
+            bad = ~torch.isin(y[c].detach(), lv[c])
+            assert not bad.any(), f"channel {c}: outputs {y[c][bad][:3].tolist()} not in row {lv[c].tolist()}"
