@@ -391,3 +391,16 @@ def test_weight_off_its_level_set_is_a_config_error():
     layer.parametrizations.weight[0] = Relaxed()
     with pytest.raises(ConfigError, match="layer 'layers.0.0.conv1': its weight is not on its quantizer's level set"):
         lower(m, inputs(2))
+
+
+def test_compile_c_with_a_relative_folder(tmp_path, monkeypatch):
+    """gcc runs inside the folder; a relative folder must still give the executable there."""
+    from lowbit.export.c_export import compile_c
+
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "model.c").write_text("int lb_answer(void) { return 42; }\n")
+    (d / "main.c").write_text("int lb_answer(void);\nint main(void) { return lb_answer() == 42 ? 0 : 1; }\n")
+    monkeypatch.chdir(tmp_path)
+    exe = compile_c("c")
+    assert exe.is_file() and exe.parent == d

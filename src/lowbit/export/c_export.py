@@ -553,7 +553,7 @@ def compile_c(c_dir: str | Path, cc: str | None = None) -> Path:
     cc = cc or find_cc()
     if cc is None:
         raise ConfigError("export: no C compiler (gcc/cc) on PATH to build the C export")
-    d = Path(c_dir)
+    d = Path(c_dir).resolve()  # gcc runs with cwd=d: a relative -o path would point elsewhere
     exe = d / "model"
     r = subprocess.run([cc, *CFLAGS, "-o", str(exe), "model.c", "main.c", "-lm"], cwd=d,
                        capture_output=True, text=True, check=False)
