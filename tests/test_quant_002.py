@@ -19,7 +19,7 @@ from lowbit.errors import ConfigError
 from lowbit.models import create_model
 from lowbit.quant import build_quantizer, list_quantizers
 from lowbit.quantize import quantize, weight_param
-from quant_helpers import assert_on_levels, np64, randn
+from quant_helpers import assert_close_off_ties, assert_on_levels, np64, randn
 
 NEW = ["bnn", "qnn", "sat", "lqnet", "centroids"]
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("w3a3_*.yaml"))
@@ -41,15 +41,6 @@ def nearest_np(x, levels):
     d = np.abs(x[:, None] - levels[None, :])
     # argmin picks the first minimum; reverse so that a tie picks the upper (later) level
     return len(levels) - 1 - np.argmin(d[:, ::-1], axis=1)
-
-
-def assert_close_off_ties(actual, expected, pre_round, atol=1e-6) -> None:
-    """actual == expected (atol) wherever the pre-rounding value is not within 1e-4 of a .5 tie."""
-    actual, expected, pre = (np.asarray(a, float).ravel() for a in (actual, expected, pre_round))
-    frac = pre - np.floor(pre)
-    ok = np.abs(frac - 0.5) > 1e-4
-    assert ok.mean() > 0.99
-    np.testing.assert_allclose(actual[ok], expected[ok], rtol=0, atol=atol)
 
 
 def grad_of(q, x0, seed=7):
