@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from lowbit.bench.report import report, table_rows
+from lowbit.bench.report import _curves, report, table_rows
 from lowbit.bench.suite import Suite, expand, run_suite
 from lowbit.cli import main
 from lowbit.cost import mem_002
@@ -116,3 +116,25 @@ def test_budget_picks_the_widest_width_that_fits():
     assert by[2].width > by[4].width > by[8].width > by[32].width
     with pytest.raises(ConfigError, match="too small"):
         budget_table("resnet8", [8], budget_kib=0.01, **shape)
+
+
+def test_report_of_several_results_draws_one_curve_per_file(tmp_path):
+    """Two budget suites (one point per method each) -> one curve per suite, tables one after the other."""
+    for name, accs in (("C8", (0.9, 0.8)), ("C16", (0.7, 0.6))):
+        (tmp_path / name).mkdir()
+        recs = [{"row": f"W{b}", "method": f"W{b}", "test_acc": a, "size_bytes": 1024, "bitops": 1e9,
+                 "weight_bits": [b]} for b, a in zip((2, 4), accs)]
+        (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    sets = {"C8": table_rows([{"row": "W2", "method": "W2", "test_acc": 0.9, "size_bytes": 1, "bitops": 1}]),
+            "C16": table_rows([{"row": "W2", "method": "W2", "test_acc": 0.7, "size_bytes": 1, "bitops": 1}])}
+    assert list(_curves(sets)) == ["C8", "C16"]
+    with pytest.raises(ConfigError, match="--out"):
+        report([tmp_path / "C8", tmp_path / "C16"])
+    res = report([tmp_path / "C8", tmp_path / "C16"], out=tmp_path / "both")
+    assert res["table"].index("**C8**") < res["table"].index("**C16**")
+    assert "| W4 | 4 | 32 | 1 | 40.00 ± 0.00 | 1 |" in res["table"]  # C16's W4 row
+    csv_text = (tmp_path / "both" / "report.csv").read_text().splitlines()
+    assert csv_text[0].startswith("results,row,") and len(csv_text) == 5
+    assert main(["report", str(tmp_path / "C8"), str(tmp_path / "C16"), "--out", str(tmp_path / "cli"),
+                 "--no-plots"]) == 0
+    assert (tmp_path / "cli" / "report.md").is_file()

@@ -6,7 +6,7 @@
     lowbit info CONFIG|RUN_DIR [key=value ...]           plan table and cost (+ packed size of a run), no training
     lowbit export RUN_DIR [--format packed,onnx,c]       deployable files, each checked against PyTorch
     lowbit bench SUITE [--workers N] [--dry-run]         run a grid of configs x seeds (resumable)
-    lowbit report RESULTS                                002-style table (mean ± std error) + plots
+    lowbit report RESULTS [RESULTS ...]                  002-style table (mean ± std error) + plots
     lowbit report attention RUN_DIR | loss-surface CONFIG   003 Figures 3 and 4
     lowbit budget --model M --bits ... --ratio C         002's widest-network-per-precision under a budget
     lowbit list                                          registered models, datasets, quantizers, methods
@@ -178,7 +178,8 @@ def cmd_report(args) -> int:
         return 0
     from .bench.report import report
 
-    res = report(args.target, out=args.out, plots=not args.no_plots)
+    targets = [args.target, *args.rest]
+    res = report(targets if len(targets) > 1 else args.target, out=args.out, plots=not args.no_plots)
     print(res["table"])
     print("wrote " + ", ".join(res["files"]))
     return 0
@@ -238,9 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="validate every config and list the runs")
     b.set_defaults(func=cmd_bench)
     r = sub.add_parser("report", help="002's table + plots from results; `attention RUN_DIR`; `loss-surface CONFIG`",
-                       description="lowbit report RESULTS | attention RUN_DIR | loss-surface CONFIG [key=value ...]")
+                       description="lowbit report RESULTS [RESULTS ...] | attention RUN_DIR | loss-surface CONFIG [key=value ...]")
     r.add_argument("target", help="results.jsonl (or its folder), or 'attention', or 'loss-surface'")
-    r.add_argument("rest", nargs="*", help="RUN_DIR for attention; CONFIG [key=value ...] for loss-surface")
+    r.add_argument("rest", nargs="*", help="more RESULTS (drawn on one plot; --out required); RUN_DIR for "
+                   "attention; CONFIG [key=value ...] for loss-surface")
     r.add_argument("--out", help="output folder (table) or PNG path (figures)")
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--layer", help="attention: the layer to draw (default: the first quantized one)")

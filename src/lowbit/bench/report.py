@@ -1,9 +1,13 @@
-"""``lowbit report RESULTS``: seed 002's table (mean ± std test error per method) and two plots.
+"""``lowbit report RESULTS [RESULTS ...]``: seed 002's table (mean ± std test error per method) and two plots.
 
 RESULTS is a ``results.jsonl`` (one line per run, as written by ``lowbit bench`` and every
 ``benchmarks/`` script) or a folder holding one. Rows keep the order of the file; each row is
 one label (method, bits, model, width) with its seeds pooled. Written next to RESULTS (or --out):
 ``report.md``, ``report.csv``, ``acc_vs_bits.png`` and ``acc_vs_size.png``.
+
+Several RESULTS (e.g. the budget suites for C = 8 and C = 16) are drawn on the same axes, one curve
+per file named by its folder (002's "optimal precision" figure), and tabled one after the other;
+``--out`` is then required.
 """
 
 from __future__ import annotations
@@ -73,24 +77,34 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plots(rows: list[dict], out: Path) -> list[Path]:
+def _curves(sets: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The curves of the accuracy-vs-bits plot: one per method of each set; a set with one point per
+    method (a budget suite) is one curve named after the set."""
+    curves: dict[str, list[dict]] = {}
+    for name, rows in sets.items():
+        by_method: dict[str, list[dict]] = {}
+        for r in rows:
+            by_method.setdefault(r["method"], []).append(r)
+        if all(len(v) == 1 for v in by_method.values()):
+            curves[name if len(sets) > 1 else "all rows"] = rows
+        else:
+            curves.update({(f"{name}: {m}" if len(sets) > 1 else m): rs for m, rs in by_method.items()})
+    return curves
+
+
+def _plots(sets: dict[str, list[dict]], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    by_method: dict[str, list[dict]] = {}
-    for r in rows:
-        by_method.setdefault(r["method"], []).append(r)
-    if all(len(v) == 1 for v in by_method.values()):  # one point per method (e.g. a budget suite): one curve
-        by_method = {"all rows": rows}
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, rs in by_method.items():
+    for label, rs in _curves(sets).items():
         xs = [int(r["w_bits"].split("/")[0]) for r in rs]
         order = sorted(range(len(xs)), key=xs.__getitem__)
         ax.errorbar([xs[i] for i in order], [100 * (1 - rs[i]["err_mean"]) for i in order],
-                    yerr=[100 * rs[i]["err_std"] for i in order], marker="o", capsize=3, label=method)
+                    yerr=[100 * rs[i]["err_std"] for i in order], marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("weight bits")
     ax.set_ylabel("test accuracy % (mean ± std)")
@@ -102,14 +116,20 @@ def _plots(rows: list[dict], out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.errorbar(r["size_kib"], 100 * (1 - r["err_mean"]), yerr=100 * r["err_std"], marker="o", capsize=3)
-        ax.annotate(r["row"], (r["size_kib"], 100 * (1 - r["err_mean"])), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+    for name, rows in sets.items():
+        color = None
+        for r in rows:
+            line = ax.errorbar(r["size_kib"], 100 * (1 - r["err_mean"]), yerr=100 * r["err_std"], marker="o",
+                               capsize=3, color=color, label=name if color is None and len(sets) > 1 else None)
+            color = line.lines[0].get_color() if len(sets) > 1 else None
+            ax.annotate(r["row"], (r["size_kib"], 100 * (1 - r["err_mean"])), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("model size at the trained bits (KiB)")
     ax.set_ylabel("test accuracy % (mean ± std)")
     ax.grid(alpha=0.3)
+    if len(sets) > 1:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "acc_vs_size.png")
     fig.savefig(paths[-1], dpi=120)
@@ -117,17 +137,35 @@ def _plots(rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def report(results: str | Path, out: str | Path | None = None, plots: bool = True) -> dict:
-    """Build the table (printed form returned), write report.md/.csv and the plots."""
-    records, where = load_results(results)
+def report(results: str | Path | list, out: str | Path | None = None, plots: bool = True) -> dict:
+    """Build the table (printed form returned), write report.md/.csv and the plots. ``results`` is
+    one results file/folder or a list of them (drawn together; ``out`` required)."""
+    many = list(results) if isinstance(results, (list, tuple)) else [results]
+    if not many:
+        raise ConfigError("no results given")
+    if len(many) > 1 and out is None:
+        raise ConfigError("several results: say where the combined report goes with --out")
+    sets: dict[str, list[dict]] = {}
+    csv_rows: list[dict] = []
+    for res in many:
+        records, where = load_results(res)
+        name = where.name or str(where)
+        if name in sets:
+            name = str(where)
+        sets[name] = table_rows(records)
+        csv_rows += [{"results": name, **r} for r in sets[name]]
     out = Path(out) if out else where
     out.mkdir(parents=True, exist_ok=True)
-    rows = table_rows(records)
-    md = markdown(rows)
+    if len(sets) == 1:
+        md = markdown(next(iter(sets.values())))
+    else:
+        md = "\n\n".join(f"**{name}**\n\n{markdown(rows)}" for name, rows in sets.items())
     (out / "report.md").write_text(md + "\n")
     with open(out / "report.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(csv_rows[0]) if len(sets) > 1 else [k for k in csv_rows[0] if k != "results"]
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
-    files = [out / "report.md", out / "report.csv"] + (_plots(rows, out) if plots else [])
-    return {"table": md, "rows": rows, "files": [str(f) for f in files]}
+        w.writerows(csv_rows)
+    files = [out / "report.md", out / "report.csv"] + (_plots(sets, out) if plots else [])
+    return {"table": md, "rows": csv_rows if len(sets) > 1 else next(iter(sets.values())),
+            "files": [str(f) for f in files]}
