@@ -4,10 +4,12 @@ import json
 import math
 
 import pytest
+import torch
+from torch import nn
 
 from lowbit.config import load_config
 from lowbit.errors import TrainingDiverged
-from lowbit.train import run
+from lowbit.train import recalibrate_bn, run
 
 W2A4 = ["plan.weight={name: sawb, bits: 2}", "plan.act={name: pact, bits: 4, init: 4.0}"]
 
@@ -130,3 +132,38 @@ def test_bad_milestones_are_refused():
     t = TrainConfig(epochs=4, schedule="multistep", milestones=[4])
     with pytest.raises(ConfigError, match="train.milestones"):
         build_scheduler(build_optimizer(torch.nn.Linear(2, 2), t), t, 5)
+
+
+def test_recalibrate_bn_sets_the_statistics_of_the_network_as_it_is_now():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=0.3), nn.ReLU(), nn.Dropout(0.5))
+    x = torch.randn(2, 16, 1, 8, 8)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    bn = recalibrate_bn(model, [(x[0], None), (x[1], None), (x[0] * 100, None)], batches=2)
+    h = [model[0](xb).detach() for xb in x]  # the conv's outputs of the two batches used
+    mean = torch.stack([t.mean((0, 2, 3)) for t in h]).mean(0)
+    var = torch.stack([t.var((0, 2, 3), unbiased=True) for t in h]).mean(0)
+    assert torch.allclose(bn["1.running_mean"], mean, atol=1e-6)  # the third batch was not used
+    assert torch.allclose(bn["1.running_var"], var, atol=1e-5)
+    assert int(bn["1.num_batches_tracked"]) == 2 and set(bn) == {"1.running_mean", "1.running_var",
+                                                                 "1.num_batches_tracked"}
+    assert model[1].momentum == 0.3 and not model.training and not model[3].training
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters())
+
+
+def test_bn_recalibrate_is_stored_and_used_by_eval_and_export(tmp_path, fmnist_small):
+    dqa = ["plan.weight={name: minmax, bits: 2}",
+           "plan.method={name: dqa, mixture: [{name: minmax, bits: 4}], lam: 5}"]
+    plain = run(cfg(*dqa, epochs=1), tmp_path / "plain", data=fmnist_small).summary
+    rec = run(cfg(*dqa, "train.bn_recalibrate=3", epochs=1), tmp_path / "rec", data=fmnist_small).summary
+    assert plain["bn_recalibrated_batches"] == 0 and rec["bn_recalibrated_batches"] == 3
+    assert rec["test_loss"] != plain["test_loss"]  # same weights, new BatchNorm statistics
+    ck = torch.load(tmp_path / "rec" / "best.pt", weights_only=False)
+    assert "final_bn" in ck and "final_bn" not in torch.load(tmp_path / "plain" / "best.pt", weights_only=False)
+    # every reader of the run folder sees the network the summary measured
+    from lowbit.export.api import load_run
+    from lowbit.train import BatchLoader, evaluate
+
+    c, data, model = load_run(tmp_path / "rec")
+    test = evaluate(model, BatchLoader(fmnist_small.test, fmnist_small.info, 500))
+    assert test["loss"] == pytest.approx(rec["test_loss"], rel=1e-6) and test["acc"] == rec["test_acc"]

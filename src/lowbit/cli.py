@@ -62,8 +62,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .quantize import quant_state
-    from .train import BatchLoader, build_model, evaluate, format_summary, load_data, make_summary
+    from .train import BatchLoader, build_model, evaluate, final_model, format_summary, load_data, make_summary
 
     run_dir = Path(args.run_dir)
     cfg = _load_cfg(str(run_dir), [])
@@ -73,8 +72,7 @@ def cmd_eval(args) -> int:
     data = load_data(cfg)
     model = build_model(cfg, data)
     state = torch.load(ck, weights_only=False)
-    model.load_state_dict(state["model"])
-    quant_state(model).method.finalize(model)  # as train.run does before its test evaluation
+    final_model(model, state)  # as train.run does before its test evaluation
     t = cfg.train
     val = evaluate(model, BatchLoader(data.val, data.info, t.eval_batch_size))
     test = evaluate(model, BatchLoader(data.test, data.info, t.eval_batch_size))
@@ -89,7 +87,7 @@ def cmd_info(args) -> int:
     from .cost import training_memory
     from .quantize import layer_bits
     from .quantize import quant_state
-    from .train import build_model, cost_of, load_data
+    from .train import build_model, cost_of, final_model, load_data
 
     cfg = _load_cfg(args.target, args.overrides)
     data = load_data(cfg)
@@ -98,8 +96,7 @@ def cmd_info(args) -> int:
     if run_ck.is_file():  # a run folder: describe the trained model, incl. its packed size
         import torch
 
-        model.load_state_dict(torch.load(run_ck, weights_only=False)["model"])
-        quant_state(model).method.finalize(model)
+        final_model(model, torch.load(run_ck, weights_only=False))
 
     state = quant_state(model)
     print(state.table())

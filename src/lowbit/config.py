@@ -60,6 +60,10 @@ class TrainConfig(_Strict):
     #: torch threads (None: all cores)
     threads: int | None = Field(None, ge=1)
     progress: bool = True
+    #: after ``finalize`` (e.g. a DQA/BR mixture hardened to Q_1), re-estimate every BatchNorm's
+    #: running statistics on this many training batches (0: off, the papers' procedure). The new
+    #: statistics are stored in best.pt and used by eval, info and export alike.
+    bn_recalibrate: int = Field(0, ge=0)
 
 
 class Config(_Strict):

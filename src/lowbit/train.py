@@ -12,6 +12,10 @@ Run folder::
     config.yaml    the resolved config        plan.txt      the per-layer plan table
     metrics.jsonl  one JSON object per epoch  last.pt       checkpoint of the last epoch
     best.pt        best-validation weights    summary.json  test accuracy, bits, size, BitOPs
+                   (+ ``final_bn``: re-estimated BatchNorm statistics, with ``train.bn_recalibrate``)
+
+The evaluated, exported network is ``final_model(model, best.pt)``: the best weights, the method's
+``finalize`` and, if recorded, the re-estimated BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -76,6 +80,45 @@ def build_scheduler(opt, t, steps_per_epoch: int):
     if t.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=total)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: BatchLoader, batches: int) -> dict[str, torch.Tensor]:
+    """Re-estimate every BatchNorm's running mean and variance on up to ``batches`` batches of
+    ``loader`` with the network as it is now (e.g. after a mixture was hardened to Q_1, whose outputs
+    the statistics gathered during training do not describe). BatchNorm layers run in train mode
+    with a cumulative average; every other module stays in eval mode (quantizer state is untouched);
+    no gradients, no parameter changes. Returns the new BatchNorm buffers (state-dict keys)."""
+    bns = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if not bns or batches <= 0:
+        return {}
+    model.eval()
+    momenta = {}
+    for name, m in bns.items():
+        momenta[name] = m.momentum
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+        m.train()
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            break
+        model(x)
+    for name, m in bns.items():
+        m.momentum = momenta[name]
+    model.eval()
+    keys = {f"{name}.{b}" for name in bns for b in ("running_mean", "running_var", "num_batches_tracked")}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
+
+
+def final_model(model: nn.Module, checkpoint: dict) -> nn.Module:
+    """The network a run reports and exports, from its ``best.pt`` contents: the best weights, the
+    method's ``finalize`` (e.g. harden a mixture), then the re-estimated BatchNorm statistics if the
+    run recorded them (``train.bn_recalibrate``). In place; returns ``model``."""
+    model.load_state_dict(checkpoint["model"])
+    quant_state(model).method.finalize(model)
+    if checkpoint.get("final_bn"):
+        model.load_state_dict(checkpoint["final_bn"], strict=False)
+    return model
 
 
 @torch.no_grad()
@@ -225,8 +268,13 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
             tqdm.write(f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.4f}  "
                        f"val {val['acc']:.4f}  {epoch_time:.1f}s")
 
-    model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=False)["model"])
-    method.finalize(model)  # on the weights that are evaluated and exported (e.g. harden a mixture)
+    best_ck = torch.load(run_dir / "best.pt", weights_only=False)
+    best_ck.pop("final_bn", None)
+    final_model(model, best_ck)  # the weights that are evaluated and exported (e.g. a hardened mixture)
+    if t.bn_recalibrate:
+        stats_loader = BatchLoader(data.train, data.info, t.batch_size, shuffle=True, seed=t.seed)
+        best_ck["final_bn"] = recalibrate_bn(model, stats_loader, t.bn_recalibrate)
+        _save(run_dir / "best.pt", best_ck)
     test = evaluate(model, test_loader)
     summary = make_summary(cfg, model, data, test, best)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -259,6 +307,7 @@ def make_summary(cfg: Config, model: nn.Module, data: DataSplits, test: dict, be
         "params": cost.params, "macs": cost.macs, "bitops": cost.bitops,
         "size_bytes": cost.size_bytes, "fp32_size_bytes": cost.fp32_size_bytes,
         "mem_002_bits": cost.mem_bits,
+        "bn_recalibrated_batches": cfg.train.bn_recalibrate,
         "distinct_weight_values": distinct_weight_values(model),
         "method_info": quant_state(model).method.summary(model),
     }

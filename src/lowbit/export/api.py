@@ -188,8 +188,7 @@ def _c(pkg: Graph, d: Path, xn, ref, ref_np, y, c_images: int | None) -> dict:
 def load_run(run_dir: str | Path):
     """(cfg, data, model) of a run folder, best checkpoint loaded and the method finalized."""
     from ..config import load_config
-    from ..quantize import quant_state
-    from ..train import build_model, load_data
+    from ..train import build_model, final_model, load_data
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -200,8 +199,7 @@ def load_run(run_dir: str | Path):
     cfg = load_config(run_dir / "config.yaml")
     data = load_data(cfg)
     model = build_model(cfg, data)
-    model.load_state_dict(torch.load(ck, weights_only=False)["model"])
-    quant_state(model).method.finalize(model)  # as train.run does before its test evaluation
+    final_model(model, torch.load(ck, weights_only=False))  # as train.run does before its test evaluation
     model.eval()
     return cfg, data, model
 
