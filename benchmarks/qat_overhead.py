@@ -6,6 +6,10 @@ configuration trains the same model on the same fixed batch, and the configurati
 ratio is the median step time of a configuration over FP32's.
 
     python benchmarks/qat_overhead.py --model resnet8 --threads 2 --rounds 5 --steps 10
+    python benchmarks/qat_overhead.py --set dqa --threads 1 --rounds 3 --steps 5 --out benchmarks/results/dqa_overhead
+
+``--set dqa`` times the rows of ``dqa_table.py`` (003 Tables 1-2); a step then includes the method's
+per-batch work (temperature update, α normalisation, penalty), exactly as the training loop does.
 
 Writes overhead.json and overhead.md into --out and prints the table.
 """
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.models import create_model
-from lowbit.quantize import quantize
+from lowbit.quantize import quant_state, quantize
 
 CONFIGS = {
     "FP32": {},
@@ -37,6 +41,7 @@ CONFIGS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", choices=["core", "dqa"], default="core", help="which configurations")
     ap.add_argument("--model", default="resnet8")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -48,15 +53,28 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 1, 28, 28)
     y = torch.randint(0, 10, (args.batch_size,))
+    if args.set == "dqa":
+        from dqa_table import ROWS as configs  # the table's own rows, not a copy
+    else:
+        configs = CONFIGS
+    total = (args.rounds * args.steps + 2) * len(configs)  # schedules span every step taken here
     setups = {}
-    for label, plan in CONFIGS.items():
+    for label, plan in configs.items():
         torch.manual_seed(0)
         m = quantize(create_model(args.model, in_channels=1, num_classes=10, image_size=28), plan)
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        quant_state(m).method.setup(m, total, total)
         setups[label] = (m, opt)
+    count = {id(m): 0 for m, _ in setups.values()}
 
     def step(m, opt):
+        method = quant_state(m).method
+        method.on_step(m, count[id(m)])
+        count[id(m)] += 1
         loss = F.cross_entropy(m(x), y)
+        extra = method.extra_loss(m)
+        if extra is not None:
+            loss = loss + extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
