@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.export.api import load_run
-from lowbit.train import BatchLoader, evaluate, recalibrate_bn
+from lowbit.train import BatchLoader, evaluate, load_run, recalibrate_bn
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     for r in records:
         if args.rows and not any(k in r["row"] for k in args.rows):
             continue
-        cfg, data, model = load_run(r["run_dir"])
+        cfg, data, model, _ = load_run(r["run_dir"])
         test = BatchLoader(data.test, data.info, 1000)
         before = evaluate(model, test)["acc"]
         recalibrate_bn(model, BatchLoader(data.train, data.info, cfg.train.batch_size, shuffle=True,

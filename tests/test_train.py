@@ -161,9 +161,11 @@ def test_bn_recalibrate_is_stored_and_used_by_eval_and_export(tmp_path, fmnist_s
     ck = torch.load(tmp_path / "rec" / "best.pt", weights_only=False)
     assert "final_bn" in ck and "final_bn" not in torch.load(tmp_path / "plain" / "best.pt", weights_only=False)
     # every reader of the run folder sees the network the summary measured
-    from lowbit.export.api import load_run
-    from lowbit.train import BatchLoader, evaluate
+    from lowbit.export.api import load_run as export_load_run
+    from lowbit.train import BatchLoader, evaluate, load_run
 
-    c, data, model = load_run(tmp_path / "rec")
+    c, data, model, _ = load_run(tmp_path / "rec")
+    assert export_load_run(tmp_path / "rec")[2].state_dict()["bn1.running_mean"].equal(
+        model.state_dict()["bn1.running_mean"])
     test = evaluate(model, BatchLoader(fmnist_small.test, fmnist_small.info, 500))
     assert test["loss"] == pytest.approx(rec["test_loss"], rel=1e-6) and test["acc"] == rec["test_acc"]

@@ -60,19 +60,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
+    from .train import BatchLoader, evaluate, format_summary, load_run, make_summary
 
-    from .train import BatchLoader, build_model, evaluate, final_model, format_summary, load_data, make_summary
-
-    run_dir = Path(args.run_dir)
-    cfg = _load_cfg(str(run_dir), [])
-    ck = run_dir / "best.pt"
-    if not ck.is_file():
-        raise LowbitError(f"{run_dir} has no best.pt checkpoint: the run did not finish an epoch")
-    data = load_data(cfg)
-    model = build_model(cfg, data)
-    state = torch.load(ck, weights_only=False)
-    final_model(model, state)  # as train.run does before its test evaluation
+    cfg, data, model, state = load_run(args.run_dir)  # the network train.run tested
     t = cfg.train
     val = evaluate(model, BatchLoader(data.val, data.info, t.eval_batch_size))
     test = evaluate(model, BatchLoader(data.test, data.info, t.eval_batch_size))

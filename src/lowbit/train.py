@@ -121,6 +121,26 @@ def final_model(model: nn.Module, checkpoint: dict) -> nn.Module:
     return model
 
 
+def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
+    """A finished run folder's network as the run reported it: (config, data, model in eval mode,
+    the best.pt checkpoint), through ``final_model``. Used by ``lowbit eval`` and the exporter."""
+    from .config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
+    ck_path = run_dir / "best.pt"
+    if not ck_path.is_file():
+        raise ConfigError(f"{run_dir} has no best.pt checkpoint (the run did not finish an epoch)")
+    cfg = load_config(run_dir / "config.yaml")
+    data = load_data(cfg)
+    model = build_model(cfg, data)
+    ck = torch.load(ck_path, weights_only=False)
+    final_model(model, ck)
+    model.eval()
+    return cfg, data, model, ck
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: BatchLoader) -> dict[str, float]:
     """Loss and accuracy over a whole split (eval mode; the caller restores train mode)."""

@@ -186,21 +186,10 @@ def _c(pkg: Graph, d: Path, xn, ref, ref_np, y, c_images: int | None) -> dict:
 
 
 def load_run(run_dir: str | Path):
-    """(cfg, data, model) of a run folder, best checkpoint loaded and the method finalized."""
-    from ..config import load_config
-    from ..train import build_model, final_model, load_data
+    """(cfg, data, model) of a run folder: ``lowbit.train.load_run`` without the checkpoint."""
+    from ..train import load_run as _load
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
-    ck = run_dir / "best.pt"
-    if not ck.is_file():
-        raise ConfigError(f"{run_dir}: no best.pt checkpoint to export (the run did not finish an epoch)")
-    cfg = load_config(run_dir / "config.yaml")
-    data = load_data(cfg)
-    model = build_model(cfg, data)
-    final_model(model, torch.load(ck, weights_only=False))  # as train.run does before its test evaluation
-    model.eval()
+    cfg, data, model, _ = _load(run_dir)
     return cfg, data, model
 
 
