@@ -4,7 +4,7 @@ A mixture method (DQA, BinaryRelax) trains its BatchNorm statistics on the mixtu
 hardened to Q_1; when Q_1's weight in the mixture was still far from 1 at the end, those statistics
 describe another network. This script measures how much of a row's loss that explains: for each run
 folder (``RESULTS/ROW/seedN``) it evaluates the finalized best checkpoint as the run did, then after
-``lowbit.train.recalibrate_bn`` on N training batches (what ``train.bn_recalibrate: N`` does at the end
+``lowbit.train.recalibrate_run_bn`` on N training batches (what ``train.bn_recalibrate: N`` does at the end
 of a run). Nothing in the run folders is changed.
 
     python benchmarks/bn_recalibration.py benchmarks/results/dqa_table --rows DQA BR
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.train import BatchLoader, evaluate, load_run, recalibrate_bn
+from lowbit.train import BatchLoader, evaluate, load_run, recalibrate_run_bn
 
 
 def main() -> None:
@@ -40,8 +40,7 @@ def main() -> None:
         cfg, data, model, _ = load_run(r["run_dir"])
         test = BatchLoader(data.test, data.info, 1000)
         before = evaluate(model, test)["acc"]
-        recalibrate_bn(model, BatchLoader(data.train, data.info, cfg.train.batch_size, shuffle=True,
-                                          seed=cfg.train.seed), args.batches)
+        recalibrate_run_bn(model, cfg, data, args.batches)
         after = evaluate(model, test)["acc"]
         q1 = (r.get("method_info") or {}).get("Q1 weight at end", "")
         print(f"{r['row']} seed {r['seed']}: {100 * before:.2f} -> {100 * after:.2f}  {q1}", flush=True)

@@ -165,8 +165,7 @@ def cmd_report(args) -> int:
         return 0
     from .bench.report import report
 
-    targets = [args.target, *args.rest]
-    res = report(targets if len(targets) > 1 else args.target, out=args.out, plots=not args.no_plots)
+    res = report([args.target, *args.rest], out=args.out, plots=not args.no_plots)
     print(res["table"])
     print("wrote " + ", ".join(res["files"]))
     return 0

@@ -106,8 +106,14 @@ def recalibrate_bn(model: nn.Module, loader: BatchLoader, batches: int) -> dict[
     for name, m in bns.items():
         m.momentum = momenta[name]
     model.eval()
-    keys = {f"{name}.{b}" for name in bns for b in ("running_mean", "running_var", "num_batches_tracked")}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
+    return {f"{name}.{b}": v.clone() for name, m in bns.items() for b, v in m.named_buffers()}
+
+
+def recalibrate_run_bn(model: nn.Module, cfg: Config, data: DataSplits, batches: int) -> dict[str, torch.Tensor]:
+    """What ``train.bn_recalibrate`` does at the end of a run: ``recalibrate_bn`` on the run's
+    shuffled, un-augmented training batches (seeded by the run's seed)."""
+    loader = BatchLoader(data.train, data.info, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+    return recalibrate_bn(model, loader, batches)
 
 
 def final_model(model: nn.Module, checkpoint: dict) -> nn.Module:
@@ -292,8 +298,7 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
     best_ck.pop("final_bn", None)
     final_model(model, best_ck)  # the weights that are evaluated and exported (e.g. a hardened mixture)
     if t.bn_recalibrate:
-        stats_loader = BatchLoader(data.train, data.info, t.batch_size, shuffle=True, seed=t.seed)
-        best_ck["final_bn"] = recalibrate_bn(model, stats_loader, t.bn_recalibrate)
+        best_ck["final_bn"] = recalibrate_run_bn(model, cfg, data, t.bn_recalibrate)
         _save(run_dir / "best.pt", best_ck)
     test = evaluate(model, test_loader)
     summary = make_summary(cfg, model, data, test, best)
