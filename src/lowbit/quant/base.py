@@ -1,4 +1,5 @@
-"""The quantizer base class, the straight-through helpers and the registry.
+"""The quantizer base class and the registry (the straight-through helpers live in
+:mod:`lowbit.quant.functional` and are re-exported here).
 
 A quantizer maps a real tensor onto a finite set of values (its *levels*). It is a small
 ``nn.Module``: ``forward(x) -> x_q`` with a straight-through gradient, ``bits``, ``levels()``
@@ -26,42 +27,9 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import Registry
+from .functional import channel_view, grad_scale, reduce_abs_mean, round_ste, ste  # noqa: F401 (re-exported)
 
 ROLES = ("weight", "act")
-
-
-# ---------------------------------------------------------------------------------------------
-# straight-through primitives
-# ---------------------------------------------------------------------------------------------
-def ste(x: Tensor, q: Tensor) -> Tensor:
-    """Return ``q`` in the forward pass with the gradient of ``x`` (``dq/dx := 1``).
-
-    Written as ``q + (x - x.detach())`` rather than ``x + (q - x).detach()``: the second form
-    adds float rounding error, so the forward value would not lie exactly on the level set.
-    """
-    return q.detach() + (x - x.detach())
-
-
-def round_ste(x: Tensor) -> Tensor:
-    """round(x) in the forward pass, identity in the backward pass (Bengio et al. 2013 STE)."""
-    return ste(x, torch.round(x))
-
-
-def grad_scale(x: Tensor, scale: float) -> Tensor:
-    """Forward ``x`` unchanged, multiply its gradient by ``scale`` (LSQ's gradient scaling)."""
-    return (x - x * scale).detach() + x * scale
-
-
-def channel_view(stat: Tensor, x: Tensor) -> Tensor:
-    """Reshape a per-output-channel statistic of shape (C,) to broadcast against ``x`` (C, ...)."""
-    return stat.reshape((-1,) + (1,) * (x.dim() - 1))
-
-
-def reduce_abs_mean(x: Tensor, per_channel: bool) -> Tensor:
-    """E|x| over the tensor, or per output channel (dim 0), shaped to broadcast against x."""
-    if per_channel:
-        return channel_view(x.detach().abs().flatten(1).mean(1), x)
-    return x.detach().abs().mean()
 
 
 # ---------------------------------------------------------------------------------------------

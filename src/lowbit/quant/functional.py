@@ -1,0 +1,183 @@
+"""Shared quantization primitives: straight-through rounding, clipped STE, per-channel
+reductions, the uniform grid and the fused activation kernels.
+
+Every quantizer and method builds on these, so each rule exists once:
+
+* :func:`ste`, :func:`round_ste`, :func:`grad_scale` - straight-through estimators
+  (Bengio et al. 2013) and LSQ's gradient scaling (Esser et al. 2020);
+* :func:`channel_view`, :func:`reduce_abs_mean` - per-output-channel statistics;
+* :func:`_bounds`, :func:`_codes_to_values`, :func:`grid_levels` - the uniform grid
+  ``lo + k*step``, computed with the same float32 ops everywhere so outputs and ``levels()``
+  agree bit for bit;
+* :func:`clip_round` / :func:`clip_round_levels` (:class:`_ClipRound`) and :func:`lsq_quantize`
+  (:class:`_LSQFn`) - the fused clip + round kernels with a clipped straight-through gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_EPS = 1e-8
+
+
+# ---------------------------------------------------------------------------------------------
+# straight-through primitives
+# ---------------------------------------------------------------------------------------------
+def ste(x: Tensor, q: Tensor) -> Tensor:
+    """Return ``q`` in the forward pass with the gradient of ``x`` (``dq/dx := 1``).
+
+    Written as ``q + (x - x.detach())`` rather than ``x + (q - x).detach()``: the second form
+    adds float rounding error, so the forward value would not lie exactly on the level set.
+    """
+    return q.detach() + (x - x.detach())
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """round(x) in the forward pass, identity in the backward pass (Bengio et al. 2013 STE)."""
+    return ste(x, torch.round(x))
+
+
+def grad_scale(x: Tensor, scale: float) -> Tensor:
+    """Forward ``x`` unchanged, multiply its gradient by ``scale`` (LSQ's gradient scaling)."""
+    return (x - x * scale).detach() + x * scale
+
+
+def channel_view(stat: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-output-channel statistic of shape (C,) to broadcast against ``x`` (C, ...)."""
+    return stat.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def reduce_abs_mean(x: Tensor, per_channel: bool) -> Tensor:
+    """E|x| over the tensor, or per output channel (dim 0), shaped to broadcast against x."""
+    if per_channel:
+        return channel_view(x.detach().abs().flatten(1).mean(1), x)
+    return x.detach().abs().mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# fused clip + round with a clipped straight-through gradient
+# ---------------------------------------------------------------------------------------------
+def _bounds(low: Tensor, high: Tensor, n_steps: int):
+    """(lo, hi, step): Python floats for a per-tensor range (cheap in-place ops on big activation
+    tensors), detached tensors shaped like ``low`` for a per-channel one."""
+    if low.numel() == 1 and high.numel() == 1:
+        lo, hi = float(low.detach()), float(high.detach())
+        return lo, hi, max((hi - lo) / n_steps, _EPS)
+    lo, hi = low.detach(), high.detach()
+    return lo, hi, ((hi - lo) / n_steps).clamp_min(_EPS)
+
+
+def _codes_to_values(k: Tensor, lo, step) -> Tensor:
+    """Integer codes (as floats) -> values ``k*step + lo``, in place. The one place this is done,
+    so that forward outputs and ``levels()`` agree bit for bit."""
+    k.mul_(step)
+    if not (isinstance(lo, float) and lo == 0.0):
+        k.add_(lo)
+    return k
+
+
+def grid_levels(lo, step, n_levels: int, dtype=torch.float32) -> Tensor:
+    """The levels ``lo + i*step`` (i < n_levels): (L,) for float/scalar bounds, (C, L) per channel."""
+    k = torch.arange(n_levels, dtype=dtype)
+    if isinstance(step, Tensor) and step.numel() > 1:
+        k = k.repeat(step.numel(), 1)
+        return _codes_to_values(k, lo.reshape(-1, 1), step.reshape(-1, 1))
+    if isinstance(step, Tensor):
+        step, lo = step.reshape(()), lo.reshape(())
+    return _codes_to_values(k, lo, step)
+
+
+class _ClipRound(torch.autograd.Function):
+    """q = low + round((clamp(x, low, high) - low) / step) * step,  step = (high - low) / n_steps.
+
+    Backward (clipped STE, PACT's rule for the upper clip):
+        dq/dx    = 1[low <= x <= high]
+        dq/dhigh = 1[x > high]          (only when ``high`` requires grad: PACT's learned alpha)
+
+    This runs on every activation of every step: a per-tensor range is read once as Python
+    floats and the forward is one clamp plus in-place ops (no sub/add when low = 0, post-ReLU).
+    ``low``/``high`` may also be per-channel tensors (SAWB per output channel).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, low: Tensor, high: Tensor, n_steps: int):
+        lo, hi, step = _bounds(low, high, n_steps)
+        q = torch.clamp(x, lo, hi)
+        if not (isinstance(lo, float) and lo == 0.0):
+            q.sub_(lo)
+        q.div_(step).round_()
+        ctx.save_for_backward(x)
+        ctx.range = (lo, hi)
+        return _codes_to_values(q, lo, step)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (x,) = ctx.saved_tensors
+        lo, hi = ctx.range
+        above = x > hi
+        inside = (x >= lo).logical_and_(above.logical_not())
+        gx = g * inside  # measured faster than torch.where / masked_fill on CPU
+        ghigh = (g * above).sum().reshape(()) if ctx.needs_input_grad[2] else None
+        return gx, None, ghigh, None
+
+
+def lsq_quantize(v: Tensor, s: Tensor, qn: int, qp: int, gscale: float) -> Tensor:
+    """round(clamp(v/s, -qn, qp))*s with LSQ's gradients (see :class:`_LSQFn`)."""
+    return _LSQFn.apply(v, s, qn, qp, gscale)
+
+
+def clip_round(x: Tensor, low: Tensor, high: Tensor, bits: int) -> Tensor:
+    return _ClipRound.apply(x, low, high, 2**bits - 1)
+
+
+def clip_round_levels(low: Tensor, high: Tensor, bits: int, per_channel: bool = False) -> Tensor:
+    """The exact value set :func:`clip_round` maps onto for this range ((C, L) per channel)."""
+    lo, _, step = _bounds(low, high, 2**bits - 1)
+    lv = grid_levels(lo, step, 2**bits)
+    return lv.reshape(-1, 2**bits) if per_channel else lv
+
+
+class _LSQFn(torch.autograd.Function):
+    """LSQ (Esser et al. 2020, eq. 1-3): v_hat = round(clamp(v/s, -Qn, Qp)) * s.
+
+    Backward (the paper's eq. 3, strict inequalities):
+        d v_hat / d v = 1[-Qn < v/s < Qp]
+        d v_hat / d s = round(v/s) - v/s  inside,  -Qn  if v/s <= -Qn,  Qp  if v/s >= Qp;
+                        times the gradient scale g = 1/sqrt(N*Qp)
+    ``s`` is a scalar or a per-channel tensor shaped to broadcast against ``v``. Inside the range
+    round(v/s) - v/s = (v_hat - v)/s, so the step gradient needs no second rounding pass.
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, s: Tensor, qn: int, qp: int, gscale: float):
+        if s.numel() == 1:
+            sf = float(s)
+            q = torch.mul(v, 1.0 / sf).clamp_(-qn, qp).round_().mul_(sf)  # same ops as levels()
+        else:
+            q = torch.div(v, s).clamp_(-qn, qp).round_().mul_(s)
+        ctx.save_for_backward(v, s, q)
+        ctx.q = (qn, qp, gscale)
+        return q
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        v, s, q = ctx.saved_tensors
+        qn, qp, gscale = ctx.q
+        lo, hi = (-qn * s, qp * s) if s.numel() > 1 else (-qn * float(s), qp * float(s))
+        above = v >= hi
+        below = v <= lo
+        inside = above.logical_or(below).logical_not_()
+        gv = g * inside
+        gs = None
+        if ctx.needs_input_grad[1]:
+            if s.numel() == 1:
+                gs = torch.dot(gv.reshape(-1), (q - v).reshape(-1)) / s + qp * (g * above).sum()
+                if qn:
+                    gs = gs - qn * (g * below).sum()
+                gs = (gs * gscale).reshape(s.shape)
+            else:  # per-channel step (weights: small tensors)
+                ds = torch.where(inside, (q - v) / s, torch.where(above, float(qp), float(-qn)))
+                dims = [d for d in range(g.dim()) if s.shape[d] == 1]
+                gs = (g * ds).sum(dim=dims, keepdim=True) * gscale
+        return gv, gs, None, None, None
