@@ -90,6 +90,10 @@ def cmd_info(args) -> int:
 
     state = quant_state(model)
     print(state.table())
+    if cfg.model.options.get("channels"):
+        from .models.channels import describe_channels
+
+        print(describe_channels(model, cfg.model.options["channels"]))
     for k, v in state.method.summary(model).items():
         print(f"{k}: {v}")
     print()

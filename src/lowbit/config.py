@@ -137,6 +137,7 @@ def validate_names(cfg: Config) -> None:
     from .data import list_datasets
     from .methods import build_method
     from .models import MODELS
+    from .models.channels import check_channels
     from .quant import build_quantizer
 
     try:
@@ -144,6 +145,11 @@ def validate_names(cfg: Config) -> None:
     except ConfigError as e:
         raise ConfigError(f"model.name: {e}") from None
     MODELS.check_options(cfg.model.name, cfg.model.options)  # "model 'x' has no option y; ..."
+    if "channels" in cfg.model.options:  # per-layer out channels; layer names are checked when built
+        try:
+            check_channels(cfg.model.name, cfg.model.options["channels"])
+        except ConfigError as e:
+            raise ConfigError(f"model.channels: {e}") from None
     if cfg.data.name not in list_datasets():
         raise ConfigError(f"data.name: unknown dataset '{cfg.data.name}'; available: {', '.join(list_datasets())}")
     for role in ("weight", "act"):

@@ -12,6 +12,7 @@ from lowbit.models._common import (
     init_weights,
     scale_channels,
 )
+from lowbit.models.channels import LayerChannels
 from lowbit.models.registry import register_model
 
 # With padding 2 on conv1 (images up to 28x28): side s -> s -> s//2 -> s//2-4 -> (s//2-4)//2 >= 1.
@@ -32,7 +33,9 @@ class LeNet5(nn.Module):
     ``width``. conv1 has padding 2 when the image is at most 28x28 (so 28x28 and 32x32 inputs both
     give 5x5 maps before the flatten, as in the paper), else no padding. ``batch_norm`` adds BN
     after each conv (which then has no bias). The first fc layer's input size follows from
-    ``image_size``, so the model only accepts inputs of that size.
+    ``image_size``, so the model only accepts inputs of that size. ``channels`` may set the out
+    channels of both convs and of the two hidden fc layers (``features.0``, ``features.3`` or
+    ``features.4`` with BN, ``classifier.0``, ``classifier.2``; see :mod:`lowbit.models.channels`).
     """
 
     def __init__(
@@ -42,12 +45,17 @@ class LeNet5(nn.Module):
         image_size: tuple[int, int] = (32, 32),
         width: float = 1.0,
         batch_norm: bool = False,
+        channels: LayerChannels | None = None,
     ) -> None:
         super().__init__()
+        plan = channels if channels is not None else LayerChannels(type(self).__name__, width=width)
         height, wide = image_size
         padding = 2 if max(height, wide) <= 28 else 0
-        c1, c2 = scale_channels(6, width), scale_channels(16, width)
-        f1, f2 = scale_channels(120, width), scale_channels(84, width)
+        block_len = 4 if batch_norm else 3  # conv [BN] ReLU pool
+        c1 = plan.out("features.0", scale_channels(6, width))
+        c2 = plan.out(f"features.{block_len}", scale_channels(16, width))
+        f1 = plan.out("classifier.0", scale_channels(120, width))
+        f2 = plan.out("classifier.2", scale_channels(84, width))
 
         def conv_block(cin: int, cout: int, pad: int) -> list[nn.Module]:
             layers: list[nn.Module] = [nn.Conv2d(cin, cout, 5, padding=pad, bias=not batch_norm)]
@@ -66,6 +74,7 @@ class LeNet5(nn.Module):
             nn.Linear(f2, num_classes),
         )
         init_weights(self)
+        plan.check(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.flatten(self.features(x)))
@@ -73,11 +82,12 @@ class LeNet5(nn.Module):
 
 @register_model("lenet5")
 def lenet5(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-           width: float = 1.0, batch_norm: bool = False) -> LeNet5:
-    """LeNet-5 (ReLU, max-pool), optional BN after the convs, channels scaled by ``width``."""
+           width: float = 1.0, batch_norm: bool = False, channels: dict[str, int] | None = None) -> LeNet5:
+    """LeNet-5 (ReLU, max-pool), optional BN after the convs, channels scaled by ``width``, or
+    per-layer ``channels``."""
     width = check_width("lenet5", width)
     batch_norm = check_bool("lenet5", "batch_norm", batch_norm)
     size = check_min_image_size(
         "lenet5", image_size, LENET_MIN_IMAGE_SIZE, "two 5x5 convs and two 2x2 max-pools"
     )
-    return LeNet5(in_channels, num_classes, size, width, batch_norm)
+    return LeNet5(in_channels, num_classes, size, width, batch_norm, LayerChannels("lenet5", channels, width))

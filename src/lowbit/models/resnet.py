@@ -9,6 +9,7 @@ from torch import nn
 
 from lowbit.errors import ConfigError
 from lowbit.models._common import check_min_image_size, check_width, init_weights, scale_channels
+from lowbit.models.channels import LayerChannels
 from lowbit.models.registry import register_model
 
 #: the activation after each BN: "relu" (He et al.) or "hardtanh" (BinaryNet-style networks whose
@@ -27,7 +28,9 @@ class BasicBlock(nn.Module):
 
     ``conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN``, plus the shortcut, then ReLU. The shortcut is
     the identity when the shape is unchanged; otherwise it is a 1x1 convolution (with the block's
-    stride) followed by BN, i.e. the projection shortcut "option B" of the paper.
+    stride) followed by BN, i.e. the projection shortcut "option B" of the paper. ``mid_channels``
+    (conv1's out channels, default ``out_channels``) can differ from the block output: it has no
+    shortcut to agree with.
 
     Modules are registered in execution order (conv1, bn1, relu1, conv2, bn2, shortcut, relu2) and
     each ReLU is its own module, so forward hooks see every activation once.
@@ -35,12 +38,14 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, activation: str = "relu") -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, activation: str = "relu",
+                 mid_channels: int | None = None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        mid = out_channels if mid_channels is None else mid_channels
+        self.conv1 = nn.Conv2d(in_channels, mid, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
         self.relu1 = make_activation(activation)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(mid, out_channels, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         if stride != 1 or in_channels != out_channels:
             self.shortcut: nn.Module = nn.Sequential(
@@ -71,6 +76,10 @@ class ResNet(nn.Module):
       (The paper uses parameter-free "option A" shortcuts on CIFAR; this zoo uses option B.)
     * CIFAR ResNet-18 (the common CIFAR adaptation of the ImageNet ResNet-18): stages
       64/128/256/512, [2, 2, 2, 2] blocks, strides 1/2/2/2.
+
+    ``channels`` (:class:`~lowbit.models.channels.LayerChannels`) may set each conv's out channels
+    (``conv1``, ``layers.S.B.conv1``, ``layers.S.B.conv2``); a block whose input and output then
+    differ gets a projection shortcut.
     """
 
     def __init__(
@@ -81,20 +90,24 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         num_classes: int = 10,
         activation: str = "relu",
+        channels: LayerChannels | None = None,
     ) -> None:
         super().__init__()
+        plan = channels if channels is not None else LayerChannels(type(self).__name__)
         if not (len(stage_channels) == len(blocks_per_stage) == len(stage_strides)):
             raise ValueError("stage_channels, blocks_per_stage and stage_strides must have the same length")
-        stem_channels = stage_channels[0]
+        stem_channels = plan.out("conv1", stage_channels[0])
         self.conv1 = nn.Conv2d(in_channels, stem_channels, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_channels)
         self.relu = make_activation(activation)
         stages = []
         channels = stem_channels
-        for out_channels, blocks, stride in zip(stage_channels, blocks_per_stage, stage_strides):
+        for s, (stage_out, blocks, stride) in enumerate(zip(stage_channels, blocks_per_stage, stage_strides)):
             layers = []
             for i in range(blocks):
-                layers.append(BasicBlock(channels, out_channels, stride if i == 0 else 1, activation))
+                mid = plan.out(f"layers.{s}.{i}.conv1", stage_out)
+                out_channels = plan.out(f"layers.{s}.{i}.conv2", stage_out)
+                layers.append(BasicBlock(channels, out_channels, stride if i == 0 else 1, activation, mid))
                 channels = out_channels
             stages.append(nn.Sequential(*layers))
         self.layers = nn.Sequential(*stages)
@@ -102,6 +115,7 @@ class ResNet(nn.Module):
         self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(channels, num_classes)
         init_weights(self)
+        plan.check(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -116,8 +130,10 @@ def cifar_resnet(
     image_size: int | tuple[int, int] = 32,
     width: float = 1.0,
     activation: str = "relu",
+    channels: dict[str, int] | None = None,
 ) -> ResNet:
-    """CIFAR ResNet of the given ``depth`` = 6n + 2: stages of n BasicBlocks with 16w/32w/64w channels."""
+    """CIFAR ResNet of the given ``depth`` = 6n + 2: stages of n BasicBlocks with 16w/32w/64w channels,
+    or per-layer ``channels`` (see :mod:`lowbit.models.channels`)."""
     name = f"resnet{depth}"
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ConfigError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, ...), got {depth!r}")
@@ -131,40 +147,41 @@ def cifar_resnet(
         in_channels=in_channels,
         num_classes=num_classes,
         activation=activation,
+        channels=LayerChannels(name, channels, width),
     )
 
 
 @register_model("resnet8")
 def resnet8(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-            width: float = 1.0, activation: str = "relu") -> ResNet:
+            width: float = 1.0, activation: str = "relu", channels: dict[str, int] | None = None) -> ResNet:
     """CIFAR ResNet-8 (n=1), option-B shortcuts."""
-    return cifar_resnet(8, in_channels, num_classes, image_size, width, activation)
+    return cifar_resnet(8, in_channels, num_classes, image_size, width, activation, channels)
 
 
 @register_model("resnet20")
 def resnet20(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-             width: float = 1.0, activation: str = "relu") -> ResNet:
+             width: float = 1.0, activation: str = "relu", channels: dict[str, int] | None = None) -> ResNet:
     """CIFAR ResNet-20 (n=3), option-B shortcuts."""
-    return cifar_resnet(20, in_channels, num_classes, image_size, width, activation)
+    return cifar_resnet(20, in_channels, num_classes, image_size, width, activation, channels)
 
 
 @register_model("resnet32")
 def resnet32(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-             width: float = 1.0, activation: str = "relu") -> ResNet:
+             width: float = 1.0, activation: str = "relu", channels: dict[str, int] | None = None) -> ResNet:
     """CIFAR ResNet-32 (n=5), option-B shortcuts."""
-    return cifar_resnet(32, in_channels, num_classes, image_size, width, activation)
+    return cifar_resnet(32, in_channels, num_classes, image_size, width, activation, channels)
 
 
 @register_model("resnet56")
 def resnet56(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-             width: float = 1.0, activation: str = "relu") -> ResNet:
+             width: float = 1.0, activation: str = "relu", channels: dict[str, int] | None = None) -> ResNet:
     """CIFAR ResNet-56 (n=9), option-B shortcuts."""
-    return cifar_resnet(56, in_channels, num_classes, image_size, width, activation)
+    return cifar_resnet(56, in_channels, num_classes, image_size, width, activation, channels)
 
 
 @register_model("resnet18")
 def resnet18(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-             width: float = 1.0, activation: str = "relu") -> ResNet:
+             width: float = 1.0, activation: str = "relu", channels: dict[str, int] | None = None) -> ResNet:
     """CIFAR ResNet-18: 3x3 stride-1 stem, no max-pool, stages 64w..512w of [2, 2, 2, 2] BasicBlocks."""
     width = check_width("resnet18", width)
     check_min_image_size("resnet18", image_size, 8, "three stride-2 stages")
@@ -175,4 +192,5 @@ def resnet18(in_channels: int = 3, num_classes: int = 10, image_size: int | tupl
         in_channels=in_channels,
         num_classes=num_classes,
         activation=activation,
+        channels=LayerChannels("resnet18", channels, width),
     )

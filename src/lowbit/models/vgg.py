@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lowbit.models._common import check_min_image_size, check_width, init_weights, scale_channels
+from lowbit.models.channels import LayerChannels
 from lowbit.models.registry import register_model
 
 # Conv output channels; "M" is a 2x2 max-pool.
@@ -20,18 +21,21 @@ class VGGSmall(nn.Module):
     Architecture: conv 128-128-M-256-256-M-512-512-M, each conv 3x3 (padding 1, no bias) -> BN ->
     ReLU and each M a 2x2 max-pool; channel counts scaled by ``width``. Then global average pooling
     and one linear layer to the classes. (LQ-Net flattens the 4x4x512 map of a 32x32 input instead;
-    pooling keeps the classifier independent of the image size.)
+    pooling keeps the classifier independent of the image size.) ``channels`` may set each conv's
+    out channels (``features.0``, ``features.3``, ...; see :mod:`lowbit.models.channels`).
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: float = 1.0) -> None:
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: float = 1.0,
+                 channels: LayerChannels | None = None) -> None:
         super().__init__()
+        plan = channels if channels is not None else LayerChannels(type(self).__name__, width=width)
         layers: list[nn.Module] = []
         channels = in_channels
         for item in VGG_SMALL_CONFIG:
             if item == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                out_channels = scale_channels(int(item), width)
+                out_channels = plan.out(f"features.{len(layers)}", scale_channels(int(item), width))
                 layers += [
                     nn.Conv2d(channels, out_channels, 3, padding=1, bias=False),
                     nn.BatchNorm2d(out_channels),
@@ -43,6 +47,7 @@ class VGGSmall(nn.Module):
         self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(channels, num_classes)
         init_weights(self)
+        plan.check(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.flatten(self.pool(self.features(x))))
@@ -50,8 +55,8 @@ class VGGSmall(nn.Module):
 
 @register_model("vgg_small")
 def vgg_small(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-              width: float = 1.0) -> VGGSmall:
-    """VGG-Small (LQ-Nets), channels scaled by ``width``."""
+              width: float = 1.0, channels: dict[str, int] | None = None) -> VGGSmall:
+    """VGG-Small (LQ-Nets), channels scaled by ``width``, or per-layer ``channels``."""
     width = check_width("vgg_small", width)
     check_min_image_size("vgg_small", image_size, 8, "three 2x2 max-pools")
-    return VGGSmall(in_channels, num_classes, width)
+    return VGGSmall(in_channels, num_classes, width, LayerChannels("vgg_small", channels, width))
