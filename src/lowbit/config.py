@@ -25,10 +25,17 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    """A registered model name; any extra key is a keyword of its builder (e.g. ``width: 2``)."""
+    """A registered model name; any extra key is a keyword of its builder (e.g. ``width: 2``).
+
+    ``init_from`` (a run folder or a .pt file) loads pretrained weights before the plan is
+    applied (:func:`lowbit.pretrained.load_weights`); from a quantized run, ``init_weights``
+    takes its latent (default) or its quantized weights.
+    """
 
     model_config = ConfigDict(extra="allow")
     name: str = "resnet20"
+    init_from: str | None = None
+    init_weights: Literal["latent", "quantized"] = "latent"
 
     @property
     def options(self) -> dict[str, Any]:
@@ -64,6 +71,8 @@ class TrainConfig(_Strict):
     #: running statistics on this many training batches (0: off, the papers' procedure). The new
     #: statistics are stored in best.pt and used by eval, info and export alike.
     bn_recalibrate: int = Field(0, ge=0)
+    #: auto: a CUDA GPU when there is one, else the CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class Config(_Strict):

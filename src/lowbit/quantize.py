@@ -11,12 +11,20 @@ For every conv/linear layer the plan quantizes, it
 
 The same model object is returned; ``quant_state(model)`` gives the plan, the method and the
 per-layer table. Layers the plan keeps in full precision are left untouched.
+
+The life of a model (torchao's prepare/convert, NNCF's wrap-after-load)::
+
+    create_model -> load_weights (optional pretrained FP32 start) -> quantize -> fit / evaluate
+                 -> set_bits (change layers' bits in place) -> unquantize (plain layers again)
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
+from typing import Mapping
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -45,15 +53,28 @@ def _input_quant_hook(module: nn.Module, args):
     return (module.input_quantizer(args[0]),) + tuple(args[1:])
 
 
-def quantize(model: nn.Module, plan: Plan | dict | str | None = None) -> nn.Module:
-    """Quantize ``model`` in place according to ``plan`` (a Plan, a dict, or a YAML path)."""
+def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Method | None = None,
+             replace: bool = False) -> nn.Module:
+    """Quantize ``model`` in place according to ``plan`` (a Plan, a dict, or a YAML path).
+
+    ``method`` is a ready :class:`~lowbit.methods.Method` instance (default: built from
+    ``plan.method``). A quantized model is refused unless ``replace=True``, which first removes
+    the current quantization keeping the latent weights (:func:`unquantize`) and then applies
+    ``plan``: e.g. a fine-tune at other bits from a trained network.
+    """
     if isinstance(plan, str):
         plan = Plan.from_yaml(plan)
     elif plan is None or isinstance(plan, dict):
         plan = Plan.from_dict(plan)
     if getattr(model, _STATE_ATTR, None) is not None:
-        raise ConfigError("this model is already quantized; build a fresh model to apply another plan")
-    method = build_method(plan.method.name, **plan.method.options)
+        if not replace:
+            raise ConfigError("this model is already quantized; pass replace=True to re-quantize it from its "
+                              "latent weights, or call lowbit.unquantize(model) first")
+        unquantize(model, keep="latent")
+    if method is None:
+        method = build_method(plan.method.name, **plan.method.options)
+    elif not isinstance(method, Method):
+        raise ConfigError(f"method must be a lowbit Method instance, got {type(method).__name__}")
     layers = plan.resolve(model)
     state = QuantState(plan, method, layers)
     for lp in layers:
@@ -64,6 +85,88 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None) -> nn.Modu
             lp.module.input_quantizer = method.act_quantizer(lp.name, lp.module, lp.act)
             state.hooks.append(lp.module.register_forward_pre_hook(_input_quant_hook))
     object.__setattr__(model, _STATE_ATTR, state)
+    return model
+
+
+def unquantize(model: nn.Module, keep: str = "quantized") -> nn.Module:
+    """Remove what :func:`quantize` did, in place: plain ``weight`` parameters, no input
+    quantizers, no hooks. ``keep="quantized"`` leaves each layer's current quantized weight (the
+    network computes exactly what it did in eval mode, minus the activation quantizers);
+    ``keep="latent"`` leaves the trainable latent FP32 weight. A method whose latent state is not
+    a weight (RDHS/SGT logits over a value set) only allows ``"quantized"``."""
+    if keep not in ("quantized", "latent"):
+        raise ConfigError(f"keep must be 'quantized' or 'latent', got '{keep}'")
+    state = quant_state(model)
+    if state is None:
+        raise ConfigError("this model is not quantized")
+    was = model.training
+    model.eval()  # mixtures compute their final quantizer in eval mode
+    try:
+        for lp in state.layers:
+            m = lp.module
+            if parametrize.is_parametrized(m, "weight"):
+                original = m.parametrizations.weight.original
+                if keep == "latent" and original.shape != m.weight.shape:
+                    raise ConfigError(f"layer '{lp.name}': the method's latent state ({tuple(original.shape)}) is "
+                                      "not a weight; use keep='quantized'")
+                with torch.no_grad():
+                    parametrize.remove_parametrizations(m, "weight", leave_parametrized=keep == "quantized")
+            if hasattr(m, "input_quantizer"):
+                del m.input_quantizer
+    finally:
+        model.train(was)
+    for h in state.hooks:
+        h.remove()
+    object.__setattr__(model, _STATE_ATTR, None)
+    return model
+
+
+def set_bits(model: nn.Module, bits: Mapping[str, int | Mapping[str, int]]) -> nn.Module:
+    """Change quantized layers' bits in place: ``{layer or glob: bits}`` sets the weight bits,
+    ``{layer: {"weight": b, "act": b}}`` either or both. Cheap (no module is rebuilt, learned
+    state such as LSQ's step is kept, the optimizer stays valid); the plan table follows.
+    Unknown or full-precision layers, and bits a quantizer does not support, are one-line errors."""
+    state = quant_state(model)
+    if state is None:
+        raise ConfigError("set_bits: the model is not quantized")
+    by_name = {lp.name: lp for lp in state.layers}
+    todo: dict[str, dict[str, int]] = {}
+    for pattern, b in bits.items():
+        hit = [n for n in by_name if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not hit:
+            raise ConfigError(f"set_bits: '{pattern}' matches no layer; layers are: {', '.join(list(by_name)[:12])}"
+                              + (", ..." if len(by_name) > 12 else ""))
+        roles = dict(b) if isinstance(b, Mapping) else {"weight": b}
+        bad = set(roles) - {"weight", "act"}
+        if bad:
+            raise ConfigError(f"set_bits: '{pattern}': roles are weight and act, got {', '.join(sorted(bad))}")
+        for n in hit:
+            todo.setdefault(n, {}).update(roles)
+    for n, roles in todo.items():  # check everything before changing anything
+        lp = by_name[n]
+        for role in roles:
+            if (lp.weight if role == "weight" else lp.act) is None:
+                raise ConfigError(f"set_bits: layer '{n}' has a full-precision {role}; quantize it in the plan first")
+    done = []  # (quantizer, old bits, layer plan, role, old spec): undone if a later layer fails
+    try:
+        for n, roles in todo.items():
+            lp = by_name[n]
+            for role, b in roles.items():
+                q = weight_param(lp.module) if role == "weight" else lp.module.input_quantizer
+                if not callable(getattr(q, "set_bits", None)):
+                    raise ConfigError(f"set_bits: layer '{n}': {type(q).__name__} cannot change its bits")
+                old, spec = q.bits, getattr(lp, role)
+                try:
+                    q.set_bits(b)
+                except ConfigError as e:
+                    raise ConfigError(f"set_bits: layer '{n}' {role}: {e}") from None
+                done.append((q, old, lp, role, spec))
+                setattr(lp, role, spec.merged({"bits": int(b)}))
+    except Exception:
+        for q, old, lp, role, spec in reversed(done):
+            q.set_bits(old)
+            setattr(lp, role, spec)
+        raise
     return model
 
 

@@ -1,8 +1,9 @@
-"""The training loop: one readable file, no framework.
+"""The run-folder layer: a config in, a run folder out, on top of :func:`lowbit.fit.fit`.
 
-``run(cfg, run_dir)`` builds data, model and plan, trains with the plan's method, evaluates the
-held-out validation split after every epoch, keeps the best-validation checkpoint and reports the
-test accuracy *at that epoch* (seed 002's protocol). Every epoch writes ``last.pt`` (model,
+``run(cfg, run_dir)`` builds data, model (pretrained start if ``model.init_from``) and plan, trains
+with ``fit`` and the plan's method, evaluates the held-out validation split after every epoch,
+keeps the best-validation checkpoint and reports the test accuracy *at that epoch* (seed 002's
+protocol). Everything that touches files or configs lives here; ``fit``/``evaluate`` do not. Every epoch writes ``last.pt`` (model,
 optimizer, scheduler, method state) and one line of ``metrics.jsonl``, so ``resume=True`` continues
 a killed run and reproduces the metrics of an uninterrupted one (batch order and augmentation are
 a function of (seed, epoch); nothing else draws random numbers).
@@ -23,21 +24,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import Config
 from .cost import CostSummary, profile
 from .data import BatchLoader, DataSplits, load_dataset
-from .errors import ConfigError, TrainingDiverged
+from .errors import ConfigError
+from .fit import FitState, model_device, default_optimizer, evaluate, fit, resolve_device
+from .methods import STE, Method
 from .models import create_model
+from .pretrained import load_weights
 from .quantize import layer_bits, quant_state, quantize, weight_param
 
 
@@ -45,11 +46,17 @@ from .quantize import layer_bits, quant_state, quantize, weight_param
 # building blocks
 # ---------------------------------------------------------------------------------------------
 def build_model(cfg: Config, data: DataSplits) -> nn.Module:
-    """Model for the dataset's shape, seeded, with the plan applied."""
+    """Model for the dataset's shape, seeded; pretrained weights if ``model.init_from``; then the
+    plan applied (create -> load -> quantize)."""
     torch.manual_seed(cfg.train.seed)
     info = data.info
     model = create_model(cfg.model.name, in_channels=info.in_channels, num_classes=info.num_classes,
                          image_size=info.image_size, **cfg.model.options)
+    if cfg.model.init_from:
+        try:
+            load_weights(model, cfg.model.init_from, keep=cfg.model.init_weights)
+        except ConfigError as e:
+            raise ConfigError(f"model.init_from: {e}") from None
     return quantize(model, cfg.plan)
 
 
@@ -58,13 +65,11 @@ def load_data(cfg: Config) -> DataSplits:
     return load_dataset(d.name, root=d.root, val_fraction=d.val_fraction, seed=cfg.train.seed, limit=d.limit)
 
 
-def build_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
-    # One group, weight decay on every parameter (He et al.'s CIFAR recipe); this includes PACT's
-    # clip alpha, whose L2 decay is part of PACT.
-    params = [p for p in model.parameters() if p.requires_grad]
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
-    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+def build_optimizer(model: nn.Module, t, method: Method | None = None) -> torch.optim.Optimizer:
+    """``train.optimizer`` over the method's parameter groups (:func:`lowbit.fit.default_optimizer`)."""
+    method = method or getattr(quant_state(model), "method", None) or STE()
+    return default_optimizer(model, method, t.optimizer, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
+                             weight_decay=t.weight_decay)
 
 
 def build_scheduler(opt, t, steps_per_epoch: int):
@@ -99,10 +104,11 @@ def recalibrate_bn(model: nn.Module, loader: BatchLoader, batches: int) -> dict[
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: every batch weighs the same
         m.train()
+    dev = model_device(model)
     for i, (x, _) in enumerate(loader):
         if i >= batches:
             break
-        model(x)
+        model(x.to(dev))
     for name, m in bns.items():
         m.momentum = momenta[name]
     model.eval()
@@ -147,21 +153,6 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
     return cfg, data, model, ck
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader) -> dict[str, float]:
-    """Loss and accuracy over a whole split (eval mode; the caller restores train mode)."""
-    model.eval()
-    loss, correct, n = 0.0, 0, 0
-    for x, y in loader:
-        out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        n += len(y)
-    if n == 0:
-        return {"loss": float("nan"), "acc": float("nan")}
-    return {"loss": loss / n, "acc": correct / n}
-
-
 def distinct_weight_values(model: nn.Module) -> dict[str, int]:
     """Number of distinct values each quantized layer's weight takes now (a check, not a claim)."""
     out = {}
@@ -173,7 +164,7 @@ def distinct_weight_values(model: nn.Module) -> dict[str, int]:
 
 
 def cost_of(model: nn.Module, data: DataSplits) -> CostSummary:
-    x = data.test.images[:1].float() / 255.0
+    x = (data.test.images[:1].float() / 255.0).to(model_device(model))
     with torch.no_grad():
         was = model.training
         model.eval()
@@ -198,6 +189,27 @@ def _save(path: Path, obj) -> None:
     os.replace(tmp, path)  # never leave a half-written checkpoint
 
 
+class RunFolder:
+    """The ``fit`` callback that keeps a run folder: after every epoch one line of
+    ``metrics.jsonl``, ``best.pt`` when validation improved (002's best epoch; with no validation
+    split, the last epoch) and ``last.pt`` (everything ``fit(resume=...)`` needs), then the user's
+    callbacks (each gets the metrics row; raising from one stops the run there, resumable)."""
+
+    def __init__(self, run_dir: Path, best: dict, user_callbacks=()):
+        self.run_dir, self.best, self.user = run_dir, best, list(user_callbacks)
+
+    def on_epoch_end(self, state: FitState, row: dict) -> None:
+        score = row["val_acc"] if not math.isnan(row["val_acc"]) else float(state.epoch)
+        if score > self.best["val_acc"]:
+            self.best = {"val_acc": score, "epoch": state.epoch + 1}
+            _save(self.run_dir / "best.pt", {"model": state.model.state_dict(), "epoch": state.epoch + 1})
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        _save(self.run_dir / "last.pt", {**state.checkpoint(), "best": self.best})
+        for cb in self.user:
+            cb(row)
+
+
 def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits | None = None,
         callbacks: list[Callable[[dict], None]] | None = None) -> RunResult:
     """Train ``cfg`` into ``run_dir`` (created; with ``resume``, continued from ``last.pt``).
@@ -209,8 +221,9 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
     run_dir = Path(run_dir)
     if t.threads:
         torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
     data = data or load_data(cfg)
-    model = build_model(cfg, data)
+    model = build_model(cfg, data).to(device)
     state = quant_state(model)
     method = state.method
 
@@ -220,88 +233,35 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ConfigError("data: the training split is empty")
-    opt = build_optimizer(model, t)
+    opt = build_optimizer(model, t, method)
     sched = build_scheduler(opt, t, steps_per_epoch)
-    method.setup(model, t.epochs * steps_per_epoch, steps_per_epoch)
 
-    start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1}
+    ck, best = None, {"val_acc": -1.0, "epoch": -1}
     last = run_dir / "last.pt"
     if resume:
         if not last.is_file():
             raise ConfigError(f"cannot resume: no checkpoint {last}")
-        ck = torch.load(last, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        method.load_state_dict(ck["method"])
-        start_epoch, best = ck["epoch"] + 1, ck["best"]
-        _truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
+        ck = torch.load(last, weights_only=False, map_location=device)
+        best = ck["best"]
+        _truncate_metrics(run_dir / "metrics.jsonl", ck["epoch"] + 1)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         (run_dir / "plan.txt").write_text(state.table() + "\n")
         (run_dir / "metrics.jsonl").write_text("")
 
-    for epoch in range(start_epoch, t.epochs):
-        model.train()
-        train_loader.set_epoch(epoch)
-        t0 = time.perf_counter()
-        tot_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, disable=not t.progress,
-                   dynamic_ncols=True)
-        for i, (x, y) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            method.on_step(model, step)
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            extra = method.extra_loss(model)
-            total = loss if extra is None else loss + extra
-            if not torch.isfinite(total):
-                raise TrainingDiverged(
-                    f"loss became {total.item()} at epoch {epoch + 1}, step {i + 1}; "
-                    f"lower train.lr (now {opt.param_groups[0]['lr']:.3g}) or check the data"
-                )
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            sched.step()
-            tot_loss += loss.item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
-            seen += len(y)
-            if i % 10 == 0:
-                bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{correct / seen:.3f}", **{
-                    k: f"{v:.3g}" for k, v in method.log().items()})
-        epoch_time = time.perf_counter() - t0
-        method.on_epoch_end(model, epoch)
-        val = evaluate(model, val_loader)
-        row = {
-            "epoch": epoch + 1, "train_loss": tot_loss / seen, "train_acc": correct / seen,
-            "val_loss": val["loss"], "val_acc": val["acc"], "lr": opt.param_groups[0]["lr"],
-            "epoch_time": epoch_time, **method.log(), **method.epoch_record(model),
-        }
-        # best-validation epoch (002); with no validation split, the last epoch
-        score = val["acc"] if not math.isnan(val["acc"]) else float(epoch)
-        if score > best["val_acc"]:
-            best = {"val_acc": score, "epoch": epoch + 1}
-            _save(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch + 1})
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        _save(last, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "method": method.state_dict(), "epoch": epoch, "best": best})
-        for cb in callbacks or []:
-            cb(row)
-        if t.progress:
-            tqdm.write(f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.4f}  "
-                       f"val {val['acc']:.4f}  {epoch_time:.1f}s")
+    folder = RunFolder(run_dir, best, callbacks or [])
+    fit(model, train_loader, method, opt, sched, epochs=t.epochs, device=device, callbacks=[folder],
+        val_batches=val_loader, resume=ck, progress=t.progress)
 
-    best_ck = torch.load(run_dir / "best.pt", weights_only=False)
+    best_ck = torch.load(run_dir / "best.pt", weights_only=False, map_location=device)
     best_ck.pop("final_bn", None)
     final_model(model, best_ck)  # the weights that are evaluated and exported (e.g. a hardened mixture)
     if t.bn_recalibrate:
         best_ck["final_bn"] = recalibrate_run_bn(model, cfg, data, t.bn_recalibrate)
         _save(run_dir / "best.pt", best_ck)
     test = evaluate(model, test_loader)
-    summary = make_summary(cfg, model, data, test, best)
+    summary = make_summary(cfg, model, data, test, folder.best)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return RunResult(run_dir, summary, model)
 

@@ -5,9 +5,16 @@ A method supplies three things, and nothing else changes between methods:
 1. the **weight parametrization** of each quantized layer (a module registered with
    ``torch.nn.utils.parametrize``, so that ``layer.weight`` *is* the quantized weight) and the
    **activation quantizer** put in front of the layer's input;
-2. optional **extra loss terms** (``extra_loss(model)``: DQA's bitwidth penalty, SinReQ);
-3. **callbacks** on the training schedule (``setup`` before training, ``on_step`` before each
+2. the **loss**: ``loss(model, batch, output)`` (the task loss, cross-entropy by default; DCQ's
+   feature MSE, local losses) plus optional **extra loss terms** (``extra_loss(model)``: DQA's
+   bitwidth penalty, SinReQ), and the **parameter groups** the optimizer gets
+   (``param_groups(model)``: e.g. learned bits without weight decay);
+3. **the step** (``train_step``: forward, loss, backward, optimizer step), overridden by methods
+   that step differently (alternating weight/architecture steps, integer updates);
+4. **callbacks** on the training schedule (``setup`` before training, ``on_step`` before each
    batch, ``on_epoch_end``, ``finalize`` after training): temperatures, relaxation factors.
+
+:func:`lowbit.fit` calls these; nothing in a method reads files or configs.
 
 Plain straight-through QAT (:class:`STE`) is the base class with no extras. A new method
 subclasses :class:`Method`, overrides what it changes, and registers itself by name.
@@ -16,11 +23,13 @@ Parametrization modules expose ``bits`` and ``n_scales`` (what the layer costs a
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDiverged
 from ..plan import QuantSpec
 from ..registry import Registry
 from ..quant import Quantizer, build_quantizer
@@ -43,6 +52,10 @@ class QuantizedWeight(nn.Module):
     @property
     def n_scales(self) -> int:
         return self.quantizer.n_scales
+
+    def set_bits(self, bits: int) -> None:
+        """Change the weight's bit width in place (:meth:`lowbit.quant.Quantizer.set_bits`)."""
+        self.quantizer.set_bits(bits)
 
 
 def build_from_spec(spec: QuantSpec, role: str) -> Quantizer:
@@ -67,11 +80,41 @@ class Method:
     def act_quantizer(self, layer: str, module: nn.Module, spec: QuantSpec) -> nn.Module:
         return build_from_spec(spec, "act")
 
-    # -- 2. what the loss adds -------------------------------------------------------------------
+    # -- 2. the loss and what the optimizer trains -------------------------------------------------
+    def loss(self, model: nn.Module, batch: Any, output: Tensor) -> Tensor:
+        """The task loss of a batch (what the metrics report as ``train_loss``)."""
+        return F.cross_entropy(output, batch[1])
+
     def extra_loss(self, model: nn.Module) -> Tensor | None:
+        """Regularisers added to the task loss for the gradient (not reported as train_loss)."""
         return None
 
-    # -- 3. schedule callbacks -------------------------------------------------------------------
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Optimizer parameter groups. Default: one group with every trainable parameter (weight
+        decay on all of them, He et al.'s CIFAR recipe; this includes PACT's clip α, whose L2 decay
+        is part of PACT). A group's own keys (``lr``, ``weight_decay``) override the defaults."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    # -- 3. the step -------------------------------------------------------------------------------
+    def train_step(self, model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer | None, step: int):
+        """One optimisation step on ``batch`` (already on the model's device); returns a
+        :class:`lowbit.fit.StepResult`. Raises :class:`~lowbit.errors.TrainingDiverged` on a
+        non-finite loss before any parameter changes."""
+        from ..fit import StepResult
+
+        x = batch[0]
+        out = model(x)
+        loss = self.loss(model, batch, out)
+        extra = self.extra_loss(model)
+        total = loss if extra is None else loss + extra
+        if not torch.isfinite(total):
+            raise TrainingDiverged(f"loss became {total.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        return StepResult(loss.detach(), out.detach(), len(x))
+
+    # -- 4. schedule callbacks -------------------------------------------------------------------
     def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
 

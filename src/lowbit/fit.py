@@ -1,0 +1,299 @@
+"""The training core: ``fit`` and ``evaluate``, with no files, configs or run folders.
+
+::
+
+    model = lowbit.create_model("resnet8", in_channels=1, num_classes=10, image_size=28)
+    lowbit.load_weights(model, "fp32.pt")                     # optional pretrained start
+    lowbit.quantize(model, {"weight": {"name": "sawb", "bits": 2}})
+    history = lowbit.fit(model, train_loader, epochs=3, val_batches=val_loader)
+    print(lowbit.evaluate(model, test_loader))
+
+``batches`` is any re-iterable of ``(x, y)`` pairs with a ``len()`` (a list, a
+:class:`lowbit.data.BatchLoader`, a ``torch.utils.data.DataLoader``). Every epoch calls
+``batches.set_epoch(epoch)`` (or its sampler's, as ``DistributedSampler`` wants) when it exists.
+
+What a step does belongs to the *method* (:class:`lowbit.methods.Method`): ``loss`` (task loss,
+cross-entropy by default), ``extra_loss`` (regularisers), ``param_groups`` (what the default
+optimizer trains, with per-group settings) and ``train_step`` (forward, loss, backward, optimizer
+step; overridden by methods that step differently). ``fit`` only runs the schedule around it::
+
+    method.setup -> per epoch: [per batch: method.on_step, method.train_step, scheduler.step]
+                             -> method.on_epoch_end -> evaluate(val) -> callbacks -> ...
+
+Per-batch statistics stay on the device (no host synchronisation per step except the finite-loss
+check on CPU); they are read every ``log_every`` steps for the progress bar and at the epoch end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, TrainingDiverged
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# devices and batches
+# ---------------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a one-line error."""
+    if isinstance(device, torch.device):
+        return device
+    name = device or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{name}'")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a batch (tuple/list/dict) to ``device``; no copy when already there."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _set_epoch(batches: Any, epoch: int) -> None:
+    for obj in (batches, getattr(batches, "sampler", None), getattr(batches, "batch_sampler", None)):
+        if obj is not None and callable(getattr(obj, "set_epoch", None)):
+            obj.set_epoch(epoch)
+            return
+
+
+def _steps_per_epoch(batches: Any, epochs: int) -> int:
+    if iter(batches) is batches and epochs > 1:
+        raise ConfigError("batches is a one-shot iterator; pass a list, a BatchLoader or a DataLoader "
+                          "so that every epoch can iterate it again")
+    try:
+        n = len(batches)
+    except TypeError:
+        raise ConfigError(f"batches ({type(batches).__name__}) has no len(); pass a list, a BatchLoader "
+                          "or a DataLoader (the method's schedules need the number of steps)") from None
+    if n == 0:
+        raise ConfigError("batches is empty: the training split has no batch")
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, device: str | torch.device | None = None,
+             loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` over ``batches`` (eval mode, restored afterwards).
+
+    The quantized weights are computed once for the whole pass (``parametrize.cached()``), not
+    once per batch. ``device`` defaults to the model's. ``loss_fn(output, y)`` is summed per
+    sample; cross-entropy by default. An empty iterable gives NaN loss and accuracy.
+    """
+    dev = resolve_device(device) if device is not None else model_device(model)
+    was = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    n = 0
+    try:
+        with parametrize.cached():
+            for batch in batches:
+                x, y = to_device(batch, dev)
+                out = model(x)
+                if loss_fn is None:
+                    loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+                else:
+                    loss_sum += loss_fn(out, y).double() * len(y)
+                correct += (out.argmax(1) == y).sum()
+                n += len(y)
+    finally:
+        model.train(was)
+    if n == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "n": 0}
+    return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    """What one ``train_step`` reports: the task loss (for the epoch mean) and the batch output
+    (for accuracy; None when a step has no single output) and the batch size."""
+
+    loss: Tensor
+    output: Tensor | None
+    n: int
+
+
+class Callback(Protocol):
+    """Anything with some of these methods; a plain callable is ``on_epoch_end(row)``."""
+
+    def on_fit_start(self, state: FitState) -> None: ...
+    def on_epoch_end(self, state: FitState, row: dict) -> None: ...
+    def on_fit_end(self, state: FitState) -> None: ...
+
+
+@dataclass
+class FitState:
+    """The live objects of a ``fit`` call, handed to callbacks (e.g. to save checkpoints)."""
+
+    model: nn.Module
+    method: Any
+    optimizer: torch.optim.Optimizer | None
+    scheduler: Any
+    epochs: int
+    steps_per_epoch: int
+    device: torch.device
+    epoch: int = 0  # 0-based, the epoch running or just finished
+    history: list[dict] = field(default_factory=list)
+    stop: bool = False  # a callback sets it to end training after this epoch
+
+    def checkpoint(self) -> dict:
+        """Everything ``fit(..., resume=...)`` needs to continue after the current epoch."""
+        return {"model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "method": self.method.state_dict(), "epoch": self.epoch}
+
+
+def _call(cb: Any, hook: str, state: FitState, *args) -> None:
+    if hasattr(cb, hook):
+        getattr(cb, hook)(state, *args)
+    elif hook == "on_epoch_end" and callable(cb) and not any(hasattr(cb, h) for h in ("on_fit_start", "on_fit_end")):
+        cb(*args)
+
+
+def default_optimizer(model: nn.Module, method: Any, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
+                      nesterov: bool = False, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
+    """SGD (momentum) or Adam over ``method.param_groups(model)``; a group's own keys (lr,
+    weight_decay, ...) override these defaults (e.g. SINAREQ's bits without weight decay)."""
+    groups = method.param_groups(model)
+    if not any(p.requires_grad for g in groups for p in g["params"]):
+        raise ConfigError("the model has no trainable parameters")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    raise ConfigError(f"optimizer must be sgd or adam, got '{name}'")
+
+
+def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None, epochs: int = 1, device: str | torch.device | None = None,
+        callbacks: Iterable[Any] = (), val_batches: Iterable | None = None, resume: dict | None = None,
+        progress: bool = False, log_every: int = 10) -> list[dict]:
+    """Train ``model`` for ``epochs`` epochs over ``batches``; returns one metrics row per epoch.
+
+    ``method`` defaults to the one ``quantize`` attached (plain STE for an unquantized model);
+    ``optimizer`` to :func:`default_optimizer`; ``scheduler`` (optional) is stepped once per batch.
+    ``val_batches`` is evaluated after every epoch (``val_loss``/``val_acc`` in the row, NaN without).
+    ``device`` (auto | cpu | cuda) moves the model there; None keeps it where it is.
+    ``resume`` is a :meth:`FitState.checkpoint` (e.g. saved by a callback): model, optimizer,
+    scheduler and method state are restored after the method's ``setup`` and training continues
+    with the next epoch, giving the same result as an uninterrupted call (when the batches of an
+    epoch are a function of the epoch, as :class:`lowbit.data.BatchLoader`'s are).
+    Callbacks (:class:`Callback`) get the row after each epoch; setting ``state.stop`` ends training.
+    """
+    from .methods import STE
+    from .quantize import quant_state
+
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
+    dev = resolve_device(device) if device is not None else model_device(model)
+    model.to(dev)
+    if method is None:
+        qs = quant_state(model)
+        method = qs.method if qs is not None else STE()
+    steps = _steps_per_epoch(batches, epochs)
+    if optimizer is None:
+        optimizer = default_optimizer(model, method)
+    callbacks = list(callbacks)
+    method.setup(model, epochs * steps, steps)
+    start_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
+            if obj is not None and resume.get(key) is not None:
+                obj.load_state_dict(resume[key])
+        method.load_state_dict(resume.get("method", {}))
+        start_epoch = int(resume["epoch"]) + 1
+    state = FitState(model, method, optimizer, scheduler, epochs, steps, dev, epoch=start_epoch)
+    for cb in callbacks:
+        _call(cb, "on_fit_start", state)
+    for epoch in range(start_epoch, epochs):
+        state.epoch = epoch
+        row = _train_epoch(state, batches, epoch, progress, log_every)
+        method.on_epoch_end(model, epoch)
+        val = evaluate(model, val_batches, dev) if val_batches is not None else {"loss": float("nan"),
+                                                                                 "acc": float("nan")}
+        row = {"epoch": epoch + 1, "train_loss": row["train_loss"], "train_acc": row["train_acc"],
+               "val_loss": val["loss"], "val_acc": val["acc"],
+               "lr": optimizer.param_groups[0]["lr"] if optimizer is not None else float("nan"),
+               "epoch_time": row["epoch_time"], **method.log(), **method.epoch_record(model)}
+        state.history.append(row)
+        for cb in callbacks:
+            _call(cb, "on_epoch_end", state, row)
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}/{epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.4f}  "
+                       f"val {row['val_acc']:.4f}  {row['epoch_time']:.1f}s")
+        if state.stop:
+            break
+    for cb in callbacks:
+        _call(cb, "on_fit_end", state)
+    return state.history
+
+
+def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool, log_every: int) -> dict:
+    model, method, opt, sched, dev = state.model, state.method, state.optimizer, state.scheduler, state.device
+    model.train()
+    _set_epoch(batches, epoch)
+    t0 = time.perf_counter()
+    # float64 sums of (loss * batch size): the same numbers as Python floats of loss.item()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    seen = with_output = 0
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{state.epochs}", leave=False, disable=not progress,
+               dynamic_ncols=True)
+    for i, batch in enumerate(bar):
+        batch = to_device(batch, dev)
+        method.on_step(model, epoch * state.steps_per_epoch + i)
+        try:
+            res = method.train_step(model, batch, opt, epoch * state.steps_per_epoch + i)
+        except TrainingDiverged as e:
+            lr = opt.param_groups[0]["lr"] if opt is not None else float("nan")
+            raise TrainingDiverged(f"{e} at epoch {epoch + 1}, step {i + 1}; lower train.lr (now {lr:.3g}) "
+                                   "or check the data") from None
+        if sched is not None:
+            sched.step()
+        loss_sum += res.loss.detach().double() * res.n
+        seen += res.n
+        if res.output is not None:
+            correct += (res.output.argmax(1) == batch[1]).sum()
+            with_output += res.n
+        if progress and i % log_every == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / max(with_output, 1):.3f}",
+                            **{k: f"{v:.3g}" for k, v in method.log().items()})
+    return {"train_loss": loss_sum.item() / max(seen, 1),
+            "train_acc": correct.item() / with_output if with_output else float("nan"),
+            "epoch_time": time.perf_counter() - t0}

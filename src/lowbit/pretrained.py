@@ -1,0 +1,117 @@
+"""Pretrained starts: load FP32 weights (a file, a run folder's best network) into a fresh model.
+
+The order is torchao's prepare/convert and NNCF's: build the model, load its weights, *then*
+quantize::
+
+    model = create_model("resnet8", in_channels=1, num_classes=10, image_size=28)
+    load_weights(model, "runs/fp32")          # or "fp32.pt", or a state dict
+    quantize(model, plan)
+
+Sources:
+
+* a **run folder** (``config.yaml`` + ``best.pt``): the network the run reported (best epoch,
+  finalized, re-estimated BatchNorm if recorded). If that run was quantized, ``keep`` says which
+  weights to take: ``"latent"`` (the trainable FP32 weights, to fine-tune further) or
+  ``"quantized"`` (the values it deployed);
+* a **.pt file**: a state dict, or a checkpoint holding one under ``"model"`` / ``"state_dict"``
+  (lowbit's best.pt and last.pt, most training scripts). Keys of a quantized lowbit model
+  (``conv.parametrizations.weight.original``) are mapped to plain ones and quantizer state is
+  dropped, so its latent weights load;
+* a **mapping** of tensors (a state dict in memory).
+
+Every mismatch is one line: which keys are missing, unexpected, or of another shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+_LATENT = ".parametrizations.weight.original"
+_QUANT_STATE = (".parametrizations.weight.0.", ".input_quantizer.")
+
+
+def plain_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A quantized model's state dict as an unquantized model's: latent weights under ``weight``,
+    weight-quantizer and input-quantizer state dropped. Plain keys pass through."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(_LATENT):
+            out[k[: -len(_LATENT)] + ".weight"] = v
+        elif not any(t in k for t in _QUANT_STATE):
+            out[k] = v
+    return out
+
+
+def _read_file(path: Path) -> dict[str, Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or foreign file: say which, in one line
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{path}: not a readable PyTorch weights file ({msg[:160]})") from None
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                sd = dict(obj[key])
+                if isinstance(obj.get("final_bn"), Mapping):  # lowbit's re-estimated BatchNorm
+                    sd.update(obj["final_bn"])
+                return sd
+        if obj and all(isinstance(v, Tensor) for v in obj.values()):
+            return dict(obj)
+    raise ConfigError(f"{path}: holds no state dict (expected a mapping of tensors, or one under 'model')")
+
+
+def _from_run(run_dir: Path, keep: str) -> dict[str, Tensor]:
+    from .quantize import quant_state, unquantize
+    from .train import load_run
+
+    _, _, model, _ = load_run(run_dir)
+    if quant_state(model) is not None:
+        unquantize(model, keep=keep)
+    return model.state_dict()
+
+
+def read_weights(source: str | Path | Mapping[str, Tensor], keep: str = "latent") -> dict[str, Tensor]:
+    """The plain (unquantized) state dict of ``source`` (module docstring)."""
+    if keep not in ("latent", "quantized"):
+        raise ConfigError(f"keep must be 'latent' or 'quantized', got '{keep}'")
+    if isinstance(source, Mapping):
+        return plain_state_dict(source)
+    p = Path(source)
+    if p.is_dir():
+        if not (p / "config.yaml").is_file():
+            raise ConfigError(f"{p} is a folder but not a run folder (no config.yaml)")
+        return _from_run(p, keep)
+    if not p.is_file():
+        raise ConfigError(f"pretrained weights not found: {p}")
+    if keep == "quantized":
+        raise ConfigError(f"{p}: keep='quantized' needs a run folder (a file holds no quantizer to apply)")
+    return plain_state_dict(_read_file(p))
+
+
+def load_weights(model: nn.Module, source: str | Path | Mapping[str, Tensor], keep: str = "latent") -> nn.Module:
+    """Load ``source``'s weights into the unquantized ``model`` in place (strict: every key must
+    match in name and shape). Returns ``model``."""
+    from .quantize import quant_state
+
+    if quant_state(model) is not None:
+        raise ConfigError("load_weights: the model is already quantized; load weights before quantize()")
+    sd = read_weights(source, keep)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("other shape (file vs model)", shapes)):
+            if items:
+                parts.append(f"{label}: {', '.join(items[:4])}{', ...' if len(items) > 4 else ''} ({len(items)})")
+        raise ConfigError(f"pretrained weights do not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(sd)
+    return model

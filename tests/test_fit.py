@@ -1,0 +1,373 @@
+"""The open training core: fit/evaluate without files, method hooks, resume, set_bits,
+unquantize, pretrained starts and devices."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader, TensorDataset
+
+import lowbit
+from lowbit.data import BatchLoader
+from lowbit.errors import ConfigError, TrainingDiverged
+from lowbit.fit import FitState, StepResult, default_optimizer, evaluate, fit, resolve_device
+from lowbit.methods import STE
+from lowbit.quantize import quant_state, weight_param
+
+W2 = {"weight": {"name": "sawb", "bits": 2}}
+W2A4 = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 4, "init": 4.0}}
+
+
+def tiny(plan=None, seed=0):
+    torch.manual_seed(seed)
+    m = lowbit.create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25)
+    return lowbit.quantize(m, plan) if plan is not None else m
+
+
+@pytest.fixture(scope="module")
+def loaders(fmnist_small):
+    d = fmnist_small
+    train = BatchLoader(d.train, d.info, 64, shuffle=True, seed=0)
+    test = BatchLoader(d.test, d.info, 300)
+    return train, test
+
+
+def _dataloader(fmnist_small, n=512, batch=32):
+    x, y = next(iter(BatchLoader(fmnist_small.train, fmnist_small.info, n)))
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+# -- fit / evaluate ---------------------------------------------------------------------------
+def test_fit_with_a_torch_dataloader_lowers_the_loss_and_writes_no_file(tmp_path, fmnist_small, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tiny(W2A4)
+    dl = _dataloader(fmnist_small)
+    before = evaluate(model, dl)
+    hist = fit(model, dl, epochs=3, optimizer=torch.optim.Adam(model.parameters(), lr=0.01))
+    after = evaluate(model, dl)
+    assert [r["epoch"] for r in hist] == [1, 2, 3]
+    assert hist[-1]["train_loss"] < 0.8 * hist[0]["train_loss"]
+    assert after["loss"] < before["loss"] and after["n"] == 512
+    assert os.listdir(tmp_path) == []  # no run folder, no checkpoint, nothing
+
+
+def test_evaluate_quantizes_the_weights_once_per_pass(loaders):
+    model = tiny(W2)
+    calls = []
+    for name, m in model.named_modules():
+        wp = weight_param(m)
+        if wp is not None:
+            wp.register_forward_hook(lambda *a, n=name: calls.append(n))
+    _, test = loaders
+    res = evaluate(model, test)
+    n_layers = len({c for c in calls})
+    assert len(test) == 4 and res["n"] == 1200
+    assert len(calls) == n_layers  # once per layer, not once per batch
+    model.train()
+    evaluate(model, test)
+    assert model.training  # the mode is restored
+
+
+def test_evaluate_matches_a_plain_loop(loaders):
+    model = tiny(W2A4)
+    _, test = loaders
+    loss, correct = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for x, y in test:
+            out = model(x)
+            loss += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+    res = evaluate(model, test)
+    assert res["acc"] == correct / 1200 and res["loss"] == pytest.approx(loss / 1200, rel=1e-12)
+    assert evaluate(model, [])["n"] == 0
+
+
+def test_fit_refuses_bad_batches_and_epochs():
+    model = tiny(W2)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    with pytest.raises(ConfigError, match="one-shot iterator"):
+        fit(model, iter([(x, y)]), epochs=2)
+    with pytest.raises(ConfigError, match="has no len"):
+        fit(model, ((x, y) for _ in range(1)), epochs=1)
+    with pytest.raises(ConfigError, match="empty"):
+        fit(model, [], epochs=1)
+    with pytest.raises(ConfigError, match="epochs must be an integer >= 1"):
+        fit(model, [(x, y)], epochs=0)
+
+
+def test_non_finite_loss_stops_before_the_step():
+    model = tiny(W2)
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.full((4, 1, 28, 28), float("nan")), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 1, step 1"):
+        fit(model, [(x, y)], epochs=1)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in w0.items() if "running" not in k and "num_batches" not in k)
+
+
+def test_set_epoch_reaches_the_sampler_of_a_dataloader():
+    seen = []
+
+    class Sampler(torch.utils.data.Sampler):
+        def __init__(self):
+            self.n = 8
+
+        def set_epoch(self, e):
+            seen.append(e)
+
+        def __iter__(self):
+            return iter(range(self.n))
+
+        def __len__(self):
+            return self.n
+
+    ds = TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    fit(tiny(W2), DataLoader(ds, batch_size=4, sampler=Sampler()), epochs=2)
+    assert seen == [0, 1]
+
+
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_history(loaders):
+    train, test = loaders
+
+    def setup():
+        model = tiny(W2A4)
+        opt = default_optimizer(model, quant_state(model).method, lr=0.05)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3 * len(train))
+        return model, opt, sched
+
+    model, opt, sched = setup()
+    full = fit(model, train, optimizer=opt, scheduler=sched, epochs=3, val_batches=test)
+
+    saved = {}
+
+    class StopAfterTwo:
+        def on_epoch_end(self, state: FitState, row):
+            if state.epoch == 1:
+                saved.update(state.checkpoint())
+                state.stop = True
+
+    model, opt, sched = setup()
+    part = fit(model, train, optimizer=opt, scheduler=sched, epochs=3, val_batches=test, callbacks=[StopAfterTwo()])
+    assert len(part) == 2
+    model, opt, sched = setup()
+    rest = fit(model, train, optimizer=opt, scheduler=sched, epochs=3, val_batches=test, resume=saved)
+    for a, b in zip(full, part + rest):
+        a, b = dict(a), dict(b)
+        a.pop("epoch_time"), b.pop("epoch_time")
+        assert a == b
+
+
+# -- method hooks -----------------------------------------------------------------------------
+class MSEToOneHot(STE):
+    """A method with its own loss, its own parameter groups and a counting step."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+
+    def loss(self, model, batch, output):
+        return F.mse_loss(output.softmax(1), F.one_hot(batch[1], 10).float())
+
+    def param_groups(self, model):
+        bn = [p for n, p in model.named_parameters() if "bn" in n]
+        rest = [p for n, p in model.named_parameters() if "bn" not in n]
+        return [{"params": rest}, {"params": bn, "lr": 0.0, "weight_decay": 0.0}]
+
+    def train_step(self, model, batch, optimizer, step):
+        self.steps += 1
+        return super().train_step(model, batch, optimizer, step)
+
+
+def test_method_loss_param_groups_and_step_hooks(fmnist_small):
+    model = tiny()
+    method = MSEToOneHot()
+    lowbit.quantize(model, W2, method=method)
+    assert quant_state(model).method is method
+    bn0 = {n: p.clone() for n, p in model.named_parameters() if "bn" in n}
+    dl = _dataloader(fmnist_small, n=256)
+    hist = fit(model, dl, epochs=2)
+    assert method.steps == 2 * len(dl)
+    opt_groups = default_optimizer(model, method).param_groups
+    assert [g["lr"] for g in opt_groups] == [0.1, 0.0] and opt_groups[1]["weight_decay"] == 0.0
+    # the frozen group did not move; the reported loss is the method's (MSE of softmax: < 0.1)
+    assert all(torch.equal(p, bn0[n]) for n, p in model.named_parameters() if "bn" in n)
+    assert hist[0]["train_loss"] < 0.1
+
+
+def test_a_step_without_an_optimizer_is_the_methods_business():
+    class SignStep(STE):  # an update rule of its own (as integer training will have)
+        def train_step(self, model, batch, optimizer, step):
+            assert optimizer is not None  # fit built the default one; this method ignores it
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.sub_(1e-3 * torch.sign(p))
+            return StepResult(torch.tensor(1.0), None, len(batch[0]))
+
+    model = tiny(W2)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    hist = fit(model, [(x, y)], method=SignStep(), epochs=1)
+    assert hist[0]["train_loss"] == 1.0 and hist[0]["train_acc"] != hist[0]["train_acc"]  # NaN: no output
+
+
+# -- quantize / set_bits / unquantize ---------------------------------------------------------
+def test_set_bits_changes_a_layer_in_place_and_keeps_the_optimizer():
+    model = tiny({"weight": {"name": "lsq", "bits": 4}, "act": {"name": "lsq", "bits": 4}})
+    x = torch.randn(2, 1, 28, 28)
+    model(x)
+    layer = "layers.0.0.conv1"
+    m = model.get_submodule(layer)
+    params = [id(p) for p in model.parameters()]
+    step = weight_param(m).quantizer.step.detach().clone()
+    lowbit.set_bits(model, {layer: 2})
+    assert weight_param(m).bits == 2 and m.input_quantizer.bits == 4
+    assert len(torch.unique(m.weight)) <= 4 and set(torch.unique(m.weight).tolist()) <= set(
+        weight_param(m).quantizer.levels().reshape(-1).tolist())
+    assert torch.equal(weight_param(m).quantizer.step.detach(), step)  # learned state kept
+    assert [id(p) for p in model.parameters()] == params  # nothing rebuilt
+    lowbit.set_bits(model, {"layers.1.*": {"weight": 3, "act": 3}})
+    bits = lowbit.layer_bits(model)
+    assert all(b.weight == 3 and b.act == 3 for n, b in bits.items() if n.startswith("layers.1."))
+    assert "lsq2" in quant_state(model).table() and "lsq3" in quant_state(model).table()
+
+
+def test_set_bits_errors_are_one_line_and_change_nothing():
+    model = tiny({"weight": {"name": "lsq", "bits": 4}})
+    with pytest.raises(ConfigError, match="matches no layer"):
+        lowbit.set_bits(model, {"nope": 2})
+    with pytest.raises(ConfigError, match="full-precision weight"):
+        lowbit.set_bits(model, {"conv1": 2})
+    with pytest.raises(ConfigError, match="full-precision act"):
+        lowbit.set_bits(model, {"layers.0.0.conv1": {"act": 2}})
+    with pytest.raises(ConfigError, match="bits"):
+        lowbit.set_bits(model, {"layers.0.0.conv1": 2, "layers.0.0.conv2": 9})
+    assert {b.weight for b in lowbit.layer_bits(model).values()} == {4}  # rolled back
+    with pytest.raises(ConfigError, match="not quantized"):
+        lowbit.set_bits(tiny(), {"conv1": 2})
+
+
+def test_unquantize_keeps_the_quantized_or_the_latent_weights():
+    model = tiny(W2)
+    model.eval()
+    x = torch.randn(3, 1, 28, 28)
+    y_q = model(x)
+    latent = model.get_submodule("layers.0.0.conv1").parametrizations.weight.original.detach().clone()
+    plain = lowbit.unquantize(model)
+    assert quant_state(plain) is None and not parametrize.is_parametrized(plain.get_submodule("layers.0.0.conv1"))
+    assert torch.equal(plain(x), y_q)
+    model = tiny(W2)
+    lowbit.unquantize(model, keep="latent")
+    assert torch.equal(model.get_submodule("layers.0.0.conv1").weight, latent)
+    assert not any(hasattr(m, "input_quantizer") for m in model.modules())
+    with pytest.raises(ConfigError, match="not quantized"):
+        lowbit.unquantize(model)
+
+
+def test_unquantize_latent_refuses_a_value_search():
+    model = tiny({"weight": {"name": "valueset", "values": [-1, 1]}, "method": {"name": "sgt"}})
+    with pytest.raises(ConfigError, match="not a weight; use keep='quantized'"):
+        lowbit.unquantize(model, keep="latent")
+    lowbit.unquantize(model, keep="quantized")
+    w = model.get_submodule("layers.0.0.conv1").weight
+    assert len(torch.unique(w)) <= 2
+
+
+def test_quantize_twice_needs_replace():
+    model = tiny(W2)
+    with pytest.raises(ConfigError, match="already quantized; pass replace=True"):
+        lowbit.quantize(model, W2)
+    latent = model.get_submodule("layers.0.0.conv1").parametrizations.weight.original.detach().clone()
+    lowbit.quantize(model, {"weight": {"name": "minmax", "bits": 3}}, replace=True)
+    m = model.get_submodule("layers.0.0.conv1")
+    assert torch.equal(m.parametrizations.weight.original, latent) and weight_param(m).bits == 3
+    assert len(quant_state(model).hooks) == 0
+
+
+# -- pretrained starts ------------------------------------------------------------------------
+def test_load_weights_from_files_state_dicts_and_quantized_models(tmp_path):
+    fp = tiny(seed=1)
+    torch.save(fp.state_dict(), tmp_path / "fp.pt")
+    torch.save({"model": fp.state_dict(), "epoch": 3}, tmp_path / "ck.pt")
+    for src in (tmp_path / "fp.pt", tmp_path / "ck.pt", fp.state_dict()):
+        m = lowbit.load_weights(tiny(seed=2), src)
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), fp.state_dict().values()))
+    # a quantized model's state dict: its latent weights load into a plain model
+    q = tiny(W2A4, seed=3)
+    q(torch.randn(2, 1, 28, 28))
+    m = lowbit.load_weights(tiny(seed=2), q.state_dict())
+    assert torch.equal(m.get_submodule("layers.0.0.conv1").weight,
+                       q.get_submodule("layers.0.0.conv1").parametrizations.weight.original)
+
+
+def test_load_weights_errors_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        lowbit.load_weights(tiny(), tmp_path / "none.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a zip file")
+    with pytest.raises(ConfigError, match="not a readable PyTorch weights file"):
+        lowbit.load_weights(tiny(), tmp_path / "bad.pt")
+    other = lowbit.create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.5)
+    with pytest.raises(ConfigError, match=r"do not fit the model \(other shape"):
+        lowbit.load_weights(tiny(), other.state_dict())
+    with pytest.raises(ConfigError, match="load weights before quantize"):
+        lowbit.load_weights(tiny(W2), other.state_dict())
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(ConfigError, match="not a run folder"):
+        lowbit.load_weights(tiny(), tmp_path / "dir")
+    for e in ("x",):
+        with pytest.raises(ConfigError) as ei:
+            lowbit.load_weights(tiny(), {"conv1.weight": torch.zeros(1)})
+        assert "\n" not in str(ei.value)
+
+
+def test_init_from_a_run_folder_starts_from_its_best_network(tmp_path, fmnist_small):
+    from lowbit.config import load_config
+    from lowbit.train import build_model, load_run
+
+    base = ["model.name=resnet8", "model.width=0.25", "data.limit=1200", "train.epochs=1", "train.batch_size=64",
+            "train.progress=false"]
+    lowbit.run(load_config(None, base), tmp_path / "fp", data=fmnist_small)
+    _, _, fp_model, _ = load_run(tmp_path / "fp")
+    cfg = load_config(None, base + [f"model.init_from={tmp_path / 'fp'}", "plan.weight={name: sawb, bits: 2}"])
+    q = build_model(cfg, fmnist_small)
+    fp_sd = fp_model.state_dict()
+    assert torch.equal(q.get_submodule("layers.0.0.conv1").parametrizations.weight.original,
+                       fp_sd["layers.0.0.conv1.weight"])
+    assert torch.equal(q.state_dict()["bn1.running_mean"], fp_sd["bn1.running_mean"])
+    # and from that quantized run, its quantized weights (keep = quantized) for a further start
+    res = lowbit.run(cfg, tmp_path / "q", data=fmnist_small)
+    assert res.summary["test_acc"] > 0.3
+    cfg2 = load_config(None, base + [f"model.init_from={tmp_path / 'q'}", "model.init_weights=quantized"])
+    m2 = build_model(cfg2, fmnist_small)
+    assert len(torch.unique(m2.get_submodule("layers.0.0.conv1").weight)) <= 4
+    with pytest.raises(ConfigError, match="model.init_from: pretrained weights not found"):
+        build_model(load_config(None, base + [f"model.init_from={tmp_path / 'none.pt'}"]), fmnist_small)
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "q" / "config.yaml").read_text())["model"]["init_from"] == str(tmp_path / "fp")
+
+
+# -- devices ----------------------------------------------------------------------------------
+def test_device_names():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="device must be one of auto, cpu, cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fit_and_evaluate_on_a_gpu(fmnist_small):
+    model = tiny(W2A4)
+    dl = _dataloader(fmnist_small, n=256)
+    hist = fit(model, dl, epochs=2, device="cuda")
+    assert next(model.parameters()).device.type == "cuda"
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    res = evaluate(model, dl)
+    assert res["n"] == 256
+    m = model.get_submodule("layers.0.0.conv1")
+    assert m.weight.device.type == "cuda" and weight_param(m).quantizer.levels().device.type == "cuda"
