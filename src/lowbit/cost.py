@@ -22,9 +22,9 @@ and ``nn.Linear``. They are treated as atomic: their submodules are never visite
 
 *Quantizers* are ignored everywhere (their parameters are quantizer state, reported through
 ``LayerBits.n_scales``, never as model parameters, and their outputs are not activations). A
-module is a quantizer when it has a true ``is_quantizer`` attribute or a class in its MRO is named
-``...Quantizer`` (this covers :class:`lowbit.quant.base.Quantizer` and its subclasses without
-importing it). The ``parametrizations`` container that ``torch.nn.utils.parametrize`` adds to a
+module is a quantizer when it says so: a true ``is_quantizer`` attribute, which
+:class:`lowbit.quant.base.Quantizer` sets for every quantizer (the cost model does not import
+it). The ``parametrizations`` container that ``torch.nn.utils.parametrize`` adds to a
 module is ignored too.
 
 ``N_p`` (``CostSummary.params``) is the number of elements of the module-level tensors:
@@ -244,9 +244,7 @@ class CostSummary:
 # model walk
 # ---------------------------------------------------------------------------------------------
 def _is_quantizer(module: nn.Module) -> bool:
-    if getattr(module, "is_quantizer", False) is True:
-        return True
-    return any(c.__name__.endswith("Quantizer") for c in type(module).__mro__)
+    return getattr(module, "is_quantizer", False) is True
 
 
 def _visible_children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:

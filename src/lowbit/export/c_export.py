@@ -168,13 +168,19 @@ static uint32_t lb_code(const uint8_t *p, uint32_t idx, uint32_t bits)
 
 /* activation quantization; codes are stored as k - qmin (0..2^bits-1)
    rule 0 (clip_div): k = min(rint((max(x, lo) - lo) / step), qmax)
-   rule 1 (mul_clip): k = rint(min(max(x * inv, qmin), qmax)) */
+   rule 1 (mul_clip): k = rint(min(max(x * inv, qmin), qmax))
+   rule 2 (nearest):  k = qmin + #{j : x >= th[j]}, th the qmax - qmin sorted midpoints */
 static void lb_quantize(const float *x, uint8_t *q, int32_t n, int rule, float lo, float step, float inv,
-                        int32_t qmin, int32_t qmax)
+                        int32_t qmin, int32_t qmax, const float *th)
 {
-    int32_t i;
+    int32_t i, j;
     for (i = 0; i < n; i++) {
         float v = x[i];
+        if (rule == 2) {
+            for (j = 0; j < qmax - qmin && v >= th[j]; j++) {}
+            q[i] = (uint8_t)j;
+            continue;
+        }
         if (rule == 0) {
             if (v < lo) v = lo;
             if (lo != 0.0f) v = v - lo;
@@ -235,10 +241,11 @@ static void lb_conv_int(const lb_geom *g, const uint8_t *xq, int32_t zero, const
 }
 
 /* float conv: acc += w * x one tap at a time in (c, kh, kw) order (padding taps add w * 0),
-   then acc * mul + add. Input: float x, or codes xq dequantized as k*step (+ lo). Weights: float
+   then acc * mul + add. Input: float x, or codes xq dequantized as k*step (+ lo), or through the
+   level table a_tab when one is given. Weights: float
    w, or packed codes decoded through the level table lev. */
 static void lb_conv_float(const lb_geom *g, const float *x, const uint8_t *xq, int32_t zero, float a_lo,
-                          float a_step, const float *w, const uint8_t *wc, uint32_t bits, const float *lev,
+                          float a_step, const float *a_tab, const float *w, const uint8_t *wc, uint32_t bits, const float *lev,
                           int32_t lev_rows, int32_t L, const float *mul, const float *add, float *y, float *wrow)
 {
     const int32_t F = g->C * g->KH * g->KW;
@@ -274,7 +281,9 @@ static void lb_conv_float(const lb_geom *g, const float *x, const uint8_t *xq, i
                                 float v = 0.0f;
                                 if (iy >= 0 && iy < g->H && ix >= 0 && ix < g->W) {
                                     int32_t at = (c * g->H + iy) * g->W + ix;
-                                    if (xq) {
+                                    if (xq && a_tab) {
+                                        v = a_tab[xq[at]];
+                                    } else if (xq) {
                                         v = (float)((int32_t)xq[at] - zero) * a_step;
                                         if (a_lo != 0.0f) v = v + a_lo;
                                     } else {
@@ -363,8 +372,10 @@ def _conv_code(k: ConvKernel, cs: _Consts, a: dict[str, int], geoms: list[str]) 
     lines = []
     act = k.act
     if act is not None:
-        lines.append(f"    lb_quantize({x}, lb_codes, {k.C * k.H * k.W}, {0 if act.rule == 'clip_div' else 1}, "
-                     f"{_cfloat(act.lo)}, {_cfloat(act.step)}, {_cfloat(act.inv)}, {act.qmin}, {act.qmax});")
+        rule = ("clip_div", "mul_clip", "nearest").index(act.rule)
+        th = cs.f32(f"{n}_act_th", act.thresholds) if act.rule == "nearest" else "NULL"
+        lines.append(f"    lb_quantize({x}, lb_codes, {k.C * k.H * k.W}, {rule}, {_cfloat(act.lo)}, "
+                     f"{_cfloat(act.step)}, {_cfloat(act.inv)}, {act.qmin}, {act.qmax}, {th});")
     wq = op.weight if isinstance(op.weight, WeightQ) else None
     if k.mode == "int":
         codes = cs.u8(f"{n}_codes", pack_codes(wq.codes, wq.bits))
@@ -385,9 +396,10 @@ def _conv_code(k: ConvKernel, cs: _Consts, a: dict[str, int], geoms: list[str]) 
     mul = cs.f32(f"{n}_mul", k.mul) if k.mul is not None else "NULL"
     add = cs.f32(f"{n}_add", k.add) if k.add is not None else "NULL"
     if act is not None:
-        xin = f"NULL, lb_codes, {act.zero}, {_cfloat(act.real_lo)}, {_cfloat(act.step)}"
+        tab = "NULL" if act.uniform else cs.f32(f"{n}_act_levels", np.asarray(act.table, np.float32))
+        xin = f"NULL, lb_codes, {act.zero}, {_cfloat(act.real_lo)}, {_cfloat(act.step)}, {tab}"
     else:
-        xin = f"{x}, NULL, 0, 0.0f, 0.0f"
+        xin = f"{x}, NULL, 0, 0.0f, 0.0f, NULL"
     lines.append(f"    lb_conv_float(&{gname}, {xin}, {wargs}, {mul}, {add}, {y}, lb_wrow_f);")
     return lines
 

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import ConfigError
-from ..quant import FullPrecision
 from ..quantize import weight_param
 from .fold import bn_affine, fold_bn
 from .levels import ActQuant, LevelSpec, act_quant, describe_levels, weight_codes
@@ -157,7 +156,7 @@ def _weight(name: str, module: nn.Module) -> tuple[np.ndarray | WeightQ, bool]:
             f"export: layer '{name}': weight parametrization {type(wp).__name__} exposes no .quantizer or .bits; "
             "the exporter needs weight_param(layer).quantizer with levels()"
         )
-    if isinstance(q, FullPrecision) or bits >= 32:
+    if bits >= 32:  # full precision
         return w.numpy().astype(np.float32), False
     try:
         levels = q.levels()

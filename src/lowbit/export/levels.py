@@ -24,15 +24,20 @@ integer form; its layer runs on float MACs over the decoded levels.
 
 Activations
 -----------
-Every supported activation quantizer maps onto a uniform grid, and the exporter replays its exact
-float32 operations so that codes agree bit for bit (:class:`ActQuant`):
+The exporter replays the exact float32 rule an activation quantizer describes
+(:meth:`lowbit.quant.Quantizer.describe`), so that codes agree bit for bit (:class:`ActQuant`):
 
-* ``clip_div`` (min-max, uniform, PACT, DoReFa: :func:`lowbit.quant.uniform.clip_round`):
+* ``clip_div`` (min-max, uniform, PACT, DoReFa, QNN, SAT without calibration:
+  :func:`lowbit.quant.functional.clip_round`):
   ``k = min(rint((max(x, lo) - lo) / step), 2^b - 1)``, value ``lo + k·step``. The quantizer
   clamps at ``hi`` before dividing; because ``(hi - lo)/step`` rounds to ``2^b - 1`` the clamp of
   the code gives the same result without storing ``hi``.
-* ``mul_clip`` (LSQ, Esser et al. 2020 eq. 1): ``k = rint(clamp(x · (1/s), -Qn, Qp))``, value
-  ``k·s``.
+* ``mul_clip`` (LSQ, Esser et al. 2020 eq. 1; SAT's calibrated PACT):
+  ``k = rint(clamp(x · (1/s), -Qn, Qp))``, value ``k·s``.
+* ``nearest`` (BNN's sign, learned centroids, LQ-Net): ``k = #{j : x >= m_j}`` with the float32
+  midpoints ``m_j = (l_j + l_{j+1})/2`` of the levels ``l`` (:func:`lowbit.quant.functional.nearest_index`);
+  value ``lo + k·step`` when the levels are a grid (BNN: -1 + 2k), else the stored level ``l_k``
+  (such a layer runs the float kernel).
 
 ``rint`` is round-half-to-even (``torch.round``, C99 ``rintf``, ``np.rint``).
 """
@@ -46,15 +51,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..quant import (
-    DoReFaQuantizer,
-    FullPrecision,
-    LSQQuantizer,
-    MinMaxQuantizer,
-    PACTQuantizer,
-    Quantizer,
-)
-from ..quant.uniform import _bounds
+from ..quant import Quantizer
 
 #: relative tolerance when recognising a grid or an integer form in float32 levels
 LEVEL_RTOL = 1e-5
@@ -217,12 +214,24 @@ class ActQuant:
 
     quantizer: str
     bits: int
-    rule: str  # "clip_div" | "mul_clip"
-    step: float  # clip_div: the divisor; mul_clip: the step s (value = k*s)
-    lo: float = 0.0  # clip_div: the lower clip (value of code 0)
+    rule: str  # "clip_div" | "mul_clip" | "nearest"
+    step: float  # clip_div: the divisor; mul_clip: the step s (value = k*s); nearest: 0 off a grid
+    lo: float = 0.0  # clip_div, nearest: the value of code 0
     inv: float = 0.0  # mul_clip: float32(1/s), the multiplier
     qmin: int = 0  # integer code range
     qmax: int = 0
+    table: list[float] | None = None  # nearest: the float32 levels (their midpoints are the thresholds)
+
+    @property
+    def uniform(self) -> bool:
+        """Whether the value of code k is ``real_lo + step·k`` (what the integer kernel needs)."""
+        return self.step != 0.0
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """nearest: the float32 midpoints of the levels, as the quantizer computes them."""
+        t = np.asarray(self.table, dtype=np.float32)
+        return (t[1:] + t[:-1]) / np.float32(2)
 
     @property
     def zero(self) -> int:
@@ -232,11 +241,12 @@ class ActQuant:
     @property
     def real_lo(self) -> float:
         """The real value of integer code 0 (``a = real_lo + step·k``)."""
-        return self.lo if self.rule == "clip_div" else 0.0
+        return 0.0 if self.rule == "mul_clip" else self.lo
 
     def to_dict(self) -> dict:
-        return {"quantizer": self.quantizer, "bits": self.bits, "rule": self.rule, "step": self.step,
-                "lo": self.lo, "inv": self.inv, "qmin": self.qmin, "qmax": self.qmax}
+        d = {"quantizer": self.quantizer, "bits": self.bits, "rule": self.rule, "step": self.step,
+             "lo": self.lo, "inv": self.inv, "qmin": self.qmin, "qmax": self.qmax}
+        return d if self.table is None else {**d, "table": list(self.table)}
 
     @classmethod
     def from_dict(cls, d: dict) -> ActQuant:
@@ -253,14 +263,21 @@ class ActQuant:
                 t = t - f32(self.lo)
             k = np.rint(t / f32(self.step))
             return np.minimum(k, f32(self.qmax)).astype(np.int32)
+        if self.rule == "nearest":
+            k = np.zeros(x.shape, dtype=np.int32)
+            for m in self.thresholds:
+                k += x >= m
+            return k + np.int32(self.qmin)
         t = np.minimum(np.maximum(x * f32(self.inv), f32(self.qmin)), f32(self.qmax))
         return np.rint(t).astype(np.int32)
 
     def values(self, k: np.ndarray) -> np.ndarray:
         """Dequantized float32 values of codes, computed as the quantizer computes them."""
+        if not self.uniform:
+            return np.asarray(self.table, dtype=np.float32)[np.asarray(k) - self.qmin]
         v = np.asarray(k).astype(np.float32) * np.float32(self.step)
-        if self.rule == "clip_div" and self.lo != 0.0:
-            v = v + np.float32(self.lo)
+        if self.real_lo != 0.0:
+            v = v + np.float32(self.real_lo)
         return v
 
 
@@ -269,34 +286,28 @@ def _f32(x) -> float:
 
 
 def act_quant(q: nn.Module | None, layer: str) -> ActQuant | None:
-    """The :class:`ActQuant` of a layer's ``input_quantizer`` (None for none or full precision).
-
-    Read from the quantizer's ``levels()`` of its last call (so run one forward pass first): for
-    the clip-round family code 0 is ``lo`` exactly and, when ``lo = 0``, level 1 is the float32
-    step exactly (:func:`lowbit.quant.uniform.grid_levels`); LSQ's level ``Qn + 1`` is ``s``.
-    """
-    if q is None or isinstance(q, FullPrecision):
+    """The :class:`ActQuant` of a layer's ``input_quantizer`` (None for none or full precision),
+    read from what the quantizer describes of itself (:meth:`lowbit.quant.Quantizer.describe`)
+    after its last call (so run one forward pass first)."""
+    if q is None:
         return None
     if not isinstance(q, Quantizer):
         raise ConfigError(f"layer '{layer}': input quantizer {type(q).__name__} is not a lowbit Quantizer")
     try:
-        lv = q.levels().detach().reshape(-1).float()
+        d = q.describe()
     except RuntimeError:
         raise ConfigError(f"layer '{layer}': its input quantizer has not run yet; run one forward pass") from None
-    name, bits = q.alias, int(q.bits)
-    if isinstance(q, LSQQuantizer):
-        s = _f32(lv[q.qn + 1])
-        return ActQuant(name, bits, "mul_clip", step=s, inv=_f32(1.0 / s), qmin=-q.qn, qmax=q.qp)
-    if isinstance(q, (MinMaxQuantizer, PACTQuantizer, DoReFaQuantizer)):
-        lo = _f32(lv[0])
-        if lo == 0.0:
-            step = _f32(lv[1])
-        elif isinstance(q, MinMaxQuantizer):
-            step = _f32(_bounds(q.running_min, q.running_max, 2**bits - 1)[2])
-        else:  # pragma: no cover - PACT/DoReFa start at 0
-            raise ConfigError(f"layer '{layer}': unexpected non-zero low level for '{name}'")
-        return ActQuant(name, bits, "clip_div", step=step, lo=lo, qmin=0, qmax=2**bits - 1)
-    raise ConfigError(
-        f"layer '{layer}': activation quantizer '{name}' is not supported by the exporter; "
-        "supported: minmax, uniform, pact, dorefa, lsq"
-    )
+    if d.levels is None:
+        return None  # full precision
+    name, bits = q.alias, int(d.bits)
+    if d.levels.dim() == 2 and d.levels.shape[0] > 1 or d.rule not in ("clip_div", "mul_clip", "nearest"):
+        raise ConfigError(f"layer '{layer}': activation quantizer '{name}' describes no per-tensor float32 rule "
+                          f"(rule {d.rule}); the exporter cannot replay it")
+    low = _f32(d.low[0]) if d.uniform else 0.0
+    step = _f32(d.step[0]) if d.uniform else 0.0
+    if d.rule == "mul_clip":
+        return ActQuant(name, bits, "mul_clip", step=step, inv=_f32(1.0 / step), qmin=d.qmin, qmax=d.qmax)
+    if d.rule == "clip_div":
+        return ActQuant(name, bits, "clip_div", step=step, lo=low, qmin=d.qmin, qmax=d.qmax)
+    table = [_f32(v) for v in d.levels.detach().reshape(-1).float().tolist()]
+    return ActQuant(name, bits, "nearest", step=step, lo=low, qmin=d.qmin, qmax=d.qmax, table=table)

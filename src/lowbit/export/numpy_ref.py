@@ -3,7 +3,8 @@
 Every conv/linear runs one of two kernels (:func:`prepare` picks, the C code uses the same choice
 and the same float32 constants, so the two agree bit for bit):
 
-**Integer kernel** (input quantized, weight levels with an integer form; ``levels.integer_form``).
+**Integer kernel** (input quantized onto a uniform grid, weight levels with an integer form;
+``levels.integer_form``).
 With weights ``w = off + s_w·m`` (m integer) and input activations ``a = lo_a + s_a·k`` (k integer
 code; padding is a real 0 and contributes nothing), a conv output is exactly
 
@@ -22,7 +23,8 @@ coefficients (computed in float64, rounded once to float32):
 symmetric/LSQ/power-of-two weights need neither).
 
 **Float kernel** (a full-precision layer such as the FP32 first conv and last linear, a
-weight-only-quantized layer whose input is float, or a value set with no integer form): float32
+weight-only-quantized layer whose input is float, an input quantized onto non-uniform levels, or a
+value set with no integer form): float32
 MACs over the (decoded) weights, accumulated one tap at a time in the order (c_in, kh, kw), as the
 C loop does, then ``y = acc·scale + shift`` (BN kept) or ``acc + bias`` (BN folded). NumPy sums
 that need a fixed order are written as such loops (never ``np.sum``, which sums pairwise).
@@ -103,7 +105,7 @@ def prepare_conv(op: Op) -> ConvKernel:
     k = ConvKernel(op, "float", act=op.act, **_geometry(op))
     wq = op.weight if isinstance(op.weight, WeightQ) else None
     form = integer_form(wq.levels.levels64()) if wq is not None else None
-    if wq is not None and op.act is not None and form is not None:
+    if wq is not None and op.act is not None and op.act.uniform and form is not None:
         m_lut, s_w, off = form
         rows = wq.row_index()
         codes = wq.codes.reshape(k.O, -1).astype(np.int64)

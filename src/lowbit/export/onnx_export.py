@@ -71,7 +71,22 @@ def _int_type(lo: int, hi: int) -> int:
     return T.INT4 if -8 <= lo and hi <= 7 else T.INT8 if -128 <= lo and hi <= 127 else T.INT16
 
 
+def _act_nearest(b: _Builder, x: str, a: ActQuant, base: str) -> str:
+    """The ``nearest`` rule (QDQ has none): k = Σ_j [x >= m_j] (GreaterOrEqual, Cast, Add), then
+    the level ``Gather(levels, k)``: the same float32 comparisons, so the same codes."""
+    from onnx import TensorProto as T
+
+    k = None
+    for j, m in enumerate(a.thresholds):
+        ge = b.node("GreaterOrEqual", [x, b.const(f"{base}.act_th{j}", np.array(m, np.float32))], base=base)
+        c = b.node("Cast", [ge], base=base, to=T.INT64)
+        k = c if k is None else b.node("Add", [k, c], base=base)
+    return b.node("Gather", [b.const(base + ".act_levels", np.asarray(a.table, np.float32)), k], base=base)
+
+
 def _act_qdq(b: _Builder, x: str, a: ActQuant, base: str) -> str:
+    if a.rule == "nearest":
+        return _act_nearest(b, x, a, base)
     f = np.float32
     lo = f(a.real_lo)
     if lo != 0.0:

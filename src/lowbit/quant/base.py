@@ -20,6 +20,7 @@ Conventions every quantizer follows:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -27,9 +28,56 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import Registry
-from .functional import channel_view, grad_scale, reduce_abs_mean, round_ste, ste  # noqa: F401 (re-exported)
+from .functional import (  # noqa: F401 (ste .. reduce_abs_mean re-exported)
+    channel_view,
+    clip_round,
+    clip_round_grid,
+    clip_round_levels,
+    grad_scale,
+    reduce_abs_mean,
+    round_ste,
+    ste,
+)
 
 ROLES = ("weight", "act")
+
+
+# ---------------------------------------------------------------------------------------------
+# self-description
+# ---------------------------------------------------------------------------------------------
+#: the float32 rules a quantizer's forward follows (:meth:`Quantizer.describe`, ``rule``):
+#: * ``clip_div``: ``k = min(rint((max(x, low) - low) / step), qmax)`` (:func:`~.functional.clip_round`)
+#: * ``mul_clip``: ``k = rint(clamp(x * f32(1/step), qmin, qmax))`` (LSQ, :func:`~.functional.lsq_quantize`)
+#: * ``nearest``: ``k = #{j : x >= m_j}``, m the float32 midpoints of the levels (ties go up;
+#:   :func:`~.functional.nearest_index`)
+#: and ``None``: the output is on ``levels`` but not a function of ``x`` by one of these rules
+#: (DoReFa's tanh-normalised weights, SAT's rescaled weights); codes are then found on the output.
+RULES = ("clip_div", "mul_clip", "nearest")
+
+
+@dataclass(frozen=True)
+class QuantDescription:
+    """What a quantizer says about itself (:meth:`Quantizer.describe`): export, cost and tests read
+    this instead of the quantizer's class.
+
+    ``levels``: the current sorted levels, ``(L,)`` or ``(R, L)``, None for full precision.
+    ``uniform``: level ``k`` is ``low + k*step`` for codes ``k = qmin..qmax`` (float32, computed as
+    the quantizer computes it); then ``low``/``step`` are float32 tensors of shape ``(R,)``.
+    ``signed``: some level is negative. ``rule``: see :data:`RULES`. ``n_scales``: full-precision
+    numbers stored next to the integer codes.
+    """
+
+    bits: int
+    role: str
+    levels: Tensor | None
+    uniform: bool
+    low: Tensor | None
+    step: Tensor | None
+    qmin: int
+    qmax: int
+    signed: bool
+    rule: str | None
+    n_scales: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,6 +90,8 @@ class Quantizer(nn.Module):
     """
 
     alias: ClassVar[str] = ""
+    #: marks quantizer modules for the cost model (which does not import this package)
+    is_quantizer: ClassVar[bool] = True
     #: the roles this family defines ("weight", "act")
     roles: ClassVar[tuple[str, ...]] = ("weight",)
     #: allowed bit widths (inclusive)
@@ -65,6 +115,7 @@ class Quantizer(nn.Module):
         self.role = role
         self.per_channel = bool(per_channel)
         self._last_levels: Tensor | None = None
+        self._clip_range: tuple[Tensor, Tensor] | None = None  # (low, high) of the last clip_round
 
     # -- interface ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -92,6 +143,66 @@ class Quantizer(nn.Module):
 
     def record_levels(self, levels: Tensor) -> None:
         self._last_levels = levels.detach()
+
+    def is_initialized(self) -> bool:
+        """``bool(self.initialized)`` (a buffer), read from the device until it is True and then
+        remembered, so that a data-initialised quantizer does not wait for the device every step."""
+        if not self.__dict__.get("_init_seen", False):
+            self._init_seen = bool(self.initialized)
+        return self._init_seen
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._init_seen = False  # the loaded ``initialized`` is read again
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def clip_round(self, x: Tensor, low: Tensor, high: Tensor) -> Tensor:
+        """:func:`~.functional.clip_round` of ``x`` onto ``2**bits`` levels in [low, high], recording
+        the levels and the range (the clip-round family's :meth:`grid`)."""
+        self._clip_range = (low.detach(), high.detach())
+        self.record_levels(clip_round_levels(low, high, self.bits, self.per_channel, x.dtype))
+        return clip_round(x, low, high, self.bits)
+
+    # -- self-description --------------------------------------------------------------------
+    def grid(self) -> tuple[Tensor, Tensor, int, int, str | None] | None:
+        """``(low, step, qmin, qmax, rule)`` when the levels are the uniform grid
+        ``low + k*step`` (k = qmin..qmax; low, step float32 of shape (R,)), else None. Families
+        with a grid override this; the default is the clip-round grid of the last
+        :meth:`clip_round` call, or None (a finite set searched by nearest level)."""
+        if self._clip_range is None:
+            return None
+        low, step = clip_round_grid(*self._clip_range, self.bits)
+        return low, step, 0, 2**self.bits - 1, "clip_div"
+
+    def rule(self) -> str | None:
+        """The float32 rule of a non-grid quantizer's forward (:data:`RULES`)."""
+        return "nearest"
+
+    def describe(self) -> QuantDescription:
+        """The quantizer's current level set and code rule (:class:`QuantDescription`)."""
+        lv = self.levels()
+        g = self.grid()
+        if g is None:
+            low = step = None
+            qmin, qmax, rule = 0, lv.shape[-1] - 1, self.rule()
+        else:
+            low, step, qmin, qmax, rule = g
+        return QuantDescription(self.bits, self.role, lv, g is not None, low, step, qmin, qmax,
+                                bool((lv < 0).any()), rule, self.n_scales)
+
+    # -- bit width ---------------------------------------------------------------------------
+    def set_bits(self, bits: int) -> None:
+        """Change the bit width in place: no new modules, learned state (LSQ's step, PACT's
+        alpha) kept, derived constants updated (:meth:`_bits_changed`). Families with one bit
+        width raise a one-line :class:`ConfigError`. The levels are current after the next call."""
+        if self.min_bits == self.max_bits:
+            raise ConfigError(f"quantizer '{self.alias}' has the fixed bit width {self.min_bits}; it cannot change bits")
+        check_bits(type(self), bits)
+        self.bits = int(bits)
+        self._last_levels = None
+        self._bits_changed()
+
+    def _bits_changed(self) -> None:
+        """Hook: update what depends on ``self.bits`` (the default has nothing to update)."""
 
     def extra_repr(self) -> str:
         s = f"bits={self.bits}, role={self.role}"

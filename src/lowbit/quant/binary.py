@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Quantizer, channel_view, reduce_abs_mean, register_quantizer, ste
+from .base import QuantDescription, Quantizer, channel_view, reduce_abs_mean, register_quantizer, ste
 
 
 @register_quantizer("bwn")
@@ -72,6 +72,9 @@ class TWNQuantizer(Quantizer):
         q = torch.where(d > delta, beta, torch.where(d < -delta, -beta, torch.zeros_like(beta)))
         return ste(x, q)
 
+    def rule(self) -> str | None:
+        return None  # the threshold 0.7·E|w| is not the midpoint β/2
+
 
 @register_quantizer("fp")
 class FullPrecision(Quantizer):
@@ -88,6 +91,9 @@ class FullPrecision(Quantizer):
 
     def levels(self) -> Tensor:
         raise ValueError("a full-precision quantizer has no finite level set")
+
+    def describe(self) -> QuantDescription:
+        return QuantDescription(self.bits, self.role, None, False, None, None, 0, 0, True, None, 0)
 
     @property
     def n_scales(self) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Quantizer, register_quantizer, ste
+from .base import Quantizer, register_quantizer
+from .functional import clipped_ste
 
 
 @register_quantizer("bnn")
@@ -32,8 +33,18 @@ class BNNQuantizer(Quantizer):
         super().__init__(bits, role)
 
     def quantize(self, x: Tensor) -> Tensor:
-        one = torch.ones((), dtype=x.dtype)
-        self.record_levels(torch.stack([-one, one]))
-        q = torch.where(x.detach() >= 0, one, -one)
-        # torch.clamp's gradient is 1 on the closed interval [-1, 1]: the paper's 1[|x| <= 1]
-        return ste(torch.clamp(x, -1.0, 1.0), q)
+        q, levels = binary_sign(x)
+        self.record_levels(levels)
+        return q
+
+    def grid(self):
+        one = torch.ones(1)
+        return -one, 2 * one, 0, 1, "nearest"  # levels -1 + 2k, k = 1[x >= 0]
+
+
+def binary_sign(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(sign(x) in {-1, +1} with sign(0) = +1 and the clipped STE 1[|x| <= 1], the levels [-1, 1]);
+    constants on x's device and dtype. Shared by ``bnn`` and 1-bit ``qnn`` weights."""
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    q = torch.where(x.detach() >= 0, one, -one)
+    return clipped_ste(x, q, -1.0, 1.0), torch.stack([-one, one])

@@ -1,5 +1,6 @@
-"""Learned scalar codebooks: 002's "Scalar centroids" (k-means levels per layer), and the batched
-nearest-level search and cluster statistics it shares with LQ-Net (``lqnet.py``)."""
+"""Learned scalar codebooks: 002's "Scalar centroids" (k-means levels per layer), and the cluster
+statistics it shares with LQ-Net (``lqnet.py``); the nearest-level search is
+:func:`lowbit.quant.functional.nearest_index`."""
 
 from __future__ import annotations
 
@@ -7,43 +8,16 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Quantizer, register_quantizer, ste
+from .base import Quantizer, register_quantizer
+from .functional import clipped_ste, nearest_index, ste, take_levels
 
 #: torch.quantile's input limit; larger tensors are subsampled with a stride for the init
 _QUANTILE_MAX = 2**24 - 1
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers shared with LQ-Net (they run on every activation of every step: kept to a few passes)
+# cluster statistics, shared with LQ-Net (run on every activation of every step: a few passes)
 # ---------------------------------------------------------------------------------------------
-#: up to this many levels the nearest level is found by comparisons with the midpoints (a uint8
-#: counter; measured about 3x faster than searchsorted for 8 levels on CPU), above by searchsorted
-_COMPARE_MAX_LEVELS = 16
-
-
-def nearest_index(rows: Tensor, levels: Tensor) -> Tensor:
-    """Index of the nearest level for every entry: ``rows`` (R, N), ``levels`` (R, L) sorted
-    along dim 1; the index counts the midpoints <= x, so an entry exactly half-way between two
-    levels goes to the upper one (as ``valueset``: sign(0) = +1 for {-β, β}). uint8 for at most
-    ``_COMPARE_MAX_LEVELS`` levels, else int64 (one batched ``searchsorted``)."""
-    mid = (levels[:, 1:] + levels[:, :-1]) / 2
-    if levels.shape[1] > _COMPARE_MAX_LEVELS:
-        return torch.searchsorted(mid.contiguous(), rows.contiguous(), right=True)
-    idx = torch.zeros(rows.shape, dtype=torch.uint8, device=rows.device)
-    above = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
-    for j in range(mid.shape[1]):
-        idx.add_(torch.ge(rows, mid[:, j : j + 1], out=above))
-    return idx
-
-
-def take_levels(levels: Tensor, idx: Tensor) -> Tensor:
-    """``levels[r, idx[r, n]]``: (R, N) values, exactly the entries of ``levels``."""
-    idx = idx.long()
-    if levels.shape[0] == 1:
-        return levels[0].index_select(0, idx.reshape(-1)).reshape(idx.shape)
-    return levels.gather(1, idx)
-
-
 def cluster_stats(rows: Tensor, idx: Tensor, n_levels: int) -> tuple[Tensor, Tensor]:
     """(count, sum) of the entries of each row assigned to each level: two (R, L) float64 tensors.
 
@@ -55,28 +29,6 @@ def cluster_stats(rows: Tensor, idx: Tensor, n_levels: int) -> tuple[Tensor, Ten
     count = torch.bincount(flat, minlength=r * n_levels).reshape(r, n_levels).double()
     total = torch.bincount(flat, weights=rows.reshape(-1), minlength=r * n_levels)
     return count, total.reshape(r, n_levels).double()
-
-
-class _ClippedSTE(torch.autograd.Function):
-    """Forward ``q``; backward ``g·1[lo <= x <= hi]`` (clipped straight-through), without the
-    extra full-size passes of ``ste(clamp(x, lo, hi), q)``."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, q: Tensor, lo: float, hi: float):
-        ctx.save_for_backward(x)
-        ctx.range = (lo, hi)
-        return q
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        (x,) = ctx.saved_tensors
-        lo, hi = ctx.range
-        return g * (x >= lo).logical_and_(x <= hi), None, None, None
-
-
-def clipped_ste(x: Tensor, q: Tensor, lo: float, hi: float) -> Tensor:
-    """``q`` forward, gradient ``1[lo <= x <= hi]`` w.r.t. ``x`` (none w.r.t. ``q``)."""
-    return _ClippedSTE.apply(x, q.detach(), lo, hi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,9 +63,16 @@ class CentroidsQuantizer(Quantizer):
         if not 0.0 < momentum <= 1.0:
             raise ConfigError(f"centroids option momentum must be in (0, 1], got {momentum}")
         self.momentum = float(momentum)
-        self.scales_per_row = 2**bits  # the codebook is stored next to the k-bit codes
-        self.register_buffer("centroids", torch.zeros(2**bits))
+        self.register_buffer("centroids", None)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._bits_changed()
+
+    def _bits_changed(self) -> None:
+        """An empty codebook of 2^bits entries, initialised again from the data on the next call."""
+        self.scales_per_row = 2**self.bits  # the codebook is stored next to the k-bit codes
+        self.centroids = torch.zeros(2**self.bits, device=self.initialized.device)
+        self.initialized.fill_(False)
+        self._init_seen = False
 
     @torch.no_grad()
     def init_centroids(self, x: Tensor) -> None:
@@ -121,7 +80,7 @@ class CentroidsQuantizer(Quantizer):
         if flat.numel() > _QUANTILE_MAX:
             flat = flat[:: flat.numel() // _QUANTILE_MAX + 1]
         vals = torch.unique(flat).double()  # sorted distinct values
-        p = (torch.arange(2**self.bits, dtype=torch.float64) + 0.5) / 2**self.bits
+        p = (torch.arange(2**self.bits, dtype=torch.float64, device=vals.device) + 0.5) / 2**self.bits
         self.centroids.copy_(torch.quantile(vals, p))
         self.initialized.fill_(True)
 
@@ -137,7 +96,7 @@ class CentroidsQuantizer(Quantizer):
         self.centroids.copy_(new.sort().values)
 
     def quantize(self, x: Tensor) -> Tensor:
-        if not bool(self.initialized):
+        if not self.is_initialized():
             self.init_centroids(x)
         c = self.centroids.to(x.dtype, copy=True)  # a copy: the update below is in place
         self.record_levels(c)
@@ -148,4 +107,4 @@ class CentroidsQuantizer(Quantizer):
             self.kmeans_step(rows, idx)
         if self.role == "weight":
             return ste(x, q)
-        return clipped_ste(x, q, float(c[0]), float(c[-1]))
+        return clipped_ste(x, q, c[0], c[-1])

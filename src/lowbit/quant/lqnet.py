@@ -6,8 +6,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Quantizer, register_quantizer, ste
-from .centroids import cluster_stats, clipped_ste, nearest_index, take_levels
+from .base import Quantizer, register_quantizer
+from .centroids import cluster_stats
+from .functional import clipped_ste, nearest_index, ste, take_levels
 
 _EPS = 1e-8
 #: proximal weight of the least-squares step, relative to the mean diagonal of BᵀB (see ``qem_step``)
@@ -69,10 +70,20 @@ class LQNetQuantizer(Quantizer):
             raise ConfigError(f"lqnet option qem_iters must be an integer >= 1, got {qem_iters!r}")
         self.momentum = float(momentum)
         self.qem_iters = qem_iters
-        self.scales_per_row = bits  # the K basis numbers of each row; the codes are the K bits
-        self.register_buffer("table", code_table(bits, signed=role == "weight"), persistent=False)
-        self.register_buffer("basis", torch.zeros(1, bits))  # (rows, K); rows = C once initialised
+        self.register_buffer("table", None, persistent=False)
+        self.register_buffer("basis", None)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._bits_changed()
+
+    def _bits_changed(self) -> None:
+        """A K-bit code table and an empty basis: the basis has K entries, so it is initialised
+        again from the data on the next call (``set_bits``)."""
+        dev = self.initialized.device
+        self.scales_per_row = self.bits  # the K basis numbers of each row; the codes are the K bits
+        self.table = code_table(self.bits, signed=self.role == "weight").to(dev)
+        self.basis = torch.zeros(1, self.bits, device=dev)  # (rows, K); rows = C once initialised
+        self.initialized.fill_(False)
+        self._init_seen = False
 
     # -- state -------------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -94,7 +105,7 @@ class LQNetQuantizer(Quantizer):
             pos = rows.clamp_min(0)
             m = pos.sum(1) / (pos > 0).sum(1).clamp_min(1)
         s = m.clamp_min(_EPS) / 2 ** (self.bits - 1)
-        self.basis = s.unsqueeze(1) * 2.0 ** torch.arange(self.bits, dtype=s.dtype)
+        self.basis = s.unsqueeze(1) * 2.0 ** torch.arange(self.bits, dtype=s.dtype, device=s.device)
         self.initialized.fill_(True)
 
     def sorted_levels(self, basis: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,7 +121,7 @@ class LQNetQuantizer(Quantizer):
         n_levels = self.table.shape[0]
         old = self.basis.double()
         v = old
-        eye = torch.eye(self.bits, dtype=torch.float64)
+        eye = torch.eye(self.bits, dtype=torch.float64, device=old.device)
         for it in range(self.qem_iters):
             if it > 0:  # re-assign the codes with the basis of the previous iteration
                 lv, perm = self.sorted_levels(v)
@@ -127,7 +138,7 @@ class LQNetQuantizer(Quantizer):
     # -- forward -----------------------------------------------------------------------------
     def quantize(self, x: Tensor) -> Tensor:
         rows = self._rows(x)
-        if not bool(self.initialized):
+        if not self.is_initialized():
             self.init_basis(rows)
         lv, perm = self.sorted_levels(self.basis.to(x.dtype))
         self.record_levels(lv if self.per_channel else lv[0])
@@ -137,4 +148,4 @@ class LQNetQuantizer(Quantizer):
             self.qem_step(rows, idx, perm)
         if self.role == "weight":
             return ste(x, q)
-        return clipped_ste(x, q, float(lv[0, 0]), float(lv[0, -1]))
+        return clipped_ste(x, q, lv[0, 0], lv[0, -1])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Quantizer, build_quantizer, register_quantizer
-from .uniform import clip_round, clip_round_levels
+from .base import Quantizer, register_quantizer
+from .bnn import binary_sign
+from .functional import clip_round, clip_round_grid, clip_round_levels
 
 
 @register_quantizer("qnn")
@@ -17,7 +18,7 @@ class QNNQuantizer(Quantizer):
 
     * weights: ``q = -1 + round((clip(w, -1, 1) + 1)/Δ)·Δ``, Δ = 2/(2^k - 1): 2^k evenly spaced
       levels in [-1, 1] (no 0 level: {-1, -1/3, 1/3, 1} at k = 2). At k = 1 this is BinaryNet's
-      sign(w) (sign(0) = +1), built as the ``bnn`` quantizer.
+      sign(w) (sign(0) = +1), the ``bnn`` rule (:func:`lowbit.quant.bnn.binary_sign`).
     * activations: ``q = round(clip(x, 0, 1)·(2^k - 1))/(2^k - 1)``: 2^k levels in [0, 1].
     * backward: clipped straight-through, ``dq/dx = 1[lo <= x <= hi]`` with [lo, hi] = [-1, 1]
       (weights) or [0, 1] (activations).
@@ -34,16 +35,25 @@ class QNNQuantizer(Quantizer):
 
     def __init__(self, bits: int, role: str = "weight"):
         super().__init__(bits, role)
-        self._sign = build_quantizer("bnn", 1, role="weight") if (role == "weight" and bits == 1) else None
         lo = -1.0 if role == "weight" else 0.0
         self.register_buffer("low", torch.tensor(lo), persistent=False)
         self.register_buffer("high", torch.tensor(1.0), persistent=False)
 
     def quantize(self, x: Tensor) -> Tensor:
-        if self._sign is not None:  # 1-bit weights: round-half-to-even would send 0 to -1
-            q = self._sign(x)
-            self.record_levels(self._sign.levels())
+        if self._is_sign():  # 1-bit weights: round-half-to-even would send 0 to -1
+            q, levels = binary_sign(x)
+            self.record_levels(levels)
             return q
         lo, hi = self.low.to(x.dtype), self.high.to(x.dtype)
         self.record_levels(clip_round_levels(lo, hi, self.bits))
         return clip_round(x, lo, hi, self.bits)
+
+    def _is_sign(self) -> bool:
+        return self.role == "weight" and self.bits == 1
+
+    def grid(self):
+        if self._is_sign():
+            one = torch.ones(1)
+            return -one, 2 * one, 0, 1, "nearest"
+        low, step = clip_round_grid(self.low, self.high, self.bits)
+        return low, step, 0, 2**self.bits - 1, "clip_div"

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .base import Quantizer, build_quantizer, register_quantizer
-from .uniform import clip_round, clip_round_levels, lsq_quantize
+from .functional import lsq_quantize
 
 _EPS = 1e-8
 
@@ -80,12 +80,23 @@ class SATQuantizer(Quantizer):
         n = 2**self.bits - 1
         a = self.alpha.abs() + _EPS
         if not self.calibrated:
-            zero = torch.zeros((), dtype=x.dtype)
-            self.record_levels(clip_round_levels(zero, a, self.bits))
-            return clip_round(x, zero, a, self.bits)
+            return self.clip_round(x, torch.zeros((), dtype=x.dtype, device=x.device), a)
         s = a / n
-        self.record_levels(torch.arange(n + 1, dtype=x.dtype) * s.detach())
+        self.record_levels(torch.arange(n + 1, dtype=x.dtype, device=x.device) * s.detach().to(x.dtype))
         return lsq_quantize(x, s, 0, n, 1.0)
+
+    def _bits_changed(self) -> None:
+        if self.role == "weight":
+            self.dorefa.set_bits(self.bits)
+
+    def grid(self):
+        if self.role == "act" and self.calibrated:  # LSQ's rule with step alpha/n (level 1 is s)
+            s = self._last_levels[1:2].float().cpu()
+            return torch.zeros(1), s, 0, 2**self.bits - 1, "mul_clip"
+        return super().grid()
+
+    def rule(self) -> str | None:
+        return None  # weights: DoReFa times a constant; codes are found on the output
 
     def extra_repr(self) -> str:
         opt = f"scale_grad={self.scale_grad}" if self.role == "weight" else f"calibrated={self.calibrated}"

@@ -71,8 +71,8 @@ class MinMaxQuantizer(Quantizer):
                 return channel_view(f.min(1).values, x), channel_view(f.max(1).values, x)
             return d.min(), d.max()
         if self.training:
-            lo, hi = x.detach().aminmax()
-            if not bool(self.initialized):
+            lo, hi = x.detach().to(self.running_min.dtype).aminmax()
+            if not self.is_initialized():
                 self.running_min.copy_(lo)
                 self.running_max.copy_(hi)
                 self.initialized.fill_(True)
@@ -83,11 +83,12 @@ class MinMaxQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         lo, hi = self._range(x)
-        self.record_levels(clip_round_levels(lo, hi, self.bits, self.per_channel))
         if self.role == "weight":  # the range covers the tensor: plain STE, no clipping needed
+            self._clip_range = (lo, hi)
+            self.record_levels(clip_round_levels(lo, hi, self.bits, self.per_channel))
             lo_, _, step = _bounds(lo, hi, 2**self.bits - 1)
             return ste(x, _codes_to_values(torch.round((x.detach() - lo_) / step), lo_, step))
-        return clip_round(x, lo, hi, self.bits)
+        return self.clip_round(x, lo, hi)
 
 
 @register_quantizer("uniform")
@@ -100,6 +101,7 @@ class UniformActQuantizer(MinMaxQuantizer):
 
     roles = ("act",)
     supports_per_channel = False
+    scales_per_row = 1  # r: the low end is 0
 
     def __init__(self, bits: int, role: str = "act", momentum: float = 0.1):
         super().__init__(bits, role, False, momentum)
@@ -114,24 +116,39 @@ class UniformActQuantizer(MinMaxQuantizer):
 # ---------------------------------------------------------------------------------------------
 #: SAWB's fitted constants: alpha = c1*sqrt(E[w^2]) + c2*E|w| (Choi et al. 2018, per bit width)
 SAWB_COEFFS = {2: (3.12, -2.064), 3: (7.509, -6.892), 4: (12.68, -12.80), 5: (17.74, -18.64), 8: (31.76, -35.04)}
+#: bit widths where ``alpha="auto"`` uses the closed form: on Kaiming-initialised conv weights its
+#: MSE is within a few % of eq. 12's minimum at 2-4 bits, but at 5 bits per channel and at 8 bits
+#: it is far worse than the minimum (and than min-max), and it is not positive when E|w|/rms(w)
+#: exceeds -c1/c2 (0.906 at 8 bits, 0.952 at 5): numbers in docs/issue11_quant_contract.md
+SAWB_CLOSED_FORM_BITS = (2, 3, 4)
 
 
-def mse_optimal_alpha(x: Tensor, bits: int, per_channel: bool, grid: int = 64) -> Tensor:
-    """argmin_alpha E||x - Q(x; n, alpha)||^2 over a grid of alpha in (0, max|x|] (003 eq. 12)."""
-    d = x.detach()
-    flat = d.flatten(1) if per_channel else d.reshape(1, -1)
-    amax = flat.abs().max(1, keepdim=True).values.clamp_min(_EPS)
+def _sym_mse(rows: Tensor, a: Tensor, n: int) -> Tensor:
+    """E(x - Q(x; alpha))^2 per row of ``rows`` (R, N) on the symmetric grid -a + k*2a/n, a (R, 1)."""
+    step = 2 * a / n
+    q = torch.clamp(rows, -a, a).add(a).div(step).round().mul(step).sub(a)
+    return (q - rows).pow(2).mean(1, keepdim=True)
+
+
+def _mse_alpha_rows(rows: Tensor, bits: int, grid: int = 64) -> Tensor:
+    """argmin_alpha of :func:`_sym_mse` over alpha = max|x|*k/grid, k = 1..grid, per row: (R, 1)."""
+    amax = rows.abs().max(1, keepdim=True).values.clamp_min(_EPS)
     n = 2**bits - 1
     best_err = torch.full_like(amax, float("inf"))
     best = amax.clone()
     for k in range(1, grid + 1):
         a = amax * (k / grid)
-        step = 2 * a / n
-        q = torch.clamp(flat, -a, a).add(a).div(step).round().mul(step).sub(a)
-        err = (q - flat).pow(2).mean(1, keepdim=True)
+        err = _sym_mse(rows, a, n)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, a, best)
+    return best
+
+
+def mse_optimal_alpha(x: Tensor, bits: int, per_channel: bool, grid: int = 64) -> Tensor:
+    """argmin_alpha E||x - Q(x; n, alpha)||^2 over a grid of alpha in (0, max|x|] (003 eq. 12)."""
+    d = x.detach()
+    best = _mse_alpha_rows(d.flatten(1) if per_channel else d.reshape(1, -1), bits, grid)
     return channel_view(best.squeeze(1), d) if per_channel else best.reshape(())
 
 
@@ -142,8 +159,11 @@ class SAWBQuantizer(Quantizer):
     Symmetric uniform levels ``q_i = -α + (i-1)·2α/(2^n - 1)``. α minimises the quantization MSE
     (eq. 12). ``alpha="closed_form"`` uses SAWB's fit ``α = c1·sqrt(E[w²]) + c2·E|w|`` (constants
     for 2, 3, 4, 5, 8 bits); ``alpha="mse"`` minimises eq. 12 numerically on a grid (any bits).
-    The default, ``"auto"``, uses the closed form where constants exist and the grid otherwise.
-    Values beyond ±α are clipped (their gradient is zero: clipped STE).
+    The default, ``"auto"``, uses the closed form at 2-4 bits (:data:`SAWB_CLOSED_FORM_BITS`) and
+    the grid otherwise. Where the closed form is not positive (E|w|/rms(w) >= -c1/c2: small rows),
+    or, in ``auto``, gives a larger MSE than ``α = max|w|``, that row uses the grid's α instead
+    (the closed form is only a fit of eq. 12's minimiser). Values beyond ±α are clipped (their
+    gradient is zero: clipped STE).
     """
 
     supports_per_channel = True
@@ -160,20 +180,29 @@ class SAWBQuantizer(Quantizer):
         self.alpha_mode = alpha
 
     def alpha(self, x: Tensor) -> Tensor:
-        if self.alpha_mode == "mse" or (self.alpha_mode == "auto" and self.bits not in SAWB_COEFFS):
-            return mse_optimal_alpha(x, self.bits, self.per_channel)
-        c1, c2 = SAWB_COEFFS[self.bits]
         d = x.detach()
-        if self.per_channel:
-            f = d.flatten(1)
-            a = c1 * f.pow(2).mean(1).sqrt() + c2 * f.abs().mean(1)
-            return channel_view(a.clamp_min(_EPS), d)
-        return (c1 * d.pow(2).mean().sqrt() + c2 * d.abs().mean()).clamp_min(_EPS)
+        closed = self.alpha_mode == "closed_form" or (self.alpha_mode == "auto" and self.bits in SAWB_CLOSED_FORM_BITS)
+        if not closed:
+            return mse_optimal_alpha(x, self.bits, self.per_channel)
+        rows = d.flatten(1) if self.per_channel else d.reshape(1, -1)
+        c1, c2 = SAWB_COEFFS[self.bits]
+        a = c1 * rows.pow(2).mean(1, keepdim=True).sqrt() + c2 * rows.abs().mean(1, keepdim=True)
+        bad = a <= 0
+        if self.alpha_mode == "auto":
+            n = 2**self.bits - 1
+            bad |= _sym_mse(rows, a.clamp_min(_EPS), n) > _sym_mse(rows, rows.abs().max(1, keepdim=True).values, n)
+        if bool(bad.any()):  # rare at 2-4 bits: the grid search only when some row needs it
+            a = torch.where(bad, _mse_alpha_rows(rows, self.bits), a)
+        a = a.clamp_min(_EPS)
+        return channel_view(a.squeeze(1), d) if self.per_channel else a.reshape(())
 
     def quantize(self, x: Tensor) -> Tensor:
         a = self.alpha(x)
-        self.record_levels(clip_round_levels(-a, a, self.bits, self.per_channel))
-        return clip_round(x, -a, a, self.bits)
+        return self.clip_round(x, -a, a)
+
+    def _bits_changed(self) -> None:
+        if self.alpha_mode == "closed_form" and self.bits not in SAWB_COEFFS:
+            raise ConfigError(f"sawb closed-form constants exist for bits {sorted(SAWB_COEFFS)}, not {self.bits}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,14 +227,26 @@ class LSQQuantizer(Quantizer):
         if per_channel and role == "act":
             raise ConfigError("quantizer 'lsq' has per_channel only for weights")
         self.signed = (role == "weight") if signed is None else bool(signed)
-        if self.signed and bits < 2:
-            raise ConfigError("quantizer 'lsq' needs bits >= 2 when signed (weights); use bwn for 1 bit")
-        if self.signed:
-            self.qn, self.qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
-        else:
-            self.qn, self.qp = 0, 2**bits - 1
+        self._bits_changed()
         self.step = nn.Parameter(torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def _bits_changed(self) -> None:
+        """Qn, Qp for ``bits`` (the learned step is kept)."""
+        if self.signed and self.bits < 2:
+            raise ConfigError("quantizer 'lsq' needs bits >= 2 when signed (weights); use bwn for 1 bit")
+        b = self.bits
+        self.qn, self.qp = (2 ** (b - 1), 2 ** (b - 1) - 1) if self.signed else (0, 2**b - 1)
+
+    def set_bits(self, bits: int) -> None:
+        if self.signed and isinstance(bits, int) and bits < 2:
+            raise ConfigError("quantizer 'lsq' needs bits >= 2 when signed (weights); use bwn for 1 bit")
+        super().set_bits(bits)
+
+    def grid(self):
+        s = self._last_levels[..., self.qn + 1].reshape(-1).float().cpu()  # level Qn + 1 is s exactly
+        rule = "mul_clip" if self.step.numel() == 1 else None  # per channel: v/s, not v·(1/s)
+        return torch.zeros_like(s), s, -self.qn, self.qp, rule
 
     def _init_step(self, x: Tensor) -> None:
         d = x.detach()
@@ -224,13 +265,14 @@ class LSQQuantizer(Quantizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def quantize(self, x: Tensor) -> Tensor:
-        if not bool(self.initialized):
+        if not self.is_initialized():
             self._init_step(x)
         n = x.numel() // x.shape[0] if (self.role == "act" or self.per_channel) else x.numel()
         gscale = 1.0 / math.sqrt(n * self.qp)
         s = self.step.abs() + _EPS  # |s| keeps the step positive whatever the optimizer does
-        k = torch.arange(-self.qn, self.qp + 1, dtype=s.dtype)
-        self.record_levels(k * s.detach().reshape(-1, 1) if self.per_channel else k * s.detach())
+        k = torch.arange(-self.qn, self.qp + 1, dtype=x.dtype, device=s.device)
+        sd = s.detach().to(x.dtype)
+        self.record_levels(k * sd.reshape(-1, 1) if self.per_channel else k * sd)
         return lsq_quantize(x, s, self.qn, self.qp, gscale)
 
     @property
@@ -261,9 +303,7 @@ class PACTQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         a = self.alpha.abs() + _EPS
-        zero = torch.zeros((), dtype=x.dtype)
-        self.record_levels(clip_round_levels(zero, a, self.bits))
-        return clip_round(x, zero, a, self.bits)
+        return self.clip_round(x, torch.zeros((), dtype=x.dtype, device=x.device), a)
 
     @property
     def n_scales(self) -> int:
@@ -290,14 +330,27 @@ class DoReFaQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         n = 2**self.bits - 1
         if self.role == "act":
-            zero, one = torch.zeros((), dtype=x.dtype), torch.ones((), dtype=x.dtype)
-            self.record_levels(clip_round_levels(zero, one, self.bits))
-            return clip_round(x, zero, one, self.bits)
+            zero = torch.zeros((), dtype=x.dtype, device=x.device)
+            return self.clip_round(x, zero, zero + 1)
         if self.bits == 1:
             beta = x.detach().abs().mean()
             self.record_levels(torch.stack([-beta, beta]))
             return ste(x, torch.where(x.detach() >= 0, beta, -beta))
         t = torch.tanh(x)
         r = t / (2 * t.abs().max().clamp_min(_EPS)) + 0.5
-        self.record_levels(2 * (torch.arange(n + 1, dtype=x.dtype) / n) - 1)  # same ops as below: exact
+        self.record_levels(2 * (torch.arange(n + 1, dtype=x.dtype, device=x.device) / n) - 1)  # as below: exact
         return 2 * (round_ste(r * n) / n) - 1
+
+    @property
+    def n_scales(self) -> int:
+        # activations: the fixed grid [0, 1] stores nothing; weights: [-1, 1] likewise, 1 bit: E|w|
+        return 1 if (self.role == "weight" and self.bits == 1) else 0
+
+    def rule(self) -> str | None:
+        return None if self.role == "weight" and self.bits > 1 else "nearest"  # tanh-normalised / sign
+
+    def grid(self):
+        if self.role == "weight" and self.bits > 1:  # levels 2k/n - 1
+            n = 2**self.bits - 1
+            return torch.full((1,), -1.0), torch.full((1,), 2.0 / n), 0, n, None
+        return super().grid()

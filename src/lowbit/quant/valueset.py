@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Quantizer, channel_view, check_bits, register_quantizer, ste
+from .base import Quantizer, channel_view, check_bits, register_quantizer
+from .functional import nearest_index, ste
 
 #: named value sets (000's spaces; "int-2bit" is the signed 2-bit integer grid)
 VALUE_SETS: dict[str, tuple[float, ...]] = {
@@ -74,13 +75,11 @@ class ValueSetQuantizer(Quantizer):
         if scale not in SCALES:
             raise ConfigError(f"valueset option scale must be one of {', '.join(SCALES)}, got '{scale}'")
         self.scale_mode = scale
-        v = torch.tensor(vals)
-        self.register_buffer("values", v, persistent=False)
-        self.register_buffer("midpoints", (v[1:] + v[:-1]) / 2, persistent=False)
+        self.register_buffer("values", torch.tensor(vals), persistent=False)
 
     def scale(self, x: Tensor) -> Tensor:
         if self.scale_mode == "none":
-            return torch.ones((), dtype=x.dtype)
+            return torch.ones((), dtype=x.dtype, device=x.device)
         d = x.detach().abs()
         v = self.values.abs()
         if self.per_channel:
@@ -94,7 +93,9 @@ class ValueSetQuantizer(Quantizer):
         """Index into ``values`` of the nearest value for each element (int64); a value exactly
         half-way between two goes to the larger one (so binary + mean maps 0 to +β, as BWN)."""
         s = self.scale(x) if s is None else s
-        return torch.bucketize((x.detach() / s).contiguous(), self.midpoints, right=True)
+        r = x.detach() / s
+        rows = r.flatten(1) if (self.per_channel and r.dim() > 1) else r.reshape(1, -1)
+        return nearest_index(rows, self.values.reshape(1, -1)).long().reshape(x.shape)
 
     def quantize(self, x: Tensor) -> Tensor:
         s = self.scale(x)
@@ -105,6 +106,14 @@ class ValueSetQuantizer(Quantizer):
     @property
     def n_scales(self) -> int:
         return len(self.values) + (0 if self.scale_mode == "none" else self.rows)
+
+    def rule(self) -> str | None:
+        # codes compare x/s with the midpoints of V, not x with those of s·V: the same only for s = 1
+        return "nearest" if self.scale_mode == "none" else None
+
+    def set_bits(self, bits: int) -> None:
+        raise ConfigError(f"quantizer '{self.alias}': a value set fixes its bit width ({self.bits}); "
+                          "build a new quantizer for another set")
 
 
 def po2_values(bits: int, zero: bool) -> tuple[float, ...]:
@@ -129,3 +138,12 @@ class PowerOfTwoQuantizer(ValueSetQuantizer):
         if zero and bits < 2:
             raise ConfigError("po2 with zero=True needs bits >= 2")
         super().__init__(bits, role, per_channel, values=po2_values(bits, zero), scale=scale)
+        self.zero = bool(zero)
+
+    def set_bits(self, bits: int) -> None:
+        """Rebuild the power-of-two set for ``bits`` (a buffer, no new module)."""
+        check_bits(type(self), bits)
+        if self.zero and bits < 2:
+            raise ConfigError("po2 with zero=True needs bits >= 2")
+        self.bits, self._last_levels = int(bits), None
+        self.values = torch.tensor(po2_values(bits, self.zero), device=self.values.device)
