@@ -57,10 +57,6 @@ class QuantizedWeight(nn.Module):
         """Change the weight's bit width in place (:meth:`lowbit.quant.Quantizer.set_bits`)."""
         self.quantizer.set_bits(bits)
 
-    def set_bits(self, bits: int) -> None:
-        """Change the weight's bit width in place (:meth:`lowbit.quant.Quantizer.set_bits`)."""
-        self.quantizer.set_bits(bits)
-
 
 def build_from_spec(spec: QuantSpec, role: str) -> Quantizer:
     if spec.bits is None and spec.name != "valueset":
