@@ -11,7 +11,15 @@ ratio is the median step time of a configuration over FP32's.
 ``--set dqa`` times the rows of ``dqa_table.py`` (003 Tables 1-2); a step then includes the method's
 per-batch work (temperature update, α normalisation, penalty), exactly as the training loop does.
 
-Writes overhead.json and overhead.md into --out and prints the table.
+``--before`` adds, for every quantized configuration, a ``[before]`` row: the same model stepped
+with the activation kernels as they were before issue 11 (``qat_before.py``: the pre-change
+backward passes, unfused activation mixtures), interleaved with the others.
+
+``plain PyTorch`` is the model from ``create_model`` that ``quantize()`` never saw, stepped by a
+bare loop (no lowbit call at all); ``FP32`` is ``quantize(model, {})`` (nothing registered: the
+same plain modules) stepped by the same loop as the quantized rows (method hooks included).
+
+Writes NAME.json and NAME.md (``--name``, default overhead) into --out and prints the table.
 """
 
 from __future__ import annotations
@@ -48,6 +56,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results/qat_overhead")
+    ap.add_argument("--name", default="overhead", help="file name (without extension) of the results")
+    ap.add_argument("--before", action="store_true",
+                    help="add a [before] row per quantized configuration: the pre-issue-11 kernels")
+    ap.add_argument("--no-plain", dest="plain", action="store_false",
+                    help="leave out the plain PyTorch row (create_model only, no lowbit call)")
+    ap.add_argument("--only", nargs="*", default=None, metavar="TEXT",
+                    help="keep only the configurations whose label contains one of these (FP32 always)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -57,17 +72,42 @@ def main() -> None:
         from dqa_table import ROWS as configs  # the table's own rows, not a copy
     else:
         configs = CONFIGS
-    total = (args.rounds * args.steps + 2) * len(configs)  # schedules span every step taken here
+    if args.only:
+        configs = {k: v for k, v in configs.items() if k == "FP32" or any(o in k for o in args.only)}
+    rows = [(label, plan, False) for label, plan in configs.items()]
+    if args.before:
+        from qat_before import before_kernels
+
+        rows += [(f"{label} [before]", plan, True) for label, plan in configs.items() if plan]
+    total = (args.rounds * args.steps + 2) * len(rows)  # schedules span every step taken here
     setups = {}
-    for label, plan in configs.items():
+    if args.plain:
+        torch.manual_seed(0)
+        pm = create_model(args.model, in_channels=1, num_classes=10, image_size=28)
+        setups["plain PyTorch"] = (pm, torch.optim.SGD(pm.parameters(), lr=0.01, momentum=0.9), None)
+    for label, plan, before in rows:
         torch.manual_seed(0)
         m = quantize(create_model(args.model, in_channels=1, num_classes=10, image_size=28), plan)
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
         quant_state(m).method.setup(m, total, total)
-        setups[label] = (m, opt)
-    count = {id(m): 0 for m, _ in setups.values()}
+        setups[label] = (m, opt, before)
+    count = {id(m): 0 for m, _, _ in setups.values()}
 
-    def step(m, opt):
+    def plain_step(m, opt):
+        loss = F.cross_entropy(m(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def step(m, opt, before):
+        if before is None:
+            return plain_step(m, opt)
+        if before:
+            with before_kernels():
+                return lowbit_step(m, opt)
+        return lowbit_step(m, opt)
+
+    def lowbit_step(m, opt):
         method = quant_state(m).method
         method.on_step(m, count[id(m)])
         count[id(m)] += 1
@@ -79,25 +119,35 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    for m, opt in setups.values():  # warm-up (allocator, LSQ init)
+    for m, opt, before in setups.values():  # warm-up (allocator, LSQ init)
         for _ in range(2):
-            step(m, opt)
+            step(m, opt, before)
     times: dict[str, list[float]] = {k: [] for k in setups}
     for _ in range(args.rounds):
-        for label, (m, opt) in setups.items():
+        for label, (m, opt, before) in setups.items():
             for _ in range(args.steps):
                 t = time.perf_counter()
-                step(m, opt)
+                step(m, opt, before)
                 times[label].append(time.perf_counter() - t)
     fp = statistics.median(times["FP32"])
-    rows = [{"config": k, "step_ms": 1000 * statistics.median(v), "ratio": statistics.median(v) / fp}
-            for k, v in times.items()]
+    plain = statistics.median(times["plain PyTorch"]) if args.plain else None
+    out_rows = []
+    for k, v in times.items():
+        r = {"config": k, "step_ms": 1000 * statistics.median(v), "ratio": statistics.median(v) / fp}
+        if plain:
+            r["ratio_plain"] = statistics.median(v) / plain
+        out_rows.append(r)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
-    md = ["| config | step ms (median) | ratio to FP32 |", "|---|---|---|"]
-    md += [f"| {r['config']} | {r['step_ms']:.1f} | {r['ratio']:.2f} |" for r in rows]
-    (out / "overhead.md").write_text("\n".join(md) + f"\n\n{json.dumps(vars(args))}\n")
+    meta = {**vars(args), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    (out / f"{args.name}.json").write_text(json.dumps({"args": meta, "rows": out_rows}, indent=2) + "\n")
+    if plain:
+        md = ["| config | step ms (median) | ratio to FP32 | ratio to plain PyTorch |", "|---|---|---|---|"]
+        md += [f"| {r['config']} | {r['step_ms']:.1f} | {r['ratio']:.2f} | {r['ratio_plain']:.2f} |" for r in out_rows]
+    else:
+        md = ["| config | step ms (median) | ratio to FP32 |", "|---|---|---|"]
+        md += [f"| {r['config']} | {r['step_ms']:.1f} | {r['ratio']:.2f} |" for r in out_rows]
+    (out / f"{args.name}.md").write_text("\n".join(md) + f"\n\n{json.dumps(meta)}\n")
     print("\n".join(md))
 
 

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..plan import QuantSpec
 from ..quant import Quantizer, build_quantizer, get_quantizer_class
+from ..quant.functional import clip_mask_grad, clip_round_values, clip_sum_above
 from .base import Method, QuantizedWeight, build_from_spec
 
 EVAL_MODES = ("final", "mixture")
@@ -106,6 +107,10 @@ class QuantizerMixture(nn.Module):
     (= 1 where no member clips, since Σ c_k = 1), and dq/dc_k = Q_k(x).
     """
 
+    #: activation mixtures compute their clip-round members in one autograd Function
+    #: (:func:`fused_mix`); False: every member is its own Function, summed by :func:`weighted_sum`
+    fused: bool = True
+
     def __init__(self, members: Sequence[Quantizer], eval_mode: str = "final"):
         super().__init__()
         if len(members) < 2:
@@ -167,8 +172,10 @@ class QuantizerMixture(nn.Module):
         """Σ_k c_k Q_k(x) (003 eq. 2). A member whose coefficient is exactly 0 is skipped: its term
         and every gradient through it are exactly 0 (softmax underflow, a hard BinaryRelax phase)."""
         keep = [k for k, z in enumerate((c.detach() == 0).tolist()) if k == 0 or not z]
-        qs = [self.members[k](x) for k in keep]
         cs = c if len(keep) == len(self.members) else c[keep]
+        if self.fused and self.role == "act":
+            return fused_mix(x, cs, [self.members[k] for k in keep])
+        qs = [self.members[k](x) for k in keep]
         return weighted_sum(cs, qs)
 
     def harden(self) -> None:
@@ -228,6 +235,136 @@ class _WeightedSum(torch.autograd.Function):
 def weighted_sum(c: Tensor, qs: Sequence[Tensor]) -> Tensor:
     """Σ_k c_k·qs[k] (c: a K-vector, possibly requiring grad)."""
     return _WeightedSum.apply(c, *qs)
+
+
+def _clip_member(m: Quantizer, x: Tensor):
+    """Run member ``m`` on ``x`` up to its :meth:`Quantizer.clip_round` call.
+
+    Returns ``((low, high), None)`` for a clip-round member: its running statistics, levels and
+    range are updated exactly as by its forward (the bookkeeping of ``clip_round`` runs on an
+    empty tensor), but the full-size quantization is left to :class:`_FusedMix`. A member whose
+    forward does not call ``clip_round`` (LSQ, FP, value sets, ...) is simply run:
+    ``(None, m(x))``.
+    """
+    real = getattr(type(m), "clip_round", None)
+    if real is None:
+        return None, m(x)
+    box = []
+
+    def capture(x_: Tensor, low: Tensor, high: Tensor) -> Tensor:
+        with torch.no_grad():
+            real(m, x_.new_empty(0), low, high)
+        box.append((low, high))
+        return x_
+
+    m.clip_round = capture  # an instance attribute shadows the method for this one call
+    try:
+        out = m(x)
+    finally:
+        del m.clip_round
+    if not box:
+        return None, out
+    if len(box) != 1 or out is not x:
+        raise RuntimeError(f"{type(m).__name__} cannot be fused in a mixture: its forward must return "
+                           "self.clip_round(...) unchanged (set QuantizerMixture.fused = False)")
+    return box[0], None
+
+
+class _FusedMix(torch.autograd.Function):
+    """q = Σ_k c_k·Q_k(x) in one Function: the clip-round members' Q_k are computed here (the
+    same float32 operations as :class:`~lowbit.quant.functional._ClipRound`, summed in the same
+    order as :func:`weighted_sum`: the forward value is bit-identical), the other members'
+    outputs come in as tensors.
+
+    ``plan[k]`` is ``n_steps`` for a clip-round member (its ``low``, ``high`` are next in
+    ``tensors``) or None (its output is next). Backward, one pass per distinct clip range::
+
+        dL/dx     = Σ_k c_k·1[low_k <= x <= high_k]·G   (members with equal ranges merged)
+        dL/dc_k   = <G, Q_k>
+        dL/dhigh_k = c_k·Σ G·1[x > high_k]              (PACT's α)
+        dL/dQ_k   = c_k·G                               (members run outside)
+
+    The x and high gradients sum the same terms as per-member Functions, in another order
+    (float rounding may differ in the last bits); the c gradient is the same dot products.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, c: Tensor, plan: tuple, *tensors: Tensor) -> Tensor:
+        cf = c.detach().tolist()
+        qs, clips, i = [], [], 0
+        for n in plan:
+            if n is None:
+                qs.append(tensors[i])
+                clips.append(None)
+                i += 1
+            else:
+                q, lo, hi = clip_round_values(x, tensors[i], tensors[i + 1], n)
+                qs.append(q)
+                clips.append((lo, hi))
+                i += 2
+        out = torch.mul(qs[0], cf[0])
+        for ck, qk in zip(cf[1:], qs[1:]):
+            out.add_(qk, alpha=ck)
+        ctx.save_for_backward(x, c, *qs)
+        ctx.plan, ctx.clips = plan, clips
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, c, *qs = ctx.saved_tensors
+        cf = c.tolist()
+        gc = None
+        if ctx.needs_input_grad[1]:
+            gf = g.reshape(-1)
+            gc = torch.stack([torch.dot(gf, q.reshape(-1)) for q in qs]).to(c.dtype)
+        # clip members with the same (float) range share one masked pass
+        groups: dict = {}
+        for k, r in enumerate(ctx.clips):
+            if r is not None:
+                key = r if isinstance(r[0], float) and isinstance(r[1], float) else k
+                rng, w = groups.get(key, (r, 0.0))
+                groups[key] = (rng, w + cf[k])
+        gx = None
+        if ctx.needs_input_grad[0]:
+            for (lo, hi), w in groups.values():
+                part = clip_mask_grad(g, x, lo, hi)
+                if gx is None:
+                    gx = part if w == 1.0 else part.mul_(w)
+                else:
+                    gx.add_(part, alpha=w)
+        grads, i, above = [], 3, {}
+        for k, n in enumerate(ctx.plan):
+            if n is None:
+                grads.append((g if cf[k] == 1.0 else g * cf[k]) if ctx.needs_input_grad[i] else None)
+                i += 1
+                continue
+            ghigh = None
+            if ctx.needs_input_grad[i + 1]:
+                hi = ctx.clips[k][1]
+                key = hi if isinstance(hi, float) else k
+                if key not in above:
+                    above[key] = clip_sum_above(g, x, hi)
+                ghigh = (above[key] * cf[k]).reshape(())
+            grads += [None, ghigh]
+            i += 2
+        return (gx, gc, None, *grads)
+
+
+def fused_mix(x: Tensor, c: Tensor, members: Sequence[Quantizer]) -> Tensor:
+    """Σ_k c_k·members[k](x) (c: a K-vector, possibly requiring grad) with the clip-round members
+    computed in one :class:`_FusedMix` (one backward instead of K Functions and K-1 sums)."""
+    plan, tensors = [], []
+    for m in members:
+        rng, out = _clip_member(m, x)
+        if rng is None:
+            plan.append(None)
+            tensors.append(out)
+        else:
+            plan.append(2**m.bits - 1)
+            tensors += list(rng)
+    if all(n is None for n in plan):
+        return weighted_sum(c, tensors)
+    return _FusedMix.apply(x, c, tuple(plan), *tensors)
 
 
 def _r(v: float, digits: int = 5) -> float:

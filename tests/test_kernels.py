@@ -1,0 +1,110 @@
+"""The activation kernels' fast paths (issue 11, speed): the same values and gradients as the
+plain mask formulas, at the range edges too, and the fused activation mixture against the
+per-member one."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.methods.mixture import QuantizerMixture
+from lowbit.models import create_model
+from lowbit.quant.functional import _ClipRound, _LSQFn
+from lowbit.quantize import quant_state, quantize
+
+
+def _edges(lo: float, hi: float, dtype) -> torch.Tensor:
+    """lo, hi, their neighbours in dtype, 0."""
+    lo_t, hi_t = torch.tensor(lo, dtype=dtype), torch.tensor(hi, dtype=dtype)
+    up, dn = torch.tensor(math.inf, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)
+    return torch.stack([lo_t, hi_t, torch.nextafter(lo_t, up), torch.nextafter(lo_t, dn),
+                        torch.nextafter(hi_t, up), torch.nextafter(hi_t, dn), torch.zeros((), dtype=dtype)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("low", [0.0, -0.7])
+def test_clip_round_backward_is_the_mask_formula(dtype, low):
+    torch.manual_seed(0)
+    low_t, high_t = torch.tensor(low), torch.tensor(1.3)
+    lo, hi = float(low_t), float(high_t)
+    x = torch.randn(2000, dtype=dtype) * 2
+    x[:7] = _edges(lo, hi, dtype)
+    g = torch.randn(2000, dtype=dtype)
+    xr, hr = x.clone().requires_grad_(True), high_t.clone().requires_grad_(True)
+    _ClipRound.apply(xr, low_t, hr, 3).backward(g)
+    inside = (x >= lo) & (x <= hi)
+    assert torch.equal(xr.grad, g * inside)
+    assert torch.equal(hr.grad, (g * (x > hi)).sum().to(hr.grad.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("qn,qp", [(0, 3), (2, 1), (0, 255), (128, 127)])
+def test_lsq_backward_is_the_mask_formula(dtype, qn, qp):
+    torch.manual_seed(1)
+    s = torch.tensor(0.37, dtype=dtype)
+    sf = float(s)
+    lo, hi = -qn * sf, qp * sf
+    v = torch.randn(3000, dtype=dtype) * sf * (qp + 1)
+    v[:7] = _edges(lo, hi, dtype)
+    v[7:50] = (torch.arange(43, dtype=dtype) - 21) * 0.5 * sf
+    g = torch.randn(3000, dtype=dtype)
+    vr, sr = v.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    q = _LSQFn.apply(vr, sr, qn, qp, 0.01)
+    q.backward(g)
+    above, below = v >= hi, v <= lo
+    inside = ~(above | below)
+    assert torch.equal(vr.grad, g * inside)
+    gv = g * inside
+    gs = torch.dot(gv, q.detach() - v) / s + qp * (g * above).sum() - (qn * (g * below).sum() if qn else 0)
+    assert torch.equal(sr.grad, gs * 0.01)
+
+
+MM = lambda b: {"name": "minmax", "bits": b}  # noqa: E731
+PACT = lambda b: {"name": "pact", "bits": b, "init": 2.0}  # noqa: E731
+PLANS = {
+    "minmax": {"weight": MM(2), "act": MM(2),
+               "method": {"name": "dqa", "mixture": [MM(4)], "act_mixture": [MM(4), MM(8)]}},
+    "pact": {"weight": MM(2), "act": PACT(2),
+             "method": {"name": "dqa", "mixture": [MM(4)], "act_mixture": [PACT(4), PACT(8)]}},
+    "fp+lsq": {"weight": MM(2), "act": MM(2),
+               "method": {"name": "dqa", "mixture": [MM(4)], "act_mixture": [{"name": "lsq", "bits": 4}, {"name": "fp"}]}},
+    "br": {"weight": MM(2), "act": MM(2), "method": {"name": "binaryrelax", "form": "original", "act_mixture": [{"name": "fp"}]}},
+}
+
+
+def _one_step(plan: dict, fused: bool):
+    old = QuantizerMixture.fused
+    QuantizerMixture.fused = fused
+    try:
+        torch.manual_seed(0)
+        m = quantize(create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.5), plan)
+        method = quant_state(m).method
+        method.setup(m, 10, 10)
+        torch.manual_seed(1)
+        x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+        method.on_step(m, 0)
+        out = m(x)
+        loss = F.cross_entropy(out, y)
+        extra = method.extra_loss(m)
+        (loss if extra is None else loss + extra).backward()
+        grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+        return out.detach(), grads, {k: v.clone() for k, v in m.state_dict().items()}
+    finally:
+        QuantizerMixture.fused = old
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_fused_activation_mixture_matches_per_member(name):
+    """Forward bit-identical (same member values, same summation); gradients the same up to float
+    rounding (the x gradient merges members with equal ranges); member statistics updated alike."""
+    o0, g0, s0 = _one_step(PLANS[name], fused=False)
+    o1, g1, s1 = _one_step(PLANS[name], fused=True)
+    assert torch.equal(o0, o1)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-7, msg=k)
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
