@@ -8,6 +8,7 @@
     lowbit bench SUITE [--workers N] [--dry-run]         run a grid of configs x seeds (resumable)
     lowbit report RESULTS [RESULTS ...]                  002-style table (mean ± std error) + plots
     lowbit report attention RUN_DIR | loss-surface CONFIG   003 Figures 3 and 4
+    lowbit report sinreq RUN_DIR                         001: weight histogram at the levels, learned bits
     lowbit budget --model M --bits ... --ratio C         002's widest-network-per-precision under a budget
     lowbit list                                          registered models, datasets, quantizers, methods
 
@@ -158,6 +159,15 @@ def cmd_report(args) -> int:
             raise LowbitError("usage: lowbit report attention RUN_DIR [--layer NAME] [--out PNG]")
         print(f"wrote {plot_attention(args.rest[0], layer=args.layer, out_png=args.out)}")
         return 0
+    if args.target == "sinreq":  # 001: weights at the levels, learned bits, quantization error
+        from .viz.sinreq import format_error, sinreq_report
+
+        if len(args.rest) != 1:
+            raise LowbitError("usage: lowbit report sinreq RUN_DIR [--layer NAME] [--out FOLDER]")
+        res = sinreq_report(args.rest[0], layer=args.layer, out_dir=args.out)
+        print(format_error(res))
+        print("wrote " + ", ".join(map(str, res["files"])))
+        return 0
     if args.target == "loss-surface":  # 003 Figure 4 for a config
         from .viz import loss_surface
 
@@ -229,13 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="validate every config and list the runs")
     b.set_defaults(func=cmd_bench)
     r = sub.add_parser("report", help="002's table + plots from results; `attention RUN_DIR`; `loss-surface CONFIG`",
-                       description="lowbit report RESULTS [RESULTS ...] | attention RUN_DIR | loss-surface CONFIG [key=value ...]")
-    r.add_argument("target", help="results.jsonl (or its folder), or 'attention', or 'loss-surface'")
+                       description="lowbit report RESULTS [RESULTS ...] | attention RUN_DIR | sinreq RUN_DIR | "
+                       "loss-surface CONFIG [key=value ...]")
+    r.add_argument("target", help="results.jsonl (or its folder), or 'attention', 'sinreq', or 'loss-surface'")
     r.add_argument("rest", nargs="*", help="more RESULTS (drawn on one plot; --out required); RUN_DIR for "
                    "attention; CONFIG [key=value ...] for loss-surface")
     r.add_argument("--out", help="output folder (table) or PNG path (figures)")
     r.add_argument("--no-plots", action="store_true")
-    r.add_argument("--layer", help="attention: the layer to draw (default: the first quantized one)")
+    r.add_argument("--layer", help="attention, sinreq: the layer to draw (default: the first quantized one)")
     r.add_argument("--steps", type=int, default=21, help="loss-surface: grid points per direction")
     r.add_argument("--span", type=float, default=1.0, help="loss-surface: extent along each direction")
     r.set_defaults(func=cmd_report)

@@ -31,6 +31,7 @@ from .uniform import (
     mse_optimal_alpha,
 )
 from .valueset import VALUE_SETS, PowerOfTwoQuantizer, ValueSetQuantizer, po2_values
+from .wrpn import WRPNQuantizer
 
 __all__ = [
     "Quantizer", "build_quantizer", "get_quantizer_class", "grad_scale", "list_quantizers",
@@ -39,4 +40,5 @@ __all__ = [
     "SAWBQuantizer", "LSQQuantizer", "PACTQuantizer", "DoReFaQuantizer", "mse_optimal_alpha",
     "ValueSetQuantizer", "PowerOfTwoQuantizer", "VALUE_SETS", "po2_values",
     "BNNQuantizer", "QNNQuantizer", "SATQuantizer", "LQNetQuantizer", "CentroidsQuantizer",
+    "WRPNQuantizer",
 ]

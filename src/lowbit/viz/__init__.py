@@ -10,5 +10,7 @@ calls them.
 
 from .attention import plot_attention
 from .loss_surface import filter_normalized_direction, loss_surface, roughness
+from .sinreq import plot_bits, plot_weight_histogram, sinreq_report
 
-__all__ = ["plot_attention", "loss_surface", "filter_normalized_direction", "roughness"]
+__all__ = ["plot_attention", "loss_surface", "filter_normalized_direction", "roughness", "plot_bits",
+           "plot_weight_histogram", "sinreq_report"]
