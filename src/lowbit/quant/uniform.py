@@ -341,6 +341,12 @@ class DoReFaQuantizer(Quantizer):
         self.record_levels(2 * (torch.arange(n + 1, dtype=x.dtype, device=x.device) / n) - 1)  # as below: exact
         return 2 * (round_ste(r * n) / n) - 1
 
+    def domain(self, x: Tensor) -> Tensor:
+        """The real value this quantizer rounds, in the units of its levels (2r - 1, r the
+        tanh-normalised weight in [0, 1]): SinReQ's regulariser reads it (lowbit.methods.sinreq)."""
+        t = torch.tanh(x)
+        return t / t.abs().max().clamp_min(_EPS)
+
     @property
     def n_scales(self) -> int:
         # activations: the fixed grid [0, 1] stores nothing; weights: [-1, 1] likewise, 1 bit: E|w|
