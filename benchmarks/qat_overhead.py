@@ -11,6 +11,11 @@ ratio is the median step time of a configuration over FP32's.
 ``--set dqa`` times the rows of ``dqa_table.py`` (003 Tables 1-2); a step then includes the method's
 per-batch work (temperature update, α normalisation, penalty), exactly as the training loop does.
 
+Besides wall-clock time, each step's process CPU time is recorded (``cpu_ms``, ``cpu_ratio``):
+on a machine shared with other processes it is not inflated by the time this process waits for a
+core (with more than one thread it sums the threads' time, so wall time is the measure on a
+quiet machine).
+
 ``--before`` adds, for every quantized configuration, a ``[before]`` row: the same model stepped
 with the activation kernels as they were before issue 11 (``qat_before.py``: the pre-change
 backward passes, unfused activation mixtures), interleaved with the others.
@@ -18,6 +23,10 @@ backward passes, unfused activation mixtures), interleaved with the others.
 ``plain PyTorch`` is the model from ``create_model`` that ``quantize()`` never saw, stepped by a
 bare loop (no lowbit call at all); ``FP32`` is ``quantize(model, {})`` (nothing registered: the
 same plain modules) stepped by the same loop as the quantized rows (method hooks included).
+
+``--compile`` adds a ``[compiled]`` row per quantized configuration: the opt-in
+``torch.compile`` activation kernels (``lowbit.quant.compiled``, ``LOWBIT_COMPILE=1``); the
+first warm-up step of each such row includes compiling (reported as ``first_step_s``).
 
 Writes NAME.json and NAME.md (``--name``, default overhead) into --out and prints the table.
 """
@@ -34,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.models import create_model
+from lowbit.quant import compiled
 from lowbit.quantize import quant_state, quantize
 
 CONFIGS = {
@@ -59,6 +69,8 @@ def main() -> None:
     ap.add_argument("--name", default="overhead", help="file name (without extension) of the results")
     ap.add_argument("--before", action="store_true",
                     help="add a [before] row per quantized configuration: the pre-issue-11 kernels")
+    ap.add_argument("--compile", action="store_true",
+                    help="add a [compiled] row per quantized configuration: the torch.compile kernels")
     ap.add_argument("--no-plain", dest="plain", action="store_false",
                     help="leave out the plain PyTorch row (create_model only, no lowbit call)")
     ap.add_argument("--only", nargs="*", default=None, metavar="TEXT",
@@ -79,6 +91,8 @@ def main() -> None:
         from qat_before import before_kernels
 
         rows += [(f"{label} [before]", plan, True) for label, plan in configs.items() if plan]
+    if args.compile:
+        rows += [(f"{label} [compiled]", plan, "compiled") for label, plan in configs.items() if plan]
     total = (args.rounds * args.steps + 2) * len(rows)  # schedules span every step taken here
     setups = {}
     if args.plain:
@@ -102,6 +116,12 @@ def main() -> None:
     def step(m, opt, before):
         if before is None:
             return plain_step(m, opt)
+        if before == "compiled":
+            compiled.enable(True)
+            try:
+                return lowbit_step(m, opt)
+            finally:
+                compiled.enable(False)
         if before:
             with before_kernels():
                 return lowbit_step(m, opt)
@@ -119,34 +139,44 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    for m, opt, before in setups.values():  # warm-up (allocator, LSQ init)
-        for _ in range(2):
+    compiled.enable(False)  # only the [compiled] rows (LOWBIT_COMPILE is ignored here)
+    first: dict[str, float] = {}
+    for label, (m, opt, before) in setups.items():  # warm-up (allocator, LSQ init, compiling)
+        for i in range(2):
+            t = time.perf_counter()
             step(m, opt, before)
+            if i == 0:
+                first[label] = time.perf_counter() - t
     times: dict[str, list[float]] = {k: [] for k in setups}
+    cpu: dict[str, list[float]] = {k: [] for k in setups}
     for _ in range(args.rounds):
         for label, (m, opt, before) in setups.items():
             for _ in range(args.steps):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 step(m, opt, before)
                 times[label].append(time.perf_counter() - t)
-    fp = statistics.median(times["FP32"])
-    plain = statistics.median(times["plain PyTorch"]) if args.plain else None
+                cpu[label].append(time.process_time() - c)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    plain = med["plain PyTorch"] if args.plain else None
     out_rows = []
-    for k, v in times.items():
-        r = {"config": k, "step_ms": 1000 * statistics.median(v), "ratio": statistics.median(v) / fp}
+    for k in times:
+        r = {"config": k, "step_ms": 1000 * med[k], "ratio": med[k] / med["FP32"],
+             "cpu_ms": 1000 * cmed[k], "cpu_ratio": cmed[k] / cmed["FP32"], "first_step_s": round(first[k], 3)}
         if plain:
-            r["ratio_plain"] = statistics.median(v) / plain
+            r["ratio_plain"] = med[k] / plain
+            r["cpu_ratio_plain"] = cmed[k] / cmed["plain PyTorch"]
         out_rows.append(r)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {**vars(args), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     (out / f"{args.name}.json").write_text(json.dumps({"args": meta, "rows": out_rows}, indent=2) + "\n")
-    if plain:
-        md = ["| config | step ms (median) | ratio to FP32 | ratio to plain PyTorch |", "|---|---|---|---|"]
-        md += [f"| {r['config']} | {r['step_ms']:.1f} | {r['ratio']:.2f} | {r['ratio_plain']:.2f} |" for r in out_rows]
-    else:
-        md = ["| config | step ms (median) | ratio to FP32 |", "|---|---|---|"]
-        md += [f"| {r['config']} | {r['step_ms']:.1f} | {r['ratio']:.2f} |" for r in out_rows]
+    md = ["| config | step ms (median) | ratio to FP32 | ratio to plain PyTorch | CPU ms | CPU-time ratio to FP32 |",
+          "|---|---|---|---|---|---|"]
+    md += [f"| {r['config']} | {r['step_ms']:.1f} | {r['ratio']:.2f} | "
+           f"{r['ratio_plain']:.2f} | " if plain else f"| {r['config']} | {r['step_ms']:.1f} | {r['ratio']:.2f} | - | "
+           for r in out_rows]
+    md[2:] = [line + f"{r['cpu_ms']:.1f} | {r['cpu_ratio']:.2f} |" for line, r in zip(md[2:], out_rows)]
     (out / f"{args.name}.md").write_text("\n".join(md) + f"\n\n{json.dumps(meta)}\n")
     print("\n".join(md))
 

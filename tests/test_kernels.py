@@ -108,3 +108,130 @@ def test_fused_activation_mixture_matches_per_member(name):
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-7, msg=k)
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
+
+
+# ---------------------------------------------------------------------------------------------
+# the opt-in torch.compile kernels (lowbit.quant.compiled)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def compiled_state():
+    from lowbit.quant import compiled
+
+    saved = dict(compiled._state), dict(compiled._compiled)
+    yield compiled
+    compiled._state.clear()
+    compiled._state.update(saved[0])
+    compiled._compiled.clear()
+    compiled._compiled.update(saved[1])
+
+
+def test_compiled_kernels_fall_back_to_eager(compiled_state):
+    """A failing compile warns once and leaves the eager kernels in charge, results unchanged."""
+    compiled = compiled_state
+
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    x = torch.randn(4, 128, 128).relu_()  # >= MIN_NUMEL
+    low, high = torch.tensor(0.0), torch.tensor(1.5)
+    compiled.enable(False)
+    ref = _ClipRound.apply(x, low, high, 3)
+    compiled.enable(True)
+    compiled._compiled["_clip_fwd"] = broken
+    with pytest.warns(RuntimeWarning, match="torch.compile"):
+        out = _ClipRound.apply(x, low, high, 3)
+    assert torch.equal(out, ref)
+    assert not compiled.enabled() and not compiled.active(x)
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("LOWBIT_TEST_COMPILE"),
+                    reason="compiling takes 10-60 s: set LOWBIT_TEST_COMPILE=1")
+def test_compiled_kernels_match_eager(compiled_state):
+    """Forward outputs and input gradients bit-identical to eager; the scalar gradients the same
+    sums (another order); one graph per kernel whatever the shape (no recompiles)."""
+    import torch._dynamo.utils as dyn
+
+    compiled = compiled_state
+    torch.manual_seed(0)
+
+    def both(fn):
+        compiled.enable(False)
+        a = fn()
+        compiled.enable(True)
+        b = fn()
+        return a, b
+
+    for shape in [(16, 8, 24, 24), (9, 16, 20, 20)]:
+        g = torch.randn(shape)
+        for qn, qp in [(0, 3), (2, 1)]:
+            s = torch.tensor(0.31)
+            v = torch.randn(shape) * 0.31 * (qp + 1)
+
+            def lsq():
+                vr, sr = v.clone().requires_grad_(True), s.clone().requires_grad_(True)
+                out = _LSQFn.apply(vr, sr, qn, qp, 0.01)
+                out.backward(g)
+                return out.detach(), vr.grad, sr.grad
+
+            (o0, gv0, gs0), (o1, gv1, gs1) = both(lsq)
+            assert torch.equal(o0, o1) and torch.equal(gv0, gv1)
+            torch.testing.assert_close(gs1, gs0, rtol=1e-4, atol=1e-6)
+        for low in (0.0, -0.4):
+            x = torch.randn(shape) * 2
+
+            def clip():
+                xr, hr = x.clone().requires_grad_(True), torch.tensor(1.7, requires_grad=True)
+                out = _ClipRound.apply(xr, torch.tensor(low), hr, 3)
+                out.backward(g)
+                return out.detach(), xr.grad, hr.grad
+
+            (o0, gx0, gh0), (o1, gx1, gh1) = both(clip)
+            assert torch.equal(o0, o1) and torch.equal(gx0, gx1)
+            torch.testing.assert_close(gh1, gh0, rtol=1e-4, atol=1e-5)
+    graphs = dyn.counters["stats"]["unique_graphs"]
+    compiled.enable(True)
+    y = torch.randn(5, 7, 30, 30)
+    _ClipRound.apply(y, torch.tensor(0.0), torch.tensor(2.0), 3)
+    assert dyn.counters["stats"]["unique_graphs"] == graphs  # a new shape: no new graph
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("LOWBIT_TEST_COMPILE"),
+                    reason="compiling takes 10-60 s: set LOWBIT_TEST_COMPILE=1")
+def test_compiled_mixture_matches_eager(compiled_state):
+    """Every member's Q_k(x) exact (one-hot coefficients give Q_k bit for bit); the mixture sum
+    and the gradients equal up to float rounding."""
+    from lowbit.methods.mixture import fused_mix
+    from lowbit.quant import build_quantizer
+
+    compiled = compiled_state
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 24, 24).relu_()
+    members = [build_quantizer("pact", b, role="act", init=i) for b, i in ((2, 1.5), (4, 2.5), (8, 3.0))]
+    for k in range(3):
+        c = torch.zeros(3)
+        c[k] = 1.0
+        compiled.enable(True)
+        out = fused_mix(x, c, members)
+        compiled.enable(False)
+        assert torch.equal(out, members[k](x))
+    g = torch.randn_like(x)
+
+    def run():
+        xr = x.clone().requires_grad_(True)
+        c = torch.softmax(torch.tensor([0.3, -0.2, 0.1]), 0).requires_grad_(True)
+        out = fused_mix(xr, c, members)
+        out.backward(g)
+        return out.detach(), xr.grad, c.grad, [m.alpha.grad.clone() for m in members]
+
+    compiled.enable(False)
+    for m in members:
+        m.alpha.grad = None
+    a = run()
+    for m in members:
+        m.alpha.grad = None
+    compiled.enable(True)
+    b = run()
+    for u, v in zip(a[:3], b[:3]):
+        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6)
+    for u, v in zip(a[3], b[3]):
+        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5)

@@ -36,7 +36,15 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..plan import QuantSpec
 from ..quant import Quantizer, build_quantizer, get_quantizer_class
-from ..quant.functional import clip_mask_grad, clip_round_values, clip_sum_above
+from ..quant import compiled as _compiled
+from ..quant.functional import (
+    _bounds,
+    _codes_to_values,
+    clip_mask_grad,
+    clip_round_values,
+    clip_sum_above,
+    clip_values,
+)
 from .base import Method, QuantizedWeight, build_from_spec
 
 EVAL_MODES = ("final", "mixture")
@@ -290,6 +298,17 @@ class _FusedMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, c: Tensor, plan: tuple, *tensors: Tensor) -> Tensor:
+        ctx.compiled = None
+        if all(n is not None for n in plan) and _compiled.active(x) and c.dtype == x.dtype:
+            b = [_bounds(tensors[2 * k], tensors[2 * k + 1], n) for k, n in enumerate(plan)]
+            if all(isinstance(v, float) for lo, hi, st in b for v in (lo, hi, st)):
+                lo, hi, st = (torch.tensor(v, dtype=torch.float32) for v in zip(*b))
+                nz = any(v != 0.0 for v in lo.tolist())
+                out = _compiled.mix_fwd(x, c.detach(), lo, hi, st, nz)
+                if out is not None:  # opt-in: one compiled pass; Q_k recomputed in backward
+                    ctx.save_for_backward(x, c)
+                    ctx.plan, ctx.clips, ctx.compiled = plan, [(u, v) for u, v, _ in b], (lo, hi, st, nz)
+                    return out
         cf = c.detach().tolist()
         qs, clips, i = [], [], 0
         for n in plan:
@@ -298,10 +317,11 @@ class _FusedMix(torch.autograd.Function):
                 clips.append(None)
                 i += 1
             else:
-                q, lo, hi = clip_round_values(x, tensors[i], tensors[i + 1], n)
-                qs.append(q)
-                clips.append((lo, hi))
+                qs.append(None)
+                clips.append(_bounds(tensors[i], tensors[i + 1], n))
                 i += 2
+        _clip_values(x, clips, qs)
+        clips = [r if r is None else r[:2] for r in clips]
         out = torch.mul(qs[0], cf[0])
         for ck, qk in zip(cf[1:], qs[1:]):
             out.add_(qk, alpha=ck)
@@ -313,6 +333,17 @@ class _FusedMix(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         x, c, *qs = ctx.saved_tensors
         cf = c.tolist()
+        if ctx.compiled is not None:
+            r = _compiled.mix_bwd(g, x, c.detach(), *ctx.compiled)
+            if r is not None:
+                gx, gc, above = r
+                grads = []
+                for k in range(len(ctx.plan)):
+                    grads += [None, (above[k] * cf[k]).reshape(()) if ctx.needs_input_grad[4 + 2 * k] else None]
+                return (gx if ctx.needs_input_grad[0] else None, gc.to(c.dtype) if ctx.needs_input_grad[1] else None,
+                        None, *grads)
+            qs = [clip_round_values(x, torch.tensor(lo), torch.tensor(hi), n)[0]  # compile failed: eager
+                  for (lo, hi), n in zip(ctx.clips, ctx.plan)]
         gc = None
         if ctx.needs_input_grad[1]:
             gf = g.reshape(-1)
@@ -348,6 +379,28 @@ class _FusedMix(torch.autograd.Function):
             grads += [None, ghigh]
             i += 2
         return (gx, gc, None, *grads)
+
+
+def _clip_values(x: Tensor, bounds: list, qs: list) -> None:
+    """qs[k] = the clip-round member k's Q_k(x) for ``bounds[k] = (lo, hi, step)`` (None: not a
+    clip member), with the same float32 operations as :func:`clip_round_values`; members with the
+    same float range share the clamp (min-max members do: one running range)."""
+    for k, b in enumerate(bounds):
+        if b is None or qs[k] is not None:
+            continue
+        lo, hi, step = b
+        if not (isinstance(lo, float) and isinstance(hi, float)):
+            qs[k] = clip_values(x, lo, hi, step)
+            continue
+        same = [j for j in range(k, len(bounds)) if bounds[j] is not None and qs[j] is None
+                and bounds[j][0] == lo and bounds[j][1] == hi and isinstance(bounds[j][0], float)]
+        t = torch.clamp(x, lo, hi)
+        if lo != 0.0:
+            t.sub_(lo)
+        for i, j in enumerate(same):
+            st = bounds[j][2]
+            q = t.div_(st) if i == len(same) - 1 else torch.div(t, st)
+            qs[j] = _codes_to_values(q.round_(), lo, st)
 
 
 def fused_mix(x: Tensor, c: Tensor, members: Sequence[Quantizer]) -> Tensor:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import compiled as _compiled
+
 _EPS = 1e-8
 _aten = torch.ops.aten
 
@@ -129,6 +131,10 @@ class _ClipRound(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         (x,) = ctx.saved_tensors
         lo, hi = ctx.range
+        if isinstance(lo, float) and _compiled.active(x):  # opt-in: one compiled pass
+            r = _compiled.clip_bwd(g, x, lo, hi)
+            if r is not None:
+                return r[0], None, r[1].reshape(()) if ctx.needs_input_grad[2] else None, None
         ghigh = clip_sum_above(g, x, hi).reshape(()) if ctx.needs_input_grad[2] else None
         return clip_mask_grad(g, x, lo, hi), None, ghigh, None
 
@@ -137,11 +143,20 @@ def clip_round_values(x: Tensor, low: Tensor, high: Tensor, n_steps: int):
     """:class:`_ClipRound`'s forward without autograd: ``(q, lo, hi)``, lo/hi as :func:`_bounds`
     gives them (the fused mixture of :mod:`lowbit.methods.mixture` computes its members with it)."""
     lo, hi, step = _bounds(low, high, n_steps)
+    return clip_values(x, lo, hi, step), lo, hi
+
+
+def clip_values(x: Tensor, lo, hi, step) -> Tensor:
+    """``lo + round((clamp(x, lo, hi) - lo)/step)*step`` for bounds from :func:`_bounds`."""
+    if isinstance(lo, float) and _compiled.active(x):  # opt-in: the same float32 ops in one pass
+        q = _compiled.clip_fwd(x, lo, hi, step)
+        if q is not None:
+            return q
     q = torch.clamp(x, lo, hi)
     if not (isinstance(lo, float) and lo == 0.0):
         q.sub_(lo)
     q.div_(step).round_()
-    return _codes_to_values(q, lo, step), lo, hi
+    return _codes_to_values(q, lo, step)
 
 
 def clip_mask_grad(g: Tensor, x: Tensor, lo, hi) -> Tensor:
@@ -199,7 +214,9 @@ class _LSQFn(torch.autograd.Function):
     def forward(ctx, v: Tensor, s: Tensor, qn: int, qp: int, gscale: float):
         if s.numel() == 1 and s.device.type == "cpu":
             sf = float(s)
-            q = torch.mul(v, 1.0 / sf).clamp_(-qn, qp).round_().mul_(sf)  # same ops as levels()
+            q = _compiled.lsq_fwd(v, sf, qn, qp) if _compiled.active(v) else None  # opt-in, same ops
+            if q is None:
+                q = torch.mul(v, 1.0 / sf).clamp_(-qn, qp).round_().mul_(sf)  # same ops as levels()
         elif s.numel() == 1:  # the same float32 operations without a host sync: f32(1/f64(s))
             q = torch.mul(v, (1.0 / s.detach().double()).to(v.dtype)).clamp_(-qn, qp).round_().mul_(s.detach())
         else:
@@ -214,6 +231,16 @@ class _LSQFn(torch.autograd.Function):
         qn, qp, gscale = ctx.q
         cpu_scalar = s.numel() == 1 and s.device.type == "cpu"
         lo, hi = (-qn * float(s), qp * float(s)) if cpu_scalar else (-qn * s, qp * s)
+        r = _compiled.lsq_bwd(g, v, float(s), qn, qp) if cpu_scalar and _compiled.active(v) else None
+        if r is not None:  # opt-in: one compiled pass (the step gradient's sums in another order)
+            gv, gin, above, below = r
+            gs = None
+            if ctx.needs_input_grad[1]:
+                gs = gin / s + qp * above
+                if qn:
+                    gs = gs - qn * below
+                gs = (gs * gscale).reshape(s.shape)
+            return gv, gs, None, None, None
         if cpu_scalar:
             # the activation path: fused aten passes, bit-identical to the masks below
             gv = _aten.hardtanh_backward(g, v, lo, hi)  # g where lo < v < hi (strict, eq. 3)
