@@ -11,7 +11,7 @@ Command-line overrides use dotted keys with YAML values: ``train.epochs=3 plan.w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -50,6 +50,40 @@ class DataConfig(_Strict):
     limit: int | None = Field(None, gt=0)
 
 
+class DistillOptions(_Strict):
+    """Hinton et al.'s knowledge distillation: loss = (1 - alpha)·task + alpha·T²·KL(softmax(teacher/T) ||
+    softmax(student/T)) (:func:`lowbit.schedules.distill`)."""
+
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+
+
+class DistillConfig(DistillOptions):
+    """``train.distill``: a teacher (a run folder, any architecture; or a .pt file of the config's model)."""
+
+    teacher: str
+
+
+class DCQConfig(_Strict):
+    """``dcq``: divide-and-conquer quantization (:mod:`lowbit.schedules.dcq`, docs/dcq.md)."""
+
+    #: the full-precision teacher: a run folder or a .pt file of the config's model
+    teacher: str
+    #: N sections (cuts balancing multiply-accumulates), or the block names where a section starts
+    sections: Union[Annotated[int, Field(ge=1)], Annotated[list[str], Field(min_length=1)]] = 2
+    #: epochs each section trains (None: train.epochs)
+    epochs: int | None = Field(None, ge=1)
+    #: end-to-end epochs of the stitched network (train.* settings; lr finetune_lr or train.lr)
+    finetune_epochs: int = Field(0, ge=0)
+    finetune_lr: float | None = Field(None, gt=0)
+    #: sections trained at once in worker processes (torch threads divided between them)
+    workers: int = Field(1, ge=1)
+    #: re-estimate BatchNorm statistics of the stitched network on this many batches (0: off)
+    bn_recalibrate: int = Field(0, ge=0)
+    #: knowledge distillation on the last section (and the fine-tune) from the teacher's logits
+    distill: DistillOptions | None = None
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -73,6 +107,8 @@ class TrainConfig(_Strict):
     bn_recalibrate: int = Field(0, ge=0)
     #: auto: a CUDA GPU when there is one, else the CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: knowledge distillation from a teacher, with any method
+    distill: DistillConfig | None = None
 
 
 class Config(_Strict):
@@ -81,6 +117,8 @@ class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     plan: Plan = Field(default_factory=Plan)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    #: divide-and-conquer quantization (a schedule over fit; `lowbit train` dispatches to it)
+    dcq: DCQConfig | None = None
     out_dir: str = "runs"
 
     def to_dict(self) -> dict:

@@ -217,6 +217,10 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
     ``data`` reuses already loaded splits; each callback gets the epoch's metrics row after the
     epoch is checkpointed (raising from one stops the run there, resumable).
     """
+    if cfg.dcq is not None:  # divide-and-conquer quantization: a schedule over fit (schedules/dcq.py)
+        from .schedules.dcq import run_dcq
+
+        return run_dcq(cfg, run_dir, resume=resume, data=data, callbacks=callbacks)
     t = cfg.train
     run_dir = Path(run_dir)
     if t.threads:
@@ -226,6 +230,10 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
     model = build_model(cfg, data).to(device)
     state = quant_state(model)
     method = state.method
+    if t.distill is not None:  # knowledge distillation from a teacher, any method (schedules/distill.py)
+        from .schedules.distill import distill_from_config
+
+        method = distill_from_config(method, cfg, data, device)
 
     train_loader = BatchLoader(data.train, data.info, t.batch_size, shuffle=True, augment=cfg.data.augment, seed=t.seed)
     val_loader = BatchLoader(data.val, data.info, t.eval_batch_size)

@@ -1,0 +1,268 @@
+"""DCQ (sectioned distillation) and knowledge distillation on a real slice of Fashion-MNIST."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit import create_model, quantize
+from lowbit.config import load_config
+from lowbit.errors import ConfigError
+from lowbit.quantize import quant_state
+from lowbit.schedules import distill, kd_loss
+from lowbit.schedules.dcq import section_view
+from lowbit.schedules.sections import block_macs, blocks, plan_cut, section_state
+from lowbit.train import run
+
+BASE = ["model.name=resnet8", "model.width=0.5", "data.limit=1200", "train.batch_size=64", "train.lr=0.05",
+        "train.progress=false", "train.threads=1"]
+W2 = ["plan.weight={name: twn, bits: 2}"]
+
+
+def cfg(*overrides):
+    return load_config(None, BASE + list(overrides))
+
+
+def rows(path):
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, fmnist_small):
+    """A full-precision ResNet-8 (width 0.5) trained for 3 epochs: the teacher of every test."""
+    d = tmp_path_factory.mktemp("teacher") / "fp32"
+    run(cfg("train.epochs=3", "train.lr=0.1"), d, data=fmnist_small)
+    return d
+
+
+def dcq_cfg(teacher, *extra):
+    return cfg(*W2, f"dcq={{teacher: {teacher}, sections: 2, epochs: 2}}", *extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------------------------
+ZOO = [("resnet8", {}), ("resnet20", {"width": 0.25}), ("vgg_small", {"width": 0.125}), ("lenet5", {}),
+       ("lenet5", {"batch_norm": True}), ("mobilenetv2", {"width": 0.25})]
+
+
+@pytest.mark.parametrize("name, kw", ZOO, ids=[f"{n}{'-' + str(k) if k else ''}" for n, k in ZOO])
+def test_stitched_fp_students_reproduce_the_teacher_exactly(name, kw):
+    torch.manual_seed(0)
+    teacher = create_model(name, in_channels=1, num_classes=10, image_size=16, **kw)
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        teacher.train()
+        teacher(x)
+    teacher.eval()
+    bl = blocks(teacher, x)
+    for n in (2, 3) if name == "resnet8" else (3,):
+        cut = plan_cut(bl, n, block_macs(bl, x))
+        assert cut.n == n
+        # students: copies of the teacher under an FP plan, one per section; stitched into a fresh model
+        pieces = {}
+        for i in range(n):
+            student = create_model(name, in_channels=1, num_classes=10, image_size=16, **kw)
+            student.load_state_dict(teacher.state_dict())
+            quantize(student, {"weight": None})
+            pieces.update(section_state(student, cut, i))
+        stitched = quantize(create_model(name, in_channels=1, num_classes=10, image_size=16, **kw), {"weight": None})
+        stitched.load_state_dict(pieces)
+        stitched.eval()
+        with torch.no_grad():
+            want = teacher(x)
+            assert torch.equal(stitched(x), want)
+            h = x  # the section views, one after the other, compute the network
+            for i in range(n):
+                h = section_view(stitched, cut, i)(h)
+            assert torch.equal(h, want)
+
+
+def test_quantized_section_views_chain_to_the_quantized_network():
+    torch.manual_seed(0)
+    model = quantize(create_model("resnet8", in_channels=1, num_classes=10, image_size=28),
+                     {"weight": {"name": "twn", "bits": 2}, "act": {"name": "pact", "bits": 4}})
+    x = torch.randn(3, 1, 28, 28)
+    model.eval()
+    bl = blocks(model, x)
+    cut = plan_cut(bl, 3, block_macs(bl, x))
+    views = [section_view(model, cut, i) for i in range(3)]
+    assert sum(len(quant_state(v).layers) for v in views) == len(quant_state(model).layers)
+    h = x
+    with torch.no_grad():
+        for v in views:
+            h = v(h)
+        assert torch.equal(h, model(x))
+
+
+def test_user_sequential_model_and_a_model_that_is_not_a_chain():
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU()),
+                        nn.Flatten(), nn.Linear(4 * 24 * 24, 10))
+    x = torch.randn(2, 1, 28, 28)
+    bl = blocks(seq, x)
+    assert [n for n, _ in bl] == ["0", "1", "2.0", "2.1", "3", "4"]
+    cut = plan_cut(bl, ["2"], block_macs(bl, x))
+    assert cut.cut_names() == ["2.0"]
+
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x)) + x
+
+    with pytest.raises(ConfigError, match="does not compute its forward") as e:
+        blocks(Skip(), torch.randn(2, 4))
+    assert "\n" not in str(e.value)
+
+
+def test_bad_sections_are_one_line_errors():
+    x = torch.randn(2, 1, 28, 28)
+    bl = blocks(create_model("resnet8", in_channels=1, num_classes=10, image_size=28), x)
+    macs = block_macs(bl, x)
+    with pytest.raises(ConfigError, match=r"dcq.sections: 'layers.9' is not a block; blocks are: conv1"):
+        plan_cut(bl, ["layers.9"], macs)
+    with pytest.raises(ConfigError, match="dcq.sections: 9 sections, but the model has 5 blocks"):
+        plan_cut(bl, 9, macs)
+    with pytest.raises(ConfigError, match="distinct and in execution order"):
+        plan_cut(bl, ["layers.2", "layers.1"], macs)
+    with pytest.raises(ConfigError, match=r"^config.dcq.sections"):
+        cfg("dcq={teacher: x, sections: 0}")
+    with pytest.raises(ConfigError, match=r"^config.dcq.workers"):
+        cfg("dcq={teacher: x, workers: 0}")
+
+
+# ---------------------------------------------------------------------------------------------
+# DCQ runs
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory, teacher_dir, fmnist_small):
+    d = tmp_path_factory.mktemp("dcq") / "seq"
+    res = run(dcq_cfg(teacher_dir, "dcq.finetune_epochs=1"), d, data=fmnist_small)
+    return d, res
+
+
+def test_dcq_run_trains_sections_stitches_and_summarises(sequential):
+    d, res = sequential
+    s = res.summary
+    for f in ("config.yaml", "plan.txt", "teacher.pt", "sections.json", "sections/section_0.pt",
+              "sections/section_1.pt", "metrics.jsonl", "best.pt", "summary.json", "dcq_loss.png"):
+        assert (d / f).is_file(), f
+    assert not list((d / "sections").glob("*.last.pt"))
+    # the feature loss of the first (feature) section goes down
+    r0 = rows(d / "sections" / "section_0.jsonl")
+    assert len(r0) == 2 and r0[-1]["train_loss"] < r0[0]["train_loss"] and r0[-1]["val_loss"] < r0[0]["val_loss"]
+    assert math.isnan(r0[0]["train_acc"])  # feature regression: no class scores
+    r1 = rows(d / "sections" / "section_1.jsonl")
+    assert len(r1) == 2 and r1[-1]["train_loss"] < r1[0]["train_loss"]  # the last section: labels, cross-entropy
+    assert r1[-1]["val_acc"] > 0.2
+    m = rows(d / "metrics.jsonl")
+    assert [x["epoch"] for x in m] == [0, 1] and m[0]["stage"] == "stitched"
+    assert s["best_val_acc"] == max(x["val_acc"] for x in m)
+    assert s["weight_bits"] == [2] and s["test_acc"] > 0.3
+    assert s["dcq"]["sections"] == 2 and s["dcq"]["cuts"] == ["layers.1.0"]
+    assert s["dcq"]["sample_passes"] == 1140 * (2 + 1)
+    assert all(n <= 3 for n in s["distinct_weight_values"].values())
+    # the run folder loads like any other (lowbit eval / export)
+    from lowbit.train import load_run
+
+    _, _, model, _ = load_run(d)
+    assert quant_state(model) is not None
+
+
+def test_parallel_sections_equal_sequential_ones(sequential, tmp_path, teacher_dir, fmnist_small):
+    seq_dir, seq = sequential
+    par = run(dcq_cfg(teacher_dir, "dcq.workers=2"), tmp_path / "par", data=fmnist_small)  # no fine-tune
+    for i in range(2):
+        a = torch.load(seq_dir / "sections" / f"section_{i}.pt", weights_only=False)
+        b = torch.load(tmp_path / "par" / "sections" / f"section_{i}.pt", weights_only=False)
+        assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+    assert par.summary["dcq"]["stitched_test_acc"] == seq.summary["dcq"]["stitched_test_acc"]
+    assert par.summary["best_epoch"] == 0 and par.summary["test_acc"] == par.summary["dcq"]["stitched_test_acc"]
+
+
+def test_a_killed_dcq_run_resumes_without_retraining_finished_sections(sequential, tmp_path, teacher_dir,
+                                                                       fmnist_small):
+    seq_dir, seq = sequential
+    c = dcq_cfg(teacher_dir, "dcq.finetune_epochs=1")
+
+    def kill_in_second_section(row):
+        if row.get("section") == 1 and row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(c, tmp_path / "cut", data=fmnist_small, callbacks=[kill_in_second_section])
+    done = tmp_path / "cut" / "sections" / "section_0.pt"
+    assert done.is_file() and (tmp_path / "cut" / "sections" / "section_1.last.pt").is_file()
+    stamp = done.stat().st_mtime_ns
+    with pytest.raises(ConfigError, match="already holds a DCQ run"):
+        run(c, tmp_path / "cut", data=fmnist_small)
+    seen = []
+    resumed = run(c, tmp_path / "cut", resume=True, data=fmnist_small, callbacks=[seen.append])
+    assert done.stat().st_mtime_ns == stamp  # section 0 was not trained again
+    assert [(r.get("section"), r["epoch"]) for r in seen] == [(1, 2), (None, 1)]
+    a = torch.load(seq_dir / "best.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "best.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.summary["test_acc"] == seq.summary["test_acc"]
+
+
+def test_teacher_of_another_architecture_is_a_one_line_error(tmp_path, teacher_dir, fmnist_small):
+    with pytest.raises(ConfigError, match=r"^dcq.teacher: the teacher is resnet8 \{'width': 0.5\} but model is resnet20") as e:
+        run(dcq_cfg(teacher_dir, "model.name=resnet20"), tmp_path / "a", data=fmnist_small)
+    assert "\n" not in str(e.value)
+    torch.save(torch.load(teacher_dir / "best.pt", weights_only=False)["model"], tmp_path / "t.pt")
+    with pytest.raises(ConfigError, match=r"^dcq.teacher: pretrained weights do not fit the model") as e:
+        run(dcq_cfg(tmp_path / "t.pt", "model.width=1"), tmp_path / "b", data=fmnist_small)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^dcq.teacher: not found"):
+        run(dcq_cfg(tmp_path / "nothing"), tmp_path / "c", data=fmnist_small)
+
+
+# ---------------------------------------------------------------------------------------------
+# knowledge distillation
+# ---------------------------------------------------------------------------------------------
+def test_kd_loss_equals_the_formula_on_a_hand_example():
+    s = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]])
+    t = torch.tensor([[3.0, 2.0, 1.0], [0.5, 0.0, 0.0]])
+    T = 2.0
+
+    def softmax(row):
+        e = [math.exp(v / T) for v in row]
+        return [v / sum(e) for v in e]
+
+    kl = [sum(pt * math.log(pt / ps) for pt, ps in zip(softmax(tr), softmax(sr))) for sr, tr in zip(s.tolist(), t.tolist())]
+    want = T * T * sum(kl) / 2
+    assert kd_loss(s, t, T).item() == pytest.approx(want, rel=1e-6)
+    assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
+    # the method's loss: (1 - alpha) * its own task loss + alpha * KD, with the teacher's logits
+    from lowbit.methods import STE
+
+    teacher = nn.Linear(3, 3)
+    x, y = torch.randn(2, 3), torch.tensor([2, 0])
+    method = distill(STE(), teacher, temperature=T, alpha=0.25)
+    assert type(method).__name__ == "DistilledSTE" and method.name == "ste"
+    with torch.no_grad():
+        tl = teacher(x)
+    ce = torch.nn.functional.cross_entropy(s, y)
+    assert method.loss(None, (x, y), s).item() == pytest.approx((0.75 * ce + 0.25 * kd_loss(s, tl, T)).item(), rel=1e-6)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    with pytest.raises(ConfigError, match="alpha must be within"):
+        distill(STE(), teacher, alpha=2)
+
+
+def test_training_with_kd_from_a_teacher_runs(tmp_path, teacher_dir, fmnist_small):
+    c = cfg(*W2, "train.epochs=1", f"model.init_from={teacher_dir}",
+            f"train.distill={{teacher: {teacher_dir}, temperature: 4, alpha: 0.9}}")
+    res = run(c, tmp_path / "kd", data=fmnist_small)
+    assert res.summary["method_info"]["distill"] == "T=4, alpha=0.9"
+    assert res.summary["test_acc"] > 0.3
+    # a teacher file of another architecture: one line
+    torch.save(torch.load(teacher_dir / "best.pt", weights_only=False)["model"], tmp_path / "t.pt")
+    with pytest.raises(ConfigError, match=r"^train.distill.teacher: pretrained weights do not fit"):
+        run(cfg("train.epochs=1", "model.width=1", f"train.distill={{teacher: {tmp_path / 't.pt'}}}"),
+            tmp_path / "bad", data=fmnist_small)
