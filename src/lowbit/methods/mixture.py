@@ -294,6 +294,10 @@ class _FusedMix(torch.autograd.Function):
 
     The x and high gradients sum the same terms as per-member Functions, in another order
     (float rounding may differ in the last bits); the c gradient is the same dot products.
+    With the opt-in compiled kernels (:mod:`lowbit.quant.compiled`) and clip-round members only,
+    forward and backward are one compiled pass each: the Q_k are exact, their weighted sum is
+    products and adds instead of eager's fused multiply-add (equal up to the last bit), and the
+    Q_k are recomputed in the backward instead of being stored.
     """
 
     @staticmethod
