@@ -49,8 +49,15 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--unfused-mixtures", action="store_true",
+                    help="activation mixtures as one autograd Function per member (QuantizerMixture.fused = False), "
+                         "the gradient summation order of lowbit before the fused kernels")
     ap.add_argument("--against", type=Path, help="compare with DIR/<i> (an earlier --out) instead of the committed rows")
     args = ap.parse_args()
+    if args.unfused_mixtures:
+        from lowbit.methods.mixture import QuantizerMixture
+
+        QuantizerMixture.fused = False
     results = []
     for i, rd in enumerate(args.runs):
         cfg = load_config(rd / "config.yaml", ["train.progress=false"])
@@ -59,11 +66,11 @@ def main() -> None:
         old, new = _rows(ref / "metrics.jsonl"), _rows(args.out / str(i) / "metrics.jsonl")
         committed = json.loads((ref / "summary.json").read_text())
         diff = _max_diff(old, new)
-        r = {"run": str(rd), "reference": str(ref), "method": cfg.plan.method.name, "committed_test_acc": committed["test_acc"],
+        r = {"run": str(rd), "reference": str(ref), "method": cfg.plan.method.name, "reference_test_acc": committed["test_acc"],
              "rerun_test_acc": res.summary["test_acc"], "max_metric_diff": diff,
              "identical": diff == 0.0 and committed["test_acc"] == res.summary["test_acc"]}
         results.append(r)
-        print(f"{str(rd):60s} {r['method']:12s} test {r['committed_test_acc']:.4f} -> {r['rerun_test_acc']:.4f}  "
+        print(f"{str(rd):60s} {r['method']:12s} test {r['reference_test_acc']:.4f} -> {r['rerun_test_acc']:.4f}  "
               f"max metric diff {diff:.3g}  {'identical' if r['identical'] else 'DIFFERS'}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
