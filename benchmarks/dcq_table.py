@@ -257,7 +257,9 @@ def markdown(res: dict, timing_res: dict | None) -> str:
     a = res["args"]
     lines = [f"ResNet-8, Fashion-MNIST (limit {a['limit']}), {a['epochs']} epochs budget "
              f"(DCQ fine-tune {a['finetune']}), teacher {a['teacher_epochs']} epochs, seeds {a['seeds']}; "
-             "test accuracy % at the best validation epoch, mean ± std; paired difference vs the row named.", "",
+             "test accuracy % at the best validation epoch, mean ± std; paired difference vs the row named."
+             + (" PARTIAL: rows with n below the number of seeds have not finished every seed."
+                if any(r["n"] < len(a["seeds"]) for r in res["rows"]) else ""), "",
              "| row | | test acc % | stitched (before fine-tune) | Δ paired | vs | n | sample-passes | wall s / run |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -285,6 +287,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", nargs="+", help="only these rows (fp32 is added: every row needs its teacher)")
     ap.add_argument("--timing", action="store_true", help="measure 2 sections sequential vs parallel, then exit")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
+    ap.add_argument("--collect", action="store_true",
+                    help="train nothing: tables from the finished runs only (rows with fewer seeds are partial)")
     ap.add_argument("--out", default="benchmarks/results/dcq")
     a = ap.parse_args(argv)
     a.finetune = max(1, a.epochs // 4) if a.finetune is None else a.finetune
@@ -303,7 +307,8 @@ def main(argv=None) -> None:
     if a.timing:
         print(json.dumps(timing(a, rows(a), out), indent=2))
         return
-    work(a, specs, out)
+    if not a.collect:
+        work(a, specs, out)
     res = collect(a, specs, out)
     t = json.loads((out / "timing.json").read_text()) if (out / "timing.json").is_file() else None
     (out / "results.json").write_text(json.dumps({**res, "timing": t}, indent=2) + "\n")
