@@ -36,12 +36,7 @@ NON_UNIFORM = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many small ops: one thread (conftest.py)
 
 
 def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

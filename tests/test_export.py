@@ -39,13 +39,7 @@ from lowbit.train import run
 W2A2 = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tests run many small ops: one thread avoids OpenMP spinning on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many small ops: one thread (conftest.py)
 
 
 def quantized_resnet(plan: dict, width: float = 0.25, seed: int = 0) -> nn.Module:

@@ -19,12 +19,7 @@ from lowbit.quant import build_quantizer, get_quantizer_class, list_quantizers
 from lowbit.quant.uniform import SAWB_COEFFS, mse_optimal_alpha
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many small ops: one thread (conftest.py)
 
 
 def _cases():

@@ -21,12 +21,7 @@ from lowbit.quantize import quant_state, weight_param
 from lowbit.train import run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many small ops: one thread (conftest.py)
 
 
 def per_element(q, w, bits=None, domain="quantizer"):

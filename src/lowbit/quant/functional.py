@@ -321,7 +321,7 @@ class _ClippedSTE(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         (x,) = ctx.saved_tensors
         lo, hi = ctx.range
-        return g * (x >= lo).logical_and_(x <= hi), None, None, None
+        return clip_mask_grad(g, x, lo, hi), None, None, None
 
 
 def clipped_ste(x: Tensor, q: Tensor, lo, hi) -> Tensor:
