@@ -23,8 +23,9 @@ reported (``teacher_forward_sample_passes``), and so is every row's wall time; t
 training is shared by all teacher-started rows and not counted.
 
 **Timing** (``--timing``): the same 2-section DCQ run (W1, seed 0) with its sections one after the
-other (``dcq.workers: 1``, ``--threads`` threads) and in parallel (``workers: 2``, half the threads
-each); wall time of the section phase. Run it alone on a quiet machine.
+other (``dcq.workers: 1``, ``--threads`` threads), in parallel (``workers: 2``, half the threads
+each), and one after the other with the on-disk feature cache (``dcq.feature_cache_mb: --cache-mb``);
+wall time of the section phase. Run it alone on a quiet machine.
 
 Splitting the work: start the script twice (same arguments); the two processes share the runs
 through claim files (``RUN_DIR.claim``, with the owner's pid: a dead owner's claim is taken over),
@@ -190,16 +191,22 @@ def timing(a, specs: dict[str, dict], out: Path) -> dict:
     teacher = out / "runs" / "fp32" / "seed0"
     if not (teacher / "summary.json").is_file():
         train_one(config(a, "fp32", specs["fp32"], 0, out), teacher)
-    for workers in (1, 2):
-        run_dir = out / "timing" / f"w1_dcq_s2_workers{workers}"
+    # sequential, 2 workers, and sequential with the on-disk feature cache (section 1 reads section 0's
+    # target features instead of running the teacher's section 0 again)
+    for key, patch in (("workers1", {"workers": 1}), ("workers2", {"workers": 2}),
+                       ("workers1_cache", {"workers": 1, "feature_cache_mb": a.cache_mb})):
+        run_dir = out / "timing" / f"w1_dcq_s2_{key}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        cfg = merge(config(a, "w1_dcq_s2", specs["w1_dcq_s2"], 0, out), {"dcq": {"workers": workers}})
+        cfg = merge(config(a, "w1_dcq_s2", specs["w1_dcq_s2"], 0, out), {"dcq": patch})
         train_one(cfg, run_dir)
         s = json.loads((run_dir / "summary.json").read_text())
-        res[f"workers{workers}"] = {"sections_wall_s": s["dcq"]["sections_wall_s"],
-                                    "section_time_s": [x["time_s"] for x in s["dcq"]["section_info"]],
-                                    "stitched_test_acc": s["dcq"]["stitched_test_acc"], "threads": a.threads}
+        res[key] = {"sections_wall_s": s["dcq"]["sections_wall_s"],
+                    "section_time_s": [x["time_s"] for x in s["dcq"]["section_info"]],
+                    "stitched_test_acc": s["dcq"]["stitched_test_acc"], "threads": a.threads,
+                    "feature_cache": [x.get("feature_cache") for x in s["dcq"]["section_info"]]}
+        shutil.rmtree(run_dir / "feature_cache", ignore_errors=True)
     res["speedup"] = res["workers1"]["sections_wall_s"] / res["workers2"]["sections_wall_s"]
+    res["cache_speedup"] = res["workers1"]["sections_wall_s"] / res["workers1_cache"]["sections_wall_s"]
     (out / "timing.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
 
@@ -271,6 +278,11 @@ def markdown(res: dict, timing_res: dict | None) -> str:
         w1, w2 = timing_res["workers1"], timing_res["workers2"]
         lines += ["", f"2 sections, section phase wall time: one after the other {w1['sections_wall_s']:.1f} s, "
                       f"2 workers in parallel {w2['sections_wall_s']:.1f} s (speed-up {timing_res['speedup']:.2f}x)."]
+        if "workers1_cache" in timing_res:
+            wc = timing_res["workers1_cache"]
+            lines += [f"One after the other with the on-disk feature cache: {wc['sections_wall_s']:.1f} s "
+                      f"({timing_res['cache_speedup']:.2f}x vs without); stitched test acc "
+                      f"{w1['stitched_test_acc']:.4f} / {wc['stitched_test_acc']:.4f} (without / with)."]
     return "\n".join(lines) + "\n"
 
 
@@ -286,6 +298,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", nargs="+", help="only these rows (fp32 is added: every row needs its teacher)")
     ap.add_argument("--timing", action="store_true", help="measure 2 sections sequential vs parallel, then exit")
+    ap.add_argument("--cache-mb", type=float, default=2048,
+                    help="--timing: the feature cache's size limit for the cached sequential run (MiB)")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
     ap.add_argument("--collect", action="store_true",
                     help="train nothing: tables from the finished runs only (rows with fewer seeds are partial)")

@@ -266,3 +266,59 @@ def test_training_with_kd_from_a_teacher_runs(tmp_path, teacher_dir, fmnist_smal
     with pytest.raises(ConfigError, match=r"^train.distill.teacher: pretrained weights do not fit"):
         run(cfg("train.epochs=1", "model.width=1", f"train.distill={{teacher: {tmp_path / 't.pt'}}}"),
             tmp_path / "bad", data=fmnist_small)
+
+
+# ---------------------------------------------------------------------------------------------
+# the optional on-disk feature cache
+# ---------------------------------------------------------------------------------------------
+def test_feature_cache_trains_the_same_weights_and_runs_the_teacher_once_per_batch(sequential, tmp_path, teacher_dir,
+                                                                                   fmnist_small):
+    from lowbit.schedules import dcq as dcq_mod
+
+    seq_dir, seq = sequential
+    calls = []
+    real_cut = dcq_mod.FeatureStream._cut
+
+    def counting_cut(self, k, x, y, key, b):
+        if k and (self.cache is None or not self.cache._path(k, self.stream, key, b).is_file()):
+            calls.append((self.i, k, self.stream))
+        return real_cut(self, k, x, y, key, b)
+
+    dcq_mod.FeatureStream._cut = counting_cut
+    try:
+        c = dcq_cfg(teacher_dir, "dcq.finetune_epochs=1", "dcq.feature_cache_mb=64")
+        res = run(c, tmp_path / "cached", data=fmnist_small)
+    finally:
+        dcq_mod.FeatureStream._cut = real_cut
+    for i in range(2):  # the same weights as without the cache, bit for bit
+        a = torch.load(seq_dir / "sections" / f"section_{i}.pt", weights_only=False)
+        b = torch.load(tmp_path / "cached" / "sections" / f"section_{i}.pt", weights_only=False)
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert res.summary["test_acc"] == seq.summary["test_acc"]
+    info = res.summary["dcq"]["section_info"]
+    # section 0 computed cut 1 (its target) on every train and val batch; section 1 read it from disk
+    n_train, n_val = math.ceil(1140 / 64), 1
+    assert sum(1 for i, k, s in calls if i == 0 and k == 1 and s == "train") == 2 * n_train
+    assert sum(1 for i, k, s in calls if i == 0 and k == 1 and s == "val") == n_val  # fixed across epochs
+    assert not [c for c in calls if c[0] == 1]
+    assert info[1]["feature_cache"]["misses"] == 0 and info[1]["feature_cache"]["hits"] > 0
+    assert info[0]["feature_cache"]["bytes_used"] <= 64 * 2**20
+
+
+def test_feature_cache_size_limit_and_stale_entries(tmp_path):
+    from lowbit.schedules.featcache import FeatureCache
+
+    y = torch.arange(4)
+    f = torch.randn(4, 8, 3, 3)  # 4*72*4 + 4*8 = 1184 bytes an entry
+    c = FeatureCache(tmp_path / "c", 3000, {"a": 1})
+    assert c.put(1, "train", "e0", 0, y, f) and c.put(1, "train", "e0", 1, y, f)
+    assert not c.put(1, "train", "e0", 2, y, f)  # the third would pass 3000 bytes: left out
+    assert c.bytes_used() == 2 * 1184 and c.stats()["entries_refused_by_limit"] == 1
+    assert torch.equal(c.get(1, "train", "e0", 0, y), f) and c.get(1, "train", "e0", 2, y) is None
+    with pytest.raises(ConfigError, match="holds another batch"):
+        c.get(1, "train", "e0", 0, y.flip(0))
+    with pytest.raises(ConfigError, match="another data/teacher setting"):
+        FeatureCache(tmp_path / "c", 3000, {"a": 2})
+    (tmp_path / "c" / "cut1" / "train_e0_b1.pt").write_bytes(b"trunc")
+    with pytest.raises(ConfigError, match="unreadable"):
+        c.get(1, "train", "e0", 1, y)

@@ -82,6 +82,11 @@ class DCQConfig(_Strict):
     bn_recalibrate: int = Field(0, ge=0)
     #: knowledge distillation on the last section (and the fine-tune) from the teacher's logits
     distill: DistillOptions | None = None
+    #: on-disk cache of the teacher's section features, at most this many MiB (0: off, features are
+    #: recomputed batch by batch); :mod:`lowbit.schedules.featcache`
+    feature_cache_mb: float = Field(0, ge=0, allow_inf_nan=False)
+    #: where the cache lives (None: RUN_DIR/feature_cache)
+    feature_cache_dir: str | None = None
 
 
 class TrainConfig(_Strict):

@@ -10,8 +10,10 @@ trains on the labels with the method's own loss, plus Hinton KD from the teacher
 with ``dcq.distill``. The sections are independent, so they train in parallel worker processes
 (``dcq.workers``; spawn context; each worker rebuilds data, teacher and student from the config and
 the run folder, with the torch threads divided between the workers). Teacher features are
-computed batch by batch from the same seeded, augmented stream as a normal run (no feature cache:
-nothing of the training set's features is held beyond one batch). Then the trained sections are
+computed batch by batch from the same seeded, augmented stream as a normal run (by default nothing of
+the training set's features is held beyond one batch; ``dcq.feature_cache_mb`` turns on an on-disk
+cache with that size limit, :mod:`lowbit.schedules.featcache`, so the teacher runs each of its sections
+once per batch instead of once per section that needs it). Then the trained sections are
 loaded into one quantized network (each section's BatchNorm statistics were gathered on teacher
 inputs; ``dcq.bn_recalibrate`` re-estimates them on the stitched network), optionally fine-tuned
 end to end (``dcq.finetune_epochs``, with ``fit`` and the run folder callback), evaluated,
@@ -56,6 +58,7 @@ from ..pretrained import load_weights
 from ..quantize import _STATE_ATTR, QuantState, quant_state
 from ..train import (RunFolder, RunResult, _save, _truncate_metrics, build_model, build_optimizer, build_scheduler,
                      final_model, load_data, make_summary, recalibrate_run_bn)
+from .featcache import FeatureCache
 from .distill import distill, example_input, feature_regression, load_teacher
 from .sections import Cut, block_list, block_macs, blocks, describe, plan_cut, section_modules, section_state
 
@@ -67,12 +70,15 @@ SECTIONS = "sections"
 # ---------------------------------------------------------------------------------------------
 class FeatureStream:
     """Batches for section i: ``(teacher input of section i, teacher output of section i)``, or
-    ``(teacher input of the last section, labels)``, computed batch by batch from ``loader`` by
-    the teacher's ``prefix`` (sections 0..i-1; None for the first) and ``target`` (section i;
-    None for the last). Epoch-aware like the loader (``set_epoch``), so ``fit`` can resume."""
+    ``(teacher input of the last section, labels)`` when ``last``, computed batch by batch from
+    ``loader`` by the teacher's ``sections`` (0..i-1 for the input, i for the output). Epoch-aware like
+    the loader (``set_epoch``), so ``fit`` can resume. With a :class:`FeatureCache` every cut's
+    features are read from / written to disk (``stream`` names the loader: train or val)."""
 
-    def __init__(self, loader, prefix: nn.Module | None, target: nn.Module | None, device: torch.device):
-        self.loader, self.prefix, self.target, self.device = loader, prefix, target, device
+    def __init__(self, loader, sections: list[nn.Module], i: int, last: bool, device: torch.device,
+                 cache: FeatureCache | None = None, stream: str = "train"):
+        self.loader, self.sections, self.i, self.last, self.device = loader, sections, i, last, device
+        self.cache, self.stream = cache, stream
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -80,12 +86,30 @@ class FeatureStream:
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
 
+    def _epoch_key(self) -> str:
+        varies = getattr(self.loader, "shuffle", True) or getattr(self.loader, "augment", True)
+        return f"e{self.loader.epoch}" if varies else "fixed"
+
+    def _cut(self, k: int, x, y, key: str, b: int):
+        """The teacher's features entering section k (k = 0: the images)."""
+        if k == 0:
+            return x
+        if self.cache is not None:
+            h = self.cache.get(k, self.stream, key, b, y)
+            if h is not None:
+                return h.to(self.device)
+        h = self.sections[k - 1](self._cut(k - 1, x, y, key, b))
+        if self.cache is not None:
+            self.cache.put(k, self.stream, key, b, y, h)
+        return h
+
     def __iter__(self):
-        for x, y in self.loader:
+        key = self._epoch_key() if self.cache is not None else ""
+        for b, (x, y) in enumerate(self.loader):
             x, y = to_device((x, y), self.device)
             with torch.no_grad():  # (not around the yield: the consumer trains with gradients)
-                h = self.prefix(x) if self.prefix is not None else x
-                batch = (h, self.target(h)) if self.target is not None else (h, y)
+                h = self._cut(self.i, x, y, key, b)
+                batch = (h, y) if self.last else (h, self._cut(self.i + 1, x, y, key, b))
             yield batch
 
 
@@ -193,8 +217,11 @@ def train_section(job: SectionJob, data: DataSplits | None = None,
     view = section_view(student, cut, i)
     method = quant_state(student).method
     last = i == cut.n - 1
-    prefix = nn.Sequential(*t_secs[:i]) if i else None
-    target = None if last else t_secs[i]
+    cache = None
+    if d.feature_cache_mb:
+        cache = FeatureCache(Path(d.feature_cache_dir) if d.feature_cache_dir else run_dir / "feature_cache",
+                             int(d.feature_cache_mb * 2**20),
+                             FeatureCache.fingerprint(job.cfg, cut.cut_names(), run_dir / "teacher.pt"))
     if not last:
         feature_regression(method)
     elif d.distill is not None:
@@ -202,8 +229,8 @@ def train_section(job: SectionJob, data: DataSplits | None = None,
 
     ts = t.model_copy(update={"epochs": d.epochs or t.epochs})
     train = FeatureStream(BatchLoader(data.train, data.info, t.batch_size, shuffle=True, augment=cfg.data.augment,
-                                      seed=t.seed), prefix, target, device)
-    val = FeatureStream(BatchLoader(data.val, data.info, t.eval_batch_size), prefix, target, device)
+                                      seed=t.seed), t_secs, i, last, device, cache, "train")
+    val = FeatureStream(BatchLoader(data.val, data.info, t.eval_batch_size), t_secs, i, last, device, cache, "val")
     opt = build_optimizer(view, ts, method)
     sched = build_scheduler(opt, ts, len(train))
     ck_path, rows_path = sdir / f"section_{i}.last.pt", sdir / f"section_{i}.jsonl"
@@ -217,7 +244,8 @@ def train_section(job: SectionJob, data: DataSplits | None = None,
     fit(view, train, method, opt, sched, epochs=ts.epochs, device=device, callbacks=[folder],
         val_batches=val if last else None, resume=ck, progress=False)
     rows = [json.loads(ln) for ln in rows_path.read_text().splitlines() if ln.strip()]
-    _save(sdir / f"section_{i}.pt", {"model": section_state(student, cut, i), "history": rows})
+    _save(sdir / f"section_{i}.pt", {"model": section_state(student, cut, i), "history": rows,
+                                     "feature_cache": cache.stats() if cache is not None else None})
     ck_path.unlink(missing_ok=True)
     return {"section": i, "train_loss": rows[-1]["train_loss"], "val_loss": rows[-1]["val_loss"]}
 
@@ -421,7 +449,8 @@ def dcq_record(cfg: Config, data: DataSplits, described: list[dict], records: li
         "teacher": d.teacher, "sections": len(described), "cuts": [s["blocks"][0] for s in described[1:]],
         "section_epochs": epochs, "finetune_epochs": d.finetune_epochs, "workers": d.workers,
         "section_info": [{**s, "train_loss": r["history"][-1]["train_loss"], "val_loss": r["history"][-1]["val_loss"],
-                          "time_s": sum(h["epoch_time"] for h in r["history"])}
+                          "time_s": sum(h["epoch_time"] for h in r["history"]),
+                          "feature_cache": r.get("feature_cache")}
                          for s, r in zip(described, records)],
         "sections_wall_s": sections_wall, "sections_trained_this_session": trained_now,
         "stitched_val_acc": stitched_val["acc"], "stitched_test_acc": stitched_test["acc"],
