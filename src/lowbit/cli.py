@@ -10,6 +10,7 @@
     lowbit report attention RUN_DIR | loss-surface CONFIG   003 Figures 3 and 4
     lowbit report sinreq RUN_DIR                         001: weight histogram at the levels, learned bits
     lowbit budget --model M --bits ... --ratio C         002's widest-network-per-precision under a budget
+    lowbit search nce CONFIG [key=value ...] [--train]   004: neural channel expansion -> per-layer widths
     lowbit list                                          registered models, datasets, quantizers, methods
 
 Every user error (unknown name, bits out of range, missing file, wrong type) prints one line
@@ -207,6 +208,29 @@ def cmd_budget(args) -> int:
     return 0
 
 
+def cmd_search_nce(args) -> int:
+    from .search.nce import NCEOptions, format_result, search_nce
+
+    cfg = _load_cfg(args.config, args.overrides)
+    opts = NCEOptions(warmup_epochs=args.warmup, epochs=args.epochs, threshold=args.threshold, target=args.target,
+                      target_value=args.target_value, cap=args.cap, arch_lr=args.arch_lr)
+    out = Path(args.out) if args.out else Path(cfg.out_dir) / f"{cfg.name}-nce-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"search folder: {out}", file=sys.stderr)
+    res = search_nce(cfg, opts, out, progress=cfg.train.progress)
+    print(format_result(res))
+    print(f"derived config  {out / 'derived.yaml'}  (train it: lowbit train {out / 'derived.yaml'})")
+    if args.train:
+        from .train import format_summary, run
+
+        t0 = time.perf_counter()
+        r = run(res.config, out / "train")
+        seconds = time.perf_counter() - t0
+        print(format_summary(r.summary))
+        print(f"search time     {res.search_seconds:.1f} s = {res.search_seconds / seconds:.2f}x this training run "
+              f"({seconds:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Train, measure and export low-bit quantized CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -263,6 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, help="cap the training set in the emitted suite")
     g.add_argument("--out", help="the emitted suite's output folder (default bench_out/NAME)")
     g.set_defaults(func=cmd_budget)
+    se = sub.add_parser("search", help="searches over the network: nce (004 channel expansion)")
+    search = se.add_subparsers(dest="search_command", required=True)  # one subcommand per search
+    n = search.add_parser("nce", help="004: neural channel expansion; writes derived.yaml with model.channels")
+    n.add_argument("config", help="YAML config (model, data, plan, train settings of the search)")
+    n.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values)")
+    n.add_argument("--out", help="search folder (default: OUT_DIR/NAME-nce-TIMESTAMP)")
+    n.add_argument("--warmup", type=int, default=1, help="warm-up epochs (uniformly sampled widths)")
+    n.add_argument("--epochs", type=int, default=3, help="search epochs (alternating weight/architecture steps)")
+    n.add_argument("--threshold", type=float, default=0.3, help="T: expand when p(widest candidate) >= T")
+    n.add_argument("--target", default="macs", choices=["macs", "flops", "params", "mem"],
+                   help="resource (flops = MACs; mem = 002's memory at the plan's bits)")
+    n.add_argument("--target-value", type=float, help="default: the original network's cost")
+    n.add_argument("--cap", type=float, default=2.0, help="widest candidate, x the original width")
+    n.add_argument("--arch-lr", type=float, default=0.02, help="Adam lr of the architecture logits")
+    n.add_argument("--train", action="store_true", help="then train the derived network (into OUT/train)")
+    n.set_defaults(func=cmd_search_nce)
     ls = sub.add_parser("list", help="registered models, datasets, quantizers and methods")
     ls.set_defaults(func=cmd_list)
     return p
