@@ -144,3 +144,15 @@ def test_tiny_search_end_to_end(tmp_path, capsys):
     assert (out / "widths.png").is_file() and (out / "expansions.png").is_file()
     derived = (out / "derived.yaml").read_text()
     assert "channels:" in derived and "layers.2.0.conv2" in derived
+
+
+def test_nce_budget_meets_the_002_budget(tmp_path):
+    from lowbit.config import load_config
+    from lowbit.search.nce import NCEOptions, nce_budget
+
+    cfg = load_config("configs/nce_resnet8_w2a2.yaml", ["data.limit=120", "train.batch_size=40", "train.progress=false"])
+    res = nce_budget(cfg, [2], ratio=24, opts=NCEOptions(warmup_epochs=0, epochs=1), out_dir=tmp_path, train=False)
+    (row,) = res["rows"]
+    assert row["bits"] == 2 and row["act_bits"] == 4  # 002: b_a = max(b_p, 4) below 4 bits
+    assert row["uniform_mem"] <= res["budget_bits"] and row["nce_mem"] <= res["budget_bits"]
+    assert (tmp_path / "budget.md").is_file()

@@ -34,6 +34,7 @@ original network's cost. All are the numbers :func:`lowbit.cost.profile` gives t
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
+from ..cost import mem_002
 from ..data import BatchLoader, Split
 from ..errors import ConfigError
 from ..fit import StepResult, fit, resolve_device
@@ -50,7 +52,9 @@ from ..methods import STE
 from ..quantize import layer_bits, quantize
 from .supernet import RATIOS, SuperNet
 
-TARGETS = {"macs": "macs", "flops": "macs", "params": "params", "mem": "mem_bits"}
+#: target name -> cost key. mem: 002's Mem by lowbit.cost.profile (each tensor at its own bits: FP32 first/last
+#: layer and BatchNorm at 32); mem002: `lowbit budget`'s N_p·b_p + N_a·max(b_p, 4) (every parameter at b_p)
+TARGETS = {"macs": "macs", "flops": "macs", "params": "params", "mem": "mem_bits", "mem002": "mem_uniform"}
 
 
 @dataclass
@@ -60,7 +64,7 @@ class NCEOptions:
     warmup_epochs: int = 1
     epochs: int = 3  # search epochs (after the warm-up)
     threshold: float = 0.3  # T: expand when p(largest) >= T (004: 0.3 best of 0.15..0.3)
-    target: str = "macs"  # macs (= FLOPs) | params | mem
+    target: str = "macs"  # macs (= FLOPs) | params | mem | mem002
     target_value: float | None = None  # default: the original network's cost
     ratios: tuple[float, ...] = RATIOS
     cap: float = 2.0  # the widest allowed candidate, as a multiple of the original width
@@ -262,8 +266,13 @@ def original_cost(cfg: Config, data) -> dict[str, float]:
     """params / macs / mem of the config's network as the cost model measures it (at the plan's bits)."""
     from ..train import build_model, cost_of
 
-    c = cost_of(build_model(cfg, data), data)
-    return {"params": c.params, "macs": c.macs, "mem_bits": c.mem_bits, "bitops": c.bitops}
+    return _cost_dict(cost_of(build_model(cfg, data), data))
+
+
+def _cost_dict(c) -> dict[str, float]:
+    bp = max((lc.w_bits for lc in c.layers if lc.w_bits < 32), default=32)
+    return {"params": c.params, "macs": c.macs, "mem_bits": c.mem_bits, "bitops": c.bitops,
+            "mem_uniform": mem_002(c.params, c.max_act_elems, bp)}
 
 
 def search_nce(cfg: Config, opts: NCEOptions | None = None, out_dir: str | Path | None = None, data=None,
@@ -316,7 +325,7 @@ def search_nce(cfg: Config, opts: NCEOptions | None = None, out_dir: str | Path 
     d["model"]["channels"] = channels
     derived = _Config.model_validate(d)
     measured = cost_of(build_model(derived, data), data)  # the cost model on the derived network itself
-    cost = {"params": measured.params, "macs": measured.macs, "mem_bits": measured.mem_bits, "bitops": measured.bitops}
+    cost = _cost_dict(measured)
     res = NCEResult(Path(out_dir) if out_dir else Path("."), channels, derived, widths,
                     [g.base for g in sn.groups], [list(g.layers) for g in sn.groups], cost, original,
                     {key: target}, steps, method.expansions, history, seconds,
@@ -437,7 +446,7 @@ def derived_config(cfg: Config, channels: dict[str, int] | None = None, width: f
 
 def format_result(res: NCEResult) -> str:
     key, tv = next(iter(res.target.items()))
-    unit = {"macs": "MACs", "params": "params", "mem_bits": "Mem bits"}[key]
+    unit = {"macs": "MACs", "params": "params", "mem_bits": "Mem bits", "mem_uniform": "Mem(002, all at b_p) bits"}[key]
     lines = [f"NCE search: {len(res.groups)} width groups, {len(res.expansions)} expansions, "
              f"{res.search_seconds:.1f} s",
              f"{'group':<22} {'original':>8} {'found':>6}  candidates"]
@@ -451,6 +460,68 @@ def format_result(res: NCEResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["NCEMethod", "NCEOptions", "NCEResult", "derived_config", "fit_to_target", "format_result",
+__all__ = ["NCEMethod", "NCEOptions", "NCEResult", "derived_config", "fit_to_target", "format_budget", "format_result", "nce_budget",
            "random_channels", "resource_loss", "search_nce", "split_halves", "uniform_width_for"]
 
+
+
+# ---------------------------------------------------------------------------------------------
+# seed 002's width x precision question with NCE's per-layer widths
+# ---------------------------------------------------------------------------------------------
+def nce_budget(cfg: Config, bits_list: list[int], ratio: float | None = None, budget_kib: float | None = None,
+               opts: NCEOptions | None = None, out_dir: str | Path = "runs/nce_budget", train: bool = True,
+               data=None, progress: bool = False) -> dict:
+    """Under one 002 memory budget M (``M0 / ratio`` or ``budget_kib``), for each weight precision:
+    `lowbit budget`'s widest uniform width (search/budget.py, its quantizers: LSQ, BWN at 1 bit,
+    activations at max(b, 4) bits) against NCE's per-layer widths searched at that precision with
+    the target Mem = N_p·b_p + N_a·max(b_p, 4) <= M (the same accounting); with ``train`` both are
+    trained from scratch. Does the best precision move? Writes ``budget.json`` and ``budget.md``."""
+    from ..train import load_data
+    from .budget import budget_table, make_suite
+
+    opts = opts or NCEOptions()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = data or load_data(cfg)
+    info = data.info
+    budget, choices = budget_table(cfg.model.name, list(bits_list), info.in_channels, info.num_classes,
+                                   info.image_size, ratio=ratio, budget_kib=budget_kib)
+    suite = make_suite(choices, {}, [cfg.train.seed], name="nce-budget")
+    rows = []
+    for c, (label, patch) in zip(choices, suite["methods"].items()):
+        d = cfg.to_dict()
+        d["plan"] = {**d["plan"], "weight": None, "act": None, **patch.get("plan", {})}
+        d["name"] = f"{cfg.name}-{label}"
+        cfg_b = Config.model_validate(d)
+        uniform = derived_config(cfg_b, width=c.width, name=f"{cfg.name}-{label}-uniform")
+        cap = max(opts.cap, math.ceil(10 * 1.25 * c.width) / 10)
+        o = NCEOptions(**{**asdict(opts), "target": "mem002", "target_value": budget, "cap": cap})
+        res = search_nce(cfg_b, o, out / label / "search", data=data, progress=progress)
+        row = {"label": label, "bits": c.bits, "act_bits": c.act_bits, "uniform_width": c.width,
+               "uniform_mem": c.mem_bits, "nce_mem": res.cost["mem_uniform"], "nce_widths": res.widths,
+               "base": res.base, "cap": cap, "search_seconds": res.search_seconds,
+               "nce_macs": res.cost["macs"], "nce_params": res.cost["params"], "uniform_params": c.params}
+        if train:
+            from ..train import run
+
+            row["uniform_acc"] = run(uniform, out / label / "uniform", data=data).summary["test_acc"]
+            row["nce_acc"] = run(res.config, out / label / "nce", data=data).summary["test_acc"]
+        rows.append(row)
+        result = {"budget_bits": budget, "model": cfg.model.name, "rows": rows}
+        (out / "budget.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / "budget.md").write_text(format_budget(result) + "\n")
+    return result
+
+
+def format_budget(result: dict) -> str:
+    lines = [f"memory budget M = {result['budget_bits'] / 8 / 1024:.1f} KiB ({result['model']}; "
+             "Mem = N_p*b_p + N_a*max(b_p, 4))", "",
+             "| W/A bits | uniform width | uniform Mem/M | uniform acc % | NCE Mem/M | NCE params / uniform | NCE acc % |",
+             "|---|---|---|---|---|---|---|"]
+    m = result["budget_bits"]
+    for r in result["rows"]:
+        acc = lambda k: f"{100 * r[k]:.2f}" if k in r else "-"  # noqa: E731
+        lines.append(f"| W{r['bits']}A{r['act_bits']} | {r['uniform_width']:.4f} | {r['uniform_mem'] / m:.3f} | "
+                     f"{acc('uniform_acc')} | {r['nce_mem'] / m:.3f} | {r['nce_params'] / r['uniform_params']:.3f} | "
+                     f"{acc('nce_acc')} |")
+    return "\n".join(lines)

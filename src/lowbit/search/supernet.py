@@ -101,6 +101,7 @@ class Structure:
     mask_points: dict[str, int] = field(default_factory=dict)  # module name -> group
     input_elems: int = 0
     act_bits: int = FP_BITS
+    weight_bits: int = FP_BITS  # b_p of 002's uniform formula: the quantized layers' weight bits (max)
 
 
 class _UnionFind:
@@ -232,6 +233,7 @@ def build_structure(model: nn.Module, base: dict[str, int], ratios, expand, exam
     st.mask_points = {mod: gid[layer] for mod, layer in masks.items()}
     st.input_elems = example[0].numel()
     st.act_bits = cost.act_bits
+    st.weight_bits = max((lb.w_bits for lb in bits.values()), default=FP_BITS)
     return st
 
 
@@ -261,7 +263,9 @@ def structure_cost(st: Structure, widths: list[Tensor | float]) -> dict[str, Ten
         param_bits = param_bits + n * FP_BITS
     n_a = torch.stack([a.reshape(()) for a in acts]).max()
     mem = param_bits + n_a * max(st.act_bits, MIN_ACT_BITS)
-    return {"params": params, "macs": macs, "mem_bits": mem, "max_act": n_a}
+    # `lowbit budget`'s accounting (search/budget.py): every parameter at b_p, Mem = N_p·b_p + N_a·max(b_p, 4)
+    mem_uniform = params * st.weight_bits + n_a * max(st.weight_bits, MIN_ACT_BITS)
+    return {"params": params, "macs": macs, "mem_bits": mem, "mem_uniform": mem_uniform, "max_act": n_a}
 
 
 class SuperNet:
