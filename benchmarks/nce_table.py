@@ -3,7 +3,7 @@
 Per bit width (W2A2, W3A3: SAWB weights, PACT activations, first conv / last linear FP32) and seed:
 
 * NCE: ``search_nce`` (warm-up + search epochs on the two halves of the training split, FLOPs target =
-  the original network's MACs), then the derived widths trained from scratch;
+  the original network's MACs, or ``--target-ratio`` times them), then the derived widths trained from scratch;
 * original: the zoo widths (width 1);
 * WRPN uniform: the widest ``model.width`` (1/16 grid) whose MACs do not exceed the NCE network's;
 * random: per-layer widths drawn from NCE's full candidate set (0.3 .. cap) within 5 % under the NCE
@@ -16,6 +16,7 @@ the same process.
 
     python benchmarks/nce_table.py --bits 2 --seeds 0 1 2 --out benchmarks/results/nce
     python benchmarks/nce_table.py --bits 2 --seeds 0 --thresholds 0.15 0.2 0.25 --nce-only --out benchmarks/results/nce
+    python benchmarks/nce_table.py --bits 2 --seeds 0 1 2 --target-ratio 0.75 --out benchmarks/results/nce/target075
     python benchmarks/nce_table.py --table --out benchmarks/results/nce      # tables only
 
 Finished runs are skipped (their summary.json / search.json are read back).
@@ -33,7 +34,8 @@ import torch
 
 from lowbit.config import load_config
 from lowbit.data import load_dataset
-from lowbit.search.nce import NCEOptions, derived_config, random_channels, search_nce, uniform_width_for
+from lowbit.search.nce import (NCEOptions, derived_config, original_cost, random_channels, search_nce,
+                               uniform_width_for)
 from lowbit.train import run
 
 
@@ -86,11 +88,12 @@ def run_seed(args, bits: int, seed: int, data, out: Path) -> None:
     tag = f"W{bits}A{bits}"
     main_t = args.thresholds[0]
     nce_macs = None
+    target = args.target_ratio * original_cost(cfg, data)["macs"] if args.target_ratio else None
     for T in args.thresholds:
         name = f"NCE T={T:g}"
         sdir = out / "searches" / f"{tag}-T{T:g}-s{seed}"
         opts = NCEOptions(warmup_epochs=args.warmup, epochs=args.search_epochs, threshold=T, target="macs",
-                          cap=args.cap, arch_lr=args.arch_lr)
+                          target_value=target, cap=args.cap, arch_lr=args.arch_lr)
         if (sdir / "search.json").is_file():
             sj = json.loads((sdir / "search.json").read_text())
             channels, search_s = sj["channels"], sj["search_seconds"]
@@ -152,17 +155,18 @@ def table(out: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="resnet8")
-    ap.add_argument("--limit", type=int, default=3000)
-    ap.add_argument("--epochs", type=int, default=3, help="training epochs of every network")
+    ap.add_argument("--limit", type=int, default=5000)
+    ap.add_argument("--epochs", type=int, default=5, help="training epochs of every network")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--search-epochs", type=int, default=2)
+    ap.add_argument("--search-epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--cap", type=float, default=1.5)
-    ap.add_argument("--arch-lr", type=float, default=0.02)
+    ap.add_argument("--arch-lr", type=float, default=0.1)
     ap.add_argument("--bits", type=int, nargs="+", default=[2])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.3], help="the first is the main one")
     ap.add_argument("--random", type=int, default=1, help="random-width draws per seed")
+    ap.add_argument("--target-ratio", type=float, help="FLOPs target = RATIO x the original's (default 1)")
     ap.add_argument("--nce-only", action="store_true", help="only NCE rows (the T sweep)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="only rewrite the table from results.jsonl")

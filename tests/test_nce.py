@@ -156,3 +156,13 @@ def test_nce_budget_meets_the_002_budget(tmp_path):
     assert row["bits"] == 2 and row["act_bits"] == 4  # 002: b_a = max(b_p, 4) below 4 bits
     assert row["uniform_mem"] <= res["budget_bits"] and row["nce_mem"] <= res["budget_bits"]
     assert (tmp_path / "budget.md").is_file()
+
+
+def test_counting_bits_runs_no_forward_pass():
+    """LSQ initialises its step from the first input it sees: counting the cost must not feed it zeros."""
+    sn = SuperNet("resnet8", 1, 10, 16, cap=1.2)
+    quantize(sn.net, {"weight": {"name": "lsq", "bits": 2}, "act": {"name": "lsq", "bits": 2}})
+    sn.set_bits_table(layer_bits(sn.net))
+    assert sn.structure.weight_bits == 2 and sn.structure.act_bits == 2
+    acts = [m.input_quantizer for m in sn.net.modules() if hasattr(m, "input_quantizer")]
+    assert acts and not any(bool(q.initialized) for q in acts)

@@ -316,15 +316,14 @@ class SuperNet:
         return torch.zeros(1, c, h, w)
 
     def set_bits_table(self, bits: dict[str, LayerBits]) -> None:
-        """Count the cost at these per-layer bits (``lowbit.quantize.layer_bits`` of the quantized net)."""
-        was = self._mask
-        self._mask = None
-        st = build_structure(self.net, self.base, self.ratios, self.expand, self.example().to(self.device), bits)
-        self._mask = was
-        for g_new, g in zip(st.groups, self.groups):
-            g_new.active = g.active
-        st.groups = self.groups
-        self.structure = st
+        """Count the cost at these per-layer bits (``lowbit.quantize.layer_bits`` of the quantized net).
+        No forward pass: a first call would initialise data-dependent quantizers (LSQ's step)."""
+        st = self.structure
+        for ly in st.layers:
+            lb = bits.get(ly.name)
+            ly.w_bits = lb.w_bits if lb is not None else FP_BITS
+        st.act_bits = max((lb.a_bits for lb in bits.values()), default=FP_BITS)
+        st.weight_bits = max((lb.w_bits for lb in bits.values()), default=FP_BITS)
 
     @property
     def device(self) -> torch.device:
