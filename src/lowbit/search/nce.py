@@ -353,10 +353,8 @@ def plot_search(res: NCEResult, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for g in res.groups for n in g]
     base = {n: b for g, b in zip(res.groups, res.base) for n in g}
-    order = [n for n in res.channels]  # registration order of the free layers
-    order = sorted(order, key=names.index) if set(order) == set(names) else order
+    order = list(res.channels)  # registration order of the free layers
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(order)), 3.5))
     xs = range(len(order))
     ax.bar([x - 0.2 for x in xs], [base[n] for n in order], 0.4, label="original", color="0.6")

@@ -400,8 +400,10 @@ class SuperNet:
         return structure_cost(self.structure, widths)
 
     def channels(self, widths: list[int]) -> dict[str, int]:
-        """``model.channels`` of the network with these group widths (every free layer listed)."""
-        return {n: int(w) for g, w in zip(self.groups, widths) for n in g.layers}
+        """``model.channels`` of the network with these group widths (every free layer listed, in the
+        model's registration order)."""
+        of = {n: int(w) for g, w in zip(self.groups, widths) for n in g.layers}
+        return {n: of[n] for n in self.base}
 
     # -- NCE's expansion rule -------------------------------------------------------------------
     @torch.no_grad()
