@@ -167,3 +167,12 @@ def test_counting_bits_runs_no_forward_pass():
     assert sn.structure.weight_bits == 2 and sn.structure.act_bits == 2
     acts = [m.input_quantizer for m in sn.net.modules() if hasattr(m, "input_quantizer")]
     assert acts and not any(bool(q.initialized) for q in acts)
+
+
+@pytest.mark.parametrize("extra,msg", [(["--threshold", "0"], "threshold must be in (0, 1]"),
+                                       (["plan.method={name: binaryrelax}"], "NCE searches with plain STE"),
+                                       (["model.name=mobilenetv2"], "NCE supports the ResNets")])
+def test_bad_input_is_one_line(capsys, extra, msg):
+    rc = main(["search", "nce", "configs/nce_resnet8_w2a2.yaml", "data.limit=50", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("lowbit: error: ") and msg in err[0], err

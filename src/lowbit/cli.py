@@ -216,9 +216,9 @@ def cmd_search_nce(args) -> int:
     opts = NCEOptions(warmup_epochs=args.warmup, epochs=args.epochs, threshold=args.threshold, target=args.target,
                       target_value=args.target_value, cap=args.cap, arch_lr=args.arch_lr)
     out = Path(args.out) if args.out else Path(cfg.out_dir) / f"{cfg.name}-nce-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"search folder: {out}", file=sys.stderr)
     res = search_nce(cfg, opts, out, progress=cfg.train.progress)
     print(format_result(res))
+    print(f"search folder   {out}  (search.json, widths.png, expansions.png)")
     print(f"derived config  {out / 'derived.yaml'}  (train it: lowbit train {out / 'derived.yaml'})")
     if args.train:
         from .train import format_summary, run
