@@ -137,10 +137,10 @@ def table(out: Path) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["bits"], r["row"]), []).append(r)
-    order = {"original": 0, "WRPN uniform": 1, "random": 2}
+    order = {"original": 0, "WRPN uniform": 2, "random": 3}  # NCE rows: 1
     lines = ["| bits | row | n | test acc % (mean ± std) | MACs (M) | params (k) | Mem 002 (KiB) | search / train |",
              "|---|---|---|---|---|---|---|---|"]
-    for (bits, name), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], -1), kv[0][1])):
+    for (bits, name), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 1), kv[0][1])):
         accs = [100 * r["test_acc"] for r in rs]
         sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
         ratio = [r["search_over_train"] for r in rs if "search_over_train" in r]
