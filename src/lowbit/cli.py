@@ -10,6 +10,8 @@
     lowbit report attention RUN_DIR | loss-surface CONFIG   003 Figures 3 and 4
     lowbit report sinreq RUN_DIR                         001: weight histogram at the levels, learned bits
     lowbit budget --model M --bits ... --ratio C         002's widest-network-per-precision under a budget
+    lowbit search nce CONFIG [key=value ...] [--train]   004: neural channel expansion -> per-layer widths
+    lowbit search nce-budget CONFIG --bits ... --ratio C 002 x 004: NCE widths vs uniform widths per precision
     lowbit list                                          registered models, datasets, quantizers, methods
 
 Every user error (unknown name, bits out of range, missing file, wrong type) prints one line
@@ -207,6 +209,43 @@ def cmd_budget(args) -> int:
     return 0
 
 
+def cmd_search_nce(args) -> int:
+    from .search.nce import NCEOptions, format_result, search_nce
+
+    cfg = _load_cfg(args.config, args.overrides)
+    opts = NCEOptions(warmup_epochs=args.warmup, epochs=args.epochs, threshold=args.threshold, target=args.target,
+                      target_value=args.target_value, cap=args.cap, arch_lr=args.arch_lr)
+    out = Path(args.out) if args.out else Path(cfg.out_dir) / f"{cfg.name}-nce-{time.strftime('%Y%m%d-%H%M%S')}"
+    res = search_nce(cfg, opts, out, progress=cfg.train.progress)
+    print(format_result(res))
+    print(f"search folder   {out}  (search.json, widths.png, expansions.png)")
+    print(f"derived config  {out / 'derived.yaml'}  (train it: lowbit train {out / 'derived.yaml'})")
+    if args.train:
+        from .train import format_summary, run
+
+        t0 = time.perf_counter()
+        r = run(res.config, out / "train")
+        seconds = time.perf_counter() - t0
+        print(format_summary(r.summary))
+        print(f"search time     {res.search_seconds:.1f} s = {res.search_seconds / seconds:.2f}x this training run "
+              f"({seconds:.1f} s)")
+    return 0
+
+
+def cmd_search_nce_budget(args) -> int:
+    from .search.nce import NCEOptions, format_budget, nce_budget
+
+    cfg = _load_cfg(args.config, args.overrides)
+    opts = NCEOptions(warmup_epochs=args.warmup, epochs=args.epochs, threshold=args.threshold, cap=args.cap,
+                      arch_lr=args.arch_lr)
+    out = Path(args.out) if args.out else Path(cfg.out_dir) / f"{cfg.name}-nce-budget-{time.strftime('%Y%m%d-%H%M%S')}"
+    res = nce_budget(cfg, args.bits, ratio=args.ratio, budget_kib=args.budget_kib, opts=opts, out_dir=out,
+                     train=not args.no_train, progress=cfg.train.progress)
+    print(format_budget(res))
+    print(f"results: {out / 'budget.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Train, measure and export low-bit quantized CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -263,6 +302,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, help="cap the training set in the emitted suite")
     g.add_argument("--out", help="the emitted suite's output folder (default bench_out/NAME)")
     g.set_defaults(func=cmd_budget)
+    se = sub.add_parser("search", help="searches over the network: nce (004 channel expansion)")
+    search = se.add_subparsers(dest="search_command", required=True)  # one subcommand per search
+    n = search.add_parser("nce", help="004: neural channel expansion; writes derived.yaml with model.channels")
+    n.add_argument("config", help="YAML config (model, data, plan, train settings of the search)")
+    n.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values)")
+    n.add_argument("--out", help="search folder (default: OUT_DIR/NAME-nce-TIMESTAMP)")
+    n.add_argument("--warmup", type=int, default=1, help="warm-up epochs (uniformly sampled widths)")
+    n.add_argument("--epochs", type=int, default=3, help="search epochs (alternating weight/architecture steps)")
+    n.add_argument("--threshold", type=float, default=0.3, help="T: expand when p(widest candidate) >= T")
+    n.add_argument("--target", default="macs", choices=["macs", "flops", "params", "mem"],
+                   help="resource (flops = MACs; mem = 002's memory at the plan's bits)")
+    n.add_argument("--target-value", type=float, help="default: the original network's cost")
+    n.add_argument("--cap", type=float, default=2.0, help="widest candidate, x the original width")
+    n.add_argument("--arch-lr", type=float, default=0.02, help="Adam lr of the architecture logits")
+    n.add_argument("--train", action="store_true", help="then train the derived network (into OUT/train)")
+    n.set_defaults(func=cmd_search_nce)
+    nb = search.add_parser("nce-budget", help="002 x 004: per precision, NCE widths vs uniform widths at one memory budget")
+    nb.add_argument("config", help="YAML config (model, data, train settings; the plan's bits are set per row)")
+    nb.add_argument("overrides", nargs="*")
+    nb.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4, 8])
+    grp = nb.add_mutually_exclusive_group(required=True)
+    grp.add_argument("--ratio", type=float, help="budget M = M0 / RATIO (M0: the FP32 width-1 model)")
+    grp.add_argument("--budget-kib", type=float, help="absolute budget in KiB")
+    nb.add_argument("--out", help="output folder")
+    nb.add_argument("--warmup", type=int, default=1)
+    nb.add_argument("--epochs", type=int, default=2, help="search epochs")
+    nb.add_argument("--threshold", type=float, default=0.3)
+    nb.add_argument("--cap", type=float, default=2.0, help="at least; raised to 1.25 x the uniform width")
+    nb.add_argument("--arch-lr", type=float, default=0.02)
+    nb.add_argument("--no-train", action="store_true", help="search only (no training of either network)")
+    nb.set_defaults(func=cmd_search_nce_budget)
     ls = sub.add_parser("list", help="registered models, datasets, quantizers and methods")
     ls.set_defaults(func=cmd_list)
     return p
