@@ -6,7 +6,7 @@ and the training-memory table.
     python benchmarks/ondevice_table.py memory                  # measured peak memory of one step vs the cost model
     python benchmarks/ondevice_table.py table                   # README.md from what finished
 
-Each run is a `lowbit.run` folder under benchmarks/results/ondevice/runs/<row>-s<seed>/ (skipped when its
+Each run is a `lowbit.run` folder under benchmarks/results/ondevice/train/<row>-s<seed>/ (skipped when its
 summary.json exists, so a killed sweep resumes); protocol 002: test accuracy at the best-validation epoch
 (5% of the training slice held out).
 """
@@ -48,7 +48,7 @@ def _local_rows() -> dict[str, dict]:
 PARTS = {"niti": _niti_rows, "local": _local_rows}
 
 
-def run_rows(part: str, seeds: list[int], rows: list[str] | None, overrides: list[str]) -> None:
+def run_rows(part: str, seeds: list[int], rows: list[str] | None, overrides: list[str], tag: str = "") -> None:
     import torch
 
     from lowbit import load_config, run
@@ -59,7 +59,7 @@ def run_rows(part: str, seeds: list[int], rows: list[str] | None, overrides: lis
         for row, cfg_dict in PARTS[part]().items():
             if rows and row not in rows:
                 continue
-            d = OUT / "runs" / f"{row}-s{seed}"
+            d = OUT / "train" / f"{row}{tag}-s{seed}"
             if (d / "summary.json").is_file():
                 continue
             d.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,8 @@ def run_rows(part: str, seeds: list[int], rows: list[str] | None, overrides: lis
             cfg = load_config(d / "input.yaml", overrides)
             t0 = time.perf_counter()
             run(cfg, d)
-            extra = {"wall_s": time.perf_counter() - t0, "part": part, "row": row, "seed": seed}
+            extra = {"wall_s": time.perf_counter() - t0, "part": part, "row": row + tag, "seed": seed,
+                     "overrides": overrides}
             if cfg.plan.method.name == "niti":  # the integer network's own accuracy (what a device runs)
                 from lowbit.methods.niti import integer_evaluate
                 from lowbit.train import load_run
@@ -90,13 +91,14 @@ def _mean_std(v: list[float]) -> str:
 
 def table() -> str:
     rows: dict[str, list[dict]] = {}
-    for f in sorted((OUT / "runs").glob("*/ondevice.json")):
+    for f in sorted((OUT / "train").glob("*/ondevice.json")):
         r = json.loads(f.read_text())
         rows.setdefault(r["row"], []).append(r)
     lines = ["| part | row | test error % (float twin) | test error % (integer inference) | runs | wall s / run |",
              "|---|---|---|---|---|---|"]
     for part, fn in PARTS.items():
-        for row in fn():
+        names = [r for base in fn() for r in sorted(rows) if r == base or r.startswith(base + "-")] or list(fn())
+        for row in dict.fromkeys(names):
             rs = rows.get(row, [])
             err = [100 * (1 - r["test_acc"]) for r in rs]
             ierr = [100 * (1 - r["integer_test_acc"]) for r in rs if "integer_test_acc" in r]
@@ -112,17 +114,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rows", nargs="*", default=None)
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value for every run")
+    ap.add_argument("--tag", default="", help="suffix of the row names (runs with other settings)")
     a = ap.parse_args()
     if a.part == "memory":
-        from lowbit.ondevice.memory import memory_table
+        from lowbit.ondevice.memory import memory_table, table_002
 
+        (OUT / "table_002.json").write_text(json.dumps(table_002(), indent=1))
         memory_table(OUT)
     elif a.part == "table":
         t = table()
         (OUT / "accuracy.md").write_text(t + "\n")
         print(t)
     else:
-        run_rows(a.part, a.seeds, a.rows, a.set)
+        run_rows(a.part, a.seeds, a.rows, a.set, a.tag)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,10 @@ class IntT:
 
 def max_abs(x: Tensor) -> int:
     """``max |x|`` as a Python int (0 for an empty tensor)."""
-    return int(x.abs().max().item()) if x.numel() else 0
+    if not x.numel():
+        return 0
+    lo, hi = torch.aminmax(x)  # no full-size |x| temporary
+    return max(-int(lo), int(hi))
 
 
 def round_shift(x: Tensor, s: int) -> Tensor:

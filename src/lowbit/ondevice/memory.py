@@ -281,7 +281,8 @@ def format_memory(rows: list[dict]) -> str:
     lines = ["| model | mode | bits | batch | measured peak MB | of which persistent MB | model MB | "
              "model: params / optimizer / activations MB | measured / model |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    order = {m: i for i, m in enumerate(dict.fromkeys(mode for mode, _ in MODES))}
+    for r in sorted(rows, key=lambda r: (r["model"], r["batch"], order.get(r["mode"], 99), r["bits"])):
         mb = r["model_bytes"]
         lines.append(
             f"| {r['model']}{'' if r['width'] == 1 else ' x' + str(r['width'])} | {r['mode']} | {r['bits']} | {r['batch']} | "
