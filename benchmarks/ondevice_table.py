@@ -49,6 +49,7 @@ PARTS = {"niti": _niti_rows, "local": _local_rows}
 
 
 def run_rows(part: str, seeds: list[int], rows: list[str] | None, overrides: list[str], tag: str = "") -> None:
+    tag = f"-{tag}" if tag else ""
     import torch
 
     from lowbit import load_config, run
@@ -114,7 +115,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rows", nargs="*", default=None)
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value for every run")
-    ap.add_argument("--tag", default="", help="suffix of the row names (runs with other settings)")
+    ap.add_argument("--tag", default="", help="suffix of the row names for runs with other settings (e.g. long)")
     a = ap.parse_args()
     if a.part == "memory":
         from lowbit.ondevice.memory import memory_table, table_002
