@@ -202,7 +202,7 @@ def test_unknown_keyword():
     assert "resnet20" in msg and "depth" in msg and "width" in msg
     with pytest.raises(ConfigError, match="batch_norm"):
         create_model("lenet5", bn=True)
-    assert model_keywords("lenet5") == ["width", "batch_norm", "channels"]
+    assert model_keywords("lenet5") == ["width", "batch_norm", "channels", "bias"]
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)

@@ -32,7 +32,7 @@ class LeNet5(nn.Module):
     max-pool 2 -> flatten -> fc 120w -> ReLU -> fc 84w -> ReLU -> fc num_classes, where ``w`` is
     ``width``. conv1 has padding 2 when the image is at most 28x28 (so 28x28 and 32x32 inputs both
     give 5x5 maps before the flatten, as in the paper), else no padding. ``batch_norm`` adds BN
-    after each conv (which then has no bias). The first fc layer's input size follows from
+    after each conv (which then has no bias); ``bias=False`` drops every bias (NITI). The first fc layer's input size follows from
     ``image_size``, so the model only accepts inputs of that size. ``channels`` may set the out
     channels of both convs and of the two hidden fc layers (``features.0``, ``features.3`` or
     ``features.4`` with BN, ``classifier.0``, ``classifier.2``; see :mod:`lowbit.models.channels`).
@@ -46,6 +46,7 @@ class LeNet5(nn.Module):
         width: float = 1.0,
         batch_norm: bool = False,
         channels: LayerChannels | None = None,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         plan = channels if channels is not None else LayerChannels(type(self).__name__, width=width)
@@ -58,7 +59,7 @@ class LeNet5(nn.Module):
         f2 = plan.out("classifier.2", scale_channels(84, width))
 
         def conv_block(cin: int, cout: int, pad: int) -> list[nn.Module]:
-            layers: list[nn.Module] = [nn.Conv2d(cin, cout, 5, padding=pad, bias=not batch_norm)]
+            layers: list[nn.Module] = [nn.Conv2d(cin, cout, 5, padding=pad, bias=bias and not batch_norm)]
             if batch_norm:
                 layers.append(nn.BatchNorm2d(cout))
             return layers + [nn.ReLU(inplace=False), nn.MaxPool2d(2, 2)]
@@ -67,11 +68,11 @@ class LeNet5(nn.Module):
         self.flatten = nn.Flatten(1)
         flat = c2 * _lenet_feature_side(height, padding) * _lenet_feature_side(wide, padding)
         self.classifier = nn.Sequential(
-            nn.Linear(flat, f1),
+            nn.Linear(flat, f1, bias=bias),
             nn.ReLU(inplace=False),
-            nn.Linear(f1, f2),
+            nn.Linear(f1, f2, bias=bias),
             nn.ReLU(inplace=False),
-            nn.Linear(f2, num_classes),
+            nn.Linear(f2, num_classes, bias=bias),
         )
         init_weights(self)
         plan.check(self)
@@ -82,12 +83,14 @@ class LeNet5(nn.Module):
 
 @register_model("lenet5")
 def lenet5(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-           width: float = 1.0, batch_norm: bool = False, channels: dict[str, int] | None = None) -> LeNet5:
+           width: float = 1.0, batch_norm: bool = False, channels: dict[str, int] | None = None,
+           bias: bool = True) -> LeNet5:
     """LeNet-5 (ReLU, max-pool), optional BN after the convs, channels scaled by ``width``, or
     per-layer ``channels``."""
     width = check_width("lenet5", width)
     batch_norm = check_bool("lenet5", "batch_norm", batch_norm)
+    bias = check_bool("lenet5", "bias", bias)
     size = check_min_image_size(
         "lenet5", image_size, LENET_MIN_IMAGE_SIZE, "two 5x5 convs and two 2x2 max-pools"
     )
-    return LeNet5(in_channels, num_classes, size, width, batch_norm, LayerChannels("lenet5", channels, width))
+    return LeNet5(in_channels, num_classes, size, width, batch_norm, LayerChannels("lenet5", channels, width), bias)

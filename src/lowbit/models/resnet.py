@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
-from lowbit.models._common import check_min_image_size, check_width, init_weights, scale_channels
+from lowbit.models._common import check_bool, check_min_image_size, check_width, init_weights, scale_channels
 from lowbit.models.channels import LayerChannels
 from lowbit.models.registry import register_model
 
@@ -39,18 +39,19 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, activation: str = "relu",
-                 mid_channels: int | None = None) -> None:
+                 mid_channels: int | None = None, batch_norm: bool = True) -> None:
         super().__init__()
         mid = out_channels if mid_channels is None else mid_channels
         self.conv1 = nn.Conv2d(in_channels, mid, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
+        norm = nn.BatchNorm2d if batch_norm else (lambda c: nn.Identity())
+        self.bn1 = norm(mid)
         self.relu1 = make_activation(activation)
         self.conv2 = nn.Conv2d(mid, out_channels, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = norm(out_channels)
         if stride != 1 or in_channels != out_channels:
             self.shortcut: nn.Module = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
+                norm(out_channels),
             )
         else:
             self.shortcut = nn.Identity()
@@ -79,7 +80,8 @@ class ResNet(nn.Module):
 
     ``channels`` (:class:`~lowbit.models.channels.LayerChannels`) may set each conv's out channels
     (``conv1``, ``layers.S.B.conv1``, ``layers.S.B.conv2``); a block whose input and output then
-    differ gets a projection shortcut.
+    differ gets a projection shortcut. ``batch_norm=False`` puts an identity where each BN was and
+    ``bias=False`` drops the classifier's bias (NITI's integer-only networks have neither).
     """
 
     def __init__(
@@ -91,6 +93,8 @@ class ResNet(nn.Module):
         num_classes: int = 10,
         activation: str = "relu",
         channels: LayerChannels | None = None,
+        batch_norm: bool = True,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         plan = channels if channels is not None else LayerChannels(type(self).__name__)
@@ -98,7 +102,7 @@ class ResNet(nn.Module):
             raise ValueError("stage_channels, blocks_per_stage and stage_strides must have the same length")
         stem_channels = plan.out("conv1", stage_channels[0])
         self.conv1 = nn.Conv2d(in_channels, stem_channels, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_channels)
+        self.bn1 = nn.BatchNorm2d(stem_channels) if batch_norm else nn.Identity()
         self.relu = make_activation(activation)
         stages = []
         channels = stem_channels
@@ -107,13 +111,13 @@ class ResNet(nn.Module):
             for i in range(blocks):
                 mid = plan.out(f"layers.{s}.{i}.conv1", stage_out)
                 out_channels = plan.out(f"layers.{s}.{i}.conv2", stage_out)
-                layers.append(BasicBlock(channels, out_channels, stride if i == 0 else 1, activation, mid))
+                layers.append(BasicBlock(channels, out_channels, stride if i == 0 else 1, activation, mid, batch_norm))
                 channels = out_channels
             stages.append(nn.Sequential(*layers))
         self.layers = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
-        self.fc = nn.Linear(channels, num_classes)
+        self.fc = nn.Linear(channels, num_classes, bias=bias)
         init_weights(self)
         plan.check(self)
 
@@ -131,6 +135,8 @@ def cifar_resnet(
     width: float = 1.0,
     activation: str = "relu",
     channels: dict[str, int] | None = None,
+    batch_norm: bool = True,
+    bias: bool = True,
 ) -> ResNet:
     """CIFAR ResNet of the given ``depth`` = 6n + 2: stages of n BasicBlocks with 16w/32w/64w channels,
     or per-layer ``channels`` (see :mod:`lowbit.models.channels`)."""
@@ -148,35 +154,41 @@ def cifar_resnet(
         num_classes=num_classes,
         activation=activation,
         channels=LayerChannels(name, channels, width),
+        batch_norm=check_bool(name, "batch_norm", batch_norm),
+        bias=check_bool(name, "bias", bias),
     )
 
 
 @register_model("resnet8")
 def resnet8(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-            width: float = 1.0, activation: str = "relu", channels: dict[str, int] | None = None) -> ResNet:
+            width: float = 1.0, activation: str = "relu", channels: dict[str, int] | None = None,
+             batch_norm: bool = True, bias: bool = True) -> ResNet:
     """CIFAR ResNet-8 (n=1), option-B shortcuts."""
-    return cifar_resnet(8, in_channels, num_classes, image_size, width, activation, channels)
+    return cifar_resnet(8, in_channels, num_classes, image_size, width, activation, channels, batch_norm, bias)
 
 
 @register_model("resnet20")
 def resnet20(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-             width: float = 1.0, activation: str = "relu", channels: dict[str, int] | None = None) -> ResNet:
+             width: float = 1.0, activation: str = "relu", channels: dict[str, int] | None = None,
+             batch_norm: bool = True, bias: bool = True) -> ResNet:
     """CIFAR ResNet-20 (n=3), option-B shortcuts."""
-    return cifar_resnet(20, in_channels, num_classes, image_size, width, activation, channels)
+    return cifar_resnet(20, in_channels, num_classes, image_size, width, activation, channels, batch_norm, bias)
 
 
 @register_model("resnet32")
 def resnet32(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-             width: float = 1.0, activation: str = "relu", channels: dict[str, int] | None = None) -> ResNet:
+             width: float = 1.0, activation: str = "relu", channels: dict[str, int] | None = None,
+             batch_norm: bool = True, bias: bool = True) -> ResNet:
     """CIFAR ResNet-32 (n=5), option-B shortcuts."""
-    return cifar_resnet(32, in_channels, num_classes, image_size, width, activation, channels)
+    return cifar_resnet(32, in_channels, num_classes, image_size, width, activation, channels, batch_norm, bias)
 
 
 @register_model("resnet56")
 def resnet56(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-             width: float = 1.0, activation: str = "relu", channels: dict[str, int] | None = None) -> ResNet:
+             width: float = 1.0, activation: str = "relu", channels: dict[str, int] | None = None,
+             batch_norm: bool = True, bias: bool = True) -> ResNet:
     """CIFAR ResNet-56 (n=9), option-B shortcuts."""
-    return cifar_resnet(56, in_channels, num_classes, image_size, width, activation, channels)
+    return cifar_resnet(56, in_channels, num_classes, image_size, width, activation, channels, batch_norm, bias)
 
 
 @register_model("resnet18")

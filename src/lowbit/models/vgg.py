@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.models._common import check_min_image_size, check_width, init_weights, scale_channels
+from lowbit.models._common import check_bool, check_min_image_size, check_width, init_weights, scale_channels
 from lowbit.models.channels import LayerChannels
 from lowbit.models.registry import register_model
 
@@ -23,10 +23,12 @@ class VGGSmall(nn.Module):
     and one linear layer to the classes. (LQ-Net flattens the 4x4x512 map of a 32x32 input instead;
     pooling keeps the classifier independent of the image size.) ``channels`` may set each conv's
     out channels (``features.0``, ``features.3``, ...; see :mod:`lowbit.models.channels`).
+    ``batch_norm=False`` puts an identity where each BN was and ``bias=False`` drops the classifier's
+    bias (NITI's integer-only networks have neither).
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: float = 1.0,
-                 channels: LayerChannels | None = None) -> None:
+                 channels: LayerChannels | None = None, batch_norm: bool = True, bias: bool = True) -> None:
         super().__init__()
         plan = channels if channels is not None else LayerChannels(type(self).__name__, width=width)
         layers: list[nn.Module] = []
@@ -38,14 +40,14 @@ class VGGSmall(nn.Module):
                 out_channels = plan.out(f"features.{len(layers)}", scale_channels(int(item), width))
                 layers += [
                     nn.Conv2d(channels, out_channels, 3, padding=1, bias=False),
-                    nn.BatchNorm2d(out_channels),
+                    nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity(),
                     nn.ReLU(inplace=False),
                 ]
                 channels = out_channels
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
-        self.fc = nn.Linear(channels, num_classes)
+        self.fc = nn.Linear(channels, num_classes, bias=bias)
         init_weights(self)
         plan.check(self)
 
@@ -55,8 +57,12 @@ class VGGSmall(nn.Module):
 
 @register_model("vgg_small")
 def vgg_small(in_channels: int = 3, num_classes: int = 10, image_size: int | tuple[int, int] = 32,
-              width: float = 1.0, channels: dict[str, int] | None = None) -> VGGSmall:
-    """VGG-Small (LQ-Nets), channels scaled by ``width``, or per-layer ``channels``."""
+              width: float = 1.0, channels: dict[str, int] | None = None, batch_norm: bool = True,
+              bias: bool = True) -> VGGSmall:
+    """VGG-Small (LQ-Nets), channels scaled by ``width``, or per-layer ``channels``; optionally
+    without BN / classifier bias."""
     width = check_width("vgg_small", width)
+    batch_norm = check_bool("vgg_small", "batch_norm", batch_norm)
+    bias = check_bool("vgg_small", "bias", bias)
     check_min_image_size("vgg_small", image_size, 8, "three 2x2 max-pools")
-    return VGGSmall(in_channels, num_classes, width, LayerChannels("vgg_small", channels, width))
+    return VGGSmall(in_channels, num_classes, width, LayerChannels("vgg_small", channels, width), batch_norm, bias)

@@ -19,6 +19,7 @@ from .binary import BWNQuantizer, FullPrecision, TWNQuantizer
 from .bnn import BNNQuantizer
 from .centroids import CentroidsQuantizer
 from .lqnet import LQNetQuantizer
+from .pow2int import Pow2IntQuantizer
 from .qnn import QNNQuantizer
 from .sat import SATQuantizer
 from .uniform import (

@@ -1,0 +1,210 @@
+"""Local-loss block training (Nøkland & Eidnes, "Training Neural Networks with Local Error Signals",
+ICML 2019; code anokland/local-loss), seed 002 part 3: blocks trained one by one, "QAT on the block
+being trained".
+
+The model is cut into blocks (:func:`lowbit.ondevice.units.blocks`: a conv/linear layer or a residual
+block with the BN/ReLU/pooling after it); the last layer is the output layer, trained by the task loss.
+Each block ``i`` gets two training-only heads and its own loss, *predsim*::
+
+    loss_i = (1 - β)·CE(pred_i(h_i), y) + β·MSE(R(sim_i(h_i)), R(onehot(y))),   β = 0.99
+
+* ``pred_i``: average-pool to at most ``dim_in_decoder`` features, then a zero-initialised linear layer;
+* ``sim_i``: a 3x3 conv, then the per-channel spatial standard deviation (as the reference code does
+  for maps with more than 3 channels); a flat output is used as it is;
+* ``R(x)``: rows centred and L2-normalised, ``R = x·xᵀ`` clamped to [-1, 1] (an N x N similarity).
+
+A forward hook on each block's last unit computes ``loss_i``, runs its backward at once (the block's
+graph is freed before the next block runs, as in the reference code) and hands the next block the
+*detached* output: no gradient crosses a block boundary. The optimizer steps once per batch over all
+parameters (the blocks' gradients are disjoint). Quantized layers inside a block train by their
+method's straight-through estimator as in backprop QAT (the plan decides the bits).
+
+``greedy=True`` trains one block at a time: the run's steps are split evenly over the blocks; during
+block k's share the earlier blocks are frozen (no graph, BN in eval mode), the forward stops after
+block k, and the output layer is trained (by the task loss) during the last block's share.
+
+The heads live on the method, not in the model: cost, export and ``lowbit info`` never see them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError, TrainingDiverged
+from ..ondevice.units import Block, blocks
+from .base import STE, register_method
+
+
+class _Stop(Exception):
+    """Raised by the hook of the block being trained (greedy): nothing after it needs to run."""
+
+
+def similarity_matrix(x: Tensor) -> Tensor:
+    """Nøkland & Eidnes' adjusted cosine similarity of the rows of ``x`` ((N, C, H, W) maps with more
+    than 3 channels and more than one pixel are first reduced to their per-channel spatial std)."""
+    if x.dim() == 4:
+        x = x.flatten(2).std(dim=2) if x.shape[1] > 3 and x.shape[2] > 1 else x.flatten(1)
+    xc = x - x.mean(dim=1, keepdim=True)
+    xn = xc / (1e-8 + xc.pow(2).sum(1, keepdim=True).sqrt())
+    return (xn @ xn.t()).clamp(-1, 1)
+
+
+class LocalHead(nn.Module):
+    """The training-only heads of one block: ``pred`` (pooled linear classifier, zero-initialised)
+    and ``sim`` (3x3 conv before the similarity matrix; none for a flat output)."""
+
+    def __init__(self, width: int, spatial: bool, num_classes: int, dim_in_decoder: int):
+        super().__init__()
+        if spatial:
+            side = max(1, int(math.sqrt(dim_in_decoder / width)))
+            self.sim: nn.Module = nn.Conv2d(width, width, 3, padding=1, bias=False)
+            self.pred = nn.Sequential(nn.AdaptiveAvgPool2d(side), nn.Flatten(1), nn.Linear(width * side * side, num_classes))
+        else:
+            self.sim = nn.Identity()
+            self.pred = nn.Sequential(nn.Flatten(1), nn.Linear(width, num_classes))
+        nn.init.zeros_(self.pred[-1].weight)
+        nn.init.zeros_(self.pred[-1].bias)
+
+    def forward(self, h: Tensor, y: Tensor, beta: float) -> Tensor:
+        num_classes = self.pred[-1].out_features
+        ry = similarity_matrix(F.one_hot(y, num_classes).to(h.dtype))
+        rh = similarity_matrix(self.sim(h))
+        return (1 - beta) * F.cross_entropy(self.pred(h), y) + beta * F.mse_loss(rh, ry)
+
+
+@register_method("local")
+class LocalLoss(STE):
+    """Local-loss block training (module docstring). Options: ``beta`` (predsim weight of the
+    similarity term, 0.99), ``greedy`` (one block at a time), ``dim_in_decoder`` (features the
+    pred head pools to, at most; the reference code's default 2048 is its smaller setting)."""
+
+    def __init__(self, beta: float = 0.99, greedy: bool = False, dim_in_decoder: int = 2048):
+        super().__init__()
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+            raise ConfigError(f"local: beta must be in [0, 1], got {beta!r}")
+        if not isinstance(greedy, bool):
+            raise ConfigError(f"local: greedy must be true or false, got {greedy!r}")
+        if isinstance(dim_in_decoder, bool) or not isinstance(dim_in_decoder, int) or dim_in_decoder < 1:
+            raise ConfigError(f"local: dim_in_decoder must be an integer >= 1, got {dim_in_decoder!r}")
+        self.beta, self.greedy, self.dim_in_decoder = float(beta), greedy, dim_in_decoder
+        self.heads: nn.ModuleList | None = None
+        self.blocks: list[Block] = []
+        self.output_units: list[nn.Module] = []
+        self._hooks: list = []
+        self._active = False
+        self._y: Tensor | None = None
+        self._stage: int | None = None
+        self._losses: list[Tensor] = []
+
+    # -- the blocks and their heads ------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Cut ``model`` into blocks, build the heads (on the model's device) and hook each block's
+        last unit. Idempotent for the same model."""
+        if self.heads is not None and self._model_id == id(model):
+            return
+        for h in self._hooks:
+            h.remove()
+        bl, out_units = blocks(model)
+        last = [m for _, m in out_units if isinstance(m, nn.Linear)]
+        if not last:
+            raise ConfigError("local-loss training: the model's last layer must be a Linear classifier")
+        num_classes = last[-1].out_features
+        dev = next(model.parameters()).device
+        self.heads = nn.ModuleList(
+            LocalHead(b.width, b.spatial, num_classes, self.dim_in_decoder) for b in bl).to(dev)
+        self.blocks, self.output_units = bl, [m for _, m in out_units]
+        self._hooks = [b.out.register_forward_hook(self._hook(b.index)) for b in bl]
+        self._model_id = id(model)
+
+    def _hook(self, i: int):
+        def hook(module: nn.Module, args, output: Tensor):
+            if not self._active:
+                return None
+            if self._stage is not None and i < self._stage:
+                return output.detach()  # a frozen block: its output carries no graph
+            loss = self.heads[i](output, self._y, self.beta)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"local loss of block {i} became {loss.item()}")
+            if torch.is_grad_enabled():
+                loss.backward()  # this block's graph is freed here
+            self._losses.append(loss.detach())
+            if self._stage is not None and i == self._stage and i < len(self.blocks) - 1:
+                raise _Stop
+            return output.detach()
+
+        return hook
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        self.attach(model)
+        params = [p for p in model.parameters() if p.requires_grad] + list(self.heads.parameters())
+        return [{"params": params}]
+
+    def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
+        super().setup(model, total_steps, steps_per_epoch)
+        self.attach(model)
+        self.heads.to(next(model.parameters()).device)
+
+    # -- greedy schedule ---------------------------------------------------------------------------------
+    def stage_of(self, step: int) -> int | None:
+        if not self.greedy:
+            return None
+        return min(len(self.blocks) - 1, step * len(self.blocks) // max(self.total_steps, 1))
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        stage = self.stage_of(step)
+        if stage != self._stage or step == 0:
+            self._stage = stage
+            if stage is not None:
+                for b in self.blocks:
+                    for m in b.modules:
+                        m.requires_grad_(b.index == stage)
+                for m in self.output_units:
+                    m.requires_grad_(stage == len(self.blocks) - 1)
+
+    def log(self) -> dict[str, float]:
+        return {"block": float(self._stage)} if self._stage is not None else {}
+
+    # -- the step -----------------------------------------------------------------------------------------
+    def train_step(self, model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer | None, step: int):
+        from ..fit import StepResult
+
+        x, y = batch[0], batch[1]
+        if self._stage is not None:
+            for b in self.blocks[: self._stage]:
+                for m in b.modules:
+                    m.eval()  # frozen blocks keep their BN statistics
+        optimizer.zero_grad(set_to_none=True)
+        self._y, self._losses, self._active = y, [], True
+        out = None
+        try:
+            out = model(x)
+        except _Stop:
+            pass
+        finally:
+            self._active = False
+        if out is not None:
+            loss = self.loss(model, batch, out)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss became {loss.item()}")
+            if loss.requires_grad:
+                loss.backward()
+        else:
+            loss = self._losses[-1]
+        optimizer.step()
+        return StepResult(loss.detach(), None if out is None else out.detach(), len(x))
+
+    def state_dict(self) -> dict:
+        return {"heads": self.heads.state_dict() if self.heads is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("heads") is not None and self.heads is not None:
+            self.heads.load_state_dict(state["heads"])
+
+    def summary(self, model: nn.Module) -> dict:
+        return {"local_blocks": len(self.blocks), "greedy": self.greedy, "beta": self.beta,
+                "head_params (training only)": sum(p.numel() for p in self.heads.parameters()) if self.heads else 0}

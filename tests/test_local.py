@@ -1,0 +1,117 @@
+"""Local-loss block training (lowbit.methods.local, lowbit.ondevice.units)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.cost import profile
+from lowbit.errors import ConfigError
+from lowbit.ondevice.units import blocks
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+W3A3 = {"weight": {"name": "sawb", "bits": 3}, "act": {"name": "pact", "bits": 3}}
+
+
+def local_model(greedy=False, name="resnet8", method="local"):
+    torch.manual_seed(0)
+    m = lowbit.create_model(name, in_channels=1, num_classes=10, image_size=8, width=0.25)
+    opts = {"greedy": greedy} if method == "local" else {}
+    lowbit.quantize(m, {**W3A3, "method": {"name": method, **opts}})
+    meth = lowbit.quant_state(m).method
+    opt = torch.optim.SGD([p for g in meth.param_groups(m) for p in g["params"]], lr=0.05, momentum=0.9)
+    return m, meth, opt
+
+
+def batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_blocks_of_the_zoo():
+    m = lowbit.create_model("resnet8", in_channels=1, image_size=8)
+    bl, out = blocks(m)
+    assert [b.names for b in bl] == [["conv1", "bn1", "relu"], ["layers.0.0"], ["layers.1.0"],
+                                     ["layers.2.0", "pool", "flatten"]]
+    assert [b.width for b in bl] == [16, 16, 32, 64] and [b.spatial for b in bl] == [True, True, True, False]
+    assert [n for n, _ in out] == ["fc"]
+    v = lowbit.create_model("vgg_small", in_channels=1, image_size=8, width=0.25)
+    assert len(blocks(v)[0]) == 6 and blocks(v)[0][1].names[-1] == "features.6"  # conv bn relu maxpool
+
+
+def test_no_gradient_reaches_an_earlier_block():
+    m, meth, opt = local_model()
+    bl = meth.blocks
+    # block 0's own loss contributes nothing: any gradient in block 0 would have come from a later block
+    real = meth.heads[0].forward
+    meth.heads[0].forward = lambda h, y, beta: 0.0 * real(h, y, beta)
+    seen = []
+    hook = bl[1].modules[0].register_forward_pre_hook(lambda mod, a: seen.append(a[0].requires_grad))
+    meth.setup(m, 10, 10)
+    meth.train_step(m, batch(), opt, 0)
+    hook.remove()
+    assert seen == [False]  # block 1 receives a detached input
+    g0 = [p.grad for b in bl[:1] for mod in b.modules for p in mod.parameters()]
+    g1 = [p.grad for b in bl[1:2] for mod in b.modules for p in mod.parameters()]
+    assert all(g is None or not g.any() for g in g0)
+    assert any(g is not None and g.abs().sum() > 0 for g in g1)
+    # the same model trained by backprop (STE) does get gradients in block 0
+    m2, meth2, opt2 = local_model(method="ste")
+    meth2.train_step(m2, batch(), opt2, 0)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m2.conv1.parameters())
+
+
+def test_heads_are_training_only_not_in_cost_or_export(tmp_path):
+    from lowbit.export import export_model
+
+    m, meth, opt = local_model()
+    ref, _, _ = local_model(method="ste")
+    lowbit.fit(m, [batch(16, s) for s in range(3)], method=meth, optimizer=opt, epochs=1)
+    n_heads = sum(p.numel() for p in meth.heads.parameters())
+    assert n_heads > 0
+    x = torch.randn(2, 1, 8, 8)
+    assert profile(m, x, lowbit.layer_bits(m)).params == profile(ref, x, lowbit.layer_bits(ref)).params
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ref.parameters())
+    assert "head" not in lowbit.quant_state(m).table()
+    rep = export_model(m, torch.randn(8, 1, 8, 8), tmp_path, formats=("packed",))
+    assert rep["numpy"]["agreement"] == 1.0
+    assert len(rep["layers"]) == sum(isinstance(mod, (nn.Conv2d, nn.Linear)) for mod in m.modules())
+
+
+def test_greedy_trains_one_block_at_a_time():
+    m, meth, opt = local_model(greedy=True)
+    n = len(meth.blocks)
+    meth.setup(m, 4 * n, 4)
+    meth.on_step(m, 4)  # stage 1
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    res = meth.train_step(m, batch(), opt, 4)
+    assert res.output is None  # the forward stopped after block 1
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("layers.0.0.") for k in changed), sorted(changed)[:5]
+    meth.on_step(m, 4 * n - 1)  # last stage: the last block and the output layer
+    res = meth.train_step(m, batch(), opt, 4 * n - 1)
+    assert res.output is not None and m.fc.weight.grad is not None
+
+
+def test_local_loss_learns_digits():
+    from lowbit.data import BatchLoader, load_dataset
+
+    d = load_dataset("digits")
+    train = [b for _, b in zip(range(12), BatchLoader(d.train, d.info, 64, shuffle=True, seed=0))]
+    m, meth, _ = local_model()
+    opt = torch.optim.Adam([p for g in meth.param_groups(m) for p in g["params"]], lr=0.01)
+    hist = lowbit.fit(m, train, method=meth, optimizer=opt, epochs=3,
+                      val_batches=BatchLoader(d.test, d.info, 400))
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert hist[-1]["val_acc"] > 0.35  # chance is 0.1
+
+
+def test_local_options_are_checked():
+    with pytest.raises(ConfigError, match="beta"):
+        lowbit.methods.build_method("local", beta=1.5)
+    with pytest.raises(ConfigError, match="greedy"):
+        lowbit.methods.build_method("local", greedy="yes")
