@@ -10,6 +10,7 @@
     lowbit report attention RUN_DIR | loss-surface CONFIG   003 Figures 3 and 4
     lowbit report sinreq RUN_DIR                         001: weight histogram at the levels, learned bits
     lowbit budget --model M --bits ... --ratio C         002's widest-network-per-precision under a budget
+    lowbit search releq CONFIG [key=value ...] --out DIR [--resume]   001's ReLeQ bit search + baselines
     lowbit list                                          registered models, datasets, quantizers, methods
 
 Every user error (unknown name, bits out of range, missing file, wrong type) prints one line
@@ -207,6 +208,20 @@ def cmd_budget(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from .search.releq import format_result, load_search_config, search
+
+    if args.kind != "releq":
+        raise LowbitError(f"unknown search '{args.kind}'; available: releq")
+    cfg, opts = load_search_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.out_dir) / f"{cfg.name}-releq"
+    print(f"search folder: {out}", file=sys.stderr)
+    res = search(cfg, opts, out, resume=args.resume)
+    print(format_result(res))
+    print(f"plans: {out}/plans/*.yaml (fine-tune with `lowbit train PLAN`); result: {out}/result.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Train, measure and export low-bit quantized CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -263,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, help="cap the training set in the emitted suite")
     g.add_argument("--out", help="the emitted suite's output folder (default bench_out/NAME)")
     g.set_defaults(func=cmd_budget)
+    se = sub.add_parser("search", help="001: ReLeQ per-layer bit search (PPO) with baselines and budgets")
+    se.add_argument("kind", choices=["releq"])
+    se.add_argument("config", help="search config (a training config with a releq: section)")
+    se.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values)")
+    se.add_argument("--out", help="search folder (default OUT_DIR/NAME-releq)")
+    se.add_argument("--resume", action="store_true", help="continue the search in --out")
+    se.set_defaults(func=cmd_search)
     ls = sub.add_parser("list", help="registered models, datasets, quantizers and methods")
     ls.set_defaults(func=cmd_list)
     return p
