@@ -106,7 +106,9 @@ def test_cache_returns_same_accuracy_without_training(tmp_path):
     assert ev.fits == 2
     again = BitEvaluator(spec, tmp_path / "cache.jsonl")  # a new process: the cache is on disk
     assert again.accuracies([(2, 4, 8), (8, 8, 2)]) == [a, b] and again.fits == 0
+    rng = torch.random.get_rng_state()
     assert ev.compute((2, 4, 8))["acc"] == a  # deterministic: the same bits give the same accuracy
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the agent's generator is left alone
     with pytest.raises(ConfigError, match="expected 3 bit widths"):
         ev.accuracy((2, 4))
 

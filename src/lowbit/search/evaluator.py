@@ -117,12 +117,13 @@ class BitEvaluator:
         model = self.model
         model.load_state_dict(self.start)
         set_bits(model, {n: int(b) for n, b in zip(self.spec.layers, bits)})
-        torch.manual_seed(self.spec.seed)
-        if self.train_batches:
-            t = self.cfg.train.model_copy(update={"lr": self.spec.finetune_lr})
-            fit(model, self.train_batches, optimizer=build_optimizer(model, t), epochs=1)
-            self.fits += 1
-        res = evaluate(model, self.val)
+        with torch.random.fork_rng(devices=[]):  # seeded here, without resetting the caller's generator
+            torch.manual_seed(self.spec.seed)  # (the agent samples its actions from it)
+            if self.train_batches:
+                t = self.cfg.train.model_copy(update={"lr": self.spec.finetune_lr})
+                fit(model, self.train_batches, optimizer=build_optimizer(model, t), epochs=1)
+                self.fits += 1
+            res = evaluate(model, self.val)
         return {"bits": [int(b) for b in bits], "acc": res["acc"], "loss": res["loss"],
                 "seconds": round(time.perf_counter() - t0, 4)}
 
