@@ -7,7 +7,7 @@ accuracy at the best validation epoch. FP32 reference: the search's FP32 start o
 Writes ``OUT/results.jsonl`` (one row per seed x setting x method) and ``OUT/README.md`` (mean ± std
 over seeds). Resumable: finished searches and runs are skipped.
 
-    PYTHONPATH=src python benchmarks/releq_table.py configs/releq_digits.yaml --seeds 0 1 2 \\
+    PYTHONPATH=src python benchmarks/releq_table.py configs/search/releq_digits.yaml --seeds 0 1 2 \\
         --budgets none memory:0.6 --out benchmarks/results/releq/digits
 """
 

@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +145,25 @@ def test_tiny_search_end_to_end(tmp_path):
     assert st["episodes_done"] == 4 and [h["episode"] for h in st["history"]] == [1, 2, 3, 4]
     assert len((out / "cache.jsonl").read_text().splitlines()) >= lines
     assert main(["search", "releq", str(path), "--out", str(out)]) == 2  # refuses to overwrite
+
+
+SEARCH_CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "search").glob("releq_*.yaml"))
+
+
+@pytest.mark.parametrize("path", SEARCH_CONFIGS, ids=[p.stem for p in SEARCH_CONFIGS])
+def test_shipped_search_configs_are_valid(path):
+    from lowbit.search.releq import load_search_config
+
+    cfg, opts = load_search_config(path)
+    assert cfg.name == path.stem and opts.episodes >= 1 and cfg.plan.weight is not None
+
+
+def test_bad_search_config_is_one_line(tmp_path):
+    from lowbit.search.releq import parse_search_config
+
+    with pytest.raises(ConfigError, match=r"releq.episode: unknown field"):
+        parse_search_config({**BASE, "releq": {"episode": 3}})
+    with pytest.raises(ConfigError, match="exactly one of fraction or value"):
+        parse_search_config({**BASE, "releq": {"budget": {"metric": "size"}}})
+    with pytest.raises(ConfigError, match="weight quantizer"):
+        parse_search_config({**BASE, "plan": {}})

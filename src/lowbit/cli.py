@@ -209,7 +209,10 @@ def cmd_budget(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from .search.releq import format_result, load_search_config, search
+    try:
+        from .search.releq import format_result, load_search_config, search
+    except ImportError as e:
+        raise LowbitError(f"lowbit search needs the 'search' extra ({e.name} missing): pip install -e '.[search]'") from None
 
     if args.kind != "releq":
         raise LowbitError(f"unknown search '{args.kind}'; available: releq")

@@ -232,8 +232,6 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
     cfg, acc_fp = fp32_start(cfg, opts, out)
 
     # the evaluator, the layers, the cost model, the budget
-    from ..quantize import quant_state
-
     spec = EvalSpec(cfg.to_dict(), opts.layers, opts.finetune_steps, opts.finetune_lr, seed=opts.seed,
                     threads=torch.get_num_threads())
     ev = BitEvaluator(spec, out / "cache.jsonl", workers=opts.workers)
