@@ -15,6 +15,10 @@ fi
 if ! .venv/bin/python -c "import lowbit, pytest, matplotlib" 2>/dev/null; then
   .venv/bin/pip install -q -e ".[dev,plot]"
 fi
+# the "search" extra (ReLeQ): stable-baselines3 needs torch, already pinned above, so pip keeps it
+if ! .venv/bin/python -c "import gymnasium, stable_baselines3" 2>/dev/null; then
+  .venv/bin/pip install -q -e ".[search]"
+fi
 FMNIST=/usr/share/datasets/fashion-mnist
 if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ] && [ ! -f "$FMNIST/train-images-idx3-ubyte" ]; then
   if [ "$(id -u)" = "0" ]; then

@@ -12,6 +12,7 @@
     lowbit budget --model M --bits ... --ratio C         002's widest-network-per-precision under a budget
     lowbit search nce CONFIG [key=value ...] [--train]   004: neural channel expansion -> per-layer widths
     lowbit search nce-budget CONFIG --bits ... --ratio C 002 x 004: NCE widths vs uniform widths per precision
+    lowbit search releq CONFIG [key=value ...] --out DIR [--resume]   001's ReLeQ bit search + baselines
     lowbit list                                          registered models, datasets, quantizers, methods
 
 Every user error (unknown name, bits out of range, missing file, wrong type) prints one line
@@ -246,6 +247,21 @@ def cmd_search_nce_budget(args) -> int:
     return 0
 
 
+def cmd_search_releq(args) -> int:
+    try:
+        from .search.releq import format_result, load_search_config, search
+    except ImportError as e:
+        raise LowbitError(f"lowbit search needs the 'search' extra ({e.name} missing): pip install -e '.[search]'") from None
+
+    cfg, opts = load_search_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.out_dir) / f"{cfg.name}-releq"
+    print(f"search folder: {out}", file=sys.stderr)
+    res = search(cfg, opts, out, resume=args.resume)
+    print(format_result(res))
+    print(f"plans: {out}/plans/*.yaml (fine-tune with `lowbit train PLAN`); result: {out}/result.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Train, measure and export low-bit quantized CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -302,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, help="cap the training set in the emitted suite")
     g.add_argument("--out", help="the emitted suite's output folder (default bench_out/NAME)")
     g.set_defaults(func=cmd_budget)
-    se = sub.add_parser("search", help="searches over the network: nce (004 channel expansion)")
+    se = sub.add_parser("search", help="searches over the network: nce (004 channel expansion), releq (001 per-layer bits)")
     search = se.add_subparsers(dest="search_command", required=True)  # one subcommand per search
     n = search.add_parser("nce", help="004: neural channel expansion; writes derived.yaml with model.channels")
     n.add_argument("config", help="YAML config (model, data, plan, train settings of the search)")
@@ -333,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--arch-lr", type=float, default=0.02)
     nb.add_argument("--no-train", action="store_true", help="search only (no training of either network)")
     nb.set_defaults(func=cmd_search_nce_budget)
+    rq = search.add_parser("releq", help="001: ReLeQ per-layer bit search (PPO) with baselines and budgets")
+    rq.add_argument("config", help="search config (a training config with a releq: section)")
+    rq.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values)")
+    rq.add_argument("--out", help="search folder (default OUT_DIR/NAME-releq)")
+    rq.add_argument("--resume", action="store_true", help="continue the search in --out")
+    rq.set_defaults(func=cmd_search_releq)
     ls = sub.add_parser("list", help="registered models, datasets, quantizers and methods")
     ls.set_defaults(func=cmd_list)
     return p

@@ -1,0 +1,169 @@
+"""ReLeQ (seed 001): environment, reward, budget wall, evaluation cache, and a tiny search end to end."""
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+gym = pytest.importorskip("gymnasium", reason="the 'search' extra (gymnasium, stable-baselines3) is not installed")
+pytest.importorskip("stable_baselines3", reason="the 'search' extra is not installed")
+
+import lowbit  # noqa: E402
+from lowbit.errors import ConfigError  # noqa: E402
+from lowbit.search.bitcost import BitCost, budget_wall  # noqa: E402
+from lowbit.search.env import ReleqEnv, releq_reward  # noqa: E402
+from lowbit.search.evaluator import BitEvaluator, EvalSpec  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BASE = {"name": "tiny", "model": {"name": "resnet8", "width": 0.25},
+        "data": {"name": "digits", "val_fraction": 0.2, "limit": 300, "augment": False},
+        "plan": {"weight": {"name": "dorefa", "bits": 8}},
+        "train": {"batch_size": 32, "lr": 0.05, "progress": False}}
+LAYERS = ["layers.0.0.conv1", "layers.1.0.conv2", "layers.2.0.conv1"]
+
+
+def fake_acc(bits):
+    return 0.5 + 0.05 * sum(bits) / len(bits)  # deterministic, rises with the bits
+
+
+def test_env_passes_gymnasium_checker():
+    from gymnasium.utils.env_checker import check_env
+
+    env = ReleqEnv(fake_acc, 0.9, np.random.default_rng(0).random((4, 4)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env, skip_render_check=True)
+    assert not [w for w in caught if "gymnasium" in str(w.filename)], [str(w.message) for w in caught]
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (8,) and env.observation_space.contains(obs)
+    total, done, steps = 0.0, False, 0
+    while not done:
+        obs, r, done, trunc, info = env.step(0)  # always 2 bits
+        steps += 1
+    assert steps == 4 and info["bits"] == (2, 2, 2, 2) and info["avg_bits"] == 2
+    assert r == pytest.approx(releq_reward(fake_acc((2,) * 4), 0.9, (2,) * 4))
+    with pytest.raises(ConfigError, match="action"):
+        env.reset()
+        env.step(7)
+
+
+def test_reward_hand_computed():
+    # x = sum(b)/(8L) - 2/8, y = acc/acc_fp, R = 2((1 - x^0.8) y^(1/y) - 0.5), -1 if y < 0.1
+    assert releq_reward(0.9, 1.0, [2, 2]) == pytest.approx(2 * (0.889523 - 0.5), abs=1e-5)  # x = 0
+    assert releq_reward(1.0, 1.0, [8, 8]) == pytest.approx(2 * (1 - 0.794418 - 0.5), abs=1e-5)  # x = 0.75
+    assert releq_reward(0.5, 0.5, [4, 4]) == pytest.approx(2 * (1 - 0.329877 - 0.5), abs=1e-5)  # x = 0.25
+    assert releq_reward(0.09, 1.0, [2, 2]) == -1.0
+    assert releq_reward(0.1, 1.0, [2, 2]) > -1.0
+    # lower bits at equal accuracy, and higher accuracy at equal bits, are both better
+    assert releq_reward(0.9, 1.0, [3, 3]) > releq_reward(0.9, 1.0, [5, 3])
+    assert releq_reward(0.95, 1.0, [3, 3]) > releq_reward(0.9, 1.0, [3, 3])
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    data = lowbit.load_dataset("digits", limit=300, val_fraction=0.2)
+    model = lowbit.create_model("resnet8", in_channels=1, num_classes=10, image_size=(8, 8), width=0.25)
+    lowbit.quantize(model, {"weight": {"name": "dorefa", "bits": 8}, "keep_first": False, "keep_last": False})
+    return model, data
+
+
+def test_budget_wall_always_within_budget(tiny_model):
+    model, _ = tiny_model
+    names = [lp.name for lp in lowbit.quant_state(model).layers]
+    cost = BitCost(model, names, torch.zeros(1, 1, 8, 8))
+    choices = [2, 3, 4, 5, 8]
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # the linear cost model equals lowbit.cost.profile
+        bits = rng.choice(choices, len(names))
+        assert cost.costs(bits) == pytest.approx(cost.measured(bits), rel=1e-12)
+    for metric in ("size", "memory", "bitops"):
+        lo = cost.cost([2] * len(names), metric) / cost.cost([8] * len(names), metric)
+        for _ in range(40):
+            budget = cost.budget(metric, choices, fraction=float(rng.uniform(lo, 1.0)))
+            bits = tuple(int(b) for b in rng.choice(choices, len(names)))
+            out = budget_wall(bits, choices, cost, budget)
+            assert cost.cost(out, metric) <= budget.limit
+            assert all(o in choices and o <= b for o, b in zip(out, bits))
+            if cost.cost(bits, metric) <= budget.limit:
+                assert out == bits
+            else:
+                assert out != bits
+    with pytest.raises(ConfigError, match="below the cost"):
+        cost.budget("size", choices, fraction=0.1)
+
+
+def test_cache_returns_same_accuracy_without_training(tmp_path):
+    spec = EvalSpec(BASE, LAYERS, finetune_steps=2, finetune_lr=0.01)
+    ev = BitEvaluator(spec, tmp_path / "cache.jsonl")
+    a = ev.accuracy((2, 4, 8))
+    assert ev.fits == 1 and 0 <= a <= 1
+    assert ev.accuracy([2, 4, 8]) == a and ev.fits == 1
+    b = ev.accuracy((8, 8, 2))
+    assert ev.fits == 2
+    again = BitEvaluator(spec, tmp_path / "cache.jsonl")  # a new process: the cache is on disk
+    assert again.accuracies([(2, 4, 8), (8, 8, 2)]) == [a, b] and again.fits == 0
+    rng = torch.random.get_rng_state()
+    assert ev.compute((2, 4, 8))["acc"] == a  # deterministic: the same bits give the same accuracy
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the agent's generator is left alone
+    with pytest.raises(ConfigError, match="expected 3 bit widths"):
+        ev.accuracy((2, 4))
+
+
+def test_tiny_search_end_to_end(tmp_path):
+    from lowbit.cli import main
+
+    cfg = {**BASE, "releq": {"layers": LAYERS, "episodes": 2, "finetune_steps": 1, "pretrain_epochs": 1,
+                             "final_epochs": 1, "progress": False, "ppo": {"episodes_per_update": 1},
+                             "budget": {"metric": "memory", "fraction": 0.97}}}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "s"
+    assert main(["search", "releq", str(path), "--out", str(out)]) == 0
+    res = json.loads((out / "result.json").read_text())
+    assert set(res["methods"]) == {"releq", "uniform", "random", "sensitivity"}
+    st = json.loads((out / "state.json").read_text())
+    assert st["episodes_done"] == 2 and len(st["history"]) == 2
+    n = res["methods"]["releq"]["evaluations"]
+    assert res["methods"]["random"]["evaluations"] == n
+    for name, m in res["methods"].items():
+        assert m["within_budget"] and m["costs"]["memory"] <= res["budget"]["limit"]
+        assert all(b in (2, 3, 4, 5, 8) for b in m["bits"])
+        plan_cfg = lowbit.load_config(m["plan"])  # what `lowbit train` reads
+        model = lowbit.train.build_model(plan_cfg, lowbit.load_dataset("digits", limit=300, val_fraction=0.2))
+        got = {k: v.weight for k, v in lowbit.layer_bits(model).items() if k in LAYERS}
+        assert got == dict(zip(LAYERS, m["bits"])), name
+    assert (out / "releq_history.png").is_file() and (out / "releq_bits.png").is_file()
+    # resume: two more episodes from the saved agent; the cached evaluations are not redone
+    lines = len((out / "cache.jsonl").read_text().splitlines())
+    assert main(["search", "releq", str(path), "releq.episodes=4", "--out", str(out), "--resume"]) == 0
+    st = json.loads((out / "state.json").read_text())
+    assert st["episodes_done"] == 4 and [h["episode"] for h in st["history"]] == [1, 2, 3, 4]
+    assert len((out / "cache.jsonl").read_text().splitlines()) >= lines
+    assert main(["search", "releq", str(path), "--out", str(out)]) == 2  # refuses to overwrite
+
+
+SEARCH_CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "search").glob("releq_*.yaml"))
+
+
+@pytest.mark.parametrize("path", SEARCH_CONFIGS, ids=[p.stem for p in SEARCH_CONFIGS])
+def test_shipped_search_configs_are_valid(path):
+    from lowbit.search.releq import load_search_config
+
+    cfg, opts = load_search_config(path)
+    assert cfg.name == path.stem and opts.episodes >= 1 and cfg.plan.weight is not None
+
+
+def test_bad_search_config_is_one_line(tmp_path):
+    from lowbit.search.releq import parse_search_config
+
+    with pytest.raises(ConfigError, match=r"releq.episode: unknown field"):
+        parse_search_config({**BASE, "releq": {"episode": 3}})
+    with pytest.raises(ConfigError, match="exactly one of fraction or value"):
+        parse_search_config({**BASE, "releq": {"budget": {"metric": "size"}}})
+    with pytest.raises(ConfigError, match="weight quantizer"):
+        parse_search_config({**BASE, "plan": {}})
