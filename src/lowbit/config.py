@@ -109,6 +109,8 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: knowledge distillation from a teacher, with any method
     distill: DistillConfig | None = None
+    #: under torchrun: BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm; GPUs only)
+    sync_batchnorm: bool = False
 
 
 class Config(_Strict):

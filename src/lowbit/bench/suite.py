@@ -122,13 +122,15 @@ def expand(suite: Suite) -> list[Row]:
     return rows
 
 
-def run_suite(path: str | Path, workers: int = 1, out: str | Path | None = None, dry_run: bool = False) -> dict:
+def run_suite(path: str | Path, workers: int = 1, out: str | Path | None = None, dry_run: bool = False,
+              reuse: bool = False, backend: str = "local", address: str | None = None) -> dict:
     """Run (or, with ``dry_run``, only validate and list) a suite; returns records, table, paths."""
     suite, base, default_out = load_suite(path)
     out = Path(out) if out else default_out
     rows = expand(suite)
     grid = {r.label: r.overrides for r in rows}
-    records = run_grid(grid, base, suite.seeds, out, workers=workers, dry_run=dry_run)
+    records = run_grid(grid, base, suite.seeds, out, workers=workers, dry_run=dry_run, reuse=reuse,
+                       backend=backend, address=address)
     if dry_run:
         return {"rows": [r.label for r in rows], "runs": len(rows) * len(suite.seeds), "out": str(out)}
     meta = {r.label: r.meta for r in rows}
