@@ -125,13 +125,27 @@ def test_a_changed_suite_into_an_old_folder_is_an_error_unless_reuse(tmp_path, c
     assert again["test_acc"] == first["test_acc"] and again["config"]["train"]["lr"] == 0.05
 
 
+def _bench_when(go, suite_path):
+    go.wait()
+    with open(os.devnull, "w") as null:
+        sys.stdout = null
+        code = main(["bench", suite_path])
+    os._exit(code)
+
+
 def test_two_bench_processes_on_one_suite_train_each_row_once(tmp_path):
+    import multiprocessing as mp
+
     p = _suite(tmp_path, rows=("A", "B"))
-    cmd = [sys.executable, "-m", "lowbit.cli", "bench", str(p)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-             for _ in range(2)]
-    outs = [pr.communicate(timeout=300) for pr in procs]
-    assert [pr.returncode for pr in procs] == [0, 0], outs
+    ctx = mp.get_context("fork")  # two processes, without paying torch's import twice
+    go = ctx.Event()
+    procs = [ctx.Process(target=_bench_when, args=(go, str(p))) for _ in range(2)]
+    for pr in procs:
+        pr.start()
+    go.set()  # both start together
+    for pr in procs:
+        pr.join(120)
+    assert [pr.exitcode for pr in procs] == [0, 0]
     lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
     assert sorted(json.loads(x)["row"] for x in lines) == ["A", "B"]  # no duplicate, none interleaved
     for r in "AB":

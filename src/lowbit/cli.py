@@ -59,10 +59,14 @@ def cmd_train(args) -> int:
                 check_fresh(run_dir, cfg.to_yaml())  # never onto other files or an earlier run
         else:  # NAME-TIMESTAMP, made atomically: two runs started in the same second get two folders
             run_dir = shared_run_dir(lambda: new_run_dir(cfg.out_dir, cfg.name, time.strftime('%Y%m%d-%H%M%S')))
-    print(f"run folder: {run_dir}", file=sys.stderr)
+    from .distributed import is_writer
+
+    if is_writer():
+        print(f"run folder: {run_dir}", flush=True)
     res = run(cfg, run_dir, resume=bool(args.resume))
-    print(format_summary(res.summary))
-    print(f"run folder      {run_dir}")
+    if is_writer():  # under torchrun: rank 0 reports
+        print(format_summary(res.summary))
+        print(f"run folder      {run_dir}")
     return 0
 
 
@@ -91,9 +95,11 @@ def cmd_info(args) -> int:
     model = build_model(cfg, data)
     run_ck = Path(args.target) / "best.pt"
     if run_ck.is_file():  # a run folder: describe the trained model, incl. its packed size
-        import torch
+        from .train import checkpoint_fits, load_checkpoint
 
-        final_model(model, torch.load(run_ck, weights_only=False))
+        ck = load_checkpoint(run_ck, config=cfg)
+        with checkpoint_fits(run_ck, Path(args.target)):
+            final_model(model, ck)
 
     state = quant_state(model)
     print(state.table())

@@ -147,15 +147,18 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
     cfg = load_config(run_dir / "config.yaml")
     data = load_data(cfg)
     model = build_model(cfg, data)
-    ck = load_checkpoint(ck_path)
+    ck = load_checkpoint(ck_path, config=cfg)
     with checkpoint_fits(ck_path, run_dir):
         final_model(model, ck)
     model.eval()
     return cfg, data, model, ck
 
 
-def load_checkpoint(path: str | Path, map_location=None) -> dict:
-    """A lowbit checkpoint (best.pt, last.pt); a truncated, corrupt or foreign file is one line."""
+def load_checkpoint(path: str | Path, map_location=None, config: Config | None = None) -> dict:
+    """A lowbit checkpoint (best.pt, last.pt); a truncated, corrupt or foreign file is one line.
+    With ``config``, the config recorded in the checkpoint (if any) must equal it: a run folder
+    whose config.yaml was edited after training (e.g. other bits, same shapes) is an error, not a
+    silently different network."""
     path = Path(path)
     try:
         ck = torch.load(path, weights_only=False, map_location=map_location)
@@ -165,6 +168,14 @@ def load_checkpoint(path: str | Path, map_location=None) -> dict:
                           "or corrupt") from None
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or "epoch" not in ck:
         raise ConfigError(f"{path}: not a lowbit checkpoint (expected a dict with 'model' and 'epoch')")
+    if config is not None and isinstance(ck.get("config"), dict):
+        from .runfolder import _normal, _strip, config_diff
+
+        diff = config_diff(_strip(_normal(ck["config"])), _strip(_normal(config.to_dict())))
+        diff = [d for d in diff if not d.startswith("name:")]
+        if diff:
+            raise ConfigError(f"{path} does not fit {path.parent / 'config.yaml'} (the config was edited after "
+                              f"training: {'; '.join(diff[:2])})")
     return ck
 
 
@@ -239,8 +250,9 @@ class RunFolder:
     split, the last epoch) and ``last.pt`` (everything ``fit(resume=...)`` needs), then the user's
     callbacks (each gets the metrics row; raising from one stops the run there, resumable)."""
 
-    def __init__(self, run_dir: Path, best: dict, user_callbacks=()):
+    def __init__(self, run_dir: Path, best: dict, user_callbacks=(), config: dict | None = None):
         self.run_dir, self.best, self.user = run_dir, best, list(user_callbacks)
+        self.config = config  # recorded in both checkpoints: an edited config.yaml is then caught
 
     def on_epoch_end(self, state: FitState, row: dict) -> None:
         # no validation split (data.val_fraction 0): the last epoch is "best", with no accuracy claimed
@@ -248,10 +260,12 @@ class RunFolder:
         score = float(state.epoch) if no_val else row["val_acc"]
         if self.best.get("epoch", -1) < 0 or score > self.best.get("_score", self.best["val_acc"]):
             self.best = {"val_acc": None if no_val else score, "epoch": state.epoch + 1, "_score": score}
-            _save(self.run_dir / "best.pt", {"model": state.model.state_dict(), "epoch": state.epoch + 1})
+            _save(self.run_dir / "best.pt", {"model": state.model.state_dict(), "epoch": state.epoch + 1,
+                                             **({"config": self.config} if self.config else {})})
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
-        _save(self.run_dir / "last.pt", {**state.checkpoint(), "best": self.best})
+        _save(self.run_dir / "last.pt", {**state.checkpoint(), "best": self.best,
+                                         **({"config": self.config} if self.config else {})})
         for cb in self.user:
             cb(row)
 
@@ -327,7 +341,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
     if resume:
         if not last.is_file():
             raise ConfigError(f"cannot resume: no checkpoint {last}")
-        ck = load_checkpoint(last, map_location=device)
+        ck = load_checkpoint(last, map_location=device, config=cfg)
         if "best" not in ck:
             raise ConfigError(f"{last}: not a last.pt checkpoint (no 'best' record)")
         best = ck["best"]
@@ -347,7 +361,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
         model, method = ddp.setup(model, train_loader, method, device, ck["epoch"] + 1 if ck else 0,
                                   t.sync_batchnorm)
         fit_callbacks.append(ddp.MetricsAcrossRanks())
-    folder = RunFolder(run_dir, best, callbacks or [])
+    folder = RunFolder(run_dir, best, callbacks or [], config=cfg.to_dict())
     if writer:  # one run folder, written by rank 0
         fit_callbacks.append(folder)
     fit(model, train_loader, method, opt, sched, epochs=t.epochs, device=device, callbacks=fit_callbacks,
