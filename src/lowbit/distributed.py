@@ -269,5 +269,5 @@ def setup(model, train_loader, method, device, start_epoch: int, sync_batchnorm:
     train_loader.set_epoch(start_epoch)
     first = next(iter(train_loader))
     prime_quantizers(model, (first[0].to(device), first[1].to(device)))
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=True)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # buffers: rank 0 before every forward (the default)
     return model, distributed_method(method, ddp)
