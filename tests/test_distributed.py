@@ -25,18 +25,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(r: int, world: int, port: int, out: str) -> None:
+def _rank(r: int, world: int, port: int, out: str, data) -> None:
     os.environ.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from lowbit.train import run
 
-    res = run(Config.model_validate(CFG), os.path.join(out, "run"))
+    res = run(Config.model_validate(CFG), os.path.join(out, "run"), data=data)
     torch.save({k: v.detach().clone() for k, v in res.model.state_dict().items()}, os.path.join(out, f"rank{r}.pt"))
 
 
 def test_two_ranks_end_with_identical_quantizer_state_and_one_run_folder(tmp_path):
-    tmp.start_processes(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    from lowbit.train import load_data
+
+    # what the forked ranks would each pay for again: the data, and torch.optim's first-use imports
+    data = load_data(Config.model_validate(CFG))
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    tmp.start_processes(_rank, args=(2, _free_port(), str(tmp_path), data), nprocs=2, start_method="fork")
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert a.keys() == b.keys()
     quant = [k for k in a if "quantizer" in k]
