@@ -6,23 +6,64 @@
 
 Then ``lowbit.fit(model, batches, epochs=3)`` and ``lowbit.evaluate(model, batches)`` from Python
 (no files), or ``lowbit.run(config, run_dir)`` for a run folder.
+
+The names below are imported on first use (PEP 562), so that ``import lowbit.cli`` (``lowbit --help``,
+argument errors) answers without importing torch.
 """
+
+import sys
+from importlib import import_module
+from types import ModuleType
+
+from .errors import ConfigError, DataError, LowbitError, TrainingDiverged
 
 __version__ = "0.1.0"
 
-from .config import Config, load_config
-from .data import load_dataset
-from .errors import ConfigError, DataError, LowbitError, TrainingDiverged
-from .fit import evaluate, fit
-from .models import create_model
-from .plan import Plan
-from .pretrained import load_weights
-from .quant import build_quantizer
-from .quantize import layer_bits, quant_state, quantize, set_bits, unquantize
-from .train import run
+_LAZY = {
+    "Config": ".config", "load_config": ".config", "load_dataset": ".data", "evaluate": ".fit", "fit": ".fit",
+    "create_model": ".models", "Plan": ".plan", "load_weights": ".pretrained", "build_quantizer": ".quant",
+    "layer_bits": ".quantize", "quant_state": ".quantize", "quantize": ".quantize", "set_bits": ".quantize",
+    "unquantize": ".quantize", "run": ".train",
+}
 
 __all__ = [
     "Config", "ConfigError", "DataError", "LowbitError", "Plan", "TrainingDiverged", "build_quantizer",
     "create_model", "evaluate", "fit", "layer_bits", "load_config", "load_dataset", "load_weights", "quant_state",
     "quantize", "run", "set_bits", "unquantize",
 ]
+
+
+class _Lowbit(ModuleType):
+    """``lowbit.fit`` and ``lowbit.quantize`` are the functions, as before, even after their
+    submodules were imported (the import system would otherwise set the attributes to the modules)."""
+
+    @property
+    def fit(self):
+        return import_module(".fit", __name__).fit
+
+    @fit.setter
+    def fit(self, value):
+        pass
+
+    @property
+    def quantize(self):
+        return import_module(".quantize", __name__).quantize
+
+    @quantize.setter
+    def quantize(self, value):
+        pass
+
+
+sys.modules[__name__].__class__ = _Lowbit
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

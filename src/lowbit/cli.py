@@ -53,13 +53,23 @@ def cmd_train(args) -> int:
         if not args.config:
             raise LowbitError("train needs a CONFIG file (or --resume RUN_DIR)")
         cfg = _load_cfg(args.config, args.overrides)
-        run_dir = Path(args.out) if args.out else Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if (run_dir / "last.pt").exists():
-            raise LowbitError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-    print(f"run folder: {run_dir}", file=sys.stderr)
+        from .distributed import is_writer, shared_run_dir
+        from .runfolder import check_fresh, new_run_dir
+
+        if args.out:
+            run_dir = Path(args.out)
+            if is_writer():
+                check_fresh(run_dir, cfg.to_yaml())  # never onto other files or an earlier run
+        else:  # NAME-TIMESTAMP, made atomically: two runs started in the same second get two folders
+            run_dir = shared_run_dir(lambda: new_run_dir(cfg.out_dir, cfg.name, time.strftime('%Y%m%d-%H%M%S')))
+    from .distributed import is_writer
+
+    if is_writer():
+        print(f"run folder: {run_dir}", flush=True)
     res = run(cfg, run_dir, resume=bool(args.resume))
-    print(format_summary(res.summary))
-    print(f"run folder      {run_dir}")
+    if is_writer():  # under torchrun: rank 0 reports
+        print(format_summary(res.summary))
+        print(f"run folder      {run_dir}")
     return 0
 
 
@@ -88,9 +98,11 @@ def cmd_info(args) -> int:
     model = build_model(cfg, data)
     run_ck = Path(args.target) / "best.pt"
     if run_ck.is_file():  # a run folder: describe the trained model, incl. its packed size
-        import torch
+        from .train import checkpoint_fits, load_checkpoint
 
-        final_model(model, torch.load(run_ck, weights_only=False))
+        ck = load_checkpoint(run_ck, config=cfg)
+        with checkpoint_fits(run_ck, Path(args.target)):
+            final_model(model, ck)
 
     state = quant_state(model)
     print(state.table())
@@ -144,7 +156,8 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     from .bench.suite import run_suite
 
-    res = run_suite(args.suite, workers=args.workers, out=args.out, dry_run=args.dry_run)
+    res = run_suite(args.suite, workers=args.workers, out=args.out, dry_run=args.dry_run, reuse=args.reuse,
+                    backend=args.backend, address=args.address)
     if args.dry_run:
         print(f"{res['runs']} runs into {res['out']}:")
         print("\n".join(f"  {r}" for r in res["rows"]))
@@ -262,8 +275,36 @@ def cmd_search_releq(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (``lowbit train: error: ...``), exit status 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(kind, low: float, strict: bool, what: str):
+    import math
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v) or v < low or (strict and v == low):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+
+    parse.__name__ = what
+    return parse
+
+
+_positive_int = _number(int, 0, True, "an integer >= 1")
+_nonneg_int = _number(int, 0, False, "an integer >= 0")
+_positive_float = _number(float, 0.0, True, "a finite number > 0")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowbit", description="Train, measure and export low-bit quantized CNNs.")
+    p = _Parser(prog="lowbit", description="Train, measure and export low-bit quantized CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a config; writes a run folder")
     t.add_argument("config", nargs="?", help="YAML config")
@@ -283,15 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("--format", action="append", help="packed, onnx, c (comma-separated or repeated; default all)")
     x.add_argument("--out", help="output folder (default RUN_DIR/export)")
-    x.add_argument("--limit", type=int, help="check on the first N test images only")
-    x.add_argument("--c-images", type=int, default=8, help="test images run through the compiled C code")
+    x.add_argument("--limit", type=_positive_int, help="check on the first N test images only")
+    x.add_argument("--c-images", type=_positive_int, default=8, help="test images run through the compiled C code")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="run a benchmark suite (methods x bits x models x widths x seeds)")
     b.add_argument("suite", help="suite YAML")
-    b.add_argument("--workers", type=int, default=1, help="runs at once, as separate processes")
+    b.add_argument("--workers", type=_positive_int, default=1, help="runs at once, as separate processes")
     b.add_argument("--out", help="output folder (default: the suite's out, or bench_out/NAME)")
     b.add_argument("--dry-run", action="store_true", help="validate every config and list the runs")
+    b.add_argument("--reuse", action="store_true", help="report finished runs even if their config differs "
+                   "from the suite's (default: an error)")
+    b.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: a process pool (default); ray: each (row, seed) a Ray task (pip install lowbit[cluster])")
+    b.add_argument("--address", help="ray: the cluster to join (default: start a local Ray instance)")
     b.set_defaults(func=cmd_bench)
     r = sub.add_parser("report", help="002's table + plots from results; `attention RUN_DIR`; `loss-surface CONFIG`",
                        description="lowbit report RESULTS [RESULTS ...] | attention RUN_DIR | sinreq RUN_DIR | "
@@ -302,20 +348,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (table) or PNG path (figures)")
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--layer", help="attention, sinreq: the layer to draw (default: the first quantized one)")
-    r.add_argument("--steps", type=int, default=21, help="loss-surface: grid points per direction")
-    r.add_argument("--span", type=float, default=1.0, help="loss-surface: extent along each direction")
+    r.add_argument("--steps", type=_positive_int, default=21, help="loss-surface: grid points per direction")
+    r.add_argument("--span", type=_positive_float, default=1.0, help="loss-surface: extent along each direction")
     r.set_defaults(func=cmd_report)
     g = sub.add_parser("budget", help="002: widest network per precision under a memory budget")
     g.add_argument("--model", default="resnet20")
     g.add_argument("--dataset", default="fashion-mnist")
-    g.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 32])
+    g.add_argument("--bits", type=_positive_int, nargs="+", default=[1, 2, 3, 4, 6, 8, 32])
     grp = g.add_mutually_exclusive_group(required=True)
-    grp.add_argument("--ratio", type=float, help="budget M = M0 / RATIO (M0: the FP32 width-1 model)")
-    grp.add_argument("--budget-kib", type=float, help="absolute budget in KiB")
+    grp.add_argument("--ratio", type=_positive_float, help="budget M = M0 / RATIO (M0: the FP32 width-1 model)")
+    grp.add_argument("--budget-kib", type=_positive_float, help="absolute budget in KiB")
     g.add_argument("--emit", metavar="SUITE.yaml", help="write a bench suite that trains every choice")
-    g.add_argument("--epochs", type=int, default=10, help="epochs in the emitted suite")
-    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds in the emitted suite")
-    g.add_argument("--limit", type=int, help="cap the training set in the emitted suite")
+    g.add_argument("--epochs", type=_positive_int, default=10, help="epochs in the emitted suite")
+    g.add_argument("--seeds", type=_nonneg_int, nargs="+", default=[0, 1, 2], help="seeds in the emitted suite")
+    g.add_argument("--limit", type=_positive_int, help="cap the training set in the emitted suite")
     g.add_argument("--out", help="the emitted suite's output folder (default bench_out/NAME)")
     g.set_defaults(func=cmd_budget)
     se = sub.add_parser("search", help="searches over the network: nce (004 channel expansion), releq (001 per-layer bits)")
@@ -324,29 +370,29 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("config", help="YAML config (model, data, plan, train settings of the search)")
     n.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values)")
     n.add_argument("--out", help="search folder (default: OUT_DIR/NAME-nce-TIMESTAMP)")
-    n.add_argument("--warmup", type=int, default=1, help="warm-up epochs (uniformly sampled widths)")
-    n.add_argument("--epochs", type=int, default=3, help="search epochs (alternating weight/architecture steps)")
-    n.add_argument("--threshold", type=float, default=0.3, help="T: expand when p(widest candidate) >= T")
+    n.add_argument("--warmup", type=_nonneg_int, default=1, help="warm-up epochs (uniformly sampled widths)")
+    n.add_argument("--epochs", type=_positive_int, default=3, help="search epochs (alternating weight/architecture steps)")
+    n.add_argument("--threshold", type=_positive_float, default=0.3, help="T: expand when p(widest candidate) >= T")
     n.add_argument("--target", default="macs", choices=["macs", "flops", "params", "mem"],
                    help="resource (flops = MACs; mem = 002's memory at the plan's bits)")
-    n.add_argument("--target-value", type=float, help="default: the original network's cost")
-    n.add_argument("--cap", type=float, default=2.0, help="widest candidate, x the original width")
-    n.add_argument("--arch-lr", type=float, default=0.02, help="Adam lr of the architecture logits")
+    n.add_argument("--target-value", type=_positive_float, help="default: the original network's cost")
+    n.add_argument("--cap", type=_positive_float, default=2.0, help="widest candidate, x the original width")
+    n.add_argument("--arch-lr", type=_positive_float, default=0.02, help="Adam lr of the architecture logits")
     n.add_argument("--train", action="store_true", help="then train the derived network (into OUT/train)")
     n.set_defaults(func=cmd_search_nce)
     nb = search.add_parser("nce-budget", help="002 x 004: per precision, NCE widths vs uniform widths at one memory budget")
     nb.add_argument("config", help="YAML config (model, data, train settings; the plan's bits are set per row)")
     nb.add_argument("overrides", nargs="*")
-    nb.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4, 8])
+    nb.add_argument("--bits", type=_positive_int, nargs="+", default=[1, 2, 3, 4, 8])
     grp = nb.add_mutually_exclusive_group(required=True)
-    grp.add_argument("--ratio", type=float, help="budget M = M0 / RATIO (M0: the FP32 width-1 model)")
-    grp.add_argument("--budget-kib", type=float, help="absolute budget in KiB")
+    grp.add_argument("--ratio", type=_positive_float, help="budget M = M0 / RATIO (M0: the FP32 width-1 model)")
+    grp.add_argument("--budget-kib", type=_positive_float, help="absolute budget in KiB")
     nb.add_argument("--out", help="output folder")
-    nb.add_argument("--warmup", type=int, default=1)
-    nb.add_argument("--epochs", type=int, default=2, help="search epochs")
-    nb.add_argument("--threshold", type=float, default=0.3)
-    nb.add_argument("--cap", type=float, default=2.0, help="at least; raised to 1.25 x the uniform width")
-    nb.add_argument("--arch-lr", type=float, default=0.02)
+    nb.add_argument("--warmup", type=_nonneg_int, default=1)
+    nb.add_argument("--epochs", type=_positive_int, default=2, help="search epochs")
+    nb.add_argument("--threshold", type=_positive_float, default=0.3)
+    nb.add_argument("--cap", type=_positive_float, default=2.0, help="at least; raised to 1.25 x the uniform width")
+    nb.add_argument("--arch-lr", type=_positive_float, default=0.02)
     nb.add_argument("--no-train", action="store_true", help="search only (no training of either network)")
     nb.set_defaults(func=cmd_search_nce_budget)
     rq = search.add_parser("releq", help="001: ReLeQ per-layer bit search (PPO) with baselines and budgets")

@@ -102,7 +102,7 @@ class TrainConfig(_Strict):
     #: multistep: epochs at which the lr is multiplied by ``gamma``
     milestones: list[int] = Field(default_factory=lambda: [])
     gamma: float = Field(0.1, gt=0, le=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     #: torch threads (None: all cores)
     threads: int | None = Field(None, ge=1)
     progress: bool = True
@@ -114,6 +114,8 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: knowledge distillation from a teacher, with any method
     distill: DistillConfig | None = None
+    #: under torchrun: BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm; GPUs only)
+    sync_batchnorm: bool = False
 
 
 class Config(_Strict):
@@ -160,22 +162,54 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:
+    """A YAML file whose top level is a mapping; every way it can be malformed (missing, a folder,
+    not UTF-8, empty, not YAML, not a mapping) is one line naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} file not found: {p}")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          f"a {what} is a YAML text file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        raise ConfigError(f"{p}: the file is empty (expected a YAML mapping, e.g. `model: {{name: resnet20}}`)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def check_finite(data: Any, where: str) -> None:
+    """NaN or an infinity anywhere in a config (also in quantizer/method options, which are passed
+    on unchecked) is an error naming its field: no number of lowbit's may be non-finite."""
+    import math
+
+    if isinstance(data, float) and not math.isfinite(data):
+        raise ConfigError(f"{where}: {data} is not a finite number")
+    if isinstance(data, dict):
+        for k, v in data.items():
+            check_finite(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            check_finite(v, f"{where}.{i}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
     data: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping")
+        data = read_yaml_mapping(p)
         if "name" not in data:
             data["name"] = p.stem
     data = apply_overrides(data, overrides or [])
+    check_finite(data, "")
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
@@ -215,3 +249,34 @@ def validate_names(cfg: Config) -> None:
         build_method(cfg.plan.method.name, **cfg.plan.method.options)
     except ConfigError as e:
         raise ConfigError(f"plan.method: {e}") from None
+    check_trainable(cfg)
+
+
+#: activation quantizers that take sign(x): every input after a ReLU (>= 0) maps to +1
+SIGN_ACT = ("bnn",)
+
+
+def check_trainable(cfg: Config) -> None:
+    """Combinations that validate field by field but cannot train."""
+    import inspect
+
+    from .models import MODELS
+
+    t = cfg.train
+    if t.schedule == "multistep":
+        bad = [m for m in t.milestones if not 0 < m < t.epochs]
+        if bad:
+            raise ConfigError(f"train.milestones: {bad} not within 1..{t.epochs - 1} (epochs)")
+    act = cfg.plan.act
+    if act is not None and act.name in SIGN_ACT:
+        activation = cfg.model.options.get("activation")
+        if activation is None:
+            try:
+                param = inspect.signature(MODELS.get(cfg.model.name)).parameters.get("activation")
+                activation = param.default if param is not None else "relu"
+            except (TypeError, ValueError):
+                activation = "relu"
+        if activation == "relu":
+            raise ConfigError(f"plan.act: '{act.name}' takes sign(x), but model '{cfg.model.name}' has activation "
+                              "relu, so every input is >= 0 and maps to +1 (nothing can train); set "
+                              "model.activation=hardtanh")

@@ -121,8 +121,10 @@ class Plan(BaseModel):
             w[names[0]] = a[names[0]] = None
         if self.keep_last:
             w[names[-1]] = a[names[-1]] = None
+        source: dict[str, str] = {}
         for pattern, ov in self.layers.items():
             hit = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+            source.update({n: pattern for n in hit})
             if not hit:
                 shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
                 raise ConfigError(f"plan.layers: '{pattern}' matches no layer; layers are: {shown}")
@@ -132,7 +134,7 @@ class Plan(BaseModel):
                     continue
                 w[n] = _apply(w[n], self.weight, ov.weight, f"plan.layers.{pattern}.weight")
                 a[n] = _apply(a[n], self.act, ov.act, f"plan.layers.{pattern}.act")
-        return [LayerPlan(n, modules[n], w[n], a[n]) for n in names]
+        return [LayerPlan(n, modules[n], w[n], a[n], source.get(n)) for n in names]
 
 
 def _apply(current: QuantSpec | None, default: QuantSpec | None, patch, where: str) -> QuantSpec | None:
@@ -157,6 +159,8 @@ class LayerPlan:
     module: nn.Module
     weight: QuantSpec | None
     act: QuantSpec | None
+    #: the plan.layers pattern that set this layer's specs (None: the plan's defaults)
+    source: str | None = None
 
     @property
     def kind(self) -> str:

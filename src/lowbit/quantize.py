@@ -78,12 +78,18 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
     layers = plan.resolve(model)
     state = QuantState(plan, method, layers)
     for lp in layers:
-        if lp.weight is not None:
-            p = method.weight_parametrization(lp.name, lp.module, lp.weight)
-            parametrize.register_parametrization(lp.module, "weight", p)
-        if lp.act is not None:
-            lp.module.input_quantizer = method.act_quantizer(lp.name, lp.module, lp.act)
-            state.hooks.append(lp.module.register_forward_pre_hook(_input_quant_hook))
+        where = f"plan.layers.{lp.source}" if lp.source else f"layer {lp.name}"
+        try:  # a bad per-layer override names its field (plan.layers.PATTERN.weight: ...)
+            if lp.weight is not None:
+                p = method.weight_parametrization(lp.name, lp.module, lp.weight)
+                parametrize.register_parametrization(lp.module, "weight", p)
+            role = "act"
+            if lp.act is not None:
+                lp.module.input_quantizer = method.act_quantizer(lp.name, lp.module, lp.act)
+                state.hooks.append(lp.module.register_forward_pre_hook(_input_quant_hook))
+        except ConfigError as e:
+            role = "act" if lp.weight is None or parametrize.is_parametrized(lp.module, "weight") else "weight"
+            raise ConfigError(f"{where}.{role}: {e}") from None
     object.__setattr__(model, _STATE_ATTR, state)
     return model
 

@@ -147,10 +147,54 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
     cfg = load_config(run_dir / "config.yaml")
     data = load_data(cfg)
     model = build_model(cfg, data)
-    ck = torch.load(ck_path, weights_only=False)
-    final_model(model, ck)
+    ck = load_checkpoint(ck_path, config=cfg)
+    with checkpoint_fits(ck_path, run_dir):
+        final_model(model, ck)
     model.eval()
     return cfg, data, model, ck
+
+
+def load_checkpoint(path: str | Path, map_location=None, config: Config | None = None) -> dict:
+    """A lowbit checkpoint (best.pt, last.pt); a truncated, corrupt or foreign file is one line.
+    With ``config``, the config recorded in the checkpoint (if any) must equal it: a run folder
+    whose config.yaml was edited after training (e.g. other bits, same shapes) is an error, not a
+    silently different network."""
+    path = Path(path)
+    try:
+        ck = torch.load(path, weights_only=False, map_location=map_location)
+    except Exception as e:  # pickle, zip and torch errors alike: say which file, in one line
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{path}: not a readable lowbit checkpoint ({msg[:120]}); the file is truncated "
+                          "or corrupt") from None
+    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or "epoch" not in ck:
+        raise ConfigError(f"{path}: not a lowbit checkpoint (expected a dict with 'model' and 'epoch')")
+    if config is not None and isinstance(ck.get("config"), dict):
+        from .runfolder import _normal, _strip, config_diff
+
+        diff = config_diff(_strip(_normal(ck["config"])), _strip(_normal(config.to_dict())))
+        diff = [d for d in diff if not d.startswith("name:")]
+        if diff:
+            raise ConfigError(f"{path} does not fit {path.parent / 'config.yaml'} (the config was edited after "
+                              f"training: {'; '.join(diff[:2])})")
+    return ck
+
+
+class checkpoint_fits:
+    """Turn a state-dict mismatch (a run folder whose config.yaml was edited after training) into
+    one line naming the folder."""
+
+    def __init__(self, path: Path, run_dir: Path):
+        self.path, self.run_dir = path, run_dir
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if typ is not None and issubclass(typ, (RuntimeError, KeyError, ValueError)) and not isinstance(e, ConfigError):
+            msg = (str(e).strip().splitlines() or [typ.__name__])[0].replace("Error(s) in loading state_dict for ", "")
+            raise ConfigError(f"{self.path} does not fit {self.run_dir / 'config.yaml'} (the config no longer "
+                              f"matches the checkpoint: {msg[:120]})") from None
+        return False
 
 
 def distinct_weight_values(model: nn.Module) -> dict[str, int]:
@@ -183,6 +227,17 @@ class RunResult:
     model: nn.Module
 
 
+def json_safe(obj):
+    """NaN and infinities become null (JSON has no NaN; a metrics line must stay valid JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _save(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -195,17 +250,22 @@ class RunFolder:
     split, the last epoch) and ``last.pt`` (everything ``fit(resume=...)`` needs), then the user's
     callbacks (each gets the metrics row; raising from one stops the run there, resumable)."""
 
-    def __init__(self, run_dir: Path, best: dict, user_callbacks=()):
+    def __init__(self, run_dir: Path, best: dict, user_callbacks=(), config: dict | None = None):
         self.run_dir, self.best, self.user = run_dir, best, list(user_callbacks)
+        self.config = config  # recorded in both checkpoints: an edited config.yaml is then caught
 
     def on_epoch_end(self, state: FitState, row: dict) -> None:
-        score = row["val_acc"] if not math.isnan(row["val_acc"]) else float(state.epoch)
-        if score > self.best["val_acc"]:
-            self.best = {"val_acc": score, "epoch": state.epoch + 1}
-            _save(self.run_dir / "best.pt", {"model": state.model.state_dict(), "epoch": state.epoch + 1})
+        # no validation split (data.val_fraction 0): the last epoch is "best", with no accuracy claimed
+        no_val = math.isnan(row["val_acc"])
+        score = float(state.epoch) if no_val else row["val_acc"]
+        if self.best.get("epoch", -1) < 0 or score > self.best.get("_score", self.best["val_acc"]):
+            self.best = {"val_acc": None if no_val else score, "epoch": state.epoch + 1, "_score": score}
+            _save(self.run_dir / "best.pt", {"model": state.model.state_dict(), "epoch": state.epoch + 1,
+                                             **({"config": self.config} if self.config else {})})
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        _save(self.run_dir / "last.pt", {**state.checkpoint(), "best": self.best})
+            f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
+        _save(self.run_dir / "last.pt", {**state.checkpoint(), "best": self.best,
+                                         **({"config": self.config} if self.config else {})})
         for cb in self.user:
             cb(row)
 
@@ -216,7 +276,27 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
 
     ``data`` reuses already loaded splits; each callback gets the epoch's metrics row after the
     epoch is checkpointed (raising from one stops the run there, resumable).
+
+    The folder is locked for the whole run (a second process gets a one-line error), and a new run
+    never starts in a folder that holds other files or an earlier run (:mod:`lowbit.runfolder`).
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank trains its shard and rank 0 alone writes
+    the folder (:mod:`lowbit.distributed`).
     """
+    from .runfolder import check_fresh, lock_run
+
+    run_dir = Path(run_dir)
+    from .distributed import is_writer
+
+    if not is_writer():
+        return _run(cfg, run_dir, resume, data, callbacks)
+    with lock_run(run_dir):
+        if not resume:
+            check_fresh(run_dir, cfg.to_yaml())
+        return _run(cfg, run_dir, resume, data, callbacks)
+
+
+def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
+         callbacks: list[Callable[[dict], None]] | None) -> RunResult:
     if cfg.dcq is not None:  # divide-and-conquer quantization: a schedule over fit (schedules/dcq.py)
         from .schedules.dcq import run_dcq
 
@@ -225,7 +305,14 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
     run_dir = Path(run_dir)
     if t.threads:
         torch.set_num_threads(t.threads)
+    from . import distributed as ddp
+
+    if ddp.active():  # under torchrun: this process is one rank (lowbit.distributed)
+        ddp.init()
+    writer = ddp.is_writer()
     device = resolve_device(t.device)
+    if ddp.active() and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     data = data or load_data(cfg)
     model = build_model(cfg, data).to(device)
     state = quant_state(model)
@@ -235,7 +322,12 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
 
         method = distill_from_config(method, cfg, data, device)
 
-    train_loader = BatchLoader(data.train, data.info, t.batch_size, shuffle=True, augment=cfg.data.augment, seed=t.seed)
+    if ddp.active():  # each rank its shard of every global batch
+        train_loader = ddp.sharded_loader(data.train, data.info, t.batch_size, shuffle=True, augment=cfg.data.augment,
+                                          seed=t.seed)
+    else:
+        train_loader = BatchLoader(data.train, data.info, t.batch_size, shuffle=True, augment=cfg.data.augment,
+                                   seed=t.seed)
     val_loader = BatchLoader(data.val, data.info, t.eval_batch_size)
     test_loader = BatchLoader(data.test, data.info, t.eval_batch_size)
     steps_per_epoch = len(train_loader)
@@ -249,20 +341,36 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
     if resume:
         if not last.is_file():
             raise ConfigError(f"cannot resume: no checkpoint {last}")
-        ck = torch.load(last, weights_only=False, map_location=device)
+        ck = load_checkpoint(last, map_location=device, config=cfg)
+        if "best" not in ck:
+            raise ConfigError(f"{last}: not a last.pt checkpoint (no 'best' record)")
         best = ck["best"]
-        _truncate_metrics(run_dir / "metrics.jsonl", ck["epoch"] + 1)
-    else:
+        if writer:
+            _truncate_metrics(run_dir / "metrics.jsonl", ck["epoch"] + 1)
+    elif writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         (run_dir / "plan.txt").write_text(state.table() + "\n")
         (run_dir / "metrics.jsonl").write_text("")
 
-    folder = RunFolder(run_dir, best, callbacks or [])
-    fit(model, train_loader, method, opt, sched, epochs=t.epochs, device=device, callbacks=[folder],
-        val_batches=val_loader, resume=ck, progress=t.progress)
+    if ck is not None:  # a folder whose config.yaml was edited after training: one line, before fit
+        with checkpoint_fits(last, run_dir):
+            model.load_state_dict(ck["model"])
+    fit_callbacks: list = []
+    if ddp.active():  # SyncBatchNorm, quantizer priming, DistributedDataParallel, metrics over all ranks
+        model, method = ddp.setup(model, train_loader, method, device, ck["epoch"] + 1 if ck else 0,
+                                  t.sync_batchnorm)
+        fit_callbacks.append(ddp.MetricsAcrossRanks())
+    folder = RunFolder(run_dir, best, callbacks or [], config=cfg.to_dict())
+    if writer:  # one run folder, written by rank 0
+        fit_callbacks.append(folder)
+    fit(model, train_loader, method, opt, sched, epochs=t.epochs, device=device, callbacks=fit_callbacks,
+        val_batches=val_loader, resume=ck, progress=t.progress and writer)
+    if not writer:
+        ddp.finish()
+        return RunResult(run_dir, {}, model)
 
-    best_ck = torch.load(run_dir / "best.pt", weights_only=False, map_location=device)
+    best_ck = load_checkpoint(run_dir / "best.pt", map_location=device)
     best_ck.pop("final_bn", None)
     final_model(model, best_ck)  # the weights that are evaluated and exported (e.g. a hardened mixture)
     if t.bn_recalibrate:
@@ -270,7 +378,11 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
         _save(run_dir / "best.pt", best_ck)
     test = evaluate(model, test_loader)
     summary = make_summary(cfg, model, data, test, folder.best)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from .runfolder import atomic_write
+
+    atomic_write(run_dir / "summary.json", json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
+    if ddp.active():
+        ddp.finish()
     return RunResult(run_dir, summary, model)
 
 
@@ -295,7 +407,7 @@ def make_summary(cfg: Config, model: nn.Module, data: DataSplits, test: dict, be
         "act": cfg.plan.act.label() if cfg.plan.act else "fp32",
         "weight_bits": wb, "act_bits": ab,
         "first_last_fp": [cfg.plan.keep_first, cfg.plan.keep_last],
-        "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
+        "best_epoch": best["epoch"], "best_val_acc": best.get("val_acc"),
         "test_acc": test["acc"], "test_loss": test["loss"],
         "params": cost.params, "macs": cost.macs, "bitops": cost.bitops,
         "size_bytes": cost.size_bytes, "fp32_size_bytes": cost.fp32_size_bytes,
@@ -308,9 +420,13 @@ def make_summary(cfg: Config, model: nn.Module, data: DataSplits, test: dict, be
 
 def format_summary(s: dict) -> str:
     bits = f"W{'/'.join(map(str, s['weight_bits'])) or '32'}A{'/'.join(map(str, s['act_bits'])) or '32'}"
+    va = s.get("best_val_acc")
+    if va is None or (isinstance(va, float) and math.isnan(va)):
+        where = f"last epoch {s['best_epoch']}, no validation split"
+    else:
+        where = f"best validation epoch {s['best_epoch']}, val {100 * va:.2f}%"
     return "\n".join([
-        f"test accuracy   {100 * s['test_acc']:.2f}%  (best validation epoch {s['best_epoch']}, "
-        f"val {100 * s['best_val_acc']:.2f}%)",
+        f"test accuracy   {100 * s['test_acc']:.2f}%  ({where})",
         f"bits            {bits}  weight {s['weight']}, act {s['act']}, method {s['method']}"
         f"{', first/last layer FP32' if all(s['first_last_fp']) else ''}",
         f"model size      {s['size_bytes'] / 1024:.1f} KiB at these bits vs {s['fp32_size_bytes'] / 1024:.1f} KiB FP32 "

@@ -65,34 +65,84 @@ def read_run(run_dir: Path) -> dict:
             "epoch_time": statistics.median(e["epoch_time"] for e in epochs), "history": epochs}
 
 
-def _train_job(cfg_dict: dict, run_dir: str) -> str:
-    """One (row, seed) run in a worker process (module level: picklable for spawn)."""
-    from ..train import run
+def claim_and_train(cfg_dict: dict, run_dir: str, blocking: bool = False, reuse: bool = False) -> str:
+    """Train one (row, seed) unless it is finished, holding its run folder's lock throughout, so
+    that no two processes (workers, two ``lowbit bench`` on one suite, Ray tasks) ever train the
+    same run. Returns ``"done"`` (trained or already finished) or ``"busy"`` (another process holds
+    the folder; only when not ``blocking``). Module level: picklable for spawn and Ray."""
+    from ..runfolder import RunFolderBusy, check_same_config, lock_run
 
-    cfg = Config.model_validate(cfg_dict)
-    run(cfg, Path(run_dir), resume=(Path(run_dir) / "last.pt").is_file())
-    return run_dir
+    run_dir = Path(run_dir)
+    try:
+        with lock_run(run_dir, blocking=blocking):
+            if (run_dir / "summary.json").is_file():  # finished, maybe by another process meanwhile
+                if not reuse:
+                    check_same_config(run_dir, cfg_dict)
+                return "done"
+            from ..train import run  # late: keeps `import lowbit.bench` light
+
+            resume = (run_dir / "last.pt").is_file()
+            if resume:
+                check_same_config(run_dir, cfg_dict)  # never continue a checkpoint of another config
+            run(Config.model_validate(cfg_dict), run_dir, resume=resume)
+            return "done"
+    except RunFolderBusy:
+        if blocking:
+            raise
+        return "busy"
+
+
+def check_labels(labels: list[str]) -> None:
+    """Two row labels that map to one folder (differing only in punctuation) would share results."""
+    seen: dict[str, str] = {}
+    for label in labels:
+        s = slug(label)
+        if not s:
+            raise ConfigError(f"row label '{label}' has no letter or digit to name its folder")
+        if s in seen and seen[s] != label:
+            raise ConfigError(f"row labels '{seen[s]}' and '{label}' both map to folder '{s}'; "
+                              "rename one (labels must differ in more than punctuation)")
+        seen[s] = label
 
 
 def run_grid(rows: dict[str, dict], base: dict, seeds: list[int], out: str | Path, workers: int = 1,
-             dry_run: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+             dry_run: bool = False, log: Callable[[str], None] = print, reuse: bool = False,
+             backend: str = "local", address: str | None = None) -> list[dict]:
     """Train every (row, seed) not yet finished under ``out``; return one record per run.
 
     With ``workers > 1`` the runs go to that many separate processes, each with
-    ``cpu_count // workers`` torch threads. ``dry_run`` validates every config and trains nothing.
+    ``cpu_count // workers`` torch threads; ``backend="ray"`` sends each run to a Ray cluster as a
+    task (:mod:`lowbit.bench.ray_backend`). ``dry_run`` validates every config and trains nothing.
+    A finished run is only reported if its config equals the requested one (``reuse`` skips the
+    check); a run folder another process is training is left to it and waited for at the end.
     """
     out = Path(out)
+    check_labels(list(rows))
     configs = {(label, s): make_config(base, ov, s, label) for label, ov in rows.items() for s in seeds}
     jobs = [(k, cfg, out / slug(k[0]) / f"seed{k[1]}") for k, cfg in configs.items()]
+    if not reuse:  # before training anything: a changed suite into an old folder is an error at once
+        from ..runfolder import check_same_config
+
+        for _, cfg, run_dir in jobs:
+            if (run_dir / "summary.json").is_file() or (run_dir / "last.pt").is_file():
+                check_same_config(run_dir, cfg.to_dict())
     todo = [j for j in jobs if not (j[2] / "summary.json").is_file()]
     if dry_run:
         return []
-    if workers <= 1:
-        from ..train import run  # late: keeps `import lowbit.bench` light
+    if backend == "ray":
+        from .ray_backend import run_ray
 
+        run_ray(todo, address=address, workers=workers, reuse=reuse, log=log)
+    elif workers <= 1:
+        busy = []
         for (label, seed), cfg, run_dir in todo:
             log(f"== {label} (seed {seed})")
-            run(cfg, run_dir, resume=(run_dir / "last.pt").is_file())
+            if claim_and_train(cfg.to_dict(), str(run_dir), reuse=reuse) == "busy":
+                log(f"   {run_dir} is being trained by another process; coming back to it")
+                busy.append(run_dir)
+        for (label, seed), cfg, run_dir in todo:
+            if run_dir in busy:
+                claim_and_train(cfg.to_dict(), str(run_dir), blocking=True, reuse=reuse)
     elif todo:
         import multiprocessing as mp
         import os
@@ -100,13 +150,15 @@ def run_grid(rows: dict[str, dict], base: dict, seeds: list[int], out: str | Pat
 
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {}
-            for (label, seed), cfg, run_dir in todo:
-                d = deep_merge(cfg.to_dict(), {"train": {"threads": threads, "progress": False}})
-                futures[pool.submit(_train_job, d, str(run_dir))] = (label, seed)
-                log(f"== {label} (seed {seed}) queued")
-            for f in futures:
-                f.result()  # re-raise a worker's error here
+            pending = todo
+            for blocking in (False, True):
+                futures = {}
+                for (label, seed), cfg, run_dir in pending:
+                    d = deep_merge(cfg.to_dict(), {"train": {"threads": threads, "progress": False}})
+                    futures[pool.submit(claim_and_train, d, str(run_dir), blocking, reuse)] = (label, seed)
+                    log(f"== {label} (seed {seed}) queued")
+                busy = {k for f, k in futures.items() if f.result() == "busy"}  # re-raises a worker's error
+                pending = [j for j in pending if j[0] in busy]
     return [{"row": label, "seed": seed, **read_run(run_dir)} for (label, seed), _, run_dir in jobs]
 
 
@@ -150,16 +202,23 @@ def markdown(rows: list[dict], reference: str | None = None) -> str:
 def write_results(out: str | Path, records: list[dict], rows: list[dict], reference: str | None = None,
                   meta: dict | None = None) -> str:
     """results.jsonl (one line per run), summary.csv, summary.md; returns the markdown table."""
+    import io
+
+    from ..runfolder import atomic_write, locked
+    from ..train import json_safe
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps({k: v for k, v in r.items() if k != "history"}) + "\n")
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    lines = "".join(json.dumps(json_safe({k: v for k, v in r.items() if k != "history"}), allow_nan=False) + "\n"
+                    for r in records)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
     table = markdown(rows, reference)
     note = f"\n\n{json.dumps(meta)}\n" if meta else "\n"
-    (out / "summary.md").write_text(table + note)
+    # one writer at a time, each file whole: two bench processes never interleave or duplicate lines
+    with locked(out, what="results folder"):
+        atomic_write(out / "results.jsonl", lines)
+        atomic_write(out / "summary.csv", buf.getvalue())
+        atomic_write(out / "summary.md", table + note)
     return table

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,8 +41,8 @@ class Suite(BaseModel):
     methods: dict[str, dict[str, Any]] = Field(min_length=1)
     bits: list[int] = Field(default_factory=list)
     models: list[str] = Field(default_factory=list)
-    widths: list[float] = Field(default_factory=list)
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    widths: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
     reference: str | None = None
     out: str | None = None
 
@@ -57,21 +57,24 @@ class Row:
 
 def load_suite(path: str | Path) -> tuple[Suite, dict, Path]:
     """The suite, its resolved base config (as a dict) and its default output folder."""
+    from ..config import check_finite, read_yaml_mapping
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"suite file not found: {path}")
+    data = read_yaml_mapping(path, "suite")
+    check_finite(data, "suite")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
         suite = Suite.model_validate(data)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except ValidationError as e:
         raise ConfigError(one_line(e, "suite")) from None
+    dup = sorted({s for s in suite.seeds if suite.seeds.count(s) > 1})
+    if dup:
+        raise ConfigError(f"suite.seeds: {dup[0]} appears twice (each seed is one run folder)")
     if isinstance(suite.base, str):
         base_path = (path.parent / suite.base).resolve()
         if not base_path.is_file():
             raise ConfigError(f"suite.base: config file not found: {base_path}")
-        base = yaml.safe_load(base_path.read_text()) or {}
+        base = read_yaml_mapping(base_path)
+        check_finite(base, "suite.base")
     else:
         base = copy.deepcopy(suite.base)
     base = deep_merge(base, suite.base_overrides)
@@ -122,13 +125,15 @@ def expand(suite: Suite) -> list[Row]:
     return rows
 
 
-def run_suite(path: str | Path, workers: int = 1, out: str | Path | None = None, dry_run: bool = False) -> dict:
+def run_suite(path: str | Path, workers: int = 1, out: str | Path | None = None, dry_run: bool = False,
+              reuse: bool = False, backend: str = "local", address: str | None = None) -> dict:
     """Run (or, with ``dry_run``, only validate and list) a suite; returns records, table, paths."""
     suite, base, default_out = load_suite(path)
     out = Path(out) if out else default_out
     rows = expand(suite)
     grid = {r.label: r.overrides for r in rows}
-    records = run_grid(grid, base, suite.seeds, out, workers=workers, dry_run=dry_run)
+    records = run_grid(grid, base, suite.seeds, out, workers=workers, dry_run=dry_run, reuse=reuse,
+                       backend=backend, address=address)
     if dry_run:
         return {"rows": [r.label for r in rows], "runs": len(rows) * len(suite.seeds), "out": str(out)}
     meta = {r.label: r.meta for r in rows}

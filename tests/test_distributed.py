@@ -1,0 +1,78 @@
+"""torch.distributed training (issue 19): 2 gloo processes end with identical quantizer state, one
+run folder written by rank 0, and the sharded loader splits every global batch between the ranks."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as tmp
+
+from lowbit.config import Config
+from lowbit.data import load_dataset
+
+CFG = {"model": {"name": "resnet8", "width": 0.25}, "data": {"name": "digits", "limit": 80, "augment": True},
+       "train": {"epochs": 1, "batch_size": 40, "lr": 0.05, "progress": False, "threads": 1},
+       # lazily initialised LSQ steps (weights and some activations) and running min/max EMAs (activations)
+       "plan": {"weight": {"name": "lsq", "bits": 2}, "act": {"name": "minmax", "bits": 4},
+                "layers": {"layers.2.*": {"act": {"name": "lsq", "bits": 4}}}}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(r: int, world: int, port: int, out: str, data) -> None:
+    os.environ.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from lowbit.train import run
+
+    res = run(Config.model_validate(CFG), os.path.join(out, "run"), data=data)
+    torch.save({k: v.detach().clone() for k, v in res.model.state_dict().items()}, os.path.join(out, f"rank{r}.pt"))
+
+
+def test_two_ranks_end_with_identical_quantizer_state_and_one_run_folder(tmp_path):
+    from lowbit.train import load_data
+
+    # what the forked ranks would each pay for again: the data, and torch.optim's first-use imports
+    data = load_data(Config.model_validate(CFG))
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    tmp.start_processes(_rank, args=(2, _free_port(), str(tmp_path), data), nprocs=2, start_method="fork")
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert a.keys() == b.keys()
+    quant = [k for k in a if "quantizer" in k]
+    assert any(k.endswith("running_min") for k in quant) and any(k.endswith(".step") for k in quant)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # parameters, quantizer state, BatchNorm statistics
+    # lazily initialised state was initialised (on the first global batch), and trained
+    assert all(bool(a[k]) for k in quant if k.endswith("initialized"))
+    assert all(not torch.equal(a[k], torch.ones_like(a[k])) for k in quant if k.endswith(".step"))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == [
+        "best.pt", "config.yaml", "last.pt", "metrics.jsonl", "plan.txt", "summary.json"]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]  # one writer: one line per epoch
+    assert 0.0 <= json.loads((run / "summary.json").read_text())["test_acc"] <= 1.0
+
+
+def test_sharded_loader_splits_each_global_batch_between_ranks():
+    from lowbit.distributed import _loader_class
+
+    data = load_dataset("digits", limit=100, val_fraction=0.0)
+    cls = _loader_class()
+    loaders = [cls(data.train, data.info, 20, shuffle=True, seed=3, rank=r, world=2) for r in (0, 1)]
+    for ld in loaders:
+        ld.set_epoch(1)  # fit's set_epoch reaches the DistributedSampler
+        assert ld.sampler.epoch == 1 and len(ld) == 5
+    seen = [torch.cat([y for _, y in ld]) for ld in loaders]
+    idx = [list(ld.sampler) for ld in loaders]
+    assert not set(idx[0]) & set(idx[1]) and len(set(idx[0]) | set(idx[1])) == 100  # a partition
+    assert all(len(s) == 50 for s in seen)
+    loaders[0].set_epoch(2)
+    assert list(loaders[0].sampler) != idx[0]  # another order every epoch
+    with pytest.raises(Exception, match="must divide by the 2 processes"):
+        cls(data.train, data.info, 21, rank=0, world=2)
