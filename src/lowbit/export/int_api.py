@@ -108,10 +108,18 @@ def _onnx(pkg, d: Path, xn, ref, y, latency_batch: int, repeats: int, calib: int
     for k, s in sessions.items():
         lo = ox.run(s, xn)
         rep[k] = {**compare(ref, lo), "accuracy": _accuracy(lo, y)}
-    lat = ox.latency(sessions, xn[:latency_batch], repeats)
-    rep.update({"latency_batch": min(latency_batch, len(xn)), "latency_ms": lat,
-                "speedup_vs_fp32": {k: lat["fp32"] / v for k, v in lat.items()}})
+    if repeats > 0:
+        rep.update(onnx_latency(sessions, xn[:latency_batch], repeats))
     return rep
+
+
+def onnx_latency(sessions: dict, x: np.ndarray, repeats: int) -> dict:
+    """Median ms per batch of every session, alternating (``onnx_export.latency``), and each one's
+    speed-up over ``fp32``."""
+    from . import onnx_export as ox
+
+    lat = ox.latency(sessions, x, repeats)
+    return {"latency_batch": len(x), "latency_ms": lat, "speedup_vs_fp32": {k: lat["fp32"] / v for k, v in lat.items()}}
 
 
 def format_int_report(r: dict) -> str:
@@ -136,9 +144,10 @@ def format_int_report(r: dict) -> str:
         lines.append(f"C vs NumPy      {c['bit_exact_images']}/{c['images']} images bit-exact; {agree(c)} with PyTorch")
     o = r.get("onnx")
     if o:
-        lat = o["latency_ms"]
         lines.append(f"ONNX            ConvInteger {agree(o['integer'])}; QLinearConv {agree(o['integer_fused'])}; "
                      f"FP32 twin {agree(o['fp32'])}; ORT quantize_static {agree(o['ort_int8'])} (with PyTorch)")
+    if o and "latency_ms" in o:
+        lat = o["latency_ms"]
         lines.append(f"onnxruntime     ConvInteger {lat['integer']:.2f} ms, QLinearConv {lat['integer_fused']:.2f} ms, "
                      f"FP32 {lat['fp32']:.2f} ms, quantize_static {lat['ort_int8']:.2f} ms per batch of "
                      f"{o['latency_batch']} (1 thread)")
@@ -146,7 +155,7 @@ def format_int_report(r: dict) -> str:
 
 
 def export_int_runs(run_dirs, out: str | Path, limit: int | None = None, c_images: int | None = None,
-                    log=print) -> list[dict]:
+                    latency_repeats: int = 0, log=print) -> list[dict]:
     """Export integer-mode run folders (benchmark): reports into ``out/<run>.json`` + a table."""
     from ..data import BatchLoader
     from .api import load_run
@@ -163,7 +172,7 @@ def export_int_runs(run_dirs, out: str | Path, limit: int | None = None, c_image
         name = rd.parent.name
         log(f"== export {name} ({len(x)} test images)")
         rep = export_int_model(model, x, out / "export" / name, labels=y, c_images=c_images, log=log,
-                               meta={"run": str(rd)})
+                               latency_repeats=latency_repeats, meta={"run": str(rd)})
         rep["run"] = name
         (out / f"{name}.json").write_text(json.dumps(rep, indent=1, default=float))
         log(format_int_report(rep))
