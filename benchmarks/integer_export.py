@@ -57,7 +57,6 @@ def main() -> None:
     ap.add_argument("--export", action="store_true")
     ap.add_argument("--limit", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--export", dest="export", action="store_true")
     ap.add_argument("--c-images", type=int, default=None, help="images through the C build (default: all)")
     ap.add_argument("--only", default=None, help="export only runs whose name contains this")
     ap.add_argument("--mbv2", action="store_true", help="export an untrained (BN-calibrated) MobileNetV2")
