@@ -101,14 +101,14 @@ class GroupedNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
 
 
-def _ready(m: nn.Module, shape, plan=INT_W2A2, seed=0) -> nn.Module:
+def _ready(m: nn.Module, shape, plan=INT_W2A2, seed=0, passes=3, batch=16) -> nn.Module:
     torch.manual_seed(seed)
     quantize(m, plan)
     m.train()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _ in range(3):
-            m(torch.randn(16, *shape, generator=g))
+        for _ in range(passes):
+            m(torch.randn(batch, *shape, generator=g))
     return m.eval()
 
 
@@ -183,23 +183,21 @@ def test_every_backend(which, resnet_int, tmp_path):
         assert {"ConvInteger", "MatMulInteger", "MaxPool"} <= ops
 
 
-def test_mobilenetv2_integer_graph_and_c(tmp_path):
-    from lowbit.export.c_export import run_c
-    from lowbit.export.int_c import compile_int_c, write_int_c
+def test_mobilenetv2_integer_graph():
+    """MobileNetV2 (depthwise convs, fused residual adds) in integer mode equals its integer graph;
+    the C build of depthwise/grouped convs and residuals is checked by test_every_backend."""
     from lowbit.export.intgraph import IntReference
     from lowbit.intmode import int_graph
 
-    m = _ready(create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=16, width=0.25), (1, 16, 16))
-    x = _x(4, (1, 16, 16))
+    m = _ready(create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=16, width=0.25), (1, 16, 16),
+               passes=1, batch=4)
+    x = _x(2, (1, 16, 16))
     with torch.no_grad():
         y = m(x).numpy()
     g = int_graph(m, x[:1])
     assert any(op.attrs.get("groups", 1) > 1 for op in g.ops if op.kind == "conv")  # depthwise
     assert any(len(op.inputs) == 2 for op in g.ops if op.kind == "conv")  # fused residual adds
-    y2 = IntReference(g).run(x.numpy())
-    assert np.array_equal(y, y2)
-    write_int_c(g, tmp_path, x.numpy()[:2], y2[:2])
-    assert np.array_equal(run_c(compile_int_c(tmp_path), x.numpy(), 10).view(np.uint32), y2.view(np.uint32))
+    assert np.array_equal(y, IntReference(g).run(x.numpy()))
 
 
 def test_integer_mode_errors():
