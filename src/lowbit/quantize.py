@@ -76,6 +76,10 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
     elif not isinstance(method, Method):
         raise ConfigError(f"method must be a lowbit Method instance, got {type(method).__name__}")
     layers = plan.resolve(model)
+    if plan.integer:
+        from .intmode import integer_layers
+
+        integer_layers(plan, layers)
     state = QuantState(plan, method, layers)
     for lp in layers:
         where = f"plan.layers.{lp.source}" if lp.source else f"layer {lp.name}"
@@ -91,6 +95,10 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
             role = "act" if lp.weight is None or parametrize.is_parametrized(lp.module, "weight") else "weight"
             raise ConfigError(f"{where}.{role}: {e}") from None
     object.__setattr__(model, _STATE_ATTR, state)
+    if plan.integer:
+        from .intmode import integerize
+
+        integerize(model, state)
     return model
 
 
@@ -123,6 +131,9 @@ def unquantize(model: nn.Module, keep: str = "quantized") -> nn.Module:
         model.train(was)
     for h in state.hooks:
         h.remove()
+    model.__dict__.pop("forward", None)  # integer mode's forward and tensor quantizers
+    for mod in model.modules():
+        mod._modules.pop("output_quantizer", None)
     object.__setattr__(model, _STATE_ATTR, None)
     return model
 
