@@ -10,6 +10,7 @@ A plan is plain data (YAML-loadable, printable, saved next to every run)::
       "layer3.*": {weight: {bits: 4}}      #   partial specs are merged into the default
       fc: fp                               #   "fp": weight and input activation full precision
     method: {name: ste}                    # how the quantized weight is trained (see lowbit.methods)
+    integer: false                         # true: integer-deployable QAT (lowbit.intmode): eval runs the integer model
 
 Quantizer options go beside ``name`` and ``bits`` (``{name: lsq, bits: 2, per_channel: true}``).
 ``resolve(model)`` turns a plan into one :class:`LayerPlan` per conv/linear layer.
@@ -79,6 +80,7 @@ class Plan(BaseModel):
     keep_last: bool = True
     layers: dict[str, Union[Literal["fp"], LayerOverride]] = Field(default_factory=dict)
     method: MethodSpec = Field(default_factory=MethodSpec)
+    integer: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -76,6 +76,10 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
     elif not isinstance(method, Method):
         raise ConfigError(f"method must be a lowbit Method instance, got {type(method).__name__}")
     layers = plan.resolve(model)
+    if plan.integer:
+        from .intmode import integer_layers
+
+        integer_layers(plan, layers)
     state = QuantState(plan, method, layers)
     for lp in layers:
         if lp.weight is not None:
@@ -85,6 +89,10 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
             lp.module.input_quantizer = method.act_quantizer(lp.name, lp.module, lp.act)
             state.hooks.append(lp.module.register_forward_pre_hook(_input_quant_hook))
     object.__setattr__(model, _STATE_ATTR, state)
+    if plan.integer:
+        from .intmode import integerize
+
+        integerize(model, state)
     return model
 
 
@@ -117,6 +125,7 @@ def unquantize(model: nn.Module, keep: str = "quantized") -> nn.Module:
         model.train(was)
     for h in state.hooks:
         h.remove()
+    model.__dict__.pop("forward", None)  # integer mode's forward
     object.__setattr__(model, _STATE_ATTR, None)
     return model
 

@@ -1,0 +1,269 @@
+"""C99 for the integer-only network: generated network code on the kernels of ``runtime/``.
+
+:func:`write_int_c` writes, into one folder,
+
+* ``lowbit_rt.h`` / ``lowbit_rt.c``: copies of the runtime's kernels (package data,
+  ``runtime/README.md`` documents the API), unchanged;
+* ``model.h`` / ``model.c``: the network: its constants as ``static const`` arrays (flash:
+  packed weight codes, int16 code -> integer tables, int32 bias / multiplier / shift, float32
+  classifier scales), one ``lb_conv_t`` descriptor per conv, a byte arena (RAM) whose tensors are
+  placed by a liveness first-fit plan at their packed sizes, and one ``lb_*`` call per op;
+  ``lowbit_predict(const float *input, float *logits)`` and ``lowbit_predict_codes(const uint8_t
+  *codes, float *logits)``;
+* ``main.c``: embedded sample images with the NumPy reference's logits (exit status 0 when equal
+  bit for bit), or ``main INPUT.f32 N OUTPUT.f32``.
+
+Everything between the input quantization and the classifier's ``(float)acc * scale`` is integer.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+from .c_export import CFLAGS, _Consts, _ident, _main_c, find_cc
+from .intgraph import IntGraph
+from .pack import pack_codes, packed_nbytes
+
+#: the integer runtime's kernels (package data): lowbit_rt.h, lowbit_rt.c, README.md
+RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
+RUNTIME_FILES = ("lowbit_rt.h", "lowbit_rt.c")
+
+
+@dataclass
+class IntCExport:
+    dir: Path
+    files: list[Path]
+    flash_bytes: int  # constant arrays (weights, tables, requantization constants)
+    descriptor_bytes: int  # the lb_conv_t descriptors (flash too), as the host compiler lays them out
+    ram_bytes: int  # arena + weight-row scratch
+    arena_bytes: int
+    scratch_bytes: int
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else [p.name for p in v] if isinstance(v, list) else v)
+                for k, v in self.__dict__.items()}
+
+
+def _numel(shape) -> int:
+    return int(np.prod(shape)) if len(shape) else 1
+
+
+def plan_arena(graph: IntGraph) -> tuple[dict[str, int], int]:
+    """Byte offset of every code tensor in one arena, and the arena size. First fit over the live
+    tensors (a tensor dies after its last reader; outputs never overwrite inputs); ``flatten``
+    aliases its input; the classifier writes the caller's logits."""
+    nbytes = {t: packed_nbytes(_numel(_shape(graph, t)), q.bits) for t, q in graph.tensors.items()}
+    last: dict[str, int] = {}
+    for i, op in enumerate(graph.ops):
+        for t in op.inputs:
+            last[t] = i
+    root: dict[str, str] = {}
+    for op in graph.ops:
+        if op.kind == "flatten":
+            root[op.output] = root.get(op.inputs[0], op.inputs[0])
+            last[root[op.output]] = max(last.get(root[op.output], -1), last.get(op.output, -1))
+    placed: dict[str, tuple[int, int, int]] = {}  # tensor -> (offset, size, last use)
+    size = 0
+    for i, op in enumerate(graph.ops):
+        if op.kind == "flatten" or op.output == graph.output:
+            continue
+        t = op.output
+        need = nbytes[t]
+        live = sorted((o, o + s) for tt, (o, s, e) in placed.items() if e >= i)
+        off = 0
+        for s, e in live:
+            if off + need <= s:
+                break
+            off = max(off, e)
+        placed[t] = (off, need, last.get(t, i))
+        size = max(size, off + need)
+    offsets = {t: v[0] for t, v in placed.items()}
+    for t, r in root.items():
+        offsets[t] = offsets[r]
+    return offsets, size
+
+
+def _shape(graph: IntGraph, t: str) -> tuple[int, ...]:
+    if t == graph.input:
+        return tuple(graph.input_shape)
+    for op in graph.ops:
+        if op.output == t:
+            return tuple(op.out_shape)
+    raise KeyError(t)
+
+
+def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None = None,
+                expected: np.ndarray | None = None) -> IntCExport:
+    """Write the C99 code of an integer graph (module docstring)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in RUNTIME_FILES:
+        shutil.copyfile(RUNTIME_DIR / f, out / f)
+    offsets, arena = plan_arena(graph)
+    T = graph.tensors
+    cs = _Consts()
+    descs: list[str] = []
+    body: list[str] = []
+    max_row = 1
+    n_conv = 0
+
+    def i32(name, a):
+        a = np.asarray(a, dtype=np.int64).reshape(-1)
+        return cs._emit("int32_t", name, [str(int(v)) for v in a], 4 * a.size, 10)
+
+    q_in = graph.ops[0]
+    if q_in.kind != "quant_in":
+        raise ConfigError("integer C: the graph must start with the input quantization")
+    a = q_in.act
+    in_bits = T[graph.input].bits
+    n_in = _numel(graph.input_shape)
+    for op in graph.ops[1:]:
+        x = f"A + {offsets[op.inputs[0]]}"
+        if op.kind == "flatten":
+            body.append(f"    /* {op.name}: flatten (a reshape, same bytes) */")
+            continue
+        if op.kind == "maxpool":
+            c, h, w = op.in_shape
+            _, oh, ow = op.out_shape
+            (kh, kw), (sh, sw), (ph, pw) = op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"]
+            body.append(f"    lb_maxpool({c}, {h}, {w}, {oh}, {ow}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, "
+                        f"{T[op.inputs[0]].bits}, {x}, A + {offsets[op.output]});")
+            continue
+        if op.kind == "gap":
+            c = op.in_shape[0]
+            hw = _numel(op.in_shape) // c
+            ti, to = T[op.inputs[0]], T[op.output]
+            body.append(f"    lb_avgpool_global({c}, {hw}, {ti.bits}, {ti.zero}, {int(op.mult[0])}, {int(op.shift[0])}, "
+                        f"{to.bits}, {to.zero}, {x}, A + {offsets[op.output]});")
+            continue
+        if op.kind != "conv":
+            raise ConfigError(f"integer C: op kind '{op.kind}' has no kernel")
+        n_conv += 1
+        nm = _ident(op.name)
+        if op.attrs["layer"] == "linear":
+            (cin,), (cout,) = op.in_shape, op.out_shape
+            hin = win = hout = wout = 1
+        else:
+            cin, hin, win = op.in_shape
+            cout, hout, wout = op.out_shape
+        (kh, kw), (sh, sw), (ph, pw) = op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"]
+        groups = int(op.attrs.get("groups", 1))
+        f = (cin // groups) * kh * kw
+        max_row = max(max_row, f)
+        ti = T[op.inputs[0]]
+        w_codes = cs.u8(f"{nm}_w", pack_codes(op.codes, op.wbits))
+        lut = cs.i16(f"{nm}_lut", op.lut)
+        bias = i32(f"{nm}_bias", op.bias)
+        final = op.output == graph.output
+        fields = [f".cin = {cin}", f".hin = {hin}", f".win = {win}", f".cout = {cout}", f".hout = {hout}",
+                  f".wout = {wout}", f".kh = {kh}", f".kw = {kw}", f".sh = {sh}", f".sw = {sw}", f".ph = {ph}",
+                  f".pw = {pw}", f".groups = {groups}", f".in_bits = {ti.bits}", f".in_zero = {ti.zero}",
+                  f".w_codes = {w_codes}", f".w_bits = {op.wbits}", f".w_lut = {lut}",
+                  f".lut_rows = {op.lut.shape[0]}", f".lut_n = {op.lut.shape[1]}", f".bias = {bias}"]
+        if final:
+            fields.append(f".out_scale = {cs.f32(f'{nm}_out_scale', op.out_scale)}")
+        else:
+            to = T[op.output]
+            fields += [f".mult = {i32(f'{nm}_mult', op.mult)}", f".shift = {i32(f'{nm}_shift', op.shift)}",
+                       f".out_bits = {to.bits}", f".out_zero = {to.zero}",
+                       f".out_min = {to.zero if op.attrs.get('relu') else 0}", f".out_max = {to.qmax}"]
+        res = "NULL"
+        if len(op.inputs) > 1:
+            tr = T[op.inputs[1]]
+            fields += [f".res_mult = {i32(f'{nm}_res_mult', op.res_mult)}",
+                       f".res_shift = {i32(f'{nm}_res_shift', op.res_shift)}",
+                       f".res_bits = {tr.bits}", f".res_zero = {tr.zero}"]
+            res = f"A + {offsets[op.inputs[1]]}"
+        descs.append(f"static const lb_conv_t L_{nm} = {{\n    " + ",\n    ".join(fields) + "\n};")
+        y = "logits" if final else f"A + {offsets[op.output]}"
+        body.append(f"    lb_conv(&L_{nm}, {x}, {res}, {y}, lb_wrow);  /* {op.name} */")
+    n_out = _numel(graph.output_shape)
+    in_bytes = packed_nbytes(n_in, in_bits)
+    scratch = 2 * max_row
+    ram = arena + scratch
+    flash = cs.bytes
+    header = f"""/* Generated by lowbit.export (integer-only network on the lowbit runtime, lowbit_rt.h).
+   Build: cc {' '.join(CFLAGS)} model.c lowbit_rt.c main.c -lm
+   Flash (constant arrays): {flash} bytes + {n_conv} lb_conv_t descriptors; RAM: arena {arena} + weight row {scratch} bytes. */
+#ifndef LOWBIT_MODEL_H
+#define LOWBIT_MODEL_H
+
+#include <stdint.h>
+
+#define LOWBIT_IN_SIZE {n_in}     /* input {'x'.join(map(str, graph.input_shape))}, float32, normalised, CHW */
+#define LOWBIT_IN_BITS {in_bits}      /* input codes: bits per code, packed */
+#define LOWBIT_IN_BYTES {in_bytes}
+#define LOWBIT_OUT_SIZE {n_out}   /* float32 logits */
+#define LOWBIT_FLASH_BYTES {flash}
+#define LOWBIT_RAM_BYTES {ram}
+#define LOWBIT_N_CONV {n_conv}
+
+/* logits of one image; not reentrant (static arena) */
+void lowbit_predict(const float *input, float *logits);
+/* the same from the packed input codes (lb_quantize_input's output) */
+void lowbit_predict_codes(const uint8_t *codes, float *logits);
+
+#endif
+"""
+    src = "\n".join([
+        "/* Generated by lowbit.export: the integer network (constants, descriptors, calls). See model.h. */",
+        "#include <stddef.h>", "#include <stdint.h>", "#include <string.h>", '#include "lowbit_rt.h"',
+        '#include "model.h"', "",
+        *cs.lines, "", *descs, "",
+        f"static uint8_t lb_arena[{max(arena, 1)}];  /* activation codes, packed */",
+        f"static int16_t lb_wrow[{max_row}];     /* one decoded weight row */", "",
+        "static void lb_network(float *logits)",
+        "{",
+        "    uint8_t *A = lb_arena;",
+        *body,
+        "}", "",
+        "void lowbit_predict_codes(const uint8_t *codes, float *logits)",
+        "{",
+        f"    memcpy(lb_arena + {offsets[graph.input]}, codes, LOWBIT_IN_BYTES);",
+        "    lb_network(logits);",
+        "}", "",
+        "void lowbit_predict(const float *input, float *logits)",
+        "{",
+        f"    lb_quantize_input(input, LOWBIT_IN_SIZE, {0 if a.rule == 'clip_div' else 1}, {_f(a.lo)}, {_f(a.step)}, "
+        f"{_f(a.inv)}, {a.qmin}, {a.qmax}, LOWBIT_IN_BITS, lb_arena + {offsets[graph.input]});",
+        "    lb_network(logits);",
+        "}", "",
+    ])
+    (out / "model.h").write_text(header)
+    (out / "model.c").write_text(src)
+    (out / "main.c").write_text(_main_c(samples, expected, n_in, n_out))
+    files = [out / n for n in ("model.h", "model.c", "main.c", *RUNTIME_FILES)]
+    return IntCExport(out, files, flash, n_conv * _DESC_BYTES, ram, arena, scratch)
+
+
+#: sizeof(lb_conv_t) on a 32-bit target (int32 fields and 32-bit pointers): 20 int32 + 9 pointers
+#: + 4 bytes (uint8 fields, padded)
+_DESC_BYTES = 4 * 20 + 4 * 9 + 4
+
+
+def _f(v: float) -> str:
+    from .c_export import _cfloat
+
+    return _cfloat(v)
+
+
+def compile_int_c(c_dir: str | Path, cc: str | None = None) -> Path:
+    """Build ``model.c lowbit_rt.c main.c`` into ``c_dir/model``."""
+    cc = cc or find_cc()
+    if cc is None:
+        raise ConfigError("export: no C compiler (gcc/cc) on PATH to build the C export")
+    d = Path(c_dir).resolve()
+    exe = d / "model"
+    r = subprocess.run([cc, *CFLAGS, "-o", str(exe), "model.c", "lowbit_rt.c", "main.c", "-lm"], cwd=d,
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        lines = r.stderr.strip().splitlines() or [f"{cc} exited with {r.returncode}"]
+        first = next((ln for ln in lines if "error" in ln), lines[0])
+        raise ConfigError(f"export: the generated integer C code does not compile: {first}")
+    return exe

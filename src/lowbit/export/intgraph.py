@@ -1,0 +1,390 @@
+"""The integer-only network: its graph, the NumPy integer reference, and its packed file.
+
+What an integer-mode model (``plan.integer: true``, :mod:`lowbit.intmode`) computes in eval mode
+*is* this graph run by :class:`IntReference`; the C runtime (``runtime/``, :mod:`.int_c`) and
+the integer ONNX model (:mod:`.int_onnx`) compute the same integers.
+
+Tensors hold unsigned integer codes ``q`` in ``0 .. 2^bits − 1`` with real value
+``scale · (q − zero)`` (:class:`TensorQ`; ``zero`` an integer). Ops (:class:`IntOp`):
+
+=============  ==================================================================================
+``quant_in``   float input -> codes, with the input quantizer's own float32 rule (:class:`ActQuant`)
+``conv``       conv / linear / grouped / depthwise on codes, integer weights ``m`` (symmetric,
+               :func:`lowbit.export.levels.integer_form`), ``A = Σ m·(q − zero_in)`` (padding is a
+               real 0), ``acc = A + bias`` (+ ``requantize(q_res − zero_res, res_mult, res_shift)``,
+               a fused residual add), then ``clamp(requantize(acc, mult, shift) + zero_out, lo, hi)``
+               (a fused ReLU is ``lo = zero_out``) or, for the classifier, float32 logits
+               ``f32(acc) · out_scale``
+``gap``        global average pooling: ``requantize(Σ_p (q − zero_in), mult, shift) + zero_out``
+``maxpool``    max of the codes in each window (padding skipped)
+``flatten``    a reshape
+=============  ==================================================================================
+
+Per-channel constants (computed once, :func:`conv_constants`, in float64): with the BatchNorm
+``g, h`` (eval, running statistics), the weight scale ``s_w`` and the input scale ``s_in``,
+``eff = g·s_w·s_in`` (the real value of one accumulator unit), ``bias = rint(h / eff)``,
+``(mult, shift) = quantize_multiplier(eff / s_out)``, residual ``quantize_multiplier(s_res / eff)``.
+The requantization is :func:`lowbit.export.requant.requantize` (int32 multiplier + shift).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+from .levels import ActQuant
+from .pack import pack_codes, packed_nbytes, unpack_codes
+from .requant import quantize_multiplier, requantize
+
+FORMAT = "lowbit.packed.integer"
+VERSION = 1
+_F32 = np.float32
+#: float64 elements of one im2col chunk
+_CHUNK = 4_000_000
+
+
+@dataclass
+class TensorQ:
+    """A quantized tensor: ``real = scale · (q − zero)``, ``q`` in ``0 .. 2^bits − 1``."""
+
+    bits: int
+    zero: int
+    scale: float  # float64 (documentation and constants; the runtime only sees multipliers)
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "zero": self.zero, "scale": self.scale}
+
+
+def tensor_q(a: ActQuant, where: str) -> TensorQ:
+    """The :class:`TensorQ` of an activation quantizer's uniform grid (its 0 must be a code)."""
+    if not a.uniform or a.rule not in ("clip_div", "mul_clip"):
+        raise ConfigError(f"integer mode: tensor '{where}': quantizer '{a.quantizer}' (rule {a.rule}) is not a "
+                          "uniform grid; use pact, lsq, uniform or dorefa activations")
+    step = float(a.step)
+    z = -a.qmin - float(a.real_lo) / step
+    if abs(z - round(z)) > 1e-4 or step <= 0:
+        raise ConfigError(f"integer mode: tensor '{where}': quantizer '{a.quantizer}' has its 0 between two codes "
+                          f"(zero point {z:.4g}); use a grid with 0 on it (pact, lsq, uniform)")
+    n = a.qmax - a.qmin + 1
+    bits = max(1, int(np.ceil(np.log2(n))))
+    if bits > 8:
+        raise ConfigError(f"integer mode: tensor '{where}' has {bits}-bit codes; at most 8")
+    return TensorQ(bits, int(round(z)), step)
+
+
+@dataclass
+class IntOp:
+    kind: str
+    name: str
+    inputs: list[str]  # conv: [x] or [x, residual]
+    output: str
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+    attrs: dict = field(default_factory=dict)  # geometry, groups, layer, relu
+    act: ActQuant | None = None  # quant_in
+    codes: np.ndarray | None = None  # conv: weight codes (O, C/g, kh, kw) uint8
+    wbits: int = 0
+    wquant: str = ""
+    lut: np.ndarray | None = None  # (R, L) int16: code -> integer weight
+    bias: np.ndarray | None = None  # int32 (O,)
+    mult: np.ndarray | None = None  # int32 (O,) (gap: (1,))
+    shift: np.ndarray | None = None
+    res_mult: np.ndarray | None = None
+    res_shift: np.ndarray | None = None
+    out_scale: np.ndarray | None = None  # float32 (O,): classifier
+
+    def m(self) -> np.ndarray:
+        """Integer weights (O, F) int64."""
+        o = self.codes.shape[0]
+        rows = np.arange(o) if self.lut.shape[0] > 1 else np.zeros(o, dtype=np.int64)
+        return self.lut.astype(np.int64)[rows[:, None], self.codes.reshape(o, -1).astype(np.int64)]
+
+
+@dataclass
+class IntGraph:
+    ops: list[IntOp]
+    tensors: dict[str, TensorQ]  # every code tensor (the graph output is float logits)
+    input: str
+    output: str
+    input_shape: tuple[int, ...] = ()
+    output_shape: tuple[int, ...] = ()
+    meta: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# constants
+# ---------------------------------------------------------------------------------------------
+def conv_constants(eff: np.ndarray, h: np.ndarray, s_out: float | None, s_res: float | None, where: str) -> dict:
+    """int32 ``bias``, ``mult``, ``shift`` (and ``res_mult``, ``res_shift``; or ``out_scale`` for a
+    float output) from the per-channel real accumulator unit ``eff`` and BN shift ``h``."""
+    eff = np.asarray(eff, dtype=np.float64)
+    if np.any(eff == 0) or not np.all(np.isfinite(eff)):
+        raise ConfigError(f"integer mode: layer '{where}': a channel with a zero or non-finite scale "
+                          "(BatchNorm gamma = 0?)")
+    b = np.rint(np.asarray(h, dtype=np.float64) / eff)
+    if np.abs(b).max(initial=0) >= 2**30:
+        raise ConfigError(f"integer mode: layer '{where}': its bias does not fit the int32 accumulator")
+    out = {"bias": b.astype(np.int32)}
+    if s_out is None:
+        out["out_scale"] = eff.astype(_F32)
+    else:
+        out["mult"], out["shift"] = quantize_multiplier(eff / s_out)
+    if s_res is not None:
+        out["res_mult"], out["res_shift"] = quantize_multiplier(s_res / eff)
+    return out
+
+
+def check_accumulator(op: IntOp, t_in: TensorQ, t_res: TensorQ | None) -> None:
+    """The int32 accumulator cannot overflow: F·max|m|·max|q − zero| + |bias| + residual < 2^31."""
+    f = op.codes[0].size
+    bound = f * int(np.abs(op.lut).max(initial=0)) * max(t_in.zero, t_in.qmax - t_in.zero)
+    bound += int(np.abs(op.bias.astype(np.int64)).max(initial=0))
+    if t_res is not None:
+        r = max(t_res.zero, t_res.qmax - t_res.zero)
+        bound += int(np.abs(requantize(np.array(r), op.res_mult, op.res_shift)).max(initial=0)) + 1
+    if bound >= 2**31:
+        raise ConfigError(f"integer mode: layer '{op.name}' could overflow its int32 accumulator (bound {bound})")
+
+
+# ---------------------------------------------------------------------------------------------
+# the NumPy integer reference
+# ---------------------------------------------------------------------------------------------
+def _geom(op: IntOp) -> tuple:
+    if op.attrs["layer"] == "linear":
+        (c,), (o,) = op.in_shape, op.out_shape
+        return c, 1, 1, o, 1, 1, 1, 1, 1, 1, 0, 0
+    c, h, w = op.in_shape
+    o, oh, ow = op.out_shape
+    (kh, kw), (sh, sw), (ph, pw) = op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"]
+    return c, h, w, o, oh, ow, kh, kw, sh, sw, ph, pw
+
+
+def conv_sums(x: np.ndarray, m: np.ndarray, op: IntOp) -> np.ndarray:
+    """``A = Σ m·x`` of integer inputs ``x`` (N, C, H, W) (already ``q − zero``; padding 0) and
+    integer weights ``m`` (O, F): exact (float64 sums of integers below 2^53), int64 (N, O, OH, OW)."""
+    c, h, w, o, oh, ow, kh, kw, sh, sw, ph, pw = _geom(op)
+    g = int(op.attrs.get("groups", 1))
+    n = x.shape[0]
+    x = x.reshape(n, c, h, w).astype(np.float64)
+    if ph or pw:
+        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    cg, og = c // g, o // g
+    mg = m.reshape(g, og, cg * kh * kw).astype(np.float64)
+    out = np.empty((n, o, oh * ow), dtype=np.int64)
+    step = max(1, _CHUNK // max(1, oh * ow * c * kh * kw))
+    for i in range(0, n, step):
+        win = np.lib.stride_tricks.sliding_window_view(x[i: i + step], (kh, kw), axis=(2, 3))
+        win = win[:, :, : sh * (oh - 1) + 1: sh, : sw * (ow - 1) + 1: sw]  # (b, C, OH, OW, KH, KW)
+        b = win.shape[0]
+        cols = win.reshape(b, g, cg, oh * ow, kh * kw).transpose(0, 1, 3, 2, 4).reshape(b, g, oh * ow, cg * kh * kw)
+        acc = np.einsum("bgpf,gof->bgop", cols, mg, optimize=True)  # (b, G, Og, P)
+        out[i: i + b] = np.rint(acc).astype(np.int64).reshape(b, o, oh * ow)
+    return out.reshape((n, o, oh, ow))
+
+
+def _chan(v: np.ndarray, ndim: int) -> np.ndarray:
+    return np.asarray(v).reshape((-1,) + (1,) * (ndim - 2))
+
+
+def run_conv(op: IntOp, q: np.ndarray, t_in: TensorQ, res: np.ndarray | None, t_res: TensorQ | None,
+             t_out: TensorQ | None) -> np.ndarray:
+    n = q.shape[0]
+    acc = conv_sums(q.astype(np.int64) - t_in.zero, op.m(), op)
+    acc = acc + _chan(op.bias, 4).astype(np.int64)
+    if op.res_mult is not None:
+        r = res.reshape(acc.shape).astype(np.int64) - t_res.zero
+        acc = acc + requantize(r, _chan(op.res_mult, 4), _chan(op.res_shift, 4))
+    if op.out_scale is not None:
+        y = acc.astype(_F32) * _chan(op.out_scale, 4).astype(_F32)
+    else:
+        v = requantize(acc, _chan(op.mult, 4), _chan(op.shift, 4)) + t_out.zero
+        lo = t_out.zero if op.attrs.get("relu") else 0
+        y = np.clip(v, lo, t_out.qmax)
+    return y.reshape((n,) + tuple(op.out_shape))
+
+
+def run_gap(op: IntOp, q: np.ndarray, t_in: TensorQ, t_out: TensorQ) -> np.ndarray:
+    n, c = q.shape[:2]
+    s = (q.reshape(n, c, -1).astype(np.int64) - t_in.zero).sum(2)  # integers: exact in any order
+    v = requantize(s, op.mult[0], op.shift[0]) + t_out.zero
+    return np.clip(v, 0, t_out.qmax).reshape((n,) + tuple(op.out_shape))
+
+
+def run_maxpool(op: IntOp, q: np.ndarray) -> np.ndarray:
+    (kh, kw), (sh, sw), (ph, pw) = op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"]
+    c, oh, ow = op.out_shape
+    xp = np.pad(q.astype(np.int64), ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-1)
+    out = np.full((q.shape[0], c, oh, ow), -1, dtype=np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            out = np.maximum(out, xp[:, :, i: i + sh * (oh - 1) + 1: sh, j: j + sw * (ow - 1) + 1: sw])
+    return out
+
+
+class IntReference:
+    """Runs an :class:`IntGraph` (e.g. from :func:`load_int_package`) on float32 inputs."""
+
+    def __init__(self, graph: IntGraph):
+        self.graph = graph
+
+    def run(self, x: np.ndarray, batch: int = 250, codes: bool = False) -> np.ndarray:
+        """Float32 logits of a (N, *input_shape) batch (``codes=True``: ``x`` are input codes)."""
+        x = np.asarray(x)
+        if tuple(x.shape[1:]) != tuple(self.graph.input_shape):
+            raise ConfigError(f"input shape {tuple(x.shape[1:])} != model input {self.graph.input_shape}")
+        return np.concatenate([self._run(x[i: i + batch], codes) for i in range(0, len(x), batch)])
+
+    def input_codes(self, x: np.ndarray) -> np.ndarray:
+        op = self.graph.ops[0]
+        return (op.act.codes(np.asarray(x, dtype=_F32)) - op.act.qmin).astype(np.int64)
+
+    def _run(self, x: np.ndarray, codes: bool) -> np.ndarray:
+        g = self.graph
+        T = g.tensors
+        env: dict[str, np.ndarray] = {}
+        for op in g.ops:
+            if op.kind == "quant_in":
+                env[op.output] = x.astype(np.int64) if codes else self.input_codes(x)
+            elif op.kind == "conv":
+                res = env[op.inputs[1]] if len(op.inputs) > 1 else None
+                t_res = T[op.inputs[1]] if len(op.inputs) > 1 else None
+                env[op.output] = run_conv(op, env[op.inputs[0]], T[op.inputs[0]], res, t_res, T.get(op.output))
+            elif op.kind == "gap":
+                env[op.output] = run_gap(op, env[op.inputs[0]], T[op.inputs[0]], T[op.output])
+            elif op.kind == "maxpool":
+                env[op.output] = run_maxpool(op, env[op.inputs[0]])
+            elif op.kind == "flatten":
+                v = env[op.inputs[0]]
+                env[op.output] = v.reshape(v.shape[0], -1)
+            else:  # pragma: no cover
+                raise ConfigError(f"integer graph: unknown op kind '{op.kind}'")
+        return env[g.output]
+
+
+# ---------------------------------------------------------------------------------------------
+# the packed file
+# ---------------------------------------------------------------------------------------------
+_I32 = ("bias", "mult", "shift", "res_mult", "res_shift")
+
+
+def save_int_package(graph: IntGraph, out_dir: str | Path, stem: str = "model") -> dict:
+    """``{stem}.safetensors`` (every number: packed weight codes, int16 weight tables, int32
+    requantization constants, float32 classifier scales, the input quantizer and every tensor's
+    scale / zero / bits) and ``{stem}.json`` (the human-readable manifest, also embedded in the
+    safetensors header's metadata, so the .safetensors file alone runs). Returns byte counts."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {"codes": [], "i16": [], "i32": [], "f32": []}
+    n = {k: 0 for k in runs}
+
+    def put(kind: str, arr: np.ndarray) -> list[int]:
+        a = np.ascontiguousarray(arr).reshape(-1)
+        runs[kind].append(a)
+        n[kind] += a.size
+        return [n[kind] - a.size, int(a.size)]
+
+    tnames = sorted(graph.tensors)
+    tq = np.array([[graph.tensors[t].bits, graph.tensors[t].zero] for t in tnames], dtype=np.int32).reshape(-1, 2)
+    t_i32 = put("i32", tq) if tnames else [0, 0]
+    t_f32 = put("f32", np.array([graph.tensors[t].scale for t in tnames], dtype=_F32)) if tnames else [0, 0]
+    ops = []
+    for op in graph.ops:
+        d = {"kind": op.kind, "name": op.name, "inputs": op.inputs, "output": op.output,
+             "in_shape": list(op.in_shape), "out_shape": list(op.out_shape)}
+        if op.attrs:
+            d["attrs"] = op.attrs
+        if op.act is not None:
+            d["act"] = op.act.to_dict()
+            d["act_f32"] = put("f32", np.array([op.act.lo, op.act.step, op.act.inv], dtype=_F32))
+        if op.codes is not None:
+            packed = pack_codes(op.codes, op.wbits)
+            d["weight"] = {"quantizer": op.wquant, "bits": op.wbits, "shape": list(op.codes.shape),
+                           "codes": put("codes", packed), "lut": put("i16", op.lut.astype(np.int16)),
+                           "lut_shape": list(op.lut.shape)}
+        arrays = {k: put("i32", getattr(op, k).astype(np.int32)) for k in _I32 if getattr(op, k) is not None}
+        if op.out_scale is not None:
+            arrays["out_scale"] = put("f32", op.out_scale.astype(_F32))
+        if arrays:
+            d["arrays"] = arrays
+        ops.append(d)
+    manifest = {"format": FORMAT, "version": VERSION,
+                "note": "real = scale * (q - zero); requantize(x, mult, shift) = floor(x*mult/2^(31-shift) + 1/2); "
+                        "arrays: [offset, count] into the safetensors tensor of their type",
+                "input": {"name": graph.input, "shape": list(graph.input_shape)},
+                "output": {"name": graph.output, "shape": list(graph.output_shape), "type": "float32 logits"},
+                "tensors": {t: {**graph.tensors[t].to_dict(), "index": i} for i, t in enumerate(tnames)},
+                "tensor_arrays": {"bits_zero": t_i32, "scale": t_f32},
+                "meta": graph.meta, "ops": ops}
+    dtypes = {"codes": np.uint8, "i16": np.int16, "i32": np.int32, "f32": _F32}
+    tensors = {k: (np.concatenate(v).astype(dtypes[k]) if v else np.zeros(0, dtypes[k])) for k, v in runs.items()}
+    text = json.dumps(manifest, indent=1) + "\n"
+    st = out / f"{stem}.safetensors"
+    save_file(tensors, str(st), metadata={"manifest": json.dumps(manifest, separators=(",", ":"))})
+    (out / f"{stem}.json").write_text(text)
+    numbers = sum(int(t.nbytes) for t in tensors.values())
+    return {"file_bytes": st.stat().st_size, "numbers_bytes": numbers, "codes_bytes": int(tensors["codes"].nbytes),
+            "manifest_bytes": len(text), "header_bytes": st.stat().st_size - numbers}
+
+
+def load_int_package(path: str | Path) -> IntGraph:
+    """Load an integer package: ``model.safetensors`` alone (its embedded manifest), ``model.json``
+    (next to its .safetensors) or the folder holding them."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    if not p.is_file():
+        raise ConfigError(f"no integer package at {p}")
+    with safe_open(str(p), framework="numpy") as f:
+        md = f.metadata() or {}
+    if "manifest" not in md:
+        raise ConfigError(f"{p}: no embedded manifest; not a {FORMAT} file")
+    m = json.loads(md["manifest"])
+    if m.get("format") != FORMAT or m.get("version") != VERSION:
+        raise ConfigError(f"{p}: not a {FORMAT} v{VERSION} file")
+    b = load_file(str(p))
+
+    def get(kind, ref):
+        return b[kind][ref[0]: ref[0] + ref[1]].copy()
+
+    tnames = sorted(m["tensors"])
+    bz = get("i32", m["tensor_arrays"]["bits_zero"]).reshape(-1, 2)
+    sc = get("f32", m["tensor_arrays"]["scale"])
+    tensors = {t: TensorQ(int(bz[i, 0]), int(bz[i, 1]), float(m["tensors"][t]["scale"])) for i, t in enumerate(tnames)}
+    ops = []
+    for d in m["ops"]:
+        op = IntOp(d["kind"], d["name"], list(d["inputs"]), d["output"], tuple(d["in_shape"]), tuple(d["out_shape"]),
+                   attrs=d.get("attrs", {}))
+        if "act" in d:
+            lo, step, inv = (float(v) for v in get("f32", d["act_f32"]))
+            op.act = ActQuant(**{**d["act"], "lo": lo, "step": step, "inv": inv})
+        if "weight" in d:
+            w = d["weight"]
+            cnt = int(np.prod(w["shape"]))
+            op.codes = unpack_codes(get("codes", w["codes"]), w["bits"], cnt).reshape(w["shape"]).astype(np.uint8)
+            op.wbits, op.wquant = int(w["bits"]), w["quantizer"]
+            op.lut = get("i16", w["lut"]).reshape(w["lut_shape"])
+        for k, ref in d.get("arrays", {}).items():
+            setattr(op, k, get("f32" if k == "out_scale" else "i32", ref))
+        ops.append(op)
+    del sc  # the float scales are documentation: the integers above are what runs
+    return IntGraph(ops, tensors, m["input"]["name"], m["output"]["name"], tuple(m["input"]["shape"]),
+                    tuple(m["output"]["shape"]), meta=m.get("meta", {}))
+
+
+def packed_weight_bytes(graph: IntGraph) -> int:
+    return sum(packed_nbytes(op.codes.size, op.wbits) for op in graph.ops if op.codes is not None)

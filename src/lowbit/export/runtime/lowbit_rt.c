@@ -1,0 +1,166 @@
+/* lowbit integer runtime: kernels (see lowbit_rt.h for the contract of every function). */
+#include <math.h>
+#include <string.h>
+
+#include "lowbit_rt.h"
+
+int32_t lb_requantize(int32_t x, int32_t mult, int32_t shift)
+{
+    const int32_t t = 31 - shift; /* 1 .. 62 */
+    const int64_t v = (int64_t)x * (int64_t)mult;
+    return (int32_t)(((v >> (t - 1)) + 1) >> 1);
+}
+
+uint32_t lb_packed_bytes(uint32_t n, uint32_t bits) { return (n * bits + 7u) >> 3; }
+
+#define LB_GET(buf, idx, bits) ((bits) == 8u ? (uint32_t)(buf)[idx] : lb_get((buf), (idx), (bits)))
+
+uint32_t lb_get(const uint8_t *buf, uint32_t idx, uint32_t bits)
+{
+    uint32_t bit = idx * bits, byte = bit >> 3, sh = bit & 7u;
+    uint32_t v = buf[byte];
+    if (sh + bits > 8u) v |= (uint32_t)buf[byte + 1] << 8;
+    return (v >> sh) & ((1u << bits) - 1u);
+}
+
+void lb_put(uint8_t *buf, uint32_t idx, uint32_t bits, uint32_t v)
+{
+    uint32_t bit = idx * bits, byte = bit >> 3, sh = bit & 7u;
+    if (bits == 8u) {
+        buf[idx] = (uint8_t)v;
+        return;
+    }
+    buf[byte] |= (uint8_t)(v << sh);
+    if (sh + bits > 8u) buf[byte + 1] |= (uint8_t)(v >> (8u - sh));
+}
+
+static int32_t lb_clamp(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : v > hi ? hi : v; }
+
+void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *out, int16_t *wrow)
+{
+    const int32_t cin_g = p->cin / p->groups, cout_g = p->cout / p->groups;
+    const int32_t KK = p->kh * p->kw, F = cin_g * KK, HWin = p->hin * p->win, P = p->hout * p->wout;
+    const uint32_t ib = p->in_bits, wb = p->w_bits, ob = p->out_bits, rb = p->res_bits;
+    float *logits = (float *)out;
+    uint8_t *q_out = (uint8_t *)out;
+    int32_t o, j, oy, ox, c, kh, kw;
+    if (!p->out_scale) memset(q_out, 0, lb_packed_bytes((uint32_t)(p->cout * P), ob));
+    for (o = 0; o < p->cout; o++) {
+        const int16_t *lt = p->w_lut + (p->lut_rows > 1 ? o * p->lut_n : 0);
+        const int32_t c0 = (o / cout_g) * cin_g;
+        for (j = 0; j < F; j++) wrow[j] = lt[lb_get(p->w_codes, (uint32_t)(o * F + j), wb)];
+        for (oy = 0; oy < p->hout; oy++) {
+            const int32_t y0 = oy * p->sh - p->ph;
+            const int32_t kh0 = y0 < 0 ? -y0 : 0, kh1 = p->hin - y0 < p->kh ? p->hin - y0 : p->kh;
+            for (ox = 0; ox < p->wout; ox++) {
+                const int32_t x0 = ox * p->sw - p->pw;
+                const int32_t kw0 = x0 < 0 ? -x0 : 0, kw1 = p->win - x0 < p->kw ? p->win - x0 : p->kw;
+                const int32_t at = o * P + oy * p->wout + ox;
+                int32_t acc = 0;
+                for (c = 0; c < cin_g; c++) {
+                    const uint32_t base = (uint32_t)((c0 + c) * HWin);
+                    for (kh = kh0; kh < kh1; kh++) {
+                        const int16_t *wr = wrow + c * KK + kh * p->kw;
+                        const uint32_t row = base + (uint32_t)((y0 + kh) * p->win + x0);
+                        for (kw = kw0; kw < kw1; kw++)
+                            acc += (int32_t)wr[kw] * ((int32_t)LB_GET(in, row + (uint32_t)kw, ib) - p->in_zero);
+                    }
+                }
+                acc += p->bias[o];
+                if (p->res_mult)
+                    acc += lb_requantize((int32_t)LB_GET(res, (uint32_t)at, rb) - p->res_zero, p->res_mult[o],
+                                         p->res_shift[o]);
+                if (p->out_scale) {
+                    logits[at] = (float)acc * p->out_scale[o];
+                } else {
+                    int32_t v = lb_requantize(acc, p->mult[o], p->shift[o]) + p->out_zero;
+                    lb_put(q_out, (uint32_t)at, ob, (uint32_t)lb_clamp(v, p->out_min, p->out_max));
+                }
+            }
+        }
+    }
+}
+
+void lb_avgpool_global(int32_t c, int32_t hw, uint8_t in_bits, int32_t in_zero, int32_t mult, int32_t shift,
+                       uint8_t out_bits, int32_t out_zero, const uint8_t *in, uint8_t *out)
+{
+    const int32_t hi = (1 << out_bits) - 1;
+    int32_t i, k;
+    memset(out, 0, lb_packed_bytes((uint32_t)c, out_bits));
+    for (i = 0; i < c; i++) {
+        int32_t s = 0;
+        for (k = 0; k < hw; k++) s += (int32_t)LB_GET(in, (uint32_t)(i * hw + k), (uint32_t)in_bits) - in_zero;
+        lb_put(out, (uint32_t)i, out_bits, (uint32_t)lb_clamp(lb_requantize(s, mult, shift) + out_zero, 0, hi));
+    }
+}
+
+void lb_maxpool(int32_t c, int32_t h, int32_t w, int32_t oh, int32_t ow, int32_t kh, int32_t kw, int32_t sh,
+                int32_t sw, int32_t ph, int32_t pw, uint8_t bits, const uint8_t *in, uint8_t *out)
+{
+    int32_t i, oy, ox, a, b;
+    memset(out, 0, lb_packed_bytes((uint32_t)(c * oh * ow), bits));
+    for (i = 0; i < c; i++)
+        for (oy = 0; oy < oh; oy++)
+            for (ox = 0; ox < ow; ox++) {
+                uint32_t m = 0;
+                for (a = 0; a < kh; a++) {
+                    int32_t iy = oy * sh - ph + a;
+                    if (iy < 0 || iy >= h) continue;
+                    for (b = 0; b < kw; b++) {
+                        int32_t ix = ox * sw - pw + b;
+                        uint32_t v;
+                        if (ix < 0 || ix >= w) continue;
+                        v = LB_GET(in, (uint32_t)((i * h + iy) * w + ix), (uint32_t)bits);
+                        if (v > m) m = v;
+                    }
+                }
+                lb_put(out, (uint32_t)((i * oh + oy) * ow + ox), bits, m);
+            }
+}
+
+void lb_add(int32_t n, uint8_t a_bits, int32_t a_zero, int32_t a_mult, int32_t a_shift, uint8_t b_bits,
+            int32_t b_zero, int32_t b_mult, int32_t b_shift, uint8_t out_bits, int32_t out_zero, int32_t out_min,
+            int32_t out_max, const uint8_t *a, const uint8_t *b, uint8_t *out)
+{
+    int32_t i;
+    memset(out, 0, lb_packed_bytes((uint32_t)n, out_bits));
+    for (i = 0; i < n; i++) {
+        int32_t v = out_zero + lb_requantize((int32_t)LB_GET(a, (uint32_t)i, (uint32_t)a_bits) - a_zero, a_mult, a_shift)
+                    + lb_requantize((int32_t)LB_GET(b, (uint32_t)i, (uint32_t)b_bits) - b_zero, b_mult, b_shift);
+        lb_put(out, (uint32_t)i, out_bits, (uint32_t)lb_clamp(v, out_min, out_max));
+    }
+}
+
+void lb_requantize_tensor(int32_t n, uint8_t in_bits, int32_t in_zero, int32_t mult, int32_t shift,
+                          uint8_t out_bits, int32_t out_zero, int32_t out_min, int32_t out_max,
+                          const uint8_t *in, uint8_t *out)
+{
+    int32_t i;
+    memset(out, 0, lb_packed_bytes((uint32_t)n, out_bits));
+    for (i = 0; i < n; i++) {
+        int32_t v = lb_requantize((int32_t)LB_GET(in, (uint32_t)i, (uint32_t)in_bits) - in_zero, mult, shift) + out_zero;
+        lb_put(out, (uint32_t)i, out_bits, (uint32_t)lb_clamp(v, out_min, out_max));
+    }
+}
+
+void lb_quantize_input(const float *x, int32_t n, int rule, float lo, float step, float inv, int32_t qmin,
+                       int32_t qmax, uint8_t bits, uint8_t *out)
+{
+    int32_t i;
+    memset(out, 0, lb_packed_bytes((uint32_t)n, bits));
+    for (i = 0; i < n; i++) {
+        float v = x[i];
+        if (rule == 0) {
+            if (v < lo) v = lo;
+            if (lo != 0.0f) v = v - lo;
+            v = rintf(v / step);
+            if (v > (float)qmax) v = (float)qmax;
+        } else {
+            v = v * inv;
+            if (v < (float)qmin) v = (float)qmin;
+            if (v > (float)qmax) v = (float)qmax;
+            v = rintf(v);
+        }
+        lb_put(out, (uint32_t)i, bits, (uint32_t)((int32_t)v - qmin));
+    }
+}

@@ -1,0 +1,374 @@
+"""Integer-deployable QAT (``plan.integer: true``): what is trained is exactly the integer model.
+
+``quantize(model, plan)`` with ``integer: true`` does what it always does (weight parametrizations,
+input quantizers) and then:
+
+1. **every layer is quantized**: a layer the plan keeps in full precision (the first conv and
+   the last linear by default) gets 8-bit weights (LSQ per channel) and an 8-bit input (the
+   network input: signed LSQ; elsewhere the plan's activation quantizer at 8 bits), because an
+   integer-only network has no float layer;
+2. **every tensor between layers is quantized once, at its producer**: the model is traced with
+   ``torch.fx`` into units ``conv/linear (+ BatchNorm) (+ residual add) (+ ReLU)``, global average
+   pooling, max-pooling and flatten (pass-through). A tensor's quantizer is the input quantizer of
+   the first conv that reads it; the other convs that read it share that quantizer (a ResNet block
+   input feeds conv1 and the shortcut: one set of codes). A tensor no conv reads (a residual
+   operand, the input of a global pooling) gets an ``output_quantizer`` on its producer: the
+   plan's activation quantizer after a ReLU, signed 8-bit LSQ otherwise (projection shortcuts,
+   linear bottlenecks). The residual operand of an add is therefore a quantized tensor;
+3. **training** (``model.train()``) runs the traced graph with those quantizers (straight-through
+   gradients, BatchNorm on batch statistics: ordinary QAT);
+4. **evaluation** (``model.eval()``) runs the integer network itself
+   (:class:`lowbit.export.intgraph.IntReference`): BatchNorm (running statistics) becomes the
+   per-channel requantization (int32 multiplier + shift, :mod:`lowbit.export.requant`), residual
+   adds and pooling happen on codes, and the classifier's int32 accumulator is scaled to float32
+   logits. The validation accuracy that picks the best epoch, and the test accuracy, are those
+   of the integer model; the export writes the same integers (:func:`int_graph`).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import ConfigError
+
+#: weights of layers the plan keeps in full precision, in integer mode
+FP_LAYER_WEIGHT = {"name": "lsq", "bits": 8, "per_channel": True}
+#: the network input, and tensors that are not post-ReLU (residual operands, linear bottlenecks)
+SIGNED_ACT = {"name": "lsq", "bits": 8, "signed": True}
+SUPPORTED = ("Conv2d (any groups, dilation 1, zero padding) / Linear, each optionally followed by BatchNorm, "
+             "a residual + and ReLU; AdaptiveAvgPool2d(1), MaxPool2d, Flatten, Identity, Dropout")
+
+
+def integer_layers(plan, layers) -> None:
+    """Give every layer the plan keeps in full precision 8-bit quantizers (in place)."""
+    from .plan import QuantSpec
+
+    if plan.weight is None or plan.act is None:
+        raise ConfigError("plan.integer: true needs a weight and an act quantizer (an integer network quantizes both)")
+    for i, lp in enumerate(layers):
+        if lp.weight is None:
+            lp.weight = QuantSpec(**FP_LAYER_WEIGHT)
+        if lp.act is None:
+            lp.act = QuantSpec(**SIGNED_ACT) if i == 0 else plan.act.merged({"bits": 8})
+
+
+# ---------------------------------------------------------------------------------------------
+# units of the traced graph
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Unit:
+    kind: str  # conv | gap | maxpool | flatten
+    node: fx.Node  # the unit's output
+    inp: fx.Node  # its input tensor
+    name: str = ""  # module path
+    module: nn.Module | None = None
+    bn: nn.Module | None = None
+    relu: bool = False
+    res: fx.Node | None = None
+    nodes: list = field(default_factory=list)
+
+
+def _is_add(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in (operator.add, torch.add) and len(n.args) == 2 and not n.kwargs
+
+
+def _is_relu(n: fx.Node, mods) -> bool:
+    if n.op == "call_module":
+        return isinstance(mods[n.target], nn.ReLU)
+    return n.op == "call_function" and n.target in (F.relu, torch.relu) and not n.kwargs.get("inplace")
+
+
+def _unsupported(n: fx.Node, what: str) -> ConfigError:
+    return ConfigError(f"integer mode: layer '{n.target if n.op == 'call_module' else n.name}' ({what}) is not "
+                       f"supported; supported: {SUPPORTED}")
+
+
+def analyse(gm: fx.GraphModule) -> tuple[fx.Node, list[Unit], fx.Node]:
+    """(input node, units in execution order, output node) of a traced model."""
+    mods = dict(gm.named_modules())
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    alias: dict[fx.Node, fx.Node] = {}
+    claimed: set[fx.Node] = set()
+    units: list[Unit] = []
+    inp = out = None
+
+    def a(n):
+        if not isinstance(n, fx.Node):
+            raise ConfigError(f"integer mode: a constant operand ({n!r}) is not supported")
+        return alias.get(n, n)
+
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if inp is not None:
+                raise ConfigError("integer mode: models with more than one input are not supported")
+            inp = n
+            continue
+        if n.op == "output":
+            out = a(n.args[0])
+            continue
+        if n in claimed:
+            continue
+        m = mods.get(n.target) if n.op == "call_module" else None
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            u = Unit("conv", n, a(n.args[0]), name=n.target, module=m, nodes=[n])
+            cur = n
+            nxt = list(cur.users)
+            if len(nxt) == 1 and nxt[0].op == "call_module" and \
+                    isinstance(mods[nxt[0].target], nn.modules.batchnorm._BatchNorm):
+                u.bn, cur = mods[nxt[0].target], nxt[0]
+                u.nodes.append(cur)
+            nxt = list(cur.users)
+            if len(nxt) == 1 and _is_add(nxt[0]) and nxt[0] not in claimed:
+                add = nxt[0]
+                other = add.args[1] if add.args[0] is cur else add.args[0]
+                u.res, cur = other, add
+                u.nodes.append(cur)
+            nxt = list(cur.users)
+            if len(nxt) == 1 and _is_relu(nxt[0], mods):
+                u.relu, cur = True, nxt[0]
+                u.nodes.append(cur)
+            u.node = cur
+            claimed.update(u.nodes)
+            units.append(u)
+        elif isinstance(m, (nn.Identity, nn.Dropout)):
+            alias[n] = a(n.args[0])
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            if tuple(np.broadcast_to(m.output_size, 2)) != (1, 1):
+                raise _unsupported(n, f"AdaptiveAvgPool2d(output_size={m.output_size})")
+            units.append(Unit("gap", n, a(n.args[0]), name=n.target, module=m))
+        elif isinstance(m, nn.MaxPool2d):
+            if m.ceil_mode or m.dilation not in (1, (1, 1)) or m.return_indices:
+                raise _unsupported(n, "MaxPool2d with ceil_mode, dilation or return_indices")
+            units.append(Unit("maxpool", n, a(n.args[0]), name=n.target, module=m))
+        elif isinstance(m, nn.Flatten) or (n.op == "call_function" and n.target is torch.flatten):
+            if isinstance(m, nn.Flatten) and (m.start_dim != 1 or m.end_dim != -1) or \
+                    m is None and tuple(n.args[1:]) not in ((1,), (1, -1)):
+                raise _unsupported(n, "flatten other than from dim 1")
+            units.append(Unit("flatten", n, a(n.args[0]), name=str(n.target) if m is not None else n.name, module=m))
+        elif m is not None:
+            raise _unsupported(n, type(m).__name__)
+        elif _is_add(n):
+            raise _unsupported(n, "a + whose operands are not a conv(+BN) output and a tensor")
+        elif _is_relu(n, mods):
+            raise _unsupported(n, "a ReLU that does not follow a conv, BatchNorm or residual +")
+        else:
+            raise _unsupported(n, f"{n.op} {getattr(n.target, '__name__', n.target)}")
+    for u in units:  # operands may be aliases defined after the unit's first node (x + shortcut(x))
+        u.inp = a(u.inp)
+        u.res = a(u.res) if u.res is not None else None
+    units.sort(key=lambda u: order[u.node])
+    return inp, units, a(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor quantizers
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class IntState:
+    """What :func:`integerize` built (kept on the model's quant state as ``state.integer``)."""
+
+    gm: fx.GraphModule  # the training graph (quantizers inserted)
+    units: list[Unit]
+    input: fx.Node
+    output: fx.Node
+    group: dict[str, str]  # tensor node name -> root tensor node name (pass-through ops share codes)
+    quantizer: dict[str, str]  # root tensor node name -> quantizer module path
+    cache: tuple | None = None
+
+
+def _pass_through(u: Unit) -> bool:
+    return u.kind in ("maxpool", "flatten")
+
+
+def integerize(model: nn.Module, state) -> None:
+    """Turn a quantized model into an integer-mode one (module docstring); called by ``quantize``."""
+    from .export.graph import trace
+    from .quant import build_quantizer
+    from .methods.base import build_from_spec
+
+    for h in state.hooks:  # the traced graph quantizes every tensor itself
+        h.remove()
+    state.hooks.clear()
+    gm = trace(model)
+    inp, units, out = analyse(gm)
+    if not units or units[-1].node is not out or units[-1].kind != "conv" or units[-1].relu:
+        raise ConfigError("integer mode: the model must end with a conv/linear (+ BatchNorm) without ReLU "
+                          "(its int32 accumulator becomes the float logits)")
+    mods = dict(model.named_modules())
+    group: dict[str, str] = {inp.name: inp.name}
+    for u in units:
+        if _pass_through(u):
+            group[u.node.name] = group[u.inp.name]
+        elif u.node is not out:
+            group[u.node.name] = u.node.name
+    readers: dict[str, list[tuple[Unit, str]]] = {}
+    for u in units:
+        for t, role in ((u.inp, "main"), (u.res, "res")):
+            if t is None:
+                continue
+            if t.name not in group:
+                raise ConfigError(f"integer mode: layer '{u.name}' reads '{t.name}', which is not a quantized tensor")
+            readers.setdefault(group[t.name], []).append((u, role))
+    quantizer: dict[str, str] = {}
+    producer = {u.node.name: u for u in units}
+    plan = state.plan
+    for root in dict.fromkeys(group.values()):
+        convs = [u for u, role in readers.get(root, []) if u.kind == "conv" and role == "main"]
+        if convs:
+            q = convs[0].module.input_quantizer
+            for u in convs[1:]:
+                u.module.input_quantizer = q  # one tensor, one set of codes
+            quantizer[root] = f"{convs[0].name}.input_quantizer"
+            continue
+        pu = producer.get(root)
+        if pu is None:
+            raise ConfigError("integer mode: the network input is not read by a conv/linear")
+        if pu.relu:
+            q = build_from_spec(plan.act, "act")
+        else:
+            q = build_quantizer(SIGNED_ACT["name"], SIGNED_ACT["bits"], role="act", signed=True)
+        pu.module.output_quantizer = q
+        quantizer[root] = f"{pu.name}.output_quantizer"
+    # the training graph: one quantizer call after every tensor's producer
+    g = gm.graph
+    for root, path in quantizer.items():
+        node = next(n for n in g.nodes if n.name == root)
+        with g.inserting_after(node):
+            qn = g.call_module(path, (node,))
+        node.replace_all_uses_with(qn, delete_user_cb=lambda user, qn=qn: user is not qn)
+    g.lint()
+    train_gm = fx.GraphModule(model, g)
+    state.integer = IntState(train_gm, units, inp, out, group, quantizer)
+    del mods
+
+    def forward(x):
+        if model.training:
+            return state.integer.gm(x)
+        return _int_forward(model, x)
+
+    object.__setattr__(model, "forward", forward)
+
+
+def _versions(model: nn.Module) -> tuple:
+    return tuple(t._version for t in model.parameters()) + tuple(t._version for t in model.buffers())
+
+
+def _int_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from .export.intgraph import IntReference
+
+    ist = model._lowbit_state.integer
+    key = (_versions(model), tuple(x.shape[1:]))
+    if ist.cache is None or ist.cache[0] != key:
+        ist.cache = (key, IntReference(int_graph(model, x[:1])))
+    logits = ist.cache[1].run(x.detach().float().cpu().numpy())
+    return torch.from_numpy(logits).to(x.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the integer graph of the model's current state
+# ---------------------------------------------------------------------------------------------
+def int_graph(model: nn.Module, example: torch.Tensor):
+    """The :class:`~lowbit.export.intgraph.IntGraph` an integer-mode model computes in eval mode
+    (shapes from one example input; quantizers and weights as they are now)."""
+    from .export.fold import bn_affine
+    from .export.graph import _ShapeRecorder, _weight
+    from .export.intgraph import IntGraph, IntOp, check_accumulator, conv_constants, tensor_q
+    from .export.levels import act_quant, integer_form
+    from .export.requant import quantize_multiplier
+
+    state = getattr(model, "_lowbit_state", None)
+    ist = getattr(state, "integer", None)
+    if ist is None:
+        raise ConfigError("int_graph: the model is not quantized with plan.integer: true")
+    was = model.training
+    model.eval()
+    try:
+        rec = _ShapeRecorder(ist.gm)
+        with torch.no_grad():
+            rec.run(example[:1].float())
+        shapes = rec.shapes
+        mods = dict(model.named_modules())
+        tq = {}
+        acts = {}
+        for root, path in ist.quantizer.items():
+            a = act_quant(mods[path], path)
+            if a is None:
+                raise ConfigError(f"integer mode: tensor quantizer '{path}' is full precision")
+            acts[root], tq[root] = a, tensor_q(a, path)
+        tensors = {t: tq[r] for t, r in ist.group.items()}
+        in_name = ist.input.name
+        if acts[in_name].rule not in ("clip_div", "mul_clip"):
+            raise ConfigError("integer mode: the input quantizer must follow clip_div or mul_clip")
+        ops = [IntOp("quant_in", "input", [in_name], in_name, tuple(shapes[in_name]), tuple(shapes[in_name]),
+                     act=acts[in_name])]
+        for u in ist.units:
+            i_shape, o_shape = tuple(shapes[u.inp.name]), tuple(shapes[u.node.name])
+            if u.kind == "flatten":
+                ops.append(IntOp("flatten", u.name, [u.inp.name], u.node.name, i_shape, o_shape))
+            elif u.kind == "maxpool":
+                m = u.module
+                pair = lambda v: [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]  # noqa: E731
+                ops.append(IntOp("maxpool", u.name, [u.inp.name], u.node.name, i_shape, o_shape, attrs={
+                    "kernel": pair(m.kernel_size), "stride": pair(m.stride if m.stride is not None else m.kernel_size),
+                    "padding": pair(m.padding)}))
+            elif u.kind == "gap":
+                ti, to = tensors[u.inp.name], tensors[u.node.name]
+                hw = int(np.prod(i_shape[1:]))
+                mult, shift = quantize_multiplier(np.array([ti.scale / (hw * to.scale)]))
+                ops.append(IntOp("gap", u.name, [u.inp.name], u.node.name, i_shape, o_shape, mult=mult, shift=shift))
+            else:
+                ops.append(_conv_op(u, i_shape, o_shape, tensors, bn_affine, _weight, integer_form,
+                                    conv_constants, check_accumulator, IntOp))
+        return IntGraph(ops, tensors, in_name, ist.output.name, tuple(shapes[in_name]),
+                        tuple(shapes[ist.output.name]))
+    finally:
+        model.train(was)
+
+
+def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_form, conv_constants,
+             check_accumulator, IntOp):
+    m = u.module
+    if isinstance(m, nn.Conv2d):
+        if m.dilation not in (1, (1, 1)) or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise ConfigError(f"integer mode: layer '{u.name}': Conv2d with dilation {m.dilation}, padding "
+                              f"{m.padding!r}, padding_mode {m.padding_mode} is not supported")
+        pair = lambda v: [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]  # noqa: E731
+        attrs = {"layer": "conv", "kernel": list(m.kernel_size), "stride": pair(m.stride),
+                 "padding": pair(m.padding), "groups": int(m.groups)}
+    else:
+        attrs = {"layer": "linear", "kernel": [1, 1], "stride": [1, 1], "padding": [0, 0], "groups": 1}
+    attrs["relu"] = bool(u.relu)
+    w, quantized = _weight(u.name, m)
+    if not quantized:
+        raise ConfigError(f"integer mode: layer '{u.name}' has a full-precision weight")
+    form = integer_form(w.levels.levels64())
+    if form is None or np.any(form[2] != 0):
+        raise ConfigError(f"integer mode: layer '{u.name}': weight quantizer '{w.quantizer}' has no symmetric integer "
+                          "form (level = s·m); use sawb, lsq, dorefa, bwn, twn or po2")
+    m_lut, s_w, _ = form
+    if np.abs(m_lut).max() > 32767:
+        raise ConfigError(f"integer mode: layer '{u.name}': integer weights do not fit int16")
+    sw = s_w[w.row_index()]
+    o = w.codes.shape[0]
+    if u.bn is not None:
+        g, h = bn_affine(u.bn)
+    else:
+        g, h = np.ones(o), np.zeros(o)
+    if m.bias is not None:
+        h = h + g * m.bias.detach().double().numpy()
+    t_in = tensors[u.inp.name]
+    t_out = tensors.get(u.node.name)
+    t_res = tensors[u.res.name] if u.res is not None else None
+    eff = g * sw * t_in.scale
+    c = conv_constants(eff, h, None if t_out is None else t_out.scale, None if t_res is None else t_res.scale, u.name)
+    inputs = [u.inp.name] + ([u.res.name] if u.res is not None else [])
+    op = IntOp("conv", u.name, inputs, u.node.name, i_shape, o_shape, attrs=attrs, codes=w.codes, wbits=w.bits,
+               wquant=w.quantizer, lut=m_lut.astype(np.int16), **c)
+    check_accumulator(op, t_in, t_res)
+    return op
