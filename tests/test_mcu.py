@@ -77,8 +77,9 @@ def run_both(lib, rng, C, H, W, O, K, S, P, wbits, abits, rows, zero, terms, uni
     lib.lb_pk_pack_act(_p(geom), _p(u), abits, _p(xp))
     assert np.array_equal(xp, pack_act_planes(u, abits, P, P).reshape(-1))  # C packing == NumPy twin
     wp = np.ascontiguousarray(pack_weight_planes(codes, wbits).reshape(-1))
+    acc = np.zeros(2 * O, np.int32)
     lib.lb_pk_conv(_p(geom), _p(xp), abits, zero, _p(wp), wbits, _p(a), _p(b), rows, _p(ca), _p(cb), _p(cc), _p(cd),
-                   _p(bias), _p(y_pk))
+                   _p(bias), _p(y_pk), _p(acc))
     # A = sum m*(u - zero) over in-bounds taps, straight from the definition (float64 sums of integers: exact)
     m = lut[np.arange(O) if rows > 1 else np.zeros(O, int)][np.arange(O)[:, None], codes.reshape(O, -1)]
     xpad = np.pad(u.astype(np.int64) - zero, ((0, 0), (P, P), (P, P)))

@@ -224,7 +224,7 @@ def build(c_dir: str | Path, tgt: Target, stub: bool = False) -> Path:
         (d / "stub.c").write_text(STUB)
         srcs = ["stub.c"]
     else:
-        srcs = ["model.c", *sorted(p.name for p in d.glob("lb_*.c"))]
+        srcs = sorted(p.name for p in d.glob("*.c") if p.name not in ("main.c", "mcu_main.c", "startup.c", "stub.c"))
     exe = d / ("stub.elf" if stub else "model.elf")
     cmd = ["arm-none-eabi-gcc", *tgt.cpu_flags, *MCU_CFLAGS, "--specs=rdimon.specs", "-T", tgt.ldscript,
            "-Wl,--gc-sections", "-o", exe.name, "mcu_main.c", "startup.c", *srcs, "-lm"]
@@ -273,7 +273,13 @@ def parse_output(out: str, n_out: int) -> dict:
 
 def build_and_run(graph: Graph, out_dir: str | Path, samples: np.ndarray, expected: np.ndarray,
                   target_name: str = "cortex-m4", kernels: str = "auto", timeout: float = 120.0) -> dict:
-    """Generate, cross-compile, run under QEMU and check one build; returns a JSON-able report."""
+    """Generate, cross-compile, run under QEMU and check one build; returns a JSON-able report.
+
+    ``graph``: a :class:`~lowbit.export.graph.Graph` (the float-activation C export,
+    :func:`~lowbit.export.c_export.write_c`) or an integer graph of issue 17
+    (:class:`~lowbit.export.intgraph.IntGraph`, :func:`~lowbit.export.int_c.write_int_c`: activations
+    as packed integer codes); ``kernels``: "auto" (bit-packed kernels where a layer's bits make them
+    pay), "int" (the plain integer kernel everywhere), "packed" (bit-packed wherever possible)."""
     from ..c_export import write_c
 
     tgt = target(target_name)
@@ -281,8 +287,19 @@ def build_and_run(graph: Graph, out_dir: str | Path, samples: np.ndarray, expect
     out = Path(out_dir)
     samples = np.asarray(samples, np.float32)
     expected = np.asarray(expected, np.float32)
-    hook = PackedKernels(kernels)
-    ce = write_c(graph, out, conv_hook=hook)
+    if isinstance(graph, Graph):
+        hook = PackedKernels(kernels)
+        ce = write_c(graph, out, conv_hook=hook)
+        chosen, runtime = hook.chosen, "float activations (c_export)"
+    else:
+        from ..int_c import write_int_c
+        from .packed import patch_int_c
+
+        if out.exists():
+            for f in out.glob("lb_packed*"):
+                f.unlink()
+        ce = write_int_c(graph, out)
+        chosen, runtime = patch_int_c(graph, out, kernels), "integer (int_c, lowbit_rt)"
     write_main(out, samples, expected)
     elf, stub = build(out, tgt), build(out, tgt, stub=True)
     full, base = elf_size(elf), elf_size(stub)
@@ -292,7 +309,7 @@ def build_and_run(graph: Graph, out_dir: str | Path, samples: np.ndarray, expect
     flash = (full["text"] + full["data"]) - (base["text"] + base["data"])
     static_ram = (full["data"] + full["bss"]) - (base["data"] + base["bss"])
     return {"target": tgt.name, "machine": tgt.machine, "dir": str(out), "elf": str(elf),
-            "kernels": hook.chosen, "size": full, "size_without_model": base,
+            "runtime": runtime, "kernels": chosen, "size": full, "size_without_model": base,
             "flash_bytes": flash, "static_ram_bytes": static_ram, "ram_bytes": static_ram + res["stack_bytes"],
             "generator_flash_bytes": ce.flash_bytes, "generator_ram_bytes": ce.ram_bytes,
             "images": len(samples), "bit_exact_images": exact, **res,

@@ -108,56 +108,67 @@ static int32_t lb_pk_dot(const lb_pk_geom *g, const uint32_t *xw, int32_t xrow, 
     return s;
 }
 
-void lb_pk_conv(const lb_pk_geom *g, const uint32_t *xp, uint32_t abits, int32_t zero, const uint32_t *wp,
-                uint32_t wbits, const int16_t *wa, const int16_t *wb, int32_t rows, const float *ca,
-                const float *cb, const float *cc, const float *cd, const float *bias, float *y)
+void lb_pk_pixel(const lb_pk_geom *g, const uint32_t *xp, uint32_t abits, int32_t zero, const uint32_t *wp,
+                 uint32_t wbits, const int16_t *wa, const int16_t *wb, int32_t rows, int32_t oy, int32_t ox,
+                 int need_m, int32_t *A, int32_t *M, int32_t *K, int32_t *n)
 {
     const int32_t NW = LB_PK_WORDS(g->C), Wp = g->W + 2 * g->PW;
     const int32_t apx = (int32_t)abits * NW, xrow = Wp * apx;
     const int32_t wtap = (int32_t)wbits * NW, wout = g->KH * g->KW * wtap;
-    const int need_m = zero != 0 || cb != 0, need_n = need_m || cc != 0 || cd != 0;
-    int32_t o, oy, ox, kh, kw, n, OHW = g->OH * g->OW;
-    for (oy = 0; oy < g->OH; oy++) {
-        const int32_t y0 = oy * g->SH - g->PH;
-        const int32_t kh0 = y0 < 0 ? -y0 : 0, kh1 = g->H - y0 < g->KH ? g->H - y0 : g->KH;
+    const int32_t y0 = oy * g->SH - g->PH, x0 = ox * g->SW - g->PW;
+    const int32_t kh0 = y0 < 0 ? -y0 : 0, kh1 = g->H - y0 < g->KH ? g->H - y0 : g->KH;
+    const int32_t kw0 = x0 < 0 ? -x0 : 0, kw1 = g->W - x0 < g->KW ? g->W - x0 : g->KW;
+    const uint32_t *xw = xp + (oy * g->SH * Wp + ox * g->SW) * apx; /* padded coordinates */
+    const int32_t cnt = g->C * (kh1 - kh0) * (kw1 - kw0);
+    int32_t o, kh, kw, w, U = 0;
+    need_m = need_m || zero != 0;
+    /* U = sum u over the window (the padding ring adds 0) */
+    for (kh = 0; kh < g->KH; kh++)
+        for (kw = 0; kw < g->KW; kw++) {
+            const uint32_t *xs = xw + kh * xrow + kw * apx;
+            uint32_t j;
+            for (j = 0; j < abits; j++)
+                for (w = 0; w < NW; w++) U += (int32_t)(lb_popcount(xs[j * NW + w]) << j);
+        }
+    *n = cnt;
+    *K = U - zero * cnt;
+    for (o = 0; o < g->O; o++) {
+        const int32_t r = rows > 1 ? o : 0, a = wa[r], b = wb[r];
+        const uint32_t *wk = wp + o * wout;
+        const int32_t S = lb_pk_dot(g, xw, xrow, wk, abits, wbits, NW);
+        int32_t ms = 0;
+        if (need_m) { /* M = a * sum c + b * n over the in-bounds taps */
+            int32_t csum = 0;
+            uint32_t i;
+            for (kh = kh0; kh < kh1; kh++)
+                for (kw = kw0; kw < kw1; kw++)
+                    for (i = 0; i < wbits; i++)
+                        for (w = 0; w < NW; w++)
+                            csum += (int32_t)(lb_popcount(wk[(kh * g->KW + kw) * wtap + (int32_t)i * NW + w]) << i);
+            ms = a * csum + b * cnt;
+            M[o] = ms;
+        }
+        A[o] = a * S + b * U - zero * ms;
+    }
+}
+
+void lb_pk_conv(const lb_pk_geom *g, const uint32_t *xp, uint32_t abits, int32_t zero, const uint32_t *wp,
+                uint32_t wbits, const int16_t *wa, const int16_t *wb, int32_t rows, const float *ca,
+                const float *cb, const float *cc, const float *cd, const float *bias, float *y, int32_t *acc)
+{
+    const int32_t OHW = g->OH * g->OW;
+    int32_t *ms = acc + g->O;
+    int32_t o, oy, ox, ks, cnt;
+    for (oy = 0; oy < g->OH; oy++)
         for (ox = 0; ox < g->OW; ox++) {
-            const int32_t x0 = ox * g->SW - g->PW;
-            const int32_t kw0 = x0 < 0 ? -x0 : 0, kw1 = g->W - x0 < g->KW ? g->W - x0 : g->KW;
-            const uint32_t *xw = xp + (oy * g->SH * Wp + ox * g->SW) * apx; /* padded coordinates */
-            int32_t U = 0, cnt = 0;
-            /* U = sum u over the window (the padding ring adds 0) */
-            for (kh = 0; kh < g->KH; kh++)
-                for (kw = 0; kw < g->KW; kw++) {
-                    const uint32_t *xs = xw + kh * xrow + kw * apx;
-                    uint32_t j;
-                    for (j = 0; j < abits; j++)
-                        for (n = 0; n < NW; n++) U += (int32_t)(lb_popcount(xs[j * NW + n]) << j);
-                }
-            if (need_n) cnt = g->C * (kh1 - kh0) * (kw1 - kw0);
+            lb_pk_pixel(g, xp, abits, zero, wp, wbits, wa, wb, rows, oy, ox, cb != 0, acc, ms, &ks, &cnt);
             for (o = 0; o < g->O; o++) {
-                const int32_t r = rows > 1 ? o : 0, a = wa[r], b = wb[r];
-                const uint32_t *wk = wp + o * wout;
-                int32_t S = lb_pk_dot(g, xw, xrow, wk, abits, wbits, NW);
-                int32_t ms = 0, acc;
-                float t;
-                if (need_m) { /* M = a * sum c + b * n over the in-bounds taps */
-                    int32_t csum = 0;
-                    uint32_t i;
-                    for (kh = kh0; kh < kh1; kh++)
-                        for (kw = kw0; kw < kw1; kw++)
-                            for (i = 0; i < wbits; i++)
-                                for (n = 0; n < NW; n++)
-                                    csum += (int32_t)(lb_popcount(wk[(kh * g->KW + kw) * wtap + (int32_t)i * NW + n]) << i);
-                    ms = a * csum + b * cnt;
-                }
-                acc = a * S + b * U - zero * ms;
-                t = (float)acc * ca[o];
-                if (cb) t = t + (float)ms * cb[o];
-                if (cc) t = t + (float)(U - zero * cnt) * cc[o];
+                float t = (float)acc[o] * ca[o];
+                if (cb) t = t + (float)ms[o] * cb[o];
+                if (cc) t = t + (float)ks * cc[o];
                 if (cd) t = t + (float)cnt * cd[o];
                 t = t + bias[o];
                 y[o * OHW + oy * g->OW + ox] = t;
             }
         }
-    }
 }

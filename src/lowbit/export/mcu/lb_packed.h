@@ -23,9 +23,17 @@ void lb_pk_pack_act(const lb_pk_geom *g, const uint8_t *u, uint32_t bits, uint32
    Over the in-bounds taps: A = sum m*k, M = sum m, K = sum k, n = #taps, exactly, then
    y = f(A)*ca + f(M)*cb + f(K)*cc + f(n)*cd + bias (float32, in this order; NULL terms skipped).
    wbits = abits = 1 runs the xnor/AND-popcount path, wbits = abits = 2 a 2-bit bit-serial path with
-   byte-lane partial counts, anything else the general bit-serial loop (any 1..8 bits). */
+   byte-lane partial counts, anything else the general bit-serial loop (any 1..8 bits).
+   acc: int32 scratch of 2*O entries. */
 void lb_pk_conv(const lb_pk_geom *g, const uint32_t *xp, uint32_t abits, int32_t zero, const uint32_t *wp,
                 uint32_t wbits, const int16_t *wa, const int16_t *wb, int32_t rows, const float *ca,
-                const float *cb, const float *cc, const float *cd, const float *bias, float *y);
+                const float *cb, const float *cc, const float *cd, const float *bias, float *y, int32_t *acc);
+
+/* The integer sums of one output pixel (oy, ox) for every output channel o: A[o] = sum m*k, and, when
+   need_m (or zero != 0), M[o] = sum m; *K = sum k, *n = #taps (in-bounds taps). The core of lb_pk_conv
+   and of the integer runtime's packed conv (lb_packed_rt.c). */
+void lb_pk_pixel(const lb_pk_geom *g, const uint32_t *xp, uint32_t abits, int32_t zero, const uint32_t *wp,
+                 uint32_t wbits, const int16_t *wa, const int16_t *wb, int32_t rows, int32_t oy, int32_t ox,
+                 int need_m, int32_t *A, int32_t *M, int32_t *K, int32_t *n);
 
 #endif

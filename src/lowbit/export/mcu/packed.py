@@ -99,6 +99,7 @@ class PackedKernels:
         self.allow = allow
         self.chosen: dict[str, str] = {}
         self.plane_words = 0  # activation plane scratch (uint32 words)
+        self.acc_words = 0  # int32 sums of one pixel (2 per output channel)
 
     # hooks used by write_c
     includes = ['#include "lb_packed.h"']
@@ -106,11 +107,12 @@ class PackedKernels:
     def decls(self) -> list[str]:
         if not self.plane_words:
             return []
-        return [f"static uint32_t lb_xplanes[{self.plane_words}];  /* bit planes of a packed layer's input */"]
+        return [f"static uint32_t lb_xplanes[{self.plane_words}];  /* bit planes of a packed layer's input */",
+                f"static int32_t lb_pk_acc[{self.acc_words}];  /* integer sums of one output pixel */"]
 
     @property
     def ram_bytes(self) -> int:
-        return 4 * self.plane_words
+        return 4 * (self.plane_words + self.acc_words)
 
     sources = SOURCES  # always (the header is included); unused kernels cost no flash (--gc-sections)
 
@@ -126,6 +128,7 @@ class PackedKernels:
         ab, n = act_bits(k), ident(k.op.name)
         nw = (k.C + 31) // 32
         self.plane_words = max(self.plane_words, (k.H + 2 * k.PH) * (k.W + 2 * k.PW) * ab * nw)
+        self.acc_words = max(self.acc_words, 2 * k.O)
         gname = f"pg_{n}"
         geoms.append(f"static const lb_pk_geom {gname} = {{{', '.join(str(int(getattr(k, f))) for f in ('C', 'H', 'W', 'O', 'KH', 'KW', 'SH', 'SW', 'PH', 'PW', 'OH', 'OW'))}}};")
         wp = pack_weight_planes(wq.codes.reshape(k.O, k.C, k.KH, k.KW), wq.bits).reshape(-1)
@@ -140,5 +143,80 @@ class PackedKernels:
             *quantize_code(k, cs, x),
             f"    lb_pk_pack_act(&{gname}, lb_codes, {ab}, lb_xplanes);  /* {kind} kernel */",
             f"    lb_pk_conv(&{gname}, lb_xplanes, {ab}, {k.act.zero}, {wpn}, {wq.bits}, {wan}, {wbn}, {len(a)}, "
-            f"{coef['ca']}, {coef['cb']}, {coef['cc']}, {coef['cd']}, {coef['bias']}, {y});",
+            f"{coef['ca']}, {coef['cb']}, {coef['cc']}, {coef['cd']}, {coef['bias']}, {y}, lb_pk_acc);",
         ]
+
+
+# ---------------------------------------------------------------------------------------------
+# the integer runtime of issue 17 (lowbit.export.int_c): the same kernels behind lb_conv's interface
+# ---------------------------------------------------------------------------------------------
+RT_SOURCES = (HERE / "lb_packed_rt.c", HERE / "lb_packed_rt.h")
+
+
+def choose_bits(wbits: int, abits: int, lut: np.ndarray, groups: int = 1, allow: str = "auto") -> str:
+    """:func:`choose` from the bits alone (integer graphs): ``int``, ``xnor`` or ``bitserial``."""
+    if allow not in ("auto", "int", "packed"):
+        raise ConfigError(f"packed kernels: unknown choice {allow!r}; allowed: auto, int, packed")
+    if allow == "int" or groups != 1 or affine_form(lut) is None:
+        return "int"
+    if allow == "auto" and max(wbits, abits) > AUTO_MAX_BITS:
+        return "int"
+    return "xnor" if wbits == 1 and abits == 1 else "bitserial"
+
+
+def patch_int_c(graph, out_dir: str | Path, allow: str = "auto") -> dict[str, str]:
+    """Switch the layers of :func:`lowbit.export.int_c.write_int_c`'s ``model.c`` that :func:`choose_bits`
+    gives a packed kernel from ``lb_conv`` to ``lb_pk_conv_rt`` (weight planes + affine form as extra
+    constants, plane and sum scratch as static buffers); returns the kernel of every conv layer."""
+    import shutil
+
+    from ..c_export import _Consts, _ident
+
+    out = Path(out_dir)
+    src = (out / "model.c").read_text()
+    cs = _Consts()
+    chosen: dict[str, str] = {}
+    planes = accw = 0
+    T = graph.tensors
+    for op in graph.ops:
+        if op.kind != "conv":
+            continue
+        abits = T[op.inputs[0]].bits
+        groups = int(op.attrs.get("groups", 1))
+        kind = choose_bits(op.wbits, abits, op.lut, groups, allow)
+        chosen[op.name] = kind
+        if kind == "int":
+            continue
+        nm = _ident(op.name)
+        call = f"    lb_conv(&L_{nm}, "
+        if src.count(call) != 1:
+            raise ConfigError(f"packed kernels: cannot find layer '{op.name}' in the integer C code")
+        if op.attrs["layer"] == "linear":
+            (cin,), (cout,) = op.in_shape, op.out_shape
+            hin = win = 1
+            ph = pw = 0
+        else:
+            cin, hin, win = op.in_shape
+            cout = op.out_shape[0]
+            ph, pw = op.attrs["padding"]
+        a, b = affine_form(op.lut)
+        kh, kw = (1, 1) if op.attrs["layer"] == "linear" else op.attrs["kernel"]
+        wp = cs.u32(f"{nm}_planes", pack_weight_planes(op.codes.reshape(cout, cin, kh, kw), op.wbits).reshape(-1))
+        wa, wb = cs.i16(f"{nm}_wa", a), cs.i16(f"{nm}_wb", b)
+        planes = max(planes, (hin + 2 * ph) * (win + 2 * pw) * abits * ((cin + 31) // 32))
+        accw = max(accw, 2 * cout)
+        line_start = src.index(call)
+        line_end = src.index(");", line_start)
+        args = src[line_start + len(call): line_end]
+        src = (src[:line_start] + f"    lb_pk_conv_rt(&L_{nm}, {args.replace(', lb_wrow', '')}, {wp}, {wa}, {wb}, "
+               f"lb_xplanes, lb_pk_acc" + src[line_end:])
+        src = src.replace(f"/* {op.name} */", f"/* {op.name}: {kind} kernel */", 1)
+    if planes:
+        decl = [*cs.lines, f"static uint32_t lb_xplanes[{planes}];  /* bit planes of a packed layer's input */",
+                f"static int32_t lb_pk_acc[{accw}];  /* integer sums of one output pixel */", ""]
+        src = src.replace('#include "model.h"', '#include "model.h"\n#include "lb_packed_rt.h"', 1)
+        src = src.replace("static void lb_network(", "\n".join(decl) + "\nstatic void lb_network(", 1)
+        for f in (*SOURCES, *RT_SOURCES):
+            shutil.copyfile(f, out / f.name)
+        (out / "model.c").write_text(src)
+    return chosen
