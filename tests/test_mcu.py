@@ -159,6 +159,30 @@ def test_tiny_model_on_cortex_m4_under_qemu_is_bit_exact(tmp_path):
     assert rf["bit_exact_images"] == 1 and set(rf["kernels"].values()) == {"float"}
 
 
+@needs_tools
+def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path):
+    # issue 17's integer-only runtime (activations as packed codes): the bit-packed kernels replace lb_conv
+    # in the 2-bit layers, and both builds equal the NumPy integer reference bit for bit
+    from lowbit.export.intgraph import IntReference as IntRef
+    from lowbit.intmode import int_graph
+
+    torch.manual_seed(0)
+    m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25)
+    quantize(m, {**W2A2, "integer": True})
+    m.train()
+    with torch.no_grad():
+        for _ in range(2):
+            m(torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    m.eval()
+    x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(5)).numpy()
+    g = int_graph(m, torch.from_numpy(x))
+    want = IntRef(g).run(x)
+    packed = build_and_run(g, tmp_path / "auto", x, want, "cortex-m4")
+    plain = build_and_run(g, tmp_path / "int", x, want, "cortex-m4", kernels="int")
+    assert packed["bit_exact_images"] == plain["bit_exact_images"] == 1
+    assert "bitserial" in packed["kernels"].values() and set(plain["kernels"].values()) == {"int"}
+
+
 def test_missing_tool_is_one_line_naming_it(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ConfigError, match="'arm-none-eabi-gcc' not found.*install gcc-arm-none-eabi"):
