@@ -153,6 +153,9 @@ def test_tiny_model_on_cortex_m4_under_qemu_is_bit_exact(tmp_path):
     assert 0 < r["flash_bytes"] < r["size"]["text"] + r["size"]["data"] and r["ram_bytes"] > 4 * 784
     # deterministic: a second run counts the same instructions
     assert build_and_run(g, tmp_path / "m4b", x, want, "cortex-m4")["instructions"] == r["instructions"]
+    for tgt, ipt in (("cortex-m7", 40), ("cortex-m33", 50)):  # mps2-an500 (25 MHz), mps2-an505 (20 MHz)
+        rt = build_and_run(g, tmp_path / tgt, x[:1], want[:1], tgt)
+        assert rt["bit_exact_images"] == 1 and rt["instructions_per_tick"] == ipt
     # the FP32 build of the same network from the same generator is bit-exact with its own NumPy reference
     fg = fp32_graph(g)
     rf = build_and_run(fg, tmp_path / "fp", x[:1], IntegerReference(fg).run(x[:1]), "cortex-m4")
