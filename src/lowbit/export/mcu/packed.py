@@ -211,6 +211,12 @@ def patch_int_c(graph, out_dir: str | Path, allow: str = "auto") -> dict[str, st
         src = (src[:line_start] + f"    lb_pk_conv_rt(&L_{nm}, {args.replace(', lb_wrow', '')}, {wp}, {wa}, {wb}, "
                f"lb_xplanes, lb_pk_acc" + src[line_end:])
         src = src.replace(f"/* {op.name} */", f"/* {op.name}: {kind} kernel */", 1)
+        # the planes replace the packed codes: drop the code array (lb_pk_conv_rt never reads w_codes)
+        arr = f"static const uint8_t {nm}_w["
+        if src.count(arr) == 1 and src.count(f".w_codes = {nm}_w,") == 1:
+            i = src.index(arr)
+            src = src[:i] + src[src.index("};\n", i) + 3:]
+            src = src.replace(f".w_codes = {nm}_w,", ".w_codes = NULL,  /* packed kernel: planes */", 1)
     if planes:
         decl = [*cs.lines, f"static uint32_t lb_xplanes[{planes}];  /* bit planes of a packed layer's input */",
                 f"static int32_t lb_pk_acc[{accw}];  /* integer sums of one output pixel */", ""]
