@@ -66,3 +66,154 @@ def test_requantize_c_is_bit_exact(tmp_path):
     inp = "\n".join(f"{a} {b} {c}" for a, b, c in zip(x, m, sh))
     out = subprocess.run([str(exe)], input=inp, capture_output=True, text=True, check=True).stdout.split()
     assert np.array_equal(np.array(out, dtype=np.int64), requantize(x, m, sh))
+
+
+# ---------------------------------------------------------------------------------------------
+# integer-mode QAT and every backend
+# ---------------------------------------------------------------------------------------------
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from lowbit import create_model, quantize  # noqa: E402
+from lowbit.errors import ConfigError  # noqa: E402
+
+INT_W2A2 = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}, "integer": True}
+
+
+class GroupedNet(nn.Module):
+    """A user model: stem, depthwise (stride 2), grouped conv with bias, max-pool, two linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.gc = nn.Conv2d(8, 12, 3, padding=1, groups=4, bias=True)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(12 * 3 * 3, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.relu(self.bn1(self.dw(x)))
+        x = self.pool(torch.relu(self.gc(x)))
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def _ready(m: nn.Module, shape, plan=INT_W2A2, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    quantize(m, plan)
+    m.train()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, *shape, generator=g))
+    return m.eval()
+
+
+def _x(n, shape, seed=1):
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def resnet_int():
+    torch.manual_seed(0)
+    m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25)
+    return _ready(m, (1, 28, 28))
+
+
+def test_integer_mode_forward_equals_integer_reference_from_the_file(resnet_int, tmp_path):
+    from lowbit.export.intgraph import IntReference, load_int_package, save_int_package
+    from lowbit.intmode import int_graph
+
+    x = _x(40, (1, 28, 28))
+    with torch.no_grad():
+        y = resnet_int(x).numpy()
+    g = int_graph(resnet_int, x[:1])
+    # every layer is integer: first conv / last linear got 8-bit quantizers, every tensor has codes
+    assert [op.kind for op in g.ops].count("conv") == 10 and all(op.codes is not None for op in g.ops if op.kind == "conv")
+    assert {t.bits for t in g.tensors.values()} == {2, 8}
+    save_int_package(g, tmp_path / "pkg")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (tmp_path / "pkg" / "model.safetensors").rename(alone / "m.safetensors")  # no model.json beside it
+    y2 = IntReference(load_int_package(alone / "m.safetensors")).run(x.numpy())
+    assert np.array_equal(y.view(np.uint32), y2.view(np.uint32))
+
+
+def test_integer_mode_trains(resnet_int):
+    m = resnet_int
+    m.train()
+    try:
+        x, t = _x(8, (1, 28, 28)), torch.arange(8) % 10
+        loss = nn.functional.cross_entropy(m(x), t)
+        loss.backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        assert any("alpha" in n for n in grads) and any("original" in n for n in grads)
+    finally:
+        m.zero_grad()
+        m.eval()
+
+
+@needs_cc
+@pytest.mark.parametrize("which", ["resnet8", "grouped"])
+def test_every_backend(which, resnet_int, tmp_path):
+    from lowbit.export.int_api import export_int_model, format_int_report
+
+    if which == "resnet8":
+        m, shape = resnet_int, (1, 28, 28)
+    else:
+        m, shape = _ready(GroupedNet(), (1, 12, 12)), (1, 12, 12)
+    x = _x(24, shape, seed=3)
+    r = export_int_model(m, x, tmp_path / which, c_images=None, latency_repeats=1, latency_batch=8, calib=8)
+    assert r["numpy"]["bit_exact_images"] == 24
+    assert r["c"]["self_test_ok"] and r["c"]["bit_exact_images"] == 24
+    assert r["onnx"]["integer"]["mismatches"] <= 1  # float32 epilogue: a code can differ at a tie
+    assert r["onnx"]["integer"]["max_logit_diff"] < 0.1 * np.abs(r["onnx"]["fp32"]["max_logit_diff"] + 1)
+    # RAM holds packed codes (2-bit tensors: n/4 bytes): the whole arena is under 2 bytes per element
+    # of the largest activation, where float32 activations took 4 bytes per element of each live tensor
+    largest = 4 * 28 * 28 if which == "resnet8" else 8 * 12 * 12
+    assert r["c"]["arena_bytes"] <= 2 * largest
+    assert "bit-exact" in format_int_report(r)
+    if which == "grouped":
+        import onnx
+
+        ops = {n.op_type for n in onnx.load(str(tmp_path / which / "onnx" / "model_integer.onnx")).graph.node}
+        assert {"ConvInteger", "MatMulInteger", "MaxPool"} <= ops
+
+
+def test_mobilenetv2_integer_graph_and_c(tmp_path):
+    from lowbit.export.c_export import run_c
+    from lowbit.export.int_c import compile_int_c, write_int_c
+    from lowbit.export.intgraph import IntReference
+    from lowbit.intmode import int_graph
+
+    m = _ready(create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=16, width=0.25), (1, 16, 16))
+    x = _x(4, (1, 16, 16))
+    with torch.no_grad():
+        y = m(x).numpy()
+    g = int_graph(m, x[:1])
+    assert any(op.attrs.get("groups", 1) > 1 for op in g.ops if op.kind == "conv")  # depthwise
+    assert any(len(op.inputs) == 2 for op in g.ops if op.kind == "conv")  # fused residual adds
+    y2 = IntReference(g).run(x.numpy())
+    assert np.array_equal(y, y2)
+    write_int_c(g, tmp_path, x.numpy()[:2], y2[:2])
+    assert np.array_equal(run_c(compile_int_c(tmp_path), x.numpy(), 10).view(np.uint32), y2.view(np.uint32))
+
+
+def test_integer_mode_errors():
+    class Gelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 4, 3)
+            self.a = nn.GELU()
+            self.f = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            return self.f(torch.flatten(self.a(self.c(x)), 1))
+
+    with pytest.raises(ConfigError, match="integer mode: layer 'a' \\(GELU\\) is not supported"):
+        quantize(Gelu(), INT_W2A2)
+    with pytest.raises(ConfigError, match="needs a weight and an act quantizer"):
+        quantize(GroupedNet(), {"weight": {"name": "sawb", "bits": 2}, "integer": True})

@@ -22,7 +22,9 @@ input quantizers) and then:
    per-channel requantization (int32 multiplier + shift, :mod:`lowbit.export.requant`), residual
    adds and pooling happen on codes, and the classifier's int32 accumulator is scaled to float32
    logits. The validation accuracy that picks the best epoch, and the test accuracy, are those
-   of the integer model; the export writes the same integers (:func:`int_graph`).
+   of the integer model; the export writes the same integers (:func:`int_graph`). (With forward
+   hooks on its modules, e.g. during cost profiling, eval runs the fake-quantized float graph
+   instead, so that the hooks see every layer.)
 """
 
 from __future__ import annotations
@@ -248,7 +250,9 @@ def integerize(model: nn.Module, state) -> None:
     del mods
 
     def forward(x):
-        if model.training:
+        # forward hooks on a module (cost profiling, feature capture) need the modules to run:
+        # then eval runs the fake-quantized float graph (same layers, BN on running statistics)
+        if model.training or any(m._forward_hooks for m in model.modules()):
             return state.integer.gm(x)
         return _int_forward(model, x)
 

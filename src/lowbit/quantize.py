@@ -125,7 +125,9 @@ def unquantize(model: nn.Module, keep: str = "quantized") -> nn.Module:
         model.train(was)
     for h in state.hooks:
         h.remove()
-    model.__dict__.pop("forward", None)  # integer mode's forward
+    model.__dict__.pop("forward", None)  # integer mode's forward and tensor quantizers
+    for mod in model.modules():
+        mod._modules.pop("output_quantizer", None)
     object.__setattr__(model, _STATE_ATTR, None)
     return model
 

@@ -231,6 +231,15 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
 
     formats = _formats(formats)
     cfg, data, model = load_run(run_dir)
+    if cfg.plan.integer:  # integer-mode run: the integer package, C runtime and integer ONNX
+        from .int_api import export_int_model
+
+        xs, ys = zip(*BatchLoader(data.test, data.info, 1000))
+        x, y = torch.cat(xs)[:limit], torch.cat(ys)[:limit]
+        out = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
+        return {"run_dir": str(run_dir), "integer": True, **export_int_model(
+            model, x, out, labels=y, c_images=c_images, onnx="onnx" in formats, latency_batch=latency_batch,
+            latency_repeats=latency_repeats, log=log, meta={"run": str(run_dir), "model": cfg.model.name})}
     loader = BatchLoader(data.test, data.info, 1000)
     xs, ys = zip(*loader) if len(data.test) else ((), ())
     if not xs:
@@ -269,6 +278,10 @@ def _agree(r: dict) -> str:
 
 def format_report(report: dict) -> str:
     """The report of :func:`export_run` / :func:`export_model` as a few lines of text."""
+    if report.get("integer"):
+        from .int_api import format_int_report
+
+        return f"integer export of {report['run_dir']} -> {report['out_dir']}\n" + format_int_report(report)
     lines = []
     if "run_dir" in report:
         fl = ", first conv / last linear FP32" if all(report.get("first_last_fp", [False])) else ""

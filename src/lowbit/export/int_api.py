@@ -1,0 +1,180 @@
+"""Export an integer-mode model (``plan.integer: true``) and prove every backend computes it.
+
+    report = export_int_model(model, x, "out/", labels=y)   # or export_run(RUN_DIR) on such a run
+    print(format_int_report(report))
+
+1. the integer graph of the model (:func:`lowbit.intmode.int_graph`) is written as the integer
+   package (:func:`.intgraph.save_int_package`) and loaded back: everything below comes from the
+   file alone;
+2. NumPy integer reference from the file vs the PyTorch model's eval forward (the integer model):
+   logits compared bit for bit on every image;
+3. C (runtime kernels + generated network): built, bit-exact against NumPy on ``c_images``
+   images (None: all), flash and RAM vs seed 002's Mem;
+4. ONNX with integer operators (ConvInteger / MatMulInteger) and its FP32 twin: agreement, and
+   onnxruntime latency (1 thread) of integer vs FP32 vs onnxruntime's own ``quantize_static`` of
+   the FP32 twin, sessions alternating.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .api import _accuracy, _mem_002, compare
+from .intgraph import IntReference, load_int_package, packed_weight_bytes, save_int_package
+
+
+def _bits_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.all(np.asarray(a, np.float32).view(np.uint32) == np.asarray(b, np.float32).view(np.uint32), axis=1)
+
+
+def export_int_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, labels: torch.Tensor | None = None,
+                     c_images: int | None = 8, onnx: bool = True, latency_batch: int = 256,
+                     latency_repeats: int = 20, calib: int = 200, meta: dict | None = None,
+                     log=None) -> dict:
+    """Export and check an integer-mode model on inputs ``x`` (module docstring)."""
+    from ..intmode import int_graph
+    from .c_export import find_cc, run_c
+    from .int_c import compile_int_c, write_int_c
+
+    say = log or (lambda s: None)
+    out = Path(out_dir)
+    model.eval()
+    x = x.float()
+    xn = x.numpy()
+    y = None if labels is None else labels.numpy()
+    say("pytorch (integer mode)")
+    with torch.no_grad():
+        ref = torch.cat([model(x[i: i + 500]) for i in range(0, len(x), 500)]).numpy()
+    graph = int_graph(model, x[:1])
+    graph.meta = dict(meta or {})
+    sz = save_int_package(graph, out / "packed")
+    pkg = load_int_package(out / "packed" / "model.safetensors")
+    rep: dict = {"images": len(x), "out_dir": str(out), "torch": {"accuracy": _accuracy(ref, y)},
+                 "packed": {**sz, "weight_codes_bytes": packed_weight_bytes(pkg)}}
+    say("numpy")
+    t0 = time.perf_counter()
+    ref_np = IntReference(pkg).run(xn)
+    rep["numpy"] = {**compare(ref, ref_np), "bit_exact_images": int(_bits_equal(ref, ref_np).sum()),
+                    "accuracy": _accuracy(ref_np, y), "seconds": time.perf_counter() - t0}
+    say("c")
+    n_self = min(3, len(xn))
+    ce = write_int_c(pkg, out / "c", xn[:n_self], ref_np[:n_self])
+    c = {**ce.to_dict(), "compiled": False, "mem_002": _mem_002(model, x)}
+    if find_cc() is not None:
+        exe = compile_int_c(out / "c")
+        st = subprocess.run([str(exe)], capture_output=True, text=True, check=False)
+        n = len(xn) if c_images is None else min(int(c_images), len(xn))
+        t0 = time.perf_counter()
+        lc = run_c(exe, xn[:n], ref.shape[1])
+        c.update({"compiled": True, "self_test": st.stdout.strip(), "self_test_ok": st.returncode == 0,
+                  "bit_exact_images": int(_bits_equal(lc, ref_np[:n]).sum()), **compare(ref[:n], lc),
+                  "accuracy": _accuracy(lc, None if y is None else y[:n]),
+                  "seconds_per_image": (time.perf_counter() - t0) / max(n, 1)})
+        exe.unlink()
+    else:
+        c["note"] = "no C compiler on PATH: code written, not built"
+    rep["c"] = c
+    if onnx:
+        say("onnx")
+        rep["onnx"] = _onnx(pkg, out / "onnx", xn, ref, y, latency_batch, latency_repeats, calib)
+    return rep
+
+
+def _onnx(pkg, d: Path, xn, ref, y, latency_batch: int, repeats: int, calib: int) -> dict:
+    import onnx
+
+    from . import onnx_export as ox
+    from .int_onnx import eff_scales, float_layers, quantize_static_onnx, to_fp32_onnx, to_int_onnx
+
+    d.mkdir(parents=True, exist_ok=True)
+    sc = eff_scales(pkg)
+    models = {"integer": to_int_onnx(pkg, sc), "integer_fused": to_int_onnx(pkg, sc, fused=True),
+              "fp32": to_fp32_onnx(pkg, sc)}
+    for k, m in models.items():
+        ox.check(m)
+        if k != "fp32":
+            onnx.save(m, str(d / f"model_{k}.onnx"))
+    models["ort_int8"] = quantize_static_onnx(models["fp32"], xn[:calib], d / "model_fp32.onnx",
+                                              d / "model_ort_int8.onnx")
+    sessions = {k: ox.session(m) for k, m in models.items()}
+    rep = {"dir": str(d), "checker": "ok", "opset": ox.OPSET, "float_conv_layers": float_layers(pkg)}
+    for k, s in sessions.items():
+        lo = ox.run(s, xn)
+        rep[k] = {**compare(ref, lo), "accuracy": _accuracy(lo, y)}
+    if repeats > 0:
+        rep.update(onnx_latency(sessions, xn[:latency_batch], repeats))
+    return rep
+
+
+def onnx_latency(sessions: dict, x: np.ndarray, repeats: int) -> dict:
+    """Median ms per batch of every session, alternating (``onnx_export.latency``), and each one's
+    speed-up over ``fp32``."""
+    from . import onnx_export as ox
+
+    lat = ox.latency(sessions, x, repeats)
+    return {"latency_batch": len(x), "latency_ms": lat, "speedup_vs_fp32": {k: lat["fp32"] / v for k, v in lat.items()}}
+
+
+def format_int_report(r: dict) -> str:
+    def agree(a):
+        return f"{a['images'] - a['mismatches']}/{a['images']} agree"
+
+    lines = []
+    if r["torch"].get("accuracy") is not None:
+        lines.append(f"PyTorch (integer mode) accuracy {100 * r['torch']['accuracy']:.2f}% on {r['images']} images")
+    p = r["packed"]
+    lines.append(f"packed          {p['file_bytes']} B file ({p['numbers_bytes']} B numbers, weight codes "
+                 f"{p['weight_codes_bytes']} B, header with the embedded manifest {p['header_bytes']} B); "
+                 f"model.json {p['manifest_bytes']} B")
+    n = r["numpy"]
+    lines.append(f"NumPy (file)    {n['bit_exact_images']}/{n['images']} images bit-exact with PyTorch; {agree(n)}")
+    c = r["c"]
+    m = c["mem_002"]
+    lines.append(f"C               flash {c['flash_bytes']} B + {c['descriptor_bytes']} B descriptors, RAM "
+                 f"{c['ram_bytes']} B (arena {c['arena_bytes']}); 002 Mem {m['bytes']:.0f} B: RAM/Mem "
+                 f"{c['ram_bytes'] / m['bytes']:.2f}")
+    if c.get("compiled"):
+        lines.append(f"C vs NumPy      {c['bit_exact_images']}/{c['images']} images bit-exact; {agree(c)} with PyTorch")
+    o = r.get("onnx")
+    if o:
+        lines.append(f"ONNX            ConvInteger {agree(o['integer'])}; QLinearConv {agree(o['integer_fused'])}; "
+                     f"FP32 twin {agree(o['fp32'])}; ORT quantize_static {agree(o['ort_int8'])} (with PyTorch)")
+    if o and "latency_ms" in o:
+        lat = o["latency_ms"]
+        lines.append(f"onnxruntime     ConvInteger {lat['integer']:.2f} ms, QLinearConv {lat['integer_fused']:.2f} ms, "
+                     f"FP32 {lat['fp32']:.2f} ms, quantize_static {lat['ort_int8']:.2f} ms per batch of "
+                     f"{o['latency_batch']} (1 thread)")
+    return "\n".join(lines)
+
+
+def export_int_runs(run_dirs, out: str | Path, limit: int | None = None, c_images: int | None = None,
+                    latency_repeats: int = 0, log=print) -> list[dict]:
+    """Export integer-mode run folders (benchmark): reports into ``out/<run>.json`` + a table."""
+    from ..data import BatchLoader
+    from .api import load_run
+
+    out = Path(out)
+    reports = []
+    for rd in run_dirs:
+        rd = Path(rd)
+        cfg, data, model = load_run(rd)
+        xs, ys = zip(*BatchLoader(data.test, data.info, 1000))
+        x, y = torch.cat(xs), torch.cat(ys)
+        if limit is not None:
+            x, y = x[:limit], y[:limit]
+        name = rd.parent.name
+        log(f"== export {name} ({len(x)} test images)")
+        rep = export_int_model(model, x, out / "export" / name, labels=y, c_images=c_images, log=log,
+                               latency_repeats=latency_repeats, meta={"run": str(rd)})
+        rep["run"] = name
+        (out / f"{name}.json").write_text(json.dumps(rep, indent=1, default=float))
+        log(format_int_report(rep))
+        reports.append(rep)
+    return reports

@@ -1,0 +1,293 @@
+"""ONNX with integer operators for the integer graph, and its FP32 twin.
+
+:func:`to_int_onnx` (opset 21, built with ``onnx.helper`` from the :class:`IntGraph`):
+
+* input: ``QuantizeLinear`` to ``uint8`` (the input quantizer's scale and zero point; bits < 8 are
+  ``Clip``-ped to the code range);
+* conv / linear: ``ConvInteger`` (``group`` for grouped and depthwise convs) or ``MatMulInteger``
+  on ``uint8`` codes (zero point = the tensor's) and ``int8`` integer weights ``m``: the exact
+  int32 accumulator ``A``; then the epilogue in float32 elementwise ops: ``+ bias`` (int32),
+  ``+ round((q_res − zero_res)·s_res/eff)`` (residual), ``·eff/s_out``, ``Round``, ``+ zero_out``,
+  ``Clip`` (ReLU and the code range), ``Cast`` to ``uint8``; the classifier: ``f32(acc)·eff``;
+* global average pooling: ``Cast``, ``− zero``, ``GlobalAveragePool``, requantized the same way;
+  max-pooling directly on ``uint8`` codes.
+
+Its requantization is float32 with round-half-to-even where the runtime's is the int32 fixed-point
+one with round-half-up, so a code can differ by one at ties: the report counts prediction agreement
+with PyTorch, it does not claim bit-exactness. Integer weights beyond ``int8`` (8-bit SAWB's odd
+integers up to ±255) cannot go to ``ConvInteger``; such a layer runs ``Conv``/``MatMul`` on the
+integers as float32 (exact while the sums stay below 2^24) and :func:`float_layers` names it.
+
+:func:`to_fp32_onnx`: the same network in float32 (weights ``g·s_w·m``, biases ``h``, residual
+adds, ReLU, pooling, no quantization): the baseline of the latency comparison and the model
+``onnxruntime.quantization.quantize_static`` quantizes for the third column.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .intgraph import IntGraph, IntOp
+from .onnx_export import IR_VERSION, OPSET, _Builder
+
+_F = np.float32
+
+
+def float_layers(graph: IntGraph) -> list[str]:
+    """Conv/linear ops whose integer weights do not fit int8 (they run as float32 Conv in ONNX)."""
+    out = []
+    for op in graph.ops:
+        if op.kind == "conv":
+            m = op.m()
+            if m.min() < -128 or m.max() > 127:
+                out.append(op.name)
+    return out
+
+
+def _requant_float(b: _Builder, acc_f: str, scale: np.ndarray, zero: int, lo: int, hi: int, base: str, shp) -> str:
+    from onnx import TensorProto as T
+
+    y = b.node("Mul", [acc_f, b.const(base + ".rq_scale", scale.astype(_F).reshape(shp))], base=base)
+    y = b.node("Round", [y], base=base)
+    if zero:
+        y = b.node("Add", [y, b.const(base + ".zero", np.array(zero, _F))], base=base)
+    y = b.node("Clip", [y, b.const(base + ".lo", np.array(lo, _F)), b.const(base + ".hi", np.array(hi, _F))], base=base)
+    return b.node("Cast", [y], base=base, to=T.UINT8)
+
+
+def to_int_onnx(graph: IntGraph, scales: dict[str, np.ndarray], fused: bool = False):
+    """The integer ONNX model (module docstring). ``scales``: per conv op name, the real value of
+    one accumulator unit ``eff`` (float64, from :func:`eff_scales`). ``fused``: convs as
+    ``QLinearConv`` (+ ``QLinearAdd`` from the com.microsoft domain for a residual, through an
+    8-bit intermediate at half the output step): onnxruntime's fused integer kernels, one more
+    rounding per residual layer."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    b = _Builder()
+    tq = graph.tensors
+    for op in graph.ops:
+        if op.kind == "quant_in":
+            t = tq[op.output]
+            q = b.node("QuantizeLinear", [op.inputs[0] + "__in", b.const("in.scale", np.array(t.scale, _F)),
+                                          b.int_const("in.zp", np.array(t.zero), T.UINT8)], base="in")
+            if t.bits < 8:
+                q = b.node("Clip", [q, b.int_const("in.lo", np.array(0), T.UINT8),
+                                    b.int_const("in.hi", np.array(t.qmax), T.UINT8)], base="in")
+            b.node("Identity", [q], op.output)
+        elif op.kind == "conv":
+            _int_conv(b, op, graph, scales[op.name], fused)
+        elif op.kind == "gap":
+            ti, to = tq[op.inputs[0]], tq[op.output]
+            x = b.node("Cast", [op.inputs[0]], base=op.name, to=T.FLOAT)
+            if ti.zero:
+                x = b.node("Sub", [x, b.const(op.name + ".zin", np.array(ti.zero, _F))], base=op.name)
+            x = b.node("GlobalAveragePool", [x], base=op.name)
+            y = _requant_float(b, x, np.array(ti.scale / to.scale), to.zero, 0, to.qmax, op.name, ())
+            b.node("Identity", [y], op.output)
+        elif op.kind == "maxpool":
+            (ph, pw) = op.attrs["padding"]
+            b.node("MaxPool", [op.inputs[0]], op.output, kernel_shape=list(op.attrs["kernel"]),
+                   strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw])
+        elif op.kind == "flatten":
+            b.node("Flatten", [op.inputs[0]], op.output, axis=1)
+    inp = helper.make_tensor_value_info(graph.input + "__in", T.FLOAT, ["N", *graph.input_shape])
+    out = helper.make_tensor_value_info(graph.output, T.FLOAT, ["N", *graph.output_shape])
+    g = helper.make_graph(b.nodes, "lowbit_integer", [inp], [out], b.inits)
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if fused else [])
+    model = helper.make_model(g, opset_imports=opsets, producer_name="lowbit")
+    model.ir_version = IR_VERSION
+    return model
+
+
+def _scalar(b: _Builder, base: str, v: float) -> str:
+    """A float32 scalar initializer of rank 0 (``_Builder.const`` makes rank 1)."""
+    from onnx import numpy_helper
+
+    n = b.name(base)
+    b.inits.append(numpy_helper.from_array(np.array(v, dtype=_F), n))
+    return n
+
+
+def _qlinear_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray) -> bool:
+    """QLinearConv (+ QLinearAdd for a residual, + Clip to the code range): onnxruntime's fused
+    integer kernels. Returns False when the layer does not fit them (weights beyond int8)."""
+    from onnx import TensorProto as T
+
+    tq = graph.tensors
+    ti = tq[op.inputs[0]]
+    m = op.m().reshape(op.codes.shape)
+    if m.min() < -127 or m.max() > 127 or op.attrs["layer"] == "linear" or op.out_scale is not None:
+        return False
+    base = op.name
+    o = m.shape[0]
+    sign = np.where(eff < 0, -1, 1)  # a negative per-channel scale: flip the row (scales stay positive)
+    w = m * sign.reshape(o, 1, 1, 1)
+    bias = op.bias.astype(np.int64) * sign
+    to = tq[op.output]
+    res = len(op.inputs) > 1
+    # with a residual, the conv writes an 8-bit intermediate (zero 128) at half the output step
+    s_y, z_y = (to.scale / 2, 128) if res else (to.scale, to.zero)
+    (ph, pw) = op.attrs["padding"]
+    y = b.node("QLinearConv", [
+        op.inputs[0], _scalar(b, base + ".x_s", ti.scale), b.int_const(base + ".x_zp", np.array(ti.zero), T.UINT8),
+        b.int_const(base + ".w", w, T.INT8), b.const(base + ".w_s", (np.abs(eff) / ti.scale).astype(_F)),
+        b.int_const(base + ".w_zp", np.zeros(o, np.int64), T.INT8),
+        _scalar(b, base + ".y_s", s_y), b.int_const(base + ".y_zp", np.array(z_y), T.UINT8),
+        b.int_const(base + ".b", bias, T.INT32)], base=base, kernel_shape=list(op.attrs["kernel"]),
+        strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw], group=int(op.attrs.get("groups", 1)))
+    if res:
+        tr = tq[op.inputs[1]]
+        y = b.node("QLinearAdd", [
+            y, _scalar(b, base + ".a_s", s_y), b.int_const(base + ".a_zp", np.array(z_y), T.UINT8),
+            op.inputs[1], _scalar(b, base + ".r_s", tr.scale),
+            b.int_const(base + ".r_zp", np.array(tr.zero), T.UINT8),
+            _scalar(b, base + ".o_s", to.scale), b.int_const(base + ".o_zp", np.array(to.zero), T.UINT8)],
+            base=base, domain="com.microsoft")
+    lo = to.zero if op.attrs.get("relu") else 0
+    if lo > 0 or to.qmax < 255:
+        y = b.node("Clip", [y, b.int_const(base + ".lo", np.array(lo), T.UINT8),
+                            b.int_const(base + ".hi", np.array(to.qmax), T.UINT8)], base=base)
+    b.node("Identity", [y], op.output)
+    return True
+
+
+def _int_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray, fused: bool = False) -> None:
+    from onnx import TensorProto as T
+
+    if fused and _qlinear_conv(b, op, graph, eff):
+        return
+    tq = graph.tensors
+    ti = tq[op.inputs[0]]
+    base = op.name
+    m = op.m().reshape(op.codes.shape)
+    o = m.shape[0]
+    linear = op.attrs["layer"] == "linear"
+    shp = (o,) if linear else (1, o, 1, 1)
+    x_zp = b.int_const(base + ".x_zp", np.array(ti.zero), T.UINT8)
+    if m.min() >= -128 and m.max() <= 127:
+        wt, w_zp = m.astype(np.int64), b.int_const(base + ".w_zp", np.array(0), T.INT8)
+        wtype = T.INT8
+    else:  # odd integers up to 255 (8-bit SAWB): uint8 with zero point 128 does not fit either
+        wt, w_zp, wtype = None, None, None
+    if wt is not None and linear:
+        w = b.int_const(base + ".w", wt.reshape(o, -1).T, wtype)
+        acc = b.node("MatMulInteger", [op.inputs[0], w, x_zp, w_zp], base=base)
+    elif wt is not None:
+        (ph, pw) = op.attrs["padding"]
+        w = b.int_const(base + ".w", wt, wtype)
+        acc = b.node("ConvInteger", [op.inputs[0], w, x_zp, w_zp], base=base, kernel_shape=list(op.attrs["kernel"]),
+                     strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw], group=int(op.attrs.get("groups", 1)))
+    else:  # float32 conv on the integers (exact: |A| < 2^24 is checked by the caller's accumulator bound)
+        x = b.node("Cast", [op.inputs[0]], base=base, to=T.FLOAT)
+        if ti.zero:
+            x = b.node("Sub", [x, b.const(base + ".zin", np.array(ti.zero, _F))], base=base)
+        w = b.const(base + ".wf", m.astype(_F).reshape(o, -1).T if linear else m.astype(_F))
+        if linear:
+            acc = b.node("MatMul", [x, w], base=base)
+        else:
+            (ph, pw) = op.attrs["padding"]
+            acc = b.node("Conv", [x, w], base=base, kernel_shape=list(op.attrs["kernel"]),
+                         strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw], group=int(op.attrs.get("groups", 1)))
+    acc_f = acc if wt is None else b.node("Cast", [acc], base=base, to=T.FLOAT)
+    acc_f = b.node("Add", [acc_f, b.const(base + ".bias", op.bias.astype(_F).reshape(shp))], base=base)
+    if len(op.inputs) > 1:
+        tr = tq[op.inputs[1]]
+        r = b.node("Cast", [op.inputs[1]], base=base, to=T.FLOAT)
+        if tr.zero:
+            r = b.node("Sub", [r, b.const(base + ".zres", np.array(tr.zero, _F))], base=base)
+        r = b.node("Mul", [r, b.const(base + ".res_scale", (tr.scale / eff).astype(_F).reshape(shp))], base=base)
+        r = b.node("Round", [r], base=base)
+        acc_f = b.node("Add", [acc_f, r], base=base)
+    if op.out_scale is not None:
+        b.node("Mul", [acc_f, b.const(base + ".out_scale", op.out_scale.astype(_F).reshape(shp))], op.output)
+        return
+    to = tq[op.output]
+    y = _requant_float(b, acc_f, eff / to.scale, to.zero, to.zero if op.attrs.get("relu") else 0, to.qmax, base, shp)
+    b.node("Identity", [y], op.output)
+
+
+def eff_scales(graph: IntGraph) -> dict[str, np.ndarray]:
+    """Per conv op: the real value of one accumulator unit, from the stored integers
+    (``mult·2^(shift−31)·s_out``; the classifier stores it as ``out_scale``)."""
+    from .requant import real_multiplier
+
+    out = {}
+    for op in graph.ops:
+        if op.kind != "conv":
+            continue
+        if op.out_scale is not None:
+            out[op.name] = op.out_scale.astype(np.float64)
+        else:
+            out[op.name] = real_multiplier(op.mult, op.shift) * graph.tensors[op.output].scale
+    return out
+
+
+def to_fp32_onnx(graph: IntGraph, scales: dict[str, np.ndarray]):
+    """The float32 network the integer graph approximates (module docstring)."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    b = _Builder()
+    tq = graph.tensors
+    relu_after: set[str] = set()
+    for op in graph.ops:
+        x = op.inputs
+        if op.kind == "quant_in":
+            b.node("Identity", [x[0] + "__in"], op.output)
+        elif op.kind == "conv":
+            eff = scales[op.name]
+            s_in = tq[op.inputs[0]].scale
+            m = op.m().reshape(op.codes.shape).astype(np.float64)
+            o = m.shape[0]
+            w = (m * (eff / s_in).reshape((o,) + (1,) * (m.ndim - 1))).astype(_F)
+            bias = (op.bias.astype(np.float64) * eff).astype(_F)
+            if op.attrs["layer"] == "linear":
+                y = b.node("Gemm", [x[0], b.const(op.name + ".w", w.reshape(o, -1)), b.const(op.name + ".b", bias)],
+                           base=op.name, transB=1)
+            else:
+                (ph, pw) = op.attrs["padding"]
+                y = b.node("Conv", [x[0], b.const(op.name + ".w", w), b.const(op.name + ".b", bias)], base=op.name,
+                           kernel_shape=list(op.attrs["kernel"]), strides=list(op.attrs["stride"]),
+                           pads=[ph, pw, ph, pw], group=int(op.attrs.get("groups", 1)))
+            if len(x) > 1:
+                y = b.node("Add", [y, x[1]], base=op.name)
+            if op.attrs.get("relu"):
+                y = b.node("Relu", [y], base=op.name)
+            b.node("Identity", [y], op.output)
+        elif op.kind == "gap":
+            b.node("GlobalAveragePool", x, op.output)
+        elif op.kind == "maxpool":
+            (ph, pw) = op.attrs["padding"]
+            b.node("MaxPool", x, op.output, kernel_shape=list(op.attrs["kernel"]),
+                   strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw])
+        elif op.kind == "flatten":
+            b.node("Flatten", x, op.output, axis=1)
+    del relu_after
+    inp = helper.make_tensor_value_info(graph.input + "__in", T.FLOAT, ["N", *graph.input_shape])
+    out = helper.make_tensor_value_info(graph.output, T.FLOAT, ["N", *graph.output_shape])
+    g = helper.make_graph(b.nodes, "lowbit_fp32", [inp], [out], b.inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lowbit")
+    model.ir_version = IR_VERSION
+    return model
+
+
+def quantize_static_onnx(fp32_model, calib: np.ndarray, path_in, path_out):
+    """onnxruntime's own static int8 quantization (QDQ, per-tensor, uint8 activations, int8
+    weights, MinMax calibration on ``calib``) of the FP32 model."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    onnx.save(fp32_model, str(path_in))
+    name = fp32_model.graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{name: calib[i: i + 1].astype(_F)} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(path_in), str(path_out), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return onnx.load(str(path_out))
