@@ -237,9 +237,18 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
         xs, ys = zip(*BatchLoader(data.test, data.info, 1000))
         x, y = torch.cat(xs)[:limit], torch.cat(ys)[:limit]
         out = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
-        return {"run_dir": str(run_dir), "integer": True, **export_int_model(
+        rep = {"run_dir": str(run_dir), "integer": True, **export_int_model(
             model, x, out, labels=y, c_images=c_images, onnx="onnx" in formats, latency_batch=latency_batch,
             latency_repeats=latency_repeats, log=log, meta={"run": str(run_dir), "model": cfg.model.name})}
+        if target is not None:  # the integer C runtime on a Cortex-M under QEMU (lowbit.export.mcu)
+            from ..intmode import int_graph
+            from .intgraph import IntReference as IntRef
+            from .mcu import build_and_run
+
+            ig = int_graph(model, x[:1])
+            xs = x[:mcu_images].numpy()
+            rep["mcu"] = build_and_run(ig, out / "c" / target, xs, IntRef(ig).run(xs), target)
+        return rep
     loader = BatchLoader(data.test, data.info, 1000)
     xs, ys = zip(*loader) if len(data.test) else ((), ())
     if not xs:
@@ -281,7 +290,8 @@ def format_report(report: dict) -> str:
     if report.get("integer"):
         from .int_api import format_int_report
 
-        return f"integer export of {report['run_dir']} -> {report['out_dir']}\n" + format_int_report(report)
+        return (f"integer export of {report['run_dir']} -> {report['out_dir']}\n" + format_int_report(report)
+                + (f"\n{format_mcu(report['mcu'])}" if report.get("mcu") else ""))
     lines = []
     if "run_dir" in report:
         fl = ", first conv / last linear FP32" if all(report.get("first_last_fp", [False])) else ""
