@@ -194,3 +194,10 @@ def test_missing_tool_is_one_line_naming_it(monkeypatch):
         check_tools()
     with pytest.raises(ConfigError, match="unknown target 'cortex-a53'"):
         build_and_run(None, "x", np.zeros((1, 1)), np.zeros((1, 1)), "cortex-a53")
+
+
+def test_export_run_checks_the_target_before_any_work(tmp_path):
+    from lowbit.export import export_run
+
+    with pytest.raises(ConfigError, match="unknown target 'cortex-a53'; allowed: cortex-m4, cortex-m7, cortex-m33"):
+        export_run(tmp_path / "no-run", formats="c", target="cortex-a53")

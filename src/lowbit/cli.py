@@ -234,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="output folder (default RUN_DIR/export)")
     x.add_argument("--limit", type=int, help="check on the first N test images only")
     x.add_argument("--c-images", type=int, default=8, help="test images run through the compiled C code")
-    x.add_argument("--target", choices=["cortex-m4", "cortex-m7", "cortex-m33"],
-                   help="also cross-compile the C code for this core and run it under QEMU (flash, RAM, instructions)")
+    x.add_argument("--target", metavar="CORE",
+                   help="cortex-m4, cortex-m7 or cortex-m33: also cross-compile the C code for this core and run it under QEMU (flash, RAM, instructions)")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="run a benchmark suite (methods x bits x models x widths x seeds)")

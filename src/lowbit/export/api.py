@@ -230,6 +230,12 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
     from ..data import BatchLoader
 
     formats = _formats(formats)
+    if target is not None:  # before any work: an unknown core or a missing tool is one line
+        from .mcu import check_tools
+        from .mcu import target as _target
+
+        _target(target)
+        check_tools()
     cfg, data, model = load_run(run_dir)
     if cfg.plan.integer:  # integer-mode run: the integer package, C runtime and integer ONNX
         from .int_api import export_int_model

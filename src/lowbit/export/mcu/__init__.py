@@ -52,10 +52,6 @@ class Target:
     cpu_flags: tuple[str, ...]
     ldscript: str
 
-    @property
-    def float_abi(self) -> str:
-        return next(f.split("=")[1] for f in self.cpu_flags if f.startswith("-mfloat-abi="))
-
 
 TARGETS = {
     "cortex-m4": Target("cortex-m4", "mps2-an386", ("-mcpu=cortex-m4", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"),
