@@ -156,11 +156,11 @@ def test_tiny_model_on_cortex_m4_under_qemu_is_bit_exact(tmp_path):
     again = parse_output(run_qemu(Path(r["elf"]), TARGETS["cortex-m4"]), 10)
     assert again["instructions"] == r["instructions"]
     for tgt, ipt in (("cortex-m7", 40), ("cortex-m33", 50)):  # mps2-an500 (25 MHz), mps2-an505 (20 MHz)
-        rt = build_and_run(g, tmp_path / tgt, x[:1], want[:1], tgt)
+        rt = build_and_run(g, tmp_path / tgt, x[:1], want[:1], tgt, sizes=False)
         assert rt["bit_exact_images"] == 1 and rt["instructions_per_tick"] == ipt
     # the FP32 build of the same network from the same generator is bit-exact with its own NumPy reference
     fg = fp32_graph(g)
-    rf = build_and_run(fg, tmp_path / "fp", x[:1], IntegerReference(fg).run(x[:1]), "cortex-m4")
+    rf = build_and_run(fg, tmp_path / "fp", x[:1], IntegerReference(fg).run(x[:1]), "cortex-m4", sizes=False)
     assert rf["bit_exact_images"] == 1 and set(rf["kernels"].values()) == {"float"}
 
 
@@ -183,7 +183,7 @@ def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path):
     g = int_graph(m, torch.from_numpy(x))
     want = IntRef(g).run(x)
     packed = build_and_run(g, tmp_path / "auto", x, want, "cortex-m4")
-    plain = build_and_run(g, tmp_path / "int", x, want, "cortex-m4", kernels="int")
+    plain = build_and_run(g, tmp_path / "int", x, want, "cortex-m4", kernels="int", sizes=False)
     assert packed["bit_exact_images"] == plain["bit_exact_images"] == 1
     assert "bitserial" in packed["kernels"].values() and set(plain["kernels"].values()) == {"int"}
 

@@ -268,14 +268,16 @@ def parse_output(out: str, n_out: int) -> dict:
 
 
 def build_and_run(graph: Graph, out_dir: str | Path, samples: np.ndarray, expected: np.ndarray,
-                  target_name: str = "cortex-m4", kernels: str = "auto", timeout: float = 120.0) -> dict:
+                  target_name: str = "cortex-m4", kernels: str = "auto", timeout: float = 120.0,
+                  sizes: bool = True) -> dict:
     """Generate, cross-compile, run under QEMU and check one build; returns a JSON-able report.
 
     ``graph``: a :class:`~lowbit.export.graph.Graph` (the float-activation C export,
     :func:`~lowbit.export.c_export.write_c`) or an integer graph of issue 17
     (:class:`~lowbit.export.intgraph.IntGraph`, :func:`~lowbit.export.int_c.write_int_c`: activations
     as packed integer codes); ``kernels``: "auto" (bit-packed kernels where a layer's bits make them
-    pay), "int" (the plain integer kernel everywhere), "packed" (bit-packed wherever possible)."""
+    pay), "int" (the plain integer kernel everywhere), "packed" (bit-packed wherever possible).
+    ``sizes=False`` skips the second (empty-model) build: no flash/RAM figures."""
     from ..c_export import write_c
 
     tgt = target(target_name)
@@ -297,16 +299,17 @@ def build_and_run(graph: Graph, out_dir: str | Path, samples: np.ndarray, expect
         ce = write_int_c(graph, out)
         chosen, runtime = patch_int_c(graph, out, kernels), "integer (int_c, lowbit_rt)"
     write_main(out, samples, expected)
-    elf, stub = build(out, tgt), build(out, tgt, stub=True)
-    full, base = elf_size(elf), elf_size(stub)
+    elf = build(out, tgt)
+    full = elf_size(elf)
+    base = elf_size(build(out, tgt, stub=True)) if sizes else None
     res = parse_output(run_qemu(elf, tgt, timeout), expected.shape[1])
     lg = res.pop("logits")
     exact = int(np.all(lg.view(np.uint32) == expected.view(np.uint32), axis=1).sum())
-    flash = (full["text"] + full["data"]) - (base["text"] + base["data"])
-    static_ram = (full["data"] + full["bss"]) - (base["data"] + base["bss"])
+    flash = (full["text"] + full["data"]) - (base["text"] + base["data"]) if base else None
+    static_ram = (full["data"] + full["bss"]) - (base["data"] + base["bss"]) if base else None
     return {"target": tgt.name, "machine": tgt.machine, "dir": str(out), "elf": str(elf),
             "runtime": runtime, "kernels": chosen, "size": full, "size_without_model": base,
-            "flash_bytes": flash, "static_ram_bytes": static_ram, "ram_bytes": static_ram + res["stack_bytes"],
+            "flash_bytes": flash, "static_ram_bytes": static_ram, "ram_bytes": static_ram + res["stack_bytes"] if base else None,
             "generator_flash_bytes": ce.flash_bytes, "generator_ram_bytes": ce.ram_bytes,
             "images": len(samples), "bit_exact_images": exact, **res,
             "instructions_per_inference": float(np.mean(res["instructions"]))}
