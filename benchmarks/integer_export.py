@@ -95,6 +95,9 @@ def mbv2(args) -> None:
     xt, yt = zip(*BatchLoader(data.test, data.info, 1000))
     x, y = torch.cat(xt)[:2000], torch.cat(yt)[:2000]  # PARTIAL: 2,000 test images (machine time)
     for b in (4, 8):
+        name = f"mobilenetv2_w0.5_W{b}A{b}_integer_untrained"
+        if (OUT / "reports" / f"{name}.json").is_file():
+            continue
         torch.manual_seed(0)
         m = create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=28, width=0.5)
         quantize(m, {"weight": {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b}, "integer": True})
@@ -102,7 +105,6 @@ def mbv2(args) -> None:
         with torch.no_grad():
             for i in range(3):
                 m(xs[i])
-        name = f"mobilenetv2_w0.5_W{b}A{b}_integer_untrained"
         rep = export_int_model(m, x, OUT / "reports" / "export" / name, labels=y, c_images=args.c_images or 200,
                                latency_repeats=0, meta={"model": "mobilenetv2", "width": 0.5, "untrained": True})
         rep["run"] = name

@@ -335,6 +335,26 @@ def int_graph(model: nn.Module, example: torch.Tensor):
         model.train(was)
 
 
+def _symmetric_form(levels: np.ndarray):
+    """``(m, s)`` with ``level = s·m``, integers ``m`` (:func:`lowbit.export.levels.integer_form`), or
+    for a symmetric grid whose float32 levels miss that test by rounding (8-bit SAWB: ``lo + j·step``
+    with ``lo = −hi``), the odd integers ``2j − (n − 1)`` and ``s = step/2``; None when neither fits."""
+    from .export.levels import integer_form
+
+    form = integer_form(levels)
+    if form is not None and not np.any(form[2] != 0):
+        return form[0], form[1]
+    lv = np.asarray(levels, dtype=np.float64)
+    lo, hi = lv[:, 0], lv[:, -1]
+    n = lv.shape[1]
+    step = (hi - lo) / (n - 1)
+    j = np.arange(n)
+    grid = lo[:, None] + j * step[:, None]
+    if np.all(hi > 0) and np.all(np.abs(lo + hi) <= 1e-5 * hi) and np.all(np.abs(grid - lv) <= 1e-5 * hi[:, None]):
+        return np.tile(2 * j - (n - 1), (lv.shape[0], 1)).astype(np.int64), step / 2
+    return None
+
+
 def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_form, conv_constants,
              check_accumulator, IntOp):
     m = u.module
@@ -351,11 +371,11 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
     w, quantized = _weight(u.name, m)
     if not quantized:
         raise ConfigError(f"integer mode: layer '{u.name}' has a full-precision weight")
-    form = integer_form(w.levels.levels64())
-    if form is None or np.any(form[2] != 0):
+    form = _symmetric_form(w.levels.levels64())
+    if form is None:
         raise ConfigError(f"integer mode: layer '{u.name}': weight quantizer '{w.quantizer}' has no symmetric integer "
                           "form (level = s·m); use sawb, lsq, dorefa, bwn, twn or po2")
-    m_lut, s_w, _ = form
+    m_lut, s_w = form
     if np.abs(m_lut).max() > 32767:
         raise ConfigError(f"integer mode: layer '{u.name}': integer weights do not fit int16")
     sw = s_w[w.row_index()]
