@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--wall-images", type=int, default=20)
     ap.add_argument("--wall-repeats", type=int, default=3)
     ap.add_argument("--wall-only", action="store_true",
-                    help="only the wall-time step, on the host builds of the last run (under /work/tools/slot --all)")
+                    help="only the wall-time step, on the host builds of the last run")
     ap.add_argument("--skip-wall", action="store_true")
     args = ap.parse_args()
     if args.wall_only:
@@ -181,6 +181,12 @@ def main() -> None:
         except (LowbitError, subprocess.CalledProcessError, FileNotFoundError) as e:
             print(f"  {label}: {e}")
             results.append({"label": label, "error": str(e)})
+    prev = OUT / "results.json"
+    if prev.is_file():  # a subset of labels re-run: keep the others' rows
+        done = {r["label"] for r in results}
+        old = [r for r in json.loads(prev.read_text())["results"] if r["label"] not in done]
+        results = sorted(old + results, key=lambda r: LABELS.index(r["label"]) if r["label"] in LABELS else 99)
+        args.labels = ",".join(r["label"] for r in results)
     if not args.skip_wall:
         wall_step(results, args)
     finish(results, args)
@@ -213,8 +219,9 @@ def readme(results: list[dict], args) -> str:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if not isinstance(v, bool))
     lines = [
         "# Cortex-M4 / x86 cost of the bit-packed and integer C builds (issue 18)", "",
-        f"Command: `PYTHONPATH=src /work/tools/slot python {cmd.replace('python ', '', 1)}` (after training the runs: "
-        "see the script's docstring). ResNet-8 on Fashion-MNIST, **short training** (8,000 images, 2 epochs: the "
+        f"Command: `PYTHONPATH=src /work/tools/slot python {cmd.replace('python ', '', 1)} --skip-wall`, then "
+        f"`... --wall-only --wall-images {args.wall_images} --wall-repeats {args.wall_repeats}` (after training the "
+        "runs: see the script's docstring; the last re-run was `--labels W1A1,W2A2,W8A8`, which keeps the other rows). ResNet-8 on Fashion-MNIST, **short training** (8,000 images, 2 epochs: the "
         "accuracies are far from converged; the cost figures do not depend on it). Cortex-M4 = QEMU mps2-an386, "
         "`-icount shift=0`, instructions = SysTick ticks x 40 (calibrated on a fixed loop in every run), mean over "
         f"{args.qemu_images} test images, every build bit-exact vs its NumPy reference. x86 = valgrind callgrind, "
@@ -225,9 +232,11 @@ def readme(results: list[dict], args) -> str:
         "largest activation at max(b, 4) bits. Builds: `fp32` = FP32 twin (float kernels) of the float-activation run; "
         "`float/*` = today's C export (float activations between layers), `int/*` = issue 17's integer-only runtime "
         "(activations as packed codes); `*/int` plain integer kernel, `*/auto` bit-packed kernels where the bits make "
-        "them pay, `*/packed` bit-packed forced. **PARTIAL: the `int/*` rows (marked untrained) use an untrained "
-        "integer-mode model** (random weights, BN statistics and ranges from 4 forward passes; the integer-mode runs "
-        "could not be trained in time on the shared CPU): their cost figures are real, they have no accuracy.", "",
+        "them pay, `*/packed` bit-packed forced. Integer-mode runs (`configs/*_int.yaml`, same short training) for W1A1 "
+        "and W2A2; **PARTIAL: the rows marked (untrained) use an untrained integer-mode model** (random weights, BN "
+        "statistics and ranges from 4 forward passes; not trained in time on the shared CPU): their cost figures are "
+        "real, they have no accuracy. Wall times were taken on a loaded machine (load average ~6 on 2 cores; the "
+        "FP32 build's own time moves 29-44 ms between labels): take the wall ratios as +-30%.", "",
         "| model | build | kernels | bit-exact | flash KiB | RAM KiB | RAM / 002 Mem | M4 Minstr | FP32 / this | "
         "x86 Minstr | FP32 / this | wall ms | FP32 / this |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
