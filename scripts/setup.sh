@@ -28,4 +28,7 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ] && [ ! -f "$FMNIST/train-images
     exit 1
   fi
 fi
+# Cortex-M cross toolchain + QEMU for `lowbit export --target` and tests/test_mcu.py (issue 18), where apt is
+# usable; without them those tests skip with a one-line reason
+bash scripts/install_mcu_tools.sh || echo "setup: Cortex-M tools not installed (the QEMU tests will skip)" >&2
 echo "setup: ok ($(.venv/bin/python -c 'import torch, lowbit; print("torch", torch.__version__, "lowbit", lowbit.__version__)'))"

@@ -5,6 +5,7 @@
     lowbit eval RUN_DIR                                  re-evaluate a run's best checkpoint
     lowbit info CONFIG|RUN_DIR [key=value ...]           plan table and cost (+ packed size of a run), no training
     lowbit export RUN_DIR [--format packed,onnx,c]       deployable files, each checked against PyTorch
+    lowbit export RUN_DIR --format c --target cortex-m4  ... + cross-compiled, run under QEMU (flash, RAM, instructions)
     lowbit bench SUITE [--workers N] [--dry-run]         run a grid of configs x seeds (resumable)
     lowbit report RESULTS [RESULTS ...]                  002-style table (mean ± std error) + plots
     lowbit report attention RUN_DIR | loss-surface CONFIG   003 Figures 3 and 4
@@ -146,7 +147,10 @@ def cmd_export(args) -> int:
     from .export import export_run, format_report
 
     formats = [f for part in (args.format or ["packed,onnx,c"]) for f in part.split(",") if f]
-    rep = export_run(args.run_dir, formats=formats, out_dir=args.out, limit=args.limit, c_images=args.c_images)
+    if args.target and not args.format:
+        formats = ["c"]  # --target alone: the C export on the core
+    rep = export_run(args.run_dir, formats=formats, out_dir=args.out, limit=args.limit, c_images=args.c_images,
+                     target=args.target)
     print(format_report(rep))
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -326,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="output folder (default RUN_DIR/export)")
     x.add_argument("--limit", type=_positive_int, help="check on the first N test images only")
     x.add_argument("--c-images", type=_positive_int, default=8, help="test images run through the compiled C code")
+    x.add_argument("--target", metavar="CORE",
+                   help="cortex-m4, cortex-m7 or cortex-m33: also cross-compile the C code for this core and run it under QEMU (flash, RAM, instructions)")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="run a benchmark suite (methods x bits x models x widths x seeds)")

@@ -82,17 +82,29 @@ def _mem_002(model: nn.Module, x: torch.Tensor) -> dict:
 
 def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats=FORMATS,
                  labels: torch.Tensor | None = None, c_images: int | None = 8, batch: int = 500,
-                 latency_batch: int = 256, latency_repeats: int = 20, log=None, meta: dict | None = None) -> dict:
+                 latency_batch: int = 256, latency_repeats: int = 20, log=None, meta: dict | None = None,
+                 target: str | None = None, mcu_images: int = 3) -> dict:
     """Export ``model`` (quantized, eval mode) and check every format on the inputs ``x``.
 
     ``x`` is the evaluation set (normalised float32, N x C x H x W), ``labels`` its classes
     (optional). ``c_images`` inputs go through the compiled C code (None: all of ``x``).
+    ``target`` (cortex-m4, cortex-m7, cortex-m33; with the "c" format) also cross-compiles the C
+    code for that core and runs ``mcu_images`` inputs under QEMU, bit-exact against NumPy, beside the
+    FP32 build of the same network (:mod:`lowbit.export.mcu`).
     ``meta`` (JSON-able) goes into the manifest. Returns a JSON-able report (see
     :func:`format_report`).
     """
     from ..cost import count_params
 
     formats = _formats(formats)
+    if target is not None:
+        from .mcu import check_tools
+        from .mcu import target as _target
+
+        _target(target)
+        if "c" not in formats:
+            raise ConfigError("export: --target needs the c format (--format c)")
+        check_tools()
     say = log or (lambda s: None)
     out = Path(out_dir)
     model.eval()
@@ -132,6 +144,9 @@ def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats
         say("c")
         report["c"] = _c(pkg, out / "c", xn, ref, ref_np, y, c_images)
         report["c"]["mem_002"] = _mem_002(model, x)
+        if target is not None:
+            say(f"c on {target} (qemu)")
+            report["c"]["mcu"] = _mcu(pkg, out / "c" / target, xn[:mcu_images], ref_np[:mcu_images], target)
     if tmp is not None:
         tmp.cleanup()
     return report
@@ -185,6 +200,20 @@ def _c(pkg: Graph, d: Path, xn, ref, ref_np, y, c_images: int | None) -> dict:
     return rep
 
 
+def _mcu(pkg: Graph, d: Path, xs, ref_np, target: str) -> dict:
+    """The C code cross-compiled for a Cortex-M and run under QEMU, beside its FP32 build."""
+    from .mcu import build_and_run, fp32_graph
+
+    rep = build_and_run(pkg, d, xs, ref_np, target)
+    fg = fp32_graph(pkg)
+    fp = build_and_run(fg, d.parent / f"{target}-fp32", xs, IntegerReference(fg).run(xs), target)
+    keep = ("flash_bytes", "static_ram_bytes", "stack_bytes", "ram_bytes", "bit_exact_images", "images",
+            "instructions_per_inference", "dir")
+    rep["fp32"] = {k: fp[k] for k in keep}
+    rep["fewer_instructions_than_fp32"] = fp["instructions_per_inference"] / rep["instructions_per_inference"]
+    return rep
+
+
 def load_run(run_dir: str | Path):
     """(cfg, data, model) of a run folder: ``lowbit.train.load_run`` without the checkpoint."""
     from ..train import load_run as _load
@@ -195,12 +224,18 @@ def load_run(run_dir: str | Path):
 
 def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None = None, *,
                limit: int | None = None, c_images: int | None = 8, latency_batch: int = 256,
-               latency_repeats: int = 20, log=None) -> dict:
+               latency_repeats: int = 20, log=None, target: str | None = None, mcu_images: int = 3) -> dict:
     """Export a run folder (``config.yaml`` + ``best.pt``) into ``out_dir`` (default
     ``RUN_DIR/export``) and check it on the run's test set (the first ``limit`` images)."""
     from ..data import BatchLoader
 
     formats = _formats(formats)
+    if target is not None:  # before any work: an unknown core or a missing tool is one line
+        from .mcu import check_tools
+        from .mcu import target as _target
+
+        _target(target)
+        check_tools()
     cfg, data, model = load_run(run_dir)
     if cfg.plan.integer:  # integer-mode run: the integer package, C runtime and integer ONNX
         from .int_api import export_int_model
@@ -208,9 +243,18 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
         xs, ys = zip(*BatchLoader(data.test, data.info, 1000))
         x, y = torch.cat(xs)[:limit], torch.cat(ys)[:limit]
         out = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
-        return {"run_dir": str(run_dir), "integer": True, **export_int_model(
+        rep = {"run_dir": str(run_dir), "integer": True, **export_int_model(
             model, x, out, labels=y, c_images=c_images, onnx="onnx" in formats, latency_batch=latency_batch,
             latency_repeats=latency_repeats, log=log, meta={"run": str(run_dir), "model": cfg.model.name})}
+        if target is not None:  # the integer C runtime on a Cortex-M under QEMU (lowbit.export.mcu)
+            from ..intmode import int_graph
+            from .intgraph import IntReference as IntRef
+            from .mcu import build_and_run
+
+            ig = int_graph(model, x[:1])
+            xs = x[:mcu_images].numpy()
+            rep["mcu"] = build_and_run(ig, out / "c" / target, xs, IntRef(ig).run(xs), target)
+        return rep
     loader = BatchLoader(data.test, data.info, 1000)
     xs, ys = zip(*loader) if len(data.test) else ((), ())
     if not xs:
@@ -227,7 +271,7 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
             "input_normalisation": {"formula": "x = (pixel / 255 - mean) / std, per channel, C x H x W",
                                     "mean": list(info.mean), "std": list(info.std)}}
     report = export_model(model, x, out, formats, labels=y, c_images=c_images, latency_batch=latency_batch,
-                          latency_repeats=latency_repeats, log=log, meta=meta)
+                          latency_repeats=latency_repeats, log=log, meta=meta, target=target, mcu_images=mcu_images)
     report = {"run_dir": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name,
               "weight": plan.weight.label() if plan.weight else "fp32",
               "act": plan.act.label() if plan.act else "fp32",
@@ -252,7 +296,8 @@ def format_report(report: dict) -> str:
     if report.get("integer"):
         from .int_api import format_int_report
 
-        return f"integer export of {report['run_dir']} -> {report['out_dir']}\n" + format_int_report(report)
+        return (f"integer export of {report['run_dir']} -> {report['out_dir']}\n" + format_int_report(report)
+                + (f"\n{format_mcu(report['mcu'])}" if report.get("mcu") else ""))
     lines = []
     if "run_dir" in report:
         fl = ", first conv / last linear FP32" if all(report.get("first_last_fp", [False])) else ""
@@ -293,7 +338,26 @@ def format_report(report: dict) -> str:
                          f"{c['self_test']}); {_agree(c)}")
         else:
             lines.append(f"C               {c.get('note', 'not built')}")
+        if c.get("mcu"):
+            lines.append(format_mcu(c["mcu"]))
     return "\n".join(lines)
+
+
+def format_mcu(r: dict) -> str:
+    """One Cortex-M build (:func:`lowbit.export.mcu.build_and_run`, plus its FP32 build) as two lines."""
+    from collections import Counter
+
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(Counter(r["kernels"].values()).items()))
+    line = (f"{r['target']:<15} (qemu {r['machine']}) {r['bit_exact_images']}/{r['images']} images bit-exact vs NumPy; "
+            f"flash {_kib(r['flash_bytes'])}, RAM {_kib(r['ram_bytes'])} (static {_kib(r['static_ram_bytes'])} + "
+            f"stack {r['stack_bytes']} B); {r['instructions_per_inference'] / 1e6:.2f} M instructions/inference; "
+            f"kernels: {kinds}")
+    fp = r.get("fp32")
+    if fp:
+        line += (f"\n{'':<15} FP32 build: flash {_kib(fp['flash_bytes'])}, RAM {_kib(fp['ram_bytes'])}, "
+                 f"{fp['instructions_per_inference'] / 1e6:.2f} M instructions/inference "
+                 f"(the quantized build: {r['fewer_instructions_than_fp32']:.2f}x fewer)")
+    return line
 
 
 def packed_size_table(model: nn.Module) -> str:

@@ -1,0 +1,203 @@
+"""lowbit.export.mcu: bit-packed kernels equal the plain integer kernel; Cortex-M build under QEMU."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit import create_model, quantize
+from lowbit.errors import ConfigError
+from lowbit.export import IntegerReference, lower
+from lowbit.export.c_export import CFLAGS, KERNELS
+from lowbit.export.mcu import TARGETS, build_and_run, check_tools, fp32_graph, missing_tools, parse_output, run_qemu
+from lowbit.export.mcu.packed import SOURCES, affine_form, choose, pack_act_planes, pack_weight_planes
+from lowbit.export.numpy_ref import ConvKernel, prepare
+from lowbit.export.pack import pack_codes
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+HARNESS = """
+#include <math.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#include "lb_packed.h"
+typedef lb_pk_geom lb_geom;
+""" + KERNELS + """
+void ref_conv(const lb_geom *g, const uint8_t *xq, int32_t zero, const uint8_t *wc, uint32_t bits, const int16_t *lut,
+              int32_t rows, int32_t L, const float *ca, const float *cb, const float *cc, const float *cd,
+              const float *bias, float *y, int16_t *wrow)
+{
+    lb_conv_int(g, xq, zero, wc, bits, lut, rows, L, ca, cb, cc, cd, bias, y, wrow);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    """The plain integer kernel (c_export.KERNELS) and lb_packed.c in one host shared library."""
+    assert shutil.which("gcc"), "the kernel tests need gcc"
+    d = tmp_path_factory.mktemp("kern")
+    for f in SOURCES:
+        shutil.copyfile(f, d / f.name)
+    (d / "harness.c").write_text(HARNESS)
+    subprocess.run(["gcc", *CFLAGS, "-Wno-unused-function", "-shared", "-fPIC", "-o", str(d / "k.so"), "harness.c",
+                    "lb_packed.c", "-lm"], cwd=d, check=True, capture_output=True)
+    return ctypes.CDLL(str(d / "k.so"))
+
+
+def _p(a):
+    return None if a is None else a.ctypes.data_as(ctypes.c_void_p)
+
+
+def run_both(lib, rng, C, H, W, O, K, S, P, wbits, abits, rows, zero, terms, unit=False):
+    """One random layer through lb_conv_int and lb_pk_pack_act + lb_pk_conv; returns (plain, packed, A)."""
+    OH, OW = (H + 2 * P - K) // S + 1, (W + 2 * P - K) // S + 1
+    geom = np.array([C, H, W, O, K, K, S, S, P, P, OH, OW], dtype=np.int32)
+    u = rng.integers(0, 2**abits, size=(C, H, W)).astype(np.uint8)
+    codes = rng.integers(0, 2**wbits, size=(O, C, K, K)).astype(np.uint8)
+    a = rng.integers(-3, 4, size=rows).astype(np.int16)
+    b = rng.integers(-(2**wbits), 2**wbits, size=rows).astype(np.int16)
+    lut = (a[:, None].astype(np.int64) * np.arange(2**wbits)[None, :] + b[:, None]).astype(np.int16)
+    f = lambda: rng.uniform(-1, 1, O).astype(np.float32)  # noqa: E731
+    ca = np.ones(O, np.float32) if unit else f()
+    cb, cc, cd = (f() if t in terms else None for t in ("cb", "cc", "cd"))
+    bias = np.zeros(O, np.float32) if unit else f()
+    y_ref, y_pk = np.zeros((O, OH, OW), np.float32), np.zeros((O, OH, OW), np.float32)
+    wc = pack_codes(codes.reshape(-1), wbits)
+    wrow = np.zeros(C * K * K, np.int16)
+    lib.ref_conv(_p(geom), _p(u), zero, _p(wc), wbits, _p(lut), rows, 2**wbits, _p(ca), _p(cb), _p(cc), _p(cd),
+                 _p(bias), _p(y_ref), _p(wrow))
+    xp = np.zeros((H + 2 * P) * (W + 2 * P) * abits * ((C + 31) // 32), np.uint32)
+    lib.lb_pk_pack_act(_p(geom), _p(u), abits, _p(xp))
+    assert np.array_equal(xp, pack_act_planes(u, abits, P, P).reshape(-1))  # C packing == NumPy twin
+    wp = np.ascontiguousarray(pack_weight_planes(codes, wbits).reshape(-1))
+    acc = np.zeros(2 * O, np.int32)
+    lib.lb_pk_conv(_p(geom), _p(xp), abits, zero, _p(wp), wbits, _p(a), _p(b), rows, _p(ca), _p(cb), _p(cc), _p(cd),
+                   _p(bias), _p(y_pk), _p(acc))
+    # A = sum m*(u - zero) over in-bounds taps, straight from the definition (float64 sums of integers: exact)
+    m = lut[np.arange(O) if rows > 1 else np.zeros(O, int)][np.arange(O)[:, None], codes.reshape(O, -1)]
+    xpad = np.pad(u.astype(np.int64) - zero, ((0, 0), (P, P), (P, P)))
+    win = np.lib.stride_tricks.sliding_window_view(xpad, (K, K), axis=(1, 2))[:, ::S, ::S][:, :OH, :OW]
+    A = np.einsum("of,pf->op", m.astype(np.float64),
+                  win.transpose(1, 2, 0, 3, 4).reshape(OH * OW, -1).astype(np.float64)).reshape(O, OH, OW)
+    return y_ref, y_pk, A
+
+
+BITS = [(b, b) for b in range(1, 9)] + [(1, 2), (2, 1), (1, 8), (8, 1), (3, 5), (4, 2)]
+
+
+@pytest.mark.parametrize("wbits,abits", BITS)
+def test_packed_kernel_equals_plain_integer_kernel(kernels, wbits, abits):
+    rng = np.random.default_rng(100 * wbits + abits)
+    cases = [  # C, H, W, O, K, S, P, rows, zero, terms
+        (1, 5, 5, 3, 3, 1, 1, 1, 0, ()),
+        (17, 6, 7, 5, 3, 1, 1, 5, 0, ()),
+        (33, 5, 6, 3, 3, 2, 1, 1, 1, ("cb",)),
+        (35, 4, 5, 7, 1, 2, 0, 7, 0, ("cc", "cd")),
+        (65, 3, 3, 3, 3, 1, 0, 1, 2 ** (abits - 1), ("cb", "cc", "cd")),
+        (1023, 1, 1, 3, 1, 1, 0, 3, 0, ()),  # a linear layer with more than 31 words per tap row
+    ]
+    for C, H, W, O, K, S, P, rows, zero, terms in cases:
+        y_ref, y_pk, _ = run_both(kernels, rng, C, H, W, O, K, S, P, wbits, abits, rows, zero, terms)
+        assert np.array_equal(y_ref.view(np.uint32), y_pk.view(np.uint32)), (C, H, W, O, K, S, P, zero, terms)
+        # with a unit rescale the outputs are f32(A), A the integer sum itself: both kernels equal it
+        y_ref, y_pk, A = run_both(kernels, rng, C, H, W, O, K, S, P, wbits, abits, rows, zero, (), unit=True)
+        assert np.array_equal(y_pk, A.astype(np.float32)) and np.array_equal(y_ref, y_pk)
+
+
+def resnet(plan: dict, width: float = 0.25) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=width)
+    quantize(m, plan)
+    m.train()
+    with torch.no_grad():
+        for _ in range(2):
+            m(torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    return m.eval()
+
+
+W1A1 = {"weight": {"name": "bwn", "bits": 1}, "act": {"name": "pact", "bits": 1}}
+W2A2 = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}}
+
+
+def test_kernel_choice_by_bits():
+    x = torch.randn(2, 1, 28, 28)
+    for plan, want in ((W1A1, "xnor"), (W2A2, "bitserial"),
+                       ({"weight": {"name": "sawb", "bits": 4}, "act": {"name": "pact", "bits": 4}}, "int"),
+                       ({"weight": {"name": "po2", "bits": 2}, "act": {"name": "pact", "bits": 2}}, "int")):
+        ks = [k for k in prepare(lower(resnet(plan), x)) if isinstance(k, ConvKernel)]
+        assert [choose(k) for k in ks] == ["int"] + [want] * (len(ks) - 2) + ["int"]  # FP32 first/last: float kernel
+    assert affine_form(np.array([[-3, -1, 1, 3]])) is not None and affine_form(np.array([[-4, -2, -1, 1]])) is None
+
+
+needs_tools = pytest.mark.skipif(bool(missing_tools()), reason=f"Cortex-M tools missing: {', '.join(missing_tools())} "
+                                 "(scripts/install_mcu_tools.sh)")
+
+
+@needs_tools
+def test_tiny_model_on_cortex_m4_under_qemu_is_bit_exact(tmp_path):
+    m = resnet(W1A1)
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(5)).numpy()
+    g = lower(m, torch.from_numpy(x))
+    want = IntegerReference(g).run(x)
+    r = build_and_run(g, tmp_path / "m4", x, want, "cortex-m4")
+    assert r["bit_exact_images"] == 2 and r["bit_exact_device"] == 2
+    assert set(r["kernels"].values()) == {"float", "xnor"}
+    assert r["instructions_per_tick"] == 40  # mps2-an386: 25 MHz SysTick, 1 instruction / ns under -icount shift=0
+    assert 0 < r["flash_bytes"] < r["size"]["text"] + r["size"]["data"] and r["ram_bytes"] > 4 * 784
+    # deterministic: a second run counts the same instructions
+    again = parse_output(run_qemu(Path(r["elf"]), TARGETS["cortex-m4"]), 10)
+    assert again["instructions"] == r["instructions"]
+    for tgt, ipt in (("cortex-m7", 40), ("cortex-m33", 50)):  # mps2-an500 (25 MHz), mps2-an505 (20 MHz)
+        rt = build_and_run(g, tmp_path / tgt, x[:1], want[:1], tgt, sizes=False)
+        assert rt["bit_exact_images"] == 1 and rt["instructions_per_tick"] == ipt
+    # the FP32 build of the same network from the same generator is bit-exact with its own NumPy reference
+    fg = fp32_graph(g)
+    rf = build_and_run(fg, tmp_path / "fp", x[:1], IntegerReference(fg).run(x[:1]), "cortex-m4", sizes=False)
+    assert rf["bit_exact_images"] == 1 and set(rf["kernels"].values()) == {"float"}
+
+
+@needs_tools
+def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path):
+    # issue 17's integer-only runtime (activations as packed codes): the bit-packed kernels replace lb_conv
+    # in the 2-bit layers, and both builds equal the NumPy integer reference bit for bit
+    from lowbit.export.intgraph import IntReference as IntRef
+    from lowbit.intmode import int_graph
+
+    torch.manual_seed(0)
+    m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25)
+    quantize(m, {**W2A2, "integer": True})
+    m.train()
+    with torch.no_grad():
+        for _ in range(2):
+            m(torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    m.eval()
+    x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(5)).numpy()
+    g = int_graph(m, torch.from_numpy(x))
+    want = IntRef(g).run(x)
+    packed = build_and_run(g, tmp_path / "auto", x, want, "cortex-m4")
+    plain = build_and_run(g, tmp_path / "int", x, want, "cortex-m4", kernels="int", sizes=False)
+    assert packed["bit_exact_images"] == plain["bit_exact_images"] == 1
+    assert "bitserial" in packed["kernels"].values() and set(plain["kernels"].values()) == {"int"}
+
+
+def test_missing_tool_is_one_line_naming_it(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ConfigError, match="'arm-none-eabi-gcc' not found.*install gcc-arm-none-eabi"):
+        check_tools()
+    with pytest.raises(ConfigError, match="unknown target 'cortex-a53'"):
+        build_and_run(None, "x", np.zeros((1, 1)), np.zeros((1, 1)), "cortex-a53")
+
+
+def test_export_run_checks_the_target_before_any_work(tmp_path):
+    from lowbit.export import export_run
+
+    with pytest.raises(ConfigError, match="unknown target 'cortex-a53'; allowed: cortex-m4, cortex-m7, cortex-m33"):
+        export_run(tmp_path / "no-run", formats="c", target="cortex-a53")
