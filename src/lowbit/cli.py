@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--out", help="search folder (default: OUT_DIR/NAME-nce-TIMESTAMP)")
     n.add_argument("--warmup", type=_nonneg_int, default=1, help="warm-up epochs (uniformly sampled widths)")
     n.add_argument("--epochs", type=_positive_int, default=3, help="search epochs (alternating weight/architecture steps)")
-    n.add_argument("--threshold", type=_positive_float, default=0.3, help="T: expand when p(widest candidate) >= T")
+    n.add_argument("--threshold", type=float, default=0.3, help="T: expand when p(widest candidate) >= T")
     n.add_argument("--target", default="macs", choices=["macs", "flops", "params", "mem"],
                    help="resource (flops = MACs; mem = 002's memory at the plan's bits)")
     n.add_argument("--target-value", type=_positive_float, help="default: the original network's cost")
@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--out", help="output folder")
     nb.add_argument("--warmup", type=_nonneg_int, default=1)
     nb.add_argument("--epochs", type=_positive_int, default=2, help="search epochs")
-    nb.add_argument("--threshold", type=_positive_float, default=0.3)
+    nb.add_argument("--threshold", type=float, default=0.3)
     nb.add_argument("--cap", type=_positive_float, default=2.0, help="at least; raised to 1.25 x the uniform width")
     nb.add_argument("--arch-lr", type=_positive_float, default=0.02)
     nb.add_argument("--no-train", action="store_true", help="search only (no training of either network)")
