@@ -19,6 +19,10 @@ fi
 if ! .venv/bin/python -c "import gymnasium, stable_baselines3" 2>/dev/null; then
   .venv/bin/pip install -q -e ".[search]"
 fi
+# the "cluster" extra (lowbit bench --backend ray, dcq/releq backend: ray); ray does not depend on torch
+if ! .venv/bin/python -c "import ray" 2>/dev/null; then
+  .venv/bin/pip install -q -e ".[cluster]"
+fi
 FMNIST=/usr/share/datasets/fashion-mnist
 if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ] && [ ! -f "$FMNIST/train-images-idx3-ubyte" ]; then
   if [ "$(id -u)" = "0" ]; then

@@ -291,7 +291,7 @@ def test_bad_input_is_one_line_and_status_2(name, files, argv, expected, tmp_pat
         shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns(".lock"))
     if name == "suite-ray-missing":
         monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
-        expected = "--backend ray needs Ray"
+        expected = "the ray backend needs Ray"
     monkeypatch.chdir(tmp_path)
     _prepare(files, tmp_path, run)
     argv = [a.replace("{d}", str(tmp_path)).replace("{run}", str(run)) for a in argv]

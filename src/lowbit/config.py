@@ -78,6 +78,10 @@ class DCQConfig(_Strict):
     finetune_lr: float | None = Field(None, gt=0)
     #: sections trained at once in worker processes (torch threads divided between them)
     workers: int = Field(1, ge=1)
+    #: where parallel sections run: local spawn processes or Ray tasks (lowbit.parallel)
+    backend: Literal["local", "ray"] = "local"
+    #: a Ray cluster's address (backend: ray; None: a local Ray instance)
+    address: str | None = None
     #: re-estimate BatchNorm statistics of the stitched network on this many batches (0: off)
     bn_recalibrate: int = Field(0, ge=0)
     #: knowledge distillation on the last section (and the fine-tune) from the teacher's logits

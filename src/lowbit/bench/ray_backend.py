@@ -18,34 +18,16 @@ from typing import Callable
 from ..errors import ConfigError
 
 
-def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--backend ray needs Ray: pip install 'lowbit[cluster]' (or ray) into this "
-                          "environment") from None
-    return ray
-
-
 def run_ray(todo: list, address: str | None = None, workers: int = 1, reuse: bool = False,
             log: Callable[[str], None] = print) -> None:
     """Run every ``((label, seed), cfg, run_dir)`` of ``todo`` as a Ray task; busy folders again,
     blocking, once the first round is done."""
     if not todo:
         return
-    ray = _ray()
+    from ..parallel import ray_session
     from .runner import claim_and_train, deep_merge
 
-    started = False
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, num_cpus=None if address else max(workers, 1), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ConfigError(f"--address {address}: cannot reach a Ray cluster ({msg[:120]})") from None
-        started = True
-    try:
+    with ray_session(address, max(workers, 1)) as ray:
         task = ray.remote(claim_and_train)
         pending = todo
         for blocking in (False, True):
@@ -67,6 +49,3 @@ def run_ray(todo: list, address: str | None = None, workers: int = 1, reuse: boo
                         raise ConfigError(str(cause)) from None
                     raise
             pending = [j for j in pending if j[0] in busy]
-    finally:
-        if started:
-            ray.shutdown()

@@ -296,17 +296,17 @@ def _train_sections(cfg: Config, run_dir: Path, todo: list[int], data: DataSplit
                     send_data: bool) -> None:
     d, t = cfg.dcq, cfg.train
     workers = min(d.workers, len(todo))
-    if workers <= 1:
+    if workers <= 1 and d.backend == "local":
         for i in todo:
             train_section(SectionJob(cfg.to_dict(), str(run_dir), i), data=data, callbacks=callbacks)
         return
-    from concurrent.futures import ProcessPoolExecutor
+    from ..parallel import make_pool
 
-    per = max(1, (t.threads or torch.get_num_threads()) // workers)
+    per = max(1, (t.threads or torch.get_num_threads()) // max(workers, 1))
+    backend = d.backend
     d = cfg.to_dict()
     d["train"]["progress"] = False
-    ctx = torch.multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with make_pool(backend, max(workers, 1), per, cfg.dcq.address) as pool:
         futures = [pool.submit(train_section, SectionJob(d, str(run_dir), i, per, data if send_data else None))
                    for i in todo]
         try:

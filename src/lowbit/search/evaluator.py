@@ -10,8 +10,8 @@ line per assignment, ``cache.jsonl``) and a repeated assignment costs nothing.
 
 ReLeQ, the baselines (uniform, random, per-layer sensitivity) and any later backend call only
 :meth:`BitEvaluator.accuracy` / :meth:`BitEvaluator.accuracies`; the latter runs the missing
-assignments in ``workers`` processes (each rebuilt from the picklable :class:`EvalSpec`, torch
-threads divided between them).
+assignments in ``workers`` processes or Ray tasks (:mod:`lowbit.parallel`; each rebuilt from the
+picklable :class:`EvalSpec`, torch threads divided between them).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import itertools
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -53,13 +52,15 @@ def _key(bits: Sequence[int]) -> str:
 class BitEvaluator:
     """Validation accuracy of bit assignments after a short fine-tune, cached by the bit tuple."""
 
-    def __init__(self, spec: EvalSpec, cache_path: str | Path | None = None, workers: int = 1):
+    def __init__(self, spec: EvalSpec, cache_path: str | Path | None = None, workers: int = 1,
+                 backend: str = "local", address: str | None = None):
         if spec.finetune_steps < 0:
             raise ConfigError(f"finetune_steps must be >= 0, got {spec.finetune_steps}")
         if workers < 1:
             raise ConfigError(f"workers must be >= 1, got {workers}")
         self.spec = spec
         self.workers = workers
+        self.backend, self.address = backend, address
         self.cache_path = Path(cache_path) if cache_path else None
         self.cache: dict[str, dict] = {}
         self.fits = 0  # fine-tunes run in this process (the cache test counts them)
@@ -153,13 +154,12 @@ class BitEvaluator:
         """Accuracies of many assignments; the missing ones in ``workers`` processes."""
         many = [tuple(int(b) for b in bits) for bits in many]
         todo = list(dict.fromkeys(b for b in many if _key(b) not in self.cache))
-        if self.workers > 1 and len(todo) > 1:
+        if (self.workers > 1 or self.backend != "local") and len(todo) > 1:
+            from ..parallel import make_pool
+
             spec = copy.deepcopy(self.spec)
             spec.threads = max(1, (self.spec.threads or torch.get_num_threads()) // self.workers)
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                     initializer=_worker_init, initargs=(spec,)) as pool:
+            with make_pool(self.backend, self.workers, spec.threads, self.address, _worker_init, (spec,)) as pool:
                 for rec in pool.map(_worker_compute, todo):
                     self._store(rec)
         else:

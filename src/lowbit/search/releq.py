@@ -96,6 +96,10 @@ class ReleqOptions(_Strict):
     finetune_steps: int = Field(50, ge=0)
     finetune_lr: float = Field(0.01, gt=0)
     workers: int = Field(1, ge=1)
+    #: where parallel evaluations run: local spawn processes or Ray tasks (lowbit.parallel)
+    backend: Literal["local", "ray"] = "local"
+    #: a Ray cluster's address (backend: ray; None: a local Ray instance)
+    address: str | None = None
     seed: int = 0
     budget: BudgetOptions | None = None
     ppo: PPOOptions = Field(default_factory=PPOOptions)
@@ -234,7 +238,7 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
     # the evaluator, the layers, the cost model, the budget
     spec = EvalSpec(cfg.to_dict(), opts.layers, opts.finetune_steps, opts.finetune_lr, seed=opts.seed,
                     threads=torch.get_num_threads())
-    ev = BitEvaluator(spec, out / "cache.jsonl", workers=opts.workers)
+    ev = BitEvaluator(spec, out / "cache.jsonl", workers=opts.workers, backend=opts.backend, address=opts.address)
     ev._build()
     layers = ev.spec.layers
     choices = sorted(set(opts.bits))
