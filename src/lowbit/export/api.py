@@ -80,6 +80,16 @@ def _mem_002(model: nn.Module, x: torch.Tensor) -> dict:
             "largest_activation": cs.max_act_elems, "act_bits": max(cs.act_bits, MIN_ACT_BITS)}
 
 
+def torch_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, batch: int):
+    """The model's outputs on ``x`` in eval mode, the reference every backend is checked against:
+    ``(x as float32, x as NumPy, labels as NumPy or None, outputs as NumPy)``."""
+    model.eval()
+    x = x.float()
+    with torch.no_grad():
+        ref = torch.cat([model(x[i: i + batch]) for i in range(0, len(x), batch)]).numpy()
+    return x, x.numpy(), None if labels is None else labels.numpy(), ref
+
+
 def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats=FORMATS,
                  labels: torch.Tensor | None = None, c_images: int | None = 8, batch: int = 500,
                  latency_batch: int = 256, latency_repeats: int = 20, log=None, meta: dict | None = None,
@@ -107,12 +117,7 @@ def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats
         check_tools()
     say = log or (lambda s: None)
     out = Path(out_dir)
-    model.eval()
-    x = x.float()
-    xn = x.numpy()
-    y = None if labels is None else labels.numpy()
-    with torch.no_grad():
-        ref = torch.cat([model(x[i: i + batch]) for i in range(0, len(x), batch)]).numpy()
+    x, xn, y, ref = torch_reference(model, x, labels, batch)
     graph = lower(model, x[:2])
     graph.meta = dict(meta or {})
     report: dict = {"images": len(x), "formats": list(formats), "out_dir": str(out),

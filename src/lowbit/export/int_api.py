@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .api import _accuracy, _mem_002, compare
+from .api import _accuracy, _mem_002, compare, torch_reference
 from .intgraph import IntReference, load_int_package, packed_weight_bytes, save_int_package
 
 
@@ -45,13 +45,8 @@ def export_int_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, lab
 
     say = log or (lambda s: None)
     out = Path(out_dir)
-    model.eval()
-    x = x.float()
-    xn = x.numpy()
-    y = None if labels is None else labels.numpy()
     say("pytorch (integer mode)")
-    with torch.no_grad():
-        ref = torch.cat([model(x[i: i + 500]) for i in range(0, len(x), 500)]).numpy()
+    x, xn, y, ref = torch_reference(model, x, labels, 500)
     graph = int_graph(model, x[:1])
     graph.meta = dict(meta or {})
     sz = save_int_package(graph, out / "packed")
