@@ -5,7 +5,7 @@ baselines through one cached evaluator), then fine-tunes every method's pick wit
 (``plans/METHOD.yaml``: train.epochs = releq.final_epochs from the FP32 start) and reads its test
 accuracy at the best validation epoch. FP32 reference: the search's FP32 start on the test split.
 Writes ``OUT/results.jsonl`` (one row per seed x setting x method) and ``OUT/README.md`` (mean ± std
-over seeds). Resumable: finished searches and runs are skipped.
+over seeds). Resumable: settings already in ``OUT/results.jsonl`` and finished searches and runs are skipped.
 
     PYTHONPATH=src python benchmarks/releq_table.py configs/search/releq_digits.yaml --seeds 0 1 2 \\
         --budgets none memory:0.6 --out benchmarks/results/releq/digits
@@ -116,17 +116,22 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    done = []  # rows of settings finished by an earlier call (their FP32 checkpoints need not exist any more)
+    if (out / "results.jsonl").is_file():
+        done = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     rows = []
     t0 = time.perf_counter()
     for seed in args.seeds:
         for budget in args.budgets:
-            rows += one(args.config, seed, budget, out, args.overrides)
+            earlier = [r for r in done if r["seed"] == seed and r["budget"] == budget]
+            rows += earlier or one(args.config, seed, budget, out, args.overrides)
             with open(out / "results.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             cmd = "PYTHONPATH=src python " + " ".join(["benchmarks/releq_table.py", *sys.argv[1:]] if argv is None else argv)
             (out / "README.md").write_text(
                 f"# ReLeQ vs baselines ({args.config})\n\nCommand: `{cmd}`\n\n" + table(rows) +
-                f"\n\nWall time so far: {time.perf_counter() - t0:.0f} s (one CPU thread).\n")
+                f"\n\nWall time of this call so far: {time.perf_counter() - t0:.0f} s (one CPU thread; settings "
+                f"finished by an earlier call are read from results.jsonl).\n")
             print(table(rows), flush=True)
     return 0
 
