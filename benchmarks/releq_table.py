@@ -86,16 +86,17 @@ def table(rows: list[dict]) -> str:
         v = np.asarray(v, dtype=float)
         return (fmt.format(v.mean()) + (" ± " + fmt.format(v.std(ddof=1)) if len(v) > 1 else "")) if len(v) else "-"
 
-    lines = ["| budget | method | seeds | evals | eval s | avg bits | weighted bits | search val acc % | "
+    lines = ["| budget | method | seeds | evals | eval s | avg bits | weighted bits | reward | search val acc % | "
              "final test acc % | loss vs FP32 (pt) | runs with loss <= 0.5 pt |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for budget in dict.fromkeys(r["budget"] for r in rows):
         for method in dict.fromkeys(r["method"] for r in rows if r["budget"] == budget):
             rs = [r for r in rows if r["budget"] == budget and r["method"] == method]
             ok = sum(r["loss_pt"] <= 0.5 for r in rs)
             lines.append(f"| {budget} | {method} | {len(rs)} | {ms([r['evaluations'] for r in rs], '{:.0f}')} | "
                          f"{ms([r['eval_seconds'] for r in rs], '{:.0f}')} | {ms([r['avg_bits'] for r in rs])} | "
-                         f"{ms([r['weighted_bits'] for r in rs])} | {ms([100 * r['search_val_acc'] for r in rs])} | "
+                         f"{ms([r['weighted_bits'] for r in rs])} | {ms([r['reward'] for r in rs], '{:.3f}')} | "
+                         f"{ms([100 * r['search_val_acc'] for r in rs])} | "
                          f"{ms([100 * r['final_test_acc'] for r in rs])} | {ms([r['loss_pt'] for r in rs])} | "
                          f"{ok}/{len(rs)} |")
     fp = {r["seed"]: r["fp32_test_acc"] for r in rows}
@@ -103,6 +104,14 @@ def table(rows: list[dict]) -> str:
     lines.append(f"FP32 test accuracy (the start of every search): {ms([100 * v for v in fp.values()])} % over seeds "
                  f"{sorted(fp)}; ReLeQ search wall time {ms([r['releq_seconds'] for r in rows if r['method'] == 'releq'], '{:.0f}')} s.")
     return "\n".join(lines)
+
+
+def wall(rows: list[dict], done: list[dict], seconds: float) -> str:
+    new = len([r for r in rows if r not in done])
+    if not new:
+        return "Every setting read back from results.jsonl (the wall time of the runs is in docs/releq.md)."
+    return (f"Wall time of this call so far: {seconds:.0f} s (one CPU thread); settings finished by an earlier "
+            "call are read back from results.jsonl.")
 
 
 def main(argv=None) -> int:
@@ -130,8 +139,7 @@ def main(argv=None) -> int:
             cmd = "PYTHONPATH=src python " + " ".join(["benchmarks/releq_table.py", *sys.argv[1:]] if argv is None else argv)
             (out / "README.md").write_text(
                 f"# ReLeQ vs baselines ({args.config})\n\nCommand: `{cmd}`\n\n" + table(rows) +
-                f"\n\nWall time of this call so far: {time.perf_counter() - t0:.0f} s (one CPU thread; settings "
-                f"finished by an earlier call are read from results.jsonl).\n")
+                f"\n\n{wall(rows, done, time.perf_counter() - t0)}\n")
             print(table(rows), flush=True)
     return 0
 
