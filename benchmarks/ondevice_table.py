@@ -3,6 +3,8 @@ and the training-memory table.
 
     python benchmarks/ondevice_table.py niti  --seeds 0 1 2     # FP32 backprop / NITI int8 / NITI 4-bit weights
     python benchmarks/ondevice_table.py local --seeds 0 1 2     # backprop W3A3 / local loss W3A3 (all blocks, greedy)
+    python benchmarks/ondevice_table.py niti_resnet8 --seeds 0 1 2 --set data.limit=3000 train.epochs=4
+                                                                # FP32 backprop / NITI int8, BN-free ResNet-8
     python benchmarks/ondevice_table.py memory                  # measured peak memory of one step vs the cost model
     python benchmarks/ondevice_table.py table                   # README.md from what finished
 
@@ -45,7 +47,19 @@ def _local_rows() -> dict[str, dict]:
     return {"backprop_w3a3": bp, "local_w3a3": base, "local_greedy_w3a3": greedy}
 
 
-PARTS = {"niti": _niti_rows, "local": _local_rows}
+def _niti_resnet8_rows() -> dict[str, dict]:
+    """The NITI rows on a BN-free, bias-free ResNet-8 (same hyper-parameters as the LeNet-5 rows)."""
+    rows = {}
+    for row, cfg in _niti_rows().items():
+        if row == "niti_w4":
+            continue
+        cfg["name"] = cfg["name"].replace("lenet5", "resnet8")
+        cfg["model"] = {"name": "resnet8", "batch_norm": False, "bias": False}
+        rows[row.replace("fp32_backprop", "fp32_backprop_resnet8").replace("niti_int8", "niti_int8_resnet8")] = cfg
+    return rows
+
+
+PARTS = {"niti": _niti_rows, "local": _local_rows, "niti_resnet8": _niti_resnet8_rows}
 
 
 def run_rows(part: str, seeds: list[int], rows: list[str] | None, overrides: list[str], tag: str = "") -> None:
@@ -63,14 +77,16 @@ def run_rows(part: str, seeds: list[int], rows: list[str] | None, overrides: lis
             d = OUT / "train" / f"{row}{tag}-s{seed}"
             if (d / "summary.json").is_file():
                 continue
-            d.mkdir(parents=True, exist_ok=True)
             cfg_dict = copy.deepcopy(cfg_dict)
             cfg_dict["name"] = row
             cfg_dict["train"]["seed"] = seed
-            (d / "input.yaml").write_text(yaml.safe_dump(cfg_dict))
-            cfg = load_config(d / "input.yaml", overrides)
+            inp = d.parent / f"{d.name}.input.yaml"  # run() trains only into a folder holding nothing else
+            inp.parent.mkdir(parents=True, exist_ok=True)
+            inp.write_text(yaml.safe_dump(cfg_dict))
+            cfg = load_config(inp, overrides)
             t0 = time.perf_counter()
             run(cfg, d)
+            inp.replace(d / "input.yaml")
             extra = {"wall_s": time.perf_counter() - t0, "part": part, "row": row + tag, "seed": seed,
                      "overrides": overrides}
             if cfg.plan.method.name == "niti":  # the integer network's own accuracy (what a device runs)
@@ -111,7 +127,7 @@ def table() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["niti", "local", "memory", "table"])
+    ap.add_argument("part", choices=[*PARTS, "memory", "table"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rows", nargs="*", default=None)
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value for every run")
