@@ -100,6 +100,46 @@ def run_rows(part: str, seeds: list[int], rows: list[str] | None, overrides: lis
             print(row, seed, s["test_acc"], extra, flush=True)
 
 
+def niti_stats(run_dir: Path, images: int = 500) -> dict:
+    """What the integer network computes, at initialisation and after training (``last.pt``): per unit
+    the output exponent and the share of zero / saturated int8 codes, per layer the share of weight
+    codes at +-qmax, the integer error of the loss, and the predicted-class histogram (why a NITI
+    run does or does not train)."""
+    import torch
+
+    from lowbit.data import BatchLoader
+    from lowbit.methods import niti
+    from lowbit.ondevice import intops
+    from lowbit.config import load_config
+    from lowbit.train import build_model, load_data
+
+    torch.set_num_threads(1)
+    cfg = load_config(run_dir / "config.yaml")
+    data = load_data(cfg)
+    x, y = next(iter(BatchLoader(data.test, data.info, images)))
+    out = {}
+    for when in ("init", "last"):
+        model = build_model(cfg, data)
+        if when == "last":
+            model.load_state_dict(torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["model"])
+        h, tape, acts = intops.from_float(x), [], []
+        for name, m in niti.program(model):
+            h = niti._forward(m, h, tape)
+            q = h.q.to(torch.int32)
+            acts.append({"unit": name, "exp": h.e, "zero": float((q == 0).float().mean()),
+                         "saturated": float((q.abs() >= 127).float().mean()), "mean_abs": float(q.abs().float().mean())})
+        err = intops.ce_error(h, y, torch.Generator().manual_seed(0))
+        weights = {n: {"at_qmax": float((mod.code.abs() >= mod.quantizer.qmax).float().mean()),
+                       "zero": float((mod.code == 0).float().mean()), "exp": int(mod.exp)}
+                   for n, mod in model.named_modules() if isinstance(mod, niti.IntegerWeight)}
+        pred = h.q.argmax(1)
+        out[when] = {"acc": float((pred == y).float().mean()),
+                     "predicted_class_histogram": torch.bincount(pred, minlength=h.q.shape[1]).tolist(),
+                     "logit_distinct_values_per_image": float(torch.tensor([len(set(r.tolist())) for r in h.q]).float().mean()),
+                     "error_zero": float((err.q == 0).float().mean()), "activations": acts, "weights": weights}
+    return out
+
+
 def _mean_std(v: list[float]) -> str:
     if not v:
         return "-"
@@ -127,7 +167,7 @@ def table() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=[*PARTS, "memory", "table"])
+    ap.add_argument("part", choices=[*PARTS, "memory", "niti_stats", "table"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rows", nargs="*", default=None)
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value for every run")
@@ -138,6 +178,16 @@ def main() -> None:
 
         (OUT / "table_002.json").write_text(json.dumps(table_002(), indent=1))
         memory_table(OUT)
+    elif a.part == "niti_stats":  # python benchmarks/ondevice_table.py niti_stats --rows niti_int8_resnet8-s0
+        for r in a.rows:
+            st = niti_stats(OUT / "train" / r)
+            (OUT / f"niti_stats_{r}.json").write_text(json.dumps(st, indent=1))
+            for when, v in st.items():
+                print(r, when, {k: v[k] for k in ("acc", "predicted_class_histogram", "error_zero",
+                                                 "logit_distinct_values_per_image")})
+                for a_ in v["activations"]:
+                    print("   ", a_)
+                print("    weights at qmax:", {k: round(w["at_qmax"], 3) for k, w in v["weights"].items()})
     elif a.part == "table":
         t = table()
         (OUT / "accuracy.md").write_text(t + "\n")
