@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -115,3 +117,49 @@ def test_local_options_are_checked():
         lowbit.methods.build_method("local", beta=1.5)
     with pytest.raises(ConfigError, match="greedy"):
         lowbit.methods.build_method("local", greedy="yes")
+
+
+def test_greedy_blocks_each_get_a_fresh_schedule_and_optimizer(tmp_path, fmnist_small, monkeypatch):
+    """Greedy training through lowbit.run: every block's first step runs at train.lr with an empty
+    optimizer state, and its share anneals (one cosine over the whole run left the last block at
+    lr <= 0.15·train.lr, and greedy training failed)."""
+    from lowbit.config import load_config
+    from lowbit.methods.local import LocalLoss
+    from lowbit.train import run
+
+    seen = {}
+    real = LocalLoss.train_step
+
+    def recording(self, model, batch, optimizer, step):
+        res = real(self, model, batch, optimizer, step)
+        trainable = [p for p in model.parameters() if p.requires_grad] + list(self.heads[self._stage].parameters())
+        seen[step] = (optimizer.param_groups[0]["lr"], self._stage, {id(p) for p in optimizer.state},
+                      {id(p) for p in trainable})
+        return res
+
+    monkeypatch.setattr(LocalLoss, "train_step", recording)
+    base = ["model.name=resnet8", "model.width=0.25", "train.epochs=4", "train.batch_size=256", "train.lr=0.01",
+            "train.optimizer=adam", "train.weight_decay=0", "train.progress=false", "train.threads=1",
+            "plan.weight={name: sawb, bits: 3}", "plan.act={name: pact, bits: 3}",
+            "plan.method={name: local, greedy: true}"]
+    run(load_config(None, base), tmp_path / "r", data=fmnist_small)
+    steps = len(seen)  # 5 batches per epoch, 4 epochs, 4 blocks: block k starts at step 5k
+    assert steps == 20
+    starts = [s for s in range(steps) if s == 0 or seen[s][1] != seen[s - 1][1]]
+    assert starts == [0, 5, 10, 15] and [seen[s][1] for s in starts] == [0, 1, 2, 3]
+    for s in starts:
+        assert seen[s][0] == pytest.approx(0.01)  # the lr the step ran at (the scheduler steps after it)
+        assert seen[s + 4][0] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))  # the block's cosine
+        lr, _, state, trainable = seen[s]
+        assert state and state <= trainable  # Adam's state: only this block's (and its head's) parameters
+
+
+def test_greedy_schedule_that_cannot_restart_is_refused(tmp_path, fmnist_small):
+    from lowbit.config import load_config
+    from lowbit.train import run
+
+    cfg = load_config(None, ["model.name=resnet8", "model.width=0.25", "train.epochs=2", "train.schedule=onecycle",
+                             "train.progress=false", "plan.method={name: local, greedy: true}"])
+    with pytest.raises(ConfigError, match="restart") as e:
+        run(cfg, tmp_path / "r", data=fmnist_small)
+    assert "\n" not in str(e.value)

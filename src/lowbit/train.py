@@ -21,6 +21,7 @@ The evaluated, exported network is ``final_model(model, best.pt)``: the best wei
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -72,9 +73,24 @@ def build_optimizer(model: nn.Module, t, method: Method | None = None) -> torch.
                              weight_decay=t.weight_decay)
 
 
-def build_scheduler(opt, t, steps_per_epoch: int):
-    """Stepped once per batch; milestones are given in epochs."""
+def build_scheduler(opt, t, steps_per_epoch: int, stages: list[int] | tuple[int, ...] = ()):
+    """Stepped once per batch; milestones are given in epochs. ``stages``: the global steps where the
+    method starts a new training stage (:meth:`lowbit.methods.Method.stage_starts`, e.g. greedy
+    local-loss blocks); the schedule then restarts at each (cosine from ``train.lr`` to 0 over every
+    stage's own steps, or constant)."""
     total = t.epochs * steps_per_epoch
+    starts = sorted({0, *(s for s in stages if 0 < s < total)})
+    if len(starts) > 1:
+        if t.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"train.schedule: {t.schedule} does not restart per training stage of method "
+                              "(greedy blocks); use cosine or constant")
+        ends = starts[1:] + [total]
+
+        def stage_cosine(step: int) -> float:
+            k = max(0, bisect.bisect_right(starts, step) - 1)
+            return 0.5 * (1 + math.cos(math.pi * min(step - starts[k], ends[k] - starts[k]) / (ends[k] - starts[k])))
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, stage_cosine if t.schedule == "cosine" else lambda _: 1.0)
     if t.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     if t.schedule == "multistep":
@@ -334,7 +350,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
     if steps_per_epoch == 0:
         raise ConfigError("data: the training split is empty")
     opt = build_optimizer(model, t, method)
-    sched = build_scheduler(opt, t, steps_per_epoch)
+    sched = build_scheduler(opt, t, steps_per_epoch, method.stage_starts(model, t.epochs * steps_per_epoch))
 
     ck, best = None, {"val_acc": -1.0, "epoch": -1}
     last = run_dir / "last.pt"

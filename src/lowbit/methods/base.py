@@ -121,6 +121,12 @@ class Method:
     def on_step(self, model: nn.Module, step: int) -> None:
         """Called before the forward pass of global step ``step`` (0-based)."""
 
+    def stage_starts(self, model: nn.Module, total_steps: int) -> list[int]:
+        """Global steps (0-based, > 0) where the method starts a new training stage of a run of
+        ``total_steps`` steps (greedy local loss: the next block); the run's learning-rate schedule
+        restarts at each (:func:`lowbit.train.build_scheduler`). Default: none, one stage."""
+        return []
+
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
         """Called after epoch ``epoch`` (0-based) finished training, before validation."""
 

@@ -19,15 +19,20 @@ graph is freed before the next block runs, as in the reference code) and hands t
 parameters (the blocks' gradients are disjoint). Quantized layers inside a block train by their
 method's straight-through estimator as in backprop QAT (the plan decides the bits).
 
-``greedy=True`` trains one block at a time: the run's steps are split evenly over the blocks; during
-block k's share the earlier blocks are frozen (no graph, BN in eval mode), the forward stops after
-block k, and the output layer is trained (by the task loss) during the last block's share.
+``greedy=True`` trains one block at a time, as greedy layer-wise training does (Belilovsky et al. 2019):
+the run's steps are split evenly over the blocks, and each block's share is a training of its own: the
+optimizer state (momentum, Adam's moments and step count) is cleared at the block's first step and the
+learning-rate schedule restarts there (:meth:`stage_starts`, which :func:`lowbit.train.build_scheduler`
+reads: every block starts at ``train.lr``). During block k's share the earlier blocks are frozen (no
+graph, BN in eval mode), the forward stops after block k, and the output layer is trained (by the task
+loss) during the last block's share.
 
 The heads live on the method, not in the model: cost, export and ``lowbit info`` never see them.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any
 
@@ -99,6 +104,7 @@ class LocalLoss(STE):
         self._active = False
         self._y: Tensor | None = None
         self._stage: int | None = None
+        self._starts: list[int] = []
         self._losses: list[Tensor] = []
 
     # -- the blocks and their heads ------------------------------------------------------------------
@@ -147,13 +153,22 @@ class LocalLoss(STE):
     def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
         super().setup(model, total_steps, steps_per_epoch)
         self.attach(model)
+        self._starts = self.stage_starts(model, total_steps)
         self.heads.to(next(model.parameters()).device)
 
     # -- greedy schedule ---------------------------------------------------------------------------------
+    def stage_starts(self, model: nn.Module, total_steps: int) -> list[int]:
+        """Greedy: the first step of blocks 1..n-1 (block k starts at ceil(k·total/n)); else none."""
+        if not self.greedy:
+            return []
+        self.attach(model)
+        n = len(self.blocks)
+        return [-(-k * total_steps // n) for k in range(1, n)]
+
     def stage_of(self, step: int) -> int | None:
         if not self.greedy:
             return None
-        return min(len(self.blocks) - 1, step * len(self.blocks) // max(self.total_steps, 1))
+        return bisect.bisect_right(self._starts, step)
 
     def on_step(self, model: nn.Module, step: int) -> None:
         stage = self.stage_of(step)
@@ -178,6 +193,8 @@ class LocalLoss(STE):
             for b in self.blocks[: self._stage]:
                 for m in b.modules:
                     m.eval()  # frozen blocks keep their BN statistics
+        if step in self._starts:  # a new block: a fresh optimizer (the schedule restarts in build_scheduler)
+            optimizer.state.clear()
         optimizer.zero_grad(set_to_none=True)
         self._y, self._losses, self._active = y, [], True
         out = None
