@@ -269,14 +269,16 @@ def readme(results: list[dict], args) -> str:
         "Commands (after training the runs, see the script's docstring):", "",
         "```",
         "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --labels W1A1,W2A2,W4A4,W8A8 --skip-wall",
-        "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --labels W4A4,W8A8,MBV2_W4A4,MBV2_W8A8 "
-        "--skip-wall",
+        "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --labels W4A4 --skip-wall",
+        "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --labels W8A8 --skip-wall",
+        "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --labels MBV2_W4A4,MBV2_W8A8 --skip-wall",
         "PYTHONPATH=src /work/tools/slot --all python benchmarks/mcu_table.py --wall-only "
         f"--wall-images {args.wall_images} --wall-repeats {args.wall_repeats}",
         "```", "",
-        "The second command re-ran the W4A4/W8A8 integer-mode rows on trained runs (`configs/W4A4_int.yaml`, "
-        "`W8A8_int.yaml`) and added MobileNetV2; the W4A4/W8A8 float-mode run folders were not kept, so their "
-        "`fp32` and `float/*` rows (and host builds) are those of the first command (marked `reused`). The wall "
+        "Each run rewrites the rows of its labels and keeps the others. The second and third re-ran the W4A4/W8A8 "
+        "integer-mode rows on trained runs (`configs/W4A4_int.yaml`, `W8A8_int.yaml`), the fourth added "
+        "MobileNetV2; the W4A4/W8A8 float-mode run folders were not kept, so their `fp32` and `float/*` rows (and "
+        "host builds) are those of the first command (marked `reused`). The wall "
         "step times every host build of every row in one block under `slot --all` (nothing else computing): "
         "its ratios come from one run.", "",
         "ResNet-8 on Fashion-MNIST, **short training** (8,000 images, 2 epochs); MobileNetV2 width 0.5 "
