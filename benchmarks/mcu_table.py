@@ -4,7 +4,7 @@ on Fashion-MNIST, each against the FP32 build of the same network from the same 
 
 Runs (short training, benchmarks/results/mcu/configs/*.yaml; train them first):
 
-    for L in W1A1 W2A2 W4A4 W8A8 W1A1_int W2A2_int W4A4_int W8A8_int; do
+    for L in W1A1 W2A2 W4A4 W8A8 W1A1_int W2A2_int W4A4_int W8A8_int MBV2_W4A4_int MBV2_W8A8_int; do
       lowbit train benchmarks/results/mcu/configs/$L.yaml --out benchmarks/results/mcu/runs/$L; done
     python benchmarks/mcu_table.py            # -> benchmarks/results/mcu/{results.json,README.md}
 
@@ -14,12 +14,16 @@ Builds per bit width (every one checked bit-exact against its NumPy reference un
   float/auto  the same with the bit-packed kernels where the bits make them pay (xnor W1A1, bit-serial <= 2 bits)
   float/packed  bit-packed kernels forced at any bits (W4A4, W8A8: to show where they stop paying)
   int/int, int/auto   issue 17's integer-only runtime (runs trained with plan.integer: true), plain / packed
+MobileNetV2 (MBV2_W4A4, MBV2_W8A8) has integer-mode runs only: its FP32 twin is the unquantized network with
+the integer run's latent weights. A label whose float-mode run folder is gone reuses its fp32/float rows from
+results.json (the README says which).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import time
@@ -36,7 +40,7 @@ from lowbit.export.mcu import build_and_run, fp32_graph
 
 OUT = Path("benchmarks/results/mcu")
 BUILD = Path("/tmp/lowbit_mcu_build")  # generated C, ELFs and host builds (not committed)
-LABELS = ("W1A1", "W2A2", "W4A4", "W8A8")
+LABELS = ("W1A1", "W2A2", "W4A4", "W8A8", "MBV2_W4A4", "MBV2_W8A8")
 TARGETS = {"W1A1": 4.0, "W2A2": 2.0}  # fewer instructions than FP32 (issue 18)
 
 
@@ -111,27 +115,68 @@ def untrained_integer_model(cfg, data):
     return m.eval()
 
 
-def run_label(label: str, n_qemu: int, cg_images: int) -> dict:
+def fp32_twin_of_int_run(run_dir: Path, x: torch.Tensor):
+    """The FP32 network of an integer-mode run that has no float-mode run (MobileNetV2): the same model,
+    unquantized, with the run's latent weights (lowbit.pretrained.load_weights); lowered and made the FP32
+    twin. Its cost does not depend on the weight values; it has no trained accuracy of its own."""
+    from lowbit.models import create_model
+    from lowbit.pretrained import load_weights
+
+    cfg, data, _ = load_run(run_dir)
+    info = data.info
+    m = create_model(cfg.model.name, in_channels=info.in_channels, num_classes=info.num_classes,
+                     image_size=info.image_size, **cfg.model.options)
+    load_weights(m, run_dir)
+    m.eval()
+    return m, fp32_graph(lower(m, x[:2]))
+
+
+def run_label(label: str, n_qemu: int, cg_images: int, saved: dict | None = None) -> dict:
+    """One label's builds. Its float-mode run (runs/LABEL) gives the FP32 twin and the float/* builds;
+    without it, ``saved`` (its row of an earlier results.json) supplies them, or, for an integer-only
+    label (MobileNetV2), the FP32 twin comes from the integer run's latent weights."""
     res: dict = {"label": label}
-    cfg, data, model = load_run(OUT / "runs" / label)
-    x = test_images(data, n_qemu)
-    xt = torch.from_numpy(x)
-    res["accuracy"] = json.loads((OUT / "runs" / label / "summary.json").read_text()).get("test_acc")
-    res["mem_002"] = _mem_002(model, xt)
-    graph = lower(model, xt[:2])
     builds = {}
-    fg = fp32_graph(graph)
-    builds["fp32"] = one_build("fp32", fg, BUILD / label / "fp32", x, IntegerReference(fg).run(x), "int",
-                               cg_images)
-    want = IntegerReference(graph).run(x)
-    kinds = ("int", "auto") if label in TARGETS else ("int", "packed")
-    for k in kinds:
-        builds[f"float/{k}"] = one_build(f"float/{k}", graph, BUILD / label / f"float_{k}", x, want, k,
-                                         cg_images)
+    frun, irun = OUT / "runs" / label, OUT / "runs" / f"{label}_int"
+    if (frun / "best.pt").is_file():
+        cfg, data, model = load_run(frun)
+        x = test_images(data, n_qemu)
+        xt = torch.from_numpy(x)
+        res["accuracy"] = json.loads((frun / "summary.json").read_text()).get("test_acc")
+        res["mem_002"] = _mem_002(model, xt)
+        graph = lower(model, xt[:2])
+        fg = fp32_graph(graph)
+        builds["fp32"] = one_build("fp32", fg, BUILD / label / "fp32", x, IntegerReference(fg).run(x), "int",
+                                   cg_images)
+        want = IntegerReference(graph).run(x)
+        kinds = ("int", "auto") if label in TARGETS else ("int", "packed")
+        for k in kinds:
+            builds[f"float/{k}"] = one_build(f"float/{k}", graph, BUILD / label / f"float_{k}", x, want, k,
+                                             cg_images)
+    elif saved and "builds" in saved and (irun / "best.pt").is_file():
+        # the float-mode run folder is not kept: its rows (and host builds, for the wall step) are reused
+        cfg, data, _ = load_run(irun)
+        x = test_images(data, n_qemu)
+        xt = torch.from_numpy(x)
+        for k in ("accuracy", "mem_002"):
+            res[k] = saved.get(k)
+        builds.update({k: b for k, b in saved["builds"].items() if not k.startswith("int/")})
+        res["float_reused"] = True
+        print("  fp32, float/*: reused from results.json", flush=True)
+    elif (irun / "best.pt").is_file():  # an integer-only label: the FP32 twin from the run's latent weights
+        cfg, data, _ = load_run(irun)
+        x = test_images(data, n_qemu)
+        xt = torch.from_numpy(x)
+        fm, fg = fp32_twin_of_int_run(irun, xt)
+        res["mem_002"] = _mem_002(fm, xt)
+        res["fp32_from_int_run"] = True
+        builds["fp32"] = one_build("fp32", fg, BUILD / label / "fp32", x, IntegerReference(fg).run(x), "int",
+                                   cg_images)
+    else:
+        raise LowbitError(f"{label}: neither {frun} nor {irun} holds a trained run")
     from lowbit.export.intgraph import IntReference
     from lowbit.intmode import int_graph
 
-    irun = OUT / "runs" / f"{label}_int"
     if (irun / "best.pt").is_file():
         _, _, imodel = load_run(irun)
         res["accuracy_int"] = json.loads((irun / "summary.json").read_text()).get("test_acc")
@@ -163,25 +208,29 @@ def main() -> None:
     ap.add_argument("--wall-only", action="store_true",
                     help="only the wall-time step, on the host builds of the last run")
     ap.add_argument("--skip-wall", action="store_true")
+    ap.add_argument("--wall-slot", choices=("all", "one"), default="all",
+                    help="how the wall step was run: under `slot --all` (the default, nothing else of the project "
+                         "computing) or in one ordinary slot on a loaded machine (the README says so)")
     args = ap.parse_args()
     if args.wall_only:
         saved = json.loads((OUT / "results.json").read_text())
         results = saved["results"]
-        for k in ("wall_images", "wall_repeats"):
+        for k in ("wall_images", "wall_repeats", "wall_slot"):
             saved["args"][k] = getattr(args, k)
         args = argparse.Namespace(**saved["args"])
         wall_step(results, args)
         finish(results, args)
         return
     results = []
+    prev = OUT / "results.json"
+    saved = {r["label"]: r for r in json.loads(prev.read_text())["results"]} if prev.is_file() else {}
     for label in args.labels.split(","):
         print(label, flush=True)
         try:
-            results.append(run_label(label, args.qemu_images, args.callgrind_images))
+            results.append(run_label(label, args.qemu_images, args.callgrind_images, saved.get(label)))
         except (LowbitError, subprocess.CalledProcessError, FileNotFoundError) as e:
             print(f"  {label}: {e}")
             results.append({"label": label, "error": str(e)})
-    prev = OUT / "results.json"
     if prev.is_file():  # a subset of labels re-run: keep the others' rows
         done = {r["label"] for r in results}
         old = [r for r in json.loads(prev.read_text())["results"] if r["label"] not in done]
@@ -195,6 +244,7 @@ def main() -> None:
 def wall_step(results: list[dict], args) -> None:
     """Wall time: every host build of every label, alternating, in one block."""
     exes = {f"{r['label']} {k}": Path(b["host_exe"]) for r in results for k, b in r.get("builds", {}).items()}
+    args.wall_loadavg = round(os.getloadavg()[0], 2)  # 1-minute load average when the step starts
     if exes:
         from lowbit.data import load_dataset
 
@@ -214,55 +264,89 @@ def finish(results: list[dict], args) -> None:
     print(readme(results, args))
 
 
+def model_name(label: str) -> str:
+    return label.replace("MBV2_", "MobileNetV2-0.5 ") if label.startswith("MBV2_") else f"ResNet-8 {label}"
+
+
 def readme(results: list[dict], args) -> str:
-    cmd = "python benchmarks/mcu_table.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if not isinstance(v, bool))
     lines = [
         "# Cortex-M4 / x86 cost of the bit-packed and integer C builds (issue 18)", "",
-        f"Command: `PYTHONPATH=src /work/tools/slot python {cmd.replace('python ', '', 1)} --skip-wall`, then "
-        f"`... --wall-only --wall-images {args.wall_images} --wall-repeats {args.wall_repeats}` (after training the "
-        "runs: see the script's docstring; the last re-run was `--labels W1A1,W2A2,W8A8`, which keeps the other rows). ResNet-8 on Fashion-MNIST, **short training** (8,000 images, 2 epochs: the "
-        "accuracies are far from converged; the cost figures do not depend on it). Cortex-M4 = QEMU mps2-an386, "
-        "`-icount shift=0`, instructions = SysTick ticks x 40 (calibrated on a fixed loop in every run), mean over "
-        f"{args.qemu_images} test images, every build bit-exact vs its NumPy reference. x86 = valgrind callgrind, "
-        "instructions inside `lowbit_predict` (gcc -O2, baseline x86-64), "
-        f"{args.callgrind_images} image. Wall = this CPU, 1 thread, {args.wall_images} images per process, builds "
-        f"alternating, median of {args.wall_repeats}. Flash / RAM: arm-none-eabi-size of the program minus the same "
-        "program with an empty model; RAM = static (data + bss) + measured stack. 002 Mem = params at their bits + "
-        "largest activation at max(b, 4) bits. Builds: `fp32` = FP32 twin (float kernels) of the float-activation run; "
-        "`float/*` = today's C export (float activations between layers), `int/*` = issue 17's integer-only runtime "
-        "(activations as packed codes); `*/int` plain integer kernel, `*/auto` bit-packed kernels where the bits make "
-        "them pay, `*/packed` bit-packed forced. Integer-mode runs (`configs/*_int.yaml`, same short training) for W1A1 "
-        "and W2A2; **PARTIAL: the rows marked (untrained) use an untrained integer-mode model** (random weights, BN "
-        "statistics and ranges from 4 forward passes; not trained in time on the shared CPU): their cost figures are "
-        "real, they have no accuracy. Wall times were taken on a loaded machine (load average ~6 on 2 cores; the "
-        "FP32 build's own time moves 29-44 ms between labels): take the wall ratios as +-30%.", "",
-        "| model | build | kernels | bit-exact | flash KiB | RAM KiB | RAM / 002 Mem | M4 Minstr | FP32 / this | "
-        "x86 Minstr | FP32 / this | wall ms | FP32 / this |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Commands (after training the runs, see the script's docstring):", "",
+        "```",
+        "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --labels W1A1,W2A2,W4A4,W8A8 --skip-wall",
+        "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --labels W4A4 --skip-wall",
+        "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --labels W8A8 --skip-wall",
+        "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --labels MBV2_W4A4,MBV2_W8A8 --skip-wall",
+        ("PYTHONPATH=src /work/tools/slot --all python benchmarks/mcu_table.py --wall-only "
+         if getattr(args, "wall_slot", "all") == "all" else
+         "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --wall-only --wall-slot one ")
+        + f"--wall-images {args.wall_images} --wall-repeats {args.wall_repeats}",
+        "```", "",
+        "Each run rewrites the rows of its labels and keeps the others. The second and third re-ran the W4A4/W8A8 "
+        "integer-mode rows on trained runs (`configs/W4A4_int.yaml`, `W8A8_int.yaml`), the fourth added "
+        "MobileNetV2; the W4A4/W8A8 float-mode run folders were not kept, so their `fp32` and `float/*` rows (and "
+        "host builds) are those of the first command (marked `reused`). The wall step times every host build of "
+        "every row in one block, builds alternating: its ratios come from one run; "
+        + ("it held every CPU slot (`slot --all`: nothing else of the project computing)"
+           if getattr(args, "wall_slot", "all") == "all" else
+           "**PARTIAL: it ran in one ordinary slot on a loaded machine** (`slot --all` waited 15 minutes for the "
+           "other helpers' long jobs and was given up): the FP32 build's own time moves between labels and two such "
+           "runs a minute apart differed up to 2x in a ratio, so the wall ratios confirm the direction of the "
+           "instruction ratios, not their size")
+        + f" (1-minute load average at its start: {getattr(args, 'wall_loadavg', float('nan'))}).", "",
+        "ResNet-8 on Fashion-MNIST, **short training** (8,000 images, 2 epochs); MobileNetV2 width 0.5 "
+        "(stride-1 stem, 1280-channel last conv, `configs/MBV2_*_int.yaml`) **shorter** (4,000 images, 1 epoch): "
+        "the accuracies are far from converged; the cost figures do not depend on them. Cortex-M4 = QEMU "
+        "mps2-an386, `-icount shift=0`, instructions = SysTick ticks x 40 (calibrated on a fixed loop in every run), "
+        f"mean over {args.qemu_images} test images, every build bit-exact vs its NumPy reference. x86 = valgrind "
+        f"callgrind, instructions inside `lowbit_predict` (gcc -O2, baseline x86-64), {args.callgrind_images} "
+        f"image. Wall = this CPU, 1 thread, {args.wall_images} images per process, builds alternating, median of "
+        f"{args.wall_repeats}. Flash / RAM: arm-none-eabi-size of the program minus the same program with an empty "
+        "model; RAM = static (data + bss) + measured stack. 002 Mem = params at their bits + largest activation at "
+        "max(b, 4) bits (of the float-mode run for `fp32`/`float/*`, of the integer-mode model for `int/*`, whose "
+        "first/last layers are 8-bit). Builds: `fp32` = FP32 twin (float kernels) of the float-activation run "
+        "(MobileNetV2, which has no float-mode run: of the unquantized network with the integer run's latent "
+        "weights; its 002 Mem is then the FP32 network's); `float/*` = the float-activation C export, `int/*` = "
+        "issue 17's integer-only runtime (activations as packed codes); `*/int` plain integer kernel, `*/auto` "
+        "bit-packed kernels where the bits make them pay, `*/packed` bit-packed forced. Depthwise convs run the "
+        "float kernel in `fp32` and the runtime's `lb_conv` (groups) in `int/*`.", "",
+        "| model | build | kernels | bit-exact | flash KiB | FP32 / this | RAM KiB | FP32 / this | RAM / 002 Mem | "
+        "M4 Minstr | FP32 / this | x86 Minstr | FP32 / this | wall ms | FP32 / this |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     from collections import Counter
 
+    nan = float("nan")
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['label']} | error: {r['error']} |||||||||||| ")
+            lines.append(f"| {r['label']} | error: {r['error']} |||||||||||||| ")
             continue
         fp = r["builds"]["fp32"]
         for k, b in r["builds"].items():
             mem = (r.get("mem_002_int") if k.startswith("int/") else r["mem_002"])["bytes"]
             kinds = ", ".join(f"{a} {n}" for a, n in sorted(Counter(b["kernels"].values()).items()))
             acc = r.get("accuracy_int") if k.startswith("int/") else r.get("accuracy")
-            name = f"{r['label']} ({100 * acc:.1f}%)" if acc is not None else f"{r['label']} (untrained)"
+            name = model_name(r["label"])
+            if k == "fp32" and r.get("fp32_from_int_run"):
+                name += " (latent weights of the int run)"
+            elif acc is not None:
+                name += f" ({100 * acc:.1f}%)"
+            elif k.startswith("int/") and r.get("int_untrained"):
+                name += " (untrained)"
+            if r.get("float_reused") and not k.startswith("int/"):
+                name += ", reused"
             lines.append(
                 f"| {name} | {k} | {kinds} | {b['bit_exact_images']}/{b['images']} | {b['flash_bytes'] / 1024:.1f} | "
-                f"{b['ram_bytes'] / 1024:.1f} | {b['ram_bytes'] / mem:.2f} | {b['instructions_per_inference'] / 1e6:.2f} | "
+                f"{fp['flash_bytes'] / b['flash_bytes']:.2f} | {b['ram_bytes'] / 1024:.1f} | "
+                f"{fp['ram_bytes'] / b['ram_bytes']:.2f} | {b['ram_bytes'] / mem:.2f} | "
+                f"{b['instructions_per_inference'] / 1e6:.2f} | "
                 f"{fp['instructions_per_inference'] / b['instructions_per_inference']:.2f} | "
                 f"{b['x86_instructions_per_inference'] / 1e6:.2f} | "
                 f"{fp['x86_instructions_per_inference'] / b['x86_instructions_per_inference']:.2f} | "
-                f"{b.get('wall_ms_per_inference', float('nan')):.2f} | "
-                f"{fp.get('wall_ms_per_inference', float('nan')) / b.get('wall_ms_per_inference', float('nan')):.2f} |")
+                f"{b.get('wall_ms_per_inference', nan):.2f} | "
+                f"{fp.get('wall_ms_per_inference', nan) / b.get('wall_ms_per_inference', nan):.2f} |")
         if r.get("int_error"):
-            lines.append(f"| {r['label']} | int/* | not built: {r['int_error']} |||||||||||")
+            lines.append(f"| {r['label']} | int/* | not built: {r['int_error']} ||||||||||||||")
     lines += ["", "Targets (issue 18): W1A1 >= 4x fewer instructions than FP32, W2A2 >= 2x; RAM <= 1.1x 002 Mem.", ""]
     for r in results:
         if "builds" not in r:
@@ -279,7 +363,7 @@ def readme(results: list[dict], args) -> str:
                    f"{1 / ratio:.2f}x MORE M4 instructions than FP32")
             spd += f" ({'meets' if ratio >= t else 'misses'} >= {t:g}x fewer)" if t else ""
             ram = f"RAM {b['ram_bytes'] / m:.2f}x 002 Mem ({'meets' if b['ram_bytes'] <= 1.1 * m else 'misses'} <= 1.1x)"
-            lines.append(f"- {r['label']} {k}: {spd}; {ram}")
+            lines.append(f"- {model_name(r['label'])} {k}: {spd}; {ram}")
     return "\n".join(lines) + "\n"
 
 

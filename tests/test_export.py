@@ -325,6 +325,49 @@ def test_c_code_compiles_and_is_bit_exact_with_numpy(label, tmp_path):
     assert ce.flash_bytes > 0 and ce.ram_bytes >= 4 * max(x[0].size, 10)
 
 
+class GroupedNet(nn.Module):
+    """Depthwise (groups = channels, stride 2) and grouped (groups=3: 2 inputs, 3 outputs per group) convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False), nn.BatchNorm2d(6),
+                                nn.ReLU())
+        self.gc = nn.Sequential(nn.Conv2d(6, 9, 3, padding=1, groups=3), nn.ReLU(), nn.Conv2d(9, 5, 1))
+        self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(5, 3))
+
+    def forward(self, x):
+        return self.fc(self.gc(self.dw(self.stem(x))))
+
+
+@pytest.mark.parametrize("plan", [None, W2A2], ids=["fp32", "sawb2+pact2"])
+def test_grouped_convs_run_the_float_kernel_bit_exact_in_c_and_match_pytorch(plan, tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    m = GroupedNet()
+    if plan is not None:
+        quantize(m, plan)
+    m.train()
+    with torch.no_grad():
+        m(inputs(16, seed=3)[:, :, :9, :11])
+    m.eval()
+    x = inputs(4, seed=5)[:, :, :9, :11]  # odd sizes
+    graph = lower(m, x[:2])
+    kernels = [k for k in prepare(graph) if hasattr(k, "mode")]
+    assert [k.G for k in kernels] == [1, 6, 3, 1, 1]
+    assert all(k.mode == "float" for k in kernels if k.G > 1)
+    want = IntegerReference(graph).run(x.numpy())
+    ref = torch_logits(m, x)
+    assert np.allclose(want, ref, atol=1e-5, rtol=1e-4)
+    write_c(graph, tmp_path)
+    got = run_c(compile_c(tmp_path), x.numpy(), want.shape[1])
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))  # bit for bit
+    sess = ort.InferenceSession(to_onnx(graph, qdq=plan is not None).SerializeToString(),
+                                providers=["CPUExecutionProvider"], disabled_optimizers=["WeightBiasQuantization"])
+    assert np.allclose(sess.run(None, {graph.input: x.numpy()})[0], ref, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # run folders and errors
 # ---------------------------------------------------------------------------------------------

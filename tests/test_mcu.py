@@ -28,13 +28,14 @@ HARNESS = """
 #include <stddef.h>
 #include <string.h>
 #include "lb_packed.h"
-typedef lb_pk_geom lb_geom;
+typedef struct { int32_t C, H, W, O, KH, KW, SH, SW, PH, PW, OH, OW, G; } lb_geom;  /* as generated */
 """ + KERNELS + """
-void ref_conv(const lb_geom *g, const uint8_t *xq, int32_t zero, const uint8_t *wc, uint32_t bits, const int16_t *lut,
+void ref_conv(const lb_pk_geom *p, const uint8_t *xq, int32_t zero, const uint8_t *wc, uint32_t bits, const int16_t *lut,
               int32_t rows, int32_t L, const float *ca, const float *cb, const float *cc, const float *cd,
               const float *bias, float *y, int16_t *wrow)
 {
-    lb_conv_int(g, xq, zero, wc, bits, lut, rows, L, ca, cb, cc, cd, bias, y, wrow);
+    const lb_geom g = {p->C, p->H, p->W, p->O, p->KH, p->KW, p->SH, p->SW, p->PH, p->PW, p->OH, p->OW, 1};
+    lb_conv_int(&g, xq, zero, wc, bits, lut, rows, L, ca, cb, cc, cd, bias, y, wrow);
 }
 """
 

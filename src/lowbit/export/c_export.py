@@ -245,17 +245,21 @@ static void lb_conv_int(const lb_geom *g, const uint8_t *xq, int32_t zero, const
 }
 
 /* float conv: acc += w * x one tap at a time in (c, kh, kw) order (padding taps add w * 0),
-   then acc * mul + add. Input: float x, or codes xq dequantized as k*step (+ lo), or through the
-   level table a_tab when one is given. Weights: float
-   w, or packed codes decoded through the level table lev. */
+   then acc * mul + add. Groups: output o reads the C/G input channels of its group (o / (O/G)).
+   Input: float x, or codes xq dequantized as k*step (+ lo), or through the level table a_tab when
+   one is given. Weights: float w, or packed codes decoded through the level table lev. */
 static void lb_conv_float(const lb_geom *g, const float *x, const uint8_t *xq, int32_t zero, float a_lo,
                           float a_step, const float *a_tab, const float *w, const uint8_t *wc, uint32_t bits, const float *lev,
                           int32_t lev_rows, int32_t L, const float *mul, const float *add, float *y, float *wrow)
 {
-    const int32_t F = g->C * g->KH * g->KW;
+    const int32_t Cg = g->C / g->G, Og = g->O / g->G, F = Cg * g->KH * g->KW;
     int32_t o, j, oy, ox, c, kh, kw;
+    const float *x0p = x;
+    const uint8_t *xq0 = xq;
     for (o = 0; o < g->O; o++) {
         const float *wr;
+        if (x0p) x = x0p + (o / Og) * Cg * g->H * g->W;
+        if (xq0) xq = xq0 + (o / Og) * Cg * g->H * g->W;
         if (w) {
             wr = w + o * F;
         } else {
@@ -271,13 +275,13 @@ static void lb_conv_float(const lb_geom *g, const float *x, const uint8_t *xq, i
                 float acc = 0.0f;
                 if (inside && !xq) {  /* the common case, same operations without the checks */
                     const float *wk = wr;
-                    for (c = 0; c < g->C; c++)
+                    for (c = 0; c < Cg; c++)
                         for (kh = 0; kh < g->KH; kh++) {
                             const float *xr = x + (c * g->H + y0 + kh) * g->W + x0;
                             for (kw = 0; kw < g->KW; kw++) acc = acc + *wk++ * xr[kw];
                         }
                 } else {
-                    for (c = 0; c < g->C; c++) {
+                    for (c = 0; c < Cg; c++) {
                         for (kh = 0; kh < g->KH; kh++) {
                             int32_t iy = y0 + kh;
                             for (kw = 0; kw < g->KW; kw++) {
@@ -361,10 +365,9 @@ static void lb_maxpool(const lb_geom *g, const float *x, float *y)
 
 
 def _geom(k: ConvKernel | None = None, **kw) -> str:
-    vals = {f: getattr(k, f) for f in ("C", "H", "W", "O", "KH", "KW", "SH", "SW", "PH", "PW", "OH", "OW")} \
-        if k is not None else kw
-    return "{" + ", ".join(str(int(vals[f])) for f in ("C", "H", "W", "O", "KH", "KW", "SH", "SW", "PH", "PW",
-                                                      "OH", "OW")) + "}"
+    fields = ("C", "H", "W", "O", "KH", "KW", "SH", "SW", "PH", "PW", "OH", "OW", "G")
+    vals = {f: getattr(k, f) for f in fields} if k is not None else {"G": 1, **kw}
+    return "{" + ", ".join(str(int(vals[f])) for f in fields) + "}"
 
 
 def quantize_code(k: ConvKernel, cs: _Consts, x: str) -> list[str]:
@@ -501,8 +504,8 @@ void lowbit_predict(const float *input, float *logits);
         "#include <math.h>", "#include <stdint.h>", "#include <stddef.h>", "#include <string.h>",
         '#include "model.h"', *(conv_hook.includes if conv_hook is not None else []), "",
         *cs.lines, "",
-        "typedef struct {  /* conv / pool geometry: in C x H x W, out O x OH x OW, kernel, stride, padding */",
-        "    int32_t C, H, W, O, KH, KW, SH, SW, PH, PW, OH, OW;",
+        "typedef struct {  /* conv / pool geometry: in C x H x W, out O x OH x OW, kernel, stride, padding, groups */",
+        "    int32_t C, H, W, O, KH, KW, SH, SW, PH, PW, OH, OW, G;",
         "} lb_geom;", "",
         *geoms, "",
         f"static float lb_arena[{arena}];            /* activations ({4 * arena} bytes) */",

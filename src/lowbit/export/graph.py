@@ -38,7 +38,7 @@ from ..quantize import weight_param
 from .fold import bn_affine, fold_bn
 from .levels import ActQuant, LevelSpec, act_quant, describe_levels, weight_codes
 
-SUPPORTED = ("Conv2d (groups=1, dilation=1, zero padding), Linear, BatchNorm1d/2d, ReLU, MaxPool2d, "
+SUPPORTED = ("Conv2d (any groups, dilation=1, zero padding), Linear, BatchNorm1d/2d, ReLU, MaxPool2d, "
              "AdaptiveAvgPool2d(1), Flatten, Identity, Dropout, +")
 _LEAVES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.MaxPool2d,
            nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
@@ -190,12 +190,13 @@ def observed_levels(w: torch.Tensor, bits: int, name: str) -> torch.Tensor:
 
 def _conv_op(name: str, module: nn.Module, bn: nn.Module | None, inp: str, out: str, acts: bool = True) -> Op:
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or _pair(module.dilation) != (1, 1) or module.padding_mode != "zeros" \
-                or isinstance(module.padding, str):
-            raise _unsupported(name, f"Conv2d with groups={module.groups}, dilation={module.dilation}, "
+        if _pair(module.dilation) != (1, 1) or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise _unsupported(name, f"Conv2d with dilation={module.dilation}, "
                                      f"padding={module.padding!r}, padding_mode={module.padding_mode}")
         attrs = {"kernel": list(module.kernel_size), "stride": list(_pair(module.stride)),
                  "padding": list(_pair(module.padding))}
+        if module.groups != 1:  # grouped / depthwise: the float kernel (numpy_ref.prepare_conv)
+            attrs["groups"] = int(module.groups)
         kind = "conv"
     else:
         attrs = {"kernel": [1, 1], "stride": [1, 1], "padding": [0, 0]}

@@ -80,24 +80,27 @@ class ConvKernel:
     cd: np.ndarray | None = None
     bias: np.ndarray | None = None  # int mode: always set (h)
     # float mode
-    w: np.ndarray | None = None  # (O, C, KH, KW) float32 (decoded)
+    w: np.ndarray | None = None  # (O, C/G, KH, KW) float32 (decoded)
     mul: np.ndarray | None = None
     add: np.ndarray | None = None
+    G: int = 1  # groups: output channel o reads input channels (o // (O/G)) * C/G ... + C/G - 1
 
     @property
     def F(self) -> int:
-        return self.C * self.KH * self.KW
+        """Taps per output (one group's input channels)."""
+        return self.C // self.G * self.KH * self.KW
 
 
 def _geometry(op: Op) -> dict:
     if op.attrs["layer"] == "linear":
         (f,) = op.in_shape
         (o,) = op.out_shape
-        return dict(C=f, H=1, W=1, O=o, KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, OH=1, OW=1)
+        return dict(C=f, H=1, W=1, O=o, KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, OH=1, OW=1, G=1)
     c, h, w = op.in_shape
     o, oh, ow = op.out_shape
     (kh, kw), (sh, sw), (ph, pw) = op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"]
-    return dict(C=c, H=h, W=w, O=o, KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, OH=oh, OW=ow)
+    return dict(C=c, H=h, W=w, O=o, KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, OH=oh, OW=ow,
+                G=int(op.attrs.get("groups", 1)))
 
 
 def prepare_conv(op: Op) -> ConvKernel:
@@ -105,7 +108,8 @@ def prepare_conv(op: Op) -> ConvKernel:
     k = ConvKernel(op, "float", act=op.act, **_geometry(op))
     wq = op.weight if isinstance(op.weight, WeightQ) else None
     form = integer_form(wq.levels.levels64()) if wq is not None else None
-    if wq is not None and op.act is not None and op.act.uniform and form is not None:
+    # the integer kernel is groups=1; a grouped (depthwise) conv runs the float kernel
+    if k.G == 1 and wq is not None and op.act is not None and op.act.uniform and form is not None:
         m_lut, s_w, off = form
         rows = wq.row_index()
         codes = wq.codes.reshape(k.O, -1).astype(np.int64)
@@ -128,7 +132,7 @@ def prepare_conv(op: Op) -> ConvKernel:
         if k.F * max(int(np.abs(m_lut).max()), 1) * max(kmax, 1) >= 2**31:
             raise ConfigError(f"export: layer '{op.name}' could overflow a 32-bit integer accumulator")
         return k
-    k.w = (wq.dequantize() if wq is not None else op.weight).astype(_F32).reshape(k.O, k.C, k.KH, k.KW)
+    k.w = (wq.dequantize() if wq is not None else op.weight).astype(_F32).reshape(k.O, k.C // k.G, k.KH, k.KW)
     if op.scale is not None:
         k.mul, k.add = op.scale.astype(_F32), op.shift.astype(_F32)
     elif op.shift is not None:
@@ -203,11 +207,14 @@ def conv_float(x: np.ndarray, k: ConvKernel) -> np.ndarray:
         # accumulator laid out (O, images*OH*OW) so that every tap is one long contiguous op
         acc = np.zeros((k.O, len(xb) * k.OH * k.OW), dtype=_F32)
         tmp = np.empty_like(acc)
-        for c in range(k.C):
+        # groups: output o (group o // og) reads input channels c0 + c, c0 = (o // og) * cg, c < cg
+        cg, og = k.C // k.G, k.O // k.G
+        for c in range(cg):
             for i in range(k.KH):
                 for j in range(k.KW):
-                    patch = np.ascontiguousarray(xb[:, c, i: i + hs: k.SH, j: j + ws: k.SW]).reshape(1, -1)
-                    np.multiply(k.w[:, c, i, j][:, None], patch, out=tmp)
+                    patch = np.ascontiguousarray(xb[:, c:: cg, i: i + hs: k.SH, j: j + ws: k.SW]
+                                                 .transpose(1, 0, 2, 3)).reshape(k.G, 1, -1)  # (G, 1, imgs*P)
+                    np.multiply(k.w[:, c, i, j].reshape(k.G, og, 1), patch, out=tmp.reshape(k.G, og, -1))
                     np.add(acc, tmp, out=acc)
         if k.mul is not None:
             acc = acc * k.mul[:, None]

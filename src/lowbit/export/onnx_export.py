@@ -157,7 +157,7 @@ def _conv(b: _Builder, op: Op, qdq: bool) -> None:
     else:
         (ph, pw) = op.attrs["padding"]
         y = b.node("Conv", ins, out, base=base, kernel_shape=list(op.attrs["kernel"]),
-                   strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw])
+                   strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw], group=int(op.attrs.get("groups", 1)))
     if post_mul is not None:
         shp = _channel_shape(op, o)
         y = b.node("Mul", [y, b.const(base + ".bn_scale", post_mul.astype(f).reshape(shp))], base=base)

@@ -4,7 +4,7 @@
 #include <stdint.h>
 
 /* conv geometry: input C x H x W, output O x OH x OW, kernel KH x KW, stride SH, SW, zero padding PH, PW
-   (same layout as the generated code's lb_geom) */
+   (the generated code's lb_geom without its last field, groups) */
 typedef struct {
     int32_t C, H, W, O, KH, KW, SH, SW, PH, PW, OH, OW;
 } lb_pk_geom;
