@@ -20,7 +20,10 @@ input quantizers) and then:
 4. **evaluation** (``model.eval()``) runs the integer network itself
    (:class:`lowbit.export.intgraph.IntReference`): BatchNorm (running statistics) becomes the
    per-channel requantization (int32 multiplier + shift, :mod:`lowbit.export.requant`), residual
-   adds and pooling happen on codes, and the classifier's int32 accumulator is scaled to float32
+   adds and pooling happen on codes (``plan.integer_residual``: ``accumulator``, the residual
+   rounded into the conv's int32 accumulator before its one requantization, or ``output``, the
+   conv requantized to an 8-bit intermediate and added to the residual at the output, which
+   onnxruntime's QLinearConv + QLinearAdd compute bit for bit), and the classifier's int32 accumulator is scaled to float32
    logits. The validation accuracy that picks the best epoch, and the test accuracy, are those
    of the integer model; the export writes the same integers (:func:`int_graph`). (With forward
    hooks on its modules, e.g. during cost profiling, eval runs the fake-quantized float graph
