@@ -215,3 +215,95 @@ def test_integer_mode_errors():
         quantize(Gelu(), INT_W2A2)
     with pytest.raises(ConfigError, match="needs a weight and an act quantizer"):
         quantize(GroupedNet(), {"weight": {"name": "sawb", "bits": 2}, "integer": True})
+
+
+# ---------------------------------------------------------------------------------------------
+# integer_residual: output (the residual added after the conv's requantization, = QLinearAdd)
+# ---------------------------------------------------------------------------------------------
+def _qladd_case(rng, res_bits, res_zero, out_bits, relu):
+    from lowbit.export.intgraph import TensorQ, residual_output_constants
+
+    t_out = TensorQ(out_bits, 0 if relu else 2 ** (out_bits - 1), float(np.exp(rng.uniform(-3, 1))))
+    t_res = TensorQ(res_bits, res_zero, float(t_out.scale * np.exp(rng.uniform(-3, 3))))
+    return t_out, t_res, residual_output_constants(t_out, relu, t_res, "case")
+
+
+def test_output_residual_add_is_onnxruntime_qlinearadd_and_never_clamps_wrongly():
+    """onnxruntime's float32 QLinearAdd with the exported scales computes the integer model's add
+    for every (mid, residual) code pair; clamping mid to 8 bits never changes an output code."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    from lowbit.export import onnx_export as ox
+    from lowbit.export.intgraph import rne_shift
+
+    rng = np.random.default_rng(0)
+    a, r = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    for case in range(12):
+        relu = case % 2 == 0
+        t_out, t_res, c = _qladd_case(rng, (2, 4, 8)[case % 3], 0 if case % 4 < 2 else 128, (2, 4, 8)[case // 4],
+                                      relu)
+        if t_res.zero > t_res.qmax:
+            continue
+        at, mb, big_s = c["attrs"], int(c["res_mult"]), int(c["res_shift"])
+        rr = np.minimum(r, t_res.qmax)
+        want = rne_shift((a - at["mid_zero"]) * at["mid_mult"] + (rr - t_res.zero) * mb, big_s) + t_out.zero
+        want = np.clip(want, 0, 255)
+        s = lambda n, v: helper.make_tensor(n, T.FLOAT, [], [v])  # noqa: E731
+        z = lambda n, v: helper.make_tensor(n, T.UINT8, [], [v])  # noqa: E731
+        node = helper.make_node("QLinearAdd", ["a", "as", "az", "b", "bs", "bz", "cs", "cz"], ["c"],
+                                domain="com.microsoft")
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, T.UINT8, [256, 256]) for n in "ab"],
+                              [helper.make_tensor_value_info("c", T.UINT8, [256, 256])],
+                              [s("as", at["mid_mult"] * 2.0**-big_s), z("az", at["mid_zero"]),
+                               s("bs", mb * 2.0**-big_s), z("bz", t_res.zero), s("cs", 1.0), z("cz", t_out.zero)])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = ox.IR_VERSION
+        got = ox.session(model).run(None, {"a": a.astype(np.uint8), "b": rr.astype(np.uint8)})[0]
+        assert np.array_equal(got, want), case
+        # clamp safety: a conv value beyond mid's range gives the output code its clamped value gives
+        s_mid = c["s_mid"]
+        lo = t_out.zero if relu else 0
+        for conv in (-(at["mid_zero"] + 50) * s_mid, (255 - at["mid_zero"] + 50) * s_mid):
+            res_real = (np.arange(t_res.qmax + 1) - t_res.zero) * t_res.scale
+            exact = np.clip(np.rint((conv + res_real) / t_out.scale) + t_out.zero, lo, t_out.qmax)
+            mid = 0 if conv < 0 else 255
+            v = rne_shift((mid - at["mid_zero"]) * at["mid_mult"] + (np.arange(t_res.qmax + 1) - t_res.zero) * mb,
+                          big_s)
+            assert np.array_equal(np.clip(v + t_out.zero, lo, t_out.qmax), exact), case
+
+
+@needs_cc
+def test_output_residual_every_backend_bit_exact(tmp_path):
+    """integer_residual: output: the fused onnxruntime model (QLinearConv + QLinearAdd) and the
+    ConvInteger one compute the integer model bit for bit, like NumPy and C."""
+    pytest.importorskip("onnxruntime")
+    from lowbit.export import onnx_export as ox
+    from lowbit.export.c_export import run_c
+    from lowbit.export.int_c import compile_int_c, write_int_c
+    from lowbit.export.int_onnx import variants
+    from lowbit.export.intgraph import IntReference
+    from lowbit.intmode import int_graph
+
+    torch.manual_seed(0)
+    m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25)
+    m = _ready(m, (1, 28, 28), plan={**INT_W2A2, "integer_residual": "output"})
+    x = _x(24, (1, 28, 28), seed=3)
+    with torch.no_grad():
+        y = m(x).numpy()
+    g = int_graph(m, x[:1])
+    assert sum(op.attrs.get("residual") == "output" for op in g.ops) == 3
+    xn = x.numpy()
+    assert np.array_equal(IntReference(g).run(xn).view(np.uint32), y.view(np.uint32))
+    ops = set()
+    for k, model in variants(g).items():
+        if k != "fp32":
+            ops |= {n.op_type for n in model.graph.node}
+            assert np.array_equal(ox.run(ox.session(model), xn).view(np.uint32), y.view(np.uint32)), k
+    assert {"QLinearConv", "QLinearAdd", "ConvInteger"} <= ops
+    write_int_c(g, tmp_path / "c")
+    assert np.array_equal(run_c(compile_int_c(tmp_path / "c"), xn, 10).view(np.uint32), y.view(np.uint32))
+    with pytest.raises(ConfigError, match="integer_residual is an integer-mode setting"):
+        quantize(GroupedNet(), {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2},
+                                "integer_residual": "output"})

@@ -20,7 +20,10 @@ input quantizers) and then:
 4. **evaluation** (``model.eval()``) runs the integer network itself
    (:class:`lowbit.export.intgraph.IntReference`): BatchNorm (running statistics) becomes the
    per-channel requantization (int32 multiplier + shift, :mod:`lowbit.export.requant`), residual
-   adds and pooling happen on codes, and the classifier's int32 accumulator is scaled to float32
+   adds and pooling happen on codes (``plan.integer_residual``: ``accumulator``, the residual
+   rounded into the conv's int32 accumulator before its one requantization, or ``output``, the
+   conv requantized to an 8-bit intermediate and added to the residual at the output, which
+   onnxruntime's QLinearConv + QLinearAdd compute bit for bit), and the classifier's int32 accumulator is scaled to float32
    logits. The validation accuracy that picks the best epoch, and the test accuracy, are those
    of the integer model; the export writes the same integers (:func:`int_graph`). (With forward
    hooks on its modules, e.g. during cost profiling, eval runs the fake-quantized float graph
@@ -328,7 +331,7 @@ def int_graph(model: nn.Module, example: torch.Tensor):
                 ops.append(IntOp("gap", u.name, [u.inp.name], u.node.name, i_shape, o_shape, mult=mult, shift=shift))
             else:
                 ops.append(_conv_op(u, i_shape, o_shape, tensors, bn_affine, _weight, integer_form,
-                                    conv_constants, check_accumulator, IntOp))
+                                    conv_constants, check_accumulator, IntOp, state.plan.integer_residual))
         return IntGraph(ops, tensors, in_name, ist.output.name, tuple(shapes[in_name]),
                         tuple(shapes[ist.output.name]))
     finally:
@@ -356,7 +359,7 @@ def _symmetric_form(levels: np.ndarray):
 
 
 def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_form, conv_constants,
-             check_accumulator, IntOp):
+             check_accumulator, IntOp, residual: str = "accumulator"):
     m = u.module
     if isinstance(m, nn.Conv2d):
         if m.dilation not in (1, (1, 1)) or m.padding_mode != "zeros" or isinstance(m.padding, str):
@@ -390,7 +393,16 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
     t_out = tensors.get(u.node.name)
     t_res = tensors[u.res.name] if u.res is not None else None
     eff = g * sw * t_in.scale
-    c = conv_constants(eff, h, None if t_out is None else t_out.scale, None if t_res is None else t_res.scale, u.name)
+    if t_res is not None and t_out is not None and residual == "output":
+        from .export.intgraph import residual_output_constants
+
+        r = residual_output_constants(t_out, bool(u.relu), t_res, u.name)
+        c = conv_constants(eff, h, r["s_mid"], None, u.name)
+        c["res_mult"], c["res_shift"] = np.full(o, r["res_mult"], np.int32), np.full(o, r["res_shift"], np.int32)
+        attrs.update(r["attrs"])
+    else:
+        c = conv_constants(eff, h, None if t_out is None else t_out.scale, None if t_res is None else t_res.scale,
+                           u.name)
     inputs = [u.inp.name] + ([u.res.name] if u.res is not None else [])
     op = IntOp("conv", u.name, inputs, u.node.name, i_shape, o_shape, attrs=attrs, codes=w.codes, wbits=w.bits,
                wquant=w.quantizer, lut=m_lut.astype(np.int16), **c)

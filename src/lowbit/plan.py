@@ -11,6 +11,7 @@ A plan is plain data (YAML-loadable, printable, saved next to every run)::
       fc: fp                               #   "fp": weight and input activation full precision
     method: {name: ste}                    # how the quantized weight is trained (see lowbit.methods)
     integer: false                         # true: integer-deployable QAT (lowbit.intmode): eval runs the integer model
+    integer_residual: accumulator          # integer mode's residual add: accumulator | output (= onnxruntime QLinearAdd)
 
 Quantizer options go beside ``name`` and ``bits`` (``{name: lsq, bits: 2, per_channel: true}``).
 ``resolve(model)`` turns a plan into one :class:`LayerPlan` per conv/linear layer.
@@ -81,6 +82,7 @@ class Plan(BaseModel):
     layers: dict[str, Union[Literal["fp"], LayerOverride]] = Field(default_factory=dict)
     method: MethodSpec = Field(default_factory=MethodSpec)
     integer: bool = False
+    integer_residual: Literal["accumulator", "output"] = "accumulator"
 
     @model_validator(mode="before")
     @classmethod
@@ -89,6 +91,12 @@ class Plan(BaseModel):
         if isinstance(data, dict):
             data = {k: (None if k in ("weight", "act") and v == "fp" else v) for k, v in data.items()}
         return data
+
+    @model_validator(mode="after")
+    def _residual_needs_integer(self):
+        if self.integer_residual != "accumulator" and not self.integer:
+            raise ValueError("integer_residual is an integer-mode setting: set integer: true")
+        return self
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

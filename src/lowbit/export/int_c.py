@@ -179,6 +179,8 @@ def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None
             fields += [f".res_mult = {i32(f'{nm}_res_mult', op.res_mult)}",
                        f".res_shift = {i32(f'{nm}_res_shift', op.res_shift)}",
                        f".res_bits = {tr.bits}", f".res_zero = {tr.zero}"]
+            if op.attrs.get("residual") == "output":
+                fields += [f".mid_zero = {op.attrs['mid_zero']}", f".mid_mult = {op.attrs['mid_mult']}"]
             res = f"A + {offsets[op.inputs[1]]}"
         descs.append(f"static const lb_conv_t L_{nm} = {{\n    " + ",\n    ".join(fields) + "\n};")
         y = "logits" if final else f"A + {offsets[op.output]}"

@@ -29,6 +29,7 @@ import numpy as np
 
 from .intgraph import IntGraph, IntOp
 from .onnx_export import IR_VERSION, OPSET, _Builder
+from .requant import real_multiplier
 
 _F = np.float32
 
@@ -94,7 +95,8 @@ def to_int_onnx(graph: IntGraph, scales: dict[str, np.ndarray], fused: bool = Fa
     inp = helper.make_tensor_value_info(graph.input + "__in", T.FLOAT, ["N", *graph.input_shape])
     out = helper.make_tensor_value_info(graph.output, T.FLOAT, ["N", *graph.output_shape])
     g = helper.make_graph(b.nodes, "lowbit_integer", [inp], [out], b.inits)
-    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if fused else [])
+    ms = fused or any(op.attrs.get("residual") == "output" for op in graph.ops)
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if ms else [])
     model = helper.make_model(g, opset_imports=opsets, producer_name="lowbit")
     model.ir_version = IR_VERSION
     return model
@@ -121,6 +123,35 @@ def _qlinear_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray) -> b
         return False
     base = op.name
     o = m.shape[0]
+    if len(op.inputs) == 1 or op.attrs.get("residual") == "output":
+        # scales 1 (input), |real multiplier| (weights), 1 (output): onnxruntime's output scale
+        # x_s·w_s/y_s is then the multiplier itself in float32, the codes the integer model's
+        real = real_multiplier(op.mult, op.shift)
+        sign = np.where(real < 0, -1, 1)
+        mid = op.attrs.get("residual") == "output"
+        zp = op.attrs["mid_zero"] if mid else tq[op.output].zero
+        (ph, pw) = op.attrs["padding"]
+        y = b.node("QLinearConv", [
+            op.inputs[0], _scalar(b, base + ".x_s", 1.0), b.int_const(base + ".x_zp", np.array(ti.zero), T.UINT8),
+            b.int_const(base + ".w", m * sign.reshape(o, 1, 1, 1), T.INT8),
+            b.const(base + ".w_s", np.abs(real).astype(_F)), b.int_const(base + ".w_zp", np.zeros(o, np.int64), T.INT8),
+            _scalar(b, base + ".y_s", 1.0), b.int_const(base + ".y_zp", np.array(zp), T.UINT8),
+            b.int_const(base + ".b", op.bias.astype(np.int64) * sign, T.INT32)], base=base,
+            kernel_shape=list(op.attrs["kernel"]), strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw],
+            group=int(op.attrs.get("groups", 1)))
+        if mid:
+            y = _qlinear_add(b, op, graph, y)
+        else:
+            to = tq[op.output]
+            lo = to.zero if op.attrs.get("relu") else 0
+            if lo > 0 or to.qmax < 255:
+                y = b.node("Clip", [y, b.int_const(base + ".lo", np.array(lo), T.UINT8),
+                                    b.int_const(base + ".hi", np.array(to.qmax), T.UINT8)], base=base)
+        b.node("Identity", [y], op.output)
+        return True
+    # residual: accumulator (the residual is rounded into the accumulator before the one
+    # requantization): no onnxruntime kernel computes that; an 8-bit intermediate at half the
+    # output step and QLinearAdd approximate it (one more rounding)
     sign = np.where(eff < 0, -1, 1)  # a negative per-channel scale: flip the row (scales stay positive)
     w = m * sign.reshape(o, 1, 1, 1)
     bias = op.bias.astype(np.int64) * sign
@@ -150,6 +181,29 @@ def _qlinear_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray) -> b
                             b.int_const(base + ".hi", np.array(to.qmax), T.UINT8)], base=base)
     b.node("Identity", [y], op.output)
     return True
+
+
+def _qlinear_add(b: _Builder, op: IntOp, graph: IntGraph, mid: str) -> str:
+    """The output residual add (``attrs["residual"] == "output"``, :func:`.intgraph.residual_output_constants`)
+    as ``QLinearAdd`` (com.microsoft) + ``Clip``: scales ``mid_mult·2^−S``, ``res_mult·2^−S`` and 1
+    make every float32 operation onnxruntime does exact, so it computes the integer model's codes."""
+    from onnx import TensorProto as T
+
+    a, base = op.attrs, op.name
+    tr, to = graph.tensors[op.inputs[1]], graph.tensors[op.output]
+    big_s = int(op.res_shift[0])
+    y = b.node("QLinearAdd", [
+        mid, _scalar(b, base + ".a_s", a["mid_mult"] * 2.0**-big_s),
+        b.int_const(base + ".a_zp", np.array(a["mid_zero"]), T.UINT8),
+        op.inputs[1], _scalar(b, base + ".r_s", int(op.res_mult[0]) * 2.0**-big_s),
+        b.int_const(base + ".r_zp", np.array(tr.zero), T.UINT8),
+        _scalar(b, base + ".o_s", 1.0), b.int_const(base + ".o_zp", np.array(to.zero), T.UINT8)],
+        base=base, domain="com.microsoft")
+    lo = to.zero if a.get("relu") else 0
+    if lo > 0 or to.qmax < 255:
+        y = b.node("Clip", [y, b.int_const(base + ".lo", np.array(lo), T.UINT8),
+                            b.int_const(base + ".hi", np.array(to.qmax), T.UINT8)], base=base)
+    return y
 
 
 def _int_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray, fused: bool = False) -> None:
@@ -191,6 +245,11 @@ def _int_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray, fused: b
                          strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw], group=int(op.attrs.get("groups", 1)))
     acc_f = acc if wt is None else b.node("Cast", [acc], base=base, to=T.FLOAT)
     acc_f = b.node("Add", [acc_f, b.const(base + ".bias", op.bias.astype(_F).reshape(shp))], base=base)
+    if op.attrs.get("residual") == "output":
+        real = real_multiplier(op.mult, op.shift)
+        mid = _requant_float(b, acc_f, real, op.attrs["mid_zero"], 0, 255, base, shp)
+        b.node("Identity", [_qlinear_add(b, op, graph, mid)], op.output)
+        return
     if len(op.inputs) > 1:
         tr = tq[op.inputs[1]]
         r = b.node("Cast", [op.inputs[1]], base=base, to=T.FLOAT)
@@ -209,15 +268,17 @@ def _int_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray, fused: b
 
 def eff_scales(graph: IntGraph) -> dict[str, np.ndarray]:
     """Per conv op: the real value of one accumulator unit, from the stored integers
-    (``mult·2^(shift−31)·s_out``; the classifier stores it as ``out_scale``)."""
-    from .requant import real_multiplier
-
+    (``mult·2^(shift−31)·s_out``, ``s_mid`` for an output residual add; the classifier stores it
+    as ``out_scale``)."""
     out = {}
     for op in graph.ops:
         if op.kind != "conv":
             continue
         if op.out_scale is not None:
             out[op.name] = op.out_scale.astype(np.float64)
+        elif op.attrs.get("residual") == "output":  # mult/shift requantize to mid: s_mid = s_out·mid_mult/2^S
+            s_mid = graph.tensors[op.output].scale * op.attrs["mid_mult"] * 2.0 ** -int(op.res_shift[0])
+            out[op.name] = real_multiplier(op.mult, op.shift) * s_mid
         else:
             out[op.name] = real_multiplier(op.mult, op.shift) * graph.tensors[op.output].scale
     return out
@@ -291,3 +352,11 @@ def quantize_static_onnx(fp32_model, calib: np.ndarray, path_in, path_out):
     quantize_static(str(path_in), str(path_out), Reader(), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return onnx.load(str(path_out))
+
+
+def variants(graph: IntGraph) -> dict:
+    """Every ONNX form of an integer graph, by name: ``integer`` (ConvInteger + float32 epilogue),
+    ``integer_fused`` (QLinearConv / QLinearAdd) and ``fp32`` (the float twin)."""
+    sc = eff_scales(graph)
+    return {"integer": to_int_onnx(graph, sc), "integer_fused": to_int_onnx(graph, sc, fused=True),
+            "fp32": to_fp32_onnx(graph, sc)}

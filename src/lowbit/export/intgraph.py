@@ -14,7 +14,11 @@ Tensors hold unsigned integer codes ``q`` in ``0 .. 2^bits − 1`` with real val
                real 0), ``acc = A + bias`` (+ ``requantize(q_res − zero_res, res_mult, res_shift)``,
                a fused residual add), then ``clamp(requantize(acc, mult, shift) + zero_out, lo, hi)``
                (a fused ReLU is ``lo = zero_out``) or, for the classifier, float32 logits
-               ``f32(acc) · out_scale``
+               ``f32(acc) · out_scale``. With ``attrs["residual"] == "output"`` the residual is
+               added after the conv's own requantization instead (:func:`residual_output_constants`):
+               ``mid = clamp(requantize(acc, mult, shift) + mid_zero, 0, 255)``, then
+               ``clamp(rne((mid − mid_zero)·mid_mult + (q_res − zero_res)·res_mult, res_shift)
+               + zero_out, lo, hi)`` (``rne(v, S)``: ``v / 2^S`` rounded half to even)
 ``gap``        global average pooling: ``requantize(Σ_p (q − zero_in), mult, shift) + zero_out``
 ``maxpool``    max of the codes in each window (padding skipped)
 ``flatten``    a reshape
@@ -41,7 +45,7 @@ from .pack import pack_codes, packed_nbytes, unpack_codes
 from .requant import quantize_multiplier, requantize
 
 FORMAT = "lowbit.packed.integer"
-VERSION = 1
+VERSION = 2  # 2: conv attrs "residual" (output residual adds); version 1 files load too
 _F32 = np.float32
 #: float64 elements of one im2col chunk
 _CHUNK = 4_000_000
@@ -142,12 +146,63 @@ def conv_constants(eff: np.ndarray, h: np.ndarray, s_out: float | None, s_res: f
     return out
 
 
+def residual_output_constants(t_out: TensorQ, relu: bool, t_res: TensorQ, where: str) -> dict:
+    """The ``residual: output`` form of a residual add (TFLite's int8 ADD, onnxruntime's
+    ``QLinearConv`` + ``QLinearAdd`` bit for bit): the conv is requantized to an 8-bit intermediate
+    ``mid`` at step ``s_mid = s_out·2^−p`` with zero ``mid_zero``, then added to the residual codes
+    at the output: ``rne((mid − mid_zero)·mid_mult + (q_res − zero_res)·res_mult, res_shift)``.
+
+    * ``p`` and ``mid_zero`` make ``mid``'s range cover every conv value whose sum with some
+      residual lands inside the output range, so clamping ``mid`` never changes an output (the
+      only extra error is ``mid``'s rounding, ``s_mid/2``);
+    * ``mid_mult = 2^(S−p)``, ``res_mult = rint(s_res/s_out·2^S)``: every value the add computes
+      is a multiple of ``2^−S`` below ``2^(24−S)``, so onnxruntime's float32 ``QLinearAdd``
+      (scales ``2^−p``, ``res_mult·2^−S``, ``1``) computes it exactly and rounds half to even.
+
+    Returns ``{"s_mid", "attrs": {"residual", "mid_zero", "mid_mult"}, "res_mult", "res_shift"}``."""
+    s_out, lo = t_out.scale, (t_out.zero if relu else 0)
+    y_lo, y_hi = (lo - t_out.zero) * s_out, (t_out.qmax - t_out.zero) * s_out
+    r_lo, r_hi = -t_res.zero * t_res.scale, (t_res.qmax - t_res.zero) * t_res.scale
+    need_lo, need_hi = r_hi - y_lo, y_hi - r_lo  # mid must reach down to -need_lo and up to need_hi
+    p = int(np.floor(np.log2(254 * s_out / (need_lo + need_hi))))
+    ratio = t_res.scale / s_out
+    bound = 255 * (1 + 2.0**-min(p, 0) + ratio)  # |zero_out|, |mid term|, |residual term|: each at most
+    big_s = 23 - int(np.ceil(np.log2(bound)))
+    p = min(p, big_s)
+    if big_s < 0 or p < -8:
+        raise ConfigError(f"integer mode: layer '{where}': residual scale ratio {ratio:.3g} is out of range for an "
+                          "output residual add")
+    s_mid = s_out * 2.0**-p
+    z_mid = int(np.ceil(need_lo / s_mid - 1e-9))
+    res_mult = int(np.rint(ratio * 2.0**big_s))
+    return {"s_mid": s_mid, "attrs": {"residual": "output", "mid_zero": z_mid, "mid_mult": 2 ** (big_s - p)},
+            "res_mult": np.int32(res_mult), "res_shift": np.int32(big_s)}
+
+
+def rne_shift(v, s):
+    """``v / 2^s`` rounded half to even (integers; ``s`` >= 0; NumPy or torch int64)."""
+    if isinstance(v, np.ndarray) or np.isscalar(v):
+        v = np.asarray(v, dtype=np.int64)
+        s = np.asarray(s, dtype=np.int64)
+        one = np.int64(1)
+    else:  # torch
+        import torch
+
+        s = torch.as_tensor(np.asarray(s, dtype=np.int64), device=v.device)
+        one = 1
+    fl = v >> s
+    rem = v - fl * (one << s)
+    half = (one << s) >> 1
+    up = (rem > half) | ((rem == half) & (half > 0) & ((fl & 1) == 1))
+    return fl + up
+
+
 def check_accumulator(op: IntOp, t_in: TensorQ, t_res: TensorQ | None) -> None:
     """The int32 accumulator cannot overflow: F·max|m|·max|q − zero| + |bias| + residual < 2^31."""
     f = op.codes[0].size
     bound = f * int(np.abs(op.lut).max(initial=0)) * max(t_in.zero, t_in.qmax - t_in.zero)
     bound += int(np.abs(op.bias.astype(np.int64)).max(initial=0))
-    if t_res is not None:
+    if t_res is not None and op.attrs.get("residual") != "output":
         r = max(t_res.zero, t_res.qmax - t_res.zero)
         bound += int(np.abs(requantize(np.array(r), op.res_mult, op.res_shift)).max(initial=0)) + 1
     if bound >= 2**31:
@@ -199,6 +254,14 @@ def run_conv(op: IntOp, q: np.ndarray, t_in: TensorQ, res: np.ndarray | None, t_
     n = q.shape[0]
     acc = conv_sums(q.astype(np.int64) - t_in.zero, op.m(), op)
     acc = acc + _chan(op.bias, 4).astype(np.int64)
+    if op.attrs.get("residual") == "output":
+        a = op.attrs
+        mid = np.clip(requantize(acc, _chan(op.mult, 4), _chan(op.shift, 4)) + a["mid_zero"], 0, 255)
+        r = res.reshape(acc.shape).astype(np.int64) - t_res.zero
+        v = (mid - a["mid_zero"]) * a["mid_mult"] + r * _chan(op.res_mult, 4).astype(np.int64)
+        v = rne_shift(v, _chan(op.res_shift, 4)) + t_out.zero
+        y = np.clip(v, t_out.zero if a.get("relu") else 0, t_out.qmax)
+        return y.reshape((n,) + tuple(op.out_shape))
     if op.res_mult is not None:
         r = res.reshape(acc.shape).astype(np.int64) - t_res.zero
         acc = acc + requantize(r, _chan(op.res_mult, 4), _chan(op.res_shift, 4))
@@ -354,7 +417,7 @@ def load_int_package(path: str | Path) -> IntGraph:
     if "manifest" not in md:
         raise ConfigError(f"{p}: no embedded manifest; not a {FORMAT} file")
     m = json.loads(md["manifest"])
-    if m.get("format") != FORMAT or m.get("version") != VERSION:
+    if m.get("format") != FORMAT or m.get("version") not in (1, VERSION):
         raise ConfigError(f"{p}: not a {FORMAT} v{VERSION} file")
     b = load_file(str(p))
 

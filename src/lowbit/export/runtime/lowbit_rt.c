@@ -36,6 +36,16 @@ void lb_put(uint8_t *buf, uint32_t idx, uint32_t bits, uint32_t v)
 
 static int32_t lb_clamp(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : v > hi ? hi : v; }
 
+int32_t lb_rne_shift(int32_t v, int32_t s)
+{
+    int32_t f, rem, half;
+    if (s <= 0) return v;
+    f = (int32_t)((int64_t)v >> s); /* floor */
+    rem = v - (int32_t)((int64_t)f * ((int64_t)1 << s));
+    half = (int32_t)1 << (s - 1);
+    return f + (rem > half || (rem == half && (f & 1)));
+}
+
 void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *out, int16_t *wrow)
 {
     const int32_t cin_g = p->cin / p->groups, cout_g = p->cout / p->groups;
@@ -67,6 +77,14 @@ void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *ou
                     }
                 }
                 acc += p->bias[o];
+                if (p->res_mult && p->mid_mult) { /* output residual add */
+                    const int32_t mid = lb_clamp(lb_requantize(acc, p->mult[o], p->shift[o]) + p->mid_zero, 0, 255);
+                    const int32_t v = (mid - p->mid_zero) * p->mid_mult +
+                                      ((int32_t)LB_GET(res, (uint32_t)at, rb) - p->res_zero) * p->res_mult[o];
+                    const int32_t q = lb_rne_shift(v, p->res_shift[o]) + p->out_zero;
+                    lb_put(q_out, (uint32_t)at, ob, (uint32_t)lb_clamp(q, p->out_min, p->out_max));
+                    continue;
+                }
                 if (p->res_mult)
                     acc += lb_requantize((int32_t)LB_GET(res, (uint32_t)at, rb) - p->res_zero, p->res_mult[o],
                                          p->res_shift[o]);

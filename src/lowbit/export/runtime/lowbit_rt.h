@@ -33,6 +33,9 @@ extern "C" {
 /* floor(x * mult / 2^(31 - shift) + 1/2): the one fixed-point requantization */
 int32_t lb_requantize(int32_t x, int32_t mult, int32_t shift);
 
+/* v / 2^s rounded half to even (s >= 0) */
+int32_t lb_rne_shift(int32_t v, int32_t s);
+
 /* packed code access (bits 1..8); lb_put ORs into a zeroed buffer */
 uint32_t lb_get(const uint8_t *buf, uint32_t idx, uint32_t bits);
 void lb_put(uint8_t *buf, uint32_t idx, uint32_t bits, uint32_t v);
@@ -44,7 +47,11 @@ uint32_t lb_packed_bytes(uint32_t n, uint32_t bits);
  *   acc     = A + bias[o] (+ lb_requantize(q_res[o,p] - res_zero, res_mult[o], res_shift[o]))
  *   out     = out_scale ? (float)acc * out_scale[o]                           (float32 logits)
  *                       : clamp(lb_requantize(acc, mult[o], shift[o]) + out_zero, out_min, out_max)
- * A fused ReLU is out_min = out_zero. res_mult == NULL: no residual. */
+ * A fused ReLU is out_min = out_zero. res_mult == NULL: no residual.
+ * mid_mult != 0: output residual add (plan integer_residual: output; = onnxruntime QLinearAdd):
+ *   mid = clamp(lb_requantize(acc = A + bias[o], mult[o], shift[o]) + mid_zero, 0, 255)
+ *   out = clamp(lb_rne_shift((mid - mid_zero) * mid_mult + (q_res - res_zero) * res_mult[o], res_shift[o])
+ *               + out_zero, out_min, out_max) */
 typedef struct {
     int32_t cin, hin, win, cout, hout, wout;
     int32_t kh, kw, sh, sw, ph, pw, groups;
@@ -58,6 +65,7 @@ typedef struct {
     const int32_t *res_mult, *res_shift;
     uint8_t res_bits;
     int32_t res_zero;
+    int32_t mid_zero, mid_mult;
     uint8_t out_bits;
     int32_t out_zero, out_min, out_max;
     const float *out_scale;

@@ -1,0 +1,216 @@
+"""Where do the integer ONNX variants disagree with the integer network, and what do they cost?
+
+For an integer-mode run (or, with ``--calibrated``, an untrained BN-calibrated ResNet-8, enough for
+timing), every ONNX variant of :mod:`lowbit.export.int_onnx` is run with every code tensor as an
+extra graph output and compared with the NumPy integer reference (the model itself):
+
+* ``propagated``: fraction of codes equal to the reference's (differences carried from earlier
+  layers included);
+* ``local``: the reference op run on onnxruntime's own input codes, compared with onnxruntime's
+  output: the disagreement this layer makes by itself;
+* prediction agreement on the images run.
+
+``--profile``: onnxruntime's per-op-type time (1 thread, batch 256) of each variant.
+
+    python benchmarks/integer_ort.py RUN_DIR [--images 10000] [--profile]
+    python benchmarks/integer_ort.py --calibrated --bits 2 --profile
+    /work/tools/slot --all python benchmarks/integer_ort.py RUN_DIR --no-agree --latency 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowbit.data import BatchLoader, load_dataset
+from lowbit.export.intgraph import IntReference, run_conv, run_gap, run_maxpool
+
+
+def calibrated(bits: int):
+    from lowbit import create_model, quantize
+
+    data = load_dataset("fashion-mnist", limit=1000)
+    xs, _ = zip(*BatchLoader(data.train, data.info, 128))
+    torch.manual_seed(0)
+    m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28)
+    quantize(m, {"weight": {"name": "sawb", "bits": bits}, "act": {"name": "pact", "bits": bits}, "integer": True})
+    m.train()
+    with torch.no_grad():
+        for x in xs[:3]:
+            m(x)
+    return m.eval()
+
+
+def reference_env(graph, xn: np.ndarray) -> dict:
+    """Every tensor's codes from the NumPy reference (the integer model)."""
+    ref, T, env = IntReference(graph), graph.tensors, {}
+    for op in graph.ops:
+        env[op.output] = run_op(op, env, T, ref, xn)
+    return env
+
+
+def run_op(op, env, T, ref, xn):
+    if op.kind == "quant_in":
+        return ref.input_codes(xn)
+    if op.kind == "conv":
+        r = env[op.inputs[1]] if len(op.inputs) > 1 else None
+        return run_conv(op, env[op.inputs[0]], T[op.inputs[0]], r, T[op.inputs[1]] if r is not None else None,
+                        T.get(op.output))
+    if op.kind == "gap":
+        return run_gap(op, env[op.inputs[0]], T[op.inputs[0]], T[op.output])
+    if op.kind == "maxpool":
+        return run_maxpool(op, env[op.inputs[0]])
+    v = env[op.inputs[0]]
+    return v.reshape(v.shape[0], -1)
+
+
+def with_outputs(model, names):
+    """The ONNX model with every named tensor as an extra graph output."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(helper.make_tensor_value_info(n, TensorProto.UINT8, None))
+    return m
+
+
+def agreement(graph, models: dict, xn: np.ndarray, batch: int = 500) -> dict:
+    from lowbit.export import onnx_export as ox
+
+    T = graph.tensors
+    names = [op.output for op in graph.ops if op.output in T and op.kind != "flatten"]
+    out = {}
+    for k, model in models.items():
+        sess = ox.session(with_outputs(model, names))
+        onames = [o.name for o in sess.get_outputs()]
+        stats = defaultdict(lambda: [0, 0, 0, 0])  # equal, local-equal, count, max diff
+        pred_same = 0
+        for i in range(0, len(xn), batch):
+            xb = xn[i: i + batch]
+            env = reference_env(graph, xb)
+            res = dict(zip(onames, sess.run(None, {sess.get_inputs()[0].name: xb.astype(np.float32)})))
+            ort_env = {n: res[n].astype(np.int64).reshape(env[n].shape) for n in names}
+            ort_env.update({n: ort_env[op.inputs[0]].reshape(len(xb), -1) for op in graph.ops if op.kind == "flatten"
+                            for n in [op.output]})
+            for op in graph.ops:
+                if op.output not in names:
+                    continue
+                a, r = ort_env[op.output], env[op.output]
+                loc = run_op(op, ort_env, T, IntReference(graph), xb)
+                s = stats[op.output]
+                s[0] += int((a == r).sum())
+                s[1] += int((a == loc).sum())
+                s[2] += a.size
+                s[3] = max(s[3], int(np.abs(a - r).max()))
+            pred_same += int((res[graph.output].argmax(1) == env[graph.output].argmax(1)).sum())
+        layers = {n: {"bits": T[n].bits, "propagated": s[0] / s[2], "local": s[1] / s[2], "max_diff": s[3]}
+                  for n, s in stats.items()}
+        out[k] = {"images": len(xn), "predictions_equal": pred_same, "layers": layers}
+        print(f"{k}: predictions equal {pred_same}/{len(xn)}")
+        for n, L in layers.items():
+            print(f"   {n:28s} {L['bits']} bit  codes equal {L['propagated']:.5f}  local {L['local']:.5f}  "
+                  f"max diff {L['max_diff']}")
+    return out
+
+
+def profile(models: dict, x: np.ndarray, runs: int = 3) -> dict:
+    """Per-op-type milliseconds per batch (onnxruntime's profiler, 1 thread; mean of ``runs``)."""
+    import onnxruntime as ort
+
+    out = {}
+    for k, model in models.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        so.enable_profiling = True
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=["WeightBiasQuantization"])
+        name = sess.get_inputs()[0].name
+        sess.run(None, {name: x})
+        for _ in range(runs):
+            sess.run(None, {name: x})
+        prof = sess.end_profiling()
+        ev = json.loads(Path(prof).read_text())
+        Path(prof).unlink()
+        t = defaultdict(float)
+        for e in ev:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                t[e["args"]["op_name"]] += e["dur"] / 1000 / (runs + 1)
+        out[k] = dict(sorted(t.items(), key=lambda kv: -kv[1]))
+        print(k, {a: round(b, 1) for a, b in out[k].items()}, f"total {sum(t.values()):.1f} ms")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", nargs="?")
+    ap.add_argument("--calibrated", action="store_true")
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--images", type=int, default=10000)
+    ap.add_argument("--variants", default=None, help="comma-separated (default: every variant)")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-agree", action="store_true")
+    ap.add_argument("--latency", type=int, default=0, metavar="REPEATS",
+                    help="median ms per batch of 256 (1 thread, sessions alternating) of every variant, "
+                         "the FP32 twin and onnxruntime's quantize_static of it; run under slot --all")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--residual", default=None, choices=["accumulator", "output"],
+                    help="evaluate/export with this integer_residual instead of the run's")
+    args = ap.parse_args()
+    from lowbit.export.int_onnx import variants
+    from lowbit.intmode import int_graph
+
+    if args.calibrated:
+        model = calibrated(args.bits)
+    else:
+        from lowbit.train import load_run
+
+        _, _, model, _ = load_run(args.run)
+    data = load_dataset("fashion-mnist")
+    xt, _ = zip(*BatchLoader(data.test, data.info, 1000))
+    xn = torch.cat(xt)[: args.images].numpy().astype(np.float32)
+    if args.residual:
+        model._lowbit_state.plan.integer_residual = args.residual
+        model._lowbit_state.integer.cache = None
+    graph = int_graph(model, torch.from_numpy(xn[:1]))
+    models = variants(graph)
+    if args.variants:
+        models = {k: models[k] for k in args.variants.split(",")}
+    rep = {}
+    if not args.no_agree:
+        rep["agreement"] = agreement(graph, {k: v for k, v in models.items() if k != "fp32"}, xn)
+    if args.profile:
+        rep["profile_ms"] = profile(models, xn[:256])
+    if args.latency:
+        import tempfile
+
+        from lowbit.export import onnx_export as ox
+        from lowbit.export.int_onnx import quantize_static_onnx
+
+        with tempfile.TemporaryDirectory() as d:
+            models["ort_int8"] = quantize_static_onnx(models["fp32"], xn[:200], Path(d) / "fp32.onnx",
+                                                      Path(d) / "int8.onnx")
+        sessions = {k: ox.session(v) for k, v in models.items()}
+        lat = ox.latency(sessions, xn[:256], args.latency)
+        rep["latency_ms"] = lat
+        rep["speedup_vs_fp32"] = {k: lat["fp32"] / v for k, v in lat.items()}
+        print("latency ms (batch 256, 1 thread):", {k: round(v, 1) for k, v in lat.items()},
+              "speed-up vs fp32:", {k: round(v, 2) for k, v in rep["speedup_vs_fp32"].items()})
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rep, indent=1))
+
+
+if __name__ == "__main__":
+    main()
