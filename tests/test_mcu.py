@@ -166,15 +166,17 @@ def test_tiny_model_on_cortex_m4_under_qemu_is_bit_exact(tmp_path):
 
 
 @needs_tools
-def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path):
+@pytest.mark.parametrize("residual", ["accumulator", "output"])
+def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path, residual):
     # issue 17's integer-only runtime (activations as packed codes): the bit-packed kernels replace lb_conv
-    # in the 2-bit layers, and both builds equal the NumPy integer reference bit for bit
+    # in the 2-bit layers, and both builds equal the NumPy integer reference bit for bit; with output
+    # residual adds (plan.integer_residual: output) the residual layers keep lb_conv, which implements them
     from lowbit.export.intgraph import IntReference as IntRef
     from lowbit.intmode import int_graph
 
     torch.manual_seed(0)
     m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25)
-    quantize(m, {**W2A2, "integer": True})
+    quantize(m, {**W2A2, "integer": True, "integer_residual": residual})
     m.train()
     with torch.no_grad():
         for _ in range(2):
@@ -184,9 +186,14 @@ def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path):
     g = int_graph(m, torch.from_numpy(x))
     want = IntRef(g).run(x)
     packed = build_and_run(g, tmp_path / "auto", x, want, "cortex-m4")
+    assert packed["bit_exact_images"] == 1 and "bitserial" in packed["kernels"].values()
+    res_layers = {op.name for op in g.ops if op.kind == "conv" and len(op.inputs) == 2}
+    assert res_layers  # the residual blocks' second convs
+    if residual == "output":
+        assert {packed["kernels"][n] for n in res_layers} == {"int"}
+        return
     plain = build_and_run(g, tmp_path / "int", x, want, "cortex-m4", kernels="int", sizes=False)
-    assert packed["bit_exact_images"] == plain["bit_exact_images"] == 1
-    assert "bitserial" in packed["kernels"].values() and set(plain["kernels"].values()) == {"int"}
+    assert plain["bit_exact_images"] == 1 and set(plain["kernels"].values()) == {"int"}
 
 
 def test_missing_tool_is_one_line_naming_it(monkeypatch):

@@ -184,6 +184,8 @@ def patch_int_c(graph, out_dir: str | Path, allow: str = "auto") -> dict[str, st
         abits = T[op.inputs[0]].bits
         groups = int(op.attrs.get("groups", 1))
         kind = choose_bits(op.wbits, abits, op.lut, groups, allow)
+        if op.attrs.get("residual") == "output":  # lb_pk_conv_rt adds residuals in the accumulator only:
+            kind = "int"  # an output residual add (plan.integer_residual: output) keeps lb_conv
         chosen[op.name] = kind
         if kind == "int":
             continue
