@@ -1,5 +1,5 @@
 #!/bin/bash
-# session 5: 002 x 004 at M0/8, seed 1 (a second seed for "does the best precision move?"; started 15:08, rows
+# session 5: 002 x 004 at M0/8, seed 1 (a second seed for "does the best precision move?"; started 15:08, finished 15:48; rows
 # are written as they finish, whatever is not done by 15:55 is left out)
 cd /work/wt/nce
 export PYTHONPATH=$PWD/src
