@@ -137,18 +137,26 @@ def table(out: Path) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["bits"], r["row"]), []).append(r)
+    orig = {(r["bits"], r["seed"]): 100 * r["test_acc"] for r in rows if r["row"] == "original"}
     order = {"original": 0, "WRPN uniform": 2, "random": 3}  # NCE rows: 1
-    lines = ["| bits | row | n | test acc % (mean ± std) | MACs (M) | params (k) | Mem 002 (KiB) | search / train |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| bits | row | n | test acc % (mean ± std) | per seed | − original, same seed (points) | MACs (M) "
+             "| params (k) | Mem 002 (KiB) | search / train | expansions | step-downs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (bits, name), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 1), kv[0][1])):
+        rs = sorted(rs, key=lambda r: (r["seed"], r.get("draw", 0)))
         accs = [100 * r["test_acc"] for r in rs]
-        sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        acc = f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else f"{accs[0]:.2f}"
+        per_seed = " / ".join(f"{a:.2f}" for a in accs)
+        diffs = [a - orig[(bits, r["seed"])] for a, r in zip(accs, rs) if (bits, r["seed"]) in orig]
+        delta = (f"{statistics.mean(diffs):+.2f} ({' / '.join(f'{d:+.2f}' for d in diffs)})"
+                 if diffs and name != "original" else "")
         ratio = [r["search_over_train"] for r in rs if "search_over_train" in r]
-        lines.append(f"| W{bits}A{bits} | {name} | {len(rs)} | {statistics.mean(accs):.2f} ± {sd:.2f} | "
+        nce = lambda k: "/".join(str(r[k]) for r in rs) if k in rs[0] else ""  # noqa: E731  per seed
+        lines.append(f"| W{bits}A{bits} | {name} | {len(rs)} | {acc} | {per_seed} | {delta} | "
                      f"{statistics.mean(r['macs'] for r in rs) / 1e6:.3f} | "
                      f"{statistics.mean(r['params'] for r in rs) / 1e3:.1f} | "
                      f"{statistics.mean(r['mem_bits'] for r in rs) / 8 / 1024:.1f} | "
-                     f"{f'{statistics.mean(ratio):.2f}x' if ratio else ''} |")
+                     f"{f'{statistics.mean(ratio):.2f}x' if ratio else ''} | {nce('expansions')} | {nce('fit_steps')} |")
     return "\n".join(lines)
 
 

@@ -146,7 +146,8 @@ def test_tiny_search_end_to_end(tmp_path, capsys):
     assert "channels:" in derived and "layers.2.0.conv2" in derived
 
 
-def test_nce_budget_meets_the_002_budget(tmp_path):
+def test_nce_budget_meets_the_002_budget(tmp_path, monkeypatch):
+    import lowbit.search.nce as nce_mod
     from lowbit.config import load_config
     from lowbit.search.nce import NCEOptions, nce_budget
 
@@ -157,6 +158,9 @@ def test_nce_budget_meets_the_002_budget(tmp_path):
     assert row["bits"] == 2 and row["act_bits"] == 4  # 002: b_a = max(b_p, 4) below 4 bits
     assert row["uniform_mem"] <= res["budget_bits"] and row["nce_mem"] <= res["budget_bits"]
     assert (tmp_path / "budget.md").is_file()
+    # a second call reads the finished row back instead of searching again
+    monkeypatch.setattr(nce_mod, "search_nce", lambda *a, **k: pytest.fail("searched a finished row again"))
+    assert nce_budget(cfg, [2], ratio=24, opts=opts, out_dir=tmp_path, train=False)["rows"] == [row]
 
 
 def test_counting_bits_runs_no_forward_pass():

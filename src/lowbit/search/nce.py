@@ -473,7 +473,9 @@ def nce_budget(cfg: Config, bits_list: list[int], ratio: float | None = None, bu
     `lowbit budget`'s widest uniform width (search/budget.py, its quantizers: LSQ, BWN at 1 bit,
     activations at max(b, 4) bits) against NCE's per-layer widths searched at that precision with
     the target Mem = N_p·b_p + N_a·max(b_p, 4) <= M (the same accounting); with ``train`` both are
-    trained from scratch. Does the best precision move? Writes ``budget.json`` and ``budget.md``."""
+    trained from scratch. Does the best precision move? Writes ``budget.json`` and ``budget.md``;
+    rows already in ``budget.json`` for the same budget, model and seed (and trained, if ``train``)
+    are read back, not searched again, so a stopped call resumes at the next precision."""
     from ..train import load_data
     from .budget import budget_table, make_suite
 
@@ -485,8 +487,17 @@ def nce_budget(cfg: Config, bits_list: list[int], ratio: float | None = None, bu
     budget, choices = budget_table(cfg.model.name, list(bits_list), info.in_channels, info.num_classes,
                                    info.image_size, ratio=ratio, budget_kib=budget_kib)
     suite = make_suite(choices, {}, [cfg.train.seed], name="nce-budget")
+    done = {}
+    if (out / "budget.json").is_file():
+        prev = json.loads((out / "budget.json").read_text())
+        if prev.get("budget_bits") == budget and prev.get("model") == cfg.model.name:
+            done = {r["label"]: r for r in prev["rows"]
+                    if r.get("seed") == cfg.train.seed and (not train or "nce_acc" in r)}
     rows = []
     for c, (label, patch) in zip(choices, suite["methods"].items()):
+        if label in done:
+            rows.append(done[label])
+            continue
         d = cfg.to_dict()
         d["plan"] = {**d["plan"], "weight": None, "act": None, **patch.get("plan", {})}
         d["name"] = f"{cfg.name}-{label}"
@@ -495,8 +506,8 @@ def nce_budget(cfg: Config, bits_list: list[int], ratio: float | None = None, bu
         cap = max(opts.cap, math.ceil(10 * 1.25 * c.width) / 10)
         o = NCEOptions(**{**asdict(opts), "target": "mem002", "target_value": budget, "cap": cap})
         res = search_nce(cfg_b, o, out / label / "search", data=data, progress=progress)
-        row = {"label": label, "bits": c.bits, "act_bits": c.act_bits, "uniform_width": c.width,
-               "uniform_mem": c.mem_bits, "nce_mem": res.cost["mem_uniform"], "nce_widths": res.widths,
+        row = {"label": label, "seed": cfg.train.seed, "bits": c.bits, "act_bits": c.act_bits,
+               "uniform_width": c.width, "uniform_mem": c.mem_bits, "nce_mem": res.cost["mem_uniform"], "nce_widths": res.widths,
                "base": res.base, "cap": cap, "search_seconds": res.search_seconds,
                "nce_macs": res.cost["macs"], "nce_params": res.cost["params"], "uniform_params": c.params}
         if train:
@@ -505,9 +516,14 @@ def nce_budget(cfg: Config, bits_list: list[int], ratio: float | None = None, bu
             row["uniform_acc"] = run(uniform, out / label / "uniform", data=data).summary["test_acc"]
             row["nce_acc"] = run(res.config, out / label / "nce", data=data).summary["test_acc"]
         rows.append(row)
-        result = {"budget_bits": budget, "model": cfg.model.name, "rows": rows}
-        (out / "budget.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / "budget.md").write_text(format_budget(result) + "\n")
+        _write_budget(out, budget, cfg.model.name, rows)
+    return _write_budget(out, budget, cfg.model.name, rows)
+
+
+def _write_budget(out: Path, budget: float, model: str, rows: list[dict]) -> dict:
+    result = {"budget_bits": budget, "model": model, "rows": rows}
+    (out / "budget.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "budget.md").write_text(format_budget(result) + "\n")
     return result
 
 
