@@ -1,0 +1,44 @@
+"""Export checks of one integer-mode run on the FULL Fashion-MNIST test set (10,000 images, whatever the
+run's own ``data.limit``): PyTorch integer model, the packed file through NumPy, the C build on every
+image, and the ONNX variants (issue 17: "agreement with PyTorch on all 10,000 test images for every backend").
+
+    PYTHONPATH=src python benchmarks/integer_full_check.py benchmarks/results/mcu/runs/W8A8_int \\
+        --json benchmarks/results/integer_export/full_W8A8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.data import BatchLoader, load_dataset
+from lowbit.export.api import load_run
+from lowbit.export.int_api import export_int_model, format_int_report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir")
+    ap.add_argument("--json", required=True, help="report file (committed)")
+    ap.add_argument("--export-dir", default="/tmp/lowbit_full_check", help="export files (not committed)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    cfg, _, model = load_run(Path(args.run_dir))
+    data = load_dataset(cfg.data.name)  # no limit: the whole test split
+    xs, ys = zip(*BatchLoader(data.test, data.info, 1000))
+    x, y = torch.cat(xs), torch.cat(ys)
+    rep = export_int_model(model, x, args.export_dir, labels=y, c_images=None, latency_repeats=0, log=print)
+    rep.update(run=args.run_dir, seconds=time.perf_counter() - t0)
+    Path(args.json).write_text(json.dumps(rep, indent=1, default=float))
+    print(format_int_report(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
