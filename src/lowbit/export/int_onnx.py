@@ -141,13 +141,7 @@ def _qlinear_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray) -> b
             group=int(op.attrs.get("groups", 1)))
         if mid:
             y = _qlinear_add(b, op, graph, y)
-        else:
-            to = tq[op.output]
-            lo = to.zero if op.attrs.get("relu") else 0
-            if lo > 0 or to.qmax < 255:
-                y = b.node("Clip", [y, b.int_const(base + ".lo", np.array(lo), T.UINT8),
-                                    b.int_const(base + ".hi", np.array(to.qmax), T.UINT8)], base=base)
-        b.node("Identity", [y], op.output)
+        b.node("Identity", [_clip_codes(b, y, op, tq[op.output])], op.output)
         return True
     # residual: accumulator (the residual is rounded into the accumulator before the one
     # requantization): no onnxruntime kernel computes that; an 8-bit intermediate at half the
@@ -175,18 +169,26 @@ def _qlinear_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray) -> b
             b.int_const(base + ".r_zp", np.array(tr.zero), T.UINT8),
             _scalar(b, base + ".o_s", to.scale), b.int_const(base + ".o_zp", np.array(to.zero), T.UINT8)],
             base=base, domain="com.microsoft")
+    b.node("Identity", [_clip_codes(b, y, op, to)], op.output)
+    return True
+
+
+def _clip_codes(b: _Builder, y: str, op: IntOp, to) -> str:
+    """``y`` (uint8) clipped to the output's code range: from its zero after a ReLU, up to ``qmax``
+    (no node when that is uint8's own range)."""
+    from onnx import TensorProto as T
+
     lo = to.zero if op.attrs.get("relu") else 0
     if lo > 0 or to.qmax < 255:
-        y = b.node("Clip", [y, b.int_const(base + ".lo", np.array(lo), T.UINT8),
-                            b.int_const(base + ".hi", np.array(to.qmax), T.UINT8)], base=base)
-    b.node("Identity", [y], op.output)
-    return True
+        y = b.node("Clip", [y, b.int_const(op.name + ".lo", np.array(lo), T.UINT8),
+                            b.int_const(op.name + ".hi", np.array(to.qmax), T.UINT8)], base=op.name)
+    return y
 
 
 def _qlinear_add(b: _Builder, op: IntOp, graph: IntGraph, mid: str) -> str:
     """The output residual add (``attrs["residual"] == "output"``, :func:`.intgraph.residual_output_constants`)
-    as ``QLinearAdd`` (com.microsoft) + ``Clip``: scales ``mid_mult·2^−S``, ``res_mult·2^−S`` and 1
-    make every float32 operation onnxruntime does exact, so it computes the integer model's codes."""
+    as ``QLinearAdd`` (com.microsoft): scales ``mid_mult·2^−S``, ``res_mult·2^−S`` and 1 make every float32
+    operation onnxruntime does exact, so after :func:`_clip_codes` (the caller's) it gives the integer model's codes."""
     from onnx import TensorProto as T
 
     a, base = op.attrs, op.name
@@ -199,10 +201,6 @@ def _qlinear_add(b: _Builder, op: IntOp, graph: IntGraph, mid: str) -> str:
         b.int_const(base + ".r_zp", np.array(tr.zero), T.UINT8),
         _scalar(b, base + ".o_s", 1.0), b.int_const(base + ".o_zp", np.array(to.zero), T.UINT8)],
         base=base, domain="com.microsoft")
-    lo = to.zero if a.get("relu") else 0
-    if lo > 0 or to.qmax < 255:
-        y = b.node("Clip", [y, b.int_const(base + ".lo", np.array(lo), T.UINT8),
-                            b.int_const(base + ".hi", np.array(to.qmax), T.UINT8)], base=base)
     return y
 
 
@@ -248,7 +246,7 @@ def _int_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray, fused: b
     if op.attrs.get("residual") == "output":
         real = real_multiplier(op.mult, op.shift)
         mid = _requant_float(b, acc_f, real, op.attrs["mid_zero"], 0, 255, base, shp)
-        b.node("Identity", [_qlinear_add(b, op, graph, mid)], op.output)
+        b.node("Identity", [_clip_codes(b, _qlinear_add(b, op, graph, mid), op, tq[op.output])], op.output)
         return
     if len(op.inputs) > 1:
         tr = tq[op.inputs[1]]

@@ -42,7 +42,7 @@ import numpy as np
 from ..errors import ConfigError
 from .levels import ActQuant
 from .pack import pack_codes, packed_nbytes, unpack_codes
-from .requant import quantize_multiplier, requantize
+from .requant import quantize_multiplier, requantize, rne_shift
 
 FORMAT = "lowbit.packed.integer"
 VERSION = 2  # 2: conv attrs "residual" (output residual adds); version 1 files load too
@@ -177,24 +177,6 @@ def residual_output_constants(t_out: TensorQ, relu: bool, t_res: TensorQ, where:
     res_mult = int(np.rint(ratio * 2.0**big_s))
     return {"s_mid": s_mid, "attrs": {"residual": "output", "mid_zero": z_mid, "mid_mult": 2 ** (big_s - p)},
             "res_mult": np.int32(res_mult), "res_shift": np.int32(big_s)}
-
-
-def rne_shift(v, s):
-    """``v / 2^s`` rounded half to even (integers; ``s`` >= 0; NumPy or torch int64)."""
-    if isinstance(v, np.ndarray) or np.isscalar(v):
-        v = np.asarray(v, dtype=np.int64)
-        s = np.asarray(s, dtype=np.int64)
-        one = np.int64(1)
-    else:  # torch
-        import torch
-
-        s = torch.as_tensor(np.asarray(s, dtype=np.int64), device=v.device)
-        one = 1
-    fl = v >> s
-    rem = v - fl * (one << s)
-    half = (one << s) >> 1
-    up = (rem > half) | ((rem == half) & (half > 0) & ((fl & 1) == 1))
-    return fl + up
 
 
 def check_accumulator(op: IntOp, t_in: TensorQ, t_res: TensorQ | None) -> None:

@@ -72,6 +72,17 @@ def requantize(x, mult, shift):
     return (((x * mult) >> (t - 1)) + 1) >> 1
 
 
+def rne_shift(v, s):
+    """``v / 2^s`` rounded half to even (NumPy integers, ``s >= 0``): the output residual add's
+    rounding (onnxruntime's float32 ``QLinearAdd``; the C runtime's ``lb_rne_shift``)."""
+    v = np.asarray(v, dtype=np.int64)
+    s = np.asarray(s, dtype=np.int64)
+    fl = v >> s
+    rem = v - (fl << s)
+    half = (np.int64(1) << s) >> 1
+    return fl + ((rem > half) | ((rem == half) & (half > 0) & ((fl & 1) == 1)))
+
+
 def real_multiplier(mult, shift) -> np.ndarray:
     """The real number ``M · 2^(shift − 31)`` a pair stands for (float64)."""
     return np.asarray(mult, dtype=np.float64) * np.exp2(np.asarray(shift, dtype=np.float64) - 31)
