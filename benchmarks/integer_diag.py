@@ -18,7 +18,7 @@ import torch
 
 from lowbit.config import Config
 from lowbit.data import BatchLoader
-from lowbit.export.intgraph import IntReference, run_conv, run_gap
+from lowbit.export.intgraph import IntReference
 from lowbit.intmode import int_graph
 from lowbit.train import load_run, run
 
@@ -50,16 +50,7 @@ def main() -> None:
         h.remove()
     ref, T, env, xn = IntReference(g), g.tensors, {}, xs200.numpy()
     for op in g.ops:
-        if op.kind == "quant_in":
-            env[op.output] = ref.input_codes(xn)
-        elif op.kind == "conv":
-            r = env[op.inputs[1]] if len(op.inputs) > 1 else None
-            env[op.output] = run_conv(op, env[op.inputs[0]], T[op.inputs[0]], r,
-                                      T[op.inputs[1]] if r is not None else None, T.get(op.output))
-        elif op.kind == "gap":
-            env[op.output] = run_gap(op, env[op.inputs[0]], T[op.inputs[0]], T[op.output])
-        elif op.kind == "flatten":
-            env[op.output] = env[op.inputs[0]].reshape(len(xn), -1)
+        env[op.output] = ref.run_op(op, env, xn)
         if op.output in cap:
             t = T[op.output]
             cf = np.rint(cap[op.output].numpy() / t.scale) + t.zero

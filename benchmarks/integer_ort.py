@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from lowbit.data import BatchLoader, load_dataset
-from lowbit.export.intgraph import IntReference, run_conv, run_gap, run_maxpool
+from lowbit.export.intgraph import IntReference
 
 
 def calibrated(bits: int):
@@ -44,29 +44,6 @@ def calibrated(bits: int):
         for x in xs[:3]:
             m(x)
     return m.eval()
-
-
-def reference_env(graph, xn: np.ndarray) -> dict:
-    """Every tensor's codes from the NumPy reference (the integer model)."""
-    ref, T, env = IntReference(graph), graph.tensors, {}
-    for op in graph.ops:
-        env[op.output] = run_op(op, env, T, ref, xn)
-    return env
-
-
-def run_op(op, env, T, ref, xn):
-    if op.kind == "quant_in":
-        return ref.input_codes(xn)
-    if op.kind == "conv":
-        r = env[op.inputs[1]] if len(op.inputs) > 1 else None
-        return run_conv(op, env[op.inputs[0]], T[op.inputs[0]], r, T[op.inputs[1]] if r is not None else None,
-                        T.get(op.output))
-    if op.kind == "gap":
-        return run_gap(op, env[op.inputs[0]], T[op.inputs[0]], T[op.output])
-    if op.kind == "maxpool":
-        return run_maxpool(op, env[op.inputs[0]])
-    v = env[op.inputs[0]]
-    return v.reshape(v.shape[0], -1)
 
 
 def with_outputs(model, names):
@@ -94,9 +71,10 @@ def agreement(graph, models: dict, xn: np.ndarray, batch: int = 500) -> dict:
         onames = [o.name for o in sess.get_outputs()]
         stats = defaultdict(lambda: [0, 0, 0, 0])  # equal, local-equal, count, max diff
         pred_same = 0
+        ref = IntReference(graph)
         for i in range(0, len(xn), batch):
             xb = xn[i: i + batch]
-            env = reference_env(graph, xb)
+            env = ref.tensors(xb)
             res = dict(zip(onames, sess.run(None, {sess.get_inputs()[0].name: xb.astype(np.float32)})))
             ort_env = {n: res[n].astype(np.int64).reshape(env[n].shape) for n in names}
             ort_env.update({n: ort_env[op.inputs[0]].reshape(len(xb), -1) for op in graph.ops if op.kind == "flatten"
@@ -105,7 +83,7 @@ def agreement(graph, models: dict, xn: np.ndarray, batch: int = 500) -> dict:
                 if op.output not in names:
                     continue
                 a, r = ort_env[op.output], env[op.output]
-                loc = run_op(op, ort_env, T, IntReference(graph), xb)
+                loc = ref.run_op(op, ort_env, xb)
                 s = stats[op.output]
                 s[0] += int((a == r).sum())
                 s[1] += int((a == loc).sum())

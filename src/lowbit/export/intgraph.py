@@ -291,27 +291,35 @@ class IntReference:
         op = self.graph.ops[0]
         return (op.act.codes(np.asarray(x, dtype=_F32)) - op.act.qmin).astype(np.int64)
 
-    def _run(self, x: np.ndarray, codes: bool) -> np.ndarray:
-        g = self.graph
-        T = g.tensors
+    def run_op(self, op: IntOp, env: dict[str, np.ndarray], x: np.ndarray | None = None,
+               codes: bool = False) -> np.ndarray:
+        """The output codes of ``op`` from the tensors in ``env`` (``x``: the network input, read by
+        ``quant_in``; ``codes=True``: ``x`` are already input codes)."""
+        T = self.graph.tensors
+        if op.kind == "quant_in":
+            return x.astype(np.int64) if codes else self.input_codes(x)
+        if op.kind == "conv":
+            res = env[op.inputs[1]] if len(op.inputs) > 1 else None
+            t_res = T[op.inputs[1]] if len(op.inputs) > 1 else None
+            return run_conv(op, env[op.inputs[0]], T[op.inputs[0]], res, t_res, T.get(op.output))
+        if op.kind == "gap":
+            return run_gap(op, env[op.inputs[0]], T[op.inputs[0]], T[op.output])
+        if op.kind == "maxpool":
+            return run_maxpool(op, env[op.inputs[0]])
+        if op.kind == "flatten":
+            v = env[op.inputs[0]]
+            return v.reshape(v.shape[0], -1)
+        raise ConfigError(f"integer graph: unknown op kind '{op.kind}'")  # pragma: no cover
+
+    def tensors(self, x: np.ndarray, codes: bool = False) -> dict[str, np.ndarray]:
+        """Every tensor of the network on one batch ``x`` (name -> codes; the output: logits)."""
         env: dict[str, np.ndarray] = {}
-        for op in g.ops:
-            if op.kind == "quant_in":
-                env[op.output] = x.astype(np.int64) if codes else self.input_codes(x)
-            elif op.kind == "conv":
-                res = env[op.inputs[1]] if len(op.inputs) > 1 else None
-                t_res = T[op.inputs[1]] if len(op.inputs) > 1 else None
-                env[op.output] = run_conv(op, env[op.inputs[0]], T[op.inputs[0]], res, t_res, T.get(op.output))
-            elif op.kind == "gap":
-                env[op.output] = run_gap(op, env[op.inputs[0]], T[op.inputs[0]], T[op.output])
-            elif op.kind == "maxpool":
-                env[op.output] = run_maxpool(op, env[op.inputs[0]])
-            elif op.kind == "flatten":
-                v = env[op.inputs[0]]
-                env[op.output] = v.reshape(v.shape[0], -1)
-            else:  # pragma: no cover
-                raise ConfigError(f"integer graph: unknown op kind '{op.kind}'")
-        return env[g.output]
+        for op in self.graph.ops:
+            env[op.output] = self.run_op(op, env, x, codes)
+        return env
+
+    def _run(self, x: np.ndarray, codes: bool) -> np.ndarray:
+        return self.tensors(x, codes)[self.graph.output]
 
 
 # ---------------------------------------------------------------------------------------------
