@@ -115,15 +115,13 @@ def untrained_integer_model(cfg, data):
     return m.eval()
 
 
-def fp32_twin_of_int_run(run_dir: Path, x: torch.Tensor):
+def fp32_twin_of_int_run(cfg, info, run_dir: Path, x: torch.Tensor):
     """The FP32 network of an integer-mode run that has no float-mode run (MobileNetV2): the same model,
     unquantized, with the run's latent weights (lowbit.pretrained.load_weights); lowered and made the FP32
     twin. Its cost does not depend on the weight values; it has no trained accuracy of its own."""
     from lowbit.models import create_model
     from lowbit.pretrained import load_weights
 
-    cfg, data, _ = load_run(run_dir)
-    info = data.info
     m = create_model(cfg.model.name, in_channels=info.in_channels, num_classes=info.num_classes,
                      image_size=info.image_size, **cfg.model.options)
     load_weights(m, run_dir)
@@ -138,10 +136,13 @@ def run_label(label: str, n_qemu: int, cg_images: int, saved: dict | None = None
     res: dict = {"label": label}
     builds = {}
     frun, irun = OUT / "runs" / label, OUT / "runs" / f"{label}_int"
-    if (frun / "best.pt").is_file():
-        cfg, data, model = load_run(frun)
-        x = test_images(data, n_qemu)
-        xt = torch.from_numpy(x)
+    src = frun if (frun / "best.pt").is_file() else irun
+    if not (src / "best.pt").is_file():
+        raise LowbitError(f"{label}: neither {frun} nor {irun} holds a trained run")
+    cfg, data, model = load_run(src)
+    x = test_images(data, n_qemu)
+    xt = torch.from_numpy(x)
+    if src == frun:
         res["accuracy"] = json.loads((frun / "summary.json").read_text()).get("test_acc")
         res["mem_002"] = _mem_002(model, xt)
         graph = lower(model, xt[:2])
@@ -153,32 +154,24 @@ def run_label(label: str, n_qemu: int, cg_images: int, saved: dict | None = None
         for k in kinds:
             builds[f"float/{k}"] = one_build(f"float/{k}", graph, BUILD / label / f"float_{k}", x, want, k,
                                              cg_images)
-    elif saved and "builds" in saved and (irun / "best.pt").is_file():
+    elif saved and "builds" in saved:
         # the float-mode run folder is not kept: its rows (and host builds, for the wall step) are reused
-        cfg, data, _ = load_run(irun)
-        x = test_images(data, n_qemu)
-        xt = torch.from_numpy(x)
         for k in ("accuracy", "mem_002"):
             res[k] = saved.get(k)
         builds.update({k: b for k, b in saved["builds"].items() if not k.startswith("int/")})
         res["float_reused"] = True
         print("  fp32, float/*: reused from results.json", flush=True)
-    elif (irun / "best.pt").is_file():  # an integer-only label: the FP32 twin from the run's latent weights
-        cfg, data, _ = load_run(irun)
-        x = test_images(data, n_qemu)
-        xt = torch.from_numpy(x)
-        fm, fg = fp32_twin_of_int_run(irun, xt)
+    else:  # an integer-only label: the FP32 twin from the run's latent weights
+        fm, fg = fp32_twin_of_int_run(cfg, data.info, irun, xt)
         res["mem_002"] = _mem_002(fm, xt)
         res["fp32_from_int_run"] = True
         builds["fp32"] = one_build("fp32", fg, BUILD / label / "fp32", x, IntegerReference(fg).run(x), "int",
                                    cg_images)
-    else:
-        raise LowbitError(f"{label}: neither {frun} nor {irun} holds a trained run")
     from lowbit.export.intgraph import IntReference
     from lowbit.intmode import int_graph
 
     if (irun / "best.pt").is_file():
-        _, _, imodel = load_run(irun)
+        imodel = model if src == irun else load_run(irun)[2]
         res["accuracy_int"] = json.loads((irun / "summary.json").read_text()).get("test_acc")
     else:  # cost only: an untrained integer-mode model, BN statistics and ranges from training images
         imodel = untrained_integer_model(cfg, data)
