@@ -242,14 +242,16 @@ class _LSQFn(torch.autograd.Function):
                 gs = (gs * gscale).reshape(s.shape)
             return gv, gs, None, None, None
         if cpu_scalar:
-            # the activation path: fused aten passes, bit-identical to the masks below
+            # the activation path: one fused aten pass for the input gradient (bit-identical to the
+            # masks below) and two read-only dot products for the step gradient. With q/s =
+            # clamp(round(v/s), -Qn, Qp), eq. 3's d v_hat/d s is q/s - (v/s)·1[inside] everywhere
+            # (Qp above, -Qn below, round(v/s) - v/s inside), so
+            #     dL/ds = (Σ g·q - Σ g·1[inside]·v) / s = (g·q - gv·v) / s
+            # (the same sums as the masks, in another order; no mask or difference tensor is written)
             gv = _aten.hardtanh_backward(g, v, lo, hi)  # g where lo < v < hi (strict, eq. 3)
             gs = None
             if ctx.needs_input_grad[1]:
-                gs = torch.dot(gv.reshape(-1), (q - v).reshape(-1)) / s
-                gs = gs + qp * _aten.threshold_backward(g, v, _next_float(hi, v.dtype, False)).sum()  # v >= hi
-                if qn:  # v <= lo
-                    gs = gs - qn * _aten.hardtanh_backward(g, v, -math.inf, _next_float(lo, v.dtype, True)).sum()
+                gs = (torch.dot(g.reshape(-1), q.reshape(-1)) - torch.dot(gv.reshape(-1), v.reshape(-1))) / s
                 gs = (gs * gscale).reshape(s.shape)
             return gv, gs, None, None, None
         above = v >= hi
