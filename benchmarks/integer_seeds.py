@@ -9,7 +9,9 @@ rows that separate the causes of the gap:
   exactly as integer mode quantizes them (LSQ per-channel 8-bit weights; the input signed 8-bit
   LSQ, the classifier input the plan's activation quantizer at 8 bits): today minus this row is
   what the 8-bit ends cost;
-* ``WxAx integer``: ``plan.integer: true`` (the integer network).
+* ``WxAx integer``: ``plan.integer: true`` (the integer network);
+* ``WxAx integer out r8``: the same with ``integer_residual: output`` and
+  ``integer_residual_bits: 8`` (residual operands and the pooled tensor stored at 8 bits).
 
     python benchmarks/integer_seeds.py --rows "W2A2 integer" --seeds 0       # slot
     python benchmarks/integer_seeds.py --jobs "W2A2 integer:1,W2A2 today:1"  # slot; in this order
@@ -37,6 +39,9 @@ def rows() -> dict:
                                  "act": {"name": "lsq", "bits": 8, "signed": True}},
                        "fc": {"weight": {"name": "lsq", "bits": 8, "per_channel": True}, "act": {"bits": 8}}}}}
         r[f"W{b}A{b} integer"] = {"plan": {**plan, "integer": True}}
+        # the output residual add (onnxruntime-exact) with an 8-bit residual stream
+        r[f"W{b}A{b} integer out r8"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
+                                                  "integer_residual_bits": 8}}
     return r
 
 

@@ -183,14 +183,16 @@ def test_every_backend(which, resnet_int, tmp_path):
         assert {"ConvInteger", "MatMulInteger", "MaxPool"} <= ops
 
 
-def test_mobilenetv2_integer_graph():
+@pytest.mark.parametrize("residual_bits", [None, 8])
+def test_mobilenetv2_integer_graph(residual_bits):
     """MobileNetV2 (depthwise convs, fused residual adds) in integer mode equals its integer graph;
-    the C build of depthwise/grouped convs and residuals is checked by test_every_backend."""
+    the C build of depthwise/grouped convs and residuals is checked by test_every_backend. Its
+    residual stream is a linear bottleneck (no ReLU): with integer_residual_bits it keeps its sign."""
     from lowbit.export.intgraph import IntReference
     from lowbit.intmode import int_graph
 
     m = _ready(create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=16, width=0.25), (1, 16, 16),
-               passes=1, batch=4)
+               plan={**INT_W2A2, "integer_residual_bits": residual_bits}, passes=1, batch=4)
     x = _x(2, (1, 16, 16))
     with torch.no_grad():
         y = m(x).numpy()
@@ -198,6 +200,11 @@ def test_mobilenetv2_integer_graph():
     assert any(op.attrs.get("groups", 1) > 1 for op in g.ops if op.kind == "conv")  # depthwise
     assert any(len(op.inputs) == 2 for op in g.ops if op.kind == "conv")  # fused residual adds
     assert np.array_equal(y, IntReference(g).run(x.numpy()))
+    res = [g.tensors[op.inputs[1]] for op in g.ops if op.kind == "conv" and len(op.inputs) == 2]
+    # the bottleneck outputs: signed 8-bit codes (the stem's post-ReLU output: unsigned), or the next conv's
+    # unsigned 2-bit codes (negative values lost)
+    assert {(t.bits, t.zero) for t in res} == ({(8, 0), (8, 128)} if residual_bits else {(2, 0)})
+    assert sum(t.zero == 128 for t in res) == (len(res) - 1 if residual_bits else 0)
 
 
 def test_integer_mode_errors():
@@ -275,9 +282,12 @@ def test_output_residual_add_is_onnxruntime_qlinearadd_and_never_clamps_wrongly(
 
 
 @needs_cc
-def test_output_residual_every_backend_bit_exact(tmp_path):
+@pytest.mark.parametrize("residual_bits", [None, 8])
+def test_output_residual_every_backend_bit_exact(tmp_path, residual_bits):
     """integer_residual: output: the fused onnxruntime model (QLinearConv + QLinearAdd) and the
-    ConvInteger one compute the integer model bit for bit, like NumPy and C."""
+    ConvInteger one compute the integer model bit for bit, like NumPy and C; also with an 8-bit
+    residual stream (integer_residual_bits: 8: the block input is stored at 8 bits, the conv that
+    reads it gets it through a requantization to 2 bits)."""
     pytest.importorskip("onnxruntime")
     from lowbit.export import onnx_export as ox
     from lowbit.export.c_export import run_c
@@ -288,12 +298,25 @@ def test_output_residual_every_backend_bit_exact(tmp_path):
 
     torch.manual_seed(0)
     m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25)
-    m = _ready(m, (1, 28, 28), plan={**INT_W2A2, "integer_residual": "output"})
+    m = _ready(m, (1, 28, 28), plan={**INT_W2A2, "integer_residual": "output", "integer_residual_bits": residual_bits})
     x = _x(24, (1, 28, 28), seed=3)
     with torch.no_grad():
         y = m(x).numpy()
     g = int_graph(m, x[:1])
     assert sum(op.attrs.get("residual") == "output" for op in g.ops) == 3
+    requant = [op for op in g.ops if op.attrs.get("role") == "requant"]
+    if residual_bits:
+        # the identity block's input (read by its conv1 and its residual add) and the pooled tensor
+        # are 8-bit; conv1 reads the block input through the one requantization to 2 bits
+        (rq,) = requant
+        first = next(op for op in g.ops if op.name == "layers.0.0.conv1")
+        assert rq.output == first.inputs[0] and g.tensors[rq.inputs[0]].bits == 8 and g.tensors[rq.output].bits == 2
+        assert g.tensors[next(op for op in g.ops if op.kind == "gap").inputs[0]].bits == 8
+        assert g.tensors[first.inputs[0]].scale > g.tensors[rq.inputs[0]].scale
+        calls = [n.target for n in m._lowbit_state.integer.gm.graph.nodes if n.op == "call_module"]
+        assert calls.index("layers.0.0.conv1.input_quantizer") == calls.index("conv1.output_quantizer") + 1
+    else:
+        assert not requant and all(t.bits in (2, 8) for t in g.tensors.values())
     xn = x.numpy()
     assert np.array_equal(IntReference(g).run(xn).view(np.uint32), y.view(np.uint32))
     ops = set()
@@ -307,3 +330,7 @@ def test_output_residual_every_backend_bit_exact(tmp_path):
     with pytest.raises(ConfigError, match="integer_residual is an integer-mode setting"):
         quantize(GroupedNet(), {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2},
                                 "integer_residual": "output"})
+    with pytest.raises(ConfigError, match="integer_residual_bits is an integer-mode setting"):
+        quantize(GroupedNet(), {"weight": {"name": "sawb", "bits": 2}, "integer_residual_bits": 8})
+    with pytest.raises(ConfigError, match="integer_residual_bits"):
+        quantize(GroupedNet(), {**INT_W2A2, "integer_residual_bits": 9})

@@ -184,6 +184,8 @@ class IntState:
     output: fx.Node
     group: dict[str, str]  # tensor node name -> root tensor node name (pass-through ops share codes)
     quantizer: dict[str, str]  # root tensor node name -> quantizer module path
+    narrow: dict[str, str] = field(default_factory=dict)  # tensor read by convs at fewer bits than it is stored
+    #                                                       (integer_residual_bits) -> their input quantizer
     cache: tuple | None = None
 
 
@@ -221,23 +223,33 @@ def integerize(model: nn.Module, state) -> None:
                 raise ConfigError(f"integer mode: layer '{u.name}' reads '{t.name}', which is not a quantized tensor")
             readers.setdefault(group[t.name], []).append((u, role))
     quantizer: dict[str, str] = {}
+    narrow: dict[str, str] = {}
     producer = {u.node.name: u for u in units}
     plan = state.plan
+    wide_bits = plan.integer_residual_bits
     for root in dict.fromkeys(group.values()):
-        convs = [u for u, role in readers.get(root, []) if u.kind == "conv" and role == "main"]
+        rd = readers.get(root, [])
+        convs = [u for u, role in rd if u.kind == "conv" and role == "main"]
+        pu = producer.get(root)
+        # a tensor that is also added as a residual or pooled is stored at integer_residual_bits;
+        # its convs read it requantized to their own input bits (one shared quantizer)
+        # (signed when its producer has no ReLU: a linear bottleneck's residual stream keeps its sign)
+        wide = wide_bits is not None and pu is not None and any(role == "res" or u.kind == "gap" for u, role in rd)
         if convs:
             q = convs[0].module.input_quantizer
             for u in convs[1:]:
                 u.module.input_quantizer = q  # one tensor, one set of codes
-            quantizer[root] = f"{convs[0].name}.input_quantizer"
-            continue
-        pu = producer.get(root)
+            if wide and (not pu.relu or q.bits < wide_bits):
+                narrow.update({u.inp.name: f"{convs[0].name}.input_quantizer" for u in convs})
+            else:
+                quantizer[root] = f"{convs[0].name}.input_quantizer"
+                continue
         if pu is None:
             raise ConfigError("integer mode: the network input is not read by a conv/linear")
         if pu.relu:
-            q = build_from_spec(plan.act, "act")
+            q = build_from_spec(plan.act.merged({"bits": wide_bits}) if wide else plan.act, "act")
         else:
-            q = build_quantizer(SIGNED_ACT["name"], SIGNED_ACT["bits"], role="act", signed=True)
+            q = build_quantizer(SIGNED_ACT["name"], wide_bits if wide else SIGNED_ACT["bits"], role="act", signed=True)
         pu.module.output_quantizer = q
         quantizer[root] = f"{pu.name}.output_quantizer"
     # the training graph: one quantizer call after every tensor's producer
@@ -247,9 +259,20 @@ def integerize(model: nn.Module, state) -> None:
         with g.inserting_after(node):
             qn = g.call_module(path, (node,))
         node.replace_all_uses_with(qn, delete_user_cb=lambda user, qn=qn: user is not qn)
+    # ... and a wide tensor's convs read it through their (narrower) input quantizer
+    nodes = {n.name: n for n in g.nodes}
+    narrowed: dict[fx.Node, fx.Node] = {}
+    for u in units:
+        if u.kind == "conv" and u.inp.name in narrow:
+            cn = nodes[u.nodes[0].name]
+            src = cn.args[0]
+            if src not in narrowed:
+                with g.inserting_after(src):
+                    narrowed[src] = g.call_module(narrow[u.inp.name], (src,))
+            cn.args = (narrowed[src],) + tuple(cn.args[1:])
     g.lint()
     train_gm = fx.GraphModule(model, g)
-    state.integer = IntState(train_gm, units, inp, out, group, quantizer)
+    state.integer = IntState(train_gm, units, inp, out, group, quantizer, narrow)
     del mods
 
     def forward(x):
@@ -330,8 +353,15 @@ def int_graph(model: nn.Module, example: torch.Tensor):
                 mult, shift = quantize_multiplier(np.array([ti.scale / (hw * to.scale)]))
                 ops.append(IntOp("gap", u.name, [u.inp.name], u.node.name, i_shape, o_shape, mult=mult, shift=shift))
             else:
+                inp = u.inp.name
+                if inp in ist.narrow:  # a wide tensor, read at the conv's own input bits
+                    path, inp = ist.narrow[inp], f"{inp}__narrow"
+                    if inp not in tensors:
+                        tensors[inp] = tensor_q(act_quant(mods[path], path), path)
+                        ops.append(_requant_op(path.rsplit(".", 1)[0] + ".input_requant", u.inp.name, inp, i_shape,
+                                               tensors, conv_constants, IntOp))
                 ops.append(_conv_op(u, i_shape, o_shape, tensors, bn_affine, _weight, integer_form,
-                                    conv_constants, check_accumulator, IntOp, state.plan.integer_residual))
+                                    conv_constants, check_accumulator, IntOp, state.plan.integer_residual, inp))
         return IntGraph(ops, tensors, in_name, ist.output.name, tuple(shapes[in_name]),
                         tuple(shapes[ist.output.name]))
     finally:
@@ -358,8 +388,21 @@ def _symmetric_form(levels: np.ndarray):
     return None
 
 
+def _requant_op(name: str, src: str, dst: str, shape, tensors, conv_constants, IntOp):
+    """``dst``'s codes from ``src``'s (the same real tensor on a narrower grid): a depthwise 1x1
+    conv with unit weights, so that every backend's conv kernel computes it:
+    ``clamp(requantize(q − zero_src, mult, shift) + zero_dst, 0, qmax_dst)`` with
+    ``mult·2^−shift ≈ scale_src / scale_dst``."""
+    c = int(shape[0])
+    k = conv_constants(np.full(c, tensors[src].scale), np.zeros(c), tensors[dst].scale, None, dst)
+    return IntOp("conv", name, [src], dst, tuple(shape), tuple(shape),
+                 attrs={"layer": "conv", "kernel": [1, 1], "stride": [1, 1], "padding": [0, 0], "groups": c,
+                        "relu": False, "role": "requant"},
+                 codes=np.zeros((c, 1, 1, 1), np.uint8), wbits=1, wquant="unit", lut=np.array([[1, 1]], np.int16), **k)
+
+
 def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_form, conv_constants,
-             check_accumulator, IntOp, residual: str = "accumulator"):
+             check_accumulator, IntOp, residual: str = "accumulator", inp: str | None = None):
     m = u.module
     if isinstance(m, nn.Conv2d):
         if m.dilation not in (1, (1, 1)) or m.padding_mode != "zeros" or isinstance(m.padding, str):
@@ -389,7 +432,8 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
         g, h = np.ones(o), np.zeros(o)
     if m.bias is not None:
         h = h + g * m.bias.detach().double().numpy()
-    t_in = tensors[u.inp.name]
+    inp = inp or u.inp.name
+    t_in = tensors[inp]
     t_out = tensors.get(u.node.name)
     t_res = tensors[u.res.name] if u.res is not None else None
     eff = g * sw * t_in.scale
@@ -403,7 +447,7 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
     else:
         c = conv_constants(eff, h, None if t_out is None else t_out.scale, None if t_res is None else t_res.scale,
                            u.name)
-    inputs = [u.inp.name] + ([u.res.name] if u.res is not None else [])
+    inputs = [inp] + ([u.res.name] if u.res is not None else [])
     op = IntOp("conv", u.name, inputs, u.node.name, i_shape, o_shape, attrs=attrs, codes=w.codes, wbits=w.bits,
                wquant=w.quantizer, lut=m_lut.astype(np.int16), **c)
     check_accumulator(op, t_in, t_res)

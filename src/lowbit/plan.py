@@ -12,6 +12,8 @@ A plan is plain data (YAML-loadable, printable, saved next to every run)::
     method: {name: ste}                    # how the quantized weight is trained (see lowbit.methods)
     integer: false                         # true: integer-deployable QAT (lowbit.intmode): eval runs the integer model
     integer_residual: accumulator          # integer mode's residual add: accumulator | output (= onnxruntime QLinearAdd)
+    integer_residual_bits: null            # integer mode: bits of the tensors added as residuals or pooled (null: the
+                                           #   next conv's input bits); convs read them requantized to their own bits
 
 Quantizer options go beside ``name`` and ``bits`` (``{name: lsq, bits: 2, per_channel: true}``).
 ``resolve(model)`` turns a plan into one :class:`LayerPlan` per conv/linear layer.
@@ -83,6 +85,7 @@ class Plan(BaseModel):
     method: MethodSpec = Field(default_factory=MethodSpec)
     integer: bool = False
     integer_residual: Literal["accumulator", "output"] = "accumulator"
+    integer_residual_bits: int | None = Field(default=None, ge=2, le=8)
 
     @model_validator(mode="before")
     @classmethod
@@ -96,6 +99,8 @@ class Plan(BaseModel):
     def _residual_needs_integer(self):
         if self.integer_residual != "accumulator" and not self.integer:
             raise ValueError("integer_residual is an integer-mode setting: set integer: true")
+        if self.integer_residual_bits is not None and not self.integer:
+            raise ValueError("integer_residual_bits is an integer-mode setting: set integer: true")
         return self
 
     # -- construction --------------------------------------------------------------------------
