@@ -38,6 +38,14 @@ def test_clip_round_backward_is_the_mask_formula(dtype, low):
     inside = (x >= lo) & (x <= hi)
     assert torch.equal(xr.grad, g * inside)
     assert torch.equal(hr.grad, (g * (x > hi)).sum().to(hr.grad.dtype))
+    # nothing below lo (a post-ReLU input): the clip gradient is sum(g) − sum(g·inside), the same terms
+    xp = x.clamp(min=lo)
+    xr, hr = xp.clone().requires_grad_(True), high_t.clone().requires_grad_(True)
+    _ClipRound.apply(xr, low_t, hr, 3).backward(g)
+    assert torch.equal(xr.grad, g * ((xp >= lo) & (xp <= hi)))
+    want = float((g.double() * (xp > hi)).sum())
+    tol = 16 * torch.finfo(dtype).eps * float(g.abs().sum()) + torch.finfo(hr.dtype).eps * abs(want)
+    assert abs(float(hr.grad) - want) <= tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

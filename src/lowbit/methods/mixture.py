@@ -28,6 +28,7 @@ exactly Q_1 whatever the mode.
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -302,7 +303,7 @@ class _FusedMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, c: Tensor, plan: tuple, *tensors: Tensor) -> Tensor:
-        ctx.compiled = None
+        ctx.compiled, ctx.xmin = None, None
         if all(n is not None for n in plan) and _compiled.active(x) and c.dtype == x.dtype:
             b = [_bounds(tensors[2 * k], tensors[2 * k + 1], n) for k, n in enumerate(plan)]
             if all(isinstance(v, float) for lo, hi, st in b for v in (lo, hi, st)):
@@ -326,6 +327,9 @@ class _FusedMix(torch.autograd.Function):
                 i += 2
         _clip_values(x, clips, qs)
         clips = [r if r is None else r[:2] for r in clips]
+        # the smallest input, read once on CPU when a clip gradient is wanted (see clip_sum_above)
+        ctx.xmin = float(x.min()) if x.device.type == "cpu" and x.numel() and any(
+            ctx.needs_input_grad[3 + i] for i in range(len(tensors))) else None
         out = torch.mul(qs[0], cf[0])
         for ck, qk in zip(cf[1:], qs[1:]):
             out.add_(qk, alpha=ck)
@@ -360,13 +364,19 @@ class _FusedMix(torch.autograd.Function):
                 rng, w = groups.get(key, (r, 0.0))
                 groups[key] = (rng, w + cf[k])
         gx = None
+        inside: dict = {}  # a float range -> sum(g·1[lo <= x <= hi]), for the clip gradients below
+        pos = list(accumulate((1 if n is None else 2 for n in ctx.plan), initial=3))  # each member's first input
+        need_high = any(ctx.needs_input_grad[pos[k] + 1] for k, n in enumerate(ctx.plan) if n is not None)
         if ctx.needs_input_grad[0]:
-            for (lo, hi), w in groups.values():
+            for key, ((lo, hi), w) in groups.items():
                 part = clip_mask_grad(g, x, lo, hi)
+                if need_high and isinstance(key, tuple) and ctx.xmin is not None and ctx.xmin >= lo:
+                    inside[hi] = part.sum()  # no x below lo: sum(g·1[x > hi]) = sum(g) − this
                 if gx is None:
                     gx = part if w == 1.0 else part.mul_(w)
                 else:
                     gx.add_(part, alpha=w)
+        gsum = g.sum() if inside else None
         grads, i, above = [], 3, {}
         for k, n in enumerate(ctx.plan):
             if n is None:
@@ -378,7 +388,7 @@ class _FusedMix(torch.autograd.Function):
                 hi = ctx.clips[k][1]
                 key = hi if isinstance(hi, float) else k
                 if key not in above:
-                    above[key] = clip_sum_above(g, x, hi)
+                    above[key] = gsum - inside[hi] if key in inside else clip_sum_above(g, x, hi)
                 ghigh = (above[key] * cf[k]).reshape(())
             grads += [None, ghigh]
             i += 2

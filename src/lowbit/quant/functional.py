@@ -125,6 +125,7 @@ class _ClipRound(torch.autograd.Function):
         q, lo, hi = clip_round_values(x, low, high, n_steps)
         ctx.save_for_backward(x)
         ctx.range = (lo, hi)
+        ctx.none_below = ctx.needs_input_grad[2] and none_below(x, lo)
         return q
 
     @staticmethod
@@ -135,8 +136,11 @@ class _ClipRound(torch.autograd.Function):
             r = _compiled.clip_bwd(g, x, lo, hi)
             if r is not None:
                 return r[0], None, r[1].reshape(()) if ctx.needs_input_grad[2] else None, None
-        ghigh = clip_sum_above(g, x, hi).reshape(()) if ctx.needs_input_grad[2] else None
-        return clip_mask_grad(g, x, lo, hi), None, ghigh, None
+        gx = clip_mask_grad(g, x, lo, hi)
+        ghigh = None
+        if ctx.needs_input_grad[2]:
+            ghigh = (clip_sum_above(g, x, hi, gx) if ctx.none_below else clip_sum_above(g, x, hi)).reshape(())
+        return gx, None, ghigh, None
 
 
 def clip_round_values(x: Tensor, low: Tensor, high: Tensor, n_steps: int):
@@ -168,8 +172,19 @@ def clip_mask_grad(g: Tensor, x: Tensor, lo, hi) -> Tensor:
     return g * (x >= lo).logical_and_(x <= hi)
 
 
-def clip_sum_above(g: Tensor, x: Tensor, hi) -> Tensor:
-    """``sum(g·1[x > hi])`` (PACT's clip gradient), one fused pass for a float ``hi``."""
+def none_below(x: Tensor, lo) -> bool:
+    """True when no entry of ``x`` lies below a float ``lo`` (a post-ReLU input of a clip at 0), read
+    in the forward on CPU (one read-only pass; no host synchronisation is added on other devices)."""
+    return isinstance(lo, float) and x.device.type == "cpu" and x.numel() > 0 and bool(x.min() >= lo)
+
+
+def clip_sum_above(g: Tensor, x: Tensor, hi, inside: Tensor | None = None) -> Tensor:
+    """``sum(g·1[x > hi])`` (PACT's clip gradient), one fused pass for a float ``hi``. Given
+    ``inside = g·1[lo <= x <= hi]`` of an ``x`` with nothing below ``lo`` (:func:`none_below`), it is
+    ``sum(g) − sum(inside)``: two read-only sums instead of a masked tensor (the same terms; float32
+    sums of 10^6 terms agree to ~1e-6 relative)."""
+    if inside is not None:
+        return g.sum() - inside.sum()
     if isinstance(hi, float):
         return _aten.threshold_backward(g, x, hi).sum()
     return (g * (x > hi)).sum()
