@@ -4,6 +4,9 @@ image, and the ONNX variants (issue 17: "agreement with PyTorch on all 10,000 te
 
     PYTHONPATH=src python benchmarks/integer_full_check.py benchmarks/results/mcu/runs/W8A8_int \\
         --json benchmarks/results/integer_export/full_W8A8.json
+
+``--residual output`` exports the run's weights with ``integer_residual: output`` instead of the
+run's own residual add (the same trained network, the onnxruntime-exact add; the report says so).
 """
 
 from __future__ import annotations
@@ -26,15 +29,23 @@ def main(argv=None) -> int:
     ap.add_argument("--json", required=True, help="report file (committed)")
     ap.add_argument("--export-dir", default="/tmp/lowbit_full_check", help="export files (not committed)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--residual", choices=("accumulator", "output"), default=None,
+                    help="export with this integer_residual instead of the run's")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     cfg, _, model = load_run(Path(args.run_dir))
+    plan = model._lowbit_state.plan
+    trained_with = plan.integer_residual
+    if args.residual:
+        plan.integer_residual = args.residual
+        model._lowbit_state.integer.cache = None
     data = load_dataset(cfg.data.name)  # no limit: the whole test split
     xs, ys = zip(*BatchLoader(data.test, data.info, 1000))
     x, y = torch.cat(xs), torch.cat(ys)
     rep = export_int_model(model, x, args.export_dir, labels=y, c_images=None, latency_repeats=0, log=print)
-    rep.update(run=args.run_dir, seconds=time.perf_counter() - t0)
+    rep.update(run=args.run_dir, seconds=time.perf_counter() - t0, integer_residual=plan.integer_residual,
+               trained_with_integer_residual=trained_with, integer_residual_bits=plan.integer_residual_bits)
     Path(args.json).write_text(json.dumps(rep, indent=1, default=float))
     print(format_int_report(rep))
     return 0

@@ -15,6 +15,11 @@ input quantizers) and then:
    operand, the input of a global pooling) gets an ``output_quantizer`` on its producer: the
    plan's activation quantizer after a ReLU, signed 8-bit LSQ otherwise (projection shortcuts,
    linear bottlenecks). The residual operand of an add is therefore a quantized tensor;
+   with ``plan.integer_residual_bits: N`` a tensor that is added as a residual or pooled is
+   stored at N bits instead (the plan's activation quantizer at N bits after a ReLU, signed N-bit
+   LSQ otherwise: a linear bottleneck's residual stream keeps its sign), and the convs that read it
+   get it through their own input quantizer: in the integer graph one requantization per such
+   tensor (a depthwise 1x1 conv with unit weights, ``attrs["role"] == "requant"``);
 3. **training** (``model.train()``) runs the traced graph with those quantizers (straight-through
    gradients, BatchNorm on batch statistics: ordinary QAT);
 4. **evaluation** (``model.eval()``) runs the integer network itself
