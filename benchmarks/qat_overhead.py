@@ -29,6 +29,9 @@ same plain modules) stepped by the same loop as the quantized rows (method hooks
 first warm-up step of each such row includes compiling (reported as ``first_step_s``).
 
 Writes NAME.json and NAME.md (``--name``, default overhead) into --out and prints the table.
+``--processes K`` repeats the whole measurement in K fresh processes and reports each row's
+median, min and max ratio over them (a process's memory layout moves a ratio more than the
+rounds within one process do).
 """
 
 from __future__ import annotations
@@ -75,7 +78,13 @@ def main() -> None:
                     help="leave out the plain PyTorch row (create_model only, no lowbit call)")
     ap.add_argument("--only", nargs="*", default=None, metavar="TEXT",
                     help="keep only the configurations whose label contains one of these (FP32 always)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="run the whole measurement in K fresh processes, one after the other (NAME_p0..), and "
+                         "write NAME.md/.json with each row's median, min and max ratio over them: a process's "
+                         "memory layout moves a ratio by up to ~0.1, more than rounds within one process do")
     args = ap.parse_args()
+    if args.processes > 1:
+        return over_processes(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 1, 28, 28)
@@ -178,6 +187,34 @@ def main() -> None:
            for r in out_rows]
     md[2:] = [line + f"{r['cpu_ms']:.1f} | {r['cpu_ratio']:.2f} |" for line, r in zip(md[2:], out_rows)]
     (out / f"{args.name}.md").write_text("\n".join(md) + f"\n\n{json.dumps(meta)}\n")
+    print("\n".join(md))
+
+
+def over_processes(args) -> None:
+    import subprocess
+    import sys
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # this command line without --processes / --name
+        if skip:
+            skip = False
+        elif a in ("--processes", "--name"):
+            skip = True
+        elif not a.startswith(("--processes=", "--name=")):
+            argv.append(a)
+    ratios: dict[str, list[float]] = {}
+    for i in range(args.processes):
+        subprocess.run([sys.executable, __file__, *argv, "--name", f"{args.name}_p{i}"], check=True)
+        for r in json.loads((Path(args.out) / f"{args.name}_p{i}.json").read_text())["rows"]:
+            ratios.setdefault(r["config"], []).append(r["ratio"])
+    rows = [{"config": k, "ratios": v, "median": statistics.median(v), "min": min(v), "max": max(v)}
+            for k, v in ratios.items()]
+    md = [f"| config | ratio to FP32: median of {args.processes} processes | min | max | each |", "|---|---|---|---|---|"]
+    md += [f"| {r['config']} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | "
+           + " ".join(f"{v:.2f}" for v in r["ratios"]) + " |" for r in rows]
+    meta = {**vars(args), "torch": torch.__version__}
+    (Path(args.out) / f"{args.name}.json").write_text(json.dumps({"args": meta, "rows": rows}, indent=2) + "\n")
+    (Path(args.out) / f"{args.name}.md").write_text("\n".join(md) + f"\n\n{json.dumps(meta)}\n")
     print("\n".join(md))
 
 
