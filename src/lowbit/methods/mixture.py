@@ -28,7 +28,6 @@ exactly Q_1 whatever the mode.
 from __future__ import annotations
 
 import math
-from itertools import accumulate
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -315,7 +314,7 @@ class _FusedMix(torch.autograd.Function):
                     ctx.plan, ctx.clips, ctx.compiled = plan, [(u, v) for u, v, _ in b], (lo, hi, st, nz)
                     return out
         cf = c.detach().tolist()
-        qs, clips, i = [], [], 0
+        qs, clips, i, need_high = [], [], 0, False
         for n in plan:
             if n is None:
                 qs.append(tensors[i])
@@ -324,12 +323,12 @@ class _FusedMix(torch.autograd.Function):
             else:
                 qs.append(None)
                 clips.append(_bounds(tensors[i], tensors[i + 1], n))
+                need_high = need_high or ctx.needs_input_grad[3 + i + 1]  # this member's high (PACT's α)
                 i += 2
         _clip_values(x, clips, qs)
         clips = [r if r is None else r[:2] for r in clips]
         # the smallest input, read once on CPU when a clip gradient is wanted (see clip_sum_above)
-        ctx.xmin = float(x.min()) if x.device.type == "cpu" and x.numel() and any(
-            ctx.needs_input_grad[3 + i] for i in range(len(tensors))) else None
+        ctx.xmin = float(x.min()) if need_high and x.device.type == "cpu" and x.numel() else None
         out = torch.mul(qs[0], cf[0])
         for ck, qk in zip(cf[1:], qs[1:]):
             out.add_(qk, alpha=ck)
@@ -365,12 +364,10 @@ class _FusedMix(torch.autograd.Function):
                 groups[key] = (rng, w + cf[k])
         gx = None
         inside: dict = {}  # a float range -> sum(g·1[lo <= x <= hi]), for the clip gradients below
-        pos = list(accumulate((1 if n is None else 2 for n in ctx.plan), initial=3))  # each member's first input
-        need_high = any(ctx.needs_input_grad[pos[k] + 1] for k, n in enumerate(ctx.plan) if n is not None)
         if ctx.needs_input_grad[0]:
             for key, ((lo, hi), w) in groups.items():
                 part = clip_mask_grad(g, x, lo, hi)
-                if need_high and isinstance(key, tuple) and ctx.xmin is not None and ctx.xmin >= lo:
+                if isinstance(key, tuple) and ctx.xmin is not None and ctx.xmin >= lo:  # xmin: a high wants grad
                     inside[hi] = part.sum()  # no x below lo: sum(g·1[x > hi]) = sum(g) − this
                 if gx is None:
                     gx = part if w == 1.0 else part.mul_(w)
