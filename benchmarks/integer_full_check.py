@@ -21,7 +21,6 @@ import torch
 from lowbit.data import BatchLoader, load_dataset
 from lowbit.export.api import load_run
 from lowbit.export.int_api import export_int_model, format_int_report
-from lowbit.train import load_data
 
 
 def main(argv=None) -> int:
@@ -35,16 +34,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    cfg, _, model = load_run(Path(args.run_dir))
+    cfg, run_data, model = load_run(Path(args.run_dir))
     plan = model._lowbit_state.plan
     trained_with = plan.integer_residual
     if args.residual:
         plan.integer_residual = args.residual
-        model._lowbit_state.integer.cache = None
     # the whole test split, normalised as the run was (its mean/std come from its own training slice)
-    info = load_data(cfg).info
     data = load_dataset(cfg.data.name, root=cfg.data.root)
-    xs, ys = zip(*BatchLoader(data.test, info, 1000))
+    xs, ys = zip(*BatchLoader(data.test, run_data.info, 1000))
     x, y = torch.cat(xs), torch.cat(ys)
     rep = export_int_model(model, x, args.export_dir, labels=y, c_images=None, latency_repeats=0, log=print)
     rep.update(run=args.run_dir, seconds=time.perf_counter() - t0, integer_residual=plan.integer_residual,

@@ -160,7 +160,6 @@ def main() -> None:
     xn = torch.cat(xt)[: args.images].numpy().astype(np.float32)
     if args.residual:
         model._lowbit_state.plan.integer_residual = args.residual
-        model._lowbit_state.integer.cache = None
     graph = int_graph(model, torch.from_numpy(xn[:1]))
     models = variants(graph)
     if args.variants:

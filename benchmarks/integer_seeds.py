@@ -107,7 +107,6 @@ def residual_eval() -> None:
             r["float_graph"] = float((m._lowbit_state.integer.gm(x).argmax(1).numpy() == y).mean())
         for mode in ("accumulator", "output"):
             m._lowbit_state.plan.integer_residual = mode
-            m._lowbit_state.integer.cache = None
             with torch.no_grad():
                 r[mode] = float((m(x).argmax(1).numpy() == y).mean())
         out[f"{d.parent.name}/{d.name}"] = r

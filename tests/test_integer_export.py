@@ -327,6 +327,15 @@ def test_output_residual_every_backend_bit_exact(tmp_path, residual_bits):
     assert {"QLinearConv", "QLinearAdd", "ConvInteger"} <= ops
     write_int_c(g, tmp_path / "c")
     assert np.array_equal(run_c(compile_int_c(tmp_path / "c"), xn, 10).view(np.uint32), y.view(np.uint32))
+    # the same trained weights with the other residual add: switching the plan is enough (the cached
+    # integer network is keyed on it)
+    m._lowbit_state.plan.integer_residual = "accumulator"
+    with torch.no_grad():
+        ya = m(x).numpy()
+    ga = int_graph(m, x[:1])
+    assert not any(op.attrs.get("residual") == "output" for op in ga.ops)
+    assert np.array_equal(IntReference(ga).run(xn).view(np.uint32), ya.view(np.uint32))
+    assert not np.array_equal(ya, y)
     with pytest.raises(ConfigError, match="integer_residual is an integer-mode setting"):
         quantize(GroupedNet(), {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2},
                                 "integer_residual": "output"})

@@ -298,7 +298,9 @@ def _int_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     from .export.intgraph import IntReference
 
     ist = model._lowbit_state.integer
-    key = (_versions(model), tuple(x.shape[1:]))
+    # the integer graph depends on the weights and buffers, the input shape and the residual add
+    # (plan.integer_residual can be switched on a trained model: both forms share the weights)
+    key = (_versions(model), tuple(x.shape[1:]), model._lowbit_state.plan.integer_residual)
     if ist.cache is None or ist.cache[0] != key:
         ist.cache = (key, IntReference(int_graph(model, x[:1])))
     logits = ist.cache[1].run(x.detach().float().cpu().numpy())
