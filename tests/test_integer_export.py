@@ -156,6 +156,26 @@ def test_integer_mode_trains(resnet_int):
         m.eval()
 
 
+def test_recalibrate_bn_in_integer_mode_sees_the_data():
+    """recalibrate_bn puts only BatchNorm in train mode: an integer-mode model must then run its
+    traced graph (BN sees the batches), not the integer network (BN unused, statistics left reset)."""
+    from lowbit.train import recalibrate_bn
+
+    torch.manual_seed(0)
+    m = _ready(create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25), (1, 28, 28))
+    x = _x(16, (1, 28, 28), seed=3)
+    with torch.no_grad():
+        before = m(x)
+    bn = recalibrate_bn(m, [(x * 3 + 1, None)], batches=1)
+    assert not any(mod.training for mod in m.modules())
+    means = [v for k, v in bn.items() if k.endswith("running_mean")]
+    # a reset BatchNorm has mean 0: after one batch every layer holds that batch's statistics
+    assert means and all(v.abs().sum() > 0 for v in means)
+    assert all(not torch.allclose(v, torch.ones_like(v)) for k, v in bn.items() if k.endswith("running_var"))
+    with torch.no_grad():  # eval: the integer network again, rebuilt from the new statistics
+        assert not torch.equal(m(x), before)
+
+
 @needs_cc
 @pytest.mark.parametrize("which", ["resnet8", "grouped"])
 def test_every_backend(which, resnet_int, tmp_path):

@@ -32,7 +32,8 @@ input quantizers) and then:
    logits. The validation accuracy that picks the best epoch, and the test accuracy, are those
    of the integer model; the export writes the same integers (:func:`int_graph`). (With forward
    hooks on its modules, e.g. during cost profiling, eval runs the fake-quantized float graph
-   instead, so that the hooks see every layer.)
+   instead, so that the hooks see every layer; so does a model with any module in train mode, e.g. BatchNorm
+   during :func:`lowbit.train.recalibrate_bn`.)
 """
 
 from __future__ import annotations
@@ -281,9 +282,12 @@ def integerize(model: nn.Module, state) -> None:
     del mods
 
     def forward(x):
-        # forward hooks on a module (cost profiling, feature capture) need the modules to run:
-        # then eval runs the fake-quantized float graph (same layers, BN on running statistics)
-        if model.training or any(m._forward_hooks for m in model.modules()):
+        # the integer network only stands for the model when every module is in eval mode; else
+        # the traced graph runs: in training, and when some module is in train mode (e.g. BatchNorm
+        # during recalibrate_bn, which must see the data). Forward hooks on a module (cost
+        # profiling, feature capture) also need the modules to run: then eval runs the
+        # fake-quantized float graph (same layers, BN on running statistics).
+        if model.training or any(m.training or m._forward_hooks for m in model.modules()):
             return state.integer.gm(x)
         return _int_forward(model, x)
 
