@@ -1,25 +1,67 @@
 """Where an integer-mode run loses accuracy: the fake-quantized float graph it trained (BatchNorm on
 running statistics) against the integer network, on the first N test images of the run's own split,
-plus the range of every tensor quantizer's learned parameter (PACT alpha, LSQ step).
+plus the range of every tensor quantizer's learned parameter (PACT alpha, LSQ step). With
+``--layers N``: tensor by tensor, in graph order, on the first N images, how many codes of the
+float graph's quantizer output differ from the integer network's codes, the largest difference,
+and each conv's accumulator unit in output codes (``|real multiplier|``: the integer network rounds
+a folded BatchNorm's shift to whole accumulator units, up to half of that many codes of error).
 
     PYTHONPATH=src python benchmarks/integer_float_graph.py benchmarks/results/integer_export/mbv2/runs/MBV2_W8A8_int \\
         benchmarks/results/integer_export/mbv2/runs/MBV2_W4A4_int --images 1000
+    PYTHONPATH=src python benchmarks/integer_float_graph.py benchmarks/results/integer_export/mbv2/runs/MBV2_W8A8_int \\
+        --images 1000 --layers 200
 """
 
 from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 
 from lowbit.data import BatchLoader
+from lowbit.export.intgraph import IntReference
+from lowbit.export.requant import real_multiplier
+from lowbit.intmode import int_graph
 from lowbit.train import load_run
+
+
+def layers(m, x: torch.Tensor) -> None:
+    """Per tensor: float graph (eval) vs integer network codes, and each conv's accumulator unit."""
+    ist = m._lowbit_state.integer
+    mods = dict(ist.gm.named_modules())
+    got: dict[str, torch.Tensor] = {}
+    hooks = [mods[path].register_forward_hook(lambda _m, _i, o, root=root: got.__setitem__(root, o.detach()))
+             for root, path in ist.quantizer.items()]
+    try:
+        with torch.no_grad():
+            ist.gm(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    g = int_graph(m, x[:1])
+    env = IntReference(g).tensors(x.numpy())
+    print(f"  {'tensor':28s} {'bits':>4s} {'differ %':>8s} {'max':>4s} {'acc unit (codes)':>16s}")
+    for op in g.ops:
+        root = ist.group.get(op.output, op.output)
+        if root not in got or op.output not in g.tensors:
+            continue
+        t = g.tensors[op.output]
+        qf = np.rint(got[root].numpy().astype(np.float64) / t.scale + t.zero)
+        qi = env[op.output].astype(np.float64)
+        if qf.shape != qi.shape:
+            continue
+        d = np.abs(qf - qi)
+        unit = f"{np.abs(real_multiplier(op.mult, op.shift)).max():.3g}" if op.mult is not None else "-"
+        print(f"  {op.output:28s} {t.bits:4d} {100 * (d > 0).mean():8.2f} {d.max():4.0f} {unit:>16s}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--layers", type=int, default=0, metavar="N",
+                    help="also compare the float graph and the integer network tensor by tensor on N images")
     args = ap.parse_args()
     for run in args.runs:
         _, data, m, _ = load_run(run)
@@ -32,6 +74,8 @@ def main() -> None:
                         if n.endswith(("input_quantizer", "output_quantizer")) for pn, p in q.named_parameters())
         print(f"{run}: {len(x)} images, float graph {100 * graph:.2f} %, integer network {100 * integer:.2f} %; "
               f"tensor quantizer parameters {params[0][0]:.4g} ({params[0][1]}) .. {params[-1][0]:.4g} ({params[-1][1]})")
+        if args.layers:
+            layers(m, x[: args.layers])
 
 
 if __name__ == "__main__":

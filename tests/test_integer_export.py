@@ -176,6 +176,28 @@ def test_recalibrate_bn_in_integer_mode_sees_the_data():
         assert not torch.equal(m(x), before)
 
 
+def test_a_conv_row_of_zero_weights_outputs_its_batchnorm_shift():
+    """A row whose integer weights are all 0 outputs the constant BatchNorm shift; its own
+    accumulator unit (here a huge learned LSQ step) must not round that shift away."""
+    from lowbit.export.intgraph import IntReference
+    from lowbit.intmode import int_graph
+
+    torch.manual_seed(0)
+    m = _ready(create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25), (1, 28, 28))
+    x = _x(4, (1, 28, 28))
+    stem_out = int_graph(m, x[:1]).ops[1].output
+    with torch.no_grad():
+        m.conv1.parametrizations.weight.original[0].zero_()
+        m.conv1.parametrizations.weight[0].quantizer.step[0] = 1e4
+        t = int_graph(m, x[:1]).tensors[stem_out]
+        m.bn1.running_mean[0], m.bn1.running_var[0], m.bn1.weight[0] = 0.0, 1.0, 1.0
+        m.bn1.bias[0] = 2.3 * t.scale  # BN output 2.3 steps: code 2 after the ReLU
+    g = int_graph(m, x[:1])
+    assert g.ops[1].name == "conv1" and not g.ops[1].m()[0].any()
+    codes = IntReference(g).tensors(x.numpy())[stem_out][:, 0]
+    assert np.all(codes == min(2, g.tensors[stem_out].qmax) + g.tensors[stem_out].zero)
+
+
 @needs_cc
 @pytest.mark.parametrize("which", ["resnet8", "grouped"])
 def test_every_backend(which, resnet_int, tmp_path):

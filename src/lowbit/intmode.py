@@ -448,11 +448,22 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
     t_out = tensors.get(u.node.name)
     t_res = tensors[u.res.name] if u.res is not None else None
     eff = g * sw * t_in.scale
+    # a row whose integer weights are all 0 has an accumulator that is 0 for every input: its output
+    # is the constant BatchNorm shift h alone. Its accumulator unit may be anything, so it is set to
+    # the output step (or |h|·2^-20 for a float output): then the bias rint(h/unit) keeps h to half
+    # an output code, where the row's own unit (e.g. a huge learned LSQ step) could round it to 0
+    dead = ~m_lut[w.row_index()[:, None], w.codes.reshape(o, -1).astype(np.int64)].any(1)
+    s_mid = None
     if t_res is not None and t_out is not None and residual == "output":
         from .export.intgraph import residual_output_constants
 
         r = residual_output_constants(t_out, bool(u.relu), t_res, u.name)
-        c = conv_constants(eff, h, r["s_mid"], None, u.name)
+        s_mid = r["s_mid"]
+    if dead.any():
+        target = s_mid if s_mid is not None else (t_out.scale if t_out is not None else None)
+        eff = np.where(dead, target if target is not None else np.maximum(np.abs(h), 1e-30) * 2.0**-20, eff)
+    if s_mid is not None:
+        c = conv_constants(eff, h, s_mid, None, u.name)
         c["res_mult"], c["res_shift"] = np.full(o, r["res_mult"], np.int32), np.full(o, r["res_shift"], np.int32)
         attrs.update(r["attrs"])
     else:
