@@ -14,7 +14,11 @@ per-batch work (temperature update, α normalisation, penalty), exactly as the t
 Besides wall-clock time, each step's process CPU time is recorded (``cpu_ms``, ``cpu_ratio``):
 on a machine shared with other processes it is not inflated by the time this process waits for a
 core (with more than one thread it sums the threads' time, so wall time is the measure on a
-quiet machine).
+quiet machine), and its minor page faults (``faults``: pages the kernel had to map and zero for
+fresh allocations; glibc returns large freed blocks to the kernel, so a temporary tensor can cost
+one fault per 4 KiB page, and how often that happens differs from process to process). Run with
+``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296``
+(recorded in the JSON) to keep freed memory in the process for every row alike.
 
 ``--before`` adds, for every quantized configuration, a ``[before]`` row: the same model stepped
 with the activation kernels as they were before issue 11 (``qat_before.py``: the pre-change
@@ -38,6 +42,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -158,34 +164,41 @@ def main() -> None:
                 first[label] = time.perf_counter() - t
     times: dict[str, list[float]] = {k: [] for k in setups}
     cpu: dict[str, list[float]] = {k: [] for k in setups}
+    faults: dict[str, list[int]] = {k: [] for k in setups}
     for _ in range(args.rounds):
         for label, (m, opt, before) in setups.items():
             for _ in range(args.steps):
+                f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t, c = time.perf_counter(), time.process_time()
                 step(m, opt, before)
                 times[label].append(time.perf_counter() - t)
                 cpu[label].append(time.process_time() - c)
+                faults[label].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     med = {k: statistics.median(v) for k, v in times.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
     plain = med["plain PyTorch"] if args.plain else None
     out_rows = []
     for k in times:
         r = {"config": k, "step_ms": 1000 * med[k], "ratio": med[k] / med["FP32"],
-             "cpu_ms": 1000 * cmed[k], "cpu_ratio": cmed[k] / cmed["FP32"], "first_step_s": round(first[k], 3)}
+             "cpu_ms": 1000 * cmed[k], "cpu_ratio": cmed[k] / cmed["FP32"], "first_step_s": round(first[k], 3),
+             "faults": statistics.median(faults[k])}
         if plain:
             r["ratio_plain"] = med[k] / plain
             r["cpu_ratio_plain"] = cmed[k] / cmed["plain PyTorch"]
         out_rows.append(r)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {**vars(args), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    meta = {**vars(args), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "")}
     (out / f"{args.name}.json").write_text(json.dumps({"args": meta, "rows": out_rows}, indent=2) + "\n")
     md = ["| config | step ms (median) | ratio to FP32 | ratio to plain PyTorch | CPU ms | CPU-time ratio to FP32 |",
           "|---|---|---|---|---|---|"]
     md += [f"| {r['config']} | {r['step_ms']:.1f} | {r['ratio']:.2f} | "
            f"{r['ratio_plain']:.2f} | " if plain else f"| {r['config']} | {r['step_ms']:.1f} | {r['ratio']:.2f} | - | "
            for r in out_rows]
-    md[2:] = [line + f"{r['cpu_ms']:.1f} | {r['cpu_ratio']:.2f} |" for line, r in zip(md[2:], out_rows)]
+    md[0] += " page faults per step (median) |"
+    md[1] += "---|"
+    md[2:] = [line + f"{r['cpu_ms']:.1f} | {r['cpu_ratio']:.2f} | {r['faults']:.0f} |" for line, r in zip(md[2:], out_rows)]
     (out / f"{args.name}.md").write_text("\n".join(md) + f"\n\n{json.dumps(meta)}\n")
     print("\n".join(md))
 
@@ -203,16 +216,20 @@ def over_processes(args) -> None:
         elif not a.startswith(("--processes=", "--name=")):
             argv.append(a)
     ratios: dict[str, list[float]] = {}
+    faults: dict[str, list[float]] = {}
     for i in range(args.processes):
         subprocess.run([sys.executable, __file__, *argv, "--name", f"{args.name}_p{i}"], check=True)
         for r in json.loads((Path(args.out) / f"{args.name}_p{i}.json").read_text())["rows"]:
             ratios.setdefault(r["config"], []).append(r["ratio"])
-    rows = [{"config": k, "ratios": v, "median": statistics.median(v), "min": min(v), "max": max(v)}
-            for k, v in ratios.items()]
-    md = [f"| config | ratio to FP32: median of {args.processes} processes | min | max | each |", "|---|---|---|---|---|"]
+            faults.setdefault(r["config"], []).append(r.get("faults", float("nan")))
+    rows = [{"config": k, "ratios": v, "median": statistics.median(v), "min": min(v), "max": max(v),
+             "faults": faults[k]} for k, v in ratios.items()]
+    md = [f"| config | ratio to FP32: median of {args.processes} processes | min | max | each | page faults per step, each |",
+          "|---|---|---|---|---|---|"]
     md += [f"| {r['config']} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | "
-           + " ".join(f"{v:.2f}" for v in r["ratios"]) + " |" for r in rows]
-    meta = {**vars(args), "torch": torch.__version__}
+           + " ".join(f"{v:.2f}" for v in r["ratios"]) + " | " + " ".join(f"{v:.0f}" for v in r["faults"]) + " |"
+           for r in rows]
+    meta = {**vars(args), "torch": torch.__version__, "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "")}
     (Path(args.out) / f"{args.name}.json").write_text(json.dumps({"args": meta, "rows": rows}, indent=2) + "\n")
     (Path(args.out) / f"{args.name}.md").write_text("\n".join(md) + f"\n\n{json.dumps(meta)}\n")
     print("\n".join(md))
