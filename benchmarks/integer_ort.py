@@ -149,14 +149,17 @@ def main() -> None:
     from lowbit.export.int_onnx import variants
     from lowbit.intmode import int_graph
 
+    data = load_dataset("fashion-mnist")
+    info = data.info
     if args.calibrated:
         model = calibrated(args.bits)
     else:
         from lowbit.train import load_run
 
-        _, _, model, _ = load_run(args.run)
-    data = load_dataset("fashion-mnist")
-    xt, _ = zip(*BatchLoader(data.test, data.info, 1000))
+        # the full test split, normalised as the run was (its mean/std come from its own training slice)
+        _, run_data, model, _ = load_run(args.run)
+        info = run_data.info
+    xt, _ = zip(*BatchLoader(data.test, info, 1000))
     xn = torch.cat(xt)[: args.images].numpy().astype(np.float32)
     if args.residual:
         model._lowbit_state.plan.integer_residual = args.residual
