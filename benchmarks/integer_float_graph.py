@@ -5,11 +5,16 @@ plus the range of every tensor quantizer's learned parameter (PACT alpha, LSQ st
 float graph's quantizer output differ from the integer network's codes, the largest difference,
 and each conv's accumulator unit in output codes (``|real multiplier|``: the integer network rounds
 a folded BatchNorm's shift to whole accumulator units, up to half of that many codes of error).
+``--mid``: the float graph also rounds each output-form residual conv to the integer network's 8-bit
+intermediate ``mid`` (step ``s_mid``, zero ``mid_zero``; forward hooks, evaluation only), to see how
+much of the difference that rounding, which training does not model, accounts for.
 
     PYTHONPATH=src python benchmarks/integer_float_graph.py benchmarks/results/integer_export/mbv2/runs/MBV2_W8A8_int \\
         benchmarks/results/integer_export/mbv2/runs/MBV2_W4A4_int --images 1000
     PYTHONPATH=src python benchmarks/integer_float_graph.py benchmarks/results/integer_export/mbv2/runs/MBV2_W8A8_int \\
         --images 1000 --layers 200
+    PYTHONPATH=src python benchmarks/integer_float_graph.py benchmarks/results/integer_export/seeds/W8A8_integer_out_r8/seed0 \\
+        --images 1000 --layers 200 --mid
 """
 
 from __future__ import annotations
@@ -56,26 +61,48 @@ def layers(m, x: torch.Tensor) -> None:
         print(f"  {op.output:28s} {t.bits:4d} {100 * (d > 0).mean():8.2f} {d.max():4.0f} {unit:>16s}")
 
 
+def mid_hooks(m, x: torch.Tensor) -> list:
+    """Forward hooks that round each output-form residual conv's (BN) output to ``mid``'s grid."""
+    g = int_graph(m, x[:1])
+    units = {u.name: u for u in m._lowbit_state.integer.units}
+    hooks = []
+    for op in g.ops:
+        if op.kind != "conv" or op.attrs.get("residual") != "output":
+            continue
+        s_mid = g.tensors[op.output].scale * op.attrs["mid_mult"] * 2.0 ** -int(op.res_shift[0])
+        z = op.attrs["mid_zero"]
+        u = units[op.name]
+        hooks.append((u.bn if u.bn is not None else u.module).register_forward_hook(
+            lambda _m, _i, o, s=s_mid, z=z: (torch.clamp(torch.round(o / s) + z, 0, 255) - z) * s))
+        print(f"  {op.name}: mid step = {s_mid / g.tensors[op.output].scale:g} x the output step")
+    return hooks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--layers", type=int, default=0, metavar="N",
                     help="also compare the float graph and the integer network tensor by tensor on N images")
+    ap.add_argument("--mid", action="store_true",
+                    help="round the float graph's output-form residual convs to the integer network's 8-bit mid")
     args = ap.parse_args()
     for run in args.runs:
         _, data, m, _ = load_run(run)
         xs, ys = zip(*BatchLoader(data.test, data.info, 500))
         x, y = torch.cat(xs)[: args.images], torch.cat(ys)[: args.images]
         with torch.no_grad():
+            integer = (m(x).argmax(1) == y).float().mean().item()  # before any hook: the integer network
+            hooks = mid_hooks(m, x) if args.mid else []
             graph = (m._lowbit_state.integer.gm(x).argmax(1) == y).float().mean().item()
-            integer = (m(x).argmax(1) == y).float().mean().item()
         params = sorted((float(p.detach().abs().max()), f"{n}.{pn}") for n, q in m.named_modules()
                         if n.endswith(("input_quantizer", "output_quantizer")) for pn, p in q.named_parameters())
         print(f"{run}: {len(x)} images, float graph {100 * graph:.2f} %, integer network {100 * integer:.2f} %; "
               f"tensor quantizer parameters {params[0][0]:.4g} ({params[0][1]}) .. {params[-1][0]:.4g} ({params[-1][1]})")
         if args.layers:
             layers(m, x[: args.layers])
+        for h in hooks:
+            h.remove()
 
 
 if __name__ == "__main__":
