@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from lowbit.data import BatchLoader
-from lowbit.export.intgraph import IntReference
+from lowbit.export.intgraph import IntReference, mid_step
 from lowbit.export.requant import real_multiplier
 from lowbit.intmode import int_graph
 from lowbit.train import load_run
 
 
-def layers(m, x: torch.Tensor) -> None:
-    """Per tensor: float graph (eval) vs integer network codes, and each conv's accumulator unit."""
+def layers(m, x: torch.Tensor, g) -> None:
+    """Per tensor: float graph (eval) vs integer network ``g`` codes, and each conv's accumulator unit."""
     ist = m._lowbit_state.integer
     mods = dict(ist.gm.named_modules())
     got: dict[str, torch.Tensor] = {}
@@ -44,7 +44,6 @@ def layers(m, x: torch.Tensor) -> None:
     finally:
         for h in hooks:
             h.remove()
-    g = int_graph(m, x[:1])
     env = IntReference(g).tensors(x.numpy())
     print(f"  {'tensor':28s} {'bits':>4s} {'differ %':>8s} {'max':>4s} {'acc unit (codes)':>16s}")
     for op in g.ops:
@@ -61,15 +60,14 @@ def layers(m, x: torch.Tensor) -> None:
         print(f"  {op.output:28s} {t.bits:4d} {100 * (d > 0).mean():8.2f} {d.max():4.0f} {unit:>16s}")
 
 
-def mid_hooks(m, x: torch.Tensor) -> list:
+def mid_hooks(m, g) -> list:
     """Forward hooks that round each output-form residual conv's (BN) output to ``mid``'s grid."""
-    g = int_graph(m, x[:1])
     units = {u.name: u for u in m._lowbit_state.integer.units}
     hooks = []
     for op in g.ops:
         if op.kind != "conv" or op.attrs.get("residual") != "output":
             continue
-        s_mid = g.tensors[op.output].scale * op.attrs["mid_mult"] * 2.0 ** -int(op.res_shift[0])
+        s_mid = mid_step(op, g.tensors[op.output])
         z = op.attrs["mid_zero"]
         u = units[op.name]
         hooks.append((u.bn if u.bn is not None else u.module).register_forward_hook(
@@ -91,16 +89,17 @@ def main() -> None:
         _, data, m, _ = load_run(run)
         xs, ys = zip(*BatchLoader(data.test, data.info, 500))
         x, y = torch.cat(xs)[: args.images], torch.cat(ys)[: args.images]
+        g = int_graph(m, x[:1])  # the integer network, as m(x) runs it in eval without hooks
         with torch.no_grad():
             integer = (m(x).argmax(1) == y).float().mean().item()  # before any hook: the integer network
-            hooks = mid_hooks(m, x) if args.mid else []
+            hooks = mid_hooks(m, g) if args.mid else []
             graph = (m._lowbit_state.integer.gm(x).argmax(1) == y).float().mean().item()
         params = sorted((float(p.detach().abs().max()), f"{n}.{pn}") for n, q in m.named_modules()
                         if n.endswith(("input_quantizer", "output_quantizer")) for pn, p in q.named_parameters())
         print(f"{run}: {len(x)} images, float graph {100 * graph:.2f} %, integer network {100 * integer:.2f} %; "
               f"tensor quantizer parameters {params[0][0]:.4g} ({params[0][1]}) .. {params[-1][0]:.4g} ({params[-1][1]})")
         if args.layers:
-            layers(m, x[: args.layers])
+            layers(m, x[: args.layers], g)
         for h in hooks:
             h.remove()
 

@@ -452,7 +452,7 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
     # is the constant BatchNorm shift h alone. Its accumulator unit may be anything, so it is set to
     # the output step (or |h|·2^-20 for a float output): then the bias rint(h/unit) keeps h to half
     # an output code, where the row's own unit (e.g. a huge learned LSQ step) could round it to 0
-    dead = ~m_lut[w.row_index()[:, None], w.codes.reshape(o, -1).astype(np.int64)].any(1)
+    dead = ~w.dequantize().reshape(o, -1).any(1)  # level = s_w·m with s_w > 0: a 0 level is m = 0
     s_mid = None
     if t_res is not None and t_out is not None and residual == "output":
         from .export.intgraph import residual_output_constants
@@ -460,8 +460,9 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
         r = residual_output_constants(t_out, bool(u.relu), t_res, u.name)
         s_mid = r["s_mid"]
     if dead.any():
-        target = s_mid if s_mid is not None else (t_out.scale if t_out is not None else None)
-        eff = np.where(dead, target if target is not None else np.maximum(np.abs(h), 1e-30) * 2.0**-20, eff)
+        unit = (s_mid if s_mid is not None else t_out.scale if t_out is not None
+                else np.maximum(np.abs(h), 1e-30) * 2.0**-20)
+        eff = np.where(dead, unit, eff)
     if s_mid is not None:
         c = conv_constants(eff, h, s_mid, None, u.name)
         c["res_mult"], c["res_shift"] = np.full(o, r["res_mult"], np.int32), np.full(o, r["res_shift"], np.int32)

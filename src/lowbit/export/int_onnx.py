@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .intgraph import IntGraph, IntOp
+from .intgraph import IntGraph, IntOp, mid_step
 from .onnx_export import IR_VERSION, OPSET, _Builder
 from .requant import real_multiplier
 
@@ -275,8 +275,7 @@ def eff_scales(graph: IntGraph) -> dict[str, np.ndarray]:
         if op.out_scale is not None:
             out[op.name] = op.out_scale.astype(np.float64)
         elif op.attrs.get("residual") == "output":  # mult/shift requantize to mid: s_mid = s_out·mid_mult/2^S
-            s_mid = graph.tensors[op.output].scale * op.attrs["mid_mult"] * 2.0 ** -int(op.res_shift[0])
-            out[op.name] = real_multiplier(op.mult, op.shift) * s_mid
+            out[op.name] = real_multiplier(op.mult, op.shift) * mid_step(op, graph.tensors[op.output])
         else:
             out[op.name] = real_multiplier(op.mult, op.shift) * graph.tensors[op.output].scale
     return out

@@ -179,6 +179,12 @@ def residual_output_constants(t_out: TensorQ, relu: bool, t_res: TensorQ, where:
             "res_mult": np.int32(res_mult), "res_shift": np.int32(big_s)}
 
 
+def mid_step(op: IntOp, t_out: TensorQ) -> float:
+    """``s_mid`` of an output-form residual conv (:func:`residual_output_constants`), from its stored
+    integers: ``s_out·mid_mult·2^−res_shift``."""
+    return t_out.scale * op.attrs["mid_mult"] * 2.0 ** -int(op.res_shift[0])
+
+
 def check_accumulator(op: IntOp, t_in: TensorQ, t_res: TensorQ | None) -> None:
     """The int32 accumulator cannot overflow: F·max|m|·max|q − zero| + |bias| + residual < 2^31."""
     f = op.codes[0].size
