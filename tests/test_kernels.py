@@ -248,3 +248,25 @@ def test_compiled_mixture_matches_eager(compiled_state):
         torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6)
     for u, v in zip(a[3], b[3]):
         torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5)
+
+
+def test_min_max_members_of_a_mixture_read_the_batch_range_once(monkeypatch):
+    """003's 2/4/8-bit min-max activation members share one min/max pass over the layer input,
+    and each member's running range is what it would be alone."""
+    from lowbit.methods.mixture import AttentionMixture
+    from lowbit.quant import build_quantizer
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16, 16)
+    alone = build_quantizer("minmax", 4, role="act")
+    alone(x)
+    mix = AttentionMixture([build_quantizer("minmax", b, role="act") for b in (2, 4, 8)])
+    calls = []
+    real = torch.Tensor.aminmax
+    monkeypatch.setattr(torch.Tensor, "aminmax", lambda t, *a, **k: calls.append(1) or real(t, *a, **k))
+    mix(x)
+    assert len(calls) == 1
+    for m in mix.members:
+        assert torch.equal(m.running_min, alone.running_min) and torch.equal(m.running_max, alone.running_max)
+    mix(x * 2)  # a new input: a new pass
+    assert len(calls) == 2

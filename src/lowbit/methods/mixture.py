@@ -37,6 +37,7 @@ from ..errors import ConfigError
 from ..plan import QuantSpec
 from ..quant import Quantizer, build_quantizer, get_quantizer_class
 from ..quant import compiled as _compiled
+from ..quant import native as _native
 from ..quant.functional import (
     _bounds,
     _codes_to_values,
@@ -44,6 +45,7 @@ from ..quant.functional import (
     clip_round_values,
     clip_sum_above,
     clip_values,
+    shared_batch_range,
 )
 from .base import Method, QuantizedWeight, build_from_spec
 
@@ -181,9 +183,10 @@ class QuantizerMixture(nn.Module):
         and every gradient through it are exactly 0 (softmax underflow, a hard BinaryRelax phase)."""
         keep = [k for k, z in enumerate((c.detach() == 0).tolist()) if k == 0 or not z]
         cs = c if len(keep) == len(self.members) else c[keep]
-        if self.fused and self.role == "act":
-            return fused_mix(x, cs, [self.members[k] for k in keep])
-        qs = [self.members[k](x) for k in keep]
+        with shared_batch_range():  # min-max members read the batch's min/max once
+            if self.fused and self.role == "act":
+                return fused_mix(x, cs, [self.members[k] for k in keep])
+            qs = [self.members[k](x) for k in keep]
         return weighted_sum(cs, qs)
 
     def harden(self) -> None:
@@ -302,7 +305,16 @@ class _FusedMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, c: Tensor, plan: tuple, *tensors: Tensor) -> Tensor:
-        ctx.compiled, ctx.xmin = None, None
+        ctx.compiled, ctx.xmin, ctx.native = None, None, None
+        if (all(n is not None for n in plan) and len(plan) <= _native.MAX_MEMBERS and not _compiled.active(x)
+                and _native.active(x)):
+            b = [_bounds(tensors[2 * k], tensors[2 * k + 1], n) for k, n in enumerate(plan)]
+            if all(isinstance(v, float) for r in b for v in r):  # per-tensor ranges: one native pass
+                lo, hi, st = (list(v) for v in zip(*b))
+                out = _native.mix_fwd(x, lo, hi, st, c.detach().tolist())
+                ctx.save_for_backward(x, c)
+                ctx.plan, ctx.native = plan, (lo, hi, st)
+                return out
         if all(n is not None for n in plan) and _compiled.active(x) and c.dtype == x.dtype:
             b = [_bounds(tensors[2 * k], tensors[2 * k + 1], n) for k, n in enumerate(plan)]
             if all(isinstance(v, float) for lo, hi, st in b for v in (lo, hi, st)):
@@ -340,6 +352,8 @@ class _FusedMix(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         x, c, *qs = ctx.saved_tensors
         cf = c.tolist()
+        if ctx.native is not None:
+            return _FusedMix.native_backward(ctx, g, x, c, cf)
         if ctx.compiled is not None:
             r = _compiled.mix_bwd(g, x, c.detach(), *ctx.compiled)
             if r is not None:
@@ -390,6 +404,31 @@ class _FusedMix(torch.autograd.Function):
             grads += [None, ghigh]
             i += 2
         return (gx, gc, None, *grads)
+
+
+    @staticmethod
+    def native_backward(ctx, g: Tensor, x: Tensor, c: Tensor, cf: list[float]):
+        """The backward of the native forward (every member clip-round with a float range): one
+        pass. The input gradient merges members with equal ranges as the eager backward does
+        (first range ``g·w``, the next as fused multiply-adds: bit-identical); the coefficient
+        and clip gradients are the same sums accumulated in double."""
+        lo, hi, st = ctx.native
+        k = len(lo)
+        highs = [ctx.needs_input_grad[4 + 2 * j] for j in range(k)]
+        groups = None
+        if ctx.needs_input_grad[0]:
+            merged: dict = {}
+            for j in range(k):
+                w = merged.get((lo[j], hi[j]), 0.0)
+                merged[(lo[j], hi[j])] = w + cf[j]
+            groups = [(u, v, w) for (u, v), w in merged.items()]
+        gx, gc, above = _native.mix_bwd(g, x, lo, hi, st, groups, bool(groups) and groups[0][2] == 1.0,
+                                        ctx.needs_input_grad[1], any(highs))
+        grads = []
+        for j in range(k):
+            grads += [None, (torch.tensor(above[j], dtype=x.dtype) * cf[j]).reshape(()) if highs[j] else None]
+        gct = torch.tensor(gc, dtype=c.dtype) if ctx.needs_input_grad[1] else None
+        return (gx, gct, None, *grads)
 
 
 def _clip_values(x: Tensor, bounds: list, qs: list) -> None:

@@ -16,12 +16,14 @@ Every quantizer and method builds on these, so each rule exists once:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import compiled as _compiled
+from . import native as _native
 
 _EPS = 1e-8
 _aten = torch.ops.aten
@@ -59,6 +61,32 @@ def round_ste(x: Tensor) -> Tensor:
 def grad_scale(x: Tensor, scale: float) -> Tensor:
     """Forward ``x`` unchanged, multiply its gradient by ``scale`` (LSQ's gradient scaling)."""
     return (x - x * scale).detach() + x * scale
+
+
+_shared_ranges: list[dict] = []  # a stack: one dict per open shared_batch_range()
+
+
+@contextmanager
+def shared_batch_range():
+    """Within this block, :func:`batch_aminmax` of the same tensor is computed once: the members
+    of an activation mixture (003's 2/4/8-bit min-max members) all read the batch's min and max,
+    and each would otherwise make its own pass over the layer input."""
+    _shared_ranges.append({})
+    try:
+        yield
+    finally:
+        _shared_ranges.pop()
+
+
+def batch_aminmax(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(min, max) of ``x`` (detached, as ``dtype``); shared inside :func:`shared_batch_range`."""
+    if not _shared_ranges:
+        return x.detach().to(dtype).aminmax()
+    key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x._version, x.dtype, x.device, dtype)
+    cache = _shared_ranges[-1]
+    if key not in cache:
+        cache[key] = x.detach().to(dtype).aminmax()
+    return cache[key]
 
 
 def channel_view(stat: Tensor, x: Tensor) -> Tensor:
@@ -122,6 +150,14 @@ class _ClipRound(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, low: Tensor, high: Tensor, n_steps: int):
+        ctx.native = None
+        if not _compiled.active(x) and _native.active(x):  # the default on CPU: one native pass
+            lo, hi, step = _bounds(low, high, n_steps)
+            if isinstance(lo, float):
+                q = _native.mix_fwd(x, [lo], [hi], [step], None)
+                ctx.save_for_backward(x)
+                ctx.range, ctx.native = (lo, hi), step
+                return q
         q, lo, hi = clip_round_values(x, low, high, n_steps)
         ctx.save_for_backward(x)
         ctx.range = (lo, hi)
@@ -132,6 +168,12 @@ class _ClipRound(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         (x,) = ctx.saved_tensors
         lo, hi = ctx.range
+        if ctx.native is not None:  # one pass: dx (bit-identical to the eager mask) and Σ g·1[x > hi]
+            gx, _, above = _native.mix_bwd(g, x, [lo], [hi], [ctx.native],
+                                           [(lo, hi, 1.0)] if ctx.needs_input_grad[0] else None, True, False,
+                                           ctx.needs_input_grad[2])
+            ghigh = torch.tensor(above[0], dtype=x.dtype).reshape(()) if ctx.needs_input_grad[2] else None
+            return gx, None, ghigh, None
         if isinstance(lo, float) and _compiled.active(x):  # opt-in: one compiled pass
             r = _compiled.clip_bwd(g, x, lo, hi)
             if r is not None:
@@ -227,9 +269,14 @@ class _LSQFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v: Tensor, s: Tensor, qn: int, qp: int, gscale: float):
+        ctx.native = False
         if s.numel() == 1 and s.device.type == "cpu":
             sf = float(s)
             q = _compiled.lsq_fwd(v, sf, qn, qp) if _compiled.active(v) else None  # opt-in, same ops
+            if q is None and _native.active(v):  # the default on CPU: one pass, q recomputed in backward
+                ctx.save_for_backward(v, s)
+                ctx.q, ctx.native = (qn, qp, gscale), True
+                return _native.lsq_fwd(v, 1.0 / sf, sf, qn, qp)
             if q is None:
                 q = torch.mul(v, 1.0 / sf).clamp_(-qn, qp).round_().mul_(sf)  # same ops as levels()
         elif s.numel() == 1:  # the same float32 operations without a host sync: f32(1/f64(s))
@@ -242,8 +289,14 @@ class _LSQFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        v, s, q = ctx.saved_tensors
         qn, qp, gscale = ctx.q
+        if ctx.native:  # one pass: gv (bit-identical to hardtanh_backward) and the two dot products
+            v, s = ctx.saved_tensors
+            sf = float(s)
+            gv, gq, gvv = _native.lsq_bwd(g, v, 1.0 / sf, sf, qn, qp, -qn * sf, qp * sf, ctx.needs_input_grad[1])
+            gs = ((gq - gvv) / s * gscale).reshape(s.shape) if ctx.needs_input_grad[1] else None
+            return gv, gs, None, None, None
+        v, s, q = ctx.saved_tensors
         cpu_scalar = s.numel() == 1 and s.device.type == "cpu"
         lo, hi = (-qn * float(s), qp * float(s)) if cpu_scalar else (-qn * s, qp * s)
         r = _compiled.lsq_bwd(g, v, float(s), qn, qp) if cpu_scalar and _compiled.active(v) else None

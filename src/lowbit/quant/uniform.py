@@ -24,6 +24,7 @@ from .functional import (  # noqa: F401 (re-exported: lowbit.quant.uniform.clip_
     _ClipRound,
     _codes_to_values,
     _LSQFn,
+    batch_aminmax,
     channel_view,
     clip_round,
     clip_round_levels,
@@ -71,7 +72,7 @@ class MinMaxQuantizer(Quantizer):
                 return channel_view(f.min(1).values, x), channel_view(f.max(1).values, x)
             return d.min(), d.max()
         if self.training:
-            lo, hi = x.detach().to(self.running_min.dtype).aminmax()
+            lo, hi = batch_aminmax(x, self.running_min.dtype)  # computed once per mixture of min-max members
             if not self.is_initialized():
                 self.running_min.copy_(lo)
                 self.running_max.copy_(hi)

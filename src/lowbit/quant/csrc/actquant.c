@@ -1,0 +1,223 @@
+/* lowbit: single-pass activation fake-quantization kernels (training forward and backward).
+ *
+ * Built by lowbit/quant/native.py with the system C compiler on first use and loaded with ctypes;
+ * the Python side (lowbit.quant.functional, lowbit.methods.mixture) documents what each kernel
+ * replaces. Every kernel reads its inputs once and writes its outputs once.
+ *
+ * Forward values are bit-identical to the eager PyTorch kernels: the same IEEE float32
+ * operations in the same order (clamp, subtract the low end, true division by the step, round
+ * half to even, multiply, add the low end; a mixture's weighted sum as q0*c0 then fused
+ * multiply-adds, as torch's add_(q, alpha=c)). Compile with -ffp-contract=off: only the fmaf()
+ * written here may fuse. Scalar gradients (sums over the tensor) are accumulated in double,
+ * per thread over a fixed partition, and added in thread order: deterministic for a given
+ * thread count, and at least as accurate as torch's float32 sums.
+ *
+ * NaN inputs propagate as in torch: clamp keeps NaN, the masks follow aten's comparisons.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAXK 8
+#define MAXT 64
+
+/* the part [*b, *e) of n elements that thread t of nt takes (a fixed static partition, 64-aligned) */
+static void part(int64_t n, int t, int nt, int64_t *b, int64_t *e) {
+    int64_t per = (n + nt - 1) / nt;
+    per = (per + 63) & ~(int64_t)63;
+    *b = per * t < n ? per * t : n;
+    *e = per * (t + 1) < n ? per * (t + 1) : n;
+}
+
+/* sum over i in [bb, ee) of EXPR(i), as 16 float lanes (i mod 16) added in lane order: the
+ * compiler vectorises this (a plain float reduction it may not reorder, and runs it scalar) */
+#define LANE_SUM(dst, bb, ee, EXPR)                                                          \
+    do {                                                                                     \
+        float l_[16] = {0};                                                                  \
+        int64_t i_ = (bb);                                                                   \
+        for (; i_ + 16 <= (ee); i_ += 16)                                                    \
+            for (int j_ = 0; j_ < 16; j_++) {                                                \
+                int64_t i = i_ + j_;                                                         \
+                l_[j_] += (EXPR);                                                            \
+            }                                                                                \
+        for (; i_ < (ee); i_++) {                                                            \
+            int64_t i = i_;                                                                  \
+            l_[0] += (EXPR);                                                                 \
+        }                                                                                    \
+        float s_ = 0.0f;                                                                     \
+        for (int j_ = 0; j_ < 16; j_++) s_ += l_[j_];                                        \
+        (dst) = s_;                                                                          \
+    } while (0)
+
+static inline float clampf(float v, float lo, float hi) {
+    /* torch.clamp: NaN stays NaN */
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+static inline float q_clip(float v, float lo, float hi, float step, int lo_nz) {
+    float t = clampf(v, lo, hi);
+    if (lo_nz) t = t - lo;
+    t = rintf(t / step) * step;
+    if (lo_nz) t = t + lo;
+    return t;
+}
+
+/* out = sum_k c_k * Q_k(x), Q_k(x) = lo_k + round((clamp(x, lo_k, hi_k) - lo_k)/step_k)*step_k.
+ * plain != 0 (K = 1): out = Q_1(x), no multiplication. K and whether some lo_k != 0 (NZ) are
+ * compile-time constants in each specialisation, so that the loop has no branch and vectorises. */
+#define MIX_FWD_BODY(K, NZ, PLAIN)                                                           \
+    for (int64_t i = b; i < e; i++) {                                                        \
+        float v = x[i];                                                                      \
+        float acc = q_clip(v, lo[0], hi[0], step[0], NZ);                                    \
+        if (!(PLAIN)) acc = acc * c[0];                                                      \
+        for (int k = 1; k < (K); k++)                                                        \
+            acc = fmaf(q_clip(v, lo[k], hi[k], step[k], NZ), c[k], acc);                     \
+        out[i] = acc;                                                                        \
+    }
+
+#define MIX_FWD_CASES(NZ)                                                                    \
+    switch (K) {                                                                             \
+    case 1: if (plain) { MIX_FWD_BODY(1, NZ, 1) } else { MIX_FWD_BODY(1, NZ, 0) } break;    \
+    case 2: MIX_FWD_BODY(2, NZ, 0) break;                                                    \
+    case 3: MIX_FWD_BODY(3, NZ, 0) break;                                                    \
+    case 4: MIX_FWD_BODY(4, NZ, 0) break;                                                    \
+    default: MIX_FWD_BODY(K, NZ, 0) break;                                                   \
+    }
+
+void lb_mix_fwd(const float *x, float *out, int64_t n, int K, const float *lo_, const float *hi_,
+                const float *step_, const float *c_, int plain, int nthreads) {
+    float lo[MAXK], hi[MAXK], step[MAXK], c[MAXK];
+    int lo_nz = 0;
+    for (int k = 0; k < K; k++) {
+        lo[k] = lo_[k]; hi[k] = hi_[k]; step[k] = step_[k]; c[k] = c_[k];
+        lo_nz |= lo[k] != 0.0f;
+    }
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAXT) nthreads = MAXT;
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int t = 0; t < nthreads; t++) {
+        int64_t b, e;
+        part(n, t, nthreads, &b, &e);
+        if (lo_nz) { MIX_FWD_CASES(1) } else { MIX_FWD_CASES(0) }
+    }
+}
+
+/* Backward of lb_mix_fwd, one pass over memory.
+ *   gx   = sum_r w_r * (g * 1[glo_r <= x <= ghi_r])   over G clip ranges r (members with equal
+ *          ranges merged by the caller; the first term as g*w_0, the next as fmaf, as eager does)
+ *   gc_k = sum g * Q_k(x)           (want_gc)
+ *   ab_k = sum g * 1[!(x <= hi_k)]  (want_above; PACT's clip gradient, times c_k by the caller)
+ * gx may be NULL (no input gradient wanted).
+ *
+ * The tensor is taken in blocks of 1024 elements (8 KiB of g and x, which stay in L1 while the
+ * loops below run over the block, each of which vectorises); block sums are float lane sums,
+ * added in double. The mask in ab_k is a multiplication by 0/1, not a select: gcc 12.2 -O3
+ * miscompiles a select summed in such a loop (if-conversion of a reduction); the load-time
+ * self-check in native.py is there to catch such things. */
+#define GX_BODY(G)                                                                           \
+    for (int64_t i = bb; i < ee; i++) {                                                      \
+        float v = x[i], gi = g[i];                                                           \
+        float p = ((v >= glo[0]) & (v <= ghi[0])) ? gi : 0.0f;                                  \
+        float acc = plain ? p : p * w[0];                                                    \
+        for (int r = 1; r < (G); r++)                                                        \
+            acc = fmaf(((v >= glo[r]) & (v <= ghi[r])) ? gi : 0.0f, w[r], acc);                  \
+        gx[i] = acc;                                                                         \
+    }
+
+void lb_mix_bwd(const float *g, const float *x, float *gx, int64_t n, int K, const float *lo_,
+                const float *hi_, const float *step_, int G, const float *glo_, const float *ghi_,
+                const float *w_, int plain, int want_gc, int want_above, double *gc, double *above,
+                int nthreads) {
+    float lo[MAXK], hi[MAXK], step[MAXK], glo[MAXK], ghi[MAXK], w[MAXK];
+    int lo_nz = 0;
+    for (int k = 0; k < K; k++) {
+        lo[k] = lo_[k]; hi[k] = hi_[k]; step[k] = step_[k];
+        lo_nz |= lo[k] != 0.0f;
+    }
+    for (int r = 0; r < G; r++) { glo[r] = glo_[r]; ghi[r] = ghi_[r]; w[r] = w_[r]; }
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAXT) nthreads = MAXT;
+    double pc[MAXT][MAXK], pa[MAXT][MAXK];
+    memset(pc, 0, sizeof pc);
+    memset(pa, 0, sizeof pa);
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int t = 0; t < nthreads; t++) {
+        int64_t b, e;
+        part(n, t, nthreads, &b, &e);
+        for (int64_t bb = b; bb < e; bb += 1024) {
+            int64_t ee = bb + 1024 < e ? bb + 1024 : e;
+            if (gx) {
+                switch (G) {
+                case 1: GX_BODY(1) break;
+                case 2: GX_BODY(2) break;
+                case 3: GX_BODY(3) break;
+                default: GX_BODY(G) break;
+                }
+            }
+            for (int k = 0; k < K; k++) {
+                float fc = 0.0f, fa = 0.0f, lk = lo[k], hk = hi[k], sk = step[k];
+                if (want_gc) {
+                    if (lo_nz) LANE_SUM(fc, bb, ee, g[i] * q_clip(x[i], lk, hk, sk, 1));
+                    else LANE_SUM(fc, bb, ee, g[i] * q_clip(x[i], lk, hk, sk, 0));
+                }
+                if (want_above) LANE_SUM(fa, bb, ee, g[i] * (float)!(x[i] <= hk));
+                pc[t][k] += fc;
+                pa[t][k] += fa;
+            }
+        }
+    }
+    for (int k = 0; k < K; k++) {
+        double sc = 0.0, sa = 0.0;
+        for (int t = 0; t < nthreads; t++) { sc += pc[t][k]; sa += pa[t][k]; }
+        if (gc) gc[k] = sc;
+        if (above) above[k] = sa;
+    }
+}
+
+/* LSQ (Esser et al. 2020) with a per-tensor step s: q = round(clamp(v*inv, qmin, qp)) * s, qmin = -Qn
+ * as the caller computes it (+0.0 for Qn = 0: the sign of a clamped zero follows torch's). */
+void lb_lsq_fwd(const float *v, float *q, int64_t n, float inv, float s, float qmin, float qp, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAXT) nthreads = MAXT;
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int t = 0; t < nthreads; t++) {
+        int64_t b, e;
+        part(n, t, nthreads, &b, &e);
+        for (int64_t i = b; i < e; i++) q[i] = rintf(clampf(v[i] * inv, qmin, qp)) * s;
+    }
+}
+
+/* LSQ backward, one pass: gv = g * 1[lo < v < hi] (aten's hardtanh_backward), and
+ * sums[0] = sum g*q, sums[1] = sum gv*v (the step gradient is (sums[0] - sums[1]) / s). */
+void lb_lsq_bwd(const float *g, const float *v, float *gv, int64_t n, float inv, float s, float qmin, float qp,
+                float lo, float hi, int want_gs, double *sums, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAXT) nthreads = MAXT;
+    double p0[MAXT], p1[MAXT];
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int t = 0; t < nthreads; t++) {
+        int64_t b, e;
+        part(n, t, nthreads, &b, &e);
+        double s0 = 0.0, s1 = 0.0;
+        for (int64_t bb = b; bb < e; bb += 1024) {
+            int64_t ee = bb + 1024 < e ? bb + 1024 : e;
+            for (int64_t i = bb; i < ee; i++) {
+                float vi = v[i];
+                gv[i] = (vi > lo && vi < hi) ? g[i] : 0.0f;
+            }
+            float f0 = 0.0f, f1 = 0.0f;
+            if (want_gs) {
+                LANE_SUM(f0, bb, ee, g[i] * (rintf(clampf(v[i] * inv, qmin, qp)) * s));
+                LANE_SUM(f1, bb, ee, gv[i] * v[i]);
+            }
+            s0 += f0;
+            s1 += f1;
+        }
+        p0[t] = s0;
+        p1[t] = s1;
+    }
+    double s0 = 0.0, s1 = 0.0;
+    for (int t = 0; t < nthreads; t++) { s0 += p0[t]; s1 += p1[t]; }
+    sums[0] = s0;
+    sums[1] = s1;
+}
