@@ -199,3 +199,23 @@ def test_the_self_check_rejects_a_wrong_kernel():
     native._self_check(lib)
     with pytest.raises(RuntimeError, match="self-check failed"):
         native._self_check(OffByOne())
+
+
+def test_sawb_error_sums_native_match_eager():
+    """SAWB's MSE search (003 eq. 12): the candidates' error sums agree with the eager batched
+    version to float rounding, and the chosen alphas are the same on conv-weight-like tensors."""
+    from lowbit.quant import uniform
+
+    torch.manual_seed(3)
+    for shape in [(64, 64, 3, 3), (32, 16, 3, 3), (10, 1000)]:
+        w = torch.randn(shape) * 0.05
+        for per_channel in (False, True):
+            rows = w.flatten(1) if per_channel else w.reshape(1, -1)
+            a = rows.abs().amax(1, keepdim=True) * torch.linspace(0.1, 1.0, 7)
+            native.enable(False)
+            e0, a0 = uniform._sq_err_sums(rows, a, 255), uniform.mse_optimal_alpha(w, 8, per_channel)
+            native.enable(True)
+            assert native.active(rows) == (rows.numel() >= native.MIN_NUMEL)
+            e1, a1 = uniform._sq_err_sums(rows, a, 255), uniform.mse_optimal_alpha(w, 8, per_channel)
+            torch.testing.assert_close(e1, e0, rtol=1e-5, atol=0.0)
+            assert torch.equal(a0, a1)

@@ -59,6 +59,7 @@ _SIGNATURES = {
     "lb_mix_bwd": [_p, _p, _p, _i64, _i, _p, _p, _p, _i, _p, _p, _p, _i, _i, _i, _p, _p, _i],
     "lb_lsq_fwd": [_p, _p, _i64, _f, _f, _f, _f, _i],
     "lb_lsq_bwd": [_p, _p, _p, _i64, _f, _f, _f, _f, _f, _f, _i, _p, _i],
+    "lb_sq_err_sums": [_p, _i64, _i64, _p, _i64, _f, _p, _i],
 }
 
 
@@ -190,6 +191,14 @@ def _self_check(lib) -> None:
             and close(s2[0], float((gr.double() * qx.double()).sum()))
             and close(s2[1], float((rgv.double() * x.double()).sum()))):
         raise RuntimeError("self-check failed: the built LSQ kernels disagree with torch")
+    rows = x.reshape(1, -1)[:, : 3 * 1024].reshape(3, 1024)
+    a = rows.abs().amax(1, keepdim=True) * torch.tensor([[0.25, 0.5, 1.0]])
+    got = torch.empty_like(a)
+    lib.lb_sq_err_sums(rows.data_ptr(), 3, 1024, a.data_ptr(), 3, 127.5, got.data_ptr(), t)
+    v = rows.double()[:, None, :] * (127.5 / a.double())[:, :, None]
+    want = ((v - v.clamp(-127.5, 127.5).floor() - 0.5) ** 2).sum(2) / (127.5 / a.double()) ** 2
+    if not torch.allclose(got.double(), want, rtol=1e-5, atol=0.0):
+        raise RuntimeError("self-check failed: the built SAWB error sums disagree with torch")
 
 
 def available() -> bool:
@@ -241,6 +250,16 @@ def mix_bwd(g: Tensor, x: Tensor, lo: list[float], hi: list[float], step: list[f
                              _farr([r[1] for r in gr]), _farr([r[2] for r in gr]), int(plain), int(want_gc),
                              int(want_above), gc, above, _threads())
     return gx, list(gc), list(above)
+
+
+def sq_err_sums(rows: Tensor, a: Tensor, n: int) -> Tensor:
+    """SAWB's search (:func:`lowbit.quant.uniform._sq_err_sums`): (R, C) sums of squared errors
+    of the rows (R, N) on the symmetric n-step grids of the candidate alphas ``a`` (R, C)."""
+    a = a.contiguous()
+    out = torch.empty_like(a)
+    _state["lib"].lb_sq_err_sums(rows.data_ptr(), rows.shape[0], rows.shape[1], a.data_ptr(), a.shape[1],
+                                 n / 2, out.data_ptr(), _threads())
+    return out
 
 
 def lsq_fwd(v: Tensor, inv: float, s: float, qn: int, qp: int) -> Tensor:

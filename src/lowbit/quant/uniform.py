@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from . import native
 from .base import Quantizer, register_quantizer
 from .functional import (  # noqa: F401 (re-exported: lowbit.quant.uniform.clip_round etc.)
     _EPS,
@@ -143,6 +144,8 @@ def _sq_err_sums(rows: Tensor, a: Tensor, n: int) -> Tensor:
     column chunks of ``_MSE_CHUNK`` elements into two reused buffers.
     """
     R, N = rows.shape
+    if a.dtype == rows.dtype and native.active(rows):  # one native pass per candidate (the same float32 ops)
+        return native.sq_err_sums(rows, a, n)
     s = (n / 2) / a
     h = n / 2
     out = torch.zeros_like(a)

@@ -62,6 +62,12 @@ static inline float q_clip(float v, float lo, float hi, float step, int lo_nz) {
     return t;
 }
 
+static inline float sq_err_scaled(float x, float s, float h) {
+    float v = x * s;
+    float d = (v - floorf(clampf(v, -h, h))) - 0.5f;
+    return d * d;
+}
+
 /* out = sum_k c_k * Q_k(x), Q_k(x) = lo_k + round((clamp(x, lo_k, hi_k) - lo_k)/step_k)*step_k.
  * plain != 0 (K = 1): out = Q_1(x), no multiplication. K and whether some lo_k != 0 (NZ) are
  * compile-time constants in each specialisation, so that the loop has no branch and vectorises. */
@@ -220,4 +226,29 @@ void lb_lsq_bwd(const float *g, const float *v, float *gv, int64_t n, float inv,
     for (int t = 0; t < nthreads; t++) { s0 += p0[t]; s1 += p1[t]; }
     sums[0] = s0;
     sums[1] = s1;
+}
+
+/* SAWB's MSE search (003 eq. 12; lowbit.quant.uniform._sq_err_sums): for R rows of N weights and C
+ * candidate alphas per row, out[r*C + c] = sum_i (v_i - Q(v_i))^2 / s^2 with s = (n/2)/alpha,
+ * v = x*s, Q(v) = floor(clamp(v, -h, h)) + 1/2, h = n/2 (the levels of the symmetric n-step grid
+ * in the scaled space). The same float32 operations per element as the torch version; the sum is
+ * float lanes per 1024-element block, added in double (torch's vecdot sums in another order). */
+void lb_sq_err_sums(const float *rows, int64_t R, int64_t N, const float *alpha, int64_t C, float half_n,
+                    float *out, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (int64_t r = 0; r < R; r++) {
+        for (int64_t c = 0; c < C; c++) {
+            const float *x = rows + r * N;
+            const float s = half_n / alpha[r * C + c], h = half_n;
+            double acc = 0.0;
+            for (int64_t bb = 0; bb < N; bb += 1024) {
+                int64_t ee = bb + 1024 < N ? bb + 1024 : N;
+                float f;
+                LANE_SUM(f, bb, ee, sq_err_scaled(x[i], s, h));
+                acc += f;
+            }
+            out[r * C + c] = (float)acc / (s * s);
+        }
+    }
 }
