@@ -54,11 +54,16 @@ def lsq_backward(ctx, g: Tensor):
 def before_kernels():
     """Swap the pre-issue-11 backward passes and unfused mixtures in (forward and backward of one
     step must both run inside)."""
-    saved = (_ClipRound.__dict__["backward"], _LSQFn.__dict__["backward"], QuantizerMixture.fused)
+    from lowbit.quant import native
+
+    saved = (_ClipRound.__dict__["backward"], _LSQFn.__dict__["backward"], QuantizerMixture.fused,
+             native._state["on"])
     _ClipRound.backward = staticmethod(clip_round_backward)
     _LSQFn.backward = staticmethod(lsq_backward)
     QuantizerMixture.fused = False
+    native.enable(False)  # the native kernels came after
     try:
         yield
     finally:
-        _ClipRound.backward, _LSQFn.backward, QuantizerMixture.fused = saved
+        _ClipRound.backward, _LSQFn.backward, QuantizerMixture.fused, on = saved
+        native.enable(on)

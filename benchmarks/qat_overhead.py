@@ -28,6 +28,10 @@ backward passes, unfused activation mixtures), interleaved with the others.
 bare loop (no lowbit call at all); ``FP32`` is ``quantize(model, {})`` (nothing registered: the
 same plain modules) stepped by the same loop as the quantized rows (method hooks included).
 
+``--eager`` adds an ``[eager]`` row per quantized configuration: the same model stepped with the
+native C kernels switched off (``lowbit.quant.native``, ``LOWBIT_NATIVE=0``): the torch kernels
+that were the default before them, interleaved with the others.
+
 ``--compile`` adds a ``[compiled]`` row per quantized configuration: the opt-in
 ``torch.compile`` activation kernels (``lowbit.quant.compiled``, ``LOWBIT_COMPILE=1``); the
 first warm-up step of each such row includes compiling (reported as ``first_step_s``).
@@ -52,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.models import create_model
-from lowbit.quant import compiled
+from lowbit.quant import compiled, native
 from lowbit.quantize import quant_state, quantize
 
 CONFIGS = {
@@ -78,6 +82,8 @@ def main() -> None:
     ap.add_argument("--name", default="overhead", help="file name (without extension) of the results")
     ap.add_argument("--before", action="store_true",
                     help="add a [before] row per quantized configuration: the pre-issue-11 kernels")
+    ap.add_argument("--eager", action="store_true",
+                    help="add an [eager] row per quantized configuration: the native C kernels switched off")
     ap.add_argument("--compile", action="store_true",
                     help="add a [compiled] row per quantized configuration: the torch.compile kernels")
     ap.add_argument("--no-plain", dest="plain", action="store_false",
@@ -106,6 +112,8 @@ def main() -> None:
         from qat_before import before_kernels
 
         rows += [(f"{label} [before]", plan, True) for label, plan in configs.items() if plan]
+    if args.eager:
+        rows += [(f"{label} [eager]", plan, "eager") for label, plan in configs.items() if plan]
     if args.compile:
         rows += [(f"{label} [compiled]", plan, "compiled") for label, plan in configs.items() if plan]
     total = (args.rounds * args.steps + 2) * len(rows)  # schedules span every step taken here
@@ -137,6 +145,12 @@ def main() -> None:
                 return lowbit_step(m, opt)
             finally:
                 compiled.enable(False)
+        if before == "eager":
+            native.enable(False)
+            try:
+                return lowbit_step(m, opt)
+            finally:
+                native.enable(True)
         if before:
             with before_kernels():
                 return lowbit_step(m, opt)
@@ -155,6 +169,9 @@ def main() -> None:
         opt.step()
 
     compiled.enable(False)  # only the [compiled] rows (LOWBIT_COMPILE is ignored here)
+    if native.available():  # built and self-checked before any timing
+        native.enable(True)
+    meta_native = native._state["failed"] or ("on" if native.available() else "off")
     first: dict[str, float] = {}
     for label, (m, opt, before) in setups.items():  # warm-up (allocator, LSQ init, compiling)
         for i in range(2):
@@ -189,7 +206,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {**vars(args), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "")}
+            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""), "native": meta_native}
     (out / f"{args.name}.json").write_text(json.dumps({"args": meta, "rows": out_rows}, indent=2) + "\n")
     md = ["| config | step ms (median) | ratio to FP32 | ratio to plain PyTorch | CPU ms | CPU-time ratio to FP32 |",
           "|---|---|---|---|---|---|"]
