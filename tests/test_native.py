@@ -219,3 +219,8 @@ def test_sawb_error_sums_native_match_eager():
             e1, a1 = uniform._sq_err_sums(rows, a, 255), uniform.mse_optimal_alpha(w, 8, per_channel)
             torch.testing.assert_close(e1, e0, rtol=1e-5, atol=0.0)
             assert torch.equal(a0, a1)
+            for b in (3, 5):  # the whole search, at other widths (SAWB's fallback rows use it at 2-4 bits)
+                native.enable(False)
+                r0 = uniform._mse_alpha_rows(rows, b)
+                native.enable(True)
+                assert torch.equal(uniform._mse_alpha_rows(rows, b), r0)

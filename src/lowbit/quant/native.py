@@ -60,6 +60,7 @@ _SIGNATURES = {
     "lb_lsq_fwd": [_p, _p, _i64, _f, _f, _f, _f, _i],
     "lb_lsq_bwd": [_p, _p, _p, _i64, _f, _f, _f, _f, _f, _f, _i, _p, _i],
     "lb_sq_err_sums": [_p, _i64, _i64, _p, _i64, _f, _p, _i],
+    "lb_mse_alpha_rows": [_p, _i64, _i64, _f, _i, _i, _f, _p, _i],
 }
 
 
@@ -199,6 +200,17 @@ def _self_check(lib) -> None:
     want = ((v - v.clamp(-127.5, 127.5).floor() - 0.5) ** 2).sum(2) / (127.5 / a.double()) ** 2
     if not torch.allclose(got.double(), want, rtol=1e-5, atol=0.0):
         raise RuntimeError("self-check failed: the built SAWB error sums disagree with torch")
+    from .uniform import _mse_alpha_rows
+
+    alpha = torch.empty(3, 1)
+    lib.lb_mse_alpha_rows(rows.data_ptr(), 3, 1024, 127.5, 16, 2, 1e-8, alpha.data_ptr(), t)
+    was, _state["on"] = _state["on"], False  # the torch search itself
+    try:
+        ref = _mse_alpha_rows(rows, 8)
+    finally:
+        _state["on"] = was
+    if not torch.equal(alpha, ref):
+        raise RuntimeError("self-check failed: the built SAWB search disagrees with torch")
 
 
 def available() -> bool:
@@ -259,6 +271,14 @@ def sq_err_sums(rows: Tensor, a: Tensor, n: int) -> Tensor:
     out = torch.empty_like(a)
     _state["lib"].lb_sq_err_sums(rows.data_ptr(), rows.shape[0], rows.shape[1], a.data_ptr(), a.shape[1],
                                  n / 2, out.data_ptr(), _threads())
+    return out
+
+
+def mse_alpha_rows(rows: Tensor, n: int, grid: int, refine: int, eps: float) -> Tensor:
+    """SAWB's whole coarse-to-fine search (:func:`lowbit.quant.uniform._mse_alpha_rows`), (R, 1)."""
+    out = rows.new_empty(rows.shape[0], 1)
+    _state["lib"].lb_mse_alpha_rows(rows.data_ptr(), rows.shape[0], rows.shape[1], n / 2, grid, refine, eps,
+                                    out.data_ptr(), _threads())
     return out
 
 

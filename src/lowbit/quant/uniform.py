@@ -171,8 +171,10 @@ def _mse_alpha_rows(rows: Tensor, bits: int, grid: int = 16, refine: int = 2) ->
     """
     with torch.no_grad():
         rows = rows.detach() if rows.is_floating_point() else rows.detach().float()
-        amax = rows.abs().max(1, keepdim=True).values.clamp_min(_EPS)
         n = 2**bits - 1
+        if native.active(rows):  # the same steps in one native call (the error sums as _sq_err_sums's)
+            return native.mse_alpha_rows(rows, n, grid, refine, _EPS)
+        amax = rows.abs().max(1, keepdim=True).values.clamp_min(_EPS)
         cand = amax * (torch.arange(1, grid + 1, dtype=amax.dtype, device=amax.device) / grid)
         err = _sq_err_sums(rows, cand, n)
         i = err.argmin(1, keepdim=True)  # first minimum: the smallest alpha on ties

@@ -252,3 +252,55 @@ void lb_sq_err_sums(const float *rows, int64_t R, int64_t N, const float *alpha,
         }
     }
 }
+
+static float sq_err_row(const float *x, int64_t N, float a, float half_n) {
+    const float s = half_n / a, h = half_n;
+    double acc = 0.0;
+    for (int64_t bb = 0; bb < N; bb += 1024) {
+        int64_t ee = bb + 1024 < N ? bb + 1024 : N;
+        float f;
+        LANE_SUM(f, bb, ee, sq_err_scaled(x[i], s, h));
+        acc += f;
+    }
+    return (float)acc / (s * s);
+}
+
+/* SAWB's coarse-to-fine search for argmin_alpha of the MSE per row (lowbit.quant.uniform.
+ * _mse_alpha_rows, the same float32 steps): alpha = amax*k/grid, k = 1..grid, then `refine`
+ * rounds of best + d*{-3,-2,-1,1,2,3} with d divided by 4 each round (candidates outside
+ * (0, amax] replaced by the best), the first minimum winning ties, a round's winner kept only if
+ * strictly better. Errors as lb_sq_err_sums. */
+void lb_mse_alpha_rows(const float *rows, int64_t R, int64_t N, float half_n, int grid, int refine, float eps,
+                       float *out, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    static const float off[6] = {-3.0f, -2.0f, -1.0f, 1.0f, 2.0f, 3.0f};
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        const float *x = rows + r * N;
+        float amax = 0.0f;
+        for (int64_t i = 0; i < N; i++) {
+            float v = fabsf(x[i]);
+            amax = v > amax ? v : amax;
+        }
+        amax = amax < eps ? eps : amax;
+        float best = 0.0f, best_err = 0.0f;
+        for (int k = 0; k < grid; k++) {
+            float c = amax * ((float)(k + 1) / (float)grid);
+            float e = sq_err_row(x, N, c, half_n);
+            if (k == 0 || e < best_err) { best_err = e; best = c; }
+        }
+        float d = amax / (float)grid;
+        for (int round = 0; round < refine; round++) {
+            d = d / 4.0f;
+            float rb = 0.0f, re = 0.0f;
+            for (int j = 0; j < 6; j++) {
+                float c = best + d * off[j];
+                if (!(c > 0.0f && c <= amax)) c = best;
+                float e = sq_err_row(x, N, c, half_n);
+                if (j == 0 || e < re) { re = e; rb = c; }
+            }
+            if (re < best_err) { best_err = re; best = rb; }
+        }
+        out[r] = best;
+    }
+}
