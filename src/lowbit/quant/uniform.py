@@ -242,11 +242,14 @@ class SAWBQuantizer(Quantizer):
             return mse_optimal_alpha(x, self.bits, self.per_channel)
         rows = d.flatten(1) if self.per_channel else d.reshape(1, -1)
         c1, c2 = SAWB_COEFFS[self.bits]
-        a = c1 * rows.pow(2).mean(1, keepdim=True).sqrt() + c2 * rows.abs().mean(1, keepdim=True)
-        bad = a <= 0
-        if self.alpha_mode == "auto":
-            n = 2**self.bits - 1
-            bad |= _sym_mse(rows, a.clamp_min(_EPS), n) > _sym_mse(rows, rows.abs().max(1, keepdim=True).values, n)
+        n = 2**self.bits - 1
+        if native.active(rows):  # the same steps in two native passes (moments, then the two MSEs)
+            a, bad = native.sawb_closed(rows, c1, c2, n, self.alpha_mode == "auto", _EPS)
+        else:
+            a = c1 * rows.pow(2).mean(1, keepdim=True).sqrt() + c2 * rows.abs().mean(1, keepdim=True)
+            bad = a <= 0
+            if self.alpha_mode == "auto":
+                bad |= _sym_mse(rows, a.clamp_min(_EPS), n) > _sym_mse(rows, rows.abs().max(1, keepdim=True).values, n)
         if bool(bad.any()):  # rare at 2-4 bits: the grid search only when some row needs it
             a = torch.where(bad, _mse_alpha_rows(rows, self.bits), a)
         a = a.clamp_min(_EPS)

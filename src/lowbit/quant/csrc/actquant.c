@@ -12,6 +12,9 @@
  * per thread over a fixed partition, and added in thread order: deterministic for a given
  * thread count, and at least as accurate as torch's float32 sums.
  *
+ * -fno-math-errno and -fno-trapping-math let gcc vectorise rintf/floorf and the compare loops;
+ * they change no result (nothing here reads errno or the floating-point exception flags).
+ *
  * NaN inputs propagate as in torch: clamp keeps NaN, the masks follow aten's comparisons.
  */
 #include <math.h>
@@ -29,24 +32,23 @@ static void part(int64_t n, int t, int nt, int64_t *b, int64_t *e) {
     *e = per * (t + 1) < n ? per * (t + 1) : n;
 }
 
-/* sum over i in [bb, ee) of EXPR(i), as 16 float lanes (i mod 16) added in lane order: the
- * compiler vectorises this (a plain float reduction it may not reorder, and runs it scalar) */
+/* sum over i in [bb, ee) of EXPR(i) as a float, vectorised: an OpenMP SIMD reduction (the
+ * compiler may add the terms in lanes; the order is fixed for a given build) */
 #define LANE_SUM(dst, bb, ee, EXPR)                                                          \
     do {                                                                                     \
-        float l_[16] = {0};                                                                  \
-        int64_t i_ = (bb);                                                                   \
-        for (; i_ + 16 <= (ee); i_ += 16)                                                    \
-            for (int j_ = 0; j_ < 16; j_++) {                                                \
-                int64_t i = i_ + j_;                                                         \
-                l_[j_] += (EXPR);                                                            \
-            }                                                                                \
-        for (; i_ < (ee); i_++) {                                                            \
-            int64_t i = i_;                                                                  \
-            l_[0] += (EXPR);                                                                 \
-        }                                                                                    \
         float s_ = 0.0f;                                                                     \
-        for (int j_ = 0; j_ < 16; j_++) s_ += l_[j_];                                        \
+        _Pragma("omp simd reduction(+:s_)")                                                  \
+        for (int64_t i = (bb); i < (ee); i++) s_ += (EXPR);                                  \
         (dst) = s_;                                                                          \
+    } while (0)
+
+/* max over i in [bb, ee) of |x[i]| into dst (NaN ignored, as fmaxf) */
+#define ABS_MAX(dst, x, bb, ee)                                                              \
+    do {                                                                                     \
+        float m_ = (dst);                                                                    \
+        _Pragma("omp simd reduction(max:m_)")                                                \
+        for (int64_t i = (bb); i < (ee); i++) { float v_ = fabsf((x)[i]); m_ = v_ > m_ ? v_ : m_; }               \
+        (dst) = m_;                                                                          \
     } while (0)
 
 static inline float clampf(float v, float lo, float hi) {
@@ -278,10 +280,7 @@ void lb_mse_alpha_rows(const float *rows, int64_t R, int64_t N, float half_n, in
     for (int64_t r = 0; r < R; r++) {
         const float *x = rows + r * N;
         float amax = 0.0f;
-        for (int64_t i = 0; i < N; i++) {
-            float v = fabsf(x[i]);
-            amax = v > amax ? v : amax;
-        }
+        ABS_MAX(amax, x, 0, N);
         amax = amax < eps ? eps : amax;
         float best = 0.0f, best_err = 0.0f;
         for (int k = 0; k < grid; k++) {
@@ -302,5 +301,53 @@ void lb_mse_alpha_rows(const float *rows, int64_t R, int64_t N, float half_n, in
             if (re < best_err) { best_err = re; best = rb; }
         }
         out[r] = best;
+    }
+}
+
+static inline float sq_err_direct(float x, float a, float step) {
+    /* lowbit.quant.uniform._sym_mse's element: clamp(x,-a,a) + a, / step, round, * step, - a; minus x, squared */
+    float q = (rintf((clampf(x, -a, a) + a) / step) * step) - a;
+    float d = q - x;
+    return d * d;
+}
+
+/* SAWB's closed form per row (SAWBQuantizer.alpha at 2-4 bits, Choi et al. 2018):
+ * alpha = c1*sqrt(E[x^2]) + c2*E|x|, bad = alpha <= 0, and with check_max also
+ * bad |= MSE(max(alpha, eps)) > MSE(max|x|) on the symmetric n-step grid (_sym_mse). One pass for
+ * the moments, one for the two MSEs; sums in double. */
+void lb_sawb_closed(const float *rows, int64_t R, int64_t N, float c1, float c2, float n, int check_max, float eps,
+                    float *alpha, uint8_t *bad, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        const float *x = rows + r * N;
+        double s2 = 0.0, s1 = 0.0;
+        float amax = 0.0f;
+        for (int64_t bb = 0; bb < N; bb += 1024) {
+            int64_t ee = bb + 1024 < N ? bb + 1024 : N;
+            float f2, f1;
+            LANE_SUM(f2, bb, ee, x[i] * x[i]);
+            LANE_SUM(f1, bb, ee, fabsf(x[i]));
+            s2 += f2;
+            s1 += f1;
+            ABS_MAX(amax, x, bb, ee);
+        }
+        float a = c1 * sqrtf((float)s2 / (float)N) + c2 * ((float)s1 / (float)N);
+        int b = !(a > 0.0f);
+        if (check_max && !b) {
+            float a1 = a < eps ? eps : a, st1 = (2.0f * a1) / n, st2 = (2.0f * amax) / n;
+            double e1 = 0.0, e2 = 0.0;
+            for (int64_t bb = 0; bb < N; bb += 1024) {
+                int64_t ee = bb + 1024 < N ? bb + 1024 : N;
+                float f1, f2;
+                LANE_SUM(f1, bb, ee, sq_err_direct(x[i], a1, st1));
+                LANE_SUM(f2, bb, ee, sq_err_direct(x[i], amax, st2));
+                e1 += f1;
+                e2 += f2;
+            }
+            b = (float)e1 / (float)N > (float)e2 / (float)N;
+        }
+        alpha[r] = a;
+        bad[r] = (uint8_t)b;
     }
 }
