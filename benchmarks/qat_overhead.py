@@ -59,6 +59,9 @@ from lowbit.models import create_model
 from lowbit.quant import compiled, native
 from lowbit.quantize import quant_state, quantize
 
+#: row kinds that step with a kernel switch flipped: (module with enable(), value during the step)
+SWITCHES = {"compiled": (compiled, True), "eager": (native, False)}
+
 CONFIGS = {
     "FP32": {},
     "W2 min-max": {"weight": {"name": "minmax", "bits": 2}},
@@ -139,18 +142,13 @@ def main() -> None:
     def step(m, opt, before):
         if before is None:
             return plain_step(m, opt)
-        if before == "compiled":
-            compiled.enable(True)
+        if before in SWITCHES:  # "compiled": the torch.compile kernels on; "eager": the native ones off
+            module, on = SWITCHES[before]
+            module.enable(on)
             try:
                 return lowbit_step(m, opt)
             finally:
-                compiled.enable(False)
-        if before == "eager":
-            native.enable(False)
-            try:
-                return lowbit_step(m, opt)
-            finally:
-                native.enable(True)
+                module.enable(not on)
         if before:
             with before_kernels():
                 return lowbit_step(m, opt)

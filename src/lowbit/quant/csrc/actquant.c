@@ -24,6 +24,9 @@
 #define MAXK 8
 #define MAXT 64
 
+/* the thread count a kernel uses: 1..MAXT (the per-thread partial sums are MAXT long) */
+static int threads(int n) { return n < 1 ? 1 : (n > MAXT ? MAXT : n); }
+
 /* the part [*b, *e) of n elements that thread t of nt takes (a fixed static partition, 64-aligned) */
 static void part(int64_t n, int t, int nt, int64_t *b, int64_t *e) {
     int64_t per = (n + nt - 1) / nt;
@@ -100,8 +103,7 @@ void lb_mix_fwd(const float *x, float *out, int64_t n, int K, const float *lo_, 
         lo[k] = lo_[k]; hi[k] = hi_[k]; step[k] = step_[k]; c[k] = c_[k];
         lo_nz |= lo[k] != 0.0f;
     }
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAXT) nthreads = MAXT;
+    nthreads = threads(nthreads);
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1)
     for (int t = 0; t < nthreads; t++) {
         int64_t b, e;
@@ -118,8 +120,8 @@ void lb_mix_fwd(const float *x, float *out, int64_t n, int K, const float *lo_, 
  * gx may be NULL (no input gradient wanted).
  *
  * The tensor is taken in blocks of 1024 elements (8 KiB of g and x, which stay in L1 while the
- * loops below run over the block, each of which vectorises); block sums are float lane sums,
- * added in double. The mask in ab_k is a multiplication by 0/1, not a select: gcc 12.2 -O3
+ * loops below run over the block, each of which vectorises); block sums are float, added in
+ * double. The mask in ab_k is a multiplication by 0/1, not a select: gcc 12.2 -O3
  * miscompiles a select summed in such a loop (if-conversion of a reduction); the load-time
  * self-check in native.py is there to catch such things. */
 #define GX_BODY(G)                                                                           \
@@ -143,8 +145,7 @@ void lb_mix_bwd(const float *g, const float *x, float *gx, int64_t n, int K, con
         lo_nz |= lo[k] != 0.0f;
     }
     for (int r = 0; r < G; r++) { glo[r] = glo_[r]; ghi[r] = ghi_[r]; w[r] = w_[r]; }
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAXT) nthreads = MAXT;
+    nthreads = threads(nthreads);
     double pc[MAXT][MAXK], pa[MAXT][MAXK];
     memset(pc, 0, sizeof pc);
     memset(pa, 0, sizeof pa);
@@ -185,8 +186,7 @@ void lb_mix_bwd(const float *g, const float *x, float *gx, int64_t n, int K, con
 /* LSQ (Esser et al. 2020) with a per-tensor step s: q = round(clamp(v*inv, qmin, qp)) * s, qmin = -Qn
  * as the caller computes it (+0.0 for Qn = 0: the sign of a clamped zero follows torch's). */
 void lb_lsq_fwd(const float *v, float *q, int64_t n, float inv, float s, float qmin, float qp, int nthreads) {
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAXT) nthreads = MAXT;
+    nthreads = threads(nthreads);
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1)
     for (int t = 0; t < nthreads; t++) {
         int64_t b, e;
@@ -199,8 +199,7 @@ void lb_lsq_fwd(const float *v, float *q, int64_t n, float inv, float s, float q
  * sums[0] = sum g*q, sums[1] = sum gv*v (the step gradient is (sums[0] - sums[1]) / s). */
 void lb_lsq_bwd(const float *g, const float *v, float *gv, int64_t n, float inv, float s, float qmin, float qp,
                 float lo, float hi, int want_gs, double *sums, int nthreads) {
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAXT) nthreads = MAXT;
+    nthreads = threads(nthreads);
     double p0[MAXT], p1[MAXT];
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1)
     for (int t = 0; t < nthreads; t++) {
@@ -230,31 +229,7 @@ void lb_lsq_bwd(const float *g, const float *v, float *gv, int64_t n, float inv,
     sums[1] = s1;
 }
 
-/* SAWB's MSE search (003 eq. 12; lowbit.quant.uniform._sq_err_sums): for R rows of N weights and C
- * candidate alphas per row, out[r*C + c] = sum_i (v_i - Q(v_i))^2 / s^2 with s = (n/2)/alpha,
- * v = x*s, Q(v) = floor(clamp(v, -h, h)) + 1/2, h = n/2 (the levels of the symmetric n-step grid
- * in the scaled space). The same float32 operations per element as the torch version; the sum is
- * float lanes per 1024-element block, added in double (torch's vecdot sums in another order). */
-void lb_sq_err_sums(const float *rows, int64_t R, int64_t N, const float *alpha, int64_t C, float half_n,
-                    float *out, int nthreads) {
-    if (nthreads < 1) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
-    for (int64_t r = 0; r < R; r++) {
-        for (int64_t c = 0; c < C; c++) {
-            const float *x = rows + r * N;
-            const float s = half_n / alpha[r * C + c], h = half_n;
-            double acc = 0.0;
-            for (int64_t bb = 0; bb < N; bb += 1024) {
-                int64_t ee = bb + 1024 < N ? bb + 1024 : N;
-                float f;
-                LANE_SUM(f, bb, ee, sq_err_scaled(x[i], s, h));
-                acc += f;
-            }
-            out[r * C + c] = (float)acc / (s * s);
-        }
-    }
-}
-
+/* one row's sum of squared errors for one alpha (see lb_sq_err_sums) */
 static float sq_err_row(const float *x, int64_t N, float a, float half_n) {
     const float s = half_n / a, h = half_n;
     double acc = 0.0;
@@ -267,6 +242,21 @@ static float sq_err_row(const float *x, int64_t N, float a, float half_n) {
     return (float)acc / (s * s);
 }
 
+/* SAWB's MSE search (003 eq. 12; lowbit.quant.uniform._sq_err_sums): for R rows of N weights and C
+ * candidate alphas per row, out[r*C + c] = sum_i (v_i - Q(v_i))^2 / s^2 with s = (n/2)/alpha,
+ * v = x*s, Q(v) = floor(clamp(v, -h, h)) + 1/2, h = n/2 (the levels of the symmetric n-step grid
+ * in the scaled space). The same float32 operations per element as the torch version; the sum is
+ * a vectorised float sum per 1024-element block, added in double (torch's vecdot sums in another
+ * order). */
+void lb_sq_err_sums(const float *rows, int64_t R, int64_t N, const float *alpha, int64_t C, float half_n,
+                    float *out, int nthreads) {
+    nthreads = threads(nthreads);
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (int64_t r = 0; r < R; r++) {
+        for (int64_t c = 0; c < C; c++) out[r * C + c] = sq_err_row(rows + r * N, N, alpha[r * C + c], half_n);
+    }
+}
+
 /* SAWB's coarse-to-fine search for argmin_alpha of the MSE per row (lowbit.quant.uniform.
  * _mse_alpha_rows, the same float32 steps): alpha = amax*k/grid, k = 1..grid, then `refine`
  * rounds of best + d*{-3,-2,-1,1,2,3} with d divided by 4 each round (candidates outside
@@ -274,7 +264,7 @@ static float sq_err_row(const float *x, int64_t N, float a, float half_n) {
  * strictly better. Errors as lb_sq_err_sums. */
 void lb_mse_alpha_rows(const float *rows, int64_t R, int64_t N, float half_n, int grid, int refine, float eps,
                        float *out, int nthreads) {
-    if (nthreads < 1) nthreads = 1;
+    nthreads = threads(nthreads);
     static const float off[6] = {-3.0f, -2.0f, -1.0f, 1.0f, 2.0f, 3.0f};
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < R; r++) {
@@ -317,7 +307,7 @@ static inline float sq_err_direct(float x, float a, float step) {
  * the moments, one for the two MSEs; sums in double. */
 void lb_sawb_closed(const float *rows, int64_t R, int64_t N, float c1, float c2, float n, int check_max, float eps,
                     float *alpha, uint8_t *bad, int nthreads) {
-    if (nthreads < 1) nthreads = 1;
+    nthreads = threads(nthreads);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < R; r++) {
         const float *x = rows + r * N;
