@@ -405,7 +405,6 @@ class _FusedMix(torch.autograd.Function):
             i += 2
         return (gx, gc, None, *grads)
 
-
     @staticmethod
     def native_backward(ctx, g: Tensor, x: Tensor, c: Tensor, cf: list[float]):
         """The backward of the native forward (every member clip-round with a float range): one
