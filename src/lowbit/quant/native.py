@@ -7,19 +7,22 @@ every layer input of every step, forward and backward, and are most of what a qu
 costs more than an FP32 one. ``csrc/actquant.c`` does each direction in one pass: the forward
 reads x once and writes q; the backward reads x and the incoming gradient once, writes dx and
 accumulates the scalar gradients (PACT's clip, LSQ's step, a mixture's coefficients) in the
-same loop, recomputing the quantized values instead of storing them.
+same loop, recomputing the quantized values instead of storing them. SAWB's per-step alpha (the
+closed form with its check, and the MSE search) is one call each too.
 
 Why C and not ``torch.compile``: the opt-in compiled kernels (:mod:`lowbit.quant.compiled`)
 are the same single-pass idea and measured no faster for the whole step here (issue 11,
 ``benchmarks/results/qat_overhead_core``), with seconds to minutes of compiling per kernel.
-This file is ~200 lines of C, compiled once per machine in about a second with the C compiler
+The C file (under 400 lines) is compiled once per machine in about a second with the C compiler
 that the C export already needs (``gcc``/``cc``, -O3 -march=native, OpenMP on torch's own
 ``libgomp``), cached under ``$LOWBIT_CACHE_DIR`` (default ``~/.cache/lowbit``).
 
 * Forward values are bit-identical to the eager kernels (the same float32 operations in the same
-  order; tests/test_native.py compares them). Input gradients are bit-identical too. The scalar
+  order; tests/test_native.py compares them, and so does a self-check when the library is loaded).
+  Input gradients are bit-identical too. The scalar
   gradients are the same sums accumulated in double, per thread, in a fixed order: they differ
   from torch's float32 sums in the last bits and are deterministic for a given thread count.
+  ``benchmarks/native_kernels.py`` times each kernel against torch.
 * Only contiguous float32 CPU tensors of at least :data:`MIN_NUMEL` elements with per-tensor
   (Python float) ranges take this path; everything else stays eager.
 * ``LOWBIT_NATIVE=0`` (or :func:`enable(False) <enable>`) turns it off. Without a C compiler, or
