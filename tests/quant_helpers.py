@@ -1,5 +1,7 @@
 """Helpers shared by the quantizer tests."""
 
+import math
+
 import numpy as np
 import torch
 
@@ -7,6 +9,14 @@ import torch
 def randn(*shape, seed=0, scale=1.0, shift=0.0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g) * scale + shift
+
+
+def range_edges(lo: float, hi: float, dtype=torch.float32) -> torch.Tensor:
+    """lo, hi, their neighbours in dtype, 0 (the inputs where a clip mask can be off by one)."""
+    lo_t, hi_t = torch.tensor(lo, dtype=dtype), torch.tensor(hi, dtype=dtype)
+    up, dn = torch.tensor(math.inf, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)
+    return torch.stack([lo_t, hi_t, torch.nextafter(lo_t, up), torch.nextafter(lo_t, dn),
+                        torch.nextafter(hi_t, up), torch.nextafter(hi_t, dn), torch.zeros((), dtype=dtype)])
 
 
 def np64(t: torch.Tensor) -> np.ndarray:

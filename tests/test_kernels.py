@@ -4,8 +4,6 @@ per-member one."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,14 +12,7 @@ from lowbit.methods.mixture import QuantizerMixture
 from lowbit.models import create_model
 from lowbit.quant.functional import _ClipRound, _LSQFn
 from lowbit.quantize import quant_state, quantize
-
-
-def _edges(lo: float, hi: float, dtype) -> torch.Tensor:
-    """lo, hi, their neighbours in dtype, 0."""
-    lo_t, hi_t = torch.tensor(lo, dtype=dtype), torch.tensor(hi, dtype=dtype)
-    up, dn = torch.tensor(math.inf, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)
-    return torch.stack([lo_t, hi_t, torch.nextafter(lo_t, up), torch.nextafter(lo_t, dn),
-                        torch.nextafter(hi_t, up), torch.nextafter(hi_t, dn), torch.zeros((), dtype=dtype)])
+from quant_helpers import range_edges
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -31,7 +22,7 @@ def test_clip_round_backward_is_the_mask_formula(dtype, low):
     low_t, high_t = torch.tensor(low), torch.tensor(1.3)
     lo, hi = float(low_t), float(high_t)
     x = torch.randn(2000, dtype=dtype) * 2
-    x[:7] = _edges(lo, hi, dtype)
+    x[:7] = range_edges(lo, hi, dtype)
     g = torch.randn(2000, dtype=dtype)
     xr, hr = x.clone().requires_grad_(True), high_t.clone().requires_grad_(True)
     _ClipRound.apply(xr, low_t, hr, 3).backward(g)
@@ -56,7 +47,7 @@ def test_lsq_backward_is_the_mask_formula(dtype, qn, qp):
     sf = float(s)
     lo, hi = -qn * sf, qp * sf
     v = torch.randn(3000, dtype=dtype) * sf * (qp + 1)
-    v[:7] = _edges(lo, hi, dtype)
+    v[:7] = range_edges(lo, hi, dtype)
     v[7:50] = (torch.arange(43, dtype=dtype) - 21) * 0.5 * sf
     g = torch.randn(3000, dtype=dtype)
     vr, sr = v.clone().requires_grad_(True), s.clone().requires_grad_(True)

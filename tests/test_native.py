@@ -14,6 +14,7 @@ import torch
 from lowbit.methods.mixture import fused_mix
 from lowbit.quant import build_quantizer, native
 from lowbit.quant.functional import _ClipRound, _LSQFn
+from quant_helpers import range_edges
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernels are not built")
 
@@ -46,10 +47,8 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def edges(lo: float, hi: float) -> torch.Tensor:
-    lo_t, hi_t = torch.tensor(lo), torch.tensor(hi)
-    up, dn = torch.tensor(math.inf), torch.tensor(-math.inf)
-    return torch.stack([lo_t, hi_t, torch.nextafter(lo_t, up), torch.nextafter(lo_t, dn), torch.nextafter(hi_t, up),
-                        torch.nextafter(hi_t, dn), torch.tensor(0.0), torch.tensor(-0.0)])
+    """The clip edges of quant_helpers.range_edges, and -0.0 (whose sign the kernels must keep)."""
+    return torch.cat([range_edges(lo, hi), torch.tensor([-0.0])])
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import math
 import os
 import platform
 import shutil
@@ -147,6 +146,8 @@ def _self_check(lib) -> None:
     per process): a compiler that miscompiles a loop (gcc 12.2 -O3 did, for one form of the masked
     sums here) must not silently train a network on wrong numbers. Values and input gradients must
     be bit-identical (NaN and -0.0 included), the sums agree with float64 to 1e-5 relative."""
+    from .functional import clip_mask_grad, clip_values  # (functional imports this module)
+
     g = torch.Generator().manual_seed(1)
     n, t = 3 * 1024 + 37, 2  # several blocks and a tail; two threads' parts
     x = torch.randn(n, generator=g) * 2
@@ -167,18 +168,12 @@ def _self_check(lib) -> None:
             lib.lb_mix_fwd(xx.data_ptr(), out.data_ptr(), n, k, lo_a, hi_a, _farr(st), _farr(c), int(k == 1), t)
             lib.lb_mix_bwd(gr.data_ptr(), xx.data_ptr(), gx.data_ptr(), n, k, lo_a, hi_a, _farr(st), 1, _farr([lo]),
                            _farr([hi]), _farr([1.0]), 1, 1, 1, gc, ab, t)
-            qs = []
-            for s_ in st:
-                q = torch.clamp(xx, lo, hi)
-                q = (q.sub_(lo) if lo != 0.0 else q).div_(s_).round_().mul_(s_)
-                qs.append(q.add_(lo) if lo != 0.0 else q)
+            qs = [clip_values(xx, lo, hi, s_) for s_ in st]  # the eager kernels themselves
             ref = qs[0] if k == 1 else torch.mul(qs[0], c[0])
-            for ck, q in zip(c[1:], qs[1:]):
+            for ck, q in zip(c[1:], qs[1:]):  # as the eager mixture's weighted sum
                 ref.add_(q, alpha=ck)
             ok = (torch.equal(out.view(torch.int32), ref.view(torch.int32))
-                  and torch.equal(gx.view(torch.int32), torch.ops.aten.hardtanh_backward(
-                      gr, xx, float(torch.nextafter(torch.tensor(lo), torch.tensor(-9.0))),
-                      float(torch.nextafter(torch.tensor(hi), torch.tensor(9.0)))).view(torch.int32)))
+                  and torch.equal(gx.view(torch.int32), clip_mask_grad(gr, xx, lo, hi).view(torch.int32)))
             if sums:
                 ok = ok and all(close(gc[j], float((gr.double() * qs[j].double()).sum())) for j in range(k))
                 ok = ok and close(ab[0], float(torch.where(xx > hi, gr.double(), 0.0).sum()))
@@ -201,11 +196,9 @@ def _self_check(lib) -> None:
     a = rows.abs().amax(1, keepdim=True) * torch.tensor([[0.25, 0.5, 1.0]])
     got = torch.empty_like(a)
     lib.lb_sq_err_sums(rows.data_ptr(), 3, 1024, a.data_ptr(), 3, 127.5, got.data_ptr(), t)
-    v = rows.double()[:, None, :] * (127.5 / a.double())[:, :, None]
-    want = ((v - v.clamp(-127.5, 127.5).floor() - 0.5) ** 2).sum(2) / (127.5 / a.double()) ** 2
-    if not torch.allclose(got.double(), want, rtol=1e-5, atol=0.0):
+    if not torch.allclose(got.double(), _sq_err_f64(rows, a, 255), rtol=1e-5, atol=0.0):
         raise RuntimeError("self-check failed: the built SAWB error sums disagree with torch")
-    from .uniform import _mse_alpha_rows
+    from .uniform import _mse_alpha_rows  # (uniform imports this module)
 
     alpha = torch.empty(3, 1)
     lib.lb_mse_alpha_rows(rows.data_ptr(), 3, 1024, 127.5, 16, 2, 1e-8, alpha.data_ptr(), t)
@@ -224,15 +217,16 @@ def equally_good_alphas(rows: Tensor, a: Tensor, b: Tensor, n: int, rtol: float 
     candidates where two are equally good."""
     if torch.equal(a, b):
         return True
-    r, ad, bd = rows.double(), a.double(), b.double()
-
-    def mse(al: Tensor) -> Tensor:
-        s = (n / 2) / al
-        v = r * s
-        return ((v - v.clamp(-n / 2, n / 2).floor() - 0.5) ** 2).mean(1, keepdim=True) / s**2
-
-    ea, eb = mse(ad), mse(bd)
+    ea, eb = _sq_err_f64(rows, a, n), _sq_err_f64(rows, b, n)
     return bool(((ea - eb).abs() <= rtol * eb.abs()).all())
+
+
+def _sq_err_f64(rows: Tensor, a: Tensor, n: int) -> Tensor:
+    """lb_sq_err_sums in float64 (the reference): (R, C) sums of squared errors of the rows (R, N) on
+    the symmetric n-step grids of the alphas ``a`` (R, C), in the scaled space of _sq_err_sums."""
+    s = (n / 2) / a.double()
+    v = rows.double()[:, None, :] * s[:, :, None]
+    return ((v - v.clamp(-n / 2, n / 2).floor() - 0.5) ** 2).sum(2) / s**2
 
 
 def available() -> bool:
