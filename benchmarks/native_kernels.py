@@ -3,7 +3,9 @@
 Each row times one training-path operation on a ResNet-8-sized activation (batch 128, 16 channels,
 28x28: 1.6 M floats) or weight (64x64x3x3), with the native kernels off ("torch") and on ("native"),
 alternating, and reports the median of ``--repeats`` calls (milliseconds) and their ratio. Forward and
-backward are timed together through autograd, as training runs them. Run alone on the machine.
+backward are timed together through autograd, as training runs them, and each call's minor page
+faults are counted (a fresh 6.4 MB buffer that glibc maps anew costs ~1,600 of them). Run alone on
+the machine; the single-member rows move by ~2x between processes (see the results README).
 
     OMP_NUM_THREADS=1 python benchmarks/native_kernels.py --threads 1 --json benchmarks/results/qat_overhead_core/native_kernels_t1.json
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -68,22 +71,26 @@ def main() -> None:
         raise SystemExit(f"the native kernels are not available: {native._state['failed'] or 'LOWBIT_NATIVE=0'}")
     rows = []
     for name, fn in cases().items():
-        times = {False: [], True: []}
+        times, faults = {False: [], True: []}, {False: [], True: []}
         for on in (False, True):  # warm-up
             native.enable(on)
             fn()
         for _ in range(args.repeats):
             for on in (False, True):
                 native.enable(on)
+                f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t = time.perf_counter()
                 fn()
                 times[on].append(time.perf_counter() - t)
+                faults[on].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
         native.enable(True)
         t0, t1 = statistics.median(times[False]) * 1e3, statistics.median(times[True]) * 1e3
-        rows.append({"op": name, "torch_ms": round(t0, 3), "native_ms": round(t1, 3), "speedup": round(t0 / t1, 2)})
+        rows.append({"op": name, "torch_ms": round(t0, 3), "native_ms": round(t1, 3), "speedup": round(t0 / t1, 2),
+                     "torch_faults": statistics.median(faults[False]), "native_faults": statistics.median(faults[True])})
     md = [f"| op ({args.threads} thread{'s' if args.threads > 1 else ''}, median of {args.repeats}) | torch ms | "
-          "native ms | torch / native |", "|---|---|---|---|"]
-    md += [f"| {r['op']} | {r['torch_ms']:.2f} | {r['native_ms']:.2f} | {r['speedup']:.2f} |" for r in rows]
+          "native ms | torch / native | page faults per call, torch / native |", "|---|---|---|---|---|"]
+    md += [f"| {r['op']} | {r['torch_ms']:.2f} | {r['native_ms']:.2f} | {r['speedup']:.2f} | "
+           f"{r['torch_faults']:.0f} / {r['native_faults']:.0f} |" for r in rows]
     print("\n".join(md))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
