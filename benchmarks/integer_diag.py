@@ -26,7 +26,8 @@ from lowbit.train import load_run, run
 def main() -> None:
     d = sys.argv[1] if len(sys.argv) > 1 else "/tmp/integer_diag"
     cfg = {"model": {"name": "resnet8", "width": 0.5}, "data": {"name": "fashion-mnist", "limit": 3000},
-           "plan": {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}, "integer": True},
+           "plan": {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}, "integer": True,
+                    "integer_residual": "accumulator"},
            "train": {"epochs": 2, "batch_size": 64, "lr": 0.1, "threads": 1, "progress": False}}
     shutil.rmtree(d, ignore_errors=True)
     run(Config.model_validate(cfg), d)

@@ -33,7 +33,7 @@ def rows() -> dict:
     for b in BITS:
         plan = {"weight": {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b}}
         r[f"W{b}A{b} today"] = {"plan": plan}
-        r[f"W{b}A{b} integer"] = {"plan": {**plan, "integer": True}}
+        r[f"W{b}A{b} integer"] = {"plan": {**plan, "integer": True, "integer_residual": "accumulator"}}
     return r
 
 
@@ -100,7 +100,8 @@ def mbv2(args) -> None:
             continue
         torch.manual_seed(0)
         m = create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=28, width=0.5)
-        quantize(m, {"weight": {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b}, "integer": True})
+        quantize(m, {"weight": {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b}, "integer": True,
+                     "integer_residual": "accumulator"})
         m.train()
         with torch.no_grad():
             for i in range(3):

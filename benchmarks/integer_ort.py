@@ -39,7 +39,8 @@ def calibrated(bits: int):
     xs, _ = zip(*BatchLoader(data.train, data.info, 128))
     torch.manual_seed(0)
     m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28)
-    quantize(m, {"weight": {"name": "sawb", "bits": bits}, "act": {"name": "pact", "bits": bits}, "integer": True})
+    quantize(m, {"weight": {"name": "sawb", "bits": bits}, "act": {"name": "pact", "bits": bits}, "integer": True,
+                 "integer_residual": "accumulator"})
     m.train()
     with torch.no_grad():
         for x in xs[:3]:

@@ -77,7 +77,8 @@ from torch import nn  # noqa: E402
 from lowbit import create_model, quantize  # noqa: E402
 from lowbit.errors import ConfigError  # noqa: E402
 
-INT_W2A2 = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}, "integer": True}
+INT_W2A2 = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}, "integer": True,
+            "integer_residual": "accumulator"}  # the first form; the defaults: test_integer_defaults
 
 
 class GroupedNet(nn.Module):
@@ -385,3 +386,45 @@ def test_output_residual_every_backend_bit_exact(tmp_path, residual_bits):
         quantize(GroupedNet(), {"weight": {"name": "sawb", "bits": 2}, "integer_residual_bits": 8})
     with pytest.raises(ConfigError, match="integer_residual_bits"):
         quantize(GroupedNet(), {**INT_W2A2, "integer_residual_bits": 9})
+
+
+def test_integer_defaults_and_run_folders_written_before_them(tmp_path):
+    """``integer: true`` alone is the output add with an 8-bit residual stream; ``integer_residual:
+    accumulator`` alone is the first form (null bits); an explicit null keeps the conv's bits. A run
+    folder (config.yaml, checkpoint) written before the two keys existed is read as the first form,
+    while a new config without them gets the defaults; every dumped plan reloads to itself."""
+    import torch
+    import yaml
+
+    from lowbit.config import load_config
+    from lowbit.plan import Plan
+    from lowbit.runfolder import check_same_config
+    from lowbit.train import load_checkpoint
+
+    W2A2 = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}}
+    cases = [({}, "accumulator", None), ({"integer": True}, "output", 8),
+             ({"integer": True, "integer_residual": "accumulator"}, "accumulator", None),
+             ({"integer": True, "integer_residual_bits": None}, "output", None),
+             ({"integer": True, "integer_residual": "accumulator", "integer_residual_bits": 8}, "accumulator", 8),
+             ({"integer": True, "integer_residual_bits": 4}, "output", 4)]
+    for extra, form, bits in cases:
+        p = Plan.from_dict({**W2A2, **extra})
+        assert (p.integer_residual, p.integer_residual_bits) == (form, bits), extra
+        again = Plan.from_dict(p.to_dict())
+        assert (again.integer_residual, again.integer_residual_bits) == (form, bits), extra
+    # a run folder from before the keys: the first form; the same text as a new config: the defaults
+    cfg = {"name": "old", "model": {"name": "resnet8"}, "data": {"limit": 64}, "plan": {**W2A2, "integer": True}}
+    run = tmp_path / "old_run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    old = load_config(run / "config.yaml", saved=True).plan
+    new = load_config(run / "config.yaml").plan
+    assert (old.integer_residual, old.integer_residual_bits) == ("accumulator", None)
+    assert (new.integer_residual, new.integer_residual_bits) == ("output", 8)
+    # its checkpoint (config recorded without the keys) matches its config.yaml ...
+    torch.save({"model": {}, "epoch": 1, "config": cfg}, run / "best.pt")
+    load_checkpoint(run / "best.pt", config=load_config(run / "config.yaml", saved=True))
+    # ... and re-running it means the first form: the same run; the defaults are another config
+    check_same_config(run, load_config(run / "config.yaml", saved=True).to_dict())
+    with pytest.raises(ConfigError, match="another config.*integer_residual"):
+        check_same_config(run, load_config(run / "config.yaml").to_dict())

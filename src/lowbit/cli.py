@@ -38,7 +38,7 @@ def _load_cfg(target: str, overrides: list[str]):
     if p.is_dir():
         if not (p / "config.yaml").is_file():
             raise LowbitError(f"{p} is not a run folder (no config.yaml)")
-        return load_config(p / "config.yaml", overrides)
+        return load_config(p / "config.yaml", overrides, saved=True)
     return load_config(target, overrides)
 
 

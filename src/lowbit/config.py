@@ -204,14 +204,30 @@ def check_finite(data: Any, where: str) -> None:
             check_finite(v, f"{where}.{i}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+def saved_config(data):
+    """A config dict as a run folder (config.yaml) or checkpoint recorded it, read with the meaning
+    it had when written. Every run records every field, so a field missing from it predates the
+    field; where a later default changed what absence means, the old meaning is put back here:
+    an integer-mode run without ``plan.integer_residual`` was trained before session 9's defaults
+    (the output add, 8-bit stream) existed: it is the first form (accumulator add, conv bits)."""
+    if isinstance(data, dict) and isinstance(data.get("plan"), dict) and data["plan"].get("integer") \
+            and "integer_residual" not in data["plan"]:
+        data = {**data, "plan": {**data["plan"], "integer_residual": "accumulator",
+                                 "integer_residual_bits": data["plan"].get("integer_residual_bits")}}
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, saved: bool = False) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides. ``saved``:
+    ``path`` is a run folder's config.yaml (:func:`saved_config`)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
         data = read_yaml_mapping(p)
         if "name" not in data:
             data["name"] = p.stem
+        if saved:
+            data = saved_config(data)
     data = apply_overrides(data, overrides or [])
     check_finite(data, "")
     try:

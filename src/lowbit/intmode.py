@@ -15,7 +15,7 @@ input quantizers) and then:
    operand, the input of a global pooling) gets an ``output_quantizer`` on its producer: the
    plan's activation quantizer after a ReLU, signed 8-bit LSQ otherwise (projection shortcuts,
    linear bottlenecks). The residual operand of an add is therefore a quantized tensor;
-   with ``plan.integer_residual_bits: N`` a tensor that is added as a residual or pooled is
+   with ``plan.integer_residual_bits: N`` (default 8 with the default output add) a tensor that is added as a residual or pooled is
    stored at N bits instead (the plan's activation quantizer at N bits after a ReLU, signed N-bit
    LSQ otherwise: a linear bottleneck's residual stream keeps its sign), and the convs that read it
    get it through their own input quantizer: in the integer graph one requantization per such
@@ -25,10 +25,11 @@ input quantizers) and then:
 4. **evaluation** (``model.eval()``) runs the integer network itself
    (:class:`lowbit.export.intgraph.IntReference`): BatchNorm (running statistics) becomes the
    per-channel requantization (int32 multiplier + shift, :mod:`lowbit.export.requant`), residual
-   adds and pooling happen on codes (``plan.integer_residual``: ``accumulator``, the residual
-   rounded into the conv's int32 accumulator before its one requantization, or ``output``, the
+   adds and pooling happen on codes (``plan.integer_residual``: ``output`` (the default), the
    conv requantized to an 8-bit intermediate and added to the residual at the output, which
-   onnxruntime's QLinearConv + QLinearAdd compute bit for bit), and the classifier's int32 accumulator is scaled to float32
+   onnxruntime's QLinearConv + QLinearAdd compute bit for bit, or ``accumulator`` (the first form),
+   the residual rounded into the conv's int32 accumulator before its one requantization), and the
+   classifier's int32 accumulator is scaled to float32
    logits. The validation accuracy that picks the best epoch, and the test accuracy, are those
    of the integer model; the export writes the same integers (:func:`int_graph`). (With forward
    hooks on its modules, e.g. during cost profiling, eval runs the fake-quantized float graph

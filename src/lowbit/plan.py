@@ -11,9 +11,16 @@ A plan is plain data (YAML-loadable, printable, saved next to every run)::
       fc: fp                               #   "fp": weight and input activation full precision
     method: {name: ste}                    # how the quantized weight is trained (see lowbit.methods)
     integer: false                         # true: integer-deployable QAT (lowbit.intmode): eval runs the integer model
-    integer_residual: accumulator          # integer mode's residual add: accumulator | output (= onnxruntime QLinearAdd)
-    integer_residual_bits: null            # integer mode: bits of the tensors added as residuals or pooled (null: the
-                                           #   next conv's input bits); convs read them requantized to their own bits
+    integer_residual: output               # integer mode's residual add: output (= onnxruntime QLinearAdd, the
+                                           #   default) | accumulator (the first form)
+    integer_residual_bits: 8               # integer mode: bits of the tensors added as residuals or pooled; convs
+                                           #   read them requantized to their own bits (null: stored at the next
+                                           #   conv's input bits). Default 8 with the output add, null with the
+                                           #   accumulator add (the first form: ``integer_residual: accumulator``)
+
+Integer mode's defaults changed in session 9 (before: ``accumulator`` and ``null``, the first form);
+a run folder written before these two keys existed is read with the first form
+(:func:`lowbit.config.saved_config`), every later one records both.
 
 Quantizer options go beside ``name`` and ``bits`` (``{name: lsq, bits: 2, per_channel: true}``).
 ``resolve(model)`` turns a plan into one :class:`LayerPlan` per conv/linear layer.
@@ -84,7 +91,9 @@ class Plan(BaseModel):
     layers: dict[str, Union[Literal["fp"], LayerOverride]] = Field(default_factory=dict)
     method: MethodSpec = Field(default_factory=MethodSpec)
     integer: bool = False
-    integer_residual: Literal["accumulator", "output"] = "accumulator"
+    #: integer mode's residual add; None (not given): "output" in integer mode, else "accumulator"
+    integer_residual: Literal["accumulator", "output"] | None = None
+    #: not given: 8 with the output add in integer mode, else None (an explicit null: the conv's bits)
     integer_residual_bits: int | None = Field(default=None, ge=2, le=8)
 
     @model_validator(mode="before")
@@ -96,11 +105,20 @@ class Plan(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _residual_needs_integer(self):
-        if self.integer_residual != "accumulator" and not self.integer:
-            raise ValueError("integer_residual is an integer-mode setting: set integer: true")
-        if self.integer_residual_bits is not None and not self.integer:
-            raise ValueError("integer_residual_bits is an integer-mode setting: set integer: true")
+    def _integer_form(self):
+        # integer mode's defaults: the output add with an 8-bit residual stream (the form that matched
+        # today's mode on ResNet-8 and runs exactly in onnxruntime); "accumulator" alone is the first form
+        if not self.integer:
+            if self.integer_residual == "output":
+                raise ValueError("integer_residual is an integer-mode setting: set integer: true")
+            if self.integer_residual_bits is not None:
+                raise ValueError("integer_residual_bits is an integer-mode setting: set integer: true")
+            self.integer_residual = "accumulator"
+            return self
+        if self.integer_residual is None:
+            self.integer_residual = "output"
+        if "integer_residual_bits" not in self.model_fields_set and self.integer_residual == "output":
+            self.integer_residual_bits = 8
         return self
 
     # -- construction --------------------------------------------------------------------------

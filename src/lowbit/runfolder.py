@@ -175,10 +175,14 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def same_config_text(old_yaml: str, new_yaml: str) -> bool:
+    """``old_yaml`` (a run folder's config.yaml) and ``new_yaml`` describe the same run."""
     import yaml
 
+    from .config import saved_config
+
     try:
-        return not config_diff(_strip(_normal(yaml.safe_load(old_yaml))), _strip(_normal(yaml.safe_load(new_yaml))))
+        old = saved_config(yaml.safe_load(old_yaml))
+        return not config_diff(_strip(_normal(old)), _strip(_normal(yaml.safe_load(new_yaml))))
     except yaml.YAMLError:
         return False
 
@@ -188,6 +192,8 @@ def check_same_config(run_dir: str | Path, cfg_dict: dict) -> None:
     one-line error naming the first differing fields."""
     import yaml
 
+    from .config import saved_config
+
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -196,7 +202,7 @@ def check_same_config(run_dir: str | Path, cfg_dict: dict) -> None:
         old = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError):
         raise ConfigError(f"{path}: not valid YAML; move the folder away or choose another --out") from None
-    diff = config_diff(_strip(_normal(old)), _strip(_normal(cfg_dict)))
+    diff = config_diff(_strip(_normal(saved_config(old))), _strip(_normal(cfg_dict)))
     if diff:
         more = f" (+{len(diff) - 2} more)" if len(diff) > 2 else ""
         raise ConfigError(f"{run_dir} was trained with another config ({'; '.join(diff[:2])}{more}); "

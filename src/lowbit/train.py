@@ -160,7 +160,7 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
     ck_path = run_dir / "best.pt"
     if not ck_path.is_file():
         raise ConfigError(f"{run_dir} has no best.pt checkpoint (the run did not finish an epoch)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", saved=True)
     data = load_data(cfg)
     model = build_model(cfg, data)
     ck = load_checkpoint(ck_path, config=cfg)
@@ -185,9 +185,10 @@ def load_checkpoint(path: str | Path, map_location=None, config: Config | None =
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or "epoch" not in ck:
         raise ConfigError(f"{path}: not a lowbit checkpoint (expected a dict with 'model' and 'epoch')")
     if config is not None and isinstance(ck.get("config"), dict):
+        from .config import saved_config
         from .runfolder import _normal, _strip, config_diff
 
-        diff = config_diff(_strip(_normal(ck["config"])), _strip(_normal(config.to_dict())))
+        diff = config_diff(_strip(_normal(saved_config(ck["config"]))), _strip(_normal(config.to_dict())))
         diff = [d for d in diff if not d.startswith("name:")]
         if diff:
             raise ConfigError(f"{path} does not fit {path.parent / 'config.yaml'} (the config was edited after "
