@@ -165,3 +165,32 @@ def test_plan_from_yaml(tmp_path):
     assert plan.weight.options == {"per_channel": True} and plan.act is None and not plan.keep_first
     with pytest.raises(ConfigError, match="plan file not found"):
         Plan.from_yaml(str(tmp_path / "missing.yaml"))
+
+
+def test_an_unsigned_activation_quantizer_on_a_signed_input_warns_once_per_layer():
+    """PACT in front of a layer whose input is not a ReLU output drops the negative half: one warning
+    naming that layer, on its first input only; a ReLU'd input or a signed quantizer is silent."""
+    import warnings
+
+    class Bottleneck(nn.Module):  # fc2 reads fc1's linear output (signed), fc3 reads a ReLU
+        def __init__(self):
+            super().__init__()
+            self.fc0, self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.fc3, self.fc4 = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc4(self.fc3(torch.relu(self.fc2(self.fc1(torch.relu(self.fc0(x)))))))
+
+    def caught(plan):
+        torch.manual_seed(0)
+        m = quantize(Bottleneck(), plan)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            m(torch.randn(64, 6))
+            m(torch.randn(64, 6))
+        return [str(x.message) for x in w]
+
+    msgs = caught(W2A2)
+    assert len(msgs) == 1 and "layer 'fc2'" in msgs[0] and "become 0" in msgs[0], msgs
+    assert caught({**W2A2, "layers": {"fc2": {"act": {"name": "lsq", "bits": 2, "signed": True}}}}) == []
+    assert caught({"weight": {"name": "sawb", "bits": 2}}) == []  # no activation quantizer

@@ -50,7 +50,30 @@ class QuantState:
 
 
 def _input_quant_hook(module: nn.Module, args):
-    return (module.input_quantizer(args[0]),) + tuple(args[1:])
+    x = args[0]
+    y = module.input_quantizer(x)
+    if not module.__dict__.get("_lowbit_sign_checked"):  # once per layer, on its first input
+        module.__dict__["_lowbit_sign_checked"] = True
+        warn_if_negatives_dropped(x, y, getattr(module, "_lowbit_name", type(module).__name__))
+    return (y,) + tuple(args[1:])
+
+
+def warn_if_negatives_dropped(x: torch.Tensor, y: torch.Tensor, where: str) -> bool:
+    """Warn (once, on a layer's first input) when an activation quantizer maps a signed input to
+    non-negative values only: an unsigned quantizer (PACT, DoReFa, QNN, unsigned LSQ) in front of a
+    tensor that is not a ReLU output (a linear bottleneck, a projection, a normalised image) acts as
+    a ReLU the network does not have. Returns whether it warned."""
+    import warnings
+
+    with torch.no_grad():
+        neg = (x < 0).float().mean().item()
+        if neg <= 0.01 or y.min().item() < 0:
+            return False
+    warnings.warn(f"layer '{where}': its activation quantizer has no negative level, and {100 * neg:.0f}% of its "
+                  f"input is negative (min {x.min().item():.3g}): those values become 0, as if a ReLU were there; "
+                  "a signed input needs a signed quantizer (e.g. {name: lsq, signed: true} for this layer)",
+                  stacklevel=2)
+    return True
 
 
 def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Method | None = None,
@@ -90,6 +113,7 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
             role = "act"
             if lp.act is not None:
                 lp.module.input_quantizer = method.act_quantizer(lp.name, lp.module, lp.act)
+                lp.module.__dict__["_lowbit_name"] = lp.name
                 state.hooks.append(lp.module.register_forward_pre_hook(_input_quant_hook))
         except ConfigError as e:
             role = "act" if lp.weight is None or parametrize.is_parametrized(lp.module, "weight") else "weight"
@@ -127,6 +151,8 @@ def unquantize(model: nn.Module, keep: str = "quantized") -> nn.Module:
                     parametrize.remove_parametrizations(m, "weight", leave_parametrized=keep == "quantized")
             if hasattr(m, "input_quantizer"):
                 del m.input_quantizer
+            m.__dict__.pop("_lowbit_name", None)
+            m.__dict__.pop("_lowbit_sign_checked", None)
     finally:
         model.train(was)
     for h in state.hooks:
