@@ -347,6 +347,10 @@ def test_init_from_a_run_folder_starts_from_its_best_network(tmp_path, fmnist_sm
     import yaml
 
     assert yaml.safe_load((tmp_path / "q" / "config.yaml").read_text())["model"]["init_from"] == str(tmp_path / "fp")
+    # the finished run loads without its start (moved away): its checkpoint holds every weight
+    (tmp_path / "fp").rename(tmp_path / "fp_moved")
+    _, _, q_loaded, _ = load_run(tmp_path / "q")
+    assert torch.equal(q_loaded.get_submodule("layers.0.0.conv1").weight, res.model.get_submodule("layers.0.0.conv1").weight)
 
 
 # -- devices ----------------------------------------------------------------------------------

@@ -162,7 +162,9 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
         raise ConfigError(f"{run_dir} has no best.pt checkpoint (the run did not finish an epoch)")
     cfg = load_config(run_dir / "config.yaml", saved=True)
     data = load_data(cfg)
-    model = build_model(cfg, data)
+    # the checkpoint holds every weight: the pretrained start (model.init_from) is not read again,
+    # so a run folder evaluates and exports after its start moved or from another directory
+    model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})}), data)
     ck = load_checkpoint(ck_path, config=cfg)
     with checkpoint_fits(ck_path, run_dir):
         final_model(model, ck)
