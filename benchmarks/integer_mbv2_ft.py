@@ -35,22 +35,28 @@ BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
 
 
+#: 8-bit weights on an int8 grid (LSQ per channel, codes -128..127): 8-bit SAWB's 256 odd levels do not
+#: fit int8, so onnxruntime runs those layers as float32 convs (docs/export.md); label suffix "lsq"
+LSQ8 = {"name": "lsq", "bits": 8, "per_channel": True}
+
+
 def configs() -> None:
     (OUT / "configs").mkdir(parents=True, exist_ok=True)
-    for s in SEEDS:
-        for b in BITS:
-            for m, (desc, extra) in MODES.items():
-                plan = {"weight": {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b},
-                        "keep_first": True, "keep_last": True, "method": {"name": "ste"}, **extra}
-                cfg = {"name": f"MobileNetV2-0.5 W{b}A{b} {desc}, fine-tuned from the FP32 pretraining "
-                               f"(8,000 images, 2 epochs, lr 0.01), seed {s}",
-                       "model": {"name": "mobilenetv2", "width": 0.5, "init_from": str(PRETRAIN)},
-                       "data": {"name": "fashion-mnist", "limit": 8000, "val_fraction": 0.05, "augment": False},
-                       "plan": plan,
-                       "train": {"epochs": 2, "batch_size": 128, "lr": 0.01, "momentum": 0.9, "optimizer": "sgd",
-                                 "schedule": "cosine", "weight_decay": 0.0005, "seed": s, "threads": 1,
-                                 "progress": False}}
-                (OUT / "configs" / f"FT_W{b}A{b}_{m}_s{s}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    jobs = [(s, b, None) for s in SEEDS for b in BITS] + [(s, 8, LSQ8) for s in SEEDS]
+    for s, b, wspec in jobs:
+        for m, (desc, extra) in MODES.items():
+            plan = {"weight": wspec or {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b},
+                    "keep_first": True, "keep_last": True, "method": {"name": "ste"}, **extra}
+            label, wdesc = (f"W{b}A{b}lsq", ", LSQ 8-bit per-channel weights") if wspec else (f"W{b}A{b}", "")
+            cfg = {"name": f"MobileNetV2-0.5 W{b}A{b} {desc}{wdesc}, fine-tuned from the FP32 pretraining "
+                           f"(8,000 images, 2 epochs, lr 0.01), seed {s}",
+                   "model": {"name": "mobilenetv2", "width": 0.5, "init_from": str(PRETRAIN)},
+                   "data": {"name": "fashion-mnist", "limit": 8000, "val_fraction": 0.05, "augment": False},
+                   "plan": plan,
+                   "train": {"epochs": 2, "batch_size": 128, "lr": 0.01, "momentum": 0.9, "optimizer": "sgd",
+                             "schedule": "cosine", "weight_decay": 0.0005, "seed": s, "threads": 1,
+                             "progress": False}}
+            (OUT / "configs" / f"FT_{label}_{m}_s{s}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
 def _acc(run: Path) -> tuple[float, float] | None:
@@ -75,24 +81,25 @@ def table() -> str:
              if pre else "FP32 start: not trained", "",
              "Test accuracy % on the run's 8,000-image test slice (epoch-2 training accuracy in brackets); "
              "paired difference integer − today per seed, then mean ± standard error over the seeds that have both.",
+             "W8A8lsq: 8-bit weights by LSQ per channel (an int8 grid) instead of SAWB.",
              "", "| bits | seed | today's mode | integer, output add + 8-bit stream | integer − today |",
              "|---|---|---|---|---|"]
     summary = {}
-    for b in BITS:
+    for label in [f"W{b}A{b}" for b in BITS] + ["W8A8lsq"]:
         diffs = []
         for s in SEEDS:
-            t, i = (_acc(OUT / "runs" / f"FT_W{b}A{b}_{m}_s{s}") for m in MODES)
+            t, i = (_acc(OUT / "runs" / f"FT_{label}_{m}_s{s}") for m in MODES)
             if t is None and i is None:
                 continue
             cell = lambda a: f"{a[0]:.2f} ({a[1]:.1f})" if a else "–"  # noqa: E731
             d = f"{i[0] - t[0]:+.2f}" if t and i else "–"
             if t and i:
                 diffs.append(i[0] - t[0])
-            lines.append(f"| W{b}A{b} | {s} | {cell(t)} | {cell(i)} | {d} |")
+            lines.append(f"| {label} | {s} | {cell(t)} | {cell(i)} | {d} |")
         if diffs:
             m, se = mean_se(diffs)
-            lines.append(f"| **W{b}A{b}** | **{len(diffs)} seeds** | | | **{m:+.2f} ± {se:.2f}** |")
-            summary[f"W{b}A{b}"] = {"seeds": len(diffs), "diffs": diffs, "mean": m, "se": se}
+            lines.append(f"| **{label}** | **{len(diffs)} seeds** | | | **{m:+.2f} ± {se:.2f}** |")
+            summary[label] = {"seeds": len(diffs), "diffs": diffs, "mean": m, "se": se}
     text = "\n".join(lines) + "\n"
     (OUT / "summary.md").write_text(text)
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -15,6 +15,8 @@ onnxruntime's own ``quantize_static`` int8 model of the FP32 twin (``ort_int8``)
 
     python benchmarks/integer_ort.py RUN_DIR [--images 10000] [--profile]
     python benchmarks/integer_ort.py --calibrated --bits 2 --profile
+    python benchmarks/integer_ort.py --calibrated --bits 8 --weight lsq --model mobilenetv2 --residual output \
+        --no-agree --latency 10      # 8-bit weights with an int8 grid: every conv a QLinearConv
     /work/tools/slot --all python benchmarks/integer_ort.py RUN_DIR --no-agree --latency 10
 """
 
@@ -32,15 +34,19 @@ from lowbit.data import BatchLoader, load_dataset
 from lowbit.export.intgraph import IntReference
 
 
-def calibrated(bits: int):
+def calibrated(bits: int, weight: str = "sawb", model: str = "resnet8", residual: str = "accumulator"):
+    """An untrained integer-mode network, BN statistics and activation ranges from 3 training-mode
+    batches: for latency and profiles only (they do not depend on the weights' values)."""
     from lowbit import create_model, quantize
 
     data = load_dataset("fashion-mnist", limit=1000)
     xs, _ = zip(*BatchLoader(data.train, data.info, 128))
     torch.manual_seed(0)
-    m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28)
-    quantize(m, {"weight": {"name": "sawb", "bits": bits}, "act": {"name": "pact", "bits": bits}, "integer": True,
-                 "integer_residual": "accumulator"})
+    opts = {"width": 0.5} if model == "mobilenetv2" else {}
+    m = create_model(model, in_channels=1, num_classes=10, image_size=28, **opts)
+    wspec = {"name": weight, "bits": bits, **({"per_channel": True} if weight == "lsq" else {})}
+    quantize(m, {"weight": wspec, "act": {"name": "pact", "bits": bits}, "integer": True,
+                 "integer_residual": residual})
     m.train()
     with torch.no_grad():
         for x in xs[:3]:
@@ -137,6 +143,9 @@ def main() -> None:
     ap.add_argument("run", nargs="?")
     ap.add_argument("--calibrated", action="store_true")
     ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--weight", default="sawb", help="--calibrated: the weight quantizer (sawb, lsq per channel)")
+    ap.add_argument("--model", default="resnet8", choices=["resnet8", "mobilenetv2"],
+                    help="--calibrated: the network (mobilenetv2: width 0.5)")
     ap.add_argument("--images", type=int, default=10000)
     ap.add_argument("--variants", default=None, help="comma-separated (default: every variant)")
     ap.add_argument("--profile", action="store_true")
@@ -154,7 +163,7 @@ def main() -> None:
     data = load_dataset("fashion-mnist")
     info = data.info
     if args.calibrated:
-        model = calibrated(args.bits)
+        model = calibrated(args.bits, args.weight, args.model, args.residual or "accumulator")
     else:
         from lowbit.train import load_run
 
