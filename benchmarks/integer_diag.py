@@ -27,7 +27,7 @@ def main() -> None:
     d = sys.argv[1] if len(sys.argv) > 1 else "/tmp/integer_diag"
     cfg = {"model": {"name": "resnet8", "width": 0.5}, "data": {"name": "fashion-mnist", "limit": 3000},
            "plan": {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}, "integer": True,
-                    "integer_residual": "accumulator"},
+                    "integer_residual": "accumulator", "integer_init": "lsq"},
            "train": {"epochs": 2, "batch_size": 64, "lr": 0.1, "threads": 1, "progress": False}}
     shutil.rmtree(d, ignore_errors=True)
     run(Config.model_validate(cfg), d)

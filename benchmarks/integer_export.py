@@ -33,7 +33,8 @@ def rows() -> dict:
     for b in BITS:
         plan = {"weight": {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b}}
         r[f"W{b}A{b} today"] = {"plan": plan}
-        r[f"W{b}A{b} integer"] = {"plan": {**plan, "integer": True, "integer_residual": "accumulator"}}
+        r[f"W{b}A{b} integer"] = {"plan": {**plan, "integer": True, "integer_residual": "accumulator",
+                                                  "integer_init": "lsq"}}
     return r
 
 
@@ -101,7 +102,7 @@ def mbv2(args) -> None:
         torch.manual_seed(0)
         m = create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=28, width=0.5)
         quantize(m, {"weight": {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b}, "integer": True,
-                     "integer_residual": "accumulator"})
+                     "integer_residual": "accumulator", "integer_init": "lsq"})
         m.train()
         with torch.no_grad():
             for i in range(3):

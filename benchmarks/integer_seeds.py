@@ -38,10 +38,11 @@ def rows() -> dict:
             "layers": {"conv1": {"weight": {"name": "lsq", "bits": 8, "per_channel": True},
                                  "act": {"name": "lsq", "bits": 8, "signed": True}},
                        "fc": {"weight": {"name": "lsq", "bits": 8, "per_channel": True}, "act": {"bits": 8}}}}}
-        r[f"W{b}A{b} integer"] = {"plan": {**plan, "integer": True, "integer_residual": "accumulator"}}
+        r[f"W{b}A{b} integer"] = {"plan": {**plan, "integer": True, "integer_residual": "accumulator",
+                                                  "integer_init": "lsq"}}
         # the output residual add (onnxruntime-exact) with an 8-bit residual stream
         r[f"W{b}A{b} integer out r8"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
-                                                  "integer_residual_bits": 8}}
+                                                  "integer_residual_bits": 8, "integer_init": "lsq"}}
     return r
 
 

@@ -419,8 +419,8 @@ def test_integer_defaults_and_run_folders_written_before_them(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     old = load_config(run / "config.yaml", saved=True).plan
     new = load_config(run / "config.yaml").plan
-    assert (old.integer_residual, old.integer_residual_bits) == ("accumulator", None)
-    assert (new.integer_residual, new.integer_residual_bits) == ("output", 8)
+    assert (old.integer_residual, old.integer_residual_bits, old.integer_init) == ("accumulator", None, "lsq")
+    assert (new.integer_residual, new.integer_residual_bits, new.integer_init) == ("output", 8, "max")
     # its checkpoint (config recorded without the keys) matches its config.yaml ...
     torch.save({"model": {}, "epoch": 1, "config": cfg}, run / "best.pt")
     load_checkpoint(run / "best.pt", config=load_config(run / "config.yaml", saved=True))
@@ -428,3 +428,26 @@ def test_integer_defaults_and_run_folders_written_before_them(tmp_path):
     check_same_config(run, load_config(run / "config.yaml", saved=True).to_dict())
     with pytest.raises(ConfigError, match="another config.*integer_residual"):
         check_same_config(run, load_config(run / "config.yaml").to_dict())
+
+
+def test_integer_mode_8bit_quantizers_take_plan_integer_init():
+    """The quantizers integer mode adds (network input, 8-bit first/last weights, signed residual
+    operands) are LSQ with ``plan.integer_init``; the plan's own quantizers are untouched."""
+    import torch
+
+    from lowbit.models import create_model
+    from lowbit.quant.uniform import LSQQuantizer
+    from lowbit.quantize import quantize
+
+    for init in ("max", "lsq"):
+        torch.manual_seed(0)
+        m = quantize(create_model("resnet8", in_channels=1, num_classes=10, image_size=16, width=0.25),
+                     {**INT_W2A2, "integer_init": init})
+        lsq = [q for q in m.modules() if isinstance(q, LSQQuantizer)]
+        assert len(lsq) >= 3 and {q.init for q in lsq} == {init}
+        m.train()
+        x = torch.randn(8, 1, 16, 16)
+        m(x)
+        q_in = m.get_submodule("conv1").input_quantizer
+        want = float(x.abs().max()) / 127 if init == "max" else 2 * float(x.abs().mean()) / 127 ** 0.5
+        assert float(q_in.step.detach()) == pytest.approx(want, rel=1e-5)

@@ -549,6 +549,30 @@ def test_lsq_activation_init_and_levels(bits):
     assert_close_off_ties(np64(y), np.clip(np.round(v), 0, qp) * s, v, atol=1e-6)
 
 
+def test_lsq_init_max_puts_the_largest_value_on_the_last_code():
+    """init="max": step = max|v|/Qp (per tensor; per channel for per-channel weights), so the
+    largest value is exactly representable and no value is clipped; unknown inits are one line."""
+    x = randn(4, 3, 5, 5, seed=75)
+    q = build_quantizer("lsq", 8, role="act", signed=True, init="max")
+    q.train()
+    y = q(x)
+    s = np.abs(np64(x)).max() / 127
+    assert float(q.step.detach()) == pytest.approx(s, rel=1e-6)
+    assert float(np.abs(np64(y)).max()) == pytest.approx(np.abs(np64(x)).max(), rel=1e-6)
+    w = randn(6, 4, 3, 3, seed=76)
+    qw = build_quantizer("lsq", 8, per_channel=True, init="max")
+    qw(w)
+    np.testing.assert_allclose(np64(qw.step.detach()).reshape(-1), np.abs(np64(w)).reshape(6, -1).max(1) / 127,
+                               rtol=1e-6)
+    # the paper's init at 8 bits uses a small part of the grid on the same tensor
+    qp = build_quantizer("lsq", 8, role="act", signed=True)
+    qp.train()
+    qp(x)
+    assert float(qp.step.detach()) * 127 > 4 * np.abs(np64(x)).max()
+    with pytest.raises(ConfigError, match="init must be 'lsq' or 'max'"):
+        build_quantizer("lsq", 8, init="mse")
+
+
 def _lsq_expected_grads(v, s, g, qn, qp, n_grad):
     """The LSQ paper's eq. 3 gradients: (dL/dv, dL/ds) with grad scale 1/sqrt(N*Qp)."""
     r = v / s

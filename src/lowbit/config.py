@@ -209,11 +209,14 @@ def saved_config(data):
     it had when written. Every run records every field, so a field missing from it predates the
     field; where a later default changed what absence means, the old meaning is put back here:
     an integer-mode run without ``plan.integer_residual`` was trained before session 9's defaults
-    (the output add, 8-bit stream) existed: it is the first form (accumulator add, conv bits)."""
-    if isinstance(data, dict) and isinstance(data.get("plan"), dict) and data["plan"].get("integer") \
-            and "integer_residual" not in data["plan"]:
-        data = {**data, "plan": {**data["plan"], "integer_residual": "accumulator",
-                                 "integer_residual_bits": data["plan"].get("integer_residual_bits")}}
+    (the output add, 8-bit stream) existed: it is the first form (accumulator add, conv bits); one
+    without ``plan.integer_init`` initialised its 8-bit LSQ quantizers the paper's way ("lsq")."""
+    if isinstance(data, dict) and isinstance(data.get("plan"), dict) and data["plan"].get("integer"):
+        plan = dict(data["plan"])
+        if "integer_residual" not in plan:
+            plan.update(integer_residual="accumulator", integer_residual_bits=plan.get("integer_residual_bits"))
+        plan.setdefault("integer_init", "lsq")
+        data = {**data, "plan": plan}
     return data
 
 

@@ -49,9 +49,10 @@ from torch import fx, nn
 
 from .errors import ConfigError
 
-#: weights of layers the plan keeps in full precision, in integer mode
+#: weights of layers the plan keeps in full precision, in integer mode (+ init: plan.integer_init)
 FP_LAYER_WEIGHT = {"name": "lsq", "bits": 8, "per_channel": True}
 #: the network input, and tensors that are not post-ReLU (residual operands, linear bottlenecks)
+#: (+ init: plan.integer_init)
 SIGNED_ACT = {"name": "lsq", "bits": 8, "signed": True}
 SUPPORTED = ("Conv2d (any groups, dilation 1, zero padding) / Linear, each optionally followed by BatchNorm, "
              "a residual + and ReLU; AdaptiveAvgPool2d(1), MaxPool2d, Flatten, Identity, Dropout")
@@ -63,11 +64,12 @@ def integer_layers(plan, layers) -> None:
 
     if plan.weight is None or plan.act is None:
         raise ConfigError("plan.integer: true needs a weight and an act quantizer (an integer network quantizes both)")
+    init = {"init": plan.integer_init}
     for i, lp in enumerate(layers):
         if lp.weight is None:
-            lp.weight = QuantSpec(**FP_LAYER_WEIGHT)
+            lp.weight = QuantSpec(**FP_LAYER_WEIGHT, **init)
         if lp.act is None:
-            lp.act = QuantSpec(**SIGNED_ACT) if i == 0 else plan.act.merged({"bits": 8})
+            lp.act = QuantSpec(**SIGNED_ACT, **init) if i == 0 else plan.act.merged({"bits": 8})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +258,8 @@ def integerize(model: nn.Module, state) -> None:
         if pu.relu:
             q = build_from_spec(plan.act.merged({"bits": wide_bits}) if wide else plan.act, "act")
         else:
-            q = build_quantizer(SIGNED_ACT["name"], wide_bits if wide else SIGNED_ACT["bits"], role="act", signed=True)
+            q = build_quantizer(SIGNED_ACT["name"], wide_bits if wide else SIGNED_ACT["bits"], role="act", signed=True,
+                                init=plan.integer_init)
         pu.module.output_quantizer = q
         quantizer[root] = f"{pu.name}.output_quantizer"
     # the training graph: one quantizer call after every tensor's producer

@@ -45,6 +45,27 @@ def float_layers(graph: IntGraph) -> list[str]:
     return out
 
 
+def _u8s8_exact(m: np.ndarray, in_qmax: int) -> bool:
+    """Whether onnxruntime's uint8 x int8 kernels compute ``Σ m·x`` exactly for codes ``x <= in_qmax``.
+    On x86 without VNNI (AVX2) MLAS multiplies uint8 by int8 with ``vpmaddubsw``, which adds two
+    products in a saturating int16: ``2·in_qmax·max|m|`` must stay below 2^15 (7-bit weights for
+    8-bit inputs: why onnxruntime's quantizer has ``reduce_range``). Otherwise the weights go as
+    uint8 ``m + 128`` with zero point 128 (the uint8 x uint8 kernel widens to int16 first: exact)."""
+    return 2 * int(in_qmax) * int(np.abs(m).max(initial=0)) <= 32767
+
+
+def _weights(b: _Builder, base: str, w: np.ndarray, in_qmax: int, o: int, per_channel_zp: bool):
+    """(weights, zero point) initializers: int8 ``w`` with zero point 0 where the uint8 x int8
+    kernels are exact (:func:`_u8s8_exact`), else uint8 ``w + 128`` with zero point 128."""
+    from onnx import TensorProto as T
+
+    shape = (o,) if per_channel_zp else ()
+    if _u8s8_exact(w, in_qmax):
+        return b.int_const(base + ".w", w, T.INT8), b.int_const(base + ".w_zp", np.zeros(shape, np.int64), T.INT8)
+    return (b.int_const(base + ".w", w.astype(np.int64) + 128, T.UINT8),
+            b.int_const(base + ".w_zp", np.full(shape, 128, np.int64), T.UINT8))
+
+
 def _requant_float(b: _Builder, acc_f: str, scale: np.ndarray, zero: int, lo: int, hi: int, base: str, shp) -> str:
     from onnx import TensorProto as T
 
@@ -131,10 +152,10 @@ def _qlinear_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray) -> b
         mid = op.attrs.get("residual") == "output"
         zp = op.attrs["mid_zero"] if mid else tq[op.output].zero
         (ph, pw) = op.attrs["padding"]
+        w, w_zp = _weights(b, base, m * sign.reshape(o, 1, 1, 1), ti.qmax, o, True)
         y = b.node("QLinearConv", [
             op.inputs[0], _scalar(b, base + ".x_s", 1.0), b.int_const(base + ".x_zp", np.array(ti.zero), T.UINT8),
-            b.int_const(base + ".w", m * sign.reshape(o, 1, 1, 1), T.INT8),
-            b.const(base + ".w_s", np.abs(real).astype(_F)), b.int_const(base + ".w_zp", np.zeros(o, np.int64), T.INT8),
+            w, b.const(base + ".w_s", np.abs(real).astype(_F)), w_zp,
             _scalar(b, base + ".y_s", 1.0), b.int_const(base + ".y_zp", np.array(zp), T.UINT8),
             b.int_const(base + ".b", op.bias.astype(np.int64) * sign, T.INT32)], base=base,
             kernel_shape=list(op.attrs["kernel"]), strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw],
@@ -154,10 +175,10 @@ def _qlinear_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray) -> b
     # with a residual, the conv writes an 8-bit intermediate (zero 128) at half the output step
     s_y, z_y = (to.scale / 2, 128) if res else (to.scale, to.zero)
     (ph, pw) = op.attrs["padding"]
+    wq, w_zp = _weights(b, base, w, ti.qmax, o, True)
     y = b.node("QLinearConv", [
         op.inputs[0], _scalar(b, base + ".x_s", ti.scale), b.int_const(base + ".x_zp", np.array(ti.zero), T.UINT8),
-        b.int_const(base + ".w", w, T.INT8), b.const(base + ".w_s", (np.abs(eff) / ti.scale).astype(_F)),
-        b.int_const(base + ".w_zp", np.zeros(o, np.int64), T.INT8),
+        wq, b.const(base + ".w_s", (np.abs(eff) / ti.scale).astype(_F)), w_zp,
         _scalar(b, base + ".y_s", s_y), b.int_const(base + ".y_zp", np.array(z_y), T.UINT8),
         b.int_const(base + ".b", bias, T.INT32)], base=base, kernel_shape=list(op.attrs["kernel"]),
         strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw], group=int(op.attrs.get("groups", 1)))
@@ -218,16 +239,15 @@ def _int_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray, fused: b
     shp = (o,) if linear else (1, o, 1, 1)
     x_zp = b.int_const(base + ".x_zp", np.array(ti.zero), T.UINT8)
     if m.min() >= -128 and m.max() <= 127:
-        wt, w_zp = m.astype(np.int64), b.int_const(base + ".w_zp", np.array(0), T.INT8)
-        wtype = T.INT8
+        wt = m.astype(np.int64)
     else:  # odd integers up to 255 (8-bit SAWB): uint8 with zero point 128 does not fit either
-        wt, w_zp, wtype = None, None, None
+        wt = None
     if wt is not None and linear:
-        w = b.int_const(base + ".w", wt.reshape(o, -1).T, wtype)
+        w, w_zp = _weights(b, base, wt.reshape(o, -1).T, ti.qmax, o, False)
         acc = b.node("MatMulInteger", [op.inputs[0], w, x_zp, w_zp], base=base)
     elif wt is not None:
         (ph, pw) = op.attrs["padding"]
-        w = b.int_const(base + ".w", wt, wtype)
+        w, w_zp = _weights(b, base, wt, ti.qmax, o, False)
         acc = b.node("ConvInteger", [op.inputs[0], w, x_zp, w_zp], base=base, kernel_shape=list(op.attrs["kernel"]),
                      strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw], group=int(op.attrs.get("groups", 1)))
     else:  # float32 conv on the integers (exact: |A| < 2^24 is checked by the caller's accumulator bound)
