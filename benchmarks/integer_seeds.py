@@ -11,7 +11,9 @@ rows that separate the causes of the gap:
   what the 8-bit ends cost;
 * ``WxAx integer``: ``plan.integer: true`` (the integer network);
 * ``WxAx integer out r8``: the same with ``integer_residual: output`` and
-  ``integer_residual_bits: 8`` (residual operands and the pooled tensor stored at 8 bits).
+  ``integer_residual_bits: 8`` (residual operands and the pooled tensor stored at 8 bits), with the
+  paper's LSQ init of integer mode's 8-bit quantizers (``integer_init: lsq``, sessions 5-8);
+* ``WxAx integer out r8 max``: the same with ``integer_init: max`` (session 9's default).
 
     python benchmarks/integer_seeds.py --rows "W2A2 integer" --seeds 0       # slot
     python benchmarks/integer_seeds.py --jobs "W2A2 integer:1,W2A2 today:1"  # slot; in this order
@@ -43,6 +45,9 @@ def rows() -> dict:
         # the output residual add (onnxruntime-exact) with an 8-bit residual stream
         r[f"W{b}A{b} integer out r8"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
                                                   "integer_residual_bits": 8, "integer_init": "lsq"}}
+        # the same with session 9's default init of integer mode's 8-bit LSQ quantizers (max|v|/Qp)
+        r[f"W{b}A{b} integer out r8 max"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
+                                                      "integer_residual_bits": 8, "integer_init": "max"}}
     return r
 
 
