@@ -35,6 +35,8 @@ MODES = {"today": ("today's mode (float BN and residuals)", {}),
          "int_out_r8_max": ("integer mode, output add + 8-bit stream, its 8-bit LSQ quantizers initialised at max|v|",
                             {"integer": True, "integer_residual": "output", "integer_residual_bits": 8,
                              "integer_init": "max"})}
+#: table headers
+HEAD = {"today": "today's mode", "int_out_r8": "integer, init lsq", "int_out_r8_max": "integer, init max (default)"}
 BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
 
@@ -82,13 +84,15 @@ def mean_se(d: list[float]) -> tuple[float, float]:
 def table() -> str:
     pre = _acc(PRETRAIN)
     ints = [m for m in MODES if m != "today"]
-    head = " | ".join(MODES[m][0] for m in MODES)
+    head = " | ".join(HEAD[m] for m in MODES)
     lines = [f"FP32 start (`runs/MBV2_fp32_pretrain`): test accuracy {pre[0]:.2f} % (all 10,000 test images)"
              if pre else "FP32 start: not trained", "",
              "Test accuracy % on the run's 8,000-image test slice (epoch-2 training accuracy in brackets); "
              "per seed the paired difference integer − today, then mean ± standard error over the seeds "
-             "that have both. W8A8lsq: 8-bit weights by LSQ per channel (an int8 grid, init max) instead of SAWB.",
-             "", f"| bits | seed | {head} | " + " | ".join(f"{m} − today" for m in ints) + " |",
+             "that have both (number of seeds in brackets). Integer mode: output add + 8-bit residual stream, its "
+             "8-bit LSQ quantizers initialised the paper's way (lsq) or at max abs value (max). "
+             "W8A8lsq: 8-bit weights by LSQ per channel (an int8 grid, init max) instead of SAWB.",
+             "", f"| bits | seed | {head} | " + " | ".join(f"{HEAD[m]} − today" for m in ints) + " |",
              "|---|---|" + "---|" * (len(MODES) + len(ints))]
     summary: dict = {}
     cell = lambda a: f"{a[0]:.2f} ({a[1]:.1f})" if a else "–"  # noqa: E731
