@@ -66,6 +66,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--jobs", default=None, help='"ROW:SEED,ROW:SEED,..." run in this order (one process)')
     ap.add_argument("--table", action="store_true", help="summary of every finished run")
+    ap.add_argument("--paired", default=None, metavar="ROW,BASE",
+                    help="per seed ROW − BASE test accuracy (seeds both finished), mean ± standard error, "
+                         "for each width: e.g. 'integer out r8 max,today'")
     ap.add_argument("--residual-eval", action="store_true",
                     help="test accuracy of every finished integer run's best.pt: the integer model with "
                          "integer_residual accumulator and output (same weights), and the fake-quantized float "
@@ -81,6 +84,8 @@ def main() -> None:
         run_grid({label.strip(): all_rows[label.strip()]}, BASE, [int(seed)], OUT, workers=1)
     if args.residual_eval:
         residual_eval()
+    if args.paired:
+        print(paired(*[s.strip() for s in args.paired.split(",")]))
     if args.table:
         done = {k: v for k, v in all_rows.items() if any((OUT / k.replace(" ", "_")).glob("seed*/summary.json"))}
         have = sorted({int(p.name[4:]) for k in done for p in (OUT / k.replace(" ", "_")).glob("seed*")
@@ -91,6 +96,27 @@ def main() -> None:
                 if (OUT / k.replace(" ", "_") / f"seed{s}" / "summary.json").is_file():
                     recs += run_grid({k: v}, BASE, [s], OUT, workers=1)
         print(write_results(OUT, recs, aggregate(recs), meta={"note": "integer_seeds.py"}))
+
+
+def paired(row: str, base: str) -> str:
+    """Markdown: per width, ROW − BASE test accuracy per seed where both finished, mean ± SE."""
+    import json
+    import math
+
+    lines = [f"| bits | {row} − {base} per seed | mean ± standard error |", "|---|---|---|"]
+    for b in (2, 4, 8):
+        d = []
+        for k in range(10):
+            acc = [OUT / f"W{b}A{b} {r}".replace(" ", "_") / f"seed{k}" / "summary.json" for r in (row, base)]
+            if all(p.is_file() for p in acc):
+                a, c = (100 * json.loads(p.read_text())["test_acc"] for p in acc)
+                d.append((k, a - c))
+        if d:
+            v = [x for _, x in d]
+            m = sum(v) / len(v)
+            se = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v)) if len(v) > 1 else 0.0
+            lines.append(f"| W{b}A{b} | " + " / ".join(f"{x:+.2f} (s{k})" for k, x in d) + f" | **{m:+.2f} ± {se:.2f}** |")
+    return "\n".join(lines)
 
 
 def residual_eval() -> None:
