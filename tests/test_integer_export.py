@@ -420,7 +420,7 @@ def test_integer_defaults_and_run_folders_written_before_them(tmp_path):
     old = load_config(run / "config.yaml", saved=True).plan
     new = load_config(run / "config.yaml").plan
     assert (old.integer_residual, old.integer_residual_bits, old.integer_init) == ("accumulator", None, "lsq")
-    assert (new.integer_residual, new.integer_residual_bits, new.integer_init) == ("output", 8, "max")
+    assert (new.integer_residual, new.integer_residual_bits, new.integer_init) == ("output", 8, "lsq")
     # its checkpoint (config recorded without the keys) matches its config.yaml ...
     torch.save({"model": {}, "epoch": 1, "config": cfg}, run / "best.pt")
     load_checkpoint(run / "best.pt", config=load_config(run / "config.yaml", saved=True))

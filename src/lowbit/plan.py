@@ -17,12 +17,12 @@ A plan is plain data (YAML-loadable, printable, saved next to every run)::
                                            #   read them requantized to their own bits (null: stored at the next
                                            #   conv's input bits). Default 8 with the output add, null with the
                                            #   accumulator add (the first form: ``integer_residual: accumulator``)
-    integer_init: max                      # integer mode: init of the 8-bit LSQ quantizers it adds (the input,
-                                           #   8-bit first/last weights, signed streams): max | lsq (the paper's)
+    integer_init: lsq                      # integer mode: init of the 8-bit LSQ quantizers it adds (the input,
+                                           #   8-bit first/last weights, signed streams): lsq (the paper's) | max
 
-Integer mode's defaults changed in session 9 (before: ``accumulator`` and ``null``, the first form,
-and ``integer_init: lsq``); a run folder written before these keys existed is read with the old
-values (:func:`lowbit.config.saved_config`), every later one records them.
+Integer mode's residual defaults changed in session 9 (before: ``accumulator`` and ``null``, the
+first form); a run folder written before these keys existed is read with the old values
+(:func:`lowbit.config.saved_config`), every later one records them.
 
 Quantizer options go beside ``name`` and ``bits`` (``{name: lsq, bits: 2, per_channel: true}``).
 ``resolve(model)`` turns a plan into one :class:`LayerPlan` per conv/linear layer.
@@ -98,8 +98,8 @@ class Plan(BaseModel):
     #: not given: 8 with the output add in integer mode, else None (an explicit null: the conv's bits)
     integer_residual_bits: int | None = Field(default=None, ge=2, le=8)
     #: how integer mode initialises the 8-bit LSQ quantizers it adds (network input, the 8-bit first /
-    #: last weights, signed residual streams): "max" (max|v|/Qp) or "lsq" (the paper's, sessions 5-8)
-    integer_init: Literal["lsq", "max"] = "max"
+    #: last weights, signed residual streams): "lsq" (the paper's, the default) or "max" (max|v|/Qp)
+    integer_init: Literal["lsq", "max"] = "lsq"
 
     @model_validator(mode="before")
     @classmethod

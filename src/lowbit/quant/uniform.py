@@ -279,7 +279,8 @@ class LSQQuantizer(Quantizer):
     ``init="max"`` max|v|/Qp (the whole first batch, or channel, on the grid). The paper's init
     suits 2-4 bits; at 8 bits it puts the grid's ends at about 18 standard deviations of a normal
     tensor (step 0.14σ, most codes unused), which the step's scaled gradient barely moves in a short
-    run; ``max`` uses the codes on the values there are (integer mode's 8-bit quantizers use it).
+    run; ``max`` uses the codes on the values there are, but its small step moves fast under the
+    step's gradient (integer mode's ``plan.integer_init``; docs/export.md).
     """
 
     roles = ("weight", "act")
