@@ -36,7 +36,7 @@ MODES = {"today": ("today's mode (float BN and residuals)", {}),
                             {"integer": True, "integer_residual": "output", "integer_residual_bits": 8,
                              "integer_init": "max"})}
 #: table headers
-HEAD = {"today": "today's mode", "int_out_r8": "integer, init lsq", "int_out_r8_max": "integer, init max (default)"}
+HEAD = {"today": "today's mode", "int_out_r8": "integer, init lsq (default)", "int_out_r8_max": "integer, init max"}
 BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
 
@@ -91,7 +91,7 @@ def table() -> str:
              "per seed the paired difference integer − today, then mean ± standard error over the seeds "
              "that have both (number of seeds in brackets). Integer mode: output add + 8-bit residual stream, its "
              "8-bit LSQ quantizers initialised the paper's way (lsq) or at max abs value (max). "
-             "W8A8lsq: 8-bit weights by LSQ per channel (an int8 grid, init max) instead of SAWB.",
+             "W8A8lsq (configs written, not run in session 9): 8-bit weights by LSQ per channel (an int8 grid, init max) instead of SAWB.",
              "", f"| bits | seed | {head} | " + " | ".join(f"{HEAD[m]} − today" for m in ints) + " |",
              "|---|---|" + "---|" * (len(MODES) + len(ints))]
     summary: dict = {}
