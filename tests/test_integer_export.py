@@ -451,3 +451,34 @@ def test_integer_mode_8bit_quantizers_take_plan_integer_init():
         q_in = m.get_submodule("conv1").input_quantizer
         want = float(x.abs().max()) / 127 if init == "max" else 2 * float(x.abs().mean()) / 127 ** 0.5
         assert float(q_in.step.detach()) == pytest.approx(want, rel=1e-5)
+
+
+def test_onnx_weights_go_uint8_where_int8_kernels_could_saturate():
+    """A full-range 8-bit input (integer_init: max) with 8-bit weights up to ±127 at the stem: the
+    uint8 x int8 kernels of onnxruntime on AVX2 would saturate int16 pairs, so that layer's weights
+    are uint8 (m + 128, zero point 128) and the fused model stays bit-exact; 2-bit layers keep int8."""
+    import torch
+    from onnx import TensorProto
+
+    from lowbit.export import onnx_export as ox
+    from lowbit.export.int_onnx import _u8s8_exact, variants
+    from lowbit.export.intgraph import IntReference
+    from lowbit.intmode import int_graph
+
+    assert _u8s8_exact(np.array([64]), 255) and not _u8s8_exact(np.array([-65]), 255) and _u8s8_exact(np.array([127]), 3)
+    torch.manual_seed(0)
+    m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25)
+    m = _ready(m, (1, 28, 28), plan={**INT_W2A2, "integer_residual": "output", "integer_residual_bits": None,
+                                     "integer_init": "max"})
+    x = _x(24, (1, 28, 28), seed=3)
+    with torch.no_grad():
+        y = m(x).numpy()
+    g = int_graph(m, x[:1])
+    fused = variants(g)["integer_fused"]
+    w_type = {i.name.split("__")[0]: i.data_type for i in fused.graph.initializer if i.name.split("__")[0].endswith(".w")}
+    stem = next(op for op in g.ops if op.kind == "conv")
+    assert np.abs(stem.m()).max() > 64 and g.tensors[stem.inputs[0]].qmax == 255
+    assert w_type[stem.name + ".w"] == TensorProto.UINT8
+    assert TensorProto.INT8 in w_type.values()  # the 2-bit layers
+    assert np.array_equal(IntReference(g).run(x.numpy()).view(np.uint32), y.view(np.uint32))
+    assert np.array_equal(ox.run(ox.session(fused), x.numpy()).view(np.uint32), y.view(np.uint32))
