@@ -7,7 +7,7 @@ seed 100), and both modes fine-tune it the same way (8,000 images, 2 epochs, SGD
 SAWB weights + PACT activations, seeds 0-3): today's mode (first conv / last linear FP32, float BN
 and residuals) and integer mode's default form (output add, 8-bit residual stream).
 
-    python benchmarks/integer_mbv2_ft.py --configs     # writes the configs below (committed)
+    python benchmarks/integer_mbv2_ft.py --configs     # writes the FT_* configs (committed; the pretraining's is by hand)
     lowbit train benchmarks/results/integer_export/mbv2_ft/configs/MBV2_fp32_pretrain.yaml \\
         --out benchmarks/results/integer_export/mbv2_ft/runs/MBV2_fp32_pretrain
     lowbit train benchmarks/results/integer_export/mbv2_ft/configs/FT_W8A8_today_s0.yaml \\
@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import yaml
+
+from lowbit.bench.report import mean_se
 
 OUT = Path("benchmarks/results/integer_export/mbv2_ft")
 PRETRAIN = OUT / "runs" / "MBV2_fp32_pretrain"
@@ -72,13 +73,6 @@ def _acc(run: Path) -> tuple[float, float] | None:
     s = json.loads((run / "summary.json").read_text())
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
     return 100 * s["test_acc"], 100 * last["train_acc"]
-
-
-def mean_se(d: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (n - 1 in the variance; 0 for one value)."""
-    n = len(d)
-    m = sum(d) / n
-    return m, (math.sqrt(sum((v - m) ** 2 for v in d) / (n - 1) / n) if n > 1 else 0.0)
 
 
 def table() -> str:

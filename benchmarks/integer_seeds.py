@@ -101,7 +101,8 @@ def main() -> None:
 def paired(row: str, base: str) -> str:
     """Markdown: per width, ROW − BASE test accuracy per seed where both finished, mean ± SE."""
     import json
-    import math
+
+    from lowbit.bench.report import mean_se
 
     lines = [f"| bits | {row} − {base} per seed | mean ± standard error |", "|---|---|---|"]
     for b in (2, 4, 8):
@@ -112,9 +113,7 @@ def paired(row: str, base: str) -> str:
                 a, c = (100 * json.loads(p.read_text())["test_acc"] for p in acc)
                 d.append((k, a - c))
         if d:
-            v = [x for _, x in d]
-            m = sum(v) / len(v)
-            se = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v)) if len(v) > 1 else 0.0
+            m, se = mean_se([x for _, x in d])
             lines.append(f"| W{b}A{b} | " + " / ".join(f"{x:+.2f} (s{k})" for k, x in d) + f" | **{m:+.2f} ± {se:.2f}** |")
     return "\n".join(lines)
 

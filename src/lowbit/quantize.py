@@ -49,13 +49,20 @@ class QuantState:
         return plan_table(self.layers)
 
 
-def _input_quant_hook(module: nn.Module, args):
-    x = args[0]
-    y = module.input_quantizer(x)
-    if not module.__dict__.get("_lowbit_sign_checked"):  # once per layer, on its first input
-        module.__dict__["_lowbit_sign_checked"] = True
-        warn_if_negatives_dropped(x, y, getattr(module, "_lowbit_name", type(module).__name__))
-    return (y,) + tuple(args[1:])
+class _InputQuantHook:
+    """The forward pre-hook that quantizes a layer's input; on the layer's first input it also checks
+    that no signed input lost its negative half (:func:`warn_if_negatives_dropped`)."""
+
+    def __init__(self, name: str):
+        self.name, self.checked = name, False
+
+    def __call__(self, module: nn.Module, args):
+        x = args[0]
+        y = module.input_quantizer(x)
+        if not self.checked:
+            self.checked = True
+            warn_if_negatives_dropped(x, y, self.name)
+        return (y,) + tuple(args[1:])
 
 
 def warn_if_negatives_dropped(x: torch.Tensor, y: torch.Tensor, where: str) -> bool:
@@ -113,8 +120,7 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
             role = "act"
             if lp.act is not None:
                 lp.module.input_quantizer = method.act_quantizer(lp.name, lp.module, lp.act)
-                lp.module.__dict__["_lowbit_name"] = lp.name
-                state.hooks.append(lp.module.register_forward_pre_hook(_input_quant_hook))
+                state.hooks.append(lp.module.register_forward_pre_hook(_InputQuantHook(lp.name)))
         except ConfigError as e:
             role = "act" if lp.weight is None or parametrize.is_parametrized(lp.module, "weight") else "weight"
             raise ConfigError(f"{where}.{role}: {e}") from None
@@ -151,8 +157,6 @@ def unquantize(model: nn.Module, keep: str = "quantized") -> nn.Module:
                     parametrize.remove_parametrizations(m, "weight", leave_parametrized=keep == "quantized")
             if hasattr(m, "input_quantizer"):
                 del m.input_quantizer
-            m.__dict__.pop("_lowbit_name", None)
-            m.__dict__.pop("_lowbit_sign_checked", None)
     finally:
         model.train(was)
     for h in state.hooks:

@@ -147,14 +147,18 @@ def _strip(d: dict) -> dict:
     return d
 
 
-def _normal(d) -> dict:
-    """A config dict with every default filled in (so a field added to lowbit later is no change)."""
+def _normal(d, saved: bool = False) -> dict:
+    """A config dict with every default filled in (so a field added to lowbit later is no change).
+    ``saved``: ``d`` was recorded by a run (config.yaml, checkpoint): read with the meaning it had
+    then (:func:`lowbit.config.saved_config`)."""
     from pydantic import ValidationError
 
-    from .config import Config
+    from .config import Config, saved_config
 
     if not isinstance(d, dict):
         return {}
+    if saved:
+        d = saved_config(d)
     try:
         return Config.model_validate(d).to_dict()
     except ValidationError:
@@ -178,11 +182,9 @@ def same_config_text(old_yaml: str, new_yaml: str) -> bool:
     """``old_yaml`` (a run folder's config.yaml) and ``new_yaml`` describe the same run."""
     import yaml
 
-    from .config import saved_config
-
     try:
-        old = saved_config(yaml.safe_load(old_yaml))
-        return not config_diff(_strip(_normal(old)), _strip(_normal(yaml.safe_load(new_yaml))))
+        return not config_diff(_strip(_normal(yaml.safe_load(old_yaml), saved=True)),
+                               _strip(_normal(yaml.safe_load(new_yaml))))
     except yaml.YAMLError:
         return False
 
@@ -192,8 +194,6 @@ def check_same_config(run_dir: str | Path, cfg_dict: dict) -> None:
     one-line error naming the first differing fields."""
     import yaml
 
-    from .config import saved_config
-
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -202,7 +202,7 @@ def check_same_config(run_dir: str | Path, cfg_dict: dict) -> None:
         old = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError):
         raise ConfigError(f"{path}: not valid YAML; move the folder away or choose another --out") from None
-    diff = config_diff(_strip(_normal(saved_config(old))), _strip(_normal(cfg_dict)))
+    diff = config_diff(_strip(_normal(old, saved=True)), _strip(_normal(cfg_dict)))
     if diff:
         more = f" (+{len(diff) - 2} more)" if len(diff) > 2 else ""
         raise ConfigError(f"{run_dir} was trained with another config ({'; '.join(diff[:2])}{more}); "

@@ -187,10 +187,9 @@ def load_checkpoint(path: str | Path, map_location=None, config: Config | None =
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or "epoch" not in ck:
         raise ConfigError(f"{path}: not a lowbit checkpoint (expected a dict with 'model' and 'epoch')")
     if config is not None and isinstance(ck.get("config"), dict):
-        from .config import saved_config
         from .runfolder import _normal, _strip, config_diff
 
-        diff = config_diff(_strip(_normal(saved_config(ck["config"]))), _strip(_normal(config.to_dict())))
+        diff = config_diff(_strip(_normal(ck["config"], saved=True)), _strip(_normal(config.to_dict())))
         diff = [d for d in diff if not d.startswith("name:")]
         if diff:
             raise ConfigError(f"{path} does not fit {path.parent / 'config.yaml'} (the config was edited after "

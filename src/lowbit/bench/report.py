@@ -46,6 +46,13 @@ def _bits(rec: dict, key: str) -> str:
     return "/".join(map(str, b)) if b else "32"
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n); 0 for one value):
+    the uncertainty of a paired difference averaged over seeds."""
+    n = len(values)
+    return statistics.fmean(values), (statistics.stdev(values) / n ** 0.5 if n > 1 else 0.0)
+
+
 def table_rows(records: list[dict]) -> list[dict]:
     """One row per label: test error mean ± std over its runs (seeds), bits, size, BitOPs."""
     groups: dict[str, list[dict]] = {}
