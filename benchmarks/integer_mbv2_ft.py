@@ -45,16 +45,30 @@ SEEDS = (0, 1, 2, 3)
 #: 8-bit weights on an int8 grid (LSQ per channel initialised at max|w|/127, codes -128..127): 8-bit SAWB's 256 odd levels do not
 #: fit int8, so onnxruntime runs those layers as float32 convs (docs/export.md); label suffix "lsq"
 LSQ8 = {"name": "lsq", "bits": 8, "per_channel": True, "init": "max"}
+#: label suffix "s": the layers that read a linear bottleneck's output (every expand conv after the first
+#: block, and the last 1x1 conv) get a signed LSQ input quantizer at the plan's bits instead of PACT,
+#: which keeps only the non-negative half of that signed tensor (48-53 % of it is negative: the warning
+#: ``quantize`` gives); the same plan in both modes
+SIGNED_LAYERS = ("features.[4-9].conv.0", "features.1[0-9].conv.0", "features.20")
+SIGNED_BITS = (8, 4)
+
+
+def signed_layers(bits: int) -> dict:
+    return {p: {"act": {"name": "lsq", "bits": bits, "signed": True}} for p in SIGNED_LAYERS}
 
 
 def configs() -> None:
     (OUT / "configs").mkdir(parents=True, exist_ok=True)
-    jobs = [(s, b, None) for s in SEEDS for b in BITS] + [(s, 8, LSQ8) for s in SEEDS]
-    for s, b, wspec in jobs:
+    jobs = ([(s, b, None, False) for s in SEEDS for b in BITS] + [(s, 8, LSQ8, False) for s in SEEDS]
+            + [(s, b, None, True) for s in SEEDS for b in SIGNED_BITS])
+    for s, b, wspec, signed in jobs:
         for m, (desc, extra) in MODES.items():
             plan = {"weight": wspec or {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b},
-                    "keep_first": True, "keep_last": True, "method": {"name": "ste"}, **extra}
+                    "keep_first": True, "keep_last": True, **({"layers": signed_layers(b)} if signed else {}),
+                    "method": {"name": "ste"}, **extra}
             label, wdesc = (f"W{b}A{b}lsq", ", LSQ 8-bit per-channel weights") if wspec else (f"W{b}A{b}", "")
+            if signed:
+                label, wdesc = f"W{b}A{b}s", ", signed LSQ inputs where a linear bottleneck is read"
             cfg = {"name": f"MobileNetV2-0.5 W{b}A{b} {desc}{wdesc}, fine-tuned from the FP32 pretraining "
                            f"(8,000 images, 2 epochs, lr 0.01), seed {s}",
                    "model": {"name": "mobilenetv2", "width": 0.5, "init_from": str(PRETRAIN)},
@@ -85,12 +99,14 @@ def table() -> str:
              "per seed the paired difference integer − today, then mean ± standard error over the seeds "
              "that have both (number of seeds in brackets). Integer mode: output add + 8-bit residual stream, its "
              "8-bit LSQ quantizers initialised the paper's way (lsq) or at max abs value (max). "
-             "W8A8lsq (configs written, not run in session 9): 8-bit weights by LSQ per channel (an int8 grid, init max) instead of SAWB.",
+             "W8A8lsq (configs written, not run): 8-bit weights by LSQ per channel (an int8 grid, init max) instead of SAWB. "
+             "WbAbs (session 10): signed LSQ input quantizers (plan bits) on the layers that read a linear bottleneck "
+             "(expand convs after the first block, the last 1x1 conv) instead of PACT, in both modes.",
              "", f"| bits | seed | {head} | " + " | ".join(f"{HEAD[m]} − today" for m in ints) + " |",
              "|---|---|" + "---|" * (len(MODES) + len(ints))]
     summary: dict = {}
     cell = lambda a: f"{a[0]:.2f} ({a[1]:.1f})" if a else "–"  # noqa: E731
-    for label in [f"W{b}A{b}" for b in BITS] + ["W8A8lsq"]:
+    for label in [f"W{b}A{b}" for b in BITS] + ["W8A8lsq"] + [f"W{b}A{b}s" for b in SIGNED_BITS]:
         diffs: dict = {m: [] for m in ints}
         for s in SEEDS:
             acc = {m: _acc(OUT / "runs" / f"FT_{label}_{m}_s{s}") for m in MODES}
