@@ -6,17 +6,22 @@
   ``Clip``-ped to the code range);
 * conv / linear: ``ConvInteger`` (``group`` for grouped and depthwise convs) or ``MatMulInteger``
   on ``uint8`` codes (zero point = the tensor's) and ``int8`` integer weights ``m``: the exact
-  int32 accumulator ``A``; then the epilogue in float32 elementwise ops: ``+ bias`` (int32),
-  ``+ round((q_res − zero_res)·s_res/eff)`` (residual), ``·eff/s_out``, ``Round``, ``+ zero_out``,
-  ``Clip`` (ReLU and the code range), ``Cast`` to ``uint8``; the classifier: ``f32(acc)·eff``;
-* global average pooling: ``Cast``, ``− zero``, ``GlobalAveragePool``, requantized the same way;
-  max-pooling directly on ``uint8`` codes.
+  int32 accumulator ``A``; ``+ bias`` (int32) (+ the residual requantized into the accumulator:
+  ``Round(f32(q_res − zero_res)·r_res)``, cast to int32); then the requantization in float32
+  elementwise ops: ``Cast``, ``· r`` (the float32 multiplier ``mult·2^(shift−31)``), ``Round``,
+  ``+ zero_out``, ``Clip`` (ReLU and the code range), ``Cast`` to ``uint8``; the classifier:
+  ``f32(acc)·out_scale``;
+* global average pooling: ``Cast``, ``− zero``, ``ReduceSum`` (exact: integers below 2^24),
+  requantized the same way; max-pooling directly on ``uint8`` codes.
 
-Its requantization is float32 with round-half-to-even where the runtime's is the int32 fixed-point
-one with round-half-up, so a code can differ by one at ties: the report counts prediction agreement
-with PyTorch, it does not claim bit-exactness. Integer weights beyond ``int8`` (8-bit SAWB's odd
-integers up to ±255) cannot go to ``ConvInteger``; such a layer runs ``Conv``/``MatMul`` on the
-integers as float32 (exact while the sums stay below 2^24) and :func:`float_layers` names it.
+Every requantization is therefore :func:`lowbit.export.requant.requantize` itself
+(``rint(f32(f32(x)·r))``, ties to even): the ONNX model computes the integer model's codes bit for
+bit, in both variants (``QLinearConv`` does the same float32 multiply and round inside), except the
+fused variant of an ``integer_residual: accumulator`` residual (no onnxruntime kernel rounds a
+residual into the accumulator: an 8-bit intermediate approximates it). Integer weights beyond
+``int8`` (8-bit SAWB's odd integers up to ±255) cannot go to ``ConvInteger``; such a layer runs
+``Conv``/``MatMul`` on the integers as float32 (exact while the sums stay below 2^24) and
+:func:`float_layers` names it.
 
 :func:`to_fp32_onnx`: the same network in float32 (weights ``g·s_w·m``, biases ``h``, residual
 adds, ReLU, pooling, no quantization): the baseline of the latency comparison and the model
@@ -104,8 +109,9 @@ def to_int_onnx(graph: IntGraph, scales: dict[str, np.ndarray], fused: bool = Fa
             x = b.node("Cast", [op.inputs[0]], base=op.name, to=T.FLOAT)
             if ti.zero:
                 x = b.node("Sub", [x, b.const(op.name + ".zin", np.array(ti.zero, _F))], base=op.name)
-            x = b.node("GlobalAveragePool", [x], base=op.name)
-            y = _requant_float(b, x, np.array(ti.scale / to.scale), to.zero, 0, to.qmax, op.name, ())
+            x = b.node("ReduceSum", [x, b.int_const(op.name + ".axes", np.array([2, 3]), T.INT64)], base=op.name,
+                       keepdims=1)
+            y = _requant_float(b, x, real_multiplier(op.mult[0], op.shift[0]), to.zero, 0, to.qmax, op.name, ())
             b.node("Identity", [y], op.output)
         elif op.kind == "maxpool":
             (ph, pw) = op.attrs["padding"]
@@ -261,26 +267,30 @@ def _int_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray, fused: b
             (ph, pw) = op.attrs["padding"]
             acc = b.node("Conv", [x, w], base=base, kernel_shape=list(op.attrs["kernel"]),
                          strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw], group=int(op.attrs.get("groups", 1)))
-    acc_f = acc if wt is None else b.node("Cast", [acc], base=base, to=T.FLOAT)
-    acc_f = b.node("Add", [acc_f, b.const(base + ".bias", op.bias.astype(_F).reshape(shp))], base=base)
+    if wt is None:  # integer-valued float32 sums below 2^24: exact as int32
+        acc = b.node("Cast", [acc], base=base, to=T.INT32)
+    acc = b.node("Add", [acc, b.int_const(base + ".bias", op.bias.astype(np.int64).reshape(shp), T.INT32)], base=base)
     if op.attrs.get("residual") == "output":
-        real = real_multiplier(op.mult, op.shift)
-        mid = _requant_float(b, acc_f, real, op.attrs["mid_zero"], 0, 255, base, shp)
+        mid = _requant_float(b, b.node("Cast", [acc], base=base, to=T.FLOAT), real_multiplier(op.mult, op.shift),
+                             op.attrs["mid_zero"], 0, 255, base, shp)
         b.node("Identity", [_clip_codes(b, _qlinear_add(b, op, graph, mid), op, tq[op.output])], op.output)
         return
-    if len(op.inputs) > 1:
+    if len(op.inputs) > 1:  # the residual rounded into the accumulator: requantize(q_res − zero, res_mult, res_shift)
         tr = tq[op.inputs[1]]
         r = b.node("Cast", [op.inputs[1]], base=base, to=T.FLOAT)
         if tr.zero:
             r = b.node("Sub", [r, b.const(base + ".zres", np.array(tr.zero, _F))], base=base)
-        r = b.node("Mul", [r, b.const(base + ".res_scale", (tr.scale / eff).astype(_F).reshape(shp))], base=base)
-        r = b.node("Round", [r], base=base)
-        acc_f = b.node("Add", [acc_f, r], base=base)
+        r = b.node("Mul", [r, b.const(base + ".res_scale",
+                                      real_multiplier(op.res_mult, op.res_shift).astype(_F).reshape(shp))], base=base)
+        r = b.node("Cast", [b.node("Round", [r], base=base)], base=base, to=T.INT32)
+        acc = b.node("Add", [acc, r], base=base)
+    acc_f = b.node("Cast", [acc], base=base, to=T.FLOAT)
     if op.out_scale is not None:
         b.node("Mul", [acc_f, b.const(base + ".out_scale", op.out_scale.astype(_F).reshape(shp))], op.output)
         return
     to = tq[op.output]
-    y = _requant_float(b, acc_f, eff / to.scale, to.zero, to.zero if op.attrs.get("relu") else 0, to.qmax, base, shp)
+    y = _requant_float(b, acc_f, real_multiplier(op.mult, op.shift), to.zero, to.zero if op.attrs.get("relu") else 0,
+                       to.qmax, base, shp)
     b.node("Identity", [y], op.output)
 
 

@@ -4,11 +4,42 @@
 
 #include "lowbit_rt.h"
 
+/* v / 2^s rounded half to even, 64-bit (s 0 .. 62) */
+static int64_t lb_rne_shift64(int64_t v, int32_t s)
+{
+    int64_t f, rem, half;
+    if (s <= 0) return v;
+    f = v >> s; /* floor (arithmetic shift) */
+    rem = v - f * ((int64_t)1 << s);
+    half = (int64_t)1 << (s - 1);
+    return f + (rem > half || (rem == half && (f & 1)));
+}
+
+/* the number of significant bits of a */
+static int32_t lb_bitlen64(uint64_t a)
+{
+    int32_t n = 0;
+    if (a >> 32) { a >>= 32; n += 32; }
+    if (a >> 16) { a >>= 16; n += 16; }
+    if (a >> 8) { a >>= 8; n += 8; }
+    if (a >> 4) { a >>= 4; n += 4; }
+    if (a >> 2) { a >>= 2; n += 2; }
+    if (a >> 1) { a >>= 1; n += 1; }
+    return n + (int32_t)a;
+}
+
+/* v rounded to 24 significant bits, half to even: the value a float32 holds for the integer v */
+static int64_t lb_round24(int64_t v)
+{
+    const int32_t s = lb_bitlen64(v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v) - 24;
+    return s > 0 ? lb_rne_shift64(v, s) * ((int64_t)1 << s) : v;
+}
+
 int32_t lb_requantize(int32_t x, int32_t mult, int32_t shift)
 {
-    const int32_t t = 31 - shift; /* 1 .. 62 */
-    const int64_t v = (int64_t)x * (int64_t)mult;
-    return (int32_t)(((v >> (t - 1)) + 1) >> 1);
+    /* f32(x) * f32(mult): each has 24 significant bits, the exact product is below 2^62 */
+    const int64_t p = lb_round24(lb_round24(x) * lb_round24(mult));
+    return (int32_t)lb_rne_shift64(p, 31 - shift); /* shift <= 30: 1 .. 62 */
 }
 
 uint32_t lb_packed_bytes(uint32_t n, uint32_t bits) { return (n * bits + 7u) >> 3; }

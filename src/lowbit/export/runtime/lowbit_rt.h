@@ -10,9 +10,11 @@
  * t/8 (bits = 8 is one plain byte per code). A tensor of n codes takes (n*bits+7)/8 bytes. The
  * real value of a code is scale * (q - zero); the scale only lives in the multipliers below.
  *
- * Requantization (lb_requantize): real multiplier r = mult * 2^(shift-31), mult int32, shift <= 30;
- * result = floor(x * mult / 2^(31-shift) + 1/2), one 64-bit product (TFLite Micro / CMSIS-NN's
- * single-rounding form). mult may be negative.
+ * Requantization (lb_requantize): real multiplier r = mult * 2^(shift-31), mult int32 with 24
+ * significant bits (a float32 exactly), shift <= 30; result = rint(f32(f32(x) * r)), ties to even:
+ * what a float32 multiply and round gives (and onnxruntime's integer kernels compute), here in
+ * integers only: x rounded to 24 significant bits, one 64-bit product, rounded to 24 significant
+ * bits, shifted right by 31 - shift with round half to even. mult may be negative.
  *
  * Weights: packed codes (same bit stream), OIHW order: output channel o is the contiguous run
  * o*F .. o*F+F-1, F = (cin/groups)*kh*kw; a code -> integer table lut (int16, lut_rows rows of
@@ -28,9 +30,9 @@
 extern "C" {
 #endif
 
-#define LOWBIT_RT_VERSION 1
+#define LOWBIT_RT_VERSION 2
 
-/* floor(x * mult / 2^(31 - shift) + 1/2): the one fixed-point requantization */
+/* rint(f32(f32(x) * mult * 2^(shift - 31))), ties to even, in integers: the one requantization */
 int32_t lb_requantize(int32_t x, int32_t mult, int32_t shift);
 
 /* v / 2^s rounded half to even (s >= 0) */
