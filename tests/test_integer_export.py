@@ -73,6 +73,42 @@ def test_requantize_torch_equals_numpy():
     assert np.array_equal(requantize(torch.from_numpy(x), m, sh).numpy(), requantize(x, m, sh))
 
 
+def test_onnxruntime_qlinearconv_requantizes_as_requantize():
+    """The premise of the bit-exact ONNX models: onnxruntime's QLinearConv (MLAS) requantizes
+    ``acc + bias`` as ``rint(f32(f32(acc + bias)·scale))``, ties to even, i.e. :func:`requantize`
+    with the float32 multiplier; checked on near-ties, where the fixed-point rounding differs."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    real, acc = _cases(20000, seed=4)
+    sel = slice(200, 1200)  # the near-ties: acc 3..40,000, results 0..255
+    real, acc = real[sel].astype(np.float32), acc[sel]
+    keep = acc > 0  # QLinearConv with weight +1: positive accumulators from uint8 x + int32 bias
+    real, acc = real[keep], acc[keep]
+    n = len(acc)
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, n)
+    bias = acc - x
+    ints = [numpy_helper.from_array(np.array(1.0, np.float32), "one"), numpy_helper.from_array(np.array(0, np.uint8), "z8"),
+            numpy_helper.from_array(np.ones((n, 1, 1, 1), np.int8), "w"), numpy_helper.from_array(real, "ws"),
+            numpy_helper.from_array(np.zeros(n, np.int8), "wz"), numpy_helper.from_array(bias.astype(np.int32), "b")]
+    node = helper.make_node("QLinearConv", ["x", "one", "z8", "w", "ws", "wz", "one", "z8", "b"], ["y"], group=n)
+    g = helper.make_graph([node], "rq", [helper.make_tensor_value_info("x", T.UINT8, [1, n, 1, 1])],
+                          [helper.make_tensor_value_info("y", T.UINT8, [1, n, 1, 1])], ints)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    y = s.run(None, {"x": x.astype(np.uint8).reshape(1, n, 1, 1)})[0].reshape(n).astype(np.int64)
+    m, sh = quantize_multiplier(real)
+    assert np.array_equal(real_multiplier(m, sh), real.astype(np.float64))  # float32 multipliers: exact
+    assert np.array_equal(y, np.clip(requantize(acc, m, sh), 0, 255))
+    fixed = (((acc * m.astype(np.int64)) >> (30 - sh.astype(np.int64))) + 1) >> 1
+    assert np.sum(np.clip(fixed, 0, 255) != y) >= 10  # TFLite's rounding would disagree with onnxruntime
+
+
 @needs_cc
 def test_requantize_c_is_bit_exact(tmp_path):
     from lowbit.export.int_c import RUNTIME_DIR
