@@ -50,7 +50,7 @@ LSQ8 = {"name": "lsq", "bits": 8, "per_channel": True, "init": "max"}
 #: which keeps only the non-negative half of that signed tensor (48-53 % of it is negative: the warning
 #: ``quantize`` gives); the same plan in both modes
 SIGNED_LAYERS = ("features.[4-9].conv.0", "features.1[0-9].conv.0", "features.20")
-SIGNED_BITS = (8, 4)
+SIGNED_BITS = (8, 4, 2)
 
 
 def signed_layers(bits: int) -> dict:
