@@ -312,6 +312,41 @@ def test_mobilenetv2_integer_graph(residual_bits):
     assert sum(t.zero == 128 for t in res) == (len(res) - 1 if residual_bits else 0)
 
 
+@needs_cc
+def test_mobilenetv2_signed_inputs_every_backend_bit_exact(tmp_path):
+    """MobileNetV2 with a signed LSQ input quantizer on the layers that read a linear bottleneck
+    (codes with zero point 2 at 2 bits, 8 at 4 bits), the output residual add and an 8-bit stream:
+    NumPy, C and both ONNX models compute the integer model bit for bit (float32-rounding
+    requantization, depthwise convs, global pooling as ReduceSum)."""
+    pytest.importorskip("onnxruntime")
+    from lowbit.export import onnx_export as ox
+    from lowbit.export.c_export import run_c
+    from lowbit.export.int_c import compile_int_c, write_int_c
+    from lowbit.export.int_onnx import variants
+    from lowbit.export.intgraph import IntReference
+    from lowbit.intmode import int_graph
+
+    signed = {"act": {"name": "lsq", "bits": 4, "signed": True}}
+    plan = {"weight": {"name": "sawb", "bits": 4}, "act": {"name": "pact", "bits": 4}, "integer": True,
+            "layers": {"features.[4-9].conv.0": signed, "features.1[0-9].conv.0": signed, "features.20": signed}}
+    m = _ready(create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=16, width=0.25), (1, 16, 16),
+               plan=plan, passes=2, batch=8)
+    x = _x(6, (1, 16, 16), seed=2)
+    with torch.no_grad():
+        y = m(x).numpy()
+    g = int_graph(m, x[:1])
+    signed_in = [g.tensors[op.inputs[0]] for op in g.ops if op.kind == "conv" and g.tensors[op.inputs[0]].bits == 4
+                 and g.tensors[op.inputs[0]].zero == 8]
+    assert len(signed_in) >= 10  # every expand conv after the first block, and the last 1x1 conv
+    xn = x.numpy()
+    assert np.array_equal(IntReference(g).run(xn).view(np.uint32), y.view(np.uint32))
+    for k, model in variants(g).items():
+        if k != "fp32":
+            assert np.array_equal(ox.run(ox.session(model), xn).view(np.uint32), y.view(np.uint32)), k
+    write_int_c(g, tmp_path / "c")
+    assert np.array_equal(run_c(compile_int_c(tmp_path / "c"), xn, 10).view(np.uint32), y.view(np.uint32))
+
+
 def test_integer_mode_errors():
     class Gelu(nn.Module):
         def __init__(self):
