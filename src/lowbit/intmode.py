@@ -365,7 +365,10 @@ def int_graph(model: nn.Module, example: torch.Tensor):
             elif u.kind == "gap":
                 ti, to = tensors[u.inp.name], tensors[u.node.name]
                 hw = int(np.prod(i_shape[1:]))
-                mult, shift = quantize_multiplier(np.array([ti.scale / (hw * to.scale)]))
+                # at most 24 - ceil(log2 hw) significant bits: mult·hw is a float32 too, so onnxruntime's
+                # QLinearGlobalAveragePool (scale x_s/(y_s·hw) in float32) gets this multiplier exactly
+                mult, shift = quantize_multiplier(np.array([ti.scale / (hw * to.scale)]),
+                                                  bits=max(1, 24 - int(np.ceil(np.log2(hw)))))
                 ops.append(IntOp("gap", u.name, [u.inp.name], u.node.name, i_shape, o_shape, mult=mult, shift=shift))
             else:
                 inp = u.inp.name

@@ -11,8 +11,10 @@
   elementwise ops: ``Cast``, ``· r`` (the float32 multiplier ``mult·2^(shift−31)``), ``Round``,
   ``+ zero_out``, ``Clip`` (ReLU and the code range), ``Cast`` to ``uint8``; the classifier:
   ``f32(acc)·out_scale``;
-* global average pooling: ``Cast``, ``− zero``, ``ReduceSum`` (exact: integers below 2^24),
-  requantized the same way; max-pooling directly on ``uint8`` codes.
+* global average pooling: ``QLinearGlobalAveragePool`` (com.microsoft: int32 sums, the same float32
+  requantization; its scale is the stored multiplier exactly, which has at most ``24 − log2 HW``
+  significant bits for that), else ``Cast``, ``− zero``, ``ReduceSum`` (exact: integers below 2^24)
+  requantized as above; max-pooling directly on ``uint8`` codes.
 
 Every requantization is therefore :func:`lowbit.export.requant.requantize` itself
 (``rint(f32(f32(x)·r))``, ties to even): the ONNX model computes the integer model's codes bit for
@@ -105,14 +107,7 @@ def to_int_onnx(graph: IntGraph, scales: dict[str, np.ndarray], fused: bool = Fa
         elif op.kind == "conv":
             _int_conv(b, op, graph, scales[op.name], fused)
         elif op.kind == "gap":
-            ti, to = tq[op.inputs[0]], tq[op.output]
-            x = b.node("Cast", [op.inputs[0]], base=op.name, to=T.FLOAT)
-            if ti.zero:
-                x = b.node("Sub", [x, b.const(op.name + ".zin", np.array(ti.zero, _F))], base=op.name)
-            x = b.node("ReduceSum", [x, b.int_const(op.name + ".axes", np.array([2, 3]), T.INT64)], base=op.name,
-                       keepdims=1)
-            y = _requant_float(b, x, real_multiplier(op.mult[0], op.shift[0]), to.zero, 0, to.qmax, op.name, ())
-            b.node("Identity", [y], op.output)
+            _gap(b, op, graph)
         elif op.kind == "maxpool":
             (ph, pw) = op.attrs["padding"]
             b.node("MaxPool", [op.inputs[0]], op.output, kernel_shape=list(op.attrs["kernel"]),
@@ -122,11 +117,47 @@ def to_int_onnx(graph: IntGraph, scales: dict[str, np.ndarray], fused: bool = Fa
     inp = helper.make_tensor_value_info(graph.input + "__in", T.FLOAT, ["N", *graph.input_shape])
     out = helper.make_tensor_value_info(graph.output, T.FLOAT, ["N", *graph.output_shape])
     g = helper.make_graph(b.nodes, "lowbit_integer", [inp], [out], b.inits)
-    ms = fused or any(op.attrs.get("residual") == "output" for op in graph.ops)
+    ms = fused or any(op.attrs.get("residual") == "output" or op.kind == "gap" for op in graph.ops)
     opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if ms else [])
     model = helper.make_model(g, opset_imports=opsets, producer_name="lowbit")
     model.ir_version = IR_VERSION
     return model
+
+
+def _gap_scale(op: IntOp, hw: int) -> float | None:
+    """``x_scale`` that makes onnxruntime's ``QLinearGlobalAveragePool`` (``y_scale`` 1) multiply by
+    exactly the stored float32 multiplier: its scale is ``f32(x_scale / f32(hw))``; None where no
+    float32 does that (a multiplier with more than ``24 − log2 hw`` significant bits) or the op's
+    range check would refuse it."""
+    r = _F(real_multiplier(op.mult[0], op.shift[0]))
+    xs = _F(np.float64(r) * hw)
+    if np.float64(xs) != np.float64(r) * hw or _F(xs / (_F(1.0) * _F(hw))) != r or not 2.0**-32 <= r < 256:
+        return None
+    return float(xs)
+
+
+def _gap(b: _Builder, op: IntOp, graph: IntGraph) -> None:
+    """Global average pooling: ``QLinearGlobalAveragePool`` (com.microsoft; on x86 it sums the codes
+    in int32 and requantizes in float32 like ``QLinearConv``: :func:`requantize` exactly), else
+    ``Cast``, ``− zero``, ``ReduceSum`` (exact: integers below 2^24) and the float32 requantization."""
+    from onnx import TensorProto as T
+
+    ti, to = graph.tensors[op.inputs[0]], graph.tensors[op.output]
+    hw = int(np.prod(op.in_shape[1:]))
+    xs = _gap_scale(op, hw)
+    if xs is not None:
+        y = b.node("QLinearGlobalAveragePool", [
+            op.inputs[0], _scalar(b, op.name + ".x_s", xs), b.int_const(op.name + ".x_zp", np.array(ti.zero), T.UINT8),
+            _scalar(b, op.name + ".y_s", 1.0), b.int_const(op.name + ".y_zp", np.array(to.zero), T.UINT8)],
+            base=op.name, domain="com.microsoft", channels_last=0)
+        b.node("Identity", [_clip_codes(b, y, op, to)], op.output)
+        return
+    x = b.node("Cast", [op.inputs[0]], base=op.name, to=T.FLOAT)
+    if ti.zero:
+        x = b.node("Sub", [x, b.const(op.name + ".zin", np.array(ti.zero, _F))], base=op.name)
+    x = b.node("ReduceSum", [x, b.int_const(op.name + ".axes", np.array([2, 3]), T.INT64)], base=op.name, keepdims=1)
+    y = _requant_float(b, x, real_multiplier(op.mult[0], op.shift[0]), to.zero, 0, to.qmax, op.name, ())
+    b.node("Identity", [y], op.output)
 
 
 def _scalar(b: _Builder, base: str, v: float) -> str:

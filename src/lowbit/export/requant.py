@@ -43,14 +43,17 @@ MIN_SHIFT = -31
 F32_BITS = 24
 
 
-def quantize_multiplier(real) -> tuple[np.ndarray, np.ndarray]:
-    """``(M, shift)`` (int32 arrays, the shape of ``real``) with ``real ≈ M · 2^(shift − 31)``."""
+def quantize_multiplier(real, bits: int = F32_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """``(M, shift)`` (int32 arrays, the shape of ``real``) with ``real ≈ M · 2^(shift − 31)``, ``M``
+    rounded to ``bits`` (≤ 24) significant bits (fewer: ``real·2^k`` stays a float32 for small k; the
+    global pooling's multiplier times the pooled size, :func:`lowbit.intmode.int_graph`)."""
     r = np.asarray(real, dtype=np.float64)
     if not np.all(np.isfinite(r)):
         raise ConfigError("requantization: a non-finite multiplier")
+    if not 1 <= bits <= F32_BITS:
+        raise ConfigError(f"requantization: multiplier bits {bits} outside 1..{F32_BITS}")
     mant, exp = np.frexp(np.abs(r))  # |r| = mant * 2^exp, mant in [0.5, 1)
-    low7 = 31 - F32_BITS
-    m = np.rint(mant * 2.0**F32_BITS).astype(np.int64) << low7  # 24 significant bits: a float32 exactly
+    m = np.rint(mant * 2.0**bits).astype(np.int64) << (31 - bits)  # a float32 exactly
     carry = m == 2**31  # mantissa rounded up to 1.0
     m = np.where(carry, 2**30, m)
     exp = np.where(carry, exp + 1, exp).astype(np.int64)
