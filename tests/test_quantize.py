@@ -194,3 +194,43 @@ def test_an_unsigned_activation_quantizer_on_a_signed_input_warns_once_per_layer
     assert len(msgs) == 1 and "layer 'fc2'" in msgs[0] and "become 0" in msgs[0], msgs
     assert caught({**W2A2, "layers": {"fc2": {"act": {"name": "lsq", "bits": 2, "signed": True}}}}) == []
     assert caught({"weight": {"name": "sawb", "bits": 2}}) == []  # no activation quantizer
+    assert caught({**W2A2, "signed_act": {"name": "lsq", "signed": True}}) == []  # found by the trace
+
+
+def test_signed_act_goes_where_the_input_can_be_negative():
+    """plan.signed_act: the layers reading a linear output (MobileNetV2's bottleneck: every expand conv
+    after the first block, and the last 1x1 conv; the stem reads the signed image) get it, at act's bits;
+    ResNet's convs read ReLU outputs except the stem. The same layers as the MobileNetV2 benchmark's
+    hand-written plan.layers patterns."""
+    from lowbit.plan import signed_input_layers
+
+    mb = create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=16, width=0.25)
+    expect = ["features.0"] + [f"features.{i}.conv.0" for i in range(4, 20)] + ["features.20"]
+    assert signed_input_layers(mb) == expect
+    assert signed_input_layers(resnet()) == ["conv1"]
+    plan = Plan.from_dict({**W2A2, "signed_act": {"name": "lsq", "signed": True},
+                           "layers": {"features.20": {"act": {"bits": 4}}}})
+    acts = {lp.name: lp.act for lp in plan.resolve(mb)}
+    assert acts["features.0"] is None  # keep_first
+    assert acts["features.4.conv.0"].name == "lsq" and acts["features.4.conv.0"].bits == 2
+    assert acts["features.4.conv.0"].options == {"signed": True}
+    assert acts["features.4.conv.3"].name == "pact" and acts["features.3.conv.0"].name == "pact"
+    assert acts["features.20"].label() == "lsq4,signed=True"  # plan.layers patches on top
+    sig = {"act": {"name": "lsq", "bits": 2, "signed": True}}
+    hand = Plan.from_dict({**W2A2, "layers": {"features.[4-9].conv.0": sig, "features.1[0-9].conv.0": sig,
+                                              "features.20": sig}})
+    auto = Plan.from_dict({**W2A2, "signed_act": {"name": "lsq", "signed": True}})
+    assert [lp.act for lp in auto.resolve(mb)] == [lp.act for lp in hand.resolve(mb)]
+    with pytest.raises(ConfigError, match="signed_act needs plan.act"):
+        Plan.from_dict({"weight": {"name": "sawb", "bits": 2}, "signed_act": {"name": "lsq"}}).resolve(mb)
+
+    class Branchy(nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x) if x.sum() > 0 else x)
+
+    with pytest.raises(ConfigError, match="signed_act needs a model torch.fx can trace"):
+        quantize(Branchy(), {**W2A2, "keep_first": False, "signed_act": {"name": "lsq", "signed": True}})

@@ -6,6 +6,9 @@ A plan is plain data (YAML-loadable, printable, saved next to every run)::
     act: {name: pact, bits: 2}             # default input-activation quantizer (omit: FP32)
     keep_first: true                       # first conv/linear stays full precision (as in the papers)
     keep_last: true                        # last conv/linear stays full precision
+    signed_act: {name: lsq, signed: true}  # optional: the input quantizer of every layer whose input can be
+                                           #   negative (a conv/BN/add with no ReLU after it, e.g. MobileNetV2's
+                                           #   linear bottleneck; the network input), bits from act; others keep act
     layers:                                # per-layer overrides, by exact name or glob pattern
       "layer3.*": {weight: {bits: 4}}      #   partial specs are merged into the default
       fc: fp                               #   "fp": weight and input activation full precision
@@ -90,6 +93,9 @@ class Plan(BaseModel):
     act: QuantSpec | None = None
     keep_first: bool = True
     keep_last: bool = True
+    #: the input quantizer of the layers whose input can be negative (:func:`signed_input_layers`); its
+    #: bits default to act's; layers named in ``layers`` keep their override. None: act everywhere
+    signed_act: QuantSpec | None = None
     layers: dict[str, Union[Literal["fp"], LayerOverride]] = Field(default_factory=dict)
     method: MethodSpec = Field(default_factory=MethodSpec)
     integer: bool = False
@@ -159,6 +165,13 @@ class Plan(BaseModel):
             w[names[0]] = a[names[0]] = None
         if self.keep_last:
             w[names[-1]] = a[names[-1]] = None
+        if self.signed_act is not None:
+            if self.act is None:
+                raise ConfigError("plan.signed_act needs plan.act (the quantizer of the other inputs, and the bits)")
+            spec = self.signed_act if self.signed_act.bits is not None else self.signed_act.merged({"bits": self.act.bits})
+            for n in signed_input_layers(model):
+                if a[n] is not None:
+                    a[n] = spec
         source: dict[str, str] = {}
         for pattern, ov in self.layers.items():
             hit = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
@@ -173,6 +186,68 @@ class Plan(BaseModel):
                 w[n] = _apply(w[n], self.weight, ov.weight, f"plan.layers.{pattern}.weight")
                 a[n] = _apply(a[n], self.act, ov.act, f"plan.layers.{pattern}.act")
         return [LayerPlan(n, modules[n], w[n], a[n], source.get(n)) for n in names]
+
+
+#: modules whose output is never negative, and those that pass their input's sign through
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softplus)
+_SAME_SIGN_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                      nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+                      nn.Flatten, nn.Dropout, nn.Identity, nn.Upsample)
+_SAME_SIGN_FUNCTIONS = ("flatten", "view", "reshape", "permute", "contiguous", "mean", "max_pool2d", "avg_pool2d",
+                        "adaptive_avg_pool2d", "adaptive_max_pool2d", "dropout", "squeeze", "unsqueeze", "transpose")
+
+
+def signed_input_layers(model: nn.Module) -> list[str]:
+    """Names of the conv/linear layers whose input can be negative, from a ``torch.fx`` trace: an input
+    is non-negative when it comes from a ReLU (ReLU6, sigmoid, softplus), through pooling, flatten,
+    dropout or reshapes, or as a sum / product / concatenation of non-negative tensors; anything else
+    (the network input, a conv or BatchNorm with no ReLU after it, e.g. MobileNetV2's linear
+    bottleneck) counts as signed. A model ``torch.fx`` cannot trace is a ``ConfigError``."""
+    import operator
+
+    import torch
+    import torch.nn.functional as F
+    from torch import fx
+
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure: the user's model has data-dependent control flow
+        raise ConfigError(f"plan.signed_act needs a model torch.fx can trace ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120]}); name the signed layers in plan.layers instead") from None
+    mods = dict(gm.named_modules())
+    nonneg: dict[fx.Node, bool] = {}
+    relus = (F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softplus)
+
+    def arg0(n: fx.Node) -> bool:
+        return bool(n.args) and isinstance(n.args[0], fx.Node) and nonneg.get(n.args[0], False)
+
+    def all_args(n: fx.Node) -> bool:
+        nodes = [a for a in n.all_input_nodes]
+        return bool(nodes) and all(nonneg.get(a, False) for a in nodes)
+
+    for n in gm.graph.nodes:
+        v = False
+        if n.op == "call_module":
+            m = mods[n.target]
+            v = isinstance(m, _NONNEG_MODULES) or (isinstance(m, _SAME_SIGN_MODULES) and arg0(n))
+        elif n.op == "call_function":
+            name = getattr(n.target, "__name__", "")
+            if n.target in relus:
+                v = True
+            elif n.target in (operator.add, operator.mul, torch.add, torch.mul, torch.cat):
+                v = all_args(n)
+            elif name in _SAME_SIGN_FUNCTIONS:
+                v = arg0(n)
+        elif n.op == "call_method":
+            v = n.target in ("relu", "relu_", "sigmoid") or (n.target in _SAME_SIGN_FUNCTIONS and arg0(n))
+        nonneg[n] = v
+    signed: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, QUANTIZABLE):
+            calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+            if any(not arg0(n) for n in calls):
+                signed.append(name)
+    return signed
 
 
 def _apply(current: QuantSpec | None, default: QuantSpec | None, patch, where: str) -> QuantSpec | None:

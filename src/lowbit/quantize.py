@@ -78,7 +78,8 @@ def warn_if_negatives_dropped(x: torch.Tensor, y: torch.Tensor, where: str) -> b
             return False
     warnings.warn(f"layer '{where}': its activation quantizer has no negative level, and {100 * neg:.0f}% of its "
                   f"input is negative (min {x.min().item():.3g}): those values become 0, as if a ReLU were there; "
-                  "a signed input needs a signed quantizer (e.g. {name: lsq, signed: true} for this layer)",
+                  "a signed input needs a signed quantizer ({name: lsq, signed: true} for this layer, or "
+                  "plan.signed_act: {name: lsq, signed: true} for every layer whose input can be negative)",
                   stacklevel=2)
     return True
 
