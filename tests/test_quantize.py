@@ -221,6 +221,16 @@ def test_signed_act_goes_where_the_input_can_be_negative():
                                               "features.20": sig}})
     auto = Plan.from_dict({**W2A2, "signed_act": {"name": "lsq", "signed": True}})
     assert [lp.act for lp in auto.resolve(mb)] == [lp.act for lp in hand.resolve(mb)]
+    class Shifted(nn.Module):  # relu(x) + (-1) is signed; relu(a) + relu(b) is not
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x)) + torch.relu(self.b(x))
+            return self.d(torch.relu(self.c(y)) + (-1.0))
+
+    assert signed_input_layers(Shifted()) == ["a", "b", "d"]
     with pytest.raises(ConfigError, match="signed_act needs plan.act"):
         Plan.from_dict({"weight": {"name": "sawb", "bits": 2}, "signed_act": {"name": "lsq"}}).resolve(mb)
 

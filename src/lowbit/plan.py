@@ -94,7 +94,7 @@ class Plan(BaseModel):
     keep_first: bool = True
     keep_last: bool = True
     #: the input quantizer of the layers whose input can be negative (:func:`signed_input_layers`); its
-    #: bits default to act's; layers named in ``layers`` keep their override. None: act everywhere
+    #: bits default to act's; ``layers`` patches apply on top. None: act everywhere
     signed_act: QuantSpec | None = None
     layers: dict[str, Union[Literal["fp"], LayerOverride]] = Field(default_factory=dict)
     method: MethodSpec = Field(default_factory=MethodSpec)
@@ -221,9 +221,10 @@ def signed_input_layers(model: nn.Module) -> list[str]:
     def arg0(n: fx.Node) -> bool:
         return bool(n.args) and isinstance(n.args[0], fx.Node) and nonneg.get(n.args[0], False)
 
-    def all_args(n: fx.Node) -> bool:
-        nodes = [a for a in n.all_input_nodes]
-        return bool(nodes) and all(nonneg.get(a, False) for a in nodes)
+    def all_args(n: fx.Node) -> bool:  # every operand a non-negative tensor (x + c, x - y, alpha=: signed)
+        nodes = list(n.all_input_nodes)
+        direct = n.target is torch.cat or (not n.kwargs and all(isinstance(a, fx.Node) for a in n.args))
+        return direct and bool(nodes) and all(nonneg.get(a, False) for a in nodes)
 
     for n in gm.graph.nodes:
         v = False
