@@ -242,13 +242,9 @@ def signed_input_layers(model: nn.Module) -> list[str]:
         elif n.op == "call_method":
             v = n.target in ("relu", "relu_", "sigmoid") or (n.target in _SAME_SIGN_FUNCTIONS and arg0(n))
         nonneg[n] = v
-    signed: list[str] = []
-    for name, m in model.named_modules():
-        if isinstance(m, QUANTIZABLE):
-            calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
-            if any(not arg0(n) for n in calls):
-                signed.append(name)
-    return signed
+    signed = {n.target for n in gm.graph.nodes
+              if n.op == "call_module" and isinstance(mods[n.target], QUANTIZABLE) and not arg0(n)}
+    return [name for name, _ in model.named_modules() if name in signed]
 
 
 def _apply(current: QuantSpec | None, default: QuantSpec | None, patch, where: str) -> QuantSpec | None:

@@ -67,15 +67,7 @@ void lb_put(uint8_t *buf, uint32_t idx, uint32_t bits, uint32_t v)
 
 static int32_t lb_clamp(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : v > hi ? hi : v; }
 
-int32_t lb_rne_shift(int32_t v, int32_t s)
-{
-    int32_t f, rem, half;
-    if (s <= 0) return v;
-    f = (int32_t)((int64_t)v >> s); /* floor */
-    rem = v - (int32_t)((int64_t)f * ((int64_t)1 << s));
-    half = (int32_t)1 << (s - 1);
-    return f + (rem > half || (rem == half && (f & 1)));
-}
+int32_t lb_rne_shift(int32_t v, int32_t s) { return (int32_t)lb_rne_shift64(v, s); }
 
 void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *out, int16_t *wrow)
 {
