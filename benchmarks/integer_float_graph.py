@@ -7,7 +7,8 @@ and each conv's accumulator unit in output codes (``|real multiplier|``: the int
 a folded BatchNorm's shift to whole accumulator units, up to half of that many codes of error).
 ``--mid``: the float graph also rounds each output-form residual conv to the integer network's 8-bit
 intermediate ``mid`` (step ``s_mid``, zero ``mid_zero``; forward hooks, evaluation only), to see how
-much of the difference that rounding, which training does not model, accounts for.
+much of the difference that rounding, which training does not model, accounts for. ``--bias fine``
+(or ``coarse``): evaluate the integer network with that ``plan.integer_bias`` instead of the run's.
 
     PYTHONPATH=src python benchmarks/integer_float_graph.py benchmarks/results/integer_export/mbv2/runs/MBV2_W8A8_int \\
         benchmarks/results/integer_export/mbv2/runs/MBV2_W4A4_int --images 1000
@@ -25,39 +26,21 @@ import numpy as np
 import torch
 
 from lowbit.data import BatchLoader
-from lowbit.export.intgraph import IntReference, mid_step
+from lowbit.export.intgraph import mid_step
 from lowbit.export.requant import real_multiplier
-from lowbit.intmode import int_graph
+from lowbit.intmode import code_agreement, int_graph
 from lowbit.train import load_run
 
 
 def layers(m, x: torch.Tensor, g) -> None:
     """Per tensor: float graph (eval) vs integer network ``g`` codes, and each conv's accumulator unit."""
-    ist = m._lowbit_state.integer
-    mods = dict(ist.gm.named_modules())
-    got: dict[str, torch.Tensor] = {}
-    hooks = [mods[path].register_forward_hook(lambda _m, _i, o, root=root: got.__setitem__(root, o.detach()))
-             for root, path in ist.quantizer.items()]
-    try:
-        with torch.no_grad():
-            ist.gm(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    env = IntReference(g).tensors(x.numpy())
+    agree = code_agreement(m, x, g)
+    units = {op.output: op for op in g.ops}
     print(f"  {'tensor':28s} {'bits':>4s} {'differ %':>8s} {'max':>4s} {'acc unit (codes)':>16s}")
-    for op in g.ops:
-        root = ist.group.get(op.output, op.output)
-        if root not in got or op.output not in g.tensors:
-            continue
-        t = g.tensors[op.output]
-        qf = np.rint(got[root].numpy().astype(np.float64) / t.scale + t.zero)
-        qi = env[op.output].astype(np.float64)
-        if qf.shape != qi.shape:
-            continue
-        d = np.abs(qf - qi)
+    for name, (bits, frac, big) in agree.items():
+        op = units[name]
         unit = f"{np.abs(real_multiplier(op.mult, op.shift)).max():.3g}" if op.mult is not None else "-"
-        print(f"  {op.output:28s} {t.bits:4d} {100 * (d > 0).mean():8.2f} {d.max():4.0f} {unit:>16s}")
+        print(f"  {name:28s} {bits:4d} {100 * frac:8.2f} {big:4d} {unit:>16s}")
 
 
 def mid_hooks(m, g) -> list:
@@ -84,9 +67,13 @@ def main() -> None:
                     help="also compare the float graph and the integer network tensor by tensor on N images")
     ap.add_argument("--mid", action="store_true",
                     help="round the float graph's output-form residual convs to the integer network's 8-bit mid")
+    ap.add_argument("--bias", choices=["fine", "coarse"], default=None,
+                    help="the integer network's bias (plan.integer_bias; default: as the run recorded it)")
     args = ap.parse_args()
     for run in args.runs:
         _, data, m, _ = load_run(run)
+        if args.bias:
+            m._lowbit_state.plan.integer_bias = args.bias
         xs, ys = zip(*BatchLoader(data.test, data.info, 500))
         x, y = torch.cat(xs)[: args.images], torch.cat(ys)[: args.images]
         g = int_graph(m, x[:1])  # the integer network, as m(x) runs it in eval without hooks

@@ -516,8 +516,10 @@ def test_integer_defaults_and_run_folders_written_before_them(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     old = load_config(run / "config.yaml", saved=True).plan
     new = load_config(run / "config.yaml").plan
-    assert (old.integer_residual, old.integer_residual_bits, old.integer_init) == ("accumulator", None, "lsq")
-    assert (new.integer_residual, new.integer_residual_bits, new.integer_init) == ("output", 8, "lsq")
+    assert (old.integer_residual, old.integer_residual_bits, old.integer_init, old.integer_bias) == \
+        ("accumulator", None, "lsq", "coarse")
+    assert (new.integer_residual, new.integer_residual_bits, new.integer_init, new.integer_bias) == \
+        ("output", 8, "lsq", "fine")
     # its checkpoint (config recorded without the keys) matches its config.yaml ...
     torch.save({"model": {}, "epoch": 1, "config": cfg}, run / "best.pt")
     load_checkpoint(run / "best.pt", config=load_config(run / "config.yaml", saved=True))
@@ -579,3 +581,58 @@ def test_onnx_weights_go_uint8_where_int8_kernels_could_saturate():
     assert TensorProto.INT8 in w_type.values()  # the 2-bit layers
     assert np.array_equal(IntReference(g).run(x.numpy()).view(np.uint32), y.view(np.uint32))
     assert np.array_equal(ox.run(ox.session(fused), x.numpy()).view(np.uint32), y.view(np.uint32))
+
+
+def test_weight_prescale_makes_the_bias_fine_within_int8_and_float32_limits():
+    from lowbit.export.intgraph import weight_prescale
+
+    sawb2 = np.array([[-3, -1, 1, 3]])
+    # 2-bit weights, a unit of 0.34 output codes: k = 5 (0.34/32 <= 2^-6), also the int8 limit (3·32 = 96)
+    assert weight_prescale(sawb2, np.array([0.34]), 1.0, 9, 3, 3) == 5
+    assert weight_prescale(sawb2, np.array([0.2]), 1.0, 9, 3, 3) == 4  # 0.2/16 <= 2^-6 < 0.2/8
+    assert weight_prescale(sawb2, np.array([0.01, -0.005]), 1.0, 9, 3, 3) == 0  # already fine
+    assert weight_prescale(sawb2, np.array([1e-4]), None, 9, 3, 3) == 5  # float output: as large as allowed
+    assert weight_prescale(np.arange(-8, 8)[None], np.array([10.0]), 1.0, 9, 15, 15) == 4  # -8·16 = -128
+    # an 8-bit input: onnxruntime's uint8 x int8 kernel stays exact (2·255·10·4 <= 32767 < 2·255·10·8)
+    assert weight_prescale(np.array([[-10, 10]]), np.array([10.0]), 1.0, 9, 255, 255) == 2
+    # ... unless it was not exact anyway (then int8 alone limits: 100 cannot double)
+    assert weight_prescale(np.array([[-100, 100]]), np.array([10.0]), 1.0, 9, 255, 255) == 0
+    # the largest accumulator stays below 2^24, exact in float32 (2^20·3·3 < 2^24 <= 2·2^20·3·3)
+    assert weight_prescale(sawb2, np.array([10.0]), 1.0, 2**20, 3, 3) == 0
+    assert weight_prescale(np.zeros((1, 4), np.int64), np.array([10.0]), 1.0, 9, 3, 3) == 0
+
+
+def test_fine_bias_integer_network_is_closer_to_the_float_graph_it_trained():
+    """plan.integer_bias: fine (the default) scales each layer's integer weights by 2^k so the
+    folded BatchNorm shift is kept to 1/128 output code; coarse rounds it to whole units of the
+    unscaled accumulator (a third of a 2-bit code and more). Same trained weights, both evaluated:
+    fine differs from the fake-quantized float graph in far fewer codes, every requantized conv's
+    unit is at most 2^-6 codes unless int8 stops it, and eval is still the integer network."""
+    from lowbit.export.intgraph import FINE_UNIT, IntReference
+    from lowbit.export.requant import real_multiplier
+    from lowbit.intmode import code_agreement, int_graph
+
+    torch.manual_seed(0)
+    m = _ready(create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25), (1, 28, 28),
+               plan={k: v for k, v in INT_W2A2.items() if k != "integer_residual"})
+    assert m._lowbit_state.plan.integer_bias == "fine"
+    x = _x(32, (1, 28, 28), seed=5)
+    differ = {}
+    for bias in ("coarse", "fine"):
+        m._lowbit_state.plan.integer_bias = bias
+        g = int_graph(m, x[:1])
+        with torch.no_grad():
+            assert np.array_equal(m(x).numpy().view(np.uint32), IntReference(g).run(x.numpy()).view(np.uint32))
+        low = [f for bits, f, _ in code_agreement(m, x, g).values() if bits == 2]
+        differ[bias] = float(np.mean(low))
+        units = {op.name: (float(np.abs(real_multiplier(op.mult, op.shift)).max()), int(np.abs(op.lut).max()))
+                 for op in g.ops if op.kind == "conv" and op.mult is not None and op.attrs.get("role") != "requant"}
+        if bias == "coarse":
+            assert max(u for u, _ in units.values()) > 0.25  # some 2-bit layers' units are that coarse
+        else:
+            assert all(u <= FINE_UNIT or 2 * top > 127 for u, top in units.values()), units
+            # SAWB 2-bit integer weights -3, -1, 1, 3, times 2^k (k <= 5: int8)
+            lut = {tuple(np.unique(op.lut)) for op in g.ops if op.kind == "conv" and op.wbits == 2}
+            assert len(lut) > 1 and all(len(v) == 4 and v[2] == -v[1] and v[3] == 3 * v[2]
+                                        and v[2] in (1, 2, 4, 8, 16, 32) for v in lut), lut
+    assert differ["fine"] < 0.5 * differ["coarse"], differ

@@ -307,8 +307,10 @@ def _int_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     ist = model._lowbit_state.integer
     # the integer graph depends on the weights and buffers, the input shape and the residual add
-    # (plan.integer_residual can be switched on a trained model: both forms share the weights)
-    key = (_versions(model), tuple(x.shape[1:]), model._lowbit_state.plan.integer_residual)
+    # (plan.integer_residual and plan.integer_bias can be switched on a trained model: each form of
+    # them shares the weights)
+    plan = model._lowbit_state.plan
+    key = (_versions(model), tuple(x.shape[1:]), plan.integer_residual, plan.integer_bias)
     if ist.cache is None or ist.cache[0] != key:
         ist.cache = (key, IntReference(int_graph(model, x[:1])))
     logits = ist.cache[1].run(x.detach().float().cpu().numpy())
@@ -379,11 +381,52 @@ def int_graph(model: nn.Module, example: torch.Tensor):
                         ops.append(_requant_op(path.rsplit(".", 1)[0] + ".input_requant", u.inp.name, inp, i_shape,
                                                tensors, conv_constants, IntOp))
                 ops.append(_conv_op(u, i_shape, o_shape, tensors, bn_affine, _weight, integer_form,
-                                    conv_constants, check_accumulator, IntOp, state.plan.integer_residual, inp))
+                                    conv_constants, check_accumulator, IntOp, state.plan.integer_residual, inp,
+                                    state.plan.integer_bias == "fine"))
         return IntGraph(ops, tensors, in_name, ist.output.name, tuple(shapes[in_name]),
                         tuple(shapes[ist.output.name]))
     finally:
         model.train(was)
+
+
+def code_agreement(model: nn.Module, x: torch.Tensor, graph=None) -> dict[str, tuple[int, float, int]]:
+    """How closely the integer network computes the fake-quantized float graph it trained (eval:
+    BatchNorm on running statistics) on the inputs ``x``: per code tensor, in graph order,
+    ``(bits, fraction of codes that differ, largest difference in codes)`` between the float graph's
+    quantizer output (``rint(v/scale) + zero``) and the integer network's codes (``graph``: the
+    model's :func:`int_graph` by default). A tensor stored wider than a conv reads it appears once,
+    at its stored bits."""
+    from .export.intgraph import IntReference
+
+    ist = model._lowbit_state.integer
+    g = graph if graph is not None else int_graph(model, x[:1])
+    mods = dict(ist.gm.named_modules())
+    got: dict[str, torch.Tensor] = {}
+    hooks = [mods[path].register_forward_hook(lambda _m, _i, o, root=root: got.__setitem__(root, o.detach()))
+             for root, path in ist.quantizer.items()]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ist.gm(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    env = IntReference(g).tensors(x.detach().cpu().numpy())
+    out = {}
+    for op in g.ops:
+        root = ist.group.get(op.output, op.output)
+        if root not in got or op.output not in g.tensors:
+            continue
+        t = g.tensors[op.output]
+        qf = np.rint(got[root].cpu().numpy().astype(np.float64) / t.scale + t.zero)
+        qi = env[op.output].astype(np.float64)
+        if qf.shape != qi.shape:
+            continue
+        d = np.abs(qf - qi)
+        out[op.output] = (int(t.bits), float((d > 0).mean()), int(d.max(initial=0)))
+    return out
 
 
 def _symmetric_form(levels: np.ndarray):
@@ -420,7 +463,8 @@ def _requant_op(name: str, src: str, dst: str, shape, tensors, conv_constants, I
 
 
 def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_form, conv_constants,
-             check_accumulator, IntOp, residual: str = "accumulator", inp: str | None = None):
+             check_accumulator, IntOp, residual: str = "accumulator", inp: str | None = None,
+             fine_bias: bool = False):
     m = u.module
     if isinstance(m, nn.Conv2d):
         if m.dilation not in (1, (1, 1)) or m.padding_mode != "zeros" or isinstance(m.padding, str):
@@ -466,6 +510,14 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
 
         r = residual_output_constants(t_out, bool(u.relu), t_res, u.name)
         s_mid = r["s_mid"]
+    if fine_bias:  # weights m·2^k, unit eff/2^k: the bias keeps h to a fraction of an output code
+        from .export.intgraph import weight_prescale
+
+        live = eff[~dead] if (~dead).any() else eff
+        step = s_mid if s_mid is not None else None if t_out is None else t_out.scale
+        k = weight_prescale(m_lut, live, step, int(w.codes[0].size), max(t_in.zero, t_in.qmax - t_in.zero),
+                            t_in.qmax)
+        m_lut, eff = m_lut * 2**k, eff / 2**k
     if dead.any():
         unit = (s_mid if s_mid is not None else t_out.scale if t_out is not None
                 else np.maximum(np.abs(h), 1e-30) * 2.0**-20)

@@ -22,10 +22,13 @@ A plan is plain data (YAML-loadable, printable, saved next to every run)::
                                            #   accumulator add (the first form: ``integer_residual: accumulator``)
     integer_init: lsq                      # integer mode: init of the 8-bit LSQ quantizers it adds (the input,
                                            #   8-bit first/last weights, signed streams): lsq (the paper's) | max
+    integer_bias: fine                     # integer mode: the int32 bias (folded BN shift) kept to 1/128 output
+                                           #   code by scaling each layer's integer weights by 2^k | coarse
 
 Integer mode's residual defaults changed in session 9 (before: ``accumulator`` and ``null``, the
-first form); a run folder written before these keys existed is read with the old values
-(:func:`lowbit.config.saved_config`), every later one records them.
+first form), and ``integer_bias`` was ``coarse`` before session 11; a run folder written before
+these keys existed is read with the old values (:func:`lowbit.config.saved_config`), every later
+one records them.
 
 Quantizer options go beside ``name`` and ``bits`` (``{name: lsq, bits: 2, per_channel: true}``).
 ``resolve(model)`` turns a plan into one :class:`LayerPlan` per conv/linear layer.
@@ -106,6 +109,10 @@ class Plan(BaseModel):
     #: how integer mode initialises the 8-bit LSQ quantizers it adds (network input, the 8-bit first /
     #: last weights, signed residual streams): "lsq" (the paper's, the default) or "max" (max|v|/Qp)
     integer_init: Literal["lsq", "max"] = "lsq"
+    #: integer mode's int32 bias: "fine" (weights scaled by 2^k per layer so the folded BatchNorm shift
+    #: is kept to 1/128 output code, :func:`lowbit.export.intgraph.weight_prescale`) or "coarse" (rounded
+    #: to whole units of the unscaled accumulator: runs before session 11)
+    integer_bias: Literal["fine", "coarse"] = "fine"
 
     @model_validator(mode="before")
     @classmethod

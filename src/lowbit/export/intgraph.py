@@ -146,6 +146,44 @@ def conv_constants(eff: np.ndarray, h: np.ndarray, s_out: float | None, s_res: f
     return out
 
 
+#: integer mode's fine bias (:func:`weight_prescale`): a layer's accumulator unit is made at most this
+#: fraction of its output step (so the int32 bias, the folded BatchNorm shift, is within 1/128 code)
+FINE_UNIT = 2.0**-6
+
+
+def weight_prescale(lut: np.ndarray, eff: np.ndarray, step: float | None, fan_in: int, in_range: int,
+                    in_qmax: int) -> int:
+    """The ``k`` of a layer's fine bias: its integer weights become ``m·2^k`` and its accumulator unit
+    ``eff/2^k``, so that the bias ``rint(h/eff)``, rounded to whole accumulator units, keeps the
+    BatchNorm shift ``h`` to within ``2^−k`` of a unit (a unit of 2-bit inputs times 2-bit weights is
+    often a third of an output code or more: the main difference between the integer network and the
+    float graph it trained, at 2 bits). The computed network is the same up to that rounding; every
+    backend runs it unchanged (the weights are still integers). ``k`` is the smallest that makes the
+    unit at most ``FINE_UNIT`` output steps (``step`` None, a float output: as large as allowed),
+    kept so that the weights stay in int8 (onnxruntime's integer kernels), a layer that onnxruntime's
+    uint8 x int8 kernel computed exactly (``2·in_qmax·max|m| <= 32767``) stays so, and the largest
+    accumulator ``fan_in·in_range·max|m|`` stays below 2^24 (exact in float32) if it was."""
+    m = np.asarray(lut, dtype=np.int64)
+    top = int(np.abs(m).max(initial=0))
+    if top == 0:
+        return 0
+    k = 0
+    while True:
+        nxt = m * 2 ** (k + 1)
+        if nxt.max() > 127 or nxt.min() < -128:
+            break
+        if 2 * in_qmax * top <= 32767 < 2 * in_qmax * top * 2 ** (k + 1):
+            break
+        if fan_in * in_range * top < 2**24 <= fan_in * in_range * top * 2 ** (k + 1):
+            break
+        k += 1
+    if step is None:
+        return k
+    unit = float(np.abs(np.asarray(eff, dtype=np.float64)).max(initial=0)) / step
+    need = max(0, int(np.ceil(np.log2(unit / FINE_UNIT)))) if unit > 0 else 0
+    return min(k, need)
+
+
 def residual_output_constants(t_out: TensorQ, relu: bool, t_res: TensorQ, where: str) -> dict:
     """The ``residual: output`` form of a residual add (TFLite's int8 ADD, onnxruntime's
     ``QLinearConv`` + ``QLinearAdd`` bit for bit): the conv is requantized to an 8-bit intermediate
