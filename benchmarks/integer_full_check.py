@@ -6,7 +6,8 @@ image, and the ONNX variants (issue 17: "agreement with PyTorch on all 10,000 te
         --json benchmarks/results/integer_export/full_W8A8.json
 
 ``--residual output`` exports the run's weights with ``integer_residual: output`` instead of the
-run's own residual add (the same trained network, the onnxruntime-exact add; the report says so).
+run's own residual add (the same trained network, the onnxruntime-exact add; the report says so);
+``--bias fine`` likewise with ``integer_bias: fine`` (each layer's integer weights scaled by 2^k).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main(argv=None) -> int:
                          "takes about 0.15 s per image here)")
     ap.add_argument("--residual", choices=("accumulator", "output"), default=None,
                     help="export with this integer_residual instead of the run's")
+    ap.add_argument("--bias", choices=("fine", "coarse"), default=None,
+                    help="export with this integer_bias instead of the run's (same weights)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -42,13 +45,17 @@ def main(argv=None) -> int:
     trained_with = plan.integer_residual
     if args.residual:
         plan.integer_residual = args.residual
+    recorded_bias = plan.integer_bias
+    if args.bias:
+        plan.integer_bias = args.bias
     # the whole test split, normalised as the run was (its mean/std come from its own training slice)
     data = load_dataset(cfg.data.name, root=cfg.data.root)
     xs, ys = zip(*BatchLoader(data.test, run_data.info, 1000))
     x, y = torch.cat(xs), torch.cat(ys)
     rep = export_int_model(model, x, args.export_dir, labels=y, c_images=args.c_images, latency_repeats=0, log=print)
     rep.update(run=args.run_dir, seconds=time.perf_counter() - t0, integer_residual=plan.integer_residual,
-               trained_with_integer_residual=trained_with, integer_residual_bits=plan.integer_residual_bits)
+               trained_with_integer_residual=trained_with, integer_residual_bits=plan.integer_residual_bits,
+               integer_bias=plan.integer_bias, trained_with_integer_bias=recorded_bias)
     Path(args.json).write_text(json.dumps(rep, indent=1, default=float))
     print(format_int_report(rep))
     return 0

@@ -5,7 +5,9 @@ Trained from scratch for 2 epochs, MobileNetV2-0.5's seed-to-seed spread (severa
 from the same FP32 network (``MBV2_fp32_pretrain``: 24,000 training images, 4 epochs, lr 0.05,
 seed 100), and both modes fine-tune it the same way (8,000 images, 2 epochs, SGD lr 0.01 cosine,
 SAWB weights + PACT activations, seeds 0-3): today's mode (first conv / last linear FP32, float BN
-and residuals) and integer mode's default form (output add, 8-bit residual stream).
+and residuals) and integer mode (output add, 8-bit residual stream): sessions 9-10's form (coarse
+bias, ``mid`` not trained; pinned in its configs) and session 11's defaults (``int11``: fine bias,
+training rounds residual convs to ``mid``; signed rows only).
 
     python benchmarks/integer_mbv2_ft.py --configs     # writes the FT_* configs (committed; the pretraining's is by hand)
     lowbit train benchmarks/results/integer_export/mbv2_ft/configs/MBV2_fp32_pretrain.yaml \\
@@ -29,15 +31,24 @@ from lowbit.bench.report import mean_se
 
 OUT = Path("benchmarks/results/integer_export/mbv2_ft")
 PRETRAIN = OUT / "runs" / "MBV2_fp32_pretrain"
+#: sessions 9-10's integer runs: coarse bias, mid not modelled in training (pinned: no longer the defaults)
+S10 = {"integer_bias": "coarse", "integer_train_mid": False}
 MODES = {"today": ("today's mode (float BN and residuals)", {}),
          "int_out_r8": ("integer mode, output add + 8-bit stream, the paper's LSQ init of its 8-bit quantizers",
                         {"integer": True, "integer_residual": "output", "integer_residual_bits": 8,
-                         "integer_init": "lsq"}),
+                         "integer_init": "lsq", **S10}),
          "int_out_r8_max": ("integer mode, output add + 8-bit stream, its 8-bit LSQ quantizers initialised at max|v|",
                             {"integer": True, "integer_residual": "output", "integer_residual_bits": 8,
-                             "integer_init": "max"})}
+                             "integer_init": "max", **S10}),
+         "int11": ("integer mode, session 11's defaults (output add + 8-bit stream, init lsq, fine bias, training "
+                   "rounds residual convs to mid)",
+                   {"integer": True, "integer_residual": "output", "integer_residual_bits": 8, "integer_init": "lsq",
+                    "integer_bias": "fine", "integer_train_mid": True})}
 #: table headers
-HEAD = {"today": "today's mode", "int_out_r8": "integer, init lsq (default)", "int_out_r8_max": "integer, init max"}
+HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out_r8_max": "integer s10, init max",
+        "int11": "integer s11 (fine bias, mid trained)"}
+#: modes with configs only for the signed rows (WbAbs)
+SIGNED_ONLY = ("int11",)
 BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
 
@@ -63,6 +74,8 @@ def configs() -> None:
             + [(s, b, None, True) for s in SEEDS for b in SIGNED_BITS])
     for s, b, wspec, signed in jobs:
         for m, (desc, extra) in MODES.items():
+            if m in SIGNED_ONLY and not signed:
+                continue
             plan = {"weight": wspec or {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b},
                     "keep_first": True, "keep_last": True, **({"layers": signed_layers(b)} if signed else {}),
                     "method": {"name": "ste"}, **extra}
@@ -98,7 +111,9 @@ def table() -> str:
              "Test accuracy % on the run's 8,000-image test slice (epoch-2 training accuracy in brackets); "
              "per seed the paired difference integer − today, then mean ± standard error over the seeds "
              "that have both (number of seeds in brackets). Integer mode: output add + 8-bit residual stream, its "
-             "8-bit LSQ quantizers initialised the paper's way (lsq) or at max abs value (max). "
+             "8-bit LSQ quantizers initialised the paper's way (lsq) or at max abs value (max); sessions 9-10's runs "
+             "(s10) round the bias to whole accumulator units and train without mid's rounding, session 11's (s11: "
+             "its defaults) keep the bias to 1/128 code and train through mid's rounding. "
              "W8A8lsq (configs written, not run): 8-bit weights by LSQ per channel (an int8 grid, init max) instead of SAWB. "
              "WbAbs (session 10): signed LSQ input quantizers (plan bits) on the layers that read a linear bottleneck "
              "(expand convs after the first block, the last 1x1 conv) instead of PACT, in both modes.",

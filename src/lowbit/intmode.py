@@ -198,6 +198,37 @@ class IntState:
     cache: tuple | None = None
 
 
+class MidRound(nn.Module):
+    """Training's model of the integer network's 8-bit intermediate ``mid`` of an output-form residual
+    add (:func:`lowbit.export.intgraph.residual_output_constants`; ``plan.integer_train_mid``): the
+    conv(+BN) output is rounded to ``mid``'s grid (step ``s_mid``, zero ``mid_zero``, codes 0..255)
+    before the add, with a straight-through gradient. ``s_mid`` comes from the output and residual
+    tensors' quantizers as they last ran (the output quantizer runs after this add: the previous
+    batch's step); before both have run once, no rounding. The two quantizers are referenced, not
+    registered: they live at their own paths."""
+
+    def __init__(self, out_q: nn.Module, res_q: nn.Module, relu: bool, where: str):
+        super().__init__()
+        object.__setattr__(self, "_quantizers", (out_q, res_q))
+        self.relu, self.where = bool(relu), where
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        from .export.intgraph import residual_output_constants, tensor_q
+        from .export.levels import act_quant
+
+        out_q, res_q = self._quantizers
+        try:
+            out_q.describe(), res_q.describe()
+        except RuntimeError:  # a quantizer that has not run yet
+            return v
+        t_out = tensor_q(act_quant(out_q, self.where), self.where)
+        t_res = tensor_q(act_quant(res_q, self.where), self.where)
+        r = residual_output_constants(t_out, self.relu, t_res, self.where)
+        s, z = float(r["s_mid"]), int(r["attrs"]["mid_zero"])
+        q = torch.clamp(torch.round(v.detach() / s) + z, 0, 255)
+        return v + ((q - z) * s - v).detach()
+
+
 def _pass_through(u: Unit) -> bool:
     return u.kind in ("maxpool", "flatten")
 
@@ -280,6 +311,21 @@ def integerize(model: nn.Module, state) -> None:
                 with g.inserting_after(src):
                     narrowed[src] = g.call_module(narrow[u.inp.name], (src,))
             cn.args = (narrowed[src],) + tuple(cn.args[1:])
+    # ... and an output-form residual conv's output goes through mid's grid before the add
+    if plan.integer_residual == "output" and plan.integer_train_mid:
+        mods_now = dict(model.named_modules())
+        for u in units:
+            root = group.get(u.node.name)
+            if u.kind != "conv" or u.res is None or root not in quantizer:
+                continue
+            add = next(n for n in u.nodes if _is_add(n))
+            pre = nodes[u.nodes[u.nodes.index(add) - 1].name]
+            u.module.mid_round = MidRound(mods_now[quantizer[root]], mods_now[quantizer[group[u.res.name]]],
+                                          u.relu, u.name)
+            with g.inserting_after(pre):
+                mn = g.call_module(f"{u.name}.mid_round", (pre,))
+            an = nodes[add.name]
+            an.args = tuple(mn if a is pre else a for a in an.args)
     g.lint()
     train_gm = fx.GraphModule(model, g)
     state.integer = IntState(train_gm, units, inp, out, group, quantizer, narrow)
