@@ -13,7 +13,10 @@ rows that separate the causes of the gap:
 * ``WxAx integer out r8``: the same with ``integer_residual: output`` and
   ``integer_residual_bits: 8`` (residual operands and the pooled tensor stored at 8 bits), with the
   paper's LSQ init of integer mode's 8-bit quantizers (``integer_init: lsq``, sessions 5-8);
-* ``WxAx integer out r8 max``: the same with ``integer_init: max`` (session 9's default).
+* ``WxAx integer out r8 max``: the same with ``integer_init: max`` (session 9's default);
+* these three rows ran with ``integer_bias: coarse`` and ``integer_train_mid: false`` (pinned);
+  ``WxAx integer s11``: session 11's defaults (output add, 8-bit stream, init lsq, fine bias,
+  training rounds residual convs to ``mid``).
 
     python benchmarks/integer_seeds.py --rows "W2A2 integer" --seeds 0       # slot
     python benchmarks/integer_seeds.py --jobs "W2A2 integer:1,W2A2 today:1"  # slot; in this order
@@ -40,14 +43,20 @@ def rows() -> dict:
             "layers": {"conv1": {"weight": {"name": "lsq", "bits": 8, "per_channel": True},
                                  "act": {"name": "lsq", "bits": 8, "signed": True}},
                        "fc": {"weight": {"name": "lsq", "bits": 8, "per_channel": True}, "act": {"bits": 8}}}}}
+        # rows of sessions 5-10: coarse bias, mid not trained (pinned: no longer the defaults)
+        s10 = {"integer_bias": "coarse", "integer_train_mid": False}
         r[f"W{b}A{b} integer"] = {"plan": {**plan, "integer": True, "integer_residual": "accumulator",
-                                                  "integer_init": "lsq"}}
+                                           "integer_init": "lsq", **s10}}
         # the output residual add (onnxruntime-exact) with an 8-bit residual stream
         r[f"W{b}A{b} integer out r8"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
-                                                  "integer_residual_bits": 8, "integer_init": "lsq"}}
+                                                  "integer_residual_bits": 8, "integer_init": "lsq", **s10}}
         # the same with session 9's default init of integer mode's 8-bit LSQ quantizers (max|v|/Qp)
         r[f"W{b}A{b} integer out r8 max"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
-                                                      "integer_residual_bits": 8, "integer_init": "max"}}
+                                                      "integer_residual_bits": 8, "integer_init": "max", **s10}}
+        # session 11's defaults: the bias kept to 1/128 code, training rounds residual convs to mid
+        r[f"W{b}A{b} integer s11"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
+                                               "integer_residual_bits": 8, "integer_init": "lsq",
+                                               "integer_bias": "fine", "integer_train_mid": True}}
     return r
 
 
