@@ -43,12 +43,15 @@ MODES = {"today": ("today's mode (float BN and residuals)", {}),
          "int11": ("integer mode, session 11's defaults (output add + 8-bit stream, init lsq, fine bias, training "
                    "rounds residual convs to mid)",
                    {"integer": True, "integer_residual": "output", "integer_residual_bits": 8, "integer_init": "lsq",
-                    "integer_bias": "fine", "integer_train_mid": True})}
+                    "integer_bias": "fine", "integer_train_mid": True}),
+         "int11_nomid": ("integer mode, session 11's defaults but without mid in training",
+                         {"integer": True, "integer_residual": "output", "integer_residual_bits": 8,
+                          "integer_init": "lsq", "integer_bias": "fine", "integer_train_mid": False})}
 #: table headers
 HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out_r8_max": "integer s10, init max",
-        "int11": "integer s11 (fine bias, mid trained)"}
+        "int11": "integer s11 (fine bias, mid trained)", "int11_nomid": "integer s11 without mid in training"}
 #: modes with configs only for the signed rows (WbAbs)
-SIGNED_ONLY = ("int11",)
+SIGNED_ONLY = ("int11", "int11_nomid")
 BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
 

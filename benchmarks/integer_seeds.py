@@ -16,7 +16,8 @@ rows that separate the causes of the gap:
 * ``WxAx integer out r8 max``: the same with ``integer_init: max`` (session 9's default);
 * these three rows ran with ``integer_bias: coarse`` and ``integer_train_mid: false`` (pinned);
   ``WxAx integer s11``: session 11's defaults (output add, 8-bit stream, init lsq, fine bias,
-  training rounds residual convs to ``mid``).
+  training rounds residual convs to ``mid``); ``WxAx integer s11 nomid``: the same without ``mid`` in
+  training.
 
     python benchmarks/integer_seeds.py --rows "W2A2 integer" --seeds 0       # slot
     python benchmarks/integer_seeds.py --jobs "W2A2 integer:1,W2A2 today:1"  # slot; in this order
@@ -57,6 +58,10 @@ def rows() -> dict:
         r[f"W{b}A{b} integer s11"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
                                                "integer_residual_bits": 8, "integer_init": "lsq",
                                                "integer_bias": "fine", "integer_train_mid": True}}
+        # ... without mid in training (which of the two changes moves training)
+        r[f"W{b}A{b} integer s11 nomid"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
+                                                     "integer_residual_bits": 8, "integer_init": "lsq",
+                                                     "integer_bias": "fine", "integer_train_mid": False}}
     return r
 
 
