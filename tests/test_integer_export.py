@@ -519,7 +519,7 @@ def test_integer_defaults_and_run_folders_written_before_them(tmp_path):
     assert (old.integer_residual, old.integer_residual_bits, old.integer_init, old.integer_bias,
             old.integer_train_mid) == ("accumulator", None, "lsq", "coarse", False)
     assert (new.integer_residual, new.integer_residual_bits, new.integer_init, new.integer_bias,
-            new.integer_train_mid) == ("output", 8, "lsq", "fine", True)
+            new.integer_train_mid) == ("output", 8, "lsq", "fine", False)
     # its checkpoint (config recorded without the keys) matches its config.yaml ...
     torch.save({"model": {}, "epoch": 1, "config": cfg}, run / "best.pt")
     load_checkpoint(run / "best.pt", config=load_config(run / "config.yaml", saved=True))
@@ -639,7 +639,7 @@ def test_fine_bias_integer_network_is_closer_to_the_float_graph_it_trained():
 
 
 def test_train_mid_rounds_residual_convs_as_the_integer_network_does():
-    """plan.integer_train_mid (the default with the output add): training rounds each residual conv's
+    """plan.integer_train_mid (an option with the output add): training rounds each residual conv's
     output to the integer network's 8-bit intermediate mid (straight-through gradient), so the float
     graph's residual sums match the integer codes; without it they differ wherever mid is coarser
     than the output step (8-bit residual streams)."""
