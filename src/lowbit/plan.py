@@ -117,8 +117,9 @@ class Plan(BaseModel):
     integer_bias: Literal["fine", "coarse"] = "fine"
     #: integer mode, output residual add: true: training rounds each residual conv's output to the
     #: integer network's 8-bit intermediate ``mid`` before the add (:class:`lowbit.intmode.MidRound`);
-    #: false (the default): it does not. Measured in session 11 (docs/export.md): +4.2 points on a 2-bit
-    #: MobileNetV2 (1 seed), −2.3 on 2-bit ResNet-8 (3 seeds), so it is an option, not the default
+    #: false (the default): it does not. Session 11 (docs/export.md): it closes a 2-bit MobileNetV2's
+    #: gap between integer network and float graph, but ResNet-8 and MobileNetV2 W4A4 trained through
+    #: it scored lower, so it is an option, not the default
     integer_train_mid: bool = False
 
     @model_validator(mode="before")
