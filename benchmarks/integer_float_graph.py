@@ -7,7 +7,7 @@ and each conv's accumulator unit in output codes (``|real multiplier|``: the int
 a folded BatchNorm's shift to whole accumulator units, up to half of that many codes of error).
 ``--mid``: the float graph also rounds each output-form residual conv to the integer network's 8-bit
 intermediate ``mid`` (step ``s_mid``, zero ``mid_zero``; forward hooks, evaluation only), to see how
-much of the difference that rounding, which training does not model, accounts for. ``--bias fine``
+much of the difference that rounding accounts for where training did not model it (``plan.integer_train_mid``). ``--bias fine``
 (or ``coarse``): evaluate the integer network with that ``plan.integer_bias`` instead of the run's.
 
     PYTHONPATH=src python benchmarks/integer_float_graph.py benchmarks/results/integer_export/mbv2/runs/MBV2_W8A8_int \\
