@@ -28,7 +28,7 @@ import torch
 from lowbit.data import BatchLoader
 from lowbit.export.intgraph import mid_step
 from lowbit.export.requant import real_multiplier
-from lowbit.intmode import code_agreement, int_graph
+from lowbit.intmode import code_agreement, int_graph, round_to_mid
 from lowbit.train import load_run
 
 
@@ -54,7 +54,7 @@ def mid_hooks(m, g) -> list:
         z = op.attrs["mid_zero"]
         u = units[op.name]
         hooks.append((u.bn if u.bn is not None else u.module).register_forward_hook(
-            lambda _m, _i, o, s=s_mid, z=z: (torch.clamp(torch.round(o / s) + z, 0, 255) - z) * s))
+            lambda _m, _i, o, s=s_mid, z=z: round_to_mid(o, s, z)))
         print(f"  {op.name}: mid step = {s_mid / g.tensors[op.output].scale:g} x the output step")
     return hooks
 

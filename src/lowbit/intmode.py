@@ -198,6 +198,13 @@ class IntState:
     cache: tuple | None = None
 
 
+def round_to_mid(v: torch.Tensor, s_mid: float, mid_zero: int) -> torch.Tensor:
+    """``v`` on the 8-bit grid of an output-form residual add's intermediate ``mid`` (step ``s_mid``,
+    zero ``mid_zero``, codes 0..255), with a straight-through gradient."""
+    q = torch.clamp(torch.round(v.detach() / s_mid) + mid_zero, 0, 255)
+    return v + ((q - mid_zero) * s_mid - v).detach()
+
+
 class MidRound(nn.Module):
     """Training's model of the integer network's 8-bit intermediate ``mid`` of an output-form residual
     add (:func:`lowbit.export.intgraph.residual_output_constants`; ``plan.integer_train_mid``): the
@@ -224,9 +231,7 @@ class MidRound(nn.Module):
         t_out = tensor_q(act_quant(out_q, self.where), self.where)
         t_res = tensor_q(act_quant(res_q, self.where), self.where)
         r = residual_output_constants(t_out, self.relu, t_res, self.where)
-        s, z = float(r["s_mid"]), int(r["attrs"]["mid_zero"])
-        q = torch.clamp(torch.round(v.detach() / s) + z, 0, 255)
-        return v + ((q - z) * s - v).detach()
+        return round_to_mid(v, float(r["s_mid"]), int(r["attrs"]["mid_zero"]))
 
 
 def _pass_through(u: Unit) -> bool:
@@ -313,15 +318,14 @@ def integerize(model: nn.Module, state) -> None:
             cn.args = (narrowed[src],) + tuple(cn.args[1:])
     # ... and an output-form residual conv's output goes through mid's grid before the add
     if plan.integer_residual == "output" and plan.integer_train_mid:
-        mods_now = dict(model.named_modules())
         for u in units:
             root = group.get(u.node.name)
             if u.kind != "conv" or u.res is None or root not in quantizer:
                 continue
             add = next(n for n in u.nodes if _is_add(n))
             pre = nodes[u.nodes[u.nodes.index(add) - 1].name]
-            u.module.mid_round = MidRound(mods_now[quantizer[root]], mods_now[quantizer[group[u.res.name]]],
-                                          u.relu, u.name)
+            u.module.mid_round = MidRound(model.get_submodule(quantizer[root]),
+                                          model.get_submodule(quantizer[group[u.res.name]]), u.relu, u.name)
             with g.inserting_after(pre):
                 mn = g.call_module(f"{u.name}.mid_round", (pre,))
             an = nodes[add.name]
