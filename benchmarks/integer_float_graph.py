@@ -9,6 +9,8 @@ a folded BatchNorm's shift to whole accumulator units, up to half of that many c
 intermediate ``mid`` (step ``s_mid``, zero ``mid_zero``; forward hooks, evaluation only), to see how
 much of the difference that rounding accounts for where training did not model it (``plan.integer_train_mid``). ``--bias fine``
 (or ``coarse``): evaluate the integer network with that ``plan.integer_bias`` instead of the run's.
+``--mid-grid``: per output-form residual conv, how coarse ``mid`` is: its step and the residual's in
+output steps, and the conv output's spread in ``mid`` steps (on the first 500 images).
 
     PYTHONPATH=src python benchmarks/integer_float_graph.py benchmarks/results/integer_export/mbv2/runs/MBV2_W8A8_int \\
         benchmarks/results/integer_export/mbv2/runs/MBV2_W4A4_int --images 1000
@@ -59,6 +61,33 @@ def mid_hooks(m, g) -> list:
     return hooks
 
 
+def mid_grid(m, g, x: torch.Tensor) -> None:
+    """Per output-form residual conv: ``mid``'s step and the residual's step in output steps, and the
+    conv(+BN) output (the float graph, before any rounding to ``mid``) in ``mid`` steps: its standard
+    deviation and the share of values outside ``mid``'s 0..255 (clamped)."""
+    units = {u.name: u for u in m._lowbit_state.integer.units}
+    seen, hooks = {}, []
+    for op in g.ops:
+        if op.kind == "conv" and op.attrs.get("residual") == "output":
+            u = units[op.name]
+            hooks.append((u.bn if u.bn is not None else u.module).register_forward_hook(
+                lambda _m, _i, o, k=op.name: seen.__setitem__(k, o.detach())))
+    with torch.no_grad():
+        m._lowbit_state.integer.gm(x)
+    for h in hooks:
+        h.remove()
+    print(f"  {'conv':28s} {'mid/out step':>12s} {'res/out step':>12s} {'std (mid steps)':>15s} {'clamped %':>9s}")
+    for op in g.ops:
+        if op.name not in seen:
+            continue
+        t_out, t_res = g.tensors[op.output], g.tensors[op.inputs[1]]
+        s_mid = mid_step(op, t_out)
+        q = torch.round(seen[op.name] / s_mid) + op.attrs["mid_zero"]
+        out = ((q < 0) | (q > 255)).float().mean().item()
+        print(f"  {op.name:28s} {s_mid / t_out.scale:12g} {t_res.scale / t_out.scale:12.3g} "
+              f"{(seen[op.name].std() / s_mid).item():15.2f} {100 * out:9.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
@@ -67,6 +96,8 @@ def main() -> None:
                     help="also compare the float graph and the integer network tensor by tensor on N images")
     ap.add_argument("--mid", action="store_true",
                     help="round the float graph's output-form residual convs to the integer network's 8-bit mid")
+    ap.add_argument("--mid-grid", action="store_true",
+                    help="each output-form residual conv's mid step, residual step and output spread (in mid steps)")
     ap.add_argument("--bias", choices=["fine", "coarse"], default=None,
                     help="the integer network's bias (plan.integer_bias; default: as the run recorded it)")
     args = ap.parse_args()
@@ -87,6 +118,8 @@ def main() -> None:
               f"tensor quantizer parameters {params[0][0]:.4g} ({params[0][1]}) .. {params[-1][0]:.4g} ({params[-1][1]})")
         if args.layers:
             layers(m, x[: args.layers], g)
+        if args.mid_grid:
+            mid_grid(m, g, x[:500])
         for h in hooks:
             h.remove()
 
