@@ -7,7 +7,8 @@ seed 100), and both modes fine-tune it the same way (8,000 images, 2 epochs, SGD
 SAWB weights + PACT activations, seeds 0-3): today's mode (first conv / last linear FP32, float BN
 and residuals) and integer mode (output add, 8-bit residual stream): sessions 9-10's form (coarse
 bias, ``mid`` not trained; pinned in its configs) and session 11's defaults (``int11``: fine bias,
-training rounds residual convs to ``mid``; signed rows only).
+training rounds residual convs to ``mid``; signed rows only) and session 12's (``int12``: ``mid``
+covering only the range its conv values took in training, ``integer_mid_range: observed``).
 
     python benchmarks/integer_mbv2_ft.py --configs     # writes the FT_* configs (committed; the pretraining's is by hand)
     lowbit train benchmarks/results/integer_export/mbv2_ft/configs/MBV2_fp32_pretrain.yaml \\
@@ -32,7 +33,7 @@ from lowbit.bench.report import mean_se
 OUT = Path("benchmarks/results/integer_export/mbv2_ft")
 PRETRAIN = OUT / "runs" / "MBV2_fp32_pretrain"
 #: sessions 9-10's integer runs: coarse bias, mid not modelled in training (pinned: no longer the defaults)
-S10 = {"integer_bias": "coarse", "integer_train_mid": False}
+S10 = {"integer_bias": "coarse", "integer_train_mid": False, "integer_mid_range": "cover"}
 MODES = {"today": ("today's mode (float BN and residuals)", {}),
          "int_out_r8": ("integer mode, output add + 8-bit stream, the paper's LSQ init of its 8-bit quantizers",
                         {"integer": True, "integer_residual": "output", "integer_residual_bits": 8,
@@ -43,15 +44,21 @@ MODES = {"today": ("today's mode (float BN and residuals)", {}),
          "int11": ("integer mode, session 11's defaults (output add + 8-bit stream, init lsq, fine bias, training "
                    "rounds residual convs to mid)",
                    {"integer": True, "integer_residual": "output", "integer_residual_bits": 8, "integer_init": "lsq",
-                    "integer_bias": "fine", "integer_train_mid": True}),
+                    "integer_bias": "fine", "integer_train_mid": True, "integer_mid_range": "cover"}),
          "int11_nomid": ("integer mode, session 11's defaults but without mid in training",
                          {"integer": True, "integer_residual": "output", "integer_residual_bits": 8,
-                          "integer_init": "lsq", "integer_bias": "fine", "integer_train_mid": False})}
+                          "integer_init": "lsq", "integer_bias": "fine", "integer_train_mid": False,
+                          "integer_mid_range": "cover"}),
+         "int12": ("integer mode, session 12 (fine bias, training rounds residual convs to mid, mid covering the "
+                   "range the conv values took in training)",
+                   {"integer": True, "integer_residual": "output", "integer_residual_bits": 8, "integer_init": "lsq",
+                    "integer_bias": "fine", "integer_train_mid": True, "integer_mid_range": "observed"})}
 #: table headers
 HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out_r8_max": "integer s10, init max",
-        "int11": "integer s11 (fine bias, mid trained)", "int11_nomid": "integer s11 without mid in training"}
+        "int11": "integer s11 (fine bias, mid trained)", "int11_nomid": "integer s11 without mid in training",
+        "int12": "integer s12 (mid trained, observed range)"}
 #: modes with configs only for the signed rows (WbAbs)
-SIGNED_ONLY = ("int11", "int11_nomid")
+SIGNED_ONLY = ("int11", "int11_nomid", "int12")
 BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
 

@@ -14,7 +14,8 @@ rows that separate the causes of the gap:
   ``integer_residual_bits: 8`` (residual operands and the pooled tensor stored at 8 bits), with the
   paper's LSQ init of integer mode's 8-bit quantizers (``integer_init: lsq``, sessions 5-8);
 * ``WxAx integer out r8 max``: the same with ``integer_init: max`` (session 9's default);
-* these three rows ran with ``integer_bias: coarse`` and ``integer_train_mid: false`` (pinned);
+* these three rows ran with ``integer_bias: coarse`` and ``integer_train_mid: false`` (pinned; every
+  row before session 12 pins ``integer_mid_range: cover``, what it ran with);
   ``WxAx integer s11``: session 11's defaults (output add, 8-bit stream, init lsq, fine bias,
   training rounds residual convs to ``mid``); ``WxAx integer s11 nomid``: the same without ``mid`` in
   training.
@@ -22,6 +23,7 @@ rows that separate the causes of the gap:
     python benchmarks/integer_seeds.py --rows "W2A2 integer" --seeds 0       # slot
     python benchmarks/integer_seeds.py --jobs "W2A2 integer:1,W2A2 today:1"  # slot; in this order
     python benchmarks/integer_seeds.py --table                               # -> seeds/summary.md
+    python benchmarks/integer_seeds.py --ft --jobs "W2A2 today:0,..."        # fine-tune protocol -> seeds_ft/
 
 Runs go to ``benchmarks/results/integer_export/seeds/<row>/seed<k>`` (finished runs are skipped).
 """
@@ -45,7 +47,7 @@ def rows() -> dict:
                                  "act": {"name": "lsq", "bits": 8, "signed": True}},
                        "fc": {"weight": {"name": "lsq", "bits": 8, "per_channel": True}, "act": {"bits": 8}}}}}
         # rows of sessions 5-10: coarse bias, mid not trained (pinned: no longer the defaults)
-        s10 = {"integer_bias": "coarse", "integer_train_mid": False}
+        s10 = {"integer_bias": "coarse", "integer_train_mid": False, "integer_mid_range": "cover"}
         r[f"W{b}A{b} integer"] = {"plan": {**plan, "integer": True, "integer_residual": "accumulator",
                                            "integer_init": "lsq", **s10}}
         # the output residual add (onnxruntime-exact) with an 8-bit residual stream
@@ -57,11 +59,18 @@ def rows() -> dict:
         # session 11's defaults: the bias kept to 1/128 code, training rounds residual convs to mid
         r[f"W{b}A{b} integer s11"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
                                                "integer_residual_bits": 8, "integer_init": "lsq",
-                                               "integer_bias": "fine", "integer_train_mid": True}}
+                                               "integer_bias": "fine", "integer_train_mid": True,
+                                               "integer_mid_range": "cover"}}
         # ... without mid in training (which of the two changes moves training)
         r[f"W{b}A{b} integer s11 nomid"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
                                                      "integer_residual_bits": 8, "integer_init": "lsq",
-                                                     "integer_bias": "fine", "integer_train_mid": False}}
+                                                     "integer_bias": "fine", "integer_train_mid": False,
+                                                     "integer_mid_range": "cover"}}
+        # session 12: mid trained, covering the range its conv values took in training (a finer grid)
+        r[f"W{b}A{b} integer s12 observed"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
+                                                        "integer_residual_bits": 8, "integer_init": "lsq",
+                                                        "integer_bias": "fine", "integer_train_mid": True,
+                                                        "integer_mid_range": "observed"}}
     return r
 
 
@@ -69,6 +78,17 @@ BASE = {
     "model": {"name": "resnet8"},
     "data": {"name": "fashion-mnist", "limit": 10000},
     "train": {"epochs": 3, "batch_size": 128, "lr": 0.1, "schedule": "cosine", "threads": 1, "progress": False},
+}
+# --ft (session 12): every row fine-tuned from one FP32 ResNet-8 (as integer_mbv2_ft.py does for
+# MobileNetV2), so that seeds differ only in the fine-tune: from scratch, ResNet-8's paired
+# differences spread by 1-3 points per seed, more than the 0.5-point question
+OUT_FT = Path("benchmarks/results/integer_export/seeds_ft")
+PRETRAIN_LABEL, PRETRAIN_SEED = "R8 fp32 pretrain", 100
+PRETRAIN = {"plan": {"weight": None, "act": None}, "data": {"name": "fashion-mnist", "limit": 24000}}
+BASE_FT = {
+    "model": {"name": "resnet8", "init_from": str(OUT_FT / "R8_fp32_pretrain" / f"seed{PRETRAIN_SEED}")},
+    "data": {"name": "fashion-mnist", "limit": 10000},
+    "train": {"epochs": 2, "batch_size": 128, "lr": 0.01, "schedule": "cosine", "threads": 1, "progress": False},
 }
 
 
@@ -83,23 +103,38 @@ def main() -> None:
     ap.add_argument("--paired", default=None, metavar="ROW,BASE",
                     help="per seed ROW − BASE test accuracy (seeds both finished), mean ± standard error, "
                          "for each width: e.g. 'integer out r8 max,today'")
+    ap.add_argument("--ft", action="store_true",
+                    help=f"the fine-tune protocol: runs under {OUT_FT}, each row fine-tuned (2 epochs, lr 0.01) from "
+                         "one FP32 ResNet-8 (24,000 images, 3 epochs, lr 0.1, seed 100; trained first if missing)")
+    ap.add_argument("--recal", type=int, default=0, metavar="N",
+                    help="test accuracy of every finished run's network after re-estimating its BatchNorm statistics on "
+                         "N training batches (what train.bn_recalibrate: N does; the run's seed) -> recal_N.json; "
+                         "with --paired, the paired differences of those accuracies")
     ap.add_argument("--residual-eval", action="store_true",
                     help="test accuracy of every finished integer run's best.pt: the integer model with "
                          "integer_residual accumulator and output (same weights), and the fake-quantized float "
                          "graph training sees")
     args = ap.parse_args()
+    global OUT
+    base = BASE
+    if args.ft:
+        OUT, base = OUT_FT, BASE_FT
+        if args.rows or args.jobs:  # the FP32 start, once
+            run_grid({PRETRAIN_LABEL: PRETRAIN}, BASE, [PRETRAIN_SEED], OUT, workers=1)
     all_rows = rows()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.rows:
         sel = {k.strip(): all_rows[k.strip()] for k in args.rows.split(",")}
-        run_grid(sel, BASE, seeds, OUT, workers=1)
+        run_grid(sel, base, seeds, OUT, workers=1)
     for job in (args.jobs.split(",") if args.jobs else []):
         label, seed = job.rsplit(":", 1)
-        run_grid({label.strip(): all_rows[label.strip()]}, BASE, [int(seed)], OUT, workers=1)
+        run_grid({label.strip(): all_rows[label.strip()]}, base, [int(seed)], OUT, workers=1)
     if args.residual_eval:
         residual_eval()
+    if args.recal:
+        recal_eval(args.recal)
     if args.paired:
-        print(paired(*[s.strip() for s in args.paired.split(",")]))
+        print(paired(*[s.strip() for s in args.paired.split(",")], recal=args.recal))
     if args.table:
         done = {k: v for k, v in all_rows.items() if any((OUT / k.replace(" ", "_")).glob("seed*/summary.json"))}
         have = sorted({int(p.name[4:]) for k in done for p in (OUT / k.replace(" ", "_")).glob("seed*")
@@ -108,28 +143,61 @@ def main() -> None:
         for k, v in done.items():
             for s in have:
                 if (OUT / k.replace(" ", "_") / f"seed{s}" / "summary.json").is_file():
-                    recs += run_grid({k: v}, BASE, [s], OUT, workers=1)
+                    recs += run_grid({k: v}, base, [s], OUT, workers=1)
         print(write_results(OUT, recs, aggregate(recs), meta={"note": "integer_seeds.py"}))
 
 
-def paired(row: str, base: str) -> str:
-    """Markdown: per width, ROW − BASE test accuracy per seed where both finished, mean ± SE."""
+def paired(row: str, base: str, recal: int = 0) -> str:
+    """Markdown: per width, ROW − BASE test accuracy per seed where both finished, mean ± SE (``recal``:
+    the accuracies after re-estimating BatchNorm statistics on that many batches, ``recal_N.json``)."""
     import json
 
     from lowbit.bench.report import mean_se
 
-    lines = [f"| bits | {row} − {base} per seed | mean ± standard error |", "|---|---|---|"]
+    re = json.loads((OUT / f"recal_{recal}.json").read_text()) if recal else {}
+    what = f" after BN re-estimation on {recal} batches" if recal else ""
+    lines = [f"| bits | {row} − {base} per seed{what} | mean ± standard error |", "|---|---|---|"]
     for b in (2, 4, 8):
         d = []
         for k in range(10):
-            acc = [OUT / f"W{b}A{b} {r}".replace(" ", "_") / f"seed{k}" / "summary.json" for r in (row, base)]
-            if all(p.is_file() for p in acc):
-                a, c = (100 * json.loads(p.read_text())["test_acc"] for p in acc)
+            runs = [f"W{b}A{b} {r}".replace(" ", "_") + f"/seed{k}" for r in (row, base)]
+            if recal and all(r in re for r in runs):
+                a, c = (100 * re[r]["recal"] for r in runs)
+                d.append((k, a - c))
+            elif not recal and all((OUT / r / "summary.json").is_file() for r in runs):
+                a, c = (100 * json.loads((OUT / r / "summary.json").read_text())["test_acc"] for r in runs)
                 d.append((k, a - c))
         if d:
             m, se = mean_se([x for _, x in d])
             lines.append(f"| W{b}A{b} | " + " / ".join(f"{x:+.2f} (s{k})" for k, x in d) + f" | **{m:+.2f} ± {se:.2f}** |")
     return "\n".join(lines)
+
+
+def recal_eval(batches: int) -> None:
+    """Every finished run (with its best.pt): test accuracy as recorded, and after
+    ``recalibrate_run_bn`` on ``batches`` training batches -> ``OUT/recal_<batches>.json`` (runs
+    already in it are kept)."""
+    import json
+
+    import torch
+
+    from lowbit.fit import evaluate
+    from lowbit.data import BatchLoader
+    from lowbit.train import load_run, recalibrate_run_bn
+
+    path = OUT / f"recal_{batches}.json"
+    out = json.loads(path.read_text()) if path.is_file() else {}
+    for d in sorted(OUT.glob("W*/seed*")):
+        key = f"{d.parent.name}/{d.name}"
+        if key in out or not (d / "best.pt").is_file() or not (d / "summary.json").is_file():
+            continue
+        cfg, data, m, _ = load_run(d)
+        torch.manual_seed(0)
+        recalibrate_run_bn(m, cfg, data, batches)
+        acc = evaluate(m, BatchLoader(data.test, data.info, 500))["acc"]
+        out[key] = {"test_acc": json.loads((d / "summary.json").read_text())["test_acc"], "recal": acc}
+        print(key, out[key], flush=True)
+        path.write_text(json.dumps(out, indent=1, sort_keys=True))
 
 
 def residual_eval() -> None:

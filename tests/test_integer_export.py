@@ -313,11 +313,14 @@ def test_mobilenetv2_integer_graph(residual_bits):
 
 
 @needs_cc
-def test_mobilenetv2_signed_inputs_every_backend_bit_exact(tmp_path):
+@pytest.mark.parametrize("mid", [None, "observed"])
+def test_mobilenetv2_signed_inputs_every_backend_bit_exact(tmp_path, mid):
     """MobileNetV2 with a signed LSQ input quantizer on the layers that read a linear bottleneck
     (codes with zero point 2 at 2 bits, 8 at 4 bits), the output residual add and an 8-bit stream:
     NumPy, C and both ONNX models compute the integer model bit for bit (float32-rounding
-    requantization, depthwise convs, global pooling as ReduceSum)."""
+    requantization, depthwise convs, global pooling as ReduceSum); also when training rounded the
+    residual convs to ``mid`` on the range it observed (``integer_mid_range: observed``: a finer
+    ``mid`` that may clamp, QLinearConv's uint8 saturation)."""
     pytest.importorskip("onnxruntime")
     from lowbit.export import onnx_export as ox
     from lowbit.export.c_export import run_c
@@ -328,7 +331,8 @@ def test_mobilenetv2_signed_inputs_every_backend_bit_exact(tmp_path):
 
     signed = {"act": {"name": "lsq", "bits": 4, "signed": True}}
     plan = {"weight": {"name": "sawb", "bits": 4}, "act": {"name": "pact", "bits": 4}, "integer": True,
-            "layers": {"features.[4-9].conv.0": signed, "features.1[0-9].conv.0": signed, "features.20": signed}}
+            "layers": {"features.[4-9].conv.0": signed, "features.1[0-9].conv.0": signed, "features.20": signed},
+            **({"integer_train_mid": True, "integer_mid_range": mid} if mid else {})}
     m = _ready(create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=16, width=0.25), (1, 16, 16),
                plan=plan, passes=2, batch=8)
     x = _x(6, (1, 16, 16), seed=2)
@@ -517,15 +521,15 @@ def test_integer_defaults_and_run_folders_written_before_them(tmp_path):
     old = load_config(run / "config.yaml", saved=True).plan
     new = load_config(run / "config.yaml").plan
     assert (old.integer_residual, old.integer_residual_bits, old.integer_init, old.integer_bias,
-            old.integer_train_mid) == ("accumulator", None, "lsq", "coarse", False)
+            old.integer_train_mid, old.integer_mid_range) == ("accumulator", None, "lsq", "coarse", False, "cover")
     assert (new.integer_residual, new.integer_residual_bits, new.integer_init, new.integer_bias,
-            new.integer_train_mid) == ("output", 8, "lsq", "fine", False)
+            new.integer_train_mid, new.integer_mid_range) == ("output", 8, "lsq", "fine", False, "observed")
     # its checkpoint (config recorded without the keys) matches its config.yaml ...
     torch.save({"model": {}, "epoch": 1, "config": cfg}, run / "best.pt")
     load_checkpoint(run / "best.pt", config=load_config(run / "config.yaml", saved=True))
     # ... and re-running it means the first form: the same run; the defaults are another config
     check_same_config(run, load_config(run / "config.yaml", saved=True).to_dict())
-    with pytest.raises(ConfigError, match="another config.*integer_residual"):
+    with pytest.raises(ConfigError, match=r"another config \(plan\.integer_bias: 'coarse' -> 'fine'"):
         check_same_config(run, load_config(run / "config.yaml").to_dict())
 
 
@@ -645,21 +649,38 @@ def test_train_mid_rounds_residual_convs_as_the_integer_network_does():
     than the output step (8-bit residual streams)."""
     from lowbit.intmode import MidRound, code_agreement, int_graph
 
+    from lowbit.export.intgraph import mid_step, residual_output_constants
+
     shape = (1, 16, 16)
     x = _x(32, shape, seed=5)
-    differ = {}
-    for mid in (False, True):
+    differ, steps = {}, {}  # steps: residual conv -> (mid's step with the observed range, covering all)
+    for mid, rng in ((False, "cover"), (True, "cover"), (True, "observed")):
         torch.manual_seed(0)
         m = _ready(create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=16, width=0.25), shape,
-                   plan={**{k: v for k, v in INT_W2A2.items() if k != "integer_residual"}, "integer_train_mid": mid},
-                   passes=2, batch=8)
+                   plan={**{k: v for k, v in INT_W2A2.items() if k != "integer_residual"}, "integer_train_mid": mid,
+                         "integer_mid_range": rng}, passes=2, batch=8)
         g = int_graph(m, x[:1])
         residual_convs = {op.name for op in g.ops if op.attrs.get("residual") == "output"}
-        rounds = {n.rsplit(".", 1)[0] for n, mod in m.named_modules() if isinstance(mod, MidRound)}
-        assert rounds == (residual_convs if mid else set()) and len(residual_convs) > 3
+        rounds = {n.rsplit(".", 1)[0]: mod for n, mod in m.named_modules() if isinstance(mod, MidRound)}
+        assert set(rounds) == (residual_convs if mid else set()) and len(residual_convs) > 3
+        if rng == "observed":  # training kept each residual conv's range; eval does not move it
+            # mid covering only that range: never a coarser grid than covering the whole range, a finer one
+            # somewhere (the same tensors' steps)
+            for op in g.ops:
+                if op.name in residual_convs:
+                    cover = residual_output_constants(g.tensors[op.output], op.attrs["relu"],
+                                                      g.tensors[op.inputs[1]], op.name)["s_mid"]
+                    steps[op.name] = (mid_step(op, g.tensors[op.output]), cover)
+            assert all(a <= c for a, c in steps.values()) and any(a < c for a, c in steps.values()), steps
+            seen = {k: r.observed() for k, r in rounds.items()}
+            assert all(v is not None and v[0] < 0 < v[1] for v in seen.values()), seen
+            with torch.no_grad():
+                m(x)
+                m._lowbit_state.integer.gm(x)
+            assert {k: r.observed() for k, r in rounds.items()} == seen
         adds = [g.ops[[op.name for op in g.ops].index(n)].output for n in residual_convs]
         agree = code_agreement(m, x, g)
-        differ[mid] = float(np.mean([agree[t][1] for t in adds if agree[t][0] == 8]))
+        differ[rng if mid else None] = float(np.mean([agree[t][1] for t in adds if agree[t][0] == 8]))
         if mid:  # the gradient passes mid straight through to the residual conv's weights
             m.train()
             nn.functional.cross_entropy(m(x[:8]), torch.arange(8)).backward()
@@ -668,4 +689,4 @@ def test_train_mid_rounds_residual_convs_as_the_integer_network_does():
             m.zero_grad()
             m.eval()
     # what still differs with mid is carried from upstream code flips (2-bit layers), not made here
-    assert differ[True] < 0.1 * differ[False], differ
+    assert differ["cover"] < 0.1 * differ[None] and differ["observed"] < 0.1 * differ[None], differ

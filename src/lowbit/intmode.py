@@ -212,17 +212,37 @@ class MidRound(nn.Module):
     before the add, with a straight-through gradient. ``s_mid`` comes from the output and residual
     tensors' quantizers as they last ran (the output quantizer runs after this add: the previous
     batch's step); before both have run once, no rounding. The two quantizers are referenced, not
-    registered: they live at their own paths."""
+    registered: they live at their own paths.
 
-    def __init__(self, out_q: nn.Module, res_q: nn.Module, relu: bool, where: str):
+    ``observe`` (``plan.integer_mid_range: observed``): the buffer ``v_range`` keeps a moving average
+    (``momentum``) of each training batch's min and max of ``v``, and ``mid`` covers only that part
+    of the range the output add could need (a finer grid; the rest is clamped, in training as in
+    the integer network, which reads the same buffer: :meth:`observed`)."""
+
+    def __init__(self, out_q: nn.Module, res_q: nn.Module, relu: bool, where: str, observe: bool = False,
+                 momentum: float = 0.1):
         super().__init__()
         object.__setattr__(self, "_quantizers", (out_q, res_q))
-        self.relu, self.where = bool(relu), where
+        self.relu, self.where, self.momentum = bool(relu), where, float(momentum)
+        if observe:
+            self.register_buffer("v_range", torch.full((2,), float("nan")))
+
+    def observed(self) -> tuple[float, float] | None:
+        """The observed (min, max) of ``v`` (None: not observing, or no training batch seen yet)."""
+        r = getattr(self, "v_range", None)
+        if r is None or bool(torch.isnan(r).any()):
+            return None
+        return float(r[0]), float(r[1])
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         from .export.intgraph import residual_output_constants, tensor_q
         from .export.levels import act_quant
 
+        if self.training and getattr(self, "v_range", None) is not None:
+            with torch.no_grad():
+                cur = torch.stack([v.min(), v.max()]).to(self.v_range)
+                self.v_range.copy_(cur if bool(torch.isnan(self.v_range).any())
+                                   else torch.lerp(self.v_range, cur, self.momentum))
         out_q, res_q = self._quantizers
         try:
             out_q.describe(), res_q.describe()
@@ -230,7 +250,7 @@ class MidRound(nn.Module):
             return v
         t_out = tensor_q(act_quant(out_q, self.where), self.where)
         t_res = tensor_q(act_quant(res_q, self.where), self.where)
-        r = residual_output_constants(t_out, self.relu, t_res, self.where)
+        r = residual_output_constants(t_out, self.relu, t_res, self.where, self.observed())
         return round_to_mid(v, float(r["s_mid"]), int(r["attrs"]["mid_zero"]))
 
 
@@ -325,7 +345,8 @@ def integerize(model: nn.Module, state) -> None:
             add = next(n for n in u.nodes if _is_add(n))
             pre = nodes[u.nodes[u.nodes.index(add) - 1].name]
             u.module.mid_round = MidRound(model.get_submodule(quantizer[root]),
-                                          model.get_submodule(quantizer[group[u.res.name]]), u.relu, u.name)
+                                          model.get_submodule(quantizer[group[u.res.name]]), u.relu, u.name,
+                                          observe=plan.integer_mid_range == "observed")
             with g.inserting_after(pre):
                 mn = g.call_module(f"{u.name}.mid_round", (pre,))
             an = nodes[add.name]
@@ -558,7 +579,8 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
     if t_res is not None and t_out is not None and residual == "output":
         from .export.intgraph import residual_output_constants
 
-        r = residual_output_constants(t_out, bool(u.relu), t_res, u.name)
+        mr = getattr(m, "mid_round", None)
+        r = residual_output_constants(t_out, bool(u.relu), t_res, u.name, None if mr is None else mr.observed())
         s_mid = r["s_mid"]
     if fine_bias:  # weights m·2^k, unit eff/2^k: the bias keeps h to a fraction of an output code
         from .export.intgraph import weight_prescale

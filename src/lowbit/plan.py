@@ -26,9 +26,12 @@ A plan is plain data (YAML-loadable, printable, saved next to every run)::
                                            #   code by scaling each layer's integer weights by 2^k | coarse
     integer_train_mid: false               # integer mode, output add: true: training rounds each residual conv to
                                            #   the integer network's 8-bit intermediate before the add
+    integer_mid_range: observed            # with integer_train_mid: that intermediate covers the range the conv's
+                                           #   values took in training (observed) | every value that could matter (cover)
 
 Integer mode's residual defaults changed in session 9 (before: ``accumulator`` and ``null``, the
-first form), and ``integer_bias`` was ``coarse`` before session 11; a run folder written before
+first form), ``integer_bias`` was ``coarse`` before session 11 and ``integer_mid_range`` ``cover``
+before session 12; a run folder written before
 these keys existed is read with the old values (:func:`lowbit.config.saved_config`), every later
 one records them.
 
@@ -121,6 +124,12 @@ class Plan(BaseModel):
     #: gap between integer network and float graph, but ResNet-8 and MobileNetV2 W4A4 trained through
     #: it scored lower, so it is an option, not the default
     integer_train_mid: bool = False
+    #: with ``integer_train_mid``: the range ``mid`` covers: "observed" (the default since session 12:
+    #: only the part of the range below that the conv's values took in training, a moving average of
+    #: each batch's min and max, :class:`lowbit.intmode.MidRound`: a 4-8x finer grid; training clamps
+    #: as the integer network does) or "cover" (every conv value whose sum with some residual lands
+    #: in the output range: never clamps an output, the coarsest grid; session 11's runs)
+    integer_mid_range: Literal["cover", "observed"] = "observed"
 
     @model_validator(mode="before")
     @classmethod

@@ -184,7 +184,8 @@ def weight_prescale(lut: np.ndarray, eff: np.ndarray, step: float | None, fan_in
     return min(k, need)
 
 
-def residual_output_constants(t_out: TensorQ, relu: bool, t_res: TensorQ, where: str) -> dict:
+def residual_output_constants(t_out: TensorQ, relu: bool, t_res: TensorQ, where: str,
+                              v_range: tuple[float, float] | None = None) -> dict:
     """The ``residual: output`` form of a residual add (TFLite's int8 ADD, onnxruntime's
     ``QLinearConv`` + ``QLinearAdd`` bit for bit): the conv is requantized to an 8-bit intermediate
     ``mid`` at step ``s_mid = s_out·2^−p`` with zero ``mid_zero``, then added to the residual codes
@@ -197,11 +198,19 @@ def residual_output_constants(t_out: TensorQ, relu: bool, t_res: TensorQ, where:
       is a multiple of ``2^−S`` below ``2^(24−S)``, so onnxruntime's float32 ``QLinearAdd``
       (scales ``2^−p``, ``res_mult·2^−S``, ``1``) computes it exactly and rounds half to even.
 
+    ``v_range`` (``plan.integer_mid_range: observed``, :class:`lowbit.intmode.MidRound`): the conv
+    values seen in training (a moving average of each batch's min and max); ``mid`` then covers only
+    their part of that range, a finer grid, and clamps the rest, as training did.
+
     Returns ``{"s_mid", "attrs": {"residual", "mid_zero", "mid_mult"}, "res_mult", "res_shift"}``."""
     s_out, lo = t_out.scale, (t_out.zero if relu else 0)
     y_lo, y_hi = (lo - t_out.zero) * s_out, (t_out.qmax - t_out.zero) * s_out
     r_lo, r_hi = -t_res.zero * t_res.scale, (t_res.qmax - t_res.zero) * t_res.scale
     need_lo, need_hi = r_hi - y_lo, y_hi - r_lo  # mid must reach down to -need_lo and up to need_hi
+    if v_range is not None:
+        lo_v, hi_v = min(max(-float(v_range[0]), 0.0), need_lo), min(max(float(v_range[1]), 0.0), need_hi)
+        if lo_v + hi_v > 0:
+            need_lo, need_hi = lo_v, hi_v
     p = int(np.floor(np.log2(254 * s_out / (need_lo + need_hi))))
     ratio = t_res.scale / s_out
     bound = 255 * (1 + 2.0**-min(p, 0) + ratio)  # |zero_out|, |mid term|, |residual term|: each at most
