@@ -128,7 +128,8 @@ class Plan(BaseModel):
     #: only the part of the range below that the conv's values took in training, a moving average of
     #: each batch's min and max, :class:`lowbit.intmode.MidRound`: a 4-8x finer grid; training clamps
     #: as the integer network does) or "cover" (every conv value whose sum with some residual lands
-    #: in the output range: never clamps an output, the coarsest grid; session 11's runs)
+    #: in the output range: never clamps an output, the coarsest grid; session 11's runs). Without
+    #: ``integer_train_mid`` it has no effect and reads as "observed"
     integer_mid_range: Literal["cover", "observed"] = "observed"
 
     @model_validator(mode="before")
@@ -143,6 +144,10 @@ class Plan(BaseModel):
     def _integer_form(self):
         # integer mode's defaults: the output add with an 8-bit residual stream (the form that matched
         # today's mode on ResNet-8 and runs exactly in onnxruntime); "accumulator" alone is the first form
+        if not (self.integer and self.integer_train_mid):
+            # no mid in training: the range has no effect; recorded as the default, so that a run
+            # written while "cover" was the default (session 12) is the same config as today's
+            self.integer_mid_range = "observed"
         if not self.integer:
             if self.integer_residual == "output":
                 raise ValueError("integer_residual is an integer-mode setting: set integer: true")
