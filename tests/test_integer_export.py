@@ -523,13 +523,13 @@ def test_integer_defaults_and_run_folders_written_before_them(tmp_path):
     assert (old.integer_residual, old.integer_residual_bits, old.integer_init, old.integer_bias,
             old.integer_train_mid) == ("accumulator", None, "lsq", "coarse", False)
     assert (new.integer_residual, new.integer_residual_bits, new.integer_init, new.integer_bias,
-            new.integer_train_mid, new.integer_mid_range) == ("output", 8, "lsq", "fine", False, "observed")
+            new.integer_train_mid, new.integer_mid_range) == ("output", 8, "lsq", "fine", False, "cover")
     # a session 11 run that trained through mid (no integer_mid_range recorded) covered the whole range;
     # without mid in training the range has no effect and reads as the default
     (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "plan": {**cfg["plan"], "integer_train_mid": True}}))
     assert load_config(run / "config.yaml", saved=True).plan.integer_mid_range == "cover"
-    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "plan": {**cfg["plan"], "integer_mid_range": "cover"}}))
-    assert load_config(run / "config.yaml", saved=True).plan.integer_mid_range == "observed"
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "plan": {**cfg["plan"], "integer_mid_range": "observed"}}))
+    assert load_config(run / "config.yaml", saved=True).plan.integer_mid_range == "cover"
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     # its checkpoint (config recorded without the keys) matches its config.yaml ...
     torch.save({"model": {}, "epoch": 1, "config": cfg}, run / "best.pt")

@@ -212,9 +212,8 @@ def saved_config(data):
     (the output add, 8-bit stream) existed: it is the first form (accumulator add, conv bits); one
     without ``plan.integer_init`` initialised its 8-bit LSQ quantizers the paper's way ("lsq"); one
     without ``plan.integer_bias`` rounded its bias to whole units of the unscaled accumulator
-    ("coarse", before session 11), one without ``plan.integer_train_mid`` trained without the
-    ``mid`` rounding, and one without ``plan.integer_mid_range`` had ``mid`` cover the whole range
-    ("cover", before session 12)."""
+    ("coarse", before session 11), and one without ``plan.integer_train_mid`` trained without the
+    ``mid`` rounding."""
     if isinstance(data, dict) and isinstance(data.get("plan"), dict) and data["plan"].get("integer"):
         plan = dict(data["plan"])
         if "integer_residual" not in plan:
@@ -222,7 +221,6 @@ def saved_config(data):
         plan.setdefault("integer_init", "lsq")
         plan.setdefault("integer_bias", "coarse")
         plan.setdefault("integer_train_mid", False)
-        plan.setdefault("integer_mid_range", "cover")
         data = {**data, "plan": plan}
     return data
 

@@ -26,12 +26,11 @@ A plan is plain data (YAML-loadable, printable, saved next to every run)::
                                            #   code by scaling each layer's integer weights by 2^k | coarse
     integer_train_mid: false               # integer mode, output add: true: training rounds each residual conv to
                                            #   the integer network's 8-bit intermediate before the add
-    integer_mid_range: observed            # with integer_train_mid: that intermediate covers the range the conv's
-                                           #   values took in training (observed) | every value that could matter (cover)
+    integer_mid_range: cover               # with integer_train_mid: that intermediate covers every value that could
+                                           #   matter (cover) | the range the conv's values took in training (observed)
 
 Integer mode's residual defaults changed in session 9 (before: ``accumulator`` and ``null``, the
-first form), ``integer_bias`` was ``coarse`` before session 11 and ``integer_mid_range`` ``cover``
-before session 12; a run folder written before
+first form), and ``integer_bias`` was ``coarse`` before session 11; a run folder written before
 these keys existed is read with the old values (:func:`lowbit.config.saved_config`), every later
 one records them.
 
@@ -124,13 +123,13 @@ class Plan(BaseModel):
     #: gap between integer network and float graph, but ResNet-8 and MobileNetV2 W4A4 trained through
     #: it scored lower, so it is an option, not the default
     integer_train_mid: bool = False
-    #: with ``integer_train_mid``: the range ``mid`` covers: "observed" (the default since session 12:
-    #: only the part of the range below that the conv's values took in training, a moving average of
-    #: each batch's min and max, :class:`lowbit.intmode.MidRound`: a 4-8x finer grid; training clamps
-    #: as the integer network does) or "cover" (every conv value whose sum with some residual lands
-    #: in the output range: never clamps an output, the coarsest grid; session 11's runs). Without
-    #: ``integer_train_mid`` it has no effect and reads as "observed"
-    integer_mid_range: Literal["cover", "observed"] = "observed"
+    #: with ``integer_train_mid``: the range ``mid`` covers: "cover" (the default: every conv value whose
+    #: sum with some residual lands in the output range; never clamps an output, the coarsest grid) or
+    #: "observed" (session 12, an option: only the part of that range the conv's values took in
+    #: training, a moving average of each batch's min and max, :class:`lowbit.intmode.MidRound`: a
+    #: 2-8x finer grid; training clamps as the integer network does; docs/export.md, session 12, for
+    #: why it is not the default). Without ``integer_train_mid`` it has no effect and reads as "cover"
+    integer_mid_range: Literal["cover", "observed"] = "cover"
 
     @model_validator(mode="before")
     @classmethod
@@ -146,8 +145,8 @@ class Plan(BaseModel):
         # today's mode on ResNet-8 and runs exactly in onnxruntime); "accumulator" alone is the first form
         if not (self.integer and self.integer_train_mid):
             # no mid in training: the range has no effect; recorded as the default, so that a run
-            # written while "cover" was the default (session 12) is the same config as today's
-            self.integer_mid_range = "observed"
+            # written while "observed" was the default (for an hour of session 12) is the same config
+            self.integer_mid_range = "cover"
         if not self.integer:
             if self.integer_residual == "output":
                 raise ValueError("integer_residual is an integer-mode setting: set integer: true")
