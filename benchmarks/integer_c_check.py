@@ -17,10 +17,9 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from lowbit.data import BatchLoader, load_dataset
+from integer_full_check import full_test_split
 from lowbit.export.api import compare, load_run, torch_reference
 from lowbit.export.c_export import run_c
 from lowbit.export.int_api import _bits_equal
@@ -32,9 +31,8 @@ from lowbit.intmode import int_graph
 def check(run: str, start: int, stop: int, out: Path) -> dict:
     t0 = time.perf_counter()
     cfg, run_data, model = load_run(Path(run))
-    data = load_dataset(cfg.data.name, root=cfg.data.root)  # the whole test split, the run's normalisation
-    xs, ys = zip(*BatchLoader(data.test, run_data.info, 1000))
-    x, y = torch.cat(xs)[start:stop], torch.cat(ys)[start:stop]
+    x, y = full_test_split(cfg, run_data)
+    x, y = x[start:stop], y[start:stop]
     x, xn, y, ref = torch_reference(model, x, y, 500)
     save_int_package(int_graph(model, x[:1]), out / "packed")
     pkg = load_int_package(out / "packed" / "model.safetensors")

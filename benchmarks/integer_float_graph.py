@@ -45,18 +45,23 @@ def layers(m, x: torch.Tensor, g) -> None:
         print(f"  {name:28s} {bits:4d} {100 * frac:8.2f} {big:4d} {unit:>16s}")
 
 
+def residual_convs(m, g):
+    """(op, module) for each output-form residual conv of ``g``: the module whose output is the
+    conv(+BN) value that the integer network requantizes to ``mid`` (its BatchNorm, else the conv)."""
+    units = {u.name: u for u in m._lowbit_state.integer.units}
+    for op in g.ops:
+        if op.kind == "conv" and op.attrs.get("residual") == "output":
+            u = units[op.name]
+            yield op, (u.bn if u.bn is not None else u.module)
+
+
 def mid_hooks(m, g) -> list:
     """Forward hooks that round each output-form residual conv's (BN) output to ``mid``'s grid."""
-    units = {u.name: u for u in m._lowbit_state.integer.units}
     hooks = []
-    for op in g.ops:
-        if op.kind != "conv" or op.attrs.get("residual") != "output":
-            continue
+    for op, mod in residual_convs(m, g):
         s_mid = mid_step(op, g.tensors[op.output])
         z = op.attrs["mid_zero"]
-        u = units[op.name]
-        hooks.append((u.bn if u.bn is not None else u.module).register_forward_hook(
-            lambda _m, _i, o, s=s_mid, z=z: round_to_mid(o, s, z)))
+        hooks.append(mod.register_forward_hook(lambda _m, _i, o, s=s_mid, z=z: round_to_mid(o, s, z)))
         print(f"  {op.name}: mid step = {s_mid / g.tensors[op.output].scale:g} x the output step")
     return hooks
 
@@ -65,13 +70,9 @@ def mid_grid(m, g, x: torch.Tensor) -> None:
     """Per output-form residual conv: ``mid``'s step and the residual's step in output steps, and the
     conv(+BN) output (the float graph, before any rounding to ``mid``) in ``mid`` steps: its standard
     deviation and the share of values outside ``mid``'s 0..255 (clamped)."""
-    units = {u.name: u for u in m._lowbit_state.integer.units}
-    seen, hooks = {}, []
-    for op in g.ops:
-        if op.kind == "conv" and op.attrs.get("residual") == "output":
-            u = units[op.name]
-            hooks.append((u.bn if u.bn is not None else u.module).register_forward_hook(
-                lambda _m, _i, o, k=op.name: seen.__setitem__(k, o.detach())))
+    seen = {}
+    hooks = [mod.register_forward_hook(lambda _m, _i, o, k=op.name: seen.__setitem__(k, o.detach()))
+             for op, mod in residual_convs(m, g)]
     with torch.no_grad():
         m._lowbit_state.integer.gm(x)
     for h in hooks:

@@ -24,6 +24,14 @@ from lowbit.export.api import load_run
 from lowbit.export.int_api import export_int_model, format_int_report
 
 
+def full_test_split(cfg, run_data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole test split of the run's dataset, normalised as the run was (its mean/std come from
+    its own training slice): (images, labels)."""
+    data = load_dataset(cfg.data.name, root=cfg.data.root)
+    xs, ys = zip(*BatchLoader(data.test, run_data.info, 1000))
+    return torch.cat(xs), torch.cat(ys)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
@@ -48,10 +56,7 @@ def main(argv=None) -> int:
     recorded_bias = plan.integer_bias
     if args.bias:
         plan.integer_bias = args.bias
-    # the whole test split, normalised as the run was (its mean/std come from its own training slice)
-    data = load_dataset(cfg.data.name, root=cfg.data.root)
-    xs, ys = zip(*BatchLoader(data.test, run_data.info, 1000))
-    x, y = torch.cat(xs), torch.cat(ys)
+    x, y = full_test_split(cfg, run_data)
     rep = export_int_model(model, x, args.export_dir, labels=y, c_images=args.c_images, latency_repeats=0, log=print)
     rep.update(run=args.run_dir, seconds=time.perf_counter() - t0, integer_residual=plan.integer_residual,
                trained_with_integer_residual=trained_with, integer_residual_bits=plan.integer_residual_bits,

@@ -155,18 +155,21 @@ def paired(row: str, base: str, recal: int = 0) -> str:
     from lowbit.bench.report import mean_se
 
     re = json.loads((OUT / f"recal_{recal}.json").read_text()) if recal else {}
+
+    def acc(run: str) -> float | None:
+        if recal:
+            return re[run]["recal"] if run in re else None
+        p = OUT / run / "summary.json"
+        return json.loads(p.read_text())["test_acc"] if p.is_file() else None
+
     what = f" after BN re-estimation on {recal} batches" if recal else ""
     lines = [f"| bits | {row} − {base} per seed{what} | mean ± standard error |", "|---|---|---|"]
     for b in (2, 4, 8):
         d = []
         for k in range(10):
-            runs = [f"W{b}A{b} {r}".replace(" ", "_") + f"/seed{k}" for r in (row, base)]
-            if recal and all(r in re for r in runs):
-                a, c = (100 * re[r]["recal"] for r in runs)
-                d.append((k, a - c))
-            elif not recal and all((OUT / r / "summary.json").is_file() for r in runs):
-                a, c = (100 * json.loads((OUT / r / "summary.json").read_text())["test_acc"] for r in runs)
-                d.append((k, a - c))
+            a, c = (acc(f"W{b}A{b} {r}".replace(" ", "_") + f"/seed{k}") for r in (row, base))
+            if a is not None and c is not None:
+                d.append((k, 100 * a - 100 * c))
         if d:
             m, se = mean_se([x for _, x in d])
             lines.append(f"| W{b}A{b} | " + " / ".join(f"{x:+.2f} (s{k})" for k, x in d) + f" | **{m:+.2f} ± {se:.2f}** |")
@@ -179,10 +182,8 @@ def recal_eval(batches: int) -> None:
     already in it are kept)."""
     import json
 
-    import torch
-
-    from lowbit.fit import evaluate
     from lowbit.data import BatchLoader
+    from lowbit.fit import evaluate
     from lowbit.train import load_run, recalibrate_run_bn
 
     path = OUT / f"recal_{batches}.json"
@@ -192,7 +193,6 @@ def recal_eval(batches: int) -> None:
         if key in out or not (d / "best.pt").is_file() or not (d / "summary.json").is_file():
             continue
         cfg, data, m, _ = load_run(d)
-        torch.manual_seed(0)
         recalibrate_run_bn(m, cfg, data, batches)
         acc = evaluate(m, BatchLoader(data.test, data.info, 500))["acc"]
         out[key] = {"test_acc": json.loads((d / "summary.json").read_text())["test_acc"], "recal": acc}
