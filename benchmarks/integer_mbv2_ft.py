@@ -52,13 +52,22 @@ MODES = {"today": ("today's mode (float BN and residuals)", {}),
          "int12": ("integer mode, session 12 (fine bias, training rounds residual convs to mid, mid covering the "
                    "range the conv values took in training)",
                    {"integer": True, "integer_residual": "output", "integer_residual_bits": 8, "integer_init": "lsq",
-                    "integer_bias": "fine", "integer_train_mid": True, "integer_mid_range": "observed"})}
+                    "integer_bias": "fine", "integer_train_mid": True, "integer_mid_range": "observed"}),
+         "today_fz": ("today's mode, BatchNorm frozen for the last epoch (train.freeze_bn_after: 1)", {}),
+         "int13_fz": ("integer mode, today's defaults (session 11's without mid in training), BatchNorm frozen for "
+                      "the last epoch (train.freeze_bn_after: 1)",
+                      {"integer": True, "integer_residual": "output", "integer_residual_bits": 8,
+                       "integer_init": "lsq", "integer_bias": "fine", "integer_train_mid": False,
+                       "integer_mid_range": "cover"})}
+#: session 13: modes that freeze BatchNorm for the last of the 2 epochs (train.* keys)
+TRAIN_EXTRA = {"today_fz": {"freeze_bn_after": 1}, "int13_fz": {"freeze_bn_after": 1}}
 #: table headers
 HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out_r8_max": "integer s10, init max",
         "int11": "integer s11 (fine bias, mid trained)", "int11_nomid": "integer s11 without mid in training",
-        "int12": "integer s12 (mid trained, observed range)"}
+        "int12": "integer s12 (mid trained, observed range)", "today_fz": "today's mode, BN frozen last epoch",
+        "int13_fz": "integer (defaults), BN frozen last epoch"}
 #: modes with configs only for the signed rows (WbAbs)
-SIGNED_ONLY = ("int11", "int11_nomid", "int12")
+SIGNED_ONLY = ("int11", "int11_nomid", "int12", "today_fz", "int13_fz")
 BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
 
@@ -99,7 +108,7 @@ def configs() -> None:
                    "plan": plan,
                    "train": {"epochs": 2, "batch_size": 128, "lr": 0.01, "momentum": 0.9, "optimizer": "sgd",
                              "schedule": "cosine", "weight_decay": 0.0005, "seed": s, "threads": 1,
-                             "progress": False}}
+                             "progress": False, **TRAIN_EXTRA.get(m, {})}}
             (OUT / "configs" / f"FT_{label}_{m}_s{s}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 

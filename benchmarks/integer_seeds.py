@@ -36,8 +36,10 @@ from pathlib import Path
 OUT = Path("benchmarks/results/integer_export/seeds")
 
 
-def rows() -> dict:
+def rows(epochs: int = 3) -> dict:
+    """Every row; ``epochs`` (the protocol's): the ``freeze`` rows freeze BatchNorm for the last epoch."""
     r = {}
+    freeze = {"train": {"freeze_bn_after": epochs - 1}}
     for b in (2, 4, 8):
         plan = {"weight": {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b}}
         r[f"W{b}A{b} today"] = {"plan": plan}
@@ -47,30 +49,25 @@ def rows() -> dict:
                                  "act": {"name": "lsq", "bits": 8, "signed": True}},
                        "fc": {"weight": {"name": "lsq", "bits": 8, "per_channel": True}, "act": {"bits": 8}}}}}
         # rows of sessions 5-10: coarse bias, mid not trained (pinned: no longer the defaults)
-        s10 = {"integer_bias": "coarse", "integer_train_mid": False, "integer_mid_range": "cover"}
-        r[f"W{b}A{b} integer"] = {"plan": {**plan, "integer": True, "integer_residual": "accumulator",
-                                           "integer_init": "lsq", **s10}}
+        s10 = {**plan, "integer": True, "integer_bias": "coarse", "integer_train_mid": False,
+               "integer_mid_range": "cover"}
+        r[f"W{b}A{b} integer"] = {"plan": {**s10, "integer_residual": "accumulator", "integer_init": "lsq"}}
         # the output residual add (onnxruntime-exact) with an 8-bit residual stream
-        r[f"W{b}A{b} integer out r8"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
-                                                  "integer_residual_bits": 8, "integer_init": "lsq", **s10}}
+        out_r8 = {**s10, "integer_residual": "output", "integer_residual_bits": 8}
+        r[f"W{b}A{b} integer out r8"] = {"plan": {**out_r8, "integer_init": "lsq"}}
         # the same with session 9's default init of integer mode's 8-bit LSQ quantizers (max|v|/Qp)
-        r[f"W{b}A{b} integer out r8 max"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
-                                                      "integer_residual_bits": 8, "integer_init": "max", **s10}}
+        r[f"W{b}A{b} integer out r8 max"] = {"plan": {**out_r8, "integer_init": "max"}}
         # session 11's defaults: the bias kept to 1/128 code, training rounds residual convs to mid
-        r[f"W{b}A{b} integer s11"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
-                                               "integer_residual_bits": 8, "integer_init": "lsq",
-                                               "integer_bias": "fine", "integer_train_mid": True,
-                                               "integer_mid_range": "cover"}}
-        # ... without mid in training (which of the two changes moves training)
-        r[f"W{b}A{b} integer s11 nomid"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
-                                                     "integer_residual_bits": 8, "integer_init": "lsq",
-                                                     "integer_bias": "fine", "integer_train_mid": False,
-                                                     "integer_mid_range": "cover"}}
+        s11 = {**out_r8, "integer_init": "lsq", "integer_bias": "fine", "integer_train_mid": True}
+        r[f"W{b}A{b} integer s11"] = {"plan": s11}
+        # ... without mid in training (which of the two changes moves training; today's defaults)
+        r[f"W{b}A{b} integer s11 nomid"] = {"plan": {**s11, "integer_train_mid": False}}
         # session 12: mid trained, covering the range its conv values took in training (a finer grid)
-        r[f"W{b}A{b} integer s12 observed"] = {"plan": {**plan, "integer": True, "integer_residual": "output",
-                                                        "integer_residual_bits": 8, "integer_init": "lsq",
-                                                        "integer_bias": "fine", "integer_train_mid": True,
-                                                        "integer_mid_range": "observed"}}
+        r[f"W{b}A{b} integer s12 observed"] = {"plan": {**s11, "integer_mid_range": "observed"}}
+        # session 13: BatchNorm frozen for the last epoch (train.freeze_bn_after), both modes
+        r[f"W{b}A{b} today freeze"] = {"plan": plan, **freeze}
+        r[f"W{b}A{b} integer s13 freeze"] = {"plan": {**s11, "integer_train_mid": False}, **freeze}
+        r[f"W{b}A{b} integer s13 observed freeze"] = {"plan": {**s11, "integer_mid_range": "observed"}, **freeze}
     return r
 
 
@@ -121,7 +118,7 @@ def main() -> None:
         OUT, base = OUT_FT, BASE_FT
         if args.rows or args.jobs:  # the FP32 start, once
             run_grid({PRETRAIN_LABEL: PRETRAIN}, BASE, [PRETRAIN_SEED], OUT, workers=1)
-    all_rows = rows()
+    all_rows = rows(base["train"]["epochs"])
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.rows:
         sel = {k.strip(): all_rows[k.strip()] for k in args.rows.split(",")}

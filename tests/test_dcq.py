@@ -221,6 +221,8 @@ def test_teacher_of_another_architecture_is_a_one_line_error(tmp_path, teacher_d
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match=r"^dcq.teacher: not found"):
         run(dcq_cfg(tmp_path / "nothing"), tmp_path / "c", data=fmnist_small)
+    with pytest.raises(ConfigError, match=r"^train.freeze_bn_after: not supported in a DCQ run"):
+        run(dcq_cfg(teacher_dir, "train.freeze_bn_after=0"), tmp_path / "d", data=fmnist_small)
 
 
 # ---------------------------------------------------------------------------------------------

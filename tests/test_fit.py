@@ -375,3 +375,61 @@ def test_fit_and_evaluate_on_a_gpu(fmnist_small):
     assert res["n"] == 256
     m = model.get_submodule("layers.0.0.conv1")
     assert m.weight.device.type == "cuda" and weight_param(m).quantizer.levels().device.type == "cuda"
+
+
+# -- BatchNorm freezing -----------------------------------------------------------------------
+def _bn_state(m):
+    return {n: (b.running_mean.clone(), b.running_var.clone(), b.weight.detach().clone())
+            for n, b in m.named_modules() if isinstance(b, nn.BatchNorm2d)}
+
+
+def test_freeze_batchnorm_trains_on_running_statistics_after_the_given_epochs(fmnist_small):
+    x, y = next(iter(BatchLoader(fmnist_small.train, fmnist_small.info, 128)))
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+    m = tiny(W2A4)
+    init, seen, modes = _bn_state(m), [], []
+
+    class Probe:
+        def on_epoch_start(self, state):
+            modes.append((state.model.training, {b.training for b in state.model.modules()
+                                                 if isinstance(b, nn.BatchNorm2d)}))
+
+        def on_epoch_end(self, state, row):
+            seen.append(_bn_state(state.model))
+
+    fit(m, batches, epochs=3, callbacks=[lowbit.FreezeBatchNorm(1), Probe()])
+    # epoch 1 on batch statistics, epochs 2-3 on the running ones: the model trains, BatchNorm does not
+    assert modes == [(True, {True}), (True, {False}), (True, {False})]
+    for n, (mean, var, w) in seen[0].items():
+        assert not torch.equal(mean, init[n][0]) and not torch.equal(var, init[n][1])
+        for later in seen[1:]:
+            assert torch.equal(later[n][0], mean) and torch.equal(later[n][1], var)
+        assert not torch.equal(seen[2][n][2], w)  # gamma still trains
+    # frozen, a training forward is the evaluation forward
+    m.train()
+    lowbit.FreezeBatchNorm(0).on_epoch_start(FitState(m, None, None, None, 1, 1, torch.device("cpu")))
+    with torch.no_grad():
+        y_train = m(x[:16])
+        m.eval()
+        assert torch.equal(y_train, m(x[:16]))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="freeze_bn_after"):
+            lowbit.FreezeBatchNorm(bad)
+
+
+def test_run_freezes_batchnorm_from_the_config(tmp_path, fmnist_small):
+    from lowbit.config import Config
+    from lowbit.train import run
+
+    cfg = Config.model_validate({"model": {"name": "resnet8", "width": 0.25},
+                                 "data": {"name": "fashion-mnist", "limit": 256, "val_fraction": 0.25},
+                                 "plan": W2A4, "train": {"epochs": 1, "batch_size": 64, "freeze_bn_after": 0,
+                                                         "progress": False, "threads": 1}})
+    res = run(cfg, tmp_path / "r", data=fmnist_small)
+    ck = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+    means = {k: v for k, v in ck["model"].items() if k.endswith("running_mean")}
+    # frozen from the first epoch: the statistics never left their initial values
+    assert means and all(torch.equal(v, torch.zeros_like(v)) for v in means.values())
+    assert res.summary["test_acc"] >= 0
+    with pytest.raises(ConfigError, match=r"freeze_bn_after \(2\) must be less than epochs \(2\)"):
+        lowbit.load_config(None, ["train.epochs=2", "train.freeze_bn_after=2"])

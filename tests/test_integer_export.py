@@ -697,3 +697,25 @@ def test_train_mid_rounds_residual_convs_as_the_integer_network_does():
             m.eval()
     # what still differs with mid is carried from upstream code flips (2-bit layers), not made here
     assert differ["cover"] < 0.1 * differ[None] and differ["observed"] < 0.1 * differ[None], differ
+
+
+def test_frozen_batchnorm_training_computes_the_float_graph_the_integer_network_is():
+    """train.freeze_bn_after: with BatchNorm frozen, integer mode's training forward is the float graph
+    on running statistics (bit for bit), whose codes the integer network computes (how closely:
+    test_fine_bias_..., test_train_mid_...); with batch statistics it is another function."""
+    from lowbit.fit import FitState, FreezeBatchNorm
+
+    torch.manual_seed(0)
+    m = _ready(create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25), (1, 28, 28),
+               plan={k: v for k, v in INT_W2A2.items() if k != "integer_residual"})
+    x = _x(32, (1, 28, 28), seed=5)
+    gm = m._lowbit_state.integer.gm
+    with torch.no_grad():
+        float_graph = gm(x)  # eval: BatchNorm on running statistics
+        m.train()
+        FreezeBatchNorm(0).on_epoch_start(FitState(m, None, None, None, 1, 1, torch.device("cpu")))
+        frozen = m(x)
+        m.train()
+        batch_stats = m(x)  # (and updates the running statistics: last)
+    m.eval()
+    assert torch.equal(frozen, float_graph) and not torch.allclose(batch_stats, float_graph, atol=1e-2)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 from .plan import Plan, one_line
@@ -114,12 +114,23 @@ class TrainConfig(_Strict):
     #: running statistics on this many training batches (0: off, the papers' procedure). The new
     #: statistics are stored in best.pt and used by eval, info and export alike.
     bn_recalibrate: int = Field(0, ge=0)
+    #: after this many epochs, every BatchNorm trains on its running statistics (frozen: training
+    #: then computes what evaluation and the exported network compute; lowbit.FreezeBatchNorm).
+    #: None: off (batch statistics throughout). Must be < epochs.
+    freeze_bn_after: int | None = Field(None, ge=0)
     #: auto: a CUDA GPU when there is one, else the CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: knowledge distillation from a teacher, with any method
     distill: DistillConfig | None = None
     #: under torchrun: BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm; GPUs only)
     sync_batchnorm: bool = False
+
+    @model_validator(mode="after")
+    def _freeze_within_epochs(self):
+        if self.freeze_bn_after is not None and self.freeze_bn_after >= self.epochs:
+            raise ValueError(f"freeze_bn_after ({self.freeze_bn_after}) must be less than epochs ({self.epochs}): "
+                             "BatchNorm would never be frozen")
+        return self
 
 
 class Config(_Strict):

@@ -151,6 +151,7 @@ class Callback(Protocol):
     """Anything with some of these methods; a plain callable is ``on_epoch_end(row)``."""
 
     def on_fit_start(self, state: FitState) -> None: ...
+    def on_epoch_start(self, state: FitState) -> None: ...  # after model.train(), before the first step
     def on_epoch_end(self, state: FitState, row: dict) -> None: ...
     def on_fit_end(self, state: FitState) -> None: ...
 
@@ -185,6 +186,25 @@ def _call(cb: Any, hook: str, state: FitState, *args) -> None:
         cb(*args)
 
 
+class FreezeBatchNorm:
+    """Callback: from epoch ``after + 1`` on, every BatchNorm of the model trains on its running
+    statistics (eval mode: no batch statistics, no updates of the running ones; its affine weight and
+    bias still train). Training then computes what evaluation computes, which is what the network is
+    deployed with: the "batch normalization freezing" of Jacob et al. 2018 (sec. 3.2) and
+    Krishnamoorthi 2018 (sec. 3.2), PyTorch's ``freeze_bn_stats``. ``train.freeze_bn_after: N``."""
+
+    def __init__(self, after: int):
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise ConfigError(f"freeze_bn_after must be an integer >= 0, got {after!r}")
+        self.after = after
+
+    def on_epoch_start(self, state: FitState) -> None:
+        if state.epoch >= self.after:
+            for m in state.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+
 def default_optimizer(model: nn.Module, method: Any, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
                       nesterov: bool = False, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
     """SGD (momentum) or Adam over ``method.param_groups(model)``; a group's own keys (lr,
@@ -213,7 +233,8 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
     scheduler and method state are restored after the method's ``setup`` and training continues
     with the next epoch, giving the same result as an uninterrupted call (when the batches of an
     epoch are a function of the epoch, as :class:`lowbit.data.BatchLoader`'s are).
-    Callbacks (:class:`Callback`) get the row after each epoch; setting ``state.stop`` ends training.
+    Callbacks (:class:`Callback`) get the row after each epoch; setting ``state.stop`` ends training
+    (and ``on_epoch_start`` after ``model.train()``: e.g. :class:`FreezeBatchNorm`).
     """
     from .methods import STE
     from .quantize import quant_state
@@ -243,6 +264,9 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
         _call(cb, "on_fit_start", state)
     for epoch in range(start_epoch, epochs):
         state.epoch = epoch
+        model.train()
+        for cb in callbacks:
+            _call(cb, "on_epoch_start", state)
         row = _train_epoch(state, batches, epoch, progress, log_every)
         method.on_epoch_end(model, epoch)
         val = evaluate(model, val_batches, dev) if val_batches is not None else {"loss": float("nan"),
@@ -266,7 +290,6 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
 
 def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool, log_every: int) -> dict:
     model, method, opt, sched, dev = state.model, state.method, state.optimizer, state.scheduler, state.device
-    model.train()
     _set_epoch(batches, epoch)
     t0 = time.perf_counter()
     # float64 sums of (loss * batch size): the same numbers as Python floats of loss.item()

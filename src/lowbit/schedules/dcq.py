@@ -333,6 +333,9 @@ def run_dcq(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSp
         raise ConfigError("run_dcq: the config has no dcq section")
     if t.distill is not None:
         raise ConfigError("train.distill: a DCQ run distills with dcq.distill (from dcq.teacher)")
+    if t.freeze_bn_after is not None:
+        raise ConfigError("train.freeze_bn_after: not supported in a DCQ run (its sections and fine-tune train with "
+                          "batch statistics; use dcq.bn_recalibrate)")
     if cfg.model.init_from:
         raise ConfigError("model.init_from: a DCQ run starts every section from dcq.teacher; remove init_from")
     run_dir = Path(run_dir)
