@@ -32,33 +32,29 @@ from lowbit.bench.report import mean_se
 
 OUT = Path("benchmarks/results/integer_export/mbv2_ft")
 PRETRAIN = OUT / "runs" / "MBV2_fp32_pretrain"
+#: integer mode with the output add and an 8-bit residual stream (every integer mode below); the keys keep
+#: their order in the committed configs
+OUT_R8 = {"integer": True, "integer_residual": "output", "integer_residual_bits": 8}
 #: sessions 9-10's integer runs: coarse bias, mid not modelled in training (pinned: no longer the defaults)
 S10 = {"integer_bias": "coarse", "integer_train_mid": False, "integer_mid_range": "cover"}
+#: session 11's defaults: fine bias, training rounds residual convs to mid
+INT11 = {**OUT_R8, "integer_init": "lsq", "integer_bias": "fine", "integer_train_mid": True,
+         "integer_mid_range": "cover"}
+#: today's integer defaults (session 11's without mid in training)
+INT_DEFAULT = {**INT11, "integer_train_mid": False}
 MODES = {"today": ("today's mode (float BN and residuals)", {}),
          "int_out_r8": ("integer mode, output add + 8-bit stream, the paper's LSQ init of its 8-bit quantizers",
-                        {"integer": True, "integer_residual": "output", "integer_residual_bits": 8,
-                         "integer_init": "lsq", **S10}),
+                        {**OUT_R8, "integer_init": "lsq", **S10}),
          "int_out_r8_max": ("integer mode, output add + 8-bit stream, its 8-bit LSQ quantizers initialised at max|v|",
-                            {"integer": True, "integer_residual": "output", "integer_residual_bits": 8,
-                             "integer_init": "max", **S10}),
+                            {**OUT_R8, "integer_init": "max", **S10}),
          "int11": ("integer mode, session 11's defaults (output add + 8-bit stream, init lsq, fine bias, training "
-                   "rounds residual convs to mid)",
-                   {"integer": True, "integer_residual": "output", "integer_residual_bits": 8, "integer_init": "lsq",
-                    "integer_bias": "fine", "integer_train_mid": True, "integer_mid_range": "cover"}),
-         "int11_nomid": ("integer mode, session 11's defaults but without mid in training",
-                         {"integer": True, "integer_residual": "output", "integer_residual_bits": 8,
-                          "integer_init": "lsq", "integer_bias": "fine", "integer_train_mid": False,
-                          "integer_mid_range": "cover"}),
+                   "rounds residual convs to mid)", INT11),
+         "int11_nomid": ("integer mode, session 11's defaults but without mid in training", INT_DEFAULT),
          "int12": ("integer mode, session 12 (fine bias, training rounds residual convs to mid, mid covering the "
-                   "range the conv values took in training)",
-                   {"integer": True, "integer_residual": "output", "integer_residual_bits": 8, "integer_init": "lsq",
-                    "integer_bias": "fine", "integer_train_mid": True, "integer_mid_range": "observed"}),
+                   "range the conv values took in training)", {**INT11, "integer_mid_range": "observed"}),
          "today_fz": ("today's mode, BatchNorm frozen for the last epoch (train.freeze_bn_after: 1)", {}),
          "int13_fz": ("integer mode, today's defaults (session 11's without mid in training), BatchNorm frozen for "
-                      "the last epoch (train.freeze_bn_after: 1)",
-                      {"integer": True, "integer_residual": "output", "integer_residual_bits": 8,
-                       "integer_init": "lsq", "integer_bias": "fine", "integer_train_mid": False,
-                       "integer_mid_range": "cover"})}
+                      "the last epoch (train.freeze_bn_after: 1)", INT_DEFAULT)}
 #: session 13: modes that freeze BatchNorm for the last of the 2 epochs (train.* keys)
 TRAIN_EXTRA = {"today_fz": {"freeze_bn_after": 1}, "int13_fz": {"freeze_bn_after": 1}}
 #: table headers
@@ -124,6 +120,8 @@ def _acc(run: Path) -> tuple[float, float] | None:
 def table() -> str:
     pre = _acc(PRETRAIN)
     ints = [m for m in MODES if m != "today"]
+    #: (mode, base) pairs: every mode against today's, and frozen BatchNorm in both modes (session 13)
+    pairs = [(m, "today") for m in ints] + [("int13_fz", "today_fz")]
     head = " | ".join(HEAD[m] for m in MODES)
     lines = [f"FP32 start (`runs/MBV2_fp32_pretrain`): test accuracy {pre[0]:.2f} % (all 10,000 test images)"
              if pre else "FP32 start: not trained", "",
@@ -135,31 +133,34 @@ def table() -> str:
              "its defaults) keep the bias to 1/128 code and train through mid's rounding. "
              "W8A8lsq (configs written, not run): 8-bit weights by LSQ per channel (an int8 grid, init max) instead of SAWB. "
              "WbAbs (session 10): signed LSQ input quantizers (plan bits) on the layers that read a linear bottleneck "
-             "(expand convs after the first block, the last 1x1 conv) instead of PACT, in both modes.",
-             "", f"| bits | seed | {head} | " + " | ".join(f"{HEAD[m]} − today" for m in ints) + " |",
-             "|---|---|" + "---|" * (len(MODES) + len(ints))]
+             "(expand convs after the first block, the last 1x1 conv) instead of PACT, in both modes. "
+             "Session 13 (`_fz`): BatchNorm frozen for the last epoch (`train.freeze_bn_after: 1`), in both modes.",
+             "", f"| bits | seed | {head} | " + " | ".join(f"{HEAD[m]} − {HEAD[b] if b != 'today' else b}" for m, b in pairs)
+             + " |", "|---|---|" + "---|" * (len(MODES) + len(pairs))]
     summary: dict = {}
     cell = lambda a: f"{a[0]:.2f} ({a[1]:.1f})" if a else "–"  # noqa: E731
     for label in [f"W{b}A{b}" for b in BITS] + ["W8A8lsq"] + [f"W{b}A{b}s" for b in SIGNED_BITS]:
-        diffs: dict = {m: [] for m in ints}
+        diffs: dict = {pr: [] for pr in pairs}
         for s in SEEDS:
             acc = {m: _acc(OUT / "runs" / f"FT_{label}_{m}_s{s}") for m in MODES}
             if not any(acc.values()):
                 continue
             ds = []
-            for m in ints:
-                if acc["today"] and acc[m]:
-                    diffs[m].append(acc[m][0] - acc["today"][0])
-                    ds.append(f"{diffs[m][-1]:+.2f}")
+            for m, b in pairs:
+                if acc[b] and acc[m]:
+                    diffs[m, b].append(acc[m][0] - acc[b][0])
+                    ds.append(f"{diffs[m, b][-1]:+.2f}")
                 else:
                     ds.append("–")
             lines.append(f"| {label} | {s} | " + " | ".join(cell(acc[m]) for m in MODES) + " | " + " | ".join(ds) + " |")
         row = []
-        for m in ints:
-            if diffs[m]:
-                mu, se = mean_se(diffs[m])
-                row.append(f"**{mu:+.2f} ± {se:.2f}** ({len(diffs[m])})")
-                summary[f"{label} {m}"] = {"seeds": len(diffs[m]), "diffs": diffs[m], "mean": mu, "se": se}
+        for m, b in pairs:
+            d = diffs[m, b]
+            if d:
+                mu, se = mean_se(d)
+                row.append(f"**{mu:+.2f} ± {se:.2f}** ({len(d)})")
+                summary[f"{label} {m}" + (f" vs {b}" if b != "today" else "")] = {"seeds": len(d), "diffs": d,
+                                                                                   "mean": mu, "se": se}
             else:
                 row.append("–")
         if any(diffs.values()):
