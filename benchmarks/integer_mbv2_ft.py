@@ -52,18 +52,26 @@ MODES = {"today": ("today's mode (float BN and residuals)", {}),
          "int11_nomid": ("integer mode, session 11's defaults but without mid in training", INT_DEFAULT),
          "int12": ("integer mode, session 12 (fine bias, training rounds residual convs to mid, mid covering the "
                    "range the conv values took in training)", {**INT11, "integer_mid_range": "observed"}),
-         "today_fz": ("today's mode, BatchNorm frozen for the last epoch (train.freeze_bn_after: 1)", {}),
+         "int13_fzp": ("integer mode, today's defaults (session 11's without mid in training), BatchNorm frozen for "
+                       "the last epoch with its plain gradient (train.freeze_bn_after: 1, freeze_bn_gradient: running)",
+                       INT_DEFAULT),
+         "today_fz": ("today's mode, BatchNorm frozen for the last epoch (train.freeze_bn_after: 1, its gradient "
+                      "through the batch's statistics)", {}),
          "int13_fz": ("integer mode, today's defaults (session 11's without mid in training), BatchNorm frozen for "
-                      "the last epoch (train.freeze_bn_after: 1)", INT_DEFAULT)}
+                      "the last epoch (train.freeze_bn_after: 1, its gradient through the batch's statistics)",
+                      INT_DEFAULT)}
 #: session 13: modes that freeze BatchNorm for the last of the 2 epochs (train.* keys)
-TRAIN_EXTRA = {"today_fz": {"freeze_bn_after": 1}, "int13_fz": {"freeze_bn_after": 1}}
+TRAIN_EXTRA = {"int13_fzp": {"freeze_bn_after": 1, "freeze_bn_gradient": "running"},
+               "today_fz": {"freeze_bn_after": 1, "freeze_bn_gradient": "batch"},
+               "int13_fz": {"freeze_bn_after": 1, "freeze_bn_gradient": "batch"}}
 #: table headers
 HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out_r8_max": "integer s10, init max",
         "int11": "integer s11 (fine bias, mid trained)", "int11_nomid": "integer s11 without mid in training",
-        "int12": "integer s12 (mid trained, observed range)", "today_fz": "today's mode, BN frozen last epoch",
-        "int13_fz": "integer (defaults), BN frozen last epoch"}
+        "int12": "integer s12 (mid trained, observed range)",
+        "int13_fzp": "integer (defaults), BN frozen last epoch, plain gradient",
+        "today_fz": "today's mode, BN frozen last epoch", "int13_fz": "integer (defaults), BN frozen last epoch"}
 #: modes with configs only for the signed rows (WbAbs)
-SIGNED_ONLY = ("int11", "int11_nomid", "int12", "today_fz", "int13_fz")
+SIGNED_ONLY = ("int11", "int11_nomid", "int12", "int13_fzp", "today_fz", "int13_fz")
 BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
 
@@ -134,7 +142,8 @@ def table() -> str:
              "W8A8lsq (configs written, not run): 8-bit weights by LSQ per channel (an int8 grid, init max) instead of SAWB. "
              "WbAbs (session 10): signed LSQ input quantizers (plan bits) on the layers that read a linear bottleneck "
              "(expand convs after the first block, the last 1x1 conv) instead of PACT, in both modes. "
-             "Session 13 (`_fz`): BatchNorm frozen for the last epoch (`train.freeze_bn_after: 1`), in both modes.",
+             "Session 13 (`_fz`): BatchNorm frozen for the last epoch (`train.freeze_bn_after: 1`), its gradient through the "
+             "batch's statistics, in both modes; `_fzp`: with the frozen map's plain gradient (`freeze_bn_gradient: running`).",
              "", f"| bits | seed | {head} | " + " | ".join(f"{HEAD[m]} − {HEAD[b] if b != 'today' else b}" for m, b in pairs)
              + " |", "|---|---|" + "---|" * (len(MODES) + len(pairs))]
     summary: dict = {}

@@ -39,7 +39,7 @@ OUT = Path("benchmarks/results/integer_export/seeds")
 def rows(epochs: int = 3) -> dict:
     """Every row; ``epochs`` (the protocol's): the ``freeze`` rows freeze BatchNorm for the last epoch."""
     r = {}
-    freeze = {"train": {"freeze_bn_after": epochs - 1}}
+    freeze = {"freeze_bn_after": epochs - 1}
     for b in (2, 4, 8):
         plan = {"weight": {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b}}
         r[f"W{b}A{b} today"] = {"plan": plan}
@@ -64,10 +64,14 @@ def rows(epochs: int = 3) -> dict:
         r[f"W{b}A{b} integer s11 nomid"] = {"plan": {**s11, "integer_train_mid": False}}
         # session 12: mid trained, covering the range its conv values took in training (a finer grid)
         r[f"W{b}A{b} integer s12 observed"] = {"plan": {**s11, "integer_mid_range": "observed"}}
-        # session 13: BatchNorm frozen for the last epoch (train.freeze_bn_after), both modes
-        r[f"W{b}A{b} today freeze"] = {"plan": plan, **freeze}
-        r[f"W{b}A{b} integer s13 freeze"] = {"plan": {**s11, "integer_train_mid": False}, **freeze}
-        r[f"W{b}A{b} integer s13 observed freeze"] = {"plan": {**s11, "integer_mid_range": "observed"}, **freeze}
+        # session 13: BatchNorm frozen for the last epoch (train.freeze_bn_after), both modes: its gradient
+        # through the batch's statistics (the default), or the frozen map's own ("plain", the first try)
+        for suffix, grad in (("", "batch"), (" plain", "running")):
+            fz = {"train": {**freeze, "freeze_bn_gradient": grad}}
+            r[f"W{b}A{b} today freeze{suffix}"] = {"plan": plan, **fz}
+            r[f"W{b}A{b} integer s13 freeze{suffix}"] = {"plan": {**s11, "integer_train_mid": False}, **fz}
+            r[f"W{b}A{b} integer s13 observed freeze{suffix}"] = {"plan": {**s11, "integer_mid_range": "observed"},
+                                                                 **fz}
     return r
 
 

@@ -405,16 +405,63 @@ def test_freeze_batchnorm_trains_on_running_statistics_after_the_given_epochs(fm
         for later in seen[1:]:
             assert torch.equal(later[n][0], mean) and torch.equal(later[n][1], var)
         assert not torch.equal(seen[2][n][2], w)  # gamma still trains
-    # frozen, a training forward is the evaluation forward
-    m.train()
-    lowbit.FreezeBatchNorm(0).on_epoch_start(FitState(m, None, None, None, 1, 1, torch.device("cpu")))
-    with torch.no_grad():
-        y_train = m(x[:16])
-        m.eval()
-        assert torch.equal(y_train, m(x[:16]))
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="freeze_bn_after"):
             lowbit.FreezeBatchNorm(bad)
+    with pytest.raises(ConfigError, match="freeze_bn_gradient must be one of batch, running"):
+        lowbit.FreezeBatchNorm(1, "frozen")
+
+
+@pytest.mark.parametrize("gradient", ["batch", "running"])
+def test_frozen_batchnorm_forward_is_evaluation_and_its_gradient_is_the_chosen_one(fmnist_small, gradient):
+    """Frozen, a training forward is the evaluation forward bit for bit and moves no statistics; a
+    BatchNorm's backward is batch normalisation's with the batch's statistics (gradient: batch, what
+    training before the freeze saw) or the frozen affine map's (running)."""
+    import copy
+
+    def freeze(model):
+        model.train()
+        lowbit.FreezeBatchNorm(0, gradient).on_epoch_start(FitState(model, None, None, None, 1, 1,
+                                                                     torch.device("cpu")))
+
+    x, y = next(iter(BatchLoader(fmnist_small.train, fmnist_small.info, 32)))
+    m = tiny(W2A4)
+    fit(m, [(x, y)], epochs=1)  # running statistics that are not the batch's
+    m.eval()
+    with torch.no_grad():
+        y_eval = m(x)
+    freeze(m)
+    F.cross_entropy(out := m(x), y).backward()
+    assert torch.equal(out.detach(), y_eval)
+    assert m.get_submodule("layers.0.0.conv1").parametrizations.weight.original.grad.abs().sum() > 0
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), y_eval)
+    # one BatchNorm: its input gradient for a given output gradient
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+    v = torch.randn(8, 4, 5, 5) * 2 + 0.5
+    g = torch.randn(8, 4, 5, 5)
+    ref = copy.deepcopy(bn)
+    ref.train(gradient == "batch")  # batch: train-mode BatchNorm's backward; running: eval's
+    a, b = v.clone().requires_grad_(), v.clone().requires_grad_()
+    ref(a).backward(g)
+    root = nn.Sequential(bn)
+    freeze(root)
+    out = root(b)
+    out.backward(g)
+    assert torch.allclose(b.grad, a.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(bn.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    bn.eval()
+    with torch.no_grad():
+        assert torch.equal(out.detach(), nn.Sequential(bn)(v))  # the frozen forward
+    # and the two gradients differ (else the test could not tell them apart)
+    ref2 = copy.deepcopy(ref).train(gradient != "batch")  # (bn itself now carries the frozen forward)
+    c = v.clone().requires_grad_()
+    ref2(c).backward(g)
+    assert not torch.allclose(c.grad, a.grad, rtol=1e-2, atol=1e-3)
 
 
 def test_run_freezes_batchnorm_from_the_config(tmp_path, fmnist_small):

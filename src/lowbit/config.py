@@ -118,6 +118,9 @@ class TrainConfig(_Strict):
     #: then computes what evaluation and the exported network compute; lowbit.FreezeBatchNorm).
     #: None: off (batch statistics throughout). Must be < epochs.
     freeze_bn_after: int | None = Field(None, ge=0)
+    #: the gradient of a frozen BatchNorm: batch (the batch's statistics, straight through the frozen
+    #: forward; stable) or running (the frozen affine map's own, PyTorch's freeze_bn_stats)
+    freeze_bn_gradient: Literal["batch", "running"] = "batch"
     #: auto: a CUDA GPU when there is one, else the CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: knowledge distillation from a teacher, with any method

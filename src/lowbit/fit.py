@@ -187,22 +187,58 @@ def _call(cb: Any, hook: str, state: FitState, *args) -> None:
 
 
 class FreezeBatchNorm:
-    """Callback: from epoch ``after + 1`` on, every BatchNorm of the model trains on its running
-    statistics (eval mode: no batch statistics, no updates of the running ones; its affine weight and
-    bias still train). Training then computes what evaluation computes, which is what the network is
-    deployed with: the "batch normalization freezing" of Jacob et al. 2018 (sec. 3.2) and
-    Krishnamoorthi 2018 (sec. 3.2), PyTorch's ``freeze_bn_stats``. ``train.freeze_bn_after: N``."""
+    """Callback: from epoch ``after + 1`` on, every BatchNorm of the model computes its output from its
+    running statistics, which stop changing (its affine weight and bias still train). Training then
+    computes what evaluation computes, which is what the network is deployed with: the "batch
+    normalization freezing" of Jacob et al. 2018 (sec. 3.2) and Krishnamoorthi 2018 (sec. 3.2).
 
-    def __init__(self, after: int):
+    ``gradient`` is what the backward pass sees. ``"batch"`` (the default): the gradient of batch
+    normalisation with the batch's own statistics, as before freezing, while the forward value is the
+    frozen one (``y_frozen.detach() + (y_batch - y_batch.detach())``: a straight-through estimator, in the spirit
+    of Krishnamoorthi's folded BatchNorm whose forward is corrected to the running statistics while its
+    gradient keeps the batch's). ``"running"``: the plain gradient of the frozen affine map (BatchNorm
+    in eval mode, PyTorch's ``freeze_bn_stats``); measured unstable here: an 8-bit first conv feeding a
+    channel of small variance took 10x larger steps and the loss went from 0.6 to 4 within three steps
+    (docs/export.md, "Session 13"). ``train.freeze_bn_after: N`` / ``train.freeze_bn_gradient``.
+
+    A later ``model.train()`` (BatchNorm in train mode) undoes the freeze: batch statistics again."""
+
+    GRADIENTS = ("batch", "running")
+
+    def __init__(self, after: int, gradient: str = "batch"):
         if isinstance(after, bool) or not isinstance(after, int) or after < 0:
             raise ConfigError(f"freeze_bn_after must be an integer >= 0, got {after!r}")
-        self.after = after
+        if gradient not in self.GRADIENTS:
+            raise ConfigError(f"freeze_bn_gradient must be one of {', '.join(self.GRADIENTS)}, got {gradient!r}")
+        self.after, self.gradient = after, gradient
 
     def on_epoch_start(self, state: FitState) -> None:
-        if state.epoch >= self.after:
-            for m in state.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+        if state.epoch < self.after:
+            return
+        for m in state.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+                if self.gradient == "batch" and not isinstance(m.__dict__.get("forward"), _FrozenBatchNorm):
+                    m.forward = _FrozenBatchNorm(m, state.model)
+
+
+class _FrozenBatchNorm:
+    """A BatchNorm's forward under ``FreezeBatchNorm(gradient="batch")`` (an instance attribute, not a
+    hook: integer mode evaluates through the float graph whenever a module has forward hooks). While
+    the BatchNorm is in eval mode and the model it belongs to trains: the running statistics' output,
+    with batch normalisation's gradient. Otherwise (evaluation; BatchNorm back in train mode) the
+    BatchNorm's own forward."""
+
+    def __init__(self, bn: nn.Module, root: nn.Module):
+        self.bn, self.root = bn, root
+
+    def __call__(self, x: Tensor) -> Tensor:
+        bn = self.bn
+        y = type(bn).forward(bn, x)
+        if bn.training or not self.root.training or not torch.is_grad_enabled() or x.numel() <= x.shape[1]:
+            return y
+        y_batch = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        return y.detach() + (y_batch - y_batch.detach())  # the value is y's bit for bit (y + 0)
 
 
 def default_optimizer(model: nn.Module, method: Any, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
