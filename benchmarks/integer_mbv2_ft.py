@@ -59,19 +59,26 @@ MODES = {"today": ("today's mode (float BN and residuals)", {}),
                       "through the batch's statistics)", {}),
          "int13_fz": ("integer mode, today's defaults (session 11's without mid in training), BatchNorm frozen for "
                       "the last epoch (train.freeze_bn_after: 1, its gradient through the batch's statistics)",
-                      INT_DEFAULT)}
+                      INT_DEFAULT),
+         "today_fzl": ("today's mode, BatchNorm frozen for the last half epoch (train.freeze_bn_after: 1.5)", {}),
+         "int13_fzl": ("integer mode, today's defaults (session 11's without mid in training), BatchNorm frozen for "
+                       "the last half epoch (train.freeze_bn_after: 1.5)", INT_DEFAULT)}
 #: session 13: modes that freeze BatchNorm for the last of the 2 epochs (train.* keys)
 TRAIN_EXTRA = {"int13_fzp": {"freeze_bn_after": 1, "freeze_bn_gradient": "running"},
                "today_fz": {"freeze_bn_after": 1, "freeze_bn_gradient": "batch"},
-               "int13_fz": {"freeze_bn_after": 1, "freeze_bn_gradient": "batch"}}
+               "int13_fz": {"freeze_bn_after": 1, "freeze_bn_gradient": "batch"},
+               "today_fzl": {"freeze_bn_after": 1.5, "freeze_bn_gradient": "running"},
+               "int13_fzl": {"freeze_bn_after": 1.5, "freeze_bn_gradient": "running"}}
 #: table headers
 HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out_r8_max": "integer s10, init max",
         "int11": "integer s11 (fine bias, mid trained)", "int11_nomid": "integer s11 without mid in training",
         "int12": "integer s12 (mid trained, observed range)",
         "int13_fzp": "integer (defaults), BN frozen last epoch, plain gradient",
-        "today_fz": "today's mode, BN frozen last epoch", "int13_fz": "integer (defaults), BN frozen last epoch"}
+        "today_fz": "today's mode, BN frozen last epoch (batch gradient)",
+        "int13_fz": "integer (defaults), BN frozen last epoch (batch gradient)",
+        "today_fzl": "today's mode, BN frozen last half epoch", "int13_fzl": "integer (defaults), BN frozen last half epoch"}
 #: modes with configs only for the signed rows (WbAbs)
-SIGNED_ONLY = ("int11", "int11_nomid", "int12", "int13_fzp", "today_fz", "int13_fz")
+SIGNED_ONLY = ("int11", "int11_nomid", "int12", "int13_fzp", "today_fz", "int13_fz", "today_fzl", "int13_fzl")
 BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
 
@@ -129,7 +136,7 @@ def table() -> str:
     pre = _acc(PRETRAIN)
     ints = [m for m in MODES if m != "today"]
     #: (mode, base) pairs: every mode against today's, and frozen BatchNorm in both modes (session 13)
-    pairs = [(m, "today") for m in ints] + [("int13_fz", "today_fz")]
+    pairs = [(m, "today") for m in ints] + [("int13_fz", "today_fz"), ("int13_fzl", "today_fzl")]
     head = " | ".join(HEAD[m] for m in MODES)
     lines = [f"FP32 start (`runs/MBV2_fp32_pretrain`): test accuracy {pre[0]:.2f} % (all 10,000 test images)"
              if pre else "FP32 start: not trained", "",
@@ -143,7 +150,8 @@ def table() -> str:
              "WbAbs (session 10): signed LSQ input quantizers (plan bits) on the layers that read a linear bottleneck "
              "(expand convs after the first block, the last 1x1 conv) instead of PACT, in both modes. "
              "Session 13 (`_fz`): BatchNorm frozen for the last epoch (`train.freeze_bn_after: 1`), its gradient through the "
-             "batch's statistics, in both modes; `_fzp`: with the frozen map's plain gradient (`freeze_bn_gradient: running`).",
+             "batch's statistics, in both modes; `_fzp`: with the frozen map's plain gradient (`freeze_bn_gradient: running`); "
+             "`_fzl`: frozen for the last half epoch (`freeze_bn_after: 1.5`) with the plain gradient, in both modes.",
              "", f"| bits | seed | {head} | " + " | ".join(f"{HEAD[m]} − {HEAD[b] if b != 'today' else b}" for m, b in pairs)
              + " |", "|---|---|" + "---|" * (len(MODES) + len(pairs))]
     summary: dict = {}

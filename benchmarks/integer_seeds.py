@@ -37,9 +37,9 @@ OUT = Path("benchmarks/results/integer_export/seeds")
 
 
 def rows(epochs: int = 3) -> dict:
-    """Every row; ``epochs`` (the protocol's): the ``freeze`` rows freeze BatchNorm for the last epoch."""
+    """Every row; ``epochs`` (the protocol's): the ``freeze`` rows freeze BatchNorm for the last epoch
+    or half epoch."""
     r = {}
-    freeze = {"freeze_bn_after": epochs - 1}
     for b in (2, 4, 8):
         plan = {"weight": {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b}}
         r[f"W{b}A{b} today"] = {"plan": plan}
@@ -64,10 +64,12 @@ def rows(epochs: int = 3) -> dict:
         r[f"W{b}A{b} integer s11 nomid"] = {"plan": {**s11, "integer_train_mid": False}}
         # session 12: mid trained, covering the range its conv values took in training (a finer grid)
         r[f"W{b}A{b} integer s12 observed"] = {"plan": {**s11, "integer_mid_range": "observed"}}
-        # session 13: BatchNorm frozen for the last epoch (train.freeze_bn_after), both modes: its gradient
-        # through the batch's statistics (the default), or the frozen map's own ("plain", the first try)
-        for suffix, grad in (("", "batch"), (" plain", "running")):
-            fz = {"train": {**freeze, "freeze_bn_gradient": grad}}
+        # session 13: BatchNorm frozen (train.freeze_bn_after), both modes: for the last epoch with the
+        # gradient through the batch's statistics ("freeze") or the frozen map's own ("plain"); for the last
+        # half epoch with the frozen map's own gradient ("late", the default gradient)
+        for suffix, at, grad in (("", epochs - 1, "batch"), (" plain", epochs - 1, "running"),
+                                 (" late", epochs - 0.5, "running")):
+            fz = {"train": {"freeze_bn_after": at, "freeze_bn_gradient": grad}}
             r[f"W{b}A{b} today freeze{suffix}"] = {"plan": plan, **fz}
             r[f"W{b}A{b} integer s13 freeze{suffix}"] = {"plan": {**s11, "integer_train_mid": False}, **fz}
             r[f"W{b}A{b} integer s13 observed freeze{suffix}"] = {"plan": {**s11, "integer_mid_range": "observed"},

@@ -383,32 +383,38 @@ def _bn_state(m):
             for n, b in m.named_modules() if isinstance(b, nn.BatchNorm2d)}
 
 
-def test_freeze_batchnorm_trains_on_running_statistics_after_the_given_epochs(fmnist_small):
+@pytest.mark.parametrize("after", [1, 1.5])
+def test_freeze_batchnorm_trains_on_running_statistics_after_the_given_epochs(fmnist_small, after):
     x, y = next(iter(BatchLoader(fmnist_small.train, fmnist_small.info, 128)))
-    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]  # 4 steps per epoch
     m = tiny(W2A4)
     init, seen, modes = _bn_state(m), [], []
 
     class Probe:
-        def on_epoch_start(self, state):
+        def on_step(self, state, step):
             modes.append((state.model.training, {b.training for b in state.model.modules()
                                                  if isinstance(b, nn.BatchNorm2d)}))
 
         def on_epoch_end(self, state, row):
             seen.append(_bn_state(state.model))
 
-    fit(m, batches, epochs=3, callbacks=[lowbit.FreezeBatchNorm(1), Probe()])
-    # epoch 1 on batch statistics, epochs 2-3 on the running ones: the model trains, BatchNorm does not
-    assert modes == [(True, {True}), (True, {False}), (True, {False})]
+    fit(m, batches, epochs=3, callbacks=[lowbit.FreezeBatchNorm(after), Probe()])
+    # batch statistics up to step round(after * 4), the running ones after: the model trains, BatchNorm does not
+    first = round(after * 4)
+    assert modes == [(True, {True})] * first + [(True, {False})] * (12 - first)
+    frozen_from = int(after) if after == int(after) else int(after) + 1  # first epoch end after the freeze
     for n, (mean, var, w) in seen[0].items():
         assert not torch.equal(mean, init[n][0]) and not torch.equal(var, init[n][1])
-        for later in seen[1:]:
-            assert torch.equal(later[n][0], mean) and torch.equal(later[n][1], var)
+        for later in seen[frozen_from:]:
+            assert torch.equal(later[n][0], seen[frozen_from - 1][n][0])
+            assert torch.equal(later[n][1], seen[frozen_from - 1][n][1])
         assert not torch.equal(seen[2][n][2], w)  # gamma still trains
-    for bad in (-1, 1.5, True):
+    if after == 1.5:  # half of epoch 2 moved the statistics, the other half did not
+        assert any(not torch.equal(seen[1][n][0], seen[0][n][0]) for n in seen[0])
+    for bad in (-1, True, "2", float("inf")):
         with pytest.raises(ConfigError, match="freeze_bn_after"):
             lowbit.FreezeBatchNorm(bad)
-    with pytest.raises(ConfigError, match="freeze_bn_gradient must be one of batch, running"):
+    with pytest.raises(ConfigError, match="freeze_bn_gradient must be one of running, batch"):
         lowbit.FreezeBatchNorm(1, "frozen")
 
 
@@ -421,8 +427,7 @@ def test_frozen_batchnorm_forward_is_evaluation_and_its_gradient_is_the_chosen_o
 
     def freeze(model):
         model.train()
-        lowbit.FreezeBatchNorm(0, gradient).on_epoch_start(FitState(model, None, None, None, 1, 1,
-                                                                     torch.device("cpu")))
+        lowbit.FreezeBatchNorm(0, gradient).on_step(FitState(model, None, None, None, 1, 1, torch.device("cpu")), 0)
 
     x, y = next(iter(BatchLoader(fmnist_small.train, fmnist_small.info, 32)))
     m = tiny(W2A4)

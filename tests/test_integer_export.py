@@ -713,7 +713,7 @@ def test_frozen_batchnorm_training_computes_the_float_graph_the_integer_network_
     with torch.no_grad():
         float_graph = gm(x)  # eval: BatchNorm on running statistics
         m.train()
-        FreezeBatchNorm(0).on_epoch_start(FitState(m, None, None, None, 1, 1, torch.device("cpu")))
+        FreezeBatchNorm(0).on_step(FitState(m, None, None, None, 1, 1, torch.device("cpu")), 0)
         frozen = m(x)
         m.train()
         batch_stats = m(x)  # (and updates the running statistics: last)

@@ -114,13 +114,13 @@ class TrainConfig(_Strict):
     #: running statistics on this many training batches (0: off, the papers' procedure). The new
     #: statistics are stored in best.pt and used by eval, info and export alike.
     bn_recalibrate: int = Field(0, ge=0)
-    #: after this many epochs, every BatchNorm trains on its running statistics (frozen: training
-    #: then computes what evaluation and the exported network compute; lowbit.FreezeBatchNorm).
-    #: None: off (batch statistics throughout). Must be < epochs.
-    freeze_bn_after: int | None = Field(None, ge=0)
-    #: the gradient of a frozen BatchNorm: batch (the batch's statistics, straight through the frozen
-    #: forward; stable) or running (the frozen affine map's own, PyTorch's freeze_bn_stats)
-    freeze_bn_gradient: Literal["batch", "running"] = "batch"
+    #: after this many epochs (a fraction counts: 1.5), every BatchNorm trains on its running statistics
+    #: (frozen: training then computes what evaluation and the exported network compute;
+    #: lowbit.FreezeBatchNorm). None: off (batch statistics throughout). Must be < epochs.
+    freeze_bn_after: float | None = Field(None, ge=0, allow_inf_nan=False)
+    #: the gradient of a frozen BatchNorm: running (the frozen affine map's own, PyTorch's
+    #: freeze_bn_stats) or batch (the batch's statistics, straight through the frozen forward)
+    freeze_bn_gradient: Literal["running", "batch"] = "running"
     #: auto: a CUDA GPU when there is one, else the CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: knowledge distillation from a teacher, with any method
@@ -131,7 +131,7 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _freeze_within_epochs(self):
         if self.freeze_bn_after is not None and self.freeze_bn_after >= self.epochs:
-            raise ValueError(f"freeze_bn_after ({self.freeze_bn_after}) must be less than epochs ({self.epochs}): "
+            raise ValueError(f"freeze_bn_after ({self.freeze_bn_after:g}) must be less than epochs ({self.epochs}): "
                              "BatchNorm would never be frozen")
         return self
 

@@ -152,6 +152,7 @@ class Callback(Protocol):
 
     def on_fit_start(self, state: FitState) -> None: ...
     def on_epoch_start(self, state: FitState) -> None: ...  # after model.train(), before the first step
+    def on_step(self, state: FitState, step: int) -> None: ...  # before each training step (over all epochs)
     def on_epoch_end(self, state: FitState, row: dict) -> None: ...
     def on_fit_end(self, state: FitState) -> None: ...
 
@@ -187,36 +188,44 @@ def _call(cb: Any, hook: str, state: FitState, *args) -> None:
 
 
 class FreezeBatchNorm:
-    """Callback: from epoch ``after + 1`` on, every BatchNorm of the model computes its output from its
-    running statistics, which stop changing (its affine weight and bias still train). Training then
-    computes what evaluation computes, which is what the network is deployed with: the "batch
-    normalization freezing" of Jacob et al. 2018 (sec. 3.2) and Krishnamoorthi 2018 (sec. 3.2).
+    """Callback: after ``after`` epochs (a fraction counts: 1.5 freezes half-way through the second
+    epoch, at step ``round(after * steps_per_epoch)``), every BatchNorm of the model computes its output
+    from its running statistics, which stop changing (its affine weight and bias still train). Training
+    then computes what evaluation computes, which is what the network is deployed with: the "batch
+    normalization freezing" of Jacob et al. 2018 (sec. 3.2) and Krishnamoorthi 2018 (sec. 3.2), done
+    late in training, when the learning rate is small.
 
-    ``gradient`` is what the backward pass sees. ``"batch"`` (the default): the gradient of batch
-    normalisation with the batch's own statistics, as before freezing, while the forward value is the
-    frozen one (``y_frozen.detach() + (y_batch - y_batch.detach())``: a straight-through estimator, in the spirit
-    of Krishnamoorthi's folded BatchNorm whose forward is corrected to the running statistics while its
-    gradient keeps the batch's). ``"running"``: the plain gradient of the frozen affine map (BatchNorm
-    in eval mode, PyTorch's ``freeze_bn_stats``); measured unstable here: an 8-bit first conv feeding a
-    channel of small variance took 10x larger steps and the loss went from 0.6 to 4 within three steps
-    (docs/export.md, "Session 13"). ``train.freeze_bn_after: N`` / ``train.freeze_bn_gradient``.
+    ``gradient`` is what the backward pass sees. ``"running"`` (the default): the frozen affine map's own
+    gradient (BatchNorm in eval mode, PyTorch's ``freeze_bn_stats``): training descends the loss of the
+    network it deploys. Frozen at half the peak learning rate this was unstable once in 16 ResNet-8
+    fine-tunes (an 8-bit first conv's steps grew 10x and the loss went from 0.6 to 4 in three steps);
+    frozen later (1.5 of 2 epochs) the same run trained on. ``"batch"``: batch normalisation's gradient
+    with the batch's own statistics, straight through the frozen forward
+    (``y_frozen.detach() + (y_batch - y_batch.detach())``, in the spirit of Krishnamoorthi's folded
+    BatchNorm whose forward is corrected to the running statistics while its gradient keeps the
+    batch's): stable, but it optimises another function than it computes, and measured 0.9-1.5 points
+    lower at W2A2 (docs/export.md, "Session 13"). ``train.freeze_bn_after`` / ``train.freeze_bn_gradient``.
 
-    A later ``model.train()`` (BatchNorm in train mode) undoes the freeze: batch statistics again."""
+    A later ``model.train()`` (BatchNorm in train mode) undoes the freeze until the next step."""
 
-    GRADIENTS = ("batch", "running")
+    GRADIENTS = ("running", "batch")
 
-    def __init__(self, after: int, gradient: str = "batch"):
-        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-            raise ConfigError(f"freeze_bn_after must be an integer >= 0, got {after!r}")
+    def __init__(self, after: float, gradient: str = "running"):
+        if isinstance(after, bool) or not isinstance(after, (int, float)) or not 0 <= after < float("inf"):
+            raise ConfigError(f"freeze_bn_after must be a number of epochs >= 0, got {after!r}")
         if gradient not in self.GRADIENTS:
             raise ConfigError(f"freeze_bn_gradient must be one of {', '.join(self.GRADIENTS)}, got {gradient!r}")
         self.after, self.gradient = after, gradient
+        self._bns: list[nn.Module] | None = None
 
-    def on_epoch_start(self, state: FitState) -> None:
-        if state.epoch < self.after:
+    def on_step(self, state: FitState, step: int) -> None:
+        """Before training step ``step`` (counted over all epochs)."""
+        if step < round(self.after * state.steps_per_epoch):
             return
-        for m in state.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if self._bns is None:
+            self._bns = [m for m in state.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in self._bns:
+            if m.training:
                 m.eval()
                 if self.gradient == "batch" and not isinstance(m.__dict__.get("forward"), _FrozenBatchNorm):
                     m.forward = _FrozenBatchNorm(m, state.model)
@@ -270,7 +279,7 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
     with the next epoch, giving the same result as an uninterrupted call (when the batches of an
     epoch are a function of the epoch, as :class:`lowbit.data.BatchLoader`'s are).
     Callbacks (:class:`Callback`) get the row after each epoch; setting ``state.stop`` ends training
-    (and ``on_epoch_start`` after ``model.train()``: e.g. :class:`FreezeBatchNorm`).
+    (``on_epoch_start`` after ``model.train()``, ``on_step`` before each step: e.g. :class:`FreezeBatchNorm`).
     """
     from .methods import STE
     from .quantize import quant_state
@@ -298,12 +307,13 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
     state = FitState(model, method, optimizer, scheduler, epochs, steps, dev, epoch=start_epoch)
     for cb in callbacks:
         _call(cb, "on_fit_start", state)
+    stepping = [cb for cb in callbacks if hasattr(cb, "on_step")]
     for epoch in range(start_epoch, epochs):
         state.epoch = epoch
         model.train()
         for cb in callbacks:
             _call(cb, "on_epoch_start", state)
-        row = _train_epoch(state, batches, epoch, progress, log_every)
+        row = _train_epoch(state, batches, epoch, progress, log_every, stepping)
         method.on_epoch_end(model, epoch)
         val = evaluate(model, val_batches, dev) if val_batches is not None else {"loss": float("nan"),
                                                                                  "acc": float("nan")}
@@ -324,7 +334,8 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
     return state.history
 
 
-def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool, log_every: int) -> dict:
+def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool, log_every: int,
+                 stepping: list = ()) -> dict:
     model, method, opt, sched, dev = state.model, state.method, state.optimizer, state.scheduler, state.device
     _set_epoch(batches, epoch)
     t0 = time.perf_counter()
@@ -336,6 +347,8 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
                dynamic_ncols=True)
     for i, batch in enumerate(bar):
         batch = to_device(batch, dev)
+        for cb in stepping:
+            cb.on_step(state, epoch * state.steps_per_epoch + i)
         method.on_step(model, epoch * state.steps_per_epoch + i)
         try:
             res = method.train_step(model, batch, opt, epoch * state.steps_per_epoch + i)
