@@ -388,9 +388,12 @@ def test_freeze_batchnorm_trains_on_running_statistics_after_the_given_epochs(fm
     x, y = next(iter(BatchLoader(fmnist_small.train, fmnist_small.info, 128)))
     batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]  # 4 steps per epoch
     m = tiny(W2A4)
-    init, seen, modes = _bn_state(m), [], []
+    init, seen, modes, starts = _bn_state(m), [], [], []
 
     class Probe:
+        def on_epoch_start(self, state):
+            starts.append((state.epoch, state.model.training))
+
         def on_step(self, state, step):
             modes.append((state.model.training, {b.training for b in state.model.modules()
                                                  if isinstance(b, nn.BatchNorm2d)}))
@@ -401,6 +404,7 @@ def test_freeze_batchnorm_trains_on_running_statistics_after_the_given_epochs(fm
     fit(m, batches, epochs=3, callbacks=[lowbit.FreezeBatchNorm(after), Probe()])
     # batch statistics up to step round(after * 4), the running ones after: the model trains, BatchNorm does not
     first = round(after * 4)
+    assert starts == [(0, True), (1, True), (2, True)]  # on_epoch_start: after model.train()
     assert modes == [(True, {True})] * first + [(True, {False})] * (12 - first)
     frozen_from = int(after) if after == int(after) else int(after) + 1  # first epoch end after the freeze
     for n, (mean, var, w) in seen[0].items():

@@ -197,7 +197,7 @@ class FreezeBatchNorm:
 
     ``gradient`` is what the backward pass sees. ``"running"`` (the default): the frozen affine map's own
     gradient (BatchNorm in eval mode, PyTorch's ``freeze_bn_stats``): training descends the loss of the
-    network it deploys. Frozen at half the peak learning rate this was unstable once in 16 ResNet-8
+    network it deploys. Frozen at half the peak learning rate this diverged in one of 27 ResNet-8
     fine-tunes (an 8-bit first conv's steps grew 10x and the loss went from 0.6 to 4 in three steps);
     frozen later (1.5 of 2 epochs) the same run trained on. ``"batch"``: batch normalisation's gradient
     with the batch's own statistics, straight through the frozen forward
