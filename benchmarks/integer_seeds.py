@@ -18,7 +18,11 @@ rows that separate the causes of the gap:
   row before session 12 pins ``integer_mid_range: cover``, what it ran with);
   ``WxAx integer s11``: session 11's defaults (output add, 8-bit stream, init lsq, fine bias,
   training rounds residual convs to ``mid``); ``WxAx integer s11 nomid``: the same without ``mid`` in
-  training.
+  training (today's defaults); ``WxAx integer s12 observed``: ``mid`` trained on its observed range;
+* session 13, BatchNorm frozen (``train.freeze_bn_after``), in both modes (``WxAx today ...`` and
+  ``WxAx integer s13 ...``, today's integer defaults): ``freeze`` (the last epoch, the batch gradient),
+  ``freeze plain`` (the last epoch, the frozen map's own gradient) and ``freeze late`` (the last half
+  epoch, the frozen map's own gradient: the recipe docs/export.md recommends).
 
     python benchmarks/integer_seeds.py --rows "W2A2 integer" --seeds 0       # slot
     python benchmarks/integer_seeds.py --jobs "W2A2 integer:1,W2A2 today:1"  # slot; in this order
