@@ -401,7 +401,8 @@ def test_freeze_batchnorm_trains_on_running_statistics_after_the_given_epochs(fm
         def on_epoch_end(self, state, row):
             seen.append(_bn_state(state.model))
 
-    fit(m, batches, epochs=3, callbacks=[lowbit.FreezeBatchNorm(after), Probe()])
+    freeze = lowbit.FreezeBatchNorm(after)
+    fit(m, batches, epochs=3, callbacks=[freeze, Probe()])
     # batch statistics up to step round(after * 4), the running ones after: the model trains, BatchNorm does not
     first = round(after * 4)
     assert starts == [(0, True), (1, True), (2, True)]  # on_epoch_start: after model.train()
@@ -415,6 +416,9 @@ def test_freeze_batchnorm_trains_on_running_statistics_after_the_given_epochs(fm
         assert not torch.equal(seen[2][n][2], w)  # gamma still trains
     if after == 1.5:  # half of epoch 2 moved the statistics, the other half did not
         assert any(not torch.equal(seen[1][n][0], seen[0][n][0]) for n in seen[0])
+    other = tiny(W2A4, seed=1)  # the same callback on another model freezes that model's BatchNorms
+    fit(other, batches, epochs=3, callbacks=[freeze])
+    assert not any(b.training for b in other.modules() if isinstance(b, nn.BatchNorm2d))
     for bad in (-1, True, "2", float("inf")):
         with pytest.raises(ConfigError, match="freeze_bn_after"):
             lowbit.FreezeBatchNorm(bad)

@@ -216,16 +216,13 @@ class FreezeBatchNorm:
         if gradient not in self.GRADIENTS:
             raise ConfigError(f"freeze_bn_gradient must be one of {', '.join(self.GRADIENTS)}, got {gradient!r}")
         self.after, self.gradient = after, gradient
-        self._bns: list[nn.Module] | None = None
 
     def on_step(self, state: FitState, step: int) -> None:
         """Before training step ``step`` (counted over all epochs)."""
         if step < round(self.after * state.steps_per_epoch):
             return
-        if self._bns is None:
-            self._bns = [m for m in state.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        for m in self._bns:
-            if m.training:
+        for m in state.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
                 m.eval()
                 if self.gradient == "batch" and not isinstance(m.__dict__.get("forward"), _FrozenBatchNorm):
                     m.forward = _FrozenBatchNorm(m, state.model)
@@ -347,11 +344,12 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
                dynamic_ncols=True)
     for i, batch in enumerate(bar):
         batch = to_device(batch, dev)
+        step = epoch * state.steps_per_epoch + i
         for cb in stepping:
-            cb.on_step(state, epoch * state.steps_per_epoch + i)
-        method.on_step(model, epoch * state.steps_per_epoch + i)
+            cb.on_step(state, step)
+        method.on_step(model, step)
         try:
-            res = method.train_step(model, batch, opt, epoch * state.steps_per_epoch + i)
+            res = method.train_step(model, batch, opt, step)
         except TrainingDiverged as e:
             lr = opt.param_groups[0]["lr"] if opt is not None else float("nan")
             raise TrainingDiverged(f"{e} at epoch {epoch + 1}, step {i + 1}; lower train.lr (now {lr:.3g}) "

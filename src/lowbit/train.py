@@ -374,7 +374,9 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
     if ck is not None:  # a folder whose config.yaml was edited after training: one line, before fit
         with checkpoint_fits(last, run_dir):
             model.load_state_dict(ck["model"])
-    fit_callbacks: list = [FreezeBatchNorm(t.freeze_bn_after, t.freeze_bn_gradient)] if t.freeze_bn_after is not None else []
+    fit_callbacks: list = []
+    if t.freeze_bn_after is not None:
+        fit_callbacks.append(FreezeBatchNorm(t.freeze_bn_after, t.freeze_bn_gradient))
     if ddp.active():  # SyncBatchNorm, quantizer priming, DistributedDataParallel, metrics over all ranks
         model, method = ddp.setup(model, train_loader, method, device, ck["epoch"] + 1 if ck else 0,
                                   t.sync_batchnorm)
