@@ -4,11 +4,11 @@ Trained from scratch for 2 epochs, MobileNetV2-0.5's seed-to-seed spread (severa
 0.5-point question (docs/export.md, "MobileNetV2 in integer mode, trained"). Here every run starts
 from the same FP32 network (``MBV2_fp32_pretrain``: 24,000 training images, 4 epochs, lr 0.05,
 seed 100), and both modes fine-tune it the same way (8,000 images, 2 epochs, SGD lr 0.01 cosine,
-SAWB weights + PACT activations, seeds 0-3): today's mode (first conv / last linear FP32, float BN
-and residuals) and integer mode (output add, 8-bit residual stream): sessions 9-10's form (coarse
-bias, ``mid`` not trained; pinned in its configs) and session 11's defaults (``int11``: fine bias,
-training rounds residual convs to ``mid``; signed rows only) and session 12's (``int12``: ``mid``
-covering only the range its conv values took in training, ``integer_mid_range: observed``).
+SAWB weights + PACT activations, seeds 0-3, and 4-5 where session 14 needed them): today's mode
+(first conv / last linear FP32, float BN and residuals) and integer mode (output add, 8-bit residual
+stream): sessions 9-10's form (coarse bias, ``mid`` not trained; pinned in its configs) and session
+11's defaults (``int11``: fine bias, training rounds residual convs to ``mid``; signed rows only) and
+session 12's (``int12``: ``mid`` covering only the range its conv values took in training, ``integer_mid_range: observed``).
 
     python benchmarks/integer_mbv2_ft.py --configs     # writes the FT_* configs (committed; the pretraining's is by hand)
     lowbit train benchmarks/results/integer_export/mbv2_ft/configs/MBV2_fp32_pretrain.yaml \\
@@ -81,6 +81,9 @@ HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out
 SIGNED_ONLY = ("int11", "int11_nomid", "int12", "int13_fzp", "today_fz", "int13_fz", "today_fzl", "int13_fzl")
 BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
+#: session 14: seeds 4-5 only where the 0.5-point question is still open (signed W4A4 and W8A8), in today's
+#: mode and the late freeze in both modes
+MORE_SEEDS, MORE_BITS, MORE_MODES = (4, 5), (8, 4), ("today", "today_fzl", "int13_fzl")
 
 
 #: 8-bit weights on an int8 grid (LSQ per channel initialised at max|w|/127, codes -128..127): 8-bit SAWB's 256 odd levels do not
@@ -101,10 +104,11 @@ def signed_layers(bits: int) -> dict:
 def configs() -> None:
     (OUT / "configs").mkdir(parents=True, exist_ok=True)
     jobs = ([(s, b, None, False) for s in SEEDS for b in BITS] + [(s, 8, LSQ8, False) for s in SEEDS]
-            + [(s, b, None, True) for s in SEEDS for b in SIGNED_BITS])
+            + [(s, b, None, True) for s in SEEDS for b in SIGNED_BITS]
+            + [(s, b, None, True) for s in MORE_SEEDS for b in MORE_BITS])
     for s, b, wspec, signed in jobs:
         for m, (desc, extra) in MODES.items():
-            if m in SIGNED_ONLY and not signed:
+            if (m in SIGNED_ONLY and not signed) or (s in MORE_SEEDS and m not in MORE_MODES):
                 continue
             plan = {"weight": wspec or {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b},
                     "keep_first": True, "keep_last": True, **({"layers": signed_layers(b)} if signed else {}),
@@ -158,7 +162,7 @@ def table() -> str:
     cell = lambda a: f"{a[0]:.2f} ({a[1]:.1f})" if a else "–"  # noqa: E731
     for label in [f"W{b}A{b}" for b in BITS] + ["W8A8lsq"] + [f"W{b}A{b}s" for b in SIGNED_BITS]:
         diffs: dict = {pr: [] for pr in pairs}
-        for s in SEEDS:
+        for s in SEEDS + MORE_SEEDS:
             acc = {m: _acc(OUT / "runs" / f"FT_{label}_{m}_s{s}") for m in MODES}
             if not any(acc.values()):
                 continue
