@@ -42,6 +42,11 @@ INT11 = {**OUT_R8, "integer_init": "lsq", "integer_bias": "fine", "integer_train
          "integer_mid_range": "cover"}
 #: today's integer defaults (session 11's without mid in training)
 INT_DEFAULT = {**INT11, "integer_train_mid": False}
+#: session 14: the first conv and the classifier at 8 bits, quantized as integer mode quantizes them (LSQ
+#: per-channel weights; the image by a signed 8-bit LSQ quantizer, the classifier input by the plan's at 8 bits)
+ENDS8 = {"features.0": {"weight": {"name": "lsq", "bits": 8, "per_channel": True},
+                        "act": {"name": "lsq", "bits": 8, "signed": True}},
+         "fc": {"weight": {"name": "lsq", "bits": 8, "per_channel": True}, "act": {"bits": 8}}}
 MODES = {"today": ("today's mode (float BN and residuals)", {}),
          "int_out_r8": ("integer mode, output add + 8-bit stream, the paper's LSQ init of its 8-bit quantizers",
                         {**OUT_R8, "integer_init": "lsq", **S10}),
@@ -62,13 +67,17 @@ MODES = {"today": ("today's mode (float BN and residuals)", {}),
                       INT_DEFAULT),
          "today_fzl": ("today's mode, BatchNorm frozen for the last half epoch (train.freeze_bn_after: 1.5)", {}),
          "int13_fzl": ("integer mode, today's defaults (session 11's without mid in training), BatchNorm frozen for "
-                       "the last half epoch (train.freeze_bn_after: 1.5)", INT_DEFAULT)}
+                       "the last half epoch (train.freeze_bn_after: 1.5)", INT_DEFAULT),
+         "today8e_fzl": ("today's mode with the first conv and the classifier at 8 bits as integer mode quantizes them, "
+                         "BatchNorm frozen for the last half epoch (train.freeze_bn_after: 1.5)",
+                         {"keep_first": False, "keep_last": False, "layers": ENDS8})}
 #: session 13: modes that freeze BatchNorm for the last of the 2 epochs (train.* keys)
 TRAIN_EXTRA = {"int13_fzp": {"freeze_bn_after": 1, "freeze_bn_gradient": "running"},
                "today_fz": {"freeze_bn_after": 1, "freeze_bn_gradient": "batch"},
                "int13_fz": {"freeze_bn_after": 1, "freeze_bn_gradient": "batch"},
                "today_fzl": {"freeze_bn_after": 1.5, "freeze_bn_gradient": "running"},
-               "int13_fzl": {"freeze_bn_after": 1.5, "freeze_bn_gradient": "running"}}
+               "int13_fzl": {"freeze_bn_after": 1.5, "freeze_bn_gradient": "running"},
+               "today8e_fzl": {"freeze_bn_after": 1.5, "freeze_bn_gradient": "running"}}
 #: table headers
 HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out_r8_max": "integer s10, init max",
         "int11": "integer s11 (fine bias, mid trained)", "int11_nomid": "integer s11 without mid in training",
@@ -76,9 +85,11 @@ HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out
         "int13_fzp": "integer (defaults), BN frozen last epoch, plain gradient",
         "today_fz": "today's mode, BN frozen last epoch (batch gradient)",
         "int13_fz": "integer (defaults), BN frozen last epoch (batch gradient)",
-        "today_fzl": "today's mode, BN frozen last half epoch", "int13_fzl": "integer (defaults), BN frozen last half epoch"}
+        "today_fzl": "today's mode, BN frozen last half epoch", "int13_fzl": "integer (defaults), BN frozen last half epoch",
+        "today8e_fzl": "today's mode, 8-bit ends, BN frozen last half epoch"}
 #: modes with configs only for the signed rows (WbAbs)
-SIGNED_ONLY = ("int11", "int11_nomid", "int12", "int13_fzp", "today_fz", "int13_fz", "today_fzl", "int13_fzl")
+SIGNED_ONLY = ("int11", "int11_nomid", "int12", "int13_fzp", "today_fz", "int13_fz", "today_fzl", "int13_fzl",
+               "today8e_fzl")
 BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
 #: session 14: seeds 4-5 only where the 0.5-point question is still open (signed W4A4 and W8A8), in today's
@@ -110,9 +121,10 @@ def configs() -> None:
         for m, (desc, extra) in MODES.items():
             if (m in SIGNED_ONLY and not signed) or (s in MORE_SEEDS and m not in MORE_MODES):
                 continue
+            layers = {**(signed_layers(b) if signed else {}), **extra.get("layers", {})}
             plan = {"weight": wspec or {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b},
-                    "keep_first": True, "keep_last": True, **({"layers": signed_layers(b)} if signed else {}),
-                    "method": {"name": "ste"}, **extra}
+                    "keep_first": True, "keep_last": True, **({"layers": layers} if layers else {}),
+                    "method": {"name": "ste"}, **{k: v for k, v in extra.items() if k != "layers"}}
             label, wdesc = (f"W{b}A{b}lsq", ", LSQ 8-bit per-channel weights") if wspec else (f"W{b}A{b}", "")
             if signed:
                 label, wdesc = f"W{b}A{b}s", ", signed LSQ inputs where a linear bottleneck is read"
@@ -140,7 +152,9 @@ def table() -> str:
     pre = _acc(PRETRAIN)
     ints = [m for m in MODES if m != "today"]
     #: (mode, base) pairs: every mode against today's, and frozen BatchNorm in both modes (session 13)
-    pairs = [(m, "today") for m in ints] + [("int13_fz", "today_fz"), ("int13_fzl", "today_fzl")]
+    #: and (session 14) the 8-bit ends in today's mode, and integer mode against that
+    pairs = [(m, "today") for m in ints] + [("int13_fz", "today_fz"), ("int13_fzl", "today_fzl"),
+                                            ("today8e_fzl", "today_fzl"), ("int13_fzl", "today8e_fzl")]
     head = " | ".join(HEAD[m] for m in MODES)
     lines = [f"FP32 start (`runs/MBV2_fp32_pretrain`): test accuracy {pre[0]:.2f} % (all 10,000 test images)"
              if pre else "FP32 start: not trained", "",
