@@ -155,11 +155,12 @@ def main() -> None:
 
 
 def paired(row: str, base: str, recal: int = 0) -> str:
-    """Markdown: per width, ROW − BASE test accuracy per seed where both finished, mean ± SE (``recal``:
+    """Markdown: per width, ROW − BASE test accuracy per seed where both finished, mean ± SE and the
+    one-sided 95 % lower bound of the mean (``recal``:
     the accuracies after re-estimating BatchNorm statistics on that many batches, ``recal_N.json``)."""
     import json
 
-    from lowbit.bench.report import mean_se
+    from lowbit.bench.report import lower_bound, mean_se
 
     re = json.loads((OUT / f"recal_{recal}.json").read_text()) if recal else {}
 
@@ -170,7 +171,8 @@ def paired(row: str, base: str, recal: int = 0) -> str:
         return json.loads(p.read_text())["test_acc"] if p.is_file() else None
 
     what = f" after BN re-estimation on {recal} batches" if recal else ""
-    lines = [f"| bits | {row} − {base} per seed{what} | mean ± standard error |", "|---|---|---|"]
+    lines = [f"| bits | {row} − {base} per seed{what} | mean ± standard error | one-sided 95 % lower bound |",
+             "|---|---|---|---|"]
     for b in (2, 4, 8):
         d = []
         for k in range(10):
@@ -179,7 +181,8 @@ def paired(row: str, base: str, recal: int = 0) -> str:
                 d.append((k, 100 * a - 100 * c))
         if d:
             m, se = mean_se([x for _, x in d])
-            lines.append(f"| W{b}A{b} | " + " / ".join(f"{x:+.2f} (s{k})" for k, x in d) + f" | **{m:+.2f} ± {se:.2f}** |")
+            lines.append(f"| W{b}A{b} | " + " / ".join(f"{x:+.2f} (s{k})" for k, x in d)
+                         + f" | **{m:+.2f} ± {se:.2f}** | {lower_bound([x for _, x in d]):+.2f} |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from lowbit.bench.report import _curves, report, table_rows
+from lowbit.bench.report import _curves, lower_bound, mean_se, report, table_rows
 from lowbit.bench.suite import Suite, expand, run_suite
 from lowbit.cli import main
 from lowbit.cost import mem_002
@@ -75,6 +75,17 @@ def test_bench_workers_run_in_separate_processes(tmp_path):
     assert len(lines) == 2
     cfg = yaml.safe_load((tmp_path / "out" / "FP32" / "seed3" / "config.yaml").read_text())
     assert cfg["train"]["threads"] >= 1  # the worker's share of the cores was written down
+
+
+def test_lower_bound_is_the_one_sided_student_t_bound():
+    # 1, 2, 3: mean 2, SE 1/sqrt(3); t(0.95, 2 dof) = 2.919986 -> 2 - 2.919986/sqrt(3) = 0.314146
+    assert lower_bound([1.0, 2.0, 3.0]) == pytest.approx(0.314146, abs=1e-6)
+    # more confidence, a lower bound; the 50 % bound is the mean itself
+    assert lower_bound([1.0, 2.0, 3.0], 0.99) < lower_bound([1.0, 2.0, 3.0])
+    assert lower_bound([0.5, -0.2, 0.1, 0.3], 0.5) == pytest.approx(mean_se([0.5, -0.2, 0.1, 0.3])[0])
+    assert lower_bound([0.4]) == float("-inf")  # one seed bounds nothing
+    with pytest.raises(ConfigError, match="level must be in"):
+        lower_bound([1.0, 2.0], 1.0)
 
 
 def test_report_table_is_mean_and_std_of_the_error(tmp_path):

@@ -53,6 +53,21 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) / n ** 0.5 if n > 1 else 0.0)
 
 
+def lower_bound(values: list[float], level: float = 0.95) -> float:
+    """One-sided lower confidence bound of the mean at ``level`` (Student's t, n − 1 degrees of
+    freedom): "the mean is at least this" for a paired difference averaged over seeds, the test of a
+    target such as "integer mode loses at most 0.5 points" (bound > −0.5). −inf for fewer than two values."""
+    if not 0 < level < 1:
+        raise ConfigError(f"level must be in (0, 1), got {level}")
+    n = len(values)
+    if n < 2:
+        return float("-inf")
+    from scipy.stats import t
+
+    m, se = mean_se(values)
+    return m - float(t.ppf(level, n - 1)) * se
+
+
 def table_rows(records: list[dict]) -> list[dict]:
     """One row per label: test error mean ± std over its runs (seeds), bits, size, BitOPs."""
     groups: dict[str, list[dict]] = {}
