@@ -4,7 +4,7 @@ Trained from scratch for 2 epochs, MobileNetV2-0.5's seed-to-seed spread (severa
 0.5-point question (docs/export.md, "MobileNetV2 in integer mode, trained"). Here every run starts
 from the same FP32 network (``MBV2_fp32_pretrain``: 24,000 training images, 4 epochs, lr 0.05,
 seed 100), and both modes fine-tune it the same way (8,000 images, 2 epochs, SGD lr 0.01 cosine,
-SAWB weights + PACT activations, seeds 0-3, and 4-5 where session 14 needed them): today's mode
+SAWB weights + PACT activations, seeds 0-3, and 4-7 where session 14 needed them): today's mode
 (first conv / last linear FP32, float BN and residuals) and integer mode (output add, 8-bit residual
 stream): sessions 9-10's form (coarse bias, ``mid`` not trained; pinned in its configs) and session
 11's defaults (``int11``: fine bias, training rounds residual convs to ``mid``; signed rows only) and
@@ -92,9 +92,9 @@ SIGNED_ONLY = ("int11", "int11_nomid", "int12", "int13_fzp", "today_fz", "int13_
                "today8e_fzl")
 BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
-#: session 14: seeds 4-5 only where the 0.5-point question is still open (signed W4A4 and W8A8), in today's
+#: session 14: seeds 4-7 only where the 0.5-point question is still open (signed W4A4 and W8A8), in today's
 #: mode and the late freeze in both modes
-MORE_SEEDS, MORE_BITS, MORE_MODES = (4, 5), (8, 4), ("today", "today_fzl", "int13_fzl")
+MORE_SEEDS, MORE_BITS, MORE_MODES = (4, 5, 6, 7), (8, 4), ("today", "today_fzl", "int13_fzl")
 
 
 #: 8-bit weights on an int8 grid (LSQ per channel initialised at max|w|/127, codes -128..127): 8-bit SAWB's 256 odd levels do not
