@@ -93,8 +93,8 @@ SIGNED_ONLY = ("int11", "int11_nomid", "int12", "int13_fzp", "today_fz", "int13_
 BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
 #: session 14: seeds 4-7 only where the 0.5-point question is still open (signed W4A4 and W8A8), in today's
-#: mode and the late freeze in both modes
-MORE_SEEDS, MORE_BITS, MORE_MODES = (4, 5, 6, 7), (8, 4), ("today", "today_fzl", "int13_fzl")
+#: mode, the late freeze in both modes, and the 8-bit ends in today's mode
+MORE_SEEDS, MORE_BITS, MORE_MODES = (4, 5, 6, 7), (8, 4), ("today", "today_fzl", "int13_fzl", "today8e_fzl")
 
 
 #: 8-bit weights on an int8 grid (LSQ per channel initialised at max|w|/127, codes -128..127): 8-bit SAWB's 256 odd levels do not
