@@ -11,7 +11,8 @@ extra graph output and compared with the NumPy integer reference (the model itse
 * prediction agreement on the images run.
 
 ``--profile``: onnxruntime's per-op-type time (1 thread, batch 256) of each variant and of
-onnxruntime's own ``quantize_static`` int8 model of the FP32 twin (``ort_int8``).
+onnxruntime's own ``quantize_static`` int8 model of the FP32 twin (``ort_int8``; with
+``--ort-per-channel`` also its per-channel form, ``ort_int8_pc``).
 
     python benchmarks/integer_ort.py RUN_DIR [--images 10000] [--profile]
     python benchmarks/integer_ort.py --calibrated --bits 2 --profile
@@ -153,6 +154,9 @@ def main() -> None:
     ap.add_argument("--latency", type=int, default=0, metavar="REPEATS",
                     help="median ms per batch of 256 (1 thread, sessions alternating) of every variant, "
                          "the FP32 twin and onnxruntime's quantize_static of it; run under slot --all")
+    ap.add_argument("--ort-per-channel", action="store_true",
+                    help="with --profile/--latency: also onnxruntime's quantize_static with per-channel weights "
+                         "(ort_int8_pc), the form of integer mode's per-channel multipliers")
     ap.add_argument("--json", default=None)
     ap.add_argument("--residual", default=None, choices=["accumulator", "output"],
                     help="evaluate/export with this integer_residual instead of the run's")
@@ -189,6 +193,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:  # onnxruntime's own int8 model of the FP32 twin
             models["ort_int8"] = quantize_static_onnx(models["fp32"], xn[:200], Path(d) / "fp32.onnx",
                                                       Path(d) / "int8.onnx")
+            if args.ort_per_channel:
+                models["ort_int8_pc"] = quantize_static_onnx(models["fp32"], xn[:200], Path(d) / "fp32.onnx",
+                                                             Path(d) / "int8_pc.onnx", per_channel=True)
     if args.profile:
         rep["profile_ms"] = profile(models, xn[:256])
     if args.latency:

@@ -719,3 +719,30 @@ def test_frozen_batchnorm_training_computes_the_float_graph_the_integer_network_
         batch_stats = m(x)  # (and updates the running statistics: last)
     m.eval()
     assert torch.equal(frozen, float_graph) and not torch.allclose(batch_stats, float_graph, atol=1e-2)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_onnxruntime_own_int8_reference_is_per_tensor_or_per_channel(tmp_path, per_channel):
+    """The speed reference ``quantize_static_onnx``: one weight scale, or one per output channel."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowbit.export.int_onnx import quantize_static_onnx
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((3, 2, 3, 3)) * np.array([1, 10, 100]).reshape(3, 1, 1, 1)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "c",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 5, 5])],
+                          [numpy_helper.from_array(w, "w")])
+    fp32 = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    q = quantize_static_onnx(fp32, rng.standard_normal((4, 2, 5, 5)).astype(np.float32), tmp_path / "f.onnx",
+                             tmp_path / "q.onnx", per_channel=per_channel)
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    wq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+          and inits[n.input[0]].dtype == np.int8]
+    assert len(wq) == 1
+    scale = inits[wq[0].input[1]]
+    if per_channel:  # each channel's scale follows its own range: 1, 10, 100
+        assert scale.shape == (3,) and scale[2] / scale[0] > 30
+    else:
+        assert scale.size == 1

@@ -391,9 +391,10 @@ def to_fp32_onnx(graph: IntGraph, scales: dict[str, np.ndarray]):
     return model
 
 
-def quantize_static_onnx(fp32_model, calib: np.ndarray, path_in, path_out):
+def quantize_static_onnx(fp32_model, calib: np.ndarray, path_in, path_out, per_channel: bool = False):
     """onnxruntime's own static int8 quantization (QDQ, per-tensor, uint8 activations, int8
-    weights, MinMax calibration on ``calib``) of the FP32 model."""
+    weights, MinMax calibration on ``calib``) of the FP32 model; ``per_channel``: one weight scale
+    per output channel, as integer mode's folded BatchNorm has."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -408,7 +409,7 @@ def quantize_static_onnx(fp32_model, calib: np.ndarray, path_in, path_out):
             return next(self.it, None)
 
     quantize_static(str(path_in), str(path_out), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel)
     return onnx.load(str(path_out))
 
 
