@@ -26,7 +26,7 @@ import numpy as np
 def bounds(run: str) -> None:
     import torch
 
-    from lowbit.export.int_onnx import real_multiplier
+    from lowbit.export.int_onnx import code_clip, real_multiplier
     from lowbit.intmode import int_graph
     from lowbit.train import load_run
 
@@ -37,9 +37,10 @@ def bounds(run: str) -> None:
         if getattr(op, "codes", None) is None or op.attrs.get("layer") == "linear" or len(op.inputs) != 1:
             continue  # convs only; residual convs end in QLinearAdd, whose output is clamped the same way
         to, ti = g.tensors[op.output], g.tensors[op.inputs[0]]
-        lo = to.zero if op.attrs.get("relu") else 0
-        if not (lo > 0 or to.qmax < 255):
+        rng = code_clip(op, to)
+        if rng is None:
             continue  # uint8's own range: no Clip
+        lo = rng[0]
         m = op.m().reshape(op.codes.shape[0], -1).astype(np.int64)
         a, b = -ti.zero, ti.qmax - ti.zero  # the input codes minus their zero point
         acc_hi = op.bias.astype(np.int64) + np.maximum(m * a, m * b).sum(1)

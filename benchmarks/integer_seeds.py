@@ -156,8 +156,8 @@ def main() -> None:
 
 def paired(row: str, base: str, recal: int = 0) -> str:
     """Markdown: per width, ROW − BASE test accuracy per seed where both finished, mean ± SE and the
-    one-sided 95 % lower bound of the mean (``recal``:
-    the accuracies after re-estimating BatchNorm statistics on that many batches, ``recal_N.json``)."""
+    one-sided 95 % lower bound of the mean (``recal``: the accuracies after re-estimating BatchNorm
+    statistics on that many batches, ``recal_N.json``)."""
     import json
 
     from lowbit.bench.report import lower_bound, mean_se
@@ -180,9 +180,10 @@ def paired(row: str, base: str, recal: int = 0) -> str:
             if a is not None and c is not None:
                 d.append((k, 100 * a - 100 * c))
         if d:
-            m, se = mean_se([x for _, x in d])
+            xs = [x for _, x in d]
+            m, se = mean_se(xs)
             lines.append(f"| W{b}A{b} | " + " / ".join(f"{x:+.2f} (s{k})" for k, x in d)
-                         + f" | **{m:+.2f} ± {se:.2f}** | {lower_bound([x for _, x in d]):+.2f} |")
+                         + f" | **{m:+.2f} ± {se:.2f}** | {lower_bound(xs):+.2f} |")
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .c_export import CFLAGS, _Consts, _ident, _main_c, find_cc
-from .intgraph import IntGraph
+from .intgraph import IntGraph, out_range
 from .pack import pack_codes, packed_nbytes
 
 #: the integer runtime's kernels (package data): lowbit_rt.h, lowbit_rt.c, README.md
@@ -170,9 +170,9 @@ def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None
             fields.append(f".out_scale = {cs.f32(f'{nm}_out_scale', op.out_scale)}")
         else:
             to = T[op.output]
+            lo, hi = out_range(op, to)
             fields += [f".mult = {i32(f'{nm}_mult', op.mult)}", f".shift = {i32(f'{nm}_shift', op.shift)}",
-                       f".out_bits = {to.bits}", f".out_zero = {to.zero}",
-                       f".out_min = {to.zero if op.attrs.get('relu') else 0}", f".out_max = {to.qmax}"]
+                       f".out_bits = {to.bits}", f".out_zero = {to.zero}", f".out_min = {lo}", f".out_max = {hi}"]
         res = "NULL"
         if len(op.inputs) > 1:
             tr = T[op.inputs[1]]

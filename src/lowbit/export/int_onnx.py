@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .intgraph import IntGraph, IntOp, mid_step
+from .intgraph import IntGraph, IntOp, mid_step, out_range
 from .onnx_export import IR_VERSION, OPSET, _Builder
 from .requant import real_multiplier
 
@@ -231,15 +231,21 @@ def _qlinear_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray) -> b
     return True
 
 
+def code_clip(op: IntOp, to) -> tuple[int, int] | None:
+    """The range ``(lo, hi)`` a uint8 output ``to`` of ``op`` must be clipped to: from its zero after a
+    ReLU, up to ``qmax``; None where that is uint8's own range (saturation clamps it)."""
+    lo, hi = out_range(op, to)
+    return (lo, hi) if lo > 0 or hi < 255 else None
+
+
 def _clip_codes(b: _Builder, y: str, op: IntOp, to) -> str:
-    """``y`` (uint8) clipped to the output's code range: from its zero after a ReLU, up to ``qmax``
-    (no node when that is uint8's own range)."""
+    """``y`` (uint8) clipped to the output's code range (:func:`code_clip`; no node where saturation does it)."""
     from onnx import TensorProto as T
 
-    lo = to.zero if op.attrs.get("relu") else 0
-    if lo > 0 or to.qmax < 255:
-        y = b.node("Clip", [y, b.int_const(op.name + ".lo", np.array(lo), T.UINT8),
-                            b.int_const(op.name + ".hi", np.array(to.qmax), T.UINT8)], base=op.name)
+    rng = code_clip(op, to)
+    if rng:
+        y = b.node("Clip", [y, b.int_const(op.name + ".lo", np.array(rng[0]), T.UINT8),
+                            b.int_const(op.name + ".hi", np.array(rng[1]), T.UINT8)], base=op.name)
     return y
 
 
@@ -320,8 +326,7 @@ def _int_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray, fused: b
         b.node("Mul", [acc_f, b.const(base + ".out_scale", op.out_scale.astype(_F).reshape(shp))], op.output)
         return
     to = tq[op.output]
-    y = _requant_float(b, acc_f, real_multiplier(op.mult, op.shift), to.zero, to.zero if op.attrs.get("relu") else 0,
-                       to.qmax, base, shp)
+    y = _requant_float(b, acc_f, real_multiplier(op.mult, op.shift), to.zero, *out_range(op, to), base, shp)
     b.node("Identity", [y], op.output)
 
 

@@ -301,6 +301,11 @@ def _chan(v: np.ndarray, ndim: int) -> np.ndarray:
     return np.asarray(v).reshape((-1,) + (1,) * (ndim - 2))
 
 
+def out_range(op: IntOp, t_out: TensorQ) -> tuple[int, int]:
+    """The codes ``op`` may write to ``t_out``: from its zero after a ReLU (else 0) up to ``qmax``."""
+    return (t_out.zero if op.attrs.get("relu") else 0), t_out.qmax
+
+
 def run_conv(op: IntOp, q: np.ndarray, t_in: TensorQ, res: np.ndarray | None, t_res: TensorQ | None,
              t_out: TensorQ | None) -> np.ndarray:
     n = q.shape[0]
@@ -312,7 +317,7 @@ def run_conv(op: IntOp, q: np.ndarray, t_in: TensorQ, res: np.ndarray | None, t_
         r = res.reshape(acc.shape).astype(np.int64) - t_res.zero
         v = (mid - a["mid_zero"]) * a["mid_mult"] + r * _chan(op.res_mult, 4).astype(np.int64)
         v = rne_shift(v, _chan(op.res_shift, 4)) + t_out.zero
-        y = np.clip(v, t_out.zero if a.get("relu") else 0, t_out.qmax)
+        y = np.clip(v, *out_range(op, t_out))
         return y.reshape((n,) + tuple(op.out_shape))
     if op.res_mult is not None:
         r = res.reshape(acc.shape).astype(np.int64) - t_res.zero
@@ -321,8 +326,7 @@ def run_conv(op: IntOp, q: np.ndarray, t_in: TensorQ, res: np.ndarray | None, t_
         y = acc.astype(_F32) * _chan(op.out_scale, 4).astype(_F32)
     else:
         v = requantize(acc, _chan(op.mult, 4), _chan(op.shift, 4)) + t_out.zero
-        lo = t_out.zero if op.attrs.get("relu") else 0
-        y = np.clip(v, lo, t_out.qmax)
+        y = np.clip(v, *out_range(op, t_out))
     return y.reshape((n,) + tuple(op.out_shape))
 
 
