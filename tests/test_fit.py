@@ -491,5 +491,22 @@ def test_run_freezes_batchnorm_from_the_config(tmp_path, fmnist_small):
     # frozen from the first epoch: the statistics never left their initial values
     assert means and all(torch.equal(v, torch.zeros_like(v)) for v in means.values())
     assert res.summary["test_acc"] >= 0
+    assert res.summary["first_last_fp"] == [True, True]  # today's mode keeps the ends in FP32
     with pytest.raises(ConfigError, match=r"freeze_bn_after \(2\) must be less than epochs \(2\)"):
         lowbit.load_config(None, ["train.epochs=2", "train.freeze_bn_after=2"])
+
+
+def test_summary_says_the_ends_are_quantized_in_integer_mode(tmp_path, fmnist_small):
+    """Integer mode quantizes the first conv and the classifier at 8 bits whatever plan.keep_first says:
+    the summary must not call them FP32."""
+    from lowbit.config import Config
+    from lowbit.train import format_summary, run
+
+    cfg = Config.model_validate({"model": {"name": "resnet8", "width": 0.25},
+                                 "data": {"name": "fashion-mnist", "limit": 128, "val_fraction": 0.25},
+                                 "plan": {**W2A4, "integer": True},
+                                 "train": {"epochs": 1, "batch_size": 64, "progress": False, "threads": 1}})
+    res = run(cfg, tmp_path / "r", data=fmnist_small)
+    assert cfg.plan.keep_first and cfg.plan.keep_last
+    assert res.summary["first_last_fp"] == [False, False]
+    assert "FP32" not in format_summary(res.summary).splitlines()[1]

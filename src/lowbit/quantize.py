@@ -250,6 +250,14 @@ def layer_bits(model: nn.Module) -> dict[str, LayerBits]:
     return out
 
 
+def ends_full_precision(model: nn.Module) -> list[bool]:
+    """Whether the first and the last conv/linear layer of a quantized ``model`` stay full precision
+    (weights and input), as resolved: integer mode and ``plan.layers`` may quantize what
+    ``keep_first`` / ``keep_last`` would keep."""
+    layers = quant_state(model).layers
+    return [lp.weight is None and lp.act is None for lp in (layers[0], layers[-1])]
+
+
 def plan_table(layers: list[LayerPlan]) -> str:
     """The per-layer table: layer, type, weight shape, weight quantizer, activation quantizer, params."""
     rows = [("layer", "type", "shape", "weight", "act", "params")]

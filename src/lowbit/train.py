@@ -40,7 +40,7 @@ from .fit import FitState, FreezeBatchNorm, model_device, default_optimizer, eva
 from .methods import STE, Method
 from .models import create_model
 from .pretrained import load_weights
-from .quantize import layer_bits, quant_state, quantize, weight_param
+from .quantize import ends_full_precision, layer_bits, quant_state, quantize, weight_param
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +426,7 @@ def make_summary(cfg: Config, model: nn.Module, data: DataSplits, test: dict, be
         "weight": cfg.plan.weight.label() if cfg.plan.weight else "fp32",
         "act": cfg.plan.act.label() if cfg.plan.act else "fp32",
         "weight_bits": wb, "act_bits": ab,
-        "first_last_fp": [cfg.plan.keep_first, cfg.plan.keep_last],
+        "first_last_fp": ends_full_precision(model),
         "best_epoch": best["epoch"], "best_val_acc": best.get("val_acc"),
         "test_acc": test["acc"], "test_loss": test["loss"],
         "params": cost.params, "macs": cost.macs, "bitops": cost.bitops,

@@ -267,6 +267,8 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
     x, y = torch.cat(xs), torch.cat(ys)
     if limit is not None:
         x, y = x[:limit], y[:limit]
+    from ..quantize import ends_full_precision
+
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
     plan = cfg.plan
     info = data.info
@@ -280,7 +282,7 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
     report = {"run_dir": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name,
               "weight": plan.weight.label() if plan.weight else "fp32",
               "act": plan.act.label() if plan.act else "fp32",
-              "first_last_fp": [plan.keep_first, plan.keep_last], **report}
+              "first_last_fp": ends_full_precision(model), **report}
     return report
 
 
