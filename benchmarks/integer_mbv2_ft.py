@@ -71,13 +71,14 @@ MODES = {"today": ("today's mode (float BN and residuals)", {}),
          "today8e_fzl": ("today's mode with the first conv and the classifier at 8 bits as integer mode quantizes them, "
                          "BatchNorm frozen for the last half epoch (train.freeze_bn_after: 1.5)",
                          {"keep_first": False, "keep_last": False, "layers": ENDS8})}
-#: session 13: modes that freeze BatchNorm for the last of the 2 epochs (train.* keys)
+#: session 13's freezes (train.* keys): the last epoch with the batch gradient, and the last half epoch
+#: with the frozen map's own (the recipe)
+FREEZE_LAST_BATCH = {"freeze_bn_after": 1, "freeze_bn_gradient": "batch"}
+FREEZE_LATE = {"freeze_bn_after": 1.5, "freeze_bn_gradient": "running"}
+#: modes that freeze BatchNorm for the end of the 2 epochs
 TRAIN_EXTRA = {"int13_fzp": {"freeze_bn_after": 1, "freeze_bn_gradient": "running"},
-               "today_fz": {"freeze_bn_after": 1, "freeze_bn_gradient": "batch"},
-               "int13_fz": {"freeze_bn_after": 1, "freeze_bn_gradient": "batch"},
-               "today_fzl": {"freeze_bn_after": 1.5, "freeze_bn_gradient": "running"},
-               "int13_fzl": {"freeze_bn_after": 1.5, "freeze_bn_gradient": "running"},
-               "today8e_fzl": {"freeze_bn_after": 1.5, "freeze_bn_gradient": "running"}}
+               "today_fz": FREEZE_LAST_BATCH, "int13_fz": FREEZE_LAST_BATCH,
+               "today_fzl": FREEZE_LATE, "int13_fzl": FREEZE_LATE, "today8e_fzl": FREEZE_LATE}
 #: table headers
 HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out_r8_max": "integer s10, init max",
         "int11": "integer s11 (fine bias, mid trained)", "int11_nomid": "integer s11 without mid in training",
