@@ -4,7 +4,8 @@ Trained from scratch for 2 epochs, MobileNetV2-0.5's seed-to-seed spread (severa
 0.5-point question (docs/export.md, "MobileNetV2 in integer mode, trained"). Here every run starts
 from the same FP32 network (``MBV2_fp32_pretrain``: 24,000 training images, 4 epochs, lr 0.05,
 seed 100), and both modes fine-tune it the same way (8,000 images, 2 epochs, SGD lr 0.01 cosine,
-SAWB weights + PACT activations, seeds 0-3, and 4-7 where session 14 needed them): today's mode
+SAWB weights + PACT activations, seeds 0-3, 4-7 where session 14 needed them, and 8-11, declared
+in session 15 before they ran, for the signed W4A4/W8A8 pairs): today's mode
 (first conv / last linear FP32, float BN and residuals) and integer mode (output add, 8-bit residual
 stream): sessions 9-10's form (coarse bias, ``mid`` not trained; pinned in its configs) and session
 11's defaults (``int11``: fine bias, training rounds residual convs to ``mid``; signed rows only) and
@@ -96,6 +97,9 @@ SEEDS = (0, 1, 2, 3)
 #: session 14: seeds 4-7 only where the 0.5-point question is still open (signed W4A4 and W8A8), in today's
 #: mode, the late freeze in both modes, and the 8-bit ends in today's mode
 MORE_SEEDS, MORE_BITS, MORE_MODES = (4, 5, 6, 7), (8, 4), ("today", "today_fzl", "int13_fzl", "today8e_fzl")
+#: session 15: seeds 8-11, declared before any of them ran as the last seeds of the signed W4A4 / W8A8 pairs
+#: (integer frozen late, today's mode, and today's mode with the 8-bit ends)
+LAST_SEEDS, LAST_MODES = (8, 9, 10, 11), ("today", "int13_fzl", "today8e_fzl")
 
 
 #: 8-bit weights on an int8 grid (LSQ per channel initialised at max|w|/127, codes -128..127): 8-bit SAWB's 256 odd levels do not
@@ -117,10 +121,11 @@ def configs() -> None:
     (OUT / "configs").mkdir(parents=True, exist_ok=True)
     jobs = ([(s, b, None, False) for s in SEEDS for b in BITS] + [(s, 8, LSQ8, False) for s in SEEDS]
             + [(s, b, None, True) for s in SEEDS for b in SIGNED_BITS]
-            + [(s, b, None, True) for s in MORE_SEEDS for b in MORE_BITS])
+            + [(s, b, None, True) for s in MORE_SEEDS + LAST_SEEDS for b in MORE_BITS])
     for s, b, wspec, signed in jobs:
         for m, (desc, extra) in MODES.items():
-            if (m in SIGNED_ONLY and not signed) or (s in MORE_SEEDS and m not in MORE_MODES):
+            if ((m in SIGNED_ONLY and not signed) or (s in MORE_SEEDS and m not in MORE_MODES)
+                    or (s in LAST_SEEDS and m not in LAST_MODES)):
                 continue
             layers = {**(signed_layers(b) if signed else {}), **extra.get("layers", {})}
             plan = {"weight": wspec or {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b},
@@ -179,7 +184,7 @@ def table() -> str:
     cell = lambda a: f"{a[0]:.2f} ({a[1]:.1f})" if a else "–"  # noqa: E731
     for label in [f"W{b}A{b}" for b in BITS] + ["W8A8lsq"] + [f"W{b}A{b}s" for b in SIGNED_BITS]:
         diffs: dict = {pr: [] for pr in pairs}
-        for s in SEEDS + MORE_SEEDS:
+        for s in SEEDS + MORE_SEEDS + LAST_SEEDS:
             acc = {m: _acc(OUT / "runs" / f"FT_{label}_{m}_s{s}") for m in MODES}
             if not any(acc.values()):
                 continue
