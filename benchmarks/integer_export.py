@@ -34,7 +34,8 @@ def rows() -> dict:
         plan = {"weight": {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b}}
         r[f"W{b}A{b} today"] = {"plan": plan}
         r[f"W{b}A{b} integer"] = {"plan": {**plan, "integer": True, "integer_residual": "accumulator",
-                                                  "integer_init": "lsq"}}
+                                                  "integer_init": "lsq"},
+                                  "train": {"freeze_bn_after": None}}  # ran unfrozen (pinned since session 15)
     return r
 
 
