@@ -28,8 +28,7 @@ def main() -> None:
     cfg = {"model": {"name": "resnet8", "width": 0.5}, "data": {"name": "fashion-mnist", "limit": 3000},
            "plan": {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}, "integer": True,
                     "integer_residual": "accumulator", "integer_init": "lsq"},
-           "train": {"epochs": 2, "batch_size": 64, "lr": 0.1, "threads": 1, "progress": False,
-                     "freeze_bn_after": None}}  # unfrozen, as it ran (integer mode's default since session 15)
+           "train": {"epochs": 2, "batch_size": 64, "lr": 0.1, "threads": 1, "progress": False}}
     shutil.rmtree(d, ignore_errors=True)
     run(Config.model_validate(cfg), d)
     _, data, m, _ = load_run(d)

@@ -34,8 +34,7 @@ def rows() -> dict:
         plan = {"weight": {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b}}
         r[f"W{b}A{b} today"] = {"plan": plan}
         r[f"W{b}A{b} integer"] = {"plan": {**plan, "integer": True, "integer_residual": "accumulator",
-                                                  "integer_init": "lsq"},
-                                  "train": {"freeze_bn_after": None}}  # ran unfrozen (pinned since session 15)
+                                                  "integer_init": "lsq"}}
     return r
 
 

@@ -79,10 +79,7 @@ FREEZE_LATE = {"freeze_bn_after": 1.5, "freeze_bn_gradient": "running"}
 #: modes that freeze BatchNorm for the end of the 2 epochs
 TRAIN_EXTRA = {"int13_fzp": {"freeze_bn_after": 1, "freeze_bn_gradient": "running"},
                "today_fz": FREEZE_LAST_BATCH, "int13_fz": FREEZE_LAST_BATCH,
-               "today_fzl": FREEZE_LATE, "int13_fzl": FREEZE_LATE, "today8e_fzl": FREEZE_LATE,
-               # integer modes that ran unfrozen: pinned since integer mode freezes late by default (session 15)
-               **{m: {"freeze_bn_after": None} for m in ("int_out_r8", "int_out_r8_max", "int11", "int11_nomid",
-                                                         "int12")}}
+               "today_fzl": FREEZE_LATE, "int13_fzl": FREEZE_LATE, "today8e_fzl": FREEZE_LATE}
 #: table headers
 HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out_r8_max": "integer s10, init max",
         "int11": "integer s11 (fine bias, mid trained)", "int11_nomid": "integer s11 without mid in training",

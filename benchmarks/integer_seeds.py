@@ -40,11 +40,6 @@ from pathlib import Path
 OUT = Path("benchmarks/results/integer_export/seeds")
 
 
-#: integer rows that ran without freezing BatchNorm, pinned since integer mode freezes for the last half
-#: epoch by default (session 15)
-NO_FREEZE = {"train": {"freeze_bn_after": None}}
-
-
 def rows(epochs: int = 3) -> dict:
     """Every row; ``epochs`` (the protocol's): the ``freeze`` rows freeze BatchNorm for the last epoch
     or half epoch."""
@@ -60,19 +55,19 @@ def rows(epochs: int = 3) -> dict:
         # rows of sessions 5-10: coarse bias, mid not trained (pinned: no longer the defaults)
         s10 = {**plan, "integer": True, "integer_bias": "coarse", "integer_train_mid": False,
                "integer_mid_range": "cover"}
-        r[f"W{b}A{b} integer"] = {"plan": {**s10, "integer_residual": "accumulator", "integer_init": "lsq"}, **NO_FREEZE}
+        r[f"W{b}A{b} integer"] = {"plan": {**s10, "integer_residual": "accumulator", "integer_init": "lsq"}}
         # the output residual add (onnxruntime-exact) with an 8-bit residual stream
         out_r8 = {**s10, "integer_residual": "output", "integer_residual_bits": 8}
-        r[f"W{b}A{b} integer out r8"] = {"plan": {**out_r8, "integer_init": "lsq"}, **NO_FREEZE}
+        r[f"W{b}A{b} integer out r8"] = {"plan": {**out_r8, "integer_init": "lsq"}}
         # the same with session 9's default init of integer mode's 8-bit LSQ quantizers (max|v|/Qp)
-        r[f"W{b}A{b} integer out r8 max"] = {"plan": {**out_r8, "integer_init": "max"}, **NO_FREEZE}
+        r[f"W{b}A{b} integer out r8 max"] = {"plan": {**out_r8, "integer_init": "max"}}
         # session 11's defaults: the bias kept to 1/128 code, training rounds residual convs to mid
         s11 = {**out_r8, "integer_init": "lsq", "integer_bias": "fine", "integer_train_mid": True}
-        r[f"W{b}A{b} integer s11"] = {"plan": s11, **NO_FREEZE}
+        r[f"W{b}A{b} integer s11"] = {"plan": s11}
         # ... without mid in training (which of the two changes moves training; today's defaults)
-        r[f"W{b}A{b} integer s11 nomid"] = {"plan": {**s11, "integer_train_mid": False}, **NO_FREEZE}
+        r[f"W{b}A{b} integer s11 nomid"] = {"plan": {**s11, "integer_train_mid": False}}
         # session 12: mid trained, covering the range its conv values took in training (a finer grid)
-        r[f"W{b}A{b} integer s12 observed"] = {"plan": {**s11, "integer_mid_range": "observed"}, **NO_FREEZE}
+        r[f"W{b}A{b} integer s12 observed"] = {"plan": {**s11, "integer_mid_range": "observed"}}
         # session 13: BatchNorm frozen (train.freeze_bn_after), both modes: for the last epoch with the
         # gradient through the batch's statistics ("freeze") or the frozen map's own ("plain"); for the last
         # half epoch with the frozen map's own gradient ("late", the default gradient)

@@ -510,25 +510,3 @@ def test_summary_says_the_ends_are_quantized_in_integer_mode(tmp_path, fmnist_sm
     assert cfg.plan.keep_first and cfg.plan.keep_last
     assert res.summary["first_last_fp"] == [False, False]
     assert "FP32" not in format_summary(res.summary).splitlines()[1]
-    # integer mode's default recipe (the key not given): BatchNorm frozen for the last half epoch, recorded
-    assert lowbit.load_config(tmp_path / "r" / "config.yaml", saved=True).train.freeze_bn_after == 0.5
-
-
-def test_integer_mode_freezes_batchnorm_late_unless_told():
-    """train.freeze_bn_after not given: integer mode freezes at epochs - 0.5, other modes never; a given
-    value (null included) wins; a run folder from before the key existed (no freeze then) stays unfrozen."""
-    from lowbit.config import Config, saved_config
-
-    def after(plan, train=None, **top):
-        return Config.model_validate({"plan": plan, "train": {"epochs": 3, **(train or {})}, **top}).train.freeze_bn_after
-
-    integer = {**W2A4, "integer": True}
-    assert after(integer) == 2.5
-    assert after(W2A4) is None
-    assert after(integer, {"freeze_bn_after": None}) is None
-    assert after(integer, {"freeze_bn_after": 1}) == 1
-    assert lowbit.load_config(None, ["plan.integer=true", "train.epochs=1"]).train.freeze_bn_after == 0.5
-    assert lowbit.load_config(None, ["plan.integer=true", "train.freeze_bn_after=null"]).train.freeze_bn_after is None
-    old = {"plan": integer, "train": {"epochs": 3}}
-    assert Config.model_validate(saved_config(old)).train.freeze_bn_after is None
-    assert Config.model_validate(saved_config({**old, "train": {"epochs": 3, "freeze_bn_after": 2}})).train.freeze_bn_after == 2

@@ -116,9 +116,7 @@ class TrainConfig(_Strict):
     bn_recalibrate: int = Field(0, ge=0)
     #: after this many epochs (a fraction counts: 1.5), every BatchNorm trains on its running statistics
     #: (frozen: training then computes what evaluation and the exported network compute;
-    #: lowbit.FreezeBatchNorm). None: off (batch statistics throughout). Must be < epochs. Not given:
-    #: integer mode (``plan.integer``, not under DCQ) freezes for the last half epoch, ``epochs − 0.5``
-    #: (session 15; :meth:`Config._integer_freezes_late`); every other run does not freeze.
+    #: lowbit.FreezeBatchNorm). None: off (batch statistics throughout). Must be < epochs.
     freeze_bn_after: float | None = Field(None, ge=0, allow_inf_nan=False)
     #: the gradient of a frozen BatchNorm: running (the frozen affine map's own, PyTorch's
     #: freeze_bn_stats) or batch (the batch's statistics, straight through the frozen forward)
@@ -147,16 +145,6 @@ class Config(_Strict):
     #: divide-and-conquer quantization (a schedule over fit; `lowbit train` dispatches to it)
     dcq: DCQConfig | None = None
     out_dir: str = "runs"
-
-    @model_validator(mode="after")
-    def _integer_freezes_late(self):
-        """Integer mode's training recipe, when ``train.freeze_bn_after`` is not given: BatchNorm frozen
-        for the last half epoch, so that training ends on the network the integer model computes
-        (docs/export.md, sessions 13-15). ``freeze_bn_after: null`` turns it off; a DCQ run has no
-        freeze. The resolved value is what the run folder records."""
-        if self.plan.integer and self.dcq is None and "freeze_bn_after" not in self.train.model_fields_set:
-            self.train.freeze_bn_after = self.train.epochs - 0.5
-        return self
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -239,8 +227,7 @@ def saved_config(data):
     without ``plan.integer_init`` initialised its 8-bit LSQ quantizers the paper's way ("lsq"); one
     without ``plan.integer_bias`` rounded its bias to whole units of the unscaled accumulator
     ("coarse", before session 11), and one without ``plan.integer_train_mid`` trained without the
-    ``mid`` rounding; one without ``train.freeze_bn_after`` (before session 13) did not freeze BatchNorm.
-    """
+    ``mid`` rounding."""
     if isinstance(data, dict) and isinstance(data.get("plan"), dict) and data["plan"].get("integer"):
         plan = dict(data["plan"])
         if "integer_residual" not in plan:
@@ -249,8 +236,6 @@ def saved_config(data):
         plan.setdefault("integer_bias", "coarse")
         plan.setdefault("integer_train_mid", False)
         data = {**data, "plan": plan}
-        if isinstance(data.get("train", {}), dict) and "freeze_bn_after" not in data.get("train", {}):
-            data = {**data, "train": {**data.get("train", {}), "freeze_bn_after": None}}
     return data
 
 

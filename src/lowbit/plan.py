@@ -14,8 +14,6 @@ A plan is plain data (YAML-loadable, printable, saved next to every run)::
       fc: fp                               #   "fp": weight and input activation full precision
     method: {name: ste}                    # how the quantized weight is trained (see lowbit.methods)
     integer: false                         # true: integer-deployable QAT (lowbit.intmode): eval runs the integer model
-                                           #   (in a config it also freezes BatchNorm for the last half epoch
-                                           #   unless train.freeze_bn_after is given: lowbit.config.Config)
     integer_residual: output               # integer mode's residual add: output (= onnxruntime QLinearAdd, the
                                            #   default) | accumulator (the first form)
     integer_residual_bits: 8               # integer mode: bits of the tensors added as residuals or pooled; convs
