@@ -11,6 +11,11 @@ much of the difference that rounding accounts for where training did not model i
 (or ``coarse``): evaluate the integer network with that ``plan.integer_bias`` instead of the run's.
 ``--mid-grid``: per output-form residual conv, how coarse ``mid`` is: its step and the residual's in
 output steps, and the conv output's spread in ``mid`` steps (on the first 500 images).
+``--skip-integer`` leaves out the integer network (NumPy; minutes on MobileNetV2's 8,000 test images,
+whose accuracy is the run's own ``test_acc``). ``--unround-outputs``: also the float graph with every
+``output_quantizer`` bypassed (the tensors integer mode stores for a residual add or a pooling, e.g.
+MobileNetV2's 8-bit residual stream, left unrounded; evaluation only): what rounding them costs the
+trained network.
 
     PYTHONPATH=src python benchmarks/integer_float_graph.py benchmarks/results/integer_export/mbv2/runs/MBV2_W8A8_int \\
         benchmarks/results/integer_export/mbv2/runs/MBV2_W4A4_int --images 1000
@@ -18,6 +23,8 @@ output steps, and the conv output's spread in ``mid`` steps (on the first 500 im
         --images 1000 --layers 200
     PYTHONPATH=src python benchmarks/integer_float_graph.py benchmarks/results/integer_export/seeds/W8A8_integer_out_r8/seed0 \\
         --images 1000 --layers 200 --mid
+    PYTHONPATH=src python benchmarks/integer_float_graph.py benchmarks/results/integer_export/mbv2_ft/runs/FT_W8A8s_int13_fzl_s0 \\
+        --images 8000 --unround-outputs --skip-integer
 """
 
 from __future__ import annotations
@@ -99,6 +106,10 @@ def main() -> None:
                     help="round the float graph's output-form residual convs to the integer network's 8-bit mid")
     ap.add_argument("--mid-grid", action="store_true",
                     help="each output-form residual conv's mid step, residual step and output spread (in mid steps)")
+    ap.add_argument("--skip-integer", action="store_true",
+                    help="do not run the integer network (its accuracy on the whole test split is the run's test_acc)")
+    ap.add_argument("--unround-outputs", action="store_true",
+                    help="also the float graph with every output_quantizer bypassed (residual streams, pooled tensors)")
     ap.add_argument("--bias", choices=["fine", "coarse"], default=None,
                     help="the integer network's bias (plan.integer_bias; default: as the run recorded it)")
     args = ap.parse_args()
@@ -110,13 +121,24 @@ def main() -> None:
         x, y = torch.cat(xs)[: args.images], torch.cat(ys)[: args.images]
         g = int_graph(m, x[:1])  # the integer network, as m(x) runs it in eval without hooks
         with torch.no_grad():
-            integer = (m(x).argmax(1) == y).float().mean().item()  # before any hook: the integer network
+            # before any hook: the integer network (NumPy, slow: --skip-integer leaves it out)
+            integer = float("nan") if args.skip_integer else (m(x).argmax(1) == y).float().mean().item()
             hooks = mid_hooks(m, g) if args.mid else []
             graph = (m._lowbit_state.integer.gm(x).argmax(1) == y).float().mean().item()
         params = sorted((float(p.detach().abs().max()), f"{n}.{pn}") for n, q in m.named_modules()
                         if n.endswith(("input_quantizer", "output_quantizer")) for pn, p in q.named_parameters())
         print(f"{run}: {len(x)} images, float graph {100 * graph:.2f} %, integer network {100 * integer:.2f} %; "
               f"tensor quantizer parameters {params[0][0]:.4g} ({params[0][1]}) .. {params[-1][0]:.4g} ({params[-1][1]})")
+        if args.unround_outputs:
+            outs = [n for n, _ in m._lowbit_state.integer.gm.named_modules() if n.endswith("output_quantizer")]
+            mods = dict(m._lowbit_state.integer.gm.named_modules())
+            bypass = [mods[n].register_forward_hook(lambda _m, i, _o: i[0]) for n in outs]
+            with torch.no_grad():
+                free = (m._lowbit_state.integer.gm(x).argmax(1) == y).float().mean().item()
+            for h in bypass:
+                h.remove()
+            print(f"  float graph with its {len(outs)} output quantizers bypassed: {100 * free:.2f} % "
+                  f"({100 * (free - graph):+.2f} points)")
         if args.layers:
             layers(m, x[: args.layers], g)
         if args.mid_grid:
