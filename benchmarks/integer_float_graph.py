@@ -127,12 +127,12 @@ def main() -> None:
             graph = (m._lowbit_state.integer.gm(x).argmax(1) == y).float().mean().item()
         params = sorted((float(p.detach().abs().max()), f"{n}.{pn}") for n, q in m.named_modules()
                         if n.endswith(("input_quantizer", "output_quantizer")) for pn, p in q.named_parameters())
-        print(f"{run}: {len(x)} images, float graph {100 * graph:.2f} %, integer network {100 * integer:.2f} %; "
+        shown = "not run (--skip-integer)" if args.skip_integer else f"{100 * integer:.2f} %"
+        print(f"{run}: {len(x)} images, float graph {100 * graph:.2f} %, integer network {shown}; "
               f"tensor quantizer parameters {params[0][0]:.4g} ({params[0][1]}) .. {params[-1][0]:.4g} ({params[-1][1]})")
         if args.unround_outputs:
-            outs = [n for n, _ in m._lowbit_state.integer.gm.named_modules() if n.endswith("output_quantizer")]
-            mods = dict(m._lowbit_state.integer.gm.named_modules())
-            bypass = [mods[n].register_forward_hook(lambda _m, i, _o: i[0]) for n in outs]
+            outs = [q for n, q in m._lowbit_state.integer.gm.named_modules() if n.endswith("output_quantizer")]
+            bypass = [q.register_forward_hook(lambda _m, i, _o: i[0]) for q in outs]
             with torch.no_grad():
                 free = (m._lowbit_state.integer.gm(x).argmax(1) == y).float().mean().item()
             for h in bypass:
