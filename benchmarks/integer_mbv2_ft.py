@@ -45,9 +45,10 @@ INT11 = {**OUT_R8, "integer_init": "lsq", "integer_bias": "fine", "integer_train
 INT_DEFAULT = {**INT11, "integer_train_mid": False}
 #: session 14: the first conv and the classifier at 8 bits, quantized as integer mode quantizes them (LSQ
 #: per-channel weights; the image by a signed 8-bit LSQ quantizer, the classifier input by the plan's at 8 bits)
-ENDS8 = {"features.0": {"weight": {"name": "lsq", "bits": 8, "per_channel": True},
-                        "act": {"name": "lsq", "bits": 8, "signed": True}},
-         "fc": {"weight": {"name": "lsq", "bits": 8, "per_channel": True}, "act": {"bits": 8}}}
+ENDS8_FIRST = {"features.0": {"weight": {"name": "lsq", "bits": 8, "per_channel": True},
+                              "act": {"name": "lsq", "bits": 8, "signed": True}}}
+ENDS8_LAST = {"fc": {"weight": {"name": "lsq", "bits": 8, "per_channel": True}, "act": {"bits": 8}}}
+ENDS8 = {**ENDS8_FIRST, **ENDS8_LAST}
 MODES = {"today": ("today's mode (float BN and residuals)", {}),
          "int_out_r8": ("integer mode, output add + 8-bit stream, the paper's LSQ init of its 8-bit quantizers",
                         {**OUT_R8, "integer_init": "lsq", **S10}),
@@ -71,7 +72,14 @@ MODES = {"today": ("today's mode (float BN and residuals)", {}),
                        "the last half epoch (train.freeze_bn_after: 1.5)", INT_DEFAULT),
          "today8e_fzl": ("today's mode with the first conv and the classifier at 8 bits as integer mode quantizes them, "
                          "BatchNorm frozen for the last half epoch (train.freeze_bn_after: 1.5)",
-                         {"keep_first": False, "keep_last": False, "layers": ENDS8})}
+                         {"keep_first": False, "keep_last": False, "layers": ENDS8}),
+         # session 16: which end costs at W4A4s (today8e_fzl − today_fzl was −0.42 ± 0.10 over 8 seeds)
+         "today8f_fzl": ("today's mode with the first conv at 8 bits as integer mode quantizes it (the classifier "
+                         "FP32), BatchNorm frozen for the last half epoch (train.freeze_bn_after: 1.5)",
+                         {"keep_first": False, "layers": ENDS8_FIRST}),
+         "today8l_fzl": ("today's mode with the classifier at 8 bits as integer mode quantizes it (the first conv "
+                         "FP32), BatchNorm frozen for the last half epoch (train.freeze_bn_after: 1.5)",
+                         {"keep_last": False, "layers": ENDS8_LAST})}
 #: session 13's freezes (train.* keys): the last epoch with the batch gradient, and the last half epoch
 #: with the frozen map's own (the recipe)
 FREEZE_LAST_BATCH = {"freeze_bn_after": 1, "freeze_bn_gradient": "batch"}
@@ -79,7 +87,8 @@ FREEZE_LATE = {"freeze_bn_after": 1.5, "freeze_bn_gradient": "running"}
 #: modes that freeze BatchNorm for the end of the 2 epochs
 TRAIN_EXTRA = {"int13_fzp": {"freeze_bn_after": 1, "freeze_bn_gradient": "running"},
                "today_fz": FREEZE_LAST_BATCH, "int13_fz": FREEZE_LAST_BATCH,
-               "today_fzl": FREEZE_LATE, "int13_fzl": FREEZE_LATE, "today8e_fzl": FREEZE_LATE}
+               "today_fzl": FREEZE_LATE, "int13_fzl": FREEZE_LATE, "today8e_fzl": FREEZE_LATE,
+               "today8f_fzl": FREEZE_LATE, "today8l_fzl": FREEZE_LATE}
 #: table headers
 HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out_r8_max": "integer s10, init max",
         "int11": "integer s11 (fine bias, mid trained)", "int11_nomid": "integer s11 without mid in training",
@@ -88,10 +97,12 @@ HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out
         "today_fz": "today's mode, BN frozen last epoch (batch gradient)",
         "int13_fz": "integer (defaults), BN frozen last epoch (batch gradient)",
         "today_fzl": "today's mode, BN frozen last half epoch", "int13_fzl": "integer (defaults), BN frozen last half epoch",
-        "today8e_fzl": "today's mode, 8-bit ends, BN frozen last half epoch"}
+        "today8e_fzl": "today's mode, 8-bit ends, BN frozen last half epoch",
+        "today8f_fzl": "today's mode, 8-bit first conv, BN frozen last half epoch",
+        "today8l_fzl": "today's mode, 8-bit classifier, BN frozen last half epoch"}
 #: modes with configs only for the signed rows (WbAbs)
 SIGNED_ONLY = ("int11", "int11_nomid", "int12", "int13_fzp", "today_fz", "int13_fz", "today_fzl", "int13_fzl",
-               "today8e_fzl")
+               "today8e_fzl", "today8f_fzl", "today8l_fzl")
 BITS = (8, 4, 2)
 SEEDS = (0, 1, 2, 3)
 #: session 14: seeds 4-7 only where the 0.5-point question is still open (signed W4A4 and W8A8), in today's
@@ -100,6 +111,14 @@ MORE_SEEDS, MORE_BITS, MORE_MODES = (4, 5, 6, 7), (8, 4), ("today", "today_fzl",
 #: session 15: seeds 8-11, declared before any of them ran as the last seeds of the signed W4A4 / W8A8 pairs
 #: (integer frozen late, today's mode, and today's mode with the 8-bit ends)
 LAST_SEEDS, LAST_MODES = (8, 9, 10, 11), ("today", "int13_fzl", "today8e_fzl")
+#: session 16: seeds 12-19, declared before any of them ran, trained on a GPU (an H200 lent for 15 minutes;
+#: ``benchmarks/device_runs.py``, TF32 off; the integer networks' accuracy is the NumPy integer network's on
+#: the CPU either way): the signed W4A4 / W8A8 pairs, and at W4A4s which end costs (8-bit first conv alone,
+#: 8-bit classifier alone, against today's mode frozen late). Their means are also given apart from seeds 0-11.
+GPU_SEEDS = tuple(range(12, 20))
+GPU_MODES = ("today", "int13_fzl", "today8e_fzl", "today_fzl", "today8f_fzl", "today8l_fzl")
+#: the ablation of the ends: W4A4s only (at W8A8s the 8-bit ends cost +0.05 ± 0.06)
+ENDS_ABLATION = ("today_fzl", "today8f_fzl", "today8l_fzl")
 
 
 #: 8-bit weights on an int8 grid (LSQ per channel initialised at max|w|/127, codes -128..127): 8-bit SAWB's 256 odd levels do not
@@ -121,11 +140,13 @@ def configs() -> None:
     (OUT / "configs").mkdir(parents=True, exist_ok=True)
     jobs = ([(s, b, None, False) for s in SEEDS for b in BITS] + [(s, 8, LSQ8, False) for s in SEEDS]
             + [(s, b, None, True) for s in SEEDS for b in SIGNED_BITS]
-            + [(s, b, None, True) for s in MORE_SEEDS + LAST_SEEDS for b in MORE_BITS])
+            + [(s, b, None, True) for s in MORE_SEEDS + LAST_SEEDS + GPU_SEEDS for b in MORE_BITS])
     for s, b, wspec, signed in jobs:
         for m, (desc, extra) in MODES.items():
             if ((m in SIGNED_ONLY and not signed) or (s in MORE_SEEDS and m not in MORE_MODES)
-                    or (s in LAST_SEEDS and m not in LAST_MODES)):
+                    or (s in LAST_SEEDS and m not in LAST_MODES)
+                    or (s in GPU_SEEDS and (m not in GPU_MODES or (m in ENDS_ABLATION and b != 4)))
+                    or (m in ("today8f_fzl", "today8l_fzl") and s not in GPU_SEEDS)):
                 continue
             layers = {**(signed_layers(b) if signed else {}), **extra.get("layers", {})}
             plan = {"weight": wspec or {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b},
@@ -160,7 +181,8 @@ def table() -> str:
     #: (mode, base) pairs: every mode against today's, and frozen BatchNorm in both modes (session 13)
     #: and (session 14) the 8-bit ends in today's mode, and integer mode against that
     pairs = [(m, "today") for m in ints] + [("int13_fz", "today_fz"), ("int13_fzl", "today_fzl"),
-                                            ("today8e_fzl", "today_fzl"), ("int13_fzl", "today8e_fzl")]
+                                            ("today8e_fzl", "today_fzl"), ("int13_fzl", "today8e_fzl"),
+                                            ("today8f_fzl", "today_fzl"), ("today8l_fzl", "today_fzl")]
     head = " | ".join(HEAD[m] for m in MODES)
     lines = [f"FP32 start (`runs/MBV2_fp32_pretrain`): test accuracy {pre[0]:.2f} % (all 10,000 test images)"
              if pre else "FP32 start: not trained", "",
@@ -184,7 +206,8 @@ def table() -> str:
     cell = lambda a: f"{a[0]:.2f} ({a[1]:.1f})" if a else "–"  # noqa: E731
     for label in [f"W{b}A{b}" for b in BITS] + ["W8A8lsq"] + [f"W{b}A{b}s" for b in SIGNED_BITS]:
         diffs: dict = {pr: [] for pr in pairs}
-        for s in SEEDS + MORE_SEEDS + LAST_SEEDS:
+        gpu: dict = {pr: [] for pr in pairs}  # whether each difference is of seeds trained on the GPU
+        for s in SEEDS + MORE_SEEDS + LAST_SEEDS + GPU_SEEDS:
             acc = {m: _acc(OUT / "runs" / f"FT_{label}_{m}_s{s}") for m in MODES}
             if not any(acc.values()):
                 continue
@@ -192,23 +215,30 @@ def table() -> str:
             for m, b in pairs:
                 if acc[b] and acc[m]:
                     diffs[m, b].append(acc[m][0] - acc[b][0])
+                    gpu[m, b].append(s in GPU_SEEDS)
                     ds.append(f"{diffs[m, b][-1]:+.2f}")
                 else:
                     ds.append("–")
             lines.append(f"| {label} | {s} | " + " | ".join(cell(acc[m]) for m in MODES) + " | " + " | ".join(ds) + " |")
-        row = []
-        for m, b in pairs:
-            d = diffs[m, b]
-            if d:
-                mu, se = mean_se(d)
-                lb = lower_bound(d)
-                row.append(f"**{mu:+.2f} ± {se:.2f}** ({len(d)}" + (f"; ≥ {lb:+.2f}" if len(d) > 1 else "") + ")")
-                summary[f"{label} {m}" + (f" vs {b}" if b != "today" else "")] = {
-                    "seeds": len(d), "diffs": d, "mean": mu, "se": se, "lower95": lb if len(d) > 1 else None}
-            else:
-                row.append("–")
-        if any(diffs.values()):
-            lines.append(f"| **{label}** | mean ± SE (seeds) | " + " | " * (len(MODES) - 1) + " | " + " | ".join(row) + " |")
+        #: every seed; then, where both kinds are present, the CPU's seeds (0-11) and the GPU's (12-19) apart
+        groups = [("", "mean ± SE (seeds)", lambda g: True)]
+        if any(any(v) for v in gpu.values()) and not all(all(v) for v in gpu.values()):
+            groups += [(" (cpu seeds)", "mean ± SE, seeds 0-11 (CPU)", lambda g: not g),
+                       (" (gpu seeds)", "mean ± SE, seeds 12-19 (GPU)", lambda g: g)]
+        for suffix, title, keep in groups:
+            row = []
+            for m, b in pairs:
+                d = [x for x, g in zip(diffs[m, b], gpu[m, b]) if keep(g)]
+                if d:
+                    mu, se = mean_se(d)
+                    lb = lower_bound(d)
+                    row.append(f"**{mu:+.2f} ± {se:.2f}** ({len(d)}" + (f"; ≥ {lb:+.2f}" if len(d) > 1 else "") + ")")
+                    summary[f"{label} {m}" + (f" vs {b}" if b != "today" else "") + suffix] = {
+                        "seeds": len(d), "diffs": d, "mean": mu, "se": se, "lower95": lb if len(d) > 1 else None}
+                else:
+                    row.append("–")
+            if any(diffs.values()):
+                lines.append(f"| **{label}** | {title} | " + " | " * (len(MODES) - 1) + " | " + " | ".join(row) + " |")
     text = "\n".join(lines) + "\n"
     (OUT / "summary.md").write_text(text)
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1))
