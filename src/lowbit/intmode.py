@@ -564,7 +564,7 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
     else:
         g, h = np.ones(o), np.zeros(o)
     if m.bias is not None:
-        h = h + g * m.bias.detach().double().numpy()
+        h = h + g * m.bias.detach().double().cpu().numpy()
     inp = inp or u.inp.name
     t_in = tensors[inp]
     t_out = tensors.get(u.node.name)

@@ -30,10 +30,10 @@ def bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(f"expected a BatchNorm module, got {type(bn).__name__}")
     if bn.running_mean is None or bn.running_var is None:
         raise ConfigError("BatchNorm without running statistics (track_running_stats=False) cannot be exported")
-    mean = bn.running_mean.detach().double().numpy()
-    var = bn.running_var.detach().double().numpy()
-    gamma = bn.weight.detach().double().numpy() if bn.weight is not None else np.ones_like(mean)
-    beta = bn.bias.detach().double().numpy() if bn.bias is not None else np.zeros_like(mean)
+    mean = bn.running_mean.detach().double().cpu().numpy()
+    var = bn.running_var.detach().double().cpu().numpy()
+    gamma = bn.weight.detach().double().cpu().numpy() if bn.weight is not None else np.ones_like(mean)
+    beta = bn.bias.detach().double().cpu().numpy() if bn.bias is not None else np.zeros_like(mean)
     g = gamma / np.sqrt(var + bn.eps)
     return g, beta - g * mean
 

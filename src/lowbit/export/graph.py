@@ -148,7 +148,7 @@ def _weight(name: str, module: nn.Module) -> tuple[np.ndarray | WeightQ, bool]:
     with torch.no_grad():
         w = module.weight.detach()  # runs the parametrization: the quantizer records its levels
     if wp is None:
-        return w.numpy().astype(np.float32), False
+        return w.cpu().numpy().astype(np.float32), False
     q = getattr(wp, "quantizer", None)
     bits = getattr(wp, "bits", getattr(q, "bits", None))
     if bits is None:
@@ -157,7 +157,7 @@ def _weight(name: str, module: nn.Module) -> tuple[np.ndarray | WeightQ, bool]:
             "the exporter needs weight_param(layer).quantizer with levels()"
         )
     if bits >= 32:  # full precision
-        return w.numpy().astype(np.float32), False
+        return w.cpu().numpy().astype(np.float32), False
     try:
         levels = q.levels()
     except (AttributeError, RuntimeError, ValueError):
@@ -168,7 +168,7 @@ def _weight(name: str, module: nn.Module) -> tuple[np.ndarray | WeightQ, bool]:
     label = getattr(q, "alias", type(wp).__name__) + str(bits)
     if getattr(q, "per_channel", False):
         label += "/ch"
-    lv = levels.detach().float().numpy()
+    lv = levels.detach().float().cpu().numpy()
     if lv.ndim == 2 and lv.shape[0] == 1:
         lv = lv[0]
     return WeightQ(label, int(bits), codes, describe_levels(lv)), True
@@ -202,7 +202,7 @@ def _conv_op(name: str, module: nn.Module, bn: nn.Module | None, inp: str, out: 
         attrs = {"kernel": [1, 1], "stride": [1, 1], "padding": [0, 0]}
         kind = "linear"
     weight, quantized = _weight(name, module)
-    bias = None if module.bias is None else module.bias.detach().numpy().astype(np.float64)
+    bias = None if module.bias is None else module.bias.detach().cpu().numpy().astype(np.float64)
     op = Op("conv", name, [inp], out, attrs={"layer": kind, **attrs},
             act=act_quant(getattr(module, "input_quantizer", None), name) if acts else None)
     if not quantized:

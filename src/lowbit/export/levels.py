@@ -202,7 +202,7 @@ def weight_codes(weight: torch.Tensor, levels: torch.Tensor, layer: str) -> np.n
             f"layer '{layer}': its weight is not on its quantizer's level set (max deviation {dev:.3g}); "
             "only weights that are exactly quantized can be exported (finalize the method first)"
         )
-    return codes.reshape(w.shape).numpy().astype(np.uint8)
+    return codes.reshape(w.shape).cpu().numpy().astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
