@@ -166,6 +166,12 @@ def configs() -> None:
             (OUT / "configs" / f"FT_{label}_{m}_s{s}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
+def _on_gpu(run: Path) -> bool:
+    """Whether a run trained on a GPU (``benchmarks/device_runs.py`` wrote its device)."""
+    f = run / "device_run.json"
+    return f.is_file() and json.loads(f.read_text())["device"] != "cpu"
+
+
 def _acc(run: Path) -> tuple[float, float] | None:
     """(test accuracy %, last epoch's training accuracy %) of a finished run, else None."""
     if not (run / "summary.json").is_file():
@@ -206,7 +212,7 @@ def table() -> str:
     cell = lambda a: f"{a[0]:.2f} ({a[1]:.1f})" if a else "–"  # noqa: E731
     for label in [f"W{b}A{b}" for b in BITS] + ["W8A8lsq"] + [f"W{b}A{b}s" for b in SIGNED_BITS]:
         diffs: dict = {pr: [] for pr in pairs}
-        gpu: dict = {pr: [] for pr in pairs}  # whether each difference is of seeds trained on the GPU
+        gpu: dict = {pr: [] for pr in pairs}  # per difference: both runs on the GPU (True), both on the CPU, mixed
         for s in SEEDS + MORE_SEEDS + LAST_SEEDS + GPU_SEEDS:
             acc = {m: _acc(OUT / "runs" / f"FT_{label}_{m}_s{s}") for m in MODES}
             if not any(acc.values()):
@@ -215,16 +221,18 @@ def table() -> str:
             for m, b in pairs:
                 if acc[b] and acc[m]:
                     diffs[m, b].append(acc[m][0] - acc[b][0])
-                    gpu[m, b].append(s in GPU_SEEDS)
+                    gpu[m, b].append(_on_gpu(OUT / "runs" / f"FT_{label}_{m}_s{s}")
+                                     if _on_gpu(OUT / "runs" / f"FT_{label}_{m}_s{s}") == _on_gpu(OUT / "runs" / f"FT_{label}_{b}_s{s}")
+                                     else None)
                     ds.append(f"{diffs[m, b][-1]:+.2f}")
                 else:
                     ds.append("–")
             lines.append(f"| {label} | {s} | " + " | ".join(cell(acc[m]) for m in MODES) + " | " + " | ".join(ds) + " |")
-        #: every seed; then, where both kinds are present, the CPU's seeds (0-11) and the GPU's (12-19) apart
+        #: every seed; then, where some pairs were trained on the GPU, the pairs trained on the CPU and on the GPU apart
         groups = [("", "mean ± SE (seeds)", lambda g: True)]
-        if any(any(v) for v in gpu.values()) and not all(all(v) for v in gpu.values()):
-            groups += [(" (cpu seeds)", "mean ± SE, seeds 0-11 (CPU)", lambda g: not g),
-                       (" (gpu seeds)", "mean ± SE, seeds 12-19 (GPU)", lambda g: g)]
+        if any(g for v in gpu.values() for g in v):
+            groups += [(" (cpu seeds)", "mean ± SE, both runs on the CPU", lambda g: g is False),
+                       (" (gpu seeds)", "mean ± SE, both runs on the GPU", lambda g: g is True)]
         for suffix, title, keep in groups:
             row = []
             for m, b in pairs:
