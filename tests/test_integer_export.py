@@ -202,34 +202,26 @@ def test_integer_mode_forward_equals_integer_reference_from_the_file(resnet_int,
     assert np.array_equal(y.view(np.uint32), y2.view(np.uint32))
 
 
-def _integer_net_on(device: str):
-    """A trained-ish integer-mode user model (depthwise, grouped, two linears) on ``device``, and an input."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_integer_mode_trains_on_a_gpu_and_evaluates_the_same_integer_network():
+    """Found on a lent H200 (session 16): the integer graph read CUDA weights straight into NumPy."""
     torch.manual_seed(0)
-    m = quantize(GroupedNet(), {**INT_W2A2, "integer_residual": "output"}).to(device)
+    m = quantize(GroupedNet(), {**INT_W2A2, "integer_residual": "output"}).to("cuda")
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(0)
     m.train()
     for _ in range(3):
-        x = torch.randn(16, 1, 12, 12, generator=g).to(device)
-        nn.functional.cross_entropy(m(x), torch.arange(16, device=device) % 10).backward()
+        x = torch.randn(16, 1, 12, 12, generator=g).to("cuda")
+        nn.functional.cross_entropy(m(x), torch.arange(16, device="cuda") % 10).backward()
         opt.step()
         opt.zero_grad()
-    return m.eval(), _x(24, (1, 12, 12))
-
-
-def _gpu_eval_equals_cpu_eval(device: str):
-    m, x = _integer_net_on(device)
+    m.eval()
+    x = _x(24, (1, 12, 12))
     with torch.no_grad():
-        y_dev = m(x.to(device)).cpu()  # the integer network (NumPy), its constants read from the device's tensors
+        y_gpu = m(x.to("cuda")).cpu()  # the integer network (NumPy), its constants read from CUDA tensors
         m.cpu()
         y_cpu = m(x)
-    assert y_dev.dtype == torch.float32 and torch.equal(y_dev, y_cpu)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_integer_mode_trains_on_a_gpu_and_evaluates_the_same_integer_network():
-    """Found on a lent H200 (session 16): the integer graph read CUDA weights straight into NumPy."""
-    _gpu_eval_equals_cpu_eval("cuda")
+    assert y_gpu.dtype == torch.float32 and torch.equal(y_gpu, y_cpu)
 
 
 def test_integer_mode_trains(resnet_int):
