@@ -54,17 +54,18 @@ def train_one(config: str, run_dir: str, smoke: bool, cpu_eval: bool = False) ->
         from lowbit.config import load_config
         from lowbit.data import BatchLoader
         from lowbit.fit import evaluate
-        from lowbit.train import load_run, run
+        from lowbit.train import load_data, run
 
         over = ["data.limit=300"] if smoke else []
         cfg = load_config(config, overrides=over)
-        res = run(cfg, run_dir)
+        data = load_data(cfg)
+        res = run(cfg, run_dir, data=data)
         info = {"config": config, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "torch": torch.__version__, "tf32": False, "wall_s": round(time.time() - t0, 1),
                 "test_acc": res.summary["test_acc"]}
         if cpu_eval and not cfg.plan.integer:  # the float network again on the CPU, as the CPU runs were evaluated
-            rcfg, data, model, _ = load_run(run_dir)
-            info["test_acc_cpu"] = evaluate(model.cpu(), BatchLoader(data.test, data.info, rcfg.train.eval_batch_size),
+            # res.model is the network the run evaluated (its best.pt, finalized)
+            info["test_acc_cpu"] = evaluate(res.model.cpu(), BatchLoader(data.test, data.info, cfg.train.eval_batch_size),
                                             device="cpu")["acc"]
         info["total_s"] = round(time.time() - t0, 1)
         Path(run_dir, "device_run.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -233,15 +233,14 @@ def table() -> str:
         gpu: dict = {pr: [] for pr in pairs}  # per difference: both runs on the GPU (True), both on the CPU, mixed
         for s in SEEDS + MORE_SEEDS + LAST_SEEDS + GPU_SEEDS:
             acc = {m: _acc(OUT / "runs" / f"FT_{label}_{m}_s{s}") for m in MODES}
+            dev = {m: _on_gpu(OUT / "runs" / f"FT_{label}_{m}_s{s}") for m in MODES if acc[m]}
             if not any(acc.values()):
                 continue
             ds = []
             for m, b in pairs:
                 if acc[b] and acc[m]:
                     diffs[m, b].append(acc[m][0] - acc[b][0])
-                    gpu[m, b].append(_on_gpu(OUT / "runs" / f"FT_{label}_{m}_s{s}")
-                                     if _on_gpu(OUT / "runs" / f"FT_{label}_{m}_s{s}") == _on_gpu(OUT / "runs" / f"FT_{label}_{b}_s{s}")
-                                     else None)
+                    gpu[m, b].append(dev[m] if dev[m] == dev[b] else None)
                     ds.append(f"{diffs[m, b][-1]:+.2f}")
                 else:
                     ds.append("–")
