@@ -111,29 +111,6 @@ HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out
         "today8f_fzl": "today's mode, 8-bit first conv, BN frozen last half epoch",
         "today8l_fzl": "today's mode, 8-bit classifier, BN frozen last half epoch",
         "int13_fzl_max": "integer (defaults, init max), BN frozen last half epoch"}
-#: modes with configs only for the signed rows (WbAbs)
-SIGNED_ONLY = ("int11", "int11_nomid", "int12", "int13_fzp", "today_fz", "int13_fz", "today_fzl", "int13_fzl",
-               "today8e_fzl", "today8f_fzl", "today8l_fzl", "int13_fzl_max")
-BITS = (8, 4, 2)
-SEEDS = (0, 1, 2, 3)
-#: session 14: seeds 4-7 only where the 0.5-point question is still open (signed W4A4 and W8A8), in today's
-#: mode, the late freeze in both modes, and the 8-bit ends in today's mode
-MORE_SEEDS, MORE_BITS, MORE_MODES = (4, 5, 6, 7), (8, 4), ("today", "today_fzl", "int13_fzl", "today8e_fzl")
-#: session 15: seeds 8-11, declared before any of them ran as the last seeds of the signed W4A4 / W8A8 pairs
-#: (integer frozen late, today's mode, and today's mode with the 8-bit ends)
-LAST_SEEDS, LAST_MODES = (8, 9, 10, 11), ("today", "int13_fzl", "today8e_fzl")
-#: session 16: seeds 12-19, declared before any of them ran, trained on a GPU (an H200 lent for 15 minutes;
-#: ``benchmarks/device_runs.py``, TF32 off; the integer networks' accuracy is the NumPy integer network's on
-#: the CPU either way): the signed W4A4 / W8A8 pairs, and at W4A4s which end costs (8-bit first conv alone,
-#: 8-bit classifier alone, against today's mode frozen late). Their means are also given apart from seeds 0-11.
-GPU_SEEDS = tuple(range(12, 20))
-GPU_MODES = ("today", "int13_fzl", "today8e_fzl", "today_fzl", "today8f_fzl", "today8l_fzl")
-#: the ablation of the ends: W4A4s only (at W8A8s the 8-bit ends cost +0.05 ± 0.06)
-ENDS_ABLATION = ("today_fzl", "today8f_fzl", "today8l_fzl")
-#: session 16, declared before it ran: integer mode initialised at max (int13_fzl_max), W4A4s, seeds 0-7 on the
-#: CPU, paired with today's mode and integer mode of the same seeds (both on the CPU)
-MAX_SEEDS = tuple(range(8))
-
 
 #: 8-bit weights on an int8 grid (LSQ per channel initialised at max|w|/127, codes -128..127): 8-bit SAWB's 256 odd levels do not
 #: fit int8, so onnxruntime runs those layers as float32 convs (docs/export.md); label suffix "lsq"
@@ -144,6 +121,46 @@ LSQ8 = {"name": "lsq", "bits": 8, "per_channel": True, "init": "max"}
 #: ``quantize`` gives); the same plan in both modes
 SIGNED_LAYERS = ("features.[4-9].conv.0", "features.1[0-9].conv.0", "features.20")
 SIGNED_BITS = (8, 4, 2)
+BITS = (8, 4, 2)
+SEEDS = (0, 1, 2, 3)
+#: session 14: seeds 4-7 only where the 0.5-point question is still open (signed W4A4 and W8A8)
+MORE_SEEDS = (4, 5, 6, 7)
+#: session 15: seeds 8-11, declared before any of them ran as the last seeds of the signed W4A4 / W8A8 pairs
+LAST_SEEDS = (8, 9, 10, 11)
+#: session 16: seeds 12-19, declared before any of them ran, trained on a GPU (an H200 lent for 15 minutes;
+#: ``benchmarks/device_runs.py``, TF32 off; the integer networks' accuracy is the NumPy integer network's on
+#: the CPU either way). Their means are also given apart from seeds 0-11.
+GPU_SEEDS = tuple(range(12, 20))
+#: the ablation of the ends at W4A4s (at W8A8s the 8-bit ends cost +0.05 ± 0.06): 8-bit first conv alone,
+#: 8-bit classifier alone, against today's mode frozen late
+ENDS_ABLATION = ("today_fzl", "today8f_fzl", "today8l_fzl")
+#: what the configs row label is made of: (bits, 8-bit weight spec or None, signed bottleneck inputs)
+UNSIGNED = [(b, None, False) for b in BITS]
+SIGNED_ALL = [(b, None, True) for b in SIGNED_BITS]
+SIGNED_84 = [(8, None, True), (4, None, True)]
+SIGNED_4 = [(4, None, True)]
+S10_MODES = ("today", "int_out_r8", "int_out_r8_max")
+#: every declared experiment, in the order the sessions declared them: (seeds, rows, modes). A config is
+#: written for every seed x row x mode of every entry (an entry's configs were committed before they ran).
+DECLARED = [
+    # sessions 9-10: seeds 0-3, PACT inputs everywhere, and 8-bit weights on an int8 grid (W8A8lsq)
+    (SEEDS, UNSIGNED + [(8, LSQ8, False)], S10_MODES),
+    # sessions 10-14: seeds 0-3, signed inputs where a linear bottleneck is read
+    (SEEDS, SIGNED_ALL, S10_MODES + ("int11", "int11_nomid", "int12", "int13_fzp", "today_fz", "int13_fz",
+                                     "today_fzl", "int13_fzl", "today8e_fzl")),
+    # session 14: today's mode, the late freeze in both modes, and the 8-bit ends in today's mode
+    (MORE_SEEDS, SIGNED_84, ("today", "today_fzl", "int13_fzl", "today8e_fzl")),
+    # session 15: integer frozen late, today's mode, and today's mode with the 8-bit ends
+    (LAST_SEEDS, SIGNED_84, ("today", "int13_fzl", "today8e_fzl")),
+    # session 16, on the GPU: the pairs, and at W4A4s which end costs
+    (GPU_SEEDS, SIGNED_84, ("today", "int13_fzl", "today8e_fzl")),
+    (GPU_SEEDS, SIGNED_4, ENDS_ABLATION),
+    # session 16, declared before it ran: integer mode initialised at max (int13_fzl_max), W4A4s, seeds 0-7 on
+    # the CPU, paired with today's mode and integer mode of the same seeds (both on the CPU)
+    (tuple(range(8)), SIGNED_4, ("int13_fzl_max",)),
+]
+#: every seed with a declared config, in order
+ALL_SEEDS = tuple(sorted({s for seeds, _, _ in DECLARED for s in seeds}))
 
 
 def signed_layers(bits: int) -> dict:
@@ -152,35 +169,26 @@ def signed_layers(bits: int) -> dict:
 
 def configs() -> None:
     (OUT / "configs").mkdir(parents=True, exist_ok=True)
-    jobs = ([(s, b, None, False) for s in SEEDS for b in BITS] + [(s, 8, LSQ8, False) for s in SEEDS]
-            + [(s, b, None, True) for s in SEEDS for b in SIGNED_BITS]
-            + [(s, b, None, True) for s in MORE_SEEDS + LAST_SEEDS + GPU_SEEDS for b in MORE_BITS])
-    for s, b, wspec, signed in jobs:
-        for m, (desc, extra) in MODES.items():
-            if m == "int13_fzl_max":  # its own seeds (MAX_SEEDS), W4A4s only
-                if not (signed and b == 4 and s in MAX_SEEDS):
-                    continue
-            elif ((m in SIGNED_ONLY and not signed) or (s in MORE_SEEDS and m not in MORE_MODES)
-                    or (s in LAST_SEEDS and m not in LAST_MODES)
-                    or (s in GPU_SEEDS and (m not in GPU_MODES or (m in ENDS_ABLATION and b != 4)))
-                    or (m in ("today8f_fzl", "today8l_fzl") and s not in GPU_SEEDS)):
-                continue
-            layers = {**(signed_layers(b) if signed else {}), **extra.get("layers", {})}
-            plan = {"weight": wspec or {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b},
-                    "keep_first": True, "keep_last": True, **({"layers": layers} if layers else {}),
-                    "method": {"name": "ste"}, **{k: v for k, v in extra.items() if k != "layers"}}
-            label, wdesc = (f"W{b}A{b}lsq", ", LSQ 8-bit per-channel weights") if wspec else (f"W{b}A{b}", "")
-            if signed:
-                label, wdesc = f"W{b}A{b}s", ", signed LSQ inputs where a linear bottleneck is read"
-            cfg = {"name": f"MobileNetV2-0.5 W{b}A{b} {desc}{wdesc}, fine-tuned from the FP32 pretraining "
-                           f"(8,000 images, 2 epochs, lr 0.01), seed {s}",
-                   "model": {"name": "mobilenetv2", "width": 0.5, "init_from": str(PRETRAIN)},
-                   "data": {"name": "fashion-mnist", "limit": 8000, "val_fraction": 0.05, "augment": False},
-                   "plan": plan,
-                   "train": {"epochs": 2, "batch_size": 128, "lr": 0.01, "momentum": 0.9, "optimizer": "sgd",
-                             "schedule": "cosine", "weight_decay": 0.0005, "seed": s, "threads": 1,
-                             "progress": False, **TRAIN_EXTRA.get(m, {})}}
-            (OUT / "configs" / f"FT_{label}_{m}_s{s}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    jobs = [(s, b, wspec, signed, m) for seeds, rows, modes in DECLARED
+            for s in seeds for b, wspec, signed in rows for m in modes]
+    for s, b, wspec, signed, m in jobs:
+        desc, extra = MODES[m]
+        layers = {**(signed_layers(b) if signed else {}), **extra.get("layers", {})}
+        plan = {"weight": wspec or {"name": "sawb", "bits": b}, "act": {"name": "pact", "bits": b},
+                "keep_first": True, "keep_last": True, **({"layers": layers} if layers else {}),
+                "method": {"name": "ste"}, **{k: v for k, v in extra.items() if k != "layers"}}
+        label, wdesc = (f"W{b}A{b}lsq", ", LSQ 8-bit per-channel weights") if wspec else (f"W{b}A{b}", "")
+        if signed:
+            label, wdesc = f"W{b}A{b}s", ", signed LSQ inputs where a linear bottleneck is read"
+        cfg = {"name": f"MobileNetV2-0.5 W{b}A{b} {desc}{wdesc}, fine-tuned from the FP32 pretraining "
+                       f"(8,000 images, 2 epochs, lr 0.01), seed {s}",
+               "model": {"name": "mobilenetv2", "width": 0.5, "init_from": str(PRETRAIN)},
+               "data": {"name": "fashion-mnist", "limit": 8000, "val_fraction": 0.05, "augment": False},
+               "plan": plan,
+               "train": {"epochs": 2, "batch_size": 128, "lr": 0.01, "momentum": 0.9, "optimizer": "sgd",
+                         "schedule": "cosine", "weight_decay": 0.0005, "seed": s, "threads": 1,
+                         "progress": False, **TRAIN_EXTRA.get(m, {})}}
+        (OUT / "configs" / f"FT_{label}_{m}_s{s}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
 def _on_gpu(run: Path) -> bool:
@@ -231,7 +239,7 @@ def table() -> str:
     for label in [f"W{b}A{b}" for b in BITS] + ["W8A8lsq"] + [f"W{b}A{b}s" for b in SIGNED_BITS]:
         diffs: dict = {pr: [] for pr in pairs}
         gpu: dict = {pr: [] for pr in pairs}  # per difference: both runs on the GPU (True), both on the CPU, mixed
-        for s in SEEDS + MORE_SEEDS + LAST_SEEDS + GPU_SEEDS:
+        for s in ALL_SEEDS:
             acc = {m: _acc(OUT / "runs" / f"FT_{label}_{m}_s{s}") for m in MODES}
             dev = {m: _on_gpu(OUT / "runs" / f"FT_{label}_{m}_s{s}") for m in MODES if acc[m]}
             if not any(acc.values()):
