@@ -5,7 +5,8 @@ Trained from scratch for 2 epochs, MobileNetV2-0.5's seed-to-seed spread (severa
 from the same FP32 network (``MBV2_fp32_pretrain``: 24,000 training images, 4 epochs, lr 0.05,
 seed 100), and both modes fine-tune it the same way (8,000 images, 2 epochs, SGD lr 0.01 cosine,
 SAWB weights + PACT activations, seeds 0-3, 4-7 where session 14 needed them, and 8-11, declared
-in session 15 before they ran, for the signed W4A4/W8A8 pairs): today's mode
+in session 15 before they ran, for the signed W4A4/W8A8 pairs; 12-19 and 20-35 on a lent GPU, sessions 16-17;
+``DECLARED`` lists every experiment): today's mode
 (first conv / last linear FP32, float BN and residuals) and integer mode (output add, 8-bit residual
 stream): sessions 9-10's form (coarse bias, ``mid`` not trained; pinned in its configs) and session
 11's defaults (``int11``: fine bias, training rounds residual convs to ``mid``; signed rows only) and
@@ -134,6 +135,11 @@ GPU_SEEDS = tuple(range(12, 20))
 #: the ablation of the ends at W4A4s (at W8A8s the 8-bit ends cost +0.05 ± 0.06): 8-bit first conv alone,
 #: 8-bit classifier alone, against today's mode frozen late
 ENDS_ABLATION = ("today_fzl", "today8f_fzl", "today8l_fzl")
+#: session 17: seeds 20-35, declared before any of them ran, all on a GPU: the ends' ablation at W4A4s on one
+#: platform. Session 16's compared today_fzl / today8f_fzl / today8l_fzl trained on the CPU with today8e_fzl and
+#: today trained on the GPU; here all five modes of a seed train on the same device.
+ENDS_SEEDS = tuple(range(20, 36))
+ENDS_MODES = ("today", "today_fzl", "today8f_fzl", "today8l_fzl", "today8e_fzl")
 #: what the configs row label is made of: (bits, 8-bit weight spec or None, signed bottleneck inputs)
 UNSIGNED = [(b, None, False) for b in BITS]
 SIGNED_ALL = [(b, None, True) for b in SIGNED_BITS]
@@ -158,6 +164,8 @@ DECLARED = [
     # session 16, declared before it ran: integer mode initialised at max (int13_fzl_max), W4A4s, seeds 0-7 on
     # the CPU, paired with today's mode and integer mode of the same seeds (both on the CPU)
     (tuple(range(8)), SIGNED_4, ("int13_fzl_max",)),
+    # session 17, on the GPU: the ends' ablation at W4A4s, every mode of a seed on the same device
+    (ENDS_SEEDS, SIGNED_4, ENDS_MODES),
 ]
 #: every seed with a declared config, in order
 ALL_SEEDS = tuple(sorted({s for seeds, _, _ in DECLARED for s in seeds}))
