@@ -18,6 +18,7 @@ session 12's (``int12``: ``mid`` covering only the range its conv values took in
     lowbit train benchmarks/results/integer_export/mbv2_ft/configs/FT_W8A8_today_s0.yaml \\
         --out benchmarks/results/integer_export/mbv2_ft/runs/FT_W8A8_today_s0          # every FT_* config
     python benchmarks/integer_mbv2_ft.py --table       # -> mbv2_ft/summary.md, summary.json
+    python benchmarks/integer_mbv2_ft.py --table --seeds 20-35   # those seeds only -> summary_seeds20-35.md/json
 
 (the configs' ``model.init_from`` is relative to the repository root: run from there.)
 """
@@ -220,7 +221,8 @@ def _acc(run: Path) -> tuple[float, float] | None:
     return 100 * s["test_acc"], 100 * last["train_acc"]
 
 
-def table() -> str:
+def table(seeds: tuple[int, ...] | None = None) -> str:
+    """The table of every finished run (``seeds``: of these seeds only, written beside the full table)."""
     pre = _acc(PRETRAIN)
     ints = [m for m in MODES if m != "today"]
     #: (mode, base) pairs: every mode against today's, and frozen BatchNorm in both modes (session 13)
@@ -253,7 +255,7 @@ def table() -> str:
     for label in [f"W{b}A{b}" for b in BITS] + ["W8A8lsq"] + [f"W{b}A{b}s" for b in SIGNED_BITS]:
         diffs: dict = {pr: [] for pr in pairs}
         gpu: dict = {pr: [] for pr in pairs}  # per difference: both runs on the GPU (True), both on the CPU, mixed
-        for s in ALL_SEEDS:
+        for s in (ALL_SEEDS if seeds is None else seeds):
             acc = {m: _acc(OUT / "runs" / f"FT_{label}_{m}_s{s}") for m in MODES}
             dev = {m: _on_gpu(OUT / "runs" / f"FT_{label}_{m}_s{s}") for m in MODES if acc[m]}
             if not any(acc.values()):
@@ -287,8 +289,11 @@ def table() -> str:
             if any(diffs.values()):
                 lines.append(f"| **{label}** | {title} | " + " | " * (len(MODES) - 1) + " | " + " | ".join(row) + " |")
     text = "\n".join(lines) + "\n"
-    (OUT / "summary.md").write_text(text)
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=1))
+    stem = "summary" if seeds is None else f"summary_seeds{seeds[0]}-{seeds[-1]}"
+    if seeds is not None:
+        text = f"Seeds {seeds[0]}-{seeds[-1]} only.\n\n" + text
+    (OUT / f"{stem}.md").write_text(text)
+    (OUT / f"{stem}.json").write_text(json.dumps(summary, indent=1))
     return text
 
 
@@ -296,11 +301,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", action="store_true")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--seeds", default=None, metavar="A-B", help="with --table: only seeds A to B (a consecutive range)")
     a = ap.parse_args()
+    seeds = None
+    if a.seeds:
+        try:
+            lo, hi = (int(v) for v in a.seeds.split("-"))
+        except ValueError:
+            ap.error(f"--seeds {a.seeds!r}: expected A-B, e.g. 20-35")
+        if hi < lo:
+            ap.error(f"--seeds {a.seeds!r}: B must not be below A")
+        seeds = tuple(range(lo, hi + 1))
     if a.configs:
         configs()
     if a.table:
-        print(table())
+        print(table(seeds))
 
 
 if __name__ == "__main__":
