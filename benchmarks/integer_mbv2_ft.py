@@ -91,7 +91,11 @@ MODES = {"today": ("today's mode (float BN and residuals)", {}),
          # +0.38: mbv2_ft/ends_probe_s16.txt, benchmarks/integer_ends_probe.py)
          "int13_fzl_max": ("integer mode, today's defaults but its 8-bit LSQ quantizers initialised at max|v| "
                            "(integer_init: max), BatchNorm frozen for the last half epoch (train.freeze_bn_after: 1.5)",
-                           {**INT_DEFAULT, "integer_init": "max"})}
+                           {**INT_DEFAULT, "integer_init": "max"}),
+         # session 17: today's mode again, the same plan and recipe, trained on the CPU for the seeds whose today runs
+         # trained on the GPU (20-35): today_c − today is what the platform changes, int13_fzl − today_c a pair on one
+         # platform
+         "today_c": ("today's mode (float BN and residuals), trained on the CPU", {})}
 #: session 13's freezes (train.* keys): the last epoch with the batch gradient, and the last half epoch
 #: with the frozen map's own (the recipe)
 FREEZE_LAST_BATCH = {"freeze_bn_after": 1, "freeze_bn_gradient": "batch"}
@@ -112,7 +116,8 @@ HEAD = {"today": "today's mode", "int_out_r8": "integer s10, init lsq", "int_out
         "today8e_fzl": "today's mode, 8-bit ends, BN frozen last half epoch",
         "today8f_fzl": "today's mode, 8-bit first conv, BN frozen last half epoch",
         "today8l_fzl": "today's mode, 8-bit classifier, BN frozen last half epoch",
-        "int13_fzl_max": "integer (defaults, init max), BN frozen last half epoch"}
+        "int13_fzl_max": "integer (defaults, init max), BN frozen last half epoch",
+        "today_c": "today's mode, on the CPU"}
 
 #: 8-bit weights on an int8 grid (LSQ per channel initialised at max|w|/127, codes -128..127): 8-bit SAWB's 256 odd levels do not
 #: fit int8, so onnxruntime runs those layers as float32 convs (docs/export.md); label suffix "lsq"
@@ -173,6 +178,8 @@ DECLARED = [
     (ENDS_SEEDS, SIGNED_4, ENDS_MODES),
     # session 17, on the CPU, declared after the ablation ran: integer mode frozen late on the ablation's seeds
     (INT_SEEDS_S17, SIGNED_4, ("int13_fzl",)),
+    # session 17, on the CPU after those, declared before they ran: today's mode again on those seeds
+    (INT_SEEDS_S17, SIGNED_4, ("today_c",)),
 ]
 #: every seed with a declared config, in order
 ALL_SEEDS = tuple(sorted({s for seeds, _, _ in DECLARED for s in seeds}))
@@ -230,7 +237,7 @@ def table(seeds: tuple[int, ...] | None = None) -> str:
     pairs = [(m, "today") for m in ints] + [("int13_fz", "today_fz"), ("int13_fzl", "today_fzl"),
                                             ("today8e_fzl", "today_fzl"), ("int13_fzl", "today8e_fzl"),
                                             ("today8f_fzl", "today_fzl"), ("today8l_fzl", "today_fzl"),
-                                            ("int13_fzl_max", "int13_fzl")]
+                                            ("int13_fzl_max", "int13_fzl"), ("int13_fzl", "today_c")]
     head = " | ".join(HEAD[m] for m in MODES)
     lines = [f"FP32 start (`runs/MBV2_fp32_pretrain`): test accuracy {pre[0]:.2f} % (all 10,000 test images)"
              if pre else "FP32 start: not trained", "",
