@@ -20,22 +20,27 @@ today's mode (FP32 ends) and puts one end at a time on such a grid, after traini
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
+
+from lowbit.quant.uniform import LSQQuantizer, PACTQuantizer
 
 RUNS = Path("benchmarks/results/integer_export/mbv2_ft/runs")
 
 
 def lsq_init_grid(w: torch.Tensor) -> torch.Tensor:
-    """``w`` on the signed 8-bit per-channel grid of LSQ's initial step 2·mean|w|/√127."""
-    s = (2 * w.abs().flatten(1).mean(1) / math.sqrt(127)).clamp_min(1e-12).reshape(-1, *([1] * (w.dim() - 1)))
-    return torch.clamp(torch.round(w / s), -128, 127) * s
+    """``w`` on the signed 8-bit per-channel grid of LSQ's initial step 2·mean|w|/√127: the ends' own
+    quantizer (``LSQQuantizer``, init ``lsq``), which sets its step from the first tensor it sees."""
+    return LSQQuantizer(8, "weight", per_channel=True)(w)
 
 
-def signed8(x: torch.Tensor, step: float) -> torch.Tensor:
-    return torch.clamp(torch.round(x / step), -128, 127) * step
+def signed8(step: float) -> LSQQuantizer:
+    """The image's quantizer (signed 8-bit LSQ) with its step fixed at ``step``."""
+    q = LSQQuantizer(8, "act", signed=True)
+    q.step.data.fill_(step)
+    q.initialized.fill_(True)
+    return q
 
 
 def probe(run: str, images: int) -> str:
@@ -64,10 +69,9 @@ def probe(run: str, images: int) -> str:
 
     base = acc()
     xmax = max(float(x.abs().max()) for x, _ in batches)
-    rows = {"image step 0.16": acc(image=lambda x: signed8(x, 0.16)),
-            "image step max/127": acc(image=lambda x: signed8(x, xmax / 127)),
-            "fc input pact8 α=6": acc(fc_input=lambda v: torch.clamp(torch.round(v.clamp(0, 6) / (6 / 255)), 0, 255)
-                                      * (6 / 255))}
+    rows = {"image step 0.16": acc(image=signed8(0.16)),
+            "image step max/127": acc(image=signed8(xmax / 127)),
+            "fc input pact8 α=6": acc(fc_input=PACTQuantizer(8, init=6.0))}
     for name, layer in (("first conv weights, lsq init grid", first), ("fc weights, lsq init grid", fc)):
         w = layer.weight.detach().clone()
         with torch.no_grad():

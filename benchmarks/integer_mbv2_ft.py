@@ -87,7 +87,7 @@ MODES = {"today": ("today's mode (float BN and residuals)", {}),
          # the first conv's 8-bit weights on a coarse grid: on two of today's W4A4s networks (FP32 first conv),
          # putting its weights on that grid after training cost −0.27 and −0.45 points; the classifier's grid and
          # input, and the image on 18 codes, cost nothing there. (Measured after this was declared, on three more
-         # networks: +0.30, −0.30, +0.18, no larger than what a nearly lossless change of the image does, −0.25 to
+         # networks: +0.30, −0.33, +0.18, no larger than what a nearly lossless change of the image does, −0.22 to
          # +0.38: mbv2_ft/ends_probe_s16.txt, benchmarks/integer_ends_probe.py)
          "int13_fzl_max": ("integer mode, today's defaults but its 8-bit LSQ quantizers initialised at max|v| "
                            "(integer_init: max), BatchNorm frozen for the last half epoch (train.freeze_bn_after: 1.5)",
