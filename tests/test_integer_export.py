@@ -72,6 +72,115 @@ def test_requantize_torch_equals_numpy():
     m, sh = quantize_multiplier(real)
     assert np.array_equal(requantize(torch.from_numpy(x), m, sh).numpy(), requantize(x, m, sh))
 
+    # a float tensor holding integers (the integer reference's accumulators): the same values, float32
+    xf = torch.from_numpy(x.astype(np.float64))
+    got = requantize(xf, m, sh)
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy().astype(np.int64), requantize(x, m, sh))
+    assert torch.equal(xf, torch.from_numpy(x.astype(np.float64)))  # the input is not changed in place
+
+
+def test_rne_shift_torch_equals_numpy():
+    torch = pytest.importorskip("torch")
+    from lowbit.export.requant import rne_shift
+
+    rng = np.random.default_rng(2)
+    v = np.concatenate([rng.integers(-2**45, 2**45, 5000), np.arange(-40, 41)])
+    s = np.concatenate([rng.integers(0, 40, 5000), np.full(81, 2)])  # ±2k+1 halves at s = 2: ties both ways
+    got = rne_shift(torch.from_numpy(v.astype(np.float64)), s)
+    assert got.dtype == torch.float64 and np.array_equal(got.numpy().astype(np.int64), rne_shift(v, s))
+
+
+def _conv_op(lut, codes, c, hw, k, stride, pad, groups):
+    """An integer conv op whose weights are ``lut[row, codes]`` (per-row LUTs, uint8 codes (O, F))."""
+    from lowbit.export.intgraph import IntOp
+
+    o = codes.shape[0]
+    oh = (hw + 2 * pad - k) // stride + 1
+    attrs = {"layer": "conv", "kernel": [k, k], "stride": [stride, stride], "padding": [pad, pad], "groups": groups}
+    return IntOp("conv", "t", ["x"], "y", (c, hw, hw), (o, oh, oh), attrs, codes=codes.astype(np.uint8),
+                 lut=lut.astype(np.int16), bias=np.zeros(o, np.int32))
+
+
+def _brute_conv(x, m, c, k, stride, pad, groups):
+    """Σ m·x in int64, tap by tap (the definition)."""
+    n, _, h, w = x.shape
+    o = m.shape[0]
+    cg, og = c // groups, o // groups
+    wk = m.reshape(o, cg, k, k)
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh = (h + 2 * pad - k) // stride + 1
+    out = np.zeros((n, o, oh, oh), dtype=np.int64)
+    for oc in range(o):
+        gi = oc // og
+        for ic in range(cg):
+            for i in range(k):
+                for j in range(k):
+                    tap = xp[:, gi * cg + ic, i: i + stride * (oh - 1) + 1: stride, j: j + stride * (oh - 1) + 1: stride]
+                    out[:, oc] += tap * wk[oc, ic, i, j]
+    return out
+
+
+@pytest.mark.parametrize("c,groups,k,stride,pad,wmax,dtype", [
+    (56, 1, 3, 1, 1, 127, "float32"),    # 504 taps · 255 · 127 just below 2^24: float32, every sum at its largest
+    (64, 1, 3, 1, 1, 127, "float64"),    # 576 taps: above 2^24, float64
+    (8, 2, 3, 2, 1, 127, "float32"),     # grouped, strided
+    (16, 16, 3, 1, 1, 127, "float32"),   # depthwise 3x3
+    (16, 16, 3, 2, 1, 2**14, "float64"),  # depthwise with the fine bias's large weights
+    (32, 1, 1, 1, 0, 127, "float32"),    # 1x1
+])
+def test_integer_reference_conv_sums_are_exact(c, groups, k, stride, pad, wmax, dtype):
+    """The integer reference sums in float32 only where every partial sum is below 2^24 (else float64):
+    its sums equal the int64 definition, also with every input and weight at its largest."""
+    torch = pytest.importorskip("torch")
+    from lowbit.export import intgraph
+    from lowbit.export.intgraph import TensorQ, conv_sums, conv_weights
+
+    rng = np.random.default_rng(c + groups + k)
+    o = 8 if groups == 1 else c
+    f = (c // groups) * k * k
+    lut = rng.integers(-wmax, wmax + 1, (o, 256))
+    lut[0] = wmax  # the largest sums: every weight and input at its bound
+    op = _conv_op(lut, rng.integers(0, 256, (o, f)), c, 7, k, stride, pad, groups)
+    m = op.m()
+    x = rng.integers(0, 256, (3, c, 7, 7))
+    x[0] = 255
+    w = conv_weights(op, TensorQ(8, 0, 1.0))
+    platform_f32 = intgraph._f32_exact(0)  # x86 with oneDNN at full precision (the next test)
+    assert str(w.dtype) == f"torch.{dtype if platform_f32 else 'float64'}"
+    got = conv_sums(torch.from_numpy(x.astype(np.float32)), w, op)
+    assert np.array_equal(got.numpy().astype(np.int64), _brute_conv(x, m, c, k, stride, pad, groups))
+
+
+def test_integer_reference_sums_in_float64_where_float32_would_not_be_full_precision(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from lowbit.export import intgraph
+    from lowbit.export.intgraph import TensorQ, conv_weights
+
+    dw = _conv_op(np.ones((16, 256)), np.zeros((16, 9)), 16, 7, 3, 1, 1, 16)
+
+    def dtype():
+        return str(conv_weights(dw, TensorQ(8, 0, 1.0)).dtype)
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN: every layer sums in float64")
+    monkeypatch.setattr(intgraph, "_ARM", False)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    assert dtype() == "torch.float32"
+    monkeypatch.setattr(intgraph, "_ARM", True)  # ARM: ATen's Winograd depthwise 3x3 kernel is not integer
+    assert dtype() == "torch.float64"
+    monkeypatch.setattr(intgraph, "_ARM", False)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # without oneDNN, NNPACK (Winograd) may run
+    assert dtype() == "torch.float64"
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    conv = torch.backends.mkldnn.conv
+    was = conv.fp32_precision
+    try:
+        conv.fp32_precision = "bf16"  # oneDNN allowed to compute float32 convs in bfloat16
+        assert dtype() == "torch.float64"
+    finally:
+        conv.fp32_precision = was
+    assert dtype() == "torch.float32"
+
 
 def test_onnxruntime_qlinearconv_requantizes_as_requantize():
     """The premise of the bit-exact ONNX models: onnxruntime's QLinearConv (MLAS) requantizes
@@ -161,6 +270,27 @@ class GroupedNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
 
 
+class OddKernelNet(nn.Module):
+    """Kernels the C kernel's fast loops do not special-case: 5x5 (padded, on the signed 8-bit image), 1x3
+    with a horizontal stride of 2, 2x2 unpadded; odd output widths (a last output computed alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 6, 5, padding=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 8, (1, 3), stride=(1, 2), padding=(0, 1), bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(8, 8, 2, stride=2, bias=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.c1(x)))  # 11x11
+        x = torch.relu(self.bn2(self.c2(x)))  # 11x6
+        x = torch.relu(self.c3(x))  # 5x3
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
 def _ready(m: nn.Module, shape, plan=INT_W2A2, seed=0, passes=3, batch=16) -> nn.Module:
     torch.manual_seed(seed)
     quantize(m, plan)
@@ -170,6 +300,16 @@ def _ready(m: nn.Module, shape, plan=INT_W2A2, seed=0, passes=3, batch=16) -> nn
         for _ in range(passes):
             m(torch.randn(batch, *shape, generator=g))
     return m.eval()
+
+
+def _assert_live(m: nn.Module, x: torch.Tensor) -> None:
+    """Every tensor of the integer network takes more than one code over the batch: a constant layer
+    (an untrained net whose codes all clamp) would hide a kernel's error from a bit-exact comparison."""
+    from lowbit.export.intgraph import IntReference
+    from lowbit.intmode import int_graph
+
+    env = IntReference(int_graph(m, x[:1])).tensors(x.numpy())
+    assert not [k for k, v in env.items() if len(np.unique(v)) < 2]
 
 
 def _x(n, shape, seed=1):
@@ -281,15 +421,17 @@ def test_a_conv_row_of_zero_weights_outputs_its_batchnorm_shift():
 
 
 @needs_cc
-@pytest.mark.parametrize("which", ["resnet8", "grouped"])
+@pytest.mark.parametrize("which", ["resnet8", "grouped", "odd"])
 def test_every_backend(which, resnet_int, tmp_path):
     from lowbit.export.int_api import export_int_model, format_int_report
 
     if which == "resnet8":
         m, shape = resnet_int, (1, 28, 28)
-    else:
-        m, shape = _ready(GroupedNet(), (1, 12, 12)), (1, 12, 12)
+    else:  # a PACT clip of 2 and settled BatchNorm statistics: every layer live (_assert_live)
+        net, shape = (GroupedNet(), (1, 12, 12)) if which == "grouped" else (OddKernelNet(), (1, 11, 11))
+        m = _ready(net, shape, plan={**INT_W2A2, "act": {"name": "pact", "bits": 2, "init": 2.0}}, passes=20)
     x = _x(24, shape, seed=3)
+    _assert_live(m, x)
     r = export_int_model(m, x, tmp_path / which, c_images=None, latency_repeats=1, latency_batch=8, calib=8)
     assert r["numpy"]["bit_exact_images"] == 24
     assert r["c"]["self_test_ok"] and r["c"]["bit_exact_images"] == 24
@@ -300,7 +442,7 @@ def test_every_backend(which, resnet_int, tmp_path):
         assert r["onnx"]["integer_fused"]["max_logit_diff"] == 0
     # RAM holds packed codes (2-bit tensors: n/4 bytes): the whole arena is under 2 bytes per element
     # of the largest activation, where float32 activations took 4 bytes per element of each live tensor
-    largest = 4 * 28 * 28 if which == "resnet8" else 8 * 12 * 12
+    largest = {"resnet8": 4 * 28 * 28, "grouped": 8 * 12 * 12, "odd": 6 * 11 * 11}[which]
     assert r["c"]["arena_bytes"] <= 2 * largest
     assert "bit-exact" in format_int_report(r)
     if which == "grouped":
@@ -356,8 +498,9 @@ def test_mobilenetv2_signed_inputs_every_backend_bit_exact(tmp_path, mid):
             "layers": {"features.[4-9].conv.0": signed, "features.1[0-9].conv.0": signed, "features.20": signed},
             **({"integer_train_mid": True, "integer_mid_range": mid} if mid else {})}
     m = _ready(create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=16, width=0.25), (1, 16, 16),
-               plan=plan, passes=2, batch=8)
+               plan=plan, passes=20, batch=8)  # settled BatchNorm statistics: every layer live
     x = _x(6, (1, 16, 16), seed=2)
+    _assert_live(m, x)
     with torch.no_grad():
         y = m(x).numpy()
     g = int_graph(m, x[:1])

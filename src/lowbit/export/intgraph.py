@@ -34,10 +34,13 @@ The requantization is :func:`lowbit.export.requant.requantize` (int32 multiplier
 from __future__ import annotations
 
 import json
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .levels import ActQuant
@@ -47,8 +50,6 @@ from .requant import quantize_multiplier, requantize, rne_shift
 FORMAT = "lowbit.packed.integer"
 VERSION = 2  # 2: conv attrs "residual" (output residual adds); version 1 files load too
 _F32 = np.float32
-#: float64 elements of one im2col chunk
-_CHUNK = 4_000_000
 
 
 @dataclass
@@ -245,8 +246,20 @@ def check_accumulator(op: IntOp, t_in: TensorQ, t_res: TensorQ | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the NumPy integer reference
+# the integer reference
 # ---------------------------------------------------------------------------------------------
+# Integers are held in torch float tensors (CPU): codes in float32, a layer's accumulators in float32
+# where every partial sum of the layer (conv taps, plus the bias) stays below 2^24, else in float64
+# (int32 accumulators, and the output add's sums below 2^40, all below 2^53). Every product and partial
+# sum is then an integer the type holds exactly, so any summation order gives the exact integer sums,
+# and the requantization's float32 multiply is the definition itself
+# (:func:`lowbit.export.requant.requantize`). Float32 convolutions run oneDNN's direct/GEMM kernels
+# (3-4x faster than the int64 NumPy of sessions 5-17); they are used only on x86 with oneDNN enabled at
+# full float32 precision: elsewhere PyTorch may pick a Winograd or FFT kernel (NNPACK; ATen's depthwise
+# 3x3 on ARM), whose transforms are not integer, so there every layer sums in float64.
+_ARM = platform.machine().lower() in ("arm64", "aarch64") or platform.machine().lower().startswith("arm")
+
+
 def _geom(op: IntOp) -> tuple:
     if op.attrs["layer"] == "linear":
         (c,), (o,) = op.in_shape, op.out_shape
@@ -257,48 +270,45 @@ def _geom(op: IntOp) -> tuple:
     return c, h, w, o, oh, ow, kh, kw, sh, sw, ph, pw
 
 
-def conv_sums(x: np.ndarray, m: np.ndarray, op: IntOp) -> np.ndarray:
-    """``A = Σ m·x`` of integer inputs ``x`` (N, C, H, W) (already ``q − zero``; padding 0) and
-    integer weights ``m`` (O, F): exact (float64 sums of integers below 2^53), int64 (N, O, OH, OW)."""
+def _f32_exact(bound: int) -> bool:
+    """Whether float32 convs sum integers whose partial sums stay below ``bound`` exactly: below 2^24, on
+    x86, with oneDNN enabled (else NNPACK's Winograd may run) at full float32 precision (not TF32/BF16)."""
+    mk = torch.backends.mkldnn
+    return (bound < 2**24 and not _ARM and mk.is_available() and mk.enabled
+            and mk.conv.fp32_precision in ("none", "ieee"))
+
+
+def conv_weights(op: IntOp, t_in: TensorQ) -> torch.Tensor:
+    """The integer weights ``m`` of a conv/linear op as the float tensor :func:`conv_sums` multiplies
+    with: (O, C/g, KH, KW) (linear: (O, F)); float32 where every partial sum of its accumulator
+    (``Σ m·(q − zero_in)`` from the input's code range, plus the bias; no residual into the
+    accumulator) stays below 2^24, else float64. The accumulator is computed in this type."""
     c, h, w, o, oh, ow, kh, kw, sh, sw, ph, pw = _geom(op)
     g = int(op.attrs.get("groups", 1))
-    n = x.shape[0]
-    cg, og = c // g, o // g
-    # every product and partial sum is an integer below 2^53 (float64) or, where the bound below
-    # allows, 2^31 (int32), so any summation order gives the same exact sums: depthwise convs sum
-    # their taps directly and ungrouped 1x1 convs are one matmul (the im2col einsum is slow for both)
-    if cg == 1 and og == 1 and np.abs(x).max(initial=0) * np.abs(m).reshape(o, -1).sum(1).max() < 2**31:
-        xi = x.reshape(n, c, h, w).astype(np.int32)
-        if ph or pw:
-            xi = np.pad(xi, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-        wi = m.reshape(o, kh * kw).astype(np.int32)
-        acc = np.zeros((n, o, oh, ow), dtype=np.int32)
-        for i in range(kh):
-            for j in range(kw):
-                tap = xi[:, :, i: i + sh * (oh - 1) + 1: sh, j: j + sw * (ow - 1) + 1: sw]
-                acc += tap * wi[:, i * kw + j].reshape(1, o, 1, 1)
-        return acc.astype(np.int64)
-    x = x.reshape(n, c, h, w).astype(np.float64)
-    if ph or pw:
-        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    mg = m.reshape(g, og, cg * kh * kw).astype(np.float64)
-    if g == 1 and kh == kw == 1:
-        xs = x[:, :, : sh * (oh - 1) + 1: sh, : sw * (ow - 1) + 1: sw].reshape(n, c, oh * ow)
-        return np.rint(np.matmul(mg[0], xs)).astype(np.int64).reshape((n, o, oh, ow))
-    out = np.empty((n, o, oh * ow), dtype=np.int64)
-    step = max(1, _CHUNK // max(1, oh * ow * c * kh * kw))
-    for i in range(0, n, step):
-        win = np.lib.stride_tricks.sliding_window_view(x[i: i + step], (kh, kw), axis=(2, 3))
-        win = win[:, :, : sh * (oh - 1) + 1: sh, : sw * (ow - 1) + 1: sw]  # (b, C, OH, OW, KH, KW)
-        b = win.shape[0]
-        cols = win.reshape(b, g, cg, oh * ow, kh * kw).transpose(0, 1, 3, 2, 4).reshape(b, g, oh * ow, cg * kh * kw)
-        acc = np.einsum("bgpf,gof->bgop", cols, mg, optimize=True)  # (b, G, Og, P)
-        out[i: i + b] = np.rint(acc).astype(np.int64).reshape(b, o, oh * ow)
-    return out.reshape((n, o, oh, ow))
+    m = op.m()
+    bound = max(t_in.zero, t_in.qmax - t_in.zero) * int(np.abs(m).sum(1).max(initial=0))
+    bound += int(np.abs(op.bias.astype(np.int64)).max(initial=0))
+    if op.res_mult is not None and op.attrs.get("residual") != "output":
+        bound = 2**24  # a residual requantized into the accumulator: float64
+    dt = torch.float32 if _f32_exact(bound) else torch.float64
+    shape = (o, -1) if op.attrs["layer"] == "linear" else (o, c // g, kh, kw)
+    return torch.from_numpy(m).to(dt).reshape(shape)
 
 
-def _chan(v: np.ndarray, ndim: int) -> np.ndarray:
-    return np.asarray(v).reshape((-1,) + (1,) * (ndim - 2))
+def conv_sums(x: torch.Tensor, w: torch.Tensor, op: IntOp) -> torch.Tensor:
+    """``A = Σ m·x`` of integer inputs ``x`` (N, C, H, W) (``q − zero``, float; padding is a real 0) and the
+    integer weights ``w`` of :func:`conv_weights`: exact, in ``w``'s type (N, O, OH, OW) (linear: (N, O))."""
+    c, h, w_, o, oh, ow, kh, kw, sh, sw, ph, pw = _geom(op)
+    x = x.to(w.dtype)
+    if op.attrs["layer"] == "linear":
+        a = F.linear(x.reshape(x.shape[0], -1), w)
+    else:
+        a = F.conv2d(x.reshape(-1, c, h, w_), w, None, (sh, sw), (ph, pw), 1, int(op.attrs.get("groups", 1)))
+    return a
+
+
+def _chan(v: np.ndarray, ndim: int, dtype=torch.float64) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(v)).to(dtype).reshape((-1,) + (1,) * (ndim - 2))
 
 
 def out_range(op: IntOp, t_out: TensorQ) -> tuple[int, int]:
@@ -306,76 +316,77 @@ def out_range(op: IntOp, t_out: TensorQ) -> tuple[int, int]:
     return (t_out.zero if op.attrs.get("relu") else 0), t_out.qmax
 
 
-def run_conv(op: IntOp, q: np.ndarray, t_in: TensorQ, res: np.ndarray | None, t_res: TensorQ | None,
-             t_out: TensorQ | None) -> np.ndarray:
+def run_conv(op: IntOp, q: torch.Tensor, t_in: TensorQ, res: torch.Tensor | None, t_res: TensorQ | None,
+             t_out: TensorQ | None, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Output codes (float32; the classifier: float32 logits) of a conv op on input codes ``q`` (``w``:
+    its :func:`conv_weights`, computed here when not given)."""
     n = q.shape[0]
-    acc = conv_sums(q.astype(np.int64) - t_in.zero, op.m(), op)
-    acc = acc + _chan(op.bias, 4).astype(np.int64)
+    w = conv_weights(op, t_in) if w is None else w
+    acc = conv_sums(q - t_in.zero if t_in.zero else q, w, op)
+    nd = acc.dim()
+    acc.add_(_chan(op.bias, nd, acc.dtype))  # exact: conv_weights chose the type for conv + bias
     if op.attrs.get("residual") == "output":
         a = op.attrs
-        mid = np.clip(requantize(acc, _chan(op.mult, 4), _chan(op.shift, 4)) + a["mid_zero"], 0, 255)
-        r = res.reshape(acc.shape).astype(np.int64) - t_res.zero
-        v = (mid - a["mid_zero"]) * a["mid_mult"] + r * _chan(op.res_mult, 4).astype(np.int64)
-        v = rne_shift(v, _chan(op.res_shift, 4)) + t_out.zero
-        y = np.clip(v, *out_range(op, t_out))
+        mid = torch.clamp(requantize(acc, _chan(op.mult, nd), _chan(op.shift, nd)) + a["mid_zero"], 0, 255)
+        r = res.reshape(acc.shape).to(torch.float64) - t_res.zero
+        v = (mid.to(torch.float64) - a["mid_zero"]) * a["mid_mult"] + r * _chan(op.res_mult, nd)
+        v = rne_shift(v, _chan(op.res_shift, nd)) + t_out.zero
+        y = torch.clamp(v, *out_range(op, t_out)).to(torch.float32)
         return y.reshape((n,) + tuple(op.out_shape))
     if op.res_mult is not None:
-        r = res.reshape(acc.shape).astype(np.int64) - t_res.zero
-        acc = acc + requantize(r, _chan(op.res_mult, 4), _chan(op.res_shift, 4))
+        r = res.reshape(acc.shape).to(torch.float64) - t_res.zero
+        acc = acc + requantize(r, _chan(op.res_mult, nd), _chan(op.res_shift, nd))
     if op.out_scale is not None:
-        y = acc.astype(_F32) * _chan(op.out_scale, 4).astype(_F32)
+        y = acc.to(torch.float32) * _chan(op.out_scale, nd, torch.float32)
     else:
-        v = requantize(acc, _chan(op.mult, 4), _chan(op.shift, 4)) + t_out.zero
-        y = np.clip(v, *out_range(op, t_out))
+        y = requantize(acc, _chan(op.mult, nd), _chan(op.shift, nd)).add_(t_out.zero).clamp_(*out_range(op, t_out))
     return y.reshape((n,) + tuple(op.out_shape))
 
 
-def run_gap(op: IntOp, q: np.ndarray, t_in: TensorQ, t_out: TensorQ) -> np.ndarray:
+def run_gap(op: IntOp, q: torch.Tensor, t_in: TensorQ, t_out: TensorQ) -> torch.Tensor:
     n, c = q.shape[:2]
-    s = (q.reshape(n, c, -1).astype(np.int64) - t_in.zero).sum(2)  # integers: exact in any order
+    s = (q.reshape(n, c, -1).to(torch.float64) - t_in.zero).sum(2)  # integers below 2^53: exact in any order
     v = requantize(s, op.mult[0], op.shift[0]) + t_out.zero
-    return np.clip(v, 0, t_out.qmax).reshape((n,) + tuple(op.out_shape))
+    return torch.clamp(v, 0, t_out.qmax).reshape((n,) + tuple(op.out_shape))
 
 
-def run_maxpool(op: IntOp, q: np.ndarray) -> np.ndarray:
+def run_maxpool(op: IntOp, q: torch.Tensor) -> torch.Tensor:
+    # padding is skipped (max_pool2d pads with −inf; every window holds at least one code)
     (kh, kw), (sh, sw), (ph, pw) = op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"]
-    c, oh, ow = op.out_shape
-    xp = np.pad(q.astype(np.int64), ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-1)
-    out = np.full((q.shape[0], c, oh, ow), -1, dtype=np.int64)
-    for i in range(kh):
-        for j in range(kw):
-            out = np.maximum(out, xp[:, :, i: i + sh * (oh - 1) + 1: sh, j: j + sw * (ow - 1) + 1: sw])
-    return out
+    return F.max_pool2d(q.to(torch.float32), (kh, kw), (sh, sw), (ph, pw))
 
 
 class IntReference:
-    """Runs an :class:`IntGraph` (e.g. from :func:`load_int_package`) on float32 inputs."""
+    """Runs an :class:`IntGraph` (e.g. from :func:`load_int_package`) on float32 inputs: exact integer
+    arithmetic (section comment above), on the CPU, NumPy in and out."""
 
     def __init__(self, graph: IntGraph):
         self.graph = graph
+        self._w: dict[str, torch.Tensor] = {}
 
     def run(self, x: np.ndarray, batch: int = 250, codes: bool = False) -> np.ndarray:
         """Float32 logits of a (N, *input_shape) batch (``codes=True``: ``x`` are input codes)."""
         x = np.asarray(x)
         if tuple(x.shape[1:]) != tuple(self.graph.input_shape):
             raise ConfigError(f"input shape {tuple(x.shape[1:])} != model input {self.graph.input_shape}")
-        return np.concatenate([self._run(x[i: i + batch], codes) for i in range(0, len(x), batch)])
+        with torch.no_grad():
+            return np.concatenate([self._run(x[i: i + batch], codes).numpy() for i in range(0, len(x), batch)])
 
     def input_codes(self, x: np.ndarray) -> np.ndarray:
         op = self.graph.ops[0]
         return (op.act.codes(np.asarray(x, dtype=_F32)) - op.act.qmin).astype(np.int64)
 
-    def run_op(self, op: IntOp, env: dict[str, np.ndarray], x: np.ndarray | None = None,
-               codes: bool = False) -> np.ndarray:
-        """The output codes of ``op`` from the tensors in ``env`` (``x``: the network input, read by
-        ``quant_in``; ``codes=True``: ``x`` are already input codes)."""
+    def _op(self, op: IntOp, env: dict[str, torch.Tensor], x: np.ndarray | None, codes: bool) -> torch.Tensor:
         T = self.graph.tensors
         if op.kind == "quant_in":
-            return x.astype(np.int64) if codes else self.input_codes(x)
+            return torch.from_numpy(np.asarray(x) if codes else self.input_codes(x)).to(torch.float32)
         if op.kind == "conv":
             res = env[op.inputs[1]] if len(op.inputs) > 1 else None
             t_res = T[op.inputs[1]] if len(op.inputs) > 1 else None
-            return run_conv(op, env[op.inputs[0]], T[op.inputs[0]], res, t_res, T.get(op.output))
+            t_in = T[op.inputs[0]]
+            if op.name not in self._w:
+                self._w[op.name] = conv_weights(op, t_in)
+            return run_conv(op, env[op.inputs[0]], t_in, res, t_res, T.get(op.output), self._w[op.name])
         if op.kind == "gap":
             return run_gap(op, env[op.inputs[0]], T[op.inputs[0]], T[op.output])
         if op.kind == "maxpool":
@@ -385,15 +396,45 @@ class IntReference:
             return v.reshape(v.shape[0], -1)
         raise ConfigError(f"integer graph: unknown op kind '{op.kind}'")  # pragma: no cover
 
+    @staticmethod
+    def _numpy(op: IntOp, v: torch.Tensor, graph: IntGraph) -> np.ndarray:
+        v = v.numpy()
+        return v if op.output == graph.output else v.astype(np.int64)  # codes int64, logits float32
+
+    def run_op(self, op: IntOp, env: dict[str, np.ndarray], x: np.ndarray | None = None,
+               codes: bool = False) -> np.ndarray:
+        """The output codes (int64) of ``op`` from the tensors in ``env`` (NumPy; ``x``: the network
+        input, read by ``quant_in``; ``codes=True``: ``x`` are already input codes)."""
+        tenv = {k: torch.as_tensor(np.asarray(v)) for k, v in env.items() if k in op.inputs}
+        with torch.no_grad():
+            return self._numpy(op, self._op(op, tenv, x, codes), self.graph)
+
     def tensors(self, x: np.ndarray, codes: bool = False) -> dict[str, np.ndarray]:
-        """Every tensor of the network on one batch ``x`` (name -> codes; the output: logits)."""
-        env: dict[str, np.ndarray] = {}
-        for op in self.graph.ops:
-            env[op.output] = self.run_op(op, env, x, codes)
+        """Every tensor of the network on one batch ``x`` (name -> codes int64; the output: float32 logits)."""
+        env = self._env(x, codes)
+        ops = {op.output: op for op in self.graph.ops}
+        return {k: self._numpy(ops[k], v, self.graph) for k, v in env.items()}
+
+    def _env(self, x: np.ndarray, codes: bool) -> dict[str, torch.Tensor]:
+        env: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for op in self.graph.ops:
+                env[op.output] = self._op(op, env, x, codes)
         return env
 
-    def _run(self, x: np.ndarray, codes: bool) -> np.ndarray:
-        return self.tensors(x, codes)[self.graph.output]
+    def _run(self, x: np.ndarray, codes: bool) -> torch.Tensor:
+        out = self.graph.output
+        env: dict[str, torch.Tensor] = {}
+        last = {}  # free each tensor after its last reader
+        for i, op in enumerate(self.graph.ops):
+            for t in op.inputs:
+                last[t] = i
+        for i, op in enumerate(self.graph.ops):
+            env[op.output] = self._op(op, env, x, codes)
+            for t in op.inputs:
+                if last[t] == i and t != out:
+                    env.pop(t, None)
+        return env[out]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,14 +75,17 @@ def requantize(x, mult, shift):
 
     ``x`` int32-range integers (any integer array), ``mult``/``shift`` int32, broadcastable
     (per-channel: shape ``(C, 1, 1)`` against ``(N, C, H, W)``). NumPy's float32 arithmetic is IEEE
-    single precision, so this is the definition itself; a torch integer tensor is computed the same
-    way and returned as a torch int64 tensor.
+    single precision, so this is the definition itself. A torch tensor is computed the same way in
+    torch, on its device: an integer tensor gives int64; a floating one holding integers (the integer
+    reference's float64 accumulators, :mod:`lowbit.export.intgraph`) gives the rounded float32 values,
+    which are integers held exactly.
     """
+    r = real_multiplier(mult, shift).astype(np.float32)
     if not (isinstance(x, np.ndarray) or np.isscalar(x)):  # torch
         import torch
 
-        return torch.from_numpy(requantize(x.detach().cpu().numpy(), mult, shift)).to(x.device)
-    r = real_multiplier(mult, shift).astype(np.float32)
+        y = torch.mul(x.detach().to(torch.float32), torch.from_numpy(np.ascontiguousarray(r)).to(x.device)).round_()
+        return y if x.is_floating_point() else y.to(torch.int64)
     return np.rint(np.asarray(x).astype(np.float32) * r).astype(np.int64)
 
 
@@ -106,7 +109,13 @@ def requantize_int(x, mult, shift):
 
 def rne_shift(v, s):
     """``v / 2^s`` rounded half to even (NumPy integers, ``s >= 0``): the output residual add's
-    rounding (onnxruntime's float32 ``QLinearAdd``; the C runtime's ``lb_rne_shift``)."""
+    rounding (onnxruntime's float32 ``QLinearAdd``; the C runtime's ``lb_rne_shift``). A torch float64
+    tensor holding integers below 2^53 is computed in torch (``v·2^−s`` is exact, then rounded half to
+    even), and stays float64."""
+    if not (isinstance(v, np.ndarray) or np.isscalar(v)):  # torch
+        import torch
+
+        return torch.round(v * torch.exp2(-torch.as_tensor(np.asarray(s), dtype=torch.float64).to(v.device)))
     v = np.asarray(v, dtype=np.int64)
     s = np.asarray(s, dtype=np.int64)
     fl = v >> s
