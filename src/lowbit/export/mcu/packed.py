@@ -219,6 +219,13 @@ def patch_int_c(graph, out_dir: str | Path, allow: str = "auto") -> dict[str, st
             i = src.index(arr)
             src = src[:i] + src[src.index("};\n", i) + 3:]
             src = src.replace(f".w_codes = {nm}_w,", ".w_codes = NULL,  /* packed kernel: planes */", 1)
+    # lb_conv's scratch, for the layers that still call it (a packed layer unpacks into its planes)
+    from ..int_c import SCRATCH_COMMENT, conv_scratch
+
+    n = max([conv_scratch(op, T[op.inputs[0]]) for op in graph.ops if chosen.get(op.name) == "int"] + [1])
+    decl_at = src.index("static int16_t lb_wrow[")
+    src = (src[:decl_at] + f"static int16_t lb_wrow[{n}];     {SCRATCH_COMMENT}" +
+           src[src.index("\n", decl_at):])
     if planes:
         decl = [*cs.lines, f"static uint32_t lb_xplanes[{planes}];  /* bit planes of a packed layer's input */",
                 f"static int32_t lb_pk_acc[{accw}];  /* integer sums of one output pixel */", ""]

@@ -18,6 +18,9 @@ static int64_t lb_rne_shift64(int64_t v, int32_t s)
 /* the number of significant bits of a */
 static int32_t lb_bitlen64(uint64_t a)
 {
+#if defined(__GNUC__)
+    return a ? 64 - __builtin_clzll(a) : 0; /* CLZ */
+#else
     int32_t n = 0;
     if (a >> 32) { a >>= 32; n += 32; }
     if (a >> 16) { a >>= 16; n += 16; }
@@ -26,6 +29,7 @@ static int32_t lb_bitlen64(uint64_t a)
     if (a >> 2) { a >>= 2; n += 2; }
     if (a >> 1) { a >>= 1; n += 1; }
     return n + (int32_t)a;
+#endif
 }
 
 /* v rounded to 24 significant bits, half to even: the value a float32 holds for the integer v */
@@ -69,53 +73,123 @@ static int32_t lb_clamp(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo 
 
 int32_t lb_rne_shift(int32_t v, int32_t s) { return (int32_t)lb_rne_shift64(v, s); }
 
-void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *out, int16_t *wrow)
+#if defined(__GNUC__)
+#define LB_INLINE static inline __attribute__((always_inline))
+#else
+#define LB_INLINE static inline
+#endif
+
+/* sum over every tap of w * (u - z) for the output whose window starts at ur and, when ur2 is not NULL,
+ * for the one at ur2 (two outputs share each weight load); inlined with z = 0 for inputs after a ReLU */
+LB_INLINE void lb_taps(const int16_t *wk, const uint8_t *ur, const uint8_t *ur2, int32_t cin_g, int32_t KH,
+                       int32_t KW, int32_t W, int32_t HWin, int32_t z, int32_t *a0, int32_t *a1)
+{
+    int32_t c, kh, kw, s0 = 0, s1 = 0;
+    if (KH == 1 && KW == 1) { /* pointwise: one tap per channel */
+        if (ur2)
+            for (c = 0; c < cin_g; c++, ur += HWin, ur2 += HWin) {
+                const int32_t w = wk[c];
+                s0 += w * ((int32_t)*ur - z);
+                s1 += w * ((int32_t)*ur2 - z);
+            }
+        else
+            for (c = 0; c < cin_g; c++, ur += HWin) s0 += (int32_t)wk[c] * ((int32_t)*ur - z);
+    } else if (ur2 && KW == 3) { /* 3-wide rows (3x3 convs) unrolled */
+        for (c = 0; c < cin_g; c++, ur += HWin - KH * W, ur2 += HWin - KH * W)
+            for (kh = 0; kh < KH; kh++, ur += W, ur2 += W, wk += 3) {
+                const int32_t w0 = wk[0], w1 = wk[1], w2 = wk[2];
+                s0 += w0 * ((int32_t)ur[0] - z) + w1 * ((int32_t)ur[1] - z) + w2 * ((int32_t)ur[2] - z);
+                s1 += w0 * ((int32_t)ur2[0] - z) + w1 * ((int32_t)ur2[1] - z) + w2 * ((int32_t)ur2[2] - z);
+            }
+    } else if (ur2) {
+        for (c = 0; c < cin_g; c++, ur += HWin - KH * W, ur2 += HWin - KH * W)
+            for (kh = 0; kh < KH; kh++, ur += W, ur2 += W)
+                for (kw = 0; kw < KW; kw++) {
+                    const int32_t w = *wk++;
+                    s0 += w * ((int32_t)ur[kw] - z);
+                    s1 += w * ((int32_t)ur2[kw] - z);
+                }
+    } else {
+        for (c = 0; c < cin_g; c++, ur += HWin - KH * W)
+            for (kh = 0; kh < KH; kh++, ur += W)
+                for (kw = 0; kw < KW; kw++) s0 += (int32_t)*wk++ * ((int32_t)ur[kw] - z);
+    }
+    *a0 = s0;
+    *a1 = s1;
+}
+
+/* one output of lb_conv from its accumulator (without the bias): bias, residual, requantization */
+static void lb_conv_emit(const lb_conv_t *p, int32_t o, int32_t at, int32_t acc, const uint8_t *res, void *out)
+{
+    const uint32_t ob = p->out_bits, rb = p->res_bits;
+    acc += p->bias[o];
+    if (p->res_mult && p->mid_mult) { /* output residual add */
+        const int32_t mid = lb_clamp(lb_requantize(acc, p->mult[o], p->shift[o]) + p->mid_zero, 0, 255);
+        const int32_t v = (mid - p->mid_zero) * p->mid_mult +
+                          ((int32_t)LB_GET(res, (uint32_t)at, rb) - p->res_zero) * p->res_mult[o];
+        const int32_t q = lb_rne_shift(v, p->res_shift[o]) + p->out_zero;
+        lb_put((uint8_t *)out, (uint32_t)at, ob, (uint32_t)lb_clamp(q, p->out_min, p->out_max));
+        return;
+    }
+    if (p->res_mult)
+        acc += lb_requantize((int32_t)LB_GET(res, (uint32_t)at, rb) - p->res_zero, p->res_mult[o], p->res_shift[o]);
+    if (p->out_scale) {
+        ((float *)out)[at] = (float)acc * p->out_scale[o];
+    } else {
+        const int32_t v = lb_requantize(acc, p->mult[o], p->shift[o]) + p->out_zero;
+        lb_put((uint8_t *)out, (uint32_t)at, ob, (uint32_t)lb_clamp(v, p->out_min, p->out_max));
+    }
+}
+
+void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *out, int16_t *scratch)
 {
     const int32_t cin_g = p->cin / p->groups, cout_g = p->cout / p->groups;
-    const int32_t KK = p->kh * p->kw, F = cin_g * KK, HWin = p->hin * p->win, P = p->hout * p->wout;
-    const uint32_t ib = p->in_bits, wb = p->w_bits, ob = p->out_bits, rb = p->res_bits;
-    float *logits = (float *)out;
-    uint8_t *q_out = (uint8_t *)out;
-    int32_t o, j, oy, ox, c, kh, kw;
-    if (!p->out_scale) memset(q_out, 0, lb_packed_bytes((uint32_t)(p->cout * P), ob));
+    const int32_t KH = p->kh, KW = p->kw, SH = p->sh, SW = p->sw, KK = KH * KW, F = cin_g * KK;
+    const int32_t P = p->hout * p->wout, z = p->in_zero;
+    const uint32_t ib = p->in_bits, wb = p->w_bits;
+    int16_t *wrow = scratch;
+    const uint8_t *u = in; /* the input, one byte per code, padded */
+    int32_t W = p->win, HW = p->hin * p->win;
+    int32_t o, j, oy, ox;
+    if (ib != 8u || p->ph || p->pw) {
+        /* unpacked once, after the weight row, to one byte per code, with the padding as the code z
+           (a real 0: it adds w * (z - z) = 0), so that every window is inside */
+        const int32_t H = p->hin, W0 = p->win, Wp = W0 + 2 * p->pw, Hp = H + 2 * p->ph;
+        uint8_t *ub = (uint8_t *)(scratch + F);
+        int32_t c, y, x;
+        memset(ub, z, (size_t)(p->cin * Hp * Wp));
+        for (c = 0; c < p->cin; c++)
+            for (y = 0; y < H; y++) {
+                uint8_t *row = ub + (c * Hp + y + p->ph) * Wp + p->pw;
+                const uint32_t at = (uint32_t)((c * H + y) * W0);
+                if (ib == 8u)
+                    memcpy(row, in + at, (size_t)W0);
+                else
+                    for (x = 0; x < W0; x++) row[x] = (uint8_t)lb_get(in, at + (uint32_t)x, ib);
+            }
+        u = ub;
+        W = Wp;
+        HW = Hp * Wp;
+    }
+    if (!p->out_scale) memset(out, 0, lb_packed_bytes((uint32_t)(p->cout * P), p->out_bits));
     for (o = 0; o < p->cout; o++) {
         const int16_t *lt = p->w_lut + (p->lut_rows > 1 ? o * p->lut_n : 0);
-        const int32_t c0 = (o / cout_g) * cin_g;
+        const uint8_t *ug = u + (o / cout_g) * cin_g * HW; /* the input channels of o's group */
         for (j = 0; j < F; j++) wrow[j] = lt[lb_get(p->w_codes, (uint32_t)(o * F + j), wb)];
         for (oy = 0; oy < p->hout; oy++) {
-            const int32_t y0 = oy * p->sh - p->ph;
-            const int32_t kh0 = y0 < 0 ? -y0 : 0, kh1 = p->hin - y0 < p->kh ? p->hin - y0 : p->kh;
+            const uint8_t *ury = ug + oy * SH * W;
             for (ox = 0; ox < p->wout; ox++) {
-                const int32_t x0 = ox * p->sw - p->pw;
-                const int32_t kw0 = x0 < 0 ? -x0 : 0, kw1 = p->win - x0 < p->kw ? p->win - x0 : p->kw;
                 const int32_t at = o * P + oy * p->wout + ox;
-                int32_t acc = 0;
-                for (c = 0; c < cin_g; c++) {
-                    const uint32_t base = (uint32_t)((c0 + c) * HWin);
-                    for (kh = kh0; kh < kh1; kh++) {
-                        const int16_t *wr = wrow + c * KK + kh * p->kw;
-                        const uint32_t row = base + (uint32_t)((y0 + kh) * p->win + x0);
-                        for (kw = kw0; kw < kw1; kw++)
-                            acc += (int32_t)wr[kw] * ((int32_t)LB_GET(in, row + (uint32_t)kw, ib) - p->in_zero);
-                    }
-                }
-                acc += p->bias[o];
-                if (p->res_mult && p->mid_mult) { /* output residual add */
-                    const int32_t mid = lb_clamp(lb_requantize(acc, p->mult[o], p->shift[o]) + p->mid_zero, 0, 255);
-                    const int32_t v = (mid - p->mid_zero) * p->mid_mult +
-                                      ((int32_t)LB_GET(res, (uint32_t)at, rb) - p->res_zero) * p->res_mult[o];
-                    const int32_t q = lb_rne_shift(v, p->res_shift[o]) + p->out_zero;
-                    lb_put(q_out, (uint32_t)at, ob, (uint32_t)lb_clamp(q, p->out_min, p->out_max));
-                    continue;
-                }
-                if (p->res_mult)
-                    acc += lb_requantize((int32_t)LB_GET(res, (uint32_t)at, rb) - p->res_zero, p->res_mult[o],
-                                         p->res_shift[o]);
-                if (p->out_scale) {
-                    logits[at] = (float)acc * p->out_scale[o];
-                } else {
-                    int32_t v = lb_requantize(acc, p->mult[o], p->shift[o]) + p->out_zero;
-                    lb_put(q_out, (uint32_t)at, ob, (uint32_t)lb_clamp(v, p->out_min, p->out_max));
+                const uint8_t *ur = ury + ox * SW, *ur2 = ox + 1 < p->wout ? ur + SW : NULL; /* two at once */
+                int32_t acc, acc1;
+                if (z == 0) /* after a ReLU: the codes are the integers */
+                    lb_taps(wrow, ur, ur2, cin_g, KH, KW, W, HW, 0, &acc, &acc1);
+                else
+                    lb_taps(wrow, ur, ur2, cin_g, KH, KW, W, HW, z, &acc, &acc1);
+                lb_conv_emit(p, o, at, acc, res, out);
+                if (ur2) {
+                    lb_conv_emit(p, o, at + 1, acc1, res, out);
+                    ox++;
                 }
             }
         }

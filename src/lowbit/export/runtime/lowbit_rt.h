@@ -74,9 +74,10 @@ typedef struct {
 } lb_conv_t;
 
 /* in: packed codes; res: packed codes of the residual (same shape as the output) or NULL;
- * out: packed codes (uint8_t *) or float logits (float *) when out_scale is set; wrow: scratch of
- * F int16 (one decoded weight row) */
-void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *out, int16_t *wrow);
+ * out: packed codes (uint8_t *) or float logits (float *) when out_scale is set; scratch: F int16
+ * (one decoded weight row), followed, when in_bits < 8 or the conv pads, by cin*(hin+2ph)*(win+2pw)
+ * bytes (the input unpacked to one byte per code, padded with in_zero): F + (that + 1) / 2 int16 in all */
+void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *out, int16_t *scratch);
 
 /* global average pooling of (c, hw) codes:
  * out[c] = clamp(lb_requantize(sum_p (q - in_zero), mult, shift) + out_zero, 0, 2^out_bits - 1) */
