@@ -169,8 +169,9 @@ def test_tiny_model_on_cortex_m4_under_qemu_is_bit_exact(tmp_path):
 @pytest.mark.parametrize("residual", ["accumulator", "output"])
 def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path, residual):
     # issue 17's integer-only runtime (activations as packed codes): the bit-packed kernels replace lb_conv
-    # in the 2-bit layers, and both builds equal the NumPy integer reference bit for bit; with output
-    # residual adds (plan.integer_residual: output) the residual layers keep lb_conv, which implements them
+    # in the 2-bit layers, and both builds equal the integer reference bit for bit; the residual layers too,
+    # in either form (lb_conv's epilogue, lb_conv_out, adds the residual; before session 18 the output form
+    # kept lb_conv)
     from lowbit.export.intgraph import IntReference as IntRef
     from lowbit.intmode import int_graph
 
@@ -189,9 +190,7 @@ def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path, residual):
     assert packed["bit_exact_images"] == 1 and "bitserial" in packed["kernels"].values()
     res_layers = {op.name for op in g.ops if op.kind == "conv" and len(op.inputs) == 2}
     assert res_layers  # the residual blocks' second convs
-    if residual == "output":
-        assert {packed["kernels"][n] for n in res_layers} == {"int"}
-        return
+    assert {packed["kernels"][n] for n in res_layers} == {"bitserial"}
     plain = build_and_run(g, tmp_path / "int", x, want, "cortex-m4", kernels="int", sizes=False)
     assert plain["bit_exact_images"] == 1 and set(plain["kernels"].values()) == {"int"}
 

@@ -1,7 +1,7 @@
 /* lowbit: the bit-packed kernels (lb_packed.c) behind the integer runtime's conv interface (lowbit_rt.h,
    issue 17). The input's packed CHW codes are spread into bit planes (padding ring = code 0), the integer
-   sums of each output pixel come from lb_pk_pixel (popcounts), and the epilogue is lb_conv's: bias,
-   requantized residual, requantize + clamp + pack, or float logits. */
+   sums of each output pixel come from lb_pk_pixel (popcounts), and the epilogue is lb_conv's own
+   (lb_conv_out: bias, residual of either form, requantize + clamp + pack, or float logits). */
 #include <string.h>
 #include "lb_packed_rt.h"
 
@@ -30,29 +30,13 @@ void lb_pk_conv_rt(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, vo
 {
     const lb_pk_geom g = {p->cin, p->hin, p->win, p->cout, p->kh, p->kw, p->sh, p->sw, p->ph, p->pw, p->hout, p->wout};
     const int32_t P = p->hout * p->wout;
-    const uint32_t ob = p->out_bits, rb = p->res_bits;
-    float *logits = (float *)out;
-    uint8_t *q_out = (uint8_t *)out;
     int32_t o, oy, ox, K, n;
-    if (!p->out_scale) memset(q_out, 0, lb_packed_bytes((uint32_t)(p->cout * P), ob));
+    if (!p->out_scale) memset(out, 0, lb_packed_bytes((uint32_t)(p->cout * P), p->out_bits));
     lb_pk_pack_codes(&g, in, p->in_bits, xp);
     for (oy = 0; oy < p->hout; oy++)
         for (ox = 0; ox < p->wout; ox++) {
             lb_pk_pixel(&g, xp, p->in_bits, p->in_zero, wp, p->w_bits, wa, wb, p->lut_rows, oy, ox, 0, acc,
                         acc + p->cout, &K, &n);
-            for (o = 0; o < p->cout; o++) {
-                const int32_t at = o * P + oy * p->wout + ox;
-                int32_t a = acc[o] + p->bias[o];
-                if (p->res_mult)
-                    a += lb_requantize((int32_t)LB_RT_GET(res, (uint32_t)at, rb) - p->res_zero, p->res_mult[o],
-                                       p->res_shift[o]);
-                if (p->out_scale) {
-                    logits[at] = (float)a * p->out_scale[o];
-                } else {
-                    int32_t v = lb_requantize(a, p->mult[o], p->shift[o]) + p->out_zero;
-                    v = v < p->out_min ? p->out_min : v > p->out_max ? p->out_max : v;
-                    lb_put(q_out, (uint32_t)at, ob, (uint32_t)v);
-                }
-            }
+            for (o = 0; o < p->cout; o++) lb_conv_out(p, o, o * P + oy * p->wout + ox, acc[o], res, out);
         }
 }

@@ -183,9 +183,7 @@ def patch_int_c(graph, out_dir: str | Path, allow: str = "auto") -> dict[str, st
             continue
         abits = T[op.inputs[0]].bits
         groups = int(op.attrs.get("groups", 1))
-        kind = choose_bits(op.wbits, abits, op.lut, groups, allow)
-        if op.attrs.get("residual") == "output":  # lb_pk_conv_rt adds residuals in the accumulator only:
-            kind = "int"  # an output residual add (plan.integer_residual: output) keeps lb_conv
+        kind = choose_bits(op.wbits, abits, op.lut, groups, allow)  # either residual form: lb_conv_out
         chosen[op.name] = kind
         if kind == "int":
             continue

@@ -35,14 +35,19 @@ static int32_t lb_bitlen64(uint64_t a)
 /* v rounded to 24 significant bits, half to even: the value a float32 holds for the integer v */
 static int64_t lb_round24(int64_t v)
 {
-    const int32_t s = lb_bitlen64(v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v) - 24;
+    const uint64_t a = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    int32_t s;
+    if (a < ((uint64_t)1 << 24)) return v; /* every integer below 2^24 is a float32 (most accumulators) */
+    s = lb_bitlen64(a) - 24;
     return s > 0 ? lb_rne_shift64(v, s) * ((int64_t)1 << s) : v;
 }
 
 int32_t lb_requantize(int32_t x, int32_t mult, int32_t shift)
 {
-    /* f32(x) * f32(mult): each has 24 significant bits, the exact product is below 2^62 */
-    const int64_t p = lb_round24(lb_round24(x) * lb_round24(mult));
+    /* f32(x) * f32(mult): each has 24 significant bits, the exact product is below 2^62. A multiplier of
+       quantize_multiplier has at most 24 significant bits (its low 7 bits are 0): f32(mult) = mult. */
+    const int64_t m = (mult & 127) ? lb_round24(mult) : (int64_t)mult;
+    const int64_t p = lb_round24(lb_round24(x) * m);
     return (int32_t)lb_rne_shift64(p, 31 - shift); /* shift <= 30: 1 .. 62 */
 }
 
@@ -118,8 +123,7 @@ LB_INLINE void lb_taps(const int16_t *wk, const uint8_t *ur, const uint8_t *ur2,
     *a1 = s1;
 }
 
-/* one output of lb_conv from its accumulator (without the bias): bias, residual, requantization */
-static void lb_conv_emit(const lb_conv_t *p, int32_t o, int32_t at, int32_t acc, const uint8_t *res, void *out)
+void lb_conv_out(const lb_conv_t *p, int32_t o, int32_t at, int32_t acc, const uint8_t *res, void *out)
 {
     const uint32_t ob = p->out_bits, rb = p->res_bits;
     acc += p->bias[o];
@@ -186,9 +190,9 @@ void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *ou
                     lb_taps(wrow, ur, ur2, cin_g, KH, KW, W, HW, 0, &acc, &acc1);
                 else
                     lb_taps(wrow, ur, ur2, cin_g, KH, KW, W, HW, z, &acc, &acc1);
-                lb_conv_emit(p, o, at, acc, res, out);
+                lb_conv_out(p, o, at, acc, res, out);
                 if (ur2) {
-                    lb_conv_emit(p, o, at + 1, acc1, res, out);
+                    lb_conv_out(p, o, at + 1, acc1, res, out);
                     ox++;
                 }
             }

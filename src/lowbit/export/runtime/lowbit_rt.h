@@ -79,6 +79,12 @@ typedef struct {
  * bytes (the input unpacked to one byte per code, padded with in_zero): F + (that + 1) / 2 int16 in all */
 void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *out, int16_t *scratch);
 
+/* lb_conv's epilogue for output o at position at (o*hout*wout + oy*wout + ox), from its integer sum
+ * acc = sum m*(q - in_zero) without the bias: adds the bias and the residual (either form), then writes
+ * the requantized, clamped code packed at out_bits, or the float logit (out_scale). For kernels that
+ * compute the sums their own way (the bit-packed kernels of lb_packed_rt.c). */
+void lb_conv_out(const lb_conv_t *p, int32_t o, int32_t at, int32_t acc, const uint8_t *res, void *out);
+
 /* global average pooling of (c, hw) codes:
  * out[c] = clamp(lb_requantize(sum_p (q - in_zero), mult, shift) + out_zero, 0, 2^out_bits - 1) */
 void lb_avgpool_global(int32_t c, int32_t hw, uint8_t in_bits, int32_t in_zero, int32_t mult, int32_t shift,
