@@ -452,6 +452,24 @@ def test_every_backend(which, resnet_int, tmp_path):
         assert {"ConvInteger", "MatMulInteger", "MaxPool"} <= ops
 
 
+def test_c_scratch_holds_one_band_within_one_packed_input(resnet_int):
+    """lb_conv unpacks its input a band of output rows at a time (int_c.conv_band): the unpacked bytes of a band
+    are no more than the layer's packed input (or one band of one output row), so RAM stays near 002's Mem."""
+    from lowbit.export.int_c import conv_band, conv_scratch
+    from lowbit.export.pack import packed_nbytes
+    from lowbit.intmode import int_graph
+
+    g = int_graph(resnet_int, _x(1, (1, 28, 28)))
+    bands = []
+    for op in (op for op in g.ops if op.kind == "conv" and op.attrs["layer"] == "conv"):
+        t = g.tensors[op.inputs[0]]
+        (c, h, w), (ph, pw), kh = op.in_shape, op.attrs["padding"], op.attrs["kernel"][0]
+        unpacked = 2 * (conv_scratch(op, t) - op.codes[0].size)
+        assert unpacked <= max(packed_nbytes(c * h * w, t.bits), c * kh * (w + 2 * pw)) + 1
+        bands.append(conv_band(op, t))
+    assert any(b > 0 for b in bands)  # the 2-bit layers are split into bands (the C tests run them)
+
+
 @pytest.mark.parametrize("residual_bits", [None, 8])
 def test_mobilenetv2_integer_graph(residual_bits):
     """MobileNetV2 (depthwise convs, fused residual adds) in integer mode equals its integer graph;

@@ -102,17 +102,37 @@ def _shape(graph: IntGraph, t: str) -> tuple[int, ...]:
 SCRATCH_COMMENT = "/* lb_conv's scratch: a decoded weight row, and an input below 8 bits unpacked */"
 
 
+def conv_band(op, t_in) -> int:
+    """Output rows per band of ``lb_conv``'s unpacked input (runtime/lowbit_rt.h; 0: all rows at once): the most
+    rows whose input, unpacked to one byte per code and padded, is no larger than the layer's packed input (at
+    least one row), so that the scratch stays within one packed activation. 0 when the input is read in place
+    (8-bit, no padding) or fits whole."""
+    if op.attrs["layer"] == "linear":
+        return 0
+    (c, h, w), (ph, pw) = op.in_shape, op.attrs["padding"]
+    if t_in.bits == 8 and not ph and not pw:
+        return 0
+    kh, sh, hout = op.attrs["kernel"][0], op.attrs["stride"][0], op.out_shape[1]
+    budget = packed_nbytes(c * h * w, t_in.bits)
+    r = hout
+    while r > 1 and c * ((r - 1) * sh + kh) * (w + 2 * pw) > budget:
+        r -= 1
+    return 0 if r == hout else r
+
+
 def conv_scratch(op, t_in) -> int:
     """int16 elements of ``lb_conv``'s scratch for a conv op (runtime/lowbit_rt.h): its decoded weight row
-    (``F = cin/groups·kh·kw``) and, when its input ``t_in`` is below 8 bits or the conv pads, the input
-    unpacked to one byte per code, padded."""
+    (``F = cin/groups·kh·kw``) and, when its input ``t_in`` is below 8 bits or the conv pads, the input rows of
+    one band of output rows (:func:`conv_band`) unpacked to one byte per code, padded."""
     f = int(op.codes[0].size)
     if op.attrs["layer"] == "linear":
-        (c,), h, w, ph, pw = op.in_shape, 1, 1, 0, 0
-    else:
-        (c, h, w), (ph, pw) = op.in_shape, op.attrs["padding"]
-    n_in = c * (h + 2 * ph) * (w + 2 * pw) if t_in.bits < 8 or ph or pw else 0
-    return f + (n_in + 1) // 2
+        return f
+    (c, h, w), (ph, pw) = op.in_shape, op.attrs["padding"]
+    if t_in.bits == 8 and not ph and not pw:
+        return f
+    kh, sh, hout = op.attrs["kernel"][0], op.attrs["stride"][0], op.out_shape[1]
+    rows = (min(conv_band(op, t_in) or hout, hout) - 1) * sh + kh
+    return f + (c * rows * (w + 2 * pw) + 1) // 2
 
 
 def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None = None,
@@ -198,6 +218,7 @@ def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None
             if op.attrs.get("residual") == "output":
                 fields += [f".mid_zero = {op.attrs['mid_zero']}", f".mid_mult = {op.attrs['mid_mult']}"]
             res = f"A + {offsets[op.inputs[1]]}"
+        fields.append(f".band = {conv_band(op, ti)}")
         descs.append(f"static const lb_conv_t L_{nm} = {{\n    " + ",\n    ".join(fields) + "\n};")
         y = "logits" if final else f"A + {offsets[op.output]}"
         body.append(f"    lb_conv(&L_{nm}, {x}, {res}, {y}, lb_wrow);  /* {op.name} */")
@@ -260,9 +281,9 @@ void lowbit_predict_codes(const uint8_t *codes, float *logits);
     return IntCExport(out, files, flash, n_conv * _DESC_BYTES, ram, arena, scratch)
 
 
-#: sizeof(lb_conv_t) on a 32-bit target (int32 fields and 32-bit pointers): 20 int32 + 9 pointers
+#: sizeof(lb_conv_t) on a 32-bit target (int32 fields and 32-bit pointers): 21 int32 + 9 pointers
 #: + 4 bytes (uint8 fields, padded)
-_DESC_BYTES = 4 * 20 + 4 * 9 + 4
+_DESC_BYTES = 4 * 21 + 4 * 9 + 4
 
 
 def _f(v: float) -> str:

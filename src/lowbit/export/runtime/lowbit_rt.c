@@ -150,50 +150,59 @@ void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *ou
     const int32_t cin_g = p->cin / p->groups, cout_g = p->cout / p->groups;
     const int32_t KH = p->kh, KW = p->kw, SH = p->sh, SW = p->sw, KK = KH * KW, F = cin_g * KK;
     const int32_t P = p->hout * p->wout, z = p->in_zero;
+    const int32_t R = p->band > 0 && p->band < p->hout ? p->band : p->hout; /* output rows per band */
+    const int unpack = p->in_bits != 8u || p->ph || p->pw || R < p->hout;
     const uint32_t ib = p->in_bits, wb = p->w_bits;
     int16_t *wrow = scratch;
-    const uint8_t *u = in; /* the input, one byte per code, padded */
-    int32_t W = p->win, HW = p->hin * p->win;
-    int32_t o, j, oy, ox;
-    if (ib != 8u || p->ph || p->pw) {
-        /* unpacked once, after the weight row, to one byte per code, with the padding as the code z
-           (a real 0: it adds w * (z - z) = 0), so that every window is inside */
-        const int32_t H = p->hin, W0 = p->win, Wp = W0 + 2 * p->pw, Hp = H + 2 * p->ph;
-        uint8_t *ub = (uint8_t *)(scratch + F);
-        int32_t c, y, x;
-        memset(ub, z, (size_t)(p->cin * Hp * Wp));
-        for (c = 0; c < p->cin; c++)
-            for (y = 0; y < H; y++) {
-                uint8_t *row = ub + (c * Hp + y + p->ph) * Wp + p->pw;
-                const uint32_t at = (uint32_t)((c * H + y) * W0);
-                if (ib == 8u)
-                    memcpy(row, in + at, (size_t)W0);
-                else
-                    for (x = 0; x < W0; x++) row[x] = (uint8_t)lb_get(in, at + (uint32_t)x, ib);
-            }
-        u = ub;
-        W = Wp;
-        HW = Hp * Wp;
-    }
+    int32_t o, j, oy, ox, oy0;
     if (!p->out_scale) memset(out, 0, lb_packed_bytes((uint32_t)(p->cout * P), p->out_bits));
-    for (o = 0; o < p->cout; o++) {
-        const int16_t *lt = p->w_lut + (p->lut_rows > 1 ? o * p->lut_n : 0);
-        const uint8_t *ug = u + (o / cout_g) * cin_g * HW; /* the input channels of o's group */
-        for (j = 0; j < F; j++) wrow[j] = lt[lb_get(p->w_codes, (uint32_t)(o * F + j), wb)];
-        for (oy = 0; oy < p->hout; oy++) {
-            const uint8_t *ury = ug + oy * SH * W;
-            for (ox = 0; ox < p->wout; ox++) {
-                const int32_t at = o * P + oy * p->wout + ox;
-                const uint8_t *ur = ury + ox * SW, *ur2 = ox + 1 < p->wout ? ur + SW : NULL; /* two at once */
-                int32_t acc, acc1;
-                if (z == 0) /* after a ReLU: the codes are the integers */
-                    lb_taps(wrow, ur, ur2, cin_g, KH, KW, W, HW, 0, &acc, &acc1);
-                else
-                    lb_taps(wrow, ur, ur2, cin_g, KH, KW, W, HW, z, &acc, &acc1);
-                lb_conv_out(p, o, at, acc, res, out);
-                if (ur2) {
-                    lb_conv_out(p, o, at + 1, acc1, res, out);
-                    ox++;
+    for (oy0 = 0; oy0 < p->hout; oy0 += R) { /* a band of output rows */
+        const int32_t oy1 = oy0 + R < p->hout ? oy0 + R : p->hout;
+        const uint8_t *u = in; /* the input rows the band reads, one byte per code, padded */
+        int32_t W = p->win, HW = p->hin * p->win, y0 = 0; /* y0: the input row (padded) of u's first row */
+        if (unpack) {
+            /* the band's input rows, for every channel, unpacked after the weight row to one byte per code, with
+               the padding as the code z (a real 0: it adds w * (z - z) = 0), so that every window is inside */
+            const int32_t H = p->hin, W0 = p->win, Wp = W0 + 2 * p->pw, rows = (oy1 - oy0 - 1) * SH + KH;
+            uint8_t *ub = (uint8_t *)(scratch + F);
+            int32_t c, r, x;
+            y0 = oy0 * SH;
+            memset(ub, z, (size_t)(p->cin * rows * Wp));
+            for (c = 0; c < p->cin; c++)
+                for (r = 0; r < rows; r++) {
+                    const int32_t iy = y0 + r - p->ph;
+                    uint8_t *row = ub + (c * rows + r) * Wp + p->pw;
+                    uint32_t at;
+                    if (iy < 0 || iy >= H) continue; /* a padding row */
+                    at = (uint32_t)((c * H + iy) * W0);
+                    if (ib == 8u)
+                        memcpy(row, in + at, (size_t)W0);
+                    else
+                        for (x = 0; x < W0; x++) row[x] = (uint8_t)lb_get(in, at + (uint32_t)x, ib);
+                }
+            u = ub;
+            W = Wp;
+            HW = rows * Wp;
+        }
+        for (o = 0; o < p->cout; o++) {
+            const int16_t *lt = p->w_lut + (p->lut_rows > 1 ? o * p->lut_n : 0);
+            const uint8_t *ug = u + (o / cout_g) * cin_g * HW; /* the input channels of o's group */
+            for (j = 0; j < F; j++) wrow[j] = lt[lb_get(p->w_codes, (uint32_t)(o * F + j), wb)];
+            for (oy = oy0; oy < oy1; oy++) {
+                const uint8_t *ury = ug + (oy * SH - y0) * W;
+                for (ox = 0; ox < p->wout; ox++) {
+                    const int32_t at = o * P + oy * p->wout + ox;
+                    const uint8_t *ur = ury + ox * SW, *ur2 = ox + 1 < p->wout ? ur + SW : NULL; /* two at once */
+                    int32_t acc, acc1;
+                    if (z == 0) /* after a ReLU: the codes are the integers */
+                        lb_taps(wrow, ur, ur2, cin_g, KH, KW, W, HW, 0, &acc, &acc1);
+                    else
+                        lb_taps(wrow, ur, ur2, cin_g, KH, KW, W, HW, z, &acc, &acc1);
+                    lb_conv_out(p, o, at, acc, res, out);
+                    if (ur2) {
+                        lb_conv_out(p, o, at + 1, acc1, res, out);
+                        ox++;
+                    }
                 }
             }
         }
