@@ -223,6 +223,12 @@ def test_requantize_c_is_bit_exact(tmp_path):
     from lowbit.export.int_c import RUNTIME_DIR
 
     real, x = _cases(5000, seed=2)
+    # and accumulators below 2^24 at every multiplier magnitude (lb_requantize's 32-bit path), near-ties included
+    rng = np.random.default_rng(3)
+    r2 = np.exp(rng.uniform(np.log(1e-12), np.log(2.0**7), 5000)) * rng.choice([-1.0, 1.0], 5000)
+    x2 = rng.integers(-2**24 + 1, 2**24, 5000)
+    x2[:1000] = rng.integers(-300, 300, 1000)
+    real, x = np.concatenate([real, r2, real[200:1200]]), np.concatenate([x, x2, x[200:1200] * 64])
     m, sh = quantize_multiplier(real)
     drv = tmp_path / "drv.c"
     drv.write_text('#include <stdio.h>\n#include "lowbit_rt.h"\nint main(void){long a,b,c;'

@@ -5,7 +5,6 @@
 #include <string.h>
 #include "lb_packed_rt.h"
 
-#define LB_RT_GET(buf, idx, bits) ((bits) == 8u ? (uint32_t)(buf)[idx] : lb_get((buf), (idx), (bits)))
 
 static void lb_pk_pack_codes(const lb_pk_geom *g, const uint8_t *in, uint32_t bits, uint32_t *xp)
 {
@@ -17,7 +16,7 @@ static void lb_pk_pack_codes(const lb_pk_geom *g, const uint8_t *in, uint32_t bi
         const uint32_t bit = 1u << (c & 31);
         for (y = 0; y < g->H; y++)
             for (x = 0; x < g->W; x++) {
-                uint32_t v = LB_RT_GET(in, (uint32_t)(c * HW + y * g->W + x), bits), j;
+                uint32_t v = lb_get_inline(in, (uint32_t)(c * HW + y * g->W + x), bits), j;
                 uint32_t *dw = xp + ((y + g->PH) * Wp + x + g->PW) * px + (c >> 5);
                 for (j = 0; v; j++, v >>= 1)
                     if (v & 1u) dw[j * NW] |= bit;

@@ -42,26 +42,42 @@ static int64_t lb_round24(int64_t v)
     return s > 0 ? lb_rne_shift64(v, s) * ((int64_t)1 << s) : v;
 }
 
+/* v / 2^s rounded half to even, 32-bit (s 0 .. 31) */
+static int32_t lb_rne_shift32(int32_t v, int32_t s)
+{
+    int32_t f, rem, half;
+    if (s <= 0) return v;
+    if (s > 30) return 0; /* |v| <= 2^25 here: below half of 2^s */
+    f = v >> s; /* floor (arithmetic shift) */
+    rem = v - f * (1 << s);
+    half = 1 << (s - 1);
+    return f + (rem > half || (rem == half && (f & 1)));
+}
+
 int32_t lb_requantize(int32_t x, int32_t mult, int32_t shift)
 {
-    /* f32(x) * f32(mult): each has 24 significant bits, the exact product is below 2^62. A multiplier of
-       quantize_multiplier has at most 24 significant bits (its low 7 bits are 0): f32(mult) = mult. */
-    const int64_t m = (mult & 127) ? lb_round24(mult) : (int64_t)mult;
-    const int64_t p = lb_round24(lb_round24(x) * m);
-    return (int32_t)lb_rne_shift64(p, 31 - shift); /* shift <= 30: 1 .. 62 */
+    /* f32(x) * f32(mult): each has 24 significant bits, the exact product is below 2^62 */
+    if ((mult & 127) == 0 && x > -(1 << 24) && x < (1 << 24)) {
+        /* the common case, with one 64-bit product and otherwise 32-bit steps: x is a float32 and mult =
+           m * 2^7 with |m| < 2^24 (quantize_multiplier's multipliers), so f32(x) * f32(mult) = p * 2^7 with
+           p = x * m exact below 2^48, and the result is rne(round24(p) / 2^t), t = 31 - shift - 7 */
+        const int64_t p = (int64_t)x * (int64_t)(mult / 128);
+        const uint64_t a = p < 0 ? (uint64_t)0 - (uint64_t)p : (uint64_t)p;
+        const int32_t t = 24 - shift, s = a < ((uint64_t)1 << 24) ? 0 : lb_bitlen64(a) - 24;
+        const int32_t q = (int32_t)lb_rne_shift64(p, s); /* round24(p) = q * 2^s, |q| <= 2^24 */
+        return s >= t ? q * (1 << (s - t)) : lb_rne_shift32(q, t - s);
+    } else {
+        const int64_t m = (mult & 127) ? lb_round24(mult) : (int64_t)mult;
+        const int64_t p = lb_round24(lb_round24(x) * m);
+        return (int32_t)lb_rne_shift64(p, 31 - shift); /* shift <= 30: 1 .. 62 */
+    }
 }
 
 uint32_t lb_packed_bytes(uint32_t n, uint32_t bits) { return (n * bits + 7u) >> 3; }
 
-#define LB_GET(buf, idx, bits) ((bits) == 8u ? (uint32_t)(buf)[idx] : lb_get((buf), (idx), (bits)))
+#define LB_GET(buf, idx, bits) lb_get_inline((buf), (idx), (bits))
 
-uint32_t lb_get(const uint8_t *buf, uint32_t idx, uint32_t bits)
-{
-    uint32_t bit = idx * bits, byte = bit >> 3, sh = bit & 7u;
-    uint32_t v = buf[byte];
-    if (sh + bits > 8u) v |= (uint32_t)buf[byte + 1] << 8;
-    return (v >> sh) & ((1u << bits) - 1u);
-}
+uint32_t lb_get(const uint8_t *buf, uint32_t idx, uint32_t bits) { return lb_get_inline(buf, idx, bits); }
 
 void lb_put(uint8_t *buf, uint32_t idx, uint32_t bits, uint32_t v)
 {
@@ -178,7 +194,7 @@ void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *ou
                     if (ib == 8u)
                         memcpy(row, in + at, (size_t)W0);
                     else
-                        for (x = 0; x < W0; x++) row[x] = (uint8_t)lb_get(in, at + (uint32_t)x, ib);
+                        for (x = 0; x < W0; x++) row[x] = (uint8_t)lb_get_inline(in, at + (uint32_t)x, ib);
                 }
             u = ub;
             W = Wp;
@@ -187,7 +203,7 @@ void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *ou
         for (o = 0; o < p->cout; o++) {
             const int16_t *lt = p->w_lut + (p->lut_rows > 1 ? o * p->lut_n : 0);
             const uint8_t *ug = u + (o / cout_g) * cin_g * HW; /* the input channels of o's group */
-            for (j = 0; j < F; j++) wrow[j] = lt[lb_get(p->w_codes, (uint32_t)(o * F + j), wb)];
+            for (j = 0; j < F; j++) wrow[j] = lt[lb_get_inline(p->w_codes, (uint32_t)(o * F + j), wb)];
             for (oy = oy0; oy < oy1; oy++) {
                 const uint8_t *ury = ug + (oy * SH - y0) * W;
                 for (ox = 0; ox < p->wout; ox++) {

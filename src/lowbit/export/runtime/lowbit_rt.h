@@ -40,6 +40,17 @@ int32_t lb_rne_shift(int32_t v, int32_t s);
 
 /* packed code access (bits 1..8); lb_put ORs into a zeroed buffer */
 uint32_t lb_get(const uint8_t *buf, uint32_t idx, uint32_t bits);
+/* lb_get itself, inline for the kernels' loops (one byte read for 8-bit codes) */
+static inline uint32_t lb_get_inline(const uint8_t *buf, uint32_t idx, uint32_t bits)
+{
+    uint32_t bit, sh, v;
+    if (bits == 8u) return buf[idx];
+    bit = idx * bits;
+    sh = bit & 7u;
+    v = buf[bit >> 3];
+    if (sh + bits > 8u) v |= (uint32_t)buf[(bit >> 3) + 1] << 8;
+    return (v >> sh) & ((1u << bits) - 1u);
+}
 void lb_put(uint8_t *buf, uint32_t idx, uint32_t bits, uint32_t v);
 /* bytes of n codes at bits */
 uint32_t lb_packed_bytes(uint32_t n, uint32_t bits);
