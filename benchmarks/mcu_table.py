@@ -264,28 +264,26 @@ def model_name(label: str) -> str:
 def readme(results: list[dict], args) -> str:
     lines = [
         "# Cortex-M4 / x86 cost of the bit-packed and integer C builds (issue 18)", "",
-        "Commands (after training the runs, see the script's docstring):", "",
+        "Commands (session 18: all ten runs trained again from `configs/`, then every row measured again):", "",
         "```",
-        "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --labels W1A1,W2A2,W4A4,W8A8 --skip-wall",
-        "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --labels W4A4 --skip-wall",
-        "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --labels W8A8 --skip-wall",
-        "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --labels MBV2_W4A4,MBV2_W8A8 --skip-wall",
-        ("PYTHONPATH=src /work/tools/slot --all python benchmarks/mcu_table.py --wall-only "
+        "for L in W1A1 W2A2 W4A4 W8A8 W1A1_int W2A2_int W4A4_int W8A8_int MBV2_W4A4_int MBV2_W8A8_int; do",
+        "  lowbit train benchmarks/results/mcu/configs/$L.yaml --out benchmarks/results/mcu/runs/$L; done",
+        "PYTHONPATH=src python benchmarks/mcu_table.py --skip-wall",
+        ("PYTHONPATH=src python benchmarks/mcu_table.py --wall-only "
          if getattr(args, "wall_slot", "all") == "all" else
-         "PYTHONPATH=src /work/tools/slot python benchmarks/mcu_table.py --wall-only --wall-slot one ")
+         "PYTHONPATH=src python benchmarks/mcu_table.py --wall-only --wall-slot one ")
         + f"--wall-images {args.wall_images} --wall-repeats {args.wall_repeats}",
         "```", "",
-        "Each run rewrites the rows of its labels and keeps the others. The second and third re-ran the W4A4/W8A8 "
-        "integer-mode rows on trained runs (`configs/W4A4_int.yaml`, `W8A8_int.yaml`), the fourth added "
-        "MobileNetV2; the W4A4/W8A8 float-mode run folders were not kept, so their `fp32` and `float/*` rows (and "
-        "host builds) are those of the first command (marked `reused`). The wall step times every host build of "
-        "every row in one block, builds alternating: its ratios come from one run; "
-        + ("it held every CPU slot (`slot --all`: nothing else of the project computing)"
+        "A run of `--labels A,B` rewrites the rows of those labels and keeps the others; a label without its "
+        "float-mode run folder reuses its `fp32`/`float/*` rows from results.json (marked `reused`). Session 18 "
+        "re-trained every run with today's code (integer mode's defaults of later sessions, e.g. `integer_bias: "
+        "fine`, apply where the configs do not pin them, so the accuracies moved by up to 3.2 points) "
+        "and measured every row with session 18's integer runtime (docs/export.md, \"Session 18\"). The wall step "
+        "times every host build of every row in one block, builds alternating: its ratios come from one run; "
+        + ("it ran alone on the machine"
            if getattr(args, "wall_slot", "all") == "all" else
-           "**PARTIAL: it ran in one ordinary slot on a loaded machine** (`slot --all` waited 15 minutes for the "
-           "other helpers' long jobs and was given up): the FP32 build's own time moves between labels and two such "
-           "runs a minute apart differed up to 2x in a ratio, so the wall ratios confirm the direction of the "
-           "instruction ratios, not their size")
+           "**PARTIAL: it ran in one ordinary slot on a loaded machine**: the wall ratios confirm the direction of "
+           "the instruction ratios, not their size")
         + f" (1-minute load average at its start: {getattr(args, 'wall_loadavg', float('nan'))}).", "",
         "ResNet-8 on Fashion-MNIST, **short training** (8,000 images, 2 epochs); MobileNetV2 width 0.5 "
         "(stride-1 stem, 1280-channel last conv, `configs/MBV2_*_int.yaml`) **shorter** (4,000 images, 1 epoch): "
