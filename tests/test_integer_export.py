@@ -151,6 +151,22 @@ def test_integer_reference_conv_sums_are_exact(c, groups, k, stride, pad, wmax, 
     assert np.array_equal(got.numpy().astype(np.int64), _brute_conv(x, m, c, k, stride, pad, groups))
 
 
+def test_integer_reference_ops_take_codes_of_any_integer_type():
+    """run_op is fed onnxruntime's uint8 outputs (benchmarks/integer_ort.py): a signed input's zero point is
+    subtracted without wrapping around (the torch port first subtracted it in uint8)."""
+    from lowbit.export.intgraph import IntGraph, IntReference, TensorQ
+
+    rng = np.random.default_rng(1)
+    op = _conv_op(np.arange(256)[None].repeat(4, 0) - 128, rng.integers(0, 256, (4, 36)), 4, 5, 3, 1, 1, 1)
+    op.inputs, op.output = ["x"], "y"
+    op.mult, op.shift = np.full(4, 2**30, np.int32), np.full(4, -6, np.int32)
+    g = IntGraph([op], {"x": TensorQ(8, 128, 1.0), "y": TensorQ(8, 128, 1.0)}, "x", "y")
+    q = rng.integers(0, 256, (2, 4, 5, 5))
+    want = IntReference(g).run_op(op, {"x": q.astype(np.int64)})
+    assert len(np.unique(want)) > 10  # not clamped flat
+    assert np.array_equal(IntReference(g).run_op(op, {"x": q.astype(np.uint8)}), want)
+
+
 def test_integer_reference_sums_in_float64_where_float32_would_not_be_full_precision(monkeypatch):
     torch = pytest.importorskip("torch")
     from lowbit.export import intgraph

@@ -41,7 +41,7 @@ class IntCExport:
     files: list[Path]
     flash_bytes: int  # constant arrays (weights, tables, requantization constants)
     descriptor_bytes: int  # the lb_conv_t descriptors (flash too), as the host compiler lays them out
-    ram_bytes: int  # arena + lb_conv scratch (a weight row, an unpacked input below 8 bits)
+    ram_bytes: int  # arena + lb_conv scratch (a weight row, a band of the input unpacked)
     arena_bytes: int
     scratch_bytes: int
 
@@ -99,7 +99,12 @@ def _shape(graph: IntGraph, t: str) -> tuple[int, ...]:
 
 
 #: the comment of lb_conv's scratch declaration (``lb_wrow``) in ``model.c``
-SCRATCH_COMMENT = "/* lb_conv's scratch: a decoded weight row, and an input below 8 bits unpacked */"
+SCRATCH_COMMENT = "/* lb_conv's scratch: a decoded weight row, and a band of the input unpacked */"
+
+
+def _unpacked(op, t_in) -> bool:
+    """Whether ``lb_conv`` unpacks the op's input (below 8 bits, or padded) rather than reading it in place."""
+    return op.attrs["layer"] != "linear" and (t_in.bits < 8 or any(op.attrs["padding"]))
 
 
 def conv_band(op, t_in) -> int:
@@ -107,11 +112,9 @@ def conv_band(op, t_in) -> int:
     rows whose input, unpacked to one byte per code and padded, is no larger than the layer's packed input (at
     least one row), so that the scratch stays within one packed activation. 0 when the input is read in place
     (8-bit, no padding) or fits whole."""
-    if op.attrs["layer"] == "linear":
+    if not _unpacked(op, t_in):
         return 0
-    (c, h, w), (ph, pw) = op.in_shape, op.attrs["padding"]
-    if t_in.bits == 8 and not ph and not pw:
-        return 0
+    (c, h, w), pw = op.in_shape, op.attrs["padding"][1]
     kh, sh, hout = op.attrs["kernel"][0], op.attrs["stride"][0], op.out_shape[1]
     budget = packed_nbytes(c * h * w, t_in.bits)
     r = hout
@@ -122,16 +125,14 @@ def conv_band(op, t_in) -> int:
 
 def conv_scratch(op, t_in) -> int:
     """int16 elements of ``lb_conv``'s scratch for a conv op (runtime/lowbit_rt.h): its decoded weight row
-    (``F = cin/groups·kh·kw``) and, when its input ``t_in`` is below 8 bits or the conv pads, the input rows of
-    one band of output rows (:func:`conv_band`) unpacked to one byte per code, padded."""
+    (``F = cin/groups·kh·kw``) and, when it unpacks its input, the input rows of one band of output rows
+    (:func:`conv_band`) at one byte per code, padded."""
     f = int(op.codes[0].size)
-    if op.attrs["layer"] == "linear":
+    if not _unpacked(op, t_in):
         return f
-    (c, h, w), (ph, pw) = op.in_shape, op.attrs["padding"]
-    if t_in.bits == 8 and not ph and not pw:
-        return f
+    (c, h, w), pw = op.in_shape, op.attrs["padding"][1]
     kh, sh, hout = op.attrs["kernel"][0], op.attrs["stride"][0], op.out_shape[1]
-    rows = (min(conv_band(op, t_in) or hout, hout) - 1) * sh + kh
+    rows = ((conv_band(op, t_in) or hout) - 1) * sh + kh
     return f + (c * rows * (w + 2 * pw) + 1) // 2
 
 

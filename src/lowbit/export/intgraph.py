@@ -322,6 +322,7 @@ def run_conv(op: IntOp, q: torch.Tensor, t_in: TensorQ, res: torch.Tensor | None
     its :func:`conv_weights`, computed here when not given)."""
     n = q.shape[0]
     w = conv_weights(op, t_in) if w is None else w
+    q = q.to(torch.float32)  # codes of any integer type (e.g. onnxruntime's uint8): no wrap-around below
     acc = conv_sums(q - t_in.zero if t_in.zero else q, w, op)
     nd = acc.dim()
     acc.add_(_chan(op.bias, nd, acc.dtype))  # exact: conv_weights chose the type for conv + bias
