@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mcu_table import fp32_twin_of_int_run, test_images  # noqa: E402
+from mcu_table import test_images  # noqa: E402
 
 from lowbit.export import IntegerReference  # noqa: E402
 from lowbit.export.api import _mem_002, load_run  # noqa: E402
 from lowbit.export.intgraph import IntReference  # noqa: E402
-from lowbit.export.mcu import build_and_run  # noqa: E402
+from lowbit.export.mcu import build_and_run, fp32_twin_of_int_run  # noqa: E402
 from lowbit.intmode import int_graph  # noqa: E402
 
 BUILD = Path("/tmp/lowbit_int_c_speed")

@@ -36,7 +36,7 @@ from lowbit.errors import LowbitError
 from lowbit.export import IntegerReference, lower
 from lowbit.export.api import _mem_002, load_run
 from lowbit.export.c_export import CFLAGS
-from lowbit.export.mcu import build_and_run, fp32_graph
+from lowbit.export.mcu import build_and_run, fp32_graph, fp32_twin_of_int_run
 
 OUT = Path("benchmarks/results/mcu")
 BUILD = Path("/tmp/lowbit_mcu_build")  # generated C, ELFs and host builds (not committed)
@@ -113,20 +113,6 @@ def untrained_integer_model(cfg, data):
         for _ in range(4):
             m(xb.float())
     return m.eval()
-
-
-def fp32_twin_of_int_run(cfg, info, run_dir: Path, x: torch.Tensor):
-    """The FP32 network of an integer-mode run that has no float-mode run (MobileNetV2): the same model,
-    unquantized, with the run's latent weights (lowbit.pretrained.load_weights); lowered and made the FP32
-    twin. Its cost does not depend on the weight values; it has no trained accuracy of its own."""
-    from lowbit.models import create_model
-    from lowbit.pretrained import load_weights
-
-    m = create_model(cfg.model.name, in_channels=info.in_channels, num_classes=info.num_classes,
-                     image_size=info.image_size, **cfg.model.options)
-    load_weights(m, run_dir)
-    m.eval()
-    return m, fp32_graph(lower(m, x[:2]))
 
 
 def run_label(label: str, n_qemu: int, cg_images: int, saved: dict | None = None) -> dict:

@@ -208,3 +208,26 @@ def test_export_run_checks_the_target_before_any_work(tmp_path):
 
     with pytest.raises(ConfigError, match="unknown target 'cortex-a53'; allowed: cortex-m4, cortex-m7, cortex-m33"):
         export_run(tmp_path / "no-run", formats="c", target="cortex-a53")
+
+
+@needs_tools
+def test_export_of_an_integer_run_on_cortex_m4_reports_its_fp32_build(tmp_path):
+    """lowbit export INTEGER_RUN --target: the integer C runtime under QEMU beside the FP32 build of the same
+    network (the run's latent weights, unquantized), as for a float-mode run."""
+    from lowbit.config import load_config
+    from lowbit.export import export_run
+    from lowbit.export.api import format_mcu
+    from lowbit.train import run
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "w2a2_integer.yaml",
+                      ["model.width=0.25", "data.limit=300", "train.epochs=1", "train.batch_size=100",
+                       "train.progress=false"])
+    run(cfg, tmp_path / "run")
+    rep = export_run(tmp_path / "run", out_dir=tmp_path / "export", formats="c", limit=20, target="cortex-m4",
+                     c_images=2, mcu_images=1)
+    m = rep["mcu"]
+    assert m["bit_exact_images"] == 1 and m["fp32"]["bit_exact_images"] == 1
+    assert m["fewer_instructions_than_fp32"] == m["fp32"]["instructions_per_inference"] / m["instructions_per_inference"]
+    assert m["fp32"]["dir"] != m["dir"] and m["fp32"]["instructions_per_inference"] > 0
+    assert m["fp32"]["ram_bytes"] > m["ram_bytes"]  # float32 activations against packed codes
+    assert "FP32 build:" in format_mcu(m)

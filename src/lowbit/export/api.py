@@ -205,12 +205,13 @@ def _c(pkg: Graph, d: Path, xn, ref, ref_np, y, c_images: int | None) -> dict:
     return rep
 
 
-def _mcu(pkg: Graph, d: Path, xs, ref_np, target: str) -> dict:
-    """The C code cross-compiled for a Cortex-M and run under QEMU, beside its FP32 build."""
+def _mcu(pkg, d: Path, xs, ref_np, target: str, fp32: Graph | None = None) -> dict:
+    """The C code cross-compiled for a Cortex-M and run under QEMU, beside its FP32 build (``fp32``: that
+    build's graph; by default :func:`~lowbit.export.mcu.fp32_graph` of ``pkg``)."""
     from .mcu import build_and_run, fp32_graph
 
     rep = build_and_run(pkg, d, xs, ref_np, target)
-    fg = fp32_graph(pkg)
+    fg = fp32_graph(pkg) if fp32 is None else fp32
     fp = build_and_run(fg, d.parent / f"{target}-fp32", xs, IntegerReference(fg).run(xs), target)
     keep = ("flash_bytes", "static_ram_bytes", "stack_bytes", "ram_bytes", "bit_exact_images", "images",
             "instructions_per_inference", "dir")
@@ -251,14 +252,15 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
         rep = {"run_dir": str(run_dir), "integer": True, **export_int_model(
             model, x, out, labels=y, c_images=c_images, onnx="onnx" in formats, latency_batch=latency_batch,
             latency_repeats=latency_repeats, log=log, meta={"run": str(run_dir), "model": cfg.model.name})}
-        if target is not None:  # the integer C runtime on a Cortex-M under QEMU (lowbit.export.mcu)
+        if target is not None:  # the integer C runtime on a Cortex-M under QEMU, beside the FP32 build
             from ..intmode import int_graph
             from .intgraph import IntReference as IntRef
-            from .mcu import build_and_run
+            from .mcu import fp32_twin_of_int_run
 
             ig = int_graph(model, x[:1])
             xs = x[:mcu_images].numpy()
-            rep["mcu"] = build_and_run(ig, out / "c" / target, xs, IntRef(ig).run(xs), target)
+            fg = fp32_twin_of_int_run(cfg, data.info, run_dir, x)[1]
+            rep["mcu"] = _mcu(ig, out / "c" / target, xs, IntRef(ig).run(xs), target, fp32=fg)
         return rep
     loader = BatchLoader(data.test, data.info, 1000)
     xs, ys = zip(*loader) if len(data.test) else ((), ())

@@ -97,6 +97,22 @@ def fp32_graph(graph: Graph) -> Graph:
     return Graph(ops, graph.input, graph.output, graph.input_shape, graph.output_shape, dict(graph.meta))
 
 
+def fp32_twin_of_int_run(cfg, info, run_dir, x):
+    """``(model, graph)``: the FP32 network of an integer-mode run (which has no float-mode twin of its own): the
+    same model, unquantized, with the run's latent weights (:func:`lowbit.pretrained.load_weights`), and its FP32
+    build's graph (:func:`fp32_graph` of it lowered on ``x``). Its cost does not depend on the weight values; it
+    has no trained accuracy of its own."""
+    from ...models import create_model
+    from ...pretrained import load_weights
+    from ..graph import lower
+
+    m = create_model(cfg.model.name, in_channels=info.in_channels, num_classes=info.num_classes,
+                     image_size=info.image_size, **cfg.model.options)
+    load_weights(m, run_dir)
+    m.eval()
+    return m, fp32_graph(lower(m, x[:2]))
+
+
 # ---------------------------------------------------------------------------------------------
 # generated main
 # ---------------------------------------------------------------------------------------------
