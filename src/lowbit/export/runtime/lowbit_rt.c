@@ -100,6 +100,10 @@ int32_t lb_rne_shift(int32_t v, int32_t s) { return (int32_t)lb_rne_shift64(v, s
 #define LB_INLINE static inline
 #endif
 
+/* w[0..2] * (a[0..2] - z): one 3-wide row of a window */
+#define LB_ROW3(w, a, z) ((int32_t)(w)[0] * ((int32_t)(a)[0] - (z)) + (int32_t)(w)[1] * ((int32_t)(a)[1] - (z)) + \
+                          (int32_t)(w)[2] * ((int32_t)(a)[2] - (z)))
+
 /* sum over every tap of w * (u - z) for the output whose window starts at ur and, when ur2 is not NULL,
  * for the one at ur2 (two outputs share each weight load); inlined with z = 0 for inputs after a ReLU */
 LB_INLINE void lb_taps(const int16_t *wk, const uint8_t *ur, const uint8_t *ur2, int32_t cin_g, int32_t KH,
@@ -115,12 +119,16 @@ LB_INLINE void lb_taps(const int16_t *wk, const uint8_t *ur, const uint8_t *ur2,
             }
         else
             for (c = 0; c < cin_g; c++, ur += HWin) s0 += (int32_t)wk[c] * ((int32_t)*ur - z);
-    } else if (ur2 && KW == 3) { /* 3-wide rows (3x3 convs) unrolled */
+    } else if (ur2 && KW == 3 && KH == 3) { /* 3x3 windows unrolled */
+        for (c = 0; c < cin_g; c++, ur += HWin, ur2 += HWin, wk += 9) {
+            s0 += LB_ROW3(wk, ur, z) + LB_ROW3(wk + 3, ur + W, z) + LB_ROW3(wk + 6, ur + 2 * W, z);
+            s1 += LB_ROW3(wk, ur2, z) + LB_ROW3(wk + 3, ur2 + W, z) + LB_ROW3(wk + 6, ur2 + 2 * W, z);
+        }
+    } else if (ur2 && KW == 3) { /* 3-wide rows unrolled */
         for (c = 0; c < cin_g; c++, ur += HWin - KH * W, ur2 += HWin - KH * W)
             for (kh = 0; kh < KH; kh++, ur += W, ur2 += W, wk += 3) {
-                const int32_t w0 = wk[0], w1 = wk[1], w2 = wk[2];
-                s0 += w0 * ((int32_t)ur[0] - z) + w1 * ((int32_t)ur[1] - z) + w2 * ((int32_t)ur[2] - z);
-                s1 += w0 * ((int32_t)ur2[0] - z) + w1 * ((int32_t)ur2[1] - z) + w2 * ((int32_t)ur2[2] - z);
+                s0 += LB_ROW3(wk, ur, z);
+                s1 += LB_ROW3(wk, ur2, z);
             }
     } else if (ur2) {
         for (c = 0; c < cin_g; c++, ur += HWin - KH * W, ur2 += HWin - KH * W)
