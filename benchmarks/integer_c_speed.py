@@ -37,12 +37,13 @@ def measure(run_dir: Path, n: int, fp32: bool) -> dict:
     xt = torch.from_numpy(x)
     g = int_graph(model, xt[:1])
     row = {"run": str(run_dir), "images": n, "mem_002": _mem_002(model, xt)}
-    r = build_and_run(g, BUILD / run_dir.name / "int", x, IntReference(g).run(x), "cortex-m4", kernels="int",
+    d = BUILD / f"{run_dir.parent.name}_{run_dir.name}"  # seeds_ft/W2A2_.../seed0 and W4A4_.../seed0 apart
+    r = build_and_run(g, d / "int", x, IntReference(g).run(x), "cortex-m4", kernels="int",
                       timeout=1200)
     row["int"] = {k: r[k] for k in ("bit_exact_images", "instructions_per_inference", "flash_bytes", "ram_bytes")}
     if fp32:
         _, fg = fp32_twin_of_int_run(cfg, data.info, run_dir, xt)
-        r = build_and_run(fg, BUILD / run_dir.name / "fp32", x, IntegerReference(fg).run(x), "cortex-m4",
+        r = build_and_run(fg, d / "fp32", x, IntegerReference(fg).run(x), "cortex-m4",
                           kernels="int", timeout=1200)
         row["fp32"] = {k: r[k] for k in ("bit_exact_images", "instructions_per_inference", "flash_bytes",
                                          "ram_bytes")}

@@ -107,6 +107,14 @@ def _unpacked(op, t_in) -> bool:
     return op.attrs["layer"] != "linear" and (t_in.bits < 8 or any(op.attrs["padding"]))
 
 
+def _band_bytes(op, rows_out: int) -> int:
+    """Bytes of ``lb_conv``'s unpacked input for a band of ``rows_out`` output rows: every channel's input rows
+    of the band, one byte per code, padded (runtime/lowbit_rt.c, ``lb_conv``)."""
+    (c, h, w), pw = op.in_shape, op.attrs["padding"][1]
+    kh, sh = op.attrs["kernel"][0], op.attrs["stride"][0]
+    return c * ((rows_out - 1) * sh + kh) * (w + 2 * pw)
+
+
 def conv_band(op, t_in) -> int:
     """Output rows per band of ``lb_conv``'s unpacked input (runtime/lowbit_rt.h; 0: all rows at once): the most
     rows whose input, unpacked to one byte per code and padded, is no larger than the layer's packed input (at
@@ -114,11 +122,9 @@ def conv_band(op, t_in) -> int:
     (8-bit, no padding) or fits whole."""
     if not _unpacked(op, t_in):
         return 0
-    (c, h, w), pw = op.in_shape, op.attrs["padding"][1]
-    kh, sh, hout = op.attrs["kernel"][0], op.attrs["stride"][0], op.out_shape[1]
-    budget = packed_nbytes(c * h * w, t_in.bits)
+    hout, budget = op.out_shape[1], packed_nbytes(_numel(op.in_shape), t_in.bits)
     r = hout
-    while r > 1 and c * ((r - 1) * sh + kh) * (w + 2 * pw) > budget:
+    while r > 1 and _band_bytes(op, r) > budget:
         r -= 1
     return 0 if r == hout else r
 
@@ -130,10 +136,7 @@ def conv_scratch(op, t_in) -> int:
     f = int(op.codes[0].size)
     if not _unpacked(op, t_in):
         return f
-    (c, h, w), pw = op.in_shape, op.attrs["padding"][1]
-    kh, sh, hout = op.attrs["kernel"][0], op.attrs["stride"][0], op.out_shape[1]
-    rows = ((conv_band(op, t_in) or hout) - 1) * sh + kh
-    return f + (c * rows * (w + 2 * pw) + 1) // 2
+    return f + (_band_bytes(op, conv_band(op, t_in) or op.out_shape[1]) + 1) // 2
 
 
 def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None = None,

@@ -416,26 +416,22 @@ class IntReference:
         ops = {op.output: op for op in self.graph.ops}
         return {k: self._numpy(ops[k], v, self.graph) for k, v in env.items()}
 
-    def _env(self, x: np.ndarray, codes: bool) -> dict[str, torch.Tensor]:
+    def _env(self, x: np.ndarray, codes: bool, free: bool = False) -> dict[str, torch.Tensor]:
+        """Every tensor of the network on ``x`` (``free``: each dropped after its last reader, the output kept)."""
+        ops, out = self.graph.ops, self.graph.output
+        last = {t: i for i, op in enumerate(ops) for t in op.inputs}
         env: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for op in self.graph.ops:
+            for i, op in enumerate(ops):
                 env[op.output] = self._op(op, env, x, codes)
+                if free:
+                    for t in op.inputs:
+                        if last[t] == i and t != out:
+                            env.pop(t, None)
         return env
 
     def _run(self, x: np.ndarray, codes: bool) -> torch.Tensor:
-        out = self.graph.output
-        env: dict[str, torch.Tensor] = {}
-        last = {}  # free each tensor after its last reader
-        for i, op in enumerate(self.graph.ops):
-            for t in op.inputs:
-                last[t] = i
-        for i, op in enumerate(self.graph.ops):
-            env[op.output] = self._op(op, env, x, codes)
-            for t in op.inputs:
-                if last[t] == i and t != out:
-                    env.pop(t, None)
-        return env[out]
+        return self._env(x, codes, free=True)[self.graph.output]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,8 +75,6 @@ int32_t lb_requantize(int32_t x, int32_t mult, int32_t shift)
 
 uint32_t lb_packed_bytes(uint32_t n, uint32_t bits) { return (n * bits + 7u) >> 3; }
 
-#define LB_GET(buf, idx, bits) lb_get_inline((buf), (idx), (bits))
-
 uint32_t lb_get(const uint8_t *buf, uint32_t idx, uint32_t bits) { return lb_get_inline(buf, idx, bits); }
 
 void lb_put(uint8_t *buf, uint32_t idx, uint32_t bits, uint32_t v)
@@ -154,13 +152,13 @@ void lb_conv_out(const lb_conv_t *p, int32_t o, int32_t at, int32_t acc, const u
     if (p->res_mult && p->mid_mult) { /* output residual add */
         const int32_t mid = lb_clamp(lb_requantize(acc, p->mult[o], p->shift[o]) + p->mid_zero, 0, 255);
         const int32_t v = (mid - p->mid_zero) * p->mid_mult +
-                          ((int32_t)LB_GET(res, (uint32_t)at, rb) - p->res_zero) * p->res_mult[o];
+                          ((int32_t)lb_get_inline(res, (uint32_t)at, rb) - p->res_zero) * p->res_mult[o];
         const int32_t q = lb_rne_shift(v, p->res_shift[o]) + p->out_zero;
         lb_put((uint8_t *)out, (uint32_t)at, ob, (uint32_t)lb_clamp(q, p->out_min, p->out_max));
         return;
     }
     if (p->res_mult)
-        acc += lb_requantize((int32_t)LB_GET(res, (uint32_t)at, rb) - p->res_zero, p->res_mult[o], p->res_shift[o]);
+        acc += lb_requantize((int32_t)lb_get_inline(res, (uint32_t)at, rb) - p->res_zero, p->res_mult[o], p->res_shift[o]);
     if (p->out_scale) {
         ((float *)out)[at] = (float)acc * p->out_scale[o];
     } else {
@@ -241,7 +239,7 @@ void lb_avgpool_global(int32_t c, int32_t hw, uint8_t in_bits, int32_t in_zero, 
     memset(out, 0, lb_packed_bytes((uint32_t)c, out_bits));
     for (i = 0; i < c; i++) {
         int32_t s = 0;
-        for (k = 0; k < hw; k++) s += (int32_t)LB_GET(in, (uint32_t)(i * hw + k), (uint32_t)in_bits) - in_zero;
+        for (k = 0; k < hw; k++) s += (int32_t)lb_get_inline(in, (uint32_t)(i * hw + k), (uint32_t)in_bits) - in_zero;
         lb_put(out, (uint32_t)i, out_bits, (uint32_t)lb_clamp(lb_requantize(s, mult, shift) + out_zero, 0, hi));
     }
 }
@@ -262,7 +260,7 @@ void lb_maxpool(int32_t c, int32_t h, int32_t w, int32_t oh, int32_t ow, int32_t
                         int32_t ix = ox * sw - pw + b;
                         uint32_t v;
                         if (ix < 0 || ix >= w) continue;
-                        v = LB_GET(in, (uint32_t)((i * h + iy) * w + ix), (uint32_t)bits);
+                        v = lb_get_inline(in, (uint32_t)((i * h + iy) * w + ix), (uint32_t)bits);
                         if (v > m) m = v;
                     }
                 }
@@ -277,8 +275,8 @@ void lb_add(int32_t n, uint8_t a_bits, int32_t a_zero, int32_t a_mult, int32_t a
     int32_t i;
     memset(out, 0, lb_packed_bytes((uint32_t)n, out_bits));
     for (i = 0; i < n; i++) {
-        int32_t v = out_zero + lb_requantize((int32_t)LB_GET(a, (uint32_t)i, (uint32_t)a_bits) - a_zero, a_mult, a_shift)
-                    + lb_requantize((int32_t)LB_GET(b, (uint32_t)i, (uint32_t)b_bits) - b_zero, b_mult, b_shift);
+        int32_t v = out_zero + lb_requantize((int32_t)lb_get_inline(a, (uint32_t)i, (uint32_t)a_bits) - a_zero, a_mult, a_shift)
+                    + lb_requantize((int32_t)lb_get_inline(b, (uint32_t)i, (uint32_t)b_bits) - b_zero, b_mult, b_shift);
         lb_put(out, (uint32_t)i, out_bits, (uint32_t)lb_clamp(v, out_min, out_max));
     }
 }
@@ -290,7 +288,7 @@ void lb_requantize_tensor(int32_t n, uint8_t in_bits, int32_t in_zero, int32_t m
     int32_t i;
     memset(out, 0, lb_packed_bytes((uint32_t)n, out_bits));
     for (i = 0; i < n; i++) {
-        int32_t v = lb_requantize((int32_t)LB_GET(in, (uint32_t)i, (uint32_t)in_bits) - in_zero, mult, shift) + out_zero;
+        int32_t v = lb_requantize((int32_t)lb_get_inline(in, (uint32_t)i, (uint32_t)in_bits) - in_zero, mult, shift) + out_zero;
         lb_put(out, (uint32_t)i, out_bits, (uint32_t)lb_clamp(v, out_min, out_max));
     }
 }
