@@ -156,7 +156,8 @@ def test_tiny_model_on_cortex_m4_under_qemu_is_bit_exact(tmp_path):
     # deterministic: a second run counts the same instructions
     again = parse_output(run_qemu(Path(r["elf"]), TARGETS["cortex-m4"]), 10)
     assert again["instructions"] == r["instructions"]
-    for tgt, ipt in (("cortex-m7", 40), ("cortex-m33", 50)):  # mps2-an500 (25 MHz), mps2-an505 (20 MHz)
+    # mps2-an500 (25 MHz), mps2-an505 (20 MHz), mps2-an385 (25 MHz; no FPU: the float kernels in soft float)
+    for tgt, ipt in (("cortex-m7", 40), ("cortex-m33", 50), ("cortex-m3", 40)):
         rt = build_and_run(g, tmp_path / tgt, x[:1], want[:1], tgt, sizes=False)
         assert rt["bit_exact_images"] == 1 and rt["instructions_per_tick"] == ipt
     # the FP32 build of the same network from the same generator is bit-exact with its own NumPy reference
@@ -193,6 +194,9 @@ def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path, residual):
     assert {packed["kernels"][n] for n in res_layers} == {"bitserial"}
     plain = build_and_run(g, tmp_path / "int", x, want, "cortex-m4", kernels="int", sizes=False)
     assert plain["bit_exact_images"] == 1 and set(plain["kernels"].values()) == {"int"}
+    if residual == "output":  # a core without an FPU: the same integers (the boundary's float ops in soft float)
+        m3 = build_and_run(g, tmp_path / "m3", x, want, "cortex-m3", sizes=False)
+        assert m3["bit_exact_images"] == 1 and m3["machine"] == "mps2-an385"
 
 
 def test_missing_tool_is_one_line_naming_it(monkeypatch):
@@ -206,7 +210,7 @@ def test_missing_tool_is_one_line_naming_it(monkeypatch):
 def test_export_run_checks_the_target_before_any_work(tmp_path):
     from lowbit.export import export_run
 
-    with pytest.raises(ConfigError, match="unknown target 'cortex-a53'; allowed: cortex-m4, cortex-m7, cortex-m33"):
+    with pytest.raises(ConfigError, match="unknown target 'cortex-a53'; allowed: cortex-m3, cortex-m4, cortex-m7, cortex-m33"):
         export_run(tmp_path / "no-run", formats="c", target="cortex-a53")
 
 
@@ -231,3 +235,30 @@ def test_export_of_an_integer_run_on_cortex_m4_reports_its_fp32_build(tmp_path):
     assert m["fp32"]["dir"] != m["dir"] and m["fp32"]["instructions_per_inference"] > 0
     assert m["fp32"]["ram_bytes"] > m["ram_bytes"]  # float32 activations against packed codes
     assert "FP32 build:" in format_mcu(m)
+
+
+def test_every_data_file_of_the_package_is_in_its_wheel():
+    """A non-editable install (a wheel) holds only the .py files and the package-data globs of pyproject.toml;
+    before session 19 the Cortex-M files (startup.c, the packed kernels, the boards' linker scripts) were not among
+    them, so ``--target`` failed on a pip-installed lowbit. Every other file under src/lowbit must match a glob."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    src = root / "src"
+    files = [p for p in (src / "lowbit").rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
+             and "__pycache__" not in p.parts]
+    assert any(p.suffix == ".ld" for p in files)
+    missing = []
+    for p in files:
+        rel = p.relative_to(src)
+        ok = False
+        for pkg, globs in data.items():
+            base = Path(*pkg.split("."))
+            if base in rel.parents:
+                sub = rel.relative_to(base).as_posix()
+                ok = ok or any(fnmatch.fnmatch(sub, g) and sub.count("/") == g.count("/") for g in globs)
+        if not ok:
+            missing.append(str(rel))
+    assert not missing, f"not in pyproject.toml's package-data: {missing}"

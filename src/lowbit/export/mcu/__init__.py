@@ -6,7 +6,8 @@ writes the generated C (:func:`lowbit.export.c_export.write_c`, bit-packed kerne
 :mod:`.packed` where a layer's bits make them pay), a main that runs the embedded sample images and
 prints their logits (hex bit patterns) and SysTick counts through semihosting, a minimal startup
 (``startup.c``: vector table at the start of FLASH, FPU enabled in CPACR before any float code) and
-the board's linker script; builds with ``arm-none-eabi-gcc -mthumb -O2`` (hard float) and
+the board's linker script; builds with ``arm-none-eabi-gcc -mthumb -O2`` (hard float; soft float on the
+Cortex-M3, which has no FPU) and
 ``--specs=rdimon.specs``; runs ``qemu-system-arm -M <board> -nographic -semihosting -icount shift=0``
 with a timeout; checks the logits bit for bit against ``expected`` (the NumPy reference).
 
@@ -54,6 +55,8 @@ class Target:
 
 
 TARGETS = {
+    # no FPU: every float operation is a call into libgcc's soft float (the integer network needs none in its layers)
+    "cortex-m3": Target("cortex-m3", "mps2-an385", ("-mcpu=cortex-m3", "-mfloat-abi=soft"), "mps2-an385.ld"),
     "cortex-m4": Target("cortex-m4", "mps2-an386", ("-mcpu=cortex-m4", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"),
                         "mps2-an386.ld"),
     "cortex-m7": Target("cortex-m7", "mps2-an500", ("-mcpu=cortex-m7", "-mfloat-abi=hard", "-mfpu=fpv5-d16"),
