@@ -258,7 +258,8 @@ def model_name(label: str) -> str:
 def readme(results: list[dict], args) -> str:
     lines = [
         "# Cortex-M4 / Cortex-M3 / x86 cost of the bit-packed and integer C builds (issues 17, 18)", "",
-        "Commands (session 18: all ten runs trained again from `configs/`, then every row measured again):", "",
+        "Commands (session 18: all ten runs trained again from `configs/`, then every row measured again; session "
+        "19 measured every row again with the Cortex-M3 added: the M4 and x86 counts came out identical):", "",
         "```",
         "for L in W1A1 W2A2 W4A4 W8A8 W1A1_int W2A2_int W4A4_int W8A8_int MBV2_W4A4_int MBV2_W8A8_int; do",
         "  lowbit train benchmarks/results/mcu/configs/$L.yaml --out benchmarks/results/mcu/runs/$L; done",
