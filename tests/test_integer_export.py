@@ -952,3 +952,73 @@ def test_onnxruntime_own_int8_reference_is_per_tensor_or_per_channel(tmp_path, p
         assert scale.shape == (3,) and scale[2] / scale[0] > 30
     else:
         assert scale.size == 1
+
+
+class RGBNet(nn.Module):
+    """Three input channels, each normalised with its own mean and std (CIFAR-like)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.c1(x)))
+        x = torch.relu(self.bn2(self.c2(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@needs_cc
+@pytest.mark.parametrize("in_bits", [8, 2])
+def test_raw_pixels_in_numpy_and_c_give_the_logits_of_the_normalised_image(tmp_path, in_bits):
+    """lowbit_predict_pixels[_hwc]: a device feeds raw uint8 pixels and gets, bit for bit, the logits of the
+    normalised float image: a table per channel (pixel_table) folds (p/255 - mean)/std and the input quantizer."""
+    from lowbit.data.transforms import normalize, pixels_of
+    from lowbit.export.c_export import run_c
+    from lowbit.export.int_c import compile_int_c, write_int_c
+    from lowbit.export.intgraph import IntReference, pixel_codes, pixel_table
+    from lowbit.intmode import int_graph
+
+    # in_bits 2: the plan quantizes the first conv too (its input codes are packed four to a byte)
+    plan = {**INT_W2A2, "act": {"name": "pact", "bits": 2, "init": 2.0}, "keep_first": in_bits == 8}
+    m = _ready(RGBNet(), (3, 10, 10), plan=plan, passes=10)
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    px = torch.randint(0, 256, (12, 3, 10, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    px[0], px[1] = 0, 255  # both ends of the pixel range
+    x = normalize(px, torch.tensor(mean), torch.tensor(std))
+    assert torch.equal(pixels_of(x, mean, std), px)  # the export recovers the pixels of its normalised test images
+    assert pixels_of(x + 1e-3, mean, std) is None
+    g = int_graph(m, x[:1])
+    with pytest.raises(ConfigError, match="no input normalisation recorded"):
+        pixel_table(g)
+    g.meta = {"input_normalisation": {"mean": list(mean), "std": list(std)}}
+    ref = IntReference(g)
+    want = ref.run(x.numpy())
+    t = pixel_table(g)
+    assert t.shape == (3, 256) and t.dtype == np.uint8
+    assert g.tensors[g.input].bits == in_bits
+    assert len(np.unique(t[0])) > (8 if in_bits == 8 else 2) and not np.array_equal(t[0], t[2])  # per channel
+    assert np.array_equal(pixel_codes(g, px.numpy()), ref.input_codes(x.numpy()))
+    assert np.array_equal(ref.run_pixels(px.numpy()).view(np.uint32), want.view(np.uint32))
+    write_int_c(g, tmp_path / "c")
+    assert "lowbit_predict_pixels_hwc" in (tmp_path / "c" / "model.h").read_text()
+    exe = compile_int_c(tmp_path / "c")
+    for got in (run_c(exe, x.numpy(), 10), run_c(exe, px.numpy(), 10, pixels="chw"),
+                run_c(exe, px.numpy().transpose(0, 2, 3, 1), 10, pixels="hwc")):
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    # one-line errors: not uint8, wrong shape, a normalisation of the wrong width
+    with pytest.raises(ConfigError, match="pixels must be uint8"):
+        pixel_codes(g, x.numpy())
+    with pytest.raises(ConfigError, match=r"expected \(N, 3, 10, 10\)"):
+        pixel_codes(g, px.numpy()[:, :1])
+    g.meta = {"input_normalisation": {"mean": [0.5], "std": [0.25]}}
+    with pytest.raises(ConfigError, match="1 means / 1 stds for 3 input channels"):
+        pixel_table(g)
+    g.meta = {}
+    write_int_c(g, tmp_path / "c2")  # without a normalisation: the float and code entry points only
+    assert "lowbit_predict_pixels" not in (tmp_path / "c2" / "model.h").read_text()
+    compile_int_c(tmp_path / "c2")

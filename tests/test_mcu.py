@@ -229,8 +229,12 @@ def test_export_of_an_integer_run_on_cortex_m4_reports_its_fp32_build(tmp_path):
     run(cfg, tmp_path / "run")
     rep = export_run(tmp_path / "run", out_dir=tmp_path / "export", formats="c", limit=20, target="cortex-m4",
                      c_images=2, mcu_images=1)
+    # the packed file records the data's normalisation, so the C build also runs from raw pixels (session 19)
+    assert rep["c"]["pixel_images"] == 2 and rep["c"]["pixel_bit_exact_images"] == 2
     m = rep["mcu"]
     assert m["bit_exact_images"] == 1 and m["fp32"]["bit_exact_images"] == 1
+    assert m["pixel_images"] == 1 and m["pixel_bit_exact_images"] == 1  # on the core, from raw pixels
+    assert 0 < m["pixel_instructions_per_inference"] < m["instructions_per_inference"]  # no float input to quantize
     assert m["fewer_instructions_than_fp32"] == m["fp32"]["instructions_per_inference"] / m["instructions_per_inference"]
     assert m["fp32"]["dir"] != m["dir"] and m["fp32"]["instructions_per_inference"] > 0
     assert m["fp32"]["ram_bytes"] > m["ram_bytes"]  # float32 activations against packed codes

@@ -18,6 +18,18 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return images.to(torch.float32).mul_(scale).sub_(shift)
 
 
+def pixels_of(x: torch.Tensor, mean, std) -> torch.Tensor | None:
+    """The uint8 images whose :func:`normalize` is ``x`` bit for bit, or None when ``x`` is not such an image
+    (e.g. augmented or resized in float): the raw pixels a device would see, recovered from a loader's batch."""
+    mean = torch.as_tensor(mean, dtype=torch.float32)
+    std = torch.as_tensor(std, dtype=torch.float32)
+    x = torch.as_tensor(x, dtype=torch.float32)
+    if x.dim() != 4 or x.shape[1] != mean.numel():
+        return None
+    p = torch.round((x * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)) * 255.0).clamp_(0, 255).to(torch.uint8)
+    return p if torch.equal(normalize(p, mean, std).view(torch.int32), x.view(torch.int32)) else None
+
+
 def crop_flip(
     images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator
 ) -> torch.Tensor:

@@ -205,12 +205,13 @@ def _c(pkg: Graph, d: Path, xn, ref, ref_np, y, c_images: int | None) -> dict:
     return rep
 
 
-def _mcu(pkg, d: Path, xs, ref_np, target: str, fp32: Graph | None = None) -> dict:
+def _mcu(pkg, d: Path, xs, ref_np, target: str, fp32: Graph | None = None, pixels=None) -> dict:
     """The C code cross-compiled for a Cortex-M and run under QEMU, beside its FP32 build (``fp32``: that
-    build's graph; by default :func:`~lowbit.export.mcu.fp32_graph` of ``pkg``)."""
+    build's graph; by default :func:`~lowbit.export.mcu.fp32_graph` of ``pkg``); ``pixels``: the images' raw
+    uint8 pixels, also run through an integer build's ``lowbit_predict_pixels``."""
     from .mcu import build_and_run, fp32_graph
 
-    rep = build_and_run(pkg, d, xs, ref_np, target)
+    rep = build_and_run(pkg, d, xs, ref_np, target, pixels=pixels)
     fg = fp32_graph(pkg) if fp32 is None else fp32
     fp = build_and_run(fg, d.parent / f"{target}-fp32", xs, IntegerReference(fg).run(xs), target)
     keep = ("flash_bytes", "static_ram_bytes", "stack_bytes", "ram_bytes", "bit_exact_images", "images",
@@ -251,16 +252,20 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
         out = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
         rep = {"run_dir": str(run_dir), "integer": True, **export_int_model(
             model, x, out, labels=y, c_images=c_images, onnx="onnx" in formats, latency_batch=latency_batch,
-            latency_repeats=latency_repeats, log=log, meta={"run": str(run_dir), "model": cfg.model.name})}
+            latency_repeats=latency_repeats, log=log,
+            meta={"run": str(run_dir), "model": cfg.model.name, "input_normalisation": _normalisation(data.info)})}
         if target is not None:  # the integer C runtime on a Cortex-M under QEMU, beside the FP32 build
             from ..intmode import int_graph
+            from .int_api import _pixels
             from .intgraph import IntReference as IntRef
             from .mcu import fp32_twin_of_int_run
 
             ig = int_graph(model, x[:1])
+            ig.meta = {"input_normalisation": _normalisation(data.info)}
             xs = x[:mcu_images].numpy()
             fg = fp32_twin_of_int_run(cfg, data.info, run_dir, x)[1]
-            rep["mcu"] = _mcu(ig, out / "c" / target, xs, IntRef(ig).run(xs), target, fp32=fg)
+            rep["mcu"] = _mcu(ig, out / "c" / target, xs, IntRef(ig).run(xs), target, fp32=fg,
+                              pixels=_pixels(ig, xs))
         return rep
     loader = BatchLoader(data.test, data.info, 1000)
     xs, ys = zip(*loader) if len(data.test) else ((), ())
@@ -277,8 +282,7 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
     meta = {"run": str(run_dir), "model": cfg.model.name, "model_options": cfg.model.options, "dataset": cfg.data.name,
             "classes": info.num_classes, "weight": plan.weight.label() if plan.weight else "fp32",
             "act": plan.act.label() if plan.act else "fp32", "method": plan.method.name,
-            "input_normalisation": {"formula": "x = (pixel / 255 - mean) / std, per channel, C x H x W",
-                                    "mean": list(info.mean), "std": list(info.std)}}
+            "input_normalisation": _normalisation(info)}
     report = export_model(model, x, out, formats, labels=y, c_images=c_images, latency_batch=latency_batch,
                           latency_repeats=latency_repeats, log=log, meta=meta, target=target, mcu_images=mcu_images)
     report = {"run_dir": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name,
@@ -286,6 +290,13 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
               "act": plan.act.label() if plan.act else "fp32",
               "first_last_fp": ends_full_precision(model), **report}
     return report
+
+
+def _normalisation(info) -> dict:
+    """The input normalisation of a run's data, as the packed files record it (an integer package's
+    ``lowbit_predict_pixels`` is built from it: :func:`lowbit.export.intgraph.pixel_table`)."""
+    return {"formula": "x = (pixel / 255 - mean) / std, per channel, C x H x W",
+            "mean": list(info.mean), "std": list(info.std)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +372,10 @@ def format_mcu(r: dict) -> str:
             f"flash {_kib(r['flash_bytes'])}, RAM {_kib(r['ram_bytes'])} (static {_kib(r['static_ram_bytes'])} + "
             f"stack {r['stack_bytes']} B); {r['instructions_per_inference'] / 1e6:.2f} M instructions/inference; "
             f"kernels: {kinds}")
+    if r.get("pixel_images"):
+        line += (f"\n{'':<15} from raw uint8 pixels (lowbit_predict_pixels, no float at the input): "
+                 f"{r['pixel_bit_exact_images']}/{r['pixel_images']} images bit-exact, "
+                 f"{r['pixel_instructions_per_inference'] / 1e6:.2f} M instructions/inference")
     fp = r.get("fp32")
     if fp:
         line += (f"\n{'':<15} FP32 build: flash {_kib(fp['flash_bytes'])}, RAM {_kib(fp['ram_bytes'])}, "

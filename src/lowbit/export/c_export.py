@@ -533,7 +533,7 @@ void lowbit_predict(const float *input, float *logits);
     return CExport(out, files, flash, ram, 4 * arena, scratch, largest)
 
 
-def _main_c(samples, expected, n_in: int, n_out: int) -> str:
+def _main_c(samples, expected, n_in: int, n_out: int, pixels: bool = False) -> str:
     s = np.zeros((0, n_in), np.float32) if samples is None else np.asarray(samples, np.float32).reshape(-1, n_in)
     e = np.zeros((0, n_out), np.float32) if expected is None else np.asarray(expected, np.float32).reshape(-1, n_out)
     if len(s) != len(e):
@@ -544,7 +544,9 @@ def _main_c(samples, expected, n_in: int, n_out: int) -> str:
     return "\n".join([
         "/* Test main. No arguments: run the embedded samples and compare the logits bit for bit",
         "   with the NumPy integer reference (exit status 0 if all equal).",
-        "   `main INPUT.f32 N OUTPUT.f32`: logits of N float32 images read from INPUT. */",
+        "   `main INPUT.f32 N OUTPUT.f32`: logits of N float32 images read from INPUT."
+        + ("\n   `main --pixels[-hwc] INPUT.u8 N OUTPUT.f32`: the same from raw uint8 pixels "
+           "(lowbit_predict_pixels[_hwc])." if pixels else "") + " */",
         "#include <stdio.h>", "#include <stdlib.h>", "#include <string.h>", '#include "model.h"', "",
         f"#define N_SAMPLES {len(s)}", *cs.lines, "",
         "int main(int argc, char **argv)",
@@ -572,6 +574,22 @@ def _main_c(samples, expected, n_in: int, n_out: int) -> str:
         "        fclose(fo);",
         "        return 0;",
         "    }",
+        *([
+            '    if (argc == 5 && (strcmp(argv[1], "--pixels") == 0 || strcmp(argv[1], "--pixels-hwc") == 0)) {',
+            "        static uint8_t p[LOWBIT_IN_SIZE];",
+            "        long i, n = atol(argv[3]);",
+            '        int hwc = strcmp(argv[1], "--pixels-hwc") == 0;',
+            '        FILE *fi = fopen(argv[2], "rb"), *fo = fopen(argv[4], "wb");',
+            '        if (!fi || !fo) { fprintf(stderr, "cannot open files\\n"); return 2; }',
+            "        for (i = 0; i < n; i++) {",
+            '            if (fread(p, 1, LOWBIT_IN_SIZE, fi) != LOWBIT_IN_SIZE) { fprintf(stderr, "short input\\n"); return 2; }',
+            "            if (hwc) lowbit_predict_pixels_hwc(p, y); else lowbit_predict_pixels(p, y);",
+            "            fwrite(y, sizeof(float), LOWBIT_OUT_SIZE, fo);",
+            "        }",
+            "        fclose(fi);",
+            "        fclose(fo);",
+            "        return 0;",
+            "    }"] if pixels else []),
         '    fprintf(stderr, "usage: %s [INPUT.f32 N OUTPUT.f32]\\n", argv[0]);',
         "    return 2;",
         "}", "",
@@ -602,14 +620,16 @@ def compile_c(c_dir: str | Path, cc: str | None = None) -> Path:
     return exe
 
 
-def run_c(exe: str | Path, x: np.ndarray, n_out: int) -> np.ndarray:
-    """Logits of the compiled model on float32 inputs ``x`` (N, ...), through files."""
+def run_c(exe: str | Path, x: np.ndarray, n_out: int, pixels: str | None = None) -> np.ndarray:
+    """Logits of the compiled model on float32 inputs ``x`` (N, ...), through files; ``pixels="chw"`` or
+    ``"hwc"``: ``x`` are uint8 pixels in that layout, run by an integer build's ``lowbit_predict_pixels[_hwc]``."""
     exe = Path(exe)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    fin, fout = exe.parent / "input.f32", exe.parent / "logits.f32"
+    x = np.ascontiguousarray(x, dtype=np.float32 if pixels is None else np.uint8)
+    fin, fout = exe.parent / "input.bin", exe.parent / "logits.f32"
     x.tofile(fin)
+    mode = [] if pixels is None else [{"chw": "--pixels", "hwc": "--pixels-hwc"}[pixels]]
     try:
-        subprocess.run([str(exe), str(fin), str(len(x)), str(fout)], check=True, capture_output=True)
+        subprocess.run([str(exe), *mode, str(fin), str(len(x)), str(fout)], check=True, capture_output=True)
         return np.fromfile(fout, dtype=np.float32).reshape(len(x), n_out)
     finally:
         fin.unlink(missing_ok=True)

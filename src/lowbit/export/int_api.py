@@ -72,6 +72,10 @@ def export_int_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, lab
                   "bit_exact_images": int(_bits_equal(lc, ref_np[:n]).sum()), **compare(ref[:n], lc),
                   "accuracy": _accuracy(lc, None if y is None else y[:n]),
                   "seconds_per_image": (time.perf_counter() - t0) / max(n, 1)})
+        px = _pixels(pkg, xn[:n])
+        if px is not None:  # raw uint8 pixels in (lowbit_predict_pixels): the same logits, no float at the input
+            lp = run_c(exe, px, ref.shape[1], pixels="chw")
+            c.update({"pixel_images": n, "pixel_bit_exact_images": int(_bits_equal(lp, ref_np[:n]).sum())})
         exe.unlink()
     else:
         c["note"] = "no C compiler on PATH: code written, not built"
@@ -80,6 +84,18 @@ def export_int_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, lab
         say("onnx")
         rep["onnx"] = _onnx(pkg, out / "onnx", xn, ref, y, latency_batch, latency_repeats, calib)
     return rep
+
+
+def _pixels(graph, x: np.ndarray) -> np.ndarray | None:
+    """The raw uint8 pixels of the normalised test images ``x``, where the graph records its input normalisation
+    and ``x`` are exactly such images (:func:`lowbit.data.transforms.pixels_of`); else None."""
+    from ..data.transforms import pixels_of
+
+    norm = (graph.meta or {}).get("input_normalisation") or {}
+    if "mean" not in norm or "std" not in norm or len(norm["mean"]) != graph.input_shape[0]:
+        return None
+    p = pixels_of(torch.from_numpy(np.asarray(x, np.float32)), norm["mean"], norm["std"])
+    return None if p is None else p.numpy()
 
 
 def _onnx(pkg, d: Path, xn, ref, y, latency_batch: int, repeats: int, calib: int) -> dict:
@@ -137,6 +153,9 @@ def format_int_report(r: dict) -> str:
                  f"{c['ram_bytes'] / m['bytes']:.2f}")
     if c.get("compiled"):
         lines.append(f"C vs NumPy      {c['bit_exact_images']}/{c['images']} images bit-exact; {agree(c)} with PyTorch")
+    if c.get("pixel_images"):
+        lines.append(f"C from pixels   {c['pixel_bit_exact_images']}/{c['pixel_images']} images bit-exact "
+                     "(lowbit_predict_pixels: raw uint8 pixels in, no float at the input)")
     o = r.get("onnx")
     if o:
         lines.append(f"ONNX            ConvInteger {agree(o['integer'])}; QLinearConv {agree(o['integer_fused'])}; "

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .c_export import CFLAGS, _Consts, _ident, _main_c, find_cc
-from .intgraph import IntGraph, out_range
+from .intgraph import IntGraph, out_range, pixel_table
 from .pack import pack_codes, packed_nbytes
 
 #: the integer runtime's kernels (package data): lowbit_rt.h, lowbit_rt.c, README.md
@@ -228,6 +228,27 @@ def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None
         body.append(f"    lb_conv(&L_{nm}, {x}, {res}, {y}, lb_wrow);  /* {op.name} */")
     n_out = _numel(graph.output_shape)
     in_bytes = packed_nbytes(n_in, in_bits)
+    try:  # raw 8-bit pixels in, where the graph records its input normalisation
+        table = pixel_table(graph)
+    except ConfigError:
+        table = None
+    pixel_h = pixel_c = []
+    if table is not None:
+        c_in = graph.input_shape[0]
+        lut = cs.u8("lb_pixel_lut", table)
+        cs.bytes -= table.size  # linked only where lowbit_predict_pixels* is called (--gc-sections): not counted
+        pixel_h = [
+            "/* the same from raw 8-bit pixels (0..255, before normalisation), no float at the input: a table of",
+            f"   256 codes per channel ({c_in} x 256 bytes of flash) folds (pixel / 255 - mean) / std and the input",
+            "   quantizer; pixels C x H x W, or H x W x C (interleaved) for _hwc */",
+            "#define LOWBIT_PIXEL_INPUT 1",
+            "void lowbit_predict_pixels(const uint8_t *pixels, float *logits);",
+            "void lowbit_predict_pixels_hwc(const uint8_t *pixels, float *logits);", ""]
+        pixel_c = [
+            *(f"void lowbit_predict_pixels{sfx}(const uint8_t *pixels, float *logits)\n{{\n"
+              f"    lb_pixels_to_codes(pixels, {c_in}, LOWBIT_IN_SIZE / {c_in}, {hwc}, {lut}, LOWBIT_IN_BITS, "
+              f"lb_arena + {offsets[graph.input]});\n    lb_network(logits);\n}}\n"
+              for sfx, hwc in (("", 0), ("_hwc", 1)))]
     scratch = 2 * max_row
     ram = arena + scratch
     flash = cs.bytes
@@ -251,7 +272,7 @@ def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None
 void lowbit_predict(const float *input, float *logits);
 /* the same from the packed input codes (lb_quantize_input's output) */
 void lowbit_predict_codes(const uint8_t *codes, float *logits);
-
+""" + "\n".join(pixel_h) + """
 #endif
 """
     src = "\n".join([
@@ -276,11 +297,11 @@ void lowbit_predict_codes(const uint8_t *codes, float *logits);
         f"    lb_quantize_input(input, LOWBIT_IN_SIZE, {0 if a.rule == 'clip_div' else 1}, {_f(a.lo)}, {_f(a.step)}, "
         f"{_f(a.inv)}, {a.qmin}, {a.qmax}, LOWBIT_IN_BITS, lb_arena + {offsets[graph.input]});",
         "    lb_network(logits);",
-        "}", "",
+        "}", "", *pixel_c,
     ])
     (out / "model.h").write_text(header)
     (out / "model.c").write_text(src)
-    (out / "main.c").write_text(_main_c(samples, expected, n_in, n_out))
+    (out / "main.c").write_text(_main_c(samples, expected, n_in, n_out, pixels=table is not None))
     files = [out / n for n in ("model.h", "model.c", "main.c", *RUNTIME_FILES)]
     return IntCExport(out, files, flash, n_conv * _DESC_BYTES, ram, arena, scratch)
 

@@ -113,6 +113,43 @@ class IntOp:
         return self.lut.astype(np.int64)[rows[:, None], self.codes.reshape(o, -1).astype(np.int64)]
 
 
+def pixel_table(graph: "IntGraph") -> np.ndarray:
+    """``(C, 256)`` uint8: the input code (``k − qmin``) of every pixel value 0..255 of every channel, i.e. the
+    network input ``x = (pixel / 255 − mean) / std`` (:func:`lowbit.data.transforms.normalize`, the data
+    pipeline's own float32 op) quantized by the graph's input rule. With it a device feeds raw 8-bit pixels: no
+    float at the input (:func:`lowbit.export.int_c.write_int_c`'s ``lowbit_predict_pixels``). The mean and std
+    come from ``graph.meta["input_normalisation"]``, which ``export_run`` records in the packed file."""
+    from ..data.transforms import normalize
+
+    norm = (graph.meta or {}).get("input_normalisation") or {}
+    mean, std = norm.get("mean"), norm.get("std")
+    c = graph.input_shape[0] if graph.input_shape else 0
+    if mean is None or std is None:
+        raise ConfigError("integer graph: no input normalisation recorded (meta['input_normalisation'] with mean "
+                          "and std, as export_run writes it): pixels cannot be mapped to input codes")
+    if len(mean) != c or len(std) != c:
+        raise ConfigError(f"integer graph: input normalisation has {len(mean)} means / {len(std)} stds for "
+                          f"{c} input channels")
+    px = torch.arange(256, dtype=torch.uint8).view(1, 1, 256, 1).expand(1, c, 256, 1)
+    x = normalize(px, torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
+    a = graph.ops[0].act
+    k = a.codes(x.reshape(c, 256).numpy()) - a.qmin
+    if k.min() < 0 or k.max() > 255:  # pragma: no cover - input codes are at most 8 bits (tensor_q)
+        raise ConfigError("integer graph: input codes outside 0..255")
+    return k.astype(np.uint8)
+
+
+def pixel_codes(graph: "IntGraph", pixels: np.ndarray) -> np.ndarray:
+    """Input codes (int64, the graph's input shape) of uint8 images ``(N, C, H, W)``: :func:`pixel_table`."""
+    p = np.asarray(pixels)
+    if p.dtype != np.uint8:
+        raise ConfigError(f"pixels must be uint8 (raw 0..255 images), got {p.dtype}")
+    if p.ndim != 1 + len(graph.input_shape) or tuple(p.shape[1:]) != tuple(graph.input_shape):
+        raise ConfigError(f"pixels of shape {tuple(p.shape)}: expected (N, {', '.join(map(str, graph.input_shape))})")
+    t = pixel_table(graph)
+    return t[np.arange(t.shape[0]).reshape(1, -1, *([1] * (p.ndim - 2))), p].astype(np.int64)
+
+
 @dataclass
 class IntGraph:
     ops: list[IntOp]
@@ -376,6 +413,11 @@ class IntReference:
     def input_codes(self, x: np.ndarray) -> np.ndarray:
         op = self.graph.ops[0]
         return (op.act.codes(np.asarray(x, dtype=_F32)) - op.act.qmin).astype(np.int64)
+
+    def run_pixels(self, pixels: np.ndarray, batch: int = 250) -> np.ndarray:
+        """Float32 logits of uint8 images ``(N, C, H, W)`` (raw pixels, before normalisation): their input codes
+        are looked up in :func:`pixel_table` (the same logits as :meth:`run` on the normalised images)."""
+        return self.run(pixel_codes(self.graph, pixels), batch, codes=True)
 
     def _op(self, op: IntOp, env: dict[str, torch.Tensor], x: np.ndarray | None, codes: bool) -> torch.Tensor:
         T = self.graph.tensors

@@ -123,11 +123,27 @@ def _hexf(a) -> list[str]:
     return [f"0x{v:08x}u" for v in np.asarray(a, np.float32).reshape(-1).view(np.uint32)]
 
 
-def write_main(out_dir: Path, samples: np.ndarray, expected: np.ndarray) -> Path:
+def write_main(out_dir: Path, samples: np.ndarray, expected: np.ndarray, pixels: np.ndarray | None = None) -> Path:
     """``mcu_main.c``: calibration loop, then every sample through ``lowbit_predict`` with its SysTick
-    count and logits (hex), the count of bit-exact samples, the stack high-water mark."""
+    count and logits (hex), the count of bit-exact samples, the stack high-water mark. With ``pixels`` (the
+    samples' raw uint8 images; an integer build with ``lowbit_predict_pixels``) every sample again from its
+    pixels: its count, and whether its logits equal ``expected`` bit for bit."""
     n = len(samples)
     s, e = np.asarray(samples, np.float32).reshape(n, -1), np.asarray(expected, np.float32).reshape(n, -1)
+    if pixels is not None:
+        px = np.asarray(pixels, np.uint8).reshape(n, -1)
+        body = ",\n".join("  " + ", ".join(str(int(v)) for v in px.reshape(-1)[i: i + 24])
+                          for i in range(0, px.size, 24))
+        pixel_arr = f"static const uint8_t pixels[{px.size}] = {{\n{body}\n}};"
+        pixel_run = """    for (i = 0; i < N_SAMPLES; i++) {
+        t0 = lb_cycles();
+        lowbit_predict_pixels(pixels + i * LOWBIT_IN_SIZE, y);
+        t1 = lb_cycles();
+        printf("lowbit-mcu pixels %d ticks %lu exact %d\\n", i, (unsigned long)(t1 - t0),
+               memcmp(y, expected + i * LOWBIT_OUT_SIZE, sizeof y) == 0);
+    }"""
+    else:
+        pixel_arr = pixel_run = ""
 
     def arr(name, a):
         items = _hexf(a)
@@ -146,6 +162,7 @@ uint64_t lb_cycles(void);
 #define STACK_PAINT 16384u
 {arr("samples", s)}
 {arr("expected", e)}
+{pixel_arr}
 
 static void __attribute__((noinline)) lb_calib(uint32_t n)
 {{
@@ -197,6 +214,7 @@ int main(void)
         printf("\\n");
         if (memcmp(y, expected + i * LOWBIT_OUT_SIZE, sizeof y) != 0) bad++;
     }}
+{pixel_run}
     printf("lowbit-mcu bitexact %d/%d stack %lu\\n", N_SAMPLES - bad, N_SAMPLES, (unsigned long)stack);
     return bad != 0;
 }}
@@ -209,6 +227,9 @@ int main(void)
 STUB = """/* lowbit.export.mcu: an empty model, to measure what the model adds to the program */
 #include "model.h"
 void lowbit_predict(const float *input, float *logits) { (void)input; (void)logits; }
+#ifdef LOWBIT_PIXEL_INPUT
+void lowbit_predict_pixels(const uint8_t *pixels, float *logits) { (void)pixels; (void)logits; }
+#endif
 """
 
 
@@ -282,13 +303,18 @@ def parse_output(out: str, n_out: int) -> dict:
     if logits.shape[1:] != (n_out,):
         raise ConfigError("export --target: unexpected program output (logits)")
     be = re.search(r"lowbit-mcu bitexact (\d+)/(\d+) stack (\d+)", out)
-    return {"instructions_per_tick": ipt, "ticks": ticks_img, "instructions": [t * ipt for t in ticks_img],
-            "logits": logits, "bit_exact_device": int(be.group(1)), "stack_bytes": int(be.group(3))}
+    res = {"instructions_per_tick": ipt, "ticks": ticks_img, "instructions": [t * ipt for t in ticks_img],
+           "logits": logits, "bit_exact_device": int(be.group(1)), "stack_bytes": int(be.group(3))}
+    px = re.findall(r"lowbit-mcu pixels (\d+) ticks (\d+) exact (\d)", out)
+    if px:  # the same images from their raw pixels (lowbit_predict_pixels)
+        res.update({"pixel_images": len(px), "pixel_bit_exact_images": sum(int(e) for _, _, e in px),
+                    "pixel_instructions_per_inference": float(np.mean([int(t) * ipt for _, t, _ in px]))})
+    return res
 
 
 def build_and_run(graph: Graph, out_dir: str | Path, samples: np.ndarray, expected: np.ndarray,
                   target_name: str = "cortex-m4", kernels: str = "auto", timeout: float = 120.0,
-                  sizes: bool = True) -> dict:
+                  sizes: bool = True, pixels: np.ndarray | None = None) -> dict:
     """Generate, cross-compile, run under QEMU and check one build; returns a JSON-able report.
 
     ``graph``: a :class:`~lowbit.export.graph.Graph` (the float-activation C export,
@@ -296,7 +322,9 @@ def build_and_run(graph: Graph, out_dir: str | Path, samples: np.ndarray, expect
     (:class:`~lowbit.export.intgraph.IntGraph`, :func:`~lowbit.export.int_c.write_int_c`: activations
     as packed integer codes); ``kernels``: "auto" (bit-packed kernels where a layer's bits make them
     pay), "int" (the plain integer kernel everywhere), "packed" (bit-packed wherever possible).
-    ``sizes=False`` skips the second (empty-model) build: no flash/RAM figures."""
+    ``sizes=False`` skips the second (empty-model) build: no flash/RAM figures. ``pixels``: the samples' raw uint8
+    images, for an integer graph that records its input normalisation: the program also runs every sample
+    through ``lowbit_predict_pixels`` (its instructions, its bit-exactness; flash then holds both entry points)."""
     from ..c_export import write_c
 
     tgt = target(target_name)
@@ -317,7 +345,9 @@ def build_and_run(graph: Graph, out_dir: str | Path, samples: np.ndarray, expect
                 f.unlink()
         ce = write_int_c(graph, out)
         chosen, runtime = patch_int_c(graph, out, kernels), "integer (int_c, lowbit_rt)"
-    write_main(out, samples, expected)
+    if pixels is not None and (isinstance(graph, Graph) or "LOWBIT_PIXEL_INPUT" not in (out / "model.h").read_text()):
+        raise ConfigError("export --target: pixels need an integer graph that records its input normalisation")
+    write_main(out, samples, expected, pixels)
     elf = build(out, tgt)
     full = elf_size(elf)
     base = elf_size(build(out, tgt, stub=True)) if sizes else None

@@ -314,3 +314,21 @@ void lb_quantize_input(const float *x, int32_t n, int rule, float lo, float step
         lb_put(out, (uint32_t)i, bits, (uint32_t)((int32_t)v - qmin));
     }
 }
+
+void lb_pixels_to_codes(const uint8_t *px, int32_t c, int32_t hw, int hwc, const uint8_t *lut, uint8_t bits,
+                        uint8_t *out)
+{
+    int32_t ch, i;
+    memset(out, 0, lb_packed_bytes((uint32_t)(c * hw), bits));
+    for (ch = 0; ch < c; ch++) {
+        const uint8_t *t = lut + 256 * ch;
+        const uint8_t *p = hwc ? px + ch : px + ch * hw;
+        int32_t step = hwc ? c : 1;
+        if (bits == 8) {
+            uint8_t *o = out + ch * hw;
+            for (i = 0; i < hw; i++) o[i] = t[p[i * step]];
+        } else {
+            for (i = 0; i < hw; i++) lb_put(out, (uint32_t)(ch * hw + i), bits, t[p[i * step]]);
+        }
+    }
+}

@@ -128,6 +128,12 @@ void lb_requantize_tensor(int32_t n, uint8_t in_bits, int32_t in_zero, int32_t m
 void lb_quantize_input(const float *x, int32_t n, int rule, float lo, float step, float inv, int32_t qmin,
                        int32_t qmax, uint8_t bits, uint8_t *out);
 
+/* raw 8-bit pixels -> codes, no float: q = lut[256 * ch + pixel] (the table folds the input normalisation and
+ * the input quantizer; lowbit.export.intgraph.pixel_table), stored channel-major (C x HW), packed at bits.
+ * hwc = 0: pixels are C x H x W; hwc = 1: H x W x C (interleaved, as a camera gives them) */
+void lb_pixels_to_codes(const uint8_t *px, int32_t c, int32_t hw, int hwc, const uint8_t *lut, uint8_t bits,
+                        uint8_t *out);
+
 #ifdef __cplusplus
 }
 #endif
