@@ -199,6 +199,37 @@ def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path, residual):
         assert m3["bit_exact_images"] == 1 and m3["machine"] == "mps2-an385"
 
 
+@needs_tools
+def test_integer_runtime_dsp_loops_on_cortex_m4_and_m33(tmp_path):
+    """The DSP extension's loops of lb_conv (SMLAD on 3-wide rows, four pointwise outputs per load; session 19)
+    compute the integer reference's numbers: a small MobileNetV2 (pointwise and depthwise convs, signed 4-bit
+    inputs with zero point 8, 8-bit residual streams read in place) on two cores that have the extension, and on
+    the Cortex-M3, which has not (the portable loops, as on the host)."""
+    from lowbit.export.intgraph import IntReference as IntRef
+    from lowbit.intmode import int_graph
+
+    signed = {"act": {"name": "lsq", "bits": 4, "signed": True}}
+    plan = {"weight": {"name": "sawb", "bits": 4}, "act": {"name": "pact", "bits": 4}, "integer": True,
+            "layers": {"features.[4-9].conv.0": signed, "features.1[0-9].conv.0": signed, "features.20": signed}}
+    torch.manual_seed(0)
+    m = create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=16, width=0.25)
+    quantize(m, plan)
+    m.train()
+    with torch.no_grad():
+        for _ in range(20):
+            m(torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
+    m.eval()
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2)).numpy()
+    g = int_graph(m, torch.from_numpy(x))
+    want = IntRef(g).run(x)
+    assert len({np.asarray(v).tobytes() for v in want}) == 2  # two different images, two different outputs
+    for tgt in ("cortex-m4", "cortex-m33", "cortex-m3"):
+        r = build_and_run(g, tmp_path / tgt, x, want, tgt, kernels="int", sizes=False)
+        assert r["bit_exact_images"] == 2, tgt
+    src = (tmp_path / "cortex-m4" / "lowbit_rt.c").read_text()
+    assert "__smlad" in src and "__smlabb" in src
+
+
 def test_missing_tool_is_one_line_naming_it(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ConfigError, match="'arm-none-eabi-gcc' not found.*install gcc-arm-none-eabi"):

@@ -131,12 +131,14 @@ def conv_band(op, t_in) -> int:
 
 def conv_scratch(op, t_in) -> int:
     """int16 elements of ``lb_conv``'s scratch for a conv op (runtime/lowbit_rt.h): its decoded weight row
-    (``F = cin/groups·kh·kw``) and, when it unpacks its input, the input rows of one band of output rows
-    (:func:`conv_band`) at one byte per code, padded."""
+    (``F = cin/groups·kh·kw``; ``F/3·4`` for 3-wide kernels) and, when it unpacks its input, the input rows of one
+    band of output rows (:func:`conv_band`) at one byte per code, padded, with 4 bytes of slack."""
     f = int(op.codes[0].size)
+    if op.attrs["layer"] != "linear" and op.attrs["kernel"][1] == 3:
+        f = f // 3 * 4  # 3-wide rows: 4 int16 per kernel row (the DSP loops' layout, lb_conv)
     if not _unpacked(op, t_in):
         return f
-    return f + (_band_bytes(op, conv_band(op, t_in) or op.out_shape[1]) + 1) // 2
+    return f + (_band_bytes(op, conv_band(op, t_in) or op.out_shape[1]) + 4 + 1) // 2  # + 4 bytes read past
 
 
 def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None = None,

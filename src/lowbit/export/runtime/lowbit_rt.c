@@ -4,6 +4,15 @@
 
 #include "lowbit_rt.h"
 
+/* Cortex-M4/M7/M33 (the DSP extension): two 16-bit multiply-accumulates per instruction in lb_conv's 3-wide and
+ * pointwise loops. The same integers as the portable loops (the sums are exact int32 either way). */
+#if defined(__ARM_FEATURE_DSP) && defined(__ARM_FEATURE_SIMD32) && defined(__GNUC__) && !defined(LB_NO_DSP)
+#include <arm_acle.h>
+#define LB_DSP 1
+#else
+#define LB_DSP 0
+#endif
+
 /* v / 2^s rounded half to even, 64-bit (s 0 .. 62) */
 static int64_t lb_rne_shift64(int64_t v, int32_t s)
 {
@@ -54,7 +63,13 @@ static int32_t lb_rne_shift32(int32_t v, int32_t s)
     return f + (rem > half || (rem == half && (f & 1)));
 }
 
-int32_t lb_requantize(int32_t x, int32_t mult, int32_t shift)
+#if defined(__GNUC__)
+#define LB_INLINE static inline __attribute__((always_inline))
+#else
+#define LB_INLINE static inline
+#endif
+
+LB_INLINE int32_t lb_requantize_inline(int32_t x, int32_t mult, int32_t shift)
 {
     /* f32(x) * f32(mult): each has 24 significant bits, the exact product is below 2^62 */
     if ((mult & 127) == 0 && x > -(1 << 24) && x < (1 << 24)) {
@@ -73,11 +88,13 @@ int32_t lb_requantize(int32_t x, int32_t mult, int32_t shift)
     }
 }
 
+int32_t lb_requantize(int32_t x, int32_t mult, int32_t shift) { return lb_requantize_inline(x, mult, shift); }
+
 uint32_t lb_packed_bytes(uint32_t n, uint32_t bits) { return (n * bits + 7u) >> 3; }
 
 uint32_t lb_get(const uint8_t *buf, uint32_t idx, uint32_t bits) { return lb_get_inline(buf, idx, bits); }
 
-void lb_put(uint8_t *buf, uint32_t idx, uint32_t bits, uint32_t v)
+LB_INLINE void lb_put_inline(uint8_t *buf, uint32_t idx, uint32_t bits, uint32_t v)
 {
     uint32_t bit = idx * bits, byte = bit >> 3, sh = bit & 7u;
     if (bits == 8u) {
@@ -88,15 +105,11 @@ void lb_put(uint8_t *buf, uint32_t idx, uint32_t bits, uint32_t v)
     if (sh + bits > 8u) buf[byte + 1] |= (uint8_t)(v >> (8u - sh));
 }
 
+void lb_put(uint8_t *buf, uint32_t idx, uint32_t bits, uint32_t v) { lb_put_inline(buf, idx, bits, v); }
+
 static int32_t lb_clamp(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 int32_t lb_rne_shift(int32_t v, int32_t s) { return (int32_t)lb_rne_shift64(v, s); }
-
-#if defined(__GNUC__)
-#define LB_INLINE static inline __attribute__((always_inline))
-#else
-#define LB_INLINE static inline
-#endif
 
 /* w[0..2] * (a[0..2] - z): one 3-wide row of a window */
 #define LB_ROW3(w, a, z) ((int32_t)(w)[0] * ((int32_t)(a)[0] - (z)) + (int32_t)(w)[1] * ((int32_t)(a)[1] - (z)) + \
@@ -150,22 +163,91 @@ void lb_conv_out(const lb_conv_t *p, int32_t o, int32_t at, int32_t acc, const u
     const uint32_t ob = p->out_bits, rb = p->res_bits;
     acc += p->bias[o];
     if (p->res_mult && p->mid_mult) { /* output residual add */
-        const int32_t mid = lb_clamp(lb_requantize(acc, p->mult[o], p->shift[o]) + p->mid_zero, 0, 255);
+        const int32_t mid = lb_clamp(lb_requantize_inline(acc, p->mult[o], p->shift[o]) + p->mid_zero, 0, 255);
         const int32_t v = (mid - p->mid_zero) * p->mid_mult +
                           ((int32_t)lb_get_inline(res, (uint32_t)at, rb) - p->res_zero) * p->res_mult[o];
         const int32_t q = lb_rne_shift(v, p->res_shift[o]) + p->out_zero;
-        lb_put((uint8_t *)out, (uint32_t)at, ob, (uint32_t)lb_clamp(q, p->out_min, p->out_max));
+        lb_put_inline((uint8_t *)out, (uint32_t)at, ob, (uint32_t)lb_clamp(q, p->out_min, p->out_max));
         return;
     }
     if (p->res_mult)
-        acc += lb_requantize((int32_t)lb_get_inline(res, (uint32_t)at, rb) - p->res_zero, p->res_mult[o], p->res_shift[o]);
+        acc += lb_requantize_inline((int32_t)lb_get_inline(res, (uint32_t)at, rb) - p->res_zero, p->res_mult[o], p->res_shift[o]);
     if (p->out_scale) {
         ((float *)out)[at] = (float)acc * p->out_scale[o];
     } else {
-        const int32_t v = lb_requantize(acc, p->mult[o], p->shift[o]) + p->out_zero;
-        lb_put((uint8_t *)out, (uint32_t)at, ob, (uint32_t)lb_clamp(v, p->out_min, p->out_max));
+        const int32_t v = lb_requantize_inline(acc, p->mult[o], p->shift[o]) + p->out_zero;
+        lb_put_inline((uint8_t *)out, (uint32_t)at, ob, (uint32_t)lb_clamp(v, p->out_min, p->out_max));
     }
 }
+
+#if LB_DSP
+LB_INLINE uint32_t lb_ld32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4); /* one LDR (unaligned access is allowed on ARMv7-M / ARMv8-M) */
+    return v;
+}
+
+/* (a0, a2) and (a1, a3) of the bytes a0 a1 a2 a3 of x, as two 16-bit halves each (UXTB16, UXTB16 ROR #8) */
+LB_INLINE uint32_t lb_even(uint32_t x) { return __uxtb16(x); }
+LB_INLINE uint32_t lb_odd(uint32_t x)
+{
+    uint32_t r;
+    __asm__("uxtb16 %0, %1, ror #8" : "=r"(r) : "r"(x));
+    return r;
+}
+
+/* one 3-wide row of a window: a0 w0 + a2 w2 and a1 w1 + a3 * 0 by two SMLADs; w: the row's (w0, w2), (w1, 0) */
+#define LB_ROW3_DSP(s, x, w) ((s) = __smlad(lb_odd(x), (w)[1], __smlad(lb_even(x), (w)[0], (s))))
+
+/* 3-wide rows on the DSP extension: for every channel and kernel row, the codes a0 a1 a2 (a3) of one LDR, split
+ * by UXTB16. Sums of w * code for the outputs at ur and (if not NULL) ur2; the caller subtracts
+ * in_zero * sum(w). Reads one byte past each window (the band buffer has slack). */
+LB_INLINE void lb_taps3_dsp(const uint32_t *wp, const uint8_t *ur, const uint8_t *ur2, int32_t cin_g, int32_t KH,
+                            int32_t W, int32_t HWin, int32_t *a0, int32_t *a1)
+{
+    int32_t c, kh, s0 = 0, s1 = 0;
+    if (ur2 && KH == 3) { /* 3x3, two outputs per weight load */
+        for (c = 0; c < cin_g; c++, ur += HWin, ur2 += HWin, wp += 6) {
+            LB_ROW3_DSP(s0, lb_ld32(ur), wp);
+            LB_ROW3_DSP(s1, lb_ld32(ur2), wp);
+            LB_ROW3_DSP(s0, lb_ld32(ur + W), wp + 2);
+            LB_ROW3_DSP(s1, lb_ld32(ur2 + W), wp + 2);
+            LB_ROW3_DSP(s0, lb_ld32(ur + 2 * W), wp + 4);
+            LB_ROW3_DSP(s1, lb_ld32(ur2 + 2 * W), wp + 4);
+        }
+    } else if (ur2) {
+        for (c = 0; c < cin_g; c++, ur += HWin - KH * W, ur2 += HWin - KH * W)
+            for (kh = 0; kh < KH; kh++, ur += W, ur2 += W, wp += 2) {
+                LB_ROW3_DSP(s0, lb_ld32(ur), wp);
+                LB_ROW3_DSP(s1, lb_ld32(ur2), wp);
+            }
+    } else {
+        for (c = 0; c < cin_g; c++, ur += HWin - KH * W)
+            for (kh = 0; kh < KH; kh++, ur += W, wp += 2) LB_ROW3_DSP(s0, lb_ld32(ur), wp);
+    }
+    *a0 = s0;
+    *a1 = s1;
+}
+
+/* pointwise, four neighbouring outputs (stride 1): sums of w * code */
+LB_INLINE void lb_taps1x4_dsp(const int16_t *wk, const uint8_t *ur, int32_t cin_g, int32_t HWin, int32_t *a)
+{
+    int32_t c, s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (c = 0; c < cin_g; c++, ur += HWin) {
+        const uint32_t x = lb_ld32(ur), e = lb_even(x), o = lb_odd(x);
+        const int32_t w = wk[c];
+        s0 = __smlabb((int32_t)e, w, s0);
+        s2 = __smlatb((int32_t)e, w, s2);
+        s1 = __smlabb((int32_t)o, w, s1);
+        s3 = __smlatb((int32_t)o, w, s3);
+    }
+    a[0] = s0;
+    a[1] = s1;
+    a[2] = s2;
+    a[3] = s3;
+}
+#endif
 
 void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *out, int16_t *scratch)
 {
@@ -176,6 +258,7 @@ void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *ou
     const int unpack = p->in_bits != 8u || p->ph || p->pw || R < p->hout;
     const uint32_t ib = p->in_bits, wb = p->w_bits;
     int16_t *wrow = scratch;
+    const int32_t FW = KW == 3 ? F / 3 * 4 : F; /* the weight row's int16 (3-wide rows: 4 per row, DSP layout) */
     int32_t o, j, oy, ox, oy0;
     if (!p->out_scale) memset(out, 0, lb_packed_bytes((uint32_t)(p->cout * P), p->out_bits));
     for (oy0 = 0; oy0 < p->hout; oy0 += R) { /* a band of output rows */
@@ -186,7 +269,7 @@ void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *ou
             /* the band's input rows, for every channel, unpacked after the weight row to one byte per code, with
                the padding as the code z (a real 0: it adds w * (z - z) = 0), so that every window is inside */
             const int32_t H = p->hin, W0 = p->win, Wp = W0 + 2 * p->pw, rows = (oy1 - oy0 - 1) * SH + KH;
-            uint8_t *ub = (uint8_t *)(scratch + F);
+            uint8_t *ub = (uint8_t *)(scratch + FW);
             int32_t c, r, x;
             y0 = oy0 * SH;
             memset(ub, z, (size_t)(p->cin * rows * Wp));
@@ -210,12 +293,46 @@ void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *ou
             const int16_t *lt = p->w_lut + (p->lut_rows > 1 ? o * p->lut_n : 0);
             const uint8_t *ug = u + (o / cout_g) * cin_g * HW; /* the input channels of o's group */
             for (j = 0; j < F; j++) wrow[j] = lt[lb_get_inline(p->w_codes, (uint32_t)(o * F + j), wb)];
+#if LB_DSP
+            int32_t zw = 0; /* in_zero * sum of the row's weights (the DSP loops sum w * code) */
+            const int dsp3 = KW == 3 && unpack, dsp1 = KK == 1 && SW == 1;
+            if (dsp3) { /* rows (w0, w2), (w1, 0), from the back: the row is rewritten in place */
+                for (j = F / 3 - 1; j >= 0; j--) {
+                    const int16_t w0 = wrow[3 * j], w1 = wrow[3 * j + 1], w2 = wrow[3 * j + 2];
+                    wrow[4 * j] = w0;
+                    wrow[4 * j + 1] = w2;
+                    wrow[4 * j + 2] = w1;
+                    wrow[4 * j + 3] = 0;
+                    zw += z * ((int32_t)w0 + w1 + w2);
+                }
+            } else if (dsp1) {
+                for (j = 0; j < F; j++) zw += z * (int32_t)wrow[j];
+            }
+#endif
             for (oy = oy0; oy < oy1; oy++) {
                 const uint8_t *ury = ug + (oy * SH - y0) * W;
                 for (ox = 0; ox < p->wout; ox++) {
                     const int32_t at = o * P + oy * p->wout + ox;
                     const uint8_t *ur = ury + ox * SW, *ur2 = ox + 1 < p->wout ? ur + SW : NULL; /* two at once */
                     int32_t acc, acc1;
+#if LB_DSP
+                    if (dsp1 && ox + 3 < p->wout) { /* four at once */
+                        int32_t a4[4], k;
+                        lb_taps1x4_dsp(wrow, ur, cin_g, HW, a4);
+                        for (k = 0; k < 4; k++) lb_conv_out(p, o, at + k, (int32_t)((uint32_t)a4[k] - (uint32_t)zw), res, out);
+                        ox += 3;
+                        continue;
+                    }
+                    if (dsp3) {
+                        lb_taps3_dsp((const uint32_t *)(const void *)wrow, ur, ur2, cin_g, KH, W, HW, &acc, &acc1);
+                        lb_conv_out(p, o, at, (int32_t)((uint32_t)acc - (uint32_t)zw), res, out);
+                        if (ur2) {
+                            lb_conv_out(p, o, at + 1, (int32_t)((uint32_t)acc1 - (uint32_t)zw), res, out);
+                            ox++;
+                        }
+                        continue;
+                    }
+#endif
                     if (z == 0) /* after a ReLU: the codes are the integers */
                         lb_taps(wrow, ur, ur2, cin_g, KH, KW, W, HW, 0, &acc, &acc1);
                     else

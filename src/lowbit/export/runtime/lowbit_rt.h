@@ -87,10 +87,10 @@ typedef struct {
 
 /* in: packed codes; res: packed codes of the residual (same shape as the output) or NULL;
  * out: packed codes (uint8_t *) or float logits (float *) when out_scale is set; scratch: F int16
- * (one decoded weight row), followed, when in_bits < 8, the conv pads or band splits it, by the input rows
- * of one band of output rows unpacked to one byte per code, padded with in_zero:
- * cin * ((band - 1) * sh + kh) * (win + 2pw) bytes (band: the descriptor's, or hout when 0);
- * F + (those bytes + 1) / 2 int16 in all (lowbit.export.int_c.conv_scratch) */
+ * (one decoded weight row; 4 per kernel row, F / 3 * 4, for 3-wide kernels), followed, when in_bits < 8, the
+ * conv pads or band splits it, by the input rows of one band of output rows unpacked to one byte per code,
+ * padded with in_zero: cin * ((band - 1) * sh + kh) * (win + 2pw) bytes (band: the descriptor's, or hout when
+ * 0), and 4 bytes of slack; (those bytes + 4 + 1) / 2 int16 more (lowbit.export.int_c.conv_scratch) */
 void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *out, int16_t *scratch);
 
 /* lb_conv's epilogue for output o at position at (o*hout*wout + oy*wout + ox), from its integer sum
