@@ -228,6 +228,16 @@ def test_integer_runtime_dsp_loops_on_cortex_m4_and_m33(tmp_path):
         assert r["bit_exact_images"] == 2, tgt
     src = (tmp_path / "cortex-m4" / "lowbit_rt.c").read_text()
     assert "__smlad" in src and "__smlabb" in src
+    # a 1x3 kernel of stride (1, 2) and odd output widths: the DSP loop's rows not unrolled, one output alone
+    from test_integer_export import INT_W2A2, OddKernelNet, _ready
+
+    m = _ready(OddKernelNet(), (1, 11, 11), plan={**INT_W2A2, "act": {"name": "pact", "bits": 2, "init": 2.0}},
+               passes=20)
+    x = torch.randn(2, 1, 11, 11, generator=torch.Generator().manual_seed(3)).numpy()
+    g = int_graph(m, torch.from_numpy(x))
+    want = IntRef(g).run(x)
+    r = build_and_run(g, tmp_path / "odd", x, want, "cortex-m4", kernels="int", sizes=False)
+    assert r["bit_exact_images"] == 2
 
 
 def test_missing_tool_is_one_line_naming_it(monkeypatch):
