@@ -259,7 +259,10 @@ def readme(results: list[dict], args) -> str:
     lines = [
         "# Cortex-M4 / Cortex-M3 / x86 cost of the bit-packed and integer C builds (issues 17, 18)", "",
         "Commands (session 18: all ten runs trained again from `configs/`, then every row measured again; session "
-        "19 measured every row again with the Cortex-M3 added: the M4 and x86 counts came out identical):", "",
+        "19 measured every row twice more: with the Cortex-M3 added (the M4 and x86 counts came out identical to "
+        "session 18's), then after the DSP loops of `lb_conv` (this table: the `int/*` rows' M4 counts fell 4-23 %, "
+        "the `fp32` and `float/*` rows are unchanged; MobileNetV2's `fp32` rows are those of the first run, which "
+        "its second reused)):", "",
         "```",
         "for L in W1A1 W2A2 W4A4 W8A8 W1A1_int W2A2_int W4A4_int W8A8_int MBV2_W4A4_int MBV2_W8A8_int; do",
         "  lowbit train benchmarks/results/mcu/configs/$L.yaml --out benchmarks/results/mcu/runs/$L; done",
