@@ -1,4 +1,4 @@
-"""Helpers shared by the quantizer tests."""
+"""Helpers shared by the tests: quantizer checks, and small integer-mode networks."""
 
 import math
 
@@ -48,3 +48,40 @@ def assert_close_off_ties(actual, expected, pre_round, atol=1e-6) -> None:
     ok = np.abs(frac - 0.5) > 1e-4
     assert ok.mean() > 0.99
     np.testing.assert_allclose(actual[ok], expected[ok], rtol=0, atol=atol)
+
+
+def settled(m: torch.nn.Module, shape, plan, seed: int = 0, passes: int = 3, batch: int = 16) -> torch.nn.Module:
+    """``m`` quantized by ``plan`` and run ``passes`` training-mode forwards on random batches (BatchNorm
+    statistics and data-initialised quantizers settle), then put in eval mode: a network every backend can run."""
+    from lowbit import quantize
+
+    torch.manual_seed(seed)
+    quantize(m, plan)
+    m.train()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(passes):
+            m(torch.randn(batch, *shape, generator=g))
+    return m.eval()
+
+
+class OddKernelNet(torch.nn.Module):
+    """Kernels the C kernel's fast loops do not special-case: 5x5 (padded, on the signed 8-bit image), 1x3
+    with a horizontal stride of 2, 2x2 unpadded; odd output widths (a last output computed alone)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c1 = nn.Conv2d(1, 6, 5, padding=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 8, (1, 3), stride=(1, 2), padding=(0, 1), bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(8, 8, 2, stride=2, bias=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.c1(x)))  # 11x11
+        x = torch.relu(self.bn2(self.c2(x)))  # 11x6
+        x = torch.relu(self.c3(x))  # 5x3
+        return self.fc(torch.flatten(self.pool(x), 1))

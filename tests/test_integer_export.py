@@ -267,9 +267,15 @@ from torch import nn  # noqa: E402
 
 from lowbit import create_model, quantize  # noqa: E402
 from lowbit.errors import ConfigError  # noqa: E402
+from quant_helpers import OddKernelNet  # noqa: E402
+from quant_helpers import settled as _settled  # noqa: E402
 
 INT_W2A2 = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}, "integer": True,
             "integer_residual": "accumulator"}  # the first form; the defaults: test_integer_defaults
+
+
+def _ready(m: nn.Module, shape, plan=INT_W2A2, **kw) -> nn.Module:
+    return _settled(m, shape, plan, **kw)
 
 
 class GroupedNet(nn.Module):
@@ -291,38 +297,6 @@ class GroupedNet(nn.Module):
         x = torch.relu(self.bn1(self.dw(x)))
         x = self.pool(torch.relu(self.gc(x)))
         return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
-
-
-class OddKernelNet(nn.Module):
-    """Kernels the C kernel's fast loops do not special-case: 5x5 (padded, on the signed 8-bit image), 1x3
-    with a horizontal stride of 2, 2x2 unpadded; odd output widths (a last output computed alone)."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 6, 5, padding=2, bias=False)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.c2 = nn.Conv2d(6, 8, (1, 3), stride=(1, 2), padding=(0, 1), bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.c3 = nn.Conv2d(8, 8, 2, stride=2, bias=True)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.c1(x)))  # 11x11
-        x = torch.relu(self.bn2(self.c2(x)))  # 11x6
-        x = torch.relu(self.c3(x))  # 5x3
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
-def _ready(m: nn.Module, shape, plan=INT_W2A2, seed=0, passes=3, batch=16) -> nn.Module:
-    torch.manual_seed(seed)
-    quantize(m, plan)
-    m.train()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _ in range(passes):
-            m(torch.randn(batch, *shape, generator=g))
-    return m.eval()
 
 
 def _assert_live(m: nn.Module, x: torch.Tensor) -> None:

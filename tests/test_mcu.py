@@ -19,6 +19,7 @@ from lowbit.export.mcu import TARGETS, build_and_run, check_tools, fp32_graph, m
 from lowbit.export.mcu.packed import SOURCES, affine_form, choose, pack_act_planes, pack_weight_planes
 from lowbit.export.numpy_ref import ConvKernel, prepare
 from lowbit.export.pack import pack_codes
+from quant_helpers import OddKernelNet, settled
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -176,14 +177,8 @@ def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path, residual):
     from lowbit.export.intgraph import IntReference as IntRef
     from lowbit.intmode import int_graph
 
-    torch.manual_seed(0)
-    m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25)
-    quantize(m, {**W2A2, "integer": True, "integer_residual": residual})
-    m.train()
-    with torch.no_grad():
-        for _ in range(2):
-            m(torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
-    m.eval()
+    m = settled(create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25), (1, 28, 28),
+                {**W2A2, "integer": True, "integer_residual": residual}, passes=2)
     x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(5)).numpy()
     g = int_graph(m, torch.from_numpy(x))
     want = IntRef(g).run(x)
@@ -211,14 +206,8 @@ def test_integer_runtime_dsp_loops_on_cortex_m4_and_m33(tmp_path):
     signed = {"act": {"name": "lsq", "bits": 4, "signed": True}}
     plan = {"weight": {"name": "sawb", "bits": 4}, "act": {"name": "pact", "bits": 4}, "integer": True,
             "layers": {"features.[4-9].conv.0": signed, "features.1[0-9].conv.0": signed, "features.20": signed}}
-    torch.manual_seed(0)
-    m = create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=16, width=0.25)
-    quantize(m, plan)
-    m.train()
-    with torch.no_grad():
-        for _ in range(20):
-            m(torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
-    m.eval()
+    m = settled(create_model("mobilenetv2", in_channels=1, num_classes=10, image_size=16, width=0.25), (1, 16, 16),
+                plan, passes=20, batch=8)
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2)).numpy()
     g = int_graph(m, torch.from_numpy(x))
     want = IntRef(g).run(x)
@@ -229,10 +218,8 @@ def test_integer_runtime_dsp_loops_on_cortex_m4_and_m33(tmp_path):
     src = (tmp_path / "cortex-m4" / "lowbit_rt.c").read_text()
     assert "__smlad" in src and "__smlabb" in src
     # a 1x3 kernel of stride (1, 2) and odd output widths: the DSP loop's rows not unrolled, one output alone
-    from test_integer_export import INT_W2A2, OddKernelNet, _ready
-
-    m = _ready(OddKernelNet(), (1, 11, 11), plan={**INT_W2A2, "act": {"name": "pact", "bits": 2, "init": 2.0}},
-               passes=20)
+    m = settled(OddKernelNet(), (1, 11, 11),
+                {**W2A2, "act": {"name": "pact", "bits": 2, "init": 2.0}, "integer": True}, passes=20)
     x = torch.randn(2, 1, 11, 11, generator=torch.Generator().manual_seed(3)).numpy()
     g = int_graph(m, torch.from_numpy(x))
     want = IntRef(g).run(x)
