@@ -90,11 +90,14 @@ def _pixels(graph, x: np.ndarray) -> np.ndarray | None:
     """The raw uint8 pixels of the normalised test images ``x``, where the graph records its input normalisation
     and ``x`` are exactly such images (:func:`lowbit.data.transforms.pixels_of`); else None."""
     from ..data.transforms import pixels_of
+    from ..errors import ConfigError
+    from .intgraph import input_normalisation
 
-    norm = (graph.meta or {}).get("input_normalisation") or {}
-    if "mean" not in norm or "std" not in norm or len(norm["mean"]) != graph.input_shape[0]:
+    try:
+        mean, std = input_normalisation(graph)
+    except ConfigError:
         return None
-    p = pixels_of(torch.from_numpy(np.asarray(x, np.float32)), norm["mean"], norm["std"])
+    p = pixels_of(torch.from_numpy(np.asarray(x, np.float32)), mean, std)
     return None if p is None else p.numpy()
 
 

@@ -113,14 +113,9 @@ class IntOp:
         return self.lut.astype(np.int64)[rows[:, None], self.codes.reshape(o, -1).astype(np.int64)]
 
 
-def pixel_table(graph: "IntGraph") -> np.ndarray:
-    """``(C, 256)`` uint8: the input code (``k − qmin``) of every pixel value 0..255 of every channel, i.e. the
-    network input ``x = (pixel / 255 − mean) / std`` (:func:`lowbit.data.transforms.normalize`, the data
-    pipeline's own float32 op) quantized by the graph's input rule. With it a device feeds raw 8-bit pixels: no
-    float at the input (:func:`lowbit.export.int_c.write_int_c`'s ``lowbit_predict_pixels``). The mean and std
-    come from ``graph.meta["input_normalisation"]``, which ``export_run`` records in the packed file."""
-    from ..data.transforms import normalize
-
+def input_normalisation(graph: "IntGraph") -> tuple[list[float], list[float]]:
+    """``(mean, std)`` per input channel from ``graph.meta["input_normalisation"]`` (what ``export_run`` records in
+    the packed file); a one-line ConfigError when they are missing or do not match the input's channels."""
     norm = (graph.meta or {}).get("input_normalisation") or {}
     mean, std = norm.get("mean"), norm.get("std")
     c = graph.input_shape[0] if graph.input_shape else 0
@@ -130,6 +125,19 @@ def pixel_table(graph: "IntGraph") -> np.ndarray:
     if len(mean) != c or len(std) != c:
         raise ConfigError(f"integer graph: input normalisation has {len(mean)} means / {len(std)} stds for "
                           f"{c} input channels")
+    return list(mean), list(std)
+
+
+def pixel_table(graph: "IntGraph") -> np.ndarray:
+    """``(C, 256)`` uint8: the input code (``k − qmin``) of every pixel value 0..255 of every channel, i.e. the
+    network input ``x = (pixel / 255 − mean) / std`` (:func:`lowbit.data.transforms.normalize`, the data
+    pipeline's own float32 op) quantized by the graph's input rule. With it a device feeds raw 8-bit pixels: no
+    float at the input (:func:`lowbit.export.int_c.write_int_c`'s ``lowbit_predict_pixels``). The mean and std
+    come from ``graph.meta["input_normalisation"]``, which ``export_run`` records in the packed file."""
+    from ..data.transforms import normalize
+
+    mean, std = input_normalisation(graph)
+    c = len(mean)
     px = torch.arange(256, dtype=torch.uint8).view(1, 1, 256, 1).expand(1, c, 256, 1)
     x = normalize(px, torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
     a = graph.ops[0].act

@@ -197,34 +197,36 @@ LB_INLINE uint32_t lb_odd(uint32_t x)
     return r;
 }
 
-/* one 3-wide row of a window: a0 w0 + a2 w2 and a1 w1 + a3 * 0 by two SMLADs; w: the row's (w0, w2), (w1, 0) */
-#define LB_ROW3_DSP(s, x, w) ((s) = __smlad(lb_odd(x), (w)[1], __smlad(lb_even(x), (w)[0], (s))))
+/* one 3-wide row of a window: a0 w0 + a2 w2 and a1 w1 + a3 * 0 by two SMLADs; w: the row's int16 w0, w2, w1, 0
+ * (read as two words by memcpy: the scratch is int16, of any alignment) */
+#define LB_ROW3_DSP(s, x, w) \
+    ((s) = __smlad(lb_odd(x), lb_ld32((const uint8_t *)((w) + 2)), __smlad(lb_even(x), lb_ld32((const uint8_t *)(w)), (s))))
 
 /* 3-wide rows on the DSP extension: for every channel and kernel row, the codes a0 a1 a2 (a3) of one LDR, split
  * by UXTB16. Sums of w * code for the outputs at ur and (if not NULL) ur2; the caller subtracts
  * in_zero * sum(w). Reads one byte past each window (the band buffer has slack). */
-LB_INLINE void lb_taps3_dsp(const uint32_t *wp, const uint8_t *ur, const uint8_t *ur2, int32_t cin_g, int32_t KH,
+LB_INLINE void lb_taps3_dsp(const int16_t *wp, const uint8_t *ur, const uint8_t *ur2, int32_t cin_g, int32_t KH,
                             int32_t W, int32_t HWin, int32_t *a0, int32_t *a1)
 {
     int32_t c, kh, s0 = 0, s1 = 0;
     if (ur2 && KH == 3) { /* 3x3, two outputs per weight load */
-        for (c = 0; c < cin_g; c++, ur += HWin, ur2 += HWin, wp += 6) {
+        for (c = 0; c < cin_g; c++, ur += HWin, ur2 += HWin, wp += 12) {
             LB_ROW3_DSP(s0, lb_ld32(ur), wp);
             LB_ROW3_DSP(s1, lb_ld32(ur2), wp);
-            LB_ROW3_DSP(s0, lb_ld32(ur + W), wp + 2);
-            LB_ROW3_DSP(s1, lb_ld32(ur2 + W), wp + 2);
-            LB_ROW3_DSP(s0, lb_ld32(ur + 2 * W), wp + 4);
-            LB_ROW3_DSP(s1, lb_ld32(ur2 + 2 * W), wp + 4);
+            LB_ROW3_DSP(s0, lb_ld32(ur + W), wp + 4);
+            LB_ROW3_DSP(s1, lb_ld32(ur2 + W), wp + 4);
+            LB_ROW3_DSP(s0, lb_ld32(ur + 2 * W), wp + 8);
+            LB_ROW3_DSP(s1, lb_ld32(ur2 + 2 * W), wp + 8);
         }
     } else if (ur2) {
         for (c = 0; c < cin_g; c++, ur += HWin - KH * W, ur2 += HWin - KH * W)
-            for (kh = 0; kh < KH; kh++, ur += W, ur2 += W, wp += 2) {
+            for (kh = 0; kh < KH; kh++, ur += W, ur2 += W, wp += 4) {
                 LB_ROW3_DSP(s0, lb_ld32(ur), wp);
                 LB_ROW3_DSP(s1, lb_ld32(ur2), wp);
             }
     } else {
         for (c = 0; c < cin_g; c++, ur += HWin - KH * W)
-            for (kh = 0; kh < KH; kh++, ur += W, wp += 2) LB_ROW3_DSP(s0, lb_ld32(ur), wp);
+            for (kh = 0; kh < KH; kh++, ur += W, wp += 4) LB_ROW3_DSP(s0, lb_ld32(ur), wp);
     }
     *a0 = s0;
     *a1 = s1;
@@ -324,7 +326,7 @@ void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *ou
                         continue;
                     }
                     if (dsp3) {
-                        lb_taps3_dsp((const uint32_t *)(const void *)wrow, ur, ur2, cin_g, KH, W, HW, &acc, &acc1);
+                        lb_taps3_dsp(wrow, ur, ur2, cin_g, KH, W, HW, &acc, &acc1);
                         lb_conv_out(p, o, at, (int32_t)((uint32_t)acc - (uint32_t)zw), res, out);
                         if (ur2) {
                             lb_conv_out(p, o, at + 1, (int32_t)((uint32_t)acc1 - (uint32_t)zw), res, out);
