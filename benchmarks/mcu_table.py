@@ -260,7 +260,7 @@ def readme(results: list[dict], args) -> str:
         "# Cortex-M4 / Cortex-M3 / x86 cost of the bit-packed and integer C builds (issues 17, 18)", "",
         "Commands (session 18: all ten runs trained again from `configs/`, then every row measured again; session "
         "19 measured every row twice more: with the Cortex-M3 added (the M4 and x86 counts came out identical to "
-        "session 18's), then after the DSP loops of `lb_conv` (this table: the `int/*` rows' M4 counts fell 4-23 %, "
+        "session 18's), then after the DSP loops of `lb_conv` (this table: the `int/*` rows' M4 counts fell 4-24 %, "
         "the `fp32` and `float/*` rows are unchanged; MobileNetV2's `fp32` rows are those of the first run, which "
         "its second reused)):", "",
         "```",
