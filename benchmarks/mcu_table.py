@@ -1,6 +1,6 @@
 """Cortex-M benchmark (issue 18): flash, RAM, instructions per inference on Cortex-M4 and Cortex-M3 (no FPU)
-(QEMU -icount) and x86 (valgrind callgrind), wall time per inference on this CPU (1 thread), for W1A1 / W2A2 / W4A4 / W8A8 ResNet-8
-on Fashion-MNIST, each against the FP32 build of the same network from the same generator.
+(QEMU -icount) and x86 (valgrind callgrind), wall time per inference on this CPU (1 thread), for W1A1 / W2A2 /
+W4A4 / W8A8 ResNet-8 on Fashion-MNIST, each against the FP32 build of the same network from the same generator.
 
 Runs (short training, benchmarks/results/mcu/configs/*.yaml; train them first):
 

@@ -250,10 +250,10 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
         xs, ys = zip(*BatchLoader(data.test, data.info, 1000))
         x, y = torch.cat(xs)[:limit], torch.cat(ys)[:limit]
         out = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
+        norm = {"input_normalisation": _normalisation(data.info)}
         rep = {"run_dir": str(run_dir), "integer": True, **export_int_model(
             model, x, out, labels=y, c_images=c_images, onnx="onnx" in formats, latency_batch=latency_batch,
-            latency_repeats=latency_repeats, log=log,
-            meta={"run": str(run_dir), "model": cfg.model.name, "input_normalisation": _normalisation(data.info)})}
+            latency_repeats=latency_repeats, log=log, meta={"run": str(run_dir), "model": cfg.model.name, **norm})}
         if target is not None:  # the integer C runtime on a Cortex-M under QEMU, beside the FP32 build
             from ..intmode import int_graph
             from .int_api import _pixels
@@ -261,7 +261,7 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
             from .mcu import fp32_twin_of_int_run
 
             ig = int_graph(model, x[:1])
-            ig.meta = {"input_normalisation": _normalisation(data.info)}
+            ig.meta = norm
             xs = x[:mcu_images].numpy()
             fg = fp32_twin_of_int_run(cfg, data.info, run_dir, x)[1]
             rep["mcu"] = _mcu(ig, out / "c" / target, xs, IntRef(ig).run(xs), target, fp32=fg,

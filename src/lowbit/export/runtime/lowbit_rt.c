@@ -442,12 +442,7 @@ void lb_pixels_to_codes(const uint8_t *px, int32_t c, int32_t hw, int hwc, const
     for (ch = 0; ch < c; ch++) {
         const uint8_t *t = lut + 256 * ch;
         const uint8_t *p = hwc ? px + ch : px + ch * hw;
-        int32_t step = hwc ? c : 1;
-        if (bits == 8) {
-            uint8_t *o = out + ch * hw;
-            for (i = 0; i < hw; i++) o[i] = t[p[i * step]];
-        } else {
-            for (i = 0; i < hw; i++) lb_put(out, (uint32_t)(ch * hw + i), bits, t[p[i * step]]);
-        }
+        const int32_t step = hwc ? c : 1;
+        for (i = 0; i < hw; i++) lb_put_inline(out, (uint32_t)(ch * hw + i), bits, t[p[i * step]]);
     }
 }
