@@ -1,5 +1,5 @@
-"""Cortex-M benchmark (issue 18): flash, RAM, instructions per inference on Cortex-M4 and Cortex-M3 (no FPU)
-(QEMU -icount) and x86 (valgrind callgrind), wall time per inference on this CPU (1 thread), for W1A1 / W2A2 /
+"""Cortex-M benchmark (issue 18): flash, RAM, instructions per inference on Cortex-M4, Cortex-M3 and Cortex-M0 (no
+FPU; QEMU -icount) and x86 (valgrind callgrind), wall time per inference on this CPU (1 thread), for W1A1 / W2A2 /
 W4A4 / W8A8 ResNet-8 on Fashion-MNIST, each against the FP32 build of the same network from the same generator.
 
 Runs (short training, benchmarks/results/mcu/configs/*.yaml; train them first):
@@ -85,21 +85,29 @@ def wall(exes: dict[str, Path], x: np.ndarray, repeats: int = 3) -> dict[str, fl
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-#: the second core of the table: no FPU, so every float operation of a build is a libgcc soft-float call
-M3_KEYS = ("bit_exact_images", "images", "flash_bytes", "ram_bytes", "instructions_per_inference", "machine")
+#: the cores without an FPU, beside the Cortex-M4: every float operation of a build is a libgcc soft-float call
+#: (the ARMv6-M Cortex-M0 has no 64-bit multiply, CLZ or DSP instructions either)
+NO_FPU = ("cortex-m3", "cortex-m0")
+CORE_KEYS = ("bit_exact_images", "images", "flash_bytes", "ram_bytes", "instructions_per_inference", "machine")
+#: the real nRF51822 (the micro:bit's Cortex-M0), which QEMU is given 4 MiB of each to run any model
+NRF51_FLASH, NRF51_RAM = 256 * 1024, 16 * 1024
 
 
 def one_build(name: str, graph, d: Path, x: np.ndarray, expected: np.ndarray, kernels: str, cg_images: int) -> dict:
     r = build_and_run(graph, d, x, expected, "cortex-m4", kernels=kernels, timeout=600)
-    m3 = build_and_run(graph, d.with_name(d.name + "_m3"), x, expected, "cortex-m3", kernels=kernels, timeout=1800)
-    r["cortex_m3"] = {k: m3[k] for k in M3_KEYS}
+    for core in NO_FPU:
+        c = build_and_run(graph, d.with_name(d.name + "_" + core[7:]), x, expected, core, kernels=kernels,
+                          timeout=3600)
+        r[core.replace("-", "_")] = {k: c[k] for k in CORE_KEYS}
     exe = host_build(d)
     r["x86_instructions_per_inference"] = callgrind(exe, x[:cg_images], expected.shape[1])
     r["host_exe"] = str(exe)
     r["name"] = name
-    print(f"  {name:<14} bit-exact {r['bit_exact_images']}/{r['images']} (M3 {m3['bit_exact_images']}/{m3['images']})  "
-          f"flash {r['flash_bytes'] / 1024:7.1f} KiB  RAM {r['ram_bytes'] / 1024:6.1f} KiB  "
+    m3, m0 = r["cortex_m3"], r["cortex_m0"]
+    print(f"  {name:<14} bit-exact {r['bit_exact_images']}/{r['images']} (M3 {m3['bit_exact_images']}, "
+          f"M0 {m0['bit_exact_images']})  flash {r['flash_bytes'] / 1024:7.1f} KiB  RAM {r['ram_bytes'] / 1024:6.1f} KiB  "
           f"M4 {r['instructions_per_inference'] / 1e6:8.2f} M  M3 {m3['instructions_per_inference'] / 1e6:8.2f} M  "
+          f"M0 {m0['instructions_per_inference'] / 1e6:8.2f} M  "
           f"x86 {r['x86_instructions_per_inference'] / 1e6:8.2f} M", flush=True)
     return r
 
@@ -147,8 +155,8 @@ def run_label(label: str, n_qemu: int, cg_images: int, saved: dict | None = None
         for k in kinds:
             builds[f"float/{k}"] = one_build(f"float/{k}", graph, BUILD / label / f"float_{k}", x, want, k,
                                              cg_images)
-    elif saved and "builds" in saved and all("cortex_m3" in b for k, b in saved["builds"].items()
-                                             if not k.startswith("int/")):
+    elif saved and "builds" in saved and all(c.replace("-", "_") in b for k, b in saved["builds"].items()
+                                             if not k.startswith("int/") for c in NO_FPU):
         # the float-mode run folder is not kept: its rows (and host builds, for the wall step) are reused
         for k in ("accuracy", "mem_002"):
             res[k] = saved.get(k)
@@ -257,7 +265,7 @@ def model_name(label: str) -> str:
 
 def readme(results: list[dict], args) -> str:
     lines = [
-        "# Cortex-M4 / Cortex-M3 / x86 cost of the bit-packed and integer C builds (issues 17, 18)", "",
+        "# Cortex-M4 / Cortex-M3 / Cortex-M0 / x86 cost of the bit-packed and integer C builds (issues 17, 18)", "",
         "Commands (session 18: all ten runs trained again from `configs/`, then every row measured again; session "
         "19 measured every row twice more: with the Cortex-M3 added (the M4 and x86 counts came out identical to "
         "session 18's), then after the DSP loops of `lb_conv` (this table: the `int/*` rows' M4 counts fell 4-24 %, "
@@ -289,7 +297,11 @@ def readme(results: list[dict], args) -> str:
         "mps2-an386, `-icount shift=0`, instructions = SysTick ticks x 40 (calibrated on a fixed loop in every run), "
         f"mean over {args.qemu_images} test images, every build bit-exact vs its NumPy reference. Cortex-M3 = QEMU "
         "mps2-an385, the same count and check, built with `-mcpu=cortex-m3 -mfloat-abi=soft` (the M3 has no FPU: "
-        "every float operation is a libgcc soft-float call; since session 19); flash and RAM are the M4 build's. "
+        "every float operation is a libgcc soft-float call; since session 19). Cortex-M0 = QEMU microbit (nRF51822, "
+        "given 4 MiB of flash and RAM so that every model runs), the same count at 62.5 instructions per SysTick "
+        "tick (16 MHz), built with `-mcpu=cortex-m0 -mfloat-abi=soft` (ARMv6-M: no FPU, and no 64-bit multiply, CLZ "
+        "or DSP instructions; since session 20). The table's flash and RAM are the M4 build's; the M0's own are in "
+        "the list below it. "
         "x86 = valgrind "
         f"callgrind, instructions inside `lowbit_predict` (gcc -O2, baseline x86-64), {args.callgrind_images} "
         f"image. Wall = this CPU, 1 thread, {args.wall_images} images per process, builds alternating, median of "
@@ -303,8 +315,9 @@ def readme(results: list[dict], args) -> str:
         "bit-packed kernels where the bits make them pay, `*/packed` bit-packed forced. Depthwise convs run the "
         "float kernel in `fp32` and the runtime's `lb_conv` (groups) in `int/*`.", "",
         "| model | build | kernels | bit-exact | flash KiB | FP32 / this | RAM KiB | FP32 / this | RAM / 002 Mem | "
-        "M4 Minstr | FP32 / this | M3 Minstr | FP32 / this | x86 Minstr | FP32 / this | wall ms | FP32 / this |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "M4 Minstr | FP32 / this | M3 Minstr | FP32 / this | M0 Minstr | FP32 / this | x86 Minstr | FP32 / this | "
+        "wall ms | FP32 / this |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     from collections import Counter
 
@@ -312,9 +325,12 @@ def readme(results: list[dict], args) -> str:
 
     def m3(b: dict) -> float:
         return b.get("cortex_m3", {}).get("instructions_per_inference", nan)
+
+    def m0(b: dict) -> float:
+        return b.get("cortex_m0", {}).get("instructions_per_inference", nan)
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['label']} | error: {r['error']} |||||||||||||||| ")
+            lines.append(f"| {r['label']} | error: {r['error']} |||||||||||||||||| ")
             continue
         fp = r["builds"]["fp32"]
         for k, b in r["builds"].items():
@@ -336,13 +352,13 @@ def readme(results: list[dict], args) -> str:
                 f"{fp['ram_bytes'] / b['ram_bytes']:.2f} | {b['ram_bytes'] / mem:.2f} | "
                 f"{b['instructions_per_inference'] / 1e6:.2f} | "
                 f"{fp['instructions_per_inference'] / b['instructions_per_inference']:.2f} | "
-                f"{m3(b) / 1e6:.2f} | {m3(fp) / m3(b):.2f} | "
+                f"{m3(b) / 1e6:.2f} | {m3(fp) / m3(b):.2f} | {m0(b) / 1e6:.2f} | {m0(fp) / m0(b):.2f} | "
                 f"{b['x86_instructions_per_inference'] / 1e6:.2f} | "
                 f"{fp['x86_instructions_per_inference'] / b['x86_instructions_per_inference']:.2f} | "
                 f"{b.get('wall_ms_per_inference', nan):.2f} | "
                 f"{fp.get('wall_ms_per_inference', nan) / b.get('wall_ms_per_inference', nan):.2f} |")
         if r.get("int_error"):
-            lines.append(f"| {r['label']} | int/* | not built: {r['int_error']} ||||||||||||||||")
+            lines.append(f"| {r['label']} | int/* | not built: {r['int_error']} ||||||||||||||||||")
     lines += ["", "Targets (issue 18): W1A1 >= 4x fewer instructions than FP32, W2A2 >= 2x; RAM <= 1.1x 002 Mem.", ""]
     for r in results:
         if "builds" not in r:
@@ -358,8 +374,14 @@ def readme(results: list[dict], args) -> str:
             spd = (f"{ratio:.2f}x fewer M4 instructions than FP32" if ratio >= 1 else
                    f"{1 / ratio:.2f}x MORE M4 instructions than FP32")
             spd += f" ({'meets' if ratio >= t else 'misses'} >= {t:g}x fewer)" if t else ""
-            spd += f", {m3(r['builds']['fp32']) / m3(b):.2f}x fewer on the Cortex-M3 (no FPU)"
+            spd += (f", {m3(r['builds']['fp32']) / m3(b):.2f}x / {m0(r['builds']['fp32']) / m0(b):.2f}x fewer on the "
+                    "Cortex-M3 / M0 (no FPU)")
             ram = f"RAM {b['ram_bytes'] / m:.2f}x 002 Mem ({'meets' if b['ram_bytes'] <= 1.1 * m else 'misses'} <= 1.1x)"
+            c0 = b.get("cortex_m0", {})
+            if c0:  # the M0 build's own flash and RAM (its code and stack differ from the M4's)
+                fits = c0["flash_bytes"] <= NRF51_FLASH and c0["ram_bytes"] <= NRF51_RAM
+                ram += (f"; on the M0 {c0['flash_bytes'] / 1024:.1f} KiB flash, {c0['ram_bytes'] / 1024:.1f} KiB RAM: "
+                        f"{'fits' if fits else 'does not fit'} an nRF51822 (256 KiB / 16 KiB)")
             lines.append(f"- {model_name(r['label'])} {k}: {spd}; {ram}")
     return "\n".join(lines) + "\n"
 

@@ -157,8 +157,9 @@ def test_tiny_model_on_cortex_m4_under_qemu_is_bit_exact(tmp_path):
     # deterministic: a second run counts the same instructions
     again = parse_output(run_qemu(Path(r["elf"]), TARGETS["cortex-m4"]), 10)
     assert again["instructions"] == r["instructions"]
-    # mps2-an500 (25 MHz), mps2-an505 (20 MHz), mps2-an385 (25 MHz; no FPU: the float kernels in soft float)
-    for tgt, ipt in (("cortex-m7", 40), ("cortex-m33", 50), ("cortex-m3", 40)):
+    # mps2-an500 (25 MHz), mps2-an505 (20 MHz), mps2-an385 (25 MHz; no FPU: the float kernels in soft float), the
+    # micro:bit (16 MHz; ARMv6-M, no FPU)
+    for tgt, ipt in (("cortex-m7", 40), ("cortex-m33", 50), ("cortex-m3", 40), ("cortex-m0", 62.5)):
         rt = build_and_run(g, tmp_path / tgt, x[:1], want[:1], tgt, sizes=False)
         assert rt["bit_exact_images"] == 1 and rt["instructions_per_tick"] == ipt
     # the FP32 build of the same network from the same generator is bit-exact with its own NumPy reference
@@ -189,9 +190,11 @@ def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path, residual):
     assert {packed["kernels"][n] for n in res_layers} == {"bitserial"}
     plain = build_and_run(g, tmp_path / "int", x, want, "cortex-m4", kernels="int", sizes=False)
     assert plain["bit_exact_images"] == 1 and set(plain["kernels"].values()) == {"int"}
-    if residual == "output":  # a core without an FPU: the same integers (the boundary's float ops in soft float)
-        m3 = build_and_run(g, tmp_path / "m3", x, want, "cortex-m3", sizes=False)
-        assert m3["bit_exact_images"] == 1 and m3["machine"] == "mps2-an385"
+    if residual == "output":  # cores without an FPU: the same integers (the boundary's float ops in soft float);
+        # ARMv6-M (the M0) has no 64-bit multiply or CLZ either: the requantization's calls into libgcc
+        for tgt, board in (("cortex-m3", "mps2-an385"), ("cortex-m0", "microbit")):
+            r = build_and_run(g, tmp_path / tgt, x, want, tgt, sizes=False)
+            assert r["bit_exact_images"] == 1 and r["machine"] == board
 
 
 @needs_tools
@@ -238,7 +241,7 @@ def test_missing_tool_is_one_line_naming_it(monkeypatch):
 def test_export_run_checks_the_target_before_any_work(tmp_path):
     from lowbit.export import export_run
 
-    with pytest.raises(ConfigError, match="unknown target 'cortex-a53'; allowed: cortex-m3, cortex-m4, cortex-m7, cortex-m33"):
+    with pytest.raises(ConfigError, match="unknown target 'cortex-a53'; allowed: cortex-m0, cortex-m3, cortex-m4, cortex-m7, cortex-m33"):
         export_run(tmp_path / "no-run", formats="c", target="cortex-a53")
 
 

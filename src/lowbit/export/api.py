@@ -98,7 +98,7 @@ def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats
 
     ``x`` is the evaluation set (normalised float32, N x C x H x W), ``labels`` its classes
     (optional). ``c_images`` inputs go through the compiled C code (None: all of ``x``).
-    ``target`` (cortex-m3, cortex-m4, cortex-m7, cortex-m33; with the "c" format) also cross-compiles the C
+    ``target`` (cortex-m0, cortex-m3, cortex-m4, cortex-m7, cortex-m33; with the "c" format) also cross-compiles the C
     code for that core and runs ``mcu_images`` inputs under QEMU, bit-exact against NumPy, beside the
     FP32 build of the same network (:mod:`lowbit.export.mcu`).
     ``meta`` (JSON-able) goes into the manifest. Returns a JSON-able report (see

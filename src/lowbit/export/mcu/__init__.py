@@ -7,16 +7,16 @@ writes the generated C (:func:`lowbit.export.c_export.write_c`, bit-packed kerne
 prints their logits (hex bit patterns) and SysTick counts through semihosting, a minimal startup
 (``startup.c``: vector table at the start of FLASH, FPU enabled in CPACR before any float code) and
 the board's linker script; builds with ``arm-none-eabi-gcc -mthumb -O2`` (hard float; soft float on the
-Cortex-M3, which has no FPU) and
+Cortex-M0 and M3, which have no FPU) and
 ``--specs=rdimon.specs``; runs ``qemu-system-arm -M <board> -nographic -semihosting -icount shift=0``
 with a timeout; checks the logits bit for bit against ``expected`` (the NumPy reference).
 
 Cost per inference: under ``-icount shift=0`` QEMU executes one instruction per virtual nanosecond
-and SysTick runs on the board's processor clock (25 MHz on mps2-an386/an500: one tick per 40
-instructions; 20 MHz on mps2-an505: 50), so ``ticks x instructions-per-tick`` is the count of
-executed instructions, deterministic run to run (resolution: one tick). The main measures the
+and SysTick runs on the board's processor clock (25 MHz on mps2-an385/an386/an500: one tick per 40
+instructions; 20 MHz on mps2-an505: 50; 16 MHz on the micro:bit: 62.5), so ``ticks x instructions-per-tick``
+is the count of executed instructions, deterministic run to run (resolution: one tick). The main measures the
 instructions per tick itself on a fixed loop of known length before the images, and the result is
-checked to be an integer.
+checked to be a whole or half number.
 
 Flash and RAM of the model: ``arm-none-eabi-size`` of the program minus that of the same program with
 an empty ``lowbit_predict`` (so the C library, startup, printf and the embedded test images are not
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from fractions import Fraction
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class Target:
     cpu_flags: tuple[str, ...]
     flash: int = 0x00000000  # code SRAM (QEMU loads the ELF there)
     ram: int = 0x20000000  # data SRAM
+    qemu_args: tuple[str, ...] = ()  # board options (the micro:bit's memory sizes)
 
     def ldscript(self) -> str:
         """The board's linker script: its memory map (4 MiB of each; the boards have at least that), then the
@@ -63,6 +65,11 @@ class Target:
 
 
 TARGETS = {
+    # ARMv6-M: no FPU, no DSP, no 64-bit multiply (SMULL) or divide instruction. QEMU's only Cortex-M0 is the
+    # micro:bit's nRF51822 (16 MHz SysTick: 62.5 instructions per tick); its SoC is given 4 MiB of flash and RAM
+    # (the real part has 256 KiB and 16 KiB) so that any model runs; what a model needs is reported beside it
+    "cortex-m0": Target("cortex-m0", "microbit", ("-mcpu=cortex-m0", "-mfloat-abi=soft"),
+                        qemu_args=("-global", "nrf51-soc.flash-size=4194304", "-global", "nrf51-soc.sram-size=4194304")),
     # no FPU: every float operation is a call into libgcc's soft float (the integer network needs none in its layers)
     "cortex-m3": Target("cortex-m3", "mps2-an385", ("-mcpu=cortex-m3", "-mfloat-abi=soft")),
     "cortex-m4": Target("cortex-m4", "mps2-an386", ("-mcpu=cortex-m4", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16")),
@@ -173,7 +180,7 @@ uint64_t lb_cycles(void);
 
 static void __attribute__((noinline)) lb_calib(uint32_t n)
 {{
-    __asm__ volatile("1: subs %0, %0, #1\\n\\tbne 1b" : "+r"(n) : : "cc"); /* 2 instructions per iteration */
+    __asm__ volatile(".syntax unified\\n1: subs %0, %0, #1\\n\\tbne 1b" : "+r"(n) : : "cc"); /* 2 instructions per iteration */
 }}
 
 /* paint STACK_PAINT bytes below this function's frame; returns the lowest painted address */
@@ -284,7 +291,7 @@ def elf_size(elf: Path) -> dict:
 
 
 def run_qemu(elf: Path, tgt: Target, timeout: float = 120.0) -> str:
-    cmd = ["qemu-system-arm", "-M", tgt.machine, "-nographic", "-semihosting", "-icount", "shift=0",
+    cmd = ["qemu-system-arm", "-M", tgt.machine, *tgt.qemu_args, "-nographic", "-semihosting", "-icount", "shift=0",
            "-kernel", str(elf)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
@@ -300,11 +307,11 @@ def run_qemu(elf: Path, tgt: Target, timeout: float = 120.0) -> str:
 def parse_output(out: str, n_out: int) -> dict:
     m = re.search(r"lowbit-mcu calib (\d+) (\d+)", out)
     instr, ticks = int(m.group(1)), int(m.group(2))
-    ipt = instr / ticks
-    if abs(ipt - round(ipt)) > 0.01 * ipt:
-        raise ConfigError(f"export --target: SysTick calibration is not an integer count of instructions per tick "
-                          f"({instr} instructions in {ticks} ticks); is -icount shift=0 on?")
-    ipt = int(round(ipt))
+    ipt = Fraction(instr, ticks).limit_denominator(2)  # 1 GHz / SysTick clock: 40, 50, or 62.5 at 16 MHz
+    if abs(ipt - Fraction(instr, ticks)) > 0.01 * ipt:
+        raise ConfigError(f"export --target: SysTick calibration is not a whole or half count of instructions per "
+                          f"tick ({instr} instructions in {ticks} ticks); is -icount shift=0 on?")
+    ipt = int(ipt) if ipt.denominator == 1 else float(ipt)
     imgs = re.findall(r"lowbit-mcu image (\d+) ticks (\d+) logits((?: [0-9a-f]{8})+)", out)
     ticks_img = [int(t) for _, t, _ in imgs]
     logits = np.array([[int(v, 16) for v in lg.split()] for _, _, lg in imgs], dtype=np.uint32).view(np.float32)
