@@ -6,7 +6,7 @@
 set -uo pipefail
 PKGS="gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm"
 have() { command -v arm-none-eabi-gcc >/dev/null && command -v qemu-system-arm >/dev/null \
-         && [ -n "$(find /usr/lib/arm-none-eabi -name rdimon.specs 2>/dev/null | head -1)" ]; }
+         && [ -n "$(find /usr/lib/arm-none-eabi -name nosys.specs 2>/dev/null | head -1)" ]; }
 if have; then echo "install_mcu_tools: ok (already installed)"; exit 0; fi
 if ! command -v apt-get >/dev/null; then
   echo "install_mcu_tools: apt-get not found; install $PKGS by hand" >&2; exit 1

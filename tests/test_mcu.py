@@ -166,6 +166,10 @@ def test_tiny_model_on_cortex_m4_under_qemu_is_bit_exact(tmp_path):
     fg = fp32_graph(g)
     rf = build_and_run(fg, tmp_path / "fp", x[:1], IntegerReference(fg).run(x[:1]), "cortex-m4", sizes=False)
     assert rf["bit_exact_images"] == 1 and set(rf["kernels"].values()) == {"float"}
+    # its float activations do not fit the nRF51822's 16 KiB of RAM: the linker's one line, with the part's name
+    with pytest.raises(ConfigError, match=r"nrf51822: the program does not fit the nRF51822 \(256 KiB flash, 16 KiB "
+                                          r"RAM\): region `RAM' overflowed by \d+ bytes$"):
+        build_and_run(fg, tmp_path / "nrf", x[:1], IntegerReference(fg).run(x[:1]), "nrf51822", sizes=False)
 
 
 @needs_tools
@@ -192,7 +196,8 @@ def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path, residual):
     assert plain["bit_exact_images"] == 1 and set(plain["kernels"].values()) == {"int"}
     if residual == "output":  # cores without an FPU: the same integers (the boundary's float ops in soft float);
         # ARMv6-M (the M0) has no 64-bit multiply or CLZ either: the requantization's calls into libgcc
-        for tgt, board in (("cortex-m3", "mps2-an385"), ("cortex-m0", "microbit")):
+        # nrf51822: the M0 with the real part's 16 KiB of RAM and 256 KiB of flash, the whole program inside
+        for tgt, board in (("cortex-m3", "mps2-an385"), ("cortex-m0", "microbit"), ("nrf51822", "microbit")):
             r = build_and_run(g, tmp_path / tgt, x, want, tgt, sizes=False)
             assert r["bit_exact_images"] == 1 and r["machine"] == board
 
@@ -241,7 +246,7 @@ def test_missing_tool_is_one_line_naming_it(monkeypatch):
 def test_export_run_checks_the_target_before_any_work(tmp_path):
     from lowbit.export import export_run
 
-    with pytest.raises(ConfigError, match="unknown target 'cortex-a53'; allowed: cortex-m0, cortex-m3, cortex-m4, cortex-m7, cortex-m33"):
+    with pytest.raises(ConfigError, match="unknown target 'cortex-a53'; allowed: cortex-m0, cortex-m3, cortex-m4, cortex-m7, cortex-m33, nrf51822"):
         export_run(tmp_path / "no-run", formats="c", target="cortex-a53")
 
 

@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--limit", type=_positive_int, help="check on the first N test images only")
     x.add_argument("--c-images", type=_positive_int, default=8, help="test images run through the compiled C code")
     x.add_argument("--target", metavar="CORE",
-                   help="cortex-m0 or cortex-m3 (no FPU), cortex-m4, cortex-m7 or cortex-m33: also cross-compile the C code for this core and run it under QEMU (flash, RAM, instructions)")
+                   help="cortex-m0 or cortex-m3 (no FPU), cortex-m4, cortex-m7, cortex-m33, or nrf51822 (a Cortex-M0 with the part's 256 KiB flash and 16 KiB RAM): also cross-compile the C code for this core and run it under QEMU (flash, RAM, instructions)")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="run a benchmark suite (methods x bits x models x widths x seeds)")

@@ -98,7 +98,7 @@ def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats
 
     ``x`` is the evaluation set (normalised float32, N x C x H x W), ``labels`` its classes
     (optional). ``c_images`` inputs go through the compiled C code (None: all of ``x``).
-    ``target`` (cortex-m0, cortex-m3, cortex-m4, cortex-m7, cortex-m33; with the "c" format) also cross-compiles the C
+    ``target`` (cortex-m0, cortex-m3, cortex-m4, cortex-m7, cortex-m33, nrf51822; with the "c" format) also cross-compiles the C
     code for that core and runs ``mcu_images`` inputs under QEMU, bit-exact against NumPy, beside the
     FP32 build of the same network (:mod:`lowbit.export.mcu`).
     ``meta`` (JSON-able) goes into the manifest. Returns a JSON-able report (see
@@ -213,7 +213,13 @@ def _mcu(pkg, d: Path, xs, ref_np, target: str, fp32: Graph | None = None, pixel
 
     rep = build_and_run(pkg, d, xs, ref_np, target, pixels=pixels)
     fg = fp32_graph(pkg) if fp32 is None else fp32
-    fp = build_and_run(fg, d.parent / f"{target}-fp32", xs, IntegerReference(fg).run(xs), target)
+    try:
+        fp = build_and_run(fg, d.parent / f"{target}-fp32", xs, IntegerReference(fg).run(xs), target)
+    except ConfigError as e:  # a real part's memory (nrf51822) holds the quantized build but not the FP32 one
+        if "does not fit" not in str(e):
+            raise
+        rep["fp32"] = {"error": str(e).split(": ", 1)[1]}
+        return rep
     keep = ("flash_bytes", "static_ram_bytes", "stack_bytes", "ram_bytes", "bit_exact_images", "images",
             "instructions_per_inference", "dir")
     rep["fp32"] = {k: fp[k] for k in keep}
@@ -377,7 +383,9 @@ def format_mcu(r: dict) -> str:
                  f"{r['pixel_bit_exact_images']}/{r['pixel_images']} images bit-exact, "
                  f"{r['pixel_instructions_per_inference'] / 1e6:.2f} M instructions/inference")
     fp = r.get("fp32")
-    if fp:
+    if fp and fp.get("error"):
+        line += f"\n{'':<15} FP32 build: {fp['error']}"
+    elif fp:
         line += (f"\n{'':<15} FP32 build: flash {_kib(fp['flash_bytes'])}, RAM {_kib(fp['ram_bytes'])}, "
                  f"{fp['instructions_per_inference'] / 1e6:.2f} M instructions/inference "
                  f"(the quantized build: {r['fewer_instructions_than_fp32']:.2f}x fewer)")

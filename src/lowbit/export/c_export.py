@@ -15,8 +15,8 @@ constants, same order of every float operation).
   then the per-channel float32 rescale with BatchNorm merged in), the float conv/linear (for the
   FP32 first/last layers and layers with a float input), ReLU, residual add, max-pool and global
   average pooling. Linear layers run as 1x1 convs on a (F, 1, 1) input.
-* RAM: one static float32 arena whose tensors are placed at offsets by a liveness-based first-fit
-  plan (ReLU/add/affine run in place when their input dies), plus the uint8 code buffer of one
+* RAM: one static float32 arena whose tensors are placed at offsets by a liveness plan
+  (:mod:`lowbit.export.memplan`; ReLU/add/affine run in place when their input dies), plus the uint8 code buffer of one
   layer input and one decoded weight row. ``LOWBIT_RAM_BYTES`` is their sum, ``LOWBIT_FLASH_BYTES``
   the size of all constant arrays.
 
@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .graph import Graph, Op, WeightQ
+from .memplan import place
 from .numpy_ref import ConvKernel, prepare
 from .pack import pack_codes
 
@@ -116,45 +117,30 @@ def _numel(shape) -> int:
 def plan_memory(graph: Graph) -> tuple[dict[str, int], int]:
     """Float offset of every tensor in one arena, and the arena size (floats).
 
-    First fit by offset over the live tensors; a tensor dies after its last reader (the graph
-    output never); ``flatten`` aliases its input; relu/add/affine write over their first input
-    when that input dies at them.
+    A tensor's buffer lives from the op that writes it to its last reader (the graph output to the end);
+    ``flatten`` aliases its input; relu/add/affine write over their first input when that input dies at them.
+    The buffers are placed by :func:`lowbit.export.memplan.place` (buffers whose lives overlap share no float).
     """
     last: dict[str, int] = {graph.output: len(graph.ops)}
     for i, op in enumerate(graph.ops):
         for t in op.inputs:
             last[t] = max(last.get(t, -1), i)
-    buf: dict[str, int] = {}  # tensor -> buffer id
-    bufs: dict[int, list[int]] = {}  # id -> [offset, size, last use]
-    live: set[int] = set()
-
-    def alloc(size: int, end: int) -> int:
-        taken = sorted((bufs[b][0], bufs[b][0] + bufs[b][1]) for b in live)
-        off = 0
-        for s, e in taken:
-            if off + size <= s:
-                break
-            off = max(off, e)
-        bid = len(bufs)
-        bufs[bid] = [off, size, end]
-        live.add(bid)
-        return bid
-
-    buf[graph.input] = alloc(_numel(graph.input_shape), last.get(graph.input, -1))
+    buf: dict[str, int] = {graph.input: 0}  # tensor -> buffer id
+    lives: dict[int, list[int]] = {0: [-1, last.get(graph.input, -1)]}  # buffer id -> [first op, last op]
+    sizes: dict[int, int] = {0: _numel(graph.input_shape)}
     for i, op in enumerate(graph.ops):
         size = _numel(op.out_shape)
         src = buf[op.inputs[0]]
-        if op.kind == "flatten" or (op.kind in ("relu", "add", "affine") and bufs[src][2] == i
-                                    and bufs[src][1] == size and op.inputs[0] != graph.input):
+        if op.kind == "flatten" or (op.kind in ("relu", "add", "affine") and lives[src][1] == i
+                                    and sizes[src] == size and op.inputs[0] != graph.input):
             buf[op.output] = src
-            bufs[src][2] = max(bufs[src][2] if op.kind == "flatten" else -1, last.get(op.output, -1))
+            lives[src][1] = max(i, lives[src][1] if op.kind == "flatten" else -1, last.get(op.output, -1))
         else:
-            buf[op.output] = alloc(size, last.get(op.output, -1))
-        for b in list(live):
-            if bufs[b][2] <= i:
-                live.discard(b)
-    arena = max(o + s for o, s, _ in bufs.values())
-    return {t: bufs[b][0] for t, b in buf.items()}, arena
+            buf[op.output] = len(sizes)
+            lives[len(sizes)] = [i, max(i, last.get(op.output, -1))]
+            sizes[len(sizes)] = size
+    offsets, arena = place({b: (lo, hi) for b, (lo, hi) in lives.items()}, sizes)
+    return {t: offsets[b] for t, b in buf.items()}, arena
 
 
 # ---------------------------------------------------------------------------------------------

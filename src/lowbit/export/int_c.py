@@ -18,7 +18,6 @@ Everything between the input quantization and the classifier's ``(float)acc * sc
 
 from __future__ import annotations
 
-import random
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import numpy as np
 from ..errors import ConfigError
 from .c_export import CFLAGS, _Consts, _ident, _main_c, find_cc
 from .intgraph import IntGraph, out_range, pixel_table
+from .memplan import place
 from .pack import pack_codes, packed_nbytes
 
 #: the integer runtime's kernels (package data): lowbit_rt.h, lowbit_rt.c, README.md
@@ -55,22 +55,10 @@ def _numel(shape) -> int:
     return int(np.prod(shape)) if len(shape) else 1
 
 
-#: random orders plan_arena tries while its heuristic orders leave the arena above the peak of live bytes
-PLAN_SHUFFLES = 256
-
-
 def plan_arena(graph: IntGraph) -> tuple[dict[str, int], int]:
-    """Byte offset of every code tensor in one arena, and the arena size. A tensor lives from the op that writes it
-    to its last reader; two tensors whose lives overlap never share a byte (so an output never overwrites an input
-    of its op). ``flatten`` aliases its input; the classifier writes the caller's logits.
-
-    No arena can be smaller than the most bytes live at once (the peak). Each tensor goes to the lowest offset
-    free of the tensors already placed that it overlaps (first fit), in the order the ops write them, largest first
-    (TensorFlow Lite Micro's greedy memory planner) and longest-lived first; while the best of these is above the
-    peak, in up to ``PLAN_SHUFFLES`` seeded random orders, stopping at the peak. In write order suits
-    MobileNetV2's chains of growing and shrinking tensors, largest first a ResNet's long residual streams (the W2A2
-    ResNet-8: 16464 bytes in write order, 10976 largest first, its peak); small MobileNetV2s reach the peak only
-    in a shuffled order. Deterministic: the same graph gives the same plan."""
+    """Byte offset of every code tensor in one arena, and the arena size (:func:`lowbit.export.memplan.place`: a
+    tensor lives from the op that writes it to its last reader; tensors whose lives overlap share no byte).
+    ``flatten`` aliases its input; the classifier writes the caller's logits."""
     nbytes = {t: packed_nbytes(_numel(_shape(graph, t)), q.bits) for t, q in graph.tensors.items()}
     last: dict[str, int] = {}
     for i, op in enumerate(graph.ops):
@@ -81,38 +69,9 @@ def plan_arena(graph: IntGraph) -> tuple[dict[str, int], int]:
         if op.kind == "flatten":
             root[op.output] = root.get(op.inputs[0], op.inputs[0])
             last[root[op.output]] = max(last.get(root[op.output], -1), last.get(op.output, -1))
-    life = {op.output: (i, max(i, last.get(op.output, i))) for i, op in enumerate(graph.ops)
-            if op.kind != "flatten" and op.output != graph.output}
-
-    def first_fit(order: list[str]) -> tuple[dict[str, int], int]:
-        offsets: dict[str, int] = {}
-        size = 0
-        for t in order:
-            (b, e), need = life[t], nbytes[t]
-            taken = sorted((offsets[u], offsets[u] + nbytes[u]) for u in offsets
-                           if life[u][0] <= e and b <= life[u][1])
-            off = 0
-            for lo, hi in taken:
-                if off + need <= lo:
-                    break
-                off = max(off, hi)
-            offsets[t] = off
-            size = max(size, off + need)
-        return offsets, size
-
-    in_order = list(life)
-    peak = max((sum(nbytes[t] for t, (b, e) in life.items() if b <= i <= e) for i in range(len(graph.ops))),
-               default=0)
-    orders = [in_order, sorted(in_order, key=lambda t: -nbytes[t]),
-              sorted(in_order, key=lambda t: life[t][0] - life[t][1])]  # sorted() is stable: ties stay in order
-    offsets, size = min((first_fit(o) for o in orders), key=lambda r: r[1])  # ties: the first
-    rng = random.Random(0)
-    for _ in range(PLAN_SHUFFLES if size > peak else 0):
-        o, sz = first_fit(rng.sample(in_order, len(in_order)))
-        if sz < size:
-            offsets, size = o, sz
-            if size == peak:
-                break
+    lives = {op.output: (i, max(i, last.get(op.output, i))) for i, op in enumerate(graph.ops)
+             if op.kind != "flatten" and op.output != graph.output}
+    offsets, size = place(lives, {t: nbytes[t] for t in lives})
     for t, r in root.items():
         offsets[t] = offsets[r]
     return offsets, size

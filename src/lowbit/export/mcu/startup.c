@@ -1,21 +1,24 @@
-/* Minimal Cortex-M startup for lowbit's QEMU MPS2 targets (issue 18).
+/* Minimal Cortex-M startup for lowbit's QEMU targets (issue 18).
    Vector table at the start of FLASH (placed by the linker script, section .vectors); the reset handler
    enables the FPU in CPACR before any float code (without it the first VFP instruction faults),
-   copies .data from its load address in FLASH to RAM, then enters newlib's rdimon crt0 (_start), which
-   zeroes .bss, sets up the heap/stack through semihosting and calls main. A fault prints one line
-   through semihosting and makes QEMU exit with status 1 (it would hang otherwise). SysTick counts
-   processor clocks; its interrupt counts wraps (lb_systick_wraps). */
+   copies .data from its load address in FLASH to RAM, zeroes .bss, calls main and ends the run through
+   semihosting (SYS_EXIT: QEMU exits with status 0 if main returned 0, else 1). No C runtime start-up, stdio or
+   heap (the program links without newlib's crt0: -nostartfiles, nosys.specs), so that a part with 16 KiB of
+   RAM holds a model beside it. A fault prints one line through semihosting and makes QEMU exit with status 1
+   (it would hang otherwise). SysTick counts processor clocks; its interrupt counts wraps (lb_systick_wraps).
+   lb_out_* write one line of text through semihosting (SYS_WRITE to the host's standard output). */
 #include <stdint.h>
 
-extern uint32_t __stack_top__, __data_load__, __data_start__, __data_end__;
-extern void _start(void);
+extern uint32_t __stack_top__, __data_load__, __data_start__, __data_end__, __bss_start__, __bss_end__;
+int main(void);
 volatile uint32_t lb_systick_wraps;
 
-static void semihost(uint32_t op, const void *arg)
+static uint32_t semihost(uint32_t op, const void *arg)
 {
     register uint32_t r0 __asm__("r0") = op;
     register const void *r1 __asm__("r1") = arg;
     __asm__ volatile("bkpt 0xab" : "+r"(r0) : "r"(r1) : "memory");
+    return r0;
 }
 
 void Reset_Handler(void)
@@ -27,8 +30,10 @@ void Reset_Handler(void)
     {
         uint32_t *s = &__data_load__, *d = &__data_start__;
         while (d < &__data_end__) *d++ = *s++;
+        for (d = &__bss_start__; d < &__bss_end__; d++) *d = 0;
     }
-    _start();
+    /* SYS_EXIT: ADP_Stopped_ApplicationExit -> exit 0, ADP_Stopped_RunTimeErrorUnknown -> exit 1 */
+    semihost(0x18u, (const void *)(main() == 0 ? 0x20026u : 0x20023u));
     for (;;) {}
 }
 
@@ -69,4 +74,62 @@ uint64_t lb_cycles(void)
         v = SYST_CVR;
     } while (w != lb_systick_wraps);
     return (uint64_t)w * 0x01000000u + (0x00FFFFFFu - v);
+}
+
+/* one line of output, written when it ends (or fills the buffer) */
+static char lb_line[128];
+static uint32_t lb_len;
+
+static void lb_flush(void)
+{
+    static uint32_t out = 0xFFFFFFFFu;
+    uint32_t args[3];
+    if (out == 0xFFFFFFFFu) { /* the host's standard output: SYS_OPEN(":tt", "w") */
+        args[0] = (uint32_t)(uintptr_t)":tt";
+        args[1] = 4u;
+        args[2] = 3u;
+        out = semihost(0x01u, args);
+    }
+    args[0] = out;
+    args[1] = (uint32_t)(uintptr_t)lb_line;
+    args[2] = lb_len;
+    semihost(0x05u, args); /* SYS_WRITE */
+    lb_len = 0;
+}
+
+void lb_out_s(const char *s)
+{
+    while (*s) {
+        if (lb_len == sizeof lb_line) lb_flush();
+        lb_line[lb_len++] = *s++;
+    }
+}
+
+void lb_out_u(uint32_t v) /* decimal */
+{
+    char d[11];
+    int n = 0;
+    do d[n++] = (char)('0' + v % 10u); while ((v /= 10u) != 0u);
+    {
+        char s[11];
+        int i;
+        for (i = 0; i < n; i++) s[i] = d[n - 1 - i];
+        s[n] = 0;
+        lb_out_s(s);
+    }
+}
+
+void lb_out_x(uint32_t v) /* 8 hex digits */
+{
+    char s[9];
+    int i;
+    for (i = 7; i >= 0; i--, v >>= 4) s[i] = "0123456789abcdef"[v & 15u];
+    s[8] = 0;
+    lb_out_s(s);
+}
+
+void lb_out_end(void)
+{
+    lb_out_s("\n");
+    lb_flush();
 }
