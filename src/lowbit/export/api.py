@@ -378,6 +378,8 @@ def format_mcu(r: dict) -> str:
             f"flash {_kib(r['flash_bytes'])}, RAM {_kib(r['ram_bytes'])} (static {_kib(r['static_ram_bytes'])} + "
             f"stack {r['stack_bytes']} B); {r['instructions_per_inference'] / 1e6:.2f} M instructions/inference; "
             f"kernels: {kinds}")
+    if r.get("packed_kernels_did_not_fit"):
+        line += f" (the bit-packed kernels' build did not fit: {r['packed_kernels_did_not_fit']})"
     if r.get("pixel_images"):
         line += (f"\n{'':<15} from raw uint8 pixels (lowbit_predict_pixels, no float at the input): "
                  f"{r['pixel_bit_exact_images']}/{r['pixel_images']} images bit-exact, "

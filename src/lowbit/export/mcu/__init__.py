@@ -359,7 +359,9 @@ def build_and_run(graph: Graph, out_dir: str | Path, samples: np.ndarray, expect
     :func:`~lowbit.export.c_export.write_c`) or an integer graph of issue 17
     (:class:`~lowbit.export.intgraph.IntGraph`, :func:`~lowbit.export.int_c.write_int_c`: activations
     as packed integer codes); ``kernels``: "auto" (bit-packed kernels where a layer's bits make them
-    pay), "int" (the plain integer kernel everywhere), "packed" (bit-packed wherever possible).
+    pay; on a target with a real part's memory, the plain kernel everywhere when their scratch does not fit, the
+    report's ``packed_kernels_did_not_fit`` saying why), "int" (the plain integer kernel everywhere), "packed"
+    (bit-packed wherever possible).
     ``sizes=False`` skips the second (empty-model) build: no flash/RAM figures. ``pixels``: the samples' raw uint8
     images, for an integer graph that records its input normalisation: the program also runs every sample
     through ``lowbit_predict_pixels`` (its instructions, its bit-exactness; flash then holds both entry points)."""
@@ -386,7 +388,14 @@ def build_and_run(graph: Graph, out_dir: str | Path, samples: np.ndarray, expect
     if pixels is not None and (isinstance(graph, Graph) or "LOWBIT_PIXEL_INPUT" not in (out / "model.h").read_text()):
         raise ConfigError("export --target: pixels need an integer graph that records its input normalisation")
     write_main(out, samples, expected, pixels)
-    elf = build(out, tgt)
+    try:
+        elf = build(out, tgt)
+    except ConfigError as e:
+        if not (tgt.part and kernels == "auto" and "does not fit" in str(e) and set(chosen.values()) - {"int", "float"}):
+            raise
+        # a real part's RAM: the plain kernels need no bit-plane scratch (slower where bit-packed ones pay)
+        res = build_and_run(graph, out_dir, samples, expected, target_name, "int", timeout, sizes, pixels)
+        return {**res, "packed_kernels_did_not_fit": str(e).split(": ", 1)[1]}
     full = elf_size(elf)
     base = elf_size(build(out, tgt, stub=True)) if sizes else None
     res = parse_output(run_qemu(elf, tgt, timeout), expected.shape[1])
