@@ -313,6 +313,55 @@ def _x(n, shape, seed=1):
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
 
 
+def test_thresholds_give_the_requantized_clamped_codes():
+    # lb_conv_out's thresholds for outputs of few codes (requant.thresholds): for every accumulator within the
+    # bound, lo + #{T <= u} (u = -v for a negative multiplier) is clamp(requantize(v) + zero, lo, hi); checked on
+    # random accumulators and at every threshold and one below it, for positive, negative, zero and tiny
+    # multipliers, 1- and 2-bit ranges, a zero point, a ReLU-clamped range
+    from lowbit.export.requant import thresholds
+
+    rng = np.random.default_rng(5)
+    real = rng.uniform(1e-5, 0.2, 40) * rng.choice([-1.0, 1.0], 40)
+    real[:3] = [0.0, 1e-12, -3e-9]
+    m, sh = quantize_multiplier(real)
+    bound = 300_000
+    for zero, lo, hi in ((0, 0, 3), (2, 0, 3), (2, 2, 3), (0, 0, 1), (1, 1, 1)):
+        t = thresholds(m, sh, zero, lo, hi, bound)
+        assert t.shape == (40, hi - lo) and t.dtype == np.int32
+        assert np.all(np.diff(t.astype(np.int64), axis=1) >= 0)
+        v = np.concatenate([rng.integers(-bound, bound + 1, (40, 4000)), t, t.astype(np.int64) - 1,
+                            np.full((40, 2), [-bound, bound])], axis=1)
+        v = np.clip(v, -bound, bound)
+        u = np.where(m[:, None] < 0, -v, v)
+        got = lo + (u[:, :, None] >= t[:, None, :].astype(np.int64)).sum(-1)
+        want = np.clip(requantize(v, m[:, None], sh[:, None]) + zero, lo, hi)
+        assert np.array_equal(got, want), (zero, lo, hi)
+    assert not np.all(m < 0) and np.any(m < 0)
+    with pytest.raises(ConfigError, match="accumulator bound"):
+        thresholds(m, sh, 0, 0, 3, 2**31)
+
+
+@needs_cc
+def test_c_thresholds_with_negative_batchnorm_scales(tmp_path):
+    # the C runtime's 2-bit layers compare with thresholds (lb_conv_t.thr); a BatchNorm with negative gammas gives
+    # those channels negative multipliers, whose thresholds are on -acc: bit-exact with the integer reference
+    from lowbit.export.int_api import export_int_model
+    from lowbit.intmode import int_graph
+
+    torch.manual_seed(0)
+    m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25)
+    for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
+        bn.weight.data[::2] *= -1
+    m = _ready(m, (1, 28, 28))
+    x = _x(16, (1, 28, 28), seed=4)
+    g = int_graph(m, x[:1])
+    thr_ops = [op for op in g.ops if op.kind == "conv" and op.output != g.output and g.tensors[op.output].bits <= 2]
+    assert thr_ops and any((op.mult < 0).any() for op in thr_ops)
+    r = export_int_model(m, x, tmp_path, c_images=None, onnx=False)
+    assert r["c"]["bit_exact_images"] == 16
+    assert "_thr[" in (tmp_path / "c" / "model.c").read_text()
+
+
 @pytest.fixture(scope="module")
 def resnet_int():
     torch.manual_seed(0)

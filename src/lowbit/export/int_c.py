@@ -27,9 +27,10 @@ import numpy as np
 
 from ..errors import ConfigError
 from .c_export import CFLAGS, _Consts, _ident, _main_c, find_cc
-from .intgraph import IntGraph, out_range, pixel_table
+from .intgraph import IntGraph, accumulator_bound, out_range, pixel_table
 from .memplan import place
 from .pack import pack_codes, packed_nbytes
+from .requant import thresholds
 
 #: the integer runtime's kernels (package data): lowbit_rt.h, lowbit_rt.c, README.md
 RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
@@ -85,6 +86,12 @@ def _shape(graph: IntGraph, t: str) -> tuple[int, ...]:
             return tuple(op.out_shape)
     raise KeyError(t)
 
+
+#: output bits up to which a conv's requantization and clamp become thresholds (``lb_conv_t.thr``,
+#: :func:`lowbit.export.requant.thresholds`): 2^bits − 1 int32 per output channel in flash, against the 64-bit
+#: requantization per output (most of a 2-bit layer's epilogue; a libgcc call on a Cortex-M0). 4-bit outputs
+#: would need 15 per channel (60 bytes): not done
+THRESHOLD_BITS = 2
 
 #: the comment of lb_conv's scratch declaration (``lb_wrow``) in ``model.c``
 SCRATCH_COMMENT = "/* lb_conv's scratch: a decoded weight row, and a band of the input unpacked */"
@@ -201,8 +208,14 @@ def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None
         else:
             to = T[op.output]
             lo, hi = out_range(op, to)
-            fields += [f".mult = {i32(f'{nm}_mult', op.mult)}", f".shift = {i32(f'{nm}_shift', op.shift)}",
+            tr = T[op.inputs[1]] if len(op.inputs) > 1 else None
+            fields += [f".mult = {i32(f'{nm}_mult', op.mult)}",
                        f".out_bits = {to.bits}", f".out_zero = {to.zero}", f".out_min = {lo}", f".out_max = {hi}"]
+            if to.bits <= THRESHOLD_BITS and op.attrs.get("residual") != "output":
+                thr = thresholds(op.mult, op.shift, to.zero, lo, hi, accumulator_bound(op, ti, tr))
+                fields.append(f".thr = {i32(f'{nm}_thr', thr)}")
+            else:
+                fields.append(f".shift = {i32(f'{nm}_shift', op.shift)}")
         res = "NULL"
         if len(op.inputs) > 1:
             tr = T[op.inputs[1]]

@@ -278,14 +278,21 @@ def mid_step(op: IntOp, t_out: TensorQ) -> float:
     return t_out.scale * op.attrs["mid_mult"] * 2.0 ** -int(op.res_shift[0])
 
 
-def check_accumulator(op: IntOp, t_in: TensorQ, t_res: TensorQ | None) -> None:
-    """The int32 accumulator cannot overflow: F·max|m|·max|q − zero| + |bias| + residual < 2^31."""
+def accumulator_bound(op: IntOp, t_in: TensorQ, t_res: TensorQ | None) -> int:
+    """A bound of the layer's int32 accumulator (bias and an accumulator-form residual included):
+    F·max|m|·max|q − zero| + |bias| + residual."""
     f = op.codes[0].size
     bound = f * int(np.abs(op.lut).max(initial=0)) * max(t_in.zero, t_in.qmax - t_in.zero)
     bound += int(np.abs(op.bias.astype(np.int64)).max(initial=0))
     if t_res is not None and op.attrs.get("residual") != "output":
         r = max(t_res.zero, t_res.qmax - t_res.zero)
         bound += int(np.abs(requantize(np.array(r), op.res_mult, op.res_shift)).max(initial=0)) + 1
+    return bound
+
+
+def check_accumulator(op: IntOp, t_in: TensorQ, t_res: TensorQ | None) -> None:
+    """The int32 accumulator cannot overflow: :func:`accumulator_bound` < 2^31."""
+    bound = accumulator_bound(op, t_in, t_res)
     if bound >= 2**31:
         raise ConfigError(f"integer mode: layer '{op.name}' could overflow its int32 accumulator (bound {bound})")
 

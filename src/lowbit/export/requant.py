@@ -124,6 +124,35 @@ def rne_shift(v, s):
     return fl + ((rem > half) | ((rem == half) & (half > 0) & ((fl & 1) == 1)))
 
 
+def thresholds(mult, shift, zero: int, lo: int, hi: int, bound: int) -> np.ndarray:
+    """A layer's requantize-and-clamp ``clamp(requantize(v, mult[c], shift[c]) + zero, lo, hi)`` as thresholds:
+    an int32 array ``T`` of shape ``(C, hi − lo)``, ascending per channel, such that for every accumulator
+    ``|v| <= bound`` the code is ``lo + #{k : u >= T[c, k]}`` with ``u = v``, or ``u = −v`` where ``mult[c] < 0``.
+
+    The requantization is monotone in ``v`` (each float32 rounding and the rounding to an integer are; a negative
+    multiplier reverses it, and ``requantize(v, −M) = requantize(−v, M)`` since every rounding is symmetric), so the
+    code steps up at most ``hi − lo`` times, and ``T[c, k − 1]`` is the least ``u`` whose code is at least
+    ``lo + k`` (found by bisection over ``[−bound, bound]``; ``bound + 1``, capped at 2^31 − 1, where no ``u`` in
+    range reaches it). The C runtime compares instead of requantizing where a layer's outputs have few codes (the
+    bit-packed networks' 1- and 2-bit activations; ``lb_conv_out``), as FINN does on FPGAs: the same codes, without
+    the 64-bit product that a Cortex-M0 has no instruction for."""
+    m = np.abs(np.asarray(mult, dtype=np.int64)).reshape(-1, 1)
+    sh = np.broadcast_to(np.asarray(shift, dtype=np.int64).reshape(-1, 1), m.shape)
+    n = int(hi) - int(lo)
+    if n < 0 or bound < 0 or bound >= 2**31:
+        raise ConfigError(f"requantization thresholds: codes {lo}..{hi}, accumulator bound {bound}")
+    want = int(lo) + np.arange(1, n + 1, dtype=np.int64).reshape(1, -1)
+    a = np.full((m.shape[0], n), -int(bound), dtype=np.int64)
+    b = np.full((m.shape[0], n), int(bound) + 1, dtype=np.int64)
+    while np.any(a < b):
+        mid = (a + b) // 2
+        ok = np.clip(requantize(mid, m, sh) + int(zero), lo, hi) >= want
+        live = a < b
+        b = np.where(live & ok, mid, b)
+        a = np.where(live & ~ok, mid + 1, a)
+    return np.minimum(a, 2**31 - 1).astype(np.int32)
+
+
 def real_multiplier(mult, shift) -> np.ndarray:
     """The real number ``M · 2^(shift − 31)`` a pair stands for (float64)."""
     return np.asarray(mult, dtype=np.float64) * np.exp2(np.asarray(shift, dtype=np.float64) - 31)

@@ -107,16 +107,11 @@ void lb_out_s(const char *s)
 
 void lb_out_u(uint32_t v) /* decimal */
 {
-    char d[11];
-    int n = 0;
-    do d[n++] = (char)('0' + v % 10u); while ((v /= 10u) != 0u);
-    {
-        char s[11];
-        int i;
-        for (i = 0; i < n; i++) s[i] = d[n - 1 - i];
-        s[n] = 0;
-        lb_out_s(s);
-    }
+    char s[11];
+    int i = 10;
+    s[10] = 0;
+    do s[--i] = (char)('0' + v % 10u); while ((v /= 10u) != 0u);
+    lb_out_s(s + i);
 }
 
 void lb_out_x(uint32_t v) /* 8 hex digits */

@@ -174,6 +174,17 @@ void lb_conv_out(const lb_conv_t *p, int32_t o, int32_t at, int32_t acc, const u
         acc += lb_requantize_inline((int32_t)lb_get_inline(res, (uint32_t)at, rb) - p->res_zero, p->res_mult[o], p->res_shift[o]);
     if (p->out_scale) {
         ((float *)out)[at] = (float)acc * p->out_scale[o];
+    } else if (p->thr) { /* few codes: count the thresholds at or below the accumulator (bisection) */
+        const int32_t n = p->out_max - p->out_min, *t = p->thr + o * n, u = p->mult[o] < 0 ? -acc : acc;
+        int32_t a = 0, b = n;
+        while (a < b) {
+            const int32_t m = (a + b) >> 1;
+            if (u >= t[m])
+                a = m + 1;
+            else
+                b = m;
+        }
+        lb_put_inline((uint8_t *)out, (uint32_t)at, ob, (uint32_t)(p->out_min + a));
     } else {
         const int32_t v = lb_requantize_inline(acc, p->mult[o], p->shift[o]) + p->out_zero;
         lb_put_inline((uint8_t *)out, (uint32_t)at, ob, (uint32_t)lb_clamp(v, p->out_min, p->out_max));

@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define LOWBIT_RT_VERSION 2
+#define LOWBIT_RT_VERSION 3 /* 3: lb_conv_t.thr; 2: the float32-rounding requantization */
 
 /* rint(f32(f32(x) * mult * 2^(shift - 31))), ties to even, in integers: the one requantization */
 int32_t lb_requantize(int32_t x, int32_t mult, int32_t shift);
@@ -61,6 +61,9 @@ uint32_t lb_packed_bytes(uint32_t n, uint32_t bits);
  *   out     = out_scale ? (float)acc * out_scale[o]                           (float32 logits)
  *                       : clamp(lb_requantize(acc, mult[o], shift[o]) + out_zero, out_min, out_max)
  * A fused ReLU is out_min = out_zero. res_mult == NULL: no residual.
+ * thr != NULL (outputs of at most 2 bits): the same codes by thresholds, no requantization:
+ *   out = out_min + #{k < out_max - out_min : u >= thr[o * (out_max - out_min) + k]},  u = mult[o] < 0 ? -acc : acc
+ *   (lowbit.export.requant.thresholds: exact for every accumulator the layer can reach; shift is then unused)
  * mid_mult != 0: output residual add (plan integer_residual: output; = onnxruntime QLinearAdd):
  *   mid = clamp(lb_requantize(acc = A + bias[o], mult[o], shift[o]) + mid_zero, 0, 255)
  *   out = clamp(lb_rne_shift((mid - mid_zero) * mid_mult + (q_res - res_zero) * res_mult[o], res_shift[o])
@@ -83,6 +86,7 @@ typedef struct {
     int32_t out_zero, out_min, out_max;
     const float *out_scale;
     int32_t band; /* output rows per band of the unpacked input (0: all rows at once) */
+    const int32_t *thr; /* the requantization and clamp as ascending thresholds per output channel, or NULL */
 } lb_conv_t;
 
 /* in: packed codes; res: packed codes of the residual (same shape as the output) or NULL;
