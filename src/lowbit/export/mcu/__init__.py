@@ -7,9 +7,9 @@ writes the generated C (:func:`lowbit.export.c_export.write_c`, bit-packed kerne
 prints their logits (hex bit patterns) and SysTick counts through semihosting, a minimal startup
 (``startup.c``: vector table at the start of FLASH, FPU enabled in CPACR before any float code) and
 the board's linker script; builds with ``arm-none-eabi-gcc -mthumb -O2`` (hard float; soft float on the
-Cortex-M0 and M3, which have no FPU) and
-``--specs=nosys.specs -nostartfiles`` (no C runtime start-up: ``startup.c`` calls main); runs ``qemu-system-arm -M <board> -nographic -semihosting -icount shift=0``
-with a timeout; checks the logits bit for bit against ``expected`` (the NumPy reference).
+Cortex-M0 and M3, which have no FPU) and ``--specs=nosys.specs -nostartfiles`` (no C runtime start-up:
+``startup.c`` calls main); runs ``qemu-system-arm -M <board> -nographic -semihosting -icount shift=0`` with a
+timeout; checks the logits bit for bit against ``expected`` (the NumPy reference).
 
 Cost per inference: under ``-icount shift=0`` QEMU executes one instruction per virtual nanosecond
 and SysTick runs on the board's processor clock (25 MHz on mps2-an385/an386/an500: one tick per 40
@@ -19,7 +19,7 @@ instructions per tick itself on a fixed loop of known length before the images, 
 checked to be a whole or half number.
 
 Flash and RAM of the model: ``arm-none-eabi-size`` of the program minus that of the same program with
-an empty ``lowbit_predict`` (so the C library, startup, printf and the embedded test images are not
+an empty ``lowbit_predict`` (so the startup, the output code and the embedded test images are not
 counted): flash = text + data, static RAM = data + bss; plus the stack high-water mark of one
 inference (painted and scanned by the main).
 """
@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import re
 import shutil
-from fractions import Fraction
 import subprocess
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
