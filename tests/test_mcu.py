@@ -223,6 +223,13 @@ def test_a_w2a2_resnet8_runs_in_the_nrf51822s_16_kib_of_ram(tmp_path):
     fg = lower(m, torch.from_numpy(x))
     with pytest.raises(ConfigError, match="does not fit the nRF51822"):
         build_and_run(fg, tmp_path / "float", x, IntegerReference(fg).run(x), "nrf51822", sizes=False)
+    # the default residual form's 8-bit streams do not fit either: the error names the form that does
+    m = settled(create_model("resnet8", in_channels=1, num_classes=10, image_size=28),
+                (1, 28, 28), {**W2A2, "integer": True}, passes=2)
+    g = int_graph(m, torch.from_numpy(x))
+    with pytest.raises(ConfigError, match=r"region `RAM' overflowed by \d+ bytes \(the 8-bit residual streams of "
+                                          r"integer_residual: output .* integer_residual: accumulator"):
+        build_and_run(g, tmp_path / "output_form", x, IntRef(g).run(x), "nrf51822", sizes=False)
 
 
 @needs_tools

@@ -392,6 +392,10 @@ def build_and_run(graph: Graph, out_dir: str | Path, samples: np.ndarray, expect
         elf = build(out, tgt)
     except ConfigError as e:
         if not (tgt.part and kernels == "auto" and "does not fit" in str(e) and set(chosen.values()) - {"int", "float"}):
+            if "does not fit" in str(e) and any(op.attrs.get("residual") == "output" for op in graph.ops):
+                raise ConfigError(f"{e} (the 8-bit residual streams of integer_residual: output take the most RAM; "
+                                  "integer_residual: accumulator keeps them at the bits of the convs that read them, "
+                                  "as configs/w2a2_integer_microbit.yaml)") from None
             raise
         # a real part's RAM: the plain kernels need no bit-plane scratch (slower where bit-packed ones pay)
         res = build_and_run(graph, out_dir, samples, expected, target_name, "int", timeout, sizes, pixels)
