@@ -203,12 +203,14 @@ def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path, residual):
 
 
 @needs_tools
-def test_a_w2a2_resnet8_runs_in_the_nrf51822s_16_kib_of_ram(tmp_path):
+def test_a_w2a2_resnet8_runs_in_the_nrf51822s_16_kib_of_ram(tmp_path, monkeypatch):
     """The micro:bit's part (Cortex-M0, 256 KiB flash, 16 KiB RAM): a full-width W2A2 ResNet-8 in integer mode (the
-    accumulator-form residual, as the MCU benchmark's runs) fits with the plain kernel. Its bit-packed kernels' plane
-    scratch does not: "auto" falls back to the plain kernel and says why; the same network's float-activation
-    export does not fit at all (one line: the part, the region, the bytes over)."""
+    accumulator-form residual, as the MCU benchmark's runs) fits with the bit-packed kernels, their bit planes
+    packed a band of rows at a time (packed.pk_band). With planes of the whole input (as before session 20) they
+    would not: "auto" then falls back to the plain kernel and says why. The same network's float-activation export
+    does not fit at all, nor does the default residual form (one line each: the part, the region, the bytes over)."""
     from lowbit.export.intgraph import IntReference as IntRef
+    from lowbit.export.mcu import packed
     from lowbit.intmode import int_graph
 
     m = settled(create_model("resnet8", in_channels=1, num_classes=10, image_size=28),
@@ -216,10 +218,13 @@ def test_a_w2a2_resnet8_runs_in_the_nrf51822s_16_kib_of_ram(tmp_path):
     x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(5)).numpy()
     g = int_graph(m, torch.from_numpy(x))
     r = build_and_run(g, tmp_path / "nrf", x, IntRef(g).run(x), "nrf51822")
+    assert r["bit_exact_images"] == 1 and "bitserial" in r["kernels"].values() and "packed_kernels_did_not_fit" not in r
+    assert r["size"]["data"] + r["size"]["bss"] + r["stack_bytes"] <= 16 * 1024  # the whole program's RAM
+    monkeypatch.setattr(packed, "PK_BAND_SHARE", 100.0)  # the whole input's planes at once
+    r = build_and_run(g, tmp_path / "nrf_whole", x, IntRef(g).run(x), "nrf51822")
     assert r["bit_exact_images"] == 1 and set(r["kernels"].values()) == {"int"}
     assert "does not fit the nRF51822 (256 KiB flash, 16 KiB RAM): region `RAM' overflowed by" in \
         r["packed_kernels_did_not_fit"]
-    assert r["size"]["data"] + r["size"]["bss"] + r["stack_bytes"] <= 16 * 1024  # the whole program's RAM
     fg = lower(m, torch.from_numpy(x))
     with pytest.raises(ConfigError, match="does not fit the nRF51822"):
         build_and_run(fg, tmp_path / "float", x, IntegerReference(fg).run(x), "nrf51822", sizes=False)

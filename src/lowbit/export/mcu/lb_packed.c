@@ -108,7 +108,7 @@ static int32_t lb_pk_dot(const lb_pk_geom *g, const uint32_t *xw, int32_t xrow, 
     return s;
 }
 
-void lb_pk_pixel(const lb_pk_geom *g, const uint32_t *xp, uint32_t abits, int32_t zero, const uint32_t *wp,
+void lb_pk_pixel(const lb_pk_geom *g, const uint32_t *xp, int32_t yb, uint32_t abits, int32_t zero, const uint32_t *wp,
                  uint32_t wbits, const int16_t *wa, const int16_t *wb, int32_t rows, int32_t oy, int32_t ox,
                  int need_m, int32_t *A, int32_t *M, int32_t *K, int32_t *n)
 {
@@ -118,7 +118,7 @@ void lb_pk_pixel(const lb_pk_geom *g, const uint32_t *xp, uint32_t abits, int32_
     const int32_t y0 = oy * g->SH - g->PH, x0 = ox * g->SW - g->PW;
     const int32_t kh0 = y0 < 0 ? -y0 : 0, kh1 = g->H - y0 < g->KH ? g->H - y0 : g->KH;
     const int32_t kw0 = x0 < 0 ? -x0 : 0, kw1 = g->W - x0 < g->KW ? g->W - x0 : g->KW;
-    const uint32_t *xw = xp + (oy * g->SH * Wp + ox * g->SW) * apx; /* padded coordinates */
+    const uint32_t *xw = xp + ((oy * g->SH - yb) * Wp + ox * g->SW) * apx; /* padded coordinates, from row yb */
     const int32_t cnt = g->C * (kh1 - kh0) * (kw1 - kw0);
     int32_t o, kh, kw, w, U = 0;
     need_m = need_m || zero != 0;
@@ -161,7 +161,7 @@ void lb_pk_conv(const lb_pk_geom *g, const uint32_t *xp, uint32_t abits, int32_t
     int32_t o, oy, ox, ks, cnt;
     for (oy = 0; oy < g->OH; oy++)
         for (ox = 0; ox < g->OW; ox++) {
-            lb_pk_pixel(g, xp, abits, zero, wp, wbits, wa, wb, rows, oy, ox, cb != 0, acc, ms, &ks, &cnt);
+            lb_pk_pixel(g, xp, 0, abits, zero, wp, wbits, wa, wb, rows, oy, ox, cb != 0, acc, ms, &ks, &cnt);
             for (o = 0; o < g->O; o++) {
                 float t = (float)acc[o] * ca[o];
                 if (cb) t = t + (float)ms[o] * cb[o];

@@ -30,9 +30,10 @@ void lb_pk_conv(const lb_pk_geom *g, const uint32_t *xp, uint32_t abits, int32_t
                 const float *cb, const float *cc, const float *cd, const float *bias, float *y, int32_t *acc);
 
 /* The integer sums of one output pixel (oy, ox) for every output channel o: A[o] = sum m*k, and, when
-   need_m (or zero != 0), M[o] = sum m; *K = sum k, *n = #taps (in-bounds taps). The core of lb_pk_conv
-   and of the integer runtime's packed conv (lb_packed_rt.c). */
-void lb_pk_pixel(const lb_pk_geom *g, const uint32_t *xp, uint32_t abits, int32_t zero, const uint32_t *wp,
+   need_m (or zero != 0), M[o] = sum m; *K = sum k, *n = #taps (in-bounds taps). xp holds the planes of the
+   padded input rows from yb on (lb_pk_pack_act's layout; 0: all of them). The core of lb_pk_conv and of the
+   integer runtime's packed conv (lb_packed_rt.c, which packs a band of rows at a time). */
+void lb_pk_pixel(const lb_pk_geom *g, const uint32_t *xp, int32_t yb, uint32_t abits, int32_t zero, const uint32_t *wp,
                  uint32_t wbits, const int16_t *wa, const int16_t *wb, int32_t rows, int32_t oy, int32_t ox,
                  int need_m, int32_t *A, int32_t *M, int32_t *K, int32_t *n);
 

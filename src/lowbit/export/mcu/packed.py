@@ -164,6 +164,24 @@ def choose_bits(wbits: int, abits: int, lut: np.ndarray, groups: int = 1, allow:
     return "xnor" if wbits == 1 and abits == 1 else "bitserial"
 
 
+#: the bit planes of a band of input rows take at most this share of the layer's packed input (bytes)
+PK_BAND_SHARE = 0.5
+
+
+def pk_band(cin: int, hin: int, win: int, hout: int, kh: int, sh: int, pw: int, abits: int) -> tuple[int, int]:
+    """``(band, words)``: output rows whose input rows ``lb_pk_conv_rt`` turns into bit planes at a time (0: all
+    of them), and the planes' uint32 words. The most rows whose planes take at most :data:`PK_BAND_SHARE` of the
+    layer's packed input (at least one output row): the whole padded input's planes cost 32 bits per channel word
+    of each pixel, twice a 16-channel 2-bit input and more with its padding ring, the largest scratch of a 2-bit
+    network (7,200 bytes on the W2A2 ResNet-8's first stage, against its 10,976-byte arena)."""
+    row = (win + 2 * pw) * abits * ((cin + 31) // 32)  # words per padded input row
+    budget = PK_BAND_SHARE * cin * hin * win * abits / 8
+    r = hout
+    while r > 1 and 4 * ((r - 1) * sh + kh) * row > budget:
+        r -= 1
+    return (0, ((hout - 1) * sh + kh) * row) if r == hout else (r, ((r - 1) * sh + kh) * row)
+
+
 def patch_int_c(graph, out_dir: str | Path, allow: str = "auto") -> dict[str, str]:
     """Switch the layers of :func:`lowbit.export.int_c.write_int_c`'s ``model.c`` that :func:`choose_bits`
     gives a packed kernel from ``lb_conv`` to ``lb_pk_conv_rt`` (weight planes + affine form as extra
@@ -203,13 +221,16 @@ def patch_int_c(graph, out_dir: str | Path, allow: str = "auto") -> dict[str, st
         kh, kw = (1, 1) if op.attrs["layer"] == "linear" else op.attrs["kernel"]
         wp = cs.u32(f"{nm}_planes", pack_weight_planes(op.codes.reshape(cout, cin, kh, kw), op.wbits).reshape(-1))
         wa, wb = cs.i16(f"{nm}_wa", a), cs.i16(f"{nm}_wb", b)
-        planes = max(planes, (hin + 2 * ph) * (win + 2 * pw) * abits * ((cin + 31) // 32))
+        hout = 1 if op.attrs["layer"] == "linear" else op.out_shape[1]
+        sh = 1 if op.attrs["layer"] == "linear" else op.attrs["stride"][0]
+        band, words = pk_band(cin, hin, win, hout, kh, sh, pw, abits)
+        planes = max(planes, words)
         accw = max(accw, 2 * cout)
         line_start = src.index(call)
         line_end = src.index(");", line_start)
         args = src[line_start + len(call): line_end]
         src = (src[:line_start] + f"    lb_pk_conv_rt(&L_{nm}, {args.replace(', lb_wrow', '')}, {wp}, {wa}, {wb}, "
-               f"lb_xplanes, lb_pk_acc" + src[line_end:])
+               f"{band}, lb_xplanes, lb_pk_acc" + src[line_end:])
         src = src.replace(f"/* {op.name} */", f"/* {op.name}: {kind} kernel */", 1)
         # the planes replace the packed codes: drop the code array (lb_pk_conv_rt never reads w_codes)
         arr = f"static const uint8_t {nm}_w["
