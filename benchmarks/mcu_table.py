@@ -270,13 +270,15 @@ def readme(results: list[dict], args) -> str:
         "19 measured every row twice more: with the Cortex-M3 added (the M4 and x86 counts came out identical to "
         "session 18's), then after the DSP loops of `lb_conv` (this table: the `int/*` rows' M4 counts fell 4-24 %, "
         "the `fp32` and `float/*` rows are unchanged; MobileNetV2's `fp32` rows are those of the first run, which "
-        "its second reused); session 20 measured every row twice more: with the Cortex-M0 added and both C exports' "
-        "arenas placed by `lowbit.export.memplan` (RAM fell by 3.1 KiB in the `fp32` and `float/*` rows and by "
-        "0.8-5.4 KiB in the ResNet-8 `int/*` rows; the M4 and M3 counts moved by at most 0.02 %, the x86 counts by at "
-        "most 0.33 %, where memcpy and memset met other alignments), then after the thresholds that replace the "
-        "requantization of outputs of at most 2 bits (this table: the W1A1 and W2A2 `int/*` rows 4.6-11 % fewer "
-        "M4 instructions and 8-19 % fewer M0 instructions, the other `int/*` rows 0.4-1.1 % more on the M4 and M3 "
-        "for the test per output; MobileNetV2's `fp32` rows reused from the first)):", "",
+        "its second reused); session 20 measured every row three times more: with the Cortex-M0 added and both C "
+        "exports' arenas placed by `lowbit.export.memplan` (RAM fell by 3.1 KiB in the `fp32` and `float/*` rows and "
+        "by 0.8-5.4 KiB in the ResNet-8 `int/*` rows; the M4 and M3 counts moved by at most 0.02 %, the x86 counts by "
+        "at most 0.33 %, where memcpy and memset met other alignments), after the thresholds that replace the "
+        "requantization of outputs of at most 2 bits (the W1A1 and W2A2 `int/*` rows 4.6-11 % fewer M4 "
+        "instructions and 8-19 % fewer M0 instructions, the other `int/*` rows 0.4-1.1 % more on the M4 and M3 for "
+        "the test per output), then with the bit-packed kernels' input planes packed a band of rows at a time "
+        "(this table: `int/auto` RAM 2.7 / 5.5 KiB lower at W1A1 / W2A2 for 1.9 / 0.9 % more M4 instructions; the "
+        "`float/*` bit-packed rows within 0.03 %; MobileNetV2's `fp32` rows reused from the first)):", "",
         "```",
         "for L in W1A1 W2A2 W4A4 W8A8 W1A1_int W2A2_int W4A4_int W8A8_int MBV2_W4A4_int MBV2_W8A8_int; do",
         "  lowbit train benchmarks/results/mcu/configs/$L.yaml --out benchmarks/results/mcu/runs/$L; done",
