@@ -198,6 +198,7 @@ def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None
         lut = cs.i16(f"{nm}_lut", op.lut)
         bias = i32(f"{nm}_bias", op.bias)
         final = op.output == graph.output
+        tr = T[op.inputs[1]] if len(op.inputs) > 1 else None  # the residual
         fields = [f".cin = {cin}", f".hin = {hin}", f".win = {win}", f".cout = {cout}", f".hout = {hout}",
                   f".wout = {wout}", f".kh = {kh}", f".kw = {kw}", f".sh = {sh}", f".sw = {sw}", f".ph = {ph}",
                   f".pw = {pw}", f".groups = {groups}", f".in_bits = {ti.bits}", f".in_zero = {ti.zero}",
@@ -208,7 +209,6 @@ def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None
         else:
             to = T[op.output]
             lo, hi = out_range(op, to)
-            tr = T[op.inputs[1]] if len(op.inputs) > 1 else None
             fields += [f".mult = {i32(f'{nm}_mult', op.mult)}",
                        f".out_bits = {to.bits}", f".out_zero = {to.zero}", f".out_min = {lo}", f".out_max = {hi}"]
             if to.bits <= THRESHOLD_BITS and op.attrs.get("residual") != "output":
@@ -217,8 +217,7 @@ def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None
             else:
                 fields.append(f".shift = {i32(f'{nm}_shift', op.shift)}")
         res = "NULL"
-        if len(op.inputs) > 1:
-            tr = T[op.inputs[1]]
+        if tr is not None:
             fields += [f".res_mult = {i32(f'{nm}_res_mult', op.res_mult)}",
                        f".res_shift = {i32(f'{nm}_res_shift', op.res_shift)}",
                        f".res_bits = {tr.bits}", f".res_zero = {tr.zero}"]
