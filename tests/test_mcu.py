@@ -226,8 +226,12 @@ def test_a_w2a2_resnet8_runs_in_the_nrf51822s_16_kib_of_ram(tmp_path, monkeypatc
     assert "does not fit the nRF51822 (256 KiB flash, 16 KiB RAM): region `RAM' overflowed by" in \
         r["packed_kernels_did_not_fit"]
     fg = lower(m, torch.from_numpy(x))
-    with pytest.raises(ConfigError, match="does not fit the nRF51822"):
+    with pytest.raises(ConfigError, match=r"does not fit the nRF51822 .* bytes \(this C export keeps float32 "
+                                          r"activations; a run trained in integer mode"):
         build_and_run(fg, tmp_path / "float", x, IntegerReference(fg).run(x), "nrf51822", sizes=False)
+    with pytest.raises(ConfigError, match=r"does not fit the nRF51822 .* overflowed by \d+ bytes$"):  # the FP32 twin
+        build_and_run(fp32_graph(fg), tmp_path / "fp32", x, IntegerReference(fp32_graph(fg)).run(x), "nrf51822",
+                      sizes=False)
     # the default residual form's 8-bit streams do not fit either: the error names the form that does
     m = settled(create_model("resnet8", in_channels=1, num_classes=10, image_size=28),
                 (1, 28, 28), {**W2A2, "integer": True}, passes=2)

@@ -392,6 +392,11 @@ def build_and_run(graph: Graph, out_dir: str | Path, samples: np.ndarray, expect
         elf = build(out, tgt)
     except ConfigError as e:
         if not (tgt.part and kernels == "auto" and "does not fit" in str(e) and set(chosen.values()) - {"int", "float"}):
+            quantized = isinstance(graph, Graph) and any(isinstance(op.weight, WeightQ) for op in graph.ops)
+            if "does not fit" in str(e) and quantized:  # not the FP32 twin
+                raise ConfigError(f"{e} (this C export keeps float32 activations; a run trained in integer mode, "
+                                  "plan.integer: true, stores them as packed codes: configs/w2a2_integer_microbit.yaml)"
+                                  ) from None
             if "does not fit" in str(e) and any(op.attrs.get("residual") == "output" for op in graph.ops):
                 raise ConfigError(f"{e} (the 8-bit residual streams of integer_residual: output take the most RAM; "
                                   "integer_residual: accumulator keeps them at the bits of the convs that read them, "
