@@ -36,6 +36,7 @@ from lowbit.errors import LowbitError
 from lowbit.export import IntegerReference, lower
 from lowbit.export.api import _mem_002, load_run
 from lowbit.export.c_export import CFLAGS
+from lowbit.export.mcu import TARGETS as TARGETS_MCU
 from lowbit.export.mcu import build_and_run, fp32_graph, fp32_twin_of_int_run
 
 OUT = Path("benchmarks/results/mcu")
@@ -89,8 +90,8 @@ def wall(exes: dict[str, Path], x: np.ndarray, repeats: int = 3) -> dict[str, fl
 #: (the ARMv6-M Cortex-M0 has no 64-bit multiply, CLZ or DSP instructions either)
 NO_FPU = ("cortex-m3", "cortex-m0")
 CORE_KEYS = ("bit_exact_images", "images", "flash_bytes", "ram_bytes", "instructions_per_inference", "machine")
-#: the real nRF51822 (the micro:bit's Cortex-M0), which QEMU is given 4 MiB of each to run any model
-NRF51_FLASH, NRF51_RAM = 256 * 1024, 16 * 1024
+#: the real part of the Cortex-M0 target (QEMU's micro:bit is given 4 MiB of each to run any model)
+NRF51 = TARGETS_MCU["nrf51822"]
 
 
 def one_build(name: str, graph, d: Path, x: np.ndarray, expected: np.ndarray, kernels: str, cg_images: int) -> dict:
@@ -387,7 +388,7 @@ def readme(results: list[dict], args) -> str:
             ram = f"RAM {b['ram_bytes'] / m:.2f}x 002 Mem ({'meets' if b['ram_bytes'] <= 1.1 * m else 'misses'} <= 1.1x)"
             c0 = b.get("cortex_m0", {})
             if c0:  # the M0 build's own flash and RAM (its code and stack differ from the M4's)
-                fits = c0["flash_bytes"] <= NRF51_FLASH and c0["ram_bytes"] <= NRF51_RAM
+                fits = c0["flash_bytes"] <= NRF51.flash_size and c0["ram_bytes"] <= NRF51.ram_size
                 ram += (f"; on the M0 {c0['flash_bytes'] / 1024:.1f} KiB flash, {c0['ram_bytes'] / 1024:.1f} KiB RAM: "
                         f"{'fits' if fits else 'does not fit'} an nRF51822 (256 KiB / 16 KiB)")
             lines.append(f"- {model_name(r['label'])} {k}: {spd}; {ram}")

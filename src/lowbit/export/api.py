@@ -209,16 +209,14 @@ def _mcu(pkg, d: Path, xs, ref_np, target: str, fp32: Graph | None = None, pixel
     """The C code cross-compiled for a Cortex-M and run under QEMU, beside its FP32 build (``fp32``: that
     build's graph; by default :func:`~lowbit.export.mcu.fp32_graph` of ``pkg``); ``pixels``: the images' raw
     uint8 pixels, also run through an integer build's ``lowbit_predict_pixels``."""
-    from .mcu import build_and_run, fp32_graph
+    from .mcu import DoesNotFit, build_and_run, fp32_graph
 
     rep = build_and_run(pkg, d, xs, ref_np, target, pixels=pixels)
     fg = fp32_graph(pkg) if fp32 is None else fp32
     try:
         fp = build_and_run(fg, d.parent / f"{target}-fp32", xs, IntegerReference(fg).run(xs), target)
-    except ConfigError as e:  # a real part's memory (nrf51822) holds the quantized build but not the FP32 one
-        if "does not fit" not in str(e):
-            raise
-        rep["fp32"] = {"error": str(e).split(": ", 1)[1]}
+    except DoesNotFit as e:  # a real part's memory (nrf51822) holds the quantized build but not the FP32 one
+        rep["fp32"] = {"error": e.reason}
         return rep
     keep = ("flash_bytes", "static_ram_bytes", "stack_bytes", "ram_bytes", "bit_exact_images", "images",
             "instructions_per_inference", "dir")

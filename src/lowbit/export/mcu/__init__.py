@@ -86,6 +86,27 @@ TARGETS = {
 }
 
 
+class DoesNotFit(ConfigError):
+    """The program does not link into the memory of a target's real part (``Target.part``); ``reason`` is the
+    message without its ``export --target NAME:`` prefix."""
+
+    def __init__(self, tgt: Target, reason: str):
+        super().__init__(f"export --target {tgt.name}: {reason}")
+        self.tgt, self.reason = tgt, reason
+
+
+def _fit_hint(graph) -> str:
+    """What would fit instead, for a network that does not fit a part: a quantized network's float-activation
+    export (not its FP32 twin), or integer mode's default residual form; else nothing."""
+    if isinstance(graph, Graph) and any(isinstance(op.weight, WeightQ) for op in graph.ops):
+        return (" (this C export keeps float32 activations; a run trained in integer mode, plan.integer: true, stores "
+                "them as packed codes: configs/w2a2_integer_microbit.yaml)")
+    if any(op.attrs.get("residual") == "output" for op in graph.ops):
+        return (" (the 8-bit residual streams of integer_residual: output take the most RAM; integer_residual: "
+                "accumulator keeps them at the bits of the convs that read them, as configs/w2a2_integer_microbit.yaml)")
+    return ""
+
+
 def target(name: str) -> Target:
     if name not in TARGETS:
         raise ConfigError(f"export: unknown target {name!r}; allowed: {', '.join(TARGETS)}")
@@ -298,10 +319,9 @@ def build(c_dir: str | Path, tgt: Target, stub: bool = False) -> Path:
     try:
         _run(cmd, d, "arm-none-eabi-gcc")
     except ConfigError as e:
-        if tgt.part and "overflowed by" in str(e):
-            raise ConfigError(f"export --target {tgt.name}: the program does not fit the {tgt.part}: "
-                              f"{str(e).split('overflowed by')[0].split(': ')[-1].strip()} overflowed by"
-                              f"{str(e).split('overflowed by')[1]}") from None
+        over = re.search(r"region `\w+' overflowed by \d+ bytes", str(e))
+        if tgt.part and over:
+            raise DoesNotFit(tgt, f"the program does not fit the {tgt.part}: {over.group(0)}") from None
         raise
     return exe
 
@@ -390,21 +410,12 @@ def build_and_run(graph: Graph, out_dir: str | Path, samples: np.ndarray, expect
     write_main(out, samples, expected, pixels)
     try:
         elf = build(out, tgt)
-    except ConfigError as e:
-        if not (tgt.part and kernels == "auto" and "does not fit" in str(e) and set(chosen.values()) - {"int", "float"}):
-            quantized = isinstance(graph, Graph) and any(isinstance(op.weight, WeightQ) for op in graph.ops)
-            if "does not fit" in str(e) and quantized:  # not the FP32 twin
-                raise ConfigError(f"{e} (this C export keeps float32 activations; a run trained in integer mode, "
-                                  "plan.integer: true, stores them as packed codes: configs/w2a2_integer_microbit.yaml)"
-                                  ) from None
-            if "does not fit" in str(e) and any(op.attrs.get("residual") == "output" for op in graph.ops):
-                raise ConfigError(f"{e} (the 8-bit residual streams of integer_residual: output take the most RAM; "
-                                  "integer_residual: accumulator keeps them at the bits of the convs that read them, "
-                                  "as configs/w2a2_integer_microbit.yaml)") from None
-            raise
-        # a real part's RAM: the plain kernels need no bit-plane scratch (slower where bit-packed ones pay)
-        res = build_and_run(graph, out_dir, samples, expected, target_name, "int", timeout, sizes, pixels)
-        return {**res, "packed_kernels_did_not_fit": str(e).split(": ", 1)[1]}
+    except DoesNotFit as e:
+        if kernels == "auto" and set(chosen.values()) - {"int", "float"}:
+            # the plain kernels need no bit-plane scratch (slower where bit-packed ones pay)
+            res = build_and_run(graph, out_dir, samples, expected, target_name, "int", timeout, sizes, pixels)
+            return {**res, "packed_kernels_did_not_fit": e.reason}
+        raise DoesNotFit(tgt, e.reason + _fit_hint(graph)) from None
     full = elf_size(elf)
     base = elf_size(build(out, tgt, stub=True)) if sizes else None
     res = parse_output(run_qemu(elf, tgt, timeout), expected.shape[1])
