@@ -834,7 +834,8 @@ def test_onnx_weights_go_uint8_where_int8_kernels_could_saturate():
     from onnx import TensorProto
 
     from lowbit.export import onnx_export as ox
-    from lowbit.export.int_onnx import _u8s8_exact, variants
+    from lowbit.export.int_api import onnx_speed_notes
+    from lowbit.export.int_onnx import _u8s8_exact, float_layers, uint8_weight_layers, variants
     from lowbit.export.intgraph import IntReference
     from lowbit.intmode import int_graph
 
@@ -853,8 +854,43 @@ def test_onnx_weights_go_uint8_where_int8_kernels_could_saturate():
     assert np.abs(stem.m()).max() > 64 and g.tensors[stem.inputs[0]].qmax == 255
     assert w_type[stem.name + ".w"] == TensorProto.UINT8
     assert TensorProto.INT8 in w_type.values()  # the 2-bit layers
+    # the report names exactly the layers whose weights went as uint8 (the stem and the 8-bit classifier)
+    assert {n[:-2] for n, t in w_type.items() if t == TensorProto.UINT8} == set(uint8_weight_layers(g)) >= {stem.name}
+    assert float_layers(g) == []
     assert np.array_equal(IntReference(g).run(x.numpy()).view(np.uint32), y.view(np.uint32))
     assert np.array_equal(ox.run(ox.session(fused), x.numpy()).view(np.uint32), y.view(np.uint32))
+    u8 = uint8_weight_layers(g)
+    notes = onnx_speed_notes({"float_conv_layers": [], "uint8_weight_layers": u8})
+    assert len(notes) == 1 and f"{len(u8)} layer(s) ({', '.join(u8)})" in notes[0]
+
+
+def test_8bit_sawb_weights_are_named_as_onnxruntime_float_convs_and_lsq_ones_are_not():
+    """8-bit SAWB's levels are odd multiples of half a step (integers up to ±255): no int8 kernel holds them,
+    so the integer ONNX runs those layers as float32 Conv, and the export report says which and what to use
+    instead. 8-bit LSQ weights (an int8 grid, the paper's init) stay on the integer kernels, uint8 x int8."""
+    import torch
+
+    from lowbit.export.int_api import onnx_speed_notes
+    from lowbit.export.int_onnx import float_layers, uint8_weight_layers
+    from lowbit.intmode import int_graph
+
+    x = _x(8, (1, 28, 28), seed=3)
+    got = {}
+    for w in ({"name": "sawb", "bits": 8}, {"name": "lsq", "bits": 8, "per_channel": True}):
+        torch.manual_seed(0)
+        m = create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25)
+        m = _ready(m, (1, 28, 28), plan={"weight": w, "act": {"name": "pact", "bits": 8}, "integer": True})
+        g = int_graph(m, x[:1])
+        got[w["name"]] = (g, float_layers(g), uint8_weight_layers(g))
+    g, fl, u8 = got["sawb"]
+    convs = [op.name for op in g.ops if op.kind == "conv"]
+    # every SAWB layer; integer mode quantizes the first conv and the classifier by LSQ at 8 bits
+    assert fl == [n for n in convs if n not in ("conv1", "fc")] and len(fl) >= 8
+    notes = onnx_speed_notes({"float_conv_layers": fl, "uint8_weight_layers": u8})
+    assert f"{len(fl)} layer(s) ({', '.join(fl[:3])} and {len(fl) - 3} more)" in notes[0]
+    assert "float32 Conv" in notes[0] and "(lsq, uniform)" in notes[0]
+    g, fl, u8 = got["lsq"]
+    assert fl == [] and u8 == [] and onnx_speed_notes({"float_conv_layers": fl, "uint8_weight_layers": u8}) == []
 
 
 def test_weight_prescale_makes_the_bias_fine_within_int8_and_float32_limits():

@@ -105,7 +105,7 @@ def _onnx(pkg, d: Path, xn, ref, y, latency_batch: int, repeats: int, calib: int
     import onnx
 
     from . import onnx_export as ox
-    from .int_onnx import eff_scales, float_layers, quantize_static_onnx, to_fp32_onnx, to_int_onnx
+    from .int_onnx import eff_scales, float_layers, quantize_static_onnx, to_fp32_onnx, to_int_onnx, uint8_weight_layers
 
     d.mkdir(parents=True, exist_ok=True)
     sc = eff_scales(pkg)
@@ -118,7 +118,8 @@ def _onnx(pkg, d: Path, xn, ref, y, latency_batch: int, repeats: int, calib: int
     models["ort_int8"] = quantize_static_onnx(models["fp32"], xn[:calib], d / "model_fp32.onnx",
                                               d / "model_ort_int8.onnx")
     sessions = {k: ox.session(m) for k, m in models.items()}
-    rep = {"dir": str(d), "checker": "ok", "opset": ox.OPSET, "float_conv_layers": float_layers(pkg)}
+    rep = {"dir": str(d), "checker": "ok", "opset": ox.OPSET, "float_conv_layers": float_layers(pkg),
+           "uint8_weight_layers": uint8_weight_layers(pkg)}
     for k, s in sessions.items():
         lo = ox.run(s, xn)
         rep[k] = {**compare(ref, lo), "accuracy": _accuracy(lo, y)}
@@ -168,7 +169,29 @@ def format_int_report(r: dict) -> str:
         lines.append(f"onnxruntime     ConvInteger {lat['integer']:.2f} ms, QLinearConv {lat['integer_fused']:.2f} ms, "
                      f"FP32 {lat['fp32']:.2f} ms, quantize_static {lat['ort_int8']:.2f} ms per batch of "
                      f"{o['latency_batch']} (1 thread)")
+    lines += onnx_speed_notes(o or {})
     return "\n".join(lines)
+
+
+def onnx_speed_notes(o: dict) -> list[str]:
+    """Report lines for the layers that onnxruntime cannot run on its fast integer kernels (``o``: the
+    report's ``onnx`` part)."""
+    lines = []
+    if o.get("float_conv_layers"):
+        f = o["float_conv_layers"]
+        lines.append(f"ONNX, slow      {len(f)} layer(s) ({_names(f)}) have integer weights beyond int8 (8-bit SAWB's "
+                     "odd levels go up to ±255): onnxruntime runs them as float32 Conv; 8-bit weights on an int8 grid "
+                     "(lsq, uniform) run on its integer kernels")
+    if o.get("uint8_weight_layers"):
+        u = o["uint8_weight_layers"]
+        lines.append(f"ONNX, note      {len(u)} layer(s) ({_names(u)}) have weights beyond ±64 on 8-bit codes, which "
+                     "onnxruntime's uint8 x int8 kernel can saturate on x86 without VNNI: their weights go as uint8, "
+                     "to its exact uint8 x uint8 kernel")
+    return lines
+
+
+def _names(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 def export_int_runs(run_dirs, out: str | Path, limit: int | None = None, c_images: int | None = None,

@@ -52,6 +52,13 @@ def float_layers(graph: IntGraph) -> list[str]:
     return out
 
 
+def uint8_weight_layers(graph: IntGraph) -> list[str]:
+    """Conv/linear ops within int8 whose weights still go as uint8 (:func:`_u8s8_exact` fails: 8-bit
+    inputs with weights beyond ±64): onnxruntime runs them on its uint8 x uint8 kernel."""
+    return [op.name for op in graph.ops if op.kind == "conv" and op.name not in float_layers(graph)
+            and not _u8s8_exact(op.m(), graph.tensors[op.inputs[0]].qmax)]
+
+
 def _u8s8_exact(m: np.ndarray, in_qmax: int) -> bool:
     """Whether onnxruntime's uint8 x int8 kernels compute ``Σ m·x`` exactly for codes ``x <= in_qmax``.
     On x86 without VNNI (AVX2) MLAS multiplies uint8 by int8 with ``vpmaddubsw``, which adds two
