@@ -3,6 +3,7 @@ package, the C runtime and the integer ONNX model."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -13,6 +14,23 @@ from lowbit.export.requant import quantize_multiplier, real_multiplier, requanti
 
 CC = shutil.which("cc") or shutil.which("gcc")
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler on PATH")
+#: host C builds of the exports under AddressSanitizer and UBSan (LOWBIT_CFLAGS): a read or write outside a
+#: buffer fails the build's run instead of passing by luck (session 21: lb_conv's scratch was too small for a
+#: linear layer reading codes below 8 bits, and the logits were still right on most images)
+SANITIZE = "-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+
+
+def _sanitizer_works() -> bool:
+    import tempfile
+    from pathlib import Path
+
+    if CC is None:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "t.c"
+        src.write_text("int main(void) { return 0; }\n")
+        r = subprocess.run([CC, *SANITIZE.split(), str(src), "-o", str(Path(d) / "t")], capture_output=True)
+        return r.returncode == 0 and subprocess.run([str(Path(d) / "t")], capture_output=True).returncode == 0
 
 
 def _cases(n=20000, seed=0):
@@ -357,9 +375,66 @@ def test_c_thresholds_with_negative_batchnorm_scales(tmp_path):
     g = int_graph(m, x[:1])
     thr_ops = [op for op in g.ops if op.kind == "conv" and op.output != g.output and g.tensors[op.output].bits <= 2]
     assert thr_ops and any((op.mult < 0).any() for op in thr_ops)
-    r = export_int_model(m, x, tmp_path, c_images=None, onnx=False)
+    r = export_int_model(m, x, tmp_path, c_images=None, formats=("packed", "c"))
     assert r["c"]["bit_exact_images"] == 16
     assert "_thr[" in (tmp_path / "c" / "model.c").read_text()
+    # only the formats asked for (before session 21 an integer export wrote all three whatever --format said)
+    assert "onnx" not in r and not (tmp_path / "onnx").exists() and (tmp_path / "packed" / "model.safetensors").is_file()
+
+
+@needs_cc
+def test_export_model_of_an_integer_model_is_the_integer_export_with_its_formats(resnet_int, tmp_path):
+    """export_model on an integer-mode model runs the integer export (before session 21 it ran the float-activation
+    export, which is not bit-exact with the integer network), with only the formats asked for: the packed file, the
+    source of the NumPy and C backends, goes to a temporary folder when it is not one of them."""
+    from lowbit.export import export_model, format_report
+
+    x = _x(8, (1, 28, 28), seed=5)
+    r = export_model(resnet_int, x, tmp_path / "c_only", formats="c", c_images=None)
+    assert r["integer"] and r["formats"] == ["c"] and r["failed_checks"] == []
+    assert r["numpy"]["bit_exact_images"] == 8 and r["c"]["bit_exact_images"] == 8 and "onnx" not in r
+    assert sorted(p.name for p in (tmp_path / "c_only").iterdir()) == ["c"]
+    assert "integer export of a model" in format_report(r) and "CHECK FAILED" not in format_report(r)
+    with pytest.raises(ConfigError, match="--target needs the c format"):
+        export_model(resnet_int, x, tmp_path / "x", formats="packed", target="cortex-m4")
+    with pytest.raises(ConfigError, match="export format '' unknown"):
+        export_model(resnet_int, x, tmp_path / "x", formats="packed,,c")
+
+
+def test_failed_checks_are_named_and_make_the_cli_fail(monkeypatch, tmp_path, capsys):
+    """An export whose C build is not bit-exact, or whose self-test fails, is wrong: the report lists each failed
+    check, format_report prints them, and `lowbit export` exits 1 (the audit of session 21: a C build with an
+    out-of-bounds write reported 7/8 images bit-exact and exited 0)."""
+    from lowbit import cli
+    from lowbit.export import api
+
+    ok = {"integer": True, "out_dir": "o", "numpy": {"images": 8, "bit_exact_images": 8},
+          "c": {"compiled": True, "self_test_ok": True, "self_test": "3/3", "images": 8, "bit_exact_images": 8,
+                "pixel_images": 8, "pixel_bit_exact_images": 8},
+          "mcu": {"target": "cortex-m4", "images": 3, "bit_exact_images": 3}}
+    assert api.failed_checks(ok) == []
+    bad = {**ok, "numpy": {"images": 8, "bit_exact_images": 7},
+           "c": {**ok["c"], "self_test_ok": False, "self_test": "2/3 samples bit-exact", "bit_exact_images": 7,
+                 "pixel_bit_exact_images": 6},
+           "mcu": {"target": "cortex-m4", "images": 3, "bit_exact_images": 2, "pixel_images": 3,
+                   "pixel_bit_exact_images": 1}}
+    assert api.failed_checks(bad) == [
+        "NumPy (packed file) 7/8 images bit-exact with PyTorch", "C self-test failed: 2/3 samples bit-exact",
+        "C 7/8 images bit-exact with NumPy", "C from pixels 6/8 images bit-exact with NumPy",
+        "cortex-m4 2/3 images bit-exact with NumPy", "cortex-m4 from pixels 1/3 images bit-exact"]
+    # a float export's NumPy network agrees with PyTorch up to float rounding: not an exactness check
+    assert api.failed_checks({**ok, "integer": False}) == []
+    with pytest.warns(UserWarning, match="6 check"):
+        flagged = api._flag_failures(dict(bad))
+    monkeypatch.setattr("lowbit.export.export_run", lambda *a, **k: flagged)
+    monkeypatch.setattr("lowbit.export.format_report", lambda rep: "the report")
+    assert cli.main(["export", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "lowbit: export: 6 check(s) failed: NumPy (packed file) 7/8 images bit-exact with PyTorch" in err
+    monkeypatch.setattr("lowbit.export.export_run", lambda *a, **k: {**ok, "failed_checks": []})
+    assert cli.main(["export", str(tmp_path), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["integer"] is True and out.err.strip() == "the report"  # stdout: the JSON alone
 
 
 @pytest.fixture(scope="module")
@@ -499,21 +574,41 @@ def test_arena_plan_never_shares_a_live_byte_and_reaches_the_peak_of_live_bytes(
     assert size == peak
 
 
+class LeNetLike(nn.Module):
+    """LeNet's shape: a conv, max-pool, then a linear layer reading the flattened 2-bit codes (its input is
+    unpacked into lb_conv's scratch, the largest of the network), and the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(4 * 5 * 5, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.flatten(self.pool(torch.relu(self.bn(self.conv(x)))), 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
 @needs_cc
-@pytest.mark.parametrize("which", ["resnet8", "grouped", "odd"])
-def test_every_backend(which, resnet_int, tmp_path):
+@pytest.mark.parametrize("which", ["resnet8", "grouped", "odd", "lenet"])
+def test_every_backend(which, resnet_int, tmp_path, monkeypatch):
     from lowbit.export.int_api import export_int_model, format_int_report
 
     if which == "resnet8":
         m, shape = resnet_int, (1, 28, 28)
     else:  # a PACT clip of 2 and settled BatchNorm statistics: every layer live (_assert_live)
-        net, shape = (GroupedNet(), (1, 12, 12)) if which == "grouped" else (OddKernelNet(), (1, 11, 11))
+        net, shape = {"grouped": (GroupedNet(), (1, 12, 12)), "odd": (OddKernelNet(), (1, 11, 11)),
+                      "lenet": (LeNetLike(), (1, 12, 12))}[which]
         m = _ready(net, shape, plan={**INT_W2A2, "act": {"name": "pact", "bits": 2, "init": 2.0}}, passes=20)
     x = _x(24, shape, seed=3)
     _assert_live(m, x)
+    if _sanitizer_works():  # the C builds below run under ASan + UBSan
+        monkeypatch.setenv("LOWBIT_CFLAGS", SANITIZE)
     r = export_int_model(m, x, tmp_path / which, c_images=None, latency_repeats=1, latency_batch=8, calib=8)
     assert r["numpy"]["bit_exact_images"] == 24
-    assert r["c"]["self_test_ok"] and r["c"]["bit_exact_images"] == 24
+    assert r["c"]["self_test_ok"] and r["c"]["bit_exact_images"] == 24 and r["failed_checks"] == []
     # the ConvInteger model requantizes as the integer model does (float32 multiply, round half to even):
     # bit-exact, the accumulator-form residual included; QLinearConv too where it has no such residual
     assert r["onnx"]["integer"]["mismatches"] == 0 and r["onnx"]["integer"]["max_logit_diff"] == 0
@@ -521,7 +616,7 @@ def test_every_backend(which, resnet_int, tmp_path):
         assert r["onnx"]["integer_fused"]["max_logit_diff"] == 0
     # RAM holds packed codes (2-bit tensors: n/4 bytes): the whole arena is under 2 bytes per element
     # of the largest activation, where float32 activations took 4 bytes per element of each live tensor
-    largest = {"resnet8": 4 * 28 * 28, "grouped": 8 * 12 * 12, "odd": 6 * 11 * 11}[which]
+    largest = {"resnet8": 4 * 28 * 28, "grouped": 8 * 12 * 12, "odd": 6 * 11 * 11, "lenet": 4 * 10 * 10}[which]
     assert r["c"]["arena_bytes"] <= 2 * largest
     assert "bit-exact" in format_int_report(r)
     if which == "grouped":

@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .errors import LowbitError
@@ -146,14 +147,20 @@ def cmd_list(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_run, format_report
 
-    formats = [f for part in (args.format or ["packed,onnx,c"]) for f in part.split(",") if f]
+    formats = [f.strip() for part in (args.format or ["packed,onnx,c"]) for f in part.split(",")]
     if args.target and not args.format:
         formats = ["c"]  # --target alone: the C export on the core
-    rep = export_run(args.run_dir, formats=formats, out_dir=args.out, limit=args.limit, c_images=args.c_images,
-                     target=args.target)
-    print(format_report(rep))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # failed checks: the report says them, and the status is 1
+        rep = export_run(args.run_dir, formats=formats, out_dir=args.out, limit=args.limit, c_images=args.c_images,
+                         target=args.target)
+    # --json: stdout is the JSON alone (the text report goes to stderr)
+    print(format_report(rep), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(rep, indent=2))
+    if rep.get("failed_checks"):
+        print(f"lowbit: export: {len(rep['failed_checks'])} check(s) failed: {rep['failed_checks'][0]}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -326,13 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
     x = sub.add_parser("export", help="export a run: packed weights, ONNX, C99; each checked against PyTorch")
     x.add_argument("run_dir")
-    x.add_argument("--format", action="append", help="packed, onnx, c (comma-separated or repeated; default all)")
+    x.add_argument("--format", action="append",
+                   help="packed, onnx, c (comma-separated or repeated; default all, or c alone with --target); an "
+                        "integer-mode run builds its NumPy, C and ONNX from the packed file, kept only with packed")
     x.add_argument("--out", help="output folder (default RUN_DIR/export)")
     x.add_argument("--limit", type=_positive_int, help="check on the first N test images only")
     x.add_argument("--c-images", type=_positive_int, default=8, help="test images run through the compiled C code")
     x.add_argument("--target", metavar="CORE",
                    help="cortex-m0 or cortex-m3 (no FPU), cortex-m4, cortex-m7, cortex-m33, or nrf51822 (a Cortex-M0 with the part's 256 KiB flash and 16 KiB RAM): also cross-compile the C code for this core and run it under QEMU (flash, RAM, instructions)")
-    x.add_argument("--json", action="store_true")
+    x.add_argument("--json", action="store_true", help="print the report as JSON on stdout (the text on stderr)")
     x.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="run a benchmark suite (methods x bits x models x widths x seeds)")
     b.add_argument("suite", help="suite YAML")

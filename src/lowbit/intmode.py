@@ -391,6 +391,11 @@ def _int_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # the integer graph of the model's current state
 # ---------------------------------------------------------------------------------------------
+def is_integer(model: nn.Module) -> bool:
+    """Whether ``model`` is quantized in integer mode (``plan.integer: true``)."""
+    return getattr(getattr(model, "_lowbit_state", None), "integer", None) is not None
+
+
 def int_graph(model: nn.Module, example: torch.Tensor):
     """The :class:`~lowbit.export.intgraph.IntGraph` an integer-mode model computes in eval mode
     (shapes from one example input; quantizers and weights as they are now)."""
@@ -400,10 +405,10 @@ def int_graph(model: nn.Module, example: torch.Tensor):
     from .export.levels import act_quant, integer_form
     from .export.requant import quantize_multiplier
 
-    state = getattr(model, "_lowbit_state", None)
-    ist = getattr(state, "integer", None)
-    if ist is None:
+    if not is_integer(model):
         raise ConfigError("int_graph: the model is not quantized with plan.integer: true")
+    state = model._lowbit_state
+    ist = state.integer
     was = model.training
     model.eval()
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +38,26 @@ BN_NOTE = {"folded": "folded into the float weights", "affine": "per-channel aff
 
 def _formats(formats) -> tuple[str, ...]:
     if isinstance(formats, str):
-        formats = [f.strip() for f in formats.split(",") if f.strip()]
+        formats = [f.strip() for f in formats.split(",")]
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ConfigError(f"export format {', '.join(map(repr, bad)) or '(none)'} unknown; allowed: {', '.join(FORMATS)}")
     return tuple(dict.fromkeys(formats))
+
+
+def check_formats(formats, target: str | None = None) -> tuple[str, ...]:
+    """The export formats (a list or "packed,onnx,c"), checked with the Cortex-M ``target`` before any work: an
+    unknown format or core, a target without the c format, or a missing cross tool is one line."""
+    formats = _formats(formats)
+    if target is not None:
+        from .mcu import check_tools
+        from .mcu import target as _target
+
+        _target(target)
+        if "c" not in formats:
+            raise ConfigError("export: --target needs the c format (--format c)")
+        check_tools()
+    return formats
 
 
 def compare(ref: np.ndarray, out: np.ndarray) -> dict:
@@ -105,16 +121,15 @@ def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats
     :func:`format_report`).
     """
     from ..cost import count_params
+    from ..intmode import is_integer
 
-    formats = _formats(formats)
-    if target is not None:
-        from .mcu import check_tools
-        from .mcu import target as _target
+    formats = check_formats(formats, target)
+    if is_integer(model):  # integer mode: the integer package, C runtime and integer ONNX (int_api)
+        from .int_api import export_int_model
 
-        _target(target)
-        if "c" not in formats:
-            raise ConfigError("export: --target needs the c format (--format c)")
-        check_tools()
+        return {"integer": True, **export_int_model(
+            model, x, out_dir, labels=labels, formats=formats, c_images=c_images, latency_batch=latency_batch,
+            latency_repeats=latency_repeats, meta=meta, log=log, target=target, mcu_images=mcu_images)}
     say = log or (lambda s: None)
     out = Path(out_dir)
     x, xn, y, ref = torch_reference(model, x, labels, batch)
@@ -154,7 +169,7 @@ def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats
             report["c"]["mcu"] = _mcu(pkg, out / "c" / target, xn[:mcu_images], ref_np[:mcu_images], target)
     if tmp is not None:
         tmp.cleanup()
-    return report
+    return _flag_failures(report)
 
 
 def _onnx(pkg: Graph, d: Path, xn, ref, y, latency_batch: int, repeats: int, batch: int) -> dict:
@@ -207,11 +222,14 @@ def _c(pkg: Graph, d: Path, xn, ref, ref_np, y, c_images: int | None) -> dict:
 
 def _mcu(pkg, d: Path, xs, ref_np, target: str, fp32: Graph | None = None, pixels=None) -> dict:
     """The C code cross-compiled for a Cortex-M and run under QEMU, beside its FP32 build (``fp32``: that
-    build's graph; by default :func:`~lowbit.export.mcu.fp32_graph` of ``pkg``); ``pixels``: the images' raw
+    build's graph; by default :func:`~lowbit.export.mcu.fp32_graph` of a float ``pkg``, none for an integer one);
+    ``pixels``: the images' raw
     uint8 pixels, also run through an integer build's ``lowbit_predict_pixels``."""
     from .mcu import DoesNotFit, build_and_run, fp32_graph
 
     rep = build_and_run(pkg, d, xs, ref_np, target, pixels=pixels)
+    if fp32 is None and not isinstance(pkg, Graph):  # an integer graph has no float twin of its own
+        return rep
     fg = fp32_graph(pkg) if fp32 is None else fp32
     try:
         fp = build_and_run(fg, d.parent / f"{target}-fp32", xs, IntegerReference(fg).run(xs), target)
@@ -240,13 +258,7 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
     ``RUN_DIR/export``) and check it on the run's test set (the first ``limit`` images)."""
     from ..data import BatchLoader
 
-    formats = _formats(formats)
-    if target is not None:  # before any work: an unknown core or a missing tool is one line
-        from .mcu import check_tools
-        from .mcu import target as _target
-
-        _target(target)
-        check_tools()
+    formats = check_formats(formats, target)  # before any work
     cfg, data, model = load_run(run_dir)
     if cfg.plan.integer:  # integer-mode run: the integer package, C runtime and integer ONNX
         from .int_api import export_int_model
@@ -254,23 +266,15 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
         xs, ys = zip(*BatchLoader(data.test, data.info, 1000))
         x, y = torch.cat(xs)[:limit], torch.cat(ys)[:limit]
         out = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
-        norm = {"input_normalisation": _normalisation(data.info)}
-        rep = {"run_dir": str(run_dir), "integer": True, **export_int_model(
-            model, x, out, labels=y, c_images=c_images, onnx="onnx" in formats, latency_batch=latency_batch,
-            latency_repeats=latency_repeats, log=log, meta={"run": str(run_dir), "model": cfg.model.name, **norm})}
-        if target is not None:  # the integer C runtime on a Cortex-M under QEMU, beside the FP32 build
-            from ..intmode import int_graph
-            from .int_api import _pixels
-            from .intgraph import IntReference as IntRef
+        fp32 = None
+        if target is not None:  # the FP32 build beside the integer one on the core
             from .mcu import fp32_twin_of_int_run
 
-            ig = int_graph(model, x[:1])
-            ig.meta = norm
-            xs = x[:mcu_images].numpy()
-            fg = fp32_twin_of_int_run(cfg, data.info, run_dir, x)[1]
-            rep["mcu"] = _mcu(ig, out / "c" / target, xs, IntRef(ig).run(xs), target, fp32=fg,
-                              pixels=_pixels(ig, xs))
-        return rep
+            fp32 = fp32_twin_of_int_run(cfg, data.info, run_dir, x)[1]
+        return {"run_dir": str(run_dir), "integer": True, **export_int_model(
+            model, x, out, labels=y, formats=formats, c_images=c_images, latency_batch=latency_batch,
+            latency_repeats=latency_repeats, log=log, target=target, mcu_images=mcu_images, fp32=fp32,
+            meta={"run": str(run_dir), "model": cfg.model.name, "input_normalisation": _normalisation(data.info)})}
     loader = BatchLoader(data.test, data.info, 1000)
     xs, ys = zip(*loader) if len(data.test) else ((), ())
     if not xs:
@@ -315,13 +319,47 @@ def _agree(r: dict) -> str:
             f"({100 * r['agreement']:.2f}%, {r['mismatches']} mismatches), max |Δlogit| {r['max_logit_diff']:.2g}")
 
 
+def failed_checks(report: dict) -> list[str]:
+    """The exactness checks of an export report that failed, one short line each (empty: all passed): the integer
+    package's NumPy network against PyTorch, the C build's self-test and its logits against NumPy (from floats and
+    from raw pixels), and a Cortex-M build's. An export that fails one is wrong: ``lowbit export`` exits 1."""
+    out = []
+    n = report.get("numpy") or {}
+    if report.get("integer") and n and n["bit_exact_images"] < n["images"]:
+        out.append(f"NumPy (packed file) {n['bit_exact_images']}/{n['images']} images bit-exact with PyTorch")
+    c = report.get("c") or {}
+    if c.get("compiled"):
+        if not c.get("self_test_ok", True):
+            out.append(f"C self-test failed: {c.get('self_test') or 'no output'}")
+        if c["bit_exact_images"] < c["images"]:
+            out.append(f"C {c['bit_exact_images']}/{c['images']} images bit-exact with NumPy")
+        if c.get("pixel_images") and c["pixel_bit_exact_images"] < c["pixel_images"]:
+            out.append(f"C from pixels {c['pixel_bit_exact_images']}/{c['pixel_images']} images bit-exact with NumPy")
+    for m in (report.get("mcu"), c.get("mcu")):
+        if m and m["bit_exact_images"] < m["images"]:
+            out.append(f"{m['target']} {m['bit_exact_images']}/{m['images']} images bit-exact with NumPy")
+        if m and m.get("pixel_images") and m["pixel_bit_exact_images"] < m["pixel_images"]:
+            out.append(f"{m['target']} from pixels {m['pixel_bit_exact_images']}/{m['pixel_images']} images bit-exact")
+    return out
+
+
+def _flag_failures(report: dict) -> dict:
+    """``report["failed_checks"]`` (:func:`failed_checks`), and a warning when there are any."""
+    report["failed_checks"] = failed_checks(report)
+    if report["failed_checks"]:
+        warnings.warn(f"export: {len(report['failed_checks'])} check(s) failed: " + "; ".join(report["failed_checks"]),
+                      stacklevel=3)
+    return report
+
+
 def format_report(report: dict) -> str:
     """The report of :func:`export_run` / :func:`export_model` as a few lines of text."""
     if report.get("integer"):
         from .int_api import format_int_report
 
-        return (f"integer export of {report['run_dir']} -> {report['out_dir']}\n" + format_int_report(report)
-                + (f"\n{format_mcu(report['mcu'])}" if report.get("mcu") else ""))
+        return (f"integer export of {report.get('run_dir', 'a model')} -> {report['out_dir']}\n"
+                + format_int_report(report) + (f"\n{format_mcu(report['mcu'])}" if report.get("mcu") else "")
+                + _failures(report))
     lines = []
     if "run_dir" in report:
         fl = ", first conv / last linear FP32" if all(report.get("first_last_fp", [False])) else ""
@@ -364,7 +402,12 @@ def format_report(report: dict) -> str:
             lines.append(f"C               {c.get('note', 'not built')}")
         if c.get("mcu"):
             lines.append(format_mcu(c["mcu"]))
-    return "\n".join(lines)
+    return "\n".join(lines) + _failures(report)
+
+
+def _failures(report: dict) -> str:
+    f = report.get("failed_checks", failed_checks(report))
+    return "".join(f"\nCHECK FAILED    {x}" for x in f)
 
 
 def format_mcu(r: dict) -> str:

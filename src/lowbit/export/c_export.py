@@ -26,7 +26,9 @@ no ``-ffast-math``), so every ``a*b + c`` is rounded twice as in NumPy.
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -41,6 +43,12 @@ from .numpy_ref import ConvKernel, prepare
 from .pack import pack_codes
 
 CFLAGS = ["-std=c99", "-O2", "-ffp-contract=off", "-Wall", "-Wextra"]
+
+
+def host_cflags() -> list[str]:
+    """The flags of the host builds that check an export: :data:`CFLAGS` and the environment's ``LOWBIT_CFLAGS``
+    (e.g. ``-fsanitize=address,undefined``, as the tests build some of them)."""
+    return [*CFLAGS, *shlex.split(os.environ.get("LOWBIT_CFLAGS", ""))]
 
 
 @dataclass
@@ -597,7 +605,7 @@ def compile_c(c_dir: str | Path, cc: str | None = None) -> Path:
     d = Path(c_dir).resolve()  # gcc runs with cwd=d: a relative -o path would point elsewhere
     exe = d / "model"
     extra = sorted(p.name for p in d.glob("lb_*.c"))  # kernel sources copied by a conv_hook
-    r = subprocess.run([cc, *CFLAGS, "-o", str(exe), "model.c", "main.c", *extra, "-lm"], cwd=d,
+    r = subprocess.run([cc, *host_cflags(), "-o", str(exe), "model.c", "main.c", *extra, "-lm"], cwd=d,
                        capture_output=True, text=True, check=False)
     if r.returncode != 0:
         lines = r.stderr.strip().splitlines() or [f"{cc} exited with {r.returncode}"]
@@ -615,7 +623,12 @@ def run_c(exe: str | Path, x: np.ndarray, n_out: int, pixels: str | None = None)
     x.tofile(fin)
     mode = [] if pixels is None else [{"chw": "--pixels", "hwc": "--pixels-hwc"}[pixels]]
     try:
-        subprocess.run([str(exe), *mode, str(fin), str(len(x)), str(fout)], check=True, capture_output=True)
+        r = subprocess.run([str(exe), *mode, str(fin), str(len(x)), str(fout)], capture_output=True, text=True)
+        if r.returncode != 0:
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()] or ["no message"]
+            first = next((ln for ln in lines if "ERROR" in ln or "error" in ln), lines[0])
+            raise ConfigError(f"export: the compiled C model failed on {len(x)} inputs (exit status {r.returncode}): "
+                              f"{first.strip()}")
         return np.fromfile(fout, dtype=np.float32).reshape(len(x), n_out)
     finally:
         fin.unlink(missing_ok=True)

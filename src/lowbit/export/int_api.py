@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .api import _accuracy, _mem_002, compare, torch_reference
+from .api import FORMATS, _accuracy, _flag_failures, _mcu, _mem_002, check_formats, compare, torch_reference
 from .intgraph import IntReference, load_int_package, packed_weight_bytes, save_int_package
 
 
@@ -35,55 +36,70 @@ def _bits_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def export_int_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, labels: torch.Tensor | None = None,
-                     c_images: int | None = 8, onnx: bool = True, latency_batch: int = 256,
-                     latency_repeats: int = 20, calib: int = 200, meta: dict | None = None,
-                     log=None) -> dict:
-    """Export and check an integer-mode model on inputs ``x`` (module docstring)."""
+                     formats=FORMATS, c_images: int | None = 8, latency_batch: int = 256, latency_repeats: int = 20,
+                     calib: int = 200, meta: dict | None = None, log=None, target: str | None = None,
+                     mcu_images: int = 3, fp32=None) -> dict:
+    """Export and check an integer-mode model on inputs ``x`` (module docstring). ``formats``: any of packed, onnx,
+    c (the NumPy reference and both other formats are built from the packed file, which goes to a temporary folder
+    when "packed" is not asked for); ``target`` (with "c"): the C runtime cross-compiled for that Cortex-M and run
+    under QEMU on ``mcu_images`` inputs, beside an FP32 build (``fp32``: that build's float graph, e.g.
+    :func:`lowbit.export.mcu.fp32_twin_of_int_run`; None: no FP32 build)."""
     from ..intmode import int_graph
     from .c_export import find_cc, run_c
     from .int_c import compile_int_c, write_int_c
 
+    formats = check_formats(formats, target)
     say = log or (lambda s: None)
     out = Path(out_dir)
     say("pytorch (integer mode)")
     x, xn, y, ref = torch_reference(model, x, labels, 500)
     graph = int_graph(model, x[:1])
     graph.meta = dict(meta or {})
-    sz = save_int_package(graph, out / "packed")
-    pkg = load_int_package(out / "packed" / "model.safetensors")
-    rep: dict = {"images": len(x), "out_dir": str(out), "torch": {"accuracy": _accuracy(ref, y)},
-                 "packed": {**sz, "weight_codes_bytes": packed_weight_bytes(pkg)}}
+    with tempfile.TemporaryDirectory() as tmp:
+        pdir = out / "packed" if "packed" in formats else Path(tmp)
+        sz = save_int_package(graph, pdir)
+        pkg = load_int_package(pdir / "model.safetensors")
+    rep: dict = {"images": len(x), "formats": list(formats), "out_dir": str(out),
+                 "torch": {"accuracy": _accuracy(ref, y)},
+                 "packed": {**sz, "weight_codes_bytes": packed_weight_bytes(pkg),
+                            **({} if "packed" in formats else {"note": "not kept (--format without packed)"})}}
     say("numpy")
     t0 = time.perf_counter()
     ref_np = IntReference(pkg).run(xn)
     rep["numpy"] = {**compare(ref, ref_np), "bit_exact_images": int(_bits_equal(ref, ref_np).sum()),
                     "accuracy": _accuracy(ref_np, y), "seconds": time.perf_counter() - t0}
-    say("c")
-    n_self = min(3, len(xn))
-    ce = write_int_c(pkg, out / "c", xn[:n_self], ref_np[:n_self])
-    c = {**ce.to_dict(), "compiled": False, "mem_002": _mem_002(model, x)}
-    if find_cc() is not None:
-        exe = compile_int_c(out / "c")
-        st = subprocess.run([str(exe)], capture_output=True, text=True, check=False)
-        n = len(xn) if c_images is None else min(int(c_images), len(xn))
-        t0 = time.perf_counter()
-        lc = run_c(exe, xn[:n], ref.shape[1])
-        c.update({"compiled": True, "self_test": st.stdout.strip(), "self_test_ok": st.returncode == 0,
-                  "bit_exact_images": int(_bits_equal(lc, ref_np[:n]).sum()), **compare(ref[:n], lc),
-                  "accuracy": _accuracy(lc, None if y is None else y[:n]),
-                  "seconds_per_image": (time.perf_counter() - t0) / max(n, 1)})
-        px = _pixels(pkg, xn[:n])
-        if px is not None:  # raw uint8 pixels in (lowbit_predict_pixels): the same logits, no float at the input
-            lp = run_c(exe, px, ref.shape[1], pixels="chw")
-            c.update({"pixel_images": n, "pixel_bit_exact_images": int(_bits_equal(lp, ref_np[:n]).sum())})
-        exe.unlink()
-    else:
-        c["note"] = "no C compiler on PATH: code written, not built"
-    rep["c"] = c
-    if onnx:
+    if "c" in formats:
+        say("c")
+        n_self = min(3, len(xn))
+        ce = write_int_c(pkg, out / "c", xn[:n_self], ref_np[:n_self])
+        c = {**ce.to_dict(), "compiled": False, "mem_002": _mem_002(model, x)}
+        if find_cc() is not None:
+            exe = compile_int_c(out / "c")
+            st = subprocess.run([str(exe)], capture_output=True, text=True, check=False)
+            n = len(xn) if c_images is None else min(int(c_images), len(xn))
+            t0 = time.perf_counter()
+            lc = run_c(exe, xn[:n], ref.shape[1])
+            c.update({"compiled": True, "self_test": st.stdout.strip(), "self_test_ok": st.returncode == 0,
+                      "bit_exact_images": int(_bits_equal(lc, ref_np[:n]).sum()), **compare(ref[:n], lc),
+                      "accuracy": _accuracy(lc, None if y is None else y[:n]),
+                      "seconds_per_image": (time.perf_counter() - t0) / max(n, 1)})
+            px = _pixels(pkg, xn[:n])
+            if px is not None:  # raw uint8 pixels in (lowbit_predict_pixels): the same logits, no float at the input
+                lp = run_c(exe, px, ref.shape[1], pixels="chw")
+                c.update({"pixel_images": n, "pixel_bit_exact_images": int(_bits_equal(lp, ref_np[:n]).sum())})
+            exe.unlink()
+        else:
+            c["note"] = "no C compiler on PATH: code written, not built"
+        rep["c"] = c
+    if "onnx" in formats:
         say("onnx")
         rep["onnx"] = _onnx(pkg, out / "onnx", xn, ref, y, latency_batch, latency_repeats, calib)
-    return rep
+    if target is not None:  # the integer C runtime on a Cortex-M under QEMU, beside the FP32 build
+        say(target)
+        xs = xn[:mcu_images]
+        rep["mcu"] = _mcu(pkg, out / "c" / target, xs, IntReference(pkg).run(xs), target, fp32=fp32,
+                          pixels=_pixels(pkg, xs))
+    return _flag_failures({"integer": True, **rep})
 
 
 def _pixels(graph, x: np.ndarray) -> np.ndarray | None:

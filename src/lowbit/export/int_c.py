@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from .c_export import CFLAGS, _Consts, _ident, _main_c, find_cc
+from .c_export import CFLAGS, _Consts, _ident, _main_c, find_cc, host_cflags
 from .intgraph import IntGraph, accumulator_bound, out_range, pixel_table
 from .memplan import place
 from .pack import pack_codes, packed_nbytes
@@ -97,16 +97,26 @@ THRESHOLD_BITS = 2
 SCRATCH_COMMENT = "/* lb_conv's scratch: a decoded weight row, and a band of the input unpacked */"
 
 
+def conv_geometry(op) -> tuple[int, int, int, int, int, int]:
+    """``(cin, hin, win, cout, hout, wout)`` of a conv op as ``lb_conv`` sees it (a linear layer: a 1x1 conv on
+    a 1x1 image of ``cin`` channels)."""
+    if op.attrs["layer"] == "linear":
+        (cin,), (cout,) = op.in_shape, op.out_shape
+        return cin, 1, 1, cout, 1, 1
+    return (*op.in_shape, *op.out_shape)
+
+
 def _unpacked(op, t_in) -> bool:
-    """Whether ``lb_conv`` unpacks the op's input (below 8 bits, or padded) rather than reading it in place."""
-    return op.attrs["layer"] != "linear" and (t_in.bits < 8 or any(op.attrs["padding"]))
+    """Whether ``lb_conv`` unpacks the op's input (below 8 bits, or padded) rather than reading it in place: its
+    test ``in_bits != 8 || ph || pw`` (runtime/lowbit_rt.c), for a linear layer too."""
+    return t_in.bits < 8 or any(op.attrs["padding"])
 
 
 def _band_bytes(op, rows_out: int) -> int:
     """Bytes of ``lb_conv``'s unpacked input for a band of ``rows_out`` output rows: every channel's input rows
     of the band, one byte per code, padded (runtime/lowbit_rt.c, ``lb_conv``)."""
-    (c, h, w), pw = op.in_shape, op.attrs["padding"][1]
-    kh, sh = op.attrs["kernel"][0], op.attrs["stride"][0]
+    c, _, w = conv_geometry(op)[:3]
+    pw, kh, sh = op.attrs["padding"][1], op.attrs["kernel"][0], op.attrs["stride"][0]
     return c * ((rows_out - 1) * sh + kh) * (w + 2 * pw)
 
 
@@ -117,7 +127,7 @@ def conv_band(op, t_in) -> int:
     (8-bit, no padding) or fits whole."""
     if not _unpacked(op, t_in):
         return 0
-    hout, budget = op.out_shape[1], packed_nbytes(_numel(op.in_shape), t_in.bits)
+    hout, budget = conv_geometry(op)[4], packed_nbytes(_numel(op.in_shape), t_in.bits)
     r = hout
     while r > 1 and _band_bytes(op, r) > budget:
         r -= 1
@@ -133,7 +143,7 @@ def conv_scratch(op, t_in) -> int:
         f = f // 3 * 4  # 3-wide rows: 4 int16 per kernel row (the DSP loops' layout, lb_conv)
     if not _unpacked(op, t_in):
         return f
-    return f + (_band_bytes(op, conv_band(op, t_in) or op.out_shape[1]) + 4 + 1) // 2  # + 4 bytes read past
+    return f + (_band_bytes(op, conv_band(op, t_in) or conv_geometry(op)[4]) + 4 + 1) // 2  # + 4 bytes read past
 
 
 def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None = None,
@@ -184,12 +194,7 @@ def write_int_c(graph: IntGraph, out_dir: str | Path, samples: np.ndarray | None
             raise ConfigError(f"integer C: op kind '{op.kind}' has no kernel")
         n_conv += 1
         nm = _ident(op.name)
-        if op.attrs["layer"] == "linear":
-            (cin,), (cout,) = op.in_shape, op.out_shape
-            hin = win = hout = wout = 1
-        else:
-            cin, hin, win = op.in_shape
-            cout, hout, wout = op.out_shape
+        cin, hin, win, cout, hout, wout = conv_geometry(op)
         (kh, kw), (sh, sw), (ph, pw) = op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"]
         groups = int(op.attrs.get("groups", 1))
         ti = T[op.inputs[0]]
@@ -326,7 +331,7 @@ def compile_int_c(c_dir: str | Path, cc: str | None = None) -> Path:
         raise ConfigError("export: no C compiler (gcc/cc) on PATH to build the C export")
     d = Path(c_dir).resolve()
     exe = d / "model"
-    r = subprocess.run([cc, *CFLAGS, "-o", str(exe), "model.c", "lowbit_rt.c", "main.c", "-lm"], cwd=d,
+    r = subprocess.run([cc, *host_cflags(), "-o", str(exe), "model.c", "lowbit_rt.c", "main.c", "-lm"], cwd=d,
                        capture_output=True, text=True, check=False)
     if r.returncode != 0:
         lines = r.stderr.strip().splitlines() or [f"{cc} exited with {r.returncode}"]
