@@ -591,6 +591,48 @@ class LeNetLike(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
+class FlattenIdiom(LeNetLike):
+    """LeNetLike with the flatten written one of the ways hand-written CNNs write it."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn(self.conv(x))))
+        x = {"x.flatten(1)": lambda: x.flatten(1), "x.view(x.size(0), -1)": lambda: x.view(x.size(0), -1),
+             "x.reshape(x.shape[0], -1)": lambda: x.reshape(x.shape[0], -1),
+             "x.view((x.size()[0], -1))": lambda: x.view((x.size()[0], -1)),
+             "torch.flatten(x, start_dim=1)": lambda: torch.flatten(x, start_dim=1),
+             "x.view(-1, 100)": lambda: x.view(-1, 100)}[self.how]()
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("how", ["x.flatten(1)", "x.view(x.size(0), -1)", "x.reshape(x.shape[0], -1)",
+                                 "x.view((x.size()[0], -1))", "torch.flatten(x, start_dim=1)", "x.view(-1, 100)"])
+def test_the_flatten_idioms_of_hand_written_cnns_export_in_both_modes(how):
+    """Before session 21 only nn.Flatten and torch.flatten(x, 1) traced; the usual hand-written forms were refused
+    with the name of a size node. They are now one flatten (export.graph.flatten_idioms) for the float export and
+    integer mode alike; a reshape that is not a flatten from dim 1 (view(-1, 100): its batch size comes from the
+    feature count) is refused with the forms that work."""
+    from lowbit.export.graph import lower
+    from lowbit.intmode import int_graph
+
+    x = _x(4, (1, 12, 12), seed=1)
+    for integer in (False, True):
+        torch.manual_seed(0)
+        m = FlattenIdiom(how)
+        if how == "x.view(-1, 100)":
+            with pytest.raises(ConfigError, match=r"'view' \(call_method view; a reshape is supported as a flatten "
+                                                  r"from dim 1: torch.flatten\(x, 1\)"):
+                quantize(m, {**INT_W2A2, "integer": integer})
+                lower(m, x[:2])
+            continue
+        m = _ready(m, (1, 12, 12), plan={**INT_W2A2, "integer": integer})
+        kinds = [op.kind for op in (int_graph(m, x[:1]) if integer else lower(m, x[:2])).ops]
+        assert kinds.count("flatten") == 1 and kinds.index("flatten") == kinds.index("maxpool") + 1
+
+
 @needs_cc
 @pytest.mark.parametrize("which", ["resnet8", "grouped", "odd", "lenet"])
 def test_every_backend(which, resnet_int, tmp_path, monkeypatch):

@@ -172,7 +172,9 @@ def analyse(gm: fx.GraphModule) -> tuple[fx.Node, list[Unit], fx.Node]:
         elif _is_relu(n, mods):
             raise _unsupported(n, "a ReLU that does not follow a conv, BatchNorm or residual +")
         else:
-            raise _unsupported(n, f"{n.op} {getattr(n.target, '__name__', n.target)}")
+            from .export.graph import describe_node
+
+            raise _unsupported(n, describe_node(n))
     for u in units:  # operands may be aliases defined after the unit's first node (x + shortcut(x))
         u.inp = a(u.inp)
         u.res = a(u.res) if u.res is not None else None

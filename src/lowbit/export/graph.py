@@ -128,10 +128,68 @@ class _ShapeRecorder(fx.Interpreter):
 
 def trace(model: nn.Module) -> fx.GraphModule:
     try:
-        return fx.GraphModule(model, _Tracer().trace(model))
+        g = _Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure is a user-facing "cannot export"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"export: cannot trace {type(model).__name__} with torch.fx ({msg})") from None
+    flatten_idioms(g)
+    return fx.GraphModule(model, g)
+
+
+#: how a supported reshape is written (the error for any other reshape says it)
+RESHAPE_HINT = ("a reshape is supported as a flatten from dim 1: torch.flatten(x, 1), nn.Flatten(), x.flatten(1), "
+                "x.view(x.size(0), -1) or x.reshape(x.shape[0], -1)")
+
+
+def describe_node(n: fx.Node) -> str:
+    """``"call_method view"`` for an error about a node no layer stands for; a reshape says how to write one."""
+    what = getattr(n.target, "__name__", str(n.target))
+    if what in ("view", "reshape", "flatten", "size", "getattr", "getitem"):
+        what += f"; {RESHAPE_HINT}"
+    return f"{n.op} {what}"
+
+
+def _is_batch_size(n, x: fx.Node) -> bool:
+    """Whether ``n`` is ``x.size(0)``, ``x.shape[0]`` or ``x.size()[0]`` in the traced graph."""
+    if not isinstance(n, fx.Node):
+        return False
+    if n.op == "call_method" and n.target == "size" and n.args[:1] == (x,):
+        return n.args[1:] == (0,) or (len(n.args) == 1 and n.kwargs == {"dim": 0})
+    if n.op == "call_function" and n.target is operator.getitem and n.args[1:] == (0,):
+        s = n.args[0]
+        return isinstance(s, fx.Node) and s.args[:1] == (x,) and (
+            (s.op == "call_function" and s.target is getattr and s.args[1:] == ("shape",))
+            or (s.op == "call_method" and s.target == "size" and len(s.args) == 1 and not s.kwargs))
+    return False
+
+
+def flatten_idioms(g: fx.Graph) -> None:
+    """Rewrite, in place, the ways hand-written CNNs flatten their features into ``torch.flatten(x, 1)``, the one
+    form the lowering and integer mode read: ``x.flatten(1)``, ``torch.flatten(x, start_dim=1)``,
+    ``x.view(x.size(0), -1)`` and ``x.reshape(...)`` with ``x.size(0)``, ``x.shape[0]`` or ``x.size()[0]`` (also as
+    one tuple). The size nodes they leave unused are removed. Other reshapes stay (and are refused)."""
+    for n in list(g.nodes):
+        x = n.args[0] if n.args else None
+        flat = False
+        if (n.op == "call_method" and n.target == "flatten") or (n.op == "call_function" and n.target is torch.flatten):
+            start = n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)
+            end = n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1)
+            flat = start == 1 and end == -1
+        elif n.op == "call_method" and n.target in ("view", "reshape"):
+            dims = n.args[1:]
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = tuple(dims[0])
+            flat = len(dims) == 2 and dims[1] == -1 and _is_batch_size(dims[0], x)
+        if not flat or (n.op == "call_function" and n.args[1:] == (1,) and not n.kwargs):
+            continue
+        with g.inserting_before(n):
+            new = g.call_function(torch.flatten, (x, 1))
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+    for n in reversed(list(g.nodes)):  # the size / shape nodes no longer read
+        if not n.users and ((n.op == "call_method" and n.target == "size")
+                            or (n.op == "call_function" and n.target in (operator.getitem, getattr))):
+            g.erase_node(n)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -315,8 +373,7 @@ def lower(model: nn.Module, example_input: torch.Tensor | None = None, acts: boo
         elif node.op == "call_function" and node.target is torch.flatten and tuple(node.args[1:]) in ((1,), (1, -1)):
             ops.append(Op("flatten", node.name, [t(node.args[0])], node.name))
         else:
-            what = getattr(node.target, "__name__", str(node.target))
-            raise _unsupported(node.name, f"{node.op} {what}")
+            raise _unsupported(node.name, describe_node(node))
     g = Graph(ops, inp, out)
     if example_input is not None:
         g.input_shape = tuple(int(d) for d in example_input.shape[1:])
