@@ -441,3 +441,40 @@ def test_compile_c_with_a_relative_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exe = compile_c("c")
     assert exe.is_file() and exe.parent == d
+
+
+def test_a_corrupt_package_is_one_line_naming_the_file(tmp_path):
+    """Both packed formats (the float-activation package and the integer one): a truncated, empty or foreign file, a
+    truncated manifest or a missing numbers file is a one-line ConfigError naming the file (before session 21:
+    safetensors' and json's own errors, without the file), and one changed byte in the numbers fails the manifest's
+    SHA-256 (before: it loaded and gave other logits)."""
+    from lowbit.export.intgraph import load_int_package, save_int_package
+    from lowbit.intmode import int_graph
+
+    m = quantized_resnet({"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}})
+    save_package(lower(m, inputs(2)), tmp_path / "f")
+    torch.manual_seed(0)
+    mi = quantized_resnet({"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}, "integer": True})
+    save_int_package(int_graph(mi, inputs(1)), tmp_path / "i")
+    load_package(tmp_path / "f"), load_int_package(tmp_path / "i")  # as written: they load
+    for kind, load in (("f", load_package), ("i", load_int_package)):
+        st = tmp_path / kind / "model.safetensors"
+        good = st.read_bytes()
+        path = tmp_path / kind / ("model.json" if kind == "f" else "model.safetensors")
+        for what, blob in (("truncated", good[: len(good) // 2]), ("empty", b""), ("foreign", b"not a package" * 9)):
+            st.write_bytes(blob)
+            with pytest.raises(ConfigError, match=rf"^{st}: cannot read the package, the file is truncated or corrupt \("):
+                load(path)
+        flipped = bytearray(good)
+        flipped[-5] ^= 0x10  # a byte of the numbers (codes or floats): the file still parses
+        st.write_bytes(bytes(flipped))
+        with pytest.raises(ConfigError, match=rf"^{st}: the numbers do not match the manifest's checksums \(\w+\)"):
+            load(path)
+        st.write_bytes(good)
+    mf = tmp_path / "f" / "model.json"
+    mf.write_text(mf.read_text()[:100])
+    with pytest.raises(ConfigError, match=rf"^{mf}: cannot read the package, the file is truncated or corrupt"):
+        load_package(mf)
+    (tmp_path / "i" / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no integer package at"):
+        load_int_package(tmp_path / "i")

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .levels import ActQuant
 from .pack import pack_codes, packed_nbytes, unpack_codes
+from .package import check_digests, digests, reading
 from .requant import quantize_multiplier, requantize, rne_shift
 
 FORMAT = "lowbit.packed.integer"
@@ -539,6 +540,8 @@ def save_int_package(graph: IntGraph, out_dir: str | Path, stem: str = "model") 
         if arrays:
             d["arrays"] = arrays
         ops.append(d)
+    dtypes = {"codes": np.uint8, "i16": np.int16, "i32": np.int32, "f32": _F32}
+    tensors = {k: (np.concatenate(v).astype(dtypes[k]) if v else np.zeros(0, dtypes[k])) for k, v in runs.items()}
     manifest = {"format": FORMAT, "version": VERSION,
                 "note": "real = scale * (q - zero); requantize(x, mult, shift) = floor(x*mult/2^(31-shift) + 1/2); "
                         "arrays: [offset, count] into the safetensors tensor of their type",
@@ -546,9 +549,7 @@ def save_int_package(graph: IntGraph, out_dir: str | Path, stem: str = "model") 
                 "output": {"name": graph.output, "shape": list(graph.output_shape), "type": "float32 logits"},
                 "tensors": {t: {**graph.tensors[t].to_dict(), "index": i} for i, t in enumerate(tnames)},
                 "tensor_arrays": {"bits_zero": t_i32, "scale": t_f32},
-                "meta": graph.meta, "ops": ops}
-    dtypes = {"codes": np.uint8, "i16": np.int16, "i32": np.int32, "f32": _F32}
-    tensors = {k: (np.concatenate(v).astype(dtypes[k]) if v else np.zeros(0, dtypes[k])) for k, v in runs.items()}
+                "meta": graph.meta, "ops": ops, "sha256": digests(tensors)}
     text = json.dumps(manifest, indent=1) + "\n"
     st = out / f"{stem}.safetensors"
     save_file(tensors, str(st), metadata={"manifest": json.dumps(manifest, separators=(",", ":"))})
@@ -571,14 +572,21 @@ def load_int_package(path: str | Path) -> IntGraph:
         p = p.with_suffix(".safetensors")
     if not p.is_file():
         raise ConfigError(f"no integer package at {p}")
-    with safe_open(str(p), framework="numpy") as f:
-        md = f.metadata() or {}
-    if "manifest" not in md:
-        raise ConfigError(f"{p}: no embedded manifest; not a {FORMAT} file")
-    m = json.loads(md["manifest"])
-    if m.get("format") != FORMAT or m.get("version") not in (1, VERSION):
-        raise ConfigError(f"{p}: not a {FORMAT} v{VERSION} file")
-    b = load_file(str(p))
+    with reading(p):
+        with safe_open(str(p), framework="numpy") as f:
+            md = f.metadata() or {}
+        if "manifest" not in md:
+            raise ConfigError(f"{p}: no embedded manifest; not a {FORMAT} file")
+        m = json.loads(md["manifest"])
+        if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") not in (1, VERSION):
+            raise ConfigError(f"{p}: not a {FORMAT} v{VERSION} file")
+        b = load_file(str(p))
+    check_digests(p, b, m)
+    with reading(p):
+        return _int_graph_of(m, b)
+
+
+def _int_graph_of(m: dict, b: dict) -> IntGraph:
 
     def get(kind, ref):
         return b[kind][ref[0]: ref[0] + ref[1]].copy()

@@ -20,7 +20,9 @@ Size limit (issue 7): ``file bytes <= 1.02 * sum(params * bits) / 8 + 4 * (float
 
 from __future__ import annotations
 
+import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +106,32 @@ def _f(v) -> list[int]:
     return list(v)
 
 
+def digests(tensors: dict[str, np.ndarray]) -> dict[str, str]:
+    """SHA-256 of every array's bytes: the manifest records them (``sha256``) and the loaders check them, so a
+    changed byte in the numbers is an error, not different logits. Packages written before session 21 have none."""
+    return {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in sorted(tensors.items())}
+
+
+def check_digests(path: Path, tensors: dict[str, np.ndarray], manifest: dict) -> None:
+    want = manifest.get("sha256")
+    if want is not None and digests(tensors) != want:
+        bad = [k for k, h in digests(tensors).items() if want.get(k) != h]
+        raise ConfigError(f"{path}: the numbers do not match the manifest's checksums ({', '.join(bad)}): the file is "
+                          "corrupt or was edited")
+
+
+@contextmanager
+def reading(path: Path):
+    """Turn what a truncated, corrupt or foreign package file raises while it is read into one line naming it."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, json and malformed manifests raise many types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: cannot read the package, the file is truncated or corrupt ({msg})") from None
+
+
 def save_package(graph: Graph, out_dir: str | Path, stem: str = "model",
                  fp32_params: int | None = None) -> Sizes:
     """Write ``{stem}.safetensors`` and ``{stem}.json`` into ``out_dir``; return the sizes."""
@@ -152,7 +180,7 @@ def save_package(graph: Graph, out_dir: str | Path, stem: str = "model",
         "format": FORMAT, "version": VERSION, "tensors": st.name,
         "input": {"name": graph.input, "shape": _f(graph.input_shape)},
         "output": {"name": graph.output, "shape": _f(graph.output_shape)},
-        "meta": graph.meta, "ops": ops_json,
+        "meta": graph.meta, "ops": ops_json, "sha256": digests(tensors),
     }
     mf = out / f"{stem}.json"
     mf.write_text(json.dumps(manifest, indent=1) + "\n")
@@ -170,10 +198,21 @@ def load_package(path: str | Path) -> Graph:
         p = p / "model.json"
     if not p.is_file():
         raise ConfigError(f"no packed model manifest at {p}")
-    m = json.loads(p.read_text())
-    if m.get("format") != FORMAT or m.get("version") != VERSION:
+    with reading(p):
+        m = json.loads(p.read_text())
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
         raise ConfigError(f"{p}: not a {FORMAT} v{VERSION} manifest")
-    blobs = load_file(str(p.parent / m["tensors"]))
+    st = p.parent / str(m.get("tensors"))
+    if not st.is_file():
+        raise ConfigError(f"{p}: its numbers file {st.name} is missing")
+    with reading(st):
+        blobs = load_file(str(st))
+    check_digests(st, blobs, m)
+    with reading(p):
+        return _graph_of(m, blobs)
+
+
+def _graph_of(m: dict, blobs: dict) -> Graph:
     codes, f32 = blobs["codes"], blobs["f32"]
     ops = []
     for d in m["ops"]:
