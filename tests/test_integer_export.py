@@ -651,6 +651,11 @@ def test_every_backend(which, resnet_int, tmp_path, monkeypatch):
     r = export_int_model(m, x, tmp_path / which, c_images=None, latency_repeats=1, latency_batch=8, calib=8)
     assert r["numpy"]["bit_exact_images"] == 24
     assert r["c"]["self_test_ok"] and r["c"]["bit_exact_images"] == 24 and r["failed_checks"] == []
+    if which == "resnet8":  # the 8-bit LSQ ends: per-channel steps, one integer grid: one code table, not one per row
+        from lowbit.export.intgraph import load_int_package
+
+        luts = {op.name: op.lut.shape for op in load_int_package(tmp_path / which / "packed").ops if op.kind == "conv"}
+        assert luts["conv1"] == (1, 256) and luts["fc"] == (1, 256)
     # the ConvInteger model requantizes as the integer model does (float32 multiply, round half to even):
     # bit-exact, the accumulator-form residual included; QLinearConv too where it has no such residual
     assert r["onnx"]["integer"]["mismatches"] == 0 and r["onnx"]["integer"]["max_logit_diff"] == 0

@@ -609,6 +609,8 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
         c = conv_constants(eff, h, None if t_out is None else t_out.scale, None if t_res is None else t_res.scale,
                            u.name)
     inputs = [inp] + ([u.res.name] if u.res is not None else [])
+    if len(m_lut) > 1 and (m_lut == m_lut[:1]).all():  # per-channel steps with one integer grid (8-bit LSQ): one row
+        m_lut = m_lut[:1]
     op = IntOp("conv", u.name, inputs, u.node.name, i_shape, o_shape, attrs=attrs, codes=w.codes, wbits=w.bits,
                wquant=w.quantizer, lut=m_lut.astype(np.int16), **c)
     check_accumulator(op, t_in, t_res)
