@@ -1257,3 +1257,27 @@ def test_raw_pixels_in_numpy_and_c_give_the_logits_of_the_normalised_image(tmp_p
     write_int_c(g, tmp_path / "c2")  # without a normalisation: the float and code entry points only
     assert "lowbit_predict_pixels" not in (tmp_path / "c2" / "model.h").read_text()
     compile_int_c(tmp_path / "c2")
+
+
+def test_an_integer_run_folder_through_info_and_export(tmp_path, capsys):
+    """lowbit info on an integer-mode run shows the integer package lowbit export writes (before session 21: the
+    float-mode package, another size, with BatchNorm "kept"), and lowbit export writes only the formats asked for."""
+    from pathlib import Path
+
+    from lowbit import cli
+    from lowbit.config import load_config
+    from lowbit.train import run
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "w2a2_integer.yaml",
+                      ["model.width=0.25", "data.limit=300", "train.epochs=1", "train.batch_size=100",
+                       "train.progress=false", "train.threads=1"])
+    run(cfg, tmp_path / "run")
+    capsys.readouterr()
+    assert cli.main(["info", str(tmp_path / "run")]) == 0
+    info = capsys.readouterr().out
+    assert "(BN kept)" not in info and "conv1" in info and "requantize" in info
+    size = int(info.split("integer package ")[1].split(" B")[0].replace(",", ""))
+    assert cli.main(["export", str(tmp_path / "run"), "--format", "packed", "--limit", "20", "--out",
+                     str(tmp_path / "export")]) == 0
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["packed"]
+    assert (tmp_path / "export" / "packed" / "model.safetensors").stat().st_size == size

@@ -124,9 +124,20 @@ def cmd_info(args) -> int:
           f"inference {tm['inference_total_mb']:.4f} MB")
     if run_ck.is_file():
         from .export import packed_size_table
+        from .intmode import is_integer
 
         print()
-        print(packed_size_table(model))
+        if is_integer(model):  # what lowbit export writes for it: the integer package
+            import torch
+
+            from .export.api import int_run_meta
+            from .export.int_api import int_package_table
+
+            size = data.info.image_size if isinstance(data.info.image_size, tuple) else (data.info.image_size,) * 2
+            print(int_package_table(model, torch.zeros(1, data.info.in_channels, *size),
+                                    int_run_meta(args.target, cfg, data.info)))
+        else:
+            print(packed_size_table(model))
     return 0
 
 

@@ -274,7 +274,7 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
         return {"run_dir": str(run_dir), "integer": True, **export_int_model(
             model, x, out, labels=y, formats=formats, c_images=c_images, latency_batch=latency_batch,
             latency_repeats=latency_repeats, log=log, target=target, mcu_images=mcu_images, fp32=fp32,
-            meta={"run": str(run_dir), "model": cfg.model.name, "input_normalisation": _normalisation(data.info)})}
+            meta=int_run_meta(run_dir, cfg, data.info))}
     loader = BatchLoader(data.test, data.info, 1000)
     xs, ys = zip(*loader) if len(data.test) else ((), ())
     if not xs:
@@ -298,6 +298,12 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
               "act": plan.act.label() if plan.act else "fp32",
               "first_last_fp": ends_full_precision(model), **report}
     return report
+
+
+def int_run_meta(run_dir, cfg, info) -> dict:
+    """What an integer-mode run's package records beside its numbers: the run, the model and the data's
+    normalisation (the C code's ``lowbit_predict_pixels`` is built from it)."""
+    return {"run": str(run_dir), "model": cfg.model.name, "input_normalisation": _normalisation(info)}
 
 
 def _normalisation(info) -> dict:

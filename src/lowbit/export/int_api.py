@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .api import FORMATS, _accuracy, _flag_failures, _mcu, _mem_002, check_formats, compare, torch_reference
-from .intgraph import IntReference, load_int_package, packed_weight_bytes, save_int_package
+from .intgraph import _I32, IntReference, load_int_package, packed_weight_bytes, save_int_package
 
 
 def _bits_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -163,14 +163,15 @@ def format_int_report(r: dict) -> str:
     p = r["packed"]
     lines.append(f"packed          {p['file_bytes']} B file ({p['numbers_bytes']} B numbers, weight codes "
                  f"{p['weight_codes_bytes']} B, header with the embedded manifest {p['header_bytes']} B); "
-                 f"model.json {p['manifest_bytes']} B")
+                 f"model.json {p['manifest_bytes']} B" + (f"; {p['note']}" if p.get("note") else ""))
     n = r["numpy"]
     lines.append(f"NumPy (file)    {n['bit_exact_images']}/{n['images']} images bit-exact with PyTorch; {agree(n)}")
-    c = r["c"]
-    m = c["mem_002"]
-    lines.append(f"C               flash {c['flash_bytes']} B + {c['descriptor_bytes']} B descriptors, RAM "
-                 f"{c['ram_bytes']} B (arena {c['arena_bytes']}); 002 Mem {m['bytes']:.0f} B: RAM/Mem "
-                 f"{c['ram_bytes'] / m['bytes']:.2f}")
+    c = r.get("c", {})
+    if c:
+        m = c["mem_002"]
+        lines.append(f"C               flash {c['flash_bytes']} B + {c['descriptor_bytes']} B descriptors, RAM "
+                     f"{c['ram_bytes']} B (arena {c['arena_bytes']}); 002 Mem {m['bytes']:.0f} B: RAM/Mem "
+                     f"{c['ram_bytes'] / m['bytes']:.2f}")
     if c.get("compiled"):
         lines.append(f"C vs NumPy      {c['bit_exact_images']}/{c['images']} images bit-exact; {agree(c)} with PyTorch")
     if c.get("pixel_images"):
@@ -208,6 +209,36 @@ def onnx_speed_notes(o: dict) -> list[str]:
 
 def _names(names: list[str], k: int = 3) -> str:
     return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def int_package_table(model: nn.Module, example: torch.Tensor, meta: dict | None = None) -> str:
+    """Per-layer size of an integer-mode model's integer package (for ``lowbit info``): weight codes at their bits,
+    the code -> integer table, and the int32 constants (bias, multipliers; BatchNorm is folded into them); the total
+    is the real ``model.safetensors`` size, header with the embedded manifest included."""
+    import tempfile
+
+    from ..intmode import int_graph
+    from .pack import packed_nbytes
+
+    g = int_graph(model, example)
+    g.meta = dict(meta or {})
+    with tempfile.TemporaryDirectory() as d:
+        sz = save_int_package(g, d)
+    rows = [("layer", "weight", "codes B", "table B", "int32 B")]
+    for op in g.ops:
+        if op.kind != "conv":
+            continue
+        i32 = 4 * sum(getattr(op, k).size for k in _I32 if getattr(op, k, None) is not None)
+        rows.append((op.name, "requantize" if op.attrs.get("role") == "requant" else op.wquant,
+                     f"{packed_nbytes(op.codes.size, op.wbits):,}",
+                     f"{2 * op.lut.size:,}", f"{i32:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    fmt = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    fmt.insert(1, "-" * len(fmt[0]))
+    fmt.append(f"integer package {sz['file_bytes']:,} B ({sz['numbers_bytes']:,} B numbers, weight codes "
+               f"{sz['codes_bytes']:,} B, header with the embedded manifest {sz['header_bytes']:,} B); BatchNorm folded "
+               "into the int32 bias and multipliers (lowbit export writes this file)")
+    return "\n".join(fmt)
 
 
 def export_int_runs(run_dirs, out: str | Path, limit: int | None = None, c_images: int | None = None,
