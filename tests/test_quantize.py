@@ -101,6 +101,10 @@ def test_override_matching_nothing_is_an_error():
     ({"weight": {"name": "bwn", "bits": 2}}, "'bwn' supports bits 1"),
     ({"weight": {"name": "minmax", "bits": 9}}, "supports bits 1..8"),
     ({"weight": {"name": "minmax"}}, "bits is required"),
+    # not coerced (session 21: True was one bit, 2.0 and "2" two)
+    ({"weight": {"name": "minmax", "bits": True}}, r"plan.weight.bits: Input should be a valid integer"),
+    ({"weight": {"name": "minmax", "bits": 2.0}}, r"plan.weight.bits: Input should be a valid integer"),
+    ({"act": {"name": "pact", "bits": "2"}}, r"plan.act.bits: Input should be a valid integer"),
     ({"weight": {"name": "sawb", "bits": 2, "colour": 1}}, "no option colour"),
     ({"act": {"name": "bwn", "bits": 1}}, "cannot quantize role 'act'"),
     ({"method": {"name": "magic"}}, "unknown method 'magic'"),

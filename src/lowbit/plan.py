@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 from torch import nn
 
 from .errors import ConfigError
@@ -58,7 +58,7 @@ class QuantSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str
-    bits: int | None = None
+    bits: StrictInt | None = None  # not True / 2.0 / "2": pydantic's lax mode made True one bit
 
     @property
     def options(self) -> dict[str, Any]:
@@ -109,7 +109,7 @@ class Plan(BaseModel):
     #: integer mode's residual add; None (not given): "output" in integer mode, else "accumulator"
     integer_residual: Literal["accumulator", "output"] | None = None
     #: not given: 8 with the output add in integer mode, else None (an explicit null: the conv's bits)
-    integer_residual_bits: int | None = Field(default=None, ge=2, le=8)
+    integer_residual_bits: StrictInt | None = Field(default=None, ge=2, le=8)
     #: how integer mode initialises the 8-bit LSQ quantizers it adds (network input, the 8-bit first /
     #: last weights, signed residual streams): "lsq" (the paper's, the default) or "max" (max|v|/Qp)
     integer_init: Literal["lsq", "max"] = "lsq"
