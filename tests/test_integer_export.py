@@ -1281,3 +1281,58 @@ def test_an_integer_run_folder_through_info_and_export(tmp_path, capsys):
                      str(tmp_path / "export")]) == 0
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["packed"]
     assert (tmp_path / "export" / "packed" / "model.safetensors").stat().st_size == size
+
+
+def test_the_integer_reference_refuses_bad_inputs_in_one_line(resnet_int):
+    """One image without its batch dimension, an empty batch, NaN, and input codes beyond the input's bits: one-line
+    errors (before session 21 a misleading shape message, a NumPy concatenate error, and silent logits)."""
+    from lowbit.export.intgraph import IntReference
+    from lowbit.intmode import int_graph
+
+    x = _x(2, (1, 28, 28), seed=3).numpy()
+    ref = IntReference(int_graph(resnet_int, torch.from_numpy(x[:1])))
+    with pytest.raises(ConfigError, match=r"input shape \(1, 28, 28\) is one image: give a batch \(N, 1, 28, 28\)"):
+        ref.run(x[0])
+    with pytest.raises(ConfigError, match=r"input shape \(2, 28, 28\): expected a batch \(N, 1, 28, 28\)"):
+        ref.run(x[:, 0])
+    with pytest.raises(ConfigError, match="input batch is empty"):
+        ref.run(x[:0])
+    bad = x.copy()
+    bad[1, 0, 3, 4] = np.nan
+    with pytest.raises(ConfigError, match="input has 1 NaN or infinite values"):
+        ref.run(bad)
+    codes = ref.input_codes(x)
+    assert np.array_equal(ref.run(codes, codes=True), ref.run(x))
+    with pytest.raises(ConfigError, match=rf"input codes must be in 0\.\.255, got {codes.min()}\.\.256"):
+        ref.run(np.where(codes == codes.max(), 256, codes), codes=True)
+
+
+@needs_cc
+def test_the_generated_host_program_checks_its_arguments(resnet_int, tmp_path):
+    """main.c of the C export: N must be a whole number above 0 and INPUT must hold exactly N inputs (before
+    session 21, N = abc exited 0 with no output and 32x32 images were read as 28x28 chunks)."""
+    from lowbit.export.int_api import export_int_model
+    from lowbit.export.int_c import compile_int_c
+
+    x = _x(2, (1, 28, 28), seed=3)
+    export_int_model(resnet_int, x, tmp_path, formats="c", c_images=None)
+    exe = compile_int_c(tmp_path / "c")
+    good = tmp_path / "x.f32"
+    x.numpy().astype(np.float32).tofile(good)
+    big = tmp_path / "big.f32"
+    np.zeros((2, 1, 32, 32), np.float32).tofile(big)
+
+    def run(*args):
+        r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True)
+        return r.returncode, r.stderr.strip()
+
+    assert run(good, 2, tmp_path / "y.f32") == (0, "")
+    assert np.fromfile(tmp_path / "y.f32", np.float32).shape == (20,)
+    for n in ("abc", "-1", "0", "2x"):
+        assert run(good, n, tmp_path / "y.f32") == (2, "N must be a whole number above 0")
+    assert run(big, 2, tmp_path / "y.f32") == (2, f"{big} holds 8192 bytes, not 2 inputs of 3136 bytes (wrong N or "
+                                                  "image size?)")
+    assert run(good, 3, tmp_path / "y.f32")[1].startswith(f"{good} holds 6272 bytes, not 3 inputs")
+    assert run(tmp_path / "missing.f32", 1, tmp_path / "y.f32") == (2, f"cannot open {tmp_path / 'missing.f32'}")
+    code, err = run("--bad")  # (this package records no input normalisation: no pixel entry points to name)
+    assert code == 2 and err == f"usage: {exe} [INPUT.f32 N OUTPUT.f32]"

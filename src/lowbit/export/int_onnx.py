@@ -32,6 +32,8 @@ adds, ReLU, pooling, no quantization): the baseline of the latency comparison an
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from .intgraph import IntGraph, IntOp, mid_step, out_range
@@ -420,8 +422,14 @@ def quantize_static_onnx(fp32_model, calib: np.ndarray, path_in, path_out, per_c
         def get_next(self):
             return next(self.it, None)
 
-    quantize_static(str(path_in), str(path_out), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its "Please consider to run pre-processing" warnings on every export
+    try:
+        quantize_static(str(path_in), str(path_out), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel)
+    finally:
+        root.setLevel(level)
     return onnx.load(str(path_out))
 
 

@@ -421,8 +421,19 @@ class IntReference:
     def run(self, x: np.ndarray, batch: int = 250, codes: bool = False) -> np.ndarray:
         """Float32 logits of a (N, *input_shape) batch (``codes=True``: ``x`` are input codes)."""
         x = np.asarray(x)
-        if tuple(x.shape[1:]) != tuple(self.graph.input_shape):
-            raise ConfigError(f"input shape {tuple(x.shape[1:])} != model input {self.graph.input_shape}")
+        want = tuple(self.graph.input_shape)
+        if tuple(x.shape) == want:
+            raise ConfigError(f"input shape {tuple(x.shape)} is one image: give a batch (N, {', '.join(map(str, want))}),"
+                              " e.g. x[None]")
+        if tuple(x.shape[1:]) != want:
+            raise ConfigError(f"input shape {tuple(x.shape)}: expected a batch (N, {', '.join(map(str, want))})")
+        if len(x) == 0:
+            raise ConfigError("input batch is empty: nothing to run")
+        if not codes and np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise ConfigError(f"input has {int((~np.isfinite(x)).sum())} NaN or infinite values")
+        if codes and (x.min() < 0 or x.max() >= 2 ** self.graph.tensors[self.graph.ops[0].output].bits):
+            raise ConfigError(f"input codes must be in 0..{2 ** self.graph.tensors[self.graph.ops[0].output].bits - 1}"
+                              f", got {x.min()}..{x.max()}")
         with torch.no_grad():
             return np.concatenate([self._run(x[i: i + batch], codes).numpy() for i in range(0, len(x), batch)])
 
