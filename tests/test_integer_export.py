@@ -771,6 +771,12 @@ def test_integer_mode_errors():
         quantize(Gelu(), INT_W2A2)
     with pytest.raises(ConfigError, match="needs a weight and an act quantizer"):
         quantize(GroupedNet(), {"weight": {"name": "sawb", "bits": 2}, "integer": True})
+    # a dilated or reflect-padded conv: refused by quantize() itself (before session 21: at the first eval forward)
+    for conv in (nn.Conv2d(1, 4, 3, dilation=2), nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect")):
+        net = Gelu()
+        net.c, net.a = conv, nn.ReLU()
+        with pytest.raises(ConfigError, match=r"integer mode: layer 'c' \(Conv2d with dilation"):
+            quantize(net, INT_W2A2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,6 +130,10 @@ def analyse(gm: fx.GraphModule) -> tuple[fx.Node, list[Unit], fx.Node]:
             continue
         m = mods.get(n.target) if n.op == "call_module" else None
         if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, nn.Conv2d) and (m.dilation not in (1, (1, 1)) or m.padding_mode != "zeros"
+                                             or isinstance(m.padding, str)):
+                raise _unsupported(n, f"Conv2d with dilation {m.dilation}, padding {m.padding!r}, padding_mode "
+                                      f"{m.padding_mode}")
             u = Unit("conv", n, a(n.args[0]), name=n.target, module=m, nodes=[n])
             cur = n
             nxt = list(cur.users)
@@ -544,10 +548,7 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
              check_accumulator, IntOp, residual: str = "accumulator", inp: str | None = None,
              fine_bias: bool = False):
     m = u.module
-    if isinstance(m, nn.Conv2d):
-        if m.dilation not in (1, (1, 1)) or m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise ConfigError(f"integer mode: layer '{u.name}': Conv2d with dilation {m.dilation}, padding "
-                              f"{m.padding!r}, padding_mode {m.padding_mode} is not supported")
+    if isinstance(m, nn.Conv2d):  # dilation, padding modes: refused by analyse
         pair = lambda v: [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]  # noqa: E731
         attrs = {"layer": "conv", "kernel": list(m.kernel_size), "stride": pair(m.stride),
                  "padding": pair(m.padding), "groups": int(m.groups)}
