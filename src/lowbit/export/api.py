@@ -118,7 +118,9 @@ def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats
     code for that core and runs ``mcu_images`` inputs under QEMU, bit-exact against NumPy, beside the
     FP32 build of the same network (:mod:`lowbit.export.mcu`).
     ``meta`` (JSON-able) goes into the manifest. Returns a JSON-able report (see
-    :func:`format_report`).
+    :func:`format_report`; ``failed_checks`` lists the bit-exactness checks that failed). An integer-mode model
+    (``plan.integer: true``) goes to :func:`lowbit.export.int_api.export_int_model`: the integer package, C runtime
+    and integer ONNX.
     """
     from ..cost import count_params
     from ..intmode import is_integer
