@@ -314,11 +314,31 @@ def table(seeds: tuple[int, ...] | None = None) -> str:
     return text
 
 
+def lsq_vs_sawb() -> str:
+    """Markdown: per mode, W8A8slsq − W8A8s test accuracy on every seed where both finished (session 21)."""
+    lines = ["| mode | W8A8s, LSQ − SAWB weights, per seed | mean ± SE (seeds; one-sided 95 % lower bound) |",
+             "|---|---|---|"]
+    for m in ("today", "int13_fzl"):
+        d = []
+        for s in ALL_SEEDS:
+            a, b = (_acc(OUT / "runs" / f"FT_{lab}_{m}_s{s}") for lab in ("W8A8slsq", "W8A8s"))
+            if a and b:
+                d.append((s, a[0] - b[0]))
+        if len(d) > 1:
+            xs = [x for _, x in d]
+            mu, se = mean_se(xs)
+            lines.append(f"| {HEAD[m]} | " + " / ".join(f"{x:+.2f} (s{k})" for k, x in d)
+                         + f" | {mu:+.2f} ± {se:.2f} ({len(d)}; ≥ {lower_bound(xs):+.2f}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", action="store_true")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--seeds", default=None, metavar="A-B", help="with --table: only seeds A to B (a consecutive range)")
+    ap.add_argument("--lsq-vs-sawb", action="store_true",
+                    help="W8A8s with 8-bit LSQ weights − with SAWB weights, per mode, on the seeds both have (session 21)")
     a = ap.parse_args()
     seeds = None
     if a.seeds:
@@ -333,6 +353,8 @@ def main() -> None:
         configs()
     if a.table:
         print(table(seeds))
+    if a.lsq_vs_sawb:
+        print(lsq_vs_sawb())
 
 
 if __name__ == "__main__":
