@@ -19,6 +19,7 @@ import torch
 def main() -> None:
     from lowbit.export.int_onnx import float_layers, uint8_weight_layers
     from lowbit.intmode import int_graph
+    from lowbit.schedules.distill import example_input
     from lowbit.train import load_run
 
     torch.set_num_threads(1)
@@ -26,9 +27,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for run in sys.argv[1:]:
         _, data, model, _ = load_run(run)
-        info = data.info
-        size = info.image_size if isinstance(info.image_size, tuple) else (info.image_size,) * 2
-        g = int_graph(model, torch.zeros(1, info.in_channels, *size))
+        g = int_graph(model, example_input(data.info, 1))
         convs = [op for op in g.ops if op.kind == "conv"]
         fl, u8 = float_layers(g), uint8_weight_layers(g)
         print(f"| {run} | {len(convs)} | {max(int(np.abs(op.m()).max()) for op in convs)} | {len(fl)} | {len(u8)} | "

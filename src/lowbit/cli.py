@@ -128,14 +128,11 @@ def cmd_info(args) -> int:
 
         print()
         if is_integer(model):  # what lowbit export writes for it: the integer package
-            import torch
-
             from .export.api import int_run_meta
             from .export.int_api import int_package_table
+            from .schedules.distill import example_input
 
-            size = data.info.image_size if isinstance(data.info.image_size, tuple) else (data.info.image_size,) * 2
-            print(int_package_table(model, torch.zeros(1, data.info.in_channels, *size),
-                                    int_run_meta(args.target, cfg, data.info)))
+            print(int_package_table(model, example_input(data.info, 1), int_run_meta(args.target, cfg, data.info)))
         else:
             print(packed_size_table(model))
     return 0

@@ -628,18 +628,24 @@ def find_cc() -> str | None:
 
 def compile_c(c_dir: str | Path, cc: str | None = None) -> Path:
     """Compile ``model.c`` + ``main.c`` into ``c_dir/model`` (raises ConfigError without a compiler)."""
+    extra = sorted(p.name for p in Path(c_dir).glob("lb_*.c"))  # kernel sources copied by a conv_hook
+    return build_host(c_dir, ["model.c", "main.c", *extra], cc)
+
+
+def build_host(c_dir: str | Path, sources: list[str], cc: str | None = None, what: str = "C code") -> Path:
+    """Compile ``sources`` (in ``c_dir``) with :func:`host_cflags` into ``c_dir/model``; no compiler, or code that
+    does not compile, is one line (``what``: the code, as that line names it)."""
     cc = cc or find_cc()
     if cc is None:
         raise ConfigError("export: no C compiler (gcc/cc) on PATH to build the C export")
     d = Path(c_dir).resolve()  # gcc runs with cwd=d: a relative -o path would point elsewhere
     exe = d / "model"
-    extra = sorted(p.name for p in d.glob("lb_*.c"))  # kernel sources copied by a conv_hook
-    r = subprocess.run([cc, *host_cflags(), "-o", str(exe), "model.c", "main.c", *extra, "-lm"], cwd=d,
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run([cc, *host_cflags(), "-o", str(exe), *sources, "-lm"], cwd=d, capture_output=True, text=True,
+                       check=False)
     if r.returncode != 0:
         lines = r.stderr.strip().splitlines() or [f"{cc} exited with {r.returncode}"]
         first = next((ln for ln in lines if "error" in ln), lines[0])  # the error, not a warning
-        raise ConfigError(f"export: the generated C code does not compile: {first}")
+        raise ConfigError(f"export: the generated {what} does not compile: {first}")
     return exe
 
 

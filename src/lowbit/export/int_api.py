@@ -97,7 +97,7 @@ def export_int_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, lab
     if target is not None:  # the integer C runtime on a Cortex-M under QEMU, beside the FP32 build
         say(target)
         xs = xn[:mcu_images]
-        rep["mcu"] = _mcu(pkg, out / "c" / target, xs, IntReference(pkg).run(xs), target, fp32=fp32,
+        rep["mcu"] = _mcu(pkg, out / "c" / target, xs, ref_np[:mcu_images], target, fp32=fp32,
                           pixels=_pixels(pkg, xs))
     return _flag_failures({"integer": True, **rep})
 
@@ -215,8 +215,6 @@ def int_package_table(model: nn.Module, example: torch.Tensor, meta: dict | None
     """Per-layer size of an integer-mode model's integer package (for ``lowbit info``): weight codes at their bits,
     the code -> integer table, and the int32 constants (bias, multipliers; BatchNorm is folded into them); the total
     is the real ``model.safetensors`` size, header with the embedded manifest included."""
-    import tempfile
-
     from ..intmode import int_graph
     from .pack import packed_nbytes
 

@@ -19,14 +19,13 @@ Everything between the input quantization and the classifier's ``(float)acc * sc
 from __future__ import annotations
 
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError
-from .c_export import CFLAGS, _Consts, _ident, _main_c, find_cc, host_cflags
+from .c_export import CFLAGS, _Consts, _ident, _main_c, build_host
 from .intgraph import IntGraph, accumulator_bound, out_range, pixel_table
 from .memplan import place
 from .pack import pack_codes, packed_nbytes
@@ -326,15 +325,4 @@ def _f(v: float) -> str:
 
 def compile_int_c(c_dir: str | Path, cc: str | None = None) -> Path:
     """Build ``model.c lowbit_rt.c main.c`` into ``c_dir/model``."""
-    cc = cc or find_cc()
-    if cc is None:
-        raise ConfigError("export: no C compiler (gcc/cc) on PATH to build the C export")
-    d = Path(c_dir).resolve()
-    exe = d / "model"
-    r = subprocess.run([cc, *host_cflags(), "-o", str(exe), "model.c", "lowbit_rt.c", "main.c", "-lm"], cwd=d,
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        lines = r.stderr.strip().splitlines() or [f"{cc} exited with {r.returncode}"]
-        first = next((ln for ln in lines if "error" in ln), lines[0])
-        raise ConfigError(f"export: the generated integer C code does not compile: {first}")
-    return exe
+    return build_host(c_dir, ["model.c", "lowbit_rt.c", "main.c"], cc, what="integer C code")

@@ -57,7 +57,8 @@ def float_layers(graph: IntGraph) -> list[str]:
 def uint8_weight_layers(graph: IntGraph) -> list[str]:
     """Conv/linear ops within int8 whose weights still go as uint8 (:func:`_u8s8_exact` fails: 8-bit
     inputs with weights beyond ±64): onnxruntime runs them on its uint8 x uint8 kernel."""
-    return [op.name for op in graph.ops if op.kind == "conv" and op.name not in float_layers(graph)
+    beyond = set(float_layers(graph))
+    return [op.name for op in graph.ops if op.kind == "conv" and op.name not in beyond
             and not _u8s8_exact(op.m(), graph.tensors[op.inputs[0]].qmax)]
 
 

@@ -431,9 +431,11 @@ class IntReference:
             raise ConfigError("input batch is empty: nothing to run")
         if not codes and np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             raise ConfigError(f"input has {int((~np.isfinite(x)).sum())} NaN or infinite values")
-        if codes and (x.min() < 0 or x.max() >= 2 ** self.graph.tensors[self.graph.ops[0].output].bits):
-            raise ConfigError(f"input codes must be in 0..{2 ** self.graph.tensors[self.graph.ops[0].output].bits - 1}"
-                              f", got {x.min()}..{x.max()}")
+        if codes:
+            qmax = self.graph.tensors[self.graph.ops[0].output].qmax
+            lo, hi = x.min(), x.max()
+            if lo < 0 or hi > qmax:
+                raise ConfigError(f"input codes must be in 0..{qmax}, got {lo}..{hi}")
         with torch.no_grad():
             return np.concatenate([self._run(x[i: i + batch], codes).numpy() for i in range(0, len(x), batch)])
 

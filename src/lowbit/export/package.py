@@ -114,8 +114,9 @@ def digests(tensors: dict[str, np.ndarray]) -> dict[str, str]:
 
 def check_digests(path: Path, tensors: dict[str, np.ndarray], manifest: dict) -> None:
     want = manifest.get("sha256")
-    if want is not None and digests(tensors) != want:
-        bad = [k for k, h in digests(tensors).items() if want.get(k) != h]
+    got = digests(tensors) if want is not None else want
+    if got != want:
+        bad = [k for k, h in got.items() if want.get(k) != h]
         raise ConfigError(f"{path}: the numbers do not match the manifest's checksums ({', '.join(bad)}): the file is "
                           "corrupt or was edited")
 

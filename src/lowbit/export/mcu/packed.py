@@ -189,6 +189,7 @@ def patch_int_c(graph, out_dir: str | Path, allow: str = "auto") -> dict[str, st
     import shutil
 
     from ..c_export import _Consts, _ident
+    from ..int_c import conv_geometry
 
     out = Path(out_dir)
     src = (out / "model.c").read_text()
@@ -209,20 +210,11 @@ def patch_int_c(graph, out_dir: str | Path, allow: str = "auto") -> dict[str, st
         call = f"    lb_conv(&L_{nm}, "
         if src.count(call) != 1:
             raise ConfigError(f"packed kernels: cannot find layer '{op.name}' in the integer C code")
-        if op.attrs["layer"] == "linear":
-            (cin,), (cout,) = op.in_shape, op.out_shape
-            hin = win = 1
-            ph = pw = 0
-        else:
-            cin, hin, win = op.in_shape
-            cout = op.out_shape[0]
-            ph, pw = op.attrs["padding"]
+        cin, hin, win, cout, hout, _ = conv_geometry(op)  # a linear layer: a 1x1 conv on a 1x1 image
+        (kh, kw), sh, pw = op.attrs["kernel"], op.attrs["stride"][0], op.attrs["padding"][1]
         a, b = affine_form(op.lut)
-        kh, kw = (1, 1) if op.attrs["layer"] == "linear" else op.attrs["kernel"]
         wp = cs.u32(f"{nm}_planes", pack_weight_planes(op.codes.reshape(cout, cin, kh, kw), op.wbits).reshape(-1))
         wa, wb = cs.i16(f"{nm}_wa", a), cs.i16(f"{nm}_wb", b)
-        hout = 1 if op.attrs["layer"] == "linear" else op.out_shape[1]
-        sh = 1 if op.attrs["layer"] == "linear" else op.attrs["stride"][0]
         band, words = pk_band(cin, hin, win, hout, kh, sh, pw, abits)
         planes = max(planes, words)
         accw = max(accw, 2 * cout)
