@@ -25,7 +25,9 @@ def test_measure_step_sees_torch_allocations():
 
 
 def test_measured_order_backprop_local_greedy_and_niti():
-    rows = {mode: measure("resnet8", mode, bits, 16, width=0.5, image=16, channels=1, stages=(0, 1, 2, 3))
+    # batch 64: where activations outweigh the local heads' fixed bytes (at batch 16, 16 px, local's peak is within
+    # 4 % of backprop's and above it on some CPUs; docs/ondevice.md's table shows the same crossover at batch 1)
+    rows = {mode: measure("resnet8", mode, bits, 64, width=0.5, image=16, channels=1, stages=(0, 1, 2, 3))
             for mode, bits in (("backprop", "w3a3"), ("local", "w3a3"), ("local_greedy", "w3a3"), ("niti", "int8"))}
     peak = {k: r["peak_bytes"] for k, r in rows.items()}
     model = {k: r["model_bytes"]["total"] for k, r in rows.items()}
