@@ -597,6 +597,8 @@ class FlattenIdiom(LeNetLike):
     def __init__(self, how: str):
         super().__init__()
         self.how = how
+        if how == "x.view(-1, 50)":  # two rows per image: the model runs, but it is no flatten
+            self.fc1 = nn.Linear(50, 16)
 
     def forward(self, x):
         x = self.pool(torch.relu(self.bn(self.conv(x))))
@@ -604,17 +606,20 @@ class FlattenIdiom(LeNetLike):
              "x.reshape(x.shape[0], -1)": lambda: x.reshape(x.shape[0], -1),
              "x.view((x.size()[0], -1))": lambda: x.view((x.size()[0], -1)),
              "torch.flatten(x, start_dim=1)": lambda: torch.flatten(x, start_dim=1),
-             "x.view(-1, 100)": lambda: x.view(-1, 100)}[self.how]()
+             "x.view(-1, 100)": lambda: x.view(-1, 100), "x.reshape((-1, 100))": lambda: x.reshape((-1, 100)),
+             "x.view(-1, 50)": lambda: x.view(-1, 50)}[self.how]()
         return self.fc2(torch.relu(self.fc1(x)))
 
 
 @pytest.mark.parametrize("how", ["x.flatten(1)", "x.view(x.size(0), -1)", "x.reshape(x.shape[0], -1)",
-                                 "x.view((x.size()[0], -1))", "torch.flatten(x, start_dim=1)", "x.view(-1, 100)"])
+                                 "x.view((x.size()[0], -1))", "torch.flatten(x, start_dim=1)", "x.view(-1, 100)",
+                                 "x.reshape((-1, 100))", "x.view(-1, 50)"])
 def test_the_flatten_idioms_of_hand_written_cnns_export_in_both_modes(how):
     """Before session 21 only nn.Flatten and torch.flatten(x, 1) traced; the usual hand-written forms were refused
     with the name of a size node. They are now one flatten (export.graph.flatten_idioms) for the float export and
-    integer mode alike; a reshape that is not a flatten from dim 1 (view(-1, 100): its batch size comes from the
-    feature count) is refused with the forms that work."""
+    integer mode alike. Since session 22 so is view(-1, N) with N the features per sample (flatten_to checks N when
+    the graph runs); a view(-1, N) that splits a sample into rows (view(-1, 50) of 100 features: the model runs,
+    with twice the batch) is refused with the forms that work."""
     from lowbit.export.graph import lower
     from lowbit.intmode import int_graph
 
@@ -622,15 +627,26 @@ def test_the_flatten_idioms_of_hand_written_cnns_export_in_both_modes(how):
     for integer in (False, True):
         torch.manual_seed(0)
         m = FlattenIdiom(how)
-        if how == "x.view(-1, 100)":
-            with pytest.raises(ConfigError, match=r"'view' \(call_method view; a reshape is supported as a flatten "
-                                                  r"from dim 1: torch.flatten\(x, 1\)"):
+        if how == "x.view(-1, 50)":
+            assert m(x).shape == (8, 10)
+            with pytest.raises(ConfigError, match=r"^export: view\(-1, 50\) of a tensor of \(4, 5, 5\) per sample "
+                                                  r"\(100 elements\) is not a flatten from dim 1; a reshape is supported"):
                 quantize(m, {**INT_W2A2, "integer": integer})
-                lower(m, x[:2])
+                m(x) if integer else lower(m, x[:2])
             continue
+        with torch.no_grad():
+            y = m(x)
         m = _ready(m, (1, 12, 12), plan={**INT_W2A2, "integer": integer})
-        kinds = [op.kind for op in (int_graph(m, x[:1]) if integer else lower(m, x[:2])).ops]
+        g = int_graph(m, x[:1]) if integer else lower(m, x[:2])
+        kinds = [op.kind for op in g.ops]
         assert kinds.count("flatten") == 1 and kinds.index("flatten") == kinds.index("maxpool") + 1
+        if integer:  # what is trained is what runs: the integer reference computes the model's logits
+            from lowbit.export.intgraph import IntReference
+
+            with torch.no_grad():
+                assert np.array_equal(IntReference(g).run(x.numpy()), m(x).numpy())
+        else:
+            assert y.shape == (4, 10)
 
 
 @needs_cc

@@ -105,6 +105,8 @@ def _unsupported(n: fx.Node, what: str) -> ConfigError:
 
 def analyse(gm: fx.GraphModule) -> tuple[fx.Node, list[Unit], fx.Node]:
     """(input node, units in execution order, output node) of a traced model."""
+    from .export.graph import flatten_node
+
     mods = dict(gm.named_modules())
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     alias: dict[fx.Node, fx.Node] = {}
@@ -164,9 +166,8 @@ def analyse(gm: fx.GraphModule) -> tuple[fx.Node, list[Unit], fx.Node]:
             if m.ceil_mode or m.dilation not in (1, (1, 1)) or m.return_indices:
                 raise _unsupported(n, "MaxPool2d with ceil_mode, dilation or return_indices")
             units.append(Unit("maxpool", n, a(n.args[0]), name=n.target, module=m))
-        elif isinstance(m, nn.Flatten) or (n.op == "call_function" and n.target is torch.flatten):
-            if isinstance(m, nn.Flatten) and (m.start_dim != 1 or m.end_dim != -1) or \
-                    m is None and tuple(n.args[1:]) not in ((1,), (1, -1)):
+        elif isinstance(m, nn.Flatten) or flatten_node(n) is not None:
+            if isinstance(m, nn.Flatten) and (m.start_dim != 1 or m.end_dim != -1) or m is None and not flatten_node(n):
                 raise _unsupported(n, "flatten other than from dim 1")
             units.append(Unit("flatten", n, a(n.args[0]), name=str(n.target) if m is not None else n.name, module=m))
         elif m is not None:

@@ -138,7 +138,25 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 #: how a supported reshape is written (the error for any other reshape says it)
 RESHAPE_HINT = ("a reshape is supported as a flatten from dim 1: torch.flatten(x, 1), nn.Flatten(), x.flatten(1), "
-                "x.view(x.size(0), -1) or x.reshape(x.shape[0], -1)")
+                "x.view(x.size(0), -1), x.reshape(x.shape[0], -1) or x.view(-1, N) with N the features per sample")
+
+
+def flatten_to(x: torch.Tensor, features: int) -> torch.Tensor:
+    """A model's ``x.view(-1, features)`` (or ``reshape``) as traced graphs compute it: ``torch.flatten(x, 1)``, which
+    it equals when every sample holds ``features`` elements. Any other split of the batch is refused."""
+    y = torch.flatten(x, 1)
+    if y.shape[1] != features:
+        raise ConfigError(f"export: view(-1, {features}) of a tensor of {tuple(x.shape[1:])} per sample "
+                          f"({y.shape[1]} elements) is not a flatten from dim 1; {RESHAPE_HINT}")
+    return y
+
+
+def flatten_node(n: fx.Node) -> bool | None:
+    """For a call of ``torch.flatten`` or :func:`flatten_to`: whether it flattens from dim 1 (the one form the
+    lowering and integer mode read); ``None`` for any other node."""
+    if n.op != "call_function" or n.target not in (torch.flatten, flatten_to):
+        return None
+    return n.target is flatten_to or (tuple(n.args[1:]) in ((1,), (1, -1)) and not n.kwargs)
 
 
 def describe_node(n: fx.Node) -> str:
@@ -167,10 +185,22 @@ def flatten_idioms(g: fx.Graph) -> None:
     """Rewrite, in place, the ways hand-written CNNs flatten their features into ``torch.flatten(x, 1)``, the one
     form the lowering and integer mode read: ``x.flatten(1)``, ``torch.flatten(x, start_dim=1)``,
     ``x.view(x.size(0), -1)`` and ``x.reshape(...)`` with ``x.size(0)``, ``x.shape[0]`` or ``x.size()[0]`` (also as
-    one tuple). The size nodes they leave unused are removed. Other reshapes stay (and are refused)."""
+    one tuple); ``x.view(-1, N)`` with a constant N becomes :func:`flatten_to`, which checks N at run time. The size
+    nodes they leave unused are removed. Other reshapes stay (and are refused)."""
     for n in list(g.nodes):
         x = n.args[0] if n.args else None
         flat = False
+        if n.op == "call_method" and n.target in ("view", "reshape"):
+            dims = n.args[1:]
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = tuple(dims[0])
+            if len(dims) == 2 and dims[0] == -1 and isinstance(dims[1], int) and not isinstance(dims[1], bool) \
+                    and dims[1] > 0:
+                with g.inserting_before(n):
+                    new = g.call_function(flatten_to, (x, dims[1]))
+                n.replace_all_uses_with(new)
+                g.erase_node(n)
+                continue
         if (n.op == "call_method" and n.target == "flatten") or (n.op == "call_function" and n.target is torch.flatten):
             start = n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)
             end = n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1)
@@ -370,7 +400,7 @@ def lower(model: nn.Module, example_input: torch.Tensor | None = None, acts: boo
             ops.append(Op("add", node.name, [t(node.args[0]), t(node.args[1])], node.name))
         elif node.op == "call_function" and node.target in (F.relu, torch.relu) and not node.kwargs.get("inplace"):
             ops.append(Op("relu", node.name, [t(node.args[0])], node.name))
-        elif node.op == "call_function" and node.target is torch.flatten and tuple(node.args[1:]) in ((1,), (1, -1)):
+        elif flatten_node(node):
             ops.append(Op("flatten", node.name, [t(node.args[0])], node.name))
         else:
             raise _unsupported(node.name, describe_node(node))
