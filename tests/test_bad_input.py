@@ -189,6 +189,11 @@ CASES = [
     ("eval-config-not-utf8", {"run/config.yaml": b"\xff\xfe"}, ["eval", "{run}"], "config.yaml: not UTF-8 text"),
     ("eval-config-empty", {"run/config.yaml": ""}, ["eval", "{run}"], "config.yaml: the file is empty"),
     ("info-run-config-edited", {"run/config.yaml": "EDIT plan.weight.bits=4"}, ["info", "{run}"], "the config was edited after training: plan.weight.bits: 2 -> 4"),
+    # an edit that no longer validates: what it changed comes first, then why it is invalid
+    ("eval-config-edited-invalid", {"run/config.yaml": "EDIT plan.integer_residual=output"}, ["eval", "{run}"],
+     "config.yaml (the config was edited after training: plan.integer_residual: 'accumulator' -> 'output'; as edited: config.plan"),
+    ("info-run-config-edited-invalid", {"run/config.yaml": "EDIT plan.integer_residual=output"}, ["info", "{run}"],
+     "the config was edited after training: plan.integer_residual: 'accumulator' -> 'output'; as edited"),
     ("export-corrupt-best", {"run/best.pt": "TRUNCATE"}, ["export", "{run}", "--format", "packed"], "not a readable lowbit checkpoint"),
     ("export-missing", {}, ["export", "{d}/nowhere"], "nowhere"),
     ("resume-missing", {}, ["train", "--resume", "{d}/nowhere"], "nowhere"),

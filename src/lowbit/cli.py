@@ -39,7 +39,9 @@ def _load_cfg(target: str, overrides: list[str]):
     if p.is_dir():
         if not (p / "config.yaml").is_file():
             raise LowbitError(f"{p} is not a run folder (no config.yaml)")
-        return load_config(p / "config.yaml", overrides, saved=True)
+        from .runfolder import run_config
+
+        return run_config(p, overrides)
     return load_config(target, overrides)
 
 

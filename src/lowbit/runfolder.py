@@ -165,6 +165,43 @@ def _normal(d, saved: bool = False) -> dict:
         return d
 
 
+def run_config(run_dir: str | Path, overrides: list[str] | None = None):
+    """A run folder's config.yaml as a Config. When an edit made it invalid (say ``integer: false`` beside
+    integer-mode settings), the error leads with what the edit changed against the config its checkpoint recorded,
+    as for an edit that still validates (:func:`lowbit.train.load_checkpoint`)."""
+    from .config import load_config
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        return load_config(path, overrides, saved=True)
+    except ConfigError as e:
+        for ck in (path.parent / "best.pt", path.parent / "last.pt"):
+            edited = _edited_after_training(path, ck) if ck.is_file() else ""
+            if edited:
+                raise ConfigError(f"{ck} does not fit {path} (the config was edited after training: {edited}; "
+                                  f"as edited: {e})") from None
+        raise
+
+
+def _edited_after_training(config_path: Path, ck_path: Path) -> str:
+    """The first two differences between ``config_path`` and the config ``ck_path`` recorded ('' when none or
+    unreadable)."""
+    import torch
+
+    from .config import read_yaml_mapping
+
+    try:
+        recorded = torch.load(ck_path, weights_only=False, map_location="cpu").get("config")
+        now = read_yaml_mapping(config_path)
+    except Exception:  # noqa: BLE001 - only a better message is at stake; the caller raises its own
+        return ""
+    if not isinstance(recorded, dict):
+        return ""
+    diff = [d for d in config_diff(_strip(_normal(recorded, saved=True)), _strip(_normal(now, saved=True)))
+            if not d.startswith("name:")]
+    return "; ".join(diff[:2])
+
+
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ (volatile fields excluded by the caller)."""
     out = []

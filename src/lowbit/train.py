@@ -152,7 +152,7 @@ def final_model(model: nn.Module, checkpoint: dict) -> nn.Module:
 def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
     """A finished run folder's network as the run reported it: (config, data, model in eval mode,
     the best.pt checkpoint), through ``final_model``. Used by ``lowbit eval`` and the exporter."""
-    from .config import load_config
+    from .runfolder import run_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -160,7 +160,7 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
     ck_path = run_dir / "best.pt"
     if not ck_path.is_file():
         raise ConfigError(f"{run_dir} has no best.pt checkpoint (the run did not finish an epoch)")
-    cfg = load_config(run_dir / "config.yaml", saved=True)
+    cfg = run_config(run_dir)
     data = load_data(cfg)
     # the checkpoint holds every weight: the pretrained start (model.init_from) is not read again,
     # so a run folder evaluates and exports after its start moved or from another directory
