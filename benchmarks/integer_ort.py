@@ -16,6 +16,8 @@ onnxruntime's own ``quantize_static`` int8 model of the FP32 twin (``ort_int8``;
 
     python benchmarks/integer_ort.py RUN_DIR [--images 10000] [--profile]
     python benchmarks/integer_ort.py --calibrated --bits 2 --profile
+    python benchmarks/integer_ort.py RUN_DIR --calibrated --no-agree --latency 10   # RUN_DIR's network and plan,
+        # untrained and calibrated: timing a run whose best.pt is not on this machine
     python benchmarks/integer_ort.py --calibrated --bits 8 --weight lsq --model mobilenetv2 --residual output \
         --no-agree --latency 10      # 8-bit weights with an int8 grid: every conv a QLinearConv
     /work/tools/slot --all python benchmarks/integer_ort.py RUN_DIR --no-agree --latency 10
@@ -53,6 +55,43 @@ def calibrated(bits: int, weight: str = "sawb", model: str = "resnet8", residual
         for x in xs[:3]:
             m(x)
     return m.eval()
+
+
+def machine() -> dict:
+    """What the timings depend on: onnxruntime's version and the CPU (its integer kernels differ with AVX-512 VNNI)."""
+    import platform
+
+    import onnxruntime as ort
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"onnxruntime": ort.__version__, "torch": torch.__version__, "cpu": cpu,
+            "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]}
+
+
+def calibrated_like(run: str):
+    """``run``'s network and plan (its config.yaml), untrained and calibrated as :func:`calibrated` does: for timing
+    a trained run whose best.pt is not on this machine (the latency does not depend on the weights' values)."""
+    from lowbit.config import load_config
+    from lowbit.train import build_model, load_data
+
+    cfg = load_config(Path(run) / "config.yaml", saved=True)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})})
+    data = load_data(cfg)
+    m = build_model(cfg, data)
+    xs, _ = zip(*BatchLoader(data.train, data.info, 128))
+    m.train()
+    with torch.no_grad():
+        for x in xs[:3]:
+            m(x)
+    return m.eval(), data.info
 
 
 def with_outputs(model, names):
@@ -166,7 +205,9 @@ def main() -> None:
 
     data = load_dataset("fashion-mnist")
     info = data.info
-    if args.calibrated:
+    if args.calibrated and args.run:
+        model, info = calibrated_like(args.run)
+    elif args.calibrated:
         model = calibrated(args.bits, args.weight, args.model, args.residual or "accumulator")
     else:
         from lowbit.train import load_run
@@ -207,6 +248,7 @@ def main() -> None:
         rep["speedup_vs_fp32"] = {k: lat["fp32"] / v for k, v in lat.items()}
         print("latency ms (batch 256, 1 thread):", {k: round(v, 1) for k, v in lat.items()},
               "speed-up vs fp32:", {k: round(v, 2) for k, v in rep["speedup_vs_fp32"].items()})
+    rep["machine"] = machine()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rep, indent=1))
