@@ -77,12 +77,14 @@ def machine() -> dict:
 
 
 def calibrated_like(run: str):
-    """``run``'s network and plan (its config.yaml), untrained and calibrated as :func:`calibrated` does: for timing
-    a trained run whose best.pt is not on this machine (the latency does not depend on the weights' values)."""
+    """``run``'s network and plan (a run folder's config.yaml, or a config file), untrained and calibrated as
+    :func:`calibrated` does: for timing a trained run whose best.pt is not on this machine (the latency does not
+    depend on the weights' values)."""
     from lowbit.config import load_config
     from lowbit.train import build_model, load_data
 
-    cfg = load_config(Path(run) / "config.yaml", saved=True)
+    folder = Path(run).is_dir()
+    cfg = load_config(Path(run) / "config.yaml" if folder else run, saved=folder)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})})
     data = load_data(cfg)
     m = build_model(cfg, data)
