@@ -1028,10 +1028,11 @@ def test_onnx_weights_go_uint8_where_int8_kernels_could_saturate():
     assert len(notes) == 1 and f"{len(u8)} layer(s) ({', '.join(u8)})" in notes[0]
 
 
-def test_8bit_sawb_weights_are_named_as_onnxruntime_float_convs_and_lsq_ones_are_not():
+def test_8bit_sawb_weights_are_named_as_split_integer_convs_and_lsq_ones_are_not():
     """8-bit SAWB's levels are odd multiples of half a step (integers up to ±255): no int8 kernel holds them,
-    so the integer ONNX runs those layers as float32 Conv, and the export report says which and what to use
-    instead. 8-bit LSQ weights (an int8 grid, the paper's init) stay on the integer kernels, uint8 x int8."""
+    so the integer ONNX runs each such layer as two integer convs (16·hi + lo; float32 Conv before session 22),
+    and the export report says which and what to use instead. 8-bit LSQ weights (an int8 grid, the paper's
+    init) stay on the fused integer kernels, uint8 x int8."""
     import torch
 
     from lowbit.export.int_api import onnx_speed_notes
@@ -1052,9 +1053,73 @@ def test_8bit_sawb_weights_are_named_as_onnxruntime_float_convs_and_lsq_ones_are
     assert fl == [n for n in convs if n not in ("conv1", "fc")] and len(fl) >= 8
     notes = onnx_speed_notes({"float_conv_layers": fl, "uint8_weight_layers": u8})
     assert f"{len(fl)} layer(s) ({', '.join(fl[:3])} and {len(fl) - 3} more)" in notes[0]
-    assert "float32 Conv" in notes[0] and "(lsq, uniform)" in notes[0]
+    assert "two ConvInteger/MatMulInteger (16·hi + lo, exact)" in notes[0] and "(lsq, uniform)" in notes[0]
+    # no float conv in the integer model, and it computes the integer network bit for bit
+    import onnx as onnx_lib
+
+    from lowbit.export import onnx_export as ox
+    from lowbit.export.int_onnx import eff_scales, to_int_onnx
+    from lowbit.export.intgraph import IntReference
+
+    mo = to_int_onnx(g, eff_scales(g))
+    kinds = [n.op_type for n in mo.graph.node]
+    assert "Conv" not in kinds and "MatMul" not in kinds and kinds.count("ConvInteger") == len(convs) + len(fl) - 1
+    assert isinstance(mo, onnx_lib.ModelProto)
+    assert np.array_equal(ox.run(ox.session(mo), x.numpy()), IntReference(g).run(x.numpy()))
     g, fl, u8 = got["lsq"]
     assert fl == [] and u8 == [] and onnx_speed_notes({"float_conv_layers": fl, "uint8_weight_layers": u8}) == []
+
+
+def test_split_int8_is_exact_within_int8():
+    from lowbit.export.int_onnx import split_int8
+
+    m = np.arange(-2047, 2048).reshape(1, -1)
+    hi, lo = split_int8(m)
+    assert np.array_equal(16 * hi + lo, m) and lo.min() == -8 and lo.max() == 7 and np.abs(hi).max() <= 128
+    hi, lo = split_int8(np.arange(-255, 256))
+    assert np.abs(hi).max() == 16  # 8-bit SAWB: 2·255·16 < 2^15, exact on the uint8 x int8 kernel without VNNI
+    with pytest.raises(ValueError):
+        split_int8(np.array([2048]))
+
+
+def test_onnx_sums_beyond_2_24_are_exact_and_an_inexact_onnx_model_fails_the_export(tmp_path):
+    """Found by benchmarks/fuzz_integer_export.py: a classifier of 4096 inputs with 8-bit SAWB weights near ±255
+    sums beyond 2^24, where the float32 Conv/MatMul of sessions 9-21 rounded: the ONNX logits differed and no
+    check failed. The ONNX model is now exact, and failed_checks holds the exact variants to it."""
+    from lowbit.export.api import failed_checks
+    from lowbit.export.int_api import export_int_model
+
+    class Wide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 16, 3, padding=1)
+            self.fc = nn.Linear(16 * 16 * 16, 4)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+    torch.manual_seed(0)
+    m = Wide()
+    with torch.no_grad():
+        m.conv.weight.abs_()
+        m.fc.weight.copy_(torch.rand_like(m.fc.weight) * 0.5 + 0.5)
+    quantize(m, {"weight": {"name": "sawb", "bits": 8}, "act": {"name": "pact", "bits": 8, "init": 1.0},
+                 "integer": True, "keep_first": False, "keep_last": False})
+    gen = torch.Generator().manual_seed(0)
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.rand(16, 1, 16, 16, generator=gen) + 1.0)
+    m.eval()
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1)) + 1.0
+    r = export_int_model(m, x, tmp_path / "wide", formats=("packed", "onnx"), latency_repeats=0, calib=8)
+    o = r["onnx"]
+    assert o["float_conv_layers"] == ["conv", "fc"] and o["exact"] == ["integer", "integer_fused"]
+    assert o["integer"]["max_logit_diff"] == 0 and o["integer_fused"]["max_logit_diff"] == 0
+    assert r["failed_checks"] == []
+    bad = {**r, "onnx": {**o, "integer": {**o["integer"], "max_logit_diff": 64.0, "mismatches": 1}}}
+    assert failed_checks(bad) == ["ONNX (ConvInteger) logits differ from PyTorch's (max |Δ| 64, 1/8 predictions "
+                                  "differ)"]
 
 
 def test_weight_prescale_makes_the_bias_fine_within_int8_and_float32_limits():

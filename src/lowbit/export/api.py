@@ -330,7 +330,8 @@ def _agree(r: dict) -> str:
 def failed_checks(report: dict) -> list[str]:
     """The exactness checks of an export report that failed, one short line each (empty: all passed): the integer
     package's NumPy network against PyTorch, the C build's self-test and its logits against NumPy (from floats and
-    from raw pixels), and a Cortex-M build's. An export that fails one is wrong: ``lowbit export`` exits 1."""
+    from raw pixels), a Cortex-M build's, and the integer ONNX models that claim to be exact (``onnx["exact"]``).
+    An export that fails one is wrong: ``lowbit export`` exits 1."""
     out = []
     n = report.get("numpy") or {}
     if report.get("integer") and n and n["bit_exact_images"] < n["images"]:
@@ -343,6 +344,11 @@ def failed_checks(report: dict) -> list[str]:
             out.append(f"C {c['bit_exact_images']}/{c['images']} images bit-exact with NumPy")
         if c.get("pixel_images") and c["pixel_bit_exact_images"] < c["pixel_images"]:
             out.append(f"C from pixels {c['pixel_bit_exact_images']}/{c['pixel_images']} images bit-exact with NumPy")
+    o = report.get("onnx") or {}
+    for k in o.get("exact", []):
+        if o[k]["max_logit_diff"] != 0:
+            out.append(f"ONNX ({'QLinearConv' if k == 'integer_fused' else 'ConvInteger'}) logits differ from PyTorch's "
+                       f"(max |Δ| {o[k]['max_logit_diff']:.3g}, {o[k]['mismatches']}/{o[k]['images']} predictions differ)")
     for m in (report.get("mcu"), c.get("mcu")):
         if m and m["bit_exact_images"] < m["images"]:
             out.append(f"{m['target']} {m['bit_exact_images']}/{m['images']} images bit-exact with NumPy")

@@ -135,7 +135,12 @@ def _onnx(pkg, d: Path, xn, ref, y, latency_batch: int, repeats: int, calib: int
                                               d / "model_ort_int8.onnx")
     sessions = {k: ox.session(m) for k, m in models.items()}
     rep = {"dir": str(d), "checker": "ok", "opset": ox.OPSET, "float_conv_layers": float_layers(pkg),
-           "uint8_weight_layers": uint8_weight_layers(pkg)}
+           "uint8_weight_layers": uint8_weight_layers(pkg),
+           # the variants that compute the integer network bit for bit (failed_checks holds them to it): ConvInteger
+           # always; QLinearConv unless a residual is rounded into the accumulator (no onnxruntime kernel does that)
+           "exact": ["integer"] + ([] if any(op.kind == "conv" and len(op.inputs) > 1
+                                             and op.attrs.get("residual") != "output" for op in pkg.ops)
+                                   else ["integer_fused"])}
     for k, s in sessions.items():
         lo = ox.run(s, xn)
         rep[k] = {**compare(ref, lo), "accuracy": _accuracy(lo, y)}
@@ -197,8 +202,8 @@ def onnx_speed_notes(o: dict) -> list[str]:
     if o.get("float_conv_layers"):
         f = o["float_conv_layers"]
         lines.append(f"ONNX, slow      {len(f)} layer(s) ({_names(f)}) have integer weights beyond int8 (8-bit SAWB's "
-                     "odd levels go up to ±255): onnxruntime runs them as float32 Conv; 8-bit weights on an int8 grid "
-                     "(lsq, uniform) run on its integer kernels")
+                     "odd levels go up to ±255): each runs as two ConvInteger/MatMulInteger (16·hi + lo, exact), not "
+                     "on QLinearConv; 8-bit weights on an int8 grid (lsq, uniform) run on its fused integer kernels")
     if o.get("uint8_weight_layers"):
         u = o["uint8_weight_layers"]
         lines.append(f"ONNX, note      {len(u)} layer(s) ({_names(u)}) have weights beyond ±64 on 8-bit codes, which "

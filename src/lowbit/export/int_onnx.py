@@ -21,8 +21,9 @@ Every requantization is therefore :func:`lowbit.export.requant.requantize` itsel
 bit, in both variants (``QLinearConv`` does the same float32 multiply and round inside), except the
 fused variant of an ``integer_residual: accumulator`` residual (no onnxruntime kernel rounds a
 residual into the accumulator: an 8-bit intermediate approximates it). Integer weights beyond
-``int8`` (8-bit SAWB's odd integers up to ±255) cannot go to ``ConvInteger``; such a layer runs
-``Conv``/``MatMul`` on the integers as float32 (exact while the sums stay below 2^24) and
+``int8`` (8-bit SAWB's odd integers up to ±255) cannot go to one ``ConvInteger``; such a layer runs two,
+on ``m = 16·hi + lo`` (:func:`split_int8`), and adds ``16·A_hi + A_lo`` in int32: exact, on integer kernels
+(before session 22 it ran ``Conv`` on float32 integers, inexact once a sum passed 2^24), and
 :func:`float_layers` names it.
 
 :func:`to_fp32_onnx`: the same network in float32 (weights ``g·s_w·m``, biases ``h``, residual
@@ -44,7 +45,8 @@ _F = np.float32
 
 
 def float_layers(graph: IntGraph) -> list[str]:
-    """Conv/linear ops whose integer weights do not fit int8 (they run as float32 Conv in ONNX)."""
+    """Conv/linear ops whose integer weights do not fit int8 (ONNX runs each as two integer ops, :func:`split_int8`;
+    the fused model cannot use ``QLinearConv`` for them)."""
     out = []
     for op in graph.ops:
         if op.kind == "conv":
@@ -69,6 +71,16 @@ def _u8s8_exact(m: np.ndarray, in_qmax: int) -> bool:
     8-bit inputs: why onnxruntime's quantizer has ``reduce_range``). Otherwise the weights go as
     uint8 ``m + 128`` with zero point 128 (the uint8 x uint8 kernel widens to int16 first: exact)."""
     return 2 * int(in_qmax) * int(np.abs(m).max(initial=0)) <= 32767
+
+
+def split_int8(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer weights ``m`` (|m| <= 2047) as ``16·hi + lo`` with ``hi`` and ``lo`` (-8..7) in int8: a layer whose
+    weights do not fit int8 runs as two integer ops whose int32 sums make its accumulator exactly."""
+    m = np.asarray(m, dtype=np.int64)
+    if np.abs(m).max(initial=0) > 2047:
+        raise ValueError("split_int8: integer weights beyond ±2047")
+    hi = np.floor_divide(m + 8, 16)
+    return hi, m - 16 * hi
 
 
 def _weights(b: _Builder, base: str, w: np.ndarray, in_qmax: int, o: int, per_channel_zp: bool):
@@ -291,31 +303,22 @@ def _int_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray, fused: b
     linear = op.attrs["layer"] == "linear"
     shp = (o,) if linear else (1, o, 1, 1)
     x_zp = b.int_const(base + ".x_zp", np.array(ti.zero), T.UINT8)
-    if m.min() >= -128 and m.max() <= 127:
-        wt = m.astype(np.int64)
-    else:  # odd integers up to 255 (8-bit SAWB): uint8 with zero point 128 does not fit either
-        wt = None
-    if wt is not None and linear:
-        w, w_zp = _weights(b, base, wt.reshape(o, -1).T, ti.qmax, o, False)
-        acc = b.node("MatMulInteger", [op.inputs[0], w, x_zp, w_zp], base=base)
-    elif wt is not None:
-        (ph, pw) = op.attrs["padding"]
-        w, w_zp = _weights(b, base, wt, ti.qmax, o, False)
-        acc = b.node("ConvInteger", [op.inputs[0], w, x_zp, w_zp], base=base, kernel_shape=list(op.attrs["kernel"]),
-                     strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw], group=int(op.attrs.get("groups", 1)))
-    else:  # float32 conv on the integers (exact: |A| < 2^24 is checked by the caller's accumulator bound)
-        x = b.node("Cast", [op.inputs[0]], base=base, to=T.FLOAT)
-        if ti.zero:
-            x = b.node("Sub", [x, b.const(base + ".zin", np.array(ti.zero, _F))], base=base)
-        w = b.const(base + ".wf", m.astype(_F).reshape(o, -1).T if linear else m.astype(_F))
+
+    def integer_op(wt: np.ndarray, name: str) -> str:  # the exact int32 sums of the codes with int8 weights wt
         if linear:
-            acc = b.node("MatMul", [x, w], base=base)
-        else:
-            (ph, pw) = op.attrs["padding"]
-            acc = b.node("Conv", [x, w], base=base, kernel_shape=list(op.attrs["kernel"]),
-                         strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw], group=int(op.attrs.get("groups", 1)))
-    if wt is None:  # integer-valued float32 sums below 2^24: exact as int32
-        acc = b.node("Cast", [acc], base=base, to=T.INT32)
+            w, w_zp = _weights(b, name, wt.reshape(o, -1).T, ti.qmax, o, False)
+            return b.node("MatMulInteger", [op.inputs[0], w, x_zp, w_zp], base=base)
+        (ph, pw) = op.attrs["padding"]
+        w, w_zp = _weights(b, name, wt, ti.qmax, o, False)
+        return b.node("ConvInteger", [op.inputs[0], w, x_zp, w_zp], base=base, kernel_shape=list(op.attrs["kernel"]),
+                      strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw], group=int(op.attrs.get("groups", 1)))
+
+    if m.min() >= -128 and m.max() <= 127:
+        acc = integer_op(m.astype(np.int64), base)
+    else:  # integers beyond int8 (8-bit SAWB's odd levels up to ±255): m = 16·hi + lo, two integer ops, exact
+        hi, lo = split_int8(m)
+        acc = b.node("Add", [b.node("Mul", [integer_op(hi, base + ".hi"), b.int_const(base + ".x16", np.array(16), T.INT32)],
+                                    base=base), integer_op(lo, base + ".lo")], base=base)
     acc = b.node("Add", [acc, b.int_const(base + ".bias", op.bias.astype(np.int64).reshape(shp), T.INT32)], base=base)
     if op.attrs.get("residual") == "output":
         mid = _requant_float(b, b.node("Cast", [acc], base=base, to=T.FLOAT), real_multiplier(op.mult, op.shift),
