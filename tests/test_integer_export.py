@@ -1070,6 +1070,73 @@ def test_8bit_sawb_weights_are_named_as_split_integer_convs_and_lsq_ones_are_not
     assert fl == [] and u8 == [] and onnx_speed_notes({"float_conv_layers": fl, "uint8_weight_layers": u8}) == []
 
 
+@pytest.mark.parametrize("bits", [2, 8])
+def test_an_all_zero_weight_row_under_per_channel_steps_is_a_dead_channel(bits):
+    """Found by benchmarks/fuzz_integer_export.py (session 22): a conv whose output channel has all-zero weights,
+    per-channel SAWB. Its step fell to SAWB's floor, where clip_round raised it and the grid left [-α, α]: 8 bits
+    were refused as 'no symmetric integer form', and at 2 bits its ±1 integers over a unit near 0 made the bias
+    overflow int32. The channel is now dead (the BatchNorm shift alone), and the integer network is the model."""
+    from lowbit.export.intgraph import IntReference
+    from lowbit.intmode import int_graph
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    with torch.no_grad():
+        m[0].weight[0].zero_()
+    quantize(m, {"weight": {"name": "sawb", "bits": bits, "per_channel": True}, "act": {"name": "pact", "bits": 4},
+                 "integer": True, "keep_first": False})
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 1, 8, 8))
+        m[1].bias[0] = 0.7  # a shift the dead channel passes on
+    m.eval()
+    x = torch.randn(4, 1, 8, 8)
+    g = int_graph(m, x[:1])
+    conv = next(op for op in g.ops if op.kind == "conv")
+    assert not conv.m()[0].any() and conv.m()[1].any()  # channel 0: integer weights 0
+    with torch.no_grad():
+        y = m(x).numpy()
+    assert np.array_equal(y, IntReference(g).run(x.numpy()))
+    codes = IntReference(g).tensors(x.numpy())[conv.output]
+    assert np.unique(codes[:, 0]).size == 1 and codes[0, 0, 0, 0] > 0  # the constant code of the 0.7 shift
+
+
+@pytest.mark.parametrize("between", ["identity", "dropout"])
+def test_identity_or_dropout_between_a_conv_and_its_relu(between):
+    """Found while reducing a fuzzer case: conv -> Identity/Dropout -> ReLU was refused at quantize() ('ReLU ...
+    is not supported; supported: ... Identity, Dropout'). The conv's unit now looks through them (eval's identity;
+    training keeps the dropout)."""
+    from lowbit.export.intgraph import IntReference
+    from lowbit.intmode import int_graph
+
+    mid = {"identity": nn.Identity(), "dropout": nn.Dropout(0.1)}[between]
+    torch.manual_seed(0)
+    m = _ready(nn.Sequential(nn.Conv2d(1, 4, 3), mid, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), (1, 8, 8),
+               plan=INT_W2A2)
+    x = _x(4, (1, 8, 8))
+    g = int_graph(m, x[:1])
+    assert [op.kind for op in g.ops] == ["quant_in", "conv", "flatten", "conv"] and g.ops[1].attrs["relu"]
+    with torch.no_grad():
+        assert np.array_equal(m(x).numpy(), IntReference(g).run(x.numpy()))
+
+
+def test_a_bias_beyond_int32_names_the_collapsed_step():
+    """A layer whose input step collapsed (an activation quantizer that started on a constant tensor) cannot hold its
+    BatchNorm shift in int32: the error says which factor of the accumulator unit is off."""
+    from lowbit.intmode import int_graph
+
+    torch.manual_seed(0)
+    m = _ready(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)),
+               (1, 8, 8), plan=INT_W2A2)
+    with torch.no_grad():
+        m[1].bias.fill_(5e7)  # a huge shift: the same overflow a collapsed input step gives
+    with pytest.raises(ConfigError, match=r"^integer mode: layer '0': channel 0's bias does not fit the int32 "
+                                          r"accumulator: shift 5e\+07 over an accumulator unit of .* \(weight step .* x "
+                                          r"input step .* x BatchNorm scale .*\); a step that collapsed"):
+        int_graph(m, _x(1, (1, 8, 8)))
+
+
 def test_split_int8_is_exact_within_int8():
     from lowbit.export.int_onnx import split_int8
 

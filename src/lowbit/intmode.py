@@ -138,21 +138,31 @@ def analyse(gm: fx.GraphModule) -> tuple[fx.Node, list[Unit], fx.Node]:
                                       f"{m.padding_mode}")
             u = Unit("conv", n, a(n.args[0]), name=n.target, module=m, nodes=[n])
             cur = n
-            nxt = list(cur.users)
+
+            def users(node):  # node's users, through Identity/Dropout (the unit absorbs them: eval's identity)
+                skipped = []
+                nxt = list(node.users)
+                while len(nxt) == 1 and nxt[0].op == "call_module" and \
+                        isinstance(mods[nxt[0].target], (nn.Identity, nn.Dropout)):
+                    skipped.append(nxt[0])
+                    nxt = list(nxt[0].users)
+                return nxt, skipped
+
+            nxt, skipped = users(cur)
             if len(nxt) == 1 and nxt[0].op == "call_module" and \
                     isinstance(mods[nxt[0].target], nn.modules.batchnorm._BatchNorm):
                 u.bn, cur = mods[nxt[0].target], nxt[0]
-                u.nodes.append(cur)
-            nxt = list(cur.users)
+                u.nodes += [*skipped, cur]
+            nxt, skipped = users(cur)
             if len(nxt) == 1 and _is_add(nxt[0]) and nxt[0] not in claimed:
-                add = nxt[0]
-                other = add.args[1] if add.args[0] is cur else add.args[0]
+                add, prev = nxt[0], (skipped or [cur])[-1]
+                other = add.args[1] if add.args[0] is prev else add.args[0]
                 u.res, cur = other, add
-                u.nodes.append(cur)
-            nxt = list(cur.users)
+                u.nodes += [*skipped, cur]
+            nxt, skipped = users(cur)
             if len(nxt) == 1 and _is_relu(nxt[0], mods):
                 u.relu, cur = True, nxt[0]
-                u.nodes.append(cur)
+                u.nodes += [*skipped, cur]
             u.node = cur
             claimed.update(u.nodes)
             units.append(u)
@@ -527,7 +537,8 @@ def _symmetric_form(levels: np.ndarray):
     step = (hi - lo) / (n - 1)
     j = np.arange(n)
     grid = lo[:, None] + j * step[:, None]
-    if np.all(hi > 0) and np.all(np.abs(lo + hi) <= 1e-5 * hi) and np.all(np.abs(grid - lv) <= 1e-5 * hi[:, None]):
+    # hi = 0: a row whose levels are all 0 (per-channel steps of an all-zero weight row): step 0, a dead row
+    if np.all(hi >= 0) and np.all(np.abs(lo + hi) <= 1e-5 * hi) and np.all(np.abs(grid - lv) <= 1e-5 * hi[:, None]):
         return np.tile(2 * j - (n - 1), (lv.shape[0], 1)).astype(np.int64), step / 2
     return None
 
@@ -591,6 +602,18 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
         mr = getattr(m, "mid_round", None)
         r = residual_output_constants(t_out, bool(u.relu), t_res, u.name, None if mr is None else mr.observed())
         s_mid = r["s_mid"]
+    # a row whose weights cannot move its output by 2^-12 of a code (or below float32's resolution of the logits)
+    # is dead too, with its integer weights set to 0: an all-zero weight row under per-channel steps gets a step
+    # near 0 (SAWB's floor) and nonzero integers, whose bias rint(h/unit) would overflow int32
+    step_out = s_mid if s_mid is not None else None if t_out is None else t_out.scale
+    reach = np.abs(eff) * np.abs(m_lut[w.row_index()[:, None], w.codes.reshape(o, -1).astype(np.int64)]).sum(1) * \
+        max(t_in.zero, t_in.qmax - t_in.zero)
+    negligible = ~dead & (reach < (2.0**-12 * step_out if step_out is not None
+                                   else 2.0**-24 * float(np.max(np.abs(h) + reach, initial=0))))
+    if negligible.any():
+        m_lut = m_lut[w.row_index()].copy()  # one row per channel, the negligible ones all 0
+        m_lut[negligible] = 0
+        dead = dead | negligible
     if fine_bias:  # weights m·2^k, unit eff/2^k: the bias keeps h to a fraction of an output code
         from .export.intgraph import weight_prescale
 
@@ -603,6 +626,13 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
         unit = (s_mid if s_mid is not None else t_out.scale if t_out is not None
                 else np.maximum(np.abs(h), 1e-30) * 2.0**-20)
         eff = np.where(dead, unit, eff)
+    big = np.abs(np.rint(h / np.where(eff == 0, np.inf, eff))) >= 2**30
+    if big.any():  # conv_constants would refuse it; say which factor of the unit is off
+        i = int(np.argmax(big))
+        raise ConfigError(f"integer mode: layer '{u.name}': channel {i}'s bias does not fit the int32 accumulator: "
+                          f"shift {h[i]:.3g} over an accumulator unit of {eff[i]:.3g} (weight step {sw[i]:.3g} x input "
+                          f"step {t_in.scale:.3g} x BatchNorm scale {g[i]:.3g}); a step that collapsed on a constant "
+                          "input, or a huge BatchNorm shift")
     if s_mid is not None:
         c = conv_constants(eff, h, s_mid, None, u.name)
         c["res_mult"], c["res_shift"] = np.full(o, r["res_mult"], np.int32), np.full(o, r["res_shift"], np.int32)

@@ -237,9 +237,12 @@ class SAWBQuantizer(Quantizer):
 
     def alpha(self, x: Tensor) -> Tensor:
         d = x.detach()
+        # at least half the steps of one _EPS step: below it clip_round would raise the step to _EPS and its grid
+        # would leave [-α, α] (an all-zero weight row, per channel), no longer symmetric
+        floor = _EPS * (2**self.bits - 1) / 2
         closed = self.alpha_mode == "closed_form" or (self.alpha_mode == "auto" and self.bits in SAWB_CLOSED_FORM_BITS)
         if not closed:
-            return mse_optimal_alpha(x, self.bits, self.per_channel)
+            return mse_optimal_alpha(x, self.bits, self.per_channel).clamp_min(floor)
         rows = d.flatten(1) if self.per_channel else d.reshape(1, -1)
         c1, c2 = SAWB_COEFFS[self.bits]
         n = 2**self.bits - 1
@@ -252,7 +255,7 @@ class SAWBQuantizer(Quantizer):
                 bad |= _sym_mse(rows, a.clamp_min(_EPS), n) > _sym_mse(rows, rows.abs().max(1, keepdim=True).values, n)
         if bool(bad.any()):  # rare at 2-4 bits: the grid search only when some row needs it
             a = torch.where(bad, _mse_alpha_rows(rows, self.bits), a)
-        a = a.clamp_min(_EPS)
+        a = a.clamp_min(floor)
         return channel_view(a.squeeze(1), d) if self.per_channel else a.reshape(())
 
     def quantize(self, x: Tensor) -> Tensor:
