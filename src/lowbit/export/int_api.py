@@ -202,8 +202,9 @@ def onnx_speed_notes(o: dict) -> list[str]:
     if o.get("float_conv_layers"):
         f = o["float_conv_layers"]
         lines.append(f"ONNX, slow      {len(f)} layer(s) ({_names(f)}) have integer weights beyond int8 (8-bit SAWB's "
-                     "odd levels go up to ±255): each runs as two ConvInteger/MatMulInteger (16·hi + lo, exact), not "
-                     "on QLinearConv; 8-bit weights on an int8 grid (lsq, uniform) run on its fused integer kernels")
+                     "odd levels go up to ±255): onnxruntime runs them as float32 Conv (or, where float32 sums could round, "
+                     "as two ConvInteger on 16·hi + lo), not on QLinearConv; 8-bit weights on an int8 grid (lsq, "
+                     "uniform) run on its fused integer kernels")
     if o.get("uint8_weight_layers"):
         u = o["uint8_weight_layers"]
         lines.append(f"ONNX, note      {len(u)} layer(s) ({_names(u)}) have weights beyond ±64 on 8-bit codes, which "

@@ -21,10 +21,11 @@ Every requantization is therefore :func:`lowbit.export.requant.requantize` itsel
 bit, in both variants (``QLinearConv`` does the same float32 multiply and round inside), except the
 fused variant of an ``integer_residual: accumulator`` residual (no onnxruntime kernel rounds a
 residual into the accumulator: an 8-bit intermediate approximates it). Integer weights beyond
-``int8`` (8-bit SAWB's odd integers up to ±255) cannot go to one ``ConvInteger``; such a layer runs two,
-on ``m = 16·hi + lo`` (:func:`split_int8`), and adds ``16·A_hi + A_lo`` in int32: exact, on integer kernels
-(before session 22 it ran ``Conv`` on float32 integers, inexact once a sum passed 2^24), and
-:func:`float_layers` names it.
+``int8`` (8-bit SAWB's odd integers up to ±255) cannot go to ``ConvInteger``; such a layer runs ``Conv``/``MatMul``
+on the integers as float32 where every sum stays below 2^24 (:func:`float32_exact`: exact), else, since session 22,
+two ``ConvInteger`` on ``m = 16·hi + lo`` (:func:`split_int8`) added as ``16·A_hi + A_lo`` in int32: exact, but
+onnxruntime runs that 10x slower than FP32 (the float32 conv rounded such sums before). :func:`float_layers` names
+these layers.
 
 :func:`to_fp32_onnx`: the same network in float32 (weights ``g·s_w·m``, biases ``h``, residual
 adds, ReLU, pooling, no quantization): the baseline of the latency comparison and the model
@@ -45,8 +46,8 @@ _F = np.float32
 
 
 def float_layers(graph: IntGraph) -> list[str]:
-    """Conv/linear ops whose integer weights do not fit int8 (ONNX runs each as two integer ops, :func:`split_int8`;
-    the fused model cannot use ``QLinearConv`` for them)."""
+    """Conv/linear ops whose integer weights do not fit int8: ONNX runs each as a float32 conv on the integers, or as
+    two integer ops (:func:`split_int8`) where float32 sums could round; never on ``QLinearConv``."""
     out = []
     for op in graph.ops:
         if op.kind == "conv":
@@ -71,6 +72,13 @@ def _u8s8_exact(m: np.ndarray, in_qmax: int) -> bool:
     8-bit inputs: why onnxruntime's quantizer has ``reduce_range``). Otherwise the weights go as
     uint8 ``m + 128`` with zero point 128 (the uint8 x uint8 kernel widens to int16 first: exact)."""
     return 2 * int(in_qmax) * int(np.abs(m).max(initial=0)) <= 32767
+
+
+def float32_exact(m: np.ndarray, in_zero: int, in_qmax: int) -> bool:
+    """Whether a float32 conv of integer weights ``m`` (O, ...) on codes minus their zero point sums exactly: every
+    partial sum of every output stays below 2^24 (``Σ|m|·max|code − zero| < 2^24`` per output channel)."""
+    reach = np.abs(np.asarray(m, dtype=np.int64)).reshape(len(m), -1).sum(1) * max(int(in_zero), int(in_qmax) - int(in_zero))
+    return bool(reach.max(initial=0) < 2**24)
 
 
 def split_int8(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -315,7 +323,21 @@ def _int_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray, fused: b
 
     if m.min() >= -128 and m.max() <= 127:
         acc = integer_op(m.astype(np.int64), base)
-    else:  # integers beyond int8 (8-bit SAWB's odd levels up to ±255): m = 16·hi + lo, two integer ops, exact
+    elif float32_exact(m, ti.zero, ti.qmax):
+        # integers beyond int8 (8-bit SAWB's odd levels up to ±255) whose every sum stays below 2^24: float32
+        # Conv/MatMul on the integers is exact (and onnxruntime runs it far faster than the split below)
+        x = b.node("Cast", [op.inputs[0]], base=base, to=T.FLOAT)
+        if ti.zero:
+            x = b.node("Sub", [x, b.const(base + ".zin", np.array(ti.zero, _F))], base=base)
+        w = b.const(base + ".wf", m.astype(_F).reshape(o, -1).T if linear else m.astype(_F))
+        if linear:
+            acc = b.node("MatMul", [x, w], base=base)
+        else:
+            (ph, pw) = op.attrs["padding"]
+            acc = b.node("Conv", [x, w], base=base, kernel_shape=list(op.attrs["kernel"]),
+                         strides=list(op.attrs["stride"]), pads=[ph, pw, ph, pw], group=int(op.attrs.get("groups", 1)))
+        acc = b.node("Cast", [acc], base=base, to=T.INT32)
+    else:  # beyond int8 and sums that may pass 2^24: m = 16·hi + lo, two integer ops, exact
         hi, lo = split_int8(m)
         acc = b.node("Add", [b.node("Mul", [integer_op(hi, base + ".hi"), b.int_const(base + ".x16", np.array(16), T.INT32)],
                                     base=base), integer_op(lo, base + ".lo")], base=base)
