@@ -1098,6 +1098,24 @@ def test_an_all_zero_weight_row_under_per_channel_steps_is_a_dead_channel(bits):
     assert np.array_equal(y, IntReference(g).run(x.numpy()))
     codes = IntReference(g).tensors(x.numpy())[conv.output]
     assert np.unique(codes[:, 0]).size == 1 and codes[0, 0, 0, 0] > 0  # the constant code of the 0.7 shift
+    # the classifier's row 0 all zero (fuzz seed 2213): its logit is the bias alone
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    with torch.no_grad():
+        m[3].weight[0].zero_()
+        m[3].bias[0] = 0.5
+    quantize(m, {"weight": {"name": "sawb", "bits": bits, "per_channel": True}, "act": {"name": "pact", "bits": 8},
+                 "integer": True, "keep_last": False})
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.rand(16, 1, 8, 8) * 4)
+    m.eval()
+    g = int_graph(m, x[:1])
+    assert not g.ops[-1].m()[0].any()
+    with torch.no_grad():
+        y = m(x).numpy()
+    assert np.array_equal(y, IntReference(g).run(x.numpy())) and np.allclose(y[:, 0], 0.5, rtol=2**-20)
 
 
 @pytest.mark.parametrize("between", ["identity", "dropout"])
