@@ -10,6 +10,7 @@ PyTorch integer model's logits bit for bit, the C self-test passes, ``failed_che
 report's counts agree with what was checked.
 
     python benchmarks/fuzz_integer_export.py --seeds 0 100 --out benchmarks/results/integer_export/fuzz
+    python benchmarks/fuzz_integer_export.py --replay benchmarks/results/integer_export/fuzz/cases.jsonl
 
 writes ``cases.jsonl`` (one line per seed) into ``--out`` and prints a summary table. Outcomes:
 
@@ -339,10 +340,12 @@ def _short(e: BaseException) -> str:
     return s if len(s) < 2000 else s[:2000] + " ..."
 
 
-def run_case(seed: int, out_root: Path, keep: bool = False) -> dict:
+def run_case(seed: int, out_root: Path, keep: bool = False, case: tuple | None = None) -> dict:
+    """One case: ``seed``'s random model and plan, or ``case`` = (arch, plan, settle) as a record holds them (a
+    replay: the generator may have changed since)."""
     from lowbit.errors import ConfigError
 
-    arch, plan, settle = build_case(seed)
+    arch, plan, settle = case if case is not None else build_case(seed)
     rec = {"seed": seed, "arch": arch, "plan": plan, "settle": settle, "outcome": None, "problems": [],
            "phase": None, "error": None}
     t0 = time.perf_counter()
@@ -469,10 +472,21 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results/integer_export/fuzz")
     ap.add_argument("--keep", action="store_true", help="keep each case's export folder")
     ap.add_argument("--budget", type=float, default=None, help="stop after this many seconds")
+    ap.add_argument("--replay", metavar="CASES_JSONL", default=None,
+                    help="re-run the cases a cases.jsonl recorded that did not pass (their own models and plans); "
+                         "prints each outcome, writes nothing")
     a = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="fuzz_int_", dir="/tmp"))
+    if a.replay:
+        recs = [json.loads(ln) for ln in Path(a.replay).read_text().splitlines() if ln.strip()]
+        again = [run_case(r["seed"], work, case=(r["arch"], r["plan"], r["settle"]))
+                 for r in recs if r["outcome"] != "pass"]
+        for r in again:
+            print(f"seed {r['seed']}: {r['outcome']}" + (f" [{r['phase']}] {r['error']}" if r["outcome"] != "pass" else ""))
+        print(summarise(again).splitlines()[0])
+        return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="fuzz_int_", dir="/tmp"))
     recs = []
     t0 = time.perf_counter()
     with open(out / "cases.jsonl", "a") as f:

@@ -1118,6 +1118,35 @@ def test_an_all_zero_weight_row_under_per_channel_steps_is_a_dead_channel(bits):
     assert np.array_equal(y, IntReference(g).run(x.numpy())) and np.allclose(y[:, 0], 0.5, rtol=2**-20)
 
 
+def test_a_pruned_filter_in_a_hidden_linear_is_a_dead_channel():
+    """Fuzz seed 822 (replayed): a hidden linear of 432 inputs, 5-bit per-channel SAWB, row 0 all zero (a pruned
+    filter) and a BatchNorm shift of −2.6. The row's ±1 integers at SAWB's floor step could still move an 8-bit
+    output by 7e-4 of a code, above the 2^-12 criterion, and the bias overflowed int32. An all-zero latent row is
+    now dead whatever its step."""
+    from lowbit.export.intgraph import IntReference
+    from lowbit.intmode import int_graph
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(12 * 6 * 6, 16),
+                      nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        m[3].weight[0].zero_()
+    quantize(m, {"weight": {"name": "sawb", "bits": 5, "per_channel": True},
+                 "act": {"name": "pact", "bits": 8, "init": 1.0}, "integer": True, "keep_first": False})
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.rand(16, 1, 6, 6))
+        m[4].bias[0] = -2.6
+    m.eval()
+    x = torch.rand(4, 1, 6, 6)
+    g = int_graph(m, x[:1])
+    fc0 = [op for op in g.ops if op.kind == "conv"][1]
+    assert not fc0.m()[0].any() and fc0.m()[1:].any()
+    with torch.no_grad():
+        assert np.array_equal(m(x).numpy(), IntReference(g).run(x.numpy()))
+
+
 @pytest.mark.parametrize("between", ["identity", "dropout"])
 def test_identity_or_dropout_between_a_conv_and_its_relu(between):
     """Found while reducing a fuzzer case: conv -> Identity/Dropout -> ReLU was refused at quantize() ('ReLU ...

@@ -595,6 +595,11 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
     # the output step (or |h|·2^-20 for a float output): then the bias rint(h/unit) keeps h to half
     # an output code, where the row's own unit (e.g. a huge learned LSQ step) could round it to 0
     dead = ~w.dequantize().reshape(o, -1).any(1)  # level = s_w·m with s_w > 0: a 0 level is m = 0
+    latent = getattr(getattr(getattr(m, "parametrizations", None), "weight", None), "original", None)
+    if latent is not None:  # an all-zero latent row (a pruned filter) is dead whatever levels its step gives it
+        zero_rows = ~latent.detach().reshape(o, -1).any(1).cpu().numpy()
+    else:
+        zero_rows = np.zeros(o, dtype=bool)
     s_mid = None
     if t_res is not None and t_out is not None and residual == "output":
         from .export.intgraph import residual_output_constants
@@ -602,14 +607,15 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
         mr = getattr(m, "mid_round", None)
         r = residual_output_constants(t_out, bool(u.relu), t_res, u.name, None if mr is None else mr.observed())
         s_mid = r["s_mid"]
-    # a row whose weights cannot move its output by 2^-12 of a code (for the logits: of the layer's largest possible
-    # output) is dead too, with its integer weights set to 0: an all-zero weight row under per-channel steps gets a
-    # step near 0 (SAWB's floor) and nonzero integers, whose bias rint(h/unit) would overflow int32
+    # a row whose latent weights are all 0, or whose weights cannot move its output by 2^-12 of a code (for the
+    # logits: of the layer's largest possible output), is dead too, with its integer weights set to 0: an all-zero
+    # weight row under per-channel steps gets a step near 0 (SAWB's floor) and nonzero integers, whose bias
+    # rint(h/unit) would overflow int32
     step_out = s_mid if s_mid is not None else None if t_out is None else t_out.scale
     reach = np.abs(eff) * np.abs(m_lut[w.row_index()[:, None], w.codes.reshape(o, -1).astype(np.int64)]).sum(1) * \
         max(t_in.zero, t_in.qmax - t_in.zero)
-    negligible = ~dead & (reach < (2.0**-12 * step_out if step_out is not None
-                                   else 2.0**-12 * float(np.max(np.abs(h) + reach, initial=0))))
+    negligible = ~dead & (zero_rows | (reach < (2.0**-12 * step_out if step_out is not None
+                                               else 2.0**-12 * float(np.max(np.abs(h) + reach, initial=0)))))
     if negligible.any():
         m_lut = m_lut[w.row_index()].copy()  # one row per channel, the negligible ones all 0
         m_lut[negligible] = 0
