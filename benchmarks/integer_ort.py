@@ -43,13 +43,18 @@ def calibrated(bits: int, weight: str = "sawb", model: str = "resnet8", residual
     from lowbit import create_model, quantize
 
     data = load_dataset("fashion-mnist", limit=1000)
-    xs, _ = zip(*BatchLoader(data.train, data.info, 128))
     torch.manual_seed(0)
     opts = {"width": 0.5} if model == "mobilenetv2" else {}
     m = create_model(model, in_channels=1, num_classes=10, image_size=28, **opts)
     wspec = {"name": weight, "bits": bits, **({"per_channel": True} if weight == "lsq" else {})}
     quantize(m, {"weight": wspec, "act": {"name": "pact", "bits": bits}, "integer": True,
                  "integer_residual": residual})
+    return _calibrate(m, data)
+
+
+def _calibrate(m, data):
+    """BatchNorm statistics and activation ranges from 3 training-mode batches of 128; the model in eval mode."""
+    xs, _ = zip(*BatchLoader(data.train, data.info, 128))
     m.train()
     with torch.no_grad():
         for x in xs[:3]:
@@ -87,13 +92,7 @@ def calibrated_like(run: str):
     cfg = load_config(Path(run) / "config.yaml" if folder else run, saved=folder)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})})
     data = load_data(cfg)
-    m = build_model(cfg, data)
-    xs, _ = zip(*BatchLoader(data.train, data.info, 128))
-    m.train()
-    with torch.no_grad():
-        for x in xs[:3]:
-            m(x)
-    return m.eval(), data.info
+    return _calibrate(build_model(cfg, data), data), data.info
 
 
 def with_outputs(model, names):

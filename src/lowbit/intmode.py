@@ -632,20 +632,14 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
         unit = (s_mid if s_mid is not None else t_out.scale if t_out is not None
                 else np.maximum(np.abs(h), 1e-30) * 2.0**-20)
         eff = np.where(dead, unit, eff)
-    big = np.abs(np.rint(h / np.where(eff == 0, np.inf, eff))) >= 2**30
-    if big.any():  # conv_constants would refuse it; say which factor of the unit is off
-        i = int(np.argmax(big))
-        raise ConfigError(f"integer mode: layer '{u.name}': channel {i}'s bias does not fit the int32 accumulator: "
-                          f"shift {h[i]:.3g} over an accumulator unit of {eff[i]:.3g} (weight step {sw[i]:.3g} x input "
-                          f"step {t_in.scale:.3g} x BatchNorm scale {g[i]:.3g}); a step that collapsed on a constant "
-                          "input, or a huge BatchNorm shift")
+    factors = {"weight step": sw, "input step": t_in.scale, "BatchNorm scale": g}  # eff's, for conv_constants' errors
     if s_mid is not None:
-        c = conv_constants(eff, h, s_mid, None, u.name)
+        c = conv_constants(eff, h, s_mid, None, u.name, factors)
         c["res_mult"], c["res_shift"] = np.full(o, r["res_mult"], np.int32), np.full(o, r["res_shift"], np.int32)
         attrs.update(r["attrs"])
     else:
         c = conv_constants(eff, h, None if t_out is None else t_out.scale, None if t_res is None else t_res.scale,
-                           u.name)
+                           u.name, factors)
     inputs = [inp] + ([u.res.name] if u.res is not None else [])
     if len(m_lut) > 1 and (m_lut == m_lut[:1]).all():  # per-channel steps with one integer grid (8-bit LSQ): one row
         m_lut = m_lut[:1]

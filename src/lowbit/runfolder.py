@@ -195,9 +195,13 @@ def _edited_after_training(config_path: Path, ck_path: Path) -> str:
         now = read_yaml_mapping(config_path)
     except Exception:  # noqa: BLE001 - only a better message is at stake; the caller raises its own
         return ""
-    if not isinstance(recorded, dict):
-        return ""
-    diff = [d for d in config_diff(_strip(_normal(recorded, saved=True)), _strip(_normal(now, saved=True)))
+    return edits_since(recorded, now, saved=True) if isinstance(recorded, dict) else ""
+
+
+def edits_since(recorded: dict, now: dict, saved: bool = False) -> str:
+    """The first two differences between the config a checkpoint recorded and ``now`` (``saved``: as a run folder's
+    config.yaml reads), the name aside; '' when none."""
+    diff = [d for d in config_diff(_strip(_normal(recorded, saved=True)), _strip(_normal(now, saved=saved)))
             if not d.startswith("name:")]
     return "; ".join(diff[:2])
 

@@ -187,13 +187,12 @@ def load_checkpoint(path: str | Path, map_location=None, config: Config | None =
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or "epoch" not in ck:
         raise ConfigError(f"{path}: not a lowbit checkpoint (expected a dict with 'model' and 'epoch')")
     if config is not None and isinstance(ck.get("config"), dict):
-        from .runfolder import _normal, _strip, config_diff
+        from .runfolder import edits_since
 
-        diff = config_diff(_strip(_normal(ck["config"], saved=True)), _strip(_normal(config.to_dict())))
-        diff = [d for d in diff if not d.startswith("name:")]
-        if diff:
+        edited = edits_since(ck["config"], config.to_dict())
+        if edited:
             raise ConfigError(f"{path} does not fit {path.parent / 'config.yaml'} (the config was edited after "
-                              f"training: {'; '.join(diff[:2])})")
+                              f"training: {edited})")
     return ck
 
 

@@ -22,7 +22,7 @@ bit, in both variants (``QLinearConv`` does the same float32 multiply and round 
 fused variant of an ``integer_residual: accumulator`` residual (no onnxruntime kernel rounds a
 residual into the accumulator: an 8-bit intermediate approximates it). Integer weights beyond
 ``int8`` (8-bit SAWB's odd integers up to ±255) cannot go to ``ConvInteger``; such a layer runs ``Conv``/``MatMul``
-on the integers as float32 where every sum stays below 2^24 (:func:`float32_exact`: exact), else, since session 22,
+on the integers as float32 where every sum stays below 2^24 (:func:`~.intgraph.partial_sum_bound`: exact), else, since session 22,
 two ``ConvInteger`` on ``m = 16·hi + lo`` (:func:`split_int8`) added as ``16·A_hi + A_lo`` in int32: exact, but
 onnxruntime runs that 10x slower than FP32 (the float32 conv rounded such sums before). :func:`float_layers` names
 these layers.
@@ -38,7 +38,7 @@ import logging
 
 import numpy as np
 
-from .intgraph import IntGraph, IntOp, mid_step, out_range
+from .intgraph import IntGraph, IntOp, mid_step, out_range, partial_sum_bound
 from .onnx_export import IR_VERSION, OPSET, _Builder
 from .requant import real_multiplier
 
@@ -72,13 +72,6 @@ def _u8s8_exact(m: np.ndarray, in_qmax: int) -> bool:
     8-bit inputs: why onnxruntime's quantizer has ``reduce_range``). Otherwise the weights go as
     uint8 ``m + 128`` with zero point 128 (the uint8 x uint8 kernel widens to int16 first: exact)."""
     return 2 * int(in_qmax) * int(np.abs(m).max(initial=0)) <= 32767
-
-
-def float32_exact(m: np.ndarray, in_zero: int, in_qmax: int) -> bool:
-    """Whether a float32 conv of integer weights ``m`` (O, ...) on codes minus their zero point sums exactly: every
-    partial sum of every output stays below 2^24 (``Σ|m|·max|code − zero| < 2^24`` per output channel)."""
-    reach = np.abs(np.asarray(m, dtype=np.int64)).reshape(len(m), -1).sum(1) * max(int(in_zero), int(in_qmax) - int(in_zero))
-    return bool(reach.max(initial=0) < 2**24)
 
 
 def split_int8(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -323,7 +316,7 @@ def _int_conv(b: _Builder, op: IntOp, graph: IntGraph, eff: np.ndarray, fused: b
 
     if m.min() >= -128 and m.max() <= 127:
         acc = integer_op(m.astype(np.int64), base)
-    elif float32_exact(m, ti.zero, ti.qmax):
+    elif partial_sum_bound(m, ti) < 2**24:
         # integers beyond int8 (8-bit SAWB's odd levels up to ±255) whose every sum stays below 2^24: float32
         # Conv/MatMul on the integers is exact (and onnxruntime runs it far faster than the split below)
         x = b.node("Cast", [op.inputs[0]], base=base, to=T.FLOAT)

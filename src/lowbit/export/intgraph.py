@@ -173,16 +173,24 @@ class IntGraph:
 # ---------------------------------------------------------------------------------------------
 # constants
 # ---------------------------------------------------------------------------------------------
-def conv_constants(eff: np.ndarray, h: np.ndarray, s_out: float | None, s_res: float | None, where: str) -> dict:
+def conv_constants(eff: np.ndarray, h: np.ndarray, s_out: float | None, s_res: float | None, where: str,
+                   factors: dict[str, np.ndarray] | None = None) -> dict:
     """int32 ``bias``, ``mult``, ``shift`` (and ``res_mult``, ``res_shift``; or ``out_scale`` for a
-    float output) from the per-channel real accumulator unit ``eff`` and BN shift ``h``."""
+    float output) from the per-channel real accumulator unit ``eff`` and BN shift ``h``. ``factors``: the
+    per-channel factors whose product is ``eff`` (by name), for the message when a bias does not fit int32."""
     eff = np.asarray(eff, dtype=np.float64)
     if np.any(eff == 0) or not np.all(np.isfinite(eff)):
         raise ConfigError(f"integer mode: layer '{where}': a channel with a zero or non-finite scale "
                           "(BatchNorm gamma = 0?)")
-    b = np.rint(np.asarray(h, dtype=np.float64) / eff)
+    h = np.asarray(h, dtype=np.float64)
+    b = np.rint(h / eff)
     if np.abs(b).max(initial=0) >= 2**30:
-        raise ConfigError(f"integer mode: layer '{where}': its bias does not fit the int32 accumulator")
+        i = int(np.argmax(np.abs(b) >= 2**30))
+        why = "" if not factors else (" (" + " x ".join(f"{k} {np.broadcast_to(v, eff.shape)[i]:.3g}"
+                                                        for k, v in factors.items())
+                                      + "); a step that collapsed on a constant input, or a huge BatchNorm shift")
+        raise ConfigError(f"integer mode: layer '{where}': channel {i}'s bias does not fit the int32 accumulator: "
+                          f"shift {h[i]:.3g} over an accumulator unit of {eff[i]:.3g}{why}")
     out = {"bias": b.astype(np.int32)}
     if s_out is None:
         out["out_scale"] = eff.astype(_F32)
@@ -331,6 +339,12 @@ def _f32_exact(bound: int) -> bool:
             and mk.conv.fp32_precision in ("none", "ieee"))
 
 
+def partial_sum_bound(m: np.ndarray, t_in: TensorQ) -> int:
+    """A bound of every partial sum of ``Σ m·(q − zero_in)`` over the input's code range, for integer weights ``m``
+    (O, ...): the worst output channel's ``Σ|m|`` times the largest ``|q − zero_in|``."""
+    return max(t_in.zero, t_in.qmax - t_in.zero) * int(np.abs(m).reshape(len(m), -1).sum(1).max(initial=0))
+
+
 def conv_weights(op: IntOp, t_in: TensorQ) -> torch.Tensor:
     """The integer weights ``m`` of a conv/linear op as the float tensor :func:`conv_sums` multiplies
     with: (O, C/g, KH, KW) (linear: (O, F)); float32 where every partial sum of its accumulator
@@ -339,8 +353,7 @@ def conv_weights(op: IntOp, t_in: TensorQ) -> torch.Tensor:
     c, h, w, o, oh, ow, kh, kw, sh, sw, ph, pw = _geom(op)
     g = int(op.attrs.get("groups", 1))
     m = op.m()
-    bound = max(t_in.zero, t_in.qmax - t_in.zero) * int(np.abs(m).sum(1).max(initial=0))
-    bound += int(np.abs(op.bias.astype(np.int64)).max(initial=0))
+    bound = partial_sum_bound(m, t_in) + int(np.abs(op.bias.astype(np.int64)).max(initial=0))
     if op.res_mult is not None and op.attrs.get("residual") != "output":
         bound = 2**24  # a residual requantized into the accumulator: float64
     dt = torch.float32 if _f32_exact(bound) else torch.float64
