@@ -198,6 +198,10 @@ CASES = [
     ("export-missing", {}, ["export", "{d}/nowhere"], "nowhere"),
     ("resume-missing", {}, ["train", "--resume", "{d}/nowhere"], "nowhere"),
     ("resume-no-last", {"run/last.pt": None}, ["train", "--resume", "{run}"], "cannot resume: no checkpoint"),
+    # a finished run whose best.pt was deleted (before session 23: "the run did not finish an epoch", and for
+    # --resume "[Errno 2] ...; the file is truncated or corrupt")
+    ("eval-best-deleted", {"run/best.pt": None}, ["eval", "{run}"], "best.pt is missing although last.pt is there"),
+    ("resume-best-deleted", {"run/best.pt": None}, ["train", "--resume", "{run}"], "best.pt: no such checkpoint"),
     ("resume-corrupt-last", {"run/last.pt": "TRUNCATE"}, ["train", "--resume", "{run}"], "last.pt: not a readable lowbit checkpoint"),
     ("resume-config-edited", {"run/config.yaml": "EDIT model.width=0.5"}, ["train", "--resume", "{run}"], "last.pt does not fit"),
     ("out-onto-file", {"c.yaml": OK, "afile": "x"}, ["train", "{d}/c.yaml", "--out", "{d}/afile"], "is a file, not a run folder"),

@@ -304,6 +304,19 @@ def test_cifar_incomplete_folder(tmp_path):
     assert "data_batch_4" in assert_one_line(exc_info)
 
 
+def test_cifar_labels_that_are_not_whole_numbers(tmp_path):
+    """Before session 23, labels such as 4.7 were truncated to 4 silently; whole floats (4.0) still load."""
+    train, test = make_cifar10(tmp_path)
+    test[b"labels"] = [float(v) for v in test[b"labels"]]
+    write_pickle(tmp_path / "cifar-10-batches-py" / "test_batch", test)
+    assert load_dataset("cifar10", root=tmp_path).test.labels.tolist() == [int(v) for v in test[b"labels"]]
+    test[b"labels"][1] += 0.7
+    write_pickle(tmp_path / "cifar-10-batches-py" / "test_batch", test)
+    with pytest.raises(DataError) as exc_info:
+        load_dataset("cifar10", root=tmp_path)
+    assert "test_batch has labels of dtype float64 that are not whole numbers" in assert_one_line(exc_info)
+
+
 # ----------------------------------------------------------------------------------------------
 # SVHN
 

@@ -447,7 +447,7 @@ def test_a_corrupt_package_is_one_line_naming_the_file(tmp_path):
     """Both packed formats (the float-activation package and the integer one): a truncated, empty or foreign file, a
     truncated manifest or a missing numbers file is a one-line ConfigError naming the file (before session 21:
     safetensors' and json's own errors, without the file), and one changed byte in the numbers fails the manifest's
-    SHA-256 (before: it loaded and gave other logits)."""
+    SHA-256 (before: it loaded and gave other logits), as does one in the manifest itself (since session 23)."""
     from lowbit.export.intgraph import load_int_package, save_int_package
     from lowbit.intmode import int_graph
 
@@ -471,6 +471,15 @@ def test_a_corrupt_package_is_one_line_naming_the_file(tmp_path):
         with pytest.raises(ConfigError, match=rf"^{st}: the numbers do not match the manifest's checksums \(\w+\)"):
             load(path)
         st.write_bytes(good)
+        # one digit of the manifest (a stride, a bias offset: before session 23 it loaded and gave other logits)
+        mpath = path if kind == "f" else st
+        raw = mpath.read_bytes()
+        at = raw.index(b"stride")
+        at = next(i for i in range(at, len(raw)) if raw[i:i + 1].isdigit())  # the first digit of the first stride
+        mpath.write_bytes(raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1:])
+        with pytest.raises(ConfigError, match=rf"^{mpath}: the manifest does not match its checksum"):
+            load(path)
+        mpath.write_bytes(raw)
     mf = tmp_path / "f" / "model.json"
     mf.write_text(mf.read_text()[:100])
     with pytest.raises(ConfigError, match=rf"^{mf}: cannot read the package, the file is truncated or corrupt"):

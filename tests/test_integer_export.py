@@ -254,7 +254,10 @@ def test_onnxruntime_qlinearconv_requantizes_as_requantize():
 
 
 @needs_cc
-def test_requantize_c_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("requant32", [0, 1])
+def test_requantize_c_is_bit_exact(tmp_path, requant32):
+    """lb_requantize against the float32 definition; ``requant32``: its 32-bit-only common case (LB_REQUANT32, the
+    default on ARMv6-M, which has no 64-bit multiply), built here on the host."""
     from lowbit.export.int_c import RUNTIME_DIR
 
     real, x = _cases(5000, seed=2)
@@ -265,13 +268,20 @@ def test_requantize_c_is_bit_exact(tmp_path):
     x2[:1000] = rng.integers(-300, 300, 1000)
     real, x = np.concatenate([real, r2, real[200:1200]]), np.concatenate([x, x2, x[200:1200] * 64])
     m, sh = quantize_multiplier(real)
+    # the 32-bit path's edges: accumulators and multipliers at the 12-bit halves' and 24-bit limits, every shift
+    xb = np.array([1, 2, 3, 4095, 4096, 4097, 2**12 * 4095, 2**23 - 1, 2**23, 2**23 + 1, 2**24 - 2, 2**24 - 1])
+    mb = np.array([2**30, 2**30 + 128, 2**30 + 4096 * 128, 3 * 2**29, 2**31 - 4096 * 128, 2**31 - 128])
+    xb, mb, sb = (a.reshape(-1) for a in np.meshgrid(np.concatenate([xb, -xb]), np.concatenate([mb, -mb]),
+                                                       np.arange(-12, 31), indexing="ij"))
+    keep = np.abs(xb * real_multiplier(mb, sb)) < 2**31 - 2**20  # the result is an int32
+    m, sh, x = np.concatenate([m, mb[keep]]), np.concatenate([sh, sb[keep]]), np.concatenate([x, xb[keep]])
     drv = tmp_path / "drv.c"
     drv.write_text('#include <stdio.h>\n#include "lowbit_rt.h"\nint main(void){long a,b,c;'
                    'while(scanf("%ld %ld %ld",&a,&b,&c)==3)printf("%d\\n",lb_requantize((int32_t)a,(int32_t)b,(int32_t)c));'
                    'return 0;}\n')
     exe = tmp_path / "drv"
-    subprocess.run([CC, "-std=c99", "-O2", "-I", str(RUNTIME_DIR), str(drv), str(RUNTIME_DIR / "lowbit_rt.c"),
-                    "-o", str(exe), "-lm"], check=True)
+    subprocess.run([CC, "-std=c99", "-O2", f"-DLB_REQUANT32={requant32}", "-I", str(RUNTIME_DIR), str(drv),
+                    str(RUNTIME_DIR / "lowbit_rt.c"), "-o", str(exe), "-lm"], check=True)
     inp = "\n".join(f"{a} {b} {c}" for a, b, c in zip(x, m, sh))
     out = subprocess.run([str(exe)], input=inp, capture_output=True, text=True, check=True).stdout.split()
     assert np.array_equal(np.array(out, dtype=np.int64), requantize(x, m, sh))
@@ -914,6 +924,16 @@ def test_output_residual_every_backend_bit_exact(tmp_path, residual_bits):
         quantize(GroupedNet(), {"weight": {"name": "sawb", "bits": 2}, "integer_residual_bits": 8})
     with pytest.raises(ConfigError, match="integer_residual_bits"):
         quantize(GroupedNet(), {**INT_W2A2, "integer_residual_bits": 9})
+    # the other integer-mode options too (before session 23 accepted silently, changing nothing), except their
+    # defaults; a run folder of today's mode that recorded one reads it as its default
+    from lowbit.config import saved_config
+    from lowbit.plan import Plan
+
+    for k, v in (("integer_init", "max"), ("integer_bias", "coarse"), ("integer_train_mid", True)):
+        with pytest.raises(ConfigError, match=f"{k} is an integer-mode setting: set integer: true"):
+            quantize(GroupedNet(), {"weight": {"name": "sawb", "bits": 2}, k: v})
+        assert saved_config({"plan": {"integer": False, k: v}})["plan"][k] == Plan.model_fields[k].default
+    quantize(GroupedNet(), {"weight": {"name": "sawb", "bits": 2}, "integer_init": "lsq", "integer_bias": "fine"})
 
 
 def test_integer_defaults_and_run_folders_written_before_them(tmp_path):

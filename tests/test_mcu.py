@@ -203,6 +203,32 @@ def test_integer_runtime_with_packed_kernels_on_cortex_m4(tmp_path, residual):
 
 
 @needs_tools
+def test_a_stack_that_overflows_a_parts_ram_does_not_fit(tmp_path, monkeypatch):
+    """A program whose static data link into the part's RAM but leave too little for the stack faulted under QEMU
+    (or ran into .bss), and the report was "the program failed ...: lowbit-mcu calib ..." (a user audit, session
+    23). Now it does not fit, with the stack it needs (measured with more RAM), so that "auto" kernels fall back to
+    the plain kernel as for a link that overflows."""
+    import dataclasses
+
+    from lowbit.export import mcu
+    from lowbit.export.intgraph import IntReference as IntRef
+    from lowbit.intmode import int_graph
+
+    m = settled(create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25), (1, 28, 28),
+                {**W2A2, "integer": True}, passes=2)
+    x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(5)).numpy()
+    g = int_graph(m, torch.from_numpy(x))
+    r = build_and_run(g, tmp_path / "fits", x, IntRef(g).run(x), "nrf51822", kernels="int", sizes=False)
+    static = r["size"]["data"] + r["size"]["bss"]
+    assert r["bit_exact_images"] == 1 and r["stack_bytes"] > 64
+    monkeypatch.setitem(mcu.TARGETS, "nrf51822", dataclasses.replace(mcu.TARGETS["nrf51822"], ram_size=static + 64))
+    need = r["stack_bytes"]
+    with pytest.raises(mcu.DoesNotFit, match=rf"does not fit the nRF51822 .*: its static RAM \({static} B\) leaves 64 B "
+                                             rf"for the stack, which needs {need} B .* overflowed by {need - 64} bytes"):
+        build_and_run(g, tmp_path / "tight", x, IntRef(g).run(x), "nrf51822", kernels="int", sizes=False)
+
+
+@needs_tools
 def test_a_w2a2_resnet8_runs_in_the_nrf51822s_16_kib_of_ram(tmp_path, monkeypatch):
     """The micro:bit's part (Cortex-M0, 256 KiB flash, 16 KiB RAM): a full-width W2A2 ResNet-8 in integer mode (the
     accumulator-form residual, as the MCU benchmark's runs) fits with the bit-packed kernels, their bit planes

@@ -227,7 +227,14 @@ def saved_config(data):
     without ``plan.integer_init`` initialised its 8-bit LSQ quantizers the paper's way ("lsq"); one
     without ``plan.integer_bias`` rounded its bias to whole units of the unscaled accumulator
     ("coarse", before session 11), and one without ``plan.integer_train_mid`` trained without the
-    ``mid`` rounding."""
+    ``mid`` rounding. A run not in integer mode may have recorded integer-mode options that had no effect (they
+    were accepted then, refused since session 23): they read as their defaults."""
+    if isinstance(data, dict) and isinstance(data.get("plan"), dict) and not data["plan"].get("integer"):
+        from .plan import Plan
+
+        return {**data, "plan": {k: (Plan.model_fields[k].default if k in ("integer_init", "integer_bias",
+                                                                          "integer_train_mid") else v)
+                                 for k, v in data["plan"].items()}}
     if isinstance(data, dict) and isinstance(data.get("plan"), dict) and data["plan"].get("integer"):
         plan = dict(data["plan"])
         if "integer_residual" not in plan:

@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import ConfigError
@@ -95,7 +94,9 @@ def _is_add(n: fx.Node) -> bool:
 def _is_relu(n: fx.Node, mods) -> bool:
     if n.op == "call_module":
         return isinstance(mods[n.target], nn.ReLU)
-    return n.op == "call_function" and n.target in (F.relu, torch.relu) and not n.kwargs.get("inplace")
+    from .export.graph import relu_call
+
+    return relu_call(n)
 
 
 def _unsupported(n: fx.Node, what: str) -> ConfigError:
@@ -213,6 +214,7 @@ class IntState:
     narrow: dict[str, str] = field(default_factory=dict)  # tensor read by convs at fewer bits than it is stored
     #                                                       (integer_residual_bits) -> their input quantizer
     cache: tuple | None = None
+    negatives_checked: bool = False  # whether the first training forward looked for dropped negative inputs
 
 
 def round_to_mid(v: torch.Tensor, s_mid: float, mid_zero: int) -> torch.Tensor:
@@ -320,6 +322,11 @@ def integerize(model: nn.Module, state) -> None:
         if convs:
             q = convs[0].module.input_quantizer
             for u in convs[1:]:
+                if _qkind(u.module.input_quantizer) != _qkind(q):
+                    raise ConfigError(
+                        f"integer mode: layers '{convs[0].name}' and '{u.name}' read the same tensor, which is stored "
+                        f"once, but the plan gives them different input quantizers ({_qlabel(q)} and "
+                        f"{_qlabel(u.module.input_quantizer)}); give them the same act in plan.layers")
                 u.module.input_quantizer = q  # one tensor, one set of codes
             if wide and (not pu.relu or q.bits < wide_bits):
                 narrow.update({u.inp.name: f"{convs[0].name}.input_quantizer" for u in convs})
@@ -379,6 +386,8 @@ def integerize(model: nn.Module, state) -> None:
         # during recalibrate_bn, which must see the data). Forward hooks on a module (cost
         # profiling, feature capture) also need the modules to run: then eval runs the
         # fake-quantized float graph (same layers, BN on running statistics).
+        if model.training and not state.integer.negatives_checked:
+            return _checking_negatives(model, state.integer, x)
         if model.training or any(m.training or m._forward_hooks for m in model.modules()):
             return state.integer.gm(x)
         return _int_forward(model, x)
@@ -386,8 +395,44 @@ def integerize(model: nn.Module, state) -> None:
     object.__setattr__(model, "forward", forward)
 
 
+def _checking_negatives(model: nn.Module, ist: IntState, x: torch.Tensor) -> torch.Tensor:
+    """The first training forward, warning where a tensor quantizer without negative levels drops a signed tensor's
+    negative half (:func:`lowbit.quantize.warn_if_negatives_dropped`, which float mode's input hooks call)."""
+    from .quantize import warn_if_negatives_dropped
+
+    ist.negatives_checked = True
+    warned: set[str] = set()
+
+    def check(path):
+        def hook(_m, inp, out):
+            if path not in warned and warn_if_negatives_dropped(inp[0], out, path.rsplit(".", 1)[0]):
+                warned.add(path)
+        return hook
+
+    paths = dict.fromkeys([*ist.quantizer.values(), *ist.narrow.values()])
+    hooks = [ist.gm.get_submodule(p).register_forward_hook(check(p)) for p in paths]
+    try:
+        return ist.gm(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _qkind(q: nn.Module) -> tuple:
+    """What an activation quantizer computes, apart from its learned state: its class, bits and sign."""
+    return type(q).__name__, getattr(q, "bits", None), bool(getattr(q, "signed", False))
+
+
+def _qlabel(q: nn.Module) -> str:
+    name, bits, signed = _qkind(q)
+    return f"{name} {bits} bits" + (" signed" if signed else "")
+
+
 def _versions(model: nn.Module) -> tuple:
-    return tuple(t._version for t in model.parameters()) + tuple(t._version for t in model.buffers())
+    """What the integer graph of a model depends on besides the input shape and the plan: every parameter and buffer
+    (their in-place versions) and every quantizer's bits (``lowbit.set_bits`` changes them in place)."""
+    return (tuple(t._version for t in model.parameters()) + tuple(t._version for t in model.buffers())
+            + tuple(getattr(m, "bits", None) for m in model.modules()))
 
 
 def _int_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -398,9 +443,17 @@ def _int_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # (plan.integer_residual and plan.integer_bias can be switched on a trained model: each form of
     # them shares the weights)
     plan = model._lowbit_state.plan
+    first = ist.units[0].module if ist.units else None
+    if x.dim() == 3 and isinstance(first, nn.Conv2d):
+        raise ConfigError(f"integer mode: input shape {tuple(x.shape)} is one image: give a batch "
+                          f"(N, {', '.join(map(str, x.shape))}), e.g. x.unsqueeze(0)")
     key = (_versions(model), tuple(x.shape[1:]), plan.integer_residual, plan.integer_bias)
     if ist.cache is None or ist.cache[0] != key:
-        ist.cache = (key, IntReference(int_graph(model, x[:1])))
+        try:
+            ist.cache = (key, IntReference(int_graph(model, x[:1])))
+        except RuntimeError as e:  # a shape the network cannot take: torch's reason, on one line
+            raise ConfigError(f"integer mode: the model cannot run inputs of shape {tuple(x.shape)}: "
+                              f"{str(e).strip().splitlines()[0]}") from None
     logits = ist.cache[1].run(x.detach().float().cpu().numpy())
     return torch.from_numpy(logits).to(x.device)
 
@@ -433,7 +486,7 @@ def int_graph(model: nn.Module, example: torch.Tensor):
         with torch.no_grad():
             rec.run(example[:1].float())
         shapes = rec.shapes
-        mods = dict(model.named_modules())
+        mods = dict(model.named_modules(remove_duplicate=False))  # a shared quantizer under every reader's name
         tq = {}
         acts = {}
         for root, path in ist.quantizer.items():
@@ -493,7 +546,7 @@ def code_agreement(model: nn.Module, x: torch.Tensor, graph=None) -> dict[str, t
 
     ist = model._lowbit_state.integer
     g = graph if graph is not None else int_graph(model, x[:1])
-    mods = dict(ist.gm.named_modules())
+    mods = dict(ist.gm.named_modules(remove_duplicate=False))
     got: dict[str, torch.Tensor] = {}
     hooks = [mods[path].register_forward_hook(lambda _m, _i, o, root=root: got.__setitem__(root, o.detach()))
              for root, path in ist.quantizer.items()]

@@ -152,6 +152,9 @@ class Plan(BaseModel):
                 raise ValueError("integer_residual is an integer-mode setting: set integer: true")
             if self.integer_residual_bits is not None:
                 raise ValueError("integer_residual_bits is an integer-mode setting: set integer: true")
+            for k in ("integer_init", "integer_bias", "integer_train_mid"):  # a value that would change nothing
+                if getattr(self, k) != type(self).model_fields[k].default:
+                    raise ValueError(f"{k} is an integer-mode setting: set integer: true")
             self.integer_residual = "accumulator"
             return self
         if self.integer_residual is None:

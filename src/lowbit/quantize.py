@@ -210,6 +210,12 @@ def set_bits(model: nn.Module, bits: Mapping[str, int | Mapping[str, int]]) -> n
                     raise ConfigError(f"set_bits: layer '{n}' {role}: {e}") from None
                 done.append((q, old, lp, role, spec))
                 setattr(lp, role, spec.merged({"bits": int(b)}))
+                if role == "act":  # integer mode: the convs that read one tensor share its quantizer
+                    for other in state.layers:
+                        if other is not lp and other.act is not None and \
+                                getattr(other.module, "input_quantizer", None) is q:
+                            done.append((q, old, other, role, other.act))
+                            other.act = other.act.merged({"bits": int(b)})
     except Exception:
         for q, old, lp, role, spec in reversed(done):
             q.set_bits(old)

@@ -159,7 +159,9 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
     ck_path = run_dir / "best.pt"
     if not ck_path.is_file():
-        raise ConfigError(f"{run_dir} has no best.pt checkpoint (the run did not finish an epoch)")
+        why = ("best.pt is missing although last.pt is there: it was deleted or moved" if (run_dir / "last.pt").is_file()
+               else "the run did not finish an epoch")
+        raise ConfigError(f"{run_dir} has no best.pt checkpoint ({why})")
     cfg = run_config(run_dir)
     data = load_data(cfg)
     # the checkpoint holds every weight: the pretrained start (model.init_from) is not read again,
@@ -178,6 +180,8 @@ def load_checkpoint(path: str | Path, map_location=None, config: Config | None =
     whose config.yaml was edited after training (e.g. other bits, same shapes) is an error, not a
     silently different network."""
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such checkpoint (it was deleted or moved, or the run never wrote it)")
     try:
         ck = torch.load(path, weights_only=False, map_location=map_location)
     except Exception as e:  # pickle, zip and torch errors alike: say which file, in one line

@@ -97,6 +97,9 @@ def read_batch(path: Path, name: str, label_key: str) -> tuple[torch.Tensor, tor
         raise DataError(
             f"{name}: {path} has {data.shape[0]} images but labels of shape {labels.shape}"
         )
+    if labels.dtype.kind not in "iu" and not (labels.dtype.kind == "f" and np.all(labels == np.round(labels))):
+        raise DataError(f"{name}: {path} has labels of dtype {labels.dtype} that are not whole numbers; the file is "
+                        f"corrupt or not a {name} file")
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return images, torch.from_numpy(labels.astype(np.int64))
 

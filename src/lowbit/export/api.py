@@ -99,10 +99,21 @@ def _mem_002(model: nn.Module, x: torch.Tensor) -> dict:
 def torch_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, batch: int):
     """The model's outputs on ``x`` in eval mode, the reference every backend is checked against:
     ``(x as float32, x as NumPy, labels as NumPy or None, outputs as NumPy)``."""
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError(f"export: the inputs must be a torch.Tensor (N, C, H, W), got {type(x).__name__}")
+    if x.dim() < 2 or len(x) == 0:
+        raise ConfigError(f"export: the inputs of shape {tuple(x.shape)} are not a non-empty batch (N, C, H, W)")
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (len(x),)):
+        raise ConfigError(f"export: labels must be a torch.Tensor of shape ({len(x)},), one per input, got "
+                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
     model.eval()
     x = x.float()
     with torch.no_grad():
-        ref = torch.cat([model(x[i: i + batch]) for i in range(0, len(x), batch)]).numpy()
+        try:
+            ref = torch.cat([model(x[i: i + batch]) for i in range(0, len(x), batch)]).numpy()
+        except RuntimeError as e:  # a shape the network cannot take: torch's reason, on one line
+            raise ConfigError(f"export: the model cannot run inputs of shape {tuple(x.shape)}: "
+                              f"{str(e).strip().splitlines()[0]}") from None
     return x, x.numpy(), None if labels is None else labels.numpy(), ref
 
 

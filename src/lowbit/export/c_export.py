@@ -112,7 +112,9 @@ class _Consts:
 
 
 def _ident(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+    """A C identifier for a layer name (a top-level ``nn.Sequential`` names its layers ``0``, ``1``, ...)."""
+    s = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    return f"m_{s}" if not s or s[0].isdigit() else s
 
 
 # ---------------------------------------------------------------------------------------------

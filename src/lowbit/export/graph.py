@@ -151,6 +151,22 @@ def flatten_to(x: torch.Tensor, features: int) -> torch.Tensor:
     return y
 
 
+def relu_call(n: fx.Node) -> bool:
+    """Whether ``n`` is a functional ReLU: ``F.relu(x)``, ``torch.relu(x)``, ``x.relu()``, or in place
+    (``F.relu(x, inplace=True)``, ``torch.relu_(x)``, ``x.relu_()``) on a tensor nothing else reads (an in-place
+    ReLU would change what the others read: refused with that reason)."""
+    if n.op == "call_function" and n.target in (F.relu, torch.relu, torch.relu_):
+        inplace = n.target is torch.relu_ or bool(n.kwargs.get("inplace", n.args[1] if len(n.args) > 1 else False))
+    elif n.op == "call_method" and n.target in ("relu", "relu_"):
+        inplace = n.target == "relu_"
+    else:
+        return False
+    if inplace and isinstance(n.args[0], fx.Node) and len(n.args[0].users) > 1:
+        raise _unsupported(n.name, "an in-place ReLU on a tensor that other layers also read; use F.relu(x) or "
+                                   "inplace=False")
+    return True
+
+
 def flatten_node(n: fx.Node) -> bool | None:
     """For a call of ``torch.flatten`` or :func:`flatten_to`: whether it flattens from dim 1 (the one form the
     lowering and integer mode read); ``None`` for any other node."""
@@ -398,7 +414,7 @@ def lower(model: nn.Module, example_input: torch.Tensor | None = None, acts: boo
         elif node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 \
                 and not node.kwargs:
             ops.append(Op("add", node.name, [t(node.args[0]), t(node.args[1])], node.name))
-        elif node.op == "call_function" and node.target in (F.relu, torch.relu) and not node.kwargs.get("inplace"):
+        elif relu_call(node):
             ops.append(Op("relu", node.name, [t(node.args[0])], node.name))
         elif flatten_node(node):
             ops.append(Op("flatten", node.name, [t(node.args[0])], node.name))

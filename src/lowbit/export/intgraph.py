@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .levels import ActQuant
 from .pack import pack_codes, packed_nbytes, unpack_codes
-from .package import check_digests, digests, reading
+from .package import check_digests, check_manifest, digests, reading, sealed
 from .requant import quantize_multiplier, requantize, rne_shift
 
 FORMAT = "lowbit.packed.integer"
@@ -569,13 +569,15 @@ def save_int_package(graph: IntGraph, out_dir: str | Path, stem: str = "model") 
     dtypes = {"codes": np.uint8, "i16": np.int16, "i32": np.int32, "f32": _F32}
     tensors = {k: (np.concatenate(v).astype(dtypes[k]) if v else np.zeros(0, dtypes[k])) for k, v in runs.items()}
     manifest = {"format": FORMAT, "version": VERSION,
-                "note": "real = scale * (q - zero); requantize(x, mult, shift) = floor(x*mult/2^(31-shift) + 1/2); "
-                        "arrays: [offset, count] into the safetensors tensor of their type",
+                "note": "real = scale * (q - zero); requantize(x, mult, shift) = rint(f32(x) * f32(mult * "
+                        "2^(shift-31))) in float32, ties to even; arrays: [offset, count] into the safetensors tensor "
+                        "of their type",
                 "input": {"name": graph.input, "shape": list(graph.input_shape)},
                 "output": {"name": graph.output, "shape": list(graph.output_shape), "type": "float32 logits"},
                 "tensors": {t: {**graph.tensors[t].to_dict(), "index": i} for i, t in enumerate(tnames)},
                 "tensor_arrays": {"bits_zero": t_i32, "scale": t_f32},
                 "meta": graph.meta, "ops": ops, "sha256": digests(tensors)}
+    manifest = sealed(manifest)
     text = json.dumps(manifest, indent=1) + "\n"
     st = out / f"{stem}.safetensors"
     save_file(tensors, str(st), metadata={"manifest": json.dumps(manifest, separators=(",", ":"))})
@@ -606,6 +608,7 @@ def load_int_package(path: str | Path) -> IntGraph:
         m = json.loads(md["manifest"])
         if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") not in (1, VERSION):
             raise ConfigError(f"{p}: not a {FORMAT} v{VERSION} file")
+        check_manifest(p, m)
         b = load_file(str(p))
     check_digests(p, b, m)
     with reading(p):

@@ -121,6 +121,25 @@ def check_digests(path: Path, tensors: dict[str, np.ndarray], manifest: dict) ->
                           "corrupt or was edited")
 
 
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(manifest: dict) -> dict:
+    """``manifest`` with ``manifest_sha256``, the SHA-256 of its own canonical JSON (without that key): with the
+    numbers' digests inside it, a changed byte anywhere in the package is an error. Packages written before
+    session 23 have none."""
+    return {**manifest, "manifest_sha256": _manifest_digest(manifest)}
+
+
+def check_manifest(path: Path, manifest: dict) -> None:
+    want = manifest.get("manifest_sha256")
+    if want is not None and want != _manifest_digest(manifest):
+        raise ConfigError(f"{path}: the manifest does not match its checksum (manifest_sha256): the file is corrupt "
+                          "or was edited")
+
+
 @contextmanager
 def reading(path: Path):
     """Turn what a truncated, corrupt or foreign package file raises while it is read into one line naming it."""
@@ -183,6 +202,7 @@ def save_package(graph: Graph, out_dir: str | Path, stem: str = "model",
         "output": {"name": graph.output, "shape": _f(graph.output_shape)},
         "meta": graph.meta, "ops": ops_json, "sha256": digests(tensors),
     }
+    manifest = sealed(manifest)
     mf = out / f"{stem}.json"
     mf.write_text(json.dumps(manifest, indent=1) + "\n")
     s = sizes(graph, fp32_params)
@@ -203,6 +223,7 @@ def load_package(path: str | Path) -> Graph:
         m = json.loads(p.read_text())
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
         raise ConfigError(f"{p}: not a {FORMAT} v{VERSION} manifest")
+    check_manifest(p, m)
     st = p.parent / str(m.get("tensors"))
     if not st.is_file():
         raise ConfigError(f"{p}: its numbers file {st.name} is missing")

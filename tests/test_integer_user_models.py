@@ -1,0 +1,166 @@
+"""Integer mode and the exports on users' own models: what a user audit of session 23 found wrong, each asserted
+(every test here fails on the code before session 23)."""
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit import quant_state, quantize, set_bits
+from lowbit.errors import ConfigError
+from lowbit.export import export_model
+from lowbit.export.intgraph import IntReference
+from lowbit.intmode import int_graph
+from quant_helpers import settled
+
+needs_cc = pytest.mark.skipif((shutil.which("cc") or shutil.which("gcc")) is None, reason="no C compiler on PATH")
+W4A4 = {"weight": {"name": "sawb", "bits": 4}, "act": {"name": "pact", "bits": 4}, "integer": True}
+
+
+class Block(nn.Module):
+    """A stem, then a 3x3 conv and a 1x1 projection that both read the stem's output, added; ``proj_first``
+    registers the projection first (named_modules then lists the shared quantizer under its name)."""
+
+    def __init__(self, proj_first: bool = False, relu=lambda v: F.relu(v)):
+        super().__init__()
+        self.relu = relu
+        self.stem, self.bn0 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        if proj_first:
+            self.proj, self.bn2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.conv, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        if not proj_first:
+            self.proj, self.bn2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.gap, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.relu(self.bn0(self.stem(x)))
+        y = F.relu(self.bn1(self.conv(x)) + self.bn2(self.proj(x)))
+        return self.fc(torch.flatten(self.gap(y), 1))
+
+
+def _x(n=8, seed=1):
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _fresh(m, x):
+    """The integer network of the model as it is now, built anew."""
+    return IntReference(int_graph(m, x[:1])).run(x.numpy())
+
+
+@pytest.mark.parametrize("proj_first", [False, True])
+def test_a_shared_input_read_by_a_conv_registered_first_or_later(proj_first):
+    """Before: where the reader that owns the shared quantizer (the first in execution order) was registered after
+    the other, the first evaluation raised KeyError ('proj.input_quantizer' here): named_modules() lists a shared
+    module once, under its first-registered name."""
+    m = settled(Block(proj_first), (1, 8, 8), W4A4)
+    x = _x()
+    with torch.no_grad():
+        got = m(x).numpy()
+    assert np.array_equal(got, _fresh(m, x))
+
+
+def test_different_act_plans_for_the_readers_of_one_tensor_are_an_error():
+    """Before: the second reader's plan.layers act was dropped silently (its table said 2 bits, it read 4)."""
+    with pytest.raises(ConfigError, match=r"layers '(conv|proj)' and '(proj|conv)' read the same tensor.*"
+                                          r"PACTQuantizer . bits and PACTQuantizer . bits.*give them the same act"):
+        quantize(Block(), {**W4A4, "layers": {"proj": {"act": {"bits": 2}}}})
+    m = quantize(Block(), {**W4A4, "layers": {"proj": {"act": {"bits": 2}}, "conv": {"act": {"bits": 2}}}})
+    assert m.conv.input_quantizer is m.proj.input_quantizer and m.proj.input_quantizer.bits == 2
+
+
+def test_set_bits_changes_what_an_integer_mode_model_computes():
+    """Before: eval kept the integer network cached before set_bits (its key had no bits), so model(x) and
+    lowbit.evaluate gave the old network's logits, and the export blamed NumPy for disagreeing."""
+    m = settled(Block(), (1, 8, 8), W4A4)
+    x = _x()
+    with torch.no_grad():
+        before = m(x).numpy()
+    set_bits(m, {"conv": {"weight": 2}})
+    with torch.no_grad():
+        after = m(x).numpy()
+    assert not np.array_equal(after, before)
+    assert np.array_equal(after, _fresh(m, x))
+    # an act of a shared tensor: one quantizer, so every reader's plan follows
+    set_bits(m, {"proj": {"act": 2}})
+    acts = {lp.name: lp.act.bits for lp in quant_state(m).layers if lp.name in ("conv", "proj")}
+    assert acts == {"conv": 2, "proj": 2} and m.conv.input_quantizer.bits == 2
+    with torch.no_grad():
+        assert np.array_equal(m(x).numpy(), _fresh(m, x))
+
+
+def test_an_unsigned_quantizer_on_a_signed_input_warns_in_integer_mode():
+    """Before: only float mode warned (its input hooks); integer mode's traced graph zeroed the normalised image's
+    negative half silently (plan.keep_first: false puts the first conv's PACT on it)."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        settled(Block(), (1, 8, 8), {**W4A4, "keep_first": False})
+    assert [str(x.message) for x in w if "no negative level" in str(x.message)][0].startswith("layer 'stem'")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        settled(Block(), (1, 8, 8), W4A4)  # the first conv keeps a signed 8-bit input
+    assert not [x for x in w if "no negative level" in str(x.message)]
+
+
+@pytest.mark.parametrize("form", ["method", "method_", "inplace", "torch_"])
+def test_functional_relu_forms(form):
+    """x.relu(), x.relu_(), F.relu(x, inplace=True), torch.relu_(x) on a tensor nothing else reads: the same
+    network as F.relu(x) in integer mode and in the float export (before: refused as 'not supported')."""
+    relu = {"method": lambda v: v.relu(), "method_": lambda v: v.relu_(),
+            "inplace": lambda v: F.relu(v, inplace=True), "torch_": lambda v: torch.relu_(v)}[form]
+    x = _x()
+    m, ref = settled(Block(relu=relu), (1, 8, 8), W4A4), settled(Block(), (1, 8, 8), W4A4)
+    with torch.no_grad():
+        assert np.array_equal(m(x).numpy(), ref(x).numpy())
+    assert [op.kind for op in int_graph(m, x[:1]).ops] == [op.kind for op in int_graph(ref, x[:1]).ops]
+
+
+def test_an_in_place_relu_on_a_tensor_others_read_is_refused():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.gap, self.fc = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), \
+                nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.c1(x)
+            y = F.relu(x, inplace=True)  # changes x, which the add reads
+            return self.fc(torch.flatten(self.gap(self.c2(y) + x), 1))
+
+    for integer in (True, False):
+        with pytest.raises(ConfigError, match="an in-place ReLU on a tensor that other layers also read"):
+            m = quantize(Shared(), {**W4A4, "integer": integer})
+            export_model(m.eval(), _x(2), "unused", formats=("packed",))
+
+
+def test_bad_inputs_to_an_integer_mode_model_are_one_line():
+    m = settled(Block(), (1, 8, 8), W4A4)
+    with pytest.raises(ConfigError, match=r"input shape \(1, 8, 8\) is one image: give a batch \(N, 1, 8, 8\)"):
+        m(torch.randn(1, 8, 8))
+    with pytest.raises(ConfigError, match=r"cannot run inputs of shape \(2, 3, 8, 8\): .*channels"):
+        m(torch.randn(2, 3, 8, 8))
+
+
+def test_export_refuses_inputs_it_cannot_check(tmp_path):
+    m = settled(Block(), (1, 8, 8), W4A4)
+    for x, labels, msg in ((_x().numpy(), None, "must be a torch.Tensor"),
+                           (torch.zeros(0, 1, 8, 8), None, "not a non-empty batch"),
+                           (_x(4), torch.zeros(3, dtype=torch.long), r"labels must be a torch.Tensor of shape \(4,\)"),
+                           (torch.randn(2, 3, 8, 8), None, r"cannot run inputs of shape \(2, 3, 8, 8\)")):
+        with pytest.raises(ConfigError, match=msg):
+            export_model(m, x, tmp_path, labels=labels, formats=("packed",))
+
+
+@needs_cc
+@pytest.mark.parametrize("integer", [True, False])
+def test_a_top_level_sequential_exports_to_c(tmp_path, integer):
+    """Before: its layers are named 0, 1, ... and the C code declared '0_w': it did not compile."""
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(8, 10))
+    settled(m, (1, 8, 8), {**W4A4, "integer": integer})
+    r = export_model(m, _x(), tmp_path, formats=("c",), c_images=4)
+    assert r["failed_checks"] == [] and r["c"]["compiled"] and r["c"]["bit_exact_images"] == 4
