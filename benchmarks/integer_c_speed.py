@@ -1,12 +1,13 @@
 """Cost of the integer-only C runtime's plain kernel (``lb_conv``; issue 17) on trained integer-mode runs:
-Cortex-M4 instructions per inference (QEMU ``-icount``, SysTick-calibrated), flash and RAM, every build
+Cortex-M instructions per inference (QEMU ``-icount``, SysTick-calibrated), flash and RAM, every build
 checked bit for bit against the integer reference, beside the FP32 twin of the same network
 (``lowbit.export.mcu.fp32_graph``: float kernels, the run's latent weights).
 
-    python benchmarks/integer_c_speed.py RUN_DIR [RUN_DIR ...] --images 3 \\
+    python benchmarks/integer_c_speed.py RUN_DIR [RUN_DIR ...] --images 3 [--targets cortex-m4,cortex-m0] \\
         --json benchmarks/results/integer_export/c_speed/NAME.json
 
-Instruction counts do not depend on the machine's load; they are what compares two versions of the runtime.
+Instruction counts do not depend on the machine's load; they are what compares two versions of the runtime
+(run the script twice, with ``PYTHONPATH`` at each version's ``src``).
 """
 
 from __future__ import annotations
@@ -31,19 +32,22 @@ from lowbit.intmode import int_graph  # noqa: E402
 BUILD = Path("/tmp/lowbit_int_c_speed")
 
 
-def measure(run_dir: Path, n: int, fp32: bool) -> dict:
+def measure(run_dir: Path, n: int, fp32: bool, targets: list[str]) -> dict:
     cfg, data, model = load_run(run_dir)
     x = test_images(data, n)
     xt = torch.from_numpy(x)
     g = int_graph(model, xt[:1])
     row = {"run": str(run_dir), "images": n, "mem_002": _mem_002(model, xt)}
     d = BUILD / f"{run_dir.parent.name}_{run_dir.name}"  # seeds_ft/W2A2_.../seed0 and W4A4_.../seed0 apart
-    r = build_and_run(g, d / "int", x, IntReference(g).run(x), "cortex-m4", kernels="int",
-                      timeout=1200)
-    row["int"] = {k: r[k] for k in ("bit_exact_images", "instructions_per_inference", "flash_bytes", "ram_bytes")}
+    want = IntReference(g).run(x)
+    for t in targets:
+        r = build_and_run(g, d / f"int_{t}", x, want, t, kernels="int", timeout=1200)
+        row.setdefault("targets", {})[t] = {k: r[k] for k in ("bit_exact_images", "instructions_per_inference",
+                                                            "flash_bytes", "ram_bytes")}
+    row["int"] = row["targets"][targets[0]]
     if fp32:
         _, fg = fp32_twin_of_int_run(cfg, data.info, run_dir, xt)
-        r = build_and_run(fg, d / "fp32", x, IntegerReference(fg).run(x), "cortex-m4",
+        r = build_and_run(fg, d / "fp32", x, IntegerReference(fg).run(x), targets[0],
                           kernels="int", timeout=1200)
         row["fp32"] = {k: r[k] for k in ("bit_exact_images", "instructions_per_inference", "flash_bytes",
                                          "ram_bytes")}
@@ -55,16 +59,19 @@ def main() -> None:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--no-fp32", action="store_true", help="skip the FP32 twin")
+    ap.add_argument("--targets", default="cortex-m4", help="comma-separated targets (the FP32 twin: the first)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    targets = [t for t in a.targets.split(",") if t]
     rows = []
     for r in a.runs:
-        row = measure(Path(r), a.images, not a.no_fp32)
+        row = measure(Path(r), a.images, not a.no_fp32, targets)
         rows.append(row)
         i = row["int"]
-        line = (f"{Path(r).name:<34} int: {i['bit_exact_images']}/{a.images} bit-exact, "
-                f"{i['instructions_per_inference'] / 1e6:8.2f} M instr, flash {i['flash_bytes'] / 1024:7.1f} KiB, "
-                f"RAM {i['ram_bytes'] / 1024:6.1f} KiB ({i['ram_bytes'] / row['mem_002']['bytes']:.2f}x 002 Mem)")
+        line = f"{Path(r).name:<34} int: " + "; ".join(
+            f"{t} {v['bit_exact_images']}/{a.images} bit-exact, {v['instructions_per_inference'] / 1e6:8.2f} M instr, "
+            f"flash {v['flash_bytes'] / 1024:7.1f} KiB" for t, v in row["targets"].items())
+        line += f", RAM {i['ram_bytes'] / 1024:6.1f} KiB ({i['ram_bytes'] / row['mem_002']['bytes']:.2f}x 002 Mem)"
         if "fp32" in row:
             f = row["fp32"]
             line += (f"; fp32: {f['instructions_per_inference'] / 1e6:8.2f} M instr, "

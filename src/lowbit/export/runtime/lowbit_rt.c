@@ -69,6 +69,59 @@ static int32_t lb_rne_shift32(int32_t v, int32_t s)
 #define LB_INLINE static inline
 #endif
 
+/* Thumb-1 cores: ARMv6-M (Cortex-M0/M0+/M1) and ARMv8-M Baseline (M23). Eight registers for most instructions, no
+ * multiply-accumulate, no 32x32->64 multiply and no CLZ. -DLB_THUMB1=1 builds their code paths anywhere (the host
+ * tests do), =0 turns them off. */
+#ifndef LB_THUMB1
+#if defined(__ARM_ARCH_6M__) || defined(__ARM_ARCH_8M_BASE__)
+#define LB_THUMB1 1
+#else
+#define LB_THUMB1 0
+#endif
+#endif
+
+/* On Thumb-1 the 64-bit product and bit length of lb_requantize's common case are libgcc calls (__aeabi_lmul,
+ * __clzdi2); with LB_REQUANT32 the same integers come from four 12x12-bit products in 32-bit registers. */
+#ifndef LB_REQUANT32
+#define LB_REQUANT32 LB_THUMB1
+#endif
+
+#if LB_REQUANT32
+/* the number of significant bits of a (a < 2^24), without CLZ */
+LB_INLINE int32_t lb_bitlen24(uint32_t a)
+{
+    int32_t n = 0;
+    if (a >> 12) { a >>= 12; n = 12; }
+    if (a >> 6) { a >>= 6; n += 6; }
+    if (a >> 3) { a >>= 3; n += 3; }
+    if (a >> 2) { a >>= 2; n += 2; }
+    if (a >> 1) { a >>= 1; n += 1; }
+    return n + (int32_t)a;
+}
+
+/* lb_requantize_inline's common case (|x| < 2^24, |m| < 2^24, m = mult / 128), 32-bit operations only: the
+ * magnitudes' product p = H * 2^24 + L (H < 2^24, L < 2^24) from 12-bit halves, rounded to 24 significant bits
+ * (q * 2^s), then by 2^t with t = 24 - shift; every rounding is half to even, so symmetric: the sign goes last */
+LB_INLINE int32_t lb_requant32(int32_t x, int32_t m, int32_t shift)
+{
+    const uint32_t a = x < 0 ? (uint32_t)0 - (uint32_t)x : (uint32_t)x, b = m < 0 ? (uint32_t)0 - (uint32_t)m : (uint32_t)m;
+    const uint32_t ah = a >> 12, al = a & 0xFFFu, bh = b >> 12, bl = b & 0xFFFu;
+    const uint32_t mid = ah * bl + al * bh;                 /* < 2^25 */
+    const uint32_t low = ((mid & 0xFFFu) << 12) + al * bl;  /* < 2^25 */
+    const uint32_t H = ah * bh + (mid >> 12) + (low >> 24), L = low & 0xFFFFFFu;
+    const int32_t t = 24 - shift, s = H ? lb_bitlen24(H) : 0;
+    uint32_t q = L;
+    int32_t r;
+    if (s) { /* p has 24 + s bits: drop s of them, half to even */
+        const uint32_t rem = L & ((1u << s) - 1u), half = 1u << (s - 1);
+        q = (H << (24 - s)) | (L >> s);
+        q += rem > half || (rem == half && (q & 1u));
+    }
+    r = s >= t ? (int32_t)q * (1 << (s - t)) : lb_rne_shift32((int32_t)q, t - s);
+    return (x < 0) != (m < 0) ? -r : r;
+}
+#endif
+
 LB_INLINE int32_t lb_requantize_inline(int32_t x, int32_t mult, int32_t shift)
 {
     /* f32(x) * f32(mult): each has 24 significant bits, the exact product is below 2^62 */
@@ -76,11 +129,15 @@ LB_INLINE int32_t lb_requantize_inline(int32_t x, int32_t mult, int32_t shift)
         /* the common case, with one 64-bit product and otherwise 32-bit steps: x is a float32 and mult =
            m * 2^7 with |m| < 2^24 (quantize_multiplier's multipliers), so f32(x) * f32(mult) = p * 2^7 with
            p = x * m exact below 2^48, and the result is rne(round24(p) / 2^t), t = 31 - shift - 7 */
+#if LB_REQUANT32
+        return lb_requant32(x, mult / 128, shift);
+#else
         const int64_t p = (int64_t)x * (int64_t)(mult / 128);
         const uint64_t a = p < 0 ? (uint64_t)0 - (uint64_t)p : (uint64_t)p;
         const int32_t t = 24 - shift, s = a < ((uint64_t)1 << 24) ? 0 : lb_bitlen64(a) - 24;
         const int32_t q = (int32_t)lb_rne_shift64(p, s); /* round24(p) = q * 2^s, |q| <= 2^24 */
         return s >= t ? q * (1 << (s - t)) : lb_rne_shift32(q, t - s);
+#endif
     } else {
         const int64_t m = (mult & 127) ? lb_round24(mult) : (int64_t)mult;
         const int64_t p = lb_round24(lb_round24(x) * m);
@@ -107,6 +164,29 @@ LB_INLINE void lb_put_inline(uint8_t *buf, uint32_t idx, uint32_t bits, uint32_t
 
 void lb_put(uint8_t *buf, uint32_t idx, uint32_t bits, uint32_t v) { lb_put_inline(buf, idx, bits, v); }
 
+/* codes idx .. idx + n - 1 of a packed stream (bits < 8), one byte each (lut NULL) or through the int16 table lut
+ * (to16): lb_get_inline's values, read as a stream (each byte loaded once, the codes shifted out of a register),
+ * without reading a byte past the last code's */
+LB_INLINE void lb_unpack_run(const uint8_t *buf, uint32_t idx, uint32_t n, uint32_t bits, uint8_t *to8,
+                             const int16_t *lut, int16_t *to16)
+{
+    const uint32_t bit = idx * bits, mask = (1u << bits) - 1u;
+    const uint8_t *q = buf + (bit >> 3);
+    uint32_t acc = (uint32_t)*q++ >> (bit & 7u), have = 8u - (bit & 7u), i;
+    for (i = 0; i < n; i++) {
+        if (have < bits) {
+            acc |= (uint32_t)*q++ << have;
+            have += 8u;
+        }
+        if (lut)
+            to16[i] = lut[acc & mask];
+        else
+            to8[i] = (uint8_t)(acc & mask);
+        acc >>= bits;
+        have -= bits;
+    }
+}
+
 static int32_t lb_clamp(int32_t v, int32_t lo, int32_t hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 int32_t lb_rne_shift(int32_t v, int32_t s) { return (int32_t)lb_rne_shift64(v, s); }
@@ -130,7 +210,22 @@ LB_INLINE void lb_taps(const int16_t *wk, const uint8_t *ur, const uint8_t *ur2,
             }
         else
             for (c = 0; c < cin_g; c++, ur += HWin) s0 += (int32_t)wk[c] * ((int32_t)*ur - z);
-    } else if (ur2 && KW == 3 && KH == 3) { /* 3x3 windows unrolled */
+    } else if (ur2 == ur + 1 && KW == 3) { /* stride 1: the two windows share two of each row's three codes */
+        for (c = 0; c < cin_g; c++, ur += HWin - KH * W)
+            for (kh = 0; kh < KH; kh++, ur += W, wk += 3) {
+                const int32_t w0 = wk[0], w1 = wk[1], w2 = wk[2];
+                int32_t t = (int32_t)ur[0] - z;
+                s0 += w0 * t;
+                t = (int32_t)ur[1] - z;
+                s0 += w1 * t;
+                s1 += w0 * t;
+                t = (int32_t)ur[2] - z;
+                s0 += w2 * t;
+                s1 += w1 * t;
+                t = (int32_t)ur[3] - z;
+                s1 += w2 * t;
+            }
+    } else if (ur2 && KW == 3 && KH == 3 && !LB_THUMB1) { /* 3x3 windows unrolled (Thumb-1 spills its 18 values) */
         for (c = 0; c < cin_g; c++, ur += HWin, ur2 += HWin, wk += 9) {
             s0 += LB_ROW3(wk, ur, z) + LB_ROW3(wk + 3, ur + W, z) + LB_ROW3(wk + 6, ur + 2 * W, z);
             s1 += LB_ROW3(wk, ur2, z) + LB_ROW3(wk + 3, ur2 + W, z) + LB_ROW3(wk + 6, ur2 + 2 * W, z);
@@ -156,6 +251,24 @@ LB_INLINE void lb_taps(const int16_t *wk, const uint8_t *ur, const uint8_t *ur2,
     }
     *a0 = s0;
     *a1 = s1;
+}
+
+/* pointwise, four neighbouring outputs (stride 1; the portable twin of lb_taps1x4_dsp): sums of w * (code - z), one
+ * weight load for four products; inlined with z = 0 for inputs after a ReLU */
+LB_INLINE void lb_taps1x4(const int16_t *wk, const uint8_t *ur, int32_t cin_g, int32_t HWin, int32_t z, int32_t *a)
+{
+    int32_t c, s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (c = 0; c < cin_g; c++, ur += HWin) {
+        const int32_t w = wk[c];
+        s0 += w * ((int32_t)ur[0] - z);
+        s1 += w * ((int32_t)ur[1] - z);
+        s2 += w * ((int32_t)ur[2] - z);
+        s3 += w * ((int32_t)ur[3] - z);
+    }
+    a[0] = s0;
+    a[1] = s1;
+    a[2] = s2;
+    a[3] = s3;
 }
 
 void lb_conv_out(const lb_conv_t *p, int32_t o, int32_t at, int32_t acc, const uint8_t *res, void *out)
@@ -283,7 +396,7 @@ void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *ou
                the padding as the code z (a real 0: it adds w * (z - z) = 0), so that every window is inside */
             const int32_t H = p->hin, W0 = p->win, Wp = W0 + 2 * p->pw, rows = (oy1 - oy0 - 1) * SH + KH;
             uint8_t *ub = (uint8_t *)(scratch + FW);
-            int32_t c, r, x;
+            int32_t c, r;
             y0 = oy0 * SH;
             memset(ub, z, (size_t)(p->cin * rows * Wp));
             for (c = 0; c < p->cin; c++)
@@ -296,7 +409,7 @@ void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *ou
                     if (ib == 8u)
                         memcpy(row, in + at, (size_t)W0);
                     else
-                        for (x = 0; x < W0; x++) row[x] = (uint8_t)lb_get_inline(in, at + (uint32_t)x, ib);
+                        lb_unpack_run(in, at, (uint32_t)W0, ib, row, NULL, NULL);
                 }
             u = ub;
             W = Wp;
@@ -305,7 +418,10 @@ void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *ou
         for (o = 0; o < p->cout; o++) {
             const int16_t *lt = p->w_lut + (p->lut_rows > 1 ? o * p->lut_n : 0);
             const uint8_t *ug = u + (o / cout_g) * cin_g * HW; /* the input channels of o's group */
-            for (j = 0; j < F; j++) wrow[j] = lt[lb_get_inline(p->w_codes, (uint32_t)(o * F + j), wb)];
+            if (wb == 8u)
+                for (j = 0; j < F; j++) wrow[j] = lt[p->w_codes[o * F + j]];
+            else
+                lb_unpack_run(p->w_codes, (uint32_t)(o * F), (uint32_t)F, wb, NULL, lt, wrow);
 #if LB_DSP
             int32_t zw = 0; /* in_zero * sum of the row's weights (the DSP loops sum w * code) */
             const int dsp3 = KW == 3 && unpack, dsp1 = KK == 1 && SW == 1;
@@ -343,6 +459,18 @@ void lb_conv(const lb_conv_t *p, const uint8_t *in, const uint8_t *res, void *ou
                             lb_conv_out(p, o, at + 1, (int32_t)((uint32_t)acc1 - (uint32_t)zw), res, out);
                             ox++;
                         }
+                        continue;
+                    }
+#endif
+#if !LB_DSP
+                    if (KK == 1 && SW == 1 && ox + 3 < p->wout) { /* pointwise: four at once */
+                        int32_t a4[4], k;
+                        if (z == 0)
+                            lb_taps1x4(wrow, ur, cin_g, HW, 0, a4);
+                        else
+                            lb_taps1x4(wrow, ur, cin_g, HW, z, a4);
+                        for (k = 0; k < 4; k++) lb_conv_out(p, o, at + k, a4[k], res, out);
+                        ox += 3;
                         continue;
                     }
 #endif
