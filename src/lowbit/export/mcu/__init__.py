@@ -362,7 +362,8 @@ def _run_in_part(elf: Path, tgt: Target, out: Path, timeout: float, n_out: int) 
             return txt
     except ConfigError as e:
         txt, err = None, e
-    roomy = next(t for t in TARGETS.values() if not t.part and t.cpu_flags == tgt.cpu_flags and t.machine == tgt.machine)
+    roomy = next(t for t in TARGETS.values()
+                 if not t.part and t.cpu_flags == tgt.cpu_flags and t.machine == tgt.machine)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d) / "c"
         shutil.copytree(out, d, ignore=shutil.ignore_patterns("*.elf"))

@@ -104,7 +104,8 @@ LB_INLINE int32_t lb_bitlen24(uint32_t a)
  * (q * 2^s), then by 2^t with t = 24 - shift; every rounding is half to even, so symmetric: the sign goes last */
 LB_INLINE int32_t lb_requant32(int32_t x, int32_t m, int32_t shift)
 {
-    const uint32_t a = x < 0 ? (uint32_t)0 - (uint32_t)x : (uint32_t)x, b = m < 0 ? (uint32_t)0 - (uint32_t)m : (uint32_t)m;
+    const uint32_t a = x < 0 ? (uint32_t)0 - (uint32_t)x : (uint32_t)x;
+    const uint32_t b = m < 0 ? (uint32_t)0 - (uint32_t)m : (uint32_t)m;
     const uint32_t ah = a >> 12, al = a & 0xFFFu, bh = b >> 12, bl = b & 0xFFFu;
     const uint32_t mid = ah * bl + al * bh;                 /* < 2^25 */
     const uint32_t low = ((mid & 0xFFFu) << 12) + al * bl;  /* < 2^25 */
