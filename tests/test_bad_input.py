@@ -196,7 +196,7 @@ CASES = [
      "the config was edited after training: plan.integer_residual: 'accumulator' -> 'output'; as edited"),
     ("export-corrupt-best", {"run/best.pt": "TRUNCATE"}, ["export", "{run}", "--format", "packed"], "not a readable lowbit checkpoint"),
     ("export-missing", {}, ["export", "{d}/nowhere"], "nowhere"),
-    ("resume-missing", {}, ["train", "--resume", "{d}/nowhere"], "nowhere"),
+    ("resume-missing", {}, ["train", "--resume", "{d}/nowhere"], "nowhere is not a run folder (no config.yaml)"),
     ("resume-no-last", {"run/last.pt": None}, ["train", "--resume", "{run}"], "cannot resume: no checkpoint"),
     # a finished run whose best.pt was deleted (before session 23: "the run did not finish an epoch", and for
     # --resume "[Errno 2] ...; the file is truncated or corrupt")

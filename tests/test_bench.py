@@ -33,6 +33,29 @@ def test_expand_grid_methods_bits_models_widths():
     assert all(r.overrides["plan"]["weight"]["bits"] == 2 and r.meta["bits"] is None for r in twn)
 
 
+def test_each_row_is_compared_with_the_reference_of_its_own_model_and_width():
+    """Before session 23 'Δ vs ref' and 'epoch time / ref' used the reference method's first row for every row: the
+    x0.5 rows were compared with FP32 x0.25."""
+    from lowbit.bench.runner import aggregate, markdown
+    from lowbit.bench.suite import references
+
+    s = Suite(methods={"FP32": {}, "SAWB": {"plan": {"weight": {"name": "sawb"}}}}, bits=[2, 3], widths=[0.25, 0.5])
+    rows = expand(s)
+    refs = references(rows, "FP32")
+    assert refs["SAWB 3b x0.5"] == "FP32 x0.5" and refs["SAWB 2b x0.25"] == "FP32 x0.25"
+    assert refs["FP32 x0.5"] == "FP32 x0.5"
+    acc = {"FP32 x0.25": 0.70, "FP32 x0.5": 0.80, "SAWB 2b x0.25": 0.60, "SAWB 3b x0.25": 0.65,
+           "SAWB 2b x0.5": 0.75, "SAWB 3b x0.5": 0.78}
+    time = {"FP32 x0.25": 1.0, "FP32 x0.5": 2.0}
+    recs = [{"row": r, "seed": 0, "test_acc": a, "epoch_time": time.get(r, 4.0), "weight": "w", "act": "a",
+             "size_bytes": 1024, "bitops": 1e9, "epochs": 1} for r, a in acc.items()]
+    agg = {a["row"]: a for a in aggregate(recs, refs)}
+    assert agg["SAWB 2b x0.5"]["time_ratio"] == 2.0 and agg["SAWB 2b x0.25"]["time_ratio"] == 4.0
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[4] for line in markdown(list(agg.values()),
+                                                                                       refs).splitlines()[2:]}
+    assert table["SAWB 2b x0.5"] == "-5.00" and table["SAWB 2b x0.25"] == "-10.00" and table["FP32 x0.5"] == "+0.00"
+
+
 def test_a_method_without_bits_needs_a_bits_list():
     with pytest.raises(ConfigError, match="has no bits"):
         expand(Suite(methods={"LSQ": {"plan": {"weight": {"name": "lsq"}}}}))

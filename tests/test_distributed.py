@@ -76,3 +76,32 @@ def test_sharded_loader_splits_each_global_batch_between_ranks():
     assert list(loaders[0].sampler) != idx[0]  # another order every epoch
     with pytest.raises(Exception, match="must divide by the 2 processes"):
         cls(data.train, data.info, 21, rank=0, world=2)
+
+
+@pytest.mark.parametrize("config,what", [("niti_lenet5", "method 'niti' does not run distributed"),
+                                         ("local_w3a3", "method 'local' does not run distributed"),
+                                         ("dcq_w2_twn", "DCQ does not run distributed")])
+def test_methods_whose_update_ddp_cannot_average_are_refused_under_torchrun(tmp_path, monkeypatch, config, what):
+    """NITI's integer update bypasses autograd (the ranks' weights drifted apart: 5 of 15 tensors differed after one
+    epoch, session 23's audit); local loss broke DDP's reducer with a traceback, DCQ failed on the run folder."""
+    from lowbit import distributed
+    from lowbit.config import load_config
+    from lowbit.errors import ConfigError
+    from lowbit.train import run
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "init", lambda backend=None: None)
+    data = [] if config == "niti_lenet5" else ["data.name=digits"]  # LeNet-5 needs 28x28 images
+    cfg = load_config(f"configs/{config}.yaml", [*data, "data.limit=80", "train.epochs=1", "train.threads=1",
+                                                 "train.progress=false"])
+    with pytest.raises(ConfigError, match=what):
+        run(cfg, tmp_path / "run")
+
+
+def test_distillation_is_refused_for_a_method_without_a_loss():
+    from lowbit.errors import ConfigError
+    from lowbit.methods import build_method
+    from lowbit.schedules.distill import distill
+
+    with pytest.raises(ConfigError, match="method 'niti' computes its own error signal"):
+        distill(build_method("niti"), torch.nn.Linear(2, 2))

@@ -202,6 +202,16 @@ def test_act_mixture_needs_an_act_quantizer():
         quant_state(m).method.setup(m, 10, 5)
 
 
+def test_a_mixture_whose_members_all_have_q1s_bits_or_fewer_is_an_error():
+    """Before session 23 every member was dropped (members must have more bits than Q_1) and the run was plain STE,
+    with the summary still printing the DQA schedule."""
+    for opt, plan in (("mixture", {"weight": MM(2)}), ("act_mixture", {"weight": MM(2), "act": MM(4)})):
+        m = tiny({**plan, "method": {**DQA_MM, opt: [MM(2)]}} if opt == "mixture" else
+                 {**plan, "method": {**DQA_MM, opt: [MM(2), MM(4)]}})
+        with pytest.raises(ConfigError, match=rf"plan.method.{opt}: no member has more bits"):
+            quant_state(m).method.setup(m, 10, 5)
+
+
 def test_act_mixture_attention_is_trained_and_penalised():
     m = tiny({"weight": MM(2), "act": MM(2), "method": {**DQA_MM, "act_mixture": [MM(4), MM(8)], "lam": 1.0}})
     meth = quant_state(m).method

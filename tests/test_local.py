@@ -42,6 +42,11 @@ def test_blocks_of_the_zoo():
     assert [n for n, _ in out] == ["fc"]
     v = lowbit.create_model("vgg_small", in_channels=1, image_size=8, width=0.25)
     assert len(blocks(v)[0]) == 6 and blocks(v)[0][1].names[-1] == "features.6"  # conv bn relu maxpool
+    # LeNet-5 flattens its last conv's map (not globally pooled) for the classifier: that block's heads read the
+    # map (before session 23 they took its 16 channels as the flat width: a crash in the first step)
+    le = lowbit.create_model("lenet5", in_channels=1, image_size=28)
+    b = blocks(le)[0][1]
+    assert b.names[-1] == "flatten" and b.out_name == "features.5" and (b.width, b.spatial) == (16, True)
 
 
 def test_no_gradient_reaches_an_earlier_block():

@@ -248,3 +248,26 @@ def test_signed_act_goes_where_the_input_can_be_negative():
 
     with pytest.raises(ConfigError, match="signed_act needs a model torch.fx can trace"):
         quantize(Branchy(), {**W2A2, "keep_first": False, "signed_act": {"name": "lsq", "signed": True}})
+
+
+def test_keep_first_and_last_follow_the_forward_not_the_registration_order():
+    """A user's module that registers its classifier before its convs: before session 23 keep_first kept the
+    classifier and keep_last the second conv, and the real first conv read the normalised image at 2 bits."""
+    import torch
+    from torch import nn
+
+    from lowbit import quant_state, quantize
+    from lowbit.quantize import ends_full_precision
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head, self.c1, self.c2 = nn.Linear(16, 10), nn.Conv2d(1, 8, 3), nn.Conv2d(8, 16, 3)
+
+        def forward(self, x):
+            return self.head(torch.flatten(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3), keepdim=True), 1))
+
+    m = quantize(HeadFirst(), {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}})
+    plans = {lp.name: (lp.weight is None, lp.act is None) for lp in quant_state(m).layers}
+    assert plans == {"head": (True, True), "c1": (True, True), "c2": (False, False)}
+    assert ends_full_precision(m) == [True, True]

@@ -145,6 +145,14 @@ def test_tiny_search_end_to_end(tmp_path):
     assert st["episodes_done"] == 4 and [h["episode"] for h in st["history"]] == [1, 2, 3, 4]
     assert len((out / "cache.jsonl").read_text().splitlines()) >= lines
     assert main(["search", "releq", str(path), "--out", str(out)]) == 2  # refuses to overwrite
+    # the resumed episodes continue the agent's random stream (before session 23 PPO.load seeded it anew and the
+    # episodes after a resume repeated the first ones action for action)
+    bits = [tuple(h["bits"]) for h in st["history"]]
+    assert bits[2:4] != bits[0:2]
+    # a resume with settings its cached evaluations were not made with is refused (before: mixed in silently)
+    assert main(["search", "releq", str(path), "releq.episodes=5", "releq.finetune_steps=3", "--out", str(out),
+                 "--resume"]) == 2
+    assert json.loads((out / "state.json").read_text())["episodes_done"] == 4
 
 
 SEARCH_CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "search").glob("releq_*.yaml"))

@@ -50,6 +50,8 @@ def cmd_train(args) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise LowbitError(f"cannot resume: {run_dir} is not a run folder (no config.yaml)")
         cfg = _load_cfg(str(run_dir), [])
         if args.config or args.overrides:
             raise LowbitError("--resume takes the config of the run folder; give no CONFIG or overrides")

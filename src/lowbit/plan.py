@@ -192,10 +192,11 @@ class Plan(BaseModel):
         modules = dict(model.named_modules())
         w = {n: self.weight for n in names}
         a = {n: self.act for n in names}
+        first, last = first_last(model, names)
         if self.keep_first:
-            w[names[0]] = a[names[0]] = None
+            w[first] = a[first] = None
         if self.keep_last:
-            w[names[-1]] = a[names[-1]] = None
+            w[last] = a[last] = None
         if self.signed_act is not None:
             if self.act is None:
                 raise ConfigError("plan.signed_act needs plan.act (the quantizer of the other inputs, and the bits)")
@@ -214,9 +215,32 @@ class Plan(BaseModel):
                 if ov == "fp":
                     w[n] = a[n] = None
                     continue
+                kept = (self.keep_first and n == first, self.keep_last and n == last)
+                if any(kept) and n != pattern and w[n] is None and a[n] is None:
+                    import warnings
+
+                    warnings.warn(f"plan.layers.{pattern}: the pattern also matches '{n}', which "
+                                  f"{'keep_first' if kept[0] else 'keep_last'} keeps in full precision; this pattern "
+                                  "quantizes it (name the layer itself to mean it, or narrow the pattern)", stacklevel=3)
                 w[n] = _apply(w[n], self.weight, ov.weight, f"plan.layers.{pattern}.weight")
                 a[n] = _apply(a[n], self.act, ov.act, f"plan.layers.{pattern}.act")
         return [LayerPlan(n, modules[n], w[n], a[n], source.get(n)) for n in names]
+
+
+def first_last(model: nn.Module, names: list[str] | None = None) -> tuple[str, str]:
+    """The first and the last conv/linear layer ``model``'s forward calls (``torch.fx``), which ``keep_first`` /
+    ``keep_last`` keep: a user's module may register its classifier before its convs (before session 23 the
+    registration order picked them). Registration order where the model does not trace."""
+    import torch.fx as fx
+
+    if names is None:
+        names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    try:
+        called = [n.target for n in fx.symbolic_trace(model).graph.nodes if n.op == "call_module"]
+    except Exception:  # noqa: BLE001 - any model torch.fx cannot trace: the registration order
+        called = []
+    order = [t for t in dict.fromkeys(called) if t in set(names)]
+    return (order[0], order[-1]) if order else (names[0], names[-1])
 
 
 #: modules whose output is never negative, and those that pass their input's sign through

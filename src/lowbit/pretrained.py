@@ -72,7 +72,11 @@ def _from_run(run_dir: Path, keep: str) -> dict[str, Tensor]:
 
     _, _, model, _ = load_run(run_dir)
     if quant_state(model) is not None:
-        unquantize(model, keep=keep)
+        try:
+            unquantize(model, keep=keep)
+        except ConfigError as e:  # name the config key too, not only the Python argument
+            raise ConfigError(str(e).replace("use keep='quantized'", "use model.init_weights: quantized (in Python: "
+                                             "keep='quantized')")) from None
     return model.state_dict()
 
 

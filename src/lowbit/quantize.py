@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 from .cost import LayerBits
 from .errors import ConfigError
 from .methods import Method, build_method
-from .plan import LayerPlan, Plan
+from .plan import LayerPlan, Plan, first_last
 
 _STATE_ATTR = "_lowbit_state"
 
@@ -44,6 +44,8 @@ class QuantState:
     method: Method
     layers: list[LayerPlan]
     hooks: list = field(default_factory=list)
+    #: the first and the last layer the forward calls (``plan.first_last``, resolved before quantizing)
+    ends: tuple[str, str] | None = None
 
     def table(self) -> str:
         return plan_table(self.layers)
@@ -111,7 +113,7 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
         from .intmode import integer_layers
 
         integer_layers(plan, layers)
-    state = QuantState(plan, method, layers)
+    state = QuantState(plan, method, layers, ends=first_last(model, [lp.name for lp in layers]))
     for lp in layers:
         where = f"plan.layers.{lp.source}" if lp.source else f"layer {lp.name}"
         try:  # a bad per-layer override names its field (plan.layers.PATTERN.weight: ...)
@@ -260,8 +262,10 @@ def ends_full_precision(model: nn.Module) -> list[bool]:
     """Whether the first and the last conv/linear layer of a quantized ``model`` stay full precision
     (weights and input), as resolved: integer mode and ``plan.layers`` may quantize what
     ``keep_first`` / ``keep_last`` would keep."""
-    layers = quant_state(model).layers
-    return [lp.weight is None and lp.act is None for lp in (layers[0], layers[-1])]
+    state = quant_state(model)
+    layers = {lp.name: lp for lp in state.layers}
+    ends = state.ends or (state.layers[0].name, state.layers[-1].name)
+    return [layers[n].weight is None and layers[n].act is None for n in ends]
 
 
 def plan_table(layers: list[LayerPlan]) -> str:

@@ -318,6 +318,11 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
 
 def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
          callbacks: list[Callable[[dict], None]] | None) -> RunResult:
+    from . import distributed as ddp
+
+    if ddp.active() and cfg.dcq is not None:
+        raise ConfigError("torchrun: DCQ does not run distributed (its sections train one after another, each "
+                          "with its own folder state); run it in one process")
     if cfg.dcq is not None:  # divide-and-conquer quantization: a schedule over fit (schedules/dcq.py)
         from .schedules.dcq import run_dcq
 
@@ -326,8 +331,6 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
     run_dir = Path(run_dir)
     if t.threads:
         torch.set_num_threads(t.threads)
-    from . import distributed as ddp
-
     if ddp.active():  # under torchrun: this process is one rank (lowbit.distributed)
         ddp.init()
     writer = ddp.is_writer()
@@ -338,6 +341,9 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
     model = build_model(cfg, data).to(device)
     state = quant_state(model)
     method = state.method
+    if ddp.active() and not method.ddp:
+        raise ConfigError(f"torchrun: method '{method.name}' does not run distributed (its update is not a gradient "
+                          "that DDP averages over the ranks, which would drift apart); run it in one process")
     if t.distill is not None:  # knowledge distillation from a teacher, any method (schedules/distill.py)
         from .schedules.distill import distill_from_config
 

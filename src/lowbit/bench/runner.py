@@ -162,15 +162,26 @@ def run_grid(rows: dict[str, dict], base: dict, seeds: list[int], out: str | Pat
     return [{"row": label, "seed": seed, **read_run(run_dir)} for (label, seed), _, run_dir in jobs]
 
 
-def aggregate(records: list[dict], reference: str | None = None) -> list[dict]:
-    """Mean ± std per row (in row order) of test accuracy and epoch-time ratio to ``reference``."""
-    ref_time = {r["seed"]: r["epoch_time"] for r in records if r["row"] == reference}
+def _references(rows: list[str], reference: str | dict[str, str] | None) -> dict[str, str]:
+    """Each row's reference row: one label for every row, or a mapping (a suite's rows against the reference
+    method's row of their own model and width, :func:`lowbit.bench.suite.references`)."""
+    if reference is None:
+        return {}
+    return dict(reference) if isinstance(reference, dict) else {r: reference for r in rows}
+
+
+def aggregate(records: list[dict], reference: str | dict[str, str] | None = None) -> list[dict]:
+    """Mean ± std per row (in row order) of test accuracy and epoch-time ratio to its ``reference`` row (the
+    same seed)."""
+    refs = _references([r["row"] for r in records], reference)
+    ref_time = {(r["row"], r["seed"]): r["epoch_time"] for r in records if r["row"] in set(refs.values())}
     out: dict[str, dict[str, Any]] = {}
     for r in records:
         a = out.setdefault(r["row"], {"row": r["row"], "acc": [], "ratio": [], "rec": r})
         a["acc"].append(r["test_acc"])
-        if r["seed"] in ref_time:
-            a["ratio"].append(r["epoch_time"] / ref_time[r["seed"]])
+        key = (refs.get(r["row"]), r["seed"])
+        if key in ref_time:
+            a["ratio"].append(r["epoch_time"] / ref_time[key])
     rows = []
     for a in out.values():
         r = a["rec"]
@@ -184,22 +195,24 @@ def aggregate(records: list[dict], reference: str | None = None) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], reference: str | None = None) -> str:
-    ref = next((r for r in rows if r["row"] == reference), None)
+def markdown(rows: list[dict], reference: str | dict[str, str] | None = None) -> str:
+    by_label = {r["row"]: r for r in rows}
+    refs = {k: by_label[v] for k, v in _references(list(by_label), reference).items() if v in by_label}
     head = ["row", "weight", "act", "test acc % (mean ± std)", "n", "size KiB", "GBitOPs", "epoch time / ref"]
-    if ref:
+    if refs:
         head.insert(4, "Δ vs ref")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["row"], r["weight"], r["act"], f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}",
                  str(r["n"]), f"{r['size_kib']:.1f}", f"{r['bitops_g']:.3f}", f"{r['time_ratio']:.2f}"]
-        if ref:
-            cells.insert(4, f"{100 * (r['acc_mean'] - ref['acc_mean']):+.2f}")
+        if refs:
+            ref = refs.get(r["row"])
+            cells.insert(4, f"{100 * (r['acc_mean'] - ref['acc_mean']):+.2f}" if ref else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_results(out: str | Path, records: list[dict], rows: list[dict], reference: str | None = None,
+def write_results(out: str | Path, records: list[dict], rows: list[dict], reference: str | dict[str, str] | None = None,
                   meta: dict | None = None) -> str:
     """results.jsonl (one line per run), summary.csv, summary.md; returns the markdown table."""
     import io

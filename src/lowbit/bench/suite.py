@@ -11,7 +11,8 @@
     models: [resnet20]
     widths: [1.0]
     seeds: [0, 1, 2]
-    reference: FP32                     # epoch-time ratios and Δ accuracy against this method
+    reference: FP32                     # epoch-time ratios and Δ accuracy against this method (its row of
+                                        # the same model and width)
     out: bench_out/qat002               # default: bench_out/<name>
 
 ``expand(suite)`` gives one row per (method, bits, model, width); each row runs once per seed
@@ -125,6 +126,22 @@ def expand(suite: Suite) -> list[Row]:
     return rows
 
 
+def references(rows: list[Row], reference: str | None) -> dict[str, str] | None:
+    """Each row's reference row: the ``reference`` method's row of the same model and width (and bits, where it
+    has a row at the row's bits). Before session 23 every row was compared with the reference method's first row,
+    whatever its model or width."""
+    if reference is None:
+        return None
+    out = {}
+    for r in rows:
+        same = [x for x in rows if x.method == reference and x.meta["model"] == r.meta["model"]
+                and x.meta["width"] == r.meta["width"]]
+        pick = [x for x in same if x.meta["bits"] == r.meta["bits"]] or same
+        if pick:
+            out[r.label] = pick[0].label
+    return out
+
+
 def run_suite(path: str | Path, workers: int = 1, out: str | Path | None = None, dry_run: bool = False,
               reuse: bool = False, backend: str = "local", address: str | None = None) -> dict:
     """Run (or, with ``dry_run``, only validate and list) a suite; returns records, table, paths."""
@@ -139,9 +156,7 @@ def run_suite(path: str | Path, workers: int = 1, out: str | Path | None = None,
     meta = {r.label: r.meta for r in rows}
     for rec in records:
         rec.update({k: v for k, v in meta[rec["row"]].items()})
-    ref = None
-    if suite.reference is not None:
-        ref = next((r.label for r in rows if r.method == suite.reference), None)
+    ref = references(rows, suite.reference)
     agg = aggregate(records, ref)
     table = write_results(out, records, agg, ref, meta={"suite": str(path), "seeds": suite.seeds})
     return {"records": records, "table": table, "out": str(out)}

@@ -69,6 +69,13 @@ class Method:
 
     name: ClassVar[str] = ""
 
+    #: whether ``train_step`` learns from :meth:`loss` (``train.distill`` replaces that loss: it cannot apply where
+    #: the step computes its own error signal)
+    loss_based: bool = True
+    #: whether the step's update is a gradient of the parameters that torch.distributed's DDP averages over ranks
+    #: (a method that changes parameters otherwise would let the ranks drift apart under ``torchrun``)
+    ddp: bool = True
+
     def __init__(self) -> None:
         self.total_steps = 0
         self.steps_per_epoch = 0

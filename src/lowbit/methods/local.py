@@ -88,6 +88,8 @@ class LocalLoss(STE):
     similarity term, 0.99), ``greedy`` (one block at a time), ``dim_in_decoder`` (features the
     pred head pools to, at most; the reference code's default 2048 is its smaller setting)."""
 
+    ddp = False  # its heads' parameters get no gradient in some steps (greedy, early stop): DDP's reducer fails
+
     def __init__(self, beta: float = 0.99, greedy: bool = False, dim_in_decoder: int = 2048):
         super().__init__()
         if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:

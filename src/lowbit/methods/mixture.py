@@ -628,8 +628,17 @@ class MixtureMethod(Method):
     def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
         super().setup(model, total_steps, steps_per_epoch)
         self._ready = True
-        if self.act_mixture and not any(r == "act" for _, r, _ in mixture_layers(model)):
-            raise ConfigError("plan.method.act_mixture is set but no layer has an activation quantizer (plan.act)")
+        roles = {r for _, r, _ in mixture_layers(model)}
+        if self.act_mixture and "act" not in roles:
+            from ..quantize import quant_state
+
+            if not any(lp.act is not None for lp in getattr(quant_state(model), "layers", [])):
+                raise ConfigError("plan.method.act_mixture is set but no layer has an activation quantizer (plan.act)")
+            raise ConfigError("plan.method.act_mixture: no member has more bits than the layers' activation "
+                              "quantizer (plan.act), so no layer is a mixture and this would be plain STE")
+        if self.mixture and "weight" not in roles:
+            raise ConfigError("plan.method.mixture: no member has more bits than the layers' weight quantizer "
+                              "(plan.weight), so no layer is a mixture and this would be plain STE")
 
     # -- the end ---------------------------------------------------------------------------------
     def finalize(self, model: nn.Module) -> None:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, TrainingDiverged
 from ..ondevice import intops
 from ..ondevice.intops import IntT
-from ..ondevice.units import is_residual, units
+from ..ondevice.units import check_replayable, is_residual, units
 from ..plan import QuantSpec
 from ..quant.pow2int import Pow2IntQuantizer, pow2_exponent
 from .base import Method, QuantizedWeight, register_method
@@ -79,6 +79,9 @@ class NITI(Method):
     """Integer-only training (module docstring). Options: ``mu`` (gradient bits per phase),
     ``milestones`` (fractions of the run where the next ``mu`` starts), ``grad_rounding``
     (``pseudo`` | ``stochastic`` | ``auto``: pseudo at 8-bit weights, stochastic below), ``seed``."""
+
+    loss_based = False  # the integer error signal of the logits, no loss to distill into
+    ddp = False  # the integer update bypasses autograd: DDP's gradient averaging never sees it
 
     def __init__(self, mu: list[int] | tuple[int, ...] = (5, 4, 3), milestones: list[float] | tuple[float, ...] = (0.5, 0.75),
                  grad_rounding: str = "auto", seed: int = 0):
@@ -178,6 +181,7 @@ class NITI(Method):
 def program(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's units, checked: every conv/linear NITI-quantized, no BatchNorm, no bias."""
     us = units(model)
+    check_replayable(model, us, "method niti")
     for name, m in us:
         for sub_name, sub in ([(name, m)] if not is_residual(m) else
                               [(f"{name}.{n}", s) for n, s in m.named_modules() if n and not list(s.children())

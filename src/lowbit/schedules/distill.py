@@ -103,6 +103,9 @@ def distill(method: Method, teacher: nn.Module, temperature: float = 4.0, alpha:
         raise ConfigError(f"distill: alpha must be within [0, 1], got {alpha}")
     if not isinstance(teacher, nn.Module):
         raise ConfigError(f"distill: the teacher must be an nn.Module, got {type(teacher).__name__}")
+    if not method.loss_based:
+        raise ConfigError(f"distill: method '{method.name}' computes its own error signal, not a loss that "
+                          "distillation could change; train without train.distill")
     teacher.eval().requires_grad_(False)
     method = _with(method, _Distilling)
     method.kd_teacher, method.kd_temperature, method.kd_alpha = teacher, float(temperature), float(alpha)

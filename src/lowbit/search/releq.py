@@ -38,6 +38,7 @@ LSTM variant is not used); advantages not normalised (their normalisation was co
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import Literal
@@ -213,6 +214,15 @@ class _Recorder:
         return self.evaluator.accuracy(bits)
 
 
+#: options a resumed search may change: how long it runs, where evaluations run, what is written at the end
+_RESUMABLE = ("episodes", "progress", "workers", "backend", "address", "final_epochs", "final_lr", "baselines")
+
+
+def _settings(data: dict) -> dict:
+    """What a search's evaluations and agent depend on: its ``search.yaml`` without the resumable options."""
+    return {**data, "releq": {k: v for k, v in data.get("releq", {}).items() if k not in _RESUMABLE}}
+
+
 def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = False) -> dict:
     """Run ReLeQ and the baselines into the search folder ``out``; returns ``result.json``'s dict."""
     from stable_baselines3 import PPO
@@ -228,9 +238,17 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
         raise ConfigError(f"{out} already holds a search; use --resume or another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "plans").mkdir(exist_ok=True)
+    now = {**cfg.to_dict(), "releq": opts.model_dump(mode="json")}
     if not resume:
-        (out / "search.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "releq": opts.model_dump(mode="json")},
-                                                        sort_keys=False))
+        (out / "search.yaml").write_text(yaml.safe_dump(now, sort_keys=False))
+    elif (out / "search.yaml").is_file():  # the cache and the agent were made with the saved settings
+        from ..runfolder import config_diff
+
+        saved = yaml.safe_load((out / "search.yaml").read_text()) or {}
+        diff = config_diff(_settings(saved), _settings(json.loads(json.dumps(now))))
+        if diff:
+            raise ConfigError(f"cannot resume {out}: its evaluations were made with other settings ({'; '.join(diff)});"
+                              f" only {', '.join(_RESUMABLE)} may change on --resume")
     t_start = time.perf_counter()
     torch.manual_seed(opts.seed)
     cfg, acc_fp = fp32_start(cfg, opts, out)
@@ -286,8 +304,14 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
 
     seconds_before = st["releq_seconds"]
 
+    rng_path = out / "rng.pt"
+
     def save() -> None:
         model.save(agent_path)
+        # the random state the agent samples its actions from: PPO.load seeds it anew from opts.seed, and a resumed
+        # search then replayed its first episodes (before session 23)
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()},
+                   rng_path)
         st["episodes_done"] = len(st["history"])
         st["releq_seconds"] = seconds_before + time.perf_counter() - t0
         tmp = state_path.with_suffix(".tmp")
@@ -304,6 +328,11 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
 
     if resume and agent_path.is_file():
         model = PPO.load(agent_path, env=env, device="cpu")
+        if rng_path.is_file():
+            rng = torch.load(rng_path, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["random"])
     else:
         model = PPO("MlpPolicy", env, learning_rate=p.learning_rate, n_steps=L * p.episodes_per_update,
                     batch_size=L * p.episodes_per_update, n_epochs=p.n_epochs, gamma=p.gamma,
