@@ -175,7 +175,10 @@ def test_counting_bits_runs_no_forward_pass():
 
 @pytest.mark.parametrize("extra,msg", [(["--threshold", "0"], "threshold must be in (0, 1]"),
                                        (["plan.method={name: binaryrelax}"], "NCE searches with plain STE"),
-                                       (["model.name=mobilenetv2"], "NCE supports the ResNets")])
+                                       (["model.name=mobilenetv2"], "NCE supports the ResNets"),
+                                       # before session 23: "layer ... has 8 inputs, not a multiple of its input
+                                       # width 16"
+                                       (["model.width=0.5"], "NCE: model.width is set (0.5); NCE searches the widths")])
 def test_bad_input_is_one_line(capsys, extra, msg):
     rc = main(["search", "nce", "configs/nce_resnet8_w2a2.yaml", "data.limit=50", *extra])
     err = capsys.readouterr().err.strip().splitlines()

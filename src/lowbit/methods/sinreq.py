@@ -98,8 +98,9 @@ def sin_grid(q: Quantizer, w: Tensor, bits: Tensor | float | None = None, domain
     except RuntimeError:
         raise ConfigError(f"sinreq: call the model once before reading quantizer '{q.alias}' (no levels yet)") from None
     if not d.uniform or d.levels is None:
-        raise ConfigError(f"sinreq: quantizer '{q.alias}' at {d.bits} bits has no uniform grid "
-                          "(use dorefa, wrpn, sawb, minmax, lsq, qnn)")
+        raise ConfigError(f"sinreq: quantizer '{q.alias}' at {d.bits} bits has no uniform grid (dorefa, wrpn, sawb, "
+                          "minmax, lsq and qnn have one at 2 bits and more); with sinareq, raise the lower end of "
+                          "plan.method.bits, since the learned bits visit every value in that range")
     n = d.qmax - d.qmin  # steps of the grid at the integer bits in use
     h = 0.5 if (n + 1) % 2 == 0 else 0.0  # even level count: no level at the centre
     if domain == "raw":  # the authors' code: raw w, Δ = 1/(2^b - 1) (0 level) or 1/(2^b - 0.5), shift Δ/2
