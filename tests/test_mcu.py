@@ -223,8 +223,9 @@ def test_a_stack_that_overflows_a_parts_ram_does_not_fit(tmp_path, monkeypatch):
     assert r["bit_exact_images"] == 1 and r["stack_bytes"] > 64
     monkeypatch.setitem(mcu.TARGETS, "nrf51822", dataclasses.replace(mcu.TARGETS["nrf51822"], ram_size=static + 64))
     need = r["stack_bytes"]
-    with pytest.raises(mcu.DoesNotFit, match=rf"does not fit the nRF51822 .*: its static RAM \({static} B\) leaves 64 B "
-                                             rf"for the stack, which needs {need} B .* overflowed by {need - 64} bytes"):
+    with pytest.raises(mcu.DoesNotFit, match=rf"does not fit the nRF51822 .*: its static RAM \({static} B\) "
+                                             rf"leaves 64 B for the stack, which needs {need} B .* overflowed by "
+                                             rf"{need - 64} bytes"):
         build_and_run(g, tmp_path / "tight", x, IntRef(g).run(x), "nrf51822", kernels="int", sizes=False)
 
 

@@ -221,7 +221,8 @@ class Plan(BaseModel):
 
                     warnings.warn(f"plan.layers.{pattern}: the pattern also matches '{n}', which "
                                   f"{'keep_first' if kept[0] else 'keep_last'} keeps in full precision; this pattern "
-                                  "quantizes it (name the layer itself to mean it, or narrow the pattern)", stacklevel=3)
+                                  "quantizes it (name the layer itself to mean it, or narrow the pattern)",
+                                  stacklevel=3)
                 w[n] = _apply(w[n], self.weight, ov.weight, f"plan.layers.{pattern}.weight")
                 a[n] = _apply(a[n], self.act, ov.act, f"plan.layers.{pattern}.act")
         return [LayerPlan(n, modules[n], w[n], a[n], source.get(n)) for n in names]

@@ -159,8 +159,8 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
     ck_path = run_dir / "best.pt"
     if not ck_path.is_file():
-        why = ("best.pt is missing although last.pt is there: it was deleted or moved" if (run_dir / "last.pt").is_file()
-               else "the run did not finish an epoch")
+        why = ("best.pt is missing although last.pt is there: it was deleted or moved"
+               if (run_dir / "last.pt").is_file() else "the run did not finish an epoch")
         raise ConfigError(f"{run_dir} has no best.pt checkpoint ({why})")
     cfg = run_config(run_dir)
     data = load_data(cfg)

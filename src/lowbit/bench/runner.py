@@ -212,8 +212,8 @@ def markdown(rows: list[dict], reference: str | dict[str, str] | None = None) ->
     return "\n".join(lines)
 
 
-def write_results(out: str | Path, records: list[dict], rows: list[dict], reference: str | dict[str, str] | None = None,
-                  meta: dict | None = None) -> str:
+def write_results(out: str | Path, records: list[dict], rows: list[dict],
+                  reference: str | dict[str, str] | None = None, meta: dict | None = None) -> str:
     """results.jsonl (one line per run), summary.csv, summary.md; returns the markdown table."""
     import io
 

@@ -291,7 +291,8 @@ def search_nce(cfg: Config, opts: NCEOptions | None = None, out_dir: str | Path 
     for k in ("width", "channels"):
         if k in cfg.model.options and cfg.model.options[k] not in (None, 1, 1.0):
             raise ConfigError(f"NCE: model.{k} is set ({cfg.model.options[k]!r}); NCE searches the widths itself, "
-                              f"from the model's own: leave model.{k} out (the result's model.channels is the search's)")
+                              f"from the model's own: leave model.{k} out (the result's model.channels is the "
+                              "search's)")
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
