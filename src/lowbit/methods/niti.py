@@ -151,6 +151,8 @@ class NITI(Method):
         loss = F.cross_entropy(torch.ldexp(logits.q.float(), torch.tensor(float(logits.e))), y)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss became {loss.item()}")
+        if optimizer is not None:  # its lr-0 group, no gradients: changes nothing, and the schedule sees a step
+            optimizer.step()  # (without it every NITI run printed torch's "lr_scheduler.step() before" warning)
         return StepResult(loss.detach(), logits.q, len(y))
 
     def integer_step(self, model: nn.Module, x: IntT, y: Tensor) -> IntT:
