@@ -77,6 +77,11 @@ CASES = [
     ("budget-ratio-nan", {}, ["budget", "--ratio", "nan"], "argument --ratio: must be a finite number > 0, got nan"),
     ("budget-ratio-inf", {}, ["budget", "--ratio", "inf"], "argument --ratio: must be a finite number > 0, got inf"),
     ("budget-kib-0", {}, ["budget", "--budget-kib", "0"], "argument --budget-kib: must be a finite number > 0"),
+    # before session 23 9 and 16 bits were priced and emitted into a suite that bench then refused
+    ("budget-bits-9", {}, ["budget", "--bits", "2", "9"], "argument --bits: must be 1..8 bits"),
+    # before session 23 init_weights without init_from was accepted and ignored
+    ("init-weights-alone", {"c.yaml": OK}, ["info", "{d}/c.yaml", "model.init_weights=quantized"],
+     "init_weights: 'quantized' takes effect with init_from"),
     ("budget-kib-nan", {}, ["budget", "--budget-kib", "NaN"], "argument --budget-kib: must be a finite number > 0"),
     ("budget-kib-neg-inf", {}, ["budget", "--budget-kib", "-inf"], "argument --budget-kib"),
     ("budget-none", {}, ["budget"], "one of the arguments --ratio --budget-kib is required"),

@@ -368,3 +368,11 @@ def test_every_data_file_of_the_package_is_in_its_wheel():
         if not ok:
             missing.append(str(rel))
     assert not missing, f"not in pyproject.toml's package-data: {missing}"
+
+
+def test_a_quantized_build_that_runs_more_instructions_says_so():
+    """Before session 23 the report said "(the quantized build: 0.84x fewer)" for one that ran 1.19x more."""
+    from lowbit.export.api import _fewer
+
+    assert _fewer(14.12) == "14.12x fewer" and _fewer(0.84) == "1.19x MORE instructions"
+

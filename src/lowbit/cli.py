@@ -322,6 +322,17 @@ def _number(kind, low: float, strict: bool, what: str):
 
 
 _positive_int = _number(int, 0, True, "an integer >= 1")
+
+
+def _bits(text: str) -> int:
+    """A precision of ``budget``/``nce-budget``: 1..8 bits (what the quantizers support), or 32 (full precision)."""
+    v = _positive_int(text)
+    if not (v <= 8 or v == 32):
+        raise argparse.ArgumentTypeError(f"must be 1..8 bits (what the quantizers support) or 32 (FP32), got {text}")
+    return v
+
+
+_bits.__name__ = "bits"
 _nonneg_int = _number(int, 0, False, "an integer >= 0")
 _positive_float = _number(float, 0.0, True, "a finite number > 0")
 
@@ -381,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("budget", help="002: widest network per precision under a memory budget")
     g.add_argument("--model", default="resnet20")
     g.add_argument("--dataset", default="fashion-mnist")
-    g.add_argument("--bits", type=_positive_int, nargs="+", default=[1, 2, 3, 4, 6, 8, 32])
+    g.add_argument("--bits", type=_bits, nargs="+", default=[1, 2, 3, 4, 6, 8, 32])
     grp = g.add_mutually_exclusive_group(required=True)
     grp.add_argument("--ratio", type=_positive_float, help="budget M = M0 / RATIO (M0: the FP32 width-1 model)")
     grp.add_argument("--budget-kib", type=_positive_float, help="absolute budget in KiB")
@@ -410,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     nb = search.add_parser("nce-budget", help="002 x 004: per precision, NCE widths vs uniform widths at one memory budget")
     nb.add_argument("config", help="YAML config (model, data, train settings; the plan's bits are set per row)")
     nb.add_argument("overrides", nargs="*")
-    nb.add_argument("--bits", type=_positive_int, nargs="+", default=[1, 2, 3, 4, 8])
+    nb.add_argument("--bits", type=_bits, nargs="+", default=[1, 2, 3, 4, 8])
     grp = nb.add_mutually_exclusive_group(required=True)
     grp.add_argument("--ratio", type=_positive_float, help="budget M = M0 / RATIO (M0: the FP32 width-1 model)")
     grp.add_argument("--budget-kib", type=_positive_float, help="absolute budget in KiB")

@@ -41,6 +41,13 @@ class ModelConfig(BaseModel):
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
+    @model_validator(mode="after")
+    def _init_weights_needs_a_source(self):
+        if self.init_weights != "latent" and self.init_from is None:  # accepted and ignored before session 23
+            raise ValueError(f"init_weights: {self.init_weights!r} takes effect with init_from (a run folder); "
+                             "there is none")
+        return self
+
 
 class DataConfig(_Strict):
     name: str = "fashion-mnist"

@@ -53,7 +53,10 @@ def _read_file(path: Path) -> dict[str, Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or foreign file: say which, in one line
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{path}: not a readable PyTorch weights file ({msg[:160]})") from None
+        if "weights_only" in msg or "Weights only load failed" in msg:  # torch's advice about its 2.6 default
+            msg = "torch.load with weights_only=True could not read it"
+        raise ConfigError(f"{path}: not a readable PyTorch weights file ({msg[:160]}); the file is truncated or "
+                          "corrupt, or holds objects other than tensors") from None
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), Mapping):

@@ -435,6 +435,11 @@ def _failures(report: dict) -> str:
     return "".join(f"\nCHECK FAILED    {x}" for x in f)
 
 
+def _fewer(ratio: float) -> str:
+    """FP32 instructions / this build's, in words (below 1 the quantized build runs more)."""
+    return f"{ratio:.2f}x fewer" if ratio >= 1 else f"{1 / ratio:.2f}x MORE instructions"
+
+
 def format_mcu(r: dict) -> str:
     """One Cortex-M build (:func:`lowbit.export.mcu.build_and_run`, plus its FP32 build) as two lines."""
     from collections import Counter
@@ -456,7 +461,7 @@ def format_mcu(r: dict) -> str:
     elif fp:
         line += (f"\n{'':<15} FP32 build: flash {_kib(fp['flash_bytes'])}, RAM {_kib(fp['ram_bytes'])}, "
                  f"{fp['instructions_per_inference'] / 1e6:.2f} M instructions/inference "
-                 f"(the quantized build: {r['fewer_instructions_than_fp32']:.2f}x fewer)")
+                 f"(the quantized build: {_fewer(r['fewer_instructions_than_fp32'])})")
     return line
 
 
