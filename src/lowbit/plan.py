@@ -184,15 +184,14 @@ class Plan(BaseModel):
         return self.model_dump(mode="json", exclude_none=False)
 
     # -- resolution ----------------------------------------------------------------------------
-    def resolve(self, model: nn.Module) -> list["LayerPlan"]:
-        """One :class:`LayerPlan` per conv/linear layer of ``model`` (registration order)."""
-        names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
-        if not names:
-            raise ConfigError("the model has no Conv or Linear layer to quantize")
+    def resolve(self, model: nn.Module, ends: tuple[str, str] | None = None) -> list["LayerPlan"]:
+        """One :class:`LayerPlan` per conv/linear layer of ``model`` (registration order). ``ends``: the first and
+        last layer (:func:`first_last`; traced here when not given)."""
+        names = quantizable_names(model)
         modules = dict(model.named_modules())
         w = {n: self.weight for n in names}
         a = {n: self.act for n in names}
-        first, last = first_last(model, names)
+        first, last = ends or first_last(model, names)
         if self.keep_first:
             w[first] = a[first] = None
         if self.keep_last:
@@ -228,6 +227,14 @@ class Plan(BaseModel):
         return [LayerPlan(n, modules[n], w[n], a[n], source.get(n)) for n in names]
 
 
+def quantizable_names(model: nn.Module) -> list[str]:
+    """The conv/linear layers of ``model``, in registration order (none: a one-line error)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    if not names:
+        raise ConfigError("the model has no Conv or Linear layer to quantize")
+    return names
+
+
 def first_last(model: nn.Module, names: list[str] | None = None) -> tuple[str, str]:
     """The first and the last conv/linear layer ``model``'s forward calls (``torch.fx``), which ``keep_first`` /
     ``keep_last`` keep: a user's module may register its classifier before its convs (before session 23 the
@@ -235,12 +242,13 @@ def first_last(model: nn.Module, names: list[str] | None = None) -> tuple[str, s
     import torch.fx as fx
 
     if names is None:
-        names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+        names = quantizable_names(model)
     try:
         called = [n.target for n in fx.symbolic_trace(model).graph.nodes if n.op == "call_module"]
     except Exception:  # noqa: BLE001 - any model torch.fx cannot trace: the registration order
         called = []
-    order = [t for t in dict.fromkeys(called) if t in set(names)]
+    known = set(names)
+    order = [t for t in dict.fromkeys(called) if t in known]
     return (order[0], order[-1]) if order else (names[0], names[-1])
 
 

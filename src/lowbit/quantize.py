@@ -108,12 +108,13 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
         method = build_method(plan.method.name, **plan.method.options)
     elif not isinstance(method, Method):
         raise ConfigError(f"method must be a lowbit Method instance, got {type(method).__name__}")
-    layers = plan.resolve(model)
+    ends = first_last(model)  # one trace for the plan and the state
+    layers = plan.resolve(model, ends)
     if plan.integer:
         from .intmode import integer_layers
 
         integer_layers(plan, layers)
-    state = QuantState(plan, method, layers, ends=first_last(model, [lp.name for lp in layers]))
+    state = QuantState(plan, method, layers, ends=ends)
     for lp in layers:
         where = f"plan.layers.{lp.source}" if lp.source else f"layer {lp.name}"
         try:  # a bad per-layer override names its field (plan.layers.PATTERN.weight: ...)
