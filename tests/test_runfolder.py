@@ -173,3 +173,19 @@ def test_no_validation_split_claims_no_validation_accuracy(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "best.pt does not fit" in err and "config.yaml" in err and len(err.splitlines()) == 1
     assert load_config(tmp_path / "r" / "config.yaml").model.options["width"] == 0.5
+
+
+def test_a_start_that_fails_before_writing_leaves_no_empty_folder(tmp_path, capsys):
+    """A bad model.init_from fails after the CLI made NAME-STAMP (or --out): before session 24 the folder stayed,
+    holding only .lock. A folder that existed before is kept."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "name": "bad", "out_dir": str(tmp_path / "runs"),
+                                   "model": {**TINY["model"], "init_from": str(tmp_path / "nowhere.pt")}}))
+    for extra in ([], ["--out", str(tmp_path / "o")]):
+        assert main(["train", str(cfg), *extra]) != 0
+        assert "pretrained weights not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert list((tmp_path / "runs").iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    assert main(["train", str(cfg), "--out", str(tmp_path / "mine")]) != 0
+    assert (tmp_path / "mine").is_dir()

@@ -64,15 +64,24 @@ def cmd_train(args) -> int:
 
         if args.out:
             run_dir = Path(args.out)
+            made = not run_dir.exists()
             if is_writer():
                 check_fresh(run_dir, cfg.to_yaml())  # never onto other files or an earlier run
         else:  # NAME-TIMESTAMP, made atomically: two runs started in the same second get two folders
             run_dir = shared_run_dir(lambda: new_run_dir(cfg.out_dir, cfg.name, time.strftime('%Y%m%d-%H%M%S')))
+            made = True
     from .distributed import is_writer
 
     if is_writer():
         print(f"run folder: {run_dir}", flush=True)
-    res = run(cfg, run_dir, resume=bool(args.resume))
+    try:
+        res = run(cfg, run_dir, resume=bool(args.resume))
+    except BaseException:
+        if not args.resume and made and is_writer():  # a start that failed before writing anything
+            from .runfolder import discard_if_unused
+
+            discard_if_unused(run_dir)
+        raise
     if is_writer():  # under torchrun: rank 0 reports
         print(format_summary(res.summary))
         print(f"run folder      {run_dir}")

@@ -99,6 +99,20 @@ def new_run_dir(out_dir: str | Path, name: str, stamp: str | None = None) -> Pat
     raise ConfigError(f"{out}: no free run folder name for {name}-{stamp}")
 
 
+def discard_if_unused(run_dir: str | Path) -> bool:
+    """Remove ``run_dir``, which this process created, if it holds nothing but its lock: a start that
+    failed before writing anything (a missing dataset, a bad ``model.init_from``) leaves no empty folder."""
+    run_dir = Path(run_dir)
+    try:
+        if {p.name for p in run_dir.iterdir()} <= {LOCK}:
+            (run_dir / LOCK).unlink(missing_ok=True)
+            run_dir.rmdir()
+            return True
+    except OSError:
+        pass
+    return False
+
+
 def foreign_files(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES)
 
