@@ -510,3 +510,26 @@ def test_summary_says_the_ends_are_quantized_in_integer_mode(tmp_path, fmnist_sm
     assert cfg.plan.keep_first and cfg.plan.keep_last
     assert res.summary["first_last_fp"] == [False, False]
     assert "FP32" not in format_summary(res.summary).splitlines()[1]
+    # and it names the 8-bit quantizers of the ends beside the plan's own (session 24: it printed the plan's alone)
+    assert res.summary["weight"] == "sawb2; lsq8 on conv1, fc"
+    assert res.summary["act"] == "pact4,init=4.0; lsq8 on conv1; pact8 on fc"
+
+
+def test_summary_names_every_quantizer_a_per_layer_plan_uses():
+    """plan.layers may give some layers other bits or quantizers: the summary's weight/act labels list them
+    with their layers (before session 24 they gave the plan's defaults beside the per-layer bits)."""
+    from lowbit.models import create_model
+    from lowbit.plan import Plan
+    from lowbit.train import quantizer_label
+
+    plan = {"weight": {"name": "minmax", "bits": 4}, "act": {"name": "uniform", "bits": 4},
+            "layers": {"layers.2.0.conv*": {"weight": {"name": "sawb", "bits": 2}}, "layers.1.*": {"act": {"bits": 8}}}}
+    m = lowbit.quantize(create_model("resnet8", in_channels=1, num_classes=10), plan)
+    p = Plan(**plan)
+    assert quantizer_label(m, "weight", p.weight) == "minmax4; sawb2 on layers.2.0.conv1, layers.2.0.conv2"
+    assert quantizer_label(m, "act", p.act) == \
+        "uniform4; uniform8 on layers.1.0.conv1, layers.1.0.conv2, layers.1.0.shortcut.0"
+    full = lowbit.quantize(create_model("resnet8", in_channels=1, num_classes=10),
+                           {**plan, "layers": {"layers.*": {"act": {"bits": 8}}}})
+    assert quantizer_label(full, "act", p.act) == "uniform8 on 8 layers"  # no layer left at the default
+    assert quantizer_label(create_model("resnet8", in_channels=1, num_classes=10), "weight", None) == "fp32"

@@ -422,6 +422,28 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["epoch"] <= epochs_done))
 
 
+def quantizer_label(model: nn.Module, kind: str, default) -> str:
+    """What the model's layers use for ``kind`` ('weight' or 'act'): the plan's default label where
+    layers use it, then each other quantizer and bits some layers use (``plan.layers``, integer mode's
+    8-bit ends) with those layers, e.g. ``sawb2; lsq8 on conv1, fc``. Full-precision layers are left out."""
+    label = default.label() if default is not None else "fp32"
+    short = f"{default.name}{'' if default.bits is None else default.bits}" if default is not None else None
+    used_default, others = False, {}
+    state = quant_state(model)
+    for lp in state.layers if state is not None else []:
+        spec = getattr(lp, kind)
+        if spec is None:
+            continue
+        s = f"{spec.name}{'' if spec.bits is None else spec.bits}"
+        if s == short:
+            used_default = True
+        else:
+            others.setdefault(s, []).append(lp.name)
+    parts = [label] if used_default or not others else []
+    parts += [f"{s} on {', '.join(names) if len(names) <= 3 else f'{len(names)} layers'}" for s, names in others.items()]
+    return "; ".join(parts)
+
+
 def make_summary(cfg: Config, model: nn.Module, data: DataSplits, test: dict, best: dict) -> dict:
     cost = cost_of(model, data)
     bits = layer_bits(model)
@@ -432,8 +454,8 @@ def make_summary(cfg: Config, model: nn.Module, data: DataSplits, test: dict, be
         "model": cfg.model.name,
         "dataset": cfg.data.name,
         "method": cfg.plan.method.name,
-        "weight": cfg.plan.weight.label() if cfg.plan.weight else "fp32",
-        "act": cfg.plan.act.label() if cfg.plan.act else "fp32",
+        "weight": quantizer_label(model, "weight", cfg.plan.weight),
+        "act": quantizer_label(model, "act", cfg.plan.act),
         "weight_bits": wb, "act_bits": ab,
         "first_last_fp": ends_full_precision(model),
         "best_epoch": best["epoch"], "best_val_acc": best.get("val_acc"),
