@@ -1559,3 +1559,68 @@ def test_the_generated_host_program_checks_its_arguments(resnet_int, tmp_path):
     assert run(tmp_path / "missing.f32", 1, tmp_path / "y.f32") == (2, f"cannot open {tmp_path / 'missing.f32'}")
     code, err = run("--bad")  # (this package records no input normalisation: no pixel entry points to name)
     assert code == 2 and err == f"usage: {exe} [INPUT.f32 N OUTPUT.f32]"
+
+
+def test_onnx_files_say_what_they_expect_and_store_weights_as_raw_bytes():
+    """Session 24 (a consumer's audit): every ONNX file carries its input's layout and normalisation, the output,
+    the quantizers and lowbit's version in metadata_props; integer weights are raw bytes, one per int8 (as varint
+    int32_data they took ~5.5 bytes each: the integer files were 3.5x larger than needed)."""
+    import json
+
+    import torch
+    from onnx import TensorProto
+
+    from lowbit.export import onnx_export as ox
+    from lowbit.export.int_onnx import eff_scales, to_fp32_onnx, variants
+    from lowbit.intmode import int_graph
+
+    torch.manual_seed(0)
+    m = _ready(create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25), (1, 28, 28),
+               plan=INT_W2A2)
+    x = _x(8, (1, 28, 28), seed=3)
+    g = int_graph(m, x[:1])
+    g.meta = {"input_normalisation": {"mean": [0.25], "std": [0.5]}, "dataset": "fashion-mnist", "classes": 10,
+              "weight": "sawb2", "act": "pact2"}
+    models = {**variants(g), "fp32": to_fp32_onnx(g, eff_scales(g))}
+    for name, model in models.items():
+        props = {p.key: p.value for p in model.metadata_props}
+        assert json.loads(props["input_mean"]) == [0.25] and json.loads(props["input_std"]) == [0.5], name
+        assert "(pixel / 255 - mean) / std" in props["input"] and props["input"].startswith(g.input + "__in:")
+        assert props["classes"] == "10" and props["weight"] == "sawb2" and props["lowbit_version"]
+        assert "logits N x 10" in props["output"] and model.doc_string.startswith("lowbit ")
+    assert "com.microsoft" in {p.key: p.value for p in models["integer_fused"].metadata_props}["runtime"]
+    ints = [i for i in models["integer"].graph.initializer if i.data_type in (TensorProto.INT8, TensorProto.UINT8)]
+    assert ints and all(i.raw_data and not i.int32_data for i in ints)
+    biggest = max(ints, key=lambda i: len(i.raw_data))
+    assert len(biggest.raw_data) == int(np.prod(biggest.dims))  # one byte per weight
+    with torch.no_grad():  # still the same network, bit for bit
+        y = m(x).numpy()
+    assert np.array_equal(ox.run(ox.session(models["integer"]), x.numpy()).view(np.uint32), y.view(np.uint32))
+
+
+@pytest.mark.parametrize("rule", ["mul_clip", "clip_div"])
+def test_onnx_input_codes_are_the_quantizers_own_even_at_half_steps(rule):
+    """The integer ONNX files quantize the float input by the quantizer's own float32 rule: QuantizeLinear's x/s
+    (before session 24) gave another code than x·(1/s) for 19 % of inputs placed at half steps, and other
+    logits. ``clip_div``: the input quantizer set to PACT 8 on the stem (plan.layers)."""
+    import torch
+
+    from lowbit.export import onnx_export as ox
+    from lowbit.export.int_onnx import variants
+    from lowbit.intmode import int_graph
+
+    plan = {**INT_W2A2, "integer_residual": "output"}
+    if rule == "clip_div":
+        plan["layers"] = {"conv1": {"act": {"name": "pact", "bits": 8}}}
+    torch.manual_seed(0)
+    m = _ready(create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25), (1, 28, 28),
+               plan=plan)
+    g = int_graph(m, _x(1, (1, 28, 28)))
+    a = g.ops[0].act
+    assert a.rule == rule
+    k = np.random.default_rng(0).integers(0, a.qmax - a.qmin, size=(16, 1, 28, 28))
+    x = ((k + a.qmin + 0.5) * np.float32(a.step) + np.float32(a.lo if rule == "clip_div" else 0)).astype(np.float32)
+    with torch.no_grad():
+        y = m(torch.from_numpy(x)).numpy()
+    for name in ("integer", "integer_fused"):  # the two exact forms (the FP32 twin is float)
+        assert np.array_equal(ox.run(ox.session(variants(g)[name]), x).view(np.uint32), y.view(np.uint32)), name

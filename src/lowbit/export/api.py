@@ -316,7 +316,9 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
 def int_run_meta(run_dir, cfg, info) -> dict:
     """What an integer-mode run's package records beside its numbers: the run, the model and the data's
     normalisation (the C code's ``lowbit_predict_pixels`` is built from it)."""
-    return {"run": str(run_dir), "model": cfg.model.name, "input_normalisation": _normalisation(info)}
+    return {"run": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name, "classes": info.num_classes,
+            "weight": cfg.plan.weight.label() if cfg.plan.weight else "fp32",
+            "act": cfg.plan.act.label() if cfg.plan.act else "fp32", "input_normalisation": _normalisation(info)}
 
 
 def _normalisation(info) -> dict:

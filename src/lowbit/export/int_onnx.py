@@ -2,8 +2,9 @@
 
 :func:`to_int_onnx` (opset 21, built with ``onnx.helper`` from the :class:`IntGraph`):
 
-* input: ``QuantizeLinear`` to ``uint8`` (the input quantizer's scale and zero point; bits < 8 are
-  ``Clip``-ped to the code range);
+* input: ``uint8`` codes by the input quantizer's own float32 rule (``Mul``/``Clip``/``Round`` or
+  ``Max``/``Div``/``Round``/``Min``, then ``Cast``; :func:`_input_codes`), as NumPy and C compute them
+  (``QuantizeLinear`` before session 24: one code off at inputs near a half step);
 * conv / linear: ``ConvInteger`` (``group`` for grouped and depthwise convs) or ``MatMulInteger``
   on ``uint8`` codes (zero point = the tensor's) and ``int8`` integer weights ``m``: the exact
   int32 accumulator ``A``; ``+ bias`` (int32) (+ the residual requantized into the accumulator:
@@ -39,7 +40,7 @@ import logging
 import numpy as np
 
 from .intgraph import IntGraph, IntOp, mid_step, out_range, partial_sum_bound
-from .onnx_export import IR_VERSION, OPSET, _Builder
+from .onnx_export import IR_VERSION, OPSET, _Builder, describe
 from .requant import real_multiplier
 
 _F = np.float32
@@ -107,6 +108,32 @@ def _requant_float(b: _Builder, acc_f: str, scale: np.ndarray, zero: int, lo: in
     return b.node("Cast", [y], base=base, to=T.UINT8)
 
 
+def _input_codes(b: _Builder, x: str, a) -> str:
+    """uint8 input codes ``k − qmin`` by the input quantizer's own float32 rule, op for op as
+    :meth:`lowbit.export.levels.ActQuant.codes` and the C runtime's ``lb_quantize_input`` compute them:
+    ``mul_clip`` ``Round(Clip(x·inv, qmin, qmax))``, ``clip_div`` ``Min(Round((Max(x, lo) − lo) / step), qmax)``.
+    (``QuantizeLinear``, used before session 24, divides by the scale: it differed from ``x·inv`` by one code
+    at inputs within a float32 rounding of a half step.)"""
+    from onnx import TensorProto as T
+
+    f = np.float32
+    if a.rule == "mul_clip":
+        t = b.node("Mul", [x, _scalar(b, "in.inv", f(a.inv))], base="in")
+        t = b.node("Clip", [t, _scalar(b, "in.qmin", f(a.qmin)), _scalar(b, "in.qmax", f(a.qmax))], base="in")
+        k = b.node("Round", [t], base="in")
+    elif a.rule == "clip_div":
+        t = b.node("Max", [x, _scalar(b, "in.lo", f(a.lo))], base="in")
+        if a.lo != 0.0:
+            t = b.node("Sub", [t, _scalar(b, "in.lo", f(a.lo))], base="in")
+        k = b.node("Round", [b.node("Div", [t, _scalar(b, "in.step", f(a.step))], base="in")], base="in")
+        k = b.node("Min", [k, _scalar(b, "in.qmax", f(a.qmax))], base="in")
+    else:  # pragma: no cover - tensor_q gives the integer graph's input a uniform rule
+        raise ValueError(f"integer ONNX: input rule {a.rule!r}")
+    if a.qmin != 0:
+        k = b.node("Sub", [k, _scalar(b, "in.qmin", f(a.qmin))], base="in")
+    return b.node("Cast", [k], base="in", to=T.UINT8)
+
+
 def to_int_onnx(graph: IntGraph, scales: dict[str, np.ndarray], fused: bool = False):
     """The integer ONNX model (module docstring). ``scales``: per conv op name, the real value of
     one accumulator unit ``eff`` (float64, from :func:`eff_scales`). ``fused``: convs as
@@ -120,13 +147,7 @@ def to_int_onnx(graph: IntGraph, scales: dict[str, np.ndarray], fused: bool = Fa
     tq = graph.tensors
     for op in graph.ops:
         if op.kind == "quant_in":
-            t = tq[op.output]
-            q = b.node("QuantizeLinear", [op.inputs[0] + "__in", b.const("in.scale", np.array(t.scale, _F)),
-                                          b.int_const("in.zp", np.array(t.zero), T.UINT8)], base="in")
-            if t.bits < 8:
-                q = b.node("Clip", [q, b.int_const("in.lo", np.array(0), T.UINT8),
-                                    b.int_const("in.hi", np.array(t.qmax), T.UINT8)], base="in")
-            b.node("Identity", [q], op.output)
+            b.node("Identity", [_input_codes(b, op.inputs[0] + "__in", op.act)], op.output)
         elif op.kind == "conv":
             _int_conv(b, op, graph, scales[op.name], fused)
         elif op.kind == "gap":
@@ -144,6 +165,9 @@ def to_int_onnx(graph: IntGraph, scales: dict[str, np.ndarray], fused: bool = Fa
     opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if ms else [])
     model = helper.make_model(g, opset_imports=opsets, producer_name="lowbit")
     model.ir_version = IR_VERSION
+    describe(model, graph, "integer network, " + ("QLinearConv / QLinearAdd (fused)" if fused
+                                                  else "ConvInteger / MatMulInteger on uint8 codes"),
+             input_name=graph.input + "__in")
     return model
 
 
@@ -421,6 +445,7 @@ def to_fp32_onnx(graph: IntGraph, scales: dict[str, np.ndarray]):
     g = helper.make_graph(b.nodes, "lowbit_fp32", [inp], [out], b.inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lowbit")
     model.ir_version = IR_VERSION
+    describe(model, graph, "FP32 twin of the integer network (float weights g*s_w*m)", input_name=graph.input + "__in")
     return model
 
 

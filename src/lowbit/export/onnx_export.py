@@ -48,11 +48,22 @@ class _Builder:
         return n
 
     def int_const(self, base: str, values: np.ndarray, dtype: int) -> str:
+        """An integer initializer of ONNX type ``dtype``. 8-, 16-, 32- and 64-bit types are stored as raw
+        little-endian bytes (as varint ``int32_data`` an int8 weight took about 5.5 bytes: integer ONNX files
+        were 3.5x larger, before session 24); int4/uint4 through ``helper.make_tensor``, which packs them."""
+        from onnx import TensorProto as T
         from onnx import helper
 
         n = self.name(base)
         v = np.asarray(values)
-        self.inits.append(helper.make_tensor(n, dtype, list(v.shape), v.reshape(-1).astype(int).tolist()))
+        raw = {T.INT8: "<i1", T.UINT8: "<u1", T.INT16: "<i2", T.UINT16: "<u2", T.INT32: "<i4", T.INT64: "<i8"}
+        if dtype in raw:
+            a = v.astype(raw[dtype])
+            if not np.array_equal(a, v):
+                raise ValueError(f"{base}: values outside the range of ONNX type {dtype}")
+            self.inits.append(helper.make_tensor(n, dtype, list(v.shape), a.tobytes(), raw=True))
+        else:
+            self.inits.append(helper.make_tensor(n, dtype, list(v.shape), v.reshape(-1).astype(int).tolist()))
         return n
 
     def node(self, op_type: str, inputs: list[str], output: str | None = None, base: str = "t", **attrs) -> str:
@@ -84,7 +95,10 @@ def _act_nearest(b: _Builder, x: str, a: ActQuant, base: str) -> str:
     return b.node("Gather", [b.const(base + ".act_levels", np.asarray(a.table, np.float32)), k], base=base)
 
 
-def _act_qdq(b: _Builder, x: str, a: ActQuant, base: str) -> str:
+def _act_qdq(b: _Builder, x: str, a: ActQuant, base: str, channels: int | None = None) -> str:
+    """Clip, QuantizeLinear, DequantizeLinear. ``channels``: the DequantizeLinear's scale as that many equal
+    values along axis 1 (the same numbers), which keeps onnxruntime's WeightBiasQuantization pass, which only
+    takes a per-tensor input scale, from re-quantizing the conv's float weight or bias (see :func:`_conv`)."""
     if a.rule == "nearest":
         return _act_nearest(b, x, a, base)
     f = np.float32
@@ -97,7 +111,12 @@ def _act_qdq(b: _Builder, x: str, a: ActQuant, base: str) -> str:
     scale = b.const(base + ".act_scale", np.array(a.step, f))
     zp = b.int_const(base + ".act_zp", np.array(0), _int_type(a.qmin, a.qmax))
     q = b.node("QuantizeLinear", [x, scale, zp], base=base)
-    x = b.node("DequantizeLinear", [q, scale, zp], base=base)
+    if channels is None:
+        x = b.node("DequantizeLinear", [q, scale, zp], base=base)
+    else:
+        x = b.node("DequantizeLinear", [q, b.const(base + ".act_scale_c", np.full(channels, a.step, f)),
+                                        b.int_const(base + ".act_zp_c", np.zeros(channels), _int_type(a.qmin, a.qmax))],
+                   base=base, axis=1)
     if lo != 0.0:
         x = b.node("Add", [x, b.const(base + ".act_lo", np.array(lo, f))], base=base)
     return x
@@ -113,11 +132,10 @@ def _conv(b: _Builder, op: Op, qdq: bool) -> None:
     o = op.weight.shape[0]
     w_shape = op.weight.shape
     base = op.name
-    if qdq and op.act is not None:
-        x = _act_qdq(b, x, op.act, base)
     wq = op.weight if isinstance(op.weight, WeightQ) else None
     bias = None
     post_mul = post_add = None
+    form = None
     if wq is not None and qdq:
         form = integer_form(wq.levels.levels64())
         if form is not None:
@@ -150,6 +168,12 @@ def _conv(b: _Builder, op: Op, qdq: bool) -> None:
             bf = op.shift.astype(np.float64)
         w = b.const(base + ".w", wf.astype(f))
         bias = bf
+    if qdq and op.act is not None:
+        # onnxruntime's WeightBiasQuantization pass (on by default) re-quantizes a float weight or bias of a conv
+        # whose input is a per-tensor DequantizeLinear, to int8 / int32: other numbers than ours. A per-channel
+        # input scale (equal values) is outside that pass, so a default session runs this model as exported
+        x = _act_qdq(b, x, op.act, base, channels=w_shape[1] * int(op.attrs.get("groups", 1))
+                     if (form is None or bias is not None) else None)
     ins = [x, w] + ([b.const(base + ".b", bias.astype(f))] if bias is not None else [])
     out = op.output if post_mul is None else None
     if op.attrs["layer"] == "linear":
@@ -162,6 +186,37 @@ def _conv(b: _Builder, op: Op, qdq: bool) -> None:
         shp = _channel_shape(op, o)
         y = b.node("Mul", [y, b.const(base + ".bn_scale", post_mul.astype(f).reshape(shp))], base=base)
         b.node("Add", [y, b.const(base + ".bn_shift", post_add.astype(f).reshape(shp))], op.output)
+
+
+def describe(model, graph, what: str, input_name: str | None = None) -> None:
+    """Write into ``model`` what a consumer needs beside the graph (session 24: the files carried nothing):
+    ``doc_string`` and ``metadata_props`` with the input's layout and normalisation, the output, the run,
+    model, dataset and quantizers (from ``graph.meta``, as ``export_run`` records them), and lowbit's version."""
+    import json
+
+    from .. import __version__
+
+    meta = dict(getattr(graph, "meta", None) or {})
+    shape = " x ".join(map(str, graph.input_shape))
+    norm = meta.get("input_normalisation") or {}
+    rule = ("x = (pixel / 255 - mean) / std per channel (input_mean, input_std)" if norm.get("mean") is not None
+            else "as the training data pipeline fed the model (no normalisation recorded)")
+    props = {"lowbit_version": __version__, "lowbit_model": what,
+             "input": f"{input_name or graph.input}: float32 N x {shape} (channels first), normalised: {rule}",
+             "output": f"{graph.output}: float32 logits N x {' x '.join(map(str, graph.output_shape))}; "
+                       "index i is the dataset's class label i"}
+    if norm.get("mean") is not None:
+        props["input_mean"], props["input_std"] = json.dumps(norm["mean"]), json.dumps(norm["std"])
+    for k in ("run", "model", "dataset", "classes", "weight", "act", "method"):
+        if meta.get(k) is not None:
+            props[k] = str(meta[k])
+    ms = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
+    if ms:
+        props["runtime"] = f"onnxruntime: uses {', '.join(ms)} of the com.microsoft domain"
+    model.doc_string = f"lowbit {__version__}: {what}. " + props["input"] + ". " + props["output"] + "." + \
+        (f" Runs in {props['runtime']}." if ms else "")
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
 
 
 def to_onnx(graph: Graph, qdq: bool = True):
@@ -196,6 +251,8 @@ def to_onnx(graph: Graph, qdq: bool = True):
     g = helper.make_graph(b.nodes, "lowbit_" + ("qdq" if qdq else "fp32"), [inp], [out], b.inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lowbit")
     model.ir_version = IR_VERSION
+    describe(model, graph, "QDQ model (fake-quantized activations and weights)" if qdq
+             else "FP32 twin of the QDQ model (dequantized weights, BatchNorm folded)")
     return model
 
 
