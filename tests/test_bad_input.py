@@ -72,6 +72,7 @@ CASES = [
     ("export-c-images-neg", {}, ["export", "{run}", "--c-images", "-1"], "argument --c-images"),
     ("export-limit-float", {}, ["export", "{run}", "--limit", "2.5"], "'2.5' is not an integer"),
     ("export-format", {}, ["export", "{run}", "--format", "tflite"], "tflite"),
+    ("export-c-prefix", {}, ["export", "{run}", "--format", "c", "--c-prefix", "lb_net"], "C prefix 'lb_net': give a C identifier"),
     ("budget-ratio-0", {}, ["budget", "--ratio", "0"], "argument --ratio: must be a finite number > 0, got 0"),
     ("budget-ratio-neg", {}, ["budget", "--ratio", "-8"], "argument --ratio: must be a finite number > 0"),
     ("budget-ratio-nan", {}, ["budget", "--ratio", "nan"], "argument --ratio: must be a finite number > 0, got nan"),

@@ -1,5 +1,6 @@
 """The CLI: every bad input is one line naming the field and the allowed values; no traceback."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,11 @@ def test_train_then_eval_then_refuse_overwrite(capsys, tmp_path, config):
     assert "packed" in capsys.readouterr().out.lower()
     assert main(["export", str(run_dir), "--format", "packed", "--limit", "50"]) == 0
     assert (run_dir / "export" / "packed" / "model.safetensors").is_file()
+    if shutil.which("gcc"):  # the C API under a prefix of the user's (two models in one firmware)
+        assert main(["export", str(run_dir), "--format", "c", "--limit", "20", "--c-prefix", "kws",
+                     "--out", str(tmp_path / "x")]) == 0
+        h = (tmp_path / "x" / "c" / "model.h").read_text()
+        assert "void kws_predict(const float *input, float *logits);" in h and "lowbit_predict" not in h
     capsys.readouterr()
     assert "already holds a run" in err_of(capsys, ["train", config, *TINY, "--out", str(run_dir)])
 

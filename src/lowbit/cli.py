@@ -174,7 +174,7 @@ def cmd_export(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # failed checks: the report says them, and the status is 1
         rep = export_run(args.run_dir, formats=formats, out_dir=args.out, limit=args.limit, c_images=args.c_images,
-                         target=args.target)
+                         target=args.target, c_prefix=args.c_prefix)
     # --json: stdout is the JSON alone (the text report goes to stderr)
     print(format_report(rep), file=sys.stderr if args.json else sys.stdout)
     if args.json:
@@ -373,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--c-images", type=_positive_int, default=8, help="test images run through the compiled C code")
     x.add_argument("--target", metavar="CORE",
                    help="cortex-m0 or cortex-m3 (no FPU), cortex-m4, cortex-m7, cortex-m33, or nrf51822 (a Cortex-M0 with the part's 256 KiB flash and 16 KiB RAM): also cross-compile the C code for this core and run it under QEMU (flash, RAM, instructions)")
+    x.add_argument("--c-prefix", default="lowbit", metavar="NAME",
+                   help="name the C API NAME_predict, NAME_IN_SIZE, ... (default lowbit): two models in one firmware")
     x.add_argument("--json", action="store_true", help="print the report as JSON on stdout (the text on stderr)")
     x.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="run a benchmark suite (methods x bits x models x widths x seeds)")

@@ -120,7 +120,7 @@ def torch_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | No
 def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats=FORMATS,
                  labels: torch.Tensor | None = None, c_images: int | None = 8, batch: int = 500,
                  latency_batch: int = 256, latency_repeats: int = 20, log=None, meta: dict | None = None,
-                 target: str | None = None, mcu_images: int = 3) -> dict:
+                 target: str | None = None, mcu_images: int = 3, c_prefix: str = "lowbit") -> dict:
     """Export ``model`` (quantized, eval mode) and check every format on the inputs ``x``.
 
     ``x`` is the evaluation set (normalised float32, N x C x H x W), ``labels`` its classes
@@ -128,7 +128,8 @@ def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats
     ``target`` (cortex-m0, cortex-m3, cortex-m4, cortex-m7, cortex-m33, nrf51822; with the "c" format) also cross-compiles the C
     code for that core and runs ``mcu_images`` inputs under QEMU, bit-exact against NumPy, beside the
     FP32 build of the same network (:mod:`lowbit.export.mcu`).
-    ``meta`` (JSON-able) goes into the manifest. Returns a JSON-able report (see
+    ``c_prefix`` names the C code's public API (``PREFIX_predict``, ``PREFIX_IN_SIZE``; two models in one firmware
+    take two prefixes). ``meta`` (JSON-able) goes into the manifest. Returns a JSON-able report (see
     :func:`format_report`; ``failed_checks`` lists the bit-exactness checks that failed). An integer-mode model
     (``plan.integer: true``) goes to :func:`lowbit.export.int_api.export_int_model`: the integer package, C runtime
     and integer ONNX.
@@ -136,13 +137,17 @@ def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats
     from ..cost import count_params
     from ..intmode import is_integer
 
+    from .c_export import check_c_prefix
+
     formats = check_formats(formats, target)
+    check_c_prefix(c_prefix)
     if is_integer(model):  # integer mode: the integer package, C runtime and integer ONNX (int_api)
         from .int_api import export_int_model
 
         return {"integer": True, **export_int_model(
             model, x, out_dir, labels=labels, formats=formats, c_images=c_images, latency_batch=latency_batch,
-            latency_repeats=latency_repeats, meta=meta, log=log, target=target, mcu_images=mcu_images)}
+            latency_repeats=latency_repeats, meta=meta, log=log, target=target, mcu_images=mcu_images,
+            c_prefix=c_prefix)}
     say = log or (lambda s: None)
     out = Path(out_dir)
     x, xn, y, ref = torch_reference(model, x, labels, batch)
@@ -175,7 +180,7 @@ def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats
         report["onnx"] = _onnx(pkg, out / "onnx", xn, ref, y, latency_batch, latency_repeats, batch)
     if "c" in formats:
         say("c")
-        report["c"] = _c(pkg, out / "c", xn, ref, ref_np, y, c_images)
+        report["c"] = _c(pkg, out / "c", xn, ref, ref_np, y, c_images, c_prefix)
         report["c"]["mem_002"] = _mem_002(model, x)
         if target is not None:
             say(f"c on {target} (qemu)")
@@ -208,13 +213,13 @@ def _onnx(pkg: Graph, d: Path, xn, ref, y, latency_batch: int, repeats: int, bat
             "latency_ratio": lat["qdq"] / lat["fp32"]}
 
 
-def _c(pkg: Graph, d: Path, xn, ref, ref_np, y, c_images: int | None) -> dict:
+def _c(pkg: Graph, d: Path, xn, ref, ref_np, y, c_images: int | None, prefix: str = "lowbit") -> dict:
     import subprocess
 
     from .c_export import compile_c, find_cc, run_c, write_c
 
     n_self = min(3, len(xn))
-    ce = write_c(pkg, d, xn[:n_self], ref_np[:n_self])
+    ce = write_c(pkg, d, xn[:n_self], ref_np[:n_self], prefix=prefix)
     rep = {**ce.to_dict(), "compiled": False}
     if find_cc() is None:
         rep["note"] = "no C compiler on PATH: code written, not built"
@@ -266,12 +271,16 @@ def load_run(run_dir: str | Path):
 
 def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None = None, *,
                limit: int | None = None, c_images: int | None = 8, latency_batch: int = 256,
-               latency_repeats: int = 20, log=None, target: str | None = None, mcu_images: int = 3) -> dict:
+               latency_repeats: int = 20, log=None, target: str | None = None, mcu_images: int = 3,
+               c_prefix: str = "lowbit") -> dict:
     """Export a run folder (``config.yaml`` + ``best.pt``) into ``out_dir`` (default
-    ``RUN_DIR/export``) and check it on the run's test set (the first ``limit`` images)."""
+    ``RUN_DIR/export``) and check it on the run's test set (the first ``limit`` images); ``c_prefix``: as
+    :func:`export_model`."""
     from ..data import BatchLoader
+    from .c_export import check_c_prefix
 
     formats = check_formats(formats, target)  # before any work
+    check_c_prefix(c_prefix)
     cfg, data, model = load_run(run_dir)
     if cfg.plan.integer:  # integer-mode run: the integer package, C runtime and integer ONNX
         from .int_api import export_int_model
@@ -287,7 +296,7 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
         return {"run_dir": str(run_dir), "integer": True, **export_int_model(
             model, x, out, labels=y, formats=formats, c_images=c_images, latency_batch=latency_batch,
             latency_repeats=latency_repeats, log=log, target=target, mcu_images=mcu_images, fp32=fp32,
-            meta=int_run_meta(run_dir, cfg, data.info))}
+            meta=int_run_meta(run_dir, cfg, data.info), c_prefix=c_prefix)}
     loader = BatchLoader(data.test, data.info, 1000)
     xs, ys = zip(*loader) if len(data.test) else ((), ())
     if not xs:
@@ -305,7 +314,8 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
             "act": plan.act.label() if plan.act else "fp32", "method": plan.method.name,
             "input_normalisation": _normalisation(info)}
     report = export_model(model, x, out, formats, labels=y, c_images=c_images, latency_batch=latency_batch,
-                          latency_repeats=latency_repeats, log=log, meta=meta, target=target, mcu_images=mcu_images)
+                          latency_repeats=latency_repeats, log=log, meta=meta, target=target, mcu_images=mcu_images,
+                          c_prefix=c_prefix)
     report = {"run_dir": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name,
               "weight": plan.weight.label() if plan.weight else "fp32",
               "act": plan.act.label() if plan.act else "fp32",

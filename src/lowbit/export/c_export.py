@@ -45,6 +45,36 @@ from .pack import pack_codes
 CFLAGS = ["-std=c99", "-O2", "-ffp-contract=off", "-Wall", "-Wextra"]
 
 
+#: the default prefix of the generated C's public names (``lowbit_predict``, ``LOWBIT_IN_SIZE``, ...)
+C_PREFIX = "lowbit"
+
+
+def check_c_prefix(prefix: str) -> str:
+    """``prefix`` if it can name a model's C API (a C identifier that does not take the runtime's ``lb_``), else a
+    one-line ConfigError."""
+    if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,31}", prefix) or \
+            prefix.lower() == "lb" or prefix.lower().startswith("lb_"):
+        raise ConfigError(f"C prefix {prefix!r}: give a C identifier of at most 32 letters, digits and _ (not starting "
+                          "with a digit or lb_, the runtime's own), e.g. kws")
+    return prefix
+
+
+def with_c_prefix(text: str, prefix: str) -> str:
+    """Generated C with ``prefix`` in its public names instead of ``lowbit``: ``lowbit_predict*`` becomes
+    ``PREFIX_predict*`` and the macros ``LOWBIT_*`` (the include guard too) ``UPPERCASE_PREFIX_*``, so that two
+    exported models link into one firmware. The runtime's ``lb_*`` functions and ``LOWBIT_RT_*`` stay: one copy of
+    the runtime serves both (everything else in model.c is ``static``)."""
+    if prefix == C_PREFIX:
+        return text
+    text = re.sub(r"\blowbit_predict", f"{prefix}_predict", text)
+    return re.sub(r"\bLOWBIT_(?!RT_)", f"{prefix.upper()}_", text)
+
+
+def extern_c(decls: str) -> str:
+    """``decls`` wrapped in ``extern "C"`` for a C++ includer."""
+    return f'#ifdef __cplusplus\nextern "C" {{\n#endif\n\n{decls}\n#ifdef __cplusplus\n}}\n#endif\n'
+
+
 def host_cflags() -> list[str]:
     """The flags of the host builds that check an export: :data:`CFLAGS` and the environment's ``LOWBIT_CFLAGS``
     (e.g. ``-fsanitize=address,undefined``, as the tests build some of them)."""
@@ -414,8 +444,9 @@ def _conv_code(k: ConvKernel, cs: _Consts, a: dict[str, int], geoms: list[str]) 
 
 
 def write_c(graph: Graph, out_dir: str | Path, samples: np.ndarray | None = None,
-            expected: np.ndarray | None = None, conv_hook=None) -> CExport:
-    """Write ``model.h``, ``model.c`` and ``main.c`` for ``graph`` into ``out_dir``.
+            expected: np.ndarray | None = None, conv_hook=None, prefix: str = C_PREFIX) -> CExport:
+    """Write ``model.h``, ``model.c`` and ``main.c`` for ``graph`` into ``out_dir`` (public names with ``prefix``:
+    :func:`with_c_prefix`).
 
     ``samples`` (a few inputs) and ``expected`` (their logits from the NumPy reference) are
     embedded in ``main.c``: run without arguments it checks them bit for bit on the device.
@@ -490,9 +521,9 @@ def write_c(graph: Graph, out_dir: str | Path, samples: np.ndarray | None = None
 #define LOWBIT_FLASH_BYTES {flash}
 #define LOWBIT_RAM_BYTES {ram}
 
-/* logits of one image (C, H, W order); not reentrant (static buffers) */
+""" + extern_c("""/* logits of one image (C, H, W order); not reentrant (static buffers) */
 void lowbit_predict(const float *input, float *logits);
-
+""") + """
 #endif
 """
     src = "\n".join([
@@ -519,9 +550,10 @@ void lowbit_predict(const float *input, float *logits);
         f"    memcpy(logits, A + {offsets[graph.output]}, sizeof(float) * LOWBIT_OUT_SIZE);",
         "}", "",
     ])
-    (out / "model.h").write_text(header)
-    (out / "model.c").write_text(src)
-    (out / "main.c").write_text(_main_c(samples, expected, n_in, n_out))
+    check_c_prefix(prefix)
+    (out / "model.h").write_text(with_c_prefix(header, prefix))
+    (out / "model.c").write_text(with_c_prefix(src, prefix))
+    (out / "main.c").write_text(with_c_prefix(_main_c(samples, expected, n_in, n_out), prefix))
     files = [out / "model.h", out / "model.c", out / "main.c"]
     for f in (conv_hook.sources if conv_hook is not None else ()):
         shutil.copyfile(f, out / f.name)

@@ -38,12 +38,13 @@ def _bits_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def export_int_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, labels: torch.Tensor | None = None,
                      formats=FORMATS, c_images: int | None = 8, latency_batch: int = 256, latency_repeats: int = 20,
                      calib: int = 200, meta: dict | None = None, log=None, target: str | None = None,
-                     mcu_images: int = 3, fp32=None) -> dict:
+                     mcu_images: int = 3, fp32=None, c_prefix: str = "lowbit") -> dict:
     """Export and check an integer-mode model on inputs ``x`` (module docstring). ``formats``: any of packed, onnx,
     c (the NumPy reference and both other formats are built from the packed file, which goes to a temporary folder
     when "packed" is not asked for); ``target`` (with "c"): the C runtime cross-compiled for that Cortex-M and run
     under QEMU on ``mcu_images`` inputs, beside an FP32 build (``fp32``: that build's float graph, e.g.
-    :func:`lowbit.export.mcu.fp32_twin_of_int_run`; None: no FP32 build)."""
+    :func:`lowbit.export.mcu.fp32_twin_of_int_run`; None: no FP32 build); ``c_prefix``: the C API's names
+    (``PREFIX_predict``; the ``--target`` build keeps ``lowbit_``)."""
     from ..intmode import int_graph
     from .c_export import find_cc, run_c
     from .int_c import compile_int_c, write_int_c
@@ -71,7 +72,7 @@ def export_int_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, lab
     if "c" in formats:
         say("c")
         n_self = min(3, len(xn))
-        ce = write_int_c(pkg, out / "c", xn[:n_self], ref_np[:n_self])
+        ce = write_int_c(pkg, out / "c", xn[:n_self], ref_np[:n_self], prefix=c_prefix)
         c = {**ce.to_dict(), "compiled": False, "mem_002": _mem_002(model, x)}
         if find_cc() is not None:
             exe = compile_int_c(out / "c")

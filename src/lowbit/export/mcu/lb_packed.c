@@ -54,7 +54,7 @@ void lb_pk_pack_act(const lb_pk_geom *g, const uint8_t *u, uint32_t bits, uint32
                 uint32_t v = s[c * HW], bit = 1u << (c & 31);
                 uint32_t *dw = d + (c >> 5);
                 for (j = 0; v; j++, v >>= 1)
-                    if (v & 1u) dw[j * NW] |= bit;
+                    if (v & 1u) dw[j * (uint32_t)NW] |= bit;
             }
         }
 }
@@ -102,7 +102,7 @@ static int32_t lb_pk_dot(const lb_pk_geom *g, const uint32_t *xw, int32_t xrow, 
             for (n = 0; n < NW; n++)
                 for (i = 0; i < wbits; i++)
                     for (j = 0; j < abits; j++)
-                        s += (int32_t)(lb_popcount(ws[i * NW + n] & xs[j * NW + n]) << (i + j));
+                        s += (int32_t)(lb_popcount(ws[i * (uint32_t)NW + (uint32_t)n] & xs[j * (uint32_t)NW + (uint32_t)n]) << (i + j));
         }
     }
     return s;
@@ -128,7 +128,7 @@ void lb_pk_pixel(const lb_pk_geom *g, const uint32_t *xp, int32_t yb, uint32_t a
             const uint32_t *xs = xw + kh * xrow + kw * apx;
             uint32_t j;
             for (j = 0; j < abits; j++)
-                for (w = 0; w < NW; w++) U += (int32_t)(lb_popcount(xs[j * NW + w]) << j);
+                for (w = 0; w < NW; w++) U += (int32_t)(lb_popcount(xs[j * (uint32_t)NW + (uint32_t)w]) << j);
         }
     *n = cnt;
     *K = U - zero * cnt;

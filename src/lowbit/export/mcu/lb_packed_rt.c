@@ -23,7 +23,7 @@ static void lb_pk_pack_codes(const lb_pk_geom *g, const uint8_t *in, uint32_t bi
                 uint32_t v = lb_get_inline(in, (uint32_t)(c * HW + y * g->W + x), bits), j;
                 uint32_t *dw = xp + ((y + g->PH - yb) * Wp + x + g->PW) * px + (c >> 5);
                 for (j = 0; v; j++, v >>= 1)
-                    if (v & 1u) dw[j * NW] |= bit;
+                    if (v & 1u) dw[j * (uint32_t)NW] |= bit;
             }
     }
 }

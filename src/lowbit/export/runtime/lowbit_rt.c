@@ -4,9 +4,19 @@
 
 #include "lowbit_rt.h"
 
-/* Cortex-M4/M7/M33 (the DSP extension): two 16-bit multiply-accumulates per instruction in lb_conv's 3-wide and
- * pointwise loops. The same integers as the portable loops (the sums are exact int32 either way). */
-#if defined(__ARM_FEATURE_DSP) && defined(__ARM_FEATURE_SIMD32) && defined(__GNUC__) && !defined(LB_NO_DSP)
+/* -ffast-math lets the compiler turn lb_quantize_input's x / step into x * (1 / step), which moves input codes at
+ * rounding ties (wrong logits, found in session 24). Build this file without it (and without
+ * -funsafe-math-optimizations / -freciprocal-math, which define no macro to test), or define LB_ALLOW_FAST_MATH
+ * where only lowbit_predict_codes / lowbit_predict_pixels are called (no float input). */
+#if defined(__FAST_MATH__) && !defined(LB_ALLOW_FAST_MATH)
+#error "lowbit_rt.c: build without -ffast-math (it changes the float input's codes; see the comment above)"
+#endif
+
+/* Cortex-M4/M7/M33 (the DSP extension), little-endian (the loops read 4 codes and 2 int16 weights per word): two
+ * 16-bit multiply-accumulates per instruction in lb_conv's 3-wide and pointwise loops. The same integers as the
+ * portable loops (the sums are exact int32 either way). A big-endian core runs the portable loops. */
+#if defined(__ARM_FEATURE_DSP) && defined(__ARM_FEATURE_SIMD32) && defined(__GNUC__) && !defined(LB_NO_DSP) && \
+    !defined(__ARM_BIG_ENDIAN)
 #include <arm_acle.h>
 #define LB_DSP 1
 #else
@@ -254,6 +264,7 @@ LB_INLINE void lb_taps(const int16_t *wk, const uint8_t *ur, const uint8_t *ur2,
     *a1 = s1;
 }
 
+#if !LB_DSP
 /* pointwise, four neighbouring outputs (stride 1; the portable twin of lb_taps1x4_dsp): sums of w * (code - z), one
  * weight load for four products; inlined with z = 0 for inputs after a ReLU */
 LB_INLINE void lb_taps1x4(const int16_t *wk, const uint8_t *ur, int32_t cin_g, int32_t HWin, int32_t z, int32_t *a)
@@ -271,6 +282,7 @@ LB_INLINE void lb_taps1x4(const int16_t *wk, const uint8_t *ur, int32_t cin_g, i
     a[2] = s2;
     a[3] = s3;
 }
+#endif
 
 void lb_conv_out(const lb_conv_t *p, int32_t o, int32_t at, int32_t acc, const uint8_t *res, void *out)
 {
@@ -314,7 +326,12 @@ LB_INLINE uint32_t lb_ld32(const uint8_t *p)
 }
 
 /* (a0, a2) and (a1, a3) of the bytes a0 a1 a2 a3 of x, as two 16-bit halves each (UXTB16, UXTB16 ROR #8) */
-LB_INLINE uint32_t lb_even(uint32_t x) { return __uxtb16(x); }
+LB_INLINE uint32_t lb_even(uint32_t x)
+{
+    uint32_t r;
+    __asm__("uxtb16 %0, %1" : "=r"(r) : "r"(x)); /* __uxtb16 takes uint8x4_t in gcc and int8x4_t in clang */
+    return r;
+}
 LB_INLINE uint32_t lb_odd(uint32_t x)
 {
     uint32_t r;
@@ -325,7 +342,8 @@ LB_INLINE uint32_t lb_odd(uint32_t x)
 /* one 3-wide row of a window: a0 w0 + a2 w2 and a1 w1 + a3 * 0 by two SMLADs; w: the row's int16 w0, w2, w1, 0
  * (read as two words by memcpy: the scratch is int16, of any alignment) */
 #define LB_ROW3_DSP(s, x, w) \
-    ((s) = __smlad(lb_odd(x), lb_ld32((const uint8_t *)((w) + 2)), __smlad(lb_even(x), lb_ld32((const uint8_t *)(w)), (s))))
+    ((s) = __smlad((int16x2_t)lb_odd(x), (int16x2_t)lb_ld32((const uint8_t *)((w) + 2)), \
+                   __smlad((int16x2_t)lb_even(x), (int16x2_t)lb_ld32((const uint8_t *)(w)), (s))))
 
 /* 3-wide rows on the DSP extension: for every channel and kernel row, the codes a0 a1 a2 (a3) of one LDR, split
  * by UXTB16. Sums of w * code for the outputs at ur and (if not NULL) ur2; the caller subtracts
@@ -560,9 +578,12 @@ void lb_quantize_input(const float *x, int32_t n, int rule, float lo, float step
     for (i = 0; i < n; i++) {
         float v = x[i];
         if (rule == 0) {
+            float d = step;
+#if defined(__GNUC__)
+            __asm__("" : "+r"(d)); /* opaque per element: no 1 / step hoisted out of the loop (-freciprocal-math) */
+#endif
             if (v < lo) v = lo;
-            if (lo != 0.0f) v = v - lo;
-            v = rintf(v / step);
+            v = rintf((v - lo) / d);
             if (v > (float)qmax) v = (float)qmax;
         } else {
             v = v * inv;
