@@ -93,6 +93,42 @@ def test_set_bits_changes_what_an_integer_mode_model_computes():
         assert np.array_equal(m(x).numpy(), _fresh(m, x))
 
 
+def test_eval_runs_the_integer_network_of_the_current_parameters_and_of_this_model():
+    """Session 24 (a researcher's audit): a deep copy ran the original's integer network (forward was a closure over
+    the original), so an AveragedModel (EMA/SWA) evaluated the trained model, and training a copy failed (no grad);
+    an edit through .data (p.data.mul_, p.data = ...) left eval on the old network (the key held _version)."""
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel
+
+    m = settled(Block(), (1, 8, 8), W4A4)
+    x = _x()
+    with torch.no_grad():
+        before = m(x).numpy()
+    c = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in c.parameters():
+            p.mul_(0.5)
+        assert np.array_equal(m(x).numpy(), before)  # the original is untouched
+        assert not np.array_equal(c(x).numpy(), before) and np.array_equal(c(x).numpy(), _fresh(c, x))
+    c.train()
+    assert c(x).requires_grad  # the copy's own traced graph
+    c.eval()
+    avg = AveragedModel(m)
+    with torch.no_grad():
+        for p in avg.module.parameters():
+            p.zero_()
+        assert np.array_equal(avg(x).numpy(), _fresh(avg.module, x))
+        assert not np.array_equal(avg(x).numpy(), before)
+    w = m.conv.parametrizations.weight.original  # the latent weight (m.conv.weight is computed from it)
+    w.data.mul_(-1)  # bypasses the version counter
+    with torch.no_grad():
+        assert not np.array_equal(m(x).numpy(), before) and np.array_equal(m(x).numpy(), _fresh(m, x))
+    w.data = torch.zeros_like(w)
+    with torch.no_grad():
+        assert np.array_equal(m(x).numpy(), _fresh(m, x))
+
+
 def test_an_unsigned_quantizer_on_a_signed_input_warns_in_integer_mode():
     """Before: only float mode warned (its input hooks); integer mode's traced graph zeroed the normalised image's
     negative half silently (plan.keep_first: false puts the first conv's PACT on it)."""

@@ -39,7 +39,9 @@ input quantizers) and then:
 
 from __future__ import annotations
 
+import hashlib
 import operator
+import types
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -380,19 +382,23 @@ def integerize(model: nn.Module, state) -> None:
     state.integer = IntState(train_gm, units, inp, out, group, quantizer, narrow)
     del mods
 
-    def forward(x):
-        # the integer network only stands for the model when every module is in eval mode; else
-        # the traced graph runs: in training, and when some module is in train mode (e.g. BatchNorm
-        # during recalibrate_bn, which must see the data). Forward hooks on a module (cost
-        # profiling, feature capture) also need the modules to run: then eval runs the
-        # fake-quantized float graph (same layers, BN on running statistics).
-        if model.training and not state.integer.negatives_checked:
-            return _checking_negatives(model, state.integer, x)
-        if model.training or any(m.training or m._forward_hooks for m in model.modules()):
-            return state.integer.gm(x)
-        return _int_forward(model, x)
+    # a method bound to the model (not a closure over it): copy.deepcopy (and AveragedModel, which deep-copies)
+    # rebinds it to the copy, so a copy runs its own network (session 24: it ran the original's)
+    object.__setattr__(model, "forward", types.MethodType(_integer_mode_forward, model))
 
-    object.__setattr__(model, "forward", forward)
+
+def _integer_mode_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # the integer network only stands for the model when every module is in eval mode; else
+    # the traced graph runs: in training, and when some module is in train mode (e.g. BatchNorm
+    # during recalibrate_bn, which must see the data). Forward hooks on a module (cost
+    # profiling, feature capture) also need the modules to run: then eval runs the
+    # fake-quantized float graph (same layers, BN on running statistics).
+    ist = model._lowbit_state.integer
+    if model.training and not ist.negatives_checked:
+        return _checking_negatives(model, ist, x)
+    if model.training or any(m.training or m._forward_hooks for m in model.modules()):
+        return ist.gm(x)
+    return _int_forward(model, x)
 
 
 def _checking_negatives(model: nn.Module, ist: IntState, x: torch.Tensor) -> torch.Tensor:
@@ -429,10 +435,17 @@ def _qlabel(q: nn.Module) -> str:
 
 
 def _versions(model: nn.Module) -> tuple:
-    """What the integer graph of a model depends on besides the input shape and the plan: every parameter and buffer
-    (their in-place versions) and every quantizer's bits (``lowbit.set_bits`` changes them in place)."""
-    return (tuple(t._version for t in model.parameters()) + tuple(t._version for t in model.buffers())
-            + tuple(getattr(m, "bits", None) for m in model.modules()))
+    """What the integer graph of a model depends on besides the input shape and the plan: the contents of every
+    parameter and buffer (a digest of their bytes) and every quantizer's bits (``lowbit.set_bits`` changes them in
+    place). Before session 24 the key held the tensors' in-place versions, which an edit through ``.data``
+    (``p.data.mul_(-1)``, ``p.data = ...``) does not change: eval kept the old network."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in (*model.parameters(), *model.buffers()):
+        a = t.detach()
+        a = (a.cpu() if a.device.type != "cpu" else a).contiguous().reshape(-1)
+        h.update(f"{a.dtype}{tuple(t.shape)}".encode())
+        h.update(a.view(torch.uint8).numpy())
+    return h.digest(), tuple(getattr(m, "bits", None) for m in model.modules())
 
 
 def _int_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
