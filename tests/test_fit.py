@@ -322,6 +322,22 @@ def test_load_weights_errors_are_one_line(tmp_path):
         assert "\n" not in str(ei.value)
 
 
+def test_init_from_an_integer_runs_best_pt_file(tmp_path, fmnist_small):
+    """Session 24: an integer run's best.pt given as a file (not its folder) was refused: its output quantizers'
+    state (conv1.output_quantizer.alpha, ...) had no place in a plain model."""
+    from lowbit.config import load_config
+    from lowbit.train import build_model
+
+    base = ["model.name=resnet8", "model.width=0.25", "data.limit=1200", "train.epochs=1", "train.batch_size=64",
+            "train.progress=false"]
+    lowbit.run(load_config(None, base + ["plan.weight={name: sawb, bits: 2}", "plan.act={name: pact, bits: 2}",
+                                          "plan.integer=true"]), tmp_path / "int", data=fmnist_small)
+    sd = torch.load(tmp_path / "int" / "best.pt", weights_only=False)["model"]
+    assert any(".output_quantizer." in k for k in sd)
+    m = build_model(load_config(None, base + [f"model.init_from={tmp_path / 'int' / 'best.pt'}"]), fmnist_small)
+    assert torch.equal(m.get_submodule("layers.0.0.conv1").weight, sd["layers.0.0.conv1.parametrizations.weight.original"])
+
+
 def test_init_from_a_run_folder_starts_from_its_best_network(tmp_path, fmnist_small):
     from lowbit.config import load_config
     from lowbit.train import build_model, load_run
@@ -511,8 +527,8 @@ def test_summary_says_the_ends_are_quantized_in_integer_mode(tmp_path, fmnist_sm
     assert res.summary["first_last_fp"] == [False, False]
     assert "FP32" not in format_summary(res.summary).splitlines()[1]
     # and it names the 8-bit quantizers of the ends beside the plan's own (session 24: it printed the plan's alone)
-    assert res.summary["weight"] == "sawb2; lsq8 on conv1, fc"
-    assert res.summary["act"] == "pact4,init=4.0; lsq8 on conv1; pact8 on fc"
+    assert res.summary["weight"] == "sawb2 (lsq8 on conv1, fc)"
+    assert res.summary["act"] == "pact4,init=4.0 (lsq8 on conv1; pact8 on fc)"
 
 
 def test_summary_names_every_quantizer_a_per_layer_plan_uses():
@@ -526,9 +542,9 @@ def test_summary_names_every_quantizer_a_per_layer_plan_uses():
             "layers": {"layers.2.0.conv*": {"weight": {"name": "sawb", "bits": 2}}, "layers.1.*": {"act": {"bits": 8}}}}
     m = lowbit.quantize(create_model("resnet8", in_channels=1, num_classes=10), plan)
     p = Plan(**plan)
-    assert quantizer_label(m, "weight", p.weight) == "minmax4; sawb2 on layers.2.0.conv1, layers.2.0.conv2"
+    assert quantizer_label(m, "weight", p.weight) == "minmax4 (sawb2 on layers.2.0.conv1, layers.2.0.conv2)"
     assert quantizer_label(m, "act", p.act) == \
-        "uniform4; uniform8 on layers.1.0.conv1, layers.1.0.conv2, layers.1.0.shortcut.0"
+        "uniform4 (uniform8 on layers.1.0.conv1, layers.1.0.conv2, layers.1.0.shortcut.0)"
     full = lowbit.quantize(create_model("resnet8", in_channels=1, num_classes=10),
                            {**plan, "layers": {"layers.*": {"act": {"bits": 8}}}})
     assert quantizer_label(full, "act", p.act) == "uniform8 on 8 layers"  # no layer left at the default

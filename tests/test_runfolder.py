@@ -189,3 +189,62 @@ def test_a_start_that_fails_before_writing_leaves_no_empty_folder(tmp_path, caps
     (tmp_path / "mine").mkdir()
     assert main(["train", str(cfg), "--out", str(tmp_path / "mine")]) != 0
     assert (tmp_path / "mine").is_dir()
+
+
+def test_cli_errors_of_the_machine_and_interrupts_are_one_line(tmp_path, capsys, monkeypatch):
+    """Session 24: a full disk or a read-only folder printed a traceback; Ctrl-C said 'RUN_DIR' literally, and
+    --resume even where no epoch had finished (then it fails)."""
+    import errno
+
+    import lowbit.cli as cli
+
+    def no_space(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r" / "metrics.jsonl"))
+
+    monkeypatch.setattr(cli, "cmd_eval", no_space)
+    assert main(["eval", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"lowbit: error: {tmp_path / 'r' / 'metrics.jsonl'}: No space left on device"
+    monkeypatch.undo()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupt, raising=False)
+    monkeypatch.setattr("lowbit.train.run", interrupt)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert "holds no finished epoch yet: start the same command again" in err and "RUN_DIR" not in err
+
+
+def test_a_start_that_died_writing_its_first_checkpoint_can_start_again(tmp_path):
+    """best.pt written, last.pt not (the disk filled between the two): the folder was stuck ('--resume': no
+    checkpoint; a new start: 'already holds a run (without a checkpoint: best.pt ...)')."""
+    c = tiny()
+    d = tmp_path / "r"
+    d.mkdir()
+    for f, text in (("config.yaml", c.to_yaml()), ("plan.txt", ""), ("metrics.jsonl", '{"epoch": 1}\n'),
+                    ("best.pt", "x")):
+        (d / f).write_text(text)
+    check_fresh(d, c.to_yaml())  # may start again
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_fresh(d, tiny(train={"epochs": 2}).to_yaml())  # another config: refused
+
+
+def test_train_into_a_folder_another_process_is_training_says_so(tmp_path):
+    """It said 'use --resume D' (check_fresh saw last.pt), and --resume then failed: the folder was busy."""
+    run_dir = tmp_path / "r"
+    run(tiny(), run_dir)
+    (run_dir / "summary.json").unlink()  # an unfinished run, as during training
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from lowbit.runfolder import lock_run\n"
+                               f"with lock_run({str(run_dir)!r}):\n    print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match=f"a run is training there now \\(lowbit process {holder.pid}\\)"):
+            check_fresh(run_dir, tiny().to_yaml())
+    finally:
+        holder.communicate("")
+    with pytest.raises(ConfigError, match="use --resume"):  # nobody holds it now
+        check_fresh(run_dir, tiny().to_yaml())

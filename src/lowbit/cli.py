@@ -66,7 +66,7 @@ def cmd_train(args) -> int:
             run_dir = Path(args.out)
             made = not run_dir.exists()
             if is_writer():
-                check_fresh(run_dir, cfg.to_yaml())  # never onto other files or an earlier run
+                check_fresh(run_dir, cfg.to_yaml())  # never onto other files or an earlier run (nor its .lock)
         else:  # NAME-TIMESTAMP, made atomically: two runs started in the same second get two folders
             run_dir = shared_run_dir(lambda: new_run_dir(cfg.out_dir, cfg.name, time.strftime('%Y%m%d-%H%M%S')))
             made = True
@@ -74,6 +74,7 @@ def cmd_train(args) -> int:
 
     if is_writer():
         print(f"run folder: {run_dir}", flush=True)
+    args.run_folder = run_dir  # for main's message if interrupted
     try:
         res = run(cfg, run_dir, resume=bool(args.resume))
     except BaseException:
@@ -96,7 +97,17 @@ def cmd_eval(args) -> int:
     val = evaluate(model, BatchLoader(data.val, data.info, t.eval_batch_size))
     test = evaluate(model, BatchLoader(data.test, data.info, t.eval_batch_size))
     summary = make_summary(cfg, model, data, test, {"epoch": state["epoch"], "val_acc": val["acc"]})
-    print(format_summary(summary))
+    text = format_summary(summary)
+    trained = Path(args.run_dir) / "summary.json"
+    try:
+        at_training = json.loads(trained.read_text()).get("best_val_acc") if trained.is_file() else None
+    except ValueError:
+        at_training = None
+    if at_training is not None and val["acc"] == val["acc"] and at_training != val["acc"]:
+        text += (f"\nnote            validation {100 * val['acc']:.2f}% as evaluated now; training picked the epoch at "
+                 f"{100 * at_training:.2f}%" + (" (before train.bn_recalibrate)" if cfg.train.bn_recalibrate else ""))
+    # --json: stdout is the JSON alone (the text goes to stderr), as lowbit export --json
+    print(text, file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(summary, indent=2))
     return 0
@@ -463,9 +474,21 @@ def main(argv: list[str] | None = None) -> int:
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only folder, a missing permission: one line naming the file
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"lowbit: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("lowbit: interrupted; continue with `lowbit train --resume RUN_DIR`", file=sys.stderr)
+        print(f"lowbit: interrupted; {_resume_hint(getattr(args, 'run_folder', None))}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(run_dir) -> str:
+    if run_dir is None:
+        return "nothing was lost that a rerun does not redo"
+    if (Path(run_dir) / "last.pt").is_file():
+        return f"continue with `lowbit train --resume {run_dir}`"
+    return f"{run_dir} holds no finished epoch yet: start the same command again (into the same --out, or anew)"
 
 
 if __name__ == "__main__":

@@ -33,12 +33,14 @@ from torch import Tensor, nn
 from .errors import ConfigError
 
 _LATENT = ".parametrizations.weight.original"
-_QUANT_STATE = (".parametrizations.weight.0.", ".input_quantizer.")
+#: quantizer state a plain model has no place for: weight and input quantizers, and integer mode's output
+#: quantizers and residual mid rounding (an integer run's best.pt loads into any model; session 24)
+_QUANT_STATE = (".parametrizations.weight.0.", ".input_quantizer.", ".output_quantizer.", ".mid_round.")
 
 
 def plain_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A quantized model's state dict as an unquantized model's: latent weights under ``weight``,
-    weight-quantizer and input-quantizer state dropped. Plain keys pass through."""
+    quantizer state (:data:`_QUANT_STATE`) dropped. Plain keys pass through."""
     out = {}
     for k, v in sd.items():
         if k.endswith(_LATENT):

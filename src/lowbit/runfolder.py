@@ -113,6 +113,24 @@ def discard_if_unused(run_dir: str | Path) -> bool:
     return False
 
 
+def _holder(run_dir: Path) -> str | None:
+    """The pid of another process holding ``run_dir``'s lock, or None (no lock file, nobody, or this process)."""
+    if _HELD.get(str(run_dir.resolve())):
+        return None
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
+
+
 def foreign_files(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES)
 
@@ -120,7 +138,7 @@ def foreign_files(run_dir: Path) -> list[str]:
 def check_fresh(run_dir: str | Path, cfg_yaml: str | None = None) -> None:
     """Refuse to start a run in ``run_dir`` unless it is new or empty. A folder holding only an
     aborted start of the *same* config (config.yaml, plan.txt, an empty metrics.jsonl: the run died
-    before its first checkpoint) may be started again."""
+    before its first checkpoint; or a best.pt without last.pt: it died writing the first) may be started again."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         return
@@ -134,11 +152,17 @@ def check_fresh(run_dir: str | Path, cfg_yaml: str | None = None) -> None:
     present = {p.name for p in run_dir.iterdir()} - {LOCK, "last.tmp", "best.tmp"}
     if not present:
         return
-    aborted = present <= {"config.yaml", "plan.txt", "metrics.jsonl"} and (
-        not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text().strip())
+    # an aborted start: no epoch checkpointed (a best.pt without last.pt: the disk filled between the two)
+    aborted = present <= {"config.yaml", "plan.txt", "metrics.jsonl", "best.pt"} and (
+        "best.pt" in present or not (run_dir / "metrics.jsonl").is_file()
+        or not (run_dir / "metrics.jsonl").read_text().strip())
     if aborted and cfg_yaml is not None and (run_dir / "config.yaml").is_file() and \
             same_config_text((run_dir / "config.yaml").read_text(), cfg_yaml):
         return
+    busy = _holder(run_dir)
+    if busy is not None:  # a run training there now (said before session 24: "use --resume", which then failed)
+        raise RunFolderBusy(f"{run_dir}: a run is training there now (lowbit process {busy}); wait for it to finish "
+                            "or choose another --out")
     if "sections.json" in present and "summary.json" not in present:
         state, hint = "a DCQ run", f"resume it (--resume {run_dir}) or choose another --out"
         raise ConfigError(f"{run_dir} already holds a DCQ run ({', '.join(sorted(present))}); {hint}")
