@@ -159,3 +159,26 @@ def test_descriptor_bytes_are_sizeof_lb_conv_t_on_a_cortex_m(tmp_path):
     out = _cc(["arm-none-eabi-nm", "-S", "s.o"], tmp_path).stdout
     size = next(int(line.split()[1], 16) for line in out.splitlines() if line.endswith("lb_size"))
     assert size == _DESC_BYTES == 144
+
+
+@needs_gcc
+def test_nan_and_infinite_inputs_are_defined_in_c_and_onnx(tmp_path):
+    """A NaN input was undefined behaviour in C ((int32_t)NaN) and an arbitrary code in ONNX (Cast of NaN): both
+    now read it as 0; ±inf clamp to the ends of the input grid. C and both integer ONNX files agree."""
+    from lowbit.export import onnx_export as ox
+    from lowbit.export.int_onnx import variants
+
+    m, g = _graph()
+    x = np.random.default_rng(1).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    x[0, 0, :5, :5] = np.nan
+    x[1, 0, 3, :] = np.inf
+    x[2, 0, :, 7] = -np.inf
+    clean = np.nan_to_num(x, nan=0.0, posinf=1e30, neginf=-1e30)  # the reference refuses non-finite inputs
+    with torch.no_grad():
+        want = m(torch.from_numpy(clean)).numpy()
+    write_int_c(g, tmp_path / "c")
+    got_c = run_c(compile_int_c(tmp_path / "c"), x, 10)
+    assert np.array_equal(got_c.view(np.uint32), want.view(np.uint32))
+    for name in ("integer", "integer_fused"):
+        got = ox.run(ox.session(variants(g)[name]), x)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), name

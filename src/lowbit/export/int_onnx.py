@@ -110,13 +110,16 @@ def _requant_float(b: _Builder, acc_f: str, scale: np.ndarray, zero: int, lo: in
 
 def _input_codes(b: _Builder, x: str, a) -> str:
     """uint8 input codes ``k − qmin`` by the input quantizer's own float32 rule, op for op as
-    :meth:`lowbit.export.levels.ActQuant.codes` and the C runtime's ``lb_quantize_input`` compute them:
+    :meth:`lowbit.export.levels.ActQuant.codes` and the C runtime's ``lb_quantize_input`` compute them (a NaN
+    reads as 0 in both; the NumPy reference refuses it):
     ``mul_clip`` ``Round(Clip(x·inv, qmin, qmax))``, ``clip_div`` ``Min(Round((Max(x, lo) − lo) / step), qmax)``.
     (``QuantizeLinear``, used before session 24, divides by the scale: it differed from ``x·inv`` by one code
     at inputs within a float32 rounding of a half step.)"""
     from onnx import TensorProto as T
 
     f = np.float32
+    # a NaN input reads as 0, as the C runtime does (a Cast of NaN to uint8 is undefined); ±inf clamp to the ends
+    x = b.node("Where", [b.node("IsNaN", [x], base="in"), _scalar(b, "in.zero", f(0.0)), x], base="in")
     if a.rule == "mul_clip":
         t = b.node("Mul", [x, _scalar(b, "in.inv", f(a.inv))], base="in")
         t = b.node("Clip", [t, _scalar(b, "in.qmin", f(a.qmin)), _scalar(b, "in.qmax", f(a.qmax))], base="in")

@@ -577,6 +577,7 @@ void lb_quantize_input(const float *x, int32_t n, int rule, float lo, float step
     memset(out, 0, lb_packed_bytes((uint32_t)n, bits));
     for (i = 0; i < n; i++) {
         float v = x[i];
+        if (isnan(v)) v = 0.0f; /* a NaN input (a failed sensor) reads as 0, as the integer ONNX does; no UB */
         if (rule == 0) {
             float d = step;
 #if defined(__GNUC__)
