@@ -187,7 +187,9 @@ CASES = [
     # --- run folders --------------------------------------------------------------------------------
     ("eval-missing", {}, ["eval", "{d}/nowhere"], "is not a run folder (no config.yaml)"),
     ("eval-not-run", {"x/a.txt": "hi"}, ["eval", "{d}/x"], "is not a run folder (no config.yaml)"),
-    ("eval-no-best", {"x/config.yaml": OK}, ["eval", "{d}/x"], "has no best.pt checkpoint"),
+    ("eval-no-best", {"x/config.yaml": OK}, ["eval", "{d}/x"], "has no best.pt checkpoint (the run did not finish an epoch)"),
+    ("eval-checkpoints-not-copied", {"x/config.yaml": OK, "x/metrics.jsonl": '{"epoch": 1}\n{"epoch": 2}\n'}, ["eval", "{d}/x"],
+     "metrics.jsonl records 2 finished epoch(s), but the checkpoints are not in the folder"),
     ("eval-corrupt-best", {"run/best.pt": b"garbage"}, ["eval", "{run}"], "best.pt: not a readable lowbit checkpoint"),
     ("eval-truncated-best", {"run/best.pt": "TRUNCATE"}, ["eval", "{run}"], "best.pt: not a readable lowbit checkpoint"),
     ("eval-foreign-best", {"run/best.pt": "TENSOR"}, ["eval", "{run}"], "best.pt: not a lowbit checkpoint"),

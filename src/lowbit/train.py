@@ -159,8 +159,12 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
     ck_path = run_dir / "best.pt"
     if not ck_path.is_file():
+        metrics = run_dir / "metrics.jsonl"
+        done = sum(1 for ln in metrics.read_text().splitlines() if ln.strip()) if metrics.is_file() else 0
         why = ("best.pt is missing although last.pt is there: it was deleted or moved"
-               if (run_dir / "last.pt").is_file() else "the run did not finish an epoch")
+               if (run_dir / "last.pt").is_file() else
+               f"metrics.jsonl records {done} finished epoch(s), but the checkpoints are not in the folder: deleted, "
+               "or not copied or committed with it" if done else "the run did not finish an epoch")
         raise ConfigError(f"{run_dir} has no best.pt checkpoint ({why})")
     cfg = run_config(run_dir)
     data = load_data(cfg)
