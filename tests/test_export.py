@@ -303,7 +303,7 @@ def test_onnx_qdq_passes_checker_and_matches_pytorch(label):
                                    "lsq3/ch+lsq3"])
 def test_onnx_qdq_runs_as_exported_in_a_default_onnxruntime_session(label):
     """A user's InferenceSession keeps onnxruntime's WeightBiasQuantization pass on: before session 24 it
-    re-quantized a value-set layer's float weights to int8 (16 of 1,000 predictions changed on a trained model).
+    re-quantized a value-set layer's float weights to int8 (16 of 1,000 predictions changed on a one-epoch model).
     The conv inputs of such layers now carry per-channel scales, so a default session equals lowbit's own."""
     import onnxruntime as ort
 
