@@ -479,13 +479,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lowbit: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lowbit: interrupted; {_resume_hint(getattr(args, 'run_folder', None))}", file=sys.stderr)
+        hint = _resume_hint(getattr(args, "run_folder", None))
+        print("lowbit: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
 
 
 def _resume_hint(run_dir) -> str:
-    if run_dir is None:
-        return "nothing was lost that a rerun does not redo"
+    if run_dir is None:  # not lowbit train: its own command's --resume, where it has one, says what to do
+        return ""
     if (Path(run_dir) / "last.pt").is_file():
         return f"continue with `lowbit train --resume {run_dir}`"
     return f"{run_dir} holds no finished epoch yet: start the same command again (into the same --out, or anew)"
