@@ -200,3 +200,37 @@ def test_a_top_level_sequential_exports_to_c(tmp_path, integer):
     settled(m, (1, 8, 8), {**W4A4, "integer": integer})
     r = export_model(m, _x(), tmp_path, formats=("c",), c_images=4)
     assert r["failed_checks"] == [] and r["c"]["compiled"] and r["c"]["bit_exact_images"] == 4
+
+
+def test_integer_mode_and_the_methods(tmp_path):
+    """Session 24 (a researcher combining methods with plan.integer): local loss and DCQ trained another network
+    than the integer one (hooks and section views outside the traced graph) and NITI gave contradictory advice: now
+    refused up front. Integer mode's own 8-bit ends take plain STE quantizers (SINAREQ learned 2 bits for them; RDHS,
+    SGT and SinReQ refused them). A quantizer the integer network cannot express is an error on the first training
+    batch (it was found at the first evaluation, after an epoch)."""
+    from lowbit import create_model
+    from lowbit.config import load_config
+    from lowbit.methods.sinreq import _bit_layers, quantized_layers
+    from lowbit.methods.base import QuantizedWeight
+
+    def r8():
+        return create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25)
+
+    pact = {"name": "pact", "bits": 2}
+    for method in ({"name": "local"}, {"name": "niti"}):
+        with pytest.raises(ConfigError, match=f"plan.integer: method '{method['name']}' does not train in integer mode"):
+            quantize(r8(), {"weight": {"name": "sawb", "bits": 2}, "act": pact, "integer": True, "method": method})
+    with pytest.raises(ConfigError, match="dcq: DCQ does not train in integer mode"):
+        load_config("configs/dcq_w2_twn.yaml", ["plan.integer=true", "plan.act={name: pact, bits: 2}"])
+    m = quantize(r8(), {"weight": {"name": "valueset", "values": "po2-2bit"}, "act": pact, "integer": True,
+                        "method": {"name": "rdhs"}})
+    assert type(m.conv1.parametrizations.weight[0]) is QuantizedWeight  # the 8-bit end: plain LSQ
+    m = quantize(r8(), {"weight": {"name": "dorefa", "bits": 3}, "act": {"name": "dorefa", "bits": 3}, "integer": True,
+                        "method": {"name": "sinareq", "bits": [2, 8]}})
+    names = [n for n, _, _ in _bit_layers(m)]
+    assert names and "conv1" not in names and "fc" not in names
+    assert [n for n, _, _ in quantized_layers(m)] == names
+    bad = quantize(r8(), {"weight": {"name": "minmax", "bits": 2}, "act": pact, "integer": True})
+    bad.train()
+    with pytest.raises(ConfigError, match="no symmetric integer form .*found on the first training batch"):
+        bad(torch.randn(4, 1, 28, 28))

@@ -319,6 +319,11 @@ def check_trainable(cfg: Config) -> None:
     from .models import MODELS
 
     t = cfg.train
+    if cfg.plan.integer and cfg.dcq is not None:
+        raise ConfigError("dcq: DCQ does not train in integer mode (plan.integer: true): its sections call the "
+                          "model's modules directly, outside the traced graph integer mode trains and evaluates, so "
+                          "they trained with no activation quantization (session 24); train with plan.integer and "
+                          "without dcq, or distill with train.distill")
     if t.schedule == "multistep":
         bad = [m for m in t.milestones if not 0 < m < t.epochs]
         if bad:

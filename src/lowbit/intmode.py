@@ -69,8 +69,10 @@ def integer_layers(plan, layers) -> None:
     for i, lp in enumerate(layers):
         if lp.weight is None:
             lp.weight = QuantSpec(**FP_LAYER_WEIGHT, **init)
+            lp.integer_roles += ("weight",)
         if lp.act is None:
             lp.act = QuantSpec(**SIGNED_ACT, **init) if i == 0 else plan.act.merged({"bits": 8})
+            lp.integer_roles += ("act",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +405,8 @@ def _integer_mode_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _checking_negatives(model: nn.Module, ist: IntState, x: torch.Tensor) -> torch.Tensor:
     """The first training forward, warning where a tensor quantizer without negative levels drops a signed tensor's
-    negative half (:func:`lowbit.quantize.warn_if_negatives_dropped`, which float mode's input hooks call)."""
+    negative half (:func:`lowbit.quantize.warn_if_negatives_dropped`, which float mode's input hooks call), then
+    building the integer network once, so that a quantizer it cannot express is an error before training goes on."""
     from .quantize import warn_if_negatives_dropped
 
     ist.negatives_checked = True
@@ -418,10 +421,17 @@ def _checking_negatives(model: nn.Module, ist: IntState, x: torch.Tensor) -> tor
     paths = dict.fromkeys([*ist.quantizer.values(), *ist.narrow.values()])
     hooks = [ist.gm.get_submodule(p).register_forward_hook(check(p)) for p in paths]
     try:
-        return ist.gm(x)
+        out = ist.gm(x)
     finally:
         for h in hooks:
             h.remove()
+    # and whether the integer network can be built at all (its quantizers now initialised by this batch): a
+    # quantizer without an integer form was found only at the first evaluation, after an epoch (session 24)
+    try:
+        int_graph(model, x[:1].detach())
+    except ConfigError as e:
+        raise ConfigError(f"{e} (found on the first training batch)") from None
+    return out
 
 
 def _qkind(q: nn.Module) -> tuple:

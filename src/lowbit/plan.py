@@ -335,6 +335,9 @@ class LayerPlan:
     act: QuantSpec | None
     #: the plan.layers pattern that set this layer's specs (None: the plan's defaults)
     source: str | None = None
+    #: the roles ("weight", "act") integer mode quantized at 8 bits because the plan kept them in full precision:
+    #: plain STE quantizers, not the method's (a method's value sets, learned bits or mixtures are the plan's)
+    integer_roles: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:

@@ -108,6 +108,9 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
         method = build_method(plan.method.name, **plan.method.options)
     elif not isinstance(method, Method):
         raise ConfigError(f"method must be a lowbit Method instance, got {type(method).__name__}")
+    if plan.integer and method.integer_refusal:
+        raise ConfigError(f"plan.integer: method '{method.name}' does not train in integer mode: "
+                          f"{method.integer_refusal}")
     ends = first_last(model)  # one trace for the plan and the state
     layers = plan.resolve(model, ends)
     if plan.integer:
@@ -118,12 +121,18 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
     for lp in layers:
         where = f"plan.layers.{lp.source}" if lp.source else f"layer {lp.name}"
         try:  # a bad per-layer override names its field (plan.layers.PATTERN.weight: ...)
+            # integer mode's own 8-bit ends (the layers the plan keeps in FP32) take plain STE quantizers: the
+            # method's value sets, learned bits, mixtures or regularisers are for the plan's layers (session 24:
+            # SINAREQ learned 2 bits for them, RDHS and SinReQ refused them)
             if lp.weight is not None:
-                p = method.weight_parametrization(lp.name, lp.module, lp.weight)
+                p = (Method.weight_parametrization(method, lp.name, lp.module, lp.weight) if "weight" in lp.integer_roles
+                     else method.weight_parametrization(lp.name, lp.module, lp.weight))
                 parametrize.register_parametrization(lp.module, "weight", p)
             role = "act"
             if lp.act is not None:
-                lp.module.input_quantizer = method.act_quantizer(lp.name, lp.module, lp.act)
+                lp.module.input_quantizer = (Method.act_quantizer(method, lp.name, lp.module, lp.act)
+                                             if "act" in lp.integer_roles else
+                                             method.act_quantizer(lp.name, lp.module, lp.act))
                 state.hooks.append(lp.module.register_forward_pre_hook(_InputQuantHook(lp.name)))
         except ConfigError as e:
             role = "act" if lp.weight is None or parametrize.is_parametrized(lp.module, "weight") else "weight"

@@ -75,6 +75,10 @@ class Method:
     #: whether the step's update is a gradient of the parameters that torch.distributed's DDP averages over ranks
     #: (a method that changes parameters otherwise would let the ranks drift apart under ``torchrun``)
     ddp: bool = True
+    #: why the method cannot train in integer mode (``plan.integer: true``), or None where it can: integer mode
+    #: trains a traced graph of the model, so a method that hooks modules the graph does not call, or that trains its
+    #: own integer arithmetic, would train another network than the one evaluated and exported
+    integer_refusal: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         self.total_steps = 0

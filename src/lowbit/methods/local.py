@@ -89,6 +89,8 @@ class LocalLoss(STE):
     pred head pools to, at most; the reference code's default 2048 is its smaller setting)."""
 
     ddp = False  # its heads' parameters get no gradient in some steps (greedy, early stop): DDP's reducer fails
+    integer_refusal = ("its heads hook block modules that integer mode's traced graph does not call (half of "
+                       "ResNet-8's local losses never fired)")
 
     def __init__(self, beta: float = 0.99, greedy: bool = False, dim_in_decoder: int = 2048):
         super().__init__()

@@ -82,6 +82,8 @@ class NITI(Method):
 
     loss_based = False  # the integer error signal of the logits, no loss to distill into
     ddp = False  # the integer update bypasses autograd: DDP's gradient averaging never sees it
+    integer_refusal = ("NITI trains its own integer network (int8 weights, activations and errors with power-of-two "
+                       "scales, docs/ondevice.md), which it also exports; leave plan.integer out")
 
     def __init__(self, mu: list[int] | tuple[int, ...] = (5, 4, 3), milestones: list[float] | tuple[float, ...] = (0.5, 0.75),
                  grad_rounding: str = "auto", seed: int = 0):

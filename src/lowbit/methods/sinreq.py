@@ -134,10 +134,13 @@ def latent_weight(module: nn.Module) -> Tensor:
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
-    """(name, layer, weight parametrization) of every layer with a quantized weight."""
-    from ..quantize import weight_param
+    """(name, layer, weight parametrization) of every layer whose weight the plan quantizes: not integer mode's
+    own 8-bit ends, which take plain STE quantizers (the regulariser and the learned bits are the plan's)."""
+    from ..quantize import quant_state, weight_param
 
-    return [(n, m, weight_param(m)) for n, m in model.named_modules() if weight_param(m) is not None]
+    state = quant_state(model)
+    ends = {lp.name for lp in state.layers if "weight" in lp.integer_roles} if state is not None else set()
+    return [(n, m, weight_param(m)) for n, m in model.named_modules() if weight_param(m) is not None and n not in ends]
 
 
 @torch.no_grad()
