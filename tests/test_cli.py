@@ -132,3 +132,18 @@ def test_eval_json_is_json_and_a_recalibrated_validation_is_labelled(capsys, tmp
     trained = json.loads((run_dir / "summary.json").read_text())["best_val_acc"]
     assert summary["best_val_acc"] != trained  # recalibration moved it (5.00 % -> 13.33 % on this tiny run)
     assert f"training picked the epoch at {100 * trained:.2f}% (before train.bn_recalibrate)" in out.err
+
+
+def test_eval_shows_the_methods_training_facts_not_a_reloaded_methods(capsys, tmp_path):
+    """Session 24: after a DQA run `lowbit eval` printed 'Q1 weight at end 0.3362' (a freshly built method's) where
+    training had recorded 1.0000, and the schedule 'over the whole training' for 'over 3 batches'."""
+    import json
+
+    cfg = str(Path(__file__).parent.parent / "configs" / "dqa_w2_sawb.yaml")
+    run_dir = tmp_path / "run"
+    assert main(["train", cfg, *TINY, "--out", str(run_dir)]) == 0
+    trained = json.loads((run_dir / "summary.json").read_text())["method_info"]
+    assert "Q1 weight at end" in trained
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method_info"] == trained

@@ -97,12 +97,15 @@ def cmd_eval(args) -> int:
     val = evaluate(model, BatchLoader(data.val, data.info, t.eval_batch_size))
     test = evaluate(model, BatchLoader(data.test, data.info, t.eval_batch_size))
     summary = make_summary(cfg, model, data, test, {"epoch": state["epoch"], "val_acc": val["acc"]})
-    text = format_summary(summary)
     trained = Path(args.run_dir) / "summary.json"
     try:
-        at_training = json.loads(trained.read_text()).get("best_val_acc") if trained.is_file() else None
+        recorded = json.loads(trained.read_text()) if trained.is_file() else {}
     except ValueError:
-        at_training = None
+        recorded = {}
+    at_training = recorded.get("best_val_acc")
+    if isinstance(recorded.get("method_info"), dict):  # facts of the training (a schedule, learned weights, a
+        summary["method_info"] = recorded["method_info"]  # distillation), which a reloaded method does not know
+    text = format_summary(summary)
     if at_training is not None and val["acc"] == val["acc"] and at_training != val["acc"]:
         text += (f"\nnote            validation {100 * val['acc']:.2f}% as evaluated now; training picked the epoch at "
                  f"{100 * at_training:.2f}%" + (" (before train.bn_recalibrate)" if cfg.train.bn_recalibrate else ""))
