@@ -549,3 +549,62 @@ def test_summary_names_every_quantizer_a_per_layer_plan_uses():
                            {**plan, "layers": {"layers.*": {"act": {"bits": 8}}}})
     assert quantizer_label(full, "act", p.act) == "uniform8 on 8 layers"  # no layer left at the default
     assert quantizer_label(create_model("resnet8", in_channels=1, num_classes=10), "weight", None) == "fp32"
+
+
+# -- a researcher's own data pipeline (session 24's audit): each of these was silently wrong or a raw error ------
+def _xy_batches(fmnist_small, n=96, batch=32):
+    x, y = next(iter(BatchLoader(fmnist_small.train, fmnist_small.info, n)))
+    return [(x[i: i + batch], y[i: i + batch]) for i in range(0, n, batch)]
+
+
+def test_labels_one_hot_int32_and_extra_items_are_handled_or_refused_in_one_line(fmnist_small):
+    m = tiny(W2A4)
+    b = _xy_batches(fmnist_small, n=60, batch=10)  # batch size == classes: one-hot compared elementwise before
+    want = evaluate(m, b)
+    onehot = [(x, F.one_hot(y, 10).float()) for x, y in b]
+    assert evaluate(m, onehot)["acc"] == want["acc"] <= 1.0
+    assert evaluate(m, [(x, y.int(), torch.arange(len(y))) for x, y in b])["acc"] == want["acc"]  # (x, y, index)
+    rows = fit(tiny(W2A4), onehot, epochs=1)
+    assert 0.0 <= rows[0]["train_acc"] <= 1.0
+    fit(tiny(W2A4), [(x, y.to(torch.uint8)) for x, y in b], epochs=1)  # integer labels of any width train
+    for bad, msg in (([{"x": x, "y": y} for x, y in b], "a batch must be a tuple .* a dict with keys"),
+                     ([(x, y[:, None]) for x, y in b], r"labels of shape \(10, 1\): give class indices"),
+                     ([(x, y.float()) for x, y in b], "labels of dtype torch.float32")):
+        with pytest.raises(ConfigError, match=msg):
+            evaluate(m, bad)
+
+
+def test_fit_checkpoints_are_snapshots_and_bad_arguments_are_one_line(fmnist_small):
+    b = _xy_batches(fmnist_small)
+    kept = []
+    m = tiny(W2A4)
+    fit(m, b, epochs=3, callbacks=[lambda row: None, type("Keep", (), {
+        "on_epoch_end": lambda self, state, row: kept.append(state.checkpoint())})()])
+    assert kept[0]["epoch"] == 0 and not torch.equal(kept[0]["model"]["conv1.weight"], m.state_dict()["conv1.weight"])
+    full = fit(tiny(W2A4), b, epochs=3)
+    resumed = fit(tiny(W2A4), b, epochs=3, resume=kept[0])  # from the in-memory snapshot of epoch 1
+    assert resumed[-1]["train_loss"] == full[-1]["train_loss"]
+    for kw, msg in (({"log_every": 0}, "log_every must be an integer >= 1"),
+                    ({"optimizer": "adam"}, "optimizer must be a torch.optim.Optimizer"),
+                    ({"method": "ste"}, "method must be a lowbit Method instance"),
+                    ({"resume": {}}, "resume must be a FitState.checkpoint"),
+                    ({"val_batches": iter(b), "epochs": 2}, "val_batches is a one-shot iterator")):
+        with pytest.raises(ConfigError, match=msg):
+            fit(tiny(W2A4), b, **{"epochs": 1, **kw})
+    m = tiny(W2A4)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="ReduceLROnPlateau needs a metric"):
+        fit(m, b, optimizer=opt, scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(opt))
+
+
+def test_an_optimizer_built_before_quantize_warns_and_evaluate_restores_every_modules_mode(fmnist_small):
+    b = _xy_batches(fmnist_small)
+    m = tiny()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    lowbit.quantize(m, W2A4)  # the PACT alphas are new parameters the optimizer does not hold
+    with pytest.warns(RuntimeWarning, match="trainable parameter.* not in the optimizer.*alpha"):
+        fit(m, b, optimizer=opt, epochs=1)
+    m.train()
+    m.bn1.eval()  # a BatchNorm the caller froze
+    evaluate(m, b)
+    assert m.training and not m.bn1.training

@@ -69,6 +69,49 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _xy(batch: Any) -> tuple[Tensor, Tensor]:
+    """A batch's input and labels: ``(x, y, ...)`` (further items, e.g. an index, are left to the method). A dict, a
+    lone tensor or labels of a shape that is neither ``(N,)`` class indices nor ``(N, classes)`` targets is one
+    line (session 24: a dict batch failed with ``KeyError: 0``, ``(N, 1)`` labels with torch's broadcasting)."""
+    if isinstance(batch, dict) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        what = f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else type(batch).__name__
+        raise ConfigError(f"a batch must be a tuple (x, y, ...) of inputs and labels, got {what}")
+    x, y = batch[0], batch[1]
+    if not isinstance(y, Tensor):
+        raise ConfigError(f"labels must be a tensor of class indices (N,), got {type(y).__name__}")
+    if y.dim() == 2 and y.shape[1] == 1:
+        raise ConfigError(f"labels of shape {tuple(y.shape)}: give class indices of shape (N,), e.g. y.squeeze(1)")
+    if y.dim() not in (1, 2):
+        raise ConfigError(f"labels of shape {tuple(y.shape)}: give class indices (N,) or targets (N, classes)")
+    if y.dim() == 1 and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+        raise ConfigError(f"labels of dtype {y.dtype}: class indices (N,) must be integers, e.g. y.long()")
+    return x, y
+
+
+def _correct(out: Tensor, y: Tensor) -> Tensor:
+    """Correct predictions: against class indices, or against the largest entry of one-hot / soft targets (N,
+    classes) (before session 24 those were compared elementwise: accuracies above 100 %)."""
+    if y.dim() == 2:
+        if y.shape != out.shape:
+            raise ConfigError(f"targets of shape {tuple(y.shape)} for outputs of shape {tuple(out.shape)}")
+        y = y.argmax(1)
+    return (out.argmax(1) == y).sum()
+
+
+def _warn_untrained(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Warn about trainable parameters the optimizer does not hold: an optimizer built before ``lowbit.quantize``
+    misses the quantizers' learned ranges (PACT's alpha, LSQ's step), which then never train (session 24)."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        import warnings
+
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        warnings.warn(f"fit: {len(missing)} trainable parameter(s) are not in the optimizer and will not train "
+                      f"({shown}); build the optimizer after lowbit.quantize (or pass optimizer=None)",
+                      RuntimeWarning, stacklevel=3)
+
+
 def _set_epoch(batches: Any, epoch: int) -> None:
     for obj in (batches, getattr(batches, "sampler", None), getattr(batches, "batch_sampler", None)):
         if obj is not None and callable(getattr(obj, "set_epoch", None)):
@@ -99,11 +142,13 @@ def evaluate(model: nn.Module, batches: Iterable, device: str | torch.device | N
     """Mean loss and accuracy of ``model`` over ``batches`` (eval mode, restored afterwards).
 
     The quantized weights are computed once for the whole pass (``parametrize.cached()``), not
-    once per batch. ``device`` defaults to the model's. ``loss_fn(output, y)`` is summed per
-    sample; cross-entropy by default. An empty iterable gives NaN loss and accuracy.
+    once per batch. ``device`` defaults to the model's. ``loss_fn(output, y)`` returns a batch's mean loss
+    (it is weighted by the batch size); cross-entropy by default. Labels are class indices ``(N,)`` or one-hot /
+    soft targets ``(N, classes)`` (accuracy against their largest entry). An empty iterable gives NaN loss and
+    accuracy. Every module's train/eval mode is restored afterwards.
     """
     dev = resolve_device(device) if device is not None else model_device(model)
-    was = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
@@ -111,16 +156,17 @@ def evaluate(model: nn.Module, batches: Iterable, device: str | torch.device | N
     try:
         with parametrize.cached():
             for batch in batches:
-                x, y = to_device(batch, dev)
+                x, y = _xy(to_device(batch, dev))
                 out = model(x)
                 if loss_fn is None:
-                    loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+                    loss_sum += F.cross_entropy(out, y if y.dim() == 2 else y.long(), reduction="sum").double()
                 else:
                     loss_sum += loss_fn(out, y).double() * len(y)
-                correct += (out.argmax(1) == y).sum()
+                correct += _correct(out, y)
                 n += len(y)
     finally:
-        model.train(was)
+        for m, t in modes.items():  # every module's own mode (a BatchNorm the caller froze stays frozen)
+            m.training = t
     if n == 0:
         return {"loss": float("nan"), "acc": float("nan"), "n": 0}
     return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}
@@ -173,11 +219,15 @@ class FitState:
     stop: bool = False  # a callback sets it to end training after this epoch
 
     def checkpoint(self) -> dict:
-        """Everything ``fit(..., resume=...)`` needs to continue after the current epoch."""
-        return {"model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "method": self.method.state_dict(), "epoch": self.epoch}
+        """Everything ``fit(..., resume=...)`` needs to continue after the current epoch: a snapshot (copies of
+        the tensors), so that a checkpoint kept in memory does not change as training goes on (before session 24
+        it shared the live tensors: resuming from one kept by a callback gave another run)."""
+        import copy
+
+        return copy.deepcopy({"model": self.model.state_dict(),
+                              "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                              "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                              "method": self.method.state_dict(), "epoch": self.epoch})
 
 
 def _call(cb: Any, hook: str, state: FitState, *args) -> None:
@@ -283,14 +333,32 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise ConfigError(f"log_every must be an integer >= 1, got {log_every!r}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer must be a torch.optim.Optimizer (or None for the default), got "
+                          f"{type(optimizer).__name__}")
+    if scheduler is not None and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ConfigError("scheduler: ReduceLROnPlateau needs a metric; fit steps its scheduler once per batch "
+                          "without one: step it from a callback's on_epoch_end(state, row) with row['val_loss']")
+    if val_batches is not None and iter(val_batches) is val_batches and epochs > 1:
+        raise ConfigError("val_batches is a one-shot iterator (it would be empty after the first epoch); pass a "
+                          "list, a BatchLoader or a DataLoader")
+    if resume is not None and (not isinstance(resume, dict) or "model" not in resume or "epoch" not in resume):
+        raise ConfigError("resume must be a FitState.checkpoint() dict (with 'model' and 'epoch')")
     dev = resolve_device(device) if device is not None else model_device(model)
     model.to(dev)
     if method is None:
         qs = quant_state(model)
         method = qs.method if qs is not None else STE()
+    elif not hasattr(method, "train_step"):
+        raise ConfigError(f"method must be a lowbit Method instance (or None for the model's), got "
+                          f"{type(method).__name__}")
     steps = _steps_per_epoch(batches, epochs)
     if optimizer is None:
         optimizer = default_optimizer(model, method)
+    else:
+        _warn_untrained(model, optimizer)
     callbacks = list(callbacks)
     method.setup(model, epochs * steps, steps)
     start_epoch = 0
@@ -344,6 +412,9 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
                dynamic_ncols=True)
     for i, batch in enumerate(bar):
         batch = to_device(batch, dev)
+        _, y = _xy(batch)
+        if y.dim() == 1 and y.dtype != torch.int64 and not y.is_floating_point():  # int32 / uint8 class indices
+            batch = type(batch)([batch[0], y.long(), *batch[2:]])
         step = epoch * state.steps_per_epoch + i
         for cb in stepping:
             cb.on_step(state, step)
@@ -359,7 +430,7 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
         loss_sum += res.loss.detach().double() * res.n
         seen += res.n
         if res.output is not None:
-            correct += (res.output.argmax(1) == batch[1]).sum()
+            correct += _correct(res.output, _xy(batch)[1])
             with_output += res.n
         if progress and i % log_every == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / max(with_output, 1):.3f}",
