@@ -513,3 +513,33 @@ def test_a_corrupt_package_is_one_line_naming_the_file(tmp_path):
     (tmp_path / "i" / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match="no integer package at"):
         load_int_package(tmp_path / "i")
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="no C compiler")
+def test_a_module_called_twice_exports_to_c(tmp_path):
+    """Session 24: a conv the forward calls three times (shared weights) gave C that did not compile ('redefinition
+    of blk_codes'): one op per call, now each named apart (blk, blk.call2, blk.call3)."""
+    from lowbit.export import export_model
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.blk = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.relu, self.pool, self.fc = nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = self.relu(self.stem(x))
+            for _ in range(3):
+                h = self.relu(self.blk(h))
+            return self.fc(torch.flatten(self.pool(h), 1))
+
+    torch.manual_seed(0)
+    m = quantize(Shared(), W2A2)
+    m.train()
+    with torch.no_grad():
+        m(inputs(16, seed=3))
+    m.eval()
+    r = export_model(m, inputs(16), tmp_path, formats=("packed", "c"), c_images=4)
+    assert not r.get("failed_checks") and r["c"]["bit_exact_images"] == 4
+    names = [op.name for op in lower(m, inputs(2)).conv_ops()]
+    assert names == ["stem", "blk", "blk.call2", "blk.call3", "fc"]

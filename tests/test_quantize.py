@@ -271,3 +271,40 @@ def test_keep_first_and_last_follow_the_forward_not_the_registration_order():
     plans = {lp.name: (lp.weight is None, lp.act is None) for lp in quant_state(m).layers}
     assert plans == {"head": (True, True), "c1": (True, True), "c2": (False, False)}
     assert ends_full_precision(m) == [True, True]
+
+
+def test_quantize_refuses_what_it_would_get_wrong_and_says_when_it_guesses():
+    """Session 24 (a researcher's own models): a weight_norm layer was quantized and then broke set_bits, unquantize
+    and layer_bits; per-channel scales on a ConvTranspose2d were per input channel; on a model torch.fx cannot trace,
+    keep_first/keep_last silently took registration order (a classifier registered first was kept, the real first
+    conv quantized)."""
+    import warnings as w
+
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from lowbit import quantize as q
+    from lowbit.errors import ConfigError
+
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), weight_norm(nn.Conv2d(4, 4, 3)), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(ConfigError, match="layer 2: its weight already has a parametrization .*_WeightNorm"):
+        q(m, {"weight": {"name": "sawb", "bits": 2}})
+    assert not hasattr(m[0], "parametrizations")  # nothing changed
+    t = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ConvTranspose2d(4, 2, 3), nn.Conv2d(2, 1, 3))
+    with pytest.raises(ConfigError, match="layer 1: per_channel weights on a ConvTranspose2d"):
+        q(t, {"weight": {"name": "sawb", "bits": 2, "per_channel": True}})
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 2)  # registered first
+            self.c1, self.c2 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: torch.fx cannot trace it
+                x = -x
+            return self.head(self.c2(self.c1(x)).mean((2, 3)))
+
+    with w.catch_warnings(record=True) as got:
+        w.simplefilter("always")
+        q(Branchy(), {"weight": {"name": "sawb", "bits": 2}})
+    assert any("registration order: 'head' and 'c2'" in str(x.message) for x in got)

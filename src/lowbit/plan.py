@@ -245,7 +245,13 @@ def first_last(model: nn.Module, names: list[str] | None = None) -> tuple[str, s
         names = quantizable_names(model)
     try:
         called = [n.target for n in fx.symbolic_trace(model).graph.nodes if n.op == "call_module"]
-    except Exception:  # noqa: BLE001 - any model torch.fx cannot trace: the registration order
+    except Exception as e:  # noqa: BLE001 - any model torch.fx cannot trace: the registration order, said
+        import warnings
+
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        warnings.warn(f"keep_first/keep_last: torch.fx cannot trace {type(model).__name__} ({why}), so the first and "
+                      f"last layers are taken in registration order: '{names[0]}' and '{names[-1]}'; if the forward "
+                      "calls others first or last, name them in plan.layers (e.g. {NAME: fp})", stacklevel=3)
         called = []
     known = set(names)
     order = [t for t in dict.fromkeys(called) if t in known]

@@ -118,6 +118,16 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
 
         integer_layers(plan, layers)
     state = QuantState(plan, method, layers, ends=ends)
+    for lp in layers:  # before anything is changed: a weight the user parametrized (weight_norm, spectral_norm)
+        if lp.weight is not None and parametrize.is_parametrized(lp.module, "weight"):
+            raise ConfigError(f"layer {lp.name}: its weight already has a parametrization "
+                              f"({type(lp.module.parametrizations.weight[0]).__name__}, e.g. weight_norm); lowbit "
+                              "quantizes a plain weight: remove it first (torch.nn.utils.parametrize."
+                              "remove_parametrizations(layer, 'weight')) or keep this layer in full precision")
+        if lp.weight is not None and lp.weight.options.get("per_channel") and \
+                isinstance(lp.module, nn.modules.conv._ConvTransposeNd):
+            raise ConfigError(f"layer {lp.name}: per_channel weights on a {type(lp.module).__name__}, whose weight is "
+                              "(in, out, ...): the scales would be per input channel; use per-tensor weights there")
     for lp in layers:
         where = f"plan.layers.{lp.source}" if lp.source else f"layer {lp.name}"
         try:  # a bad per-layer override names its field (plan.layers.PATTERN.weight: ...)

@@ -383,7 +383,12 @@ def lower(model: nn.Module, example_input: torch.Tensor | None = None, acts: boo
                     bn = modules[nxt[0].target]
                     absorbed.add(nxt[0].name)
                     alias[nxt[0].name] = node.name
-                ops.append(_conv_op(src, m, bn, t(node.args[0]), node.name, acts))
+                op = _conv_op(src, m, bn, t(node.args[0]), node.name, acts)
+                calls = sum(o.kind == "conv" and o.attrs.get("module", o.name) == src for o in ops)
+                if calls:  # a module the forward calls again (shared weights): one op per call, each named apart,
+                    op.name = f"{src}.call{calls + 1}"  # so the C defines no identifier twice (session 24)
+                op.attrs["module"] = src
+                ops.append(op)
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 g, h = bn_affine(m)
                 ops.append(Op("affine", src, [t(node.args[0])], node.name,
