@@ -539,7 +539,10 @@ def test_a_module_called_twice_exports_to_c(tmp_path):
     with torch.no_grad():
         m(inputs(16, seed=3))
     m.eval()
+    m.train()  # and the export hands the model back in the mode it was given
     r = export_model(m, inputs(16), tmp_path, formats=("packed", "c"), c_images=4)
-    assert not r.get("failed_checks") and r["c"]["bit_exact_images"] == 4
+    assert not r.get("failed_checks") and r["c"]["bit_exact_images"] == 4 and m.training
+    with pytest.raises(ConfigError, match="plan must be a Plan, a dict or a YAML path, got list"):
+        quantize(Shared(), [1, 2])
     names = [op.name for op in lower(m, inputs(2)).conv_ops()]
     assert names == ["stem", "blk", "blk.call2", "blk.call3", "fc"]

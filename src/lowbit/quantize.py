@@ -99,6 +99,8 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
         plan = Plan.from_yaml(plan)
     elif plan is None or isinstance(plan, dict):
         plan = Plan.from_dict(plan)
+    elif not isinstance(plan, Plan):
+        raise ConfigError(f"plan must be a Plan, a dict or a YAML path, got {type(plan).__name__}")
     if getattr(model, _STATE_ATTR, None) is not None:
         if not replace:
             raise ConfigError("this model is already quantized; pass replace=True to re-quantize it from its "

@@ -117,6 +117,23 @@ def torch_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | No
     return x, x.numpy(), None if labels is None else labels.numpy(), ref
 
 
+def _keeps_modes(fn):
+    """``fn(model, ...)`` leaves every module of ``model`` in the train/eval mode it found it in (the export runs
+    the model in eval mode; before session 24 a model passed in train mode came back in eval mode)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        modes = {m: m.training for m in model.modules()} if isinstance(model, nn.Module) else {}
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            for m, t in modes.items():
+                m.training = t
+    return wrapper
+
+
+@_keeps_modes
 def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats=FORMATS,
                  labels: torch.Tensor | None = None, c_images: int | None = 8, batch: int = 500,
                  latency_batch: int = 256, latency_repeats: int = 20, log=None, meta: dict | None = None,
