@@ -172,3 +172,40 @@ def test_report_of_several_results_draws_one_curve_per_file(tmp_path):
     assert main(["report", str(tmp_path / "C8"), str(tmp_path / "C16"), "--out", str(tmp_path / "cli"),
                  "--no-plots"]) == 0
     assert (tmp_path / "cli" / "report.md").is_file()
+
+
+def test_scale_out_mistakes_are_one_line_or_handled(tmp_path, monkeypatch):
+    """Session 24 (an engineer scaling out): --address without --backend ray trained everything locally; seeds: []
+    crashed after the runs; a local Ray instance with fewer CPUs than a run's train.threads never scheduled it (the
+    bench waited forever); SINAREQ under torchrun failed after two epochs; a resume under another number of torchrun
+    processes was not said."""
+    import contextlib
+
+    import lowbit.parallel
+    from lowbit.bench.ray_backend import run_ray
+    from lowbit.bench.runner import make_config, run_grid
+    from lowbit.errors import ConfigError
+    from lowbit.methods import build_method
+    from lowbit.train import numerics_env
+
+    base = {"model": {"name": "resnet8", "width": 0.25}, "data": {"name": "digits", "limit": 100},
+            "train": {"epochs": 1, "progress": False, "threads": 2}}
+    with pytest.raises(ConfigError, match="--address 10.9.9.9:6379 needs --backend ray"):
+        run_grid({"FP32": {}}, base, [0], tmp_path / "a", address="10.9.9.9:6379")
+    with pytest.raises(ConfigError, match="seeds are empty"):
+        run_grid({"FP32": {}}, base, [], tmp_path / "b")
+    asked = {}
+
+    @contextlib.contextmanager
+    def fake_session(address=None, num_cpus=None):
+        asked["num_cpus"] = num_cpus
+        raise RuntimeError("stop here")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(lowbit.parallel, "ray_session", fake_session)
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_ray([(("FP32", 0), make_config(base, {}, 0, "FP32"), tmp_path / "c")], workers=1)
+    assert asked["num_cpus"] == 2  # the run's train.threads, not --workers 1
+    assert build_method("sinareq").ddp is False
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert numerics_env()["processes"] == 2

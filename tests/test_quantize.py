@@ -308,3 +308,19 @@ def test_quantize_refuses_what_it_would_get_wrong_and_says_when_it_guesses():
         w.simplefilter("always")
         q(Branchy(), {"weight": {"name": "sawb", "bits": 2}})
     assert any("registration order: 'head' and 'c2'" in str(x.message) for x in got)
+
+
+def test_a_refused_plan_leaves_the_model_as_it_was():
+    """A quantize that failed part-way kept the parametrizations of the layers done before the bad one, so a second
+    quantize stacked another on them (and since session 24 is refused as 'already parametrized')."""
+    from lowbit import quantize as q
+    from lowbit.errors import ConfigError
+
+    m = create_model("resnet8", in_channels=1, num_classes=10, width=0.25)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ConfigError, match="plan.layers.fc"):
+        q(m, {"weight": {"name": "sawb", "bits": 2}, "keep_last": False, "layers": {"fc": {"weight": {"name": "nope"}}}})
+    assert not any(parametrize.is_parametrized(mod) for mod in m.modules())
+    assert not any(hasattr(mod, "input_quantizer") for mod in m.modules())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    q(m, {"weight": {"name": "sawb", "bits": 2}})  # and it quantizes afterwards

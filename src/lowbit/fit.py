@@ -412,8 +412,11 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
                dynamic_ncols=True)
     for i, batch in enumerate(bar):
         batch = to_device(batch, dev)
-        _, y = _xy(batch)
-        if y.dim() == 1 and y.dtype != torch.int64 and not y.is_floating_point():  # int32 / uint8 class indices
+        # the method reads its batch (DCQ's sections train on (x, feature maps)); class indices of a narrower
+        # integer type (int32, uint8) become int64, which the cross-entropy takes
+        y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        if isinstance(y, Tensor) and y.dim() == 1 and y.dtype not in (torch.int64, torch.bool) \
+                and not y.is_floating_point() and not y.is_complex():
             batch = type(batch)([batch[0], y.long(), *batch[2:]])
         step = epoch * state.steps_per_epoch + i
         for cb in stepping:
@@ -429,8 +432,8 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
             sched.step()
         loss_sum += res.loss.detach().double() * res.n
         seen += res.n
-        if res.output is not None:
-            correct += _correct(res.output, _xy(batch)[1])
+        if res.output is not None and isinstance(y, Tensor) and (y.dim() == 1 or y.shape == res.output.shape):
+            correct += _correct(res.output, batch[1])
             with_output += res.n
         if progress and i % log_every == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / max(with_output, 1):.3f}",

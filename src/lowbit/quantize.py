@@ -148,13 +148,30 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
                 state.hooks.append(lp.module.register_forward_pre_hook(_InputQuantHook(lp.name)))
         except ConfigError as e:
             role = "act" if lp.weight is None or parametrize.is_parametrized(lp.module, "weight") else "weight"
+            _undo(layers, state)  # a refused plan leaves the model as it was (it kept the layers done so far)
             raise ConfigError(f"{where}.{role}: {e}") from None
+        except BaseException:
+            _undo(layers, state)
+            raise
     object.__setattr__(model, _STATE_ATTR, state)
     if plan.integer:
         from .intmode import integerize
 
         integerize(model, state)
     return model
+
+
+def _undo(layers: list[LayerPlan], state: QuantState) -> None:
+    """Take back what a ``quantize`` that failed part-way did to ``layers``: its weight parametrizations (the
+    original weight kept), input quantizers and hooks."""
+    for h in state.hooks:
+        h.remove()
+    state.hooks.clear()
+    for lp in layers:
+        if lp.weight is not None and parametrize.is_parametrized(lp.module, "weight"):
+            parametrize.remove_parametrizations(lp.module, "weight", leave_parametrized=False)
+        if "input_quantizer" in lp.module._modules:
+            del lp.module.input_quantizer
 
 
 def unquantize(model: nn.Module, keep: str = "quantized") -> nn.Module:

@@ -27,7 +27,10 @@ def run_ray(todo: list, address: str | None = None, workers: int = 1, reuse: boo
     from ..parallel import ray_session
     from .runner import claim_and_train, deep_merge
 
-    with ray_session(address, max(workers, 1)) as ray:
+    # a local instance needs at least the CPUs one task asks for: with fewer, Ray never schedules it and the bench
+    # waited forever (session 24: train.threads 2 with --workers 1)
+    need = max((cfg.train.threads or 1) for _, cfg, _ in todo)
+    with ray_session(address, max(workers, 1, need)) as ray:
         task = ray.remote(claim_and_train)
         pending = todo
         for blocking in (False, True):

@@ -118,6 +118,10 @@ def run_grid(rows: dict[str, dict], base: dict, seeds: list[int], out: str | Pat
     """
     out = Path(out)
     check_labels(list(rows))
+    if address is not None and backend != "ray":  # was ignored: every run trained locally (session 24)
+        raise ConfigError(f"--address {address} needs --backend ray")
+    if not seeds:
+        raise ConfigError("the suite's seeds are empty: give at least one seed")
     configs = {(label, s): make_config(base, ov, s, label) for label, ov in rows.items() for s in seeds}
     jobs = [(k, cfg, out / slug(k[0]) / f"seed{k[1]}") for k, cfg in configs.items()]
     if not reuse:  # before training anything: a changed suite into an old folder is an error at once

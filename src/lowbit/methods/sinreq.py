@@ -264,6 +264,10 @@ class SINAREQ(SinReQ):
     (β's start; default the plan's weight bits), ``bits_lr`` (β's learning rate; default the
     optimizer's), ``normalize`` (divide R_l by 2^β, true), ``finetune_epochs`` (0)."""
 
+    #: its finetune epochs freeze the learned bits β: parameters DDP expects a gradient for get none, and DDP's
+    #: reducer fails at the first such step (session 24: a traceback after two epochs under torchrun)
+    ddp = False
+
     def __init__(self, lam_f: float = 0.03, bits: Any = (2, 8), init_bits: float | None = None,
                  bits_lr: float | None = None, normalize: bool = True, finetune_epochs: int = 0,
                  strength: float = 1.0, domain: str = "quantizer", warmup: float = 0.2, tau: float = 20.0):
