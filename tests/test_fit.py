@@ -247,6 +247,11 @@ def test_set_bits_errors_are_one_line_and_change_nothing():
     assert {b.weight for b in lowbit.layer_bits(model).values()} == {4}  # rolled back
     with pytest.raises(ConfigError, match="not quantized"):
         lowbit.set_bits(tiny(), {"conv1": 2})
+    # a glob sets the layers it matches that quantize the role: "*" no longer hits the FP32 ends (session 24)
+    lowbit.set_bits(model, {"*": 3})
+    assert {b.weight for b in lowbit.layer_bits(model).values()} == {3}
+    with pytest.raises(ConfigError, match="full-precision act"):  # no layer quantizes its input: still an error
+        lowbit.set_bits(model, {"layers.*": {"act": 2}})
 
 
 def test_unquantize_keeps_the_quantized_or_the_latent_weights():

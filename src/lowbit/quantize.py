@@ -229,6 +229,9 @@ def set_bits(model: nn.Module, bits: Mapping[str, int | Mapping[str, int]]) -> n
         bad = set(roles) - {"weight", "act"}
         if bad:
             raise ConfigError(f"set_bits: '{pattern}': roles are weight and act, got {', '.join(sorted(bad))}")
+        if pattern not in by_name:  # a glob: the layers it matches that quantize these roles (a name: that layer,
+            # refused below if it keeps a role in full precision; before session 24 "*" always hit the FP32 ends)
+            hit = [n for n in hit if all(getattr(by_name[n], r) is not None for r in roles)] or hit
         for n in hit:
             todo.setdefault(n, {}).update(roles)
     for n, roles in todo.items():  # check everything before changing anything
