@@ -254,6 +254,13 @@ class MetricsAcrossRanks:
             row[k] = v
 
 
+def check_sync_batchnorm(device) -> None:
+    """``train.sync_batchnorm`` needs GPUs (PyTorch's SyncBatchNorm); one line otherwise."""
+    if device.type != "cuda":
+        raise ConfigError("train.sync_batchnorm: PyTorch's SyncBatchNorm runs on GPUs only (this run is on "
+                          f"{device.type}); leave it false on CPU")
+
+
 def setup(model, train_loader, method, device, start_epoch: int, sync_batchnorm: bool = False):
     """Everything :func:`lowbit.train.run` does for a distributed run between building the model
     and calling ``fit``: SyncBatchNorm (GPU), quantizer priming, the DDP wrapper and the method's
@@ -262,9 +269,7 @@ def setup(model, train_loader, method, device, start_epoch: int, sync_batchnorm:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if sync_batchnorm:
-        if device.type != "cuda":
-            raise ConfigError("train.sync_batchnorm: PyTorch's SyncBatchNorm runs on GPUs only (this run is on "
-                              f"{device.type}); leave it false on CPU")
+        check_sync_batchnorm(device)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_loader.set_epoch(start_epoch)
     first = next(iter(train_loader))

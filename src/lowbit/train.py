@@ -395,9 +395,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
     device = resolve_device(t.device)
     if ddp.active() and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    if ddp.active() and t.sync_batchnorm and device.type != "cuda":  # before the run folder is written
-        raise ConfigError("train.sync_batchnorm: PyTorch's SyncBatchNorm runs on GPUs only (this run is on "
-                          f"{device.type}); leave it out on the CPU")
+    if ddp.active() and t.sync_batchnorm:  # before the run folder is written
+        ddp.check_sync_batchnorm(device)
     data = data or load_data(cfg)
     # resuming: last.pt holds every weight, so the pretrained start (model.init_from) is not read again (a run
     # whose start was moved or deleted resumes; session 24)
