@@ -38,9 +38,14 @@ def _rank(r: int, world: int, port: int, out: str, data) -> None:
 def test_two_ranks_end_with_identical_quantizer_state_and_one_run_folder(tmp_path):
     from lowbit.train import load_data
 
-    # what the forked ranks would each pay for again: the data, and torch.optim's first-use imports
+    # what the forked ranks would each pay for again: the data, and torch.optim's first-use imports; and the native
+    # kernels' load and self-check, whose OpenMP threads deadlock in a child forked after the parent used OpenMP
+    # (this test alone hung there; in the full suite an earlier test had loaded them)
+    from lowbit.quant import native
+
     data = load_data(Config.model_validate(CFG))
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    native.available()
     tmp.start_processes(_rank, args=(2, _free_port(), str(tmp_path), data), nprocs=2, start_method="fork")
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert a.keys() == b.keys()
