@@ -49,12 +49,12 @@ def test_the_runtime_builds_warning_free_with_strict_flags(cc, tmp_path):
     float input one -Wfloat-equal, and clang an unused function on the Cortex-M4."""
     prog, *cpu = cc.split()
     if shutil.which(prog) is None:
-        pytest.skip(f"{prog} not installed")
+        pytest.skip(f"{prog} not installed (scripts/install_mcu_tools.sh installs it)")
     target = []
     if cpu and prog == "clang":
         arm_inc = "/usr/lib/arm-none-eabi/include"
         if shutil.which("arm-none-eabi-gcc") is None:
-            pytest.skip("no arm-none-eabi headers")
+            pytest.skip("no arm-none-eabi headers (scripts/install_mcu_tools.sh installs them)")
         target = ["--target=thumbv7em-none-eabihf", f"-mcpu={cpu[0]}", "-mfpu=fpv4-sp-d16", "-mfloat-abi=hard",
                   "-isystem", arm_inc]
     elif cpu:

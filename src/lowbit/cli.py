@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import warnings
@@ -106,7 +107,7 @@ def cmd_eval(args) -> int:
     if isinstance(recorded.get("method_info"), dict):  # facts of the training (a schedule, learned weights, a
         summary["method_info"] = recorded["method_info"]  # distillation), which a reloaded method does not know
     text = format_summary(summary)
-    if at_training is not None and val["acc"] == val["acc"] and at_training != val["acc"]:
+    if at_training is not None and not math.isnan(val["acc"]) and at_training != val["acc"]:
         text += (f"\nnote            validation {100 * val['acc']:.2f}% as evaluated now; training picked the epoch at "
                  f"{100 * at_training:.2f}%" + (" (before train.bn_recalibrate)" if cfg.train.bn_recalibrate else ""))
     # --json: stdout is the JSON alone (the text goes to stderr), as lowbit export --json

@@ -26,9 +26,10 @@ check on CPU); they are read every ``log_every`` steps for the progress bar and 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +137,18 @@ def _steps_per_epoch(batches: Any, epochs: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # evaluation
 # ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def kept_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every module's own train/eval mode on leaving (``model.train(was)`` would reset a BatchNorm the
+    caller froze to the root's mode): for work that switches a model to eval mode, evaluation and export."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield model
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, device: str | torch.device | None = None,
              loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> dict[str, float]:
@@ -148,12 +161,11 @@ def evaluate(model: nn.Module, batches: Iterable, device: str | torch.device | N
     accuracy. Every module's train/eval mode is restored afterwards.
     """
     dev = resolve_device(device) if device is not None else model_device(model)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     n = 0
-    try:
+    with kept_modes(model):
+        model.eval()
         with parametrize.cached():
             for batch in batches:
                 x, y = _xy(to_device(batch, dev))
@@ -164,9 +176,6 @@ def evaluate(model: nn.Module, batches: Iterable, device: str | torch.device | N
                     loss_sum += loss_fn(out, y).double() * len(y)
                 correct += _correct(out, y)
                 n += len(y)
-    finally:
-        for m, t in modes.items():  # every module's own mode (a BatchNorm the caller froze stays frozen)
-            m.training = t
     if n == 0:
         return {"loss": float("nan"), "acc": float("nan"), "n": 0}
     return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "n": n}

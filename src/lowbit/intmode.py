@@ -39,7 +39,6 @@ input quantizers) and then:
 
 from __future__ import annotations
 
-import hashlib
 import operator
 import types
 from dataclasses import dataclass, field
@@ -449,13 +448,9 @@ def _versions(model: nn.Module) -> tuple:
     parameter and buffer (a digest of their bytes) and every quantizer's bits (``lowbit.set_bits`` changes them in
     place). Before session 24 the key held the tensors' in-place versions, which an edit through ``.data``
     (``p.data.mul_(-1)``, ``p.data = ...``) does not change: eval kept the old network."""
-    h = hashlib.blake2b(digest_size=16)
-    for t in (*model.parameters(), *model.buffers()):
-        a = t.detach()
-        a = (a.cpu() if a.device.type != "cpu" else a).contiguous().reshape(-1)
-        h.update(f"{a.dtype}{tuple(t.shape)}".encode())
-        h.update(a.view(torch.uint8).numpy())
-    return h.digest(), tuple(getattr(m, "bits", None) for m in model.modules())
+    from .digest import digest
+
+    return digest([*model.parameters(), *model.buffers()]), tuple(getattr(m, "bits", None) for m in model.modules())
 
 
 def _int_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

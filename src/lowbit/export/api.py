@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 import warnings
@@ -118,18 +119,17 @@ def torch_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | No
 
 
 def _keeps_modes(fn):
-    """``fn(model, ...)`` leaves every module of ``model`` in the train/eval mode it found it in (the export runs
-    the model in eval mode; before session 24 a model passed in train mode came back in eval mode)."""
+    """``fn(model, ...)`` leaves every module of ``model`` in the train/eval mode it found it in
+    (:func:`lowbit.fit.kept_modes`; the export runs the model in eval mode, and before session 24 a model passed in
+    train mode came back in eval mode)."""
     import functools
+
+    from ..fit import kept_modes
 
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
-        modes = {m: m.training for m in model.modules()} if isinstance(model, nn.Module) else {}
-        try:
+        with kept_modes(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
             return fn(model, *args, **kwargs)
-        finally:
-            for m, t in modes.items():
-                m.training = t
     return wrapper
 
 
