@@ -114,8 +114,14 @@ def test_cache_returns_same_accuracy_without_training(tmp_path):
         ev.accuracy((2, 4))
 
 
-def test_tiny_search_end_to_end(tmp_path):
+def test_tiny_search_end_to_end(tmp_path, monkeypatch):
+    import tempfile
+
     from lowbit.cli import main
+
+    scratch = tmp_path / "tmp"  # the system's temporary directory, as the search sees it
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
     cfg = {**BASE, "releq": {"layers": LAYERS, "episodes": 2, "finetune_steps": 1, "pretrain_epochs": 1,
                              "final_epochs": 1, "progress": False, "ppo": {"episodes_per_update": 1},
@@ -153,6 +159,9 @@ def test_tiny_search_end_to_end(tmp_path):
     assert main(["search", "releq", str(path), "releq.episodes=5", "releq.finetune_steps=3", "--out", str(out),
                  "--resume"]) == 2
     assert json.loads((out / "state.json").read_text())["episodes_done"] == 4
+    # nothing left behind in the temporary directory (PPO's default logger made an empty SB3-<date> folder there
+    # on every search and resume)
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("SB3")] == []
 
 
 SEARCH_CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "search").glob("releq_*.yaml"))

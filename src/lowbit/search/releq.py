@@ -226,6 +226,7 @@ def _settings(data: dict) -> dict:
 def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = False) -> dict:
     """Run ReLeQ and the baselines into the search folder ``out``; returns ``result.json``'s dict."""
     from stable_baselines3 import PPO
+    from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.callbacks import BaseCallback
     from tqdm.auto import tqdm
 
@@ -340,6 +341,9 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
                     max_grad_norm=p.max_grad_norm, normalize_advantage=p.normalize_advantage,
                     policy_kwargs={"net_arch": {"pi": p.pi_layers, "vf": p.vf_layers}}, seed=opts.seed,
                     device="cpu", verbose=0)
+    # a logger that writes nothing: left to itself, PPO.learn makes an empty SB3-<date> folder in the system's
+    # temporary directory on every search (and on every resume)
+    model.set_logger(Logger(folder=None, output_formats=[]))
     remaining = opts.episodes - len(st["history"])
     if remaining > 0:
         model.learn(total_timesteps=remaining * L, callback=Saver(), reset_num_timesteps=not resume)
