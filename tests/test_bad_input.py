@@ -228,6 +228,10 @@ CASES = [
     ("suite-seeds-neg", {"s.yaml": suite(seeds=[-1])}, ["bench", "{d}/s.yaml", "--dry-run"], "seed"),
     ("suite-seeds-text", {"s.yaml": suite(seeds=["a"])}, ["bench", "{d}/s.yaml"], "suite.seeds.0"),
     ("suite-seeds-dup", {"s.yaml": suite(seeds=[0, 0])}, ["bench", "{d}/s.yaml", "--dry-run"], "suite.seeds: 0 appears twice"),
+    # duplicate bits, models or widths: one row each, merged without a word (session 25; --dry-run listed both)
+    ("suite-bits-dup", {"s.yaml": suite(methods={"L": {"plan": {"weight": {"name": "sawb"}}}}, bits=[2, 4, 2])}, ["bench", "{d}/s.yaml", "--dry-run"], "suite.bits: 2 appears twice"),
+    ("suite-models-dup", {"s.yaml": suite(models=["resnet8", "resnet8"])}, ["bench", "{d}/s.yaml", "--dry-run"], "suite.models: resnet8 appears twice"),
+    ("suite-widths-dup", {"s.yaml": suite(widths=[1, 1.0])}, ["bench", "{d}/s.yaml", "--dry-run"], "suite.widths: 1.0 appears twice"),
     ("suite-bits-0", {"s.yaml": suite(methods={"L": {"plan": {"weight": {"name": "sawb"}}}}, bits=[0])}, ["bench", "{d}/s.yaml", "--dry-run"], "bits 1..8, got 0"),
     ("suite-width-0", {"s.yaml": suite(widths=[0.0])}, ["bench", "{d}/s.yaml", "--dry-run"], "width"),
     ("suite-width-nan", {"s.yaml": suite(widths=[float("nan")])}, ["bench", "{d}/s.yaml", "--dry-run"], "nan is not a finite number"),

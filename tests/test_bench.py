@@ -209,3 +209,63 @@ def test_scale_out_mistakes_are_one_line_or_handled(tmp_path, monkeypatch):
     assert build_method("sinareq").ddp is False
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert numerics_env()["processes"] == 2
+
+
+def test_scale_out_mistakes_session25(tmp_path, monkeypatch, capsys):
+    """Session 25: an unreachable --address waited minutes in Ray's own retries (now a TCP check, one line); a
+    running local Ray cluster made a local start fail as "address None: cannot reach" (now says --address auto);
+    torchrun printed a config refusal once per rank (now rank 0 alone; other errors keep their rank)."""
+    import socket
+
+    import lowbit.parallel
+    from lowbit.cli import main
+    from lowbit.errors import ConfigError, DataError
+    from lowbit.parallel import check_reachable
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # a port nobody listens on
+    with pytest.raises(ConfigError, match=f"address 127.0.0.1:{port}: cannot reach a Ray cluster"):
+        check_reachable(f"127.0.0.1:{port}", timeout=2)
+    for bad in ("headnode", "headnode:port", ":6379"):
+        with pytest.raises(ConfigError, match="expected HOST:PORT"):
+            check_reachable(bad)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    try:  # a listening port passes, also in Ray client form; auto and None are Ray's to resolve
+        for a in (f"127.0.0.1:{server.getsockname()[1]}", f"ray://127.0.0.1:{server.getsockname()[1]}", "auto", None):
+            check_reachable(a)
+    finally:
+        server.close()
+
+    class FakeRay:
+        def is_initialized(self):
+            return False
+
+        def init(self, **kw):
+            raise ValueError("When connecting to an existing cluster, num_cpus and num_gpus must not be provided.")
+
+    monkeypatch.setattr(lowbit.parallel, "import_ray", lambda: FakeRay())
+    with pytest.raises(ConfigError, match="cannot start a local Ray instance .*pass --address auto"):
+        with lowbit.parallel.ray_session(None, 2):
+            pass
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: {name: resnet9}\n")
+    for rank, said in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", str(cfg), "--out", str(tmp_path / f"r{rank}")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("lowbit: error") == said and (not said or "resnet9" in err)
+
+    def data_error(args):
+        raise DataError("fashion-mnist: train-images-idx3-ubyte.gz is truncated")
+
+    import argparse
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda self, argv=None: argparse.Namespace(func=data_error))
+    assert main(["train", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip() == "lowbit: error (rank 1): fashion-mnist: train-images-idx3-ubyte.gz is truncated"

@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from .errors import LowbitError
+from .errors import ConfigError, LowbitError
 
 
 def _load_cfg(target: str, overrides: list[str]):
@@ -476,7 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LowbitError as e:
-        print(f"lowbit: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"lowbit: error: {e}", file=sys.stderr)
+        elif not isinstance(e, ConfigError):  # a config is refused alike on every torchrun rank: rank 0 says it
+            print(f"lowbit: error (rank {rank}): {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only folder, a missing permission: one line naming the file
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""

@@ -39,6 +39,24 @@ def import_ray():
     return ray
 
 
+def check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """A one-line :class:`ConfigError` where ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``) takes no TCP
+    connection within ``timeout`` seconds; ``auto``, ``local`` and None are left to Ray. Ray itself retries an
+    unreachable cluster for minutes, printing its own warnings."""
+    import socket
+
+    if address is None or address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = e.strerror or f"no answer within {timeout:g} s"
+        raise ConfigError(f"address {address}: cannot reach a Ray cluster ({why})") from None
+
+
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None):
     """Ray, initialised: an already running session is used as it is (and left running); otherwise
@@ -46,11 +64,15 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
     ray = import_ray()
     started = False
     if not ray.is_initialized():
+        check_reachable(address)
         try:
             ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if address is None:  # e.g. a Ray cluster already runs on this machine: Ray then refuses num_cpus
+                raise ConfigError(f"cannot start a local Ray instance ({msg[:120]}); to use a Ray cluster "
+                                  "running here, pass --address auto") from None
             raise ConfigError(f"address {address}: cannot reach a Ray cluster ({msg[:120]})") from None
         started = True
     try:

@@ -67,9 +67,12 @@ def load_suite(path: str | Path) -> tuple[Suite, dict, Path]:
         suite = Suite.model_validate(data)
     except ValidationError as e:
         raise ConfigError(one_line(e, "suite")) from None
-    dup = sorted({s for s in suite.seeds if suite.seeds.count(s) > 1})
-    if dup:
-        raise ConfigError(f"suite.seeds: {dup[0]} appears twice (each seed is one run folder)")
+    for key, why in (("seeds", "each seed is one run folder"), ("bits", "each is one row"),
+                     ("models", "each is one row"), ("widths", "each is one row")):
+        values = getattr(suite, key) or []
+        dup = [v for i, v in enumerate(values) if v in values[:i]]  # before: bits, models and widths silently merged
+        if dup:
+            raise ConfigError(f"suite.{key}: {dup[0]} appears twice ({why})")
     if isinstance(suite.base, str):
         base_path = (path.parent / suite.base).resolve()
         if not base_path.is_file():
