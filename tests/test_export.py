@@ -515,6 +515,57 @@ def test_a_corrupt_package_is_one_line_naming_the_file(tmp_path):
         load_int_package(tmp_path / "i")
 
 
+def test_an_inconsistent_package_is_one_line_naming_the_layer(tmp_path):
+    """Session 25 (an FPGA engineer writing packages with a reader of their own): a manifest that does not fit its
+    numbers, written with valid checksums, was read as it came. A codes run longer than its bits need (bits edited
+    2 -> 1) loaded silently and gave other logits; a code past the layer's levels failed later with an IndexError;
+    an edited model.json beside an integer package loaded without a word (the .safetensors' copy is what runs)."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from lowbit.export.intgraph import load_int_package, save_int_package
+    from lowbit.export.package import sealed
+    from lowbit.intmode import int_graph
+
+    m = quantized_resnet({"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}})
+    save_package(lower(m, inputs(2)), tmp_path / "f")
+    mf = tmp_path / "f" / "model.json"
+    good = json.loads(mf.read_text())
+    first = next(d for d in good["ops"] if "weight" in d)
+
+    def write(edit):
+        man = json.loads(json.dumps(good))
+        edit(next(d for d in man["ops"] if d["name"] == first["name"])["weight"])
+        mf.write_text(json.dumps(sealed({k: v for k, v in man.items() if k != "manifest_sha256"})))
+
+    write(lambda w: w.update(bits=1))
+    with pytest.raises(ConfigError, match=rf"^{mf}: layer {first['name']}: \d+ bytes of codes where \d+ codes at 1 bits "
+                                          r"take \d+: the package is inconsistent$"):
+        load_package(mf)
+    write(lambda w: w["levels"].update(n=3))  # SAWB's 4 levels said to be 3: the codes 3 name no level
+    with pytest.raises(ConfigError, match=rf"^{mf}: layer {first['name']}: code 3 where the layer has 3 levels"):
+        load_package(mf)
+
+    torch.manual_seed(0)
+    mi = quantized_resnet({"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}, "integer": True})
+    save_int_package(int_graph(mi, inputs(1)), tmp_path / "i")
+    st, js = tmp_path / "i" / "model.safetensors", tmp_path / "i" / "model.json"
+    man = json.loads(js.read_text())
+    js.write_text(js.read_text().replace('"stride": [\n     1,', '"stride": [\n     2,', 1))
+    with pytest.raises(ConfigError, match=rf"^{js} differs from the manifest inside model.safetensors, which is what "
+                                          "runs"):
+        load_int_package(tmp_path / "i")
+    js.unlink()  # the .safetensors alone is a whole package
+    load_int_package(st)
+    w = next(d for d in man["ops"] if "weight" in d)
+    w["weight"]["bits"] = 1  # the 8-bit first conv
+    man = sealed({k: v for k, v in man.items() if k != "manifest_sha256"})
+    save_file(load_file(str(st)), str(st), metadata={"manifest": json.dumps(man)})
+    with pytest.raises(ConfigError, match=rf"^{st}: layer {w['name']}: \d+ bytes of codes where"):
+        load_int_package(st)
+
+
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="no C compiler")
 def test_a_module_called_twice_exports_to_c(tmp_path):
     """Session 24: a conv the forward calls three times (shared weights) gave C that did not compile ('redefinition

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .levels import ActQuant
-from .pack import pack_codes, packed_nbytes, unpack_codes
+from .pack import pack_codes, packed_nbytes, read_codes
 from .package import check_digests, check_manifest, digests, reading, sealed
 from .requant import quantize_multiplier, requantize, rne_shift
 
@@ -611,11 +611,18 @@ def load_int_package(path: str | Path) -> IntGraph:
         check_manifest(p, m)
         b = load_file(str(p))
     check_digests(p, b, m)
+    readable = p.with_suffix(".json")
+    if readable.is_file():  # the human-readable copy: what runs is the manifest inside the .safetensors
+        with reading(readable):
+            same = json.loads(readable.read_text()) == m
+        if not same:
+            raise ConfigError(f"{readable} differs from the manifest inside {p.name}, which is what runs: the .json "
+                              "was edited or is from another export (export again, or delete the .json)")
     with reading(p):
-        return _int_graph_of(m, b)
+        return _int_graph_of(m, b, p)
 
 
-def _int_graph_of(m: dict, b: dict) -> IntGraph:
+def _int_graph_of(m: dict, b: dict, where: Path | str = "package") -> IntGraph:
 
     def get(kind, ref):
         return b[kind][ref[0]: ref[0] + ref[1]].copy()
@@ -634,9 +641,10 @@ def _int_graph_of(m: dict, b: dict) -> IntGraph:
         if "weight" in d:
             w = d["weight"]
             cnt = int(np.prod(w["shape"]))
-            op.codes = unpack_codes(get("codes", w["codes"]), w["bits"], cnt).reshape(w["shape"]).astype(np.uint8)
-            op.wbits, op.wquant = int(w["bits"]), w["quantizer"]
             op.lut = get("i16", w["lut"]).reshape(w["lut_shape"])
+            op.codes = read_codes(get("codes", w["codes"]), w["bits"], cnt, int(op.lut.shape[-1]),
+                                  f"{where}: layer {d['name']}").reshape(w["shape"]).astype(np.uint8)
+            op.wbits, op.wquant = int(w["bits"]), w["quantizer"]
         for k, ref in d.get("arrays", {}).items():
             setattr(op, k, get("f32" if k == "out_scale" else "i32", ref))
         ops.append(op)

@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import ConfigError
 from .graph import Graph, Op, WeightQ
 from .levels import ActQuant, LevelSpec
-from .pack import pack_codes, packed_nbytes, unpack_codes
+from .pack import pack_codes, packed_nbytes, read_codes
 
 FORMAT = "lowbit.packed"
 VERSION = 1
@@ -231,10 +231,10 @@ def load_package(path: str | Path) -> Graph:
         blobs = load_file(str(st))
     check_digests(st, blobs, m)
     with reading(p):
-        return _graph_of(m, blobs)
+        return _graph_of(m, blobs, p)
 
 
-def _graph_of(m: dict, blobs: dict) -> Graph:
+def _graph_of(m: dict, blobs: dict, where: Path | str = "package") -> Graph:
     codes, f32 = blobs["codes"], blobs["f32"]
     ops = []
     for d in m["ops"]:
@@ -252,7 +252,8 @@ def _graph_of(m: dict, blobs: dict) -> Graph:
                                                                  if k.startswith("levels.")})
             n = int(np.prod(w["shape"]))
             buf = codes[w["codes"][0]: w["codes"][0] + w["codes"][1]]
-            c = unpack_codes(buf, w["bits"], n).reshape(w["shape"]).astype(np.uint8)
+            c = read_codes(buf, w["bits"], n, int(lv["n"]), f"{where}: layer {d['name']}")
+            c = c.reshape(w["shape"]).astype(np.uint8)
             op.weight = WeightQ(w["quantizer"], w["bits"], c, spec)
         elif "weight" in arr:
             op.weight = arr["weight"]
