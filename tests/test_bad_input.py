@@ -218,6 +218,11 @@ CASES = [
     ("out-finished-no-last", {"c.yaml": OK, "run/last.pt": None}, ["train", "{d}/c.yaml", "--out", "{run}"], "already holds a run (finished"),
     # --- suites -------------------------------------------------------------------------------------
     ("suite-missing", {}, ["bench", "{d}/nope.yaml"], "suite file not found"),
+    # session 25: a folder given as the suite said "not found"; --out onto a folder of one's own files replaced them
+    ("suite-directory", {"sdir/x": ""}, ["bench", "{d}/sdir"], "sdir is a folder; a suite is a YAML file"),
+    ("suite-out-foreign", {"s.yaml": suite(), "o/summary.md": "my notes"}, ["bench", "{d}/s.yaml", "--out", "{d}/o"], "/o holds files no lowbit bench wrote (summary.md): choose another folder"),
+    ("suite-out-file", {"s.yaml": suite(), "afile": "x"}, ["bench", "{d}/s.yaml", "--dry-run", "--out", "{d}/afile"], "is a file, not a folder"),
+    ("suite-model-unknown-row", {"s.yaml": suite(methods={"A": {"model": {"name": "resnt8"}}})}, ["bench", "{d}/s.yaml", "--dry-run"], "row 'A': model.name: unknown model 'resnt8'"),
     ("suite-empty", {"s.yaml": ""}, ["bench", "{d}/s.yaml"], "s.yaml: the file is empty"),
     ("suite-not-utf8", {"s.yaml": b"name: \xff\n"}, ["bench", "{d}/s.yaml"], "s.yaml: not UTF-8 text"),
     ("suite-bad-yaml", {"s.yaml": "methods: {A: \n"}, ["bench", "{d}/s.yaml"], "not valid YAML"),

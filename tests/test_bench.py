@@ -51,8 +51,9 @@ def test_each_row_is_compared_with_the_reference_of_its_own_model_and_width():
              "size_bytes": 1024, "bitops": 1e9, "epochs": 1} for r, a in acc.items()]
     agg = {a["row"]: a for a in aggregate(recs, refs)}
     assert agg["SAWB 2b x0.5"]["time_ratio"] == 2.0 and agg["SAWB 2b x0.25"]["time_ratio"] == 4.0
-    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[4] for line in markdown(list(agg.values()),
-                                                                                       refs).splitlines()[2:]}
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[8] for line in markdown(list(agg.values()),
+                                                                                       refs).splitlines()[2:]
+             if line.startswith("|")}
     assert table["SAWB 2b x0.5"] == "-5.00" and table["SAWB 2b x0.25"] == "-10.00" and table["FP32 x0.5"] == "+0.00"
 
 
@@ -78,8 +79,13 @@ def test_bench_runs_writes_json_lines_and_resumes(tmp_path):
         for k in ("config", "best_epoch", "test_acc", "size_bytes", "bitops", "epoch_time", "weight", "act"):
             assert k in r, k
         assert r["config"]["train"]["seed"] == r["seed"]
-    assert lines[2]["config"]["plan"]["weight"]["bits"] == 2 and lines[2]["method"] == "SAWB"
-    assert "SAWB 2b" in res["table"]
+    assert lines[2]["config"]["plan"]["weight"]["bits"] == 2
+    # the row's place in the grid beside the run's own fields (before session 25 it overwrote method with the
+    # suite's label, and model and width with null where the suite had no models or widths list)
+    assert lines[2]["suite"] == {"method": "SAWB", "bits": 2, "model": None, "width": None}
+    assert (lines[2]["method"], lines[2]["model"]) == ("ste", "resnet8")
+    assert "SAWB 2b" in res["table"] and "| SAWB 2b | ste | sawb2 | fp32 |" in res["table"]
+    assert f"- Test accuracy on {lines[0]['test_images']:,} test images" in res["table"]
     # finished runs are skipped: nothing is retrained
     done = tmp_path / "out" / "SAWB_2b" / "seed1" / "summary.json"
     stamp = done.stat().st_mtime_ns
@@ -166,7 +172,7 @@ def test_report_of_several_results_draws_one_curve_per_file(tmp_path):
         report([tmp_path / "C8", tmp_path / "C16"])
     res = report([tmp_path / "C8", tmp_path / "C16"], out=tmp_path / "both")
     assert res["table"].index("**C8**") < res["table"].index("**C16**")
-    assert "| W4 | 4 | 32 | 1 | 40.00 ± 0.00 | 1 |" in res["table"]  # C16's W4 row
+    assert "| W4 | 4 | 32 | 1 | 40.00 ± – | 1 |" in res["table"]  # C16's W4 row (one run: no spread)
     csv_text = (tmp_path / "both" / "report.csv").read_text().splitlines()
     assert csv_text[0].startswith("results,row,") and len(csv_text) == 5
     assert main(["report", str(tmp_path / "C8"), str(tmp_path / "C16"), "--out", str(tmp_path / "cli"),
@@ -269,3 +275,34 @@ def test_scale_out_mistakes_session25(tmp_path, monkeypatch, capsys):
                         lambda self, argv=None: argparse.Namespace(func=data_error))
     assert main(["train", str(cfg)]) == 2
     assert capsys.readouterr().err.strip() == "lowbit: error (rank 1): fashion-mnist: train-images-idx3-ubyte.gz is truncated"
+
+
+def test_a_suite_report_session25(tmp_path, capsys):
+    """Session 25 (a researcher comparing methods): methods compared at one bit width were drawn as a single
+    unlabelled line through all of them in acc_vs_bits.png; --reuse pooled runs of another config into a row without
+    a word; the epoch-time column did not say it is wall time (and printed nan without a reference)."""
+    rows = table_rows([{"row": m, "test_acc": a, "size_bytes": 1, "bitops": 1, "weight_bits": [2], "act_bits": [2],
+                        "suite": {"method": m}} for m, a in (("STE", 0.8), ("BR", 0.7), ("DQA", 0.75))])
+    assert list(_curves({"s": rows})) == ["STE", "BR", "DQA"]  # one marker per method
+    sweep = table_rows([{"row": f"W{b}", "test_acc": 0.8, "size_bytes": 1, "bitops": 1, "weight_bits": [b]}
+                        for b in (1, 2, 4)])
+    assert list(_curves({"s": sweep})) == ["all rows"]  # a budget suite: one precision per row, one curve
+
+    p = _suite(tmp_path, seeds=[0])
+    run_suite(p)
+    q = tmp_path / "suite.yaml"
+    changed = yaml.safe_load(q.read_text())
+    changed["base"]["train"]["lr"] = 0.07
+    q.write_text(yaml.safe_dump(changed))
+    with pytest.raises(ConfigError, match="was trained with another config"):
+        run_suite(q)
+    capsys.readouterr()
+    res = run_suite(q, reuse=True)
+    assert capsys.readouterr().out.count("warning: --reuse:") == 2
+    assert all(r["reused_other_config"] for r in res["records"])
+    assert "**Reused runs of another config** (`--reuse`): FP32 (1 of 1 runs), SAWB 2b (1 of 1 runs)." in res["table"]
+    assert "comparable only for runs trained one at a time on an otherwise idle machine." in res["table"]
+    from lowbit.bench.runner import aggregate, markdown
+
+    assert "(these ran 2 at a time: not comparable)" in markdown(aggregate(res["records"], "FP32"), "FP32", workers=2)
+    assert "epoch time" not in markdown(aggregate(res["records"]))  # no reference: no ratio column (was nan)

@@ -206,12 +206,12 @@ def cmd_bench(args) -> int:
 
     res = run_suite(args.suite, workers=args.workers, out=args.out, dry_run=args.dry_run, reuse=args.reuse,
                     backend=args.backend, address=args.address)
-    if args.dry_run:
-        print(f"{res['runs']} runs into {res['out']}:")
+    if args.dry_run:  # the absolute folder: a suite's `out:` is relative to where lowbit runs, not to the suite
+        print(f"{res['runs']} runs into {Path(res['out']).resolve()}:")
         print("\n".join(f"  {r}" for r in res["rows"]))
         return 0
     print(res["table"])
-    print(f"results: {res['out']}/results.jsonl  (tables: summary.md, summary.csv)")
+    print(f"results: {Path(res['out']).resolve()}/results.jsonl  (tables: summary.md, summary.csv)")
     return 0
 
 

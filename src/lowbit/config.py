@@ -191,6 +191,8 @@ def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:
     """A YAML file whose top level is a mapping; every way it can be malformed (missing, a folder,
     not UTF-8, empty, not YAML, not a mapping) is one line naming the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p} is a folder; a {what} is a YAML file")
     if not p.is_file():
         raise ConfigError(f"{what} file not found: {p}")
     raw = p.read_bytes()

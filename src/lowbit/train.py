@@ -515,7 +515,7 @@ def make_summary(cfg: Config, model: nn.Module, data: DataSplits, test: dict, be
         "weight_bits": wb, "act_bits": ab,
         "first_last_fp": ends_full_precision(model),
         "best_epoch": best["epoch"], "best_val_acc": best.get("val_acc"),
-        "test_acc": test["acc"], "test_loss": test["loss"],
+        "test_acc": test["acc"], "test_loss": test["loss"], "test_images": test.get("n"),
         "params": cost.params, "macs": cost.macs, "bitops": cost.bitops,
         "size_bytes": cost.size_bytes, "fp32_size_bytes": cost.fp32_size_bytes,
         "mem_002_bits": cost.mem_bits,
@@ -523,6 +523,12 @@ def make_summary(cfg: Config, model: nn.Module, data: DataSplits, test: dict, be
         "distinct_weight_values": distinct_weight_values(model),
         "method_info": quant_state(model).method.summary(model),
     }
+
+
+def _test_images(s: dict) -> str:
+    """", on N test images" (data.limit also cuts the test set); empty for summaries written before session 25."""
+    n = s.get("test_images")
+    return f", {n:,} test images" if n else ""
 
 
 def format_summary(s: dict) -> str:
@@ -533,7 +539,8 @@ def format_summary(s: dict) -> str:
     else:
         where = f"best validation epoch {s['best_epoch']}, val {100 * va:.2f}%"
     return "\n".join([
-        f"test accuracy   {100 * s['test_acc']:.2f}%  ({where})",
+        f"test accuracy   {100 * s['test_acc']:.2f}%  ({where}"
+        f"{_test_images(s)})",
         f"bits            {bits}  weight {s['weight']}, act {s['act']}, method {s['method']}"
         f"{', first/last layer FP32' if all(s['first_last_fp']) else ''}",
         f"model size      {s['size_bytes'] / 1024:.1f} KiB at these bits vs {s['fp32_size_bytes'] / 1024:.1f} KiB FP32 "

@@ -78,7 +78,9 @@ def table_rows(records: list[dict]) -> list[dict]:
         errs = [1.0 - r["test_acc"] for r in rs]
         r0 = rs[0]
         rows.append({
-            "row": label, "method": r0.get("method", label),
+            # the suite's method label (a curve of the bits plot); records written before session 25 held it
+            # in "method", over the run's own training method
+            "row": label, "method": (r0.get("suite") or {}).get("method") or r0.get("method", label),
             "w_bits": _bits(r0, "weight_bits"), "a_bits": _bits(r0, "act_bits"),
             "width": (r0.get("config") or {}).get("model", {}).get("width", r0.get("width") or 1.0),
             "n": len(rs), "err_mean": statistics.fmean(errs),
@@ -93,21 +95,25 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| method | W bits | A bits | width | test error % (mean ± std) | runs | size KiB | GBitOPs |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        spread = f"{100 * r['err_std']:.2f}" if r["n"] > 1 else "–"  # one run has no spread (was "± 0.00")
         lines.append(f"| {r['row']} | {r['w_bits']} | {r['a_bits']} | {r['width']:g} | "
-                     f"{100 * r['err_mean']:.2f} ± {100 * r['err_std']:.2f} | {r['n']} | "
+                     f"{100 * r['err_mean']:.2f} ± {spread} | {r['n']} | "
                      f"{r['size_kib']:.1f} | {r['bitops_g']:.3f} |")
     return "\n".join(lines)
 
 
 def _curves(sets: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """The curves of the accuracy-vs-bits plot: one per method of each set; a set with one point per
-    method (a budget suite) is one curve named after the set."""
+    """The curves of the accuracy-vs-bits plot: one per method of each set (a method with one row is one
+    marker); a set whose methods each have one row, all at different weight bits (a budget suite: one
+    precision per row), is one curve named after the set. Before session 25 any set with one row per method
+    was one curve, so a comparison of methods at the same bits was drawn as a single unlabelled line."""
     curves: dict[str, list[dict]] = {}
     for name, rows in sets.items():
         by_method: dict[str, list[dict]] = {}
         for r in rows:
             by_method.setdefault(r["method"], []).append(r)
-        if all(len(v) == 1 for v in by_method.values()):
+        sweep = len({r["w_bits"] for r in rows}) == len(rows)
+        if sweep and all(len(v) == 1 for v in by_method.values()):
             curves[name if len(sets) > 1 else "all rows"] = rows
         else:
             curves.update({(f"{name}: {m}" if len(sets) > 1 else m): rs for m, rs in by_method.items()})

@@ -8,8 +8,9 @@ holding its config.
 
 Tables follow seed 002's protocol: the test accuracy of each run is taken at its best-validation
 epoch, and rows report mean ± std over seeds. Epoch time is the median over a run's epochs; the
-time ratio is taken against a reference row *with the same seed*, so both were measured in the
-same benchmark process.
+time ratio is taken against a reference row *with the same seed*. It is wall-clock time: comparable
+only for runs trained one at a time on an otherwise idle machine (not with ``--workers`` > 1, Ray, or
+runs resumed or reused from another day), which the table's note says.
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ def make_config(base: dict, overrides: dict, seed: int, label: str) -> Config:
         cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(one_line(e, f"row '{label}'")) from None
-    validate_names(cfg)
+    try:
+        validate_names(cfg)
+    except ConfigError as e:  # name the row (before session 25: only the config field)
+        raise ConfigError(f"row '{label}': {e}") from None
     return cfg
 
 
@@ -130,6 +134,17 @@ def run_grid(rows: dict[str, dict], base: dict, seeds: list[int], out: str | Pat
         for _, cfg, run_dir in jobs:
             if (run_dir / "summary.json").is_file() or (run_dir / "last.pt").is_file():
                 check_same_config(run_dir, cfg.to_dict())
+    differs = {}
+    if reuse:  # reported anyway, but said: before session 25 a row silently pooled runs of other configs
+        from ..runfolder import check_same_config
+
+        for (label, seed), cfg, run_dir in jobs:
+            if (run_dir / "summary.json").is_file():
+                try:
+                    check_same_config(run_dir, cfg.to_dict())
+                except ConfigError as e:
+                    differs[(label, seed)] = str(e)
+                    log(f"warning: --reuse: {e}")
     todo = [j for j in jobs if not (j[2] / "summary.json").is_file()]
     if dry_run:
         return []
@@ -163,7 +178,11 @@ def run_grid(rows: dict[str, dict], base: dict, seeds: list[int], out: str | Pat
                     log(f"== {label} (seed {seed}) queued")
                 busy = {k for f, k in futures.items() if f.result() == "busy"}  # re-raises a worker's error
                 pending = [j for j in pending if j[0] in busy]
-    return [{"row": label, "seed": seed, **read_run(run_dir)} for (label, seed), _, run_dir in jobs]
+    recs = [{"row": label, "seed": seed, **read_run(run_dir)} for (label, seed), _, run_dir in jobs]
+    for r in recs:
+        if (r["row"], r["seed"]) in differs:
+            r["reused_other_config"] = differs[(r["row"], r["seed"])]
+    return recs
 
 
 def _references(rows: list[str], reference: str | dict[str, str] | None) -> dict[str, str]:
@@ -193,31 +212,49 @@ def aggregate(records: list[dict], reference: str | dict[str, str] | None = None
             "row": a["row"], "n": len(a["acc"]),
             "acc_mean": statistics.fmean(a["acc"]), "acc_std": statistics.stdev(a["acc"]) if len(a["acc"]) > 1 else 0.0,
             "time_ratio": statistics.fmean(a["ratio"]) if a["ratio"] else float("nan"),
-            "weight": r["weight"], "act": r["act"], "size_kib": r["size_bytes"] / 1024, "bitops_g": r["bitops"] / 1e9,
-            "epochs": r["epochs"],
+            "method": r.get("method"), "weight": r["weight"], "act": r["act"], "size_kib": r["size_bytes"] / 1024,
+            "bitops_g": r["bitops"] / 1e9, "epochs": r["epochs"], "test_images": r.get("test_images"),
+            "reused_other_config": sum(1 for x in records if x["row"] == a["row"] and x.get("reused_other_config")),
         })
     return rows
 
 
-def markdown(rows: list[dict], reference: str | dict[str, str] | None = None) -> str:
+def markdown(rows: list[dict], reference: str | dict[str, str] | None = None, workers: int | None = None) -> str:
+    """The table, then notes: what the epoch-time column is (wall clock; ``workers`` > 1 makes it load), the
+    test-set size, and rows that pooled ``--reuse``d runs of another config."""
     by_label = {r["row"]: r for r in rows}
     refs = {k: by_label[v] for k, v in _references(list(by_label), reference).items() if v in by_label}
-    head = ["row", "weight", "act", "test acc % (mean ± std)", "n", "size KiB", "GBitOPs", "epoch time / ref"]
+    head = ["row", "method", "weight", "act", "test acc % (mean ± std)", "n", "size KiB", "GBitOPs"]
     if refs:
-        head.insert(4, "Δ vs ref")
+        head += ["Δ vs ref", "epoch time / ref"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["row"], r["weight"], r["act"], f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}",
-                 str(r["n"]), f"{r['size_kib']:.1f}", f"{r['bitops_g']:.3f}", f"{r['time_ratio']:.2f}"]
+        spread = f"{100 * r['acc_std']:.2f}" if r["n"] > 1 else "–"  # one seed has no spread (was "± 0.00")
+        cells = [r["row"], str(r.get("method") or ""), r["weight"], r["act"], f"{100 * r['acc_mean']:.2f} ± {spread}",
+                 str(r["n"]), f"{r['size_kib']:.1f}", f"{r['bitops_g']:.3f}"]
         if refs:
             ref = refs.get(r["row"])
-            cells.insert(4, f"{100 * (r['acc_mean'] - ref['acc_mean']):+.2f}" if ref else "")
+            cells.append(f"{100 * (r['acc_mean'] - ref['acc_mean']):+.2f}" if ref else "")
+            cells.append("–" if r["time_ratio"] != r["time_ratio"] else f"{r['time_ratio']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    notes = []
+    sizes = sorted({r.get("test_images") for r in rows if r.get("test_images")})
+    if sizes:
+        notes.append(f"Test accuracy on {' / '.join(f'{n:,}' for n in sizes)} test images (data.limit also cuts "
+                     "the test set).")
+    if refs:
+        notes.append("Epoch time / ref: median epoch wall time over the reference row's, same seed; comparable only "
+                     "for runs trained one at a time on an otherwise idle machine"
+                     + (f" (these ran {workers} at a time: not comparable)." if workers and workers > 1 else "."))
+    mixed = [f"{r['row']} ({r['reused_other_config']} of {r['n']} runs)" for r in rows if r.get("reused_other_config")]
+    if mixed:
+        notes.append("**Reused runs of another config** (`--reuse`): " + ", ".join(mixed) + ".")
+    return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
 
 def write_results(out: str | Path, records: list[dict], rows: list[dict],
-                  reference: str | dict[str, str] | None = None, meta: dict | None = None) -> str:
+                  reference: str | dict[str, str] | None = None, meta: dict | None = None,
+                  workers: int | None = None) -> str:
     """results.jsonl (one line per run), summary.csv, summary.md; returns the markdown table."""
     import io
 
@@ -231,7 +268,7 @@ def write_results(out: str | Path, records: list[dict], rows: list[dict],
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-    table = markdown(rows, reference)
+    table = markdown(rows, reference, workers)
     note = f"\n\n{json.dumps(meta)}\n" if meta else "\n"
     # one writer at a time, each file whole: two bench processes never interleave or duplicate lines
     with locked(out, what="results folder"):

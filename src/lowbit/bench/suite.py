@@ -67,6 +67,9 @@ def load_suite(path: str | Path) -> tuple[Suite, dict, Path]:
         suite = Suite.model_validate(data)
     except ValidationError as e:
         raise ConfigError(one_line(e, "suite")) from None
+    bad = [b for b in suite.bits if not 1 <= b <= 8]
+    if bad:
+        raise ConfigError(f"suite.bits: bits 1..8, got {bad[0]}")
     for key, why in (("seeds", "each seed is one run folder"), ("bits", "each is one row"),
                      ("models", "each is one row"), ("widths", "each is one row")):
         values = getattr(suite, key) or []
@@ -145,21 +148,48 @@ def references(rows: list[Row], reference: str | None) -> dict[str, str] | None:
     return out
 
 
+#: what ``lowbit bench`` and ``lowbit report`` write into a suite's folder, beside its row folders
+BENCH_FILES = {"results.jsonl", "summary.csv", "summary.md", "report.md", "report.csv", "acc_vs_bits.png",
+               "acc_vs_size.png", ".lock"}
+
+
+def check_out(out: Path, rows: list[Row]) -> None:
+    """A one-line error where ``out`` is a file, or a folder that no suite wrote: files other than
+    :data:`BENCH_FILES` and run folders, or those names in a folder without runs or results. Before
+    session 25 a suite run into such a folder replaced a ``summary.md`` of the user's own without a word."""
+    from .runner import slug
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if not out.is_dir():
+        return
+    ours = {slug(r.label) for r in rows}
+    runs = [e for e in out.iterdir() if e.is_dir() and (e.name in ours or any(e.glob("seed*/config.yaml")))]
+    foreign = sorted(e.name for e in out.iterdir() if e.name not in BENCH_FILES and e not in runs)
+    if not runs and not (out / "results.jsonl").is_file():
+        foreign += sorted(e.name for e in out.iterdir() if e.name in BENCH_FILES and e.name != ".lock")
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ConfigError(f"--out {out} holds files no lowbit bench wrote ({shown}): choose another folder")
+
+
 def run_suite(path: str | Path, workers: int = 1, out: str | Path | None = None, dry_run: bool = False,
               reuse: bool = False, backend: str = "local", address: str | None = None) -> dict:
     """Run (or, with ``dry_run``, only validate and list) a suite; returns records, table, paths."""
     suite, base, default_out = load_suite(path)
     out = Path(out) if out else default_out
     rows = expand(suite)
+    check_out(out, rows)
     grid = {r.label: r.overrides for r in rows}
     records = run_grid(grid, base, suite.seeds, out, workers=workers, dry_run=dry_run, reuse=reuse,
                        backend=backend, address=address)
     if dry_run:
         return {"rows": [r.label for r in rows], "runs": len(rows) * len(suite.seeds), "out": str(out)}
     meta = {r.label: r.meta for r in rows}
-    for rec in records:
-        rec.update({k: v for k, v in meta[rec["row"]].items()})
+    for rec in records:  # the row's place in the grid, beside (not over) the run's own model, method, ...
+        rec["suite"] = dict(meta[rec["row"]])
     ref = references(rows, suite.reference)
     agg = aggregate(records, ref)
-    table = write_results(out, records, agg, ref, meta={"suite": str(path), "seeds": suite.seeds})
+    workers = 1 if backend == "local" and workers <= 1 else max(2, workers)  # Ray: tasks at once
+    table = write_results(out, records, agg, ref, meta={"suite": str(path), "seeds": suite.seeds}, workers=workers)
     return {"records": records, "table": table, "out": str(out)}
