@@ -183,3 +183,13 @@ def test_bad_input_is_one_line(capsys, extra, msg):
     rc = main(["search", "nce", "configs/nce_resnet8_w2a2.yaml", "data.limit=50", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("lowbit: error: ") and msg in err[0], err
+
+
+def test_every_target_of_the_search_is_a_cli_choice():
+    """Session 25: docs/nce.md named --target mem002, which the search supports (TARGETS) but the CLI refused."""
+    from lowbit.cli import build_parser
+    from lowbit.search.nce import TARGETS
+
+    for t in TARGETS:
+        assert build_parser().parse_args(["search", "nce", "c.yaml", "--target", t]).target == t
+

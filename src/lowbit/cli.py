@@ -438,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--warmup", type=_nonneg_int, default=1, help="warm-up epochs (uniformly sampled widths)")
     n.add_argument("--epochs", type=_positive_int, default=3, help="search epochs (alternating weight/architecture steps)")
     n.add_argument("--threshold", type=float, default=0.3, help="T: expand when p(widest candidate) >= T")
-    n.add_argument("--target", default="macs", choices=["macs", "flops", "params", "mem"],
-                   help="resource (flops = MACs; mem = 002's memory at the plan's bits)")
+    n.add_argument("--target", default="macs", choices=["macs", "flops", "params", "mem", "mem002"],
+                   help="resource (flops = MACs; mem = 002's memory at the plan's bits; mem002 = at one uniform "
+                        "precision, as nce-budget compares)")
     n.add_argument("--target-value", type=_positive_float, help="default: the original network's cost")
     n.add_argument("--cap", type=_positive_float, default=2.0, help="widest candidate, x the original width")
     n.add_argument("--arch-lr", type=_positive_float, default=0.02, help="Adam lr of the architecture logits")
