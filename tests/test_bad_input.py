@@ -222,6 +222,7 @@ CASES = [
     ("suite-directory", {"sdir/x": ""}, ["bench", "{d}/sdir"], "sdir is a folder; a suite is a YAML file"),
     ("suite-out-foreign", {"s.yaml": suite(), "o/summary.md": "my notes"}, ["bench", "{d}/s.yaml", "--out", "{d}/o"], "/o holds files no lowbit bench wrote (summary.md): choose another folder"),
     ("suite-out-file", {"s.yaml": suite(), "afile": "x"}, ["bench", "{d}/s.yaml", "--dry-run", "--out", "{d}/afile"], "is a file, not a folder"),
+    ("suite-base-no-bits", {"s.yaml": suite(base_overrides={"plan": {"weight": {"name": "sawb"}}}, methods={"A": {}}, bits=[2])}, ["bench", "{d}/s.yaml", "--dry-run"], "row 'A': plan.weight: the base's quantizer 'sawb' has no bits, and a suite's `bits` fill only the quantizers its methods name"),
     ("suite-model-unknown-row", {"s.yaml": suite(methods={"A": {"model": {"name": "resnt8"}}})}, ["bench", "{d}/s.yaml", "--dry-run"], "row 'A': model.name: unknown model 'resnt8'"),
     ("suite-empty", {"s.yaml": ""}, ["bench", "{d}/s.yaml"], "s.yaml: the file is empty"),
     ("suite-not-utf8", {"s.yaml": b"name: \xff\n"}, ["bench", "{d}/s.yaml"], "s.yaml: not UTF-8 text"),

@@ -132,6 +132,22 @@ def expand(suite: Suite) -> list[Row]:
     return rows
 
 
+def _check_base_bits(base: dict, rows: list[Row]) -> None:
+    """A base quantizer without bits that a row leaves so: say that a suite's ``bits`` fill only the methods'
+    quantizers (before session 25: "supports integer bits 1..8, got None")."""
+    plan = base.get("plan") or {}
+    for role in ("weight", "act"):
+        spec = plan.get(role)
+        if not (isinstance(spec, dict) and spec.get("name") and spec.get("bits") is None
+                and spec.get("name") != "valueset"):
+            continue
+        for r in rows:
+            if role not in (r.overrides.get("plan") or {}):  # a method's own spec for the role gets the bits
+                raise ConfigError(f"row '{r.label}': plan.{role}: the base's quantizer '{spec['name']}' has no bits, "
+                                  "and a suite's `bits` fill only the quantizers its methods name: give bits in the "
+                                  "base or in the method")
+
+
 def references(rows: list[Row], reference: str | None) -> dict[str, str] | None:
     """Each row's reference row: the ``reference`` method's row of the same model and width (and bits, where it
     has a row at the row's bits). Before session 23 every row was compared with the reference method's first row,
@@ -179,6 +195,7 @@ def run_suite(path: str | Path, workers: int = 1, out: str | Path | None = None,
     suite, base, default_out = load_suite(path)
     out = Path(out) if out else default_out
     rows = expand(suite)
+    _check_base_bits(base, rows)
     check_out(out, rows)
     grid = {r.label: r.overrides for r in rows}
     records = run_grid(grid, base, suite.seeds, out, workers=workers, dry_run=dry_run, reuse=reuse,
