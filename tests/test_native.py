@@ -159,6 +159,39 @@ def test_training_runs_the_native_kernels(monkeypatch):
     assert calls["fwd"] == 8 and calls["bwd"] == 8  # every quantized conv input (6 + 2 shortcuts), both ways
 
 
+def test_a_traced_forward_does_not_call_the_native_kernels(tmp_path):
+    """Session 25 (a PyTorch user exporting with torch.onnx.export directly): a ctypes call is invisible to a
+    trace, so the TorchScript exporter kept the first big activation as a constant and wrote a graph without an
+    input (every image the same logits). While torch traces, the quantizers take the torch path."""
+    import warnings
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from lowbit.models import create_model
+    from lowbit.quantize import quantize
+
+    torch.manual_seed(0)
+    m = quantize(create_model("resnet8", in_channels=1, num_classes=10, image_size=28),
+                 {"weight": {"name": "sawb", "bits": 4}, "act": {"name": "lsq", "bits": 4}})
+    with torch.no_grad():
+        m(torch.randn(8, 1, 28, 28))
+    m.eval()
+    assert native.active(torch.zeros(1, 16, 28, 28))  # the stem's output takes the native path in eager mode
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(1, 1, 28, 28),), str(path), dynamo=False, input_names=["x"])
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in s.get_inputs()] == ["x"]
+    outs = []
+    for seed in (1, 2):
+        x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+        outs.append(s.run(None, {"x": x.numpy()})[0])
+        np.testing.assert_allclose(outs[-1], m(x).detach().numpy(), atol=1e-5)
+    assert not np.allclose(outs[0], outs[1])
+
+
 def test_a_failed_build_falls_back_to_eager(native_state, monkeypatch, tmp_path):
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails

@@ -234,10 +234,17 @@ def available() -> bool:
     return _state["on"] and _load() is not None
 
 
+def _tracing() -> bool:
+    """Whether torch is recording the forward (``torch.jit.trace``, ``torch.onnx.export``, ``torch.compile``):
+    a ctypes call is invisible to a trace, which would keep its result as a constant. Before session 25
+    ``torch.onnx.export`` of a quantized ResNet-8 wrote a graph without an input (every image the same logits)."""
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+
+
 def active(x: Tensor) -> bool:
-    """Whether ``x`` takes the native path."""
+    """Whether ``x`` takes the native path (never while torch traces the forward: :func:`_tracing`)."""
     return (_state["on"] and _state["failed"] is None and x.dtype == torch.float32 and x.device.type == "cpu"
-            and x.numel() >= MIN_NUMEL and x.is_contiguous() and _load() is not None)
+            and x.numel() >= MIN_NUMEL and x.is_contiguous() and not _tracing() and _load() is not None)
 
 
 def _farr(vals) -> ctypes.Array:
