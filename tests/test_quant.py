@@ -937,3 +937,50 @@ def test_activation_outputs_exactly_on_levels(name, opts, bits, seed):
     q.eval()
     y = q(x * 1.3)
     assert_on_levels(y, q.levels())
+
+
+def test_numeric_edges_session25():
+    """Session 25 (a user with odd tensors): SAT scaled a constant or all-zero weight by 1e4 (an all-0.7 weight came
+    out as 10000); a uniform activation quantizer whose first training batch was all negative output that negative
+    maximum for every input; sawb closed_form's refused set_bits(6) kept 6 bits and failed on the next call with a
+    KeyError; numpy and tensor integers were refused as bits; an LQ-Net state saved at 2 bits loaded into a 4-bit
+    quantizer and failed in the next forward with a matmul shape error."""
+    import numpy as np
+
+    from lowbit.errors import ConfigError
+    from lowbit.quant import build_quantizer
+
+    sat = build_quantizer("sat", 2)
+    for w in (torch.zeros(4, 3, 3, 3), torch.full((4, 3, 3, 3), 0.7), torch.tensor([[0.4]])):
+        assert sat(w).abs().max() <= 1.0, w.flatten()[0]
+    u = build_quantizer("uniform", 4, role="act")
+    u.train()
+    u(-torch.rand(64) - 0.1)
+    assert u.awaits_data()  # not started on an all-negative batch
+    x = torch.rand(64)
+    y = u(x)
+    assert y.min() >= 0 and not u.awaits_data()
+    u(-torch.rand(64))
+    u.eval()
+    assert u(torch.tensor([0.5, -1.0])).min() == 0
+    s = build_quantizer("sawb", 2, alpha="closed_form")
+    with pytest.raises(ConfigError, match="closed-form constants exist for bits"):
+        s.set_bits(6)
+    assert s.bits == 2 and torch.isfinite(s(torch.randn(8, 4))).all()
+    s.set_bits(np.int64(3))
+    s.set_bits(torch.tensor(4))
+    assert s.bits == 4 and type(s.bits) is int
+    with pytest.raises(ConfigError, match="integer bits"):
+        s.set_bits(3.5)
+    a = build_quantizer("lqnet", 4)
+    a(torch.randn(8, 4))
+    a.set_bits(2)
+    a(torch.randn(8, 4))
+    b = build_quantizer("lqnet", 4)
+    with pytest.raises(ConfigError, match=r"basis: saved at 2 bits, this quantizer has 4: set_bits\(2\) before"):
+        b.load_state_dict(a.state_dict())
+    b.set_bits(2)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.basis, a.basis)
+    with pytest.raises(ConfigError, match="signed: true"):
+        build_quantizer("lsq", 1, role="act", signed=True)

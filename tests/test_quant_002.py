@@ -362,7 +362,7 @@ def test_lqnet_weight_init_levels_per_channel(bits):
 def test_lqnet_act_init_levels(bits):
     x = torch.relu(randn(4, 3, 6, 6, seed=120 + bits, scale=1.3))
     q = build_quantizer("lqnet", bits, role="act")
-    q.eval()
+    q.train()  # an activation quantizer starts on a training batch (session 25); levels and y are the start's
     y = q(x)
     xp = np64(x)
     s = xp[xp > 0].mean() / 2 ** (bits - 1)
@@ -398,8 +398,9 @@ def test_lqnet_one_bit_least_squares_is_mean_abs():
 def _lq_hand(q, x: torch.Tensor, v0: list[float], signed: bool):
     """Set the basis to v0, run one training call; return (output, expected output, expected v*)."""
     q.eval()
-    q(x)  # initialise (no update in eval mode), then overwrite the basis
-    q.basis.copy_(torch.tensor([v0]))
+    q(x)  # a weight quantizer initialises here (no update in eval mode; an activation one waits for training)
+    q.basis.copy_(torch.tensor([v0]))  # the basis set by hand
+    q.initialized.fill_(True)
     q.train()
     y = q(x)
     xn = np64(x).ravel()
@@ -546,7 +547,7 @@ def test_centroids_init_from_quantiles(bits):
 def test_centroids_init_after_relu_has_distinct_centroids():
     x = torch.relu(randn(500, seed=200))  # about half the entries are exactly 0
     q = build_quantizer("centroids", 3, role="act")
-    q.eval()
+    q.train()  # an activation quantizer starts on a training batch (session 25); levels() are the start's
     q(x)
     xn = np64(x)
     exp = np.quantile(np.unique(xn), (np.arange(8) + 0.5) / 8)

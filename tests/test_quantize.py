@@ -324,3 +324,75 @@ def test_a_refused_plan_leaves_the_model_as_it_was():
     assert not any(hasattr(mod, "input_quantizer") for mod in m.modules())
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     q(m, {"weight": {"name": "sawb", "bits": 2}})  # and it quantizes afterwards
+
+
+def test_a_deep_copy_unquantizes_on_its_own():
+    """Session 25: a deep copy (copy.deepcopy, AveragedModel) shares torch's injected parametrized class with its
+    original (pytorch#80811), so unquantizing one deleted `weight` from both: the other failed with
+    "'ParametrizedConv2d' object has no attribute 'weight'"."""
+    import copy
+
+    from lowbit.quantize import unquantize
+
+    torch.manual_seed(0)
+    m = quantize(create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.25),
+                 {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}})
+    x = torch.randn(4, 1, 8, 8)
+    m.eval()
+    y = m(x)
+    d = copy.deepcopy(m)
+    assert type(d.layers[0][0].conv1) is type(m.layers[0][0].conv1)  # torch's sharing, which this test is about
+    unquantize(d)
+    assert torch.equal(m(x), y)  # the original still computes what it did
+    quantize(d, {"weight": {"name": "sawb", "bits": 4}})  # and the copy can be quantized again
+    unquantize(m, keep="latent")
+    assert type(m.layers[0][0].conv1) is nn.Conv2d and parametrize.is_parametrized(d.layers[0][0].conv1)
+    d.eval()
+    d(x)
+
+
+def test_evaluating_before_calibration_warns_and_starts_nothing(recwarn):
+    """Session 25 (a PyTorch user): min-max activations evaluated before any training batch output zeros without a
+    word (8.6 % for 96.4 % on digits), and LSQ, centroid and LQ-Net activations started on their first call in any
+    mode, so an evaluation or a zero-image cost probe fixed LSQ's step at 1e-8 (55.7 % for 94.7 % after training).
+    Data-initialised activation quantizers now start on their first training batch that is not all zeros (like
+    BatchNorm's statistics), and evaluating before that warns once per model."""
+    import warnings
+
+    from lowbit.quantize import UncalibratedWarning, quiet_calibration
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 8, 8)
+    for act in ("minmax", "uniform", "lsq", "centroids", "lqnet"):
+        m = quantize(create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.25),
+                     {"weight": {"name": "sawb", "bits": 4}, "act": {"name": act, "bits": 4}})
+        acts = [q for q in m.modules() if getattr(q, "is_quantizer", False) and q.role == "act"]
+        m.eval()
+        with quiet_calibration(), warnings.catch_warnings():
+            warnings.simplefilter("error", UncalibratedWarning)
+            m(x)  # a cost probe: quiet
+        with pytest.warns(UncalibratedWarning, match=rf"first: layer 'layers.0.0.conv1', {act}\)") as w:
+            m(x)
+        assert len([r for r in w if r.category is UncalibratedWarning]) == 1, act  # once for the model
+        m.train()
+        m(torch.zeros(2, 1, 8, 8))  # an all-zero batch starts nothing either
+        assert all(q.awaits_data() for q in acts), act
+        m(x)
+        assert not any(q.awaits_data() for q in acts), act
+        if act == "lsq":
+            assert min(float(q.step) for q in acts) > 1e-3
+        m.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UncalibratedWarning)
+            m(x)
+
+
+def test_a_module_shared_with_a_quantized_model_is_named_so():
+    """Session 25: a layer shared between two models, quantized through one, was refused in the other as "already
+    has a parametrization (QuantizedWeight, e.g. weight_norm) ... remove it first", advice that breaks the first."""
+    shared = nn.Conv2d(1, 4, 3)
+    quantize(nn.Sequential(nn.Conv2d(1, 1, 1), shared, nn.Conv2d(4, 2, 1)), {"weight": {"name": "sawb", "bits": 2}})
+    assert parametrize.is_parametrized(shared, "weight")
+    with pytest.raises(ConfigError, match="layer 1 is already quantized by lowbit, though this model is not: the "
+                                          "module is shared with a quantized model"):
+        quantize(nn.Sequential(nn.Conv2d(1, 1, 1), shared, nn.Conv2d(4, 2, 1)), {"weight": {"name": "sawb", "bits": 2}})

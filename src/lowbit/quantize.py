@@ -21,6 +21,7 @@ The life of a model (torchao's prepare/convert, NNCF's wrap-after-load)::
 from __future__ import annotations
 
 import fnmatch
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -51,15 +52,52 @@ class QuantState:
         return plan_table(self.layers)
 
 
+class UncalibratedWarning(UserWarning):
+    """A model evaluated before its activation quantizers saw a training batch (:func:`quiet_calibration`)."""
+
+
+_QUIET = [0]
+
+
+@contextmanager
+def quiet_calibration():
+    """No :class:`UncalibratedWarning` inside (a cost probe, whose numbers do not depend on the ranges)."""
+    _QUIET[0] += 1
+    try:
+        yield
+    finally:
+        _QUIET[0] -= 1
+
+
 class _InputQuantHook:
     """The forward pre-hook that quantizes a layer's input; on the layer's first input it also checks
-    that no signed input lost its negative half (:func:`warn_if_negatives_dropped`)."""
+    that no signed input lost its negative half (:func:`warn_if_negatives_dropped`), and until its
+    quantizer has started it warns (once) when it is evaluated before any training batch."""
 
-    def __init__(self, name: str):
-        self.name, self.checked = name, False
+    def __init__(self, name: str, warned: list | None = None):
+        self.name, self.checked, self.started = name, False, False
+        self.warned = [False] if warned is None else warned  # shared by one model's hooks: one warning a model
+
+    def _check_started(self, q: nn.Module) -> None:
+        import warnings
+
+        waiting = [m for m in q.modules() if getattr(m, "is_quantizer", False) and m.awaits_data()]
+        if not waiting:
+            self.started = True
+        elif not q.training and not _QUIET[0]:
+            self.started = True
+            if not self.warned[0]:
+                self.warned[0] = True
+                warnings.warn(
+                    f"the model is evaluated before its activation quantizers saw a training batch (first: layer "
+                    f"'{self.name}', {waiting[0].alias}): their ranges are not set and the outputs mean nothing; run a "
+                    "few batches through it in train mode first (calibration; lowbit.fit does)",
+                    UncalibratedWarning, stacklevel=2)
 
     def __call__(self, module: nn.Module, args):
         x = args[0]
+        if not self.started:
+            self._check_started(module.input_quantizer)
         y = module.input_quantizer(x)
         if not self.checked:
             self.checked = True
@@ -122,6 +160,12 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
     state = QuantState(plan, method, layers, ends=ends)
     for lp in layers:  # before anything is changed: a weight the user parametrized (weight_norm, spectral_norm)
         if lp.weight is not None and parametrize.is_parametrized(lp.module, "weight"):
+            if any(type(p).__module__.startswith("lowbit.")
+                   for p in lp.module.parametrizations.weight):  # session 25: it said "remove it first"
+                raise ConfigError(f"layer {lp.name} is already quantized by lowbit, though this model is not: the "
+                                  "module is shared with a quantized model; give this model its own copy "
+                                  "(copy.deepcopy) or keep the layer in full precision here (the other model's "
+                                  "quantizers would act in both)")
             raise ConfigError(f"layer {lp.name}: its weight already has a parametrization "
                               f"({type(lp.module.parametrizations.weight[0]).__name__}, e.g. weight_norm); lowbit "
                               "quantizes a plain weight: remove it first (torch.nn.utils.parametrize."
@@ -130,6 +174,7 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
                 isinstance(lp.module, nn.modules.conv._ConvTransposeNd):
             raise ConfigError(f"layer {lp.name}: per_channel weights on a {type(lp.module).__name__}, whose weight is "
                               "(in, out, ...): the scales would be per input channel; use per-tensor weights there")
+    warned = [False]  # the model's hooks warn once between them (UncalibratedWarning)
     for lp in layers:
         where = f"plan.layers.{lp.source}" if lp.source else f"layer {lp.name}"
         try:  # a bad per-layer override names its field (plan.layers.PATTERN.weight: ...)
@@ -145,7 +190,7 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
                 lp.module.input_quantizer = (Method.act_quantizer(method, lp.name, lp.module, lp.act)
                                              if "act" in lp.integer_roles else
                                              method.act_quantizer(lp.name, lp.module, lp.act))
-                state.hooks.append(lp.module.register_forward_pre_hook(_InputQuantHook(lp.name)))
+                state.hooks.append(lp.module.register_forward_pre_hook(_InputQuantHook(lp.name, warned)))
         except ConfigError as e:
             role = "act" if lp.weight is None or parametrize.is_parametrized(lp.module, "weight") else "weight"
             _undo(layers, state)  # a refused plan leaves the model as it was (it kept the layers done so far)
@@ -161,6 +206,17 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
     return model
 
 
+def _remove_weight_parametrization(module: nn.Module, leave_parametrized: bool) -> None:
+    """``parametrize.remove_parametrizations(module, "weight")`` on a class of the module's own. torch injects a
+    class per parametrized module, but a deep copy (``copy.deepcopy``, ``AveragedModel``) keeps the original's
+    (pytorch#80811), and the removal deletes ``weight`` from that shared class: before session 25 unquantizing a
+    copy broke the original ("'ParametrizedConv2d' object has no attribute 'weight'") and the reverse."""
+    cls = type(module)
+    ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, ns)
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=leave_parametrized)
+
+
 def _undo(layers: list[LayerPlan], state: QuantState) -> None:
     """Take back what a ``quantize`` that failed part-way did to ``layers``: its weight parametrizations (the
     original weight kept), input quantizers and hooks."""
@@ -169,7 +225,7 @@ def _undo(layers: list[LayerPlan], state: QuantState) -> None:
     state.hooks.clear()
     for lp in layers:
         if lp.weight is not None and parametrize.is_parametrized(lp.module, "weight"):
-            parametrize.remove_parametrizations(lp.module, "weight", leave_parametrized=False)
+            _remove_weight_parametrization(lp.module, leave_parametrized=False)
         if "input_quantizer" in lp.module._modules:
             del lp.module.input_quantizer
 
@@ -196,7 +252,7 @@ def unquantize(model: nn.Module, keep: str = "quantized") -> nn.Module:
                     raise ConfigError(f"layer '{lp.name}': the method's latent state ({tuple(original.shape)}) is "
                                       "not a weight; use keep='quantized'")
                 with torch.no_grad():
-                    parametrize.remove_parametrizations(m, "weight", leave_parametrized=keep == "quantized")
+                    _remove_weight_parametrization(m, leave_parametrized=keep == "quantized")
             if hasattr(m, "input_quantizer"):
                 del m.input_quantizer
     finally:

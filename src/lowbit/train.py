@@ -237,13 +237,15 @@ def distinct_weight_values(model: nn.Module) -> dict[str, int]:
 
 
 def cost_of(model: nn.Module, data: DataSplits) -> CostSummary:
+    from .quantize import quiet_calibration
+
     x = (data.test.images[:1].float() / 255.0).to(model_device(model))
-    with torch.no_grad():
+    with torch.no_grad(), quiet_calibration():  # the cost does not depend on the ranges (`lowbit info CONFIG`)
         was = model.training
         model.eval()
         model(x)  # quantizers record their current levels (scale counts depend on them)
         model.train(was)
-    return profile(model, x, layer_bits(model))
+        return profile(model, x, layer_bits(model))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ class CentroidsQuantizer(Quantizer):
         self.centroids.copy_(new.sort().values)
 
     def quantize(self, x: Tensor) -> Tensor:
-        if not self.is_initialized():
+        if not self.is_initialized() and self.starts_on(x):
             self.init_centroids(x)
         c = self.centroids.to(x.dtype, copy=True)  # a copy: the update below is in place
         self.record_levels(c)

@@ -90,6 +90,10 @@ class LQNetQuantizer(Quantizer):
         # the per-channel basis has one row per output channel: adopt its shape before the copy
         key = prefix + "basis"
         if key in state_dict and state_dict[key].shape != self.basis.shape:
+            if state_dict[key].shape[-1] != self.basis.shape[-1]:  # K basis values = the bits it was saved at
+                raise ConfigError(f"{prefix or 'lqnet '}basis: saved at {state_dict[key].shape[-1]} bits, this "
+                                  f"quantizer has {self.basis.shape[-1]}: set_bits({state_dict[key].shape[-1]}) "
+                                  "before loading")
             self.basis = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -138,7 +142,7 @@ class LQNetQuantizer(Quantizer):
     # -- forward -----------------------------------------------------------------------------
     def quantize(self, x: Tensor) -> Tensor:
         rows = self._rows(x)
-        if not self.is_initialized():
+        if not self.is_initialized() and self.starts_on(x):
             self.init_basis(rows)
         lv, perm = self.sorted_levels(self.basis.to(x.dtype))
         self.record_levels(lv if self.per_channel else lv[0])

@@ -69,7 +69,10 @@ class SATQuantizer(Quantizer):
     def scale(self, q: Tensor) -> Tensor:
         """1/sqrt(n_out·Var(q)) for the DoReFa output q (a 0-dim tensor)."""
         v = q if self.scale_grad else q.detach()
-        return torch.rsqrt((fan_out(q) * v.var(unbiased=False)).clamp_min(_EPS))
+        var = v.var(unbiased=False)
+        # a constant q (an all-zero or pruned layer, a 1x1 weight) has no variance to rescale: scale 1. Before
+        # session 25 the floor 1e-8 made it 1e4 (an all-0.7 weight came out as 10000)
+        return torch.where(var > 0, torch.rsqrt((fan_out(q) * var).clamp_min(_EPS)), torch.ones_like(var))
 
     def quantize(self, x: Tensor) -> Tensor:
         if self.role == "weight":

@@ -75,9 +75,10 @@ class MinMaxQuantizer(Quantizer):
         if self.training:
             lo, hi = batch_aminmax(x, self.running_min.dtype)  # computed once per mixture of min-max members
             if not self.is_initialized():
-                self.running_min.copy_(lo)
-                self.running_max.copy_(hi)
-                self.initialized.fill_(True)
+                if self.starts_on(x):
+                    self.running_min.copy_(lo)
+                    self.running_max.copy_(hi)
+                    self.initialized.fill_(True)
             else:
                 self.running_min.lerp_(lo, self.momentum)
                 self.running_max.lerp_(hi, self.momentum)
@@ -108,9 +109,15 @@ class UniformActQuantizer(MinMaxQuantizer):
     def __init__(self, bits: int, role: str = "act", momentum: float = 0.1):
         super().__init__(bits, role, False, momentum)
 
+    def starts_on(self, x: Tensor) -> bool:
+        """Only on a batch with a positive value: r is a maximum over post-ReLU inputs. Before session 25 an
+        all-negative first batch made r negative, and every output, positive inputs included, was r (off the
+        level set)."""
+        return self.training and bool(x.detach().gt(0).any())
+
     def _range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         _, hi = super()._range(x)
-        return torch.zeros_like(hi), hi
+        return torch.zeros_like(hi), hi.clamp_min(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,14 +312,10 @@ class LSQQuantizer(Quantizer):
     def _bits_changed(self) -> None:
         """Qn, Qp for ``bits`` (the learned step is kept)."""
         if self.signed and self.bits < 2:
-            raise ConfigError("quantizer 'lsq' needs bits >= 2 when signed (weights); use bwn for 1 bit")
+            raise ConfigError("quantizer 'lsq' needs bits >= 2 when signed (weights, or signed: true); for 1-bit "
+                              "weights use bwn")
         b = self.bits
         self.qn, self.qp = (2 ** (b - 1), 2 ** (b - 1) - 1) if self.signed else (0, 2**b - 1)
-
-    def set_bits(self, bits: int) -> None:
-        if self.signed and isinstance(bits, int) and bits < 2:
-            raise ConfigError("quantizer 'lsq' needs bits >= 2 when signed (weights); use bwn for 1 bit")
-        super().set_bits(bits)
 
     def grid(self):
         s = self._last_levels[..., self.qn + 1].reshape(-1).float().cpu()  # level Qn + 1 is s exactly
@@ -338,7 +341,7 @@ class LSQQuantizer(Quantizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def quantize(self, x: Tensor) -> Tensor:
-        if not self.is_initialized():
+        if not self.is_initialized() and self.starts_on(x):
             self._init_step(x)
         n = x.numel() // x.shape[0] if (self.role == "act" or self.per_channel) else x.numel()
         gscale = 1.0 / math.sqrt(n * self.qp)
