@@ -984,3 +984,16 @@ def test_numeric_edges_session25():
     assert torch.equal(b.basis, a.basis)
     with pytest.raises(ConfigError, match="signed: true"):
         build_quantizer("lsq", 1, role="act", signed=True)
+
+
+@pytest.mark.parametrize("name, role, bits", [("bnn", "act", 1), ("bnn", "weight", 1), ("qnn", "weight", 1),
+                                              ("centroids", "act", 3), ("centroids", "act", 5), ("lqnet", "act", 2)])
+def test_nan_propagates_through_nearest_level_quantizers(name, role, bits):
+    """Session 25: sign and nearest-level quantizers sent NaN to a finite level (bnn: -1; centroids: the lowest or
+    highest; lqnet: 0), so NaN data trained on a finite loss without a word; now NaN stays NaN, as in torch's ops
+    (and training stops with TrainingDiverged)."""
+    q = build_quantizer(name, bits, role=role)
+    q.train()
+    q(torch.linspace(-1, 2, 64))
+    y = q(torch.tensor([0.5, float("nan"), -0.5, float("inf")]))
+    assert torch.isnan(y[1]) and torch.isfinite(y[[0, 2]]).all()

@@ -46,5 +46,6 @@ def binary_sign(x: Tensor) -> tuple[Tensor, Tensor]:
     """(sign(x) in {-1, +1} with sign(0) = +1 and the clipped STE 1[|x| <= 1], the levels [-1, 1]);
     constants on x's device and dtype. Shared by ``bnn`` and 1-bit ``qnn`` weights."""
     one = torch.ones((), dtype=x.dtype, device=x.device)
-    q = torch.where(x.detach() >= 0, one, -one)
+    d = x.detach()
+    q = torch.where(d >= 0, one, torch.where(d < 0, -one, d))  # NaN stays NaN (it was -1: a finite loss on NaN data)
     return clipped_ste(x, q, -1.0, 1.0), torch.stack([-one, one])

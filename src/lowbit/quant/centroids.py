@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .base import Quantizer, register_quantizer
-from .functional import clipped_ste, nearest_index, ste, take_levels
+from .functional import clipped_ste, keep_nan, nearest_index, ste, take_levels
 
 #: torch.quantile's input limit; larger tensors are subsampled with a stride for the init
 _QUANTILE_MAX = 2**24 - 1
@@ -102,7 +102,7 @@ class CentroidsQuantizer(Quantizer):
         self.record_levels(c)
         rows = x.detach().reshape(1, -1)
         idx = nearest_index(rows, c.reshape(1, -1))
-        q = take_levels(c.reshape(1, -1), idx).reshape(x.shape)
+        q = keep_nan(take_levels(c.reshape(1, -1), idx).reshape(x.shape), x)
         if self.training:
             self.kmeans_step(rows, idx)
         if self.role == "weight":

@@ -368,6 +368,13 @@ def nearest_index(rows: Tensor, levels: Tensor) -> Tensor:
     return idx
 
 
+def keep_nan(q: Tensor, x: Tensor) -> Tensor:
+    """``q`` with NaN wherever ``x`` is NaN, as torch's own ops propagate it: a nearest-level search sends NaN to
+    some level, and a NaN in the data would then train on a finite loss without a word."""
+    d = x.detach()
+    return torch.where(d.isnan(), d, q)
+
+
 def take_levels(levels: Tensor, idx: Tensor) -> Tensor:
     """``levels[r, idx[r, n]]``: (R, N) values, exactly the entries of ``levels`` ((1, L): shared)."""
     idx = idx.long()

@@ -8,7 +8,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from .base import Quantizer, register_quantizer
 from .centroids import cluster_stats
-from .functional import clipped_ste, nearest_index, ste, take_levels
+from .functional import clipped_ste, keep_nan, nearest_index, ste, take_levels
 
 _EPS = 1e-8
 #: proximal weight of the least-squares step, relative to the mean diagonal of BᵀB (see ``qem_step``)
@@ -147,7 +147,7 @@ class LQNetQuantizer(Quantizer):
         lv, perm = self.sorted_levels(self.basis.to(x.dtype))
         self.record_levels(lv if self.per_channel else lv[0])
         idx = nearest_index(rows, lv)
-        q = take_levels(lv, idx).reshape(x.shape)
+        q = keep_nan(take_levels(lv, idx).reshape(x.shape), x)
         if self.training:
             self.qem_step(rows, idx, perm)
         if self.role == "weight":
