@@ -368,3 +368,24 @@ def test_table_and_to_dict():
     import json
 
     json.dumps(d)
+
+
+def test_largest_activation_counts_a_layer_input_made_by_a_functional_op():
+    """Session 25 (a user's own model): N_a counted module outputs and the model input only, so a torch.cat of two
+    branches feeding a conv (1,024 elements here) was missed and N_a read 512: seed 002's memory, the budget widths
+    and NCE's mem target were too low."""
+    import torch
+    from torch import nn
+
+    from lowbit.cost import profile
+
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(1, 2, 3, padding=1)
+            self.mix = nn.Conv2d(4, 1, 1)
+
+        def forward(self, x):
+            return self.mix(torch.cat([self.a(x), self.b(x)], 1))
+
+    assert profile(Cat(), torch.zeros(1, 1, 16, 16), {}).max_act_elems == 4 * 16 * 16

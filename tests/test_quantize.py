@@ -396,3 +396,44 @@ def test_a_module_shared_with_a_quantized_model_is_named_so():
     with pytest.raises(ConfigError, match="layer 1 is already quantized by lowbit, though this model is not: the "
                                           "module is shared with a quantized model"):
         quantize(nn.Sequential(nn.Conv2d(1, 1, 1), shared, nn.Conv2d(4, 2, 1)), {"weight": {"name": "sawb", "bits": 2}})
+
+
+def test_other_layers_at_the_ends_are_named():
+    """Session 25 (a user's own models): keep_first / keep_last keep one layer each; a second conv reading the image
+    (a torch.cat of two branches) and the other of two heads were quantized without a word (the conv's unsigned
+    quantizer clipped the image's negative half: 76.6 % for 81.6 %). Now a warning names them; naming them in
+    plan.layers silences it, and the zoo's models have one end each."""
+    import torch.nn.functional as F
+
+    class TwoStems(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+            self.mix, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
+            return self.fc(F.relu(self.mix(h)).mean((2, 3)))
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.ha, self.hb = nn.Conv2d(1, 4, 3), nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = F.relu(self.c(x)).mean((2, 3))
+            return self.ha(h), self.hb(h)
+
+    plan = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}}
+    with pytest.warns(UserWarning, match=r"keep_first keeps 'a' in full precision, but these layers also read the "
+                                         r"network input .* quantized: 'b'; keep them too with plan.layers \({b: fp}\)"):
+        quantize(TwoStems(), plan)
+    with pytest.warns(UserWarning, match=r"keep_last keeps 'hb' .* also make an output .* quantized: 'ha'"):
+        quantize(TwoHeads(), plan)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize(TwoStems(), {**plan, "layers": {"b": "fp"}})
+        for name in ("resnet8", "mobilenetv2", "lenet5", "vgg_small"):
+            quantize(create_model(name, in_channels=1, num_classes=10, image_size=28), plan)

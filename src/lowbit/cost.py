@@ -391,6 +391,9 @@ def _run(model: nn.Module, x: torch.Tensor, bits: dict[str, LayerBits]) -> _Trac
         def hook(module, args):
             ts = list(_tensors(args[:1]))
             if ts:
+                # a layer's input counts toward N_a even when no module made it (torch.cat, a functional op):
+                # before session 25 only module outputs and the model input did
+                trace.max_act = max(trace.max_act, per_sample(ts[0]))
                 s = store(ts[0])
                 if s is not None:
                     s.bits = a_bits if s.bits is None else max(s.bits, a_bits)

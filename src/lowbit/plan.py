@@ -224,6 +224,9 @@ class Plan(BaseModel):
                                   stacklevel=3)
                 w[n] = _apply(w[n], self.weight, ov.weight, f"plan.layers.{pattern}.weight")
                 a[n] = _apply(a[n], self.act, ov.act, f"plan.layers.{pattern}.act")
+        if self.keep_first or self.keep_last:
+            _warn_other_ends(model, names, first if self.keep_first else None, last if self.keep_last else None,
+                             [n for n in names if (w[n] is not None or a[n] is not None) and n not in source])
         return [LayerPlan(n, modules[n], w[n], a[n], source.get(n)) for n in names]
 
 
@@ -256,6 +259,49 @@ def first_last(model: nn.Module, names: list[str] | None = None) -> tuple[str, s
     known = set(names)
     order = [t for t in dict.fromkeys(called) if t in known]
     return (order[0], order[-1]) if order else (names[0], names[-1])
+
+
+def end_layers(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]] | None:
+    """The layers with no conv/linear before them (they read the network input) and those with none after them
+    (they make an output), from a ``torch.fx`` trace; None where the model does not trace."""
+    import torch.fx as fx
+
+    try:
+        nodes = list(fx.symbolic_trace(model).graph.nodes)
+    except Exception:  # noqa: BLE001 - first_last has said so
+        return None
+    known = set(names)
+    is_layer = {n: n.op == "call_module" and n.target in known for n in nodes}
+    above: dict = {}
+    for n in nodes:  # topological order
+        above[n] = any(is_layer[i] or above[i] for i in n.all_input_nodes)
+    below: dict = {}
+    for n in reversed(nodes):
+        below[n] = any(is_layer[u] or below[u] for u in n.users)
+    firsts = list(dict.fromkeys(n.target for n in nodes if is_layer[n] and not above[n]))
+    lasts = list(dict.fromkeys(n.target for n in nodes if is_layer[n] and not below[n]))
+    return firsts, lasts
+
+
+def _warn_other_ends(model: nn.Module, names: list[str], first: str | None, last: str | None,
+                     quantized: list[str]) -> None:
+    """keep_first / keep_last keep one layer each; warn where others also read the network input or make an
+    output and are quantized (session 25: a second conv on the image got an unsigned quantizer that clipped its
+    negative half, 76.6 % for 81.6 %; of two heads one was 2-bit, the other FP32)."""
+    import warnings
+
+    ends = end_layers(model, names)
+    if ends is None:
+        return
+    for keep, kept, others, what in (("keep_first", first, ends[0], "read the network input with no conv or linear "
+                                      "before them"),
+                                     ("keep_last", last, ends[1], "make an output with no conv or linear after them")):
+        extra = [n for n in others if kept is not None and n != kept and n in quantized]
+        if extra:
+            warnings.warn(f"{keep} keeps '{kept}' in full precision, but these layers also {what} and are "
+                          f"quantized: {', '.join(repr(n) for n in extra)}; keep them too with plan.layers "
+                          f"({{{extra[0]}: fp}}), or name them in plan.layers to say the quantizer is meant",
+                          stacklevel=4)
 
 
 #: modules whose output is never negative, and those that pass their input's sign through
