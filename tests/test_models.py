@@ -256,3 +256,21 @@ def test_resnet_activation_option():
     assert acts and set(acts) == {nn.Hardtanh}
     with pytest.raises(ConfigError, match="activation must be one of relu, hardtanh"):
         create_model("resnet20", activation="gelu")
+
+
+def test_ones_own_model_trains_from_a_config(tmp_path):
+    """Session 25: the README's way to one's own model in a config (lowbit.register_model, then lowbit.run); the
+    searches audit found no documented way."""
+    import lowbit
+
+    @lowbit.register_model("_own_net_s25")
+    def build(in_channels, num_classes, image_size, width=1.0):
+        c = max(1, int(8 * width))
+        return nn.Sequential(nn.Conv2d(in_channels, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                             nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(c, num_classes))
+
+    cfg = lowbit.load_config("configs/w2a2_pact_sawb.yaml", overrides=[
+        "model.name=_own_net_s25", "data.name=digits", "data.limit=200", "train.epochs=1", "train.progress=false"])
+    r = lowbit.run(cfg, tmp_path / "run")
+    assert r.summary["model"] == "_own_net_s25" and lowbit.layer_bits(r.model)["3"].weight == 2

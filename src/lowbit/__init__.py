@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Config": ".config", "FreezeBatchNorm": ".fit", "load_config": ".config", "load_dataset": ".data",
-    "evaluate": ".fit", "fit": ".fit", "create_model": ".models", "Plan": ".plan", "load_weights": ".pretrained",
+    "evaluate": ".fit", "fit": ".fit", "create_model": ".models", "register_model": ".models", "Plan": ".plan",
+    "load_weights": ".pretrained",
     "build_quantizer": ".quant", "layer_bits": ".quantize", "quant_state": ".quantize", "quantize": ".quantize",
     "set_bits": ".quantize", "unquantize": ".quantize", "run": ".train",
 }
@@ -29,7 +30,7 @@ _LAZY = {
 __all__ = [
     "Config", "ConfigError", "DataError", "FreezeBatchNorm", "LowbitError", "Plan", "TrainingDiverged",
     "build_quantizer", "create_model", "evaluate", "fit", "layer_bits", "load_config", "load_dataset",
-    "load_weights", "quant_state", "quantize", "run", "set_bits", "unquantize",
+    "load_weights", "quant_state", "quantize", "register_model", "run", "set_bits", "unquantize",
 ]
 
 

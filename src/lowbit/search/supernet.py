@@ -287,7 +287,8 @@ class SuperNet:
         self.shape = (in_channels, num_classes, image_size)
         ref = create_model(model_name, in_channels=in_channels, num_classes=num_classes, image_size=image_size, **opts)
         if not hasattr(ref, "channel_layers"):
-            raise ConfigError(f"NCE: model {model_name!r} has no per-layer widths")
+            raise ConfigError(f"NCE: model {model_name!r} has no per-layer widths (channel_layers); NCE supports the "
+                              "ResNets, vgg_small and lenet5 of the zoo (docs/nce.md)")
         built = model_channels(ref)
         self.base = {n: built[n] for n in ref.channel_layers}  # the original widths
         steps = int(math.floor((cap - 1.0) / expand_step + 1e-9))
