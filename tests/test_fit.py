@@ -613,3 +613,69 @@ def test_an_optimizer_built_before_quantize_warns_and_evaluate_restores_every_mo
     m.bn1.eval()  # a BatchNorm the caller froze
     evaluate(m, b)
     assert m.training and not m.bn1.training
+
+
+def test_training_failures_are_loud_session25(monkeypatch, capsys):
+    """Session 25 (training gone wrong): a network whose weights or BatchNorm statistics became inf in an epoch's
+    last step (every step's loss finite) was checkpointed, reported and exported as a success; labels out of range,
+    a dict batch and float64 images were torch errors inside fit's training step; an iterable used up by the first
+    epoch trained the later ones on no step (loss 0.0); nesterov without momentum and multistep without milestones
+    were a torch error and a constant lr; SIGTERM ended `lowbit train` without a word."""
+    import os
+    import signal
+
+    import lowbit
+    from lowbit.cli import main
+    from lowbit.errors import ConfigError, TrainingDiverged
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+
+    def model():
+        torch.manual_seed(0)
+        return lowbit.quantize(lowbit.create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.25),
+                               {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}})
+
+    class Blowup(torch.optim.SGD):  # the step leaves a BatchNorm statistic at inf, as lr 1e6 did
+        def step(self, closure=None):
+            super().step(closure)
+            m.layers[0][0].bn1.running_var.fill_(float("inf"))
+
+    m = model()
+    with pytest.raises(TrainingDiverged, match=r"the buffer layers.0.0.bn1.running_var became non-finite during "
+                                               r"epoch 1 \(the loss of each step was finite\)"):
+        lowbit.fit(m, [(x, y)], optimizer=Blowup(m.parameters(), lr=0.01), epochs=2)
+    with pytest.raises(ConfigError, match=r"labels must be class indices 0..9 for a model with 10 outputs, got 0..11"):
+        lowbit.fit(model(), [(x, torch.where(y > 5, 11, y))], epochs=1)
+    with pytest.raises(ConfigError, match="a batch must be a tuple"):
+        lowbit.fit(model(), [{"x": x, "y": y}], epochs=1)
+    lowbit.fit(model(), [(x.double(), y.int())], epochs=1)  # float64 images, int32 labels: converted
+
+    class UsedUp:
+        def __init__(self):
+            self.it = iter([(x, y)])
+
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            return self.it
+
+    with pytest.raises(ConfigError, match="epoch 2 had no training batch"):
+        lowbit.fit(model(), UsedUp(), epochs=2)
+    with pytest.raises(ConfigError, match="val_batches gave no batch in epoch 2"):
+        lowbit.fit(model(), [(x, y)], epochs=2, val_batches=UsedUp())
+    lowbit.fit(model(), [(x, y)], epochs=2, val_batches=[])  # an empty validation split: none expected
+    for over, msg in ((["train.schedule=multistep"], "multistep needs train.milestones"),
+                      (["train.nesterov=true", "train.momentum=0"], "nesterov needs optimizer sgd with momentum > 0")):
+        with pytest.raises(ConfigError, match=msg):
+            lowbit.load_config("configs/quickstart.yaml", overrides=over)
+
+    import argparse
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: argparse.Namespace(
+        func=lambda args: os.kill(os.getpid(), signal.SIGTERM) or 0))
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["train", "x.yaml"]) == 143
+    assert "lowbit: terminated (SIGTERM)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # restored

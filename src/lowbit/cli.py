@@ -472,9 +472,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, a container stopping), handled as Ctrl-C is: before session 25 the process
+    ended without a word (status 143)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        return _dispatch(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args) -> int:
     try:
         return args.func(args)
     except LowbitError as e:
@@ -488,10 +510,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"lowbit: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         hint = _resume_hint(getattr(args, "run_folder", None))
-        print("lowbit: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+        print(f"lowbit: {what}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
 
 
 def _resume_hint(run_dir) -> str:

@@ -330,6 +330,12 @@ def check_trainable(cfg: Config) -> None:
         bad = [m for m in t.milestones if not 0 < m < t.epochs]
         if bad:
             raise ConfigError(f"train.milestones: {bad} not within 1..{t.epochs - 1} (epochs)")
+        if not t.milestones:  # before session 25 the lr stayed constant without a word
+            raise ConfigError("train.schedule multistep needs train.milestones (epochs where the lr is multiplied by "
+                              "train.gamma), e.g. [30, 60]")
+    if t.nesterov and (t.optimizer != "sgd" or t.momentum <= 0):  # torch's own ValueError before session 25
+        raise ConfigError(f"train.nesterov needs optimizer sgd with momentum > 0 (got {t.optimizer}, momentum "
+                          f"{t.momentum:g})")
     act = cfg.plan.act
     if act is not None and act.name in SIGN_ACT:
         activation = cfg.model.options.get("activation")

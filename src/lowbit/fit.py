@@ -89,6 +89,55 @@ def _xy(batch: Any) -> tuple[Tensor, Tensor]:
     return x, y
 
 
+def class_targets(out: Tensor, y: Tensor) -> Tensor:
+    """``y`` checked against the outputs ``out`` (N, classes) for the cross-entropy: class indices (N,) in
+    0..classes-1 or targets of out's shape; else one line (before session 25 a label of 11 for 10 classes was
+    torch's "IndexError: Target 11 is out of bounds", and -100 was silently skipped by the loss but counted wrong
+    by the accuracy)."""
+    if not isinstance(y, Tensor):
+        raise ConfigError(f"labels must be a tensor of class indices (N,), got {type(y).__name__}")
+    if y.dim() == 1:
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ConfigError(f"labels of dtype {y.dtype}: class indices (N,) must be integers, e.g. y.long()")
+        if y.numel() and out.dim() == 2 and bool(((y < 0) | (y >= out.shape[1])).any()):
+            raise ConfigError(f"labels must be class indices 0..{out.shape[1] - 1} for a model with {out.shape[1]} "
+                              f"outputs, got {int(y.min())}..{int(y.max())}")
+        return y.long()
+    if y.shape != out.shape:
+        raise ConfigError(f"labels of shape {tuple(y.shape)} for outputs of shape {tuple(out.shape)}: give class "
+                          "indices (N,) or targets (N, classes)")
+    return y.to(out.dtype) if not y.is_floating_point() else y
+
+
+def check_batch(batch: Any) -> None:
+    """A training batch is a tuple or list ``(x, ...)`` (a dict failed with ``KeyError: 0``)."""
+    if not isinstance(batch, (tuple, list)) or not batch:
+        what = f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else type(batch).__name__
+        raise ConfigError(f"a batch must be a tuple (x, y, ...) of inputs and labels, got {what}")
+
+
+def match_dtype(batch: Any, model: nn.Module) -> Any:
+    """Floating inputs in the model's floating type (float64 or float16 images failed with torch's "expected
+    scalar type Double but found Float"); integer images are left alone (they are not normalised)."""
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    if p is None or not isinstance(batch, (tuple, list)) or not batch or not isinstance(batch[0], Tensor):
+        return batch
+    x = batch[0]
+    if x.is_floating_point() and x.dtype != p.dtype:
+        return type(batch)([x.to(p.dtype), *batch[1:]])
+    return batch
+
+
+def finite_state(model: nn.Module) -> str | None:
+    """The first parameter or floating buffer of ``model`` that is not finite, or None."""
+    with torch.no_grad():
+        for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in items:
+                if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                    return f"{kind} {name}"
+    return None
+
+
 def _correct(out: Tensor, y: Tensor) -> Tensor:
     """Correct predictions: against class indices, or against the largest entry of one-hot / soft targets (N,
     classes) (before session 24 those were compared elementwise: accuracies above 100 %)."""
@@ -168,10 +217,10 @@ def evaluate(model: nn.Module, batches: Iterable, device: str | torch.device | N
         model.eval()
         with parametrize.cached():
             for batch in batches:
-                x, y = _xy(to_device(batch, dev))
+                x, y = _xy(match_dtype(to_device(batch, dev), model))
                 out = model(x)
                 if loss_fn is None:
-                    loss_sum += F.cross_entropy(out, y if y.dim() == 2 else y.long(), reduction="sum").double()
+                    loss_sum += F.cross_entropy(out, class_targets(out, y), reduction="sum").double()
                 else:
                     loss_sum += loss_fn(out, y).double() * len(y)
                 correct += _correct(out, y)
@@ -389,8 +438,15 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
             _call(cb, "on_epoch_start", state)
         row = _train_epoch(state, batches, epoch, progress, log_every, stepping)
         method.on_epoch_end(model, epoch)
+        bad = finite_state(model)
+        if bad is not None:  # before session 25 such a network was checkpointed, evaluated and exported
+            raise TrainingDiverged(f"the {bad} became non-finite during epoch {epoch + 1} (the loss of each step "
+                                   "was finite); lower train.lr or check the data" + _kept(epoch))
         val = evaluate(model, val_batches, dev) if val_batches is not None else {"loss": float("nan"),
                                                                                  "acc": float("nan")}
+        if val_batches is not None and val.get("n") == 0 and _has_batches(val_batches):
+            raise ConfigError(f"val_batches gave no batch in epoch {epoch + 1}: give batches that can be iterated "
+                              "once per epoch (a DataLoader, a list)")
         row = {"epoch": epoch + 1, "train_loss": row["train_loss"], "train_acc": row["train_acc"],
                "val_loss": val["loss"], "val_acc": val["acc"],
                "lr": optimizer.param_groups[0]["lr"] if optimizer is not None else float("nan"),
@@ -408,6 +464,22 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
     return state.history
 
 
+def _has_batches(batches: Any) -> bool:
+    """Whether ``batches`` should give one: an empty split (``len`` 0, ``data.val_fraction: 0``) gives none."""
+    try:
+        return len(batches) > 0
+    except TypeError:
+        return True
+
+
+def _kept(epoch: int) -> str:
+    """What a diverged run still holds (the checkpoints of the epochs before; a run folder's on_epoch_end)."""
+    if epoch == 0:
+        return ""
+    return (f"; epochs 1-{epoch} finished: a run folder keeps them (best.pt, last.pt), and a new run can start "
+            "from them with model.init_from: RUN_DIR")
+
+
 def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool, log_every: int,
                  stepping: list = ()) -> dict:
     model, method, opt, sched, dev = state.model, state.method, state.optimizer, state.scheduler, state.device
@@ -420,7 +492,8 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{state.epochs}", leave=False, disable=not progress,
                dynamic_ncols=True)
     for i, batch in enumerate(bar):
-        batch = to_device(batch, dev)
+        check_batch(batch)
+        batch = match_dtype(to_device(batch, dev), model)
         # the method reads its batch (DCQ's sections train on (x, feature maps)); class indices of a narrower
         # integer type (int32, uint8) become int64, which the cross-entropy takes
         y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
@@ -436,7 +509,14 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
         except TrainingDiverged as e:
             lr = opt.param_groups[0]["lr"] if opt is not None else float("nan")
             raise TrainingDiverged(f"{e} at epoch {epoch + 1}, step {i + 1}; lower train.lr (now {lr:.3g}) "
-                                   "or check the data") from None
+                                   "or check the data" + _kept(epoch)) from None
+        except ValueError as e:
+            if "Expected more than 1 value per channel when training" not in str(e):
+                raise
+            raise ConfigError(f"epoch {epoch + 1}, step {i + 1}: a training batch of one sample, on which BatchNorm "
+                              "cannot train: change the batch size (train.batch_size) or the number of training "
+                              "images so that no batch holds one, or drop it (DataLoader(..., drop_last=True))") \
+                from None
         if sched is not None:
             sched.step()
         loss_sum += res.loss.detach().double() * res.n
@@ -447,6 +527,9 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
         if progress and i % log_every == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / max(with_output, 1):.3f}",
                             **{k: f"{v:.3g}" for k, v in method.log().items()})
+    if seen == 0:  # before session 25: loss 0.0 and accuracy NaN, without a word
+        raise ConfigError(f"epoch {epoch + 1} had no training batch: give batches that can be iterated once per "
+                          "epoch (a DataLoader, a list), not an iterator the first epoch used up")
     return {"train_loss": loss_sum.item() / max(seen, 1),
             "train_acc": correct.item() / with_output if with_output else float("nan"),
             "epoch_time": time.perf_counter() - t0}

@@ -94,7 +94,11 @@ class Method:
     # -- 2. the loss and what the optimizer trains -------------------------------------------------
     def loss(self, model: nn.Module, batch: Any, output: Tensor) -> Tensor:
         """The task loss of a batch (what the metrics report as ``train_loss``)."""
-        return F.cross_entropy(output, batch[1])
+        from ..fit import class_targets
+
+        if len(batch) < 2:
+            raise ConfigError("a batch must be a tuple (x, y, ...) of inputs and labels, got one item (no labels)")
+        return F.cross_entropy(output, class_targets(output, batch[1]))
 
     def extra_loss(self, model: nn.Module) -> Tensor | None:
         """Regularisers added to the task loss for the gradient (not reported as train_loss)."""
