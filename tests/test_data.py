@@ -515,3 +515,25 @@ def test_loader_bad_arguments():
     loader = BatchLoader(split, info, batch_size=2)
     with pytest.raises(ConfigError):
         loader.set_epoch(-1)
+
+
+def test_budget_and_svhn_session25(tmp_path, capsys):
+    """Session 25 (a data engineer): `lowbit budget --dataset cifar10` said "pass data.root=DIR" but had no way to
+    pass it (now --root, also written into the emitted suite); an SVHN .mat saved as MATLAB v7.3 passed on scipy's
+    advice to use h5py, which lowbit does not read."""
+    import yaml
+
+    from lowbit.cli import main
+
+    make_cifar10(tmp_path)
+    suite = tmp_path / "s.yaml"
+    assert main(["budget", "--dataset", "cifar10", "--root", str(tmp_path), "--model", "resnet8", "--bits", "2", "32",
+                 "--ratio", "8", "--emit", str(suite)]) == 0
+    assert yaml.safe_load(suite.read_text())["base"]["data"]["root"] == str(tmp_path)
+    capsys.readouterr()
+    (tmp_path / "svhn").mkdir()
+    header = b"MATLAB 7.3 MAT-file".ljust(116, b" ") + bytes(8) + b"\x00\x02IM"  # version 0x0200: v7.3
+    (tmp_path / "svhn" / "train_32x32.mat").write_bytes(header.ljust(512, b"\x00") + b"\x89HDF\r\n\x1a\n")
+    (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"is a MATLAB v7.3 \(HDF5\) file; lowbit reads the v5 .mat files"):
+        load_dataset("svhn", root=str(tmp_path / "svhn"))

@@ -255,14 +255,14 @@ def cmd_budget(args) -> int:
     from .data import load_dataset
     from .search.budget import budget_table, format_table, make_suite
 
-    info = load_dataset(args.dataset, limit=1).info
+    info = load_dataset(args.dataset, root=args.root, limit=1).info
     budget, choices = budget_table(args.model, args.bits, info.in_channels, info.num_classes, info.image_size,
                                    ratio=args.ratio, budget_kib=args.budget_kib)
     print(format_table(args.model, budget, choices))
     if args.emit:
         tag = f"C{args.ratio:g}" if args.ratio else f"{args.budget_kib:g}KiB"
-        base = {"model": {"name": args.model}, "data": {"name": args.dataset, "limit": args.limit},
-                "train": {"epochs": args.epochs, "progress": False}}
+        data = {"name": args.dataset, "limit": args.limit, **({"root": args.root} if args.root else {})}
+        base = {"model": {"name": args.model}, "data": data, "train": {"epochs": args.epochs, "progress": False}}
         suite = make_suite(choices, base, args.seeds, name=f"budget-{args.model}-{tag}")
         if args.out:
             suite["out"] = args.out
@@ -419,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("budget", help="002: widest network per precision under a memory budget")
     g.add_argument("--model", default="resnet20")
     g.add_argument("--dataset", default="fashion-mnist")
+    g.add_argument("--root", help="the dataset's folder (CIFAR, SVHN, MNIST: data.root), also in the emitted suite")
     g.add_argument("--bits", type=_bits, nargs="+", default=[1, 2, 3, 4, 6, 8, 32])
     grp = g.add_mutually_exclusive_group(required=True)
     grp.add_argument("--ratio", type=_positive_float, help="budget M = M0 / RATIO (M0: the FP32 width-1 model)")

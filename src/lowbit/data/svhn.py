@@ -29,7 +29,10 @@ def read_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise DataError(f"svhn: expected {path.name} in {path.parent}; {HINT}")
     try:
         mat = scipy.io.loadmat(str(path), variable_names=["X", "y"])
-    except (MatReadError, OSError, ValueError, TypeError, NotImplementedError) as exc:
+    except NotImplementedError as exc:  # scipy's "use HDF reader for matlab v7.3 files, e.g. h5py": lowbit has none
+        raise DataError(f"svhn: {path} is a MATLAB v7.3 (HDF5) file; lowbit reads the v5 .mat files SVHN is "
+                        f"distributed as: use the original files ({URL}) or re-save with MATLAB's save -v7") from exc
+    except (MatReadError, OSError, ValueError, TypeError) as exc:
         raise DataError(f"svhn: cannot read {path} as a MATLAB file: {exc}") from exc
     if "X" not in mat or "y" not in mat:
         raise DataError(f"svhn: {path} lacks the variables X and y of the 32x32 SVHN format")
