@@ -239,3 +239,38 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(LowbitError, match="last.pt: could not be written .*is the disk full"):
         _save(tmp_path / "last.pt", {"model": {}, "epoch": 0})
     assert not (tmp_path / "last.tmp").exists() and not (tmp_path / "last.pt").exists()
+
+
+def test_option_combinations_session25(tmp_path):
+    """Session 25 (a researcher combining training options): model.init_from a NITI run loaded its never-trained
+    latent weights (9.0 % for the run's 49.5 %); train.distill with method local changed only the classifier; a
+    teacher trained on another dataset was accepted; DCQ with multistep milestones beyond its own epochs was refused
+    after every section had trained. Each is now refused up front."""
+    import lowbit
+    from lowbit.cli import main
+    from lowbit.errors import ConfigError
+
+    niti = tmp_path / "niti"
+    assert main(["train", "configs/niti_lenet5.yaml", "data.limit=256", "train.epochs=1", "train.progress=false",
+                 "train.threads=1", "--out", str(niti)]) == 0
+    base = ["configs/fp32.yaml", "model.name=lenet5", "model.batch_norm=false", "model.bias=false",
+            "data.limit=256", "train.epochs=1", "train.progress=false", "train.threads=1"]
+    with pytest.raises(ConfigError, match="a NITI run trains its integer weights, not the latent ones"):
+        lowbit.run(lowbit.load_config(base[0], overrides=base[1:] + [f"model.init_from={niti}"]), tmp_path / "a")
+    with pytest.raises(ConfigError, match="a NITI run's checkpoint, whose latent weights were never trained"):
+        lowbit.load_weights(lowbit.create_model("lenet5", in_channels=1, num_classes=10, image_size=28,
+                                                batch_norm=False, bias=False), niti / "best.pt")
+    r = lowbit.run(lowbit.load_config(base[0], overrides=base[1:] + [f"model.init_from={niti}",
+                                                                      "model.init_weights=quantized"]), tmp_path / "b")
+    assert r.summary["test_acc"] > 0.2  # the NITI run's integer weights (chance is 0.1)
+    with pytest.raises(ConfigError, match="distill: method 'local' trains on its own error signals"):
+        lowbit.run(lowbit.load_config("configs/local_w3a3.yaml", overrides=[
+            "data.limit=256", "train.epochs=1", "train.progress=false", f"train.distill.teacher={tmp_path / 'b'}"]),
+            tmp_path / "c")
+    with pytest.raises(ConfigError, match="was trained on fashion-mnist, this run trains on digits"):
+        lowbit.run(lowbit.load_config(base[0], overrides=base[1:] + [
+            "data.name=digits", "model.name=resnet8", f"train.distill.teacher={tmp_path / 'b'}"]), tmp_path / "d")
+    with pytest.raises(ConfigError, match=r"train.milestones: \[2\] not within 1..1 \(dcq.finetune_epochs"):
+        lowbit.load_config("configs/dcq_w2_twn.yaml", overrides=[
+            "train.epochs=4", "train.schedule=multistep", "train.milestones=[2]", "dcq.epochs=3",
+            "dcq.finetune_epochs=2"])

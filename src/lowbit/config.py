@@ -330,6 +330,14 @@ def check_trainable(cfg: Config) -> None:
         bad = [m for m in t.milestones if not 0 < m < t.epochs]
         if bad:
             raise ConfigError(f"train.milestones: {bad} not within 1..{t.epochs - 1} (epochs)")
+        if cfg.dcq is not None:  # DCQ trains its sections for dcq.epochs and the stitched network for
+            # dcq.finetune_epochs, each with this schedule (session 25: refused after every section had trained)
+            stages = {"dcq.epochs": cfg.dcq.epochs or t.epochs, "dcq.finetune_epochs": cfg.dcq.finetune_epochs}
+            for key, n in stages.items():
+                bad = [m for m in t.milestones if n and not 0 < m < n]
+                if bad:
+                    raise ConfigError(f"train.milestones: {bad} not within 1..{n - 1} ({key}, which DCQ trains with "
+                                      "this schedule)")
         if not t.milestones:  # before session 25 the lr stayed constant without a word
             raise ConfigError("train.schedule multistep needs train.milestones (epochs where the lr is multiplied by "
                               "train.gamma), e.g. [30, 60]")

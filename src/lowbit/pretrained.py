@@ -60,6 +60,11 @@ def _read_file(path: Path) -> dict[str, Tensor]:
         raise ConfigError(f"{path}: not a readable PyTorch weights file ({msg[:160]}); the file is truncated or "
                           "corrupt, or holds objects other than tensors") from None
     if isinstance(obj, Mapping):
+        cfg = obj.get("config")
+        method = ((cfg.get("plan") or {}).get("method") or {}) if isinstance(cfg, Mapping) else {}
+        if isinstance(method, Mapping) and method.get("name") == "niti":  # its latents were never trained
+            raise ConfigError(f"{path}: a NITI run's checkpoint, whose latent weights were never trained (NITI trains "
+                              "integer weights): give its run folder with model.init_weights: quantized")
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), Mapping):
                 sd = dict(obj[key])
@@ -75,7 +80,10 @@ def _from_run(run_dir: Path, keep: str) -> dict[str, Tensor]:
     from .quantize import quant_state, unquantize
     from .train import load_run
 
-    _, _, model, _ = load_run(run_dir)
+    cfg, _, model, _ = load_run(run_dir)
+    if keep == "latent" and cfg.plan.method.name == "niti":  # session 25: loaded untrained latents (9.0 for 49.5 %)
+        raise ConfigError(f"{run_dir}: a NITI run trains its integer weights, not the latent ones (which stay as "
+                          "initialised): use model.init_weights: quantized (in Python: keep='quantized')")
     if quant_state(model) is not None:
         try:
             unquantize(model, keep=keep)

@@ -89,6 +89,9 @@ class LocalLoss(STE):
     pred head pools to, at most; the reference code's default 2048 is its smaller setting)."""
 
     ddp = False  # its heads' parameters get no gradient in some steps (greedy, early stop): DDP's reducer fails
+    # each block learns from its own head's loss; train.distill would change only the classifier's (session 25: it was
+    # accepted, and only fc differed from a run without it)
+    loss_based = False
     integer_refusal = ("its heads hook block modules that integer mode's traced graph does not call (half of "
                        "ResNet-8's local losses never fired)")
 

@@ -104,8 +104,9 @@ def distill(method: Method, teacher: nn.Module, temperature: float = 4.0, alpha:
     if not isinstance(teacher, nn.Module):
         raise ConfigError(f"distill: the teacher must be an nn.Module, got {type(teacher).__name__}")
     if not method.loss_based:
-        raise ConfigError(f"distill: method '{method.name}' computes its own error signal, not a loss that "
-                          "distillation could change; train without train.distill")
+        raise ConfigError(f"distill: method '{method.name}' trains on its own error signals (NITI: an integer "
+                          "error; local: each block's own loss), not the one loss distillation changes; train without "
+                          "train.distill")
     teacher.eval().requires_grad_(False)
     method = _with(method, _Distilling)
     method.kd_teacher, method.kd_temperature, method.kd_alpha = teacher, float(temperature), float(alpha)
@@ -145,6 +146,8 @@ def load_teacher(source: str | Path, cfg, data, where: str, same_architecture: b
             if not (p / "config.yaml").is_file():
                 raise ConfigError(f"{p} is a folder but not a run folder (no config.yaml)")
             tcfg, _, teacher, _ = load_run(p)
+            if tcfg.data.name != cfg.data.name:  # session 25: a 28x28 Fashion-MNIST teacher taught an 8x8 digits run
+                raise ConfigError(f"{p} was trained on {tcfg.data.name}, this run trains on {cfg.data.name}")
             if same_architecture:
                 qs = quant_state(teacher)
                 if qs is not None and any(lp.weight or lp.act for lp in qs.layers):
