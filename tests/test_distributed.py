@@ -108,5 +108,5 @@ def test_distillation_is_refused_for_a_method_without_a_loss():
     from lowbit.methods import build_method
     from lowbit.schedules.distill import distill
 
-    with pytest.raises(ConfigError, match="method 'niti' computes its own error signal"):
+    with pytest.raises(ConfigError, match="method 'niti' trains on its own error signals"):
         distill(build_method("niti"), torch.nn.Linear(2, 2))
