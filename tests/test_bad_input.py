@@ -223,6 +223,8 @@ CASES = [
     ("suite-out-foreign", {"s.yaml": suite(), "o/summary.md": "my notes"}, ["bench", "{d}/s.yaml", "--out", "{d}/o"], "/o holds files no lowbit bench wrote (summary.md): choose another folder"),
     ("suite-out-file", {"s.yaml": suite(), "afile": "x"}, ["bench", "{d}/s.yaml", "--dry-run", "--out", "{d}/afile"], "is a file, not a folder"),
     ("suite-base-no-bits", {"s.yaml": suite(base_overrides={"plan": {"weight": {"name": "sawb"}}}, methods={"A": {}}, bits=[2])}, ["bench", "{d}/s.yaml", "--dry-run"], "row 'A': plan.weight: the base's quantizer 'sawb' has no bits, and a suite's `bits` fill only the quantizers its methods name"),
+    ("dcq-niti", {"c.yaml": "model: {name: lenet5, batch_norm: false, bias: false}\ndata: {name: digits}\nplan: {weight: {name: pow2int, bits: 8}, keep_first: false, keep_last: false, method: {name: niti}}\ndcq: {teacher: x}\n"}, ["train", "{d}/c.yaml", "--out", "{d}/o"], "dcq: method 'niti' does not train DCQ's sections"),
+    ("dcq-local", {"c.yaml": "model: {name: resnet8, width: 0.25}\ndata: {name: digits}\nplan: {weight: {name: sawb, bits: 3}, act: {name: pact, bits: 3}, method: {name: local}}\ndcq: {teacher: x}\n"}, ["train", "{d}/c.yaml", "--out", "{d}/o"], "dcq: method 'local' does not train DCQ's sections"),
     ("suite-model-unknown-row", {"s.yaml": suite(methods={"A": {"model": {"name": "resnt8"}}})}, ["bench", "{d}/s.yaml", "--dry-run"], "row 'A': model.name: unknown model 'resnt8'"),
     ("suite-empty", {"s.yaml": ""}, ["bench", "{d}/s.yaml"], "s.yaml: the file is empty"),
     ("suite-not-utf8", {"s.yaml": b"name: \xff\n"}, ["bench", "{d}/s.yaml"], "s.yaml: not UTF-8 text"),

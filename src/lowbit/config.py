@@ -321,6 +321,10 @@ def check_trainable(cfg: Config) -> None:
     from .models import MODELS
 
     t = cfg.train
+    if cfg.dcq is not None and cfg.plan.method.name in ("niti", "local"):  # session 25: a traceback, or a late refusal
+        raise ConfigError(f"dcq: method '{cfg.plan.method.name}' does not train DCQ's sections (they learn by "
+                          "regressing the teacher's feature maps, a loss; NITI's integer error and the local heads' "
+                          "losses are not); train it without dcq")
     if cfg.plan.integer and cfg.dcq is not None:
         raise ConfigError("dcq: DCQ does not train in integer mode (plan.integer: true): its sections call the "
                           "model's modules directly, outside the traced graph integer mode trains and evaluates, so "
