@@ -537,3 +537,21 @@ def test_budget_and_svhn_session25(tmp_path, capsys):
     (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"x")
     with pytest.raises(DataError, match=r"is a MATLAB v7.3 \(HDF5\) file; lowbit reads the v5 .mat files"):
         load_dataset("svhn", root=str(tmp_path / "svhn"))
+
+
+def test_a_cifar_pickle_cannot_run_code(tmp_path):
+    """Session 25: CIFAR batches were read with pickle.load, so a batch from an untrusted source could name any
+    callable and run it; the reader now builds numpy arrays, lists, dicts and strings only."""
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        write_pickle(folder / f, {b"data": Evil(), b"labels": [0]})
+    with pytest.raises(DataError, match=r"refers to (posix|nt)\.system, which a CIFAR batch never does"):
+        load_dataset("cifar10", root=str(tmp_path))
+    assert not (tmp_path / "pwned").exists()

@@ -73,13 +73,34 @@ def _get(batch: dict, key: str):
     raise KeyError(key)
 
 
+#: the globals a CIFAR python batch refers to (numpy arrays, pickled by Python 2's cPickle or Python 3)
+_CIFAR_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                  ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                  ("numpy._core.multiarray", "scalar"), ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"),
+                  ("__builtin__", "object"), ("builtins", "object")}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, lists, dicts and strings only. A pickle can name any importable
+    callable, so a plain ``pickle.load`` of a CIFAR folder from an untrusted source would run its code (session
+    25); the official batches need nothing else (:data:`_CIFAR_GLOBALS`)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which a CIFAR batch never does (refused: "
+                                         "unpickling it could run code)")
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 2 moved numpy.core to numpy._core
+            module = "numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray"
+        return super().find_class({"copy_reg": "copyreg", "__builtin__": "builtins"}.get(module, module), name)
+
+
 def read_batch(path: Path, name: str, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Read one pickled batch as ``(uint8 (N, 3, 32, 32), int64 (N,))`` tensors."""
     if not path.is_file():
         raise DataError(f"{name}: expected batch file {path}; the extracted folder is incomplete")
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _BatchUnpickler(f, encoding="bytes").load()
         data = np.asarray(_get(batch, "data"))
         labels = np.asarray(_get(batch, label_key))
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, IndexError,
