@@ -137,6 +137,9 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _freeze_within_epochs(self):
+        if self.freeze_bn_gradient != "running" and self.freeze_bn_after is None:  # ignored before session 25
+            raise ValueError(f"freeze_bn_gradient: {self.freeze_bn_gradient} takes effect with freeze_bn_after (when "
+                             "BatchNorm is frozen); set that too, or leave freeze_bn_gradient out")
         if self.freeze_bn_after is not None and self.freeze_bn_after >= self.epochs:
             raise ValueError(f"freeze_bn_after ({self.freeze_bn_after:g}) must be less than epochs ({self.epochs}): "
                              "BatchNorm would never be frozen")
