@@ -679,3 +679,22 @@ def test_training_failures_are_loud_session25(monkeypatch, capsys):
     assert main(["train", "x.yaml"]) == 143
     assert "lowbit: terminated (SIGTERM)" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before  # restored
+
+
+def test_a_buffer_of_ones_own_holding_inf_does_not_stop_training():
+    """The end-of-epoch finite check (session 25) reads parameters, BatchNorm statistics and quantizer state only: a
+    model's own buffer may hold -inf on purpose (a mask)."""
+    import lowbit
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 10)
+            self.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x)).mean((2, 3))
+            return self.fc(h) + torch.softmax(self.mask, 0)[0]
+
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    lowbit.fit(Masked(), [(x, y)], epochs=2)

@@ -129,11 +129,18 @@ def match_dtype(batch: Any, model: nn.Module) -> Any:
 
 
 def finite_state(model: nn.Module) -> str | None:
-    """The first parameter or floating buffer of ``model`` that is not finite, or None."""
+    """The first parameter, BatchNorm statistic or quantizer state of ``model`` that is not finite, or None. Other
+    buffers are the model's own business (a mask may hold -inf on purpose)."""
+    def own_buffers():
+        for mname, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) or getattr(m, "is_quantizer", False):
+                for bname, b in m.named_buffers(recurse=False):
+                    yield f"{mname}.{bname}" if mname else bname, b
+
     with torch.no_grad():
-        for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for kind, items in (("parameter", model.named_parameters()), ("buffer", own_buffers())):
             for name, t in items:
-                if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                if t is not None and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
                     return f"{kind} {name}"
     return None
 
