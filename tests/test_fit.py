@@ -698,3 +698,17 @@ def test_a_buffer_of_ones_own_holding_inf_does_not_stop_training():
 
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     lowbit.fit(Masked(), [(x, y)], epochs=2)
+
+
+def test_dense_class_labels_train_with_the_default_loss():
+    """Session 25's label check kept (N, d1, ...) class indices for (N, classes, d1, ...) outputs (a segmentation-like
+    model trained before it, and was refused by its first version); their range is checked too."""
+    import lowbit
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8, 8, 8))
+    h = lowbit.fit(m, [(x, y)] * 4, epochs=2)
+    assert h[1]["train_loss"] < h[0]["train_loss"]
+    with pytest.raises(ConfigError, match=r"class indices 0..2 for a model with 3 outputs, got -100..2 \(-100"):
+        lowbit.fit(m, [(x, torch.where(y == 1, -100, y))], epochs=1)

@@ -96,12 +96,16 @@ def class_targets(out: Tensor, y: Tensor) -> Tensor:
     by the accuracy)."""
     if not isinstance(y, Tensor):
         raise ConfigError(f"labels must be a tensor of class indices (N,), got {type(y).__name__}")
-    if y.dim() == 1:
+    dense = out.dim() > 2 and y.dim() == out.dim() - 1 and tuple(y.shape) == (out.shape[0], *out.shape[2:])
+    if y.dim() == 1 or dense:  # class indices: (N,), or (N, d1, ...) for outputs (N, classes, d1, ...)
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise ConfigError(f"labels of dtype {y.dtype}: class indices (N,) must be integers, e.g. y.long()")
-        if y.numel() and out.dim() == 2 and bool(((y < 0) | (y >= out.shape[1])).any()):
+        if y.numel() and out.dim() >= 2 and bool(((y < 0) | (y >= out.shape[1])).any()):
+            lo = int(y.min())
             raise ConfigError(f"labels must be class indices 0..{out.shape[1] - 1} for a model with {out.shape[1]} "
-                              f"outputs, got {int(y.min())}..{int(y.max())}")
+                              f"outputs, got {lo}..{int(y.max())}"
+                              + (" (-100, PyTorch's ignore index, is not supported: drop those samples, whose "
+                                 "accuracy would count as wrong)" if lo == -100 else ""))
         return y.long()
     if y.shape != out.shape:
         raise ConfigError(f"labels of shape {tuple(y.shape)} for outputs of shape {tuple(out.shape)}: give class "
