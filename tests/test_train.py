@@ -270,6 +270,11 @@ def test_option_combinations_session25(tmp_path):
     with pytest.raises(ConfigError, match="was trained on fashion-mnist, this run trains on digits"):
         lowbit.run(lowbit.load_config(base[0], overrides=base[1:] + [
             "data.name=digits", "model.name=resnet8", f"train.distill.teacher={tmp_path / 'b'}"]), tmp_path / "d")
+    # SINAREQ's finetune_epochs beyond the run: refused before the run folder is written (it was refused at the
+    # method's setup, leaving a folder that then blocked the same --out)
+    assert main(["train", "configs/sinareq_dorefa.yaml", "data.limit=64", "train.epochs=1", "--out",
+                 str(tmp_path / "sf")]) == 2
+    assert not (tmp_path / "sf").exists()
     with pytest.raises(ConfigError, match=r"train.milestones: \[2\] not within 1..1 \(dcq.finetune_epochs"):
         lowbit.load_config("configs/dcq_w2_twn.yaml", overrides=[
             "train.epochs=4", "train.schedule=multistep", "train.milestones=[2]", "dcq.epochs=3",
