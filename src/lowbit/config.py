@@ -306,8 +306,8 @@ def validate_names(cfg: Config) -> None:
                 build_quantizer(spec.name, spec.bits, role=role, **spec.options)
             except ConfigError as e:
                 raise ConfigError(f"plan.{role}: {e}") from None
-    try:
-        build_method(cfg.plan.method.name, **cfg.plan.method.options)
+    try:  # the method's options, and whether it can train this many epochs (before the run folder is written)
+        build_method(cfg.plan.method.name, **cfg.plan.method.options).check_epochs(cfg.train.epochs)
     except ConfigError as e:
         raise ConfigError(f"plan.method: {e}") from None
     check_trainable(cfg)
@@ -324,11 +324,6 @@ def check_trainable(cfg: Config) -> None:
     from .models import MODELS
 
     t = cfg.train
-    fe = cfg.plan.method.options.get("finetune_epochs")
-    if cfg.plan.method.name == "sinareq" and isinstance(fe, int) and not isinstance(fe, bool) and fe >= t.epochs:
-        # the method's own check ran at its setup, after the run folder was written (session 25)
-        raise ConfigError(f"plan.method: option finetune_epochs ({fe}) must be below train.epochs ({t.epochs}): the "
-                          "bits are learned in the epochs before")
     if cfg.dcq is not None and cfg.plan.method.name in ("niti", "local"):  # session 25: a traceback, or a late refusal
         raise ConfigError(f"dcq: method '{cfg.plan.method.name}' does not train DCQ's sections (they learn by "
                           "regressing the teacher's feature maps, a loss; NITI's integer error and the local heads' "

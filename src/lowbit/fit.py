@@ -74,9 +74,9 @@ def _xy(batch: Any) -> tuple[Tensor, Tensor]:
     """A batch's input and labels: ``(x, y, ...)`` (further items, e.g. an index, are left to the method). A dict, a
     lone tensor or labels of a shape that is neither ``(N,)`` class indices nor ``(N, classes)`` targets is one
     line (session 24: a dict batch failed with ``KeyError: 0``, ``(N, 1)`` labels with torch's broadcasting)."""
-    if isinstance(batch, dict) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        what = f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else type(batch).__name__
-        raise ConfigError(f"a batch must be a tuple (x, y, ...) of inputs and labels, got {what}")
+    check_batch(batch)
+    if len(batch) < 2:
+        raise ConfigError(f"a batch must be a tuple (x, y, ...) of inputs and labels, got {type(batch).__name__}")
     x, y = batch[0], batch[1]
     if not isinstance(y, Tensor):
         raise ConfigError(f"labels must be a tensor of class indices (N,), got {type(y).__name__}")
@@ -507,7 +507,7 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
         batch = match_dtype(to_device(batch, dev), model)
         # the method reads its batch (DCQ's sections train on (x, feature maps)); class indices of a narrower
         # integer type (int32, uint8) become int64, which the cross-entropy takes
-        y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        y = batch[1] if len(batch) > 1 else None  # check_batch: a tuple or list
         if isinstance(y, Tensor) and y.dim() == 1 and y.dtype not in (torch.int64, torch.bool) \
                 and not y.is_floating_point() and not y.is_complex():
             batch = type(batch)([batch[0], y.long(), *batch[2:]])

@@ -184,14 +184,18 @@ class Plan(BaseModel):
         return self.model_dump(mode="json", exclude_none=False)
 
     # -- resolution ----------------------------------------------------------------------------
-    def resolve(self, model: nn.Module, ends: tuple[str, str] | None = None) -> list["LayerPlan"]:
+    def resolve(self, model: nn.Module, ends: tuple[str, str] | None = None,
+                frontiers: tuple[list[str], list[str]] | None = None) -> list["LayerPlan"]:
         """One :class:`LayerPlan` per conv/linear layer of ``model`` (registration order). ``ends``: the first and
-        last layer (:func:`first_last`; traced here when not given)."""
+        last layer, ``frontiers``: every layer at either end (:func:`traced_ends`; traced here when ``ends`` is not
+        given)."""
         names = quantizable_names(model)
         modules = dict(model.named_modules())
         w = {n: self.weight for n in names}
         a = {n: self.act for n in names}
-        first, last = ends or first_last(model, names)
+        if ends is None:
+            ends, frontiers = traced_ends(model, names)
+        first, last = ends
         if self.keep_first:
             w[first] = a[first] = None
         if self.keep_last:
@@ -224,8 +228,8 @@ class Plan(BaseModel):
                                   stacklevel=3)
                 w[n] = _apply(w[n], self.weight, ov.weight, f"plan.layers.{pattern}.weight")
                 a[n] = _apply(a[n], self.act, ov.act, f"plan.layers.{pattern}.act")
-        if self.keep_first or self.keep_last:
-            _warn_other_ends(model, names, first if self.keep_first else None, last if self.keep_last else None,
+        if frontiers is not None and (self.keep_first or self.keep_last):
+            _warn_other_ends(frontiers, first if self.keep_first else None, last if self.keep_last else None,
                              [n for n in names if (w[n] is not None or a[n] is not None) and n not in source])
         return [LayerPlan(n, modules[n], w[n], a[n], source.get(n)) for n in names]
 
@@ -238,16 +242,19 @@ def quantizable_names(model: nn.Module) -> list[str]:
     return names
 
 
-def first_last(model: nn.Module, names: list[str] | None = None) -> tuple[str, str]:
-    """The first and the last conv/linear layer ``model``'s forward calls (``torch.fx``), which ``keep_first`` /
-    ``keep_last`` keep: a user's module may register its classifier before its convs (before session 23 the
-    registration order picked them). Registration order where the model does not trace."""
+def traced_ends(model: nn.Module, names: list[str] | None = None
+                ) -> tuple[tuple[str, str], tuple[list[str], list[str]] | None]:
+    """From one ``torch.fx`` trace: the first and the last conv/linear layer the forward calls (a user's module may
+    register its classifier before its convs: before session 23 the registration order picked them), and the
+    frontiers: the layers with no conv/linear before them (they read the network input) and those with none after
+    them (they make an output). Where the model does not trace: the registration order, said in a warning, and no
+    frontiers."""
     import torch.fx as fx
 
     if names is None:
         names = quantizable_names(model)
     try:
-        called = [n.target for n in fx.symbolic_trace(model).graph.nodes if n.op == "call_module"]
+        nodes = list(fx.symbolic_trace(model).graph.nodes)
     except Exception as e:  # noqa: BLE001 - any model torch.fx cannot trace: the registration order, said
         import warnings
 
@@ -255,23 +262,10 @@ def first_last(model: nn.Module, names: list[str] | None = None) -> tuple[str, s
         warnings.warn(f"keep_first/keep_last: torch.fx cannot trace {type(model).__name__} ({why}), so the first and "
                       f"last layers are taken in registration order: '{names[0]}' and '{names[-1]}'; if the forward "
                       "calls others first or last, name them in plan.layers (e.g. {NAME: fp})", stacklevel=3)
-        called = []
-    known = set(names)
-    order = [t for t in dict.fromkeys(called) if t in known]
-    return (order[0], order[-1]) if order else (names[0], names[-1])
-
-
-def end_layers(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]] | None:
-    """The layers with no conv/linear before them (they read the network input) and those with none after them
-    (they make an output), from a ``torch.fx`` trace; None where the model does not trace."""
-    import torch.fx as fx
-
-    try:
-        nodes = list(fx.symbolic_trace(model).graph.nodes)
-    except Exception:  # noqa: BLE001 - first_last has said so
-        return None
+        return (names[0], names[-1]), None
     known = set(names)
     is_layer = {n: n.op == "call_module" and n.target in known for n in nodes}
+    order = list(dict.fromkeys(n.target for n in nodes if is_layer[n]))
     above: dict = {}
     for n in nodes:  # topological order
         above[n] = any(is_layer[i] or above[i] for i in n.all_input_nodes)
@@ -280,22 +274,21 @@ def end_layers(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]
         below[n] = any(is_layer[u] or below[u] for u in n.users)
     firsts = list(dict.fromkeys(n.target for n in nodes if is_layer[n] and not above[n]))
     lasts = list(dict.fromkeys(n.target for n in nodes if is_layer[n] and not below[n]))
-    return firsts, lasts
+    ends = (order[0], order[-1]) if order else (names[0], names[-1])
+    return ends, (firsts, lasts)
 
 
-def _warn_other_ends(model: nn.Module, names: list[str], first: str | None, last: str | None,
+def _warn_other_ends(frontiers: tuple[list[str], list[str]], first: str | None, last: str | None,
                      quantized: list[str]) -> None:
     """keep_first / keep_last keep one layer each; warn where others also read the network input or make an
     output and are quantized (session 25: a second conv on the image got an unsigned quantizer that clipped its
     negative half, 76.6 % for 81.6 %; of two heads one was 2-bit, the other FP32)."""
     import warnings
 
-    ends = end_layers(model, names)
-    if ends is None:
-        return
-    for keep, kept, others, what in (("keep_first", first, ends[0], "read the network input with no conv or linear "
-                                      "before them"),
-                                     ("keep_last", last, ends[1], "make an output with no conv or linear after them")):
+    for keep, kept, others, what in (("keep_first", first, frontiers[0], "read the network input with no conv or "
+                                      "linear before them"),
+                                     ("keep_last", last, frontiers[1], "make an output with no conv or linear after "
+                                      "them")):
         extra = [n for n in others if kept is not None and n != kept and n in quantized]
         if extra:
             warnings.warn(f"{keep} keeps '{kept}' in full precision, but these layers also {what} and are "

@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 from .cost import LayerBits
 from .errors import ConfigError
 from .methods import Method, build_method
-from .plan import LayerPlan, Plan, first_last
+from .plan import LayerPlan, Plan, traced_ends
 
 _STATE_ATTR = "_lowbit_state"
 
@@ -45,7 +45,7 @@ class QuantState:
     method: Method
     layers: list[LayerPlan]
     hooks: list = field(default_factory=list)
-    #: the first and the last layer the forward calls (``plan.first_last``, resolved before quantizing)
+    #: the first and the last layer the forward calls (``plan.traced_ends``, resolved before quantizing)
     ends: tuple[str, str] | None = None
 
     def table(self) -> str:
@@ -151,8 +151,8 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
     if plan.integer and method.integer_refusal:
         raise ConfigError(f"plan.integer: method '{method.name}' does not train in integer mode: "
                           f"{method.integer_refusal}")
-    ends = first_last(model)  # one trace for the plan and the state
-    layers = plan.resolve(model, ends)
+    ends, frontiers = traced_ends(model)  # one trace for the plan and the state
+    layers = plan.resolve(model, ends, frontiers)
     if plan.integer:
         from .intmode import integer_layers
 
@@ -182,8 +182,8 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
             # method's value sets, learned bits, mixtures or regularisers are for the plan's layers (session 24:
             # SINAREQ learned 2 bits for them, RDHS and SinReQ refused them)
             if lp.weight is not None:
-                p = (Method.weight_parametrization(method, lp.name, lp.module, lp.weight) if "weight" in lp.integer_roles
-                     else method.weight_parametrization(lp.name, lp.module, lp.weight))
+                p = (Method.weight_parametrization(method, lp.name, lp.module, lp.weight)
+                     if "weight" in lp.integer_roles else method.weight_parametrization(lp.name, lp.module, lp.weight))
                 parametrize.register_parametrization(lp.module, "weight", p)
             role = "act"
             if lp.act is not None:

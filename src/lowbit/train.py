@@ -289,8 +289,9 @@ def _save(path: Path, obj) -> None:
 
 def numerics_env() -> dict:
     """What changes a run's numbers without changing its config: torch's threads (sums split differently),
-    lowbit's native activation kernels (their scalar gradients summed in double) and torchrun's processes. Recorded in last.pt; a resume
-    under other values warns that it will not reproduce the uninterrupted run bit for bit."""
+    lowbit's native activation kernels (their scalar gradients summed in double) and torchrun's processes.
+    Recorded in last.pt; a resume under other values warns that it will not reproduce the uninterrupted run bit for
+    bit."""
     from . import distributed as ddp
     from .quant import native
 

@@ -130,6 +130,10 @@ class Method:
         return StepResult(loss.detach(), out.detach(), len(x))
 
     # -- 4. schedule callbacks -------------------------------------------------------------------
+    def check_epochs(self, epochs: int) -> None:
+        """A one-line :class:`ConfigError` where the method cannot train ``epochs`` epochs; called by ``setup``
+        and, before a run folder is written, by the config's checks (:func:`lowbit.config.validate_names`)."""
+
     def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
 

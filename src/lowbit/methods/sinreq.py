@@ -309,14 +309,17 @@ class SINAREQ(SinReQ):
         return [{"params": rest}, group]
 
     # -- schedule ---------------------------------------------------------------------------------
+    def check_epochs(self, epochs: int) -> None:
+        if self.finetune_epochs >= epochs:
+            raise ConfigError(f"option finetune_epochs ({self.finetune_epochs}) must be below train.epochs "
+                              f"({epochs}): the bits are learned in the epochs before")
+
     def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
         self.frozen = False
         super().setup(model, total_steps, steps_per_epoch)
         self._model = model
         self._layers = _bit_layers(model)
-        if self.finetune_epochs >= self.epochs:
-            raise ConfigError(f"option finetune_epochs ({self.finetune_epochs}) must be below train.epochs "
-                              f"({self.epochs}): the bits are learned in the epochs before")
+        self.check_epochs(self.epochs)
         for _, _, wp in self._layers:
             wp.beta.requires_grad_(True)
         self._apply_bits(model)

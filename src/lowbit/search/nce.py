@@ -290,7 +290,8 @@ def search_nce(cfg: Config, opts: NCEOptions | None = None, out_dir: str | Path 
         raise ConfigError("NCE: dcq and train.distill are not supported in the search")
     if cfg.plan.integer:
         raise ConfigError("NCE: the search's super-network (expandable channels) has no integer mode; search without "
-                          "plan.integer, then train derived.yaml with plan.integer=true (session 24: it failed tracing)")
+                          "plan.integer, then train derived.yaml with plan.integer=true "
+                          "(session 24: it failed tracing)")
     for k in ("width", "channels"):
         if k in cfg.model.options and cfg.model.options[k] not in (None, 1, 1.0):
             raise ConfigError(f"NCE: model.{k} is set ({cfg.model.options[k]!r}); NCE searches the widths itself, "
