@@ -7,9 +7,9 @@ Two probes behind docs/export.md, "Session 14":
   where the top of the code range can never be exceeded (and the bottom is uint8's 0), saturation alone
   would clamp, and the ``Clip`` could be dropped exactly. Prints, per layer, the share of channels where
   each end is safe.
-* ``--ops``: onnxruntime's time for the two exact ways to clamp a uint8 tensor to 0..15: ``Clip``, or a
-  ``QLinearAdd`` of 0 whose output zero point 240 makes its saturation do the upper clamp (1 thread,
-  median of 15 runs, a 256x48x16x16 tensor).
+* ``--ops``: onnxruntime's time for the exact ways to clamp a uint8 tensor to 0..15: ``Clip``, ``Min`` (the
+  upper end only; session 25), or a ``QLinearAdd`` of 0 whose output zero point 240 makes its saturation do the
+  upper clamp (1 thread, median of 15 runs, a 256x48x16x16 tensor).
 
     python benchmarks/integer_ort_clip.py --bounds benchmarks/results/integer_export/mbv2_ft/runs/FT_W4A4s_int13_fzl_s0
     python benchmarks/integer_ort_clip.py --ops
@@ -68,6 +68,9 @@ def ops() -> None:
         if kind == "Clip":
             inits = [h.make_tensor("lo", T.UINT8, [], [0]), h.make_tensor("hi", T.UINT8, [], [top])]
             node = h.make_node("Clip", ["x", "lo", "hi"], ["y"])
+        elif kind == "Min":  # the upper end only: the lower one is uint8's own 0 (session 25)
+            inits = [h.make_tensor("hi", T.UINT8, [], [top])]
+            node = h.make_node("Min", ["x", "hi"], ["y"])
         else:
             inits = [h.make_tensor("s", T.FLOAT, [], [0.1]), h.make_tensor("z", T.UINT8, [], [0]),
                      h.make_tensor("zo", T.UINT8, [], [255 - top])]
@@ -78,10 +81,12 @@ def ops() -> None:
     so = ort.SessionOptions()
     so.intra_op_num_threads = so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    sess = {k: ort.InferenceSession(model(k), so, providers=["CPUExecutionProvider"]) for k in ("Clip", "QLinearAdd")}
+    sess = {k: ort.InferenceSession(model(k), so, providers=["CPUExecutionProvider"])
+            for k in ("Clip", "Min", "QLinearAdd")}
     x = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
-    clip, qadd = (s.run(None, {"x": x})[0].astype(int) for s in sess.values())
-    assert np.array_equal(clip, np.minimum(x, top)) and np.array_equal(qadd - (255 - top), clip)  # both exact
+    clip, mn, qadd = (s.run(None, {"x": x})[0].astype(int) for s in sess.values())
+    assert np.array_equal(clip, np.minimum(x, top)) and np.array_equal(mn, clip)  # all three exact
+    assert np.array_equal(qadd - (255 - top), clip)
     t: dict = {k: [] for k in sess}
     for _ in range(15):
         for k, s in sess.items():
