@@ -10,7 +10,7 @@ from lowbit.cli import main
 from lowbit.cost import profile
 from lowbit.models import create_model
 from lowbit.quantize import layer_bits, quantize
-from lowbit.search.nce import fit_to_target, resource_loss
+from lowbit.search.nce import _cost_dict, fit_to_target, resource_loss
 from lowbit.search.supernet import SuperNet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -193,3 +193,51 @@ def test_every_target_of_the_search_is_a_cli_choice():
     for t in TARGETS:
         assert build_parser().parse_args(["search", "nce", "c.yaml", "--target", t]).target == t
 
+
+def test_one_hot_cost_is_exact_above_two_to_the_24():
+    """Session 26: SuperNet.cost summed in float32, off by a few MACs above 2^24 (ResNet-20 at 28x28:
+    20,810,602 for 20,810,599), so fit_to_target stepped down a network that met its target exactly."""
+    sn = SuperNet("resnet20", 1, 10, 28, cap=1.5)
+    widths = [14, 16, 22, 6, 38, 25, 32, 32, 51, 25, 96, 19]
+    choice = [g.widths.index(w) for g, w in zip(sn.groups, widths)]
+    for g, k in zip(sn.groups, choice):
+        g.active = max(g.active, k + 1)
+    net = create_model("resnet20", in_channels=1, num_classes=10, image_size=28, channels=sn.channels(widths))
+    exact = profile(net, torch.zeros(1, 1, 28, 28), {}).macs
+    assert float(sn.cost([float(w) for w in widths])["macs"]) == exact
+    assert fit_to_target(sn, choice, "macs", float(exact)) == (choice, 0)
+
+
+def test_init_from_is_refused_before_the_search(tmp_path, capsys):
+    """Session 26: model.init_from was ignored by the super-network, kept in derived.yaml, and the search
+    ended (after all its epochs) with 'pretrained weights do not fit the model' on the derived widths."""
+    ckpt = tmp_path / "fp.pt"
+    torch.save(create_model("resnet8", in_channels=1, num_classes=10, image_size=28).state_dict(), ckpt)
+    rc = main(["search", "nce", "configs/nce_resnet8_w2a2.yaml", "data.limit=50", f"model.init_from={ckpt}",
+               "--out", str(tmp_path / "nce")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "NCE: model.init_from is set" in err[0], err
+    assert not (tmp_path / "nce").exists()
+
+
+def test_unreachable_target_is_refused_before_the_search(capsys):
+    """Session 26: a target below the narrowest candidates was found out only after the whole search."""
+    rc = main(["search", "nce", "configs/nce_resnet8_w2a2.yaml", "data.limit=50", "--target-value", "1000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "even the narrowest candidates cost more than the target 1,000" in err[-1], err
+    assert not any("epoch" in line for line in err), err  # refused before the first epoch
+
+
+def test_mem002_b_p_ignores_a_layer_with_fp_weights():
+    """Session 26: a layer with FP weights but a quantized input (plan.layers {weight: fp}) set the search's
+    b_p to 32, while the target and the derived network's cost use the quantized layers' bits (2): the
+    search counted the original ResNet-8 at 15.8x its target and shrank it to 0.2x."""
+    plan = {**W2A2, "layers": {"layers.0.0.conv1": {"weight": "fp"}}}
+    sn = SuperNet("resnet8", 1, 10, 8, cap=1.5)
+    quantize(sn.net, plan)
+    sn.set_bits_table(layer_bits(sn.net))
+    net = quantize(create_model("resnet8", in_channels=1, num_classes=10, image_size=8), plan)
+    bits = layer_bits(net)
+    assert bits["layers.0.0.conv1"].weight is None and bits["layers.0.0.conv1"].act == 2
+    ref = _cost_dict(profile(net, torch.zeros(1, 1, 8, 8), bits))
+    assert float(sn.cost([float(g.base) for g in sn.groups])["mem_uniform"]) == ref["mem_uniform"]

@@ -223,6 +223,10 @@ def split_halves(split: Split, seed: int) -> tuple[Split, Split]:
     return Split(split.images[a], split.labels[a]), Split(split.images[b], split.labels[b])
 
 
+def _unreachable(target: float, key: str) -> ConfigError:
+    return ConfigError(f"NCE: even the narrowest candidates cost more than the target {target:,.0f} ({key})")
+
+
 def fit_to_target(sn: SuperNet, choice: list[int], key: str, target: float) -> tuple[list[int], int]:
     """Step the least confident groups (smallest log p(current) - log p(one narrower)) down one
     candidate until the network's cost is <= target. Returns (choice, steps taken)."""
@@ -231,7 +235,7 @@ def fit_to_target(sn: SuperNet, choice: list[int], key: str, target: float) -> t
     while float(sn.cost([float(w) for w in sn.widths_of(choice)])[key]) > target:
         options = [(float(logp[gi][k] - logp[gi][k - 1]), gi) for gi, k in enumerate(choice) if k > 0]
         if not options:
-            raise ConfigError(f"NCE: even the narrowest candidates cost more than the target {target:,.0f} ({key})")
+            raise _unreachable(target, key)
         _, gi = min(options)
         choice[gi] -= 1
         steps += 1
@@ -292,6 +296,9 @@ def search_nce(cfg: Config, opts: NCEOptions | None = None, out_dir: str | Path 
         raise ConfigError("NCE: the search's super-network (expandable channels) has no integer mode; search without "
                           "plan.integer, then train derived.yaml with plan.integer=true "
                           "(session 24: it failed tracing)")
+    if cfg.model.init_from is not None:
+        raise ConfigError("NCE: model.init_from is set; the super-network is searched from scratch and the found "
+                          "network is re-initialised (004 Algorithm 1, line 19): leave model.init_from out")
     for k in ("width", "channels"):
         if k in cfg.model.options and cfg.model.options[k] not in (None, 1, 1.0):
             raise ConfigError(f"NCE: model.{k} is set ({cfg.model.options[k]!r}); NCE searches the widths itself, "
@@ -317,6 +324,8 @@ def search_nce(cfg: Config, opts: NCEOptions | None = None, out_dir: str | Path 
     method = NCEMethod(sn, a_loader, opts, target)
     quantize(sn.net, cfg.plan, method=method)
     sn.set_bits_table(layer_bits(sn.net))
+    if float(sn.cost([float(g.widths[0]) for g in sn.groups])[key]) > target:  # before the search, not after it
+        raise _unreachable(target, key)
     sn.net.to(device)
     total_epochs = opts.warmup_epochs + opts.epochs
     opt = build_optimizer(sn.net, t, method)

@@ -233,7 +233,7 @@ def build_structure(model: nn.Module, base: dict[str, int], ratios, expand, exam
     st.mask_points = {mod: gid[layer] for mod, layer in masks.items()}
     st.input_elems = example[0].numel()
     st.act_bits = cost.act_bits
-    st.weight_bits = max((lb.w_bits for lb in bits.values()), default=FP_BITS)
+    st.weight_bits = max((lb.w_bits for lb in bits.values() if lb.w_bits < FP_BITS), default=FP_BITS)
     return st
 
 
@@ -244,10 +244,12 @@ def structure_cost(st: Structure, widths: list[Tensor | float]) -> dict[str, Ten
         return float(fixed) if group is None else widths[group]
 
     dev = next((x.device for x in widths if isinstance(x, Tensor)), torch.device("cpu"))
-    params = torch.zeros((), device=dev)
-    macs = torch.zeros((), device=dev)
-    param_bits = torch.zeros((), device=dev)
-    acts = [torch.tensor(float(st.input_elems), device=dev)]
+    # float64: float32 sums are not exact above 2^24 (MACs, Mem bits of larger networks)
+    widths = [x.double() if isinstance(x, Tensor) else float(x) for x in widths]
+    params = torch.zeros((), device=dev, dtype=torch.float64)
+    macs = torch.zeros((), device=dev, dtype=torch.float64)
+    param_bits = torch.zeros((), device=dev, dtype=torch.float64)
+    acts = [torch.tensor(float(st.input_elems), device=dev, dtype=torch.float64)]
     for ly in st.layers:
         c_in = w(ly.in_group, ly.in_fixed) * ly.in_factor
         c_out = w(ly.out_group, ly.out_fixed)
@@ -256,7 +258,7 @@ def structure_cost(st: Structure, widths: list[Tensor | float]) -> dict[str, Ten
         params = params + wn + bn
         macs = macs + ly.out_spatial * wn
         param_bits = param_bits + wn * ly.w_bits + bn * FP_BITS
-        acts.append(torch.as_tensor(c_out * ly.out_spatial, dtype=torch.float32, device=dev))
+        acts.append(torch.as_tensor(c_out * ly.out_spatial, dtype=torch.float64, device=dev))
     for g, fixed in zip(st.bn_groups, st.bn_fixed):
         n = 2 * w(g, fixed)
         params = params + n
@@ -324,7 +326,8 @@ class SuperNet:
             lb = bits.get(ly.name)
             ly.w_bits = lb.w_bits if lb is not None else FP_BITS
         st.act_bits = max((lb.a_bits for lb in bits.values()), default=FP_BITS)
-        st.weight_bits = max((lb.w_bits for lb in bits.values()), default=FP_BITS)
+        # b_p: the quantized layers' weight bits (a layer with FP weights and a quantized input is not one)
+        st.weight_bits = max((lb.w_bits for lb in bits.values() if lb.w_bits < FP_BITS), default=FP_BITS)
 
     @property
     def device(self) -> torch.device:
