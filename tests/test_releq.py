@@ -184,3 +184,38 @@ def test_bad_search_config_is_one_line(tmp_path):
         parse_search_config({**BASE, "releq": {"budget": {"metric": "size"}}})
     with pytest.raises(ConfigError, match="weight quantizer"):
         parse_search_config({**BASE, "plan": {}})
+
+
+def test_written_plan_keeps_a_searched_layers_own_override(tmp_path):
+    """A searched layer with its own plan.layers entry (another quantizer, an act) is fine-tuned as it was
+    searched; before, the written plan replaced the entry with {weight: {bits}}: DoReFa and no act quantizer."""
+    from lowbit.cli import main
+    from lowbit.quantize import quant_state
+
+    plan = {**BASE["plan"], "layers": {"layers.1.0.conv2": {"weight": {"name": "minmax", "bits": 8},
+                                                            "act": {"name": "uniform", "bits": 8}}}}
+    cfg = {**BASE, "plan": plan, "releq": {"layers": LAYERS, "episodes": 1, "finetune_steps": 1,
+                                           "pretrain_epochs": 1, "progress": False, "baselines": ["uniform"],
+                                           "ppo": {"episodes_per_update": 1}}}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "s"
+    assert main(["search", "releq", str(path), "--out", str(out)]) == 0
+    res = json.loads((out / "result.json").read_text())
+    data = lowbit.load_dataset("digits", limit=300, val_fraction=0.2)
+    for name, m in res["methods"].items():
+        model = lowbit.train.build_model(lowbit.load_config(m["plan"]), data)
+        lp = {x.name: x for x in quant_state(model).layers}["layers.1.0.conv2"]
+        assert (lp.weight.name, lp.weight.bits) == ("minmax", m["bits"][1]), name
+        assert lp.act is not None and (lp.act.name, lp.act.bits) == ("uniform", 8), name
+
+
+def test_search_with_learned_bits_method_is_refused():
+    """SINAREQ sets every layer to ceil(beta) when fit starts: each assignment the evaluator set_bits'd was
+    fine-tuned and evaluated at beta's 8 bits (all assignments the same accuracy), and the written plans
+    learned their own bits; refused when the search config is read."""
+    from lowbit.search.releq import parse_search_config
+
+    cfg = {**BASE, "plan": {**BASE["plan"], "method": {"name": "sinareq"}}, "releq": {"episodes": 1}}
+    with pytest.raises(ConfigError, match="sinareq"):
+        parse_search_config(cfg)

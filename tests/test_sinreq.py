@@ -304,3 +304,29 @@ def test_report_figures_and_error(tmp_path, fmnist_small):
     assert all(p.is_file() and p.stat().st_size > 1000 for p in res["files"])
     assert len(res["files"]) == 2 and 0 <= res["error_after"] <= 0.5
     assert set(res["error"]) == set(_rows(tmp_path / "r")[-1]["bits"])
+
+
+def test_sinareq_with_dcq_is_refused_before_the_run_folder(tmp_path):
+    """DCQ trains SINAREQ's learned bits on section views whose layer names set_bits does not know (a
+    traceback-free but misleading "set_bits: '3.conv1' matches no layer" after the run folder was written),
+    and the stitched network would be evaluated at the plan's bits: refused when the config is read."""
+    from lowbit.config import load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {name: resnet8, width: 0.25}\ndata: {name: digits}\n"
+                 "plan: {weight: {name: dorefa, bits: 8}, method: {name: sinareq}}\ndcq: {teacher: x}\n")
+    with pytest.raises(ConfigError, match="dcq: method 'sinareq'"):
+        load_config(p)
+
+
+def test_sinareq_bit_range_a_quantizer_cannot_take_is_refused_when_built():
+    """sawb's closed form has constants for 2, 3, 4, 5 and 8 bits: with bits [2, 8] the run crashed in its first
+    epoch, when beta fell below 7 (set_bits refused 7); refused when the model is quantized, before training."""
+    model = create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.25)
+    with pytest.raises(ConfigError, match="include 6"):
+        quantize(model, {"weight": {"name": "sawb", "bits": 8, "alpha": "closed_form"},
+                         "method": {"name": "sinareq", "bits": [2, 8]}})
+    model = create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.25)
+    quantize(model, {"weight": {"name": "sawb", "bits": 5, "alpha": "closed_form"},
+                     "method": {"name": "sinareq", "bits": [2, 5]}})  # within the constants: accepted
+    assert {lp.weight.bits for lp in quant_state(model).layers if lp.weight is not None} == {5}

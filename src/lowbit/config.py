@@ -328,6 +328,10 @@ def check_trainable(cfg: Config) -> None:
         raise ConfigError(f"dcq: method '{cfg.plan.method.name}' does not train DCQ's sections (they learn by "
                           "regressing the teacher's feature maps, a loss; NITI's integer error and the local heads' "
                           "losses are not); train it without dcq")
+    if cfg.dcq is not None and cfg.plan.method.name == "sinareq":
+        raise ConfigError("dcq: method 'sinareq' does not train DCQ's sections (its learned bits are set by layer "
+                          "name, which a section does not carry, and the stitched network would be evaluated at the "
+                          "plan's bits, not the learned ones); train it without dcq, or use sinreq with fixed bits")
     if cfg.plan.integer and cfg.dcq is not None:
         raise ConfigError("dcq: DCQ does not train in integer mode (plan.integer: true): its sections call the "
                           "model's modules directly, outside the traced graph integer mode trains and evaluates, so "

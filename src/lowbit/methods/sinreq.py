@@ -294,6 +294,16 @@ class SINAREQ(SinReQ):
         if not (cls.min_bits <= self.lo and self.hi <= cls.max_bits):
             raise ConfigError(f"sinareq: bits [{self.lo}, {self.hi}] is outside what quantizer '{q.alias}' "
                               f"supports ({cls.min_bits}..{cls.max_bits})")
+        b0 = q.bits
+        for b in range(self.lo, self.hi + 1):  # the learned bits visit every width in the range (before: refused
+            if b != b0:  # by set_bits in mid-training, e.g. sawb's closed form at 6 and 7 bits)
+                try:
+                    q.set_bits(b)
+                except ConfigError as e:
+                    raise ConfigError(f"sinareq: bits [{self.lo}, {self.hi}] include {b}, which quantizer '{q.alias}' "
+                                      f"cannot take ({e}); narrow plan.method.bits") from None
+        if q.bits != b0:
+            q.set_bits(b0)
         init = self.init_bits if self.init_bits is not None else float(q.bits)
         if not self.lo <= init <= self.hi:
             raise ConfigError(f"sinareq: the plan's weight bits {q.bits} (beta's start) lie outside bits "

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..config import Config, apply_overrides, validate_names
 from ..errors import ConfigError
 from ..plan import one_line
+from ..quantize import quant_state
 from .baselines import random_candidates, select, sensitivity_candidates, uniform_candidates
 from .bitcost import BitCost, Budget, budget_wall
 from .env import DEFAULT_BITS, ReleqEnv, layer_features
@@ -145,6 +146,9 @@ def parse_search_config(data: dict, where: str = "config") -> tuple[Config, Rele
         raise ConfigError("plan.weight: the search needs a weight quantizer (e.g. {name: dorefa, bits: 8})")
     if cfg.dcq is not None:
         raise ConfigError("dcq: a bit search does not run a DCQ schedule")
+    if cfg.plan.method.name == "sinareq":  # its setup sets every layer to ceil(beta): each assignment ran at 8 bits
+        raise ConfigError("plan.method: sinareq learns each layer's bits itself, which would replace every assignment "
+                          "the search evaluates; search with a fixed-bit method (e.g. ste or sinreq)")
     if len(set(opts.bits)) < 2 or min(opts.bits) < 1 or max(opts.bits) > 32:
         raise ConfigError(f"releq.bits: at least two widths in 1..32, got {opts.bits}")
     b = opts.budget
@@ -184,12 +188,22 @@ def fp32_start(cfg: Config, opts: ReleqOptions, out: Path) -> tuple[Config, floa
     return cfg, acc
 
 
-def plan_config(cfg: Config, layers: list[str], bits, opts: ReleqOptions, name: str) -> dict:
-    """A ``lowbit train`` config: the search's config with per-layer weight bits, from the FP32 start."""
+def plan_config(cfg: Config, layers: list[str], bits, opts: ReleqOptions, name: str, resolved=None) -> dict:
+    """A ``lowbit train`` config: the search's config with per-layer weight bits, from the FP32 start.
+    ``resolved``: the searched network's layer plans (name -> LayerPlan); a layer that one of the config's
+    plan.layers patterns set is written whole (its quantizers as searched), after every pattern."""
     d = cfg.to_dict()
     d["name"] = name
-    d["plan"]["layers"] = {**d["plan"].get("layers", {}), **{n: {"weight": {"bits": int(b)}}
-                                                           for n, b in zip(layers, bits)}}
+    over = dict(d["plan"].get("layers", {}))
+    for n, b in zip(layers, bits):
+        lp = (resolved or {}).get(n)
+        if lp is None or lp.source is None:
+            over[n] = {"weight": {"bits": int(b)}}
+        else:  # before: {weight: {bits}} replaced the layer's own entry (its quantizer, its act) or came before a glob
+            over.pop(n, None)
+            over[n] = {"weight": lp.weight.merged({"bits": int(b)}).model_dump(),
+                       "act": lp.act.model_dump() if lp.act is not None else "fp"}
+    d["plan"]["layers"] = over
     d["train"]["epochs"] = opts.final_epochs
     if opts.final_lr is not None:
         d["train"]["lr"] = opts.final_lr
@@ -381,11 +395,13 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
               "episodes": len(st["history"]), "releq_seconds": releq_seconds,
               "total_seconds": time.perf_counter() - t_start, "policy_bits": policy_bits,
               "policy_acc": ev.accuracy(policy_bits), "methods": {}}
+    resolved = {lp.name: lp for lp in quant_state(ev.model).layers}
     for name, cands in methods.items():
         recs = [ev.cached(c) for c in cands]
         pick = select(recs, acc_fp, choices, within)
         plan_path = out / "plans" / f"{name}.yaml"
-        plan_path.write_text(yaml.safe_dump(plan_config(cfg, layers, pick["bits"], opts, f"{cfg.name}-{name}"),
+        plan_path.write_text(yaml.safe_dump(plan_config(cfg, layers, pick["bits"], opts, f"{cfg.name}-{name}",
+                                                        resolved),
                                             sort_keys=False))
         result["methods"][name] = {
             "evaluations": len(cands), "eval_seconds": sum(r["seconds"] for r in recs),
