@@ -147,3 +147,19 @@ def test_eval_shows_the_methods_training_facts_not_a_reloaded_methods(capsys, tm
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["method_info"] == trained
+
+
+def test_info_shows_the_methods_training_facts_not_a_reloaded_methods(capsys, tmp_path):
+    """Session 26: `lowbit info RUN_DIR` printed a freshly built method's 'Q1 weight at end' (0.33, the attention at
+    T(0) = 100) and 'over the whole training' where the run's summary.json records 1.0000 and 'over 3 batches'."""
+    import json
+
+    cfg = str(Path(__file__).parent.parent / "configs" / "dqa_w2_sawb.yaml")
+    run_dir = tmp_path / "run"
+    assert main(["train", cfg, *TINY, "--out", str(run_dir)]) == 0
+    trained = json.loads((run_dir / "summary.json").read_text())["method_info"]
+    capsys.readouterr()
+    assert main(["info", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    for k, v in trained.items():
+        assert f"{k}: {v}\n" in out

@@ -180,6 +180,7 @@ def test_members_not_above_a_layers_bits_are_left_out():
     ({"mixture": [{"name": "minmx", "bits": 4}]}, "mixture[0]: unknown quantizer 'minmx'"),
     ({"mixture": [{"name": "minmax"}]}, "mixture[0]: quantizer 'minmax' needs bits"),
     ({"mixture": [MM(4), MM(8)], "g": [1, 4]}, "option g must be a list of 3 numbers"),
+    ({"mixture": [MM(4)], "g": [1, float("nan")]}, "option g must be a list of 2 numbers"),  # else 'loss became nan'
     ({"mixture": [MM(4)], "t0": 0.01}, "t_end must be below t0"),
     ({"mixture": [MM(4)], "eval_mode": "soft"}, "eval_mode must be one of final, mixture"),
     ({"mixture": [MM(4)], "temp": 3}, "has no option temp"),
@@ -285,3 +286,45 @@ def test_dqa_resume_reproduces_an_uninterrupted_run(tmp_path, fmnist_small, full
     for a, b in zip(full, cut):
         a.pop("epoch_time"), b.pop("epoch_time")
         assert a == b
+
+
+def test_q1_weight_at_end_is_read_at_the_best_epochs_temperature(tmp_path, fmnist_small, monkeypatch):
+    # the tested network is best.pt's; when that is not the last epoch, its c_1 is the one at the end of that
+    # epoch (its own T), not best.pt's alpha read at the last step's T = 0.03 (where the softmax is one-hot)
+    import importlib
+
+    fit_module = importlib.import_module("lowbit.fit")
+    real, calls = fit_module.evaluate, []
+
+    def first_epoch_best(model, batches, device=None):
+        out = real(model, batches, device)
+        calls.append(1)
+        return {**out, "acc": 1.0 - 0.1 * len(calls)}
+
+    monkeypatch.setattr(fit_module, "evaluate", first_epoch_best)
+    res = run(cfg(), tmp_path / "r", data=fmnist_small)
+    assert res.summary["best_epoch"] == 1
+    first = rows(tmp_path / "r")[0]
+    c1 = min(v[0] for v in first["attention"].values())
+    assert c1 < 0.9  # T ≈ 1.7 after the first of two epochs: still a mixture
+    assert res.summary["method_info"]["Q1 weight at end"].startswith(f"min {c1:.4f} ")
+
+
+def test_penalty_is_computed_on_the_models_device():
+    # g was built on the CPU and dotted with the attention on the model's device: on CUDA the first step failed
+    # ("Expected all tensors to be on the same device"); the meta device stands in where there is no GPU
+    m = tiny({"weight": MM(2), "method": DQA_MM})
+    meth = quant_state(m).method
+    meth.setup(m, 10, 10)
+    dev = "cuda" if torch.cuda.is_available() else "meta"
+    m.to(dev)
+    assert meth.extra_loss(m).device.type == dev
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_mixture_trains_and_records_on_cuda():
+    # on CUDA the penalty's g (CPU) and Figure 3's transfer curve (CPU grid searched in CUDA weights) failed
+    m = tiny({"weight": MM(2), "method": DQA_MM}).to("cuda")
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 5, (8,))
+    hist = lowbit.fit(m, [(x, y)], epochs=2, device="cuda")
+    assert len(hist) == 2 and len(hist[-1]["qfunc"]) == 2

@@ -141,7 +141,16 @@ def cmd_info(args) -> int:
         from .models.channels import describe_channels
 
         print(describe_channels(model, cfg.model.options["channels"]))
-    for k, v in state.method.summary(model).items():
+    info = state.method.summary(model)
+    trained = Path(args.target) / "summary.json"
+    if run_ck.is_file() and trained.is_file():  # facts of the training (a schedule, the attention before hardening),
+        try:  # which a reloaded method does not know: as lowbit eval, the run's own summary
+            recorded = json.loads(trained.read_text())
+        except ValueError:
+            recorded = {}
+        if isinstance(recorded.get("method_info"), dict):
+            info = recorded["method_info"]
+    for k, v in info.items():
         print(f"{k}: {v}")
     print()
     print(cost_of(model, data).table())

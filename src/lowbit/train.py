@@ -144,7 +144,10 @@ def final_model(model: nn.Module, checkpoint: dict) -> nn.Module:
     method's ``finalize`` (e.g. harden a mixture), then the re-estimated BatchNorm statistics if the
     run recorded them (``train.bn_recalibrate``). In place; returns ``model``."""
     model.load_state_dict(checkpoint["model"])
-    quant_state(model).method.finalize(model)
+    method = quant_state(model).method
+    if "method" in checkpoint:  # the schedule as at the best epoch (DQA's T, BinaryRelax's omega): finalize's facts
+        method.load_state_dict(checkpoint["method"])  # are the best network's (before session 26: the last step's)
+    method.finalize(model)
     if checkpoint.get("final_bn"):
         model.load_state_dict(checkpoint["final_bn"], strict=False)
     return model
@@ -318,6 +321,7 @@ class RunFolder:
         if self.best.get("epoch", -1) < 0 or score > self.best.get("_score", self.best["val_acc"]):
             self.best = {"val_acc": None if no_val else score, "epoch": state.epoch + 1, "_score": score}
             _save(self.run_dir / "best.pt", {"model": state.model.state_dict(), "epoch": state.epoch + 1,
+                                             "method": state.method.state_dict(),
                                              **({"config": self.config} if self.config else {})})
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")

@@ -90,7 +90,7 @@ class DQA(MixtureMethod):
         if g is None:
             g = [4.0**k for k in range(k_max)]
         if (not isinstance(g, (list, tuple)) or len(g) < k_max
-                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in g)):
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in g)):
             raise ConfigError(f"option g must be a list of {k_max} numbers (one per quantizer, Q_1 first), got {g!r}")
         self.g = [float(v) for v in g]
         self.temperature = self.t0
@@ -133,7 +133,7 @@ class DQA(MixtureMethod):
         total = None
         for m in self._att:
             a = m.attention()
-            g = torch.tensor(self.g[: len(a)], dtype=a.dtype)
+            g = torch.tensor(self.g[: len(a)], dtype=a.dtype, device=a.device)
             r = torch.dot(g, a)
             total = r if total is None else total + r
         return total * (self.lam / self.S)

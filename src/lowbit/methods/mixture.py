@@ -205,7 +205,7 @@ class QuantizerMixture(nn.Module):
         q = self.mix(w.detach(), self.coefficients().detach()).flatten()
         order = flat.argsort()
         s = flat[order]
-        targets = torch.linspace(float(s[0]), float(s[-1]), points)
+        targets = torch.linspace(float(s[0]), float(s[-1]), points, device=s.device)
         idx = torch.unique(torch.searchsorted(s, targets).clamp_(max=len(s) - 1))
         pick = order[idx]
         return [_r(v) for v in flat[pick].tolist()], [_r(v) for v in q[pick].tolist()]
