@@ -292,6 +292,9 @@ def test_quantize_refuses_what_it_would_get_wrong_and_says_when_it_guesses():
     t = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ConvTranspose2d(4, 2, 3), nn.Conv2d(2, 1, 3))
     with pytest.raises(ConfigError, match="layer 1: per_channel weights on a ConvTranspose2d"):
         q(t, {"weight": {"name": "sawb", "bits": 2, "per_channel": True}})
+    with pytest.raises(ConfigError, match="layer 1: per_channel weights on a ConvTranspose2d"):  # lqnet's default
+        q(t, {"weight": {"name": "lqnet", "bits": 2}})
+    q(t, {"weight": {"name": "lqnet", "bits": 2, "per_channel": False}})
 
     class Branchy(nn.Module):
         def __init__(self):
@@ -437,3 +440,59 @@ def test_other_layers_at_the_ends_are_named():
         quantize(TwoStems(), {**plan, "layers": {"b": "fp"}})
         for name in ("resnet8", "mobilenetv2", "lenet5", "vgg_small"):
             quantize(create_model(name, in_channels=1, num_classes=10, image_size=28), plan)
+
+
+def test_set_bits_that_empties_an_activation_codebook_warns_before_evaluation():
+    """Session 26: set_bits on centroid / LQ-Net activations empties their codebook (it is re-initialised on the
+    next *training* batch); evaluating before one gave constant outputs (9.8 % for 88.7 % on digits) without the
+    UncalibratedWarning that the same state gives before training."""
+    import warnings
+
+    from lowbit.quantize import UncalibratedWarning, set_bits
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 8, 8)
+    for act in ("centroids", "lqnet"):
+        m = quantize(create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.25),
+                     {"weight": {"name": "sawb", "bits": 4}, "act": {"name": act, "bits": 4}})
+        m.train()
+        m(x)
+        m.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UncalibratedWarning)
+            m(x)  # started: no warning
+        set_bits(m, {"*": {"act": 3}})
+        with pytest.warns(UncalibratedWarning, match=act):
+            m(x)
+        m.train()
+        m(x)  # a training batch starts them again
+        m.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UncalibratedWarning)
+            m(x)
+
+
+def test_a_refused_set_bits_keeps_trained_codebooks():
+    """Session 26: a refused lowbit.set_bits undid the layers done so far with set_bits(old bits), which empties
+    centroid and LQ-Net codebooks: the call was refused, and the trained activations were gone (digits 88.7 % ->
+    10.3 %)."""
+    from lowbit.quantize import set_bits
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 8, 8)
+    for act in ("centroids", "lqnet"):
+        m = quantize(create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.25),
+                     {"weight": {"name": "sawb", "bits": 4}, "act": {"name": act, "bits": 4}})
+        m.train()
+        m(x)
+        m.eval()
+        acts = [q for q in m.modules() if getattr(q, "is_quantizer", False) and q.role == "act"]
+        before = [{k: v.clone() for k, v in q.state_dict().items()} for q in acts]
+        ref = m(x)
+        last = [lp.name for lp in quant_state(m).layers if lp.act is not None][-1]
+        with pytest.raises(ConfigError, match="got 9"):
+            set_bits(m, {"*": {"act": 3}, last: {"act": 9}})
+        assert all(q.bits == 4 and not q.awaits_data() for q in acts), act
+        for q, b in zip(acts, before):
+            assert all(torch.equal(v, b[k]) for k, v in q.state_dict().items()), act
+        assert torch.equal(m(x), ref), act

@@ -96,7 +96,8 @@ class _InputQuantHook:
 
     def __call__(self, module: nn.Module, args):
         x = args[0]
-        if not self.started:
+        # _init_seen False: set_bits or load_state_dict emptied a started quantizer's codebook (centroids, LQ-Net)
+        if not self.started or module.input_quantizer.__dict__.get("_init_seen") is False:
             self._check_started(module.input_quantizer)
         y = module.input_quantizer(x)
         if not self.checked:
@@ -170,8 +171,8 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
                               f"({type(lp.module.parametrizations.weight[0]).__name__}, e.g. weight_norm); lowbit "
                               "quantizes a plain weight: remove it first (torch.nn.utils.parametrize."
                               "remove_parametrizations(layer, 'weight')) or keep this layer in full precision")
-        if lp.weight is not None and lp.weight.options.get("per_channel") and \
-                isinstance(lp.module, nn.modules.conv._ConvTransposeNd):
+        if lp.weight is not None and lp.weight.options.get("per_channel", lp.weight.name == "lqnet") and \
+                isinstance(lp.module, nn.modules.conv._ConvTransposeNd):  # lqnet: per channel unless told otherwise
             raise ConfigError(f"layer {lp.name}: per_channel weights on a {type(lp.module).__name__}, whose weight is "
                               "(in, out, ...): the scales would be per input channel; use per-tensor weights there")
     warned = [False]  # the model's hooks warn once between them (UncalibratedWarning)
@@ -295,7 +296,7 @@ def set_bits(model: nn.Module, bits: Mapping[str, int | Mapping[str, int]]) -> n
         for role in roles:
             if (lp.weight if role == "weight" else lp.act) is None:
                 raise ConfigError(f"set_bits: layer '{n}' has a full-precision {role}; quantize it in the plan first")
-    done = []  # (quantizer, old bits, layer plan, role, old spec): undone if a later layer fails
+    done = []  # (quantizer, old bits, layer plan, role, old spec, old state): undone if a later layer fails
     try:
         for n, roles in todo.items():
             lp = by_name[n]
@@ -304,21 +305,25 @@ def set_bits(model: nn.Module, bits: Mapping[str, int | Mapping[str, int]]) -> n
                 if not callable(getattr(q, "set_bits", None)):
                     raise ConfigError(f"set_bits: layer '{n}': {type(q).__name__} cannot change its bits")
                 old, spec = q.bits, getattr(lp, role)
+                # set_bits(old) alone would not undo it: centroids and LQ-Net empty their codebook on any change
+                saved = {k: v.clone() for k, v in q.state_dict().items()}
                 try:
                     q.set_bits(b)
                 except ConfigError as e:
                     raise ConfigError(f"set_bits: layer '{n}' {role}: {e}") from None
-                done.append((q, old, lp, role, spec))
+                done.append((q, old, lp, role, spec, saved))
                 setattr(lp, role, spec.merged({"bits": int(b)}))
                 if role == "act":  # integer mode: the convs that read one tensor share its quantizer
                     for other in state.layers:
                         if other is not lp and other.act is not None and \
                                 getattr(other.module, "input_quantizer", None) is q:
-                            done.append((q, old, other, role, other.act))
+                            done.append((q, old, other, role, other.act, None))
                             other.act = other.act.merged({"bits": int(b)})
     except Exception:
-        for q, old, lp, role, spec in reversed(done):
+        for q, old, lp, role, spec, saved in reversed(done):
             q.set_bits(old)
+            if saved is not None:
+                q.load_state_dict(saved)
             setattr(lp, role, spec)
         raise
     return model

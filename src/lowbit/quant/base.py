@@ -213,6 +213,8 @@ class Quantizer(nn.Module):
         if self.min_bits == self.max_bits:
             raise ConfigError(f"quantizer '{self.alias}' has the fixed bit width {self.min_bits}; it cannot change bits")
         bits, old = check_bits(type(self), bits), self.bits
+        if bits == old:  # nothing to change (before session 26 centroids and LQ-Net emptied their codebook)
+            return
         self.bits = bits
         try:
             self._bits_changed()

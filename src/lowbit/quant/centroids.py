@@ -42,7 +42,8 @@ class CentroidsQuantizer(Quantizer):
 
     ``Q(x) = c_j`` with ``j = argmin_i |x - c_i|`` over 2^k centroids c (one codebook per tensor).
 
-    * init (first call, any mode): ``c_i`` = the ((i + 1/2)/2^k)-quantile (linear interpolation,
+    * init (weights: first call, any mode; activations: first training-mode batch that is not all zeros,
+      :meth:`~lowbit.quant.Quantizer.starts_on`): ``c_i`` = the ((i + 1/2)/2^k)-quantile (linear interpolation,
       numpy's default) of the tensor's *distinct* values, i = 0..2^k-1. Distinct values rather than
       all entries so that a point mass (the zeros after a ReLU) cannot give duplicate centroids;
       for continuous weights the two are the same.
@@ -73,6 +74,17 @@ class CentroidsQuantizer(Quantizer):
         self.centroids = torch.zeros(2**self.bits, device=self.initialized.device)
         self.initialized.fill_(False)
         self._init_seen = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # 2^bits centroids: a codebook saved at other bits is a one-line error, as LQ-Net's basis (it was torch's
+        # multi-line "size mismatch" RuntimeError)
+        key = prefix + "centroids"
+        if key in state_dict and state_dict[key].shape != self.centroids.shape:
+            n = state_dict[key].numel()
+            saved = f"{n.bit_length() - 1} bits" if n & (n - 1) == 0 else f"{n} entries"
+            raise ConfigError(f"{prefix}centroids: saved at {saved}, this quantizer has {self.bits}: "
+                              f"set_bits({n.bit_length() - 1}) before loading")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def init_centroids(self, x: Tensor) -> None:

@@ -8,7 +8,8 @@ the same loop (the quantized values are recomputed there instead of being stored
 
 * Forward outputs are bit-identical to the eager kernels: the same IEEE float32 operations in the
   same order (inductor compiles with ``-ffp-contract=off``), with the step and 1/s passed in as the
-  float32 constants the eager code uses (tests/test_compiled.py checks it).
+  float32 constants the eager code uses (tests/test_kernels.py::test_compiled_kernels_match_eager
+  checks it, with ``LOWBIT_TEST_COMPILE=1``).
 * Backward: the same masks; the scalar gradients (LSQ's step, PACT's clip, a mixture's
   coefficients) are the same sums in another order (float rounding may differ in the last bits).
 * A mixture's forward sum ``Σ c_k·Q_k(x)`` is computed as products and adds where eager uses a

@@ -59,8 +59,12 @@ def round_ste(x: Tensor) -> Tensor:
 
 
 def grad_scale(x: Tensor, scale: float) -> Tensor:
-    """Forward ``x`` unchanged, multiply its gradient by ``scale`` (LSQ's gradient scaling)."""
-    return (x - x * scale).detach() + x * scale
+    """Forward ``x`` unchanged, multiply its gradient by ``scale`` (LSQ's gradient scaling).
+
+    Written as ``x + (y - y.detach())``, y = x·scale, as :func:`ste`: ``(x - y).detach() + y`` rounds twice and
+    moved about 0.3 % of float32 values by one ulp."""
+    y = x * scale
+    return x.detach() + (y - y.detach())
 
 
 _shared_ranges: list[dict] = []  # a stack: one dict per open shared_batch_range()

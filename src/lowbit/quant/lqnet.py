@@ -35,7 +35,8 @@ class LQNetQuantizer(Quantizer):
     * basis v: a buffer of shape (C, K), one row per output channel for weights
       (``per_channel``, the paper's choice and the default for weights), (1, K) per tensor for
       activations.
-    * init (first call, any mode): ``v_k = 2^k·s``, giving the uniform grid s·{±1, ±3, ...,
+    * init (weights: first call, any mode; activations: first training-mode batch that is not all zeros,
+      :meth:`~lowbit.quant.Quantizer.starts_on`): ``v_k = 2^k·s``, giving the uniform grid s·{±1, ±3, ...,
       ±(2^K - 1)} (weights) or s·{0, 1, ..., 2^K - 1} (activations), with
       s = E|w|/2^(K-1) per channel (K = 1: BWN's β = E|w|) or s = E[x | x > 0]/2^(K-1) per
       tensor (activations: negatives clip to the 0 level anyway). The top level is then about

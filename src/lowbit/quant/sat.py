@@ -61,8 +61,8 @@ class SATQuantizer(Quantizer):
             self.dorefa = build_quantizer("dorefa", bits, role="weight")
         else:
             init = 6.0 if init is None else float(init)
-            if init <= 0:
-                raise ConfigError(f"sat option init must be > 0, got {init}")
+            if not 0 < init < float("inf"):  # NaN and inf too: every output was NaN
+                raise ConfigError(f"sat option init must be > 0 and finite, got {init}")
             self.calibrated = True if calibrated is None else bool(calibrated)
             self.alpha = nn.Parameter(torch.tensor(init))
 

@@ -60,6 +60,8 @@ class MinMaxQuantizer(Quantizer):
         if per_channel and role == "act":
             raise ConfigError("quantizer 'minmax' has per_channel only for weights")
         self.momentum = float(momentum)
+        if not 0.0 < self.momentum <= 1.0:  # NaN too; outside (0, 1] the running range left the data (-0.5: below it)
+            raise ConfigError(f"{self.alias} option momentum must be in (0, 1], got {momentum}")
         if role == "act":
             self.register_buffer("running_min", torch.zeros(()))
             self.register_buffer("running_max", torch.zeros(()))
@@ -373,8 +375,8 @@ class PACTQuantizer(Quantizer):
 
     def __init__(self, bits: int, role: str = "act", init: float = 6.0):
         super().__init__(bits, role)
-        if init <= 0:
-            raise ConfigError(f"pact option init must be > 0, got {init}")
+        if not 0 < init < float("inf"):  # NaN and inf too: every output was NaN
+            raise ConfigError(f"pact option init must be > 0 and finite, got {init}")
         self.alpha = nn.Parameter(torch.tensor(float(init)))
 
     def quantize(self, x: Tensor) -> Tensor:

@@ -11,9 +11,10 @@ One weight bit is the sign, so the weight grid is symmetric and holds 0: 2^k - 1
 Backward: clipped straight-through, ``dq/dx = 1[lo <= x <= hi]`` with [lo, hi] = [-1, 1] or [0, 1].
 
 Difference from ``qnn``: QNN puts 2^k levels on [-1, 1] (no 0 level, Δ = 2/(2^k - 1)); WRPN spends
-one code on 0 and keeps the step 1/m, twice QNN's resolution near 0 at 2 bits... and half its levels
-at the ends. Difference from ``dorefa``: no tanh normalisation; small weights use only the levels
-near 0, and the following BatchNorm absorbs the scale.
+one code on 0: 2^k - 1 levels with the step 1/m = 2/(2^k - 2), a little coarser than QNN's Δ (2 bits:
+{-1, 0, 1} against QNN's {-1, -1/3, 1/3, 1}), but 0 is a level where QNN's nearest are ±Δ/2.
+Difference from ``dorefa``: no tanh normalisation; small weights use only the levels near 0, and the
+following BatchNorm absorbs the scale.
 """
 
 from __future__ import annotations
