@@ -306,3 +306,16 @@ def test_a_suite_report_session25(tmp_path, capsys):
 
     assert "(these ran 2 at a time: not comparable)" in markdown(aggregate(res["records"], "FP32"), "FP32", workers=2)
     assert "epoch time" not in markdown(aggregate(res["records"]))  # no reference: no ratio column (was nan)
+
+
+def test_budget_table_says_when_the_width_stopped_at_the_cap():
+    """Session 26: a budget above Mem at width 16 printed width 16 and Mem/M < 1 with no word that the search
+    stops there (a reader takes it for the widest network the budget allows)."""
+    from lowbit.search.budget import format_table
+
+    shape = dict(in_channels=1, num_classes=10, image_size=(8, 8))
+    budget, choices = budget_table("resnet8", [8], budget_kib=1e6, **shape)
+    assert choices[0].width == 16.0 and choices[0].mem_bits < budget
+    assert "cap 16" in format_table("resnet8", budget, choices)
+    budget, choices = budget_table("resnet8", [8], ratio=8, **shape)
+    assert "cap" not in format_table("resnet8", budget, choices)

@@ -389,3 +389,37 @@ def test_largest_activation_counts_a_layer_input_made_by_a_functional_op():
             return self.mix(torch.cat([self.a(x), self.b(x)], 1))
 
     assert profile(Cat(), torch.zeros(1, 1, 16, 16), {}).max_act_elems == 4 * 16 * 16
+
+
+def test_training_memory_of_a_quantized_model_counts_a_layer_input_once_at_its_bits():
+    """Session 26: the cost hooks ran after the input quantizer's pre-hook and saw its fake-quantized copy, so on a
+    model quantized by lowbit.quantize a ReLU output read by two 3-bit convs was stored at 32 bits plus one 3-bit
+    copy per conv (ResNet-20 W3A3: 2.45 MB/sample "all", more than FP32's 2.37; "layer_inputs" 0.09 for 0.08)."""
+    import lowbit
+    from lowbit.quantize import layer_bits
+
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv0 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+            self.relu = nn.ReLU()
+            self.conv_a = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.conv_b = nn.Conv2d(4, 4, 1, bias=False)
+
+        def forward(self, x):
+            h = self.relu(self.conv0(x))
+            return self.conv_a(h) + self.conv_b(h)
+
+    torch.manual_seed(0)
+    m = Branch()
+    lowbit.quantize(m, {"weight": {"name": "sawb", "bits": 3}, "act": {"name": "pact", "bits": 3},
+                        "keep_first": True, "keep_last": False})
+    m.train()
+    m(torch.rand(4, 1, 8, 8))
+    lb = layer_bits(m)
+    assert set(lb) == {"conv_a", "conv_b"}
+    x = torch.rand(1, 1, 8, 8)
+    # layer inputs: x 64 @32 (conv0 kept FP), the ReLU output 256 @3 once (both convs read it)
+    assert training_memory(m, x, lb, stored="layer_inputs")["activation_bits_per_sample"] == 64 * 32 + 256 * 3
+    # all: x, conv0 out, conv_a out, conv_b out @32, the ReLU output @3
+    assert training_memory(m, x, lb)["activation_bits_per_sample"] == 32 * (64 + 3 * 256) + 256 * 3

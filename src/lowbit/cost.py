@@ -428,7 +428,9 @@ def _run(model: nn.Module, x: torch.Tensor, bits: dict[str, LayerBits]) -> _Trac
     try:
         for name, module, hooked in _walk(model):
             if isinstance(module, _LAYER_TYPES):
-                handles.append(module.register_forward_pre_hook(pre_hook(name)))
+                # ahead of lowbit.quantize's input-quantizer pre-hook: the input is the tensor that was made, not
+                # its fake-quantized copy (session 26: counted once at 32 bits and once per quantized layer)
+                handles.append(module.register_forward_pre_hook(pre_hook(name), prepend=True))
             if hooked:
                 handles.append(module.register_forward_hook(post_hook(name)))
         model.eval()

@@ -227,7 +227,7 @@ def _forward(m: nn.Module, x: IntT, tape: list) -> IntT:
         tape.append(mask)
         return IntT(x.q * mask, x.e)
     if isinstance(m, nn.MaxPool2d):
-        q, idx = F.max_pool2d(x.q, m.kernel_size, m.stride, m.padding, return_indices=True)
+        q, idx = F.max_pool2d(x.q, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
         tape.append((idx, x.q.shape))
         return IntT(q, x.e)
     if isinstance(m, nn.AdaptiveAvgPool2d):

@@ -209,11 +209,30 @@ def measure(model_name: str, mode: str, bits: str, batch: int, width: float = 1.
         p = pers if pers is not None else persistent_tensors(m, opt, getattr(method, "heads", None))
         results.append({"stage": s, **measure_step(step, p)})
     worst = max(results, key=lambda r: r["peak_bytes"])
-    est = model_bits(mode.replace("_fp32", ""), m if mode != "niti" else m, x, lb if mode != "niti" else {}, batch,
-                     0 if mode == "niti" else 1, hp)
     return {"model": model_name, "mode": mode, "bits": bits, "batch": batch, "width": width, "image": image,
-            **{k: v for k, v in worst.items()}, "model_bytes": {k: v / 8 for k, v in est.items()},
+            **{k: v for k, v in worst.items()}, "model_bytes": _model_bytes(mode, m, x, lb, batch, hp),
             "stages": results}
+
+
+def _model_bytes(mode: str, m: nn.Module, x: torch.Tensor, lb: dict, batch: int, hp: int) -> dict:
+    niti = mode == "niti"
+    est = model_bits(mode.replace("_fp32", ""), m, x, {} if niti else lb, batch, 0 if niti else 1, hp)
+    return {k: v / 8 for k, v in est.items()}
+
+
+def remodel_table(out_dir: Path) -> list[dict]:
+    """Recompute the cost model's column (``model_bytes``) of every row of ``memory.json`` with the current cost
+    model, the measured columns kept, and rewrite ``memory.json`` / ``memory.md`` (session 26: the cost hooks
+    had counted each quantized layer's input twice)."""
+    path = Path(out_dir) / "memory.json"
+    rows = json.loads(path.read_text())
+    for r in rows:
+        m, _, _, lb, hp = build(r["model"], r["mode"], r["bits"], r["width"], r["image"])
+        x = torch.randn(r["batch"], 3, r["image"], r["image"])
+        r["model_bytes"] = _model_bytes(r["mode"], m, x, lb, r["batch"], hp)
+    path.write_text(json.dumps(rows, indent=1))
+    (Path(out_dir) / "memory.md").write_text(format_memory(rows) + "\n")
+    return rows
 
 
 def table_002(image: int = 32) -> dict:

@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..models import create_model
 
 WIDTH_STEP = 1 / 16
+MAX_WIDTH = 16.0  # the widest width searched
 
 
 @dataclass
@@ -53,7 +54,7 @@ def measure(model_name: str, width: float, in_channels: int, num_classes: int, i
 
 
 def widest_for_budget(model_name: str, bits: int, budget_bits: float, in_channels: int, num_classes: int,
-                      image_size, max_width: float = 16.0) -> BudgetChoice:
+                      image_size, max_width: float = MAX_WIDTH) -> BudgetChoice:
     """The widest width (multiple of 1/16, <= max_width) whose Mem(k, bits) fits the budget."""
     if not 1 <= bits <= 32:
         raise ConfigError(f"bits must be in 1..32, got {bits}")
@@ -106,6 +107,10 @@ def format_table(model_name: str, budget_bits: float, choices: list[BudgetChoice
     for c in choices:
         lines.append(f"{c.bits:>6} {c.act_bits:>6} {c.width:>8.4f} {c.params:>10,} {c.max_act:>8,} "
                      f"{c.mem_bits / 8 / 1024:>9.1f} {c.mem_bits / budget_bits:>6.3f}")
+    capped = [str(c.bits) for c in choices if c.width >= MAX_WIDTH]
+    if capped:
+        lines.append(f"note: at {', '.join(capped)} bits the width stopped at the search's cap {MAX_WIDTH:g}; "
+                     "the budget may allow a wider network")
     return "\n".join(lines)
 
 
