@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from lowbit.bench.report import _curves, lower_bound, mean_se, report, table_rows
+from lowbit.bench.report import markdown as report_markdown
 from lowbit.bench.suite import Suite, expand, run_suite
 from lowbit.cli import main
 from lowbit.cost import mem_002
@@ -104,6 +105,19 @@ def test_bench_workers_run_in_separate_processes(tmp_path):
     assert len(lines) == 2
     cfg = yaml.safe_load((tmp_path / "out" / "FP32" / "seed3" / "config.yaml").read_text())
     assert cfg["train"]["threads"] >= 1  # the worker's share of the cores was written down
+
+
+def test_bench_workers_keep_the_suites_threads_session26(tmp_path, monkeypatch):
+    """Session 26: --workers 2 on a 4-core machine trained a suite that says train.threads: 1 with 2 threads (the
+    worker's share of the cores replaced it), so it gave other numbers than --workers 1 (SAWB 2b: 27.33 % vs
+    17.00 % on 300 test images). The share fills in only where the config sets no threads, as on Ray."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    p = _suite(tmp_path, seeds=[3])
+    run_suite(p, workers=2)
+    cfg = yaml.safe_load((tmp_path / "out" / "FP32" / "seed3" / "config.yaml").read_text())
+    assert cfg["train"]["threads"] == 1  # the suite's (BASE), not 4 // 2
 
 
 def test_lower_bound_is_the_one_sided_student_t_bound():
@@ -277,6 +291,33 @@ def test_scale_out_mistakes_session25(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "lowbit: error (rank 1): fashion-mnist: train-images-idx3-ubyte.gz is truncated"
 
 
+def test_report_keeps_the_bench_notes_session26():
+    """Session 26: `lowbit report` of a results.jsonl that pooled --reuse'd runs of another config printed the
+    table without the note `lowbit bench` put under it (and without the test-set size data.limit cuts)."""
+    recs = [{"row": "FP32", "test_acc": 0.8, "size_bytes": 1, "bitops": 1, "test_images": 300,
+             "reused_other_config": "out/FP32/seed0 was trained with another config (train.epochs: 1 -> 2)"},
+            {"row": "FP32", "test_acc": 0.7, "size_bytes": 1, "bitops": 1, "test_images": 300},
+            {"row": "SAWB", "test_acc": 0.6, "size_bytes": 1, "bitops": 1, "test_images": 300}]
+    md = report_markdown(table_rows(recs))
+    assert "- **Reused runs of another config** (`--reuse`): FP32 (1 of 2 runs)." in md
+    assert "- Test error on 300 test images (data.limit also cuts the test set)." in md
+    assert "Reused" not in report_markdown(table_rows(recs[1:]))
+
+
+def test_report_curves_keep_widths_and_models_apart_session26():
+    """Session 26: a suite with widths: [0.5, 1.0] drew each method's rows of both widths as one line in
+    acc_vs_bits.png (x0.5 2b -> x1 2b -> x0.5 3b -> x1 3b), FP32's two widths as one series."""
+    recs = [{"row": f"{m}{f' {b}b' if b else ''} x{w:g}", "test_acc": 0.8, "size_bytes": 1, "bitops": 1,
+             "weight_bits": [b or 32], "suite": {"method": m, "bits": b, "model": None, "width": w}}
+            for m, b in (("FP32", None), ("SAWB", 2), ("SAWB", 3)) for w in (0.5, 1.0)]
+    curves = _curves({"s": table_rows(recs)})
+    assert sorted(curves) == ["FP32 x0.5", "FP32 x1", "SAWB x0.5", "SAWB x1"]
+    assert [r["row"] for r in curves["SAWB x0.5"]] == ["SAWB 2b x0.5", "SAWB 3b x0.5"]
+    models = [{**r, "row": r["row"] + " m", "suite": {**r["suite"], "model": "lenet5", "width": None}}
+              for r in recs[:2]]
+    assert list(_curves({"s": table_rows(models)})) == ["FP32 lenet5"]
+
+
 def test_a_suite_report_session25(tmp_path, capsys):
     """Session 25 (a researcher comparing methods): methods compared at one bit width were drawn as a single
     unlabelled line through all of them in acc_vs_bits.png; --reuse pooled runs of another config into a row without
@@ -298,7 +339,9 @@ def test_a_suite_report_session25(tmp_path, capsys):
         run_suite(q)
     capsys.readouterr()
     res = run_suite(q, reuse=True)
-    assert capsys.readouterr().out.count("warning: --reuse:") == 2
+    out = capsys.readouterr().out
+    assert out.count("warning: --reuse:") == 2
+    assert "pass --reuse" not in out  # it was passed (session 26: the warning told the user to pass it)
     assert all(r["reused_other_config"] for r in res["records"])
     assert "**Reused runs of another config** (`--reuse`): FP32 (1 of 1 runs), SAWB 2b (1 of 1 runs)." in res["table"]
     assert "comparable only for runs trained one at a time on an otherwise idle machine." in res["table"]

@@ -271,6 +271,14 @@ def same_config_text(old_yaml: str, new_yaml: str) -> bool:
 def check_same_config(run_dir: str | Path, cfg_dict: dict) -> None:
     """A finished (or resumable) run in ``run_dir`` must have been trained with ``cfg_dict``; else a
     one-line error naming the first differing fields."""
+    change = config_change(run_dir, cfg_dict)
+    if change:
+        raise ConfigError(f"{change}; pass --reuse to report it anyway, or use another --out")
+
+
+def config_change(run_dir: str | Path, cfg_dict: dict) -> str | None:
+    """None if the run in ``run_dir`` was trained with ``cfg_dict``, else what differs (one line); a folder
+    without a readable config.yaml is a ConfigError."""
     import yaml
 
     run_dir = Path(run_dir)
@@ -284,8 +292,8 @@ def check_same_config(run_dir: str | Path, cfg_dict: dict) -> None:
     diff = config_diff(_strip(_normal(old, saved=True)), _strip(_normal(cfg_dict)))
     if diff:
         more = f" (+{len(diff) - 2} more)" if len(diff) > 2 else ""
-        raise ConfigError(f"{run_dir} was trained with another config ({'; '.join(diff[:2])}{more}); "
-                          "pass --reuse to report it anyway, or use another --out")
+        return f"{run_dir} was trained with another config ({'; '.join(diff[:2])}{more})"
+    return None
 
 
 def atomic_write(path: str | Path, text: str) -> None:

@@ -77,16 +77,23 @@ def table_rows(records: list[dict]) -> list[dict]:
     for label, rs in groups.items():
         errs = [1.0 - r["test_acc"] for r in rs]
         r0 = rs[0]
+        suite = r0.get("suite") or {}
         rows.append({
             # the suite's method label (a curve of the bits plot); records written before session 25 held it
             # in "method", over the run's own training method
-            "row": label, "method": (r0.get("suite") or {}).get("method") or r0.get("method", label),
+            "row": label, "method": suite.get("method") or r0.get("method", label),
+            # the bits plot's curve: the method, and the model and width where the suite lists several (before
+            # session 26 a suite's widths or models were joined into one zig-zag line per method)
+            "curve": " ".join([suite.get("method") or r0.get("method", label)]
+                              + ([str(suite["model"])] if suite.get("model") else [])
+                              + ([f"x{suite['width']:g}"] if suite.get("width") is not None else [])),
             "w_bits": _bits(r0, "weight_bits"), "a_bits": _bits(r0, "act_bits"),
             "width": (r0.get("config") or {}).get("model", {}).get("width", r0.get("width") or 1.0),
             "n": len(rs), "err_mean": statistics.fmean(errs),
             "err_std": statistics.stdev(errs) if len(errs) > 1 else 0.0,
             "size_kib": r0["size_bytes"] / 1024, "bitops_g": r0["bitops"] / 1e9,
-            "epochs": r0.get("epochs"),
+            "epochs": r0.get("epochs"), "test_images": r0.get("test_images"),
+            "reused_other_config": sum(1 for r in rs if r.get("reused_other_config")),
         })
     return rows
 
@@ -99,7 +106,15 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['row']} | {r['w_bits']} | {r['a_bits']} | {r['width']:g} | "
                      f"{100 * r['err_mean']:.2f} ± {spread} | {r['n']} | "
                      f"{r['size_kib']:.1f} | {r['bitops_g']:.3f} |")
-    return "\n".join(lines)
+    notes = []  # what `lowbit bench`'s summary.md says under the same runs (before: dropped here)
+    sizes = sorted({r.get("test_images") for r in rows if r.get("test_images")})
+    if sizes:
+        notes.append(f"Test error on {' / '.join(f'{n:,}' for n in sizes)} test images (data.limit also cuts "
+                     "the test set).")
+    mixed = [f"{r['row']} ({r['reused_other_config']} of {r['n']} runs)" for r in rows if r.get("reused_other_config")]
+    if mixed:
+        notes.append("**Reused runs of another config** (`--reuse`): " + ", ".join(mixed) + ".")
+    return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
 
 def _curves(sets: dict[str, list[dict]]) -> dict[str, list[dict]]:
@@ -111,7 +126,7 @@ def _curves(sets: dict[str, list[dict]]) -> dict[str, list[dict]]:
     for name, rows in sets.items():
         by_method: dict[str, list[dict]] = {}
         for r in rows:
-            by_method.setdefault(r["method"], []).append(r)
+            by_method.setdefault(r.get("curve") or r["method"], []).append(r)
         sweep = len({r["w_bits"] for r in rows}) == len(rows)
         if sweep and all(len(v) == 1 for v in by_method.values()):
             curves[name if len(sets) > 1 else "all rows"] = rows

@@ -114,8 +114,8 @@ def run_grid(rows: dict[str, dict], base: dict, seeds: list[int], out: str | Pat
              backend: str = "local", address: str | None = None) -> list[dict]:
     """Train every (row, seed) not yet finished under ``out``; return one record per run.
 
-    With ``workers > 1`` the runs go to that many separate processes, each with
-    ``cpu_count // workers`` torch threads; ``backend="ray"`` sends each run to a Ray cluster as a
+    With ``workers > 1`` the runs go to that many separate processes, each with its ``train.threads``
+    (``cpu_count // workers`` where the config leaves it unset); ``backend="ray"`` sends each run to a Ray cluster as a
     task (:mod:`lowbit.bench.ray_backend`). ``dry_run`` validates every config and trains nothing.
     A finished run is only reported if its config equals the requested one (``reuse`` skips the
     check); a run folder another process is training is left to it and waited for at the end.
@@ -136,15 +136,17 @@ def run_grid(rows: dict[str, dict], base: dict, seeds: list[int], out: str | Pat
                 check_same_config(run_dir, cfg.to_dict())
     differs = {}
     if reuse:  # reported anyway, but said: before session 25 a row silently pooled runs of other configs
-        from ..runfolder import check_same_config
+        from ..runfolder import config_change
 
         for (label, seed), cfg, run_dir in jobs:
             if (run_dir / "summary.json").is_file():
                 try:
-                    check_same_config(run_dir, cfg.to_dict())
+                    change = config_change(run_dir, cfg.to_dict())  # without "pass --reuse": it was passed
                 except ConfigError as e:
-                    differs[(label, seed)] = str(e)
-                    log(f"warning: --reuse: {e}")
+                    change = str(e)
+                if change:
+                    differs[(label, seed)] = change
+                    log(f"warning: --reuse: {change}")
     todo = [j for j in jobs if not (j[2] / "summary.json").is_file()]
     if dry_run:
         return []
@@ -173,7 +175,9 @@ def run_grid(rows: dict[str, dict], base: dict, seeds: list[int], out: str | Pat
             for blocking in (False, True):
                 futures = {}
                 for (label, seed), cfg, run_dir in pending:
-                    d = deep_merge(cfg.to_dict(), {"train": {"threads": threads, "progress": False}})
+                    # the run's own train.threads where the suite sets it (as Ray does): other threads, other numbers
+                    d = deep_merge(cfg.to_dict(), {"train": {"threads": cfg.train.threads or threads,
+                                                             "progress": False}})
                     futures[pool.submit(claim_and_train, d, str(run_dir), blocking, reuse)] = (label, seed)
                     log(f"== {label} (seed {seed}) queued")
                 busy = {k for f, k in futures.items() if f.result() == "busy"}  # re-raises a worker's error
