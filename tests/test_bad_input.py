@@ -199,9 +199,12 @@ CASES = [
     ("info-run-config-edited", {"run/config.yaml": "EDIT plan.weight.bits=4"}, ["info", "{run}"], "the config was edited after training: plan.weight.bits: 2 -> 4"),
     # an edit that no longer validates: what it changed comes first, then why it is invalid
     ("eval-config-edited-invalid", {"run/config.yaml": "EDIT plan.integer_residual=output"}, ["eval", "{run}"],
-     "config.yaml (the config was edited after training: plan.integer_residual: 'accumulator' -> 'output'; as edited: config.plan"),
+     "config.yaml (the config was edited after training: plan.integer_residual: '<absent>' -> 'output'; as edited: config.plan"),
     ("info-run-config-edited-invalid", {"run/config.yaml": "EDIT plan.integer_residual=output"}, ["info", "{run}"],
-     "the config was edited after training: plan.integer_residual: 'accumulator' -> 'output'; as edited"),
+     "the config was edited after training: plan.integer_residual: '<absent>' -> 'output'; as edited"),
+    # an override on a run folder is not an edit of its config.yaml (it said "the config was edited after training")
+    ("info-run-override", {}, ["info", "{run}", "train.batch_size=7"],
+     "a run folder is described as it was trained, and the overrides change that (train.batch_size:"),
     ("export-corrupt-best", {"run/best.pt": "TRUNCATE"}, ["export", "{run}", "--format", "packed"], "not a readable lowbit checkpoint"),
     ("export-missing", {}, ["export", "{d}/nowhere"], "nowhere"),
     ("resume-missing", {}, ["train", "--resume", "{d}/nowhere"], "nowhere is not a run folder (no config.yaml)"),

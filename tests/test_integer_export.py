@@ -936,6 +936,20 @@ def test_output_residual_every_backend_bit_exact(tmp_path, residual_bits):
     quantize(GroupedNet(), {"weight": {"name": "sawb", "bits": 2}, "integer_init": "lsq", "integer_bias": "fine"})
 
 
+def test_saved_config_turned_integer_gets_the_integer_defaults(tmp_path):
+    """A resolved config of a run that is not in integer mode (config.yaml, NCE's derived.yaml, ReLeQ's plans)
+    with plan.integer=true is integer mode with its defaults (output add, 8-bit stream), as the source config
+    would be; it used to record integer_residual: accumulator and read as the first form."""
+    from lowbit.config import load_config
+
+    src = load_config("configs/quickstart.yaml", ["plan.integer=true"]).plan
+    saved = tmp_path / "config.yaml"
+    saved.write_text(load_config("configs/quickstart.yaml").to_yaml())
+    again = load_config(saved, ["plan.integer=true"]).plan
+    assert (again.integer_residual, again.integer_residual_bits) == (src.integer_residual, src.integer_residual_bits)
+    assert (again.integer_residual, again.integer_residual_bits) == ("output", 8)
+
+
 def test_integer_defaults_and_run_folders_written_before_them(tmp_path):
     """``integer: true`` alone is the output add with an 8-bit residual stream; ``integer_residual:
     accumulator`` alone is the first form (null bits); an explicit null keeps the conv's bits. A run
@@ -950,7 +964,7 @@ def test_integer_defaults_and_run_folders_written_before_them(tmp_path):
     from lowbit.train import load_checkpoint
 
     W2A2 = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}}
-    cases = [({}, "accumulator", None), ({"integer": True}, "output", 8),
+    cases = [({}, None, None), ({"integer": True}, "output", 8),
              ({"integer": True, "integer_residual": "accumulator"}, "accumulator", None),
              ({"integer": True, "integer_residual_bits": None}, "output", None),
              ({"integer": True, "integer_residual": "accumulator", "integer_residual_bits": 8}, "accumulator", 8),

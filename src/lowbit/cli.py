@@ -125,9 +125,17 @@ def cmd_info(args) -> int:
     from .train import build_model, cost_of, final_model, load_data
 
     cfg = _load_cfg(args.target, args.overrides)
+    run_ck = Path(args.target) / "best.pt"
+    if run_ck.is_file() and args.overrides:  # a run is described as trained: an override is not an edit of config.yaml
+        from .runfolder import edits_since
+
+        changed = edits_since(_load_cfg(args.target, []).to_dict(), cfg.to_dict())
+        if changed:
+            raise LowbitError(f"info {args.target}: a run folder is described as it was trained, and the overrides "
+                              f"change that ({changed}); for the untrained network: lowbit info "
+                              f"{Path(args.target) / 'config.yaml'} {' '.join(args.overrides)}")
     data = load_data(cfg)
     model = build_model(cfg, data)
-    run_ck = Path(args.target) / "best.pt"
     if run_ck.is_file():  # a run folder: describe the trained model, incl. its packed size
         from .train import checkpoint_fits, load_checkpoint
 

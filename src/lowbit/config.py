@@ -157,7 +157,7 @@ class Config(_Strict):
     out_dir: str = "runs"
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        return {**self.model_dump(mode="json"), "plan": self.plan.to_dict()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -106,7 +106,7 @@ class Plan(BaseModel):
     layers: dict[str, Union[Literal["fp"], LayerOverride]] = Field(default_factory=dict)
     method: MethodSpec = Field(default_factory=MethodSpec)
     integer: bool = False
-    #: integer mode's residual add; None (not given): "output" in integer mode, else "accumulator"
+    #: integer mode's residual add; None (not given): "output" in integer mode, else None (not recorded)
     integer_residual: Literal["accumulator", "output"] | None = None
     #: not given: 8 with the output add in integer mode, else None (an explicit null: the conv's bits)
     integer_residual_bits: StrictInt | None = Field(default=None, ge=2, le=8)
@@ -155,7 +155,7 @@ class Plan(BaseModel):
             for k in ("integer_init", "integer_bias", "integer_train_mid"):  # a value that would change nothing
                 if getattr(self, k) != type(self).model_fields[k].default:
                     raise ValueError(f"{k} is an integer-mode setting: set integer: true")
-            self.integer_residual = "accumulator"
+            self.integer_residual = None  # recorded as not given: plan.integer=true on a saved config gets the defaults
             return self
         if self.integer_residual is None:
             self.integer_residual = "output"
@@ -181,7 +181,11 @@ class Plan(BaseModel):
         return cls.from_dict(data, where=path)
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=False)
+        d = self.model_dump(mode="json", exclude_none=False)
+        if not self.integer:  # integer-mode keys left unsaid: integer=true on the saved plan gets its defaults
+            for k in ("integer_residual", "integer_residual_bits"):
+                d.pop(k, None)
+        return d
 
     # -- resolution ----------------------------------------------------------------------------
     def resolve(self, model: nn.Module, ends: tuple[str, str] | None = None,
