@@ -148,6 +148,8 @@ CASES = [
     ("init-from-corrupt", {"c.yaml": OK.replace("width: 0.25", "width: 0.25, init_from: '{d}/w.pt'"), "w.pt": b"PK\x03\x04garbage"}, ["train", "{d}/c.yaml", "--out", "{d}/o"], "not a readable PyTorch weights file"),
     ("distill-alpha", {"c.yaml": OK.replace("epochs: 1", "epochs: 1, distill: {teacher: t, alpha: 2}")}, ["info", "{d}/c.yaml"], "config.train.distill.alpha"),
     ("milestones", {"c.yaml": OK.replace("epochs: 1", "epochs: 2, schedule: multistep, milestones: [5]")}, ["train", "{d}/c.yaml", "--out", "{d}/o"], "train.milestones: [5] not within 1..1"),
+    ("milestones-one-epoch", {"c.yaml": OK.replace("epochs: 1", "epochs: 1, schedule: multistep, milestones: [1]")},
+     ["train", "{d}/c.yaml", "--out", "{d}/o"], "train.epochs is 1: there is no epoch boundary for a milestone"),
     # --- overrides ----------------------------------------------------------------------------------
     ("override-no-equals", {"c.yaml": OK}, ["info", "{d}/c.yaml", "train.epochs"], "override 'train.epochs' must look like key.sub=value"),
     ("override-empty-key", {"c.yaml": OK}, ["info", "{d}/c.yaml", "=3"], "bad key"),

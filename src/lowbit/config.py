@@ -340,7 +340,9 @@ def check_trainable(cfg: Config) -> None:
     if t.schedule == "multistep":
         bad = [m for m in t.milestones if not 0 < m < t.epochs]
         if bad:
-            raise ConfigError(f"train.milestones: {bad} not within 1..{t.epochs - 1} (epochs)")
+            raise ConfigError(f"train.milestones: {bad} not within 1..{t.epochs - 1} (epochs)" if t.epochs > 1 else
+                              f"train.milestones: {bad}, but train.epochs is 1: there is no epoch boundary for a "
+                              "milestone (use schedule constant or more epochs)")
         if cfg.dcq is not None:  # DCQ trains its sections for dcq.epochs and the stitched network for
             # dcq.finetune_epochs, each with this schedule (session 25: refused after every section had trained)
             stages = {"dcq.epochs": cfg.dcq.epochs or t.epochs, "dcq.finetune_epochs": cfg.dcq.finetune_epochs}

@@ -336,6 +336,8 @@ class SuperNet:
     # -- masks ----------------------------------------------------------------------------------
     def _hook(self, gi: int):
         def hook(module, args, out):
+            if isinstance(out, torch.fx.Proxy):  # torch.fx tracing (quantize finds the first and last layers):
+                return out  # the mask scales channels and changes no structure (it made the trace fail: a warning)
             mask = self._mask[gi] if self._mask is not None else self._argmax_mask(gi)
             mask = mask.to(out.device)
             return out * (mask.view(1, -1, *([1] * (out.dim() - 2))))
