@@ -442,6 +442,18 @@ def test_other_layers_at_the_ends_are_named():
             quantize(create_model(name, in_channels=1, num_classes=10, image_size=28), plan)
 
 
+def _codebook_model_started(act: str):
+    """A small ResNet-8 with 4-bit ``act`` (centroids / LQ-Net) activations, started by one training batch, in
+    eval mode, and that batch."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 8, 8)
+    m = quantize(create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.25),
+                 {"weight": {"name": "sawb", "bits": 4}, "act": {"name": act, "bits": 4}})
+    m.train()
+    m(x)
+    return m.eval(), x
+
+
 def test_set_bits_that_empties_an_activation_codebook_warns_before_evaluation():
     """Session 26: set_bits on centroid / LQ-Net activations empties their codebook (it is re-initialised on the
     next *training* batch); evaluating before one gave constant outputs (9.8 % for 88.7 % on digits) without the
@@ -450,14 +462,8 @@ def test_set_bits_that_empties_an_activation_codebook_warns_before_evaluation():
 
     from lowbit.quantize import UncalibratedWarning, set_bits
 
-    torch.manual_seed(0)
-    x = torch.randn(8, 1, 8, 8)
     for act in ("centroids", "lqnet"):
-        m = quantize(create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.25),
-                     {"weight": {"name": "sawb", "bits": 4}, "act": {"name": act, "bits": 4}})
-        m.train()
-        m(x)
-        m.eval()
+        m, x = _codebook_model_started(act)
         with warnings.catch_warnings():
             warnings.simplefilter("error", UncalibratedWarning)
             m(x)  # started: no warning
@@ -478,14 +484,8 @@ def test_a_refused_set_bits_keeps_trained_codebooks():
     10.3 %)."""
     from lowbit.quantize import set_bits
 
-    torch.manual_seed(0)
-    x = torch.randn(8, 1, 8, 8)
     for act in ("centroids", "lqnet"):
-        m = quantize(create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.25),
-                     {"weight": {"name": "sawb", "bits": 4}, "act": {"name": act, "bits": 4}})
-        m.train()
-        m(x)
-        m.eval()
+        m, x = _codebook_model_started(act)
         acts = [q for q in m.modules() if getattr(q, "is_quantizer", False) and q.role == "act"]
         before = [{k: v.clone() for k, v in q.state_dict().items()} for q in acts]
         ref = m(x)
