@@ -597,3 +597,15 @@ def test_a_module_called_twice_exports_to_c(tmp_path):
         quantize(Shared(), [1, 2])
     names = [op.name for op in lower(m, inputs(2)).conv_ops()]
     assert names == ["stem", "blk", "blk.call2", "blk.call3", "fc"]
+
+
+def test_export_without_latency_measurement(tmp_path):
+    """``latency_repeats=0`` (``lowbit export --latency-repeats 0``) checks the ONNX model without timing it, as the
+    integer export does (the measurement was most of an export's time; before, the float export failed on it
+    with statistics.StatisticsError "no median for empty data")."""
+    from lowbit.export import export_model
+
+    m = quantized_resnet(W2A2)
+    r = export_model(m, inputs(16), tmp_path, formats=("onnx",), latency_repeats=0)
+    assert r["onnx"]["mismatches"] == 0 and "latency_ms" not in r["onnx"]
+    assert "ONNX QDQ" in format_report(r) and "onnxruntime" not in format_report(r)

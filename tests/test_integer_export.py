@@ -1638,3 +1638,37 @@ def test_onnx_input_codes_are_the_quantizers_own_even_at_half_steps(rule):
         y = m(torch.from_numpy(x)).numpy()
     for name in ("integer", "integer_fused"):  # the two exact forms (the FP32 twin is float)
         assert np.array_equal(ox.run(ox.session(variants(g)[name]), x).view(np.uint32), y.view(np.uint32)), name
+
+
+@needs_cc
+def test_the_runtime_is_compiled_once_per_process_and_flags(resnet_int, tmp_path, monkeypatch):
+    """compile_int_c compiles lowbit_rt.c (the same package files in every export, 90 % of a build) once per
+    compiler and flags and links that object: the same program, bit for bit; an edited runtime copy is compiled
+    again."""
+    import subprocess
+
+    from lowbit.export.c_export import run_c
+    from lowbit.export.int_c import compile_int_c, write_int_c
+    from lowbit.intmode import int_graph
+
+    monkeypatch.setenv("LOWBIT_CFLAGS", "-DLB_TEST_RT_CACHE")  # flags of this test alone: a fresh cache entry
+    x = _x(4, (1, 28, 28))
+    g = int_graph(resnet_int, x[:1])
+    calls = []
+    real = subprocess.run
+    monkeypatch.setattr(subprocess, "run",
+                        lambda cmd, *a, **k: (calls.append(list(map(str, cmd))), real(cmd, *a, **k))[1])
+    exes = []
+    for k in range(3):
+        write_int_c(g, tmp_path / f"c{k}")
+        if k == 2:  # an edited copy of the runtime
+            with open(tmp_path / "c2" / "lowbit_rt.c", "a") as f:
+                f.write("\n/* edited */\n")
+        exes.append(compile_int_c(tmp_path / f"c{k}"))
+    rt = [c for c in calls if "lowbit_rt.c" in c]
+    assert len(rt) == 2, rt  # the first build and the edited copy's
+    assert exes[0].read_bytes() == exes[1].read_bytes()
+    with torch.no_grad():
+        y = resnet_int(x).numpy()
+    for exe in exes:
+        assert np.array_equal(run_c(exe, x.numpy(), 10).view(np.uint32), y.view(np.uint32))

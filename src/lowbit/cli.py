@@ -207,7 +207,7 @@ def cmd_export(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # failed checks: the report says them, and the status is 1
         rep = export_run(args.run_dir, formats=formats, out_dir=args.out, limit=args.limit, c_images=args.c_images,
-                         target=args.target, c_prefix=args.c_prefix)
+                         target=args.target, c_prefix=args.c_prefix, latency_repeats=args.latency_repeats)
     # --json: stdout is the JSON alone (the text report goes to stderr)
     print(format_report(rep), file=sys.stderr if args.json else sys.stdout)
     if args.json:
@@ -364,6 +364,7 @@ def _number(kind, low: float, strict: bool, what: str):
 
 
 _positive_int = _number(int, 0, True, "an integer >= 1")
+_nonneg_int = _number(int, 0, False, "an integer >= 0")
 
 
 def _bits(text: str) -> int:
@@ -404,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="output folder (default RUN_DIR/export)")
     x.add_argument("--limit", type=_positive_int, help="check on the first N test images only")
     x.add_argument("--c-images", type=_positive_int, default=8, help="test images run through the compiled C code")
+    x.add_argument("--latency-repeats", type=_nonneg_int, default=20, metavar="N",
+                   help="onnxruntime latency: median of N alternating runs per model (default 20; 0: not measured)")
     x.add_argument("--target", metavar="CORE",
                    help="cortex-m0 or cortex-m3 (no FPU), cortex-m4, cortex-m7, cortex-m33, or nrf51822 (a Cortex-M0 with the part's 256 KiB flash and 16 KiB RAM): also cross-compile the C code for this core and run it under QEMU (flash, RAM, instructions)")
     x.add_argument("--c-prefix", default="lowbit", metavar="NAME",

@@ -222,12 +222,14 @@ def _onnx(pkg: Graph, d: Path, xn, ref, y, latency_batch: int, repeats: int, bat
     t0 = time.perf_counter()
     lo = ox.run(sq, xn, batch)
     seconds = time.perf_counter() - t0
-    lat = ox.latency({"qdq": sq, "fp32": sf}, xn[:latency_batch], repeats)
-    return {"dir": str(d), "checker": "ok", "opset": ox.OPSET, **compare(ref, lo), "accuracy": _accuracy(lo, y),
-            "seconds": seconds, "qdq_bytes": (d / "model_qdq.onnx").stat().st_size,
-            "fp32_bytes": (d / "model_fp32.onnx").stat().st_size,
-            "latency_batch": min(latency_batch, len(xn)), "latency_ms": lat,
-            "latency_ratio": lat["qdq"] / lat["fp32"]}
+    rep = {"dir": str(d), "checker": "ok", "opset": ox.OPSET, **compare(ref, lo), "accuracy": _accuracy(lo, y),
+           "seconds": seconds, "qdq_bytes": (d / "model_qdq.onnx").stat().st_size,
+           "fp32_bytes": (d / "model_fp32.onnx").stat().st_size}
+    if repeats > 0:  # 0: no latency measurement (as the integer export; before, statistics.median failed on it)
+        lat = ox.latency({"qdq": sq, "fp32": sf}, xn[:latency_batch], repeats)
+        rep.update({"latency_batch": min(latency_batch, len(xn)), "latency_ms": lat,
+                    "latency_ratio": lat["qdq"] / lat["fp32"]})
+    return rep
 
 
 def _c(pkg: Graph, d: Path, xn, ref, ref_np, y, c_images: int | None, prefix: str = "lowbit") -> dict:
@@ -440,8 +442,9 @@ def format_report(report: dict) -> str:
     o = report.get("onnx")
     if o:
         lines.append(f"ONNX QDQ        checker {o['checker']}, opset {o['opset']}; {_agree(o)}")
-        lines.append(f"onnxruntime     {o['latency_ms']['qdq']:.2f} ms (QDQ) vs {o['latency_ms']['fp32']:.2f} ms (FP32 ONNX) "
-                     f"per batch of {o['latency_batch']}: {o['latency_ratio']:.2f}x")
+        if "latency_ms" in o:
+            lines.append(f"onnxruntime     {o['latency_ms']['qdq']:.2f} ms (QDQ) vs {o['latency_ms']['fp32']:.2f} ms "
+                         f"(FP32 ONNX) per batch of {o['latency_batch']}: {o['latency_ratio']:.2f}x")
     c = report.get("c")
     if c:
         m = c["mem_002"]
