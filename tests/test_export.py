@@ -609,3 +609,70 @@ def test_export_without_latency_measurement(tmp_path):
     r = export_model(m, inputs(16), tmp_path, formats=("onnx",), latency_repeats=0)
     assert r["onnx"]["mismatches"] == 0 and "latency_ms" not in r["onnx"]
     assert "ONNX QDQ" in format_report(r) and "onnxruntime" not in format_report(r)
+
+
+def test_po2_5bit_weights_export_to_onnx_and_c(tmp_path):
+    """po2 at 5 bits (no zero) has the integer form ±2^15, one past int16: before session 26 its ONNX export was a
+    raw ValueError and its C export refused ('does not fit int16'), though 4 and 6 bits exported. Such a row now
+    takes the float kernel, as po2 6-8 bits do."""
+    from lowbit.export import export_model
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+    quantize(m, {"weight": {"name": "po2", "bits": 5}, "act": {"name": "pact", "bits": 4}})
+    m.eval()
+    formats = ("packed", "onnx", "c") if shutil.which("gcc") or shutil.which("cc") else ("packed", "onnx")
+    rep = export_model(m, torch.randn(4, 1, 6, 6), tmp_path, formats=formats, latency_batch=2, latency_repeats=1)
+    assert rep["failed_checks"] == [] and rep["onnx"]["mismatches"] == 0
+
+
+@pytest.mark.parametrize("act", [{"name": "lsq", "bits": 4}, {"name": "lsq", "bits": 3, "signed": True},
+                                 {"name": "sat", "bits": 4, "calibrated": True}])
+def test_onnx_qdq_mul_clip_input_codes_at_half_steps(act):
+    """The mul_clip rule is rint(x·f32(1/s)); QuantizeLinear divides by s, which gave another code at inputs within
+    a rounding of a half step (before session 26 the float QDQ graph used it; the integer ONNX did not)."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64, bias=False))
+    quantize(m, {"weight": {"name": "sawb", "bits": 8}, "act": act, "keep_first": False, "keep_last": False})
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    for _ in range(5):  # a trained step
+        loss = m(torch.randn(32, 64) * 2).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    g = lower(m, torch.randn(2, 64))
+    a = g.ops[0].act
+    k = np.arange(a.qmin - 2, a.qmax + 2, dtype=np.float32)
+    x = np.concatenate([(k + np.float32(0.5)) * np.float32(a.step), (k + np.float32(0.5)) / np.float32(a.inv)])
+    x = np.concatenate([x, ((k + 0.5) * np.float64(a.step)).astype(np.float32)])
+    for _ in range(3):  # and the float32 neighbours of each
+        x = np.concatenate([x, np.nextafter(x, np.float32(np.inf)), np.nextafter(x, np.float32(-np.inf))])
+    x = np.resize(x, (len(x) // 64 + 1) * 64).reshape(-1, 64).astype(np.float32)
+    sess = ort.InferenceSession(to_onnx(g).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {g.input: x})[0]
+    with torch.no_grad():
+        want = m(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+
+
+def test_a_layer_whose_int32_accumulator_could_overflow_runs_the_float_kernel():
+    """po2 5-bit weights with zero have integers up to 2^14; over 8-bit input codes and 576 taps the int32 bound is
+    passed. Before session 26 that refused the whole export, though the float kernel runs such a layer (as it runs
+    po2 at 6-8 bits)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 8, 3), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(8 * 4 * 4, 2))
+    quantize(m, {"weight": {"name": "po2", "bits": 5, "zero": True}, "act": {"name": "pact", "bits": 8}})
+    m.train()
+    m(torch.randn(8, 1, 6, 6))
+    m.eval()
+    x = torch.randn(4, 1, 6, 6)
+    ref = IntegerReference(lower(m, x[:2]))
+    assert ref.modes()["2"] == "float"
+    with torch.no_grad():
+        want = m(x).numpy()
+    assert np.allclose(ref.run(x.numpy()), want, rtol=1e-5, atol=1e-5)

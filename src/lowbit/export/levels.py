@@ -56,7 +56,7 @@ from ..quant import Quantizer
 #: relative tolerance when recognising a grid or an integer form in float32 levels
 LEVEL_RTOL = 1e-5
 #: largest |m| of an integer form (C accumulates m·k in int32)
-MAX_INT_LEVEL = 2**15
+MAX_INT_LEVEL = 2**15 - 1  # int16: the C code table and the ONNX initializer (po2 5-bit reaches 2**15)
 
 
 # ---------------------------------------------------------------------------------------------

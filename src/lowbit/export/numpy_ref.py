@@ -108,8 +108,11 @@ def prepare_conv(op: Op) -> ConvKernel:
     k = ConvKernel(op, "float", act=op.act, **_geometry(op))
     wq = op.weight if isinstance(op.weight, WeightQ) else None
     form = integer_form(wq.levels.levels64()) if wq is not None else None
-    # the integer kernel is groups=1; a grouped (depthwise) conv runs the float kernel
-    if k.G == 1 and wq is not None and op.act is not None and op.act.uniform and form is not None:
+    # the integer kernel is groups=1; a grouped (depthwise) conv runs the float kernel, and so does a layer whose
+    # int32 accumulator could overflow (e.g. po2 5-bit weights, |m| up to 2^14, over 8-bit codes and 576 taps)
+    fits = form is not None and op.act is not None and (
+        k.F * max(int(np.abs(form[0]).max()), 1) * max(abs(op.act.qmin), abs(op.act.qmax), 1) < 2**31)
+    if k.G == 1 and wq is not None and op.act is not None and op.act.uniform and form is not None and fits:
         m_lut, s_w, off = form
         rows = wq.row_index()
         codes = wq.codes.reshape(k.O, -1).astype(np.int64)
@@ -128,9 +131,6 @@ def prepare_conv(op: Op) -> ConvKernel:
             if lo_a != 0.0:
                 k.cd = (g * of * lo_a).astype(_F32)
         k.bias = h.astype(_F32)
-        kmax = max(abs(a.qmin), abs(a.qmax))
-        if k.F * max(int(np.abs(m_lut).max()), 1) * max(kmax, 1) >= 2**31:
-            raise ConfigError(f"export: layer '{op.name}' could overflow a 32-bit integer accumulator")
         return k
     k.w = (wq.dequantize() if wq is not None else op.weight).astype(_F32).reshape(k.O, k.C // k.G, k.KH, k.KW)
     if op.scale is not None:

@@ -6,6 +6,8 @@ and the C code all come from the same file. Opset 21 (int4/uint4 Q/DQ, supported
 * quantized input activation: ``Clip`` to the trained range, ``QuantizeLinear`` into a
   ``uint4``/``int4`` container (bits <= 4) or ``uint8``/``int8`` (5..8 bits), ``DequantizeLinear``;
   a grid whose code 0 is not 0 (min-max on signed inputs) is shifted by ``Sub``/``Add`` around it;
+  the ``mul_clip`` rule (LSQ) is ``Mul`` by ``1/s``, ``Clip`` to the codes and ``QuantizeLinear`` at scale 1
+  (at scale ``s`` it divides: one code apart from the rule near half steps);
 * quantized weight with an integer form ``off + s·m`` (:func:`lowbit.export.levels.integer_form`):
   the integers ``m`` as an ``int4``/``int8``/``int16`` initializer, ``DequantizeLinear`` with the
   per-tensor or per-output-channel (``axis=0``) scale ``s``, then ``Add(off)`` if ``off != 0``;
@@ -106,11 +108,16 @@ def _act_qdq(b: _Builder, x: str, a: ActQuant, base: str, channels: int | None =
     if lo != 0.0:
         x = b.node("Sub", [x, b.const(base + ".act_lo", np.array(lo, f))], base=base)
     clip_lo, clip_hi = f(a.qmin) * f(a.step), f(a.qmax) * f(a.step)
+    qscale = a.step
+    if a.rule == "mul_clip":  # the rule's x·(1/s), not QuantizeLinear's x / s (one code apart near half steps)
+        x = b.node("Mul", [x, b.const(base + ".act_inv", np.array(a.inv, f))], base=base)
+        clip_lo, clip_hi, qscale = f(a.qmin), f(a.qmax), 1.0
     x = b.node("Clip", [x, b.const(base + ".clip_lo", np.array(clip_lo, f)),
                         b.const(base + ".clip_hi", np.array(clip_hi, f))], base=base)
     scale = b.const(base + ".act_scale", np.array(a.step, f))
     zp = b.int_const(base + ".act_zp", np.array(0), _int_type(a.qmin, a.qmax))
-    q = b.node("QuantizeLinear", [x, scale, zp], base=base)
+    qs = scale if qscale == a.step else b.const(base + ".act_qscale", np.array(qscale, f))
+    q = b.node("QuantizeLinear", [x, qs, zp], base=base)
     if channels is None:
         x = b.node("DequantizeLinear", [q, scale, zp], base=base)
     else:
