@@ -273,8 +273,10 @@ def random_plan(rng: random.Random, arch: dict) -> dict:
     if rng.random() < 0.3:
         plan["integer_init"] = rng.choice(["lsq", "max"])
     if rng.random() < 0.25:
-        plan["integer_train_mid"] = True
-        plan["integer_mid_range"] = rng.choice(["cover", "observed"])
+        mid_range = rng.choice(["cover", "observed"])  # drawn either way: every seed keeps its case
+        if plan.get("integer_residual") != "accumulator":  # mid is the output add's (refused with accumulator)
+            plan["integer_train_mid"] = True
+            plan["integer_mid_range"] = mid_range
     names = [L["name"] for L in arch["layers"] if L["kind"] == "conv"] + [L["name"] for L in arch["linears"]]
     over = {}
     for n in names:

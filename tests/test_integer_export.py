@@ -936,6 +936,19 @@ def test_output_residual_every_backend_bit_exact(tmp_path, residual_bits):
     quantize(GroupedNet(), {"weight": {"name": "sawb", "bits": 2}, "integer_init": "lsq", "integer_bias": "fine"})
 
 
+def test_integer_train_mid_with_the_accumulator_add_is_an_error():
+    """Before: integer_train_mid (and integer_mid_range) with integer_residual: accumulator was accepted and changed
+    nothing: MidRound models the 8-bit intermediate of the output add only."""
+    with pytest.raises(ConfigError, match="integer_train_mid .* takes effect with integer_residual: output"):
+        quantize(GroupedNet(), {**INT_W2A2, "integer_residual": "accumulator", "integer_train_mid": True})
+    quantize(GroupedNet(), {**INT_W2A2, "integer_residual": "output", "integer_train_mid": True})
+    # a run folder that recorded the pair (accepted before) reads as what ran: no mid in training
+    from lowbit.config import saved_config
+
+    plan = {**INT_W2A2, "integer_residual": "accumulator", "integer_train_mid": True}
+    assert saved_config({"plan": plan})["plan"]["integer_train_mid"] is False
+
+
 def test_saved_config_turned_integer_gets_the_integer_defaults(tmp_path):
     """A resolved config of a run that is not in integer mode (config.yaml, NCE's derived.yaml, ReLeQ's plans)
     with plan.integer=true is integer mode with its defaults (output add, 8-bit stream), as the source config

@@ -93,6 +93,34 @@ def test_set_bits_changes_what_an_integer_mode_model_computes():
         assert np.array_equal(m(x).numpy(), _fresh(m, x))
 
 
+class Identity(nn.Module):
+    """A stem whose output is read by a conv and added back as an identity residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.gap, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        return self.fc(torch.flatten(self.gap(F.relu(self.bn1(self.conv(x)) + x)), 1))
+
+
+def test_set_bits_below_the_residual_bits_on_a_stream_reader_is_an_error():
+    """Before: with the reader's act at integer_residual_bits (8), the residual stream is stored through the reader's
+    own quantizer; set_bits(act 2) then stored the stream itself at 2 bits, where quantizing with act 2 keeps it at
+    8 bits and requantizes for the conv: another network than the plan says, without a word."""
+    plan = {"weight": {"name": "sawb", "bits": 4}, "act": {"name": "pact", "bits": 8}, "integer": True}
+    m = settled(Identity(), (1, 8, 8), plan)
+    with pytest.raises(ConfigError, match=r"set_bits: layer 'conv' act: its input .* stored at 8 bits"):
+        set_bits(m, {"conv": {"act": 2}})
+    assert m.conv.input_quantizer.bits == 8
+    set_bits(m, {"conv": {"weight": 2}})  # weights, and acts of tensors that are not a stream, still change
+    fresh = settled(Identity(), (1, 8, 8), {**plan, "layers": {"conv": {"act": {"bits": 2}}}})
+    assert sorted(t.bits for t in int_graph(fresh, _x()[:1]).tensors.values()).count(2) == 1  # the narrow copy
+
+
 def test_eval_runs_the_integer_network_of_the_current_parameters_and_of_this_model():
     """Session 24 (a researcher's audit): a deep copy ran the original's integer network (forward was a closure over
     the original), so an AveragedModel (EMA/SWA) evaluated the trained model, and training a copy failed (no grad);

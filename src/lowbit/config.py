@@ -254,6 +254,8 @@ def saved_config(data):
         plan.setdefault("integer_init", "lsq")
         plan.setdefault("integer_bias", "coarse")
         plan.setdefault("integer_train_mid", False)
+        if plan["integer_residual"] == "accumulator":  # mid is the output add's: accepted before, it changed nothing
+            plan["integer_train_mid"] = False
         data = {**data, "plan": plan}
     return data
 

@@ -276,6 +276,24 @@ class MidRound(nn.Module):
         return round_to_mid(v, float(r["s_mid"]), int(r["attrs"]["mid_zero"]))
 
 
+def residual_stream(state, q: nn.Module) -> str | None:
+    """The tensor that :func:`integerize` stores through the conv input quantizer ``q`` although it is also added
+    as a residual or pooled (it shares its readers' quantizer only because their bits were at least
+    ``integer_residual_bits``), or None: changing ``q``'s bits below them would store that stream narrower."""
+    ist = getattr(state, "integer", None)
+    if ist is None or state.plan.integer_residual_bits is None:
+        return None
+    mods = dict(ist.gm.named_modules())
+    for root, path in ist.quantizer.items():
+        if mods.get(path) is not q:
+            continue
+        for u in ist.units:
+            t = u.inp if u.kind == "gap" else u.res
+            if t is not None and ist.group.get(t.name) == root:
+                return root
+    return None
+
+
 def _pass_through(u: Unit) -> bool:
     return u.kind in ("maxpool", "flatten")
 

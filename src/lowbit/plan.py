@@ -159,6 +159,9 @@ class Plan(BaseModel):
             return self
         if self.integer_residual is None:
             self.integer_residual = "output"
+        if self.integer_train_mid and self.integer_residual != "output":  # accepted before, changing nothing
+            raise ValueError("integer_train_mid models the 8-bit intermediate of the output residual add: it takes "
+                             "effect with integer_residual: output, not accumulator")
         if "integer_residual_bits" not in self.model_fields_set and self.integer_residual == "output":
             self.integer_residual_bits = 8
         return self

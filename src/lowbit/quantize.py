@@ -296,6 +296,16 @@ def set_bits(model: nn.Module, bits: Mapping[str, int | Mapping[str, int]]) -> n
         for role in roles:
             if (lp.weight if role == "weight" else lp.act) is None:
                 raise ConfigError(f"set_bits: layer '{n}' has a full-precision {role}; quantize it in the plan first")
+            wide = state.plan.integer_residual_bits
+            if role == "act" and wide is not None and isinstance(roles[role], int) and roles[role] < wide:
+                from .intmode import residual_stream
+
+                t = residual_stream(state, lp.module.input_quantizer)
+                if t is not None:
+                    raise ConfigError(f"set_bits: layer '{n}' act: its input '{t}' is also a residual operand or "
+                                      f"pooled, stored at {wide} bits (plan.integer_residual_bits) through this "
+                                      f"quantizer, so {roles[role]} bits would store it at {roles[role]} bits; give "
+                                      "the bits in plan.layers and quantize again")
     done = []  # (quantizer, old bits, layer plan, role, old spec, old state): undone if a later layer fails
     try:
         for n, roles in todo.items():
