@@ -116,7 +116,8 @@ CASES = [
     ("config-directory", {"cdir/x": ""}, ["info", "{d}/cdir"], "is not a run folder (no config.yaml)"),
     ("config-unknown-top", {"c.yaml": OK + "trian: {epochs: 2}\n"}, ["info", "{d}/c.yaml"], "config.trian: unknown field"),
     ("config-model-list", {"c.yaml": "model: [resnet8]\n"}, ["info", "{d}/c.yaml"], "config.model"),
-    ("lr-nan", {"c.yaml": OK + "train: {lr: .nan}\n"}, ["info", "{d}/c.yaml"], "train.lr: nan is not a finite number"),
+    ("lr-nan", {"c.yaml": OK.replace("epochs: 1", "epochs: 1, lr: .nan")}, ["info", "{d}/c.yaml"],  # not a 2nd train:
+     "train.lr: nan is not a finite number"),
     ("lr-inf", {"c.yaml": OK.replace("epochs: 1", "epochs: 1, lr: .inf")}, ["info", "{d}/c.yaml"], "train.lr: inf is not a finite number"),
     ("momentum-nan", {"c.yaml": OK.replace("epochs: 1", "epochs: 1, momentum: .nan")}, ["info", "{d}/c.yaml"], "train.momentum: nan"),
     ("wd-neg-inf", {"c.yaml": OK.replace("epochs: 1", "epochs: 1, weight_decay: -.inf")}, ["info", "{d}/c.yaml"], "train.weight_decay: -inf"),
@@ -264,6 +265,33 @@ CASES = [
     ("suite-no-bits-list", {"s.yaml": suite(methods={"L": {"plan": {"weight": {"name": "sawb"}}}})}, ["bench", "{d}/s.yaml"], "has no bits"),
     ("suite-changed-config", {"s.yaml": "CHANGED"}, ["bench", "{d}/s.yaml"], "was trained with another config"),
     ("suite-ray-missing", {"s.yaml": suite()}, ["bench", "{d}/s.yaml", "--backend", "ray"], "RAY"),
+    # --- session 26 (cfgfuzz): accepted before, or a traceback -------------------------------------------
+    ("quant-bool-option-text", {"c.yaml": OK + "plan: {weight: {name: lsq, bits: 2, per_channel: 'false'}}\n"},
+     ["info", "{d}/c.yaml"], "option per_channel must be true or false, got 'false'"),
+    ("quant-bool-option-list", {"c.yaml": OK + "plan: {weight: {name: sat, bits: 2, scale_grad: [0]}}\n"},
+     ["info", "{d}/c.yaml"], "option scale_grad must be true or false"),
+    ("method-option-unhashable", {"c.yaml": Q.replace("bits: 2}}", "bits: 2}, method: {name: binaryrelax, "
+                                                      "form: [a]}}")},
+     ["info", "{d}/c.yaml"], "method 'binaryrelax'"),
+    ("method-option-scalar", {"c.yaml": Q.replace("bits: 2}}", "bits: 2}, method: {name: niti, mu: 3}}")},
+     ["info", "{d}/c.yaml"], "method 'niti'"),
+    ("lr-inf-as-text", {"c.yaml": OK}, ["info", "{d}/c.yaml", "train.lr=inf"], "train.lr: inf is not a finite number"),
+    ("lr-1e400-as-text", {"c.yaml": OK.replace("epochs: 1", "epochs: 1, lr: 1e400")}, ["info", "{d}/c.yaml"],
+     "train.lr: inf is not a finite number"),
+    ("milestones-without-multistep", {"c.yaml": OK}, ["info", "{d}/c.yaml", "train.epochs=3", "train.milestones=[1]"],
+     "take effect with schedule multistep"),
+    ("gamma-without-multistep", {"c.yaml": OK}, ["info", "{d}/c.yaml", "train.gamma=0.5"],
+     "take effect with schedule multistep"),
+    ("epochs-true", {"c.yaml": OK}, ["info", "{d}/c.yaml", "train.epochs=true"], "epochs: a number, got true"),
+    ("lr-yes", {"c.yaml": OK}, ["info", "{d}/c.yaml", "train.lr=yes"], "lr: a number, got true"),
+    ("seed-past-64-bits", {"c.yaml": OK}, ["info", "{d}/c.yaml", "train.seed=99999999999999999999"], "train.seed"),
+    ("duplicate-key", {"c.yaml": OK + "train: {epochs: 2}\n"}, ["info", "{d}/c.yaml"], "key 'train' appears twice"),
+    ("nested-too-deeply", {"c.yaml": "q: " + "[" * 5000 + "]" * 5000 + "\n"}, ["info", "{d}/c.yaml"],
+     "nested too deeply"),
+    ("suite-bits-true", {"s.yaml": suite(bits=[True], methods={"W": {"plan": {"weight": {"name": "sawb"}}}})},
+     ["bench", "{d}/s.yaml", "--dry-run"], "suite.bits.0: Input should be a valid integer"),
+    ("search-not-utf8", {"s.yaml": b"model: {name: resnet8}\nname: caf\xe9\n"}, ["search", "releq", "{d}/s.yaml"],
+     "not UTF-8"),
 ]
 
 

@@ -219,3 +219,18 @@ def test_search_with_learned_bits_method_is_refused():
     cfg = {**BASE, "plan": {**BASE["plan"], "method": {"name": "sinareq"}}, "releq": {"episodes": 1}}
     with pytest.raises(ConfigError, match="sinareq"):
         parse_search_config(cfg)
+
+
+def test_search_config_refuses_what_a_training_config_refuses(tmp_path):
+    """session 26: load_search_config skipped check_finite and read `releq: []` as the defaults."""
+    from lowbit.errors import ConfigError
+    from lowbit.search.releq import load_search_config
+
+    base = "model: {name: resnet8}\ndata: {name: digits}\nplan: {weight: {name: dorefa, bits: 8}}\n"
+    for text, msg in ((base + "train: {lr: .inf}\n", "train.lr: inf is not a finite number"),
+                      (base + "releq: {finetune_lr: .inf}\n", "releq.finetune_lr: inf is not a finite number"),
+                      (base + "releq: []\n", "releq"),
+                      (base + "releq: {episodes: true}\n", "episodes: a number, got true")):
+        (tmp_path / "s.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=msg):
+            load_search_config(tmp_path / "s.yaml")

@@ -279,3 +279,16 @@ def test_option_combinations_session25(tmp_path):
         lowbit.load_config("configs/dcq_w2_twn.yaml", overrides=[
             "train.epochs=4", "train.schedule=multistep", "train.milestones=[2]", "dcq.epochs=3",
             "dcq.finetune_epochs=2"])
+
+
+def test_a_saved_run_with_milestones_it_ignored_still_loads(tmp_path):
+    """session 26: milestones/gamma without schedule multistep are refused; a run folder written before (where they
+    had no effect) still reads, as the run that trained."""
+    from lowbit.config import load_config
+    from lowbit.errors import ConfigError
+
+    (tmp_path / "config.yaml").write_text("train: {epochs: 3, schedule: cosine, milestones: [1], gamma: 0.5}\n")
+    with pytest.raises(ConfigError, match="take effect with schedule multistep"):
+        load_config(tmp_path / "config.yaml")
+    cfg = load_config(tmp_path / "config.yaml", saved=True)
+    assert cfg.train.milestones == [] and cfg.train.schedule == "cosine"

@@ -23,6 +23,18 @@ from .plan import Plan, one_line
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data):
+        # pydantic's lax mode reads true as 1 (train.epochs: yes trained one epoch); as QuantSpec.bits
+        if isinstance(data, dict):
+            for k, v in data.items():
+                f = cls.model_fields.get(k)
+                ann = str(f.annotation) if f is not None else ""
+                if isinstance(v, bool) and "bool" not in ann and ("int" in ann or "float" in ann):
+                    raise ValueError(f"{k}: a number, got {str(v).lower()}")
+        return data
+
 
 class ModelConfig(BaseModel):
     """A registered model name; any extra key is a keyword of its builder (e.g. ``width: 2``).
@@ -113,7 +125,7 @@ class TrainConfig(_Strict):
     #: multistep: epochs at which the lr is multiplied by ``gamma``
     milestones: list[int] = Field(default_factory=lambda: [])
     gamma: float = Field(0.1, gt=0, le=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**63)
     #: torch threads (None: all cores)
     threads: int | None = Field(None, ge=1)
     progress: bool = True
@@ -190,6 +202,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping "
+                                                            f"(line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error
+                pass
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:
     """A YAML file whose top level is a mapping; every way it can be malformed (missing, a folder,
     not UTF-8, empty, not YAML, not a mapping) is one line naming the file."""
@@ -205,9 +234,11 @@ def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:
         raise ConfigError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
                           f"a {what} is a YAML text file") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid YAML (nested too deeply)") from None
     if data is None:
         raise ConfigError(f"{p}: the file is empty (expected a YAML mapping, e.g. `model: {{name: resnet20}}`)")
     if not isinstance(data, dict):
@@ -241,6 +272,10 @@ def saved_config(data):
     ("coarse", before session 11), and one without ``plan.integer_train_mid`` trained without the
     ``mid`` rounding. A run not in integer mode may have recorded integer-mode options that had no effect (they
     were accepted then, refused since session 23): they read as their defaults."""
+    train = data.get("train") if isinstance(data, dict) else None
+    if (isinstance(train, dict) and train.get("schedule", "cosine") != "multistep"
+            and (train.get("milestones") or train.get("gamma", 0.1) != 0.1)):  # they had no effect (refused since 26)
+        data = {**data, "train": {**train, "milestones": [], "gamma": 0.1}}
     if isinstance(data, dict) and isinstance(data.get("plan"), dict) and not data["plan"].get("integer"):
         from .plan import Plan
 
@@ -277,6 +312,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(one_line(e, "config")) from None
+    check_finite(cfg.model_dump(), "")  # 'inf' and 1e400 are YAML strings that pydantic reads as inf
     validate_names(cfg)
     return cfg
 
@@ -356,6 +392,9 @@ def check_trainable(cfg: Config) -> None:
         if not t.milestones:  # before session 25 the lr stayed constant without a word
             raise ConfigError("train.schedule multistep needs train.milestones (epochs where the lr is multiplied by "
                               "train.gamma), e.g. [30, 60]")
+    if t.schedule != "multistep" and (t.milestones or t.gamma != TrainConfig.model_fields["gamma"].default):
+        raise ConfigError(f"train.milestones and train.gamma take effect with schedule multistep, not "
+                          f"{t.schedule}; set train.schedule=multistep, or leave them out")
     if t.nesterov and (t.optimizer != "sgd" or t.momentum <= 0):  # torch's own ValueError before session 25
         raise ConfigError(f"train.nesterov needs optimizer sgd with momentum > 0 (got {t.optimizer}, momentum "
                           f"{t.momentum:g})")

@@ -55,3 +55,11 @@ class Registry:
             raise ConfigError(
                 f"{self.kind} '{name}' has no option {', '.join(unknown)}; its options: {', '.join(allowed) or '(none)'}"
             )
+        if isinstance(given, dict):  # a yes/no option must be true or false: bool('false') is True
+            obj = self.get(name)
+            params = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj).parameters
+            for k, v in given.items():
+                ann = str(params[k].annotation)
+                if ann in ("bool", "bool | None", "<class 'bool'>") and not isinstance(v, bool) \
+                        and not (v is None and "None" in ann):
+                    raise ConfigError(f"{self.kind} '{name}' option {k} must be true or false, got {v!r}")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from ..errors import ConfigError
 from ..plan import one_line
@@ -40,10 +40,10 @@ class Suite(BaseModel):
     base: str | dict[str, Any] = Field(default_factory=dict)
     base_overrides: dict[str, Any] = Field(default_factory=dict)
     methods: dict[str, dict[str, Any]] = Field(min_length=1)
-    bits: list[int] = Field(default_factory=list)
+    bits: list[StrictInt] = Field(default_factory=list)  # not true (one bit), as QuantSpec.bits
     models: list[str] = Field(default_factory=list)
     widths: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list)
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
+    seeds: list[Annotated[StrictInt, Field(ge=0)]] = Field(default_factory=lambda: [0])
     reference: str | None = None
     out: str | None = None
 

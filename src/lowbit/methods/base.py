@@ -189,7 +189,12 @@ def list_methods() -> list[str]:
 
 def build_method(name: str, **options) -> Method:
     _METHODS.check_options(name, options)
-    return _METHODS.get(name)(**options)
+    try:
+        return _METHODS.get(name)(**options)
+    except (TypeError, ValueError) as e:  # an option of the wrong type (form: [a], mu: 3): before, a traceback
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"method '{name}': {e}") from None
 
 
 @register_method("ste")

@@ -46,9 +46,10 @@ from typing import Literal
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from ..config import Config, apply_overrides, validate_names
+from ..config import Config, apply_overrides, check_finite, read_yaml_mapping, validate_names
+from ..config import _Strict  # unknown keys refused, and true/false for a number
 from ..errors import ConfigError
 from ..plan import one_line
 from ..quantize import quant_state
@@ -56,10 +57,6 @@ from .baselines import random_candidates, select, sensitivity_candidates, unifor
 from .bitcost import BitCost, Budget, budget_wall
 from .env import DEFAULT_BITS, ReleqEnv, layer_features
 from .evaluator import BitEvaluator, EvalSpec
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class BudgetOptions(_Strict):
@@ -117,22 +114,17 @@ class ReleqOptions(_Strict):
 
 def load_search_config(path: str | Path, overrides: list[str] | None = None) -> tuple[Config, ReleqOptions]:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"search config not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping")
+    data = read_yaml_mapping(p, "search config")  # not UTF-8, empty, duplicate keys: one line (before: a traceback)
     data.setdefault("name", p.stem)
     data = apply_overrides(data, overrides or [])
+    check_finite(data, "")  # as load_config: NaN or infinity nowhere (before: train.lr: .inf was searched with)
     return parse_search_config(data, where=str(p))
 
 
 def parse_search_config(data: dict, where: str = "config") -> tuple[Config, ReleqOptions]:
     data = dict(data)
-    rel = data.pop("releq", None) or {}
+    rel = data.pop("releq", None)
+    rel = {} if rel is None else rel  # releq: [] is an error, not the defaults
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
