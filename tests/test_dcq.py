@@ -326,3 +326,20 @@ def test_feature_cache_size_limit_and_stale_entries(tmp_path):
     (tmp_path / "c" / "cut1" / "train_e0_b1.pt").write_bytes(b"trunc")
     with pytest.raises(ConfigError, match="unreadable"):
         c.get(1, "train", "e0", 1, y)
+
+
+def test_dcq_with_a_mixture_method_reports_the_sections_end_of_schedule(tmp_path):
+    """DCQ + DQA: the sections anneal T to t_end; the stitched network's method was never set up, so
+    summary.json said "Q1 weight at end: min 0.3362" (softmax at T = 100) for mixtures that ended at 1.0."""
+    small = ["model.name=resnet8", "model.width=0.25", "data.name=digits", "data.limit=300", "train.epochs=1",
+             "train.batch_size=32", "train.progress=false", "train.threads=1"]
+    teacher = tmp_path / "fp32"
+    run(load_config(None, small), teacher)
+    dqa = ("plan.method={name: dqa, mixture: [{name: sawb, bits: 4}, {name: sawb, bits: 8}]}",
+           "plan.weight={name: sawb, bits: 2}")
+    plain = run(load_config(None, small + list(dqa)), tmp_path / "plain").summary["method_info"]
+    res = run(load_config(None, small + list(dqa) + [f"dcq={{teacher: {teacher}, sections: 2}}"]), tmp_path / "dcq")
+    info = res.summary["method_info"]
+    assert plain["Q1 weight at end"].startswith("min 1.0000")
+    assert info["Q1 weight at end"] == plain["Q1 weight at end"], info
+    assert "whole training" not in info["schedule"]

@@ -712,3 +712,21 @@ def test_dense_class_labels_train_with_the_default_loss():
     assert h[1]["train_loss"] < h[0]["train_loss"]
     with pytest.raises(ConfigError, match=r"class indices 0..2 for a model with 3 outputs, got -100..2 \(-100"):
         lowbit.fit(m, [(x, torch.where(y == 1, -100, y))], epochs=1)
+
+
+def test_a_method_refusing_the_model_is_one_line_without_the_optimizer_warning_first(tmp_path):
+    """NITI on a model with BatchNorm: its optimizer holds only the latent weights, so fit warned "18 trainable
+    parameter(s) are not in the optimizer ... build the optimizer after lowbit.quantize" before NITI's refusal."""
+    import warnings
+
+    from lowbit.config import load_config
+    from lowbit.train import run
+
+    cfg = load_config("configs/niti_lenet5.yaml", ["model.name=resnet8", "model.batch_norm=true", "data.name=digits",
+                                                  "data.limit=200", "train.epochs=1", "train.progress=false",
+                                                  "train.threads=1"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError, match="is a BatchNorm; NITI trains models without BN"):
+            run(cfg, tmp_path / "run")
+    assert not [w for w in caught if "not in the optimizer" in str(w.message)]

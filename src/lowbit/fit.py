@@ -424,12 +424,13 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
         raise ConfigError(f"method must be a lowbit Method instance (or None for the model's), got "
                           f"{type(method).__name__}")
     steps = _steps_per_epoch(batches, epochs)
+    own_optimizer = optimizer is not None
     if optimizer is None:
         optimizer = default_optimizer(model, method)
-    else:
-        _warn_untrained(model, optimizer)
     callbacks = list(callbacks)
-    method.setup(model, epochs * steps, steps)
+    method.setup(model, epochs * steps, steps)  # first: a method that refuses the model says so alone
+    if own_optimizer:
+        _warn_untrained(model, optimizer)
     start_epoch = 0
     if resume is not None:
         model.load_state_dict(resume["model"])

@@ -168,6 +168,10 @@ class Method:
         """Schedule state that a resumed run needs (learned tensors live in the model)."""
         return {}
 
+    def end_schedule(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
+        """Put the schedule where ``total_steps`` of training leave it, on a network whose parts trained elsewhere
+        (DCQ's stitched student; each section's own run of the method annealed). Default: no schedule."""
+
     def load_state_dict(self, state: dict) -> None:
         pass
 

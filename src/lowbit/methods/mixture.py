@@ -703,6 +703,10 @@ class MixtureMethod(Method):
     def state_dict(self) -> dict:
         return {"step": self.step}
 
+    def end_schedule(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
+        self.setup(model, total_steps, steps_per_epoch)
+        self.load_state_dict({**self.state_dict(), "step": total_steps - 1})
+
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state.get("step", -1))
 

@@ -388,6 +388,9 @@ def run_dcq(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSp
     if d.bn_recalibrate:
         recalibrate_run_bn(student, cfg, data, d.bn_recalibrate)
     train_loader = BatchLoader(data.train, data.info, t.batch_size, shuffle=True, augment=cfg.data.augment, seed=t.seed)
+    # the sections' schedules ended at their last step (DQA's T, BinaryRelax's omega): the stitched network's too
+    # (before session 26 it was at its start: the summary and an eval_mode: mixture evaluation described T = 100)
+    quant_state(student).method.end_schedule(student, (d.epochs or t.epochs) * len(train_loader), len(train_loader))
     val_loader = BatchLoader(data.val, data.info, t.eval_batch_size)
     test_loader = BatchLoader(data.test, data.info, t.eval_batch_size)
     stitched_val = evaluate(student, val_loader, device)
@@ -406,7 +409,8 @@ def run_dcq(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSp
         _truncate_metrics(run_dir / "metrics.jsonl", ck["epoch"] + 1)
     else:
         (run_dir / "metrics.jsonl").write_text(json.dumps(row0) + "\n")
-        _save(run_dir / "best.pt", {"model": student.state_dict(), "epoch": 0})
+        _save(run_dir / "best.pt", {"model": student.state_dict(), "epoch": 0,
+                                    "method": quant_state(student).method.state_dict()})
     method = quant_state(student).method
     if d.finetune_epochs:
         if d.distill is not None:
