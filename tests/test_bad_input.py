@@ -292,6 +292,10 @@ CASES = [
      ["bench", "{d}/s.yaml", "--dry-run"], "suite.bits.0: Input should be a valid integer"),
     ("search-not-utf8", {"s.yaml": b"model: {name: resnet8}\nname: caf\xe9\n"}, ["search", "releq", "{d}/s.yaml"],
      "not UTF-8"),
+    ("quant-number-option-true", {"c.yaml": OK + "plan: {act: {name: pact, bits: 2, init: true}}\n"},
+     ["info", "{d}/c.yaml"], "option init must be a number, got true"),  # trained with alpha = 1.0
+    ("method-number-option-true", {"c.yaml": OK + "plan: {method: {name: local, beta: true}}\n"},
+     ["info", "{d}/c.yaml"], "option beta must be a number, got true"),
 ]
 
 
@@ -399,3 +403,18 @@ def test_help_and_argument_errors_do_not_import_torch():
                          env={"PYTHONPATH": SRC})
     assert res.returncode == 0 and "train" in res.stdout
     assert time.perf_counter() - t1 < 1.0 and t1 - t0 < 1.0  # torch alone takes longer than this to import
+
+
+def test_yaml_merge_keys_still_load(tmp_path):
+    """Session 26's duplicate-key loader built the `<<` key itself: every config or suite using YAML's merge key
+    (`act: {<<: *q, bits: 4}`) was 'not valid YAML'. A key merged in and given again is an override, not twice."""
+    from lowbit.config import load_config
+    from lowbit.errors import ConfigError
+
+    p = tmp_path / "c.yaml"
+    p.write_text(OK + "plan:\n  weight: &q {name: lsq, bits: 2}\n  act: {<<: *q, bits: 4}\n")
+    cfg = load_config(p)
+    assert cfg.plan.act.name == "lsq" and cfg.plan.act.bits == 4 and cfg.plan.weight.bits == 2
+    p.write_text(OK + "plan:\n  weight: &q {name: lsq, bits: 2}\n  act: {<<: *q, bits: 4, bits: 3}\n")
+    with pytest.raises(ConfigError, match="key 'bits' appears twice"):
+        load_config(p)

@@ -343,3 +343,24 @@ def test_dcq_with_a_mixture_method_reports_the_sections_end_of_schedule(tmp_path
     assert plain["Q1 weight at end"].startswith("min 1.0000")
     assert info["Q1 weight at end"] == plain["Q1 weight at end"], info
     assert "whole training" not in info["schedule"]
+
+
+def test_dcq_fine_tune_that_never_beats_the_stitched_network_reports_its_schedule(tmp_path, monkeypatch):
+    """best.pt is the stitched network (epoch 0): its "Q1 weight at end" is the sections' end, as without the
+    fine-tune; it read best.pt's step (the sections' last) against the fine-tune's length (T = 1.7: min 0.498)."""
+    import importlib
+
+    small = ["model.name=resnet8", "model.width=0.25", "data.name=digits", "data.limit=300", "train.epochs=1",
+             "train.batch_size=32", "train.progress=false", "train.threads=1"]
+    teacher = tmp_path / "fp32"
+    run(load_config(None, small), teacher)
+    dqa = ["plan.method={name: dqa, mixture: [{name: sawb, bits: 4}, {name: sawb, bits: 8}]}",
+           "plan.weight={name: sawb, bits: 2}"]
+    plain = run(load_config(None, small + dqa + [f"dcq={{teacher: {teacher}, sections: 2}}"]), tmp_path / "plain")
+    fit_module = importlib.import_module("lowbit.fit")
+    real = fit_module.evaluate
+    monkeypatch.setattr(fit_module, "evaluate", lambda m, b, device=None: {**real(m, b, device), "acc": 0.0})
+    res = run(load_config(None, small + dqa + [f"dcq={{teacher: {teacher}, sections: 2, finetune_epochs: 2}}"]),
+              tmp_path / "fine")
+    assert res.summary["best_epoch"] == 0
+    assert res.summary["method_info"]["Q1 weight at end"] == plain.summary["method_info"]["Q1 weight at end"]

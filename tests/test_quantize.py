@@ -496,3 +496,29 @@ def test_a_refused_set_bits_keeps_trained_codebooks():
         for q, b in zip(acts, before):
             assert all(torch.equal(v, b[k]) for k, v in q.state_dict().items()), act
         assert torch.equal(m(x), ref), act
+
+
+def test_a_reloaded_model_does_not_recheck_its_quantizers_every_forward():
+    """Session 26's emptied-codebook check re-ran the start check on every forward of every layer whose input
+    quantizer has no ``initialized`` buffer (PACT, DoReFa...) once a state dict was loaded (lowbit eval, export,
+    final_model): _init_seen stays False there."""
+    import importlib
+
+    qmod = importlib.import_module("lowbit.quantize")
+    m = quantize(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
+                                     torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 3)),
+                 {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}})
+    m.train()
+    m(torch.randn(2, 1, 8, 8))
+    m.load_state_dict(m.state_dict())
+    m.eval()
+    calls = []
+    real = qmod._InputQuantHook._check_started
+    qmod._InputQuantHook._check_started = lambda self, q: (calls.append(1), real(self, q))[1]
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                m(torch.randn(2, 1, 8, 8))
+    finally:
+        qmod._InputQuantHook._check_started = real
+    assert not calls

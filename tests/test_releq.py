@@ -234,3 +234,30 @@ def test_search_config_refuses_what_a_training_config_refuses(tmp_path):
         (tmp_path / "s.yaml").write_text(text)
         with pytest.raises(ConfigError, match=msg):
             load_search_config(tmp_path / "s.yaml")
+
+
+def test_a_search_whose_search_yaml_recorded_integer_residual_resumes(tmp_path, monkeypatch):
+    """Session 26: a plan not in integer mode no longer records integer_residual(_bits); a search started before
+    (its search.yaml holds integer_residual: accumulator, integer_residual_bits: null) was refused on --resume
+    ('its evaluations were made with other settings'). Another setting still refuses it."""
+    import lowbit.search.releq as releq
+
+    cfg, opts = releq.load_search_config(Path(__file__).parent.parent / "configs" / "search" / "releq_digits.yaml")
+    old = {**cfg.to_dict(), "releq": opts.model_dump(mode="json")}
+    old["plan"] = {**old["plan"], "integer_residual": "accumulator", "integer_residual_bits": None}
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    (tmp_path / "state.json").write_text("{}")
+
+    class Reached(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr(releq, "fp32_start", stop)
+    with pytest.raises(Reached):  # past the settings check
+        releq.search(cfg, opts, tmp_path, resume=True)
+    old["train"] = {**old["train"], "lr": old["train"]["lr"] * 2}
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.raises(ConfigError, match="other settings .*train.lr"):
+        releq.search(cfg, opts, tmp_path, resume=True)

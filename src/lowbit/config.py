@@ -208,6 +208,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged by SafeLoader, its keys overridable
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 if key in seen:

@@ -97,7 +97,8 @@ class _InputQuantHook:
     def __call__(self, module: nn.Module, args):
         x = args[0]
         # _init_seen False: set_bits or load_state_dict emptied a started quantizer's codebook (centroids, LQ-Net)
-        if not self.started or module.input_quantizer.__dict__.get("_init_seen") is False:
+        q = module.input_quantizer  # (a quantizer without the buffer never reads it: its False would stay)
+        if not self.started or (q.__dict__.get("_init_seen") is False and "initialized" in q._buffers):
             self._check_started(module.input_quantizer)
         y = module.input_quantizer(x)
         if not self.checked:

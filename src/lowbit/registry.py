@@ -63,3 +63,5 @@ class Registry:
                 if ann in ("bool", "bool | None", "<class 'bool'>") and not isinstance(v, bool) \
                         and not (v is None and "None" in ann):
                     raise ConfigError(f"{self.kind} '{name}' option {k} must be true or false, got {v!r}")
+                if isinstance(v, bool) and "bool" not in ann and ("int" in ann or "float" in ann):  # float(True) is 1
+                    raise ConfigError(f"{self.kind} '{name}' option {k} must be a number, got {str(v).lower()}")
