@@ -163,3 +163,26 @@ def test_info_shows_the_methods_training_facts_not_a_reloaded_methods(capsys, tm
     out = capsys.readouterr().out
     for k, v in trained.items():
         assert f"{k}: {v}\n" in out
+
+
+def test_a_run_folder_moved_to_another_data_root_is_read_there(capsys, tmp_path):
+    """Session 26: `lowbit info RUN data.root=DIR` was refused ("the overrides change that") and a config.yaml whose
+    data.root was set to where this machine keeps the data was 'edited after training': a run folder copied to a
+    machine with its data elsewhere could not be described or evaluated. data.root is where the data is, not the run."""
+    import shutil
+
+    from lowbit.data import FASHION_MNIST_ROOT
+
+    cfg = str(Path(__file__).parent.parent / "configs" / "quickstart.yaml")
+    run_dir = tmp_path / "run"
+    assert main(["train", cfg, *TINY, "--out", str(run_dir)]) == 0
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(FASHION_MNIST_ROOT, moved)
+    capsys.readouterr()
+    assert main(["info", str(run_dir), f"data.root={moved}"]) == 0
+    text = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(text.replace("data:\n", f"data:\n  root: {moved}\n", 1)
+                                         if "root:" not in text else
+                                         "\n".join(f"  root: {moved}" if ln.strip().startswith("root:") else ln
+                                                   for ln in text.splitlines()) + "\n")
+    assert main(["eval", str(run_dir)]) == 0

@@ -33,8 +33,9 @@ LOCK = ".lock"
 RUN_FILES = {"config.yaml", "plan.txt", "metrics.jsonl", "last.pt", "best.pt", "summary.json", LOCK,
              "last.tmp", "best.tmp", "export", "report",
              "teacher.pt", "sections.json", "sections"}  # DCQ (schedules/dcq.py)
-#: config fields that do not change a run's numbers (set by the process pool, the CLI, the machine)
-VOLATILE = {("train", "threads"), ("train", "progress"), ("train", "device")}
+#: config fields that do not change a run's numbers (set by the process pool, the CLI, the machine; data.root: where
+#: this machine keeps the data set, since session 26, so that a run folder moved to another machine is read there)
+VOLATILE = {("train", "threads"), ("train", "progress"), ("train", "device"), ("data", "root")}
 
 
 class RunFolderBusy(ConfigError):
