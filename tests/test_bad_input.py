@@ -418,3 +418,19 @@ def test_yaml_merge_keys_still_load(tmp_path):
     p.write_text(OK + "plan:\n  weight: &q {name: lsq, bits: 2}\n  act: {<<: *q, bits: 4, bits: 3}\n")
     with pytest.raises(ConfigError, match="key 'bits' appears twice"):
         load_config(p)
+
+
+def test_yaml_merge_key_override_in_a_merged_anchor_reused_by_alias(tmp_path):
+    """An anchored mapping first met inside a merge (`<<: &q {<<: *base, bits: 4}`) is flattened in place by PyYAML
+    before it is built; its alias (`*q`) then read the override as 'key 'bits' appears twice'."""
+    from lowbit.config import load_config
+    from lowbit.errors import ConfigError
+
+    p = tmp_path / "c.yaml"
+    p.write_text(OK + "plan:\n  weight:\n    <<: &q\n      <<: &base {name: lsq, bits: 2}\n      bits: 4\n  act: *q\n")
+    cfg = load_config(p)
+    assert cfg.plan.weight.bits == 4 and cfg.plan.act.bits == 4 and cfg.plan.act.name == "lsq"
+    p.write_text(OK + "plan:\n  weight:\n    <<: &q\n      <<: {name: lsq, bits: 2}\n      bits: 4\n      bits: 3\n"
+                      "  act: *q\n")
+    with pytest.raises(ConfigError, match="key 'bits' appears twice"):
+        load_config(p)

@@ -364,3 +364,47 @@ def test_dcq_fine_tune_that_never_beats_the_stitched_network_reports_its_schedul
               tmp_path / "fine")
     assert res.summary["best_epoch"] == 0
     assert res.summary["method_info"]["Q1 weight at end"] == plain.summary["method_info"]["Q1 weight at end"]
+
+
+def test_a_dcq_run_whose_config_was_edited_after_a_kill_is_not_resumed(tmp_path):
+    """config.yaml edited between a kill and --resume (weights 2 -> 4 bits): the finished section was trained at 2
+    bits; it resumed and stitched it into a network the summary called W4."""
+    import yaml
+
+    from lowbit.runfolder import run_config
+
+    small = ["model.name=resnet8", "model.width=0.25", "data.name=digits", "data.limit=300", "train.epochs=1",
+             "train.batch_size=32", "train.progress=false", "train.threads=1"]
+    teacher = tmp_path / "fp32"
+    run(load_config(None, small), teacher)
+    c = load_config(None, small + ["plan.weight={name: minmax, bits: 2}", f"dcq={{teacher: {teacher}, sections: 2}}"])
+
+    def kill_in_second_section(row):
+        if row.get("section") == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(c, tmp_path / "dcq", callbacks=[kill_in_second_section])
+    p = tmp_path / "dcq" / "config.yaml"
+    d = yaml.safe_load(p.read_text())
+    d["plan"]["weight"]["bits"] = 4
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"trained with another config \(plan.weight.bits: 2 -> 4\)"):
+        run(run_config(tmp_path / "dcq"), tmp_path / "dcq", resume=True)
+    d["plan"]["weight"]["bits"], d["train"]["threads"] = 2, 2  # threads (VOLATILE) is no edit
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    assert run(run_config(tmp_path / "dcq"), tmp_path / "dcq", resume=True).summary["weight_bits"] == [2]
+
+
+def test_feature_cache_of_a_run_moved_to_another_data_root_is_read(tmp_path):
+    """data.root is where this machine keeps the data (runfolder.VOLATILE): a DCQ run moved to a machine with the
+    data elsewhere resumes past its RUN/feature_cache (it was 'written for another data/teacher setting')."""
+    from lowbit.schedules.featcache import FeatureCache
+
+    a = cfg("data.root=/machine_a/data").to_dict()
+    FeatureCache(tmp_path / "c", 3000, FeatureCache.fingerprint(a, ["x"], tmp_path / "teacher.pt"))
+    b = cfg("data.root=/machine_b/data").to_dict()
+    FeatureCache(tmp_path / "c", 3000, FeatureCache.fingerprint(b, ["x"], tmp_path / "teacher.pt"))
+    with pytest.raises(ConfigError, match="another data/teacher setting"):
+        FeatureCache(tmp_path / "c", 3000, FeatureCache.fingerprint(cfg("data.limit=600").to_dict(), ["x"],
+                                                                    tmp_path / "teacher.pt"))

@@ -261,3 +261,30 @@ def test_a_search_whose_search_yaml_recorded_integer_residual_resumes(tmp_path, 
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     with pytest.raises(ConfigError, match="other settings .*train.lr"):
         releq.search(cfg, opts, tmp_path, resume=True)
+
+
+def test_a_search_resumes_with_the_data_elsewhere(tmp_path, monkeypatch):
+    """data.root and train.threads change no evaluation (runfolder.VOLATILE, as a run folder's --resume): a search
+    folder moved to a machine with the data elsewhere was refused ('its evaluations were made with other settings
+    (data.root: ...)')."""
+    import lowbit.search.releq as releq
+
+    path = Path(__file__).parent.parent / "configs" / "search" / "releq_digits.yaml"
+    cfg, opts = releq.load_search_config(path, ["data.root=/machine_a/data"])
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "releq": opts.model_dump(mode="json")},
+                                                         sort_keys=False))
+    (tmp_path / "state.json").write_text("{}")
+
+    class Reached(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr(releq, "fp32_start", stop)
+    moved, opts = releq.load_search_config(path, ["data.root=/machine_b/data", "train.threads=2"])
+    with pytest.raises(Reached):  # past the settings check
+        releq.search(moved, opts, tmp_path, resume=True)
+    other, opts = releq.load_search_config(path, ["data.root=/machine_b/data", "data.name=fashion-mnist"])
+    with pytest.raises(ConfigError, match="other settings .*data.name"):
+        releq.search(other, opts, tmp_path, resume=True)

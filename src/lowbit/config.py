@@ -205,7 +205,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load, but a key given twice in one mapping is an error (PyYAML keeps the last one silently)."""
 
-    def construct_mapping(self, node, deep=False):
+    def flatten_mapping(self, node):
+        # every mapping is flattened before it is built, and a merged one (`<<: &a {...}`) before its parent: PyYAML
+        # then writes the merged keys into its node, so a later `*a` would read an override as a key given twice
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            self._check_unique(node)
+        super().flatten_mapping(node)
+
+    def _check_unique(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged by SafeLoader, its keys overridable
@@ -218,7 +227,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 seen.add(key)
             except TypeError:  # an unhashable key: SafeLoader's own error
                 pass
-        return super().construct_mapping(node, deep)
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:

@@ -350,6 +350,13 @@ def run_dcq(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSp
     if resume:
         if not (run_dir / "sections.json").is_file():
             raise ConfigError(f"cannot resume: {run_dir} holds no DCQ run (no sections.json)")
+        recorded = json.loads((run_dir / "sections.json").read_text()).get("config")
+        if isinstance(recorded, dict):  # the sections were trained with it (config.yaml may be edited since)
+            from ..runfolder import edits_since
+
+            edited = edits_since(recorded, cfg.to_dict())
+            if edited:
+                raise ConfigError(f"cannot resume {run_dir}: its sections were trained with another config ({edited})")
         teacher = _teacher(cfg, data, run_dir)
         bl = blocks(teacher, example)
         cut = _read_cut(run_dir, [n for n, _ in bl])
@@ -365,7 +372,8 @@ def run_dcq(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSp
     params = [sum(p.numel() for p in m.parameters()) for _, m in bl]
     described = describe(cut, macs, params)
     if not resume:
-        (run_dir / "sections.json").write_text(json.dumps({"cuts": cut.cut_names(), "sections": described}, indent=2)
+        (run_dir / "sections.json").write_text(json.dumps({"cuts": cut.cut_names(), "sections": described,
+                                                           "config": cfg.to_dict()}, indent=2)
                                                + "\n")
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         (run_dir / "plan.txt").write_text(quant_state(_student(cfg, data, run_dir)).table() + "\n")

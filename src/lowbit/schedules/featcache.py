@@ -76,7 +76,8 @@ class FeatureCache:
         """What decides the cached features: the data, the streams' seed and batch sizes, the cut, the teacher."""
         h = hashlib.sha256(Path(teacher_file).read_bytes()).hexdigest()[:16] if Path(teacher_file).is_file() else None
         t = cfg_dict["train"]
-        return {"data": cfg_dict["data"], "seed": t["seed"], "batch_size": t["batch_size"],
+        data = {k: v for k, v in cfg_dict["data"].items() if k != "root"}  # where this machine keeps it (VOLATILE)
+        return {"data": data, "seed": t["seed"], "batch_size": t["batch_size"],
                 "eval_batch_size": t["eval_batch_size"], "cuts": cut_names, "teacher_sha256": h}
 
     @contextmanager

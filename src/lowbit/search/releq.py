@@ -249,14 +249,16 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
     if not resume:
         (out / "search.yaml").write_text(yaml.safe_dump(now, sort_keys=False))
     elif (out / "search.yaml").is_file():  # the cache and the agent were made with the saved settings
-        from ..runfolder import _normal, config_diff
+        from ..runfolder import _normal, _strip, config_diff
 
         saved = yaml.safe_load((out / "search.yaml").read_text()) or {}
         # read as a run folder's config: a field lowbit added or stopped recording since is no change (session 26's
         # non-integer plans no longer record integer_residual: every earlier search refused to resume)
         saved = {**_normal({k: v for k, v in saved.items() if k != "releq"}, saved=True),
                  "releq": saved.get("releq", {})}
-        diff = config_diff(_settings(saved), _settings(json.loads(json.dumps(now))))
+        # threads, progress, device and data.root change no evaluation (runfolder.VOLATILE): a search folder moved
+        # to a machine with the data elsewhere resumes, as a run folder does
+        diff = config_diff(_settings(_strip(saved)), _settings(_strip(json.loads(json.dumps(now)))))
         if diff:
             raise ConfigError(f"cannot resume {out}: its evaluations were made with other settings ({'; '.join(diff)});"
                               f" only {', '.join(_RESUMABLE)} may change on --resume")
