@@ -434,3 +434,14 @@ def test_yaml_merge_key_override_in_a_merged_anchor_reused_by_alias(tmp_path):
                       "  act: *q\n")
     with pytest.raises(ConfigError, match="key 'bits' appears twice"):
         load_config(p)
+
+
+def test_yaml_merge_of_a_mapping_that_overrides_its_own_merge(tmp_path):
+    """`m: {<<: *b, g: 2}` merged again (`<<: *m`) read b's g (1): PyYAML 6.0.4 keeps the first pair of a key whose
+    string is one object (one-letter keys, such as DQA's g), so the override was silently lost."""
+    import yaml
+
+    from lowbit.config import _UniqueKeyLoader
+
+    doc = "b: &b {name: dqa, g: 1, lam: 5}\nm: &m {<<: *b, g: 2}\nmethod: {<<: *m, lam: 3}\n"
+    assert yaml.load(doc, Loader=_UniqueKeyLoader)["method"] == {"name": "dqa", "g": 2, "lam": 3}

@@ -392,6 +392,7 @@ def test_a_dcq_run_whose_config_was_edited_after_a_kill_is_not_resumed(tmp_path)
     with pytest.raises(ConfigError, match=r"trained with another config \(plan.weight.bits: 2 -> 4\)"):
         run(run_config(tmp_path / "dcq"), tmp_path / "dcq", resume=True)
     d["plan"]["weight"]["bits"], d["train"]["threads"] = 2, 2  # threads (VOLATILE) is no edit
+    d["dcq"]["feature_cache_mb"] = 16  # nor where and how the sections run (the same weights: docs/dcq.md)
     p.write_text(yaml.safe_dump(d, sort_keys=False))
     assert run(run_config(tmp_path / "dcq"), tmp_path / "dcq", resume=True).summary["weight_bits"] == [2]
 
@@ -405,6 +406,21 @@ def test_feature_cache_of_a_run_moved_to_another_data_root_is_read(tmp_path):
     FeatureCache(tmp_path / "c", 3000, FeatureCache.fingerprint(a, ["x"], tmp_path / "teacher.pt"))
     b = cfg("data.root=/machine_b/data").to_dict()
     FeatureCache(tmp_path / "c", 3000, FeatureCache.fingerprint(b, ["x"], tmp_path / "teacher.pt"))
+    with pytest.raises(ConfigError, match="another data/teacher setting"):
+        FeatureCache(tmp_path / "c", 3000, FeatureCache.fingerprint(cfg("data.limit=600").to_dict(), ["x"],
+                                                                    tmp_path / "teacher.pt"))
+
+
+def test_feature_cache_written_with_data_root_in_its_fingerprint_is_read(tmp_path):
+    """Before data.root left the fingerprint (session 26's review) a cache recorded it (None by default): a DCQ run
+    with dcq.feature_cache_mb killed before then was refused on --resume ('another data/teacher setting')."""
+    from lowbit.schedules.featcache import FeatureCache
+
+    a = cfg().to_dict()
+    old = {**FeatureCache.fingerprint(a, ["x"], tmp_path / "teacher.pt"), "data": a["data"]}  # as written then
+    assert old["data"]["root"] is None
+    FeatureCache(tmp_path / "c", 3000, old)
+    FeatureCache(tmp_path / "c", 3000, FeatureCache.fingerprint(a, ["x"], tmp_path / "teacher.pt"))
     with pytest.raises(ConfigError, match="another data/teacher setting"):
         FeatureCache(tmp_path / "c", 3000, FeatureCache.fingerprint(cfg("data.limit=600").to_dict(), ["x"],
                                                                     tmp_path / "teacher.pt"))

@@ -213,6 +213,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             checked.add(id(node))
             self._check_unique(node)
         super().flatten_mapping(node)
+        # keep only the last pair of a key (the override): PyYAML 6.0.4 merges the first pair of a key whose string is
+        # the same object (single characters are), so `<<: *m` of `m: {<<: *b, g: 2}` read b's g
+        last = {}
+        for i, (k, _) in enumerate(node.value):
+            if isinstance(k, yaml.ScalarNode):
+                last[(k.tag, k.value)] = i
+        node.value = [kv for i, kv in enumerate(node.value)
+                      if not isinstance(kv[0], yaml.ScalarNode) or last[(kv[0].tag, kv[0].value)] == i]
 
     def _check_unique(self, node, deep=False):
         seen = set()

@@ -11,7 +11,7 @@ Every rule here answers a way results were lost or mixed (issue 19):
 * **never overwrite what lowbit did not write** (:func:`check_fresh`): training into a folder that
   holds other files, or any earlier run (finished or not, with or without ``last.pt``), is refused.
 * **a finished run's config equals the requested one** (:func:`check_same_config`): the fields that
-  change results are compared; threads and the progress bar are not.
+  change results are compared; :data:`VOLATILE` (threads, the progress bar, the device, data.root) are not.
 * **one writer for suite results** (:func:`locked`, :func:`atomic_write`): ``results.jsonl`` and the
   tables are rewritten whole under ``OUT/.lock`` and replaced atomically, so two ``lowbit bench``
   processes never interleave or duplicate lines.

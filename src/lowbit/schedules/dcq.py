@@ -147,6 +147,16 @@ def _student(cfg: Config, data: DataSplits, run_dir: Path) -> nn.Module:
     return build_model(c, data)
 
 
+#: dcq fields that decide where and how the sections run, not their weights (docs/dcq.md: parallel, Ray and cached
+#: sections train the same weights): a resume may change them, as train.threads
+_HOW = {"workers", "backend", "address", "feature_cache_mb", "feature_cache_dir"}
+
+
+def _trained(cfg_dict: dict) -> dict:
+    dcq = cfg_dict.get("dcq")
+    return {**cfg_dict, "dcq": {k: v for k, v in dcq.items() if k not in _HOW}} if isinstance(dcq, dict) else cfg_dict
+
+
 def _read_cut(run_dir: Path, names: list[str]) -> Cut:
     meta = json.loads((run_dir / "sections.json").read_text())
     return Cut([names.index(n) for n in meta["cuts"]], names)
@@ -354,7 +364,7 @@ def run_dcq(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSp
         if isinstance(recorded, dict):  # the sections were trained with it (config.yaml may be edited since)
             from ..runfolder import edits_since
 
-            edited = edits_since(recorded, cfg.to_dict())
+            edited = edits_since(_trained(recorded), _trained(cfg.to_dict()))
             if edited:
                 raise ConfigError(f"cannot resume {run_dir}: its sections were trained with another config ({edited})")
         teacher = _teacher(cfg, data, run_dir)

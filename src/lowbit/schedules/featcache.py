@@ -47,6 +47,16 @@ def _nbytes(*tensors: Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _without_root(fp) -> str | None:
+    """A fingerprint written before session 26's review, which held data.root (now VOLATILE), without it."""
+    try:
+        d = json.loads(fp)
+        d["data"].pop("root", None)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+    return json.dumps(d, sort_keys=True, default=str)
+
+
 class FeatureCache:
     """Features per ``(cut, stream, epoch key, batch index)`` in ``root``, at most ``max_bytes`` written."""
 
@@ -64,7 +74,7 @@ class FeatureCache:
                     old = json.loads(info.read_text())
                 except (OSError, ValueError):
                     raise ConfigError(f"feature cache {self.root}: {_INFO} is unreadable; delete the folder") from None
-                if old.get("fingerprint") != fp:
+                if old.get("fingerprint") != fp and _without_root(old.get("fingerprint")) != fp:
                     raise ConfigError(f"feature cache {self.root} was written for another data/teacher setting; "
                                       "delete it or point dcq.feature_cache_dir elsewhere")
             else:
