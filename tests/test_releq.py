@@ -236,6 +236,19 @@ def test_search_config_refuses_what_a_training_config_refuses(tmp_path):
             load_search_config(tmp_path / "s.yaml")
 
 
+def _stop_after_the_settings_check(releq, monkeypatch) -> type:
+    """Make a resumed search raise the returned exception at its first step after the settings check."""
+
+    class Reached(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr(releq, "fp32_start", stop)
+    return Reached
+
+
 def test_a_search_whose_search_yaml_recorded_integer_residual_resumes(tmp_path, monkeypatch):
     """Session 26: a plan not in integer mode no longer records integer_residual(_bits); a search started before
     (its search.yaml holds integer_residual: accumulator, integer_residual_bits: null) was refused on --resume
@@ -247,14 +260,7 @@ def test_a_search_whose_search_yaml_recorded_integer_residual_resumes(tmp_path, 
     old["plan"] = {**old["plan"], "integer_residual": "accumulator", "integer_residual_bits": None}
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     (tmp_path / "state.json").write_text("{}")
-
-    class Reached(Exception):
-        pass
-
-    def stop(*a, **k):
-        raise Reached
-
-    monkeypatch.setattr(releq, "fp32_start", stop)
+    Reached = _stop_after_the_settings_check(releq, monkeypatch)
     with pytest.raises(Reached):  # past the settings check
         releq.search(cfg, opts, tmp_path, resume=True)
     old["train"] = {**old["train"], "lr": old["train"]["lr"] * 2}
@@ -274,14 +280,7 @@ def test_a_search_resumes_with_the_data_elsewhere(tmp_path, monkeypatch):
     (tmp_path / "search.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "releq": opts.model_dump(mode="json")},
                                                          sort_keys=False))
     (tmp_path / "state.json").write_text("{}")
-
-    class Reached(Exception):
-        pass
-
-    def stop(*a, **k):
-        raise Reached
-
-    monkeypatch.setattr(releq, "fp32_start", stop)
+    Reached = _stop_after_the_settings_check(releq, monkeypatch)
     moved, opts = releq.load_search_config(path, ["data.root=/machine_b/data", "train.threads=2"])
     with pytest.raises(Reached):  # past the settings check
         releq.search(moved, opts, tmp_path, resume=True)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import ConfigError
 from .plan import Plan, one_line
+from .registry import is_number_annotation
 
 
 class _Strict(BaseModel):
@@ -30,8 +31,7 @@ class _Strict(BaseModel):
         if isinstance(data, dict):
             for k, v in data.items():
                 f = cls.model_fields.get(k)
-                ann = str(f.annotation) if f is not None else ""
-                if isinstance(v, bool) and "bool" not in ann and ("int" in ann or "float" in ann):
+                if isinstance(v, bool) and f is not None and is_number_annotation(f.annotation):
                     raise ValueError(f"{k}: a number, got {str(v).lower()}")
         return data
 

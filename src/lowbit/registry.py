@@ -14,6 +14,13 @@ from typing import Any, Callable, Iterable
 from .errors import ConfigError
 
 
+def is_number_annotation(annotation: Any) -> bool:
+    """An int or float annotation (also ``int | None``, a list of them) that is not a bool: true/false given for it
+    is refused (pydantic and float() read true as 1)."""
+    s = str(annotation)
+    return "bool" not in s and ("int" in s or "float" in s)
+
+
 class Registry:
     def __init__(self, kind: str, fixed: Iterable[str] = (), sort_key: Callable[[str], Any] | None = None):
         self.kind = kind
@@ -63,5 +70,5 @@ class Registry:
                 if ann in ("bool", "bool | None", "<class 'bool'>") and not isinstance(v, bool) \
                         and not (v is None and "None" in ann):
                     raise ConfigError(f"{self.kind} '{name}' option {k} must be true or false, got {v!r}")
-                if isinstance(v, bool) and "bool" not in ann and ("int" in ann or "float" in ann):  # float(True) is 1
+                if isinstance(v, bool) and is_number_annotation(ann):  # float(True) is 1
                     raise ConfigError(f"{self.kind} '{name}' option {k} must be a number, got {str(v).lower()}")

@@ -701,7 +701,9 @@ class MixtureMethod(Method):
         return out
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        # with the schedule's length: a state read into a method set up for another run (DCQ's fine-tune, a run
+        # reloaded for eval) gives the temperature / omega of the step it was saved at
+        return {"step": self.step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
 
     def end_schedule(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
         self.setup(model, total_steps, steps_per_epoch)
@@ -709,6 +711,8 @@ class MixtureMethod(Method):
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state.get("step", -1))
+        self.total_steps = int(state.get("total_steps", self.total_steps))  # a state saved before session 26: no length
+        self.steps_per_epoch = int(state.get("steps_per_epoch", self.steps_per_epoch))
 
 
 def _latent(model: nn.Module, layer: str) -> Tensor:

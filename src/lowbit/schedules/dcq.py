@@ -408,8 +408,7 @@ def run_dcq(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSp
     train_loader = BatchLoader(data.train, data.info, t.batch_size, shuffle=True, augment=cfg.data.augment, seed=t.seed)
     # the sections' schedules ended at their last step (DQA's T, BinaryRelax's omega): the stitched network's too
     # (before session 26 it was at its start: the summary and an eval_mode: mixture evaluation described T = 100)
-    sections_steps = (d.epochs or t.epochs) * len(train_loader)
-    quant_state(student).method.end_schedule(student, sections_steps, len(train_loader))
+    quant_state(student).method.end_schedule(student, (d.epochs or t.epochs) * len(train_loader), len(train_loader))
     val_loader = BatchLoader(data.val, data.info, t.eval_batch_size)
     test_loader = BatchLoader(data.test, data.info, t.eval_batch_size)
     stitched_val = evaluate(student, val_loader, device)
@@ -445,9 +444,6 @@ def run_dcq(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSp
     # 4. as run(): the best epoch's network, finalized, evaluated, summarised
     best_ck = torch.load(run_dir / "best.pt", weights_only=False, map_location=device)
     best_ck.pop("final_bn", None)
-    if best_ck.get("epoch") == 0 and d.finetune_epochs:  # the stitched network: its schedule is the sections' end,
-        method.end_schedule(student, sections_steps, len(train_loader))  # not a step of the fine-tune's (restarted)
-        best_ck["method"] = method.state_dict()
     final_model(student, best_ck)
     if t.bn_recalibrate:
         best_ck["final_bn"] = recalibrate_run_bn(student, cfg, data, t.bn_recalibrate)
