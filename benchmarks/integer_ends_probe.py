@@ -3,7 +3,7 @@
 Integer mode quantizes the layers today's mode keeps in FP32: the first conv (8-bit LSQ weights per channel,
 the image by a signed 8-bit LSQ quantizer) and the classifier (8-bit LSQ weights per channel, its input by
 the plan's quantizer at 8 bits). With the LSQ paper's initial step, 2·mean|v|/√Qp, those 8-bit grids are
-coarse, and a 2-epoch fine-tune barely moves them (docs/export.md). This script takes networks trained in
+coarse, and a 2-epoch fine-tune barely moves them (docs/integer-log.md). This script takes networks trained in
 today's mode (FP32 ends) and puts one end at a time on such a grid, after training, on the run's first
 ``--images`` test images:
 

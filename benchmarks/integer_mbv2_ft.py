@@ -1,7 +1,7 @@
 """MobileNetV2 in integer mode vs today's mode, fine-tuned from one FP32 network (issue 17).
 
 Trained from scratch for 2 epochs, MobileNetV2-0.5's seed-to-seed spread (several points) hid the
-0.5-point question (docs/export.md, "MobileNetV2 in integer mode, trained"). Here every run starts
+0.5-point question (docs/integer-log.md, "MobileNetV2 in integer mode, trained"). Here every run starts
 from the same FP32 network (``MBV2_fp32_pretrain``: 24,000 training images, 4 epochs, lr 0.05,
 seed 100), and both modes fine-tune it the same way (8,000 images, 2 epochs, SGD lr 0.01 cosine,
 SAWB weights + PACT activations, seeds 0-3, 4-7 where session 14 needed them, and 8-11, declared

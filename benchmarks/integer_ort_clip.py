@@ -1,6 +1,6 @@
 """Can the ``Clip`` after each sub-8-bit tensor go from the onnxruntime integer model (issue 17)?
 
-Two probes behind docs/export.md, "Session 14":
+Two probes behind docs/integer-log.md, "Session 14":
 
 * ``--bounds RUN``: for every conv whose output codes need a ``Clip`` (a code range narrower than
   uint8's), the worst-case accumulator from its integer weights, bias and input code range, requantized:

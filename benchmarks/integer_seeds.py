@@ -22,7 +22,7 @@ rows that separate the causes of the gap:
 * session 13, BatchNorm frozen (``train.freeze_bn_after``), in both modes (``WxAx today ...`` and
   ``WxAx integer s13 ...``, today's integer defaults): ``freeze`` (the last epoch, the batch gradient),
   ``freeze plain`` (the last epoch, the frozen map's own gradient) and ``freeze late`` (the last half
-  epoch, the frozen map's own gradient: the recipe docs/export.md recommends).
+  epoch, the frozen map's own gradient: the recipe docs/integer-log.md recommends).
 
     python benchmarks/integer_seeds.py --rows "W2A2 integer" --seeds 0       # slot
     python benchmarks/integer_seeds.py --jobs "W2A2 integer:1,W2A2 today:1"  # slot; in this order

@@ -295,7 +295,7 @@ def readme(results: list[dict], args) -> str:
         "float-mode run folder reuses its `fp32`/`float/*` rows from results.json (marked `reused`). Session 18 "
         "re-trained every run with today's code (integer mode's defaults of later sessions, e.g. `integer_bias: "
         "fine`, apply where the configs do not pin them, so the accuracies moved by up to 3.2 points) "
-        "and measured every row with session 18's integer runtime (docs/export.md, \"Session 18\"). The wall step "
+        "and measured every row with session 18's integer runtime (docs/integer-log.md, \"Session 18\"). The wall step "
         "times every host build of every row in one block, builds alternating: its ratios come from one run; "
         + ("it ran alone on the machine"
            if getattr(args, "wall_slot", "all") == "all" else

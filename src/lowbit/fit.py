@@ -323,7 +323,7 @@ class FreezeBatchNorm:
     (``y_frozen.detach() + (y_batch - y_batch.detach())``, in the spirit of Krishnamoorthi's folded
     BatchNorm whose forward is corrected to the running statistics while its gradient keeps the
     batch's): stable, but it optimises another function than it computes, and measured 0.9-1.5 points
-    lower at W2A2 (docs/export.md, "Session 13"). ``train.freeze_bn_after`` / ``train.freeze_bn_gradient``.
+    lower at W2A2 (docs/integer-log.md, "Session 13"). ``train.freeze_bn_after`` / ``train.freeze_bn_gradient``.
 
     A later ``model.train()`` (BatchNorm in train mode) undoes the freeze until the next step."""
 

@@ -119,7 +119,7 @@ class Plan(BaseModel):
     integer_bias: Literal["fine", "coarse"] = "fine"
     #: integer mode, output residual add: true: training rounds each residual conv's output to the
     #: integer network's 8-bit intermediate ``mid`` before the add (:class:`lowbit.intmode.MidRound`);
-    #: false (the default): it does not. Session 11 (docs/export.md): it closes a 2-bit MobileNetV2's
+    #: false (the default): it does not. Session 11 (docs/integer-log.md): it closes a 2-bit MobileNetV2's
     #: gap between integer network and float graph, but ResNet-8 and MobileNetV2 W4A4 trained through
     #: it scored lower, so it is an option, not the default
     integer_train_mid: bool = False
@@ -127,7 +127,7 @@ class Plan(BaseModel):
     #: sum with some residual lands in the output range; never clamps an output, the coarsest grid) or
     #: "observed" (session 12, an option: only the part of that range the conv's values took in
     #: training, a moving average of each batch's min and max, :class:`lowbit.intmode.MidRound`: a
-    #: 2-8x finer grid; training clamps as the integer network does; docs/export.md, session 12, for
+    #: 2-8x finer grid; training clamps as the integer network does; docs/integer-log.md, session 12, for
     #: why it is not the default). Without ``integer_train_mid`` it has no effect and reads as "cover"
     integer_mid_range: Literal["cover", "observed"] = "cover"
 
