@@ -79,4 +79,12 @@ def create_model(
     in_channels = check_int_arg(name, "in_channels", in_channels, minimum=1)
     num_classes = check_int_arg(name, "num_classes", num_classes, minimum=2)
     size = check_image_size_arg(name, image_size)
-    return builder(in_channels, num_classes, size, **kwargs)
+    try:
+        return builder(in_channels, num_classes, size, **kwargs)
+    except (MemoryError, RuntimeError) as e:  # torch's allocator raises RuntimeError("... can't allocate memory ...")
+        if not isinstance(e, MemoryError) and "allocate memory" not in str(e):
+            raise
+        opts = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        tried = re.search(r"allocate (\d+) bytes", str(e))
+        raise ConfigError(f"model {name}{f' ({opts})' if opts else ''}: not enough memory to build it"
+                          + (f" (one tensor of {int(tried[1]):,} bytes)" if tried else "")) from None
