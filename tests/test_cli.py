@@ -84,6 +84,19 @@ def test_info_prints_plan_and_cost(capsys, config):
     assert "layers.0.0.conv1" in out and "sawb2" in out and "BitOPs" in out and "compression" in out
 
 
+def test_info_optimizer_memory_follows_the_optimizer_state_torch_keeps(capsys, config):
+    """torch.optim.SGD keeps a momentum buffer only at momentum > 0 (Adam two moments)."""
+    import re
+
+    mb = {}
+    for opt in ("train.momentum=0.9", "train.momentum=0", "train.optimizer=adam"):
+        assert main(["info", config, "data.limit=50", opt]) == 0
+        line = next(v for v in capsys.readouterr().out.splitlines() if v.startswith("training memory"))
+        latent, optim = (float(v) for v in re.search(r"latent params ([\d.]+) MB \+ optimizer ([\d.]+) MB", line).groups())
+        mb[opt] = round(optim / latent, 1)
+    assert mb == {"train.momentum=0.9": 1.0, "train.momentum=0": 0.0, "train.optimizer=adam": 2.0}
+
+
 def test_train_then_eval_then_refuse_overwrite(capsys, tmp_path, config):
     run_dir = tmp_path / "run"
     assert main(["train", config, *TINY, "--out", str(run_dir)]) == 0

@@ -676,3 +676,27 @@ def test_a_layer_whose_int32_accumulator_could_overflow_runs_the_float_kernel():
     with torch.no_grad():
         want = m(x).numpy()
     assert np.allclose(ref.run(x.numpy()), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="no C compiler")
+def test_a_nan_input_is_refused_by_numpy_and_defined_in_c(tmp_path):
+    """A NaN input's activation code: NumPy cast it to int32 (INT_MIN: logits of 1e8), the float C cast it too
+    (undefined behaviour; code 0 on x86), onnxruntime's QuantizeLinear gives code 0."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3))
+    quantize(m, {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "minmax", "bits": 4},
+                 "keep_first": False, "keep_last": False})
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(64, 4))
+    m.eval()
+    g = lower(m, torch.randn(2, 4))
+    x = np.array([[np.nan, 0.5, -0.5, 1.0], [0.1, 0.2, 0.3, 0.4]], np.float32)
+    with pytest.raises(ConfigError, match="NaN"):
+        IntegerReference(g).run(x)
+    write_c(g, tmp_path, samples=x[1:], expected=IntegerReference(g).run(x[1:]))
+    got = run_c(compile_c(tmp_path), x, 3)
+    want = ort.InferenceSession(to_onnx(g).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {g.input: x})[0]
+    assert np.allclose(got, want, atol=1e-5)

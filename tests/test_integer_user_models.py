@@ -262,3 +262,36 @@ def test_integer_mode_and_the_methods(tmp_path):
     bad.train()
     with pytest.raises(ConfigError, match="no symmetric integer form .*found on the first training batch"):
         bad(torch.randn(4, 1, 28, 28))
+
+
+class HeadFirst(nn.Module):
+    """A classifier registered before the convs it follows (registration order is not the forward's order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_integer_mode_gives_the_signed_input_quantizer_to_the_layer_that_reads_the_input():
+    """keep_first keeps the traced first layer (session 23); integer mode gave its signed 8-bit input quantizer to
+    the first layer in registration order instead: the image got an unsigned PACT that clipped its negative half."""
+    torch.manual_seed(0)
+    m = HeadFirst()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "negative inputs dropped" warning
+        quantize(m, {**W4A4, "act": {"name": "pact", "bits": 2}})
+        m.train()
+        x = torch.randn(16, 1, 16, 16)
+        with torch.no_grad():
+            m(x)
+    assert quant_state(m).ends == ("conv1", "fc")
+    assert m.conv1.input_quantizer.signed and (m.conv1.input_quantizer(x) < 0).any()
+    assert type(m.fc.input_quantizer).__name__ == "PACTQuantizer" and m.fc.input_quantizer.bits == 8

@@ -345,3 +345,19 @@ def test_mse_optimal_alpha_fast_search_not_worse_than_exhaustive_grid(bits):
     a = mse_optimal_alpha(x, bits, True)
     assert torch.isfinite(a).all() and (a > 0).all()
     assert torch.equal(mse_optimal_alpha(w, bits, True), mse_optimal_alpha(w, bits, True))  # deterministic
+
+
+@pytest.mark.parametrize("name", ["minmax", "uniform"])
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_act_rule_codes_reproduce_a_collapsed_range(name, bits):
+    """Calibrated on a constant input (a dead ReLU layer), the range collapses: step is clamped to 1e-8 and the
+    clamp at high sends every input to the low end. The exported rule clamps only the code, so it gave 2^b - 1
+    for every input above the range (values up to 255e-8 where PyTorch gives 0)."""
+    q = warm(build_quantizer(name, bits, role="act"), torch.zeros(8, 6, 3, 3))
+    with torch.no_grad():
+        q(torch.zeros(8, 6, 3, 3))
+    a = act_quant(q, "t")
+    xt = torch.cat([data("act").reshape(-1), torch.tensor([0.0, -0.0, 1e-9, 1e-8, 3.0])])
+    with torch.no_grad():
+        want = q(xt).numpy()
+    assert np.array_equal(a.values(a.codes(xt.numpy())), want)

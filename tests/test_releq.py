@@ -13,7 +13,9 @@ gym = pytest.importorskip("gymnasium", reason="the 'search' extra (gymnasium, st
 pytest.importorskip("stable_baselines3", reason="the 'search' extra is not installed")
 
 import lowbit  # noqa: E402
+from lowbit.cost import profile  # noqa: E402
 from lowbit.errors import ConfigError  # noqa: E402
+from lowbit.quantize import layer_bits  # noqa: E402
 from lowbit.search.bitcost import BitCost, budget_wall  # noqa: E402
 from lowbit.search.env import ReleqEnv, releq_reward  # noqa: E402
 from lowbit.search.evaluator import BitEvaluator, EvalSpec  # noqa: E402
@@ -287,3 +289,22 @@ def test_a_search_resumes_with_the_data_elsewhere(tmp_path, monkeypatch):
     other, opts = releq.load_search_config(path, ["data.root=/machine_b/data", "data.name=fashion-mnist"])
     with pytest.raises(ConfigError, match="other settings .*data.name"):
         releq.search(other, opts, tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("weight", [{"name": "lqnet", "bits": 4}, {"name": "po2", "bits": 4},
+                                    {"name": "dorefa", "bits": 4}])
+def test_bit_cost_size_counts_the_scales_stored_at_the_assigned_bits(weight):
+    """LQ-Net stores b basis numbers per row, po2 2^b values, 1-bit DoReFa one E|w|: the size the budget is held to
+    is the model's after set_bits, not one with the scales of the bits the model had when the cost was measured."""
+    model = lowbit.create_model("lenet5", in_channels=1, num_classes=10, image_size=28, width=0.5)
+    lowbit.quantize(model, {"weight": weight, "keep_first": False, "keep_last": False})
+    x = torch.zeros(1, 1, 28, 28)
+    with torch.no_grad():
+        model(x)
+    names = [lp.name for lp in lowbit.quant_state(model).layers]
+    cost = BitCost(model, names, x)
+    bits = [1 if weight["name"] != "lqnet" else 2, 2, 8, 3][:len(names)] + [2] * max(0, len(names) - 4)
+    lowbit.set_bits(model, dict(zip(names, bits)))
+    with torch.no_grad():
+        model(x)
+    assert cost.cost(bits, "size") == profile(model, x, layer_bits(model)).size_bits

@@ -164,7 +164,8 @@ def cmd_info(args) -> int:
     print(cost_of(model, data).table())
     t = cfg.train
     tm = training_memory(model, data.test.images[:1].float() / 255.0, layer_bits(model), batch_size=t.batch_size,
-                         optimizer_slots=1 if t.optimizer == "sgd" else 2, stored="layer_inputs")
+                         optimizer_slots=(1 if t.momentum > 0 else 0) if t.optimizer == "sgd" else 2,
+                         stored="layer_inputs")  # torch's SGD keeps a momentum buffer only at momentum > 0
     print(f"training memory (002, batch {t.batch_size}): latent params {tm['latent_params_mb']:.3f} MB + optimizer "
           f"{tm['optimizer_mb']:.3f} MB + layer inputs {tm['activations_mb']:.3f} MB = {tm['total_mb']:.3f} MB; "
           f"inference {tm['inference_total_mb']:.4f} MB")

@@ -58,19 +58,21 @@ SUPPORTED = ("Conv2d (any groups, dilation 1, zero padding) / Linear, each optio
              "a residual + and ReLU; AdaptiveAvgPool2d(1), MaxPool2d, Flatten, Identity, Dropout")
 
 
-def integer_layers(plan, layers) -> None:
-    """Give every layer the plan keeps in full precision 8-bit quantizers (in place)."""
+def integer_layers(plan, layers, first: str | None = None) -> None:
+    """Give every layer the plan keeps in full precision 8-bit quantizers (in place). ``first``: the layer that reads
+    the network input (:func:`lowbit.plan.traced_ends`; default the first in registration order)."""
     from .plan import QuantSpec
 
     if plan.weight is None or plan.act is None:
         raise ConfigError("plan.integer: true needs a weight and an act quantizer (an integer network quantizes both)")
     init = {"init": plan.integer_init}
-    for i, lp in enumerate(layers):
+    first = layers[0].name if first is None else first
+    for lp in layers:
         if lp.weight is None:
             lp.weight = QuantSpec(**FP_LAYER_WEIGHT, **init)
             lp.integer_roles += ("weight",)
         if lp.act is None:
-            lp.act = QuantSpec(**SIGNED_ACT, **init) if i == 0 else plan.act.merged({"bits": 8})
+            lp.act = QuantSpec(**SIGNED_ACT, **init) if lp.name == first else plan.act.merged({"bits": 8})
             lp.integer_roles += ("act",)
 
 

@@ -158,7 +158,7 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
     if plan.integer:
         from .intmode import integer_layers
 
-        integer_layers(plan, layers)
+        integer_layers(plan, layers, ends[0])
     state = QuantState(plan, method, layers, ends=ends)
     for lp in layers:  # before anything is changed: a weight the user parametrized (weight_norm, spectral_norm)
         if lp.weight is not None and parametrize.is_parametrized(lp.module, "weight"):

@@ -206,6 +206,10 @@ static void lb_quantize(const float *x, uint8_t *q, int32_t n, int rule, float l
     int32_t i, j;
     for (i = 0; i < n; i++) {
         float v = x[i];
+        if (v != v) { /* NaN: code 0, as onnxruntime's QuantizeLinear gives (a float-to-int cast of NaN is undefined) */
+            q[i] = 0;
+            continue;
+        }
         if (rule == 2) {
             for (j = 0; j < qmax - qmin && v >= th[j]; j++) {}
             q[i] = (uint8_t)j;

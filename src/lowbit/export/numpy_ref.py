@@ -289,6 +289,8 @@ class IntegerReference:
         x = np.asarray(x, dtype=_F32)
         if tuple(x.shape[1:]) != tuple(self.graph.input_shape):
             raise ConfigError(f"input shape {tuple(x.shape[1:])} != model input {self.graph.input_shape}")
+        if np.isnan(x).any():  # an activation code of NaN is undefined (int32 cast); as the integer reference does
+            raise ConfigError(f"input has {int(np.isnan(x).sum())} NaN values")
         return np.concatenate([self._run(x[i: i + batch]) for i in range(0, len(x), batch)])
 
     def _run(self, x: np.ndarray) -> np.ndarray:

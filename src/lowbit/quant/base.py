@@ -187,7 +187,11 @@ class Quantizer(nn.Module):
         if self._clip_range is None:
             return None
         low, step = clip_round_grid(*self._clip_range, self.bits)
-        return low, step, 0, 2**self.bits - 1, "clip_div"
+        qmax = 2**self.bits - 1
+        if step.numel() == 1:  # the codes the clamp at high leaves: fewer where the range collapsed (step at its floor)
+            high = torch.as_tensor(float(self._clip_range[1].detach().reshape(-1)[0]), dtype=torch.float32)
+            qmax = min(qmax, int(torch.round((high - low[0]) / step[0])))
+        return low, step, 0, qmax, "clip_div"
 
     def rule(self) -> str | None:
         """The float32 rule of a non-grid quantizer's forward (:data:`RULES`)."""

@@ -4,7 +4,10 @@ The costs come from :func:`lowbit.cost.profile`. With the activation bits fixed 
 metric is linear in the searched layers' weight bits (size and 002 memory: weight elements x bits;
 BitOPs: MACs x activation bits x weight bits), so :class:`BitCost` profiles the model L + 1 times
 (all searched layers at 1 bit, then each layer alone at 2 bits) and evaluates any assignment as
-``base + sum_l coef_l * bits_l`` exactly (tests/test_releq.py checks it against ``profile``).
+``base + sum_l coef_l * bits_l`` exactly (tests/test_releq.py checks it against ``profile``). The size also
+counts each layer's stored scales at its bits (LQ-Net stores b basis numbers per row, power-of-two sets 2^b
+values), which are not linear in the bits: they are read from a copy of the layer's weight quantizer set to
+those bits.
 
 :func:`budget_wall` is HAQ's enforcement (mit-han-lab/haq, ``_final_action_wall``): while the
 assignment costs more than the budget, lower the bits one step in the allowed set, from the last
@@ -15,13 +18,14 @@ one-line error when the budget is made (:meth:`BitCost.budget`).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ..cost import LayerBits, profile
+from ..cost import FP_BITS, LayerBits, profile
 from ..errors import ConfigError
 
 METRICS = {"size": "size_bits", "memory": "mem_bits", "bitops": "bitops"}
@@ -40,15 +44,31 @@ class BitCost:
     """Linear cost model of the searched layers' weight bits, measured with ``lowbit.cost.profile``."""
 
     def __init__(self, model: nn.Module, layers: Sequence[str], example_input: torch.Tensor):
-        from ..quantize import layer_bits
+        from ..quantize import layer_bits, weight_param
 
         self.layers = list(layers)
         base_bits = layer_bits(model)
         missing = [n for n in self.layers if n not in base_bits or base_bits[n].weight is None]
         if missing:
             raise ConfigError(f"bit cost: layers {missing} have no quantized weight")
+        modules = dict(model.named_modules())
+        self._base_scales = {n: base_bits[n].n_scales for n in self.layers}
+        # each layer's stored scales at each weight width its quantizer takes (a copy of it set to those bits, run on
+        # the latent weight); a width it does not take keeps the model's count
+        self._scales: dict[tuple[str, int], int] = {}
+        for n in self.layers:
+            m, wp = modules[n], weight_param(modules[n])
+            for b in range(1, 9) if callable(getattr(wp, "set_bits", None)) else ():
+                q = copy.deepcopy(wp)
+                try:
+                    q.set_bits(b)
+                except ConfigError:
+                    continue
+                with torch.no_grad():
+                    q(m.parametrizations.weight.original)
+                self._scales[(n, b)] = q.n_scales + self._base_scales[n] - wp.n_scales  # + the input quantizer's
 
-        def measure(assign: dict[str, int]) -> dict[str, float]:
+        def linear(assign: dict[str, int]) -> dict[str, float]:  # the scales kept at the model's bits
             bits = dict(base_bits)
             for n, b in assign.items():
                 lb = base_bits[n]
@@ -56,22 +76,33 @@ class BitCost:
             s = profile(model, example_input, bits)
             return {m: float(getattr(s, attr)) for m, attr in METRICS.items()}
 
+        def measure(assign: dict[str, int]) -> dict[str, float]:
+            out = linear(assign)
+            out["size"] += self._scale_bits(list(assign), list(assign.values()))
+            return out
+
         ones = {n: 1 for n in self.layers}
-        at1 = measure(ones)
+        at1 = linear(ones)
         self.base = {m: at1[m] - 0.0 for m in METRICS}
         self.coef = {m: [] for m in METRICS}
         for n in self.layers:
-            at2 = measure({**ones, n: 2})
+            at2 = linear({**ones, n: 2})
             for m in METRICS:
                 self.coef[m].append(at2[m] - at1[m])
         for m in METRICS:  # base = cost with every searched layer at 0 bits
             self.base[m] = at1[m] - sum(self.coef[m])
         self._measure = measure
 
+    def _scale_bits(self, layers: Sequence[str], bits: Sequence[int]) -> float:
+        """Bits of the searched layers' stored scales at ``bits`` beyond those at the model's current bits."""
+        return float(FP_BITS * sum(self._scales.get((n, int(b)), self._base_scales[n]) - self._base_scales[n]
+                                   for n, b in zip(layers, bits)))
+
     def cost(self, bits: Sequence[int], metric: str) -> float:
         if metric not in METRICS:
             raise ConfigError(f"budget metric must be one of {', '.join(METRICS)}, got '{metric}'")
-        return self.base[metric] + sum(c * b for c, b in zip(self.coef[metric], bits))
+        out = self.base[metric] + sum(c * b for c, b in zip(self.coef[metric], bits))
+        return out + self._scale_bits(self.layers, bits) if metric == "size" else out
 
     def costs(self, bits: Sequence[int]) -> dict[str, float]:
         return {m: self.cost(bits, m) for m in METRICS}
