@@ -130,6 +130,28 @@ def test_report_figures_of_003(capsys, tmp_path):
     assert "usage: lowbit report attention" in err_of(capsys, ["report", "attention"])
 
 
+def test_optional_extras_missing_are_one_line_naming_the_extra(capsys, tmp_path, monkeypatch):
+    """A plain `pip install lowbit` has neither matplotlib (the 'plot' extra) nor gymnasium (the 'search' extra):
+    `lowbit report` ended in a ModuleNotFoundError traceback (after writing report.md/csv), and ReLeQ's message
+    said `pip install -e '.[search]'`, which works only in a checkout of the repository."""
+    import json
+    import sys
+
+    (tmp_path / "results.jsonl").write_text(json.dumps({"row": "A", "test_acc": 0.5, "size_bytes": 8, "bitops": 1}) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for argv in (["report", str(tmp_path)], ["report", "attention", str(tmp_path)],
+                 ["report", "loss-surface", str(tmp_path / "c.yaml")], ["report", "sinreq", str(tmp_path)]):
+        assert "the 'plot' extra: pip install 'lowbit[plot]'" in err_of(capsys, argv)
+    assert not (tmp_path / "report.md").exists()
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0 and (tmp_path / "report.md").is_file()
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "gymnasium", None)
+    for name in [m for m in sys.modules if m.startswith("lowbit.search.")]:  # imported again, without gymnasium
+        monkeypatch.delitem(sys.modules, name)
+    line = err_of(capsys, ["search", "releq", str(tmp_path / "c.yaml")])
+    assert "the 'search' extra (gymnasium missing): pip install 'lowbit[search]'" in line and "-e" not in line
+
+
 def test_eval_json_is_json_and_a_recalibrated_validation_is_labelled(capsys, tmp_path, config):
     """Session 24: `lowbit eval --json` printed the text before the JSON; after train.bn_recalibrate eval showed the
     recalibrated validation accuracy under the training summary's label (another number, the same words)."""
@@ -199,3 +221,14 @@ def test_a_run_folder_moved_to_another_data_root_is_read_there(capsys, tmp_path)
                                          "\n".join(f"  root: {moved}" if ln.strip().startswith("root:") else ln
                                                    for ln in text.splitlines()) + "\n")
     assert main(["eval", str(run_dir)]) == 0
+
+
+def test_version_and_python_m_lowbit():
+    """`lowbit --version` and `python -m lowbit` (a package user's entry points; session 27's packaging audit)."""
+    import subprocess
+    import sys
+
+    import lowbit
+
+    out = subprocess.run([sys.executable, "-m", "lowbit", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"lowbit {lowbit.__version__}"

@@ -424,3 +424,39 @@ def test_feature_cache_written_with_data_root_in_its_fingerprint_is_read(tmp_pat
     with pytest.raises(ConfigError, match="another data/teacher setting"):
         FeatureCache(tmp_path / "c", 3000, FeatureCache.fingerprint(cfg("data.limit=600").to_dict(), ["x"],
                                                                     tmp_path / "teacher.pt"))
+
+
+def test_a_dcq_run_without_matplotlib_finishes(tmp_path, monkeypatch):
+    """matplotlib is the optional "plot" extra: a DCQ run of a plain `pip install lowbit` ended in a
+    ModuleNotFoundError traceback (status 1) after its summary.json, at the loss plot."""
+    import sys
+
+    small = ["model.name=resnet8", "model.width=0.25", "data.name=digits", "data.limit=300", "train.epochs=1",
+             "train.batch_size=32", "train.progress=false", "train.threads=1"]
+    teacher = tmp_path / "fp32"
+    run(load_config(None, small), teacher)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
+    res = run(load_config(None, small + W2 + [f"dcq={{teacher: {teacher}, sections: 2}}"]), tmp_path / "dcq")
+    assert (tmp_path / "dcq" / "summary.json").is_file() and res.summary["test_acc"] >= 0
+    assert not (tmp_path / "dcq" / "dcq_loss.png").exists()
+
+
+def test_a_ray_dcq_run_without_ray_is_refused_before_its_run_folder(tmp_path, monkeypatch):
+    """dcq.backend: ray without Ray installed wrote teacher.pt, sections.json, config.yaml, plan.txt, then said "the
+    ray backend needs Ray"; the folder then refused a new run ("already holds a DCQ run")."""
+    import sys
+
+    from lowbit.cli import main
+
+    small = ["model.name=resnet8", "model.width=0.25", "data.name=digits", "data.limit=300", "train.epochs=1",
+             "train.batch_size=32", "train.progress=false", "train.threads=1"]
+    run(load_config(None, small), tmp_path / "fp32")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {name: resnet8, width: 0.25}\ndata: {name: digits, limit: 300}\n"
+                      f"dcq: {{teacher: {tmp_path / 'fp32'}, backend: ray}}\n")
+    with pytest.raises(ConfigError, match="the ray backend needs Ray"):
+        run(load_config(config), tmp_path / "dcq")
+    assert [p.name for p in (tmp_path / "dcq").iterdir()] == [".lock"]
+    assert main(["train", str(config), "--out", str(tmp_path / "cli")]) == 2
+    assert not (tmp_path / "cli").exists()  # a start that wrote nothing leaves no folder

@@ -308,3 +308,20 @@ def test_bit_cost_size_counts_the_scales_stored_at_the_assigned_bits(weight):
     with torch.no_grad():
         model(x)
     assert cost.cost(bits, "size") == profile(model, x, layer_bits(model)).size_bits
+
+
+def test_a_ray_search_without_ray_is_refused_before_it_runs(tmp_path, monkeypatch):
+    """releq.backend: ray uses the pool only for the baselines' evaluations, after the pre-training and every
+    episode: without Ray installed the whole search ran, then ended in "the ray backend needs Ray"."""
+    import sys
+
+    import lowbit.search.releq as releq
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    cfg, opts = releq.load_search_config(Path(__file__).parent.parent / "configs" / "search" / "releq_digits.yaml",
+                                         ["releq.backend=ray", "model.width=0.25", "data.limit=300",
+                                          "train.threads=1", "releq.episodes=1", "releq.pretrain_epochs=1",
+                                          "releq.final_epochs=1", "releq.finetune_steps=1"])
+    with pytest.raises(ConfigError, match="the ray backend needs Ray"):
+        releq.search(cfg, opts, tmp_path / "s")
+    assert not (tmp_path / "s").exists()

@@ -233,7 +233,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _need_matplotlib(what: str, alternative: str = "") -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise LowbitError(f"{what} draws with matplotlib, the 'plot' extra: pip install 'lowbit[plot]'"
+                          f"{alternative}") from None
+
+
 def cmd_report(args) -> int:
+    if args.target in ("attention", "sinreq", "loss-surface"):
+        _need_matplotlib(f"lowbit report {args.target}")
+    elif not args.no_plots:
+        _need_matplotlib("lowbit report", " (or --no-plots: the tables alone)")
     if args.target == "attention":  # 003 Figure 3 for a DQA run
         from .viz import plot_attention
 
@@ -330,7 +342,7 @@ def cmd_search_releq(args) -> int:
     try:
         from .search.releq import format_result, load_search_config, search
     except ImportError as e:
-        raise LowbitError(f"lowbit search needs the 'search' extra ({e.name} missing): pip install -e '.[search]'") from None
+        raise LowbitError(f"lowbit search releq needs the 'search' extra ({e.name} missing): pip install 'lowbit[search]'") from None
 
     cfg, opts = load_search_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.out_dir) / f"{cfg.name}-releq"
@@ -383,6 +395,9 @@ _positive_float = _number(float, 0.0, True, "a finite number > 0")
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lowbit", description="Train, measure and export low-bit quantized CNNs.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a config; writes a run folder")
     t.add_argument("config", nargs="?", help="YAML config")

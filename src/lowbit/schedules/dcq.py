@@ -348,6 +348,10 @@ def run_dcq(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSp
                           "batch statistics; use dcq.bn_recalibrate)")
     if cfg.model.init_from:
         raise ConfigError("model.init_from: a DCQ run starts every section from dcq.teacher; remove init_from")
+    if d.backend == "ray":  # the pool is made after the run folder is written: without Ray, refused before it
+        from ..parallel import import_ray
+
+        import_ray()
     run_dir = Path(run_dir)
     sdir = run_dir / SECTIONS
     if t.threads:
@@ -455,7 +459,10 @@ def run_dcq(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSp
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     from ..viz.dcq import plot_dcq
 
-    plot_dcq(run_dir)
+    try:
+        plot_dcq(run_dir)
+    except ImportError:  # matplotlib is the optional "plot" extra (as NCE's and ReLeQ's plots)
+        pass
     return RunResult(run_dir, summary, student)
 
 

@@ -236,6 +236,10 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
     from stable_baselines3.common.callbacks import BaseCallback
     from tqdm.auto import tqdm
 
+    if opts.backend == "ray":  # only the baselines use the pool, after the whole search: without Ray, refused now
+        from ..parallel import import_ray
+
+        import_ray()
     out = Path(out)
     state_path, agent_path = out / "state.json", out / "agent.zip"
     if resume:

@@ -1,0 +1,7 @@
+"""``python -m lowbit``: the ``lowbit`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
