@@ -49,7 +49,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a one-line error."""
     if isinstance(device, torch.device):
         return device
+    if isinstance(device, int) and not isinstance(device, bool):  # torch's index of a GPU (before session 27: 0 was
+        device = f"cuda:{device}"  # "auto", silently the CPU on a machine without one; 1 an AttributeError)
     name = device or "auto"
+    if not isinstance(name, str):
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)} (or a torch.device), got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.split(":")[0] not in ("cpu", "cuda"):
@@ -96,6 +100,7 @@ def class_targets(out: Tensor, y: Tensor) -> Tensor:
     by the accuracy)."""
     if not isinstance(y, Tensor):
         raise ConfigError(f"labels must be a tensor of class indices (N,), got {type(y).__name__}")
+    check_output(out)
     dense = out.dim() > 2 and y.dim() == out.dim() - 1 and tuple(y.shape) == (out.shape[0], *out.shape[2:])
     if y.dim() == 1 or dense:  # class indices: (N,), or (N, d1, ...) for outputs (N, classes, d1, ...)
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
@@ -106,11 +111,31 @@ def class_targets(out: Tensor, y: Tensor) -> Tensor:
                               f"outputs, got {lo}..{int(y.max())}"
                               + (" (-100, PyTorch's ignore index, is not supported: drop those samples, whose "
                                  "accuracy would count as wrong)" if lo == -100 else ""))
+        if y.dim() == 1 and out.dim() != 2:  # (N, classes, 1, 1): torch's "only batches of spatial targets"
+            raise ConfigError(f"outputs of shape {tuple(out.shape)} for class indices of shape {tuple(y.shape)}: the "
+                              "model must return logits (N, classes), e.g. flatten after the last pooling")
         return y.long()
     if y.shape != out.shape:
         raise ConfigError(f"labels of shape {tuple(y.shape)} for outputs of shape {tuple(out.shape)}: give class "
                           "indices (N,) or targets (N, classes)")
     return y.to(out.dtype) if not y.is_floating_point() else y
+
+
+def check_model(model: Any) -> None:
+    """The model is an ``nn.Module`` (a string or the class itself failed with "'str' object has no attribute
+    'parameters'")."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module instance, got {type(model).__name__}"
+                          + (" (a class or builder: call it)" if callable(model) else ""))
+
+
+def check_output(out: Any) -> None:
+    """The model's output is one tensor of logits: a tuple or dict (logits and features, auxiliary heads) failed with
+    "'tuple' object has no attribute 'dim'" (session 27)."""
+    if not isinstance(out, Tensor):
+        raise ConfigError(f"the model returned a {type(out).__name__}, not a tensor of logits (N, classes): the default "
+                          "loss and the accuracy need one; return the logits alone, or give the method a loss of its "
+                          "own (Method.loss)")
 
 
 def check_batch(batch: Any) -> None:
@@ -152,6 +177,7 @@ def finite_state(model: nn.Module) -> str | None:
 def _correct(out: Tensor, y: Tensor) -> Tensor:
     """Correct predictions: against class indices, or against the largest entry of one-hot / soft targets (N,
     classes) (before session 24 those were compared elementwise: accuracies above 100 %)."""
+    check_output(out)
     if y.dim() == 2:
         if y.shape != out.shape:
             raise ConfigError(f"targets of shape {tuple(y.shape)} for outputs of shape {tuple(out.shape)}")
@@ -220,6 +246,9 @@ def evaluate(model: nn.Module, batches: Iterable, device: str | torch.device | N
     soft targets ``(N, classes)`` (accuracy against their largest entry). An empty iterable gives NaN loss and
     accuracy. Every module's train/eval mode is restored afterwards.
     """
+    check_model(model)
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be a function (output, y) -> mean loss, got {type(loss_fn).__name__}")
     dev = resolve_device(device) if device is not None else model_device(model)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
@@ -400,6 +429,7 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
     from .methods import STE
     from .quantize import quant_state
 
+    check_model(model)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
@@ -410,6 +440,17 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
     if scheduler is not None and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise ConfigError("scheduler: ReduceLROnPlateau needs a metric; fit steps its scheduler once per batch "
                           "without one: step it from a callback's on_epoch_end(state, row) with row['val_loss']")
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):  # failed after the first step
+        raise ConfigError(f"scheduler must be a torch lr scheduler (stepped once per batch), got "
+                          f"{type(scheduler).__name__}")
+    if callbacks is not None and not isinstance(callbacks, Iterable):
+        raise ConfigError(f"callbacks must be a list, got {type(callbacks).__name__} (callbacks=[it])")
+    if scheduler is not None and getattr(scheduler, "optimizer", optimizer) is not optimizer:
+        # before session 27 a scheduler built on the user's optimizer, with optimizer=None, stepped that unused
+        # optimizer while fit trained with its own at a constant lr 0.1, without a word
+        raise ConfigError("scheduler: it schedules another optimizer than the one fit steps"
+                          + (" (optimizer=None: fit builds its own)" if optimizer is None else "")
+                          + "; pass optimizer=<the optimizer the scheduler was built on> with it")
     if val_batches is not None and iter(val_batches) is val_batches and epochs > 1:
         raise ConfigError("val_batches is a one-shot iterator (it would be empty after the first epoch); pass a "
                           "list, a BatchLoader or a DataLoader")
@@ -423,6 +464,8 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
     elif not hasattr(method, "train_step"):
         raise ConfigError(f"method must be a lowbit Method instance (or None for the model's), got "
                           f"{type(method).__name__}")
+    else:
+        _check_own_method(model, method)
     steps = _steps_per_epoch(batches, epochs)
     own_optimizer = optimizer is not None
     if optimizer is None:
@@ -474,6 +517,25 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
     for cb in callbacks:
         _call(cb, "on_fit_end", state)
     return state.history
+
+
+def _check_own_method(model: nn.Module, method: Any) -> None:
+    """A method that did not build the model's layers cannot train those its quantize method made its own (mixtures,
+    learned bits, value search, integer codes: their schedule lives in that method): before session 27
+    ``fit(dqa_model, ..., method=STE())`` trained DQA's mixtures at their first temperature, without a word."""
+    from .methods import Method
+    from .quantize import quant_state
+
+    qs = quant_state(model)
+    own = qs.method if qs is not None else None
+    if own is None or method is own or isinstance(method, type(own)):
+        return
+    cls = type(own)
+    if cls.weight_parametrization is Method.weight_parametrization and cls.act_quantizer is Method.act_quantizer:
+        return  # plain quantizers (STE and its regularisers): any method can train them
+    raise ConfigError(f"method: the model was quantized with method '{own.name}', whose layers only it trains "
+                      f"(its schedule drives them), not {type(method).__name__}; pass method=None (the model's "
+                      "own), or quantize again with replace=True and the method you want")
 
 
 def _has_batches(batches: Any) -> bool:

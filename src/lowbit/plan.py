@@ -167,6 +167,17 @@ class Plan(BaseModel):
         return self
 
     # -- construction --------------------------------------------------------------------------
+    def __init__(self, **data: Any) -> None:
+        """``Plan(weight={"name": "sawb", "bits": 2}, ...)``: a bad field is one line, as from a dict (before session
+        27: pydantic's four-line ValidationError, which ``except lowbit.LowbitError`` did not catch)."""
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(one_line(e, "plan")) from None
+
+    # a plan inside a Config is validated as before (its errors keep their place: config.plan.weight.bits)
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
     @classmethod
     def from_dict(cls, data: dict | None, where: str = "plan") -> "Plan":
         try:
@@ -192,7 +203,7 @@ class Plan(BaseModel):
 
     # -- resolution ----------------------------------------------------------------------------
     def resolve(self, model: nn.Module, ends: tuple[str, str] | None = None,
-                frontiers: tuple[list[str], list[str]] | None = None) -> list["LayerPlan"]:
+                frontiers: tuple[list[str], ...] | None = None) -> list["LayerPlan"]:
         """One :class:`LayerPlan` per conv/linear layer of ``model`` (registration order). ``ends``: the first and
         last layer, ``frontiers``: every layer at either end (:func:`traced_ends`; traced here when ``ends`` is not
         given)."""
@@ -235,6 +246,8 @@ class Plan(BaseModel):
                                   stacklevel=3)
                 w[n] = _apply(w[n], self.weight, ov.weight, f"plan.layers.{pattern}.weight")
                 a[n] = _apply(a[n], self.act, ov.act, f"plan.layers.{pattern}.act")
+        if frontiers is not None and len(frontiers) > 2:
+            _warn_uncalled(frontiers[2], [n for n in names if w[n] is not None or a[n] is not None])
         if frontiers is not None and (self.keep_first or self.keep_last):
             _warn_other_ends(frontiers, first if self.keep_first else None, last if self.keep_last else None,
                              [n for n in names if (w[n] is not None or a[n] is not None) and n not in source])
@@ -250,11 +263,11 @@ def quantizable_names(model: nn.Module) -> list[str]:
 
 
 def traced_ends(model: nn.Module, names: list[str] | None = None
-                ) -> tuple[tuple[str, str], tuple[list[str], list[str]] | None]:
+                ) -> tuple[tuple[str, str], tuple[list[str], list[str], list[str]] | None]:
     """From one ``torch.fx`` trace: the first and the last conv/linear layer the forward calls (a user's module may
     register its classifier before its convs: before session 23 the registration order picked them), and the
     frontiers: the layers with no conv/linear before them (they read the network input) and those with none after
-    them (they make an output). Where the model does not trace: the registration order, said in a warning, and no
+    them (they make an output), and every layer it calls, in order. Where the model does not trace: the registration order, said in a warning, and no
     frontiers."""
     import torch.fx as fx
 
@@ -282,10 +295,24 @@ def traced_ends(model: nn.Module, names: list[str] | None = None
     firsts = list(dict.fromkeys(n.target for n in nodes if is_layer[n] and not above[n]))
     lasts = list(dict.fromkeys(n.target for n in nodes if is_layer[n] and not below[n]))
     ends = (order[0], order[-1]) if order else (names[0], names[-1])
-    return ends, (firsts, lasts)
+    return ends, (firsts, lasts, order)
 
 
-def _warn_other_ends(frontiers: tuple[list[str], list[str]], first: str | None, last: str | None,
+def _warn_uncalled(called: list[str], quantized: list[str]) -> None:
+    """Warn about quantized layers the forward never calls as modules (session 27: a conv whose weight a forward
+    used in ``F.conv2d(x, self.conv.weight)`` had its weight quantized but its input quantizer never ran, while the
+    plan table and ``layer_bits`` gave it 2-bit inputs and ``cost.profile`` counted no MACs for it)."""
+    import warnings
+
+    missed = [n for n in quantized if n not in set(called)]
+    if missed:
+        shown = ", ".join(missed[:6]) + (", ..." if len(missed) > 6 else "")
+        warnings.warn(f"layer(s) {shown}: the forward does not call them as modules (unused, or their weight used "
+                      "functionally): their input quantizers never run and the cost model counts no MACs for them; "
+                      "call the module, or keep them in full precision (plan.layers: {NAME: fp})", stacklevel=4)
+
+
+def _warn_other_ends(frontiers: tuple[list[str], ...], first: str | None, last: str | None,
                      quantized: list[str]) -> None:
     """keep_first / keep_last keep one layer each; warn where others also read the network input or make an
     output and are quantized (session 25: a second conv on the image got an unsigned quantizer that clipped its

@@ -98,6 +98,9 @@ def read_weights(source: str | Path | Mapping[str, Tensor], keep: str = "latent"
     if keep not in ("latent", "quantized"):
         raise ConfigError(f"keep must be 'latent' or 'quantized', got '{keep}'")
     if isinstance(source, Mapping):
+        if keep == "quantized":  # before session 27: the latent weights, silently
+            raise ConfigError("keep='quantized' needs a run folder (a state dict holds no quantizer to apply; a "
+                              "quantized model's own: lowbit.unquantize(model, keep='quantized'), then its state_dict())")
         return plain_state_dict(source)
     p = Path(source)
     if p.is_dir():

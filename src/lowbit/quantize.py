@@ -95,6 +95,9 @@ class _InputQuantHook:
                     UncalibratedWarning, stacklevel=2)
 
     def __call__(self, module: nn.Module, args):
+        if not args:  # before session 27: IndexError: tuple index out of range
+            raise ConfigError(f"layer '{self.name}' was called with its input as a keyword argument (input=...); its "
+                              "input quantizer reads the first positional argument: call the layer as layer(x)")
         x = args[0]
         # _init_seen False: set_bits or load_state_dict emptied a started quantizer's codebook (centroids, LQ-Net)
         q = module.input_quantizer  # (a quantizer without the buffer never reads it: its False would stay)
@@ -135,6 +138,9 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
     the current quantization keeping the latent weights (:func:`unquantize`) and then applies
     ``plan``: e.g. a fine-tune at other bits from a trained network.
     """
+    from .fit import check_model
+
+    check_model(model)
     if isinstance(plan, str):
         plan = Plan.from_yaml(plan)
     elif plan is None or isinstance(plan, dict):
@@ -153,6 +159,11 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
     if plan.integer and method.integer_refusal:
         raise ConfigError(f"plan.integer: method '{method.name}' does not train in integer mode: "
                           f"{method.integer_refusal}")
+    if plan.integer:  # before session 27: the first training batch failed in torch's "Input type (float) and bias
+        dt = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)  # type (double)"
+        if dt != torch.float32:
+            raise ConfigError(f"plan.integer: the model is in {dt}; integer mode trains the float32 network it "
+                              "deploys: call model.float() before quantize")
     ends, frontiers = traced_ends(model)  # one trace for the plan and the state
     layers = plan.resolve(model, ends, frontiers)
     if plan.integer:
@@ -276,6 +287,8 @@ def set_bits(model: nn.Module, bits: Mapping[str, int | Mapping[str, int]]) -> n
     state = quant_state(model)
     if state is None:
         raise ConfigError("set_bits: the model is not quantized")
+    if not isinstance(bits, Mapping):
+        raise ConfigError(f"set_bits: bits must be a mapping {{layer or glob: bits}}, got {type(bits).__name__}")
     by_name = {lp.name: lp for lp in state.layers}
     todo: dict[str, dict[str, int]] = {}
     for pattern, b in bits.items():
@@ -355,6 +368,9 @@ def weight_param(module: nn.Module) -> nn.Module | None:
 def layer_bits(model: nn.Module) -> dict[str, LayerBits]:
     """Per-layer bits for :func:`lowbit.cost.profile`: weight bits, input-activation bits and the
     number of full-precision scale numbers each layer stores. FP layers are left out."""
+    from .fit import check_model
+
+    check_model(model)
     out = {}
     for name, m in model.named_modules():
         wp = weight_param(m)

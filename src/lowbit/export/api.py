@@ -100,6 +100,9 @@ def _mem_002(model: nn.Module, x: torch.Tensor) -> dict:
 def torch_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, batch: int):
     """The model's outputs on ``x`` in eval mode, the reference every backend is checked against:
     ``(x as float32, x as NumPy, labels as NumPy or None, outputs as NumPy)``."""
+    from ..fit import check_model
+
+    check_model(model)
     if not isinstance(x, torch.Tensor):
         raise ConfigError(f"export: the inputs must be a torch.Tensor (N, C, H, W), got {type(x).__name__}")
     if x.dim() < 2 or len(x) == 0:
@@ -107,6 +110,10 @@ def torch_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | No
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (len(x),)):
         raise ConfigError(f"export: labels must be a torch.Tensor of shape ({len(x)},), one per input, got "
                           f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    if p is not None and p.dtype != torch.float32:  # before session 27: "the model cannot run inputs of shape ..."
+        raise ConfigError(f"export: the model is in {p.dtype}; the exported network and its reference are float32: "
+                          "call model.float() before exporting")
     model.eval()
     x = x.float()
     with torch.no_grad():
@@ -158,6 +165,11 @@ def export_model(model: nn.Module, x: torch.Tensor, out_dir: str | Path, formats
 
     formats = check_formats(formats, target)
     check_c_prefix(c_prefix)
+    stale = [f"{f}/" for f in FORMATS if f not in formats and (Path(out_dir) / f).exists()]
+    if stale:  # before session 27 an earlier model's onnx/ or c/ stayed beside this one's packed/ without a word
+        warnings.warn(f"export: {out_dir} holds {', '.join(stale)} from an earlier export, which this one (formats "
+                      f"{', '.join(formats)}) does not rewrite: they may be another model's; remove them or export "
+                      "into a new folder", stacklevel=3)
     if is_integer(model):  # integer mode: the integer package, C runtime and integer ONNX (int_api)
         from .int_api import export_int_model
 

@@ -293,7 +293,8 @@ def act_quant(q: nn.Module | None, layer: str) -> ActQuant | None:
         return None
     if not isinstance(q, Quantizer):
         what = (" (an activation mixture, DQA/BinaryRelax act_mixture: a deployed layer needs one activation grid; "
-                "harden it first, or keep the mixture to the weights)" if "Mixture" in type(q).__name__ else "")
+                "harden it first: lowbit.quant_state(model).method.finalize(model), as a run folder's export does; "
+                "or keep the mixture to the weights)" if "Mixture" in type(q).__name__ else "")
         raise ConfigError(f"layer '{layer}': input quantizer {type(q).__name__} is not a lowbit Quantizer{what}")
     try:
         d = q.describe()
