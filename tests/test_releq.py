@@ -325,3 +325,18 @@ def test_a_ray_search_without_ray_is_refused_before_it_runs(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="the ray backend needs Ray"):
         releq.search(cfg, opts, tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_with_workers_an_accuracy_does_not_depend_on_where_it_was_computed():
+    """workers=2 evaluated a batch of assignments in workers at half the parent's threads and single ones (ReLeQ's
+    episodes) here at all of them: torch's threads change the fine-tune's numbers (16.67 % vs 20.00 % for one
+    assignment, session 27). Now every evaluation runs at the workers' thread count."""
+    spec = EvalSpec(BASE, LAYERS, finetune_steps=8, finetune_lr=0.05, threads=2)
+    pooled = BitEvaluator(spec, workers=2)
+    cands = [(3, 3, 3), (2, 3, 4)]
+    pooled.accuracies(cands)  # in two worker processes
+    assert pooled.fits == 0
+    here = BitEvaluator(EvalSpec(BASE, LAYERS, finetune_steps=8, finetune_lr=0.05, threads=2), workers=2)
+    for bits in cands:
+        assert here.compute(bits)["loss"] == pooled.cached(bits)["loss"], bits  # in this process: the same numbers
+    assert torch.get_num_threads() == 2  # the caller's threads are left as they were

@@ -149,17 +149,27 @@ def sharded_loader(split, info, batch_size: int, shuffle: bool = True, augment: 
 # ---------------------------------------------------------------------------------------------
 # quantizer state
 # ---------------------------------------------------------------------------------------------
-def _reduce_op(name: str):
+def _reduce_op(name: str, maxima: frozenset = frozenset()):
     import torch.distributed as dist
 
     if name.endswith("running_min"):
         return dist.ReduceOp.MIN
-    if name.endswith("running_max"):
+    if name.endswith("running_max") or name in maxima:
         return dist.ReduceOp.MAX
     return None  # mean
 
 
-def _all_reduce_named(tensors: dict) -> None:
+def _max_steps(model) -> frozenset:
+    """LSQ steps initialised at ``max|v|/Qp`` (``init: max``, integer mode's ``integer_init: max``): one process
+    takes the maximum over the whole first batch, so the ranks' steps are reduced by MAX (their mean was up to 9 %
+    smaller on LeNet-5, and clipped what the first global batch put on the grid)."""
+    from .quant.uniform import LSQQuantizer
+
+    return frozenset(f"{n}.step" if n else "step" for n, m in model.named_modules()
+                     if isinstance(m, LSQQuantizer) and m.init == "max")
+
+
+def _all_reduce_named(tensors: dict, maxima: frozenset = frozenset()) -> None:
     import torch
     import torch.distributed as dist
 
@@ -167,7 +177,7 @@ def _all_reduce_named(tensors: dict) -> None:
     for name, t in tensors.items():
         if not torch.is_floating_point(t):
             continue
-        op = _reduce_op(name)
+        op = _reduce_op(name, maxima)
         with torch.no_grad():
             if op is None:
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -196,14 +206,35 @@ def prime_quantizers(model, batch) -> list[str]:
         model(batch[0])
     model.train(was)
     after = _named_state(model)
+    _check_started(waiting, [bool(after[k]) for k in waiting])
     fresh = [k[: -len("initialized")] for k in waiting if bool(after[k])]
     kept = {k: v for k, v in after.items() if v is not None and (k not in before or any(k.startswith(p) for p in fresh))}
     with torch.no_grad():
         for k, v in after.items():
             if k in before and k not in kept and v is not None:
                 v.copy_(before[k])
-    _all_reduce_named({k: v.data for k, v in kept.items()})
+    _all_reduce_named({k: v.data for k, v in kept.items()}, _max_steps(model))
     return sorted(kept)
+
+
+def _check_started(waiting: list[str], started: list[bool]) -> None:
+    """Every rank started every waiting quantizer on its first batch, else one line on every rank: one that started
+    on some ranks only made the ranks' reductions pair different tensors (a hang), and one that starts later in
+    training starts on one rank's batch only (an LSQ step is a parameter, which DDP does not broadcast: the ranks
+    kept different steps for the rest of the run)."""
+    import torch
+    import torch.distributed as dist
+
+    if not waiting:
+        return
+    every = torch.tensor(started, dtype=torch.int32)
+    dist.all_reduce(every, op=dist.ReduceOp.MIN)
+    late = [k[: -len(".initialized")] for k, ok in zip(waiting, every.tolist()) if not ok]
+    if late:
+        more = f" and {len(late) - 1} more" if len(late) > 1 else ""
+        raise ConfigError(f"torchrun: quantizer {late[0]}{more} got only zeros in a rank's first batch, so it would "
+                          "start from the data on another step on each rank and the ranks would train different "
+                          "networks; run it in one process, or with a larger train.batch_size")
 
 
 def sync_state(model) -> None:

@@ -60,6 +60,10 @@ class BitEvaluator:
             raise ConfigError(f"workers must be >= 1, got {workers}")
         self.spec = spec
         self.workers = workers
+        # with workers, every evaluation runs at the workers' thread count, in this process too: torch's threads
+        # change a fine-tune's numbers, and an assignment evaluated here (2 threads) and in a worker (1) gave
+        # 16.67 % and 20.00 % (session 27), so an accuracy depended on where it ran, not only on its bits
+        self.eval_threads = max(1, (spec.threads or torch.get_num_threads()) // workers) if workers > 1 else None
         self.backend, self.address = backend, address
         self.cache_path = Path(cache_path) if cache_path else None
         self.cache: dict[str, dict] = {}
@@ -107,14 +111,25 @@ class BitEvaluator:
 
     def compute(self, bits: Sequence[int]) -> dict:
         """Fine-tune and evaluate one assignment now (no cache)."""
-        from ..fit import evaluate, fit
-        from ..quantize import set_bits
-        from ..train import build_optimizer
-
         self._build()
         if len(bits) != len(self.spec.layers):
             raise ConfigError(f"expected {len(self.spec.layers)} bit widths, got {len(bits)}")
         t0 = time.perf_counter()
+        was = torch.get_num_threads()
+        if self.eval_threads:
+            torch.set_num_threads(self.eval_threads)
+        try:
+            res = self._finetune_and_evaluate(bits)
+        finally:
+            torch.set_num_threads(was)
+        return {"bits": [int(b) for b in bits], "acc": res["acc"], "loss": res["loss"],
+                "seconds": round(time.perf_counter() - t0, 4)}
+
+    def _finetune_and_evaluate(self, bits: Sequence[int]) -> dict:
+        from ..fit import evaluate, fit
+        from ..quantize import set_bits
+        from ..train import build_optimizer
+
         model = self.model
         model.load_state_dict(self.start)
         set_bits(model, {n: int(b) for n, b in zip(self.spec.layers, bits)})
@@ -124,9 +139,7 @@ class BitEvaluator:
                 t = self.cfg.train.model_copy(update={"lr": self.spec.finetune_lr})
                 fit(model, self.train_batches, optimizer=build_optimizer(model, t), epochs=1)
                 self.fits += 1
-            res = evaluate(model, self.val)
-        return {"bits": [int(b) for b in bits], "acc": res["acc"], "loss": res["loss"],
-                "seconds": round(time.perf_counter() - t0, 4)}
+            return evaluate(model, self.val)
 
     # -- cached API -------------------------------------------------------------------------------
     def _store(self, rec: dict) -> None:
@@ -158,7 +171,7 @@ class BitEvaluator:
             from ..parallel import make_pool
 
             spec = copy.deepcopy(self.spec)
-            spec.threads = max(1, (self.spec.threads or torch.get_num_threads()) // self.workers)
+            spec.threads = self.eval_threads or self.spec.threads or torch.get_num_threads()
             with make_pool(self.backend, self.workers, spec.threads, self.address, _worker_init, (spec,)) as pool:
                 for rec in pool.map(_worker_compute, todo):
                     self._store(rec)

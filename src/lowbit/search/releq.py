@@ -260,8 +260,9 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
         # non-integer plans no longer record integer_residual: every earlier search refused to resume)
         saved = {**_normal({k: v for k, v in saved.items() if k != "releq"}, saved=True),
                  "releq": saved.get("releq", {})}
-        # threads, progress, device and data.root change no evaluation (runfolder.VOLATILE): a search folder moved
-        # to a machine with the data elsewhere resumes, as a run folder does
+        # threads, progress, device and data.root may change (runfolder.VOLATILE): a search folder moved to a machine
+        # with the data elsewhere resumes, as a run folder does. The thread count moves a fine-tune's numbers by float
+        # rounding (evaluator.BitEvaluator.eval_threads); the cached evaluations are kept as they were computed
         diff = config_diff(_settings(_strip(saved)), _settings(_strip(json.loads(json.dumps(now)))))
         if diff:
             raise ConfigError(f"cannot resume {out}: its evaluations were made with other settings ({'; '.join(diff)});"
