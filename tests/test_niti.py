@@ -126,6 +126,18 @@ def test_integer_ce_error_follows_softmax_minus_onehot():
     assert (got.sign() == ref.sign()).all()
 
 
+def test_ce_error_of_tiny_logits_is_the_uniform_softmax():
+    # logits q·2^e with e far below -7 (a layer dead for the batch: the exponent falls by every later layer's
+    # weight exponent): softmax(z) = 1/C to 8 bits. 2^(1-2e) overflowed int64 (e <= -26: a wrong error signal;
+    # e <= -32: OverflowError in the step)
+    y = torch.tensor([3, 1])
+    q = torch.randint(-5, 6, (2, 10), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    want = intops.ce_error(IntT(q, -20), y, torch.Generator().manual_seed(0)).q
+    for e in (-26, -31, -40):
+        got = intops.ce_error(IntT(q, e), y, torch.Generator().manual_seed(0)).q
+        assert (got.int() - want.int()).abs().max() <= 1, (e, got.tolist())
+
+
 def test_four_bit_weights_stay_on_the_grid(digits):
     m = niti_model("vgg_small", bits=4)
     lowbit.fit(m, digits[0][:4], epochs=1)

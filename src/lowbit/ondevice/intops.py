@@ -195,6 +195,7 @@ def ce_error(logits: IntT, target: Tensor, generator: torch.Generator | None = N
         s = s.clamp_min(0)
         p = (torch.ones_like(s) << s) - 1
     else:
+        e = max(e, -24)  # below 2^-24 a logit is 0 to the error's 8 bits; and 2^(1-2e)·2^11 must fit int64
         p = (1 << (1 - 2 * e)) + q * (1 << (1 - e)) + q * q
     total = p.sum(1, keepdim=True).clamp_min(1)
     p = torch.div(p << SUM_BITS, total, rounding_mode="floor")
