@@ -362,3 +362,31 @@ def test_budget_table_says_when_the_width_stopped_at_the_cap():
     assert "cap 16" in format_table("resnet8", budget, choices)
     budget, choices = budget_table("resnet8", [8], ratio=8, **shape)
     assert "cap" not in format_table("resnet8", budget, choices)
+
+
+def test_a_results_write_that_failed_leaves_nothing_that_blocks_a_rerun_session27(tmp_path, monkeypatch):
+    """A full disk (or a kill) while results.jsonl was written left ``.results.jsonl.PID.tmp``; every later
+    ``lowbit bench`` into that folder was refused ("holds files no lowbit bench wrote")."""
+    from pathlib import Path
+
+    p = _suite(tmp_path, seeds=[0], methods={"FP32": {}})
+    out = tmp_path / "out"
+    real = Path.write_text
+
+    def full_disk(self, text, *a, **k):
+        if self.name.startswith(".results.jsonl."):
+            real(self, text[:10])
+            raise OSError(28, "No space left on device")
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError):
+        run_suite(p)
+    monkeypatch.undo()
+    assert not [f.name for f in out.iterdir() if f.name.endswith(".tmp")]  # atomic_write cleans up
+    (out / ".results.jsonl.4242.tmp").write_text("{")  # as a SIGKILL halfway through the write leaves it
+    run_suite(p)  # the rerun reports the finished run
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(ConfigError, match="holds files no lowbit bench wrote"):  # a user's file is still refused
+        (out / "notes.txt").write_text("mine")
+        run_suite(p)

@@ -232,3 +232,61 @@ def test_version_and_python_m_lowbit():
 
     out = subprocess.run([sys.executable, "-m", "lowbit", "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == f"lowbit {lowbit.__version__}"
+
+
+def test_eval_and_export_of_an_unfinished_run_say_so_session27(tmp_path, config, capsys):
+    """A run killed after epoch 1 of 2: eval and export reported its interim best.pt as if the run were done."""
+    from lowbit.train import run
+
+    c = load_config(config, TINY[:3] + ["train.epochs=2"] + TINY[4:] + ["data.name=digits"])
+
+    def kill(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(c, tmp_path / "r", callbacks=[kill])
+    assert main(["eval", str(tmp_path / "r")]) == 0
+    assert "did not finish training (1 epoch(s)" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "r"), "--format", "packed"]) == 0
+    assert f"lowbit train --resume {tmp_path / 'r'}` continues it" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "r")]) == 0
+    assert "did not finish" not in capsys.readouterr().out
+
+
+def test_a_full_disk_at_the_start_leaves_a_folder_the_same_command_can_use_session27(tmp_path, config, capsys,
+                                                                                   monkeypatch):
+    """A disk that filled while config.yaml was written: 'lowbit: error: No space left on device' (no file named)
+    and an empty config.yaml that refused the same command afterwards ('already holds a run')."""
+    real = Path.write_text
+
+    def full(self, text, *a, **k):
+        if "config.yaml" in self.name:
+            real(self, "")
+            raise OSError(28, "No space left on device")
+        return real(self, text, *a, **k)
+
+    argv = ["train", config, *TINY, "data.name=digits", "--out", str(tmp_path / "run")]
+    monkeypatch.setattr(Path, "write_text", full)
+    assert err_of(capsys, argv) == f"lowbit: error: {tmp_path / 'run' / 'config.yaml'}: No space left on device"
+    monkeypatch.undo()
+    assert main(argv) == 0  # space freed: the same command trains
+
+
+def test_export_into_a_read_only_or_full_folder_is_one_line_session27(tmp_path, config, capsys, monkeypatch):
+    """safetensors raises its own SafetensorError for a read-only folder or a full disk: lowbit export ended in a
+    traceback (status 1)."""
+    import safetensors
+    import safetensors.numpy
+
+    assert main(["train", config, *TINY, "data.name=digits", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+
+    def read_only(tensors, filename, metadata=None):
+        raise safetensors.SafetensorError(f"Error while serializing: I/O error: Read-only file system (os error 30) "
+                                          f"at path \"{filename}.tmpX\"")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", read_only)
+    line = err_of(capsys, ["export", str(tmp_path / "run"), "--format", "packed"])
+    assert "model.safetensors: could not be written (Read-only file system (os error 30))" in line

@@ -340,3 +340,29 @@ def test_with_workers_an_accuracy_does_not_depend_on_where_it_was_computed():
     for bits in cands:
         assert here.compute(bits)["loss"] == pooled.cached(bits)["loss"], bits  # in this process: the same numbers
     assert torch.get_num_threads() == 2  # the caller's threads are left as they were
+
+
+def test_a_kill_while_the_fp32_start_is_saved_leaves_no_truncated_file_session27(tmp_path, monkeypatch):
+    """Ctrl-C (or a kill) inside torch.save of fp32.pt left half a file: --resume said "no state.json" and a new
+    start failed on the truncated file ("not a readable PyTorch weights file") until the user deleted it."""
+    import io
+
+    import lowbit.search.releq as releq
+
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "releq": {"layers": LAYERS, "episodes": 1, "pretrain_epochs": 1}}))
+    cfg, opts = releq.load_search_config(path)
+    real = torch.save
+
+    def interrupted(obj, f, *a, **k):
+        buf = io.BytesIO()
+        real(obj, buf)
+        Path(f).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        releq.fp32_start(cfg, opts, tmp_path)
+    monkeypatch.setattr(torch, "save", real)
+    start, acc = releq.fp32_start(cfg, opts, tmp_path)  # started again: the FP32 start is trained and read
+    assert acc > 0 and Path(start.model.init_from).is_file()

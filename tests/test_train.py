@@ -292,3 +292,40 @@ def test_a_saved_run_with_milestones_it_ignored_still_loads(tmp_path):
         load_config(tmp_path / "config.yaml")
     cfg = load_config(tmp_path / "config.yaml", saved=True)
     assert cfg.train.milestones == [] and cfg.train.schedule == "cosine"
+
+
+def test_a_kill_between_the_two_checkpoints_keeps_best_pt_and_its_record_together_session27(tmp_path, fmnist_small,
+                                                                                             monkeypatch):
+    """Killed between the two checkpoint writes of an epoch that improved validation: best.pt held the killed
+    epoch while last.pt recorded the earlier best; a resume whose retrained epoch did not reproduce it bit for bit
+    (other threads, another machine, a GPU) kept the killed epoch's weights under the earlier epoch's record."""
+    import importlib
+
+    fit_module = importlib.import_module("lowbit.fit")
+    train_module = importlib.import_module("lowbit.train")
+
+    val_acc = iter([0.10, 0.20, 0.05, 0.06])  # epochs 1, 2 as trained; then whatever a resume trains again
+    real_evaluate, real_save = fit_module.evaluate, train_module._save
+
+    def evaluate(*a, **k):
+        return {**real_evaluate(*a, **k), "acc": next(val_acc)}
+
+    saves = []
+
+    def save(path, obj):
+        if path.name in ("best.pt", "last.pt"):
+            saves.append(path.name)
+            if len(saves) == 4:  # epoch 2's second checkpoint: the process dies before writing it
+                raise KeyboardInterrupt
+        real_save(path, obj)
+
+    monkeypatch.setattr(fit_module, "evaluate", evaluate)
+    monkeypatch.setattr(train_module, "_save", save)
+    c = cfg(*W2A4, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(c, tmp_path / "r", data=fmnist_small)
+    monkeypatch.setattr(train_module, "_save", real_save)
+    res = run(c, tmp_path / "r", resume=True, data=fmnist_small)
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+    assert best["epoch"] == res.summary["best_epoch"] == 2
+    assert res.summary["best_val_acc"] == 0.20

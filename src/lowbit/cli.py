@@ -108,6 +108,10 @@ def cmd_eval(args) -> int:
     if isinstance(recorded.get("method_info"), dict):  # facts of the training (a schedule, learned weights, a
         summary["method_info"] = recorded["method_info"]  # distillation), which a reloaded method does not know
     text = format_summary(summary)
+    from .train import unfinished_note
+
+    if unfinished_note(args.run_dir):
+        text += "\n" + unfinished_note(args.run_dir)
     if at_training is not None and not math.isnan(val["acc"]) and at_training != val["acc"]:
         text += (f"\nnote            validation {100 * val['acc']:.2f}% as evaluated now; training picked the epoch at "
                  f"{100 * at_training:.2f}%" + (" (before train.bn_recalibrate)" if cfg.train.bn_recalibrate else ""))
@@ -211,6 +215,10 @@ def cmd_export(args) -> int:
                          target=args.target, c_prefix=args.c_prefix, latency_repeats=args.latency_repeats)
     # --json: stdout is the JSON alone (the text report goes to stderr)
     print(format_report(rep), file=sys.stderr if args.json else sys.stdout)
+    from .train import unfinished_note
+
+    if unfinished_note(args.run_dir):  # a resume later changes best.pt, not this export
+        print(unfinished_note(args.run_dir), file=sys.stderr)
     if args.json:
         print(json.dumps(rep, indent=2))
     if rep.get("failed_checks"):

@@ -301,5 +301,11 @@ def atomic_write(path: str | Path, text: str) -> None:
     """Write ``path`` whole or not at all (temporary file + rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, Ctrl-C: no half-written temp file left behind (it blocked a bench rerun)
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a write error names no file: say which
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise

@@ -165,7 +165,8 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
     if not ck_path.is_file():
         metrics = run_dir / "metrics.jsonl"
         done = sum(1 for ln in metrics.read_text().splitlines() if ln.strip()) if metrics.is_file() else 0
-        why = ("best.pt is missing although last.pt is there: it was deleted or moved"
+        why = ("best.pt is missing although last.pt is there: it was deleted or moved, or the run was killed before "
+               f"writing it; `lowbit train --resume {run_dir}` writes it again"
                if (run_dir / "last.pt").is_file() else
                f"metrics.jsonl records {done} finished epoch(s), but the checkpoints are not in the folder: deleted, "
                "or not copied or committed with it" if done else "the run did not finish an epoch")
@@ -180,6 +181,18 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
         final_model(model, ck)
     model.eval()
     return cfg, data, model, ck
+
+
+def unfinished_note(run_dir: str | Path) -> str:
+    """'' for a finished run folder (summary.json); else a note that its best.pt is the best epoch so far of a run
+    that did not finish (killed, interrupted): eval and export said nothing of it before session 27."""
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").is_file() or not (run_dir / "last.pt").is_file():
+        return ""
+    metrics = run_dir / "metrics.jsonl"
+    done = sum(1 for ln in metrics.read_text().splitlines() if ln.strip()) if metrics.is_file() else 0
+    return (f"note            {run_dir} did not finish training ({done} epoch(s) in metrics.jsonl, no summary.json): "
+            f"this is its best epoch so far; `lowbit train --resume {run_dir}` continues it")
 
 
 def load_checkpoint(path: str | Path, map_location=None, config: Config | None = None) -> dict:
@@ -304,6 +317,21 @@ def numerics_env() -> dict:
             "processes": ddp.world_size()}
 
 
+def best_checkpoint(model_state: dict, epoch: int, method_state: dict, config: dict | None) -> dict:
+    """best.pt's contents: the weights and method state of the best epoch (1-based), and the run's config."""
+    return {"model": model_state, "epoch": epoch, "method": method_state, **({"config": config} if config else {})}
+
+
+def complete_best(run_dir: Path, ck: dict, device=None) -> None:
+    """On resume: where ``last.pt`` (``ck``) records its own epoch as the best but ``best.pt`` does not hold it (killed
+    between the two writes of :class:`RunFolder`), write ``best.pt`` from ``last.pt``. Not in a finished run (summary.json):
+    its best.pt was whole when it finished, so a missing one was deleted and stays an error."""
+    best, path = ck.get("best") or {}, run_dir / "best.pt"
+    if best.get("epoch") == ck["epoch"] + 1 and not (run_dir / "summary.json").is_file() and (
+            not path.is_file() or load_checkpoint(path, map_location=device)["epoch"] != best["epoch"]):
+        _save(path, best_checkpoint(ck["model"], best["epoch"], ck.get("method", {}), ck.get("config")))
+
+
 class RunFolder:
     """The ``fit`` callback that keeps a run folder: after every epoch one line of
     ``metrics.jsonl``, ``best.pt`` when validation improved (002's best epoch; with no validation
@@ -318,15 +346,19 @@ class RunFolder:
         # no validation split (data.val_fraction 0): the last epoch is "best", with no accuracy claimed
         no_val = math.isnan(row["val_acc"])
         score = float(state.epoch) if no_val else row["val_acc"]
-        if self.best.get("epoch", -1) < 0 or score > self.best.get("_score", self.best["val_acc"]):
+        improved = self.best.get("epoch", -1) < 0 or score > self.best.get("_score", self.best["val_acc"])
+        if improved:
             self.best = {"val_acc": None if no_val else score, "epoch": state.epoch + 1, "_score": score}
-            _save(self.run_dir / "best.pt", {"model": state.model.state_dict(), "epoch": state.epoch + 1,
-                                             "method": state.method.state_dict(),
-                                             **({"config": self.config} if self.config else {})})
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
         _save(self.run_dir / "last.pt", {**state.checkpoint(), "best": self.best, "numerics": numerics_env(),
                                          **({"config": self.config} if self.config else {})})
+        # best.pt after last.pt, which records this epoch as the best: a kill between the two is repaired by --resume
+        # from last.pt (before session 27 best.pt came first, and a resume that did not retrain the killed epoch bit
+        # for bit kept that epoch's weights in best.pt under the earlier best epoch's name and accuracy)
+        if improved:
+            _save(self.run_dir / "best.pt", best_checkpoint(state.model.state_dict(), state.epoch + 1,
+                                                            state.method.state_dict(), self.config))
         for cb in self.user:
             cb(row)
 
@@ -428,9 +460,12 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
                           RuntimeWarning, stacklevel=2)
         if writer:
             _truncate_metrics(run_dir / "metrics.jsonl", ck["epoch"] + 1)
+            complete_best(run_dir, ck, device)
     elif writer:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        from .runfolder import atomic_write
+
+        atomic_write(run_dir / "config.yaml", cfg.to_yaml())  # whole or absent: an empty one blocked a restart
         (run_dir / "plan.txt").write_text(state.table() + "\n")
         (run_dir / "metrics.jsonl").write_text("")
 

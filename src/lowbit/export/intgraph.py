@@ -529,7 +529,7 @@ def save_int_package(graph: IntGraph, out_dir: str | Path, stem: str = "model") 
     requantization constants, float32 classifier scales, the input quantizer and every tensor's
     scale / zero / bits) and ``{stem}.json`` (the human-readable manifest, also embedded in the
     safetensors header's metadata, so the .safetensors file alone runs). Returns byte counts."""
-    from safetensors.numpy import save_file
+    from .package import write_safetensors
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -580,7 +580,7 @@ def save_int_package(graph: IntGraph, out_dir: str | Path, stem: str = "model") 
     manifest = sealed(manifest)
     text = json.dumps(manifest, indent=1) + "\n"
     st = out / f"{stem}.safetensors"
-    save_file(tensors, str(st), metadata={"manifest": json.dumps(manifest, separators=(",", ":"))})
+    write_safetensors(tensors, st, metadata={"manifest": json.dumps(manifest, separators=(",", ":"))})
     (out / f"{stem}.json").write_text(text)
     numbers = sum(int(t.nbytes) for t in tensors.values())
     return {"file_bytes": st.stat().st_size, "numbers_bytes": numbers, "codes_bytes": int(tensors["codes"].nbytes),

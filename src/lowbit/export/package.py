@@ -152,11 +152,24 @@ def reading(path: Path):
         raise ConfigError(f"{path}: cannot read the package, the file is truncated or corrupt ({msg})") from None
 
 
+def write_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' ``save_file``, whose error for a full disk or a read-only folder is its own type (a traceback
+    before session 27): here an OSError naming the file, which the CLI prints in one line."""
+    from safetensors.numpy import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # noqa: BLE001 - SafetensorError
+        if "I/O error" not in str(e):
+            raise
+        msg = str(e).split("I/O error: ", 1)[-1].split(" at path ", 1)[0]
+        raise OSError(5, f"could not be written ({msg}); is the disk full or the folder read-only?", str(path)) \
+            from None
+
+
 def save_package(graph: Graph, out_dir: str | Path, stem: str = "model",
                  fp32_params: int | None = None) -> Sizes:
     """Write ``{stem}.safetensors`` and ``{stem}.json`` into ``out_dir``; return the sizes."""
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     code_runs: list[np.ndarray] = []
@@ -195,7 +208,7 @@ def save_package(graph: Graph, out_dir: str | Path, stem: str = "model",
         "f32": np.concatenate(float_runs).astype(np.float32) if float_runs else np.zeros(0, np.float32),
     }
     st = out / f"{stem}.safetensors"
-    save_file(tensors, str(st))
+    write_safetensors(tensors, st)
     manifest = {
         "format": FORMAT, "version": VERSION, "tensors": st.name,
         "input": {"name": graph.input, "shape": _f(graph.input_shape)},

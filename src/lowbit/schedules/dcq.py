@@ -57,7 +57,7 @@ from ..models import create_model
 from ..pretrained import load_weights
 from ..quantize import _STATE_ATTR, QuantState, quant_state
 from ..train import (RunFolder, RunResult, _save, _truncate_metrics, build_model, build_optimizer, build_scheduler,
-                     final_model, load_data, make_summary, recalibrate_run_bn)
+                     complete_best, final_model, load_data, make_summary, recalibrate_run_bn)
 from .featcache import FeatureCache
 from .distill import distill, example_input, feature_regression, load_teacher
 from .sections import Cut, block_list, block_macs, blocks, describe, plan_cut, section_modules, section_state
@@ -429,6 +429,7 @@ def run_dcq(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSp
         ck = torch.load(last, weights_only=False, map_location=device)
         best = ck["best"]
         _truncate_metrics(run_dir / "metrics.jsonl", ck["epoch"] + 1)
+        complete_best(run_dir, ck, device)
     else:
         (run_dir / "metrics.jsonl").write_text(json.dumps(row0) + "\n")
         _save(run_dir / "best.pt", {"model": student.state_dict(), "epoch": 0,

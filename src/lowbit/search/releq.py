@@ -170,7 +170,9 @@ def fp32_start(cfg: Config, opts: ReleqOptions, out: Path) -> tuple[Config, floa
                                  seed=t.seed)
             opt = build_optimizer(model, t)
             fit(model, loader, optimizer=opt, scheduler=build_scheduler(opt, t, len(loader)), epochs=t.epochs)
-            torch.save(model.state_dict(), path)
+            tmp = path.with_suffix(".tmp")  # a kill while saving left a truncated fp32.pt that no rerun could read
+            torch.save(model.state_dict(), tmp)
+            tmp.replace(path)
         cfg = cfg.model_copy(deep=True)
         cfg.model.init_from = str(path.resolve())
     model = build_model(cfg.model_copy(update={"plan": Plan()}, deep=True), data)
@@ -328,8 +330,9 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
         model.save(agent_path)
         # the random state the agent samples its actions from: PPO.load seeds it anew from opts.seed, and a resumed
         # search then replayed its first episodes (before session 23)
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()},
-                   rng_path)
+        tmp = rng_path.with_suffix(".tmp")
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}, tmp)
+        tmp.replace(rng_path)
         st["episodes_done"] = len(st["history"])
         st["releq_seconds"] = seconds_before + time.perf_counter() - t0
         tmp = state_path.with_suffix(".tmp")
