@@ -168,3 +168,22 @@ def test_greedy_schedule_that_cannot_restart_is_refused(tmp_path, fmnist_small):
     with pytest.raises(ConfigError, match="restart") as e:
         run(cfg, tmp_path / "r", data=fmnist_small)
     assert "\n" not in str(e.value)
+
+
+def test_flat_block_sim_head_projects_as_the_reference():
+    # anokland/local-loss train.py LocalLossBlockLinear: Rh = similarity_matrix(linear_loss(h)), linear_loss =
+    # Linear(num_out, num_out, bias=False) (train.py:502-503, 572-574); the flat blocks used h itself
+    from lowbit.methods.local import LocalHead, similarity_matrix
+
+    torch.manual_seed(0)
+    head = LocalHead(84, spatial=False, num_classes=10, dim_in_decoder=2048)
+    assert isinstance(head.sim, nn.Linear) and head.sim.bias is None and head.sim.weight.shape == (84, 84)
+    h = torch.relu(torch.randn(16, 84))
+    h[0] = 0  # an image whose block output is all zero: the norm's gradient must not be NaN
+    y = torch.randint(0, 10, (16,))
+    ry = similarity_matrix(nn.functional.one_hot(y, 10).float())
+    want = 0.01 * nn.functional.cross_entropy(head.pred(h), y) + 0.99 * nn.functional.mse_loss(similarity_matrix(head.sim(h)), ry)
+    loss = head(h, y, 0.99)
+    assert torch.allclose(loss, want)
+    loss.backward()
+    assert torch.isfinite(head.sim.weight.grad).all()

@@ -10,7 +10,8 @@ Each block ``i`` gets two training-only heads and its own loss, *predsim*::
 
 * ``pred_i``: average-pool to at most ``dim_in_decoder`` features, then a zero-initialised linear layer;
 * ``sim_i``: a 3x3 conv, then the per-channel spatial standard deviation (as the reference code does
-  for maps with more than 3 channels); a flat output is used as it is;
+  for maps with more than 3 channels); for a flat output a bias-free linear layer (``LocalLossBlockLinear``'s
+  ``linear_loss``);
 * ``R(x)``: rows centred and L2-normalised, ``R = x·xᵀ`` clamped to [-1, 1] (an N x N similarity).
 
 A forward hook on each block's last unit computes ``loss_i``, runs its backward at once (the block's
@@ -55,13 +56,13 @@ def similarity_matrix(x: Tensor) -> Tensor:
     if x.dim() == 4:
         x = x.flatten(2).std(dim=2) if x.shape[1] > 3 and x.shape[2] > 1 else x.flatten(1)
     xc = x - x.mean(dim=1, keepdim=True)
-    xn = xc / (1e-8 + xc.pow(2).sum(1, keepdim=True).sqrt())
+    xn = xc / (1e-8 + torch.linalg.vector_norm(xc, dim=1, keepdim=True))  # gradient 0, not NaN, at a constant row
     return (xn @ xn.t()).clamp(-1, 1)
 
 
 class LocalHead(nn.Module):
     """The training-only heads of one block: ``pred`` (pooled linear classifier, zero-initialised)
-    and ``sim`` (3x3 conv before the similarity matrix; none for a flat output)."""
+    and ``sim`` (3x3 conv before the similarity matrix; a bias-free linear layer for a flat output)."""
 
     def __init__(self, width: int, spatial: bool, num_classes: int, dim_in_decoder: int):
         super().__init__()
@@ -70,7 +71,7 @@ class LocalHead(nn.Module):
             self.sim: nn.Module = nn.Conv2d(width, width, 3, padding=1, bias=False)
             self.pred = nn.Sequential(nn.AdaptiveAvgPool2d(side), nn.Flatten(1), nn.Linear(width * side * side, num_classes))
         else:
-            self.sim = nn.Identity()
+            self.sim = nn.Linear(width, width, bias=False)
             self.pred = nn.Sequential(nn.Flatten(1), nn.Linear(width, num_classes))
         nn.init.zeros_(self.pred[-1].weight)
         nn.init.zeros_(self.pred[-1].bias)
