@@ -366,3 +366,12 @@ def test_a_kill_while_the_fp32_start_is_saved_leaves_no_truncated_file_session27
     monkeypatch.setattr(torch, "save", real)
     start, acc = releq.fp32_start(cfg, opts, tmp_path)  # started again: the FP32 start is trained and read
     assert acc > 0 and Path(start.model.init_from).is_file()
+
+
+def test_gamma_zero_the_authors_one_step_credit_is_accepted():
+    # he-actlab/releq's quantize_layer updates on one transition with next value 0: advantage r_t - V(s_t), which
+    # is SB3's with gamma 0, which the options refused (gamma > 0)
+    from lowbit.search.releq import parse_search_config
+
+    _, opts = parse_search_config({**BASE, "releq": {"ppo": {"gamma": 0}}})
+    assert opts.ppo.gamma == 0

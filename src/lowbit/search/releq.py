@@ -69,13 +69,15 @@ class BudgetOptions(_Strict):
 
 class PPOOptions(_Strict):
     """stable-baselines3 PPO; defaults are the authors' (METHODS.md): clip 0.3, value coef 1,
-    entropy coef 0.01, Adam 1e-4, gamma 0.9, GAE lambda 1, MLP 128 units."""
+    entropy coef 0.01, Adam 1e-4, gamma 0.9, GAE lambda 1, MLP 128 units. Their update saw one transition
+    per layer step (next value 0), so their advantage was r_t - V(s_t) and gamma had no effect; gamma: 0
+    gives that one-step credit here, 0.9 credits a layer's choice with the later layers' rewards."""
 
     learning_rate: float = Field(1e-4, gt=0)
     clip_range: float = Field(0.3, gt=0)
     vf_coef: float = Field(1.0, ge=0)
     ent_coef: float = Field(0.01, ge=0)
-    gamma: float = Field(0.9, gt=0, le=1)
+    gamma: float = Field(0.9, ge=0, le=1)  # 0: the authors' one-step credit (r_t - V(s_t))
     gae_lambda: float = Field(1.0, gt=0, le=1)
     #: episodes per rollout (n_steps = this x the number of searched layers)
     episodes_per_update: int = Field(4, ge=1)
