@@ -236,3 +236,80 @@ def test_exporting_into_a_folder_with_an_earlier_export_warns_about_what_it_leav
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         export_model(b, x, tmp_path / "new", formats=("packed",))
+
+
+def test_a_users_conv_subclass_is_a_layer_the_forward_calls():
+    """A user's nn.Conv2d subclass (defined outside torch.nn), called as a module: torch.fx traced into its forward,
+    so the trace saw F.conv2d, not the layer: quantize warned "the forward does not call them as modules" (its input
+    quantizer runs, profile counts its MACs), and keep_first kept the *second* conv in full precision while the one on
+    the image got an unsigned 2-bit input (its negative half clipped)."""
+    import warnings
+
+    class MyConv(nn.Conv2d):
+        pass
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = MyConv(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = lowbit.quantize(Net(), {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}})
+    layers = {lp.name: lp for lp in lowbit.quant_state(m).layers}
+    assert layers["c1"].weight is None and layers["c1"].act is None  # keep_first: the conv on the image
+    assert layers["c2"].weight is not None
+
+
+def test_a_tuple_output_is_one_line_with_a_loss_of_the_methods_own():
+    """The refusal of a (logits, features) output advised "give the method a loss of its own (Method.loss)"; with one,
+    fit failed with AttributeError: 'tuple' object has no attribute 'detach' (the step returns the output for the
+    accuracy)."""
+    import torch.nn.functional as F
+
+    from lowbit.methods import STE
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x)).mean((2, 3))
+            return self.fc(h), h
+
+    class OwnLoss(STE):
+        def loss(self, model, batch, output):
+            return F.cross_entropy(output[0], batch[1])
+
+    with pytest.raises(ConfigError, match="the model returned a tuple, not a tensor of logits") as e:
+        lowbit.fit(Pair(), _batches(1), method=OwnLoss())
+    assert "Method.loss" not in str(e.value)
+
+
+def test_fit_takes_callbacks_none():
+    """callbacks=None passed the new type check ("callbacks is not None and ...") and failed in list(None) with
+    TypeError: 'NoneType' object is not iterable."""
+    assert len(lowbit.fit(_net(), _batches(1), callbacks=None)) == 1
+
+
+def test_plan_signed_act_sees_a_users_conv_subclass():
+    """plan.signed_act's trace missed a conv subclass as well: its signed input (a conv without ReLU before it) got
+    an unsigned quantizer, which clips the negative half."""
+    from lowbit.plan import signed_input_layers
+
+    class MyConv(nn.Conv2d):
+        pass
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.c3, self.fc = nn.Conv2d(1, 4, 3), MyConv(4, 4, 3), nn.Conv2d(4, 4, 1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c3(torch.relu(self.c2(self.c1(x))))).mean((2, 3)))
+
+    assert signed_input_layers(Net()) == ["c1", "c2"]

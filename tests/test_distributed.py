@@ -168,3 +168,50 @@ def test_a_quantizer_that_starts_on_some_ranks_only_is_one_line_on_every_rank(tm
     tmp.start_processes(_zeros_rank, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     for r in (0, 1):
         assert "quantizer 0 got only zeros in a rank's first batch" in (tmp_path / f"zeros{r}.txt").read_text()
+
+
+def _uncalled_rank(r: int, port: int, out: str) -> None:
+    import datetime
+    import warnings
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    os.environ.update(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import lowbit
+    from lowbit import distributed
+    from lowbit.errors import ConfigError
+
+    class Functional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+            self.c, self.fc = torch.nn.Conv2d(4, 4, 1), torch.nn.Linear(4, 3)
+
+        def forward(self, x):  # b's weight used functionally: its input quantizer never runs
+            h = F.relu(F.conv2d(F.relu(self.a(x)), self.b.weight, self.b.bias, padding=1))
+            return self.fc(F.relu(self.c(h)).mean((2, 3)))
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantize warns about b
+        model = lowbit.quantize(Functional(), {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "lsq", "bits": 2}})
+    torch.manual_seed(r)
+    try:
+        distributed.prime_quantizers(model, (torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)))
+        msg = "primed"
+    except ConfigError as e:
+        msg = str(e)
+    with open(os.path.join(out, f"uncalled{r}.txt"), "w") as f:
+        f.write(msg)
+    dist.destroy_process_group()
+
+
+def test_a_quantizer_no_rank_ran_does_not_stop_priming(tmp_path):
+    """A quantized layer the forward does not call as a module (quantize warns): its input quantizer waits on every
+    rank, as in one process. The start check refused it with "got only zeros in a rank's first batch" (it got none)."""
+    tmp.start_processes(_uncalled_rank, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    for r in (0, 1):
+        assert (tmp_path / f"uncalled{r}.txt").read_text() == "primed"

@@ -187,3 +187,15 @@ def test_flat_block_sim_head_projects_as_the_reference():
     assert torch.allclose(loss, want)
     loss.backward()
     assert torch.isfinite(head.sim.weight.grad).all()
+
+
+def test_heads_saved_before_the_linear_sim_head_are_one_line():
+    """A run interrupted before session 27 saved flat blocks' sim heads without weights: its resume was torch's
+    multi-line "Missing key(s) in state_dict"."""
+    m, meth, _ = local_model()
+    assert meth.heads is not None
+    state = meth.state_dict()
+    state["heads"] = {k: v for k, v in state["heads"].items() if not k.endswith("sim.weight") or v.dim() == 4}
+    with pytest.raises(ConfigError, match="the saved heads do not fit") as e:
+        meth.load_state_dict(state)
+    assert "\n" not in str(e.value)

@@ -202,11 +202,18 @@ def prime_quantizers(model, batch) -> list[str]:
         return []
     was = model.training
     model.train()
-    with torch.no_grad():
-        model(batch[0])
+    modules, called = dict(model.named_modules()), set()
+    hooks = [modules[k[: -len("initialized")].rstrip(".")].register_forward_pre_hook(
+        lambda m, args, k=k: called.add(k)) for k in waiting]
+    try:
+        with torch.no_grad():
+            model(batch[0])
+    finally:
+        for h in hooks:
+            h.remove()
     model.train(was)
     after = _named_state(model)
-    _check_started(waiting, [bool(after[k]) for k in waiting])
+    _check_started(waiting, [bool(after[k]) for k in waiting], [k in called for k in waiting])
     fresh = [k[: -len("initialized")] for k in waiting if bool(after[k])]
     kept = {k: v for k, v in after.items() if v is not None and (k not in before or any(k.startswith(p) for p in fresh))}
     with torch.no_grad():
@@ -217,19 +224,23 @@ def prime_quantizers(model, batch) -> list[str]:
     return sorted(kept)
 
 
-def _check_started(waiting: list[str], started: list[bool]) -> None:
-    """Every rank started every waiting quantizer on its first batch, else one line on every rank: one that started
+def _check_started(waiting: list[str], started: list[bool], called: list[bool]) -> None:
+    """Every rank started every waiting quantizer its first batch ran, else one line on every rank: one that started
     on some ranks only made the ranks' reductions pair different tensors (a hang), and one that starts later in
     training starts on one rank's batch only (an LSQ step is a parameter, which DDP does not broadcast: the ranks
-    kept different steps for the rest of the run)."""
+    kept different steps for the rest of the run). One that no rank's forward ran (a layer the forward does not call
+    as a module) waits on every rank, as in one process."""
     import torch
     import torch.distributed as dist
 
     if not waiting:
         return
-    every = torch.tensor(started, dtype=torch.int32)
-    dist.all_reduce(every, op=dist.ReduceOp.MIN)
-    late = [k[: -len(".initialized")] for k, ok in zip(waiting, every.tolist()) if not ok]
+    s = torch.tensor(started, dtype=torch.int32, device=_device())
+    zeros = torch.tensor([c and not ok for c, ok in zip(called, started)], dtype=torch.int32, device=_device())
+    every = torch.cat([s, 1 - s, zeros])  # MAX over the ranks: any started, any not started, any ran on zeros
+    dist.all_reduce(every, op=dist.ReduceOp.MAX)
+    some, notall, onzeros = every.view(3, -1).tolist()
+    late = [k[: -len(".initialized")] for k, a, b, z in zip(waiting, some, notall, onzeros) if (a and b) or z]
     if late:
         more = f" and {len(late) - 1} more" if len(late) > 1 else ""
         raise ConfigError(f"torchrun: quantizer {late[0]}{more} got only zeros in a rank's first batch, so it would "
@@ -243,11 +254,19 @@ def sync_state(model) -> None:
     _all_reduce_named({k: v for k, v in model.named_buffers() if v is not None})
 
 
+def _device():
+    """Where a collective's own tensors live: NCCL reduces CUDA tensors only (a CPU tensor is refused), gloo CPU ones."""
+    import torch
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def reduce_mean(values: list[float]) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
     dist.all_reduce(t)
     return (t / dist.get_world_size()).tolist()
 

@@ -133,9 +133,9 @@ def check_output(out: Any) -> None:
     """The model's output is one tensor of logits: a tuple or dict (logits and features, auxiliary heads) failed with
     "'tuple' object has no attribute 'dim'" (session 27)."""
     if not isinstance(out, Tensor):
-        raise ConfigError(f"the model returned a {type(out).__name__}, not a tensor of logits (N, classes): the default "
-                          "loss and the accuracy need one; return the logits alone, or give the method a loss of its "
-                          "own (Method.loss)")
+        raise ConfigError(f"the model returned a {type(out).__name__}, not a tensor of logits (N, classes): fit's "
+                          "step, loss and accuracy and evaluate need one; return the logits alone (keep features in "
+                          "an attribute or a forward hook)")
 
 
 def check_batch(batch: Any) -> None:
@@ -470,7 +470,7 @@ def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torc
     own_optimizer = optimizer is not None
     if optimizer is None:
         optimizer = default_optimizer(model, method)
-    callbacks = list(callbacks)
+    callbacks = list(callbacks or ())  # None: none (the type check above lets it through)
     method.setup(model, epochs * steps, steps)  # first: a method that refuses the model says so alone
     if own_optimizer:
         _warn_untrained(model, optimizer)

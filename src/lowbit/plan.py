@@ -269,12 +269,10 @@ def traced_ends(model: nn.Module, names: list[str] | None = None
     frontiers: the layers with no conv/linear before them (they read the network input) and those with none after
     them (they make an output), and every layer it calls, in order. Where the model does not trace: the registration order, said in a warning, and no
     frontiers."""
-    import torch.fx as fx
-
     if names is None:
         names = quantizable_names(model)
     try:
-        nodes = list(fx.symbolic_trace(model).graph.nodes)
+        nodes = list(_trace(model).graph.nodes)
     except Exception as e:  # noqa: BLE001 - any model torch.fx cannot trace: the registration order, said
         import warnings
 
@@ -296,6 +294,21 @@ def traced_ends(model: nn.Module, names: list[str] | None = None
     lasts = list(dict.fromkeys(n.target for n in nodes if is_layer[n] and not below[n]))
     ends = (order[0], order[-1]) if order else (names[0], names[-1])
     return ends, (firsts, lasts, order)
+
+
+def _trace(model: nn.Module):
+    """``torch.fx.symbolic_trace`` with every conv/linear layer a leaf: fx traces into a subclass defined outside
+    torch.nn (a user's ``class MyConv(nn.Conv2d)``), whose ``F.conv2d`` then was no call of the layer (session 27:
+    keep_first kept the second conv and quantized the one on the image; "the forward does not call them")."""
+    import torch.fx as fx
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, QUANTIZABLE) or super().is_leaf_module(m, qualname)
+
+    tracer = Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph)
 
 
 def _warn_uncalled(called: list[str], quantized: list[str]) -> None:
@@ -353,7 +366,7 @@ def signed_input_layers(model: nn.Module) -> list[str]:
     from torch import fx
 
     try:
-        gm = fx.symbolic_trace(model)
+        gm = _trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure: the user's model has data-dependent control flow
         raise ConfigError(f"plan.signed_act needs a model torch.fx can trace ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:120]}); name the signed layers in plan.layers instead") from None

@@ -115,10 +115,11 @@ class Method:
         """One optimisation step on ``batch`` (already on the model's device); returns a
         :class:`lowbit.fit.StepResult`. Raises :class:`~lowbit.errors.TrainingDiverged` on a
         non-finite loss before any parameter changes."""
-        from ..fit import StepResult
+        from ..fit import StepResult, check_output
 
         x = batch[0]
         out = model(x)
+        check_output(out)  # before a loss of the method's own: the step returns the output for the accuracy
         loss = self.loss(model, batch, out)
         extra = self.extra_loss(model)
         total = loss if extra is None else loss + extra

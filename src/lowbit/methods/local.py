@@ -228,7 +228,12 @@ class LocalLoss(STE):
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("heads") is not None and self.heads is not None:
-            self.heads.load_state_dict(state["heads"])
+            try:
+                self.heads.load_state_dict(state["heads"])
+            except RuntimeError:  # torch's multi-line "Missing key(s) ..."
+                raise ConfigError("local loss: the saved heads do not fit this version's (before session 27 a flat "
+                                  "block's sim head had no linear layer): a run interrupted before it cannot resume; "
+                                  "train it again") from None
 
     def summary(self, model: nn.Module) -> dict:
         return {"local_blocks": len(self.blocks), "greedy": self.greedy, "beta": self.beta,

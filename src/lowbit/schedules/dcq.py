@@ -462,8 +462,9 @@ def run_dcq(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSp
 
     try:
         plot_dcq(run_dir)
-    except ImportError:  # matplotlib is the optional "plot" extra (as NCE's and ReLeQ's plots)
-        pass
+    except ImportError as e:  # matplotlib is the optional "plot" extra (as NCE's and ReLeQ's plots)
+        if not (e.name or "").startswith("matplotlib"):
+            raise
     return RunResult(run_dir, summary, student)
 
 
