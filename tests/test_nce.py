@@ -258,3 +258,31 @@ def test_quantizing_the_super_network_traces_it_without_a_warning():
     a = sn.net.train()(x)
     sn._mask = [torch.zeros_like(c[0]) for c in sn._cands]  # the hooks still mask outside tracing
     assert not torch.equal(a, sn.net(x))
+
+
+def test_a_mixture_leaves_the_identity_shortcut_unscaled():
+    # TAS mixes conv_b's output before the add; a mask after the add scaled the identity path once more per
+    # block: over resnet20's 3 first-stage blocks a channel only the wider candidate has kept 0.5^4 = 0.0625 of
+    # the stem's activation instead of 0.5
+    torch.manual_seed(0)
+    sn = SuperNet("resnet20", 3, 10, 32, cap=1.0)
+    net = sn.net.eval()
+    with torch.no_grad():
+        for blk in net.layers[0]:  # each first-stage block is then relu(0 + x) = x
+            blk.bn2.weight.zero_()
+            blk.bn2.bias.zero_()
+    ws = []
+    for gi, g in enumerate(sn.groups):
+        v = torch.zeros(g.active)
+        v[0 if gi == 0 else g.active - 1] += 0.5 if gi == 0 else 1.0
+        v[g.active - 1] += 0.5 if gi == 0 else 0.0
+        ws.append(v)
+    sn.set_mix(ws)
+    seen = {}
+    hooks = [net.relu.register_forward_hook(lambda m, a, o: seen.__setitem__("stem", o)),
+             net.layers[0].register_forward_hook(lambda m, a, o: seen.__setitem__("stage", o))]
+    with torch.no_grad():
+        net(torch.randn(2, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(seen["stage"], seen["stem"])

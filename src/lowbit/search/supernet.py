@@ -134,11 +134,14 @@ def _walk_resnet(model: ResNet) -> tuple[dict, list[tuple[str, str]], dict[str, 
             io[f"{p}.conv1"] = (prod, f"{p}.conv1")
             io[f"{p}.conv2"] = (f"{p}.conv1", f"{p}.conv2")
             masks[f"{p}.bn1"] = f"{p}.conv1"
-            masks[p] = f"{p}.conv2"  # the block output, after the add
+            # conv2's branch before the add (TAS mixes conv_b there): a mask after the add scaled the identity
+            # shortcut, already masked upstream, once more per block (w^(B+1) over B blocks of a mixture)
+            masks[f"{p}.bn2"] = f"{p}.conv2"
             if isinstance(block.shortcut, nn.Identity):
                 unions.append((f"{p}.conv2", prod))
             else:
                 io[f"{p}.shortcut.0"] = (prod, f"{p}.conv2")
+                masks[f"{p}.shortcut.1"] = f"{p}.conv2"  # the projection's output (its BatchNorm)
             prod = f"{p}.conv2"
     io["fc"] = (prod, None)
     return io, unions, masks
