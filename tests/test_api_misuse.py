@@ -313,3 +313,38 @@ def test_plan_signed_act_sees_a_users_conv_subclass():
             return self.fc(torch.relu(self.c3(torch.relu(self.c2(self.c1(x))))).mean((2, 3)))
 
     assert signed_input_layers(Net()) == ["c1", "c2"]
+
+
+def test_layers_inside_a_users_linear_subclass_are_called():
+    """A LoRA-style nn.Linear subclass whose forward calls two nn.Linear children: with every conv/linear a leaf of
+    the trace (session 27), the children never appear in it, and quantize warned that "the forward does not call
+    them as modules ... the cost model counts no MACs for them", while their input quantizers run and profile counts
+    their MACs."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    from lowbit.cost import profile
+
+    class LoRALinear(nn.Linear):
+        def __init__(self, i, o, r=2):
+            super().__init__(i, o)
+            self.lora_a, self.lora_b = nn.Linear(i, r, bias=False), nn.Linear(r, o, bias=False)
+
+        def forward(self, x):
+            return F.linear(x, self.weight, self.bias) + self.lora_b(self.lora_a(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), LoRALinear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        m = lowbit.quantize(Net(), {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}})
+    macs = {lc.name: lc.macs for lc in profile(m, torch.randn(1, 1, 8, 8)).layers}
+    assert macs["fc.lora_a"] > 0 and macs["fc.lora_b"] > 0
+    assert not [x for x in w if "does not call them as modules" in str(x.message)]

@@ -364,7 +364,7 @@ def test_budget_table_says_when_the_width_stopped_at_the_cap():
     assert "cap" not in format_table("resnet8", budget, choices)
 
 
-def test_a_results_write_that_failed_leaves_nothing_that_blocks_a_rerun_session27(tmp_path, monkeypatch):
+def test_a_results_write_that_failed_leaves_nothing_that_blocks_a_rerun(tmp_path, monkeypatch):
     """A full disk (or a kill) while results.jsonl was written left ``.results.jsonl.PID.tmp``; every later
     ``lowbit bench`` into that folder was refused ("holds files no lowbit bench wrote")."""
     from pathlib import Path

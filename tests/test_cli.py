@@ -234,7 +234,7 @@ def test_version_and_python_m_lowbit():
     assert out.returncode == 0 and out.stdout.strip() == f"lowbit {lowbit.__version__}"
 
 
-def test_eval_and_export_of_an_unfinished_run_say_so_session27(tmp_path, config, capsys):
+def test_eval_and_export_of_an_unfinished_run_say_so(tmp_path, config, capsys):
     """A run killed after epoch 1 of 2: eval and export reported its interim best.pt as if the run were done."""
     from lowbit.train import run
 
@@ -255,7 +255,7 @@ def test_eval_and_export_of_an_unfinished_run_say_so_session27(tmp_path, config,
     assert "did not finish" not in capsys.readouterr().out
 
 
-def test_a_full_disk_at_the_start_leaves_a_folder_the_same_command_can_use_session27(tmp_path, config, capsys,
+def test_a_full_disk_at_the_start_leaves_a_folder_the_same_command_can_use(tmp_path, config, capsys,
                                                                                    monkeypatch):
     """A disk that filled while config.yaml was written: 'lowbit: error: No space left on device' (no file named)
     and an empty config.yaml that refused the same command afterwards ('already holds a run')."""
@@ -274,7 +274,7 @@ def test_a_full_disk_at_the_start_leaves_a_folder_the_same_command_can_use_sessi
     assert main(argv) == 0  # space freed: the same command trains
 
 
-def test_export_into_a_read_only_or_full_folder_is_one_line_session27(tmp_path, config, capsys, monkeypatch):
+def test_export_into_a_read_only_or_full_folder_is_one_line(tmp_path, config, capsys, monkeypatch):
     """safetensors raises its own SafetensorError for a read-only folder or a full disk: lowbit export ended in a
     traceback (status 1)."""
     import safetensors
@@ -290,3 +290,43 @@ def test_export_into_a_read_only_or_full_folder_is_one_line_session27(tmp_path, 
     monkeypatch.setattr(safetensors.numpy, "save_file", read_only)
     line = err_of(capsys, ["export", str(tmp_path / "run"), "--format", "packed"])
     assert "model.safetensors: could not be written (Read-only file system (os error 30))" in line
+
+
+def test_a_missing_best_pt_promises_a_resume_only_where_it_writes_one(tmp_path, config, capsys):
+    """best.pt deleted from a finished run, or from an unfinished one whose last.pt is not the best epoch: eval said
+    `lowbit train --resume` writes it again, and the resume then failed with 'best.pt: no such checkpoint'."""
+    from lowbit.train import run
+
+    c = load_config(config, TINY[:3] + ["train.epochs=2"] + TINY[4:] + ["data.name=digits"])
+    run(c, tmp_path / "r")
+    (tmp_path / "r" / "best.pt").unlink()
+    msg = err_of(capsys, ["eval", str(tmp_path / "r")])
+    if "writes it again" in msg:  # then the resume must do so
+        assert main(["train", "--resume", str(tmp_path / "r")]) == 0
+
+
+def test_eval_of_a_dcq_run_killed_before_its_fine_tune_says_so(tmp_path, capsys, monkeypatch):
+    """A DCQ run killed after stitching (best.pt: the stitched network, epoch 0) before its first fine-tune epoch
+    wrote last.pt: eval reported the stitched network as the run's result, with no note (unfinished_note looked
+    for last.pt only, which DCQ writes from its first fine-tune epoch on)."""
+    import importlib
+
+    from lowbit.train import run
+
+    base = ["model.name=lenet5", "data.name=fashion-mnist", "data.limit=300", "train.batch_size=100", "train.progress=false",
+            "train.threads=1", "train.epochs=1"]
+    run(load_config(None, base), tmp_path / "teacher")
+    c = load_config(None, base + ["plan.weight={name: twn, bits: 2}",
+                                  f"dcq={{teacher: {tmp_path / 'teacher'}, sections: 2, epochs: 1, finetune_epochs: 1}}"])
+    dcq = importlib.import_module("lowbit.schedules.dcq")
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dcq, "RunFolder", killed)  # built right before the fine-tune's fit
+    with pytest.raises(KeyboardInterrupt):
+        run(c, tmp_path / "s")
+    monkeypatch.undo()
+    assert (tmp_path / "s" / "best.pt").is_file() and not (tmp_path / "s" / "last.pt").exists()
+    assert main(["eval", str(tmp_path / "s")]) == 0
+    assert "did not finish training" in capsys.readouterr().out

@@ -342,7 +342,7 @@ def test_with_workers_an_accuracy_does_not_depend_on_where_it_was_computed():
     assert torch.get_num_threads() == 2  # the caller's threads are left as they were
 
 
-def test_a_kill_while_the_fp32_start_is_saved_leaves_no_truncated_file_session27(tmp_path, monkeypatch):
+def test_a_kill_while_the_fp32_start_is_saved_leaves_no_truncated_file(tmp_path, monkeypatch):
     """Ctrl-C (or a kill) inside torch.save of fp32.pt left half a file: --resume said "no state.json" and a new
     start failed on the truncated file ("not a readable PyTorch weights file") until the user deleted it."""
     import io
@@ -375,3 +375,34 @@ def test_gamma_zero_the_authors_one_step_credit_is_accepted():
 
     _, opts = parse_search_config({**BASE, "releq": {"ppo": {"gamma": 0}}})
     assert opts.ppo.gamma == 0
+
+
+def test_a_kill_while_the_agent_is_saved_leaves_a_search_that_resumes(tmp_path, monkeypatch):
+    """fp32.pt, rng.pt and state.json are written whole or not at all (session 27), agent.zip was not: a kill inside
+    PPO.save left half a zip, and --resume failed with zipfile.BadZipFile."""
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+    import lowbit.search.releq as releq
+
+    cfg = {**BASE, "train": {**BASE["train"], "threads": 1},
+           "releq": {"layers": LAYERS, "episodes": 2, "finetune_steps": 1, "pretrain_epochs": 1, "final_epochs": 1,
+                     "progress": False, "ppo": {"episodes_per_update": 1}}}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    c, opts = releq.load_search_config(path)
+    real, calls = BaseAlgorithm.save, []
+
+    def save(self, p, *a, **k):
+        calls.append(p)
+        real(self, p, *a, **k)
+        if len(calls) == 2:  # the second save (state.json holds the first): killed halfway through the zip
+            data = Path(p).read_bytes() if Path(p).is_file() else Path(str(p) + ".zip").read_bytes()
+            Path(p).write_bytes(data[: len(data) // 2])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(BaseAlgorithm, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        releq.search(c, opts, tmp_path / "s")
+    monkeypatch.setattr(BaseAlgorithm, "save", real)
+    res = releq.search(c, opts, tmp_path / "s", resume=True)
+    assert "releq" in res["methods"]

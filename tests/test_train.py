@@ -294,7 +294,7 @@ def test_a_saved_run_with_milestones_it_ignored_still_loads(tmp_path):
     assert cfg.train.milestones == [] and cfg.train.schedule == "cosine"
 
 
-def test_a_kill_between_the_two_checkpoints_keeps_best_pt_and_its_record_together_session27(tmp_path, fmnist_small,
+def test_a_kill_between_the_two_checkpoints_keeps_best_pt_and_its_record_together(tmp_path, fmnist_small,
                                                                                              monkeypatch):
     """Killed between the two checkpoint writes of an epoch that improved validation: best.pt held the killed
     epoch while last.pt recorded the earlier best; a resume whose retrained epoch did not reproduce it bit for bit
@@ -329,3 +329,47 @@ def test_a_kill_between_the_two_checkpoints_keeps_best_pt_and_its_record_togethe
     best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
     assert best["epoch"] == res.summary["best_epoch"] == 2
     assert res.summary["best_val_acc"] == 0.20
+
+
+def test_resuming_an_old_order_folder_killed_between_best_and_last_is_refused(tmp_path, fmnist_small,
+                                                                                     monkeypatch):
+    """Before session 27 best.pt was written before last.pt: a kill between them left best.pt at the killed epoch,
+    newer than last.pt, whose record names an earlier best epoch. complete_best only repairs the case where last.pt
+    is itself the best epoch; otherwise a resume whose retrained epoch did not improve kept the killed epoch's
+    weights in best.pt under the earlier epoch's name and accuracy."""
+    import importlib
+
+    from lowbit.errors import ConfigError
+
+    fit_module = importlib.import_module("lowbit.fit")
+    train_module = importlib.import_module("lowbit.train")
+    val_acc = iter([0.20, 0.10, 0.30, 0.15])  # epochs 1, 2, 3 as trained; then epoch 3 trained again
+    real_evaluate, real_save = fit_module.evaluate, train_module._save
+
+    def evaluate(*a, **k):
+        return {**real_evaluate(*a, **k), "acc": next(val_acc)}
+
+    saves = []
+
+    def save(path, obj):  # the old order at epoch 3: best.pt written, then killed before last.pt
+        if path.name in ("best.pt", "last.pt"):
+            saves.append(path.name)
+            if len(saves) == 4:
+                real_save(path.with_name("best.pt"), {"model": obj["model"], "epoch": 3, "method": obj["method"],
+                                                      **({"config": obj["config"]} if "config" in obj else {})})
+                raise KeyboardInterrupt
+        real_save(path, obj)
+
+    monkeypatch.setattr(fit_module, "evaluate", evaluate)
+    monkeypatch.setattr(train_module, "_save", save)
+    c = cfg(*W2A4, "train.threads=1", epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(c, tmp_path / "r", data=fmnist_small)
+    monkeypatch.setattr(train_module, "_save", real_save)
+    try:
+        res = run(c, tmp_path / "r", resume=True, data=fmnist_small)
+    except ConfigError as e:  # refused: epoch 1's weights are gone
+        assert "best.pt holds epoch 3" in str(e)
+        return
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+    assert best["epoch"] == res.summary["best_epoch"]

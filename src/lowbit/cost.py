@@ -249,7 +249,8 @@ def _is_quantizer(module: nn.Module) -> bool:
 
 def _visible_children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Children the cost model looks at: no quantizers, no parametrize containers."""
-    if isinstance(module, _LAYER_TYPES):
+    if isinstance(module, _LAYER_TYPES):  # a layer's own children are quantizer state, except layers it calls
+        yield from ((n, c) for n, c in module.named_children() if isinstance(c, _LAYER_TYPES))  # (a LoRA-style subclass)
         return
     skip_param = parametrize.is_parametrized(module)
     for cname, child in module.named_children():

@@ -317,7 +317,9 @@ def _warn_uncalled(called: list[str], quantized: list[str]) -> None:
     plan table and ``layer_bits`` gave it 2-bit inputs and ``cost.profile`` counted no MACs for it)."""
     import warnings
 
-    missed = [n for n in quantized if n not in set(called)]
+    # a layer inside a called one (a LoRA-style nn.Linear subclass calling its own nn.Linear children): the trace
+    # keeps every conv/linear a leaf (:func:`_trace`), so it does not see the inner call
+    missed = [n for n in quantized if n not in set(called) and not any(n.startswith(c + ".") for c in called)]
     if missed:
         shown = ", ".join(missed[:6]) + (", ..." if len(missed) > 6 else "")
         warnings.warn(f"layer(s) {shown}: the forward does not call them as modules (unused, or their weight used "

@@ -167,6 +167,9 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
         done = sum(1 for ln in metrics.read_text().splitlines() if ln.strip()) if metrics.is_file() else 0
         why = ("best.pt is missing although last.pt is there: it was deleted or moved, or the run was killed before "
                f"writing it; `lowbit train --resume {run_dir}` writes it again"
+               if (run_dir / "last.pt").is_file() and _resume_writes_best(run_dir) else
+               "best.pt is missing although last.pt is there: it was deleted or moved (last.pt does not hold the best "
+               "epoch, so a resume cannot write it again)"
                if (run_dir / "last.pt").is_file() else
                f"metrics.jsonl records {done} finished epoch(s), but the checkpoints are not in the folder: deleted, "
                "or not copied or committed with it" if done else "the run did not finish an epoch")
@@ -183,11 +186,25 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
     return cfg, data, model, ck
 
 
+def _resume_writes_best(run_dir: Path) -> bool:
+    """Whether ``--resume`` would write a missing best.pt (:func:`complete_best`): an unfinished run whose last.pt is
+    its best epoch."""
+    if (run_dir / "summary.json").is_file():
+        return False
+    try:
+        ck = load_checkpoint(run_dir / "last.pt", map_location="cpu")
+    except ConfigError:
+        return False
+    return (ck.get("best") or {}).get("epoch") == ck.get("epoch", -2) + 1
+
+
 def unfinished_note(run_dir: str | Path) -> str:
     """'' for a finished run folder (summary.json); else a note that its best.pt is the best epoch so far of a run
     that did not finish (killed, interrupted): eval and export said nothing of it before session 27."""
     run_dir = Path(run_dir)
-    if (run_dir / "summary.json").is_file() or not (run_dir / "last.pt").is_file():
+    # a DCQ run (sections.json) writes best.pt (the stitched network) before its fine-tune's first last.pt
+    if (run_dir / "summary.json").is_file() or not ((run_dir / "last.pt").is_file()
+                                                      or (run_dir / "sections.json").is_file()):
         return ""
     metrics = run_dir / "metrics.jsonl"
     done = sum(1 for ln in metrics.read_text().splitlines() if ln.strip()) if metrics.is_file() else 0
@@ -327,8 +344,15 @@ def complete_best(run_dir: Path, ck: dict, device=None) -> None:
     between the two writes of :class:`RunFolder`), write ``best.pt`` from ``last.pt``. Not in a finished run (summary.json):
     its best.pt was whole when it finished, so a missing one was deleted and stays an error."""
     best, path = ck.get("best") or {}, run_dir / "best.pt"
-    if best.get("epoch") == ck["epoch"] + 1 and not (run_dir / "summary.json").is_file() and (
-            not path.is_file() or load_checkpoint(path, map_location=device)["epoch"] != best["epoch"]):
+    if (run_dir / "summary.json").is_file():
+        return
+    held = load_checkpoint(path, map_location=device)["epoch"] if path.is_file() else None
+    if held is not None and held > ck["epoch"] + 1 and held != best.get("epoch"):
+        # written before last.pt by lowbit before session 27, then killed: the recorded best epoch's weights are gone
+        raise ConfigError(f"{path} holds epoch {held}, newer than last.pt (epoch {ck['epoch'] + 1}, whose best is epoch "
+                          f"{best.get('epoch')}): the run was killed between its checkpoints by a lowbit before session "
+                          f"27, and epoch {best.get('epoch')}'s weights are gone; train it anew (another --out)")
+    if best.get("epoch") == ck["epoch"] + 1 and held != best["epoch"]:
         _save(path, best_checkpoint(ck["model"], best["epoch"], ck.get("method", {}), ck.get("config")))
 
 

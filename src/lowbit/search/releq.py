@@ -329,7 +329,9 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
     rng_path = out / "rng.pt"
 
     def save() -> None:
-        model.save(agent_path)
+        tmp = agent_path.with_name("agent.tmp.zip")  # a kill inside PPO.save left half a zip no resume could load
+        model.save(tmp)
+        tmp.replace(agent_path)
         # the random state the agent samples its actions from: PPO.load seeds it anew from opts.seed, and a resumed
         # search then replayed its first episodes (before session 23)
         tmp = rng_path.with_suffix(".tmp")

@@ -4,7 +4,8 @@ The zoo model is built once at the largest allowed width of every layer (the *ca
 ordinary per-layer widths mechanism (``create_model(channels=...)``, :mod:`lowbit.models.channels`),
 so ``lowbit.quantize`` applies the plan to it unchanged. Every conv is computed at the cap width; a
 candidate width ``c`` of a layer is the first ``c`` output channels. A forward hook multiplies the
-layer's output (after its BatchNorm, or after a residual block's add) by a channel mask:
+layer's output (after its BatchNorm; in a residual block conv2's and the projection shortcut's BatchNorm,
+before the add) by a channel mask:
 
 * one candidate: ``mask[j] = 1[j < c]``: the network then computes exactly what a network built
   with those widths and the sliced weights computes (tests/test_nce.py checks it);
