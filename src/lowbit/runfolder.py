@@ -306,6 +306,6 @@ def atomic_write(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException as e:  # a full disk, Ctrl-C: no half-written temp file left behind (it blocked a bench rerun)
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:  # a write error names no file: say which
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # say which file
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
