@@ -55,18 +55,21 @@ def test_fit_refuses_a_method_that_cannot_train_the_models_layers():
     lowbit.fit(plain, _batches(), method=STE())  # a new STE on plain quantizers: fine
 
 
+class Pair(nn.Module):
+    """Returns (logits, features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc(h), h
+
+
 def test_a_model_output_that_is_not_logits_is_one_line():
     """A forward returning (logits, features) or a dict failed in fit and evaluate with "'tuple' object has no
     attribute 'dim'"; logits (N, classes, 1, 1) (no flatten) with torch's "only batches of spatial targets"."""
-    class Pair(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 3)
-
-        def forward(self, x):
-            h = torch.relu(self.conv(x)).mean((2, 3))
-            return self.fc(h), h
-
     class NoFlatten(nn.Module):
         def __init__(self):
             super().__init__()
@@ -271,15 +274,6 @@ def test_a_tuple_output_is_one_line_with_a_loss_of_the_methods_own():
     import torch.nn.functional as F
 
     from lowbit.methods import STE
-
-    class Pair(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 3)
-
-        def forward(self, x):
-            h = torch.relu(self.conv(x)).mean((2, 3))
-            return self.fc(h), h
 
     class OwnLoss(STE):
         def loss(self, model, batch, output):

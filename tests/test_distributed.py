@@ -137,6 +137,23 @@ def test_priming_takes_the_global_max_for_lsq_init_max(tmp_path):
     assert a["1.step"].item() == pytest.approx(2 * 1.5 / 15 ** 0.5)  # the paper's init: the mean of 2 mean|v| / sqrt(Qp)
 
 
+def _prime_and_write(model, batch, path):
+    """Prime on this rank's batch; write "primed" or the error's message to ``path``; leave the process group."""
+    import torch.distributed as dist
+
+    from lowbit import distributed
+    from lowbit.errors import ConfigError
+
+    try:
+        distributed.prime_quantizers(model, batch)
+        msg = "primed"
+    except ConfigError as e:
+        msg = str(e)
+    with open(path, "w") as f:
+        f.write(msg)
+    dist.destroy_process_group()
+
+
 def _zeros_rank(r: int, port: int, out: str) -> None:
     import datetime
 
@@ -144,21 +161,12 @@ def _zeros_rank(r: int, port: int, out: str) -> None:
 
     os.environ.update(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from lowbit import distributed
-    from lowbit.errors import ConfigError
     from lowbit.quant import build_quantizer
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))  # a hang fails the test in 20 s
     model = torch.nn.Sequential(build_quantizer("minmax", 4, role="act"), torch.nn.Linear(3, 2))
     x = torch.full((2, 3), 3.0) if r == 0 else torch.zeros(2, 3)  # rank 1's first batch: only zeros
-    try:
-        distributed.prime_quantizers(model, (x, torch.zeros(2, dtype=torch.long)))
-        msg = "primed"
-    except ConfigError as e:
-        msg = str(e)
-    with open(os.path.join(out, f"zeros{r}.txt"), "w") as f:
-        f.write(msg)
-    dist.destroy_process_group()
+    _prime_and_write(model, (x, torch.zeros(2, dtype=torch.long)), os.path.join(out, f"zeros{r}.txt"))
 
 
 def test_a_quantizer_that_starts_on_some_ranks_only_is_one_line_on_every_rank(tmp_path):
@@ -180,8 +188,6 @@ def _uncalled_rank(r: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import lowbit
-    from lowbit import distributed
-    from lowbit.errors import ConfigError
 
     class Functional(torch.nn.Module):
         def __init__(self):
@@ -199,14 +205,8 @@ def _uncalled_rank(r: int, port: int, out: str) -> None:
         warnings.simplefilter("ignore")  # quantize warns about b
         model = lowbit.quantize(Functional(), {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "lsq", "bits": 2}})
     torch.manual_seed(r)
-    try:
-        distributed.prime_quantizers(model, (torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)))
-        msg = "primed"
-    except ConfigError as e:
-        msg = str(e)
-    with open(os.path.join(out, f"uncalled{r}.txt"), "w") as f:
-        f.write(msg)
-    dist.destroy_process_group()
+    _prime_and_write(model, (torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)),
+                     os.path.join(out, f"uncalled{r}.txt"))
 
 
 def test_a_quantizer_no_rank_ran_does_not_stop_priming(tmp_path):
