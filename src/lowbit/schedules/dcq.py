@@ -457,7 +457,9 @@ def run_dcq(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSp
     summary = make_summary(cfg, student, data, test, best)
     summary["dcq"] = dcq_record(cfg, data, described, records, stitched_val, stitched_test,
                                 sections_wall if todo else None, len(todo))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from ..runfolder import atomic_write
+
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")  # whole or absent: it marks a finished run
     from ..viz.dcq import plot_dcq
 
     try:
