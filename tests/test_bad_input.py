@@ -139,6 +139,7 @@ CASES = [
     ("augment-text", {"c.yaml": OK.replace("limit: 100", "limit: 100, augment: maybe")}, ["info", "{d}/c.yaml"], "config.data.augment"),
     ("width-0", {"c.yaml": OK.replace("width: 0.25", "width: 0")}, ["info", "{d}/c.yaml"], "width"),
     ("width-neg", {"c.yaml": OK.replace("width: 0.25", "width: -1")}, ["info", "{d}/c.yaml"], "width"),
+    ("name-slash", {"c.yaml": "name: a/b\n" + OK}, ["train", "{d}/c.yaml"], "name 'a/b': the run folder is out_dir/NAME-TIME, so name must be a folder name without '/'"),
     ("width-huge", {"c.yaml": OK.replace("width: 0.25", "width: 10000")}, ["info", "{d}/c.yaml"], "model resnet8 (width=10000): not enough memory to build it (one tensor of 921,600,000,000 bytes)"),
     ("activation", {"c.yaml": OK.replace("width: 0.25", "width: 0.25, activation: gelu")}, ["info", "{d}/c.yaml"], "activation"),
     ("bits-0", {"c.yaml": OK + "plan: {weight: {name: sawb, bits: 0}}\n"}, ["info", "{d}/c.yaml"], "plan.weight: quantizer 'sawb' supports bits 1..8, got 0"),

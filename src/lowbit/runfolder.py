@@ -88,6 +88,9 @@ def new_run_dir(out_dir: str | Path, name: str, stamp: str | None = None) -> Pat
     """A new, empty folder ``OUT/NAME-STAMP`` (``-2``, ``-3``, ... when taken), created atomically so
     that two processes started in the same second never share one."""
     stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    if not name or any(c in name for c in "/\\\0"):  # before session 27: "No such file or directory"
+        raise ConfigError(f"name {name!r}: the run folder is out_dir/NAME-TIME, so name must be a folder name without "
+                          "'/' (put folders in out_dir, or give --out)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for k in range(1, 10_000):
