@@ -361,3 +361,21 @@ def test_act_rule_codes_reproduce_a_collapsed_range(name, bits):
     with torch.no_grad():
         want = q(xt).numpy()
     assert np.array_equal(a.values(a.codes(xt.numpy())), want)
+
+
+@pytest.mark.parametrize("name", ["minmax", "uniform"])
+def test_integer_mode_refuses_a_collapsed_activation_range(name):
+    """The integer network clamps a tensor to 2^bits codes; a collapsed range's quantizer uses fewer (session 27's
+    grid: code 0 only), so the integer network could give codes PyTorch never does: refused in one line."""
+    from lowbit.export.intgraph import tensor_q
+
+    q = warm(build_quantizer(name, 4, role="act"), torch.zeros(8, 6, 3, 3))
+    with torch.no_grad():
+        q(torch.zeros(8, 6, 3, 3))
+    with pytest.raises(ConfigError, match="uses 1 codes, not 2\\^bits: its range collapsed"):
+        tensor_q(act_quant(q, "t"), "t")
+    ok = warm(build_quantizer("uniform", 4, role="act"), torch.rand(8, 6, 3, 3))  # 0 on its grid
+    with torch.no_grad():
+        ok(torch.rand(8, 6, 3, 3))
+    assert tensor_q(act_quant(ok, "t"), "t").bits == 4
+

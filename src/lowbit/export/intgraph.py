@@ -81,6 +81,10 @@ def tensor_q(a: ActQuant, where: str) -> TensorQ:
                           f"(zero point {z:.4g}); use a grid with 0 on it (pact, lsq, uniform)")
     n = a.qmax - a.qmin + 1
     bits = max(1, int(np.ceil(np.log2(n))))
+    if n != 2**bits:  # the integer network clamps to 2^bits codes: it would give codes the quantizer never does
+        raise ConfigError(f"integer mode: tensor '{where}': quantizer '{a.quantizer}' uses {n} codes, not 2^bits: its "
+                          "range collapsed (calibrated on constant inputs, e.g. a layer dead on the data seen); train "
+                          "with data that reaches it, or keep the layer in full precision")
     if bits > 8:
         raise ConfigError(f"integer mode: tensor '{where}' has {bits}-bit codes; at most 8")
     return TensorQ(bits, int(round(z)), step)
