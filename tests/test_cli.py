@@ -1,5 +1,6 @@
 """The CLI: every bad input is one line naming the field and the allowed values; no traceback."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -247,6 +248,8 @@ def test_eval_and_export_of_an_unfinished_run_say_so(tmp_path, config, capsys):
         run(c, tmp_path / "r", callbacks=[kill])
     assert main(["eval", str(tmp_path / "r")]) == 0
     assert "did not finish training (1 epoch(s)" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "r"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unfinished"] is True  # --json: stdout is the JSON alone
     assert main(["export", str(tmp_path / "r"), "--format", "packed"]) == 0
     assert f"lowbit train --resume {tmp_path / 'r'}` continues it" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "r")]) == 0

@@ -112,6 +112,7 @@ def cmd_eval(args) -> int:
 
     if unfinished_note(args.run_dir):
         text += "\n" + unfinished_note(args.run_dir)
+        summary["unfinished"] = True  # --json: a script sees it too (the note goes to stderr there)
     if at_training is not None and not math.isnan(val["acc"]) and at_training != val["acc"]:
         text += (f"\nnote            validation {100 * val['acc']:.2f}% as evaluated now; training picked the epoch at "
                  f"{100 * at_training:.2f}%" + (" (before train.bn_recalibrate)" if cfg.train.bn_recalibrate else ""))
