@@ -333,3 +333,21 @@ def test_eval_of_a_dcq_run_killed_before_its_fine_tune_says_so(tmp_path, capsys,
     assert (tmp_path / "s" / "best.pt").is_file() and not (tmp_path / "s" / "last.pt").exists()
     assert main(["eval", str(tmp_path / "s")]) == 0
     assert "did not finish training" in capsys.readouterr().out
+
+
+def test_a_closed_output_pipe_is_one_line_with_the_runs_state(tmp_path, capsys, monkeypatch):
+    """`lowbit train ... | head -1`: the summary's print met a closed pipe and the finished run ended in
+    'lowbit: error: Broken pipe' with status 2 (a file error's form)."""
+    import argparse
+    import os
+
+    from lowbit import cli
+
+    def func(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(os, "dup2", lambda *a: None)  # pytest's captured stdout stays
+    (tmp_path / "summary.json").write_text("{}")
+    assert cli._dispatch(argparse.Namespace(func=func, run_folder=tmp_path)) == 141
+    assert capsys.readouterr().err.strip() == (f"lowbit: output closed (broken pipe); the run finished: "
+                                               f"`lowbit eval {tmp_path}` shows its result")

@@ -552,6 +552,14 @@ def _dispatch(args) -> int:
         elif not isinstance(e, ConfigError):  # a config is refused alike on every torchrun rank: rank 0 says it
             print(f"lowbit: error (rank {rank}): {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout's reader went away (`| head`): not a file error; say so on stderr, as SIGPIPE
+        try:  # would end the process (128 + 13); no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        hint = _resume_hint(getattr(args, "run_folder", None))
+        print("lowbit: output closed (broken pipe)" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 141
     except OSError as e:  # a full disk, a read-only folder, a missing permission: one line naming the file
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"lowbit: error: {where}{e.strerror or e}", file=sys.stderr)
@@ -566,6 +574,8 @@ def _dispatch(args) -> int:
 def _resume_hint(run_dir) -> str:
     if run_dir is None:  # not lowbit train: its own command's --resume, where it has one, says what to do
         return ""
+    if (Path(run_dir) / "summary.json").is_file():  # it finished before the interruption
+        return f"the run finished: `lowbit eval {run_dir}` shows its result"
     if (Path(run_dir) / "last.pt").is_file():
         return f"continue with `lowbit train --resume {run_dir}`"
     return f"{run_dir} holds no finished epoch yet: start the same command again (into the same --out, or anew)"
