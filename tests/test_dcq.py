@@ -460,3 +460,21 @@ def test_a_ray_dcq_run_without_ray_is_refused_before_its_run_folder(tmp_path, mo
     assert [p.name for p in (tmp_path / "dcq").iterdir()] == [".lock"]
     assert main(["train", str(config), "--out", str(tmp_path / "cli")]) == 2
     assert not (tmp_path / "cli").exists()  # a start that wrote nothing leaves no folder
+
+
+def test_dqa_in_a_dcq_section_normalises_its_penalty_by_the_whole_network():
+    # 003 eq. 6: S is the number of weights of the whole network; a section trained alone (fit(view, ...))
+    # counted only its own layers, so the same lam pushed a 3-section cut's first section 15x harder
+    from lowbit.methods.dqa import network_weights
+
+    torch.manual_seed(0)
+    plan = {"weight": {"name": "minmax", "bits": 2},
+            "method": {"name": "dqa", "mixture": [{"name": "minmax", "bits": 4}, {"name": "minmax", "bits": 8}]}}
+    student = quantize(create_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=0.25), plan)
+    ex = torch.randn(2, 1, 28, 28)
+    bl = blocks(student, ex)
+    cut = plan_cut(bl, 3, block_macs(bl, ex))
+    method = quant_state(student).method
+    for i in range(cut.n):
+        method.setup(section_view(student, cut, i), 10, 5)
+        assert method.S == network_weights(student)

@@ -103,7 +103,7 @@ class DQA(MixtureMethod):
     # -- schedule --------------------------------------------------------------------------------
     def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
         super().setup(model, total_steps, steps_per_epoch)
-        self.S = network_weights(model)
+        self.S = network_weights(getattr(model, "whole_network", model))  # a DCQ section: the whole student's
         self._att = [m for _, _, m in mixture_layers(model)]
         self._set_temperature(self.t0)
 

@@ -166,6 +166,7 @@ def section_view(model: nn.Module, cut: Cut, i: int) -> nn.Sequential:
     """Section ``i`` of a (quantized) model as an ``nn.Sequential`` sharing its modules, with a
     quant state holding the section's layers (so ``fit`` and the method see a quantized model)."""
     view = section_modules(block_list(model), cut)[i]
+    object.__setattr__(view, "whole_network", model)  # DQA's S (003 eq. 6) counts the whole network's weights
     qs = quant_state(model)
     if qs is not None:
         inside = {id(m) for m in view.modules()}
