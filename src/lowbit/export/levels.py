@@ -298,7 +298,9 @@ def act_quant(q: nn.Module | None, layer: str) -> ActQuant | None:
         raise ConfigError(f"layer '{layer}': input quantizer {type(q).__name__} is not a lowbit Quantizer{what}")
     try:
         d = q.describe()
-    except RuntimeError:
+    except RuntimeError as e:
+        if q.__dict__.get("_ran", False):  # it ran and has no levels: a quantizer that does not record them
+            raise ConfigError(f"layer '{layer}': {e}") from None
         raise ConfigError(f"layer '{layer}': its input quantizer has not run yet; run one forward pass") from None
     if d.levels is None:
         return None  # full precision

@@ -86,7 +86,8 @@ class QuantDescription:
 class Quantizer(nn.Module):
     """Base class: ``forward(x) -> x_q`` with a straight-through gradient.
 
-    Subclasses set the class attributes below and implement ``quantize(x)`` and ``_levels()``.
+    Subclasses set the class attributes below and implement ``quantize(x)``, which records the levels it maps onto
+    (``self.clip_round(x, low, high)`` does; otherwise ``self.record_levels(levels)``).
     """
 
     alias: ClassVar[str] = ""
@@ -119,6 +120,7 @@ class Quantizer(nn.Module):
 
     # -- interface ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        self.__dict__["_ran"] = True  # a plain flag (no Module.__setattr__ per call): levels() says why none
         return self.quantize(x)
 
     def quantize(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -127,6 +129,9 @@ class Quantizer(nn.Module):
     def levels(self) -> Tensor:
         """The sorted value set this quantizer maps onto now ((L,) or (C, L) per channel)."""
         if self._last_levels is None:
+            if self.__dict__.get("_ran", False):  # it ran: its quantize() did not say what it maps onto
+                raise RuntimeError(f"{type(self).__name__}.quantize() recorded no levels: call self.record_levels(levels) "
+                                   "in it (self.clip_round(x, low, high) records them)")
             raise RuntimeError(f"{type(self).__name__}.levels(): call the quantizer on a tensor first")
         return self._last_levels
 
@@ -227,6 +232,7 @@ class Quantizer(nn.Module):
             self._bits_changed()
             raise
         self._last_levels = None
+        self.__dict__["_ran"] = False
 
     def _bits_changed(self) -> None:
         """Hook: update what depends on ``self.bits`` (the default has nothing to update)."""
@@ -262,6 +268,9 @@ def register_quantizer(alias: str) -> Callable[[type[Quantizer]], type[Quantizer
     """Class decorator: make a quantizer buildable by name (``build_quantizer(alias, ...)``)."""
 
     def deco(cls: type[Quantizer]) -> type[Quantizer]:
+        if not (isinstance(cls, type) and issubclass(cls, Quantizer)) or cls.quantize is Quantizer.quantize:
+            raise TypeError(f"quantizer '{alias}': register a subclass of lowbit.quant.Quantizer that implements "
+                            "quantize(x) -> x_q")
         cls.alias = alias
         return _REGISTRY.register(alias)(cls)
 

@@ -146,6 +146,7 @@ class _ClipRound(torch.autograd.Function):
     Backward (clipped STE, PACT's rule for the upper clip):
         dq/dx    = 1[low <= x <= high]
         dq/dhigh = 1[x > high]          (only when ``high`` requires grad: PACT's learned alpha)
+        dq/dlow  = 1[x < low]           (only when ``low`` requires grad: a learned offset)
 
     This runs on every activation of every step: a per-tensor range is read once as Python
     floats and the forward is one clamp plus in-place ops (no sub/add when low = 0, post-ReLU).
@@ -155,6 +156,7 @@ class _ClipRound(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, low: Tensor, high: Tensor, n_steps: int):
         ctx.native = None
+        ctx.shapes = (low.shape, high.shape)
         if not _compiled.active(x) and _native.active(x):  # the default on CPU: one native pass
             lo, hi, step = _bounds(low, high, n_steps)
             if isinstance(lo, float):
@@ -172,6 +174,13 @@ class _ClipRound(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         (x,) = ctx.saved_tensors
         lo, hi = ctx.range
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] and ctx.shapes[1].numel() > 1:
+            # a learned low, or a learned per-channel high: before session 27 low got no gradient (None, silently)
+            # and a per-channel high failed in autograd (a 0-dim gradient for a (C, 1, ...) tensor)
+            gx = clip_mask_grad(g, x, lo, hi) if ctx.needs_input_grad[0] else None
+            glow = torch.where(x < lo, g, 0).sum_to_size(ctx.shapes[0]) if ctx.needs_input_grad[1] else None
+            ghigh = torch.where(x > hi, g, 0).sum_to_size(ctx.shapes[1]) if ctx.needs_input_grad[2] else None
+            return gx, glow, ghigh, None
         if ctx.native is not None:  # one pass: dx (bit-identical to the eager mask) and Σ g·1[x > hi]
             gx, _, above = _native.mix_bwd(g, x, [lo], [hi], [ctx.native],
                                            [(lo, hi, 1.0)] if ctx.needs_input_grad[0] else None, True, False,
