@@ -81,3 +81,36 @@ def test_clip_round_gives_a_learned_per_channel_high_its_gradient():
     x = torch.linspace(-3, 3, 40).reshape(4, 10)
     q(x).sum().backward()  # was: RuntimeError, a 0-dim gradient for a (4, 1) parameter
     assert q.high.grad.flatten().tolist() == (x > 1).sum(1).float().tolist()
+
+
+def test_a_notebook_cell_run_twice_registers_its_quantizer_again():
+    """Running the cell that defines and registers a quantizer a second time raised "already registered"; the same
+    definition (module and qualified name) now replaces it. Another object under a taken name, or a built-in's name,
+    stays an error naming who holds it."""
+    import lowbit.quant.base as qbase
+    from lowbit.quant import Quantizer, build_quantizer, register_quantizer
+
+    def cell():
+        @register_quantizer("cell_q")
+        class CellQ(Quantizer):
+            min_bits, max_bits = 1, 8
+
+            def quantize(self, x):
+                return self.clip_round(x, torch.tensor(0.0), torch.tensor(1.0))
+
+        return CellQ
+
+    try:
+        first, second = cell(), cell()
+        assert type(build_quantizer("cell_q", 2)) is second is not first
+
+        class Other(Quantizer):
+            def quantize(self, x):
+                return x
+
+        with pytest.raises(ConfigError, match=r"quantizer 'cell_q' is already registered \(by .*cell.<locals>.CellQ\)"):
+            register_quantizer("cell_q")(Other)
+        with pytest.raises(ConfigError, match=r"quantizer 'pact' is already registered \(by lowbit.quant"):
+            register_quantizer("pact")(Other)
+    finally:
+        qbase._REGISTRY._entries.pop("cell_q", None)

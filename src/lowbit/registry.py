@@ -29,11 +29,14 @@ class Registry:
         self._entries: dict[str, Any] = {}
 
     def register(self, name: str) -> Callable[[Any], Any]:
-        """Decorator: register ``obj`` under ``name`` (twice is a programming error)."""
+        """Decorator: register ``obj`` under ``name``. Another object under a taken name is an error; the same
+        definition again (a notebook cell run twice: same module and qualified name) replaces it."""
 
         def deco(obj):
-            if name in self._entries:
-                raise ConfigError(f"{self.kind} '{name}' is already registered")
+            old = self._entries.get(name)
+            if old is not None and not _same_definition(old, obj):
+                raise ConfigError(f"{self.kind} '{name}' is already registered"
+                                  + (f" (by {_where(old)})" if _where(old) else ""))
             self._entries[name] = obj
             return obj
 
@@ -72,3 +75,14 @@ class Registry:
                     raise ConfigError(f"{self.kind} '{name}' option {k} must be true or false, got {v!r}")
                 if isinstance(v, bool) and is_number_annotation(ann):  # float(True) is 1
                     raise ConfigError(f"{self.kind} '{name}' option {k} must be a number, got {str(v).lower()}")
+
+
+def _where(obj) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}".strip(".")
+
+
+def _same_definition(old, new) -> bool:
+    """Whether ``new`` is ``old`` defined again (its module and qualified name), not another object: a built-in keeps
+    its name (its module is lowbit's, a user's is not)."""
+    return old is new or (_where(old) == _where(new) != "" and not _where(old).startswith("lowbit."))
+
