@@ -368,14 +368,14 @@ class _Trace:
 
 
 def _run(model: nn.Module, x: torch.Tensor, bits: dict[str, LayerBits]) -> _Trace:
-    from .fit import check_model
+    from .fit import check_model, match_dtype
 
     check_model(model)
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1:
         raise ConfigError("example_input must be a tensor with a batch dimension (shape[0] >= 1)")
-    p = next((t for t in model.parameters() if t.is_floating_point()), None)
-    if p is not None and x.is_floating_point() and x.dtype != p.dtype:  # only the shapes count: a float64 model
-        x = x.to(p.dtype)  # took a float32 input with torch's "Input type (float) and bias type (double)"
+    # only the shapes count: a float64 model took a float32 input with torch's "Input type (float) and bias type
+    # (double)"
+    (x,) = match_dtype((x,), model)
     batch = x.shape[0]
     trace = _Trace()
     keep: list[torch.Tensor] = []  # hold every activation so data pointers are not reused

@@ -145,15 +145,20 @@ def check_batch(batch: Any) -> None:
         raise ConfigError(f"a batch must be a tuple (x, y, ...) of inputs and labels, got {what}")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The model's floating type (its first floating parameter's), or None where it has none."""
+    return next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
+
+
 def match_dtype(batch: Any, model: nn.Module) -> Any:
     """Floating inputs in the model's floating type (float64 or float16 images failed with torch's "expected
     scalar type Double but found Float"); integer images are left alone (they are not normalised)."""
-    p = next((t for t in model.parameters() if t.is_floating_point()), None)
-    if p is None or not isinstance(batch, (tuple, list)) or not batch or not isinstance(batch[0], Tensor):
+    dt = model_dtype(model)
+    if dt is None or not isinstance(batch, (tuple, list)) or not batch or not isinstance(batch[0], Tensor):
         return batch
     x = batch[0]
-    if x.is_floating_point() and x.dtype != p.dtype:
-        return type(batch)([x.to(p.dtype), *batch[1:]])
+    if x.is_floating_point() and x.dtype != dt:
+        return type(batch)([x.to(dt), *batch[1:]])
     return batch
 
 

@@ -203,10 +203,10 @@ class Plan(BaseModel):
 
     # -- resolution ----------------------------------------------------------------------------
     def resolve(self, model: nn.Module, ends: tuple[str, str] | None = None,
-                frontiers: tuple[list[str], ...] | None = None) -> list["LayerPlan"]:
+                frontiers: tuple[list[str], list[str], list[str]] | None = None) -> list["LayerPlan"]:
         """One :class:`LayerPlan` per conv/linear layer of ``model`` (registration order). ``ends``: the first and
-        last layer, ``frontiers``: every layer at either end (:func:`traced_ends`; traced here when ``ends`` is not
-        given)."""
+        last layer, ``frontiers``: every layer at either end and every layer the forward calls (:func:`traced_ends`;
+        traced here when ``ends`` is not given)."""
         names = quantizable_names(model)
         modules = dict(model.named_modules())
         w = {n: self.weight for n in names}
@@ -246,7 +246,7 @@ class Plan(BaseModel):
                                   stacklevel=3)
                 w[n] = _apply(w[n], self.weight, ov.weight, f"plan.layers.{pattern}.weight")
                 a[n] = _apply(a[n], self.act, ov.act, f"plan.layers.{pattern}.act")
-        if frontiers is not None and len(frontiers) > 2:
+        if frontiers is not None:
             _warn_uncalled(frontiers[2], [n for n in names if w[n] is not None or a[n] is not None])
         if frontiers is not None and (self.keep_first or self.keep_last):
             _warn_other_ends(frontiers, first if self.keep_first else None, last if self.keep_last else None,
@@ -267,8 +267,8 @@ def traced_ends(model: nn.Module, names: list[str] | None = None
     """From one ``torch.fx`` trace: the first and the last conv/linear layer the forward calls (a user's module may
     register its classifier before its convs: before session 23 the registration order picked them), and the
     frontiers: the layers with no conv/linear before them (they read the network input) and those with none after
-    them (they make an output), and every layer it calls, in order. Where the model does not trace: the registration order, said in a warning, and no
-    frontiers."""
+    them (they make an output), and every layer it calls, in order. Where the model does not trace: the registration
+    order, said in a warning, and no frontiers."""
     if names is None:
         names = quantizable_names(model)
     try:
@@ -319,7 +319,8 @@ def _warn_uncalled(called: list[str], quantized: list[str]) -> None:
 
     # a layer inside a called one (a LoRA-style nn.Linear subclass calling its own nn.Linear children): the trace
     # keeps every conv/linear a leaf (:func:`_trace`), so it does not see the inner call
-    missed = [n for n in quantized if n not in set(called) and not any(n.startswith(c + ".") for c in called)]
+    calls, inside = set(called), tuple(c + "." for c in called)
+    missed = [n for n in quantized if n not in calls and not n.startswith(inside)]
     if missed:
         shown = ", ".join(missed[:6]) + (", ..." if len(missed) > 6 else "")
         warnings.warn(f"layer(s) {shown}: the forward does not call them as modules (unused, or their weight used "
@@ -327,7 +328,7 @@ def _warn_uncalled(called: list[str], quantized: list[str]) -> None:
                       "call the module, or keep them in full precision (plan.layers: {NAME: fp})", stacklevel=4)
 
 
-def _warn_other_ends(frontiers: tuple[list[str], ...], first: str | None, last: str | None,
+def _warn_other_ends(frontiers: tuple[list[str], list[str], list[str]], first: str | None, last: str | None,
                      quantized: list[str]) -> None:
     """keep_first / keep_last keep one layer each; warn where others also read the network input or make an
     output and are quantized (session 25: a second conv on the image got an unsigned quantizer that clipped its

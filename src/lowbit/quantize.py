@@ -138,7 +138,7 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
     the current quantization keeping the latent weights (:func:`unquantize`) and then applies
     ``plan``: e.g. a fine-tune at other bits from a trained network.
     """
-    from .fit import check_model
+    from .fit import check_model, model_dtype
 
     check_model(model)
     if isinstance(plan, str):
@@ -160,7 +160,7 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
         raise ConfigError(f"plan.integer: method '{method.name}' does not train in integer mode: "
                           f"{method.integer_refusal}")
     if plan.integer:  # before session 27: the first training batch failed in torch's "Input type (float) and bias
-        dt = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)  # type (double)"
+        dt = model_dtype(model) or torch.float32  # type (double)"
         if dt != torch.float32:
             raise ConfigError(f"plan.integer: the model is in {dt}; integer mode trains the float32 network it "
                               "deploys: call model.float() before quantize")

@@ -303,7 +303,7 @@ def config_change(run_dir: str | Path, cfg_dict: dict) -> str | None:
 def atomic_write(path: str | Path, text: str) -> None:
     """Write ``path`` whole or not at all (temporary file + rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the form atomic_tmp_target reads
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -312,3 +312,13 @@ def atomic_write(path: str | Path, text: str) -> None:
         if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # say which file
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
+
+
+def atomic_tmp_target(name: str) -> str | None:
+    """The file whose :func:`atomic_write` left the temporary file ``name`` (``.NAME.PID.tmp``, a write killed
+    halfway), or None where ``name`` is no such file."""
+    parts = name.split(".")
+    if name.startswith(".") and name.endswith(".tmp") and len(parts) >= 4 and parts[-2].isdigit():
+        return ".".join(parts[1:-2])
+    return None
+

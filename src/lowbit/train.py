@@ -163,8 +163,7 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
     ck_path = run_dir / "best.pt"
     if not ck_path.is_file():
-        metrics = run_dir / "metrics.jsonl"
-        done = sum(1 for ln in metrics.read_text().splitlines() if ln.strip()) if metrics.is_file() else 0
+        done = _epochs_recorded(run_dir)
         why = ("best.pt is missing although last.pt is there: it was deleted or moved, or the run was killed before "
                f"writing it; `lowbit train --resume {run_dir}` writes it again"
                if (run_dir / "last.pt").is_file() and _resume_writes_best(run_dir) else
@@ -186,6 +185,17 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
     return cfg, data, model, ck
 
 
+def _epochs_recorded(run_dir: Path) -> int:
+    """The epochs ``metrics.jsonl`` records (0 without it)."""
+    metrics = run_dir / "metrics.jsonl"
+    return sum(1 for ln in metrics.read_text().splitlines() if ln.strip()) if metrics.is_file() else 0
+
+
+def _last_is_best(ck: dict) -> bool:
+    """Whether the checkpoint ``last.pt`` (``ck``) records its own epoch as the run's best."""
+    return (ck.get("best") or {}).get("epoch") == ck.get("epoch", -2) + 1
+
+
 def _resume_writes_best(run_dir: Path) -> bool:
     """Whether ``--resume`` would write a missing best.pt (:func:`complete_best`): an unfinished run whose last.pt is
     its best epoch."""
@@ -195,7 +205,7 @@ def _resume_writes_best(run_dir: Path) -> bool:
         ck = load_checkpoint(run_dir / "last.pt", map_location="cpu")
     except ConfigError:
         return False
-    return (ck.get("best") or {}).get("epoch") == ck.get("epoch", -2) + 1
+    return _last_is_best(ck)
 
 
 def unfinished_note(run_dir: str | Path) -> str:
@@ -206,10 +216,8 @@ def unfinished_note(run_dir: str | Path) -> str:
     if (run_dir / "summary.json").is_file() or not ((run_dir / "last.pt").is_file()
                                                       or (run_dir / "sections.json").is_file()):
         return ""
-    metrics = run_dir / "metrics.jsonl"
-    done = sum(1 for ln in metrics.read_text().splitlines() if ln.strip()) if metrics.is_file() else 0
-    return (f"note            {run_dir} did not finish training ({done} epoch(s) in metrics.jsonl, no summary.json): "
-            f"this is its best epoch so far; `lowbit train --resume {run_dir}` continues it")
+    return (f"note            {run_dir} did not finish training ({_epochs_recorded(run_dir)} epoch(s) in metrics.jsonl, "
+            f"no summary.json): this is its best epoch so far; `lowbit train --resume {run_dir}` continues it")
 
 
 def load_checkpoint(path: str | Path, map_location=None, config: Config | None = None) -> dict:
@@ -352,7 +360,7 @@ def complete_best(run_dir: Path, ck: dict, device=None) -> None:
         raise ConfigError(f"{path} holds epoch {held}, newer than last.pt (epoch {ck['epoch'] + 1}, whose best is epoch "
                           f"{best.get('epoch')}): the run was killed between its checkpoints by a lowbit before session "
                           f"27, and epoch {best.get('epoch')}'s weights are gone; train it anew (another --out)")
-    if best.get("epoch") == ck["epoch"] + 1 and held != best["epoch"]:
+    if _last_is_best(ck) and held != best["epoch"]:
         _save(path, best_checkpoint(ck["model"], best["epoch"], ck.get("method", {}), ck.get("config")))
 
 

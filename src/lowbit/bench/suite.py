@@ -169,17 +169,11 @@ BENCH_FILES = {"results.jsonl", "summary.csv", "summary.md", "report.md", "repor
                "acc_vs_size.png", ".lock"}
 
 
-def _leftover_tmp(name: str) -> bool:
-    """``.results.jsonl.PID.tmp`` and the like: the temp file of a results write killed halfway (atomic_write)."""
-    parts = name.split(".")
-    return name.startswith(".") and name.endswith(".tmp") and len(parts) >= 4 and parts[-2].isdigit() \
-        and ".".join(parts[1:-2]) in BENCH_FILES
-
-
 def check_out(out: Path, rows: list[Row]) -> None:
     """A one-line error where ``out`` is a file, or a folder that no suite wrote: files other than
     :data:`BENCH_FILES` and run folders, or those names in a folder without runs or results. Before
     session 25 a suite run into such a folder replaced a ``summary.md`` of the user's own without a word."""
+    from ..runfolder import atomic_tmp_target
     from .runner import slug
 
     if out.exists() and not out.is_dir():
@@ -189,7 +183,7 @@ def check_out(out: Path, rows: list[Row]) -> None:
     ours = {slug(r.label) for r in rows}
     runs = [e for e in out.iterdir() if e.is_dir() and (e.name in ours or any(e.glob("seed*/config.yaml")))]
     foreign = sorted(e.name for e in out.iterdir() if e.name not in BENCH_FILES and e not in runs
-                     and not _leftover_tmp(e.name))
+                     and atomic_tmp_target(e.name) not in BENCH_FILES)  # a results write killed halfway
     if not runs and not (out / "results.jsonl").is_file():
         foreign += sorted(e.name for e in out.iterdir() if e.name in BENCH_FILES and e.name != ".lock")
     if foreign:

@@ -100,7 +100,7 @@ def _mem_002(model: nn.Module, x: torch.Tensor) -> dict:
 def torch_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, batch: int):
     """The model's outputs on ``x`` in eval mode, the reference every backend is checked against:
     ``(x as float32, x as NumPy, labels as NumPy or None, outputs as NumPy)``."""
-    from ..fit import check_model
+    from ..fit import check_model, model_dtype
 
     check_model(model)
     if not isinstance(x, torch.Tensor):
@@ -110,9 +110,9 @@ def torch_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | No
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (len(x),)):
         raise ConfigError(f"export: labels must be a torch.Tensor of shape ({len(x)},), one per input, got "
                           f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-    p = next((t for t in model.parameters() if t.is_floating_point()), None)
-    if p is not None and p.dtype != torch.float32:  # before session 27: "the model cannot run inputs of shape ..."
-        raise ConfigError(f"export: the model is in {p.dtype}; the exported network and its reference are float32: "
+    dt = model_dtype(model)
+    if dt is not None and dt != torch.float32:  # before session 27: "the model cannot run inputs of shape ..."
+        raise ConfigError(f"export: the model is in {dt}; the exported network and its reference are float32: "
                           "call model.float() before exporting")
     model.eval()
     x = x.float()

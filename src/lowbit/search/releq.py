@@ -160,7 +160,7 @@ def fp32_start(cfg: Config, opts: ReleqOptions, out: Path) -> tuple[Config, floa
     from ..data import BatchLoader
     from ..fit import evaluate, fit
     from ..plan import Plan
-    from ..train import build_model, build_optimizer, build_scheduler, load_data
+    from ..train import _save, build_model, build_optimizer, build_scheduler, load_data
 
     data = load_data(cfg)
     if cfg.model.init_from is None:
@@ -172,9 +172,7 @@ def fp32_start(cfg: Config, opts: ReleqOptions, out: Path) -> tuple[Config, floa
                                  seed=t.seed)
             opt = build_optimizer(model, t)
             fit(model, loader, optimizer=opt, scheduler=build_scheduler(opt, t, len(loader)), epochs=t.epochs)
-            tmp = path.with_suffix(".tmp")  # a kill while saving left a truncated fp32.pt that no rerun could read
-            torch.save(model.state_dict(), tmp)
-            tmp.replace(path)
+            _save(path, model.state_dict())  # whole or absent: a kill while saving left a fp32.pt no rerun could read
         cfg = cfg.model_copy(deep=True)
         cfg.model.init_from = str(path.resolve())
     model = build_model(cfg.model_copy(update={"plan": Plan()}, deep=True), data)
@@ -239,6 +237,9 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
     from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.callbacks import BaseCallback
     from tqdm.auto import tqdm
+
+    from ..runfolder import atomic_write
+    from ..train import _save
 
     if opts.backend == "ray":  # only the baselines use the pool, after the whole search: without Ray, refused now
         from ..parallel import import_ray
@@ -334,14 +335,10 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
         tmp.replace(agent_path)
         # the random state the agent samples its actions from: PPO.load seeds it anew from opts.seed, and a resumed
         # search then replayed its first episodes (before session 23)
-        tmp = rng_path.with_suffix(".tmp")
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}, tmp)
-        tmp.replace(rng_path)
+        _save(rng_path, {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()})
         st["episodes_done"] = len(st["history"])
         st["releq_seconds"] = seconds_before + time.perf_counter() - t0
-        tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(st))
-        tmp.replace(state_path)
+        atomic_write(state_path, json.dumps(st))
 
     class Saver(BaseCallback):
         def _on_rollout_start(self) -> None:
