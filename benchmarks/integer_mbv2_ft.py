@@ -6,6 +6,7 @@ from the same FP32 network (``MBV2_fp32_pretrain``: 24,000 training images, 4 ep
 seed 100), and both modes fine-tune it the same way (8,000 images, 2 epochs, SGD lr 0.01 cosine,
 SAWB weights + PACT activations, seeds 0-3, 4-7 where session 14 needed them, and 8-11, declared
 in session 15 before they ran, for the signed W4A4/W8A8 pairs; 12-19 and 20-35 on a lent GPU, sessions 16-17;
+36-135, declared in session 28 as a fresh sample with its test fixed, ``FRESH_SEEDS_S28``;
 ``DECLARED`` lists every experiment): today's mode
 (first conv / last linear FP32, float BN and residuals) and integer mode (output add, 8-bit residual
 stream): sessions 9-10's form (coarse bias, ``mid`` not trained; pinned in its configs) and session
@@ -19,6 +20,7 @@ session 12's (``int12``: ``mid`` covering only the range its conv values took in
         --out benchmarks/results/integer_export/mbv2_ft/runs/FT_W8A8_today_s0          # every FT_* config
     python benchmarks/integer_mbv2_ft.py --table       # -> mbv2_ft/summary.md, summary.json
     python benchmarks/integer_mbv2_ft.py --table --seeds 20-35   # those seeds only -> summary_seeds20-35.md/json
+    python benchmarks/integer_mbv2_ft.py --table --seeds 36-135  # session 28's sample (PARTIAL until all 100 ran)
 
 (the configs' ``model.init_from`` is relative to the repository root: run from there.)
 """
@@ -154,6 +156,15 @@ ENDS_MODES = ("today", "today_fzl", "today8f_fzl", "today8l_fzl", "today8e_fzl")
 #: today's mode, where seeds 0-19 had given −0.44 ± 0.09): integer mode frozen late on the same 16 seeds, trained on
 #: the CPU (the GPU's time left was shorter than one integer run), so its pairs with today's mode are mixed-platform
 INT_SEEDS_S17 = ENDS_SEEDS
+#: session 28, declared before any of them ran: a fresh sample of 100 seeds (36-135), integer mode frozen late and
+#: today's mode, both on the CPU (a seed's two runs on one platform), W4A4s. The 36 seeds so far gave −0.39 ± 0.13
+#: (bound −0.60; 20 of them the declared test, 16 added after it): a per-pair spread of about 0.75 points, so
+#: about 100 pairs are needed before a gap near −0.3 can show a bound above −0.5. The test, fixed now: the target
+#: is met when the one-sided 95 % lower bound (Student's t) of int13_fzl − today_c over these 100 seeds alone is
+#: above −0.5, and not met otherwise; no conclusion is drawn from a partial sample (a table of the seeds finished
+#: so far is labelled partial). The seeds run in order, over as many sessions (CPU or a lent GPU, both modes of a
+#: seed on the same device) as it takes.
+FRESH_SEEDS_S28 = tuple(range(36, 136))
 #: what the configs row label is made of: (bits, 8-bit weight spec or None, signed bottleneck inputs)
 UNSIGNED = [(b, None, False) for b in BITS]
 SIGNED_ALL = [(b, None, True) for b in SIGNED_BITS]
@@ -188,6 +199,9 @@ DECLARED = [
     # onnxruntime runs on its integer kernels (8-bit SAWB's odd levels do not fit int8), seeds 0-7; integer mode
     # meets the target there when the one-sided 95 % lower bound of int13_fzl − today is above −0.5
     (tuple(range(8)), [(8, LSQ8P, True)], ("today", "int13_fzl")),
+    # session 28, declared before they ran: the fresh 100-seed sample at W4A4s (FRESH_SEEDS_S28), both modes of a
+    # seed on one device
+    (FRESH_SEEDS_S28, SIGNED_4, ("today_c", "int13_fzl")),
 ]
 #: every seed with a declared config, in order
 ALL_SEEDS = tuple(sorted({s for seeds, _, _ in DECLARED for s in seeds}))
@@ -308,7 +322,10 @@ def table(seeds: tuple[int, ...] | None = None) -> str:
     text = "\n".join(lines) + "\n"
     stem = "summary" if seeds is None else f"summary_seeds{seeds[0]}-{seeds[-1]}"
     if seeds is not None:
-        text = f"Seeds {seeds[0]}-{seeds[-1]} only.\n\n" + text
+        ran = sum(any(_acc(OUT / "runs" / f"FT_{lab}_{m}_s{s}") for lab in ("W4A4s", "W8A8s") for m in MODES)
+                  for s in seeds)
+        part = f" PARTIAL: {ran} of these {len(seeds)} seeds have a finished run." if ran < len(seeds) else ""
+        text = f"Seeds {seeds[0]}-{seeds[-1]} only.{part}\n\n" + text
     (OUT / f"{stem}.md").write_text(text)
     (OUT / f"{stem}.json").write_text(json.dumps(summary, indent=1))
     return text
