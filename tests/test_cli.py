@@ -62,6 +62,16 @@ def test_missing_files_give_one_line_errors(capsys, tmp_path, config):
     assert "not valid YAML" in err_of(capsys, ["info", str(bad)])
 
 
+def test_out_below_a_file_is_refused_before_announcing_a_run_folder(capsys, tmp_path, config):
+    """It printed 'run folder: F/sub', then "Not a directory"."""
+    (tmp_path / "afile").write_text("x")
+    code = main(["train", config, *TINY, "--out", str(tmp_path / "afile" / "sub")])
+    out = capsys.readouterr()
+    assert code == 2 and "run folder" not in out.out, out
+    assert out.err.strip() == (f"lowbit: error: {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, so no run "
+                               "folder can be made below it")
+
+
 def _empty_run(tmp_path):
     d = tmp_path / "run"
     d.mkdir()

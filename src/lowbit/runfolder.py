@@ -145,6 +145,9 @@ def check_fresh(run_dir: str | Path, cfg_yaml: str | None = None) -> None:
     before its first checkpoint; or a best.pt without last.pt: it died writing the first) may be started again."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
+        blocked = next((a for a in run_dir.absolute().parents if a.exists() and not a.is_dir()), None)
+        if blocked is not None:  # before session 28: 'run folder: X' printed, then "Not a directory"
+            raise ConfigError(f"{run_dir}: {blocked} is a file, so no run folder can be made below it")
         return
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file, not a run folder")
