@@ -411,6 +411,16 @@ def test_export_run_end_to_end(tmp_path, fmnist_small):
     assert rep["packed"]["codes_bytes"] == sum(-(-r * 2 // 8) for r in (144, 144, 288, 576, 32, 1152, 2304, 128))
     text = format_report(rep)
     assert "3/3 images bit-exact" in text and "300/300 predictions agree" in text
+    # which weights were exported: best.pt's epoch and checksum, in the report, the manifest and the ONNX file
+    import onnx
+
+    sha = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["sha256"]
+    assert rep["epoch"] == 1 and rep["checkpoint_sha256"] == sha and "best.pt of epoch 1)" in text
+    meta = load_package(tmp_path / "run" / "export" / "packed").meta
+    assert meta["epoch"] == 1 and meta["checkpoint_sha256"] == sha
+    onnx_files = sorted((tmp_path / "run" / "export").rglob("*.onnx"))
+    assert onnx_files and all({p.key: p.value for p in onnx.load(f).metadata_props}["checkpoint_sha256"] == sha
+                              for f in onnx_files)
     # no checkpoint / not a run folder / unknown format: one-line ConfigErrors naming the problem
     (tmp_path / "run" / "best.pt").unlink()
     with pytest.raises(ConfigError, match="no best.pt"):

@@ -1531,6 +1531,14 @@ def test_an_integer_run_folder_through_info_and_export(tmp_path, capsys):
                      str(tmp_path / "export")]) == 0
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["packed"]
     assert (tmp_path / "export" / "packed" / "model.safetensors").stat().st_size == size
+    # the package names the weights it holds: best.pt's epoch and checksum (session 28)
+    import torch
+
+    from lowbit.export.intgraph import load_int_package
+
+    meta = load_int_package(tmp_path / "export" / "packed").meta
+    assert meta["epoch"] == 1 and meta["checkpoint_sha256"] == torch.load(tmp_path / "run" / "best.pt",
+                                                                           weights_only=True)["sha256"]
 
 
 def test_the_integer_reference_refuses_bad_inputs_in_one_line(resnet_int):

@@ -184,7 +184,7 @@ def cmd_info(args) -> int:
             from .export.int_api import int_package_table
             from .schedules.distill import example_input
 
-            print(int_package_table(model, example_input(data.info, 1), int_run_meta(args.target, cfg, data.info)))
+            print(int_package_table(model, example_input(data.info, 1), int_run_meta(args.target, cfg, data.info, ck)))
         else:
             print(packed_size_table(model))
     return 0

@@ -312,7 +312,10 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
 
     formats = check_formats(formats, target)  # before any work
     check_c_prefix(c_prefix)
-    cfg, data, model = load_run(run_dir)
+    from ..train import load_run as _load
+
+    cfg, data, model, ck = _load(run_dir)
+    source = checkpoint_source(ck)
     if cfg.plan.integer:  # integer-mode run: the integer package, C runtime and integer ONNX
         from .int_api import export_int_model
 
@@ -327,7 +330,7 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
         return {"run_dir": str(run_dir), "integer": True, **export_int_model(
             model, x, out, labels=y, formats=formats, c_images=c_images, latency_batch=latency_batch,
             latency_repeats=latency_repeats, log=log, target=target, mcu_images=mcu_images, fp32=fp32,
-            meta=int_run_meta(run_dir, cfg, data.info), c_prefix=c_prefix)}
+            meta=int_run_meta(run_dir, cfg, data.info, ck), c_prefix=c_prefix), **source}
     loader = BatchLoader(data.test, data.info, 1000)
     xs, ys = zip(*loader) if len(data.test) else ((), ())
     if not xs:
@@ -343,22 +346,28 @@ def export_run(run_dir: str | Path, formats=FORMATS, out_dir: str | Path | None 
     meta = {"run": str(run_dir), "model": cfg.model.name, "model_options": cfg.model.options, "dataset": cfg.data.name,
             "classes": info.num_classes, "weight": plan.weight.label() if plan.weight else "fp32",
             "act": plan.act.label() if plan.act else "fp32", "method": plan.method.name,
-            "input_normalisation": _normalisation(info)}
+            "input_normalisation": _normalisation(info), **source}
     report = export_model(model, x, out, formats, labels=y, c_images=c_images, latency_batch=latency_batch,
                           latency_repeats=latency_repeats, log=log, meta=meta, target=target, mcu_images=mcu_images,
                           c_prefix=c_prefix)
     report = {"run_dir": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name,
               "weight": plan.weight.label() if plan.weight else "fp32",
               "act": plan.act.label() if plan.act else "fp32",
-              "first_last_fp": ends_full_precision(model), **report}
+              "first_last_fp": ends_full_precision(model), **source, **report}
     return report
 
 
-def int_run_meta(run_dir, cfg, info) -> dict:
-    """What an integer-mode run's package records beside its numbers: the run, the model and the data's
-    normalisation (the C code's ``lowbit_predict_pixels`` is built from it)."""
-    return {"run": str(run_dir), "model": cfg.model.name, "dataset": cfg.data.name, "classes": info.num_classes,
-            "weight": cfg.plan.weight.label() if cfg.plan.weight else "fp32",
+def checkpoint_source(ck: dict) -> dict:
+    """Which weights an export holds: best.pt's epoch (1-based) and checksum, so that a package can be told from one
+    of a later training into the same folder (before session 28 the files recorded only the folder's path)."""
+    return {"epoch": ck.get("epoch"), "checkpoint_sha256": ck.get("sha256")}
+
+
+def int_run_meta(run_dir, cfg, info, ck: dict) -> dict:
+    """What an integer-mode run's package records beside its numbers: the run and its checkpoint, the model and the
+    data's normalisation (the C code's ``lowbit_predict_pixels`` is built from it)."""
+    return {"run": str(run_dir), **checkpoint_source(ck), "model": cfg.model.name, "dataset": cfg.data.name,
+            "classes": info.num_classes, "weight": cfg.plan.weight.label() if cfg.plan.weight else "fp32",
             "act": cfg.plan.act.label() if cfg.plan.act else "fp32", "input_normalisation": _normalisation(info)}
 
 
@@ -422,17 +431,18 @@ def _flag_failures(report: dict) -> dict:
 
 def format_report(report: dict) -> str:
     """The report of :func:`export_run` / :func:`export_model` as a few lines of text."""
+    ep = f", best.pt of epoch {report['epoch']}" if report.get("epoch") is not None else ""
     if report.get("integer"):
         from .int_api import format_int_report
 
-        return (f"integer export of {report.get('run_dir', 'a model')} -> {report['out_dir']}\n"
+        return (f"integer export of {report.get('run_dir', 'a model')}{ep and f' ({ep[2:]})'} -> {report['out_dir']}\n"
                 + format_int_report(report) + (f"\n{format_mcu(report['mcu'])}" if report.get("mcu") else "")
                 + _failures(report))
     lines = []
     if "run_dir" in report:
         fl = ", first conv / last linear FP32" if all(report.get("first_last_fp", [False])) else ""
         lines.append(f"export of {report['run_dir']} ({report['model']}, weight {report['weight']}, "
-                     f"act {report['act']}{fl}) -> {report['out_dir']}")
+                     f"act {report['act']}{fl}{ep}) -> {report['out_dir']}")
     acc = report["torch"].get("accuracy")
     if acc is not None:
         lines.append(f"PyTorch         accuracy {100 * acc:.2f}% on {report['images']} test images (fake-quantized)")

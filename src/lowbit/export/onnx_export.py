@@ -214,7 +214,7 @@ def describe(model, graph, what: str, input_name: str | None = None) -> None:
                        "index i is the dataset's class label i"}
     if norm.get("mean") is not None:
         props["input_mean"], props["input_std"] = json.dumps(norm["mean"]), json.dumps(norm["std"])
-    for k in ("run", "model", "dataset", "classes", "weight", "act", "method"):
+    for k in ("run", "epoch", "checkpoint_sha256", "model", "dataset", "classes", "weight", "act", "method"):
         if meta.get(k) is not None:
             props[k] = str(meta[k])
     ms = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
