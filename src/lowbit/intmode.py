@@ -111,8 +111,9 @@ def _unsupported(n: fx.Node, what: str) -> ConfigError:
 
 def analyse(gm: fx.GraphModule) -> tuple[fx.Node, list[Unit], fx.Node]:
     """(input node, units in execution order, output node) of a traced model."""
-    from .export.graph import flatten_node
+    from .export.graph import check_own_forwards, flatten_node
 
+    check_own_forwards(gm, "integer mode")
     mods = dict(gm.named_modules())
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     alias: dict[fx.Node, fx.Node] = {}
@@ -567,6 +568,11 @@ def int_graph(model: nn.Module, example: torch.Tensor):
                 ops.append(_conv_op(u, i_shape, o_shape, tensors, bn_affine, _weight, integer_form,
                                     conv_constants, check_accumulator, IntOp, state.plan.integer_residual, inp,
                                     state.plan.integer_bias == "fine"))
+        calls: dict[str, int] = {}
+        for op in ops:  # a module the forward calls again (shared weights): one op per call, each named apart, as
+            calls[op.name] = k = calls.get(op.name, 0) + 1  # graph.lower does (every backend keys an op's data by name)
+            if k > 1:
+                op.name = f"{op.name}.call{k}"
         return IntGraph(ops, tensors, in_name, ist.output.name, tuple(shapes[in_name]),
                         tuple(shapes[ist.output.name]))
     finally:

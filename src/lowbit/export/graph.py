@@ -167,6 +167,29 @@ def relu_call(n: fx.Node) -> bool:
     return True
 
 
+def own_forward(m: nn.Module) -> str | None:
+    """Where ``m`` is a user's subclass of a torch layer with a ``forward`` of its own (a LoRA-style ``nn.Linear``,
+    timm's ``Conv2dSame``), what it is, for an error: the lowering computes the torch layer from its attributes, not
+    that forward. None where the forward ``m`` runs is torch's."""
+    owner = next(c for c in type(m).__mro__ if "forward" in vars(c))
+    if owner.__module__.startswith("torch."):
+        return None
+    base = next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn.modules"))
+    return f"{owner.__name__}, an nn.{base.__name__} subclass with a forward of its own"
+
+
+def check_own_forwards(gm: fx.GraphModule, who: str) -> None:
+    """A one-line error for the first layer of ``gm`` (traced with the torch layers as leaves) that is a subclass of
+    one with a forward of its own (:func:`own_forward`), which ``who`` would not run."""
+    mods = dict(gm.named_modules())
+    for n in gm.graph.nodes:
+        m = mods.get(n.target) if n.op == "call_module" else None
+        what = own_forward(m) if isinstance(m, _LEAVES) else None
+        if what is not None:
+            raise ConfigError(f"{who}: layer '{n.target}' ({what}) is not supported: {who} computes the torch layer, "
+                              "not that forward")
+
+
 def flatten_node(n: fx.Node) -> bool | None:
     """For a call of ``torch.flatten`` or :func:`flatten_to`: whether it flattens from dim 1 (the one form the
     lowering and integer mode read); ``None`` for any other node."""
@@ -337,6 +360,7 @@ def lower(model: nn.Module, example_input: torch.Tensor | None = None, acts: boo
     """
     model.eval()
     gm = trace(model)
+    check_own_forwards(gm, "export")
     shapes: dict[str, tuple[int, ...]] = {}
     if example_input is not None:
         rec = _ShapeRecorder(gm)

@@ -473,9 +473,9 @@ class IntReference:
             res = env[op.inputs[1]] if len(op.inputs) > 1 else None
             t_res = T[op.inputs[1]] if len(op.inputs) > 1 else None
             t_in = T[op.inputs[0]]
-            if op.name not in self._w:
-                self._w[op.name] = conv_weights(op, t_in)
-            return run_conv(op, env[op.inputs[0]], t_in, res, t_res, T.get(op.output), self._w[op.name])
+            if op.output not in self._w:  # by output tensor: unique, where two ops may share a name
+                self._w[op.output] = conv_weights(op, t_in)
+            return run_conv(op, env[op.inputs[0]], t_in, res, t_res, T.get(op.output), self._w[op.output])
         if op.kind == "gap":
             return run_gap(op, env[op.inputs[0]], T[op.inputs[0]], T[op.output])
         if op.kind == "maxpool":
