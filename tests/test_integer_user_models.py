@@ -348,6 +348,24 @@ def test_a_layer_subclass_with_a_forward_of_its_own_is_refused(integer, tmp_path
     export_model(m, _x(2), tmp_path, formats=("packed",))
 
 
+@pytest.mark.parametrize("integer", [True, False])
+def test_batchnorm_without_running_statistics_is_refused_naming_it(integer, tmp_path):
+    """Before: integer mode accepted it at quantize and failed at the first training batch, and the export failed, with
+    'BatchNorm without running statistics ... cannot be exported', naming no layer."""
+    net = SubclassNet()
+    net.b2 = nn.BatchNorm2d(8, track_running_stats=False)
+    msg = (r"^{}: layer 'b2' \(BatchNorm2d with track_running_stats=False\) has no running statistics, which {} folds "
+           r"into the layer before it$")
+    if integer:
+        with pytest.raises(ConfigError, match=msg.format("integer mode", "integer mode")):
+            quantize(net, {**W4A4, "integer": True})
+    else:
+        m = quantize(net, {**W4A4, "integer": False})
+        m(_x(4))
+        with pytest.raises(ConfigError, match=msg.format("export", "export")):
+            export_model(m.eval(), _x(2), tmp_path, formats=("packed",))
+
+
 class SharedConv(nn.Module):
     """One conv the forward calls twice (shared weights), each call with its own BatchNorm."""
 

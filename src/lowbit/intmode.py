@@ -111,9 +111,9 @@ def _unsupported(n: fx.Node, what: str) -> ConfigError:
 
 def analyse(gm: fx.GraphModule) -> tuple[fx.Node, list[Unit], fx.Node]:
     """(input node, units in execution order, output node) of a traced model."""
-    from .export.graph import check_own_forwards, flatten_node
+    from .export.graph import check_leaves, flatten_node
 
-    check_own_forwards(gm, "integer mode")
+    check_leaves(gm, "integer mode")
     mods = dict(gm.named_modules())
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     alias: dict[fx.Node, fx.Node] = {}

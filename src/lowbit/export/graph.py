@@ -178,9 +178,11 @@ def own_forward(m: nn.Module) -> str | None:
     return f"{owner.__name__}, an nn.{base.__name__} subclass with a forward of its own"
 
 
-def check_own_forwards(gm: fx.GraphModule, who: str) -> None:
-    """A one-line error for the first layer of ``gm`` (traced with the torch layers as leaves) that is a subclass of
-    one with a forward of its own (:func:`own_forward`), which ``who`` would not run."""
+def check_leaves(gm: fx.GraphModule, who: str) -> None:
+    """A one-line error, naming it, for the first layer of ``gm`` (traced with the torch layers as leaves) that ``who``
+    cannot compute: a subclass of a torch layer with a forward of its own (:func:`own_forward`), which it would not
+    run, or a BatchNorm without running statistics, which it folds (before session 28 integer mode refused the latter
+    at the first training batch, without the layer's name)."""
     mods = dict(gm.named_modules())
     for n in gm.graph.nodes:
         m = mods.get(n.target) if n.op == "call_module" else None
@@ -188,6 +190,9 @@ def check_own_forwards(gm: fx.GraphModule, who: str) -> None:
         if what is not None:
             raise ConfigError(f"{who}: layer '{n.target}' ({what}) is not supported: {who} computes the torch layer, "
                               "not that forward")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None):
+            raise ConfigError(f"{who}: layer '{n.target}' ({type(m).__name__} with track_running_stats=False) has no "
+                              f"running statistics, which {who} folds into the layer before it")
 
 
 def flatten_node(n: fx.Node) -> bool | None:
@@ -360,7 +365,7 @@ def lower(model: nn.Module, example_input: torch.Tensor | None = None, acts: boo
     """
     model.eval()
     gm = trace(model)
-    check_own_forwards(gm, "export")
+    check_leaves(gm, "export")
     shapes: dict[str, tuple[int, ...]] = {}
     if example_input is not None:
         rec = _ShapeRecorder(gm)
