@@ -366,6 +366,16 @@ def test_batchnorm_without_running_statistics_is_refused_naming_it(integer, tmp_
             export_model(m.eval(), _x(2), tmp_path, formats=("packed",))
 
 
+def test_integer_mode_names_itself_when_torch_fx_cannot_trace_the_model():
+    """Before: quantize(..., integer: true) said 'export: cannot trace ...'."""
+    class Branchy(SubclassNet):
+        def forward(self, x):
+            return super().forward(x) if x.sum() > 0 else super().forward(-x)
+
+    with pytest.raises(ConfigError, match=r"^integer mode: cannot trace Branchy with torch.fx \("):
+        quantize(Branchy(), W4A4)
+
+
 class SharedConv(nn.Module):
     """One conv the forward calls twice (shared weights), each call with its own BatchNorm."""
 

@@ -310,7 +310,7 @@ def integerize(model: nn.Module, state) -> None:
     for h in state.hooks:  # the traced graph quantizes every tensor itself
         h.remove()
     state.hooks.clear()
-    gm = trace(model)
+    gm = trace(model, "integer mode")  # quantize's error, not the export's (before session 28 'export: cannot trace')
     inp, units, out = analyse(gm)
     if not units or units[-1].node is not out or units[-1].kind != "conv" or units[-1].relu:
         raise ConfigError("integer mode: the model must end with a conv/linear (+ BatchNorm) without ReLU "

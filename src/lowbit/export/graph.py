@@ -126,12 +126,14 @@ class _ShapeRecorder(fx.Interpreter):
         return out
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+def trace(model: nn.Module, who: str = "export") -> fx.GraphModule:
+    """``model`` traced with the supported layers as leaves; ``who`` (``export``, ``integer mode``) begins the
+    one-line error of a model torch.fx cannot trace."""
     try:
         g = _Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure is a user-facing "cannot export"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"export: cannot trace {type(model).__name__} with torch.fx ({msg})") from None
+        raise ConfigError(f"{who}: cannot trace {type(model).__name__} with torch.fx ({msg})") from None
     flatten_idioms(g)
     return fx.GraphModule(model, g)
 
