@@ -418,3 +418,67 @@ def test_a_conv_the_forward_calls_twice_is_one_op_per_call(tmp_path):
     r = export_int_model(m, x, tmp_path, formats=("c", "onnx"), c_images=None, latency_repeats=0, calib=8)
     assert r["failed_checks"] == [] and r["numpy"]["bit_exact_images"] == 16 and r["c"]["bit_exact_images"] == 16
     assert r["onnx"]["integer"]["max_logit_diff"] == 0 and r["onnx"]["integer_fused"]["max_logit_diff"] == 0
+
+
+def test_unquantize_takes_integer_modes_mid_round_with_it():
+    """Session 28: unquantize (and so quantize(..., replace=True)) left the residual convs' ``mid_round`` of
+    ``integer_train_mid`` on the model: the unquantized model's state_dict had keys a plain one lacks, and a later
+    integer-mode plan without integer_train_mid built its integer network from the earlier plan's observed range."""
+    from lowbit import unquantize
+
+    plain = set(Block().state_dict())
+    m = settled(Block(), (1, 8, 8), {**W4A4, "integer_train_mid": True, "integer_mid_range": "observed"})
+    assert hasattr(m.conv, "mid_round")  # what this test is about: the residual conv's rounding module
+    unquantize(m, keep="latent")
+    assert set(m.state_dict()) == plain
+    # a later plan (the default mid range, no train_mid) computes what a model that never had the first plan does
+    m = settled(Block(), (1, 8, 8), {**W4A4, "integer_train_mid": True, "integer_mid_range": "observed"})
+    quantize(m, W4A4, replace=True)
+    torch.manual_seed(1)
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 1, 8, 8))
+    m.eval()
+    twin = quantize(Block(), W4A4)
+    twin.load_state_dict({k: v for k, v in m.state_dict().items() if k in twin.state_dict()})
+    twin.eval()
+    x = _x()
+    with torch.no_grad():
+        assert np.array_equal(m(x).numpy(), twin(x).numpy())
+
+
+def test_a_model_integer_mode_refuses_is_left_as_it_was():
+    """Session 28: a refusal of integerize (here: two readers of one tensor with other acts) left the model quantized,
+    with weight parametrizations and input quantizers but no input hooks (its forward quantized the weights alone),
+    and the corrected call was refused with 'this model is already quantized'."""
+    from torch.nn.utils import parametrize
+
+    m = Block()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ConfigError, match="read the same tensor"):
+        quantize(m, {**W4A4, "layers": {"proj": {"act": {"bits": 2}}}})
+    assert quant_state(m) is None and "forward" not in m.__dict__
+    assert not any(parametrize.is_parametrized(mod) for mod in m.modules())
+    assert not any(hasattr(mod, q) for mod in m.modules() for q in ("input_quantizer", "output_quantizer"))
+    assert set(m.state_dict()) == set(before) and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    quantize(m, {**W4A4, "layers": {"proj": {"act": {"bits": 2}}, "conv": {"act": {"bits": 2}}}})  # the fix is taken
+    assert m.conv.input_quantizer is m.proj.input_quantizer and m.proj.input_quantizer.bits == 2
+
+
+def test_a_retried_fit_is_checked_on_its_first_batch_again():
+    """Session 28: the first training batch's check (a weight quantizer without an integer form is an error before an
+    epoch is trained) marked the model as checked before it ran: after the refusal, a second fit on the same model
+    trained the whole epoch and failed only at its evaluation."""
+    from lowbit import fit
+
+    m = quantize(Block(), {**W4A4, "weight": {"name": "minmax", "bits": 2}})
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=r"weight quantizer 'minmax2' has no symmetric integer form.*found on the "
+                                              r"first training batch"):
+            fit(m, batches, epochs=1)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items() if "running" not in k and "batches" not in k
+               and "quantizer" not in k)  # no optimizer step was taken

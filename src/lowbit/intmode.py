@@ -429,7 +429,6 @@ def _checking_negatives(model: nn.Module, ist: IntState, x: torch.Tensor) -> tor
     building the integer network once, so that a quantizer it cannot express is an error before training goes on."""
     from .quantize import warn_if_negatives_dropped
 
-    ist.negatives_checked = True
     warned: set[str] = set()
 
     def check(path):
@@ -451,7 +450,8 @@ def _checking_negatives(model: nn.Module, ist: IntState, x: torch.Tensor) -> tor
         int_graph(model, x[:1].detach())
     except ConfigError as e:
         raise ConfigError(f"{e} (found on the first training batch)") from None
-    return out
+    ist.negatives_checked = True  # only now: before session 28 a refused first batch marked the model checked, and a
+    return out  # retried fit trained a whole epoch of a network it cannot build, to fail at the evaluation
 
 
 def _qkind(q: nn.Module) -> tuple:

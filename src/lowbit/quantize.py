@@ -215,7 +215,13 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
     if plan.integer:
         from .intmode import integerize
 
-        integerize(model, state)
+        try:  # a model integer mode refuses (an unsupported layer, readers of one tensor with other acts) is left as
+            integerize(model, state)  # it was: before session 28 it stayed quantized, without its input hooks, and
+        except BaseException:  # the corrected call was refused with "this model is already quantized"
+            _undo(layers, state)
+            _drop_integer(model)
+            object.__setattr__(model, _STATE_ATTR, None)
+            raise
     return model
 
 
@@ -272,11 +278,22 @@ def unquantize(model: nn.Module, keep: str = "quantized") -> nn.Module:
         model.train(was)
     for h in state.hooks:
         h.remove()
-    model.__dict__.pop("forward", None)  # integer mode's forward and tensor quantizers
-    for mod in model.modules():
-        mod._modules.pop("output_quantizer", None)
+    _drop_integer(model)
     object.__setattr__(model, _STATE_ATTR, None)
     return model
+
+
+def _drop_integer(model: nn.Module) -> None:
+    """Remove what integer mode added besides the layers' quantizers: its forward, the tensor quantizers and the
+    output-form residual convs' ``mid_round`` (before session 28 unquantize left those: extra state_dict keys, and a
+    later integer-mode plan built its network from the stale observed range of the earlier plan's ``mid_round``)."""
+    from .intmode import MidRound
+
+    model.__dict__.pop("forward", None)
+    for mod in model.modules():
+        mod._modules.pop("output_quantizer", None)
+        if isinstance(mod._modules.get("mid_round"), MidRound):
+            del mod._modules["mid_round"]
 
 
 def set_bits(model: nn.Module, bits: Mapping[str, int | Mapping[str, int]]) -> nn.Module:
