@@ -128,9 +128,15 @@ def test_derived_param_count_equals_cost_model():
 
 def test_tiny_search_end_to_end(tmp_path, capsys):
     out = tmp_path / "nce"
-    rc = main(["search", "nce", "configs/nce_resnet8_w2a2.yaml", "data.limit=100", "train.batch_size=40",
-               "train.progress=false", "--warmup", "1", "--epochs", "1", "--threshold", "0.1", "--cap", "1.2",
-               "--out", str(out)])
+    was = torch.get_num_threads()
+    torch.set_num_threads(2)  # the caller's; the search computes with its own train.threads=1
+    try:
+        rc = main(["search", "nce", "configs/nce_resnet8_w2a2.yaml", "data.limit=100", "train.batch_size=40",
+                   "train.progress=false", "train.threads=1", "--warmup", "1", "--epochs", "1", "--threshold", "0.1",
+                   "--cap", "1.2", "--out", str(out)])
+        assert torch.get_num_threads() == 2  # before session 28 the search left its own
+    finally:
+        torch.set_num_threads(was)
     assert rc == 0
     text = capsys.readouterr().out
     assert "meets target    True" in text

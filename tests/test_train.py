@@ -373,3 +373,20 @@ def test_resuming_an_old_order_folder_killed_between_best_and_last_is_refused(tm
         return
     best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
     assert best["epoch"] == res.summary["best_epoch"]
+
+
+def test_a_run_gives_the_caller_its_thread_count_back(tmp_path):
+    """Session 28: train.threads stayed set after the run: the caller's setting was lost, and a later run in the
+    process whose config leaves train.threads unset ("None: all cores") trained with it."""
+    from lowbit.data import load_dataset
+
+    data = load_dataset("fashion-mnist", limit=100, val_fraction=0.2, seed=0)
+    was = torch.get_num_threads()
+    torch.set_num_threads(2)  # the caller's; the run computes with its own train.threads=1
+    try:
+        run(load_config(None, ["model.name=resnet8", "model.width=0.25", "data.limit=100", "train.epochs=1",
+                               "train.batch_size=40", "train.progress=false", "train.threads=1"]),
+            tmp_path / "r", data=data)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(was)

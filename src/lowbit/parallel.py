@@ -58,6 +58,21 @@ def check_reachable(address: str | None, timeout: float = 5.0) -> None:
 
 
 @contextmanager
+def callers_threads() -> Iterator[None]:
+    """Give torch's thread count back as the caller had it: a run or search sets its own (``train.threads``), and a
+    later one in the same process with ``train.threads`` unset ("all cores") must not inherit it (before session 28
+    ``lowbit.train.run`` and ``search_nce`` left theirs)."""
+    import torch
+
+    was = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != was:
+            torch.set_num_threads(was)
+
+
+@contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None):
     """Ray, initialised: an already running session is used as it is (and left running); otherwise
     a local instance (``num_cpus``) or the cluster at ``address`` is joined, and left at the end."""

@@ -412,12 +412,15 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
     run_dir = Path(run_dir)
     from .distributed import is_writer
 
-    if not is_writer():
-        return _run(cfg, run_dir, resume, data, callbacks)
-    with lock_run(run_dir):
-        if not resume:
-            check_fresh(run_dir, cfg.to_yaml())
-        return _run(cfg, run_dir, resume, data, callbacks)
+    from .parallel import callers_threads
+
+    with callers_threads():  # train.threads is the run's
+        if not is_writer():
+            return _run(cfg, run_dir, resume, data, callbacks)
+        with lock_run(run_dir):
+            if not resume:
+                check_fresh(run_dir, cfg.to_yaml())
+            return _run(cfg, run_dir, resume, data, callbacks)
 
 
 def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,

@@ -282,7 +282,15 @@ def _cost_dict(c) -> dict[str, float]:
 def search_nce(cfg: Config, opts: NCEOptions | None = None, out_dir: str | Path | None = None, data=None,
                progress: bool = True) -> NCEResult:
     """Run NCE on ``cfg`` (model, data, plan, train settings) and derive the widths; writes
-    ``search.json``, ``derived.yaml`` and the plots into ``out_dir`` when given."""
+    ``search.json``, ``derived.yaml`` and the plots into ``out_dir`` when given. torch's thread count is the
+    caller's again afterwards (``train.threads`` is the search's)."""
+    from ..parallel import callers_threads
+
+    with callers_threads():
+        return _search_nce(cfg, opts, out_dir, data, progress)
+
+
+def _search_nce(cfg: Config, opts: NCEOptions | None, out_dir: str | Path | None, data, progress: bool) -> NCEResult:
     from ..config import Config as _Config
     from ..train import build_model, build_optimizer, build_scheduler, cost_of, load_data
 
