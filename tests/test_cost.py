@@ -423,3 +423,58 @@ def test_training_memory_of_a_quantized_model_counts_a_layer_input_once_at_its_b
     assert training_memory(m, x, lb, stored="layer_inputs")["activation_bits_per_sample"] == 64 * 32 + 256 * 3
     # all: x, conv0 out, conv_a out, conv_b out @32, the ReLU output @3
     assert training_memory(m, x, lb)["activation_bits_per_sample"] == 32 * (64 + 3 * 256) + 256 * 3
+
+
+class PeftLoRALinear(nn.Linear):
+    """peft's layout: the adapters live in ModuleDicts ('default'), the forward adds the low-rank branch."""
+
+    def __init__(self, i, o, r=2):
+        super().__init__(i, o)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(i, r, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, o, bias=False)})
+        self.lora_dropout = nn.ModuleDict({"default": nn.Identity()})
+
+    def forward(self, x):
+        a = self.lora_A["default"](self.lora_dropout["default"](x))
+        return super().forward(x) + self.lora_B["default"](a)
+
+
+def test_lora_adapters_in_a_moduledict_are_counted():
+    """The inner Linears of a LoRA-style subclass were counted only as the layer's direct children: peft's
+    ModuleDicts hid them (params 294 of 402, MACs 288 of 396), and the quantized model's profile(m, x,
+    layer_bits(m)) failed with 'bits names modules that are not Conv/Linear layers'."""
+    import lowbit
+    from lowbit.quantize import layer_bits
+
+    x = torch.randn(2, 3, 4, 4)
+    m = nn.Sequential(nn.Flatten(), PeftLoRALinear(48, 6))
+    s = profile(m, x)
+    # weight 48*6 + bias 6 + A 48*2 + B 2*6 = 402; MACs 288 + 96 + 12 = 396
+    assert s.params == 402 and count_params(m) == 402 and s.size_bits == 402 * 32
+    assert s.macs == 396
+    assert {lc.name: lc.macs for lc in s.layers} == {"1": 288, "1.lora_A.default": 96, "1.lora_B.default": 12}
+    q = lowbit.quantize(nn.Sequential(nn.Conv2d(3, 3, 1), nn.Flatten(), PeftLoRALinear(48, 6), nn.Linear(6, 2)),
+                        {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}})
+    bits = layer_bits(q)
+    assert sorted(bits) == ["2", "2.lora_A.default", "2.lora_B.default"]
+    sq = profile(q, x, bits)
+    # conv 3*16*3 = 144 (FP) + 288 + 96 + 12 at W2A2 + fc 12 (FP)
+    assert sq.macs == 552 and sq.bitops == (144 + 12) * 32 * 32 + (288 + 96 + 12) * 2 * 2
+
+
+def test_largest_activation_counts_a_cat_read_by_a_pool():
+    """N_a counted a Conv/Linear's input made by torch.cat (session 25) but not the same tensor read by a
+    MaxPool2d: 256 (the conv's output) for the 512-element cat, so seed 002's memory was low."""
+
+    class CatPool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.pool, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            a = self.c1(x)  # 4x8x8 = 256
+            return self.c2(self.pool(torch.cat([a, a.flip(3)], 1)))  # cat 8x8x8 = 512 -> pool 8x4x4 = 128
+
+    s = profile(CatPool(), torch.randn(2, 1, 8, 8))
+    assert s.max_act_elems == 512
+    assert s.params == 4 * 9 + 4 + 8 * 2 + 2 and s.mem_bits == 58 * 32 + 512 * 32

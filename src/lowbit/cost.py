@@ -18,7 +18,9 @@ state (~ one more copy of the parameters) and *all* activations stored for the b
 Counting rules
 --------------
 *Quantizable layers* are ``torch.nn.modules.conv._ConvNd`` (Conv1d/2d/3d and the transposed ones)
-and ``nn.Linear``. They are treated as atomic: their submodules are never visited.
+and ``nn.Linear``. Their submodules are quantizer state and are not visited, except the Conv/Linear
+layers inside them (a LoRA-style subclass whose forward calls its own ``nn.Linear`` children, directly
+or in a container such as peft's ``lora_A = nn.ModuleDict({"default": nn.Linear(...)})``).
 
 *Quantizers* are ignored everywhere (their parameters are quantizer state, reported through
 ``LayerBits.n_scales``, never as model parameters, and their outputs are not activations). A
@@ -42,7 +44,9 @@ is counted once in the totals.
 
 Activations are the outputs of the *hooked* modules: every quantizable layer and every other
 visited module that has no visited children ("leaf"), plus the network input. Outputs of
-functional calls inside a module's ``forward`` are not seen. All activation numbers are
+functional calls inside a module's ``forward`` are not seen as stored tensors, but the largest
+activation ``N_a`` also counts the input of every hooked module (a ``torch.cat`` or
+``F.interpolate`` result read by a conv, a pool or a BatchNorm). All activation numbers are
 *elements per sample* (tensor elements divided by the batch size ``example_input.shape[0]``).
 MACs (per sample, bias adds none) use the weight the layer actually uses: a Conv does
 ``out_elems * (C_in/groups) * prod(kernel)`` (so depthwise convs are right), a transposed Conv
@@ -247,10 +251,21 @@ def _is_quantizer(module: nn.Module) -> bool:
     return getattr(module, "is_quantizer", False) is True
 
 
+def _holds_layer(module: nn.Module) -> bool:
+    """Whether a Conv/Linear layer sits somewhere below ``module`` (not inside a quantizer)."""
+    return any(
+        isinstance(c, _LAYER_TYPES) or (not _is_quantizer(c) and _holds_layer(c)) for c in module.children()
+    )
+
+
 def _visible_children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Children the cost model looks at: no quantizers, no parametrize containers."""
     if isinstance(module, _LAYER_TYPES):  # a layer's own children are quantizer state, except layers it calls
-        yield from ((n, c) for n, c in module.named_children() if isinstance(c, _LAYER_TYPES))  # (a LoRA-style subclass)
+        for cname, child in module.named_children():  # (a LoRA-style subclass; peft keeps them in ModuleDicts)
+            if isinstance(child, _LAYER_TYPES) or (
+                cname != "parametrizations" and not _is_quantizer(child) and _holds_layer(child)
+            ):
+                yield cname, child
         return
     skip_param = parametrize.is_parametrized(module)
     for cname, child in module.named_children():
@@ -407,6 +422,13 @@ def _run(model: nn.Module, x: torch.Tensor, bits: dict[str, LayerBits]) -> _Trac
 
         return hook
 
+    def leaf_pre_hook(module, args):
+        # the input of a pool / BN / activation made by a functional op (torch.cat, F.interpolate) is an
+        # activation too: only Conv/Linear inputs counted before, so a cat read by a MaxPool was missed
+        ts = list(_tensors(args[:1]))
+        if ts:
+            trace.max_act = max(trace.max_act, per_sample(ts[0]))
+
     def post_hook(name: str):
         def hook(module, args, output):
             outs = list(_tensors(output))
@@ -438,6 +460,8 @@ def _run(model: nn.Module, x: torch.Tensor, bits: dict[str, LayerBits]) -> _Trac
                 # ahead of lowbit.quantize's input-quantizer pre-hook: the input is the tensor that was made, not
                 # its fake-quantized copy (session 26: counted once at 32 bits and once per quantized layer)
                 handles.append(module.register_forward_pre_hook(pre_hook(name), prepend=True))
+            elif hooked:
+                handles.append(module.register_forward_pre_hook(leaf_pre_hook))
             if hooked:
                 handles.append(module.register_forward_hook(post_hook(name)))
         model.eval()
