@@ -217,6 +217,11 @@ def signed_layers(bits: int) -> dict:
     return {p: {"act": {"name": "lsq", "bits": bits, "signed": True}} for p in SIGNED_LAYERS}
 
 
+def _label(b: int, wspec: dict | None, signed: bool) -> str:
+    """A declared row's label in the run names (``FT_<label>_<mode>_s<seed>``), as :func:`configs` names them."""
+    return (f"W{b}A{b}s" if signed else f"W{b}A{b}") + ("lsq" if wspec else "")
+
+
 def configs() -> None:
     (OUT / "configs").mkdir(parents=True, exist_ok=True)
     jobs = [(s, b, wspec, signed, m) for seeds, rows, modes in DECLARED
@@ -330,9 +335,11 @@ def table(seeds: tuple[int, ...] | None = None) -> str:
     text = "\n".join(lines) + "\n"
     stem = "summary" if seeds is None else f"summary_seeds{seeds[0]}-{seeds[-1]}"
     if seeds is not None:
-        ran = sum(any(_acc(OUT / "runs" / f"FT_{lab}_{m}_s{s}") for lab in ("W4A4s", "W8A8s") for m in MODES)
+        ran = sum(all(_acc(OUT / "runs" / f"FT_{_label(b, wspec, signed)}_{m}_s{s}")  # every run declared for it
+                      for ds, rows, modes in DECLARED if s in ds for b, wspec, signed in rows for m in modes)
                   for s in seeds)
-        part = f" PARTIAL: {ran} of these {len(seeds)} seeds have a finished run." if ran < len(seeds) else ""
+        part = (f" PARTIAL: {ran} of these {len(seeds)} seeds have every declared run finished." if ran < len(seeds)
+                else "")
         text = f"Seeds {seeds[0]}-{seeds[-1]} only.{part}\n\n" + text
     (OUT / f"{stem}.md").write_text(text)
     (OUT / f"{stem}.json").write_text(json.dumps(summary, indent=1))

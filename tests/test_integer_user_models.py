@@ -348,6 +348,28 @@ def test_a_layer_subclass_with_a_forward_of_its_own_is_refused(integer, tmp_path
     export_model(m, _x(2), tmp_path, formats=("packed",))
 
 
+class WSConv(nn.Conv2d):
+    """A weight-standardised conv written through ``_conv_forward`` (the method torch's Conv2d.forward calls)."""
+
+    def _conv_forward(self, x, w, b):
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(x, w, b)
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_a_conv_subclass_with_a_conv_forward_of_its_own_is_refused(integer, tmp_path):
+    """Before: a conv subclass that keeps torch's forward but overrides _conv_forward passed the session 28 check, and
+    integer mode and the export computed the plain conv: the integer eval's logits were 0.42 off the graph it trained
+    (0.013 with an nn.Conv2d), the float export's NumPy logits 0.43 off PyTorch's (5 of 8 predictions changed), and no
+    check failed."""
+    who = "integer mode" if integer else "export"
+    with pytest.raises(ConfigError, match=rf"^{who}: layer 'c2' \(WSConv, an nn.Conv2d subclass with a _conv_forward "
+                                          rf"of its own\) is not supported: {who} computes the torch layer, not that "
+                                          rf"_conv_forward$"):
+        m = quantize(SubclassNet(conv=WSConv), {**W4A4, "integer": integer})
+        export_model(m.eval(), _x(2), tmp_path, formats=("packed",))
+
+
 @pytest.mark.parametrize("integer", [True, False])
 def test_batchnorm_without_running_statistics_is_refused_naming_it(integer, tmp_path):
     """Before: integer mode accepted it at quantize and failed at the first training batch, and the export failed, with
@@ -418,6 +440,36 @@ def test_a_conv_the_forward_calls_twice_is_one_op_per_call(tmp_path):
     r = export_int_model(m, x, tmp_path, formats=("c", "onnx"), c_images=None, latency_repeats=0, calib=8)
     assert r["failed_checks"] == [] and r["numpy"]["bit_exact_images"] == 16 and r["c"]["bit_exact_images"] == 16
     assert r["onnx"]["integer"]["max_logit_diff"] == 0 and r["onnx"]["integer_fused"]["max_logit_diff"] == 0
+
+
+def test_packed_size_table_of_a_conv_the_forward_calls_twice():
+    """Before: packed_size_table (lowbit info's packed sizes, float mode) looked each conv op's name up as a module,
+    and graph.lower names the second call 'c.call2' (session 24): KeyError: 'c.call2'."""
+    from lowbit.export import packed_size_table
+
+    torch.manual_seed(0)
+    m = settled(SharedConv(), (1, 8, 8), {k: v for k, v in W4A4.items() if k != "integer"})
+    rows = {r.split()[0]: r.split() for r in packed_size_table(m).splitlines()}
+    assert rows["c"][3:] == ["sawb4", "584", "288", "72", "2,400"]  # weight and bias 584 (FP32 B: 4 x 584 + BN 64)
+    assert rows["c.call2"][3:] == ["sawb4", "c's", "288", "72", "64"]  # own codes and BN, shared weights
+    assert rows["total"][-1] == f"{4 * sum(p.numel() for p in SharedConv().parameters()):,}"
+
+
+def test_code_agreement_reads_each_call_of_a_shared_quantizer():
+    """Before: code_agreement hooked each tensor's quantizer module, and the conv called twice reads two tensors
+    through its one input quantizer: both were compared with the second call's output, and the first ('relu', the
+    stem's) was reported 49 % of codes off, by up to 7, where the integer network is off by one in 0.1 %."""
+    from lowbit.intmode import code_agreement
+
+    torch.manual_seed(0)
+    m = settled(SharedConv(), (1, 8, 8), W4A4, passes=5)
+    x = _x(16, seed=5)
+    ist = quant_state(m).integer
+    assert ist.quantizer["relu"] == ist.quantizer["relu_1"] == "c.input_quantizer"  # one module, two tensors
+    rep = code_agreement(m, x, int_graph(m, x[:1]))
+    assert set(rep) == {"x", "relu", "relu_1", "relu_2", "gap"}
+    bits, frac, worst = rep["relu"]
+    assert bits == 4 and worst <= 1 and frac < 0.01, rep
 
 
 def test_unquantize_takes_integer_modes_mid_round_with_it():

@@ -590,18 +590,25 @@ def code_agreement(model: nn.Module, x: torch.Tensor, graph=None) -> dict[str, t
 
     ist = model._lowbit_state.integer
     g = graph if graph is not None else int_graph(model, x[:1])
-    mods = dict(ist.gm.named_modules(remove_duplicate=False))
     got: dict[str, torch.Tensor] = {}
-    hooks = [mods[path].register_forward_hook(lambda _m, _i, o, root=root: got.__setitem__(root, o.detach()))
-             for root, path in ist.quantizer.items()]
+    # each tensor's own quantizer call, node by node: a quantizer module can quantize several tensors (a conv the
+    # forward calls twice reads two through its input quantizer), and a hook on the module saw only its last call
+    calls = {n: n.args[0].name for n in ist.gm.graph.nodes if n.op == "call_module" and n.args
+             and isinstance(n.args[0], fx.Node) and ist.quantizer.get(n.args[0].name) == n.target}
+
+    class _Record(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in calls:
+                got[calls[n]] = out.detach()
+            return out
+
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            ist.gm(x)
+            _Record(ist.gm).run(x)
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was)
     env = IntReference(g).tensors(x.detach().cpu().numpy())
     out = {}

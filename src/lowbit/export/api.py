@@ -534,17 +534,21 @@ def packed_size_table(model: nn.Module) -> str:
     modules = dict(model.named_modules())
     rows = [("layer", "weight", "params", "codes B", "float32 B", "FP32 B")]
     fp32_sum = 0
+    seen: set[str] = set()
     for op in graph.ops:
         floats = sum(a.size for a in op_arrays(op).values())
         if op.kind == "conv":
-            m = modules[op.name]
+            src = op.attrs.get("module", op.name)  # a module the forward calls again: 'c', then 'c.call2' (session 24)
+            m, first = modules[src], src not in seen
+            seen.add(src)
             params = m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-            fp32 = 4 * params + (8 * op.weight.shape[0] if op.bn else 0)  # + BN gamma, beta
+            fp32 = 4 * params * first + (8 * op.weight.shape[0] if op.bn else 0)  # + BN gamma, beta
             wq = op.weight if isinstance(op.weight, WeightQ) else None
             codes = packed_nbytes(wq.codes.size, wq.bits) if wq else 0
             label = wq.quantizer if wq else "fp32"
             note = f" (BN {'folded' if op.bn == 'folded' else 'kept'})" if op.bn else ""
-            rows.append((op.name + note, label, f"{params:,}", f"{codes:,}" if wq else "-", f"{4 * floats:,}", f"{fp32:,}"))
+            rows.append((op.name + note, label, f"{params:,}" if first else f"{src}'s", f"{codes:,}" if wq else "-",
+                         f"{4 * floats:,}", f"{fp32:,}"))
         elif op.kind == "affine":
             fp32 = 8 * op.scale.size
             rows.append((op.name, "BN", f"{2 * op.scale.size:,}", "-", f"{4 * floats:,}", f"{fp32:,}"))

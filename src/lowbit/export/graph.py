@@ -169,15 +169,18 @@ def relu_call(n: fx.Node) -> bool:
     return True
 
 
-def own_forward(m: nn.Module) -> str | None:
+def own_forward(m: nn.Module) -> tuple[str, str] | None:
     """Where ``m`` is a user's subclass of a torch layer with a ``forward`` of its own (a LoRA-style ``nn.Linear``,
-    timm's ``Conv2dSame``), what it is, for an error: the lowering computes the torch layer from its attributes, not
-    that forward. None where the forward ``m`` runs is torch's."""
-    owner = next(c for c in type(m).__mro__ if "forward" in vars(c))
-    if owner.__module__.startswith("torch."):
-        return None
-    base = next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn.modules"))
-    return f"{owner.__name__}, an nn.{base.__name__} subclass with a forward of its own"
+    timm's ``Conv2dSame``), or a conv with a ``_conv_forward`` of its own (the method torch's ``Conv2d.forward`` calls:
+    a weight-standardised conv): (what it is, that method), for an error: the lowering computes the torch layer from
+    its attributes, not that method. None where the methods ``m`` runs are torch's."""
+    for attr in ("forward", "_conv_forward"):
+        owner = next((c for c in type(m).__mro__ if attr in vars(c)), None)
+        if owner is None or owner.__module__.startswith("torch."):
+            continue
+        base = next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn.modules"))
+        return f"{owner.__name__}, an nn.{base.__name__} subclass with a {attr} of its own", attr
+    return None
 
 
 def check_leaves(gm: fx.GraphModule, who: str) -> None:
@@ -188,10 +191,10 @@ def check_leaves(gm: fx.GraphModule, who: str) -> None:
     mods = dict(gm.named_modules())
     for n in gm.graph.nodes:
         m = mods.get(n.target) if n.op == "call_module" else None
-        what = own_forward(m) if isinstance(m, _LEAVES) else None
-        if what is not None:
-            raise ConfigError(f"{who}: layer '{n.target}' ({what}) is not supported: {who} computes the torch layer, "
-                              "not that forward")
+        own = own_forward(m) if isinstance(m, _LEAVES) else None
+        if own is not None:
+            raise ConfigError(f"{who}: layer '{n.target}' ({own[0]}) is not supported: {who} computes the torch layer, "
+                              f"not that {own[1]}")
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None):
             raise ConfigError(f"{who}: layer '{n.target}' ({type(m).__name__} with track_running_stats=False) has no "
                               f"running statistics, which {who} folds into the layer before it")
