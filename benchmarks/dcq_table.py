@@ -217,8 +217,18 @@ def timing(a, specs: dict[str, dict], out: Path) -> dict:
 def _ms(xs: list[float]) -> str:
     if not xs:
         return "-"
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{100 * statistics.fmean(xs):.2f} ± {100 * sd:.2f}"
+    sd = f"{100 * statistics.stdev(xs):.2f}" if len(xs) > 1 else "–"  # one seed has no spread (was "± 0.00")
+    return f"{100 * statistics.fmean(xs):.2f} ± {sd}"
+
+
+def other_configs(a, specs: dict[str, dict], out: Path) -> list[str]:
+    """The finished runs under ``out`` that were trained with another config than these arguments give (another
+    --epochs, --limit, ...): one line each. Before, they were skipped as done and tabled under this call's header."""
+    from lowbit.runfolder import config_change
+
+    return [change for r, spec in specs.items() for s in a.seeds
+            if ((d := out / "runs" / r / f"seed{s}") / "summary.json").is_file()
+            and (change := config_change(d, config(a, r, spec, s, out)))]
 
 
 def collect(a, specs: dict[str, dict], out: Path) -> dict:
@@ -251,7 +261,8 @@ def collect(a, specs: dict[str, dict], out: Path) -> dict:
         diffs = [got[s]["test_acc"] - runs[ref][s]["test_acc"] for s in got if ref and s in runs.get(ref, {})]
         row["vs"] = ref or "-"
         row["paired_diff"] = (f"{100 * statistics.fmean(diffs):+.2f} ± "
-                              f"{100 * (statistics.stdev(diffs) if len(diffs) > 1 else 0):.2f}") if diffs else "-"
+                              + (f"{100 * statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "–")
+                              + (f" (n={len(diffs)})" if len(diffs) != len(accs) else "")) if diffs else "-"
         row["diffs"] = diffs
         row["sample_passes"] = next((x["sample_passes"] for x in got.values()), None)
         walls = [x["wall_s"] for x in got.values() if x["wall_s"]]
@@ -321,6 +332,10 @@ def main(argv=None) -> None:
     if a.timing:
         print(json.dumps(timing(a, rows(a), out), indent=2))
         return
+    stale = other_configs(a, specs, out)
+    if stale:
+        sys.exit(f"dcq_table: {stale[0]}" + (f" (and {len(stale) - 1} more runs)" if len(stale) > 1 else "")
+                 + "; give the arguments these runs were trained with, or another --out")
     if not a.collect:
         work(a, specs, out)
     res = collect(a, specs, out)

@@ -172,7 +172,7 @@ def paired(row: str, base: str, recal: int = 0) -> str:
     statistics on that many batches, ``recal_N.json``)."""
     import json
 
-    from lowbit.bench.report import lower_bound, mean_se
+    from lowbit.bench.report import format_bound, lower_bound, mean_se
 
     re = json.loads((OUT / f"recal_{recal}.json").read_text()) if recal else {}
 
@@ -195,7 +195,7 @@ def paired(row: str, base: str, recal: int = 0) -> str:
             xs = [x for _, x in d]
             m, se = mean_se(xs)
             lines.append(f"| W{b}A{b} | " + " / ".join(f"{x:+.2f} (s{k})" for k, x in d)
-                         + f" | **{m:+.2f} ± {se:.2f}** | {lower_bound(xs):+.2f} |")
+                         + f" | **{m:+.2f} ± {se:.2f}** | {format_bound(lower_bound(xs))} |")
     return "\n".join(lines)
 
 

@@ -50,6 +50,10 @@ def base_config(args, bits: int, seed: int):
 
 def train(cfg, run_dir: Path, data) -> tuple[dict, float]:
     if (run_dir / "summary.json").is_file():
+        from lowbit.runfolder import check_same_config
+
+        # a finished run of other arguments (--epochs, --limit, ...) is refused: it was read back as this call's
+        check_same_config(run_dir, cfg.to_dict())
         s = json.loads((run_dir / "summary.json").read_text())
         return s, s.get("_train_seconds", float("nan"))
     if run_dir.exists():  # a killed run: start it again

@@ -161,8 +161,11 @@ def table() -> str:
             err = [100 * (1 - r["test_acc"]) for r in rs]
             ierr = [100 * (1 - r["integer_test_acc"]) for r in rs if "integer_test_acc" in r]
             wall = statistics.mean(r["wall_s"] for r in rs) if rs else float("nan")
+            # runs of one row trained with other --set overrides (without a --tag): said, not pooled silently
+            sets = sorted({" ".join(r.get("overrides") or []) or "no --set" for r in rs})
+            mixed = f" (MIXED settings: {' / '.join(sets)})" if len(sets) > 1 else ""
             lines.append(f"| {part} | {row} | {_mean_std(err)} | {_mean_std(ierr)} | {len(rs)}"
-                         f"{' (PARTIAL)' if 0 < len(rs) < 3 else ''} | {wall:.0f} |")
+                         f"{' (PARTIAL)' if 0 < len(rs) < 3 else ''}{mixed} | {wall:.0f} |")
     return "\n".join(lines)
 
 

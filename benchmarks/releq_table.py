@@ -128,6 +128,9 @@ def main(argv=None) -> int:
     done = []  # rows of settings finished by an earlier call (their FP32 checkpoints need not exist any more)
     if (out / "results.jsonl").is_file():
         done = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    asked = {(seed, budget) for seed in args.seeds for budget in args.budgets}
+    # the rows of settings this call does not run stay in results.jsonl (before, a call with --seeds 1 deleted seed 0's)
+    kept = [r for r in done if (r["seed"], r["budget"]) not in asked]
     rows = []
     t0 = time.perf_counter()
     for seed in args.seeds:
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
             earlier = [r for r in done if r["seed"] == seed and r["budget"] == budget]
             rows += earlier or one(args.config, seed, budget, out, args.overrides)
             with open(out / "results.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+                f.writelines(json.dumps(r) + "\n" for r in kept + rows)
             cmd = "PYTHONPATH=src python " + " ".join(["benchmarks/releq_table.py", *sys.argv[1:]] if argv is None else argv)
             (out / "README.md").write_text(
                 f"# ReLeQ vs baselines ({args.config})\n\nCommand: `{cmd}`\n\n" + table(rows) +

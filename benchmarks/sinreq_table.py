@@ -98,7 +98,8 @@ def comparisons(records: list[dict], same_mem: dict[str, float]) -> tuple[str, d
     for r in records:
         by_row.setdefault(r["row"], []).append(r)
     acc = lambda row: [r["test_acc"] for r in by_row.get(row, [])]  # noqa: E731
-    ms = lambda v: f"{100 * statistics.fmean(v):.2f} ± {100 * (statistics.stdev(v) if len(v) > 1 else 0):.2f}" if v else "n/a"  # noqa: E731
+    # one seed has no spread (was "± 0.00")
+    ms = lambda v: f"{100 * statistics.fmean(v):.2f} ± {f'{100 * statistics.stdev(v):.2f}' if len(v) > 1 else '–'}" if v else "n/a"  # noqa: E731
     out: dict = {"sinreq": [], "sinareq": [], "wrpn_width": []}
     lines = ["## SinReQ vs plain (paired by seed; 001: +2.82 DoReFa, +2.11 WRPN)", "",
              "| bits | quantizer | plain | + SinReQ | SinReQ − plain | quant. error plain → SinReQ |", "|---|---|---|---|---|---|"]

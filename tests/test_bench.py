@@ -120,6 +120,14 @@ def test_bench_workers_keep_the_suites_threads_session26(tmp_path, monkeypatch):
     assert cfg["train"]["threads"] == 1  # the suite's (BASE), not 4 // 2
 
 
+def test_a_bound_near_the_target_is_printed_on_its_side_of_it():
+    """Two decimals put −0.504 (target missed) and −0.496 (target met) both at −0.50."""
+    from lowbit.bench.report import format_bound
+
+    assert [format_bound(b) for b in (-0.504, -0.496, -0.4999, -0.5, -0.61, 0.123, float("-inf"))] == [
+        "-0.504", "-0.496", "-0.4999", "-0.50", "-0.61", "+0.12", "-inf"]
+
+
 def test_lower_bound_is_the_one_sided_student_t_bound():
     # 1, 2, 3: mean 2, SE 1/sqrt(3); t(0.95, 2 dof) = 2.919986 -> 2 - 2.919986/sqrt(3) = 0.314146
     assert lower_bound([1.0, 2.0, 3.0]) == pytest.approx(0.314146, abs=1e-6)

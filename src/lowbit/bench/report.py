@@ -68,6 +68,16 @@ def lower_bound(values: list[float], level: float = 0.95) -> float:
     return m - float(t.ppf(level, n - 1)) * se
 
 
+def format_bound(bound: float, target: float = -0.5) -> str:
+    """A lower bound as a table prints it: two decimals, more where two would round it onto ``target`` (−0.504 and
+    −0.496 both read −0.50 before, one missing a "bound above −0.5" target and the other meeting it)."""
+    for digits in range(2, 7):
+        text = f"{bound:+.{digits}f}"
+        if bound == target or float(text) != target:
+            break
+    return text
+
+
 def table_rows(records: list[dict]) -> list[dict]:
     """One row per label: test error mean ± std over its runs (seeds), bits, size, BitOPs."""
     groups: dict[str, list[dict]] = {}
