@@ -447,6 +447,36 @@ def test_unsupported_layer_is_a_config_error_naming_it():
         lower(m, torch.randn(1, 1, 6, 6))
 
 
+def test_a_conv_padded_same_or_valid_is_zero_padding():
+    """padding="same" (odd kernel) and "valid" are zero padding, which the export supports: before session 28 both were
+    refused as "Conv2d with dilation=(1, 1), padding='same', padding_mode=zeros is not supported; supported: Conv2d
+    (any groups, dilation=1, zero padding)". An even kernel's "same" pads one side more: refused, saying so."""
+    class Net(nn.Module):
+        def __init__(self, k=3):
+            super().__init__()
+            self.c1, self.relu = nn.Conv2d(1, 4, 3, padding="valid"), nn.ReLU()
+            self.c2, self.c3 = nn.Conv2d(4, 4, k, padding="same"), nn.Conv2d(4, 4, 1)
+            self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = self.relu(self.c3(self.relu(self.c2(self.relu(self.c1(x))))))
+            return self.fc(self.pool(x).flatten(1))
+
+    torch.manual_seed(0)
+    m, x = quantize(Net(), W2A2), torch.randn(4, 1, 8, 8)
+    m.train()
+    m(x)
+    m.eval()
+    g = lower(m, x[:1])
+    assert [op.attrs["padding"] for op in g.conv_ops()][:3] == [[0, 0], [1, 1], [0, 0]]
+    with torch.no_grad():
+        ref = m(x).numpy()
+    assert np.array_equal(IntegerReference(g).run(x.numpy()).argmax(1), ref.argmax(1))
+    assert np.abs(IntegerReference(g).run(x.numpy()) - ref).max() < 1e-5
+    with pytest.raises(ConfigError, match=r"padding='same' on an even kernel \(padded on one side more"):
+        lower(quantize(Net(k=2), W2A2), x[:1])
+
+
 def test_weight_off_its_level_set_is_a_config_error():
     m = quantized_resnet(W2A2)
     layer = m.layers[0][0].conv1

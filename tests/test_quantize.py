@@ -201,6 +201,70 @@ def test_an_unsigned_activation_quantizer_on_a_signed_input_warns_once_per_layer
     assert caught({**W2A2, "signed_act": {"name": "lsq", "signed": True}}) == []  # found by the trace
 
 
+def test_a_shared_layer_checks_the_input_of_each_call_for_dropped_negatives():
+    """A conv the forward calls twice, first on a ReLU output, then on its own (signed) output: PACT drops the
+    second call's negative half. Before session 28 only the layer's first input was checked: no warning."""
+    import warnings
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c(self.c(torch.relu(self.c1(x))))).mean((2, 3)))
+
+    def caught(plan):
+        torch.manual_seed(0)
+        m = quantize(Twice(), plan)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            m(torch.randn(4, 1, 8, 8))
+            m(torch.randn(4, 1, 8, 8))
+        return [str(x.message) for x in w]
+
+    msgs = caught(W2A2)
+    assert len(msgs) == 1 and msgs[0].startswith("layer 'c' (its call 2 of 2 in the forward): "), msgs
+    assert "become 0" in msgs[0]
+    assert caught({**W2A2, "signed_act": {"name": "lsq", "signed": True}}) == []  # the trace finds the signed call
+
+
+def test_a_functional_conv_at_an_end_is_named_with_what_keep_first_and_keep_last_keep():
+    """The image goes through F.conv2d on an nn.Parameter, the logits come from F.linear: quantize leaves both in
+    full precision (not modules), and keep_first / keep_last keep c2 / c4, modules in the middle. Before session 28
+    neither was said."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    class FuncEnds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.fc_w = nn.Parameter(torch.randn(4, 1, 3, 3)), nn.Parameter(torch.randn(3, 4))
+            self.c2, self.c3, self.c4 = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+
+        def forward(self, x):
+            x = torch.relu(F.conv2d(x, self.w, padding=1))
+            x = torch.relu(self.c4(torch.relu(self.c3(torch.relu(self.c2(x))))))
+            return F.linear(x.mean((2, 3)), self.fc_w)
+
+    def caught(plan):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            m = quantize(FuncEnds(), plan)
+        return m, [str(x.message) for x in w]
+
+    m, msgs = caught(W2A2)
+    assert [(lp.name, lp.weight is None) for lp in quant_state(m).layers] == [("c2", True), ("c3", False), ("c4", True)]
+    assert len(msgs) == 2, msgs
+    assert msgs[0].startswith("the forward's first conv/linear is a functional call, conv2d (F.conv2d): ")
+    assert "keep_first keeps 'c2'" in msgs[0] and "{c2: {weight: {}, act: {}}}" in msgs[0]
+    assert msgs[1].startswith("the forward's last conv/linear is a functional call, linear (F.linear): ")
+    assert "keep_last keeps 'c4'" in msgs[1]
+    m, msgs = caught({**W2A2, "layers": {"c2": {"weight": {}, "act": {}}}})  # the advice: c2 quantized, said once
+    assert quant_state(m).layers[0].weight.label() == "sawb2" and "keep_first" not in msgs[0]
+
+
 def test_signed_act_goes_where_the_input_can_be_negative():
     """plan.signed_act: the layers reading a linear output (MobileNetV2's bottleneck: every expand conv
     after the first block, and the last 1x1 conv; the stem reads the signed image) get it, at act's bits;

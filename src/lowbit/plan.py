@@ -203,7 +203,7 @@ class Plan(BaseModel):
 
     # -- resolution ----------------------------------------------------------------------------
     def resolve(self, model: nn.Module, ends: tuple[str, str] | None = None,
-                frontiers: tuple[list[str], list[str], list[str]] | None = None) -> list["LayerPlan"]:
+                frontiers: tuple | None = None) -> list["LayerPlan"]:
         """One :class:`LayerPlan` per conv/linear layer of ``model`` (registration order). ``ends``: the first and
         last layer, ``frontiers``: every layer at either end and every layer the forward calls (:func:`traced_ends`;
         traced here when ``ends`` is not given)."""
@@ -251,6 +251,9 @@ class Plan(BaseModel):
         if frontiers is not None and (self.keep_first or self.keep_last):
             _warn_other_ends(frontiers, first if self.keep_first else None, last if self.keep_last else None,
                              [n for n in names if (w[n] is not None or a[n] is not None) and n not in source])
+        if frontiers is not None and len(frontiers) > 3:
+            _warn_functional_ends(frontiers, first, last, self.keep_first and w[first] is None and a[first] is None,
+                                  self.keep_last and w[last] is None and a[last] is None)
         return [LayerPlan(n, modules[n], w[n], a[n], source.get(n)) for n in names]
 
 
@@ -262,13 +265,14 @@ def quantizable_names(model: nn.Module) -> list[str]:
     return names
 
 
-def traced_ends(model: nn.Module, names: list[str] | None = None
-                ) -> tuple[tuple[str, str], tuple[list[str], list[str], list[str]] | None]:
+def traced_ends(model: nn.Module, names: list[str] | None = None) -> tuple[tuple[str, str], tuple | None]:
     """From one ``torch.fx`` trace: the first and the last conv/linear layer the forward calls (a user's module may
     register its classifier before its convs: before session 23 the registration order picked them), and the
     frontiers: the layers with no conv/linear before them (they read the network input) and those with none after
-    them (they make an output), and every layer it calls, in order. Where the model does not trace: the registration
-    order, said in a warning, and no frontiers."""
+    them (they make an output), and every layer it calls, in call order (once per call: a shared layer the forward
+    calls twice is there twice), and the functional convs/linears (``F.conv2d``, ``F.linear``) with no conv/linear
+    module before them and those with none after them. Where the model does not trace: the registration order, said
+    in a warning, and no frontiers."""
     if names is None:
         names = quantizable_names(model)
     try:
@@ -283,7 +287,8 @@ def traced_ends(model: nn.Module, names: list[str] | None = None
         return (names[0], names[-1]), None
     known = set(names)
     is_layer = {n: n.op == "call_module" and n.target in known for n in nodes}
-    order = list(dict.fromkeys(n.target for n in nodes if is_layer[n]))
+    calls = [n.target for n in nodes if is_layer[n]]  # a layer the forward calls twice is there twice
+    order = list(dict.fromkeys(calls))
     above: dict = {}
     for n in nodes:  # topological order
         above[n] = any(is_layer[i] or above[i] for i in n.all_input_nodes)
@@ -293,7 +298,26 @@ def traced_ends(model: nn.Module, names: list[str] | None = None
     firsts = list(dict.fromkeys(n.target for n in nodes if is_layer[n] and not above[n]))
     lasts = list(dict.fromkeys(n.target for n in nodes if is_layer[n] and not below[n]))
     ends = (order[0], order[-1]) if order else (names[0], names[-1])
-    return ends, (firsts, lasts, order)
+    # functional convs/linears (F.conv2d(x, self.w)) at either end: not layers quantize sees (session 28: a forward
+    # whose first op was F.conv2d on an nn.Parameter had keep_first keep the second conv, without a word)
+    funcs = _functional_layers()
+    fun = [n for n in nodes if n.op == "call_function" and n.target in funcs]
+    fun_firsts = [f"{n.name} ({_fname(n.target)})" for n in fun if not above[n]]
+    fun_lasts = [f"{n.name} ({_fname(n.target)})" for n in fun if not below[n]]
+    return ends, (firsts, lasts, calls, fun_firsts, fun_lasts)
+
+
+def _functional_layers() -> set:
+    import torch
+    import torch.nn.functional as F
+
+    return {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear,
+            torch.conv1d, torch.conv2d, torch.conv3d}
+
+
+def _fname(f) -> str:
+    name = getattr(f, "__name__", str(f))
+    return f"F.{name}"
 
 
 def _trace(model: nn.Module):
@@ -345,6 +369,25 @@ def _warn_other_ends(frontiers: tuple[list[str], list[str], list[str]], first: s
                           f"quantized: {', '.join(repr(n) for n in extra)}; keep them too with plan.layers "
                           f"({{{extra[0]}: fp}}), or name them in plan.layers to say the quantizer is meant",
                           stacklevel=4)
+
+
+def _warn_functional_ends(frontiers, first: str, last: str, kept_first: bool, kept_last: bool) -> None:
+    """Warn where the forward's first (last) conv/linear is a functional call (``F.conv2d(x, self.w)``): quantize
+    quantizes Conv/Linear modules only, so it stays in full precision, and keep_first (keep_last) is not keeping the
+    layer on the network input (output) but the first (last) module, which may be meant to be quantized."""
+    import warnings
+
+    for end, funcs, kept, keep, what in (("first", frontiers[3], kept_first, "keep_first", "reads the network input"),
+                                         ("last", frontiers[4], kept_last, "keep_last", "makes an output")):
+        if not funcs:
+            continue
+        module = first if end == "first" else last
+        then = (f"; {keep} keeps '{module}', the {end} conv/linear module, in full precision too, though it is not the "
+                f"layer that {what}: to quantize it, name it in plan.layers "
+                f"({{{module}: {{weight: {{}}, act: {{}}}}}}: the plan's quantizers)") if kept else ""
+        warnings.warn(f"the forward's {end} conv/linear is a functional call, {', '.join(funcs)}: quantize quantizes "
+                      f"Conv/Linear modules only, so it stays in full precision (use an nn.Conv2d / nn.Linear module "
+                      f"to quantize it){then}", stacklevel=4)
 
 
 #: modules whose output is never negative, and those that pass their input's sign through

@@ -71,11 +71,16 @@ def quiet_calibration():
 
 class _InputQuantHook:
     """The forward pre-hook that quantizes a layer's input; on the layer's first input it also checks
-    that no signed input lost its negative half (:func:`warn_if_negatives_dropped`), and until its
+    that no signed input lost its negative half (:func:`warn_if_negatives_dropped`; a layer the forward calls more than
+    once: the first input of each call), and until its
     quantizer has started it warns (once) when it is evaluated before any training batch."""
 
-    def __init__(self, name: str, warned: list | None = None):
-        self.name, self.checked, self.started = name, False, False
+    def __init__(self, name: str, warned: list | None = None, calls: int = 1):
+        self.name, self.started = name, False
+        # the inputs still to check for dropped negatives: one per call of the layer in the forward (a shared conv
+        # reads other tensors on its later calls: before session 28 only its first input was checked, and a second
+        # call on a signed tensor lost its negative half without a word)
+        self.calls = self.to_check = max(1, int(calls))
         self.warned = [False] if warned is None else warned  # shared by one model's hooks: one warning a model
 
     def _check_started(self, q: nn.Module) -> None:
@@ -104,14 +109,17 @@ class _InputQuantHook:
         if not self.started or (q.__dict__.get("_init_seen") is False and "initialized" in q._buffers):
             self._check_started(module.input_quantizer)
         y = module.input_quantizer(x)
-        if not self.checked:
-            self.checked = True
-            warn_if_negatives_dropped(x, y, self.name)
+        if self.to_check:
+            call = self.calls - self.to_check + 1
+            self.to_check -= 1
+            note = "" if self.calls == 1 else f" (its call {call} of {self.calls} in the forward)"
+            if warn_if_negatives_dropped(x, y, self.name, note):
+                self.to_check = 0  # one warning a layer
         return (y,) + tuple(args[1:])
 
 
-def warn_if_negatives_dropped(x: torch.Tensor, y: torch.Tensor, where: str) -> bool:
-    """Warn (once, on a layer's first input) when an activation quantizer maps a signed input to
+def warn_if_negatives_dropped(x: torch.Tensor, y: torch.Tensor, where: str, note: str = "") -> bool:
+    """Warn (once a layer, on the first input of each of its calls) when an activation quantizer maps a signed input to
     non-negative values only: an unsigned quantizer (PACT, DoReFa, QNN, unsigned LSQ) in front of a
     tensor that is not a ReLU output (a linear bottleneck, a projection, a normalised image) acts as
     a ReLU the network does not have. Returns whether it warned."""
@@ -121,7 +129,7 @@ def warn_if_negatives_dropped(x: torch.Tensor, y: torch.Tensor, where: str) -> b
         neg = (x < 0).float().mean().item()
         if neg <= 0.01 or y.min().item() < 0:
             return False
-    warnings.warn(f"layer '{where}': its activation quantizer has no negative level, and {100 * neg:.0f}% of its "
+    warnings.warn(f"layer '{where}'{note}: its activation quantizer has no negative level, and {100 * neg:.0f}% of its "
                   f"input is negative (min {x.min().item():.3g}): those values become 0, as if a ReLU were there; "
                   "a signed input needs a signed quantizer ({name: lsq, signed: true} for this layer, or "
                   "plan.signed_act: {name: lsq, signed: true} for every layer whose input can be negative)",
@@ -165,6 +173,7 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
             raise ConfigError(f"plan.integer: the model is in {dt}; integer mode trains the float32 network it "
                               "deploys: call model.float() before quantize")
     ends, frontiers = traced_ends(model)  # one trace for the plan and the state
+    calls = {} if frontiers is None else {n: frontiers[2].count(n) for n in set(frontiers[2])}
     layers = plan.resolve(model, ends, frontiers)
     if plan.integer:
         from .intmode import integer_layers
@@ -203,7 +212,8 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
                 lp.module.input_quantizer = (Method.act_quantizer(method, lp.name, lp.module, lp.act)
                                              if "act" in lp.integer_roles else
                                              method.act_quantizer(lp.name, lp.module, lp.act))
-                state.hooks.append(lp.module.register_forward_pre_hook(_InputQuantHook(lp.name, warned)))
+                state.hooks.append(lp.module.register_forward_pre_hook(_InputQuantHook(lp.name, warned,
+                                                                                    calls.get(lp.name, 1))))
         except ConfigError as e:
             role = "act" if lp.weight is None or parametrize.is_parametrized(lp.module, "weight") else "weight"
             _undo(layers, state)  # a refused plan leaves the model as it was (it kept the layers done so far)

@@ -325,13 +325,28 @@ def observed_levels(w: torch.Tensor, bits: int, name: str) -> torch.Tensor:
     return torch.stack([torch.cat([r, r[-1:].expand(most - r.numel())]) for r in rows])
 
 
+def _explicit_padding(module: nn.Conv2d) -> tuple[int, int] | None:
+    """The conv's zero padding as (rows, columns) a side: torch's ``padding="valid"`` is 0, ``"same"`` (stride 1) is
+    half the kernel's reach where that is whole (odd kernels; before session 28 both strings were refused as if not
+    zero padding); None: "same" on an even kernel, which pads one side more than the other."""
+    if not isinstance(module.padding, str):
+        return _pair(module.padding)
+    if module.padding == "valid":
+        return (0, 0)
+    reach = [d * (k - 1) for d, k in zip(_pair(module.dilation), module.kernel_size)]
+    return None if any(r % 2 for r in reach) else tuple(r // 2 for r in reach)
+
+
 def _conv_op(name: str, module: nn.Module, bn: nn.Module | None, inp: str, out: str, acts: bool = True) -> Op:
     if isinstance(module, nn.Conv2d):
-        if _pair(module.dilation) != (1, 1) or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        padding = _explicit_padding(module)
+        if _pair(module.dilation) != (1, 1) or module.padding_mode != "zeros" or padding is None:
             raise _unsupported(name, f"Conv2d with dilation={module.dilation}, "
-                                     f"padding={module.padding!r}, padding_mode={module.padding_mode}")
+                                     f"padding={module.padding!r}" + (" on an even kernel (padded on one side more "
+                                                                      "than the other)" if padding is None else "")
+                                     + f", padding_mode={module.padding_mode}")
         attrs = {"kernel": list(module.kernel_size), "stride": list(_pair(module.stride)),
-                 "padding": list(_pair(module.padding))}
+                 "padding": list(padding)}
         if module.groups != 1:  # grouped / depthwise: the float kernel (numpy_ref.prepare_conv)
             attrs["groups"] = int(module.groups)
         kind = "conv"
