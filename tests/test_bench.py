@@ -128,6 +128,14 @@ def test_a_bound_near_the_target_is_printed_on_its_side_of_it():
         "-0.504", "-0.496", "-0.4999", "-0.50", "-0.61", "+0.12", "-inf"]
 
 
+def test_a_bound_within_a_millionth_of_the_target_is_printed_on_its_side_of_it():
+    """Six decimals printed −0.49999999 (target met) and −0.50000001 (missed) both as −0.500000."""
+    from lowbit.bench.report import format_bound
+
+    assert [format_bound(b) for b in (-0.49999999, -0.50000001, -0.4999999999999999, float("nan"), 0.0)] == [
+        "-0.49999999", "-0.50000001", "-0.4999999999999999", "+nan", "+0.00"]
+
+
 def test_lower_bound_is_the_one_sided_student_t_bound():
     # 1, 2, 3: mean 2, SE 1/sqrt(3); t(0.95, 2 dof) = 2.919986 -> 2 - 2.919986/sqrt(3) = 0.314146
     assert lower_bound([1.0, 2.0, 3.0]) == pytest.approx(0.314146, abs=1e-6)

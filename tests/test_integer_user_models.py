@@ -534,3 +534,32 @@ def test_a_retried_fit_is_checked_on_its_first_batch_again():
             fit(m, batches, epochs=1)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items() if "running" not in k and "batches" not in k
                and "quantizer" not in k)  # no optimizer step was taken
+
+
+def test_a_conv_padded_same_or_valid_is_zero_padding_in_integer_mode():
+    """padding="same" (odd kernel) and "valid" are zero padding, which integer mode supports (the float export takes
+    them since session 28): it refused them as "padding 'same', padding_mode zeros is not supported; supported:
+    Conv2d (..., zero padding)". The net computes what its explicitly padded twin does; an even kernel is refused."""
+    class Net(nn.Module):
+        def __init__(self, explicit=False, k=5):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 4, 3, padding=0 if explicit else "valid")
+            self.c2 = nn.Conv2d(4, 6, (k, 3), padding=(2, 1) if explicit else "same")
+            self.relu, self.fc = nn.ReLU(), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(6, 3))
+
+        def forward(self, x):
+            return self.fc(self.relu(self.c2(self.relu(self.c1(x)))))
+
+    x = torch.randn(4, 1, 9, 11, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for explicit in (False, True):
+        torch.manual_seed(0)
+        m = quantize(Net(explicit), W4A4)
+        m(x)  # the first training batch: ranges, and the integer network built once
+        m.eval()
+        with torch.no_grad():
+            outs.append(m(x))
+        assert [op.attrs["padding"] for op in int_graph(m, x[:1]).ops if op.kind == "conv"][:2] == [[0, 0], [2, 1]]
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ConfigError, match=r"padding 'same' on an even kernel \(padded on one side more"):
+        quantize(Net(k=4), W4A4)

@@ -265,6 +265,74 @@ def test_a_functional_conv_at_an_end_is_named_with_what_keep_first_and_keep_last
     assert quant_state(m).layers[0].weight.label() == "sawb2" and "keep_first" not in msgs[0]
 
 
+@pytest.mark.parametrize("aux_first", [False, True])
+def test_an_eval_forward_before_training_does_not_use_up_a_training_only_calls_check(aux_first):
+    """A shared conv with a training-only call (an aux branch) on a signed tensor: PACT drops its negative half. One
+    eval forward first (the baseline of a pretrained model) used up the check of the trace's call 1: with the aux
+    call second it was never checked (no warning), with it first it was named "call 2 of 2"."""
+    import warnings
+
+    class Aux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.c1(x)  # signed
+            aux = self.fc(self.c(y).mean((2, 3))) if self.training and aux_first else 0
+            out = aux + self.fc(torch.relu(self.c(torch.relu(y))).mean((2, 3)))
+            if self.training and not aux_first:
+                out = out + self.fc(self.c(y).mean((2, 3)))
+            return out
+
+    torch.manual_seed(0)
+    m = quantize(Aux(), W2A2)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        m.eval()
+        with torch.no_grad():
+            m(torch.randn(4, 1, 8, 8))
+        m.train()
+        for _ in range(3):
+            m(torch.randn(4, 1, 8, 8))
+    msgs = [str(x.message) for x in w]
+    call = 1 if aux_first else 2
+    assert len(msgs) == 1 and msgs[0].startswith(f"layer 'c' (its call {call} of 2 in the forward): "), msgs
+
+
+def test_a_functional_linear_on_parameters_only_is_no_end_of_the_forward():
+    """Attention pooling with a learned query, q = F.linear(self.query, self.wq): it reads no input, yet before the fix
+    it was named "the forward's first conv/linear", and the warning said the stem, which reads the image, was not the
+    layer that reads the network input (advising to quantize it). A functional conv on the image is still named."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    class AttnPool(nn.Module):
+        def __init__(self, branch=False):
+            super().__init__()
+            self.stem, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+            self.query, self.wq = nn.Parameter(torch.randn(1, 8)), nn.Parameter(torch.randn(8, 8))
+            self.w, self.branch = nn.Parameter(torch.randn(8, 3, 3, 3)), branch
+
+        def forward(self, x):
+            h = self.stem(x) + F.conv2d(x, self.w, padding=1) if self.branch else self.stem(x)
+            f = torch.relu(self.c2(torch.relu(h))).flatten(2).transpose(1, 2)
+            a = torch.softmax(f @ F.linear(self.query, self.wq).t(), dim=1)
+            return self.fc((a * f).sum(1))
+
+    def caught(branch):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            quantize(AttnPool(branch), W2A2)
+        return [str(x.message) for x in w]
+
+    assert caught(False) == []
+    msgs = caught(True)
+    assert len(msgs) == 1 and msgs[0].startswith("the forward's first conv/linear is a functional call, conv2d "
+                                                 "(F.conv2d): "), msgs
+
+
 def test_signed_act_goes_where_the_input_can_be_negative():
     """plan.signed_act: the layers reading a linear output (MobileNetV2's bottleneck: every expand conv
     after the first block, and the last 1x1 conv; the stem reads the signed image) get it, at act's bits;

@@ -302,8 +302,16 @@ def traced_ends(model: nn.Module, names: list[str] | None = None) -> tuple[tuple
     # whose first op was F.conv2d on an nn.Parameter had keep_first keep the second conv, without a word)
     funcs = _functional_layers()
     fun = [n for n in nodes if n.op == "call_function" and n.target in funcs]
-    fun_firsts = [f"{n.name} ({_fname(n.target)})" for n in fun if not above[n]]
-    fun_lasts = [f"{n.name} ({_fname(n.target)})" for n in fun if not below[n]]
+    # an end reads the network input (makes an output): a functional call on parameters only (a learned query,
+    # a positional table) is neither, though no layer is before it
+    reads: dict = {}
+    for n in nodes:
+        reads[n] = n.op == "placeholder" or any(reads[i] for i in n.all_input_nodes)
+    makes: dict = {}
+    for n in reversed(nodes):
+        makes[n] = n.op == "output" or any(makes[u] for u in n.users)
+    fun_firsts = [f"{n.name} ({_fname(n.target)})" for n in fun if reads[n] and not above[n]]
+    fun_lasts = [f"{n.name} ({_fname(n.target)})" for n in fun if makes[n] and not below[n]]
     return ends, (firsts, lasts, calls, fun_firsts, fun_lasts)
 
 

@@ -75,12 +75,16 @@ class _InputQuantHook:
     once: the first input of each call), and until its
     quantizer has started it warns (once) when it is evaluated before any training batch."""
 
-    def __init__(self, name: str, warned: list | None = None, calls: int = 1):
+    def __init__(self, name: str, warned: list | None = None, calls: int = 1, traced_training: bool | None = None):
         self.name, self.started = name, False
         # the inputs still to check for dropped negatives: one per call of the layer in the forward (a shared conv
         # reads other tensors on its later calls: before session 28 only its first input was checked, and a second
         # call on a signed tensor lost its negative half without a word)
         self.calls = self.to_check = max(1, int(calls))
+        # a layer called more than once is checked in forwards of the mode the model was traced in (train or eval),
+        # whose calls are those the trace numbered: an eval forward before training skips a training-only call, and
+        # used up its check (the training-only call never checked, or checked under another call's number)
+        self.traced_training = traced_training
         self.warned = [False] if warned is None else warned  # shared by one model's hooks: one warning a model
 
     def _check_started(self, q: nn.Module) -> None:
@@ -109,7 +113,7 @@ class _InputQuantHook:
         if not self.started or (q.__dict__.get("_init_seen") is False and "initialized" in q._buffers):
             self._check_started(module.input_quantizer)
         y = module.input_quantizer(x)
-        if self.to_check:
+        if self.to_check and (self.calls == 1 or self.traced_training in (None, module.training)):
             call = self.calls - self.to_check + 1
             self.to_check -= 1
             note = "" if self.calls == 1 else f" (its call {call} of {self.calls} in the forward)"
@@ -174,6 +178,7 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
                               "deploys: call model.float() before quantize")
     ends, frontiers = traced_ends(model)  # one trace for the plan and the state
     calls = {} if frontiers is None else {n: frontiers[2].count(n) for n in set(frontiers[2])}
+    traced = model.training  # the mode the trace counted the calls in (``if self.training:`` branches)
     layers = plan.resolve(model, ends, frontiers)
     if plan.integer:
         from .intmode import integer_layers
@@ -213,7 +218,7 @@ def quantize(model: nn.Module, plan: Plan | dict | str | None = None, method: Me
                                              if "act" in lp.integer_roles else
                                              method.act_quantizer(lp.name, lp.module, lp.act))
                 state.hooks.append(lp.module.register_forward_pre_hook(_InputQuantHook(lp.name, warned,
-                                                                                    calls.get(lp.name, 1))))
+                                                                                    calls.get(lp.name, 1), traced)))
         except ConfigError as e:
             role = "act" if lp.weight is None or parametrize.is_parametrized(lp.module, "weight") else "weight"
             _undo(layers, state)  # a refused plan leaves the model as it was (it kept the layers done so far)

@@ -70,8 +70,9 @@ def lower_bound(values: list[float], level: float = 0.95) -> float:
 
 def format_bound(bound: float, target: float = -0.5) -> str:
     """A lower bound as a table prints it: two decimals, more where two would round it onto ``target`` (−0.504 and
-    −0.496 both read −0.50 before, one missing a "bound above −0.5" target and the other meeting it)."""
-    for digits in range(2, 7):
+    −0.496 both read −0.50 before, one missing a "bound above −0.5" target and the other meeting it). Up to 17
+    decimals, which tell any float from the target (six printed −0.49999999 and −0.50000001 both as −0.500000)."""
+    for digits in range(2, 18):
         text = f"{bound:+.{digits}f}"
         if bound == target or float(text) != target:
             break
