@@ -730,3 +730,86 @@ def test_a_method_refusing_the_model_is_one_line_without_the_optimizer_warning_f
         with pytest.raises(ConfigError, match="is a BatchNorm; NITI trains models without BN"):
             run(cfg, tmp_path / "run")
     assert not [w for w in caught if "not in the optimizer" in str(w.message)]
+
+
+def _small_bn_net():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                      nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    return lowbit.quantize(m, {"weight": {"name": "sawb", "bits": 4}, "act": {"name": "pact", "bits": 4}})
+
+
+def test_an_epoch_of_another_number_of_batches_than_len_is_one_line():
+    """fit counts its steps with len(batches): before session 28 an IterableDataset whose __len__ counted samples
+    while it yielded batches (DataLoader(batch_size=None)) trained with FreezeBatchNorm(0.5) freezing an epoch late,
+    without a word, and one yielding more batches than its len() (num_workers=2, unsharded) ran its steps into the
+    next epoch's (a OneCycleLR failed in torch's "Tried to step 17 times")."""
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 2, (16,))
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for i in range(0, 16, 4):
+                yield x[i:i + 4], y[i:i + 4]
+
+        def __len__(self):
+            return 16  # the samples, not the 4 batches
+
+    with pytest.raises(ConfigError, match=r"^epoch 1 gave 4 batches but len\(batches\) is 16: fit counts its steps"):
+        fit(_small_bn_net(), DataLoader(Batches(), batch_size=None), epochs=2, callbacks=[lowbit.FreezeBatchNorm(0.5)])
+
+    class Short:
+        def __len__(self):
+            return 2
+
+        def __iter__(self):
+            return iter([(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)])
+
+    model = _small_bn_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"^epoch 1 gave more than 2 batches but len\(batches\) is 2"):
+        fit(model, Short(), epochs=2)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed  # the two counted steps ran, the third was refused before it stepped
+    frozen = []
+
+    class Spy:
+        def on_step(self, state, step):
+            if not frozen and not state.model[1].training:
+                frozen.append((state.epoch, step))
+
+    fit(_small_bn_net(), DataLoader(TensorDataset(x, y), batch_size=4), epochs=2,
+        callbacks=[lowbit.FreezeBatchNorm(0.5), Spy()])
+    assert frozen == [(0, 2)]  # a DataLoader of a map-style dataset: len() is exact, the freeze half-way
+
+
+def test_integer_images_are_one_line_in_fit_and_evaluate():
+    """uint8 images (as decoded, not normalised) from a user's DataLoader: before session 28 torch's "Input type
+    (unsigned char) and bias type (float) should be the same", or a quantizer's "result type Float can't be cast to
+    the desired output type Byte" where the first layer is quantized."""
+    x, y = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 2, (8,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    msg = r"inputs of dtype torch.uint8 failed in the model \(.*\): convert images to floating point and normalise"
+    with pytest.raises(ConfigError, match=r"^epoch 1, step 1: " + msg):
+        fit(_small_bn_net(), loader, epochs=1)
+    with pytest.raises(ConfigError, match="^" + msg):
+        evaluate(_small_bn_net(), loader)
+    torch.manual_seed(0)
+    first = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    lowbit.quantize(first, {"weight": {"name": "sawb", "bits": 4}, "act": {"name": "pact", "bits": 4},
+                            "keep_first": False})
+    with pytest.raises(ConfigError, match=r"^epoch 1, step 1: inputs of dtype torch.uint8 failed in the model "
+                                          r"\(result type Float can't be cast"):
+        fit(first, loader, epochs=1)
+    fit(_small_bn_net(), DataLoader(TensorDataset(x.float() / 255, y), batch_size=4), epochs=1)  # normalised: trains
+
+
+def test_a_dataloader_over_an_iterable_dataset_without_len_is_named_in_its_error():
+    """The error said "batches (DataLoader) has no len(); pass a list, a BatchLoader or a DataLoader" to a user who
+    had passed a DataLoader (session 28)."""
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield torch.randn(1, 8, 8), torch.tensor(0)
+
+    with pytest.raises(ConfigError, match=r"^batches is a DataLoader over an IterableDataset \(Stream\) without "
+                                          r"__len__: give the dataset a __len__"):
+        fit(_small_bn_net(), DataLoader(Stream(), batch_size=4), epochs=1)

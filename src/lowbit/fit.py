@@ -9,7 +9,8 @@
     print(lowbit.evaluate(model, test_loader))
 
 ``batches`` is any re-iterable of ``(x, y)`` pairs with a ``len()`` (a list, a
-:class:`lowbit.data.BatchLoader`, a ``torch.utils.data.DataLoader``). Every epoch calls
+:class:`lowbit.data.BatchLoader`, a ``torch.utils.data.DataLoader``): the number of batches every epoch gives,
+which the steps are counted with (an epoch that gives another number is refused in one line). Every epoch calls
 ``batches.set_epoch(epoch)`` (or its sampler's, as ``DistributedSampler`` wants) when it exists.
 
 What a step does belongs to the *method* (:class:`lowbit.methods.Method`): ``loss`` (task loss,
@@ -218,6 +219,11 @@ def _steps_per_epoch(batches: Any, epochs: int) -> int:
     try:
         n = len(batches)
     except TypeError:
+        ds = getattr(batches, "dataset", None)
+        if isinstance(ds, torch.utils.data.IterableDataset):  # "pass ... a DataLoader" misled about a DataLoader
+            raise ConfigError(f"batches is a DataLoader over an IterableDataset ({type(ds).__name__}) without "
+                              "__len__: give the dataset a __len__ (its number of samples per epoch; the schedules "
+                              "need the number of steps), or use a map-style Dataset") from None
         raise ConfigError(f"batches ({type(batches).__name__}) has no len(); pass a list, a BatchLoader "
                           "or a DataLoader (the method's schedules need the number of steps)") from None
     if n == 0:
@@ -263,7 +269,12 @@ def evaluate(model: nn.Module, batches: Iterable, device: str | torch.device | N
         with parametrize.cached():
             for batch in batches:
                 x, y = _xy(match_dtype(to_device(batch, dev), model))
-                out = model(x)
+                try:
+                    out = model(x)
+                except RuntimeError as e:
+                    if not _integer_input(x):
+                        raise
+                    raise ConfigError(_integer_input_message(x, e)) from None
                 if loss_fn is None:
                     loss_sum += F.cross_entropy(out, class_targets(out, y), reduction="sum").double()
                 else:
@@ -570,7 +581,11 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
     seen = with_output = 0
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{state.epochs}", leave=False, disable=not progress,
                dynamic_ncols=True)
+    given = 0
     for i, batch in enumerate(bar):
+        if i == state.steps_per_epoch:  # the step counter would run into the next epoch's steps
+            raise ConfigError(_steps_mismatch(epoch, f"more than {i}", state.steps_per_epoch))
+        given = i + 1
         check_batch(batch)
         batch = match_dtype(to_device(batch, dev), model)
         # the method reads its batch (DCQ's sections train on (x, feature maps)); class indices of a narrower
@@ -589,6 +604,10 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
             lr = opt.param_groups[0]["lr"] if opt is not None else float("nan")
             raise TrainingDiverged(f"{e} at epoch {epoch + 1}, step {i + 1}; lower train.lr (now {lr:.3g}) "
                                    "or check the data" + _kept(epoch)) from None
+        except RuntimeError as e:
+            if not _integer_input(batch[0]):
+                raise
+            raise ConfigError(_integer_input_message(batch[0], e, f"epoch {epoch + 1}, step {i + 1}: ")) from None
         except ValueError as e:
             if "Expected more than 1 value per channel when training" not in str(e):
                 raise
@@ -609,6 +628,31 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
     if seen == 0:  # before session 25: loss 0.0 and accuracy NaN, without a word
         raise ConfigError(f"epoch {epoch + 1} had no training batch: give batches that can be iterated once per "
                           "epoch (a DataLoader, a list), not an iterator the first epoch used up")
+    if given != state.steps_per_epoch:  # before session 28: the schedules silently counted steps with the wrong len()
+        raise ConfigError(_steps_mismatch(epoch, str(given), state.steps_per_epoch))
     return {"train_loss": loss_sum.item() / max(seen, 1),
             "train_acc": correct.item() / with_output if with_output else float("nan"),
             "epoch_time": time.perf_counter() - t0}
+
+
+def _steps_mismatch(epoch: int, given: str, steps: int) -> str:
+    """One line for an epoch whose number of batches is not ``len(batches)``, with which ``fit`` counts its steps: an
+    IterableDataset whose ``__len__`` counts something else, or one read by several workers that each yield all of
+    it (before session 28 FreezeBatchNorm(0.5) then froze an epoch late, or a OneCycleLR failed in torch)."""
+    return (f"epoch {epoch + 1} gave {given} batches but len(batches) is {steps}: fit counts its steps with len() "
+            "(the scheduler, FreezeBatchNorm, the method's schedule); make len() the number of batches one epoch "
+            "gives (an IterableDataset's __len__ is its number of samples, or of batches with batch_size=None; with "
+            "num_workers > 1 each worker must yield its own share: torch.utils.data.get_worker_info())")
+
+
+def _integer_input(x: Any) -> bool:
+    return isinstance(x, Tensor) and not x.is_floating_point() and not x.is_complex()
+
+
+def _integer_input_message(x: Tensor, e: Exception, where: str = "") -> str:
+    """Integer images (uint8, as decoded) in a float model failed in torch ("Input type (unsigned char) and bias
+    type (float) should be the same") or in a quantizer ("result type Float can't be cast to the desired output
+    type Byte"); fit and evaluate do not convert them, which would feed 0..255 unnormalised (session 28)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return (f"{where}inputs of dtype {x.dtype} failed in the model ({first}): convert images to floating point and "
+            "normalise them (e.g. x.float() / 255, then the dataset's mean and std, as lowbit.data.BatchLoader does)")
