@@ -21,6 +21,9 @@ session 12's (``int12``: ``mid`` covering only the range its conv values took in
     python benchmarks/integer_mbv2_ft.py --table       # -> mbv2_ft/summary.md, summary.json
     python benchmarks/integer_mbv2_ft.py --table --seeds 20-35   # those seeds only -> summary_seeds20-35.md/json
     python benchmarks/integer_mbv2_ft.py --table --seeds 36-135  # session 28's sample (PARTIAL until all 100 ran)
+    python benchmarks/device_runs.py --runs benchmarks/results/integer_export/mbv2_ft/runs --jobs 2 \\
+        --start-by 7200 --deadline 8000 --tar /tmp/runs.tar.gz \\
+        $(python benchmarks/integer_mbv2_ft.py --pending 36-135)   # the sample's next runs (--jobs 16 on a GPU)
 
 (the configs' ``model.init_from`` is relative to the repository root: run from there.)
 """
@@ -353,6 +356,20 @@ def table(seeds: tuple[int, ...] | None = None) -> str:
     return text
 
 
+def pending(seeds: tuple[int, ...]) -> list[str]:
+    """The committed configs of ``seeds`` whose runs have no summary.json yet, seed by seed in declared order (a run
+    cut off at a deadline leaves no summary and is trained again from the start)."""
+    out = []
+    for s in seeds:
+        for ds, rows, modes in DECLARED:
+            if s in ds:
+                for (b, wspec, signed), m in ((r, m) for r in rows for m in modes):
+                    name = f"FT_{_label(b, wspec, signed)}_{m}_s{s}"
+                    if _acc(OUT / "runs" / name) is None:
+                        out.append(str(OUT / "configs" / f"{name}.yaml"))
+    return out
+
+
 def lsq_vs_sawb() -> str:
     """Markdown: per mode, W8A8slsq − W8A8s test accuracy on every seed where both finished (session 21)."""
     lines = ["| mode | W8A8s, LSQ − SAWB weights, per seed | mean ± SE (seeds; one-sided 95 % lower bound) |",
@@ -376,20 +393,26 @@ def main() -> None:
     ap.add_argument("--configs", action="store_true")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--seeds", default=None, metavar="A-B", help="with --table: only seeds A to B (a consecutive range)")
+    ap.add_argument("--pending", default=None, metavar="A-B",
+                    help="print the configs declared for seeds A to B whose runs have not finished, seed by seed (what "
+                         "benchmarks/device_runs.py should train next)")
     ap.add_argument("--lsq-vs-sawb", action="store_true",
                     help="W8A8s with 8-bit LSQ weights − with SAWB weights, per mode, on the seeds both have (session 21)")
     a = ap.parse_args()
-    seeds = None
-    if a.seeds:
+    def seed_range(flag: str, text: str) -> tuple[int, ...]:
         try:
-            lo, hi = (int(v) for v in a.seeds.split("-"))
+            lo, hi = (int(v) for v in text.split("-"))
         except ValueError:
-            ap.error(f"--seeds {a.seeds!r}: expected A-B, e.g. 20-35")
+            ap.error(f"{flag} {text!r}: expected A-B, e.g. 20-35")
         if hi < lo:
-            ap.error(f"--seeds {a.seeds!r}: B must not be below A")
-        seeds = tuple(range(lo, hi + 1))
+            ap.error(f"{flag} {text!r}: B must not be below A")
+        return tuple(range(lo, hi + 1))
+
+    seeds = seed_range("--seeds", a.seeds) if a.seeds else None
     if a.configs:
         configs()
+    if a.pending:
+        print("\n".join(pending(seed_range("--pending", a.pending))))
     if a.table:
         print(table(seeds))
     if a.lsq_vs_sawb:
