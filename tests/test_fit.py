@@ -327,6 +327,23 @@ def test_load_weights_errors_are_one_line(tmp_path):
         assert "\n" not in str(ei.value)
 
 
+def test_load_weights_from_a_model_state_dict_checkpoint_and_other_names(tmp_path):
+    """PyTorch's tutorial checkpoint ({'model_state_dict': ..., 'optimizer_state_dict': ..., 'epoch': ...}) was
+    refused as "holds no state dict"; a checkpoint under another name ('net', 'ema') is named, not guessed."""
+    fp = tiny(seed=1)
+    opt = torch.optim.SGD(fp.parameters(), lr=0.1, momentum=0.9)
+    torch.save({"model_state_dict": fp.state_dict(), "optimizer_state_dict": opt.state_dict(), "epoch": 3,
+                "loss": 0.5}, tmp_path / "tutorial.pt")
+    m = lowbit.load_weights(tiny(seed=2), tmp_path / "tutorial.pt")
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), fp.state_dict().values()))
+    torch.save({"net": fp.state_dict(), "ema": fp.state_dict(), "epoch": 3}, tmp_path / "net.pt")
+    with pytest.raises(ConfigError, match=r"state dicts are under 'net', 'ema', not 'model' / 'state_dict' / "
+                                          r"'model_state_dict': save the one you mean"):
+        lowbit.load_weights(tiny(), tmp_path / "net.pt")
+    with pytest.raises(ConfigError, match=r"keep='quantized' \(model.init_weights: quantized\) needs a run folder"):
+        lowbit.load_weights(tiny(), tmp_path / "tutorial.pt", keep="quantized")
+
+
 def test_init_from_an_integer_runs_best_pt_file(tmp_path, fmnist_small):
     """Session 24: an integer run's best.pt given as a file (not its folder) was refused: its output quantizers'
     state (conv1.output_quantizer.alpha, ...) had no place in a plain model."""

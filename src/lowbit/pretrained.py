@@ -13,8 +13,9 @@ Sources:
   finalized, re-estimated BatchNorm if recorded). If that run was quantized, ``keep`` says which
   weights to take: ``"latent"`` (the trainable FP32 weights, to fine-tune further) or
   ``"quantized"`` (the values it deployed);
-* a **.pt file**: a state dict, or a checkpoint holding one under ``"model"`` / ``"state_dict"``
-  (lowbit's best.pt and last.pt, most training scripts). Keys of a quantized lowbit model
+* a **.pt file**: a state dict, or a checkpoint holding one under ``"model"`` / ``"state_dict"`` /
+  ``"model_state_dict"`` (lowbit's best.pt and last.pt, most training scripts, PyTorch's tutorial; under
+  another name it is refused, naming it). Keys of a quantized lowbit model
   (``conv.parametrizations.weight.original``) are mapped to plain ones and quantizer state is
   dropped, so its latent weights load;
 * a **mapping** of tensors (a state dict in memory).
@@ -36,6 +37,9 @@ _LATENT = ".parametrizations.weight.original"
 #: quantizer state a plain model has no place for: weight and input quantizers, and integer mode's output
 #: quantizers and residual mid rounding (an integer run's best.pt loads into any model; session 24)
 _QUANT_STATE = (".parametrizations.weight.0.", ".input_quantizer.", ".output_quantizer.", ".mid_round.")
+#: where a checkpoint file keeps its state dict: lowbit's best.pt / last.pt, most training scripts, and PyTorch's
+#: own tutorial ("Saving and loading a general checkpoint": model_state_dict, optimizer_state_dict, epoch, loss)
+_CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict")
 
 
 def plain_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -65,7 +69,7 @@ def _read_file(path: Path) -> dict[str, Tensor]:
         if isinstance(method, Mapping) and method.get("name") == "niti":  # its latents were never trained
             raise ConfigError(f"{path}: a NITI run's checkpoint, whose latent weights were never trained (NITI trains "
                               "integer weights): give its run folder with model.init_weights: quantized")
-        for key in ("model", "state_dict"):
+        for key in _CHECKPOINT_KEYS:
             if isinstance(obj.get(key), Mapping):
                 sd = dict(obj[key])
                 if isinstance(obj.get("final_bn"), Mapping):  # lowbit's re-estimated BatchNorm
@@ -73,7 +77,16 @@ def _read_file(path: Path) -> dict[str, Tensor]:
                 return sd
         if obj and all(isinstance(v, Tensor) for v in obj.values()):
             return dict(obj)
-    raise ConfigError(f"{path}: holds no state dict (expected a mapping of tensors, or one under 'model')")
+        # a checkpoint whose state dict is under another name ('net', 'ema', ...): name them, do not guess
+        held = [str(k) for k, v in obj.items() if isinstance(v, Mapping) and v and
+                all(isinstance(t, Tensor) for t in v.values())]
+        if held:
+            under = ", ".join(repr(k) for k in held[:4])
+            raise ConfigError(f"{path}: a checkpoint whose state dicts are under {under}, "
+                              f"not {' / '.join(repr(k) for k in _CHECKPOINT_KEYS)}: save the one you mean on its "
+                              f"own (torch.save(checkpoint[{held[0]!r}], 'weights.pt')) and give that file")
+    raise ConfigError(f"{path}: holds no state dict (expected a mapping of tensors, or one under "
+                      f"{' / '.join(repr(k) for k in _CHECKPOINT_KEYS)})")
 
 
 def _from_run(run_dir: Path, keep: str) -> dict[str, Tensor]:
@@ -110,7 +123,8 @@ def read_weights(source: str | Path | Mapping[str, Tensor], keep: str = "latent"
     if not p.is_file():
         raise ConfigError(f"pretrained weights not found: {p}")
     if keep == "quantized":
-        raise ConfigError(f"{p}: keep='quantized' needs a run folder (a file holds no quantizer to apply)")
+        raise ConfigError(f"{p}: keep='quantized' (model.init_weights: quantized) needs a run folder (a file holds "
+                          "no quantizer to apply)")
     return plain_state_dict(_read_file(p))
 
 
