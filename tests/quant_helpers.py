@@ -85,3 +85,15 @@ class OddKernelNet(torch.nn.Module):
         x = torch.relu(self.bn2(self.c2(x)))  # 11x6
         x = torch.relu(self.c3(x))  # 5x3
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class LoRALinear(torch.nn.Linear):
+    """A LoRA-style linear: the torch layer plus a low-rank branch (its own nn.Linear children), in a forward of its
+    own."""
+
+    def __init__(self, i, o, r=2):
+        super().__init__(i, o)
+        self.lora_a, self.lora_b = torch.nn.Linear(i, r, bias=False), torch.nn.Linear(r, o, bias=False)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias) + self.lora_b(self.lora_a(x))

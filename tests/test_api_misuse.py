@@ -316,17 +316,8 @@ def test_layers_inside_a_users_linear_subclass_are_called():
     their MACs."""
     import warnings
 
-    import torch.nn.functional as F
-
     from lowbit.cost import profile
-
-    class LoRALinear(nn.Linear):
-        def __init__(self, i, o, r=2):
-            super().__init__(i, o)
-            self.lora_a, self.lora_b = nn.Linear(i, r, bias=False), nn.Linear(r, o, bias=False)
-
-        def forward(self, x):
-            return F.linear(x, self.weight, self.bias) + self.lora_b(self.lora_a(x))
+    from quant_helpers import LoRALinear
 
     class Net(nn.Module):
         def __init__(self):

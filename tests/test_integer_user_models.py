@@ -16,7 +16,7 @@ from lowbit.errors import ConfigError
 from lowbit.export import export_model
 from lowbit.export.intgraph import IntReference
 from lowbit.intmode import int_graph
-from quant_helpers import settled
+from quant_helpers import LoRALinear, settled
 
 needs_cc = pytest.mark.skipif((shutil.which("cc") or shutil.which("gcc")) is None, reason="no C compiler on PATH")
 W4A4 = {"weight": {"name": "sawb", "bits": 4}, "act": {"name": "pact", "bits": 4}, "integer": True}
@@ -295,17 +295,6 @@ def test_integer_mode_gives_the_signed_input_quantizer_to_the_layer_that_reads_t
     assert quant_state(m).ends == ("conv1", "fc")
     assert m.conv1.input_quantizer.signed and (m.conv1.input_quantizer(x) < 0).any()
     assert type(m.fc.input_quantizer).__name__ == "PACTQuantizer" and m.fc.input_quantizer.bits == 8
-
-
-class LoRALinear(nn.Linear):
-    """A LoRA-style linear: the torch layer plus a low-rank branch, in a forward of its own."""
-
-    def __init__(self, i, o, r=2):
-        super().__init__(i, o)
-        self.lora_a, self.lora_b = nn.Linear(i, r, bias=False), nn.Linear(r, o, bias=False)
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.lora_b(self.lora_a(x))
 
 
 class Conv2dSame(nn.Conv2d):
