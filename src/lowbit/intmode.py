@@ -111,7 +111,7 @@ def _unsupported(n: fx.Node, what: str) -> ConfigError:
 
 def analyse(gm: fx.GraphModule) -> tuple[fx.Node, list[Unit], fx.Node]:
     """(input node, units in execution order, output node) of a traced model."""
-    from .export.graph import check_leaves, flatten_node
+    from .export.graph import _explicit_padding, check_leaves, flatten_node
 
     check_leaves(gm, "integer mode")
     mods = dict(gm.named_modules())
@@ -141,11 +141,10 @@ def analyse(gm: fx.GraphModule) -> tuple[fx.Node, list[Unit], fx.Node]:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             # padding="valid" / "same" (odd kernels) are the zero padding they are (as in the float export, session
             # 28; refused here as if they were not: "padding 'same' ... not supported; supported: ... zero padding")
-            if isinstance(m, nn.Conv2d) and (m.dilation not in (1, (1, 1)) or m.padding_mode != "zeros"
-                                             or _explicit_padding(m) is None):
+            uneven = isinstance(m, nn.Conv2d) and _explicit_padding(m) is None
+            if isinstance(m, nn.Conv2d) and (m.dilation not in (1, (1, 1)) or m.padding_mode != "zeros" or uneven):
                 raise _unsupported(n, f"Conv2d with dilation {m.dilation}, padding {m.padding!r}"
-                                      + (" on an even kernel (padded on one side more than the other)"
-                                         if _explicit_padding(m) is None else "")
+                                      + (" on an even kernel (padded on one side more than the other)" if uneven else "")
                                       + f", padding_mode {m.padding_mode}")
             u = Unit("conv", n, a(n.args[0]), name=n.target, module=m, nodes=[n])
             cur = n
@@ -458,12 +457,6 @@ def _checking_negatives(model: nn.Module, ist: IntState, x: torch.Tensor) -> tor
     return out  # retried fit trained a whole epoch of a network it cannot build, to fail at the evaluation
 
 
-def _explicit_padding(m: nn.Conv2d):
-    from .export.graph import _explicit_padding as explicit
-
-    return explicit(m)
-
-
 def _qkind(q: nn.Module) -> tuple:
     """What an activation quantizer computes, apart from its learned state: its class, bits and sign."""
     return type(q).__name__, getattr(q, "bits", None), bool(getattr(q, "signed", False))
@@ -675,9 +668,11 @@ def _conv_op(u: Unit, i_shape, o_shape, tensors, bn_affine, _weight, integer_for
              fine_bias: bool = False):
     m = u.module
     if isinstance(m, nn.Conv2d):  # dilation, padding modes: refused by analyse
+        from .export.graph import _explicit_padding as explicit_padding
+
         pair = lambda v: [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]  # noqa: E731
         attrs = {"layer": "conv", "kernel": list(m.kernel_size), "stride": pair(m.stride),
-                 "padding": list(_explicit_padding(m)), "groups": int(m.groups)}
+                 "padding": list(explicit_padding(m)), "groups": int(m.groups)}
     else:
         attrs = {"layer": "linear", "kernel": [1, 1], "stride": [1, 1], "padding": [0, 0], "groups": 1}
     attrs["relu"] = bool(u.relu)
