@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 from lowbit.bench import aggregate, run_grid, write_results
+from lowbit.bench.report import format_paired, paired
 
 MM = lambda b: {"name": "minmax", "bits": b}  # noqa: E731
 SAWB = lambda b: {"name": "sawb", "bits": b}  # noqa: E731
@@ -87,15 +87,6 @@ FAMILIES = {
 ROWS = {label: plan for fam in FAMILIES.values() for label, plan in fam.items()}
 
 
-def paired(records: list[dict], a: str, b: str) -> tuple[float, float, int] | None:
-    """Mean ± std over seeds of acc(a) - acc(b), paired by seed (same init and batch order)."""
-    acc = {(r["row"], r["seed"]): r["test_acc"] for r in records}
-    d = [acc[(a, s)] - acc[(b, s)] for (row, s) in acc if row == a and (b, s) in acc]
-    if not d:
-        return None
-    return statistics.fmean(d), statistics.stdev(d) if len(d) > 1 else 0.0, len(d)
-
-
 def ordering(records: list[dict], rows: list[dict]) -> str:
     """Per family: is 003's ordering DQA > BR > plain there, and by how much (paired by seed)."""
     mean = {r["row"]: r["acc_mean"] for r in rows}
@@ -106,7 +97,6 @@ def ordering(records: list[dict], rows: list[dict]) -> str:
             exact.setdefault(r["row"], set()).add(info["exact Q1"].split(":")[0])
     lines = ["| family | plain | best BR | DQA | DQA − plain | DQA − BR | BR − plain | 003 ordering |",
              "|---|---|---|---|---|---|---|---|"]
-    fmt = lambda p: "n/a" if p is None else f"{100 * p[0]:+.2f} ± {100 * p[1]:.2f} (n={p[2]})"  # noqa: E731
     for fam, members in FAMILIES.items():
         labels = [lb for lb in members if lb in mean]
         plain = labels[0] if labels and labels[0] == next(iter(members)) else None
@@ -117,8 +107,9 @@ def ordering(records: list[dict], rows: list[dict]) -> str:
         br = max(brs, key=lambda lb: mean[lb])
         holds = mean[dq] > mean[br] > mean[plain]
         lines.append(f"| {fam} | {100 * mean[plain]:.2f} | {br[len(fam) + 1:]} {100 * mean[br]:.2f} | "
-                     f"{100 * mean[dq]:.2f} | {fmt(paired(records, dq, plain))} | {fmt(paired(records, dq, br))} | "
-                     f"{fmt(paired(records, br, plain))} | {'holds' if holds else 'does not hold'} |")
+                     f"{100 * mean[dq]:.2f} | {format_paired(paired(records, dq, plain))} | "
+                     f"{format_paired(paired(records, dq, br))} | "
+                     f"{format_paired(paired(records, br, plain))} | {'holds' if holds else 'does not hold'} |")
     checks = ", ".join(f"{k}: {'/'.join(sorted(v))}" for k, v in exact.items())
     return "\n".join(lines) + f"\n\nfinal network exactly Q1 (distinct values <= 2^n1 after hardening): {checks}\n"
 

@@ -26,13 +26,10 @@ import argparse
 import json
 import re
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dqa_table import paired  # noqa: E402 (the same paired-by-seed difference as the DQA table)
-
-from lowbit.bench import aggregate, run_grid, write_results  # noqa: E402
+from lowbit.bench import aggregate, run_grid, write_results
+from lowbit.bench.report import format_paired, paired
 
 DOREFA = lambda b: {"name": "dorefa", "bits": b}  # noqa: E731
 WRPN = lambda b: {"name": "wrpn", "bits": b}  # noqa: E731
@@ -93,7 +90,6 @@ def _avg_bits(rec: dict) -> float:
 
 
 def comparisons(records: list[dict], same_mem: dict[str, float]) -> tuple[str, dict]:
-    fmt = lambda p: "n/a" if p is None else f"{100 * p[0]:+.2f} ± {100 * p[1]:.2f} (n={p[2]})"  # noqa: E731
     by_row: dict[str, list[dict]] = {}
     for r in records:
         by_row.setdefault(r["row"], []).append(r)
@@ -110,7 +106,7 @@ def comparisons(records: list[dict], same_mem: dict[str, float]) -> tuple[str, d
                 continue
             p = paired(records, s, a)
             err = lambda row: statistics.fmean(_qerr(r) for r in by_row[row])  # noqa: E731
-            lines.append(f"| W{b}A{b} | {fam} | {ms(acc(a))} | {ms(acc(s))} | {fmt(p)} | {err(a):.3f} → {err(s):.3f} |")
+            lines.append(f"| W{b}A{b} | {fam} | {ms(acc(a))} | {ms(acc(s))} | {format_paired(p)} | {err(a):.3f} → {err(s):.3f} |")
             out["sinreq"].append({"bits": b, "quantizer": fam, "diff": p, "plain": acc(a), "sinreq": acc(s)})
     lines += ["", "## SINAREQ vs uniform bits (A4 DoReFa; 002 memory)", "",
               "| row | width | avg weight bits | accuracy | 002 memory KiB | − SINAREQ (paired) | learned bits (seed 0) |",
@@ -124,7 +120,7 @@ def comparisons(records: list[dict], same_mem: dict[str, float]) -> tuple[str, d
         bits = statistics.fmean(_avg_bits(r) for r in rs) if row == SINAREQ_ROW else rs[0]["weight_bits"][0]
         width = rs[0]["config"]["model"].get("width", 1.0)
         learned = rs[0].get("method_info", {}).get("learned bits", "") if row == SINAREQ_ROW else ""
-        d = "" if row == SINAREQ_ROW else fmt(paired(records, row, SINAREQ_ROW))
+        d = "" if row == SINAREQ_ROW else format_paired(paired(records, row, SINAREQ_ROW))
         lines.append(f"| {row} | {width:g} | {bits:.2f} | {ms(acc(row))} | {mem:.1f} | {d} | {learned} |")
         out["sinareq"].append({"row": row, "width": width, "avg_bits": bits, "acc": acc(row), "mem_kib": mem,
                                "learned": learned})
@@ -134,7 +130,7 @@ def comparisons(records: list[dict], same_mem: dict[str, float]) -> tuple[str, d
         for row, w in ((f"W{b}A{b} WRPN", 1), (f"W{b}A{b} WRPN x2", 2)):
             if row in by_row:
                 r0 = by_row[row][0]
-                d = fmt(paired(records, row, f"W{b}A{b} WRPN")) if w == 2 else ""
+                d = format_paired(paired(records, row, f"W{b}A{b} WRPN")) if w == 2 else ""
                 lines.append(f"| W{b}A{b} | x{w} | {ms(acc(row))} | {r0['params']} | {r0['bitops'] / 1e9:.3f} | {d} |")
                 out["wrpn_width"].append({"row": row, "acc": acc(row), "params": r0["params"], "bitops": r0["bitops"]})
     return "\n".join(lines) + "\n", out

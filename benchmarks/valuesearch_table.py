@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
 from lowbit.bench import aggregate, run_grid, write_results
+from lowbit.bench.report import format_paired, paired
 from lowbit.config import load_config
 from lowbit.methods.valuesearch import overall, value_space_report
 from lowbit.train import build_model, load_data
@@ -96,19 +96,6 @@ def trained_value_space(run_dir: str, cache: dict) -> tuple[str, bool]:
     return overall(value_space_report(model))
 
 
-def paired(records: list[dict], a: str, b: str) -> tuple[float, float, int] | None:
-    """Mean ± std over seeds of acc(a) − acc(b), paired by seed (same init and batch order)."""
-    acc = {(r["row"], r["seed"]): r["test_acc"] for r in records}
-    d = [acc[(a, s)] - acc[(b, s)] for (row, s) in acc if row == a and (b, s) in acc]
-    if not d:
-        return None
-    return statistics.fmean(d), (statistics.stdev(d) if len(d) > 1 else 0.0), len(d)
-
-
-def pct(p) -> str:
-    return "n/a" if p is None else f"{100 * p[0]:+.2f} ± {100 * p[1]:.2f} (n={p[2]})"
-
-
 # ---------------------------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +122,7 @@ def table3(agg: dict[str, dict], records: list[dict]) -> str:
         if lb not in agg:
             continue
         r = agg[lb]
-        vs0 = "" if mu == 0 else pct(paired(records, lb, base))
+        vs0 = "" if mu == 0 else format_paired(paired(records, lb, base))
         lines.append(f"| {mu:g} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | {vs0} | {r['n']} |")
     return "\n".join(lines)
 
@@ -152,7 +139,8 @@ def claims(agg: dict[str, dict], records: list[dict], tau0s: list[float]) -> str
         for tau0 in [1.0] + [t for t in tau0s if t != 1.0]:
             sg, rd = f"SGT {s}", rdhs_label(b, tau0)
             if sg in agg and rd in agg:
-                out.append(f"- {sg} − {rd}: {pct(paired(records, sg, rd))} (000 Table 4: RDHS ahead on average by "
+                out.append(f"- {sg} − {rd}: {format_paired(paired(records, sg, rd))} "
+                           f"(000 Table 4: RDHS ahead on average by "
                            f"0.2/0.8/1.6 top-1 points at 1/2/3 bits; std over seeds SGT "
                            f"{100 * agg[sg]['acc_std']:.2f} vs RDHS {100 * agg[rd]['acc_std']:.2f})")
     if "BWN" in agg:
@@ -160,7 +148,7 @@ def claims(agg: dict[str, dict], records: list[dict], tau0s: list[float]) -> str
             if lb in agg:
                 p = paired(records, lb, "BWN")
                 out.append(f"- {lb} ≥ BWN (000 Table 1): {'holds' if p and p[0] >= 0 else 'does not hold'} "
-                           f"({pct(p)})")
+                           f"({format_paired(p)})")
     return "\n".join(out) + "\n"
 
 

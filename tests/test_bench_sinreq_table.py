@@ -16,4 +16,4 @@ def test_one_seed_has_no_spread():
             {"row": "W4A4 DoReFa + SinReQ", "seed": 0, "test_acc": 0.86, "method_info": qe},
             {"row": "W4A4 DoReFa + SinReQ", "seed": 1, "test_acc": 0.88, "method_info": qe}]]
     text, _ = b.comparisons(recs, {})
-    assert "| W4A4 | DoReFa | 85.00 ± – | 87.00 ± 1.41 | +1.00 ± 0.00 (n=1) | 0.250 → 0.250 |" in text.splitlines()
+    assert "| W4A4 | DoReFa | 85.00 ± – | 87.00 ± 1.41 | +1.00 ± – (n=1) | 0.250 → 0.250 |" in text.splitlines()

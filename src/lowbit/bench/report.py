@@ -68,6 +68,25 @@ def lower_bound(values: list[float], level: float = 0.95) -> float:
     return m - float(t.ppf(level, n - 1)) * se
 
 
+def paired(records: list[dict], a: str, b: str) -> tuple[float, float | None, int] | None:
+    """Row ``a`` minus row ``b`` of a results file, paired by seed (same init and batch order): mean, sample
+    standard deviation over the seeds (None for one pair: no spread was measured) and the number of pairs;
+    None where no seed has both rows."""
+    acc = {(r["row"], r["seed"]): r["test_acc"] for r in records}
+    d = [acc[(a, s)] - acc[(b, s)] for (row, s) in acc if row == a and (b, s) in acc]
+    if not d:
+        return None
+    return statistics.fmean(d), (statistics.stdev(d) if len(d) > 1 else None), len(d)
+
+
+def format_paired(p: tuple[float, float | None, int] | None) -> str:
+    """``paired``'s result in points as tables print it: "+1.20 ± 0.30 (n=3)", "+1.00 ± – (n=1)", or "n/a"."""
+    if p is None:
+        return "n/a"
+    sd = "–" if p[1] is None else f"{100 * p[1]:.2f}"
+    return f"{100 * p[0]:+.2f} ± {sd} (n={p[2]})"
+
+
 def format_bound(bound: float, target: float = -0.5) -> str:
     """A lower bound as a table prints it: two decimals, more where two would round it onto ``target`` (−0.504 and
     −0.496 both read −0.50 before, one missing a "bound above −0.5" target and the other meeting it). Up to 17
