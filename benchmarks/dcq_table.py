@@ -320,9 +320,13 @@ def main(argv=None) -> None:
     a.teacher_epochs = a.teacher_epochs or a.epochs
     specs = rows(a)
     if a.rows:
-        bad = [r for r in a.rows if r not in specs]
-        if bad:
-            sys.exit(f"dcq_table: unknown rows {bad}; rows are {', '.join(specs)}")
+        from lowbit.bench import select_rows
+        from lowbit.errors import ConfigError
+
+        try:
+            select_rows(specs, a.rows)
+        except ConfigError as e:
+            sys.exit(f"dcq_table: {e}")
         specs = {r: specs[r] for r in specs if r in a.rows or r == "fp32"}
     if a.list:
         print("\n".join(f"{r:24s} {s.get('label', 'FP32 teacher')}" for r, s in specs.items()))

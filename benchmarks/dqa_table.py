@@ -33,7 +33,8 @@ import argparse
 import json
 from pathlib import Path
 
-from lowbit.bench import aggregate, run_grid, write_results
+from lowbit.bench import aggregate, run_grid, select_rows, write_results
+from lowbit.errors import ConfigError
 from lowbit.bench.report import format_paired, paired
 
 MM = lambda b: {"name": "minmax", "bits": b}  # noqa: E731
@@ -126,17 +127,10 @@ def main() -> None:
                     help="train only every N-th row starting at the K-th (1-based), to run N processes in parallel")
     ap.add_argument("--out", default="benchmarks/results/dqa_table")
     args = ap.parse_args()
-    labels = args.rows or list(ROWS)
-    unknown = [lb for lb in labels if lb not in ROWS]
-    if unknown:
-        ap.error(f"unknown rows {unknown}; rows: {'; '.join(ROWS)}")
-    if args.part:
-        try:
-            k, n = (int(v) for v in args.part.split("/"))
-            assert 1 <= k <= n
-        except (ValueError, AssertionError):
-            ap.error(f"--part must look like K/N with 1 <= K <= N, got {args.part!r}")
-        labels = labels[k - 1::n]
+    try:
+        labels = select_rows(ROWS, args.rows, args.part)
+    except ConfigError as e:
+        ap.error(str(e))
     base = {
         "model": {"name": args.model},
         "data": {"name": "fashion-mnist", "limit": args.limit},

@@ -112,7 +112,8 @@ BASE_FT = {
 
 
 def main() -> None:
-    from lowbit.bench import aggregate, run_grid, write_results
+    from lowbit.bench import aggregate, run_grid, select_rows, write_results
+    from lowbit.errors import ConfigError
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=None, help="comma-separated row labels (default: none; see rows())")
@@ -138,16 +139,23 @@ def main() -> None:
     base = BASE
     if args.ft:
         OUT, base = OUT_FT, BASE_FT
-        if args.rows or args.jobs:  # the FP32 start, once
-            run_grid({PRETRAIN_LABEL: PRETRAIN}, BASE, [PRETRAIN_SEED], OUT, workers=1)
     all_rows = rows(base["train"]["epochs"])
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.rows:
-        sel = {k.strip(): all_rows[k.strip()] for k in args.rows.split(",")}
-        run_grid(sel, base, seeds, OUT, workers=1)
-    for job in (args.jobs.split(",") if args.jobs else []):
-        label, seed = job.rsplit(":", 1)
-        run_grid({label.strip(): all_rows[label.strip()]}, base, [int(seed)], OUT, workers=1)
+    try:  # an unknown row is one line naming the rows (a KeyError traceback before session 29)
+        sel = select_rows(all_rows, [k.strip() for k in args.rows.split(",")]) if args.rows else []
+        jobs = [(label.strip(), int(seed)) for label, seed in (j.rsplit(":", 1) for j in args.jobs.split(","))] \
+            if args.jobs else []
+        select_rows(all_rows, [label for label, _ in jobs])
+    except ValueError:
+        ap.error(f"--jobs must look like ROW:SEED,ROW:SEED, got {args.jobs!r}")
+    except ConfigError as e:
+        ap.error(str(e))
+    if args.ft and (sel or jobs):  # the FP32 start, once
+        run_grid({PRETRAIN_LABEL: PRETRAIN}, BASE, [PRETRAIN_SEED], OUT, workers=1)
+    if sel:
+        run_grid({k: all_rows[k] for k in sel}, base, seeds, OUT, workers=1)
+    for label, seed in jobs:
+        run_grid({label: all_rows[label]}, base, [seed], OUT, workers=1)
     if args.residual_eval:
         residual_eval()
     if args.recal:

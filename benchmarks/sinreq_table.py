@@ -28,7 +28,8 @@ import re
 import statistics
 from pathlib import Path
 
-from lowbit.bench import aggregate, run_grid, write_results
+from lowbit.bench import aggregate, run_grid, select_rows, write_results
+from lowbit.errors import ConfigError
 from lowbit.bench.report import format_paired, paired
 
 DOREFA = lambda b: {"name": "dorefa", "bits": b}  # noqa: E731
@@ -160,17 +161,10 @@ def main() -> None:
     ap.add_argument("--part", default=None, metavar="K/N", help="train only every N-th row from the K-th (1-based)")
     ap.add_argument("--out", default="benchmarks/results/sinreq")
     args = ap.parse_args()
-    labels = args.rows or list(ROWS)
-    unknown = [lb for lb in labels if lb not in ROWS]
-    if unknown:
-        ap.error(f"unknown rows {unknown}; rows: {'; '.join(ROWS)}")
-    if args.part:
-        try:
-            k, n = (int(v) for v in args.part.split("/"))
-            assert 1 <= k <= n
-        except (ValueError, AssertionError):
-            ap.error(f"--part must look like K/N with 1 <= K <= N, got {args.part!r}")
-        labels = labels[k - 1::n]
+    try:
+        labels = select_rows(ROWS, args.rows, args.part)
+    except ConfigError as e:
+        ap.error(str(e))
     base = {"model": {"name": args.model}, "data": {"name": "fashion-mnist", "limit": args.limit},
             "train": {"epochs": args.epochs, "batch_size": 128, "lr": 0.1, "schedule": "cosine",
                       "threads": args.threads, "progress": False}}

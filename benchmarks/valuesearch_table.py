@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from lowbit.bench import aggregate, run_grid, write_results
+from lowbit.bench import aggregate, run_grid, select_rows, write_results
 from lowbit.bench.report import format_paired, paired
 from lowbit.config import load_config
+from lowbit.errors import ConfigError
 from lowbit.methods.valuesearch import overall, value_space_report
 from lowbit.train import build_model, load_data
 
@@ -165,10 +166,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/valuesearch_table")
     args = ap.parse_args()
     plans = make_rows(args.rdhs_tau0)
-    labels = args.rows or list(plans)
-    unknown = [lb for lb in labels if lb not in plans]
-    if unknown:
-        ap.error(f"unknown rows {unknown}; rows: {'; '.join(plans)}")
+    try:
+        labels = select_rows(plans, args.rows)
+    except ConfigError as e:
+        ap.error(str(e))
     base = {
         "model": {"name": args.model},
         "data": {"name": "fashion-mnist", "limit": args.limit},

@@ -109,6 +109,26 @@ def check_labels(labels: list[str]) -> None:
         seen[s] = label
 
 
+def select_rows(names, rows: list[str] | None = None, part: str | None = None) -> list[str]:
+    """The rows a benchmark script trains: ``rows`` (default: every name, in order), then with ``part`` "K/N" every
+    N-th of them from the K-th (1-based), so N processes can share one grid. Unknown rows or a malformed part are a
+    one-line :class:`ConfigError` naming the rows there are."""
+    names = list(names)
+    labels = list(rows) if rows else names
+    unknown = [lb for lb in labels if lb not in names]
+    if unknown:
+        raise ConfigError(f"unknown rows {unknown}; rows: {'; '.join(names)}")
+    if part:
+        try:
+            k, n = (int(v) for v in part.split("/"))
+        except ValueError:
+            k = n = 0
+        if not 1 <= k <= n:
+            raise ConfigError(f"--part must look like K/N with 1 <= K <= N, got {part!r}")
+        labels = labels[k - 1::n]
+    return labels
+
+
 def run_grid(rows: dict[str, dict], base: dict, seeds: list[int], out: str | Path, workers: int = 1,
              dry_run: bool = False, log: Callable[[str], None] = print, reuse: bool = False,
              backend: str = "local", address: str | None = None) -> list[dict]:

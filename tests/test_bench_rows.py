@@ -1,0 +1,36 @@
+"""lowbit.bench.select_rows: which rows a benchmark script trains (--rows, --part), in one place for the table
+scripts; benchmarks/integer_seeds.py raised a KeyError traceback for an unknown row."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowbit.bench import select_rows
+from lowbit.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ["a", "b", "c", "d", "e"]
+
+
+def test_default_every_row_and_parts_split_them():
+    assert select_rows(NAMES) == NAMES
+    assert select_rows(NAMES, None, "1/2") == ["a", "c", "e"] and select_rows(NAMES, None, "2/2") == ["b", "d"]
+    assert select_rows(NAMES, ["d", "b"], "2/2") == ["b"]
+
+
+@pytest.mark.parametrize("rows, part, msg", [(["a", "x"], None, "unknown rows ['x']; rows: a; b; c; d; e"),
+                                             (None, "3/2", "--part must look like K/N"),
+                                             (None, "0/2", "--part must look like K/N"),
+                                             (None, "1-2", "--part must look like K/N")])
+def test_bad_selection_is_one_line(rows, part, msg):
+    with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+        select_rows(NAMES, rows, part)
+
+
+@pytest.mark.parametrize("args", [["--rows", "no such row"], ["--jobs", "no such row:0"], ["--jobs", "today"]])
+def test_integer_seeds_unknown_row_is_a_usage_error(args):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "integer_seeds.py"), *args],
+                       capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "unknown rows" in r.stderr or "--jobs must look like ROW:SEED" in r.stderr
