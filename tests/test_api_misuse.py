@@ -207,6 +207,24 @@ def test_integer_mode_on_a_float64_model_is_refused_at_quantize():
         lowbit.quantize(_net().double(), plan)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_integer_mode_model_cast_after_quantize_is_refused_in_one_line(dtype):
+    """An integer-mode model cast after quantize (model.double(), model.to(torch.bfloat16)): fit failed with torch's
+    "expected scalar type Float but found Double" from inside the traced graph (an fx traceback), and evaluate and an
+    eval forward blamed the input: "the model cannot run inputs of shape (8, 1, 6, 6)". Now the one line quantize
+    gives for a model cast before it."""
+    plan = {"weight": {"name": "sawb", "bits": 2}, "act": {"name": "pact", "bits": 2}, "integer": True}
+    m = lowbit.quantize(_net(), plan).to(dtype)
+    want = rf"integer mode: the model is in {dtype}; .* call model.float\(\)"
+    with pytest.raises(ConfigError, match=want):
+        lowbit.fit(m, _batches(2), epochs=1)
+    with pytest.raises(ConfigError, match=want):
+        lowbit.evaluate(m, _batches(1))
+    m.float()  # back in float32 it trains and evaluates
+    lowbit.fit(m, _batches(2), epochs=1)
+    assert lowbit.evaluate(m, _batches(1))["n"] == 8
+
+
 def test_exporting_an_unhardened_activation_mixture_says_how_to_harden_it(tmp_path):
     """export_model on a DQA model with an activation mixture said "harden it first" without saying how from Python
     (the README's Python API never mentions finalize); after finalize it exports."""

@@ -328,3 +328,23 @@ def test_a_mixture_trains_and_records_on_cuda():
     x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 5, (8,))
     hist = lowbit.fit(m, [(x, y)], epochs=2, device="cuda")
     assert len(hist) == 2 and len(hist[-1]["qfunc"]) == 2
+
+
+def test_mixture_computes_in_float32_under_autocast():
+    """A quantizer mixture under torch.autocast computes Σ c_k·Q_k(x) in float32 with autocast off, as its members
+    do (lowbit.quant.functional.autocast_off): the fused activation kernel calls no member's forward, and before
+    session 29 it computed in the layer input's bfloat16 (another mixture than the float32 one on the same input)."""
+    torch.manual_seed(0)
+    mix = AttentionMixture([build_quantizer("minmax", b, role="act") for b in (2, 4, 8)]).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 6, 6, generator=g) * 2
+    with torch.no_grad():
+        mix(x)  # the activation members' running ranges start here
+    for m in mix.members:
+        m.eval()  # the ranges stay: both calls below see the same quantizers
+    xb = x.to(torch.bfloat16)  # a layer input under autocast
+    with torch.no_grad():
+        want = mix(xb.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = mix(xb)
+    assert torch.equal(got.float(), want) and got.dtype == torch.float32

@@ -740,3 +740,23 @@ def test_a_nan_input_is_refused_by_numpy_and_defined_in_c(tmp_path):
     got = run_c(compile_c(tmp_path), x, 3)
     want = ort.InferenceSession(to_onnx(g).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {g.input: x})[0]
     assert np.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_export_under_autocast_exports_and_checks_the_float32_network(integer, tmp_path):
+    """An export called under torch.autocast (a script whose evaluation runs in mixed precision) runs its PyTorch
+    reference with autocast off: the exported network and its reference are float32, so the report is the one
+    outside autocast. Before session 29 a float model's export failed with "TypeError: Got unsupported ScalarType
+    BFloat16" (the reference's bfloat16 logits), and an integer model's references ran the integer network's convs
+    in bfloat16: NumPy-vs-PyTorch mismatches, or a C self-test of 0/3 samples bit-exact, that were not there."""
+    from lowbit.export import export_model
+
+    m = quantized_resnet({**W2A2, "act": {"name": "pact", "bits": 4}, "integer": integer})
+    x = inputs(16)
+    reps = []
+    for amp in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            r = export_model(m, x, tmp_path / str(amp), formats=("packed",), latency_repeats=0)
+        assert r["numpy"]["agreement"] == 1.0 and r["numpy"]["mismatches"] == 0 and r["failed_checks"] == []
+        reps.append(r["numpy"]["max_logit_diff"])
+    assert reps[1] == reps[0]

@@ -1693,3 +1693,26 @@ def test_the_runtime_is_compiled_once_per_process_and_flags(resnet_int, tmp_path
         y = resnet_int(x).numpy()
     for exe in exes:
         assert np.array_equal(run_c(exe, x.numpy(), 10).view(np.uint32), y.view(np.uint32))
+
+
+def test_integer_network_is_the_same_under_autocast():
+    """The integer network computes its accumulators exactly whatever the caller's context: integer-mode eval and
+    IntReference under torch.autocast give the logits they give outside it, bit for bit. Before session 29 the
+    reference's float32 convs (exact integer sums) ran in bfloat16 under autocast: integer-mode evaluation (the
+    validation accuracy that picks the best epoch, a fit wrapped in autocast) computed another network, and an
+    export under autocast reported mismatches with the NumPy package that were not there."""
+    from lowbit.export.intgraph import IntReference
+    from lowbit.intmode import int_graph
+
+    m = _ready(create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.25), (1, 8, 8),
+               plan={"weight": {"name": "sawb", "bits": 4}, "act": {"name": "pact", "bits": 4}, "integer": True})
+    x = _x(16, (1, 8, 8), seed=5)
+    g = int_graph(m, x[:1])
+    want = IntReference(g).run(x.numpy())
+    with torch.no_grad():
+        assert np.array_equal(m(x).numpy(), want)  # builds and caches the integer network outside autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = m(x).numpy()
+            ref = IntReference(g).run(x.numpy())
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(ref.view(np.uint32), want.view(np.uint32))

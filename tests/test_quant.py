@@ -1034,3 +1034,38 @@ def test_set_bits_to_the_same_width_keeps_the_codebook(name, role):
     assert not q.awaits_data()
     assert all(torch.equal(v, state[k]) for k, v in q.state_dict().items())
     assert torch.equal(q(x), ref)
+
+
+@pytest.mark.parametrize("name, role, bits, opts", [("pact", "act", 4, {}), ("lsq", "act", 4, {}),
+                                                    ("dorefa", "act", 4, {}), ("minmax", "act", 8, {}),
+                                                    ("sawb", "weight", 4, {"alpha": "mse"})])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantizers_compute_in_float32_under_autocast(name, role, bits, opts, dtype):
+    """Under torch.autocast (mixed precision) a quantizer computes in float32 with autocast off, as
+    torch.amp.custom_fwd(cast_inputs=torch.float32) does: the codes, the output, the STE gradients and the learned
+    step are those of the float32 quantizer on the same (bfloat16/float16) input. Before session 29 it computed in
+    the layer input's bfloat16: codes one off at any bits (the output off the float32 levels), LSQ's step initialised
+    as a bfloat16 parameter with a gradient from bfloat16 sums, and SAWB's alpha search summed its errors in
+    bfloat16 (linalg.vecdot is on CPU autocast's list): another alpha than evaluation and the export use."""
+    g = torch.Generator().manual_seed(0)
+    if role == "act":
+        x = (torch.randn(8, 8, 8, 8, generator=g) * 2).to(dtype)  # a layer input under autocast: half precision
+    else:
+        x = torch.randn(8, 8, 3, 3, generator=g) * 0.2  # a float32 weight
+    up = torch.randn(x.shape, generator=g)
+    outs = []
+    for amp in (False, True):
+        torch.manual_seed(0)
+        q = build_quantizer(name, bits, role=role, **opts).train()
+        xi = (x if amp else x.float()).clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=amp):
+            y = q(xi)
+        y.backward(up.to(y.dtype))
+        outs.append((y.detach(), xi.grad.float(), q))
+    (y0, gx0, q0), (y1, gx1, q1) = outs
+    assert torch.equal(y1.float(), y0)  # bit for bit: the same codes on the same float32 levels
+    assert y1.dtype == torch.float32 and torch.equal(q1.levels(), q0.levels())
+    assert torch.equal(gx1, gx0.to(x.dtype).float())  # the STE mask (in the input's dtype, as autograd casts it)
+    for p0, p1 in zip(q0.parameters(), q1.parameters()):
+        assert p1.dtype == torch.float32 and torch.equal(p1, p0)  # LSQ's step: initialised in float32
+        assert torch.equal(p1.grad, p0.grad)

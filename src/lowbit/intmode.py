@@ -419,6 +419,12 @@ def _integer_mode_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # profiling, feature capture) also need the modules to run: then eval runs the
     # fake-quantized float graph (same layers, BN on running statistics).
     ist = model._lowbit_state.integer
+    dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)  # fit.model_dtype
+    if dt != torch.float32:  # quantize refuses such a model; a cast after it (model.double(), .half()) failed here in
+        # fit with torch's "expected scalar type Float but found Double" from inside the traced graph, and in eval
+        # with "the model cannot run inputs of shape (...)" (before session 29)
+        raise ConfigError(f"integer mode: the model is in {dt}; integer mode trains and evaluates the float32 network "
+                          "it deploys: call model.float()")
     if model.training and not ist.negatives_checked:
         return _checking_negatives(model, ist, x)
     if model.training or any(m.training or m._forward_hooks for m in model.modules()):

@@ -128,16 +128,28 @@ def torch_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | No
 def _keeps_modes(fn):
     """``fn(model, ...)`` leaves every module of ``model`` in the train/eval mode it found it in
     (:func:`lowbit.fit.kept_modes`; the export runs the model in eval mode, and before session 24 a model passed in
-    train mode came back in eval mode)."""
+    train mode came back in eval mode), and runs it with autocast off (:func:`_autocast_off`)."""
     import functools
 
     from ..fit import kept_modes
 
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
-        with kept_modes(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
+        with kept_modes(model) if isinstance(model, nn.Module) else contextlib.nullcontext(), _autocast_off():
             return fn(model, *args, **kwargs)
     return wrapper
+
+
+def _autocast_off() -> contextlib.ExitStack:
+    """A context with ``torch.autocast`` off: the exported network and its reference are float32. Before session 29
+    an export under a caller's autocast ran the reference in bfloat16: a float model's export failed with
+    "TypeError: Got unsupported ScalarType BFloat16", an integer model's failed checks that were not there (its
+    PyTorch and NumPy references' convs in bfloat16: mismatches, a C self-test of 0/3 samples bit-exact)."""
+    stack = contextlib.ExitStack()
+    for dev in ("cpu", "cuda"):
+        if dev == "cpu" or torch.cuda.is_available():
+            stack.enter_context(torch.autocast(dev, enabled=False))
+    return stack
 
 
 @_keeps_modes

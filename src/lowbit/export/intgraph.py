@@ -370,10 +370,13 @@ def conv_sums(x: torch.Tensor, w: torch.Tensor, op: IntOp) -> torch.Tensor:
     integer weights ``w`` of :func:`conv_weights`: exact, in ``w``'s type (N, O, OH, OW) (linear: (N, O))."""
     c, h, w_, o, oh, ow, kh, kw, sh, sw, ph, pw = _geom(op)
     x = x.to(w.dtype)
-    if op.attrs["layer"] == "linear":
-        a = F.linear(x.reshape(x.shape[0], -1), w)
-    else:
-        a = F.conv2d(x.reshape(-1, c, h, w_), w, None, (sh, sw), (ph, pw), 1, int(op.attrs.get("groups", 1)))
+    # autocast off: under a caller's torch.autocast the conv ran in bfloat16 (before session 29: integer-mode eval,
+    # the integer reference and the export's checks computed another network, without a word)
+    with torch.autocast(x.device.type, enabled=False):
+        if op.attrs["layer"] == "linear":
+            a = F.linear(x.reshape(x.shape[0], -1), w)
+        else:
+            a = F.conv2d(x.reshape(-1, c, h, w_), w, None, (sh, sw), (ph, pw), 1, int(op.attrs.get("groups", 1)))
     return a
 
 

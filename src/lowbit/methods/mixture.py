@@ -41,6 +41,7 @@ from ..quant import native as _native
 from ..quant.functional import (
     _bounds,
     _codes_to_values,
+    autocast_off,
     clip_mask_grad,
     clip_round_values,
     clip_sum_above,
@@ -176,7 +177,11 @@ class QuantizerMixture(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.is_final():
             return self.members[0](x)
-        return self.mix(x, self.coefficients())
+        amp, x = autocast_off(x)  # under torch.autocast: float32, as each member (the fused kernel calls none)
+        if amp is None:
+            return self.mix(x, self.coefficients())
+        with amp:
+            return self.mix(x, self.coefficients())
 
     def mix(self, x: Tensor, c: Tensor) -> Tensor:
         """Σ_k c_k Q_k(x) (003 eq. 2). A member whose coefficient is exactly 0 is skipped: its term

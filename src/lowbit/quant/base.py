@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..registry import Registry
 from .functional import (  # noqa: F401 (ste .. reduce_abs_mean re-exported)
+    autocast_off,
     channel_view,
     clip_round,
     clip_round_grid,
@@ -121,7 +122,11 @@ class Quantizer(nn.Module):
     # -- interface ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         self.__dict__["_ran"] = True  # a plain flag (no Module.__setattr__ per call): levels() says why none
-        return self.quantize(x)
+        amp, x = autocast_off(x)  # under torch.autocast: float32, autocast off (functional.autocast_off)
+        if amp is None:
+            return self.quantize(x)
+        with amp:
+            return self.quantize(x)
 
     def quantize(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
