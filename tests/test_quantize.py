@@ -331,6 +331,10 @@ def test_a_functional_linear_on_parameters_only_is_no_end_of_the_forward():
     msgs = caught(True)
     assert len(msgs) == 1 and msgs[0].startswith("the forward's first conv/linear is a functional call, conv2d "
                                                  "(F.conv2d): "), msgs
+    # the stem reads the image beside the functional conv: it is an end too (said "not the layer that reads the
+    # network input" before session 29)
+    assert "keep_first keeps 'stem', the first conv/linear module, in full precision too, which also reads the " \
+           "network input: to quantize it" in msgs[0], msgs
 
 
 def test_signed_act_goes_where_the_input_can_be_negative():

@@ -390,9 +390,13 @@ def _warn_functional_ends(frontiers, first: str, last: str, kept_first: bool, ke
         if not funcs:
             continue
         module = first if end == "first" else last
-        then = (f"; {keep} keeps '{module}', the {end} conv/linear module, in full precision too, though it is not the "
-                f"layer that {what}: to quantize it, name it in plan.layers "
-                f"({{{module}: {{weight: {{}}, act: {{}}}}}}: the plan's quantizers)") if kept else ""
+        # the kept module may be an end itself, beside the functional call (a stem and a functional branch both on the
+        # image): before session 29 the warning said it was "not the layer that reads the network input" there too
+        also = module in (frontiers[0] if end == "first" else frontiers[1])
+        then = (f"; {keep} keeps '{module}', the {end} conv/linear module, in full precision too, "
+                + (f"which also {what}" if also else f"though it is not the layer that {what}")
+                + f": to quantize it, name it in plan.layers ({{{module}: {{weight: {{}}, act: {{}}}}}}: the plan's "
+                "quantizers)") if kept else ""
         warnings.warn(f"the forward's {end} conv/linear is a functional call, {', '.join(funcs)}: quantize quantizes "
                       f"Conv/Linear modules only, so it stays in full precision (use an nn.Conv2d / nn.Linear module "
                       f"to quantize it){then}", stacklevel=4)
