@@ -684,7 +684,10 @@ def test_training_failures_are_loud_session25(monkeypatch, capsys):
         lowbit.fit(model(), [(x, y)], epochs=2, val_batches=UsedUp())
     lowbit.fit(model(), [(x, y)], epochs=2, val_batches=[])  # an empty validation split: none expected
     for over, msg in ((["train.schedule=multistep"], "multistep needs train.milestones"),
-                      (["train.nesterov=true", "train.momentum=0"], "nesterov needs optimizer sgd with momentum > 0")):
+                      (["train.nesterov=true", "train.momentum=0"], "nesterov needs optimizer sgd with momentum > 0"),
+                      # adam ignored it silently before session 29
+                      (["train.optimizer=adam", "train.momentum=0.5"], r"train.momentum is SGD's \(got 0.5 with "
+                                                                        r"optimizer adam")):
         with pytest.raises(ConfigError, match=msg):
             lowbit.load_config("configs/quickstart.yaml", overrides=over)
 

@@ -413,6 +413,9 @@ def check_trainable(cfg: Config) -> None:
     if t.schedule != "multistep" and (t.milestones or t.gamma != TrainConfig.model_fields["gamma"].default):
         raise ConfigError(f"train.milestones and train.gamma take effect with schedule multistep, not "
                           f"{t.schedule}; set train.schedule=multistep, or leave them out")
+    if t.optimizer == "adam" and t.momentum != TrainConfig.model_fields["momentum"].default:  # ignored before session 29
+        raise ConfigError(f"train.momentum is SGD's (got {t.momentum:g} with optimizer adam, which keeps torch's betas "
+                          f"(0.9, 0.999)); leave it out with adam, or use optimizer sgd")
     if t.nesterov and (t.optimizer != "sgd" or t.momentum <= 0):  # torch's own ValueError before session 25
         raise ConfigError(f"train.nesterov needs optimizer sgd with momentum > 0 (got {t.optimizer}, momentum "
                           f"{t.momentum:g})")
