@@ -303,6 +303,17 @@ def test_export_into_a_read_only_or_full_folder_is_one_line(tmp_path, config, ca
     monkeypatch.setattr(safetensors.numpy, "save_file", read_only)
     line = err_of(capsys, ["export", str(tmp_path / "run"), "--format", "packed"])
     assert "model.safetensors: could not be written (Read-only file system (os error 30))" in line
+    monkeypatch.undo()  # session 29: a write that names no file (model.json, onnx.save, the C sources) on a full disk
+    real = Path.write_text  # said 'lowbit: error: No space left on device', not where
+
+    def full(self, text, *a, **k):
+        if self.name == "model.json":
+            raise OSError(28, "No space left on device")
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert err_of(capsys, ["export", str(tmp_path / "run"), "--format", "packed", "--limit", "10"]) == \
+        f"lowbit: error: {tmp_path / 'run' / 'export'}: No space left on device"
 
 
 def test_a_missing_best_pt_promises_a_resume_only_where_it_writes_one(tmp_path, config, capsys):
@@ -361,3 +372,29 @@ def test_a_closed_output_pipe_is_one_line_with_the_runs_state(tmp_path, capsys, 
     assert cli._dispatch(argparse.Namespace(func=func, run_folder=tmp_path)) == 141
     assert capsys.readouterr().err.strip() == (f"lowbit: output closed (broken pipe); the run finished: "
                                                f"`lowbit eval {tmp_path}` shows its result")
+
+
+def _full_at(monkeypatch, names):
+    """Path.write_text of a file in ``names`` fails as on a full disk: when flushed, an OSError naming no file."""
+    real = Path.write_text
+
+    def full(self, text, *a, **k):
+        if self.name in names:
+            raise OSError(28, "No space left on device")
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+
+
+def test_a_full_disk_names_the_folder_where_the_failed_write_names_no_file(tmp_path, config, capsys, monkeypatch):
+    """Session 29: a write that fails when flushed raises an OSError without a file name (Path.write_text of plan.txt,
+    a metrics line, the export's model.json, onnx.save, report.md): on a full disk `lowbit train`, `lowbit export` and
+    `lowbit report` said 'lowbit: error: No space left on device', not where."""
+    _full_at(monkeypatch, {"plan.txt", "report.md"})
+    argv = ["train", config, *TINY, "data.name=digits", "--out", str(tmp_path / "run")]
+    assert err_of(capsys, argv) == f"lowbit: error: {tmp_path / 'run'}: No space left on device"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.jsonl").write_text('{"row": "A", "seed": 0, "test_acc": 0.5, "size_bytes": 100, '
+                                                  '"bitops": 10}\n')
+    assert err_of(capsys, ["report", str(tmp_path / "b"), "--no-plots"]) == \
+        f"lowbit: error: {tmp_path / 'b'}: No space left on device"

@@ -760,3 +760,24 @@ def test_export_under_autocast_exports_and_checks_the_float32_network(integer, t
         assert r["numpy"]["agreement"] == 1.0 and r["numpy"]["mismatches"] == 0 and r["failed_checks"] == []
         reps.append(r["numpy"]["max_logit_diff"])
     assert reps[1] == reps[0]
+
+
+def test_a_c_build_that_cannot_write_its_binary_says_so_not_that_the_code_does_not_compile(tmp_path):
+    """Session 29: on a full disk the linker could not write the binary, and `lowbit export` said 'the generated C code
+    does not compile: collect2: error: ld returned 1 exit status', pointing at the exporter, not at the disk."""
+    from lowbit.export.c_export import build_host
+
+    def fake_cc(*stderr):
+        cc = tmp_path / "cc"
+        cc.write_text("#!/bin/sh\n" + "".join(f"echo '{ln}' >&2\n" for ln in stderr) + "exit 1\n")
+        cc.chmod(0o755)
+        return str(cc)
+
+    with pytest.raises(ConfigError) as e:
+        build_host(tmp_path, ["model.c"], cc=fake_cc("/usr/bin/ld: final link failed: No space left on device",
+                                                     "collect2: error: ld returned 1 exit status"))
+    assert str(e.value) == (f"export: the generated C code could not be built in {tmp_path.resolve()}: /usr/bin/ld: "
+                            "final link failed: No space left on device; is the disk full or the folder read-only?")
+    with pytest.raises(ConfigError) as e:  # an error of the code is still one
+        build_host(tmp_path, ["model.c"], cc=fake_cc("model.c:3:1: error: unknown type name lb_t"))
+    assert str(e.value) == "export: the generated C code does not compile: model.c:3:1: error: unknown type name lb_t"

@@ -248,3 +248,38 @@ def test_train_into_a_folder_another_process_is_training_says_so(tmp_path):
         holder.communicate("")
     with pytest.raises(ConfigError, match="use --resume"):  # nobody holds it now
         check_fresh(run_dir, tiny().to_yaml())
+
+
+def test_a_start_whose_first_last_pt_could_not_be_written_starts_again(tmp_path, monkeypatch):
+    """Session 29: the disk filled while the first epoch's last.pt was written (metrics.jsonl, written before it, held
+    that epoch's line, and no checkpoint was there): after freeing space the same command was refused ('already holds
+    a run (without a checkpoint ...)'), --resume too ('no checkpoint'), `lowbit bench` stopped at that row, and eval
+    said the checkpoints had been deleted or not copied."""
+    import torch
+
+    from lowbit.errors import LowbitError
+
+    real = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if Path(f).name == "last.tmp":
+            open(f, "wb").write(b"PK")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(LowbitError, match="last.pt: could not be written"):
+        run(tiny(), tmp_path / "r")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [".lock", "config.yaml", "metrics.jsonl", "plan.txt"]
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 1
+    from lowbit.train import load_run
+
+    with pytest.raises(ConfigError, match="or the first could not be written \\(a full disk\\), and the same `lowbit "
+                                          "train` command starts the run again"):  # it said: deleted, or not copied
+        load_run(tmp_path / "r")
+    monkeypatch.undo()  # space freed
+    with pytest.raises(ConfigError, match="already holds a run"):  # another config is still refused
+        check_fresh(tmp_path / "r", tiny(train={"epochs": 2}).to_yaml())
+    again = run(tiny(), tmp_path / "r")  # the same run starts again, and gives the uninterrupted run's result
+    assert [json.loads(ln)["epoch"] for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert again.summary == run(tiny(), tmp_path / "u").summary

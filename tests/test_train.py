@@ -390,3 +390,55 @@ def test_a_run_gives_the_caller_its_thread_count_back(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(was)
+
+
+def test_a_file_that_cannot_be_read_is_not_called_corrupt(tmp_path, monkeypatch):
+    """Session 29: a best.pt the user may not read (another user's run folder on a shared cluster, mode 600) was 'not a
+    readable lowbit checkpoint ([Errno 13] Permission denied ...); the file is truncated or corrupt', and so were
+    model.init_from's weights; an unreadable CIFAR batch 'is not a CIFAR python batch'."""
+    from lowbit.data.cifar import read_batch
+    from lowbit.errors import ConfigError, DataError
+    from lowbit.pretrained import _read_file
+    from lowbit.train import _save, load_checkpoint
+
+    p = tmp_path / "best.pt"
+    _save(p, {"model": {}, "epoch": 0})
+    batch = tmp_path / "data_batch_1"
+    batch.write_bytes(b"x")
+
+    def denied(f, *a, **k):
+        raise PermissionError(13, "Permission denied", str(f))
+
+    monkeypatch.setattr(torch, "load", denied)
+    monkeypatch.setattr("lowbit.data.cifar.open", denied, raising=False)
+    with pytest.raises(ConfigError) as e:
+        load_checkpoint(p)
+    assert str(e.value) == f"{p}: the checkpoint could not be read (Permission denied)"
+    with pytest.raises(ConfigError) as e:
+        _read_file(p)
+    assert str(e.value) == f"{p}: the weights file could not be read (Permission denied)"
+    with pytest.raises(DataError) as e:
+        read_batch(batch, "cifar10", "labels")
+    assert str(e.value) == f"cifar10: {batch} could not be read (Permission denied)"
+
+
+def test_a_checkpoint_that_cannot_replace_the_old_one_names_it_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """Session 29: last.pt immutable (chattr +i) or otherwise not replaceable: the rename failed after torch.save,
+    and the error named last.tmp ('lowbit: error: RUN/last.tmp: Operation not permitted'), which stayed in the folder."""
+    import os
+
+    from lowbit.errors import LowbitError
+    from lowbit.train import _save, load_checkpoint
+
+    _save(tmp_path / "last.pt", {"model": {}, "epoch": 0})
+
+    def immutable(src, dst):
+        raise PermissionError(1, "Operation not permitted", str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "replace", immutable)
+    with pytest.raises(LowbitError) as e:
+        _save(tmp_path / "last.pt", {"model": {}, "epoch": 1})
+    assert str(e.value) == f"{tmp_path / 'last.pt'}: could not be replaced by the new checkpoint (Operation not permitted)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 0  # the earlier checkpoint is intact

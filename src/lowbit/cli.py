@@ -23,6 +23,7 @@ Every user error (unknown name, bits out of range, missing file, wrong type) pri
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -77,6 +78,7 @@ def cmd_train(args) -> int:
     if is_writer():
         print(f"run folder: {run_dir}", flush=True)
     args.run_folder = run_dir  # for main's message if interrupted
+    args.writes = run_dir  # for main's message when a write fails without naming its file
     try:
         res = run(cfg, run_dir, resume=bool(args.resume))
     except BaseException:
@@ -210,6 +212,7 @@ def cmd_export(args) -> int:
     formats = [f.strip() for part in (args.format or ["packed,onnx,c"]) for f in part.split(",")]
     if args.target and not args.format:
         formats = ["c"]  # --target alone: the C export on the core
+    args.writes = Path(args.out) if args.out else Path(args.run_dir) / "export"  # as export_run's default
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # failed checks: the report says them, and the status is 1
         rep = export_run(args.run_dir, formats=formats, out_dir=args.out, limit=args.limit, c_images=args.c_images,
@@ -282,6 +285,8 @@ def cmd_report(args) -> int:
         return 0
     from .bench.report import report
 
+    last = Path(args.rest[-1] if args.rest else args.target)  # report() writes beside the last results by default
+    args.writes = Path(args.out) if args.out else last if last.is_dir() else last.parent
     res = report([args.target, *args.rest], out=args.out, plots=not args.no_plots)
     print(res["table"])
     print("wrote " + ", ".join(res["files"]))
@@ -542,6 +547,12 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+#: errors of a write that does not name its file (a full disk: the write fails when flushed, as Path.write_text,
+#: onnx.save or a metrics line do): the CLI names the folder the command writes (before session 29 it said
+#: "lowbit: error: No space left on device", not where)
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
 def _dispatch(args) -> int:
     try:
         return args.func(args)
@@ -561,7 +572,8 @@ def _dispatch(args) -> int:
         print("lowbit: output closed (broken pipe)" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 141
     except OSError as e:  # a full disk, a read-only folder, a missing permission: one line naming the file
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        folder = getattr(args, "writes", None) if e.errno in _NO_ROOM else None  # a write that failed when flushed
+        where = f"{e.filename}: " if getattr(e, "filename", None) else f"{folder}: " if folder else ""
         print(f"lowbit: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

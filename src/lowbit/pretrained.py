@@ -57,6 +57,8 @@ def plain_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def _read_file(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as e:  # not readable by this user: not a corrupt file, as it said before session 29
+        raise ConfigError(f"{path}: the weights file could not be read ({e.strerror or e})") from None
     except Exception as e:  # a corrupt or foreign file: say which, in one line
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if "weights_only" in msg or "Weights only load failed" in msg:  # torch's advice about its 2.6 default

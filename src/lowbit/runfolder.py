@@ -159,10 +159,13 @@ def check_fresh(run_dir: str | Path, cfg_yaml: str | None = None) -> None:
     present = {p.name for p in run_dir.iterdir()} - {LOCK, "last.tmp", "best.tmp"}
     if not present:
         return
-    # an aborted start: no epoch checkpointed (a best.pt without last.pt: the disk filled between the two)
+    # an aborted start: no epoch checkpointed (a best.pt without last.pt: the disk filled between the two; no checkpoint
+    # and the first epoch's metrics line at most: its last.pt, written after that line, could not be written, e.g. a
+    # full disk; before session 29 a new start and --resume both refused that folder, and `lowbit bench` stuck on it)
+    metrics = run_dir / "metrics.jsonl"
     aborted = present <= {"config.yaml", "plan.txt", "metrics.jsonl", "best.pt"} and (
-        "best.pt" in present or not (run_dir / "metrics.jsonl").is_file()
-        or not (run_dir / "metrics.jsonl").read_text().strip())
+        "best.pt" in present or not metrics.is_file()
+        or sum(1 for ln in metrics.read_text().splitlines() if ln.strip()) <= 1)
     if aborted and cfg_yaml is not None and (run_dir / "config.yaml").is_file() and \
             same_config_text((run_dir / "config.yaml").read_text(), cfg_yaml):
         return

@@ -171,7 +171,9 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
                "epoch, so a resume cannot write it again)"
                if (run_dir / "last.pt").is_file() else
                f"metrics.jsonl records {done} finished epoch(s), but the checkpoints are not in the folder: deleted, "
-               "or not copied or committed with it" if done else "the run did not finish an epoch")
+               "or not copied or committed with it" + ("; or the first could not be written (a full disk), and the "
+                                                        "same `lowbit train` command starts the run again" if done == 1
+                                                        else "") if done else "the run did not finish an epoch")
         raise ConfigError(f"{run_dir} has no best.pt checkpoint ({why})")
     cfg = run_config(run_dir)
     data = load_data(cfg)
@@ -230,6 +232,8 @@ def load_checkpoint(path: str | Path, map_location=None, config: Config | None =
         raise ConfigError(f"{path}: no such checkpoint (it was deleted or moved, or the run never wrote it)")
     try:
         ck = torch.load(path, weights_only=False, map_location=map_location)
+    except PermissionError as e:  # not readable by this user: not a corrupt file, as it said before session 29
+        raise ConfigError(f"{path}: the checkpoint could not be read ({e.strerror or e})") from None
     except Exception as e:  # pickle, zip and torch errors alike: say which file, in one line
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{path}: not a readable lowbit checkpoint ({msg[:120]}); the file is truncated "
@@ -325,7 +329,11 @@ def _save(path: Path, obj) -> None:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LowbitError(f"{path}: could not be written ({msg[:100]}); is the disk full or the folder "
                           "read-only?") from None
-    os.replace(tmp, path)  # never leave a half-written checkpoint
+    try:
+        os.replace(tmp, path)  # never leave a half-written checkpoint
+    except OSError as e:  # e.g. an immutable path (before session 29: "last.tmp: Operation not permitted", left behind)
+        tmp.unlink(missing_ok=True)
+        raise LowbitError(f"{path}: could not be replaced by the new checkpoint ({e.strerror or e})") from None
 
 
 def numerics_env() -> dict:

@@ -103,6 +103,8 @@ def read_batch(path: Path, name: str, label_key: str) -> tuple[torch.Tensor, tor
             batch = _BatchUnpickler(f, encoding="bytes").load()
         data = np.asarray(_get(batch, "data"))
         labels = np.asarray(_get(batch, label_key))
+    except PermissionError as exc:  # not readable by this user: before session 29 "is not a CIFAR python batch"
+        raise DataError(f"{name}: {path} could not be read ({exc.strerror or exc})") from exc
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, IndexError,
             KeyError, TypeError, ValueError) as exc:
         raise DataError(

@@ -670,6 +670,10 @@ def compile_c(c_dir: str | Path, cc: str | None = None) -> Path:
     return build_host(c_dir, ["model.c", "main.c", *extra], cc)
 
 
+#: what a compiler or linker says when it cannot write its output (not an error of the code)
+_NO_ROOM = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
+
+
 def build_host(c_dir: str | Path, sources: list[str], cc: str | None = None, what: str = "C code") -> Path:
     """Compile ``sources`` (in ``c_dir``) with :func:`host_cflags` into ``c_dir/model``; no compiler, or code that
     does not compile, is one line (``what``: the code, as that line names it)."""
@@ -682,6 +686,10 @@ def build_host(c_dir: str | Path, sources: list[str], cc: str | None = None, wha
                        check=False)
     if r.returncode != 0:
         lines = r.stderr.strip().splitlines() or [f"{cc} exited with {r.returncode}"]
+        full = next((ln for ln in lines if any(s in ln for s in _NO_ROOM)), None)
+        if full is not None:  # before session 29: "the generated C code does not compile: collect2: error: ld ..."
+            raise ConfigError(f"export: the generated {what} could not be built in {d}: {full}; is the disk full or "
+                              "the folder read-only?")
         first = next((ln for ln in lines if "error" in ln), lines[0])  # the error, not a warning
         raise ConfigError(f"export: the generated {what} does not compile: {first}")
     return exe
