@@ -22,3 +22,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def c_locale():
+    """The C locale's encoding (ASCII) for files opened without an encoding, as under LC_ALL=C PYTHONUTF8=0 (a
+    latin-1 locale writes '±' as byte 0xB1 the same way); skipped in Python's UTF-8 mode, which ignores the locale."""
+    import locale
+    import sys
+
+    if sys.flags.utf8_mode:
+        pytest.skip("Python's UTF-8 mode: files are UTF-8 whatever the locale")
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        if locale.getpreferredencoding(False).replace("-", "").lower() == "utf8":
+            pytest.skip("this system's C locale is UTF-8")
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)

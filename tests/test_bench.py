@@ -160,6 +160,22 @@ def test_report_table_is_mean_and_std_of_the_error(tmp_path):
         assert (tmp_path / f).stat().st_size > 0
 
 
+def test_report_md_and_bench_summaries_are_utf8_whatever_the_locale(tmp_path, c_locale):
+    """Before: written in the locale's encoding, report.md's '±' failed under LC_ALL=C PYTHONUTF8=0 (a traceback and an
+    empty report.md) and became byte 0xB1 under a latin-1 locale (no UTF-8 reader shows it); so did lowbit bench's
+    summary.md (runfolder.atomic_write)."""
+    from lowbit.runfolder import atomic_write
+
+    recs = [{"row": "A", "test_acc": a, "size_bytes": 2048, "bitops": 3e9, "weight_bits": [2], "act_bits": [2]}
+            for a in (0.9, 0.8)]
+    (tmp_path / "results.jsonl").write_bytes("".join(json.dumps(r) + "\n" for r in recs).encode())
+    report(tmp_path, plots=False)
+    assert (tmp_path / "report.md").read_bytes().decode("utf-8").splitlines()[2] == \
+        "| A | 2 | 2 | 1 | 15.00 ± 7.07 | 2 | 2.0 | 3.000 |"
+    atomic_write(tmp_path / "summary.md", "| test acc % (mean ± std) | Δ vs ref |\n")
+    assert (tmp_path / "summary.md").read_bytes() == "| test acc % (mean ± std) | Δ vs ref |\n".encode("utf-8")
+
+
 def test_report_and_bench_errors(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no results file" in capsys.readouterr().err

@@ -51,6 +51,42 @@ def test_bad_values_give_one_line_errors(capsys, config, override, expected):
     assert expected in err_of(capsys, ["info", config, override])
 
 
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])  # PYTHONIOENCODING=ascii; LC_ALL=C PYTHONUTF8=0
+def test_stdout_that_cannot_encode_plus_minus_gets_an_escape_not_a_traceback(monkeypatch, errors):
+    """PYTHONIOENCODING=ascii or latin-1, a latin-1 locale, LC_ALL=C with PYTHONUTF8=0: info of a value-set plan
+    ended with a UnicodeEncodeError traceback (status 1) at '{±1}'; lowbit export's 'max |Δlogit|' alike, after
+    the export was written (status 1 is also that of a failed exactness check)."""
+    import io
+    import sys
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors=errors)
+    monkeypatch.setattr(sys, "stdout", out)
+    sgt = str(Path(__file__).parent.parent / "configs" / "sgt_w1.yaml")
+    assert main(["info", sgt, "data.name=digits", "model.name=resnet8", "model.width=0.25"]) == 0
+    assert out.errors == errors  # the caller's stream as it was
+    out.flush()
+    text = out.buffer.getvalue().decode("ascii")
+    assert "value_space: {\\xb11} (searched {\\xb11})" in text.splitlines()
+
+
+def test_a_run_name_the_locale_cannot_encode_is_one_line(tmp_path):
+    """LC_ALL=C with PYTHONUTF8=0 (file names in ascii): a config's name 'modèle' was a UnicodeEncodeError traceback
+    from mkdir (status 1)."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(f"name: modèle\nmodel: {{name: resnet8}}\nout_dir: {tmp_path}\n".encode())
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    out = subprocess.run([sys.executable, "-m", "lowbit", "train", str(cfg)], capture_output=True, env=env, timeout=120)
+    err = out.stderr.decode("ascii", "replace")
+    assert out.returncode == 2 and "Traceback" not in err, err
+    line = err.splitlines()[-1]
+    assert line.startswith("lowbit: error: cannot write '") and "mod\\xe8le-" in line and \
+        line.endswith("' in ascii, this locale's encoding: use UTF-8 (PYTHONUTF8=1 or LC_ALL=C.UTF-8) or an ASCII name")
+
+
 def test_missing_files_give_one_line_errors(capsys, tmp_path, config):
     assert "config file not found: " in err_of(capsys, ["train", str(tmp_path / "nope.yaml")])
     line = err_of(capsys, ["info", config, "data.name=cifar10", f"data.root={tmp_path}"])

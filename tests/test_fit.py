@@ -99,6 +99,22 @@ def test_fit_refuses_bad_batches_and_epochs():
         fit(model, [(x, y)], epochs=0)
 
 
+def test_progress_without_a_stderr_trains(monkeypatch):
+    """stderr closed (`lowbit train CONFIG 2>&-`, pythonw, a daemon) makes sys.stderr None: the progress bar (on by
+    default) failed on the first batch with AttributeError ('NoneType' object has no attribute 'write'), unseen, and
+    the run ended with status 1; now the bar is off and the epoch trains as with progress=False."""
+    import sys
+
+    x, y = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
+    quiet = tiny(W2)
+    fit(quiet, [(x, y)], epochs=1, progress=False)
+    model = tiny(W2)
+    monkeypatch.setattr(sys, "stderr", None)
+    hist = fit(model, [(x, y)], epochs=1, progress=True)
+    assert [r["epoch"] for r in hist] == [1]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), quiet.state_dict().values()))
+
+
 def test_non_finite_loss_stops_before_the_step():
     model = tiny(W2)
     w0 = {k: v.clone() for k, v in model.state_dict().items()}

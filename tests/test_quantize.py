@@ -171,6 +171,17 @@ def test_plan_from_yaml(tmp_path):
         Plan.from_yaml(str(tmp_path / "missing.yaml"))
 
 
+def test_plan_from_yaml_reads_utf8_whatever_the_locale(tmp_path, c_locale):
+    """Before: opened in the locale's encoding, a UTF-8 comment was a UnicodeDecodeError traceback under
+    LC_ALL=C PYTHONUTF8=0 (lowbit.quantize(model, "plan.yaml")); the CLI's configs were read as bytes already."""
+    p = tmp_path / "plan.yaml"
+    p.write_bytes("# W2: weights in {±1} — see docs\nweight: {name: sawb, bits: 2}\n".encode("utf-8"))
+    assert Plan.from_yaml(str(p)).weight.bits == 2
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 1))
+    quantize(model, str(p))
+    assert {k: (b.weight, b.act) for k, b in layer_bits(model).items()} == {"1": (2, None)}
+
+
 def test_an_unsigned_activation_quantizer_on_a_signed_input_warns_once_per_layer():
     """PACT in front of a layer whose input is not a ReLU output drops the negative half: one warning
     naming that layer, on its first input only; a ReLU'd input or a signed quantizer is silent."""

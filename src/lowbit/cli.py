@@ -23,6 +23,7 @@ Every user error (unknown name, bits out of range, missing file, wrong type) pri
 from __future__ import annotations
 
 import argparse
+import codecs
 import errno
 import json
 import math
@@ -540,11 +541,47 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    restore = _tolerant_output()
     try:
         return _dispatch(args)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+        for stream, errors in restore:
+            try:
+                stream.reconfigure(errors=errors)
+            except (OSError, ValueError):
+                pass
+
+
+def _escape(e: UnicodeError):
+    """Codec error handler of lowbit's output: bytes a C locale read into surrogates (a path in argv) go out as they
+    came in (as surrogateescape writes them); a character the encoding lacks becomes an escape (backslashreplace)."""
+    if not isinstance(e, UnicodeEncodeError):
+        raise e
+    return b"".join(bytes([ord(c) - 0xDC00]) if 0xDC80 <= ord(c) <= 0xDCFF else c.encode("ascii", "backslashreplace")
+                    for c in e.object[e.start:e.end]), e.end
+
+
+def _tolerant_output() -> list:
+    """stdout/stderr that cannot encode a character lowbit prints ('±' of a value set, 'Δ' of every export report):
+    PYTHONIOENCODING=ascii or latin-1, a latin-1 locale, LC_ALL=C with PYTHONUTF8=0. Such a character is written as
+    an escape (\\u0394) instead of ending the command, its work done, with a UnicodeEncodeError traceback (status 1,
+    which lowbit export also gives for a failed check). Returns the streams and error handlers to restore."""
+    try:
+        codecs.lookup_error("lowbit.escape")
+    except LookupError:
+        codecs.register_error("lowbit.escape", _escape)
+    undo = []
+    for stream in (sys.stdout, sys.stderr):  # None where the descriptor is closed (`>&-`)
+        errors = getattr(stream, "errors", None)
+        if errors in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="lowbit.escape")
+                undo.append((stream, errors))
+            except (OSError, ValueError):
+                pass
+    return undo
 
 
 #: errors of a write that does not name its file (a full disk: the write fails when flushed, as Path.write_text,
@@ -571,6 +608,11 @@ def _dispatch(args) -> int:
         hint = _resume_hint(getattr(args, "run_folder", None))
         print("lowbit: output closed (broken pipe)" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 141
+    except UnicodeEncodeError as e:  # a name the locale's file-name encoding lacks (ascii: LC_ALL=C with PYTHONUTF8=0)
+        what = e.object[max(0, e.start - 40):e.end + 20] if isinstance(e.object, str) else e.object
+        print(f"lowbit: error: cannot write {what!r} in {e.encoding}, this locale's encoding: use UTF-8 "
+              "(PYTHONUTF8=1 or LC_ALL=C.UTF-8) or an ASCII name", file=sys.stderr)
+        return 2
     except OSError as e:  # a full disk, a read-only folder, a missing permission: one line naming the file
         folder = getattr(args, "writes", None) if e.errno in _NO_ROOM else None  # a write that failed when flushed
         where = f"{e.filename}: " if getattr(e, "filename", None) else f"{folder}: " if folder else ""

@@ -28,6 +28,7 @@ check on CPU); they are read every ``log_every`` steps for the progress bar and 
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -579,8 +580,10 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     seen = with_output = 0
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{state.epochs}", leave=False, disable=not progress,
-               dynamic_ncols=True)
+    # no bar without a stderr (`2>&-`, pythonw, a daemon: sys.stderr is None), where tqdm's first write failed with
+    # an AttributeError that nobody saw, ending the run with status 1
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{state.epochs}", leave=False,
+               disable=not progress or sys.stderr is None, dynamic_ncols=True)
     given = 0
     for i, batch in enumerate(bar):
         if i == state.steps_per_epoch:  # the step counter would run into the next epoch's steps

@@ -188,7 +188,7 @@ class Plan(BaseModel):
     @classmethod
     def from_yaml(cls, path: str) -> "Plan":
         try:
-            with open(path) as f:
+            with open(path, "rb") as f:  # bytes: YAML is UTF-8 (a C locale failed on a UTF-8 comment)
                 data = yaml.safe_load(f)
         except FileNotFoundError:
             raise ConfigError(f"plan file not found: {path}") from None

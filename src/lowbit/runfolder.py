@@ -311,7 +311,7 @@ def atomic_write(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the form atomic_tmp_target reads
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # not the locale's: summary.md's '±' failed under LC_ALL=C
         os.replace(tmp, path)
     except BaseException as e:  # a full disk, Ctrl-C: no half-written temp file left behind (it blocked a bench rerun)
         tmp.unlink(missing_ok=True)

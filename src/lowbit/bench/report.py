@@ -27,7 +27,7 @@ def load_results(path: str | Path) -> tuple[list[dict], Path]:
     if not p.is_file():
         raise ConfigError(f"no results file at {p} (expected the results.jsonl written by `lowbit bench`)")
     records = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -233,8 +233,9 @@ def report(results: str | Path | list, out: str | Path | None = None, plots: boo
         md = markdown(next(iter(sets.values())))
     else:
         md = "\n\n".join(f"**{name}**\n\n{markdown(rows)}" for name, rows in sets.items())
-    (out / "report.md").write_text(md + "\n")
-    with open(out / "report.csv", "w", newline="") as f:
+    # UTF-8 whatever the locale: a latin-1 one wrote '±' as byte 0xB1 (no UTF-8 reader shows it), a C one failed on it
+    (out / "report.md").write_text(md + "\n", encoding="utf-8")
+    with open(out / "report.csv", "w", newline="", encoding="utf-8") as f:
         fields = list(csv_rows[0]) if len(sets) > 1 else [k for k in csv_rows[0] if k != "results"]
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
