@@ -113,6 +113,13 @@ def test_progress_without_a_stderr_trains(monkeypatch):
     hist = fit(model, [(x, y)], epochs=1, progress=True)
     assert [r["epoch"] for r in hist] == [1]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), quiet.state_dict().values()))
+    from lowbit.fit import progress_bar  # DCQ's section bar and ReLeQ's episode bar are the same bar
+
+    bar = progress_bar(total=3, desc="DCQ 3 sections")
+    bar.n = 2
+    bar.set_postfix_str("s1 done", refresh=True)
+    bar.close()
+    assert bar.disable
 
 
 def test_non_finite_loss_stops_before_the_step():

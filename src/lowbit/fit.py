@@ -426,6 +426,13 @@ def default_optimizer(model: nn.Module, method: Any, name: str = "sgd", lr: floa
     raise ConfigError(f"optimizer must be sgd or adam, got '{name}'")
 
 
+def progress_bar(iterable=None, *, enabled: bool = True, **kw):
+    """lowbit's progress bars (epochs, DCQ's sections, ReLeQ's episodes): tqdm, off where not ``enabled`` and where
+    there is no stderr (`2>&-`, pythonw, a daemon: ``sys.stderr`` is None), where tqdm's first write failed with an
+    AttributeError nobody saw, ending the run with status 1 (before session 29)."""
+    return tqdm(iterable, disable=not enabled or sys.stderr is None, dynamic_ncols=True, **kw)
+
+
 def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None, epochs: int = 1, device: str | torch.device | None = None,
         callbacks: Iterable[Any] = (), val_batches: Iterable | None = None, resume: dict | None = None,
@@ -580,10 +587,7 @@ def _train_epoch(state: FitState, batches: Iterable, epoch: int, progress: bool,
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     seen = with_output = 0
-    # no bar without a stderr (`2>&-`, pythonw, a daemon: sys.stderr is None), where tqdm's first write failed with
-    # an AttributeError that nobody saw, ending the run with status 1
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{state.epochs}", leave=False,
-               disable=not progress or sys.stderr is None, dynamic_ncols=True)
+    bar = progress_bar(batches, enabled=progress, desc=f"epoch {epoch + 1}/{state.epochs}", leave=False)
     given = 0
     for i, batch in enumerate(bar):
         if i == state.steps_per_epoch:  # the step counter would run into the next epoch's steps

@@ -52,7 +52,7 @@ from torch.nn.utils import parametrize
 from ..config import Config
 from ..data import BatchLoader, DataSplits
 from ..errors import ConfigError
-from ..fit import FitState, evaluate, fit, resolve_device, to_device
+from ..fit import FitState, evaluate, fit, progress_bar, resolve_device, to_device
 from ..models import create_model
 from ..pretrained import load_weights
 from ..quantize import _STATE_ATTR, QuantState, quant_state
@@ -271,9 +271,7 @@ class _Progress:
 
     def __enter__(self):
         if self.enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.n * self.epochs, desc=f"DCQ {self.n} sections", dynamic_ncols=True)
+            self.bar = progress_bar(total=self.n * self.epochs, desc=f"DCQ {self.n} sections")
             self.thread = threading.Thread(target=self._poll, daemon=True)
             self.thread.start()
         return self

@@ -236,8 +236,8 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
     from stable_baselines3 import PPO
     from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.callbacks import BaseCallback
-    from tqdm.auto import tqdm
 
+    from ..fit import progress_bar
     from ..runfolder import atomic_write
     from ..train import _save
 
@@ -301,8 +301,7 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
                                                                "releq_seconds": 0.0}
     st["history"] = st["history"][: st["episodes_done"]]
     L = len(layers)
-    bar = tqdm(total=opts.episodes, initial=st["episodes_done"], desc="releq episodes", disable=not opts.progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=opts.episodes, initial=st["episodes_done"], desc="releq episodes", enabled=opts.progress)
     best = {"reward": -np.inf}
     for hrow in st["history"]:
         if hrow["final_reward"] > best["reward"]:
