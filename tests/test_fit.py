@@ -120,6 +120,10 @@ def test_progress_without_a_stderr_trains(monkeypatch):
     bar.set_postfix_str("s1 done", refresh=True)
     bar.close()
     assert bar.disable
+    import io
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file: no bar (~10 updates a second), the epoch lines stay
+    assert progress_bar(range(3), desc="epoch 1/1").disable
 
 
 def test_non_finite_loss_stops_before_the_step():
