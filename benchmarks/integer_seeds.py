@@ -146,10 +146,10 @@ def main() -> None:
         jobs = [(label.strip(), int(seed)) for label, seed in (j.rsplit(":", 1) for j in args.jobs.split(","))] \
             if args.jobs else []
         select_rows(all_rows, [label for label, _ in jobs])
+    except ConfigError as e:  # before ValueError: ConfigError is one (an unknown row read as a malformed --jobs)
+        ap.error(str(e))
     except ValueError:
         ap.error(f"--jobs must look like ROW:SEED,ROW:SEED, got {args.jobs!r}")
-    except ConfigError as e:
-        ap.error(str(e))
     if args.ft and (sel or jobs):  # the FP32 start, once
         run_grid({PRETRAIN_LABEL: PRETRAIN}, BASE, [PRETRAIN_SEED], OUT, workers=1)
     if sel:

@@ -126,6 +126,37 @@ def test_progress_without_a_stderr_trains(monkeypatch):
     assert progress_bar(range(3), desc="epoch 1/1").disable
 
 
+def test_releq_and_dcq_bars_reach_a_log(monkeypatch, tmp_path):
+    """ReLeQ's episode bar and DCQ's section bar are all the progress those commands show (DCQ's sections train with
+    progress=False; ReLeQ prints no per-episode line): in a log (stderr a file, a batch job) they are written, once per
+    episode / section epoch, not left out as fit's ~10-a-second batch bar is (the log showed nothing until the end)."""
+    import io
+    import json
+    import sys
+
+    from lowbit.fit import progress_bar
+    from lowbit.schedules.dcq import _Progress
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = progress_bar(total=3, desc="releq episodes", enabled=True, logs=True)  # releq.search's bar
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    assert "releq episodes" in log.getvalue() and "3/3" in log.getvalue()
+    log.seek(0)
+    log.truncate()
+    with _Progress(tmp_path, 1, 2, enabled=True) as p:
+        (tmp_path / "section_0.jsonl").write_text(json.dumps({"train_loss": 1.5}) + "\n" +
+                                                  json.dumps({"train_loss": 1.25}) + "\n")
+        p._update()
+        shown = log.getvalue()
+        p._update()  # nothing new: no second line in the log
+        assert log.getvalue() == shown
+    assert "DCQ 1 sections" in shown and "2/2" in shown and "s0 2/2 1.25" in shown
+    assert progress_bar(range(3), desc="epoch 1/1").disable  # fit's batch bar: still off in a log
+
+
 def test_non_finite_loss_stops_before_the_step():
     model = tiny(W2)
     w0 = {k: v.clone() for k, v in model.state_dict().items()}

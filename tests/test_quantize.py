@@ -171,6 +171,21 @@ def test_plan_from_yaml(tmp_path):
         Plan.from_yaml(str(tmp_path / "missing.yaml"))
 
 
+@pytest.mark.parametrize("raw, msg", [("# Größe\nweight: {name: sawb, bits: 2}\n".encode("latin-1"),
+                                      ": not UTF-8 text (byte 0xf6 at offset 4); a plan is a YAML text file"),
+                                     (b"weight: {name: sawb, bits: 2\n",
+                                      ": not valid YAML (while parsing a flow mapping)"),
+                                     (b"", ": the file is empty"), (None, " is a folder; a plan is a YAML file")])
+def test_a_malformed_plan_file_is_one_line(tmp_path, raw, msg):
+    """lowbit.quantize(model, "plan.yaml") reads the file as the CLI reads a config: a latin-1 comment, a YAML syntax
+    error or a folder was a yaml ReaderError/ParserError or an IsADirectoryError, and an empty file the default plan."""
+    p = tmp_path / "plan.yaml"
+    p.mkdir() if raw is None else p.write_bytes(raw)
+    with pytest.raises(ConfigError) as e:
+        quantize(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 1)), str(p))
+    assert str(e.value).startswith(f"{p}{msg}"), str(e.value)
+
+
 def test_plan_from_yaml_reads_utf8_whatever_the_locale(tmp_path, c_locale):
     """Before: opened in the locale's encoding, a UTF-8 comment was a UnicodeDecodeError traceback under
     LC_ALL=C PYTHONUTF8=0 (lowbit.quantize(model, "plan.yaml")); the CLI's configs were read as bytes already."""

@@ -294,6 +294,20 @@ def test_a_saved_run_with_milestones_it_ignored_still_loads(tmp_path):
     assert cfg.train.milestones == [] and cfg.train.schedule == "cosine"
 
 
+def test_a_saved_adam_run_with_the_momentum_it_ignored_still_loads(tmp_path):
+    """session 29: train.momentum other than 0.9 with optimizer adam is refused; a run folder written before (adam
+    ignored it) still reads, as the run that trained: `lowbit eval`, export and --resume of it said "train.momentum is
+    SGD's (got 0.5 with optimizer adam ...)"."""
+    from lowbit.config import load_config
+    from lowbit.errors import ConfigError
+
+    (tmp_path / "config.yaml").write_text("train: {epochs: 3, optimizer: adam, lr: 0.01, momentum: 0.5}\n")
+    with pytest.raises(ConfigError, match="train.momentum is SGD's"):
+        load_config(tmp_path / "config.yaml")
+    cfg = load_config(tmp_path / "config.yaml", saved=True)
+    assert cfg.train.optimizer == "adam" and cfg.train.momentum == 0.9 and cfg.train.lr == 0.01
+
+
 def test_a_kill_between_the_two_checkpoints_keeps_best_pt_and_its_record_together(tmp_path, fmnist_small,
                                                                                              monkeypatch):
     """Killed between the two checkpoint writes of an epoch that improved validation: best.pt held the killed

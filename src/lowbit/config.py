@@ -294,6 +294,9 @@ def saved_config(data):
     if (isinstance(train, dict) and train.get("schedule", "cosine") != "multistep"
             and (train.get("milestones") or train.get("gamma", 0.1) != 0.1)):  # they had no effect (refused since 26)
         data = {**data, "train": {**train, "milestones": [], "gamma": 0.1}}
+        train = data["train"]
+    if isinstance(train, dict) and train.get("optimizer") == "adam" and train.get("momentum", 0.9) != 0.9:
+        data = {**data, "train": {**train, "momentum": 0.9}}  # adam ignored it (refused since session 29)
     if isinstance(data, dict) and isinstance(data.get("plan"), dict) and not data["plan"].get("integer"):
         from .plan import Plan
 

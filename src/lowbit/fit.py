@@ -426,15 +426,17 @@ def default_optimizer(model: nn.Module, method: Any, name: str = "sgd", lr: floa
     raise ConfigError(f"optimizer must be sgd or adam, got '{name}'")
 
 
-def progress_bar(iterable=None, *, enabled: bool = True, **kw):
+def progress_bar(iterable=None, *, enabled: bool = True, logs: bool = False, **kw):
     """lowbit's progress bars (epochs, DCQ's sections, ReLeQ's episodes): tqdm, off where not ``enabled``, where there
     is no stderr (`2>&-`, pythonw, a daemon: ``sys.stderr`` is None; tqdm's first write failed with an AttributeError
     nobody saw, ending the run with status 1, before session 29) and where stderr is not a terminal (tqdm's
     ``disable=None``: a log file got ~10 updates a second joined by carriage returns, one line of ~60 KB per
-    quickstart epoch; the per-epoch lines ``fit`` prints with ``progress`` stay)."""
+    quickstart epoch; the per-epoch lines ``fit`` prints with ``progress`` stay). ``logs``: a bar that updates once per
+    unit of work and is the only progress its command shows (ReLeQ's episodes, DCQ's section epochs) is written to a log
+    too: off there, a search in a batch job showed nothing until it ended."""
     if not enabled or sys.stderr is None:
         return tqdm(iterable, disable=True, **kw)
-    return tqdm(iterable, disable=None, dynamic_ncols=True, **kw)
+    return tqdm(iterable, disable=False if logs else None, dynamic_ncols=True, **kw)
 
 
 def fit(model: nn.Module, batches: Iterable, method: Any = None, optimizer: torch.optim.Optimizer | None = None,

@@ -44,7 +44,6 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 from torch import nn
 
@@ -187,12 +186,11 @@ class Plan(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str) -> "Plan":
-        try:
-            with open(path, "rb") as f:  # bytes: YAML is UTF-8 (a C locale failed on a UTF-8 comment)
-                data = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"plan file not found: {path}") from None
-        return cls.from_dict(data, where=path)
+        from .config import read_yaml_mapping  # late: config imports this module
+
+        # as a config file: UTF-8 whatever the locale, and a missing file, a folder, bytes that are not UTF-8, bad YAML
+        # or an empty file are one line naming the file (were yaml/OS tracebacks; an empty file was the default plan)
+        return cls.from_dict(read_yaml_mapping(path, "plan"), where=path)
 
     def to_dict(self) -> dict:
         d = self.model_dump(mode="json", exclude_none=False)

@@ -271,7 +271,8 @@ class _Progress:
 
     def __enter__(self):
         if self.enabled:
-            self.bar = progress_bar(total=self.n * self.epochs, desc=f"DCQ {self.n} sections")
+            self.shown = None  # the bar is redrawn when a section finishes an epoch, not every poll (a log's lines)
+            self.bar = progress_bar(total=self.n * self.epochs, desc=f"DCQ {self.n} sections", logs=True)
             self.thread = threading.Thread(target=self._poll, daemon=True)
             self.thread.start()
         return self
@@ -289,6 +290,9 @@ class _Progress:
                 rows = []
             done += len(rows)
             post.append(f"s{i} {len(rows)}/{self.epochs}" + (f" {rows[-1]['train_loss']:.3g}" if rows else ""))
+        if (done, post) == self.shown:
+            return
+        self.shown = done, post
         self.bar.n = done
         self.bar.set_postfix_str("  ".join(post), refresh=True)
 

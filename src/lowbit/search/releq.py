@@ -301,7 +301,8 @@ def search(cfg: Config, opts: ReleqOptions, out: str | Path, resume: bool = Fals
                                                                "releq_seconds": 0.0}
     st["history"] = st["history"][: st["episodes_done"]]
     L = len(layers)
-    bar = progress_bar(total=opts.episodes, initial=st["episodes_done"], desc="releq episodes", enabled=opts.progress)
+    bar = progress_bar(total=opts.episodes, initial=st["episodes_done"], desc="releq episodes", enabled=opts.progress,
+                       logs=True)  # one update per episode, the search's only progress
     best = {"reward": -np.inf}
     for hrow in st["history"]:
         if hrow["final_reward"] > best["reward"]:
