@@ -98,24 +98,17 @@ def test_bench_runs_writes_json_lines_and_resumes(tmp_path):
     assert done.is_file()
 
 
-def test_bench_workers_run_in_separate_processes(tmp_path):
-    p = _suite(tmp_path, seeds=[3])
-    run_suite(p, workers=2)
-    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 2
-    cfg = yaml.safe_load((tmp_path / "out" / "FP32" / "seed3" / "config.yaml").read_text())
-    assert cfg["train"]["threads"] >= 1  # the worker's share of the cores was written down
-
-
-def test_bench_workers_keep_the_suites_threads_session26(tmp_path, monkeypatch):
-    """Session 26: --workers 2 on a 4-core machine trained a suite that says train.threads: 1 with 2 threads (the
-    worker's share of the cores replaced it), so it gave other numbers than --workers 1 (SAWB 2b: 27.33 % vs
-    17.00 % on 300 test images). The share fills in only where the config sets no threads, as on Ray."""
+def test_bench_workers_run_in_separate_processes_and_keep_the_suites_threads_session26(tmp_path, monkeypatch):
+    """Both rows run in two worker processes. Session 26: --workers 2 on a 4-core machine trained a suite that says
+    train.threads: 1 with 2 threads (the worker's share of the cores replaced it), so it gave other numbers than
+    --workers 1 (SAWB 2b: 27.33 % vs 17.00 % on 300 test images). The share fills in only where the config sets no
+    threads, as on Ray. (One suite run for both checks, which were two tests of the same run until session 29.)"""
     import os
 
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     p = _suite(tmp_path, seeds=[3])
     run_suite(p, workers=2)
+    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 2
     cfg = yaml.safe_load((tmp_path / "out" / "FP32" / "seed3" / "config.yaml").read_text())
     assert cfg["train"]["threads"] == 1  # the suite's (BASE), not 4 // 2
 
