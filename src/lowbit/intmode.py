@@ -419,7 +419,9 @@ def _integer_mode_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # profiling, feature capture) also need the modules to run: then eval runs the
     # fake-quantized float graph (same layers, BN on running statistics).
     ist = model._lowbit_state.integer
-    dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)  # fit.model_dtype
+    from .fit import model_dtype
+
+    dt = model_dtype(model) or torch.float32
     if dt != torch.float32:  # quantize refuses such a model; a cast after it (model.double(), .half()) failed here in
         # fit with torch's "expected scalar type Float but found Double" from inside the traced graph, and in eval
         # with "the model cannot run inputs of shape (...)" (before session 29)

@@ -178,8 +178,6 @@ class QuantizerMixture(nn.Module):
         if self.is_final():
             return self.members[0](x)
         amp, x = autocast_off(x)  # under torch.autocast: float32, as each member (the fused kernel calls none)
-        if amp is None:
-            return self.mix(x, self.coefficients())
         with amp:
             return self.mix(x, self.coefficients())
 

@@ -123,8 +123,6 @@ class Quantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self.__dict__["_ran"] = True  # a plain flag (no Module.__setattr__ per call): levels() says why none
         amp, x = autocast_off(x)  # under torch.autocast: float32, autocast off (functional.autocast_off)
-        if amp is None:
-            return self.quantize(x)
         with amp:
             return self.quantize(x)
 

@@ -15,6 +15,8 @@ Every quantizer and method builds on these, so each rule exists once:
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from contextlib import contextmanager
 
@@ -70,14 +72,14 @@ def grad_scale(x: Tensor, scale: float) -> Tensor:
 def autocast_off(x: Tensor):
     """``(context, x)`` for a quantizer's forward under ``torch.autocast``: a context that turns autocast off and ``x``
     in float32 where it is float16/bfloat16, as ``torch.amp.custom_fwd(cast_inputs=torch.float32)`` does; outside
-    autocast ``(None, x)``. Quantization runs in float32 (the rules of :data:`lowbit.quant.base.RULES`) whatever the
+    autocast ``(contextlib.nullcontext(), x)``. Quantization runs in float32 (the rules of :data:`lowbit.quant.base.RULES`) whatever the
     layers around it compute in: before session 29 a quantizer under autocast computed in the layer input's
     bfloat16 (codes one off at any bits, LSQ's step initialised as a bfloat16 parameter and its gradient from
     bfloat16 sums) and SAWB's alpha search summed its errors in bfloat16 (``linalg.vecdot`` is on CPU autocast's
     list): another alpha than the float32 forward, evaluation and the export use."""
     dev = x.device.type
     if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
-        return None, x
+        return contextlib.nullcontext(), x
     return torch.autocast(dev, enabled=False), (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
 
 
