@@ -36,17 +36,38 @@ def batch(n=16, seed=0):
 def test_blocks_of_the_zoo():
     m = lowbit.create_model("resnet8", in_channels=1, image_size=8)
     bl, out = blocks(m)
-    assert [b.names for b in bl] == [["conv1", "bn1", "relu"], ["layers.0.0"], ["layers.1.0"],
-                                     ["layers.2.0", "pool", "flatten"]]
-    assert [b.width for b in bl] == [16, 16, 32, 64] and [b.spatial for b in bl] == [True, True, True, False]
+    # each conv of a residual block is a block of its own, as in the reference code (its BasicBlock has two
+    # LocalLossBlockConv); the shortcut trains with conv2's (before session 30 a residual block was one block)
+    r = lambda i: [f"layers.{i}.0.{n}" for n in ("conv1", "bn1", "relu1")]  # noqa: E731
+    t = lambda i: [f"layers.{i}.0.{n}" for n in ("conv2", "bn2", "shortcut", "relu2")]  # noqa: E731
+    assert [b.names for b in bl] == [["conv1", "bn1", "relu"], r(0), t(0), r(1), t(1), r(2), t(2) + ["pool", "flatten"]]
+    assert [b.residual for b in bl] == [None, None, m.layers[0][0], None, m.layers[1][0], None, m.layers[2][0]]
+    # the heads read a block's output before its pooling, as the reference computes a block's loss before the
+    # network's pooling layers: ResNet's last block before the global pool (a 64-channel map, not 64 features)
+    assert [b.out_name for b in bl][-1] == "layers.2.0.relu2" and bl[-1].out is m.layers[2][0].relu2
+    assert [b.width for b in bl] == [16, 16, 16, 32, 32, 64, 64] and all(b.spatial for b in bl)
     assert [n for n, _ in out] == ["fc"]
     v = lowbit.create_model("vgg_small", in_channels=1, image_size=8, width=0.25)
-    assert len(blocks(v)[0]) == 6 and blocks(v)[0][1].names[-1] == "features.6"  # conv bn relu maxpool
-    # LeNet-5 flattens its last conv's map (not globally pooled) for the classifier: that block's heads read the
-    # map (before session 23 they took its 16 channels as the flat width: a crash in the first step)
+    vb = blocks(v)[0]
+    assert len(vb) == 6 and vb[1].names[-1] == "features.6" and vb[1].out_name == "features.5"  # conv bn relu | maxpool
+    # LeNet-5: its conv blocks' heads read the ReLU's map before the max-pool (and the flatten)
     le = lowbit.create_model("lenet5", in_channels=1, image_size=28)
     b = blocks(le)[0][1]
-    assert b.names[-1] == "flatten" and b.out_name == "features.5" and (b.width, b.spatial) == (16, True)
+    assert b.names[-1] == "flatten" and b.out_name == "features.4" and (b.width, b.spatial) == (16, True)
+
+
+def test_a_residual_block_of_another_layout_stays_one_block():
+    class Res(nn.Module):  # conv1 conv2 shortcut, ReLUs in forward: not the zoo's layout
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.shortcut = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Identity()
+
+        def forward(self, x):
+            return self.conv2(self.conv1(x)) + self.shortcut(x)
+
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), Res(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    bl, _ = blocks(m)
+    assert [b.names for b in bl] == [["0"], ["1", "2"]] and bl[1].out_name == "1" and bl[1].residual is None
 
 
 def test_no_gradient_reaches_an_earlier_block():
@@ -56,7 +77,8 @@ def test_no_gradient_reaches_an_earlier_block():
     real = meth.heads[0].forward
     meth.heads[0].forward = lambda h, y, beta: 0.0 * real(h, y, beta)
     seen = []
-    hook = bl[1].modules[0].register_forward_pre_hook(lambda mod, a: seen.append(a[0].requires_grad))
+    # prepended: before the conv's own input quantizer, whose learned clip makes its output require grad
+    hook = bl[1].modules[0].register_forward_pre_hook(lambda mod, a: seen.append(a[0].requires_grad), prepend=True)
     meth.setup(m, 10, 10)
     meth.train_step(m, batch(), opt, 0)
     hook.remove()
@@ -143,15 +165,15 @@ def test_greedy_blocks_each_get_a_fresh_schedule_and_optimizer(tmp_path, fmnist_
         return res
 
     monkeypatch.setattr(LocalLoss, "train_step", recording)
-    base = ["model.name=resnet8", "model.width=0.25", "train.epochs=4", "train.batch_size=256", "train.lr=0.01",
+    base = ["model.name=resnet8", "model.width=0.25", "train.batch_size=256", "train.lr=0.01",
             "train.optimizer=adam", "train.weight_decay=0", "train.progress=false", "train.threads=1",
             "plan.weight={name: sawb, bits: 3}", "plan.act={name: pact, bits: 3}",
-            "plan.method={name: local, greedy: true}"]
+            "plan.method={name: local, greedy: true}", "train.epochs=7"]
     run(load_config(None, base), tmp_path / "r", data=fmnist_small)
-    steps = len(seen)  # 5 batches per epoch, 4 epochs, 4 blocks: block k starts at step 5k
-    assert steps == 20
+    steps = len(seen)  # 5 batches per epoch, 7 epochs, 7 blocks: block k starts at step 5k
+    assert steps == 35
     starts = [s for s in range(steps) if s == 0 or seen[s][1] != seen[s - 1][1]]
-    assert starts == [0, 5, 10, 15] and [seen[s][1] for s in starts] == [0, 1, 2, 3]
+    assert starts == list(range(0, 35, 5)) and [seen[s][1] for s in starts] == list(range(7))
     for s in starts:
         assert seen[s][0] == pytest.approx(0.01)  # the lr the step ran at (the scheduler steps after it)
         assert seen[s + 4][0] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))  # the block's cosine
@@ -189,13 +211,75 @@ def test_flat_block_sim_head_projects_as_the_reference():
     assert torch.isfinite(head.sim.weight.grad).all()
 
 
-def test_heads_saved_before_the_linear_sim_head_are_one_line():
-    """A run interrupted before session 27 saved flat blocks' sim heads without weights: its resume was torch's
-    multi-line "Missing key(s) in state_dict"."""
+def test_heads_saved_by_an_older_version_are_one_line():
+    """Heads saved before session 27 (flat blocks' sim heads without weights) or before session 30 (a residual block
+    one block, four heads for ResNet-8 where there are seven now): the resume was torch's multi-line "Missing key(s)
+    in state_dict"."""
     m, meth, _ = local_model()
-    assert meth.heads is not None
+    assert meth.heads is not None and len(meth.heads) == 7
     state = meth.state_dict()
-    state["heads"] = {k: v for k, v in state["heads"].items() if not k.endswith("sim.weight") or v.dim() == 4}
+    state["heads"] = {k: v for k, v in state["heads"].items() if int(k.split(".")[0]) < 4}
     with pytest.raises(ConfigError, match="the saved heads do not fit") as e:
         meth.load_state_dict(state)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("beta", [0.99, 1.0])
+def test_output_layer_loss_is_scaled_as_the_reference(beta):
+    # anokland/local-loss train.py:1531-1533: the output layer's cross-entropy is multiplied by (1 - beta) under
+    # predsim; at beta = 1 (its "sim" loss) it is not (before session 30 lowbit never scaled it)
+    torch.manual_seed(0)
+    m = lowbit.create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.25)
+    lowbit.quantize(m, {**W3A3, "method": {"name": "local", "beta": beta}})
+    meth = lowbit.quant_state(m).method
+    opt = torch.optim.SGD([p for g in meth.param_groups(m) for p in g["params"]], lr=0.0)
+    meth.setup(m, 10, 10)
+    x, y = batch()
+    m.train()
+    res = meth.train_step(m, (x, y), opt, 0)
+    want = torch.autograd.grad(nn.functional.cross_entropy(m(x), y), m.fc.weight)[0]
+    scale = 0.01 if beta < 1 else 1.0
+    assert torch.allclose(m.fc.weight.grad, scale * want, rtol=1e-4, atol=1e-7)
+    assert res.loss == pytest.approx(nn.functional.cross_entropy(m(x), y).item(), rel=1e-5)  # reported unscaled
+
+
+def test_pred_head_zeroes_only_its_weight_as_the_reference():
+    from lowbit.methods.local import LocalHead
+
+    torch.manual_seed(0)
+    head = LocalHead(16, spatial=True, num_classes=10, dim_in_decoder=2048)
+    assert not head.pred[-1].weight.any() and head.pred[-1].bias.abs().sum() > 0  # train.py:499/706: weight only
+
+
+def test_the_shortcut_trains_with_the_second_conv():
+    m, meth, opt = local_model(greedy=True)
+    n = len(meth.blocks)
+    b = meth.blocks[4]  # layers.1.0's conv2 .. relu2, with the projection shortcut
+    assert b.residual is m.layers[1][0] and isinstance(m.layers[1][0].shortcut, nn.Sequential)
+    meth.setup(m, n, 1)
+    meth.on_step(m, 4)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    meth.train_step(m, batch(), opt, 4)
+    changed = {k.split(".")[3] for k, v in m.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"conv2", "bn2", "shortcut"} or changed == {"conv2", "bn2", "shortcut", "relu2"}, changed
+
+
+def test_memory_model_computes_each_block_as_the_network():
+    from lowbit.ondevice.memory import _block_modules
+
+    m = lowbit.create_model("resnet8", in_channels=1, image_size=8, width=0.25).eval()
+    x = torch.randn(2, 1, 8, 8)
+    bl, _ = blocks(m)
+    outs = {}
+    hooks = [b.out.register_forward_hook(lambda mod, a, o, i=b.index: outs.__setitem__(i, o)) for b in bl]
+    with torch.no_grad():
+        m(x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for b, (mod, inp) in zip(bl, _block_modules(m, x[:1], bl)):
+            got = mod(inp)
+            want = outs[b.index][:1]
+            if b.index == len(bl) - 1:
+                want = want.mean((2, 3))  # the last block's module runs on through the global pool and flatten
+            assert torch.allclose(got, want, atol=1e-6), b.index

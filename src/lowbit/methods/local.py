@@ -2,13 +2,15 @@
 ICML 2019; code anokland/local-loss), seed 002 part 3: blocks trained one by one, "QAT on the block
 being trained".
 
-The model is cut into blocks (:func:`lowbit.ondevice.units.blocks`: a conv/linear layer or a residual
-block with the BN/ReLU/pooling after it); the last layer is the output layer, trained by the task loss.
-Each block ``i`` gets two training-only heads and its own loss, *predsim*::
+The model is cut into blocks (:func:`lowbit.ondevice.units.blocks`: a conv/linear layer with the BN/ReLU/pooling
+after it; each conv of a residual block of the zoo is a block, the shortcut training with the second, as in the
+reference code's ``BasicBlock``); the last layer is the output layer, trained by the task loss scaled by (1 − β)
+(:attr:`LocalLoss.output_scale`). Each block ``i`` gets two training-only heads, which read its output before any
+pooling (the reference computes a block's loss before the network's pooling layers), and its own loss, *predsim*::
 
     loss_i = (1 - β)·CE(pred_i(h_i), y) + β·MSE(R(sim_i(h_i)), R(onehot(y))),   β = 0.99
 
-* ``pred_i``: average-pool to at most ``dim_in_decoder`` features, then a zero-initialised linear layer;
+* ``pred_i``: average-pool to at most ``dim_in_decoder`` features, then a linear layer with zero weights;
 * ``sim_i``: a 3x3 conv, then the per-channel spatial standard deviation (as the reference code does
   for maps with more than 3 channels); for a flat output a bias-free linear layer (``LocalLossBlockLinear``'s
   ``linear_loss``);
@@ -61,7 +63,7 @@ def similarity_matrix(x: Tensor) -> Tensor:
 
 
 class LocalHead(nn.Module):
-    """The training-only heads of one block: ``pred`` (pooled linear classifier, zero-initialised)
+    """The training-only heads of one block: ``pred`` (pooled linear classifier, zero weights)
     and ``sim`` (3x3 conv before the similarity matrix; a bias-free linear layer for a flat output)."""
 
     def __init__(self, width: int, spatial: bool, num_classes: int, dim_in_decoder: int):
@@ -73,8 +75,7 @@ class LocalHead(nn.Module):
         else:
             self.sim = nn.Linear(width, width, bias=False)
             self.pred = nn.Sequential(nn.Flatten(1), nn.Linear(width, num_classes))
-        nn.init.zeros_(self.pred[-1].weight)
-        nn.init.zeros_(self.pred[-1].bias)
+        nn.init.zeros_(self.pred[-1].weight)  # the bias keeps nn.Linear's initialisation, as in the reference code
 
     def forward(self, h: Tensor, y: Tensor, beta: float) -> Tensor:
         num_classes = self.pred[-1].out_features
@@ -217,11 +218,18 @@ class LocalLoss(STE):
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss became {loss.item()}")
             if loss.requires_grad:
-                loss.backward()
+                (self.output_scale * loss).backward()
         else:
             loss = self._losses[-1]
         optimizer.step()
         return StepResult(loss.detach(), None if out is None else out.detach(), len(x))
+
+    @property
+    def output_scale(self) -> float:
+        """The weight of the output layer's task loss: (1 − β) as in the reference code's predsim (train.py scales the
+        output layer's cross-entropy by it); 1 at β = 1, where predsim is the reference's ``sim`` loss, which does not
+        scale it (and (1 − β) = 0 would leave the output layer untrained). The loss reported stays unscaled."""
+        return 1.0 - self.beta if self.beta < 1 else 1.0
 
     def state_dict(self) -> dict:
         return {"heads": self.heads.state_dict() if self.heads is not None else None}
@@ -231,9 +239,9 @@ class LocalLoss(STE):
             try:
                 self.heads.load_state_dict(state["heads"])
             except RuntimeError:  # torch's multi-line "Missing key(s) ..."
-                raise ConfigError("local loss: the saved heads do not fit this version's (before session 27 a flat "
-                                  "block's sim head had no linear layer): a run interrupted before it cannot resume; "
-                                  "train it again") from None
+                raise ConfigError("local loss: the saved heads do not fit this version's (session 27 gave a flat "
+                                  "block's sim head a linear layer; session 30 made each conv of a residual block a "
+                                  "block): a run interrupted before them cannot resume; train it again") from None
 
     def summary(self, model: nn.Module) -> dict:
         return {"local_blocks": len(self.blocks), "greedy": self.greedy, "beta": self.beta,

@@ -96,17 +96,48 @@ def _sub_bits(bits: dict, names: list[str]) -> dict:
     return out
 
 
-def _block_inputs(model: nn.Module, x: torch.Tensor, bl) -> list[torch.Tensor]:
+class _ResidualTail(nn.Module):
+    """The second block of a split residual block (``conv2 .. bn2``, ``shortcut``, ``relu2`` and the units after it)
+    as one module the cost model can trace: ``relu2(bn2(conv2(h)) + shortcut(x))`` with the block's input ``x`` held
+    as a constant; ``x`` passes an ``nn.Identity`` so that it is counted as stored (the shortcut keeps it for its
+    backward). Children ``0, 1, ..`` are the block's modules, so :func:`_sub_bits` maps the bits."""
+
+    def __init__(self, mods: list[nn.Module], shortcut: nn.Module, x: torch.Tensor):
+        super().__init__()
+        for i, m in enumerate(mods):
+            self.add_module(str(i), m)
+        self.held = nn.Identity()
+        self.x = x
+        self.k = next(i for i, m in enumerate(mods) if m is shortcut)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        mods = [m for n, m in self.named_children() if n != "held"]
+        for i, m in enumerate(mods):
+            if i == self.k:
+                h = h + m(self.held(self.x))
+            else:
+                h = m(h)
+        return h
+
+
+def _block_modules(model: nn.Module, x: torch.Tensor, bl) -> list[tuple[nn.Module, torch.Tensor]]:
+    """Each block as one module the cost model can trace, with its input (one image): an ``nn.Sequential`` of its
+    units, or, for a split residual block's second block, a :class:`_ResidualTail` holding the residual block's input."""
     got: list = [None] * len(bl)
+    res_in: dict = {}
     hooks = [b.modules[0].register_forward_pre_hook(
         lambda m, a, i=b.index: got.__setitem__(i, a[0].detach())) for b in bl]
+    hooks += [b.residual.register_forward_pre_hook(
+        lambda m, a, i=b.index: res_in.__setitem__(i, a[0].detach())) for b in bl if b.residual is not None]
     try:
         with torch.no_grad():
             model(x[:1])
     finally:
         for h in hooks:
             h.remove()
-    return got
+    return [(nn.Sequential(*b.modules) if b.residual is None else _ResidualTail(b.modules, b.residual.shortcut,
+                                                                                res_in[b.index]), got[b.index])
+            for b in bl]
 
 
 def model_bits(mode: str, model: nn.Module, x: torch.Tensor, bits: dict, batch: int, optimizer_slots: int = 1,
@@ -121,10 +152,8 @@ def model_bits(mode: str, model: nn.Module, x: torch.Tensor, bits: dict, batch: 
         acts = 8 * _fp_elems(model, x) * batch
         return {"params": 8 * n_p, "optimizer": 0, "activations": acts, "total": 8 * n_p + acts}
     bl, _ = blocks(model)
-    inputs = _block_inputs(model, x, bl)
     per_block = []
-    for b, inp in zip(bl, inputs):
-        seq = nn.Sequential(*b.modules)
+    for b, (seq, inp) in zip(bl, _block_modules(model, x, bl)):
         sub = _sub_bits(bits, b.names)
         acts = training_memory(seq, inp, sub, batch, optimizer_slots, "all")["activations_bits"]
         cs = profile(seq, inp, sub)

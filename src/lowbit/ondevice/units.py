@@ -76,30 +76,44 @@ def check_replayable(model: nn.Module, us: list[tuple[str, nn.Module]], who: str
                               "the modules alone: make it a module (e.g. nn.ReLU(), nn.Flatten())")
 
 
-def _global_pool(m: nn.Module) -> bool:
-    return isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and m.output_size in (1, (1, 1))
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def splits(m: nn.Module) -> bool:
+    """Whether local loss trains the two convs of residual block ``m`` as two blocks, as the reference code does
+    (anokland/local-loss ``BasicBlock``: ``conv1`` and ``conv2`` are each a ``LocalLossBlockConv``; the shortcut trains
+    with ``conv2``). It needs the zoo's layout: children registered in execution order ``conv1 .. relu1, conv2 ..
+    shortcut, relu2``, with ``relu2`` applied last to the sum (its output is the block's). Another residual module
+    stays one block. (Registration order is what the zoo promises, not what ``forward`` is checked to do.)"""
+    names = [n for n, _ in m.named_children()]
+    return (is_residual(m) and {"relu1", "relu2"} <= set(names) and names[-2:] == ["shortcut", "relu2"]
+            and names.index("conv1") < names.index("relu1") < names.index("conv2"))
 
 
 @dataclass
 class Block:
-    """Units trained together by one local loss: a compute unit and the elementwise units after it.
-    ``out`` is the last unit (its output is the block's output); ``width`` the channels/features
-    of that output."""
+    """Units trained together by one local loss: a compute unit and the elementwise units after it (for a residual
+    block of the zoo, its ``conv1 .. relu1`` and its ``conv2 .. relu2`` with the units after it are two blocks).
+    ``out`` is the unit whose output the block's heads read (:attr:`_end`); ``width`` the channels/features of
+    that output; ``residual`` the residual block whose second half this block is (it also reads the block's input,
+    through the shortcut), else None."""
 
     index: int
     names: list[str]
     modules: list[nn.Module]
+    residual: nn.Module | None = None
 
     @property
     def _end(self) -> int:
-        """The index of the unit whose output the block's heads read: the last, or, where the block ends by
-        flattening a map that is not globally pooled (LeNet-5's conv features for its classifier), the map: its
-        channels are known, the flat width C·H·W is not before data (before session 23 the channels were taken as
-        that width: a crash). A globally pooled map (ResNet's) is flat with its channels as width, as before."""
-        i = len(self.modules) - 1
-        while i > 0 and isinstance(self.modules[i], nn.Flatten) and not _global_pool(self.modules[i - 1]):
-            i -= 1
-        return i
+        """The index of the unit whose output the block's heads read: the last one before the block's first pooling
+        or flatten (as in the reference code, whose pooling layers come after its blocks, so a block's loss is
+        computed before them: ResNet's before its global pool, VGG's before its max-pool; before session 30 the
+        heads read the pooled output), else the last. A block whose compute unit is followed at once by a pooling
+        reads the compute unit's output."""
+        for i, m in enumerate(self.modules[1:], 1):
+            if isinstance(m, _POOLS + (nn.Flatten,)):
+                return i - 1
+        return len(self.modules) - 1
 
     @property
     def out(self) -> nn.Module:
@@ -121,9 +135,9 @@ class Block:
 
     @property
     def spatial(self) -> bool:
-        """Whether the block's output is a (N, C, H, W) map (False after a flatten or a linear)."""
+        """Whether the heads read a (N, C, H, W) map (False after a linear)."""
         for m in reversed(self.modules[: self._end + 1]):
-            if isinstance(m, (nn.Flatten, nn.Linear)):
+            if isinstance(m, nn.Linear):
                 return False
             if isinstance(m, nn.Conv2d) or is_residual(m):
                 return True
@@ -131,9 +145,10 @@ class Block:
 
 
 def blocks(model: nn.Module) -> tuple[list[Block], list[tuple[str, nn.Module]]]:
-    """Split ``model`` into local-loss blocks: each compute unit (conv, linear, residual block) with
-    the elementwise units that follow it. The last compute unit and what follows it are the output
-    layer (returned separately; it is trained by the task loss on the model's output)."""
+    """Split ``model`` into local-loss blocks: each compute unit (conv, linear, residual block) with the elementwise
+    units that follow it; a residual block of the zoo (:func:`splits`) is two blocks, one per conv. The last compute
+    unit and what follows it are the output layer (returned separately; it is trained by the task loss on the
+    model's output)."""
     us = units(model)
     check_replayable(model, us, "local-loss training", replayed=False)  # it runs the model's own forward
     starts = [i for i, (_, m) in enumerate(us) if isinstance(m, COMPUTE) or is_residual(m)]
@@ -144,7 +159,15 @@ def blocks(model: nn.Module) -> tuple[list[Block], list[tuple[str, nn.Module]]]:
         raise ConfigError("local-loss training: a trainable module comes before the first conv/linear layer")
     out: list[Block] = []
     for j, s in enumerate(starts[:-1]):
-        e = starts[j + 1]
-        part = us[s:e] if j else us[:e]  # units before the first conv (none in the zoo) go with block 0
-        out.append(Block(j, [n for n, _ in part], [m for _, m in part]))
+        part = us[s:starts[j + 1]] if j else us[:starts[j + 1]]  # units before the first conv (none in the zoo) go with block 0
+        names, mods = [n for n, _ in part], [m for _, m in part]
+        res = mods[0]
+        if (j or s == 0) and splits(res):
+            kids = list(res.named_children())
+            cut = [n for n, _ in kids].index("conv2")
+            out.append(Block(len(out), [f"{names[0]}.{n}" for n, _ in kids[:cut]], [k for _, k in kids[:cut]]))
+            out.append(Block(len(out), [f"{names[0]}.{n}" for n, _ in kids[cut:]] + names[1:],
+                             [k for _, k in kids[cut:]] + mods[1:], residual=res))
+        else:
+            out.append(Block(len(out), names, mods))
     return out, us[starts[-1]:]
