@@ -56,6 +56,23 @@ def test_blocks_of_the_zoo():
     assert b.names[-1] == "flatten" and b.out_name == "features.4" and (b.width, b.spatial) == (16, True)
 
 
+def test_blocks_as_before_session_30():
+    # split_residual: false, heads_before_pool: false: lowbit's blocks before session 30 (for comparison)
+    m = lowbit.create_model("resnet8", in_channels=1, image_size=8)
+    bl, _ = blocks(m, split_residual=False, heads_before_pool=False)
+    assert [b.names for b in bl] == [["conv1", "bn1", "relu"], ["layers.0.0"], ["layers.1.0"],
+                                     ["layers.2.0", "pool", "flatten"]]
+    assert [b.width for b in bl] == [16, 16, 32, 64] and [b.spatial for b in bl] == [True, True, True, False]
+    le = lowbit.create_model("lenet5", in_channels=1, image_size=28)
+    b = blocks(le, heads_before_pool=False)[0][1]
+    assert b.out_name == "features.5" and (b.width, b.spatial) == (16, True)  # the pooled map before the flatten
+    from lowbit.methods import build_method
+
+    meth = build_method("local", split_residual=False, heads_before_pool=False)
+    meth.attach(m)
+    assert [b.out_name for b in meth.blocks] == ["relu", "layers.0.0", "layers.1.0", "flatten"]
+
+
 def test_a_residual_block_of_another_layout_stays_one_block():
     class Res(nn.Module):  # conv1 conv2 shortcut, ReLUs in forward: not the zoo's layout
         def __init__(self):
@@ -144,6 +161,9 @@ def test_local_options_are_checked():
         lowbit.methods.build_method("local", beta=1.5)
     with pytest.raises(ConfigError, match="greedy"):
         lowbit.methods.build_method("local", greedy="yes")
+    for k in ("split_residual", "heads_before_pool"):
+        with pytest.raises(ConfigError, match=k):
+            lowbit.methods.build_method("local", **{k: 1})
 
 
 def test_greedy_blocks_each_get_a_fresh_schedule_and_optimizer(tmp_path, fmnist_small, monkeypatch):

@@ -88,7 +88,10 @@ class LocalHead(nn.Module):
 class LocalLoss(STE):
     """Local-loss block training (module docstring). Options: ``beta`` (predsim weight of the
     similarity term, 0.99), ``greedy`` (one block at a time), ``dim_in_decoder`` (features the
-    pred head pools to, at most; the reference code's default 2048 is its smaller setting)."""
+    pred head pools to, at most; the reference code's default 2048 is its smaller setting);
+    ``split_residual`` (each conv of a residual block a block, as the reference; false: the residual block is one
+    block) and ``heads_before_pool`` (heads read a block's output before its pooling, as the reference; false: after
+    it), the two false settings being lowbit's before session 30 (docs/ondevice.md measures them)."""
 
     ddp = False  # its heads' parameters get no gradient in some steps (greedy, early stop): DDP's reducer fails
     # each block learns from its own head's loss; train.distill would change only the classifier's (session 25: it was
@@ -97,15 +100,18 @@ class LocalLoss(STE):
     integer_refusal = ("its heads hook block modules that integer mode's traced graph does not call (half of "
                        "ResNet-8's local losses never fired)")
 
-    def __init__(self, beta: float = 0.99, greedy: bool = False, dim_in_decoder: int = 2048):
+    def __init__(self, beta: float = 0.99, greedy: bool = False, dim_in_decoder: int = 2048,
+                 split_residual: bool = True, heads_before_pool: bool = True):
         super().__init__()
         if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
             raise ConfigError(f"local: beta must be in [0, 1], got {beta!r}")
-        if not isinstance(greedy, bool):
-            raise ConfigError(f"local: greedy must be true or false, got {greedy!r}")
+        for k, v in (("greedy", greedy), ("split_residual", split_residual), ("heads_before_pool", heads_before_pool)):
+            if not isinstance(v, bool):
+                raise ConfigError(f"local: {k} must be true or false, got {v!r}")
         if isinstance(dim_in_decoder, bool) or not isinstance(dim_in_decoder, int) or dim_in_decoder < 1:
             raise ConfigError(f"local: dim_in_decoder must be an integer >= 1, got {dim_in_decoder!r}")
         self.beta, self.greedy, self.dim_in_decoder = float(beta), greedy, dim_in_decoder
+        self.split_residual, self.heads_before_pool = split_residual, heads_before_pool
         self.heads: nn.ModuleList | None = None
         self.blocks: list[Block] = []
         self.output_units: list[nn.Module] = []
@@ -124,7 +130,7 @@ class LocalLoss(STE):
             return
         for h in self._hooks:
             h.remove()
-        bl, out_units = blocks(model)
+        bl, out_units = blocks(model, self.split_residual, self.heads_before_pool)
         last = [m for _, m in out_units if isinstance(m, nn.Linear)]
         if not last:
             raise ConfigError("local-loss training: the model's last layer must be a Linear classifier")
@@ -245,4 +251,5 @@ class LocalLoss(STE):
 
     def summary(self, model: nn.Module) -> dict:
         return {"local_blocks": len(self.blocks), "greedy": self.greedy, "beta": self.beta,
+                "split_residual": self.split_residual, "heads_before_pool": self.heads_before_pool,
                 "head_params (training only)": sum(p.numel() for p in self.heads.parameters()) if self.heads else 0}

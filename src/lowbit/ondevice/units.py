@@ -76,6 +76,10 @@ def check_replayable(model: nn.Module, us: list[tuple[str, nn.Module]], who: str
                               "the modules alone: make it a module (e.g. nn.ReLU(), nn.Flatten())")
 
 
+def _global_pool(m: nn.Module) -> bool:
+    return isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and m.output_size in (1, (1, 1))
+
+
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
@@ -102,6 +106,7 @@ class Block:
     names: list[str]
     modules: list[nn.Module]
     residual: nn.Module | None = None
+    before_pool: bool = True
 
     @property
     def _end(self) -> int:
@@ -109,7 +114,15 @@ class Block:
         or flatten (as in the reference code, whose pooling layers come after its blocks, so a block's loss is
         computed before them: ResNet's before its global pool, VGG's before its max-pool; before session 30 the
         heads read the pooled output), else the last. A block whose compute unit is followed at once by a pooling
-        reads the compute unit's output."""
+        reads the compute unit's output. With ``before_pool=False`` (the ``local`` option ``heads_before_pool:
+        false``, lowbit's rule before session 30): the last unit, or, where the block ends by flattening a map that
+        is not globally pooled (LeNet-5's last conv block), the map (its channels are known before data, its flat
+        width is not)."""
+        if not self.before_pool:
+            i = len(self.modules) - 1
+            while i > 0 and isinstance(self.modules[i], nn.Flatten) and not _global_pool(self.modules[i - 1]):
+                i -= 1
+            return i
         for i, m in enumerate(self.modules[1:], 1):
             if isinstance(m, _POOLS + (nn.Flatten,)):
                 return i - 1
@@ -135,18 +148,20 @@ class Block:
 
     @property
     def spatial(self) -> bool:
-        """Whether the heads read a (N, C, H, W) map (False after a linear)."""
+        """Whether the heads read a (N, C, H, W) map (False after a linear or a flatten)."""
         for m in reversed(self.modules[: self._end + 1]):
-            if isinstance(m, nn.Linear):
+            if isinstance(m, (nn.Flatten, nn.Linear)):
                 return False
             if isinstance(m, nn.Conv2d) or is_residual(m):
                 return True
         return True
 
 
-def blocks(model: nn.Module) -> tuple[list[Block], list[tuple[str, nn.Module]]]:
+def blocks(model: nn.Module, split_residual: bool = True,
+           heads_before_pool: bool = True) -> tuple[list[Block], list[tuple[str, nn.Module]]]:
     """Split ``model`` into local-loss blocks: each compute unit (conv, linear, residual block) with the elementwise
-    units that follow it; a residual block of the zoo (:func:`splits`) is two blocks, one per conv. The last compute
+    units that follow it; a residual block of the zoo (:func:`splits`) is two blocks, one per conv, unless
+    ``split_residual`` is False. ``heads_before_pool``: see :attr:`Block._end`. The last compute
     unit and what follows it are the output layer (returned separately; it is trained by the task loss on the
     model's output)."""
     us = units(model)
@@ -162,12 +177,13 @@ def blocks(model: nn.Module) -> tuple[list[Block], list[tuple[str, nn.Module]]]:
         part = us[s:starts[j + 1]] if j else us[:starts[j + 1]]  # units before the first conv (none in the zoo) go with block 0
         names, mods = [n for n, _ in part], [m for _, m in part]
         res = mods[0]
-        if (j or s == 0) and splits(res):
+        if split_residual and (j or s == 0) and splits(res):
             kids = list(res.named_children())
             cut = [n for n, _ in kids].index("conv2")
-            out.append(Block(len(out), [f"{names[0]}.{n}" for n, _ in kids[:cut]], [k for _, k in kids[:cut]]))
+            out.append(Block(len(out), [f"{names[0]}.{n}" for n, _ in kids[:cut]], [k for _, k in kids[:cut]],
+                             before_pool=heads_before_pool))
             out.append(Block(len(out), [f"{names[0]}.{n}" for n, _ in kids[cut:]] + names[1:],
-                             [k for _, k in kids[cut:]] + mods[1:], residual=res))
+                             [k for _, k in kids[cut:]] + mods[1:], residual=res, before_pool=heads_before_pool))
         else:
-            out.append(Block(len(out), names, mods))
+            out.append(Block(len(out), names, mods, before_pool=heads_before_pool))
     return out, us[starts[-1]:]
