@@ -99,8 +99,8 @@ def _sub_bits(bits: dict, names: list[str]) -> dict:
 class _ResidualTail(nn.Module):
     """The second block of a split residual block (``conv2 .. bn2``, ``shortcut``, ``relu2`` and the units after it)
     as one module the cost model can trace: ``relu2(bn2(conv2(h)) + shortcut(x))`` with the block's input ``x`` held
-    as a constant; ``x`` passes an ``nn.Identity`` so that it is counted as stored (the shortcut keeps it for its
-    backward). Children ``0, 1, ..`` are the block's modules, so :func:`_sub_bits` maps the bits."""
+    as a constant; ``x`` passes an ``nn.Identity`` so that it is counted as stored (a projection shortcut keeps it for
+    its backward; an identity shortcut does not, so such a block is over-counted by its input). Children ``0, 1, ..`` are the block's modules, so :func:`_sub_bits` maps the bits."""
 
     def __init__(self, mods: list[nn.Module], shortcut: nn.Module, x: torch.Tensor):
         super().__init__()
