@@ -303,3 +303,50 @@ def test_memory_model_computes_each_block_as_the_network():
             if b.index == len(bl) - 1:
                 want = want.mean((2, 3))  # the last block's module runs on through the global pool and flatten
             assert torch.allclose(got, want, atol=1e-6), b.index
+
+
+def _pool_then_bn_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(4), nn.ReLU(),
+                      nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    lowbit.quantize(m, {**W3A3, "method": {"name": "local"}})
+    meth = lowbit.quant_state(m).method
+    opt = torch.optim.SGD([p for g in meth.param_groups(m) for p in g["params"]], lr=0.05)
+    return m, meth, opt
+
+
+@pytest.mark.parametrize("zeroed", [0, 1])
+def test_a_trainable_unit_after_the_pooling_trains_by_its_own_blocks_loss(zeroed):
+    """conv -> pool -> BN -> ReLU (not in the zoo): read before the pool, the heads left the BN outside block 0's
+    loss and block 1's loss trained it across the boundary (a review, session 30). Its heads read the ReLU now."""
+    m, meth, opt = _pool_then_bn_model()
+    assert [b.out_name for b in meth.blocks] == ["3", "6"]
+    real = meth.heads[zeroed].forward
+    meth.heads[zeroed].forward = lambda h, y, beta: 0.0 * real(h, y, beta)
+    meth.setup(m, 10, 10)
+    meth.train_step(m, batch(), opt, 0)
+    g = m[2].weight.grad
+    if zeroed == 0:  # block 0's own loss silenced: no gradient may reach its BN from block 1's
+        assert g is None or not g.any()
+    else:  # block 1's loss silenced: block 0's loss trains its BN
+        assert g is not None and g.abs().sum() > 0
+
+
+def test_resuming_heads_that_read_another_unit_is_refused():
+    """LeNet-5's heads have the same shapes whether they read before or after the pooling: a resume under the other
+    ``heads_before_pool`` loaded heads trained on other inputs, silently (a review, session 30)."""
+    from lowbit.methods import build_method
+
+    le = lowbit.create_model("lenet5", in_channels=1, image_size=28)
+    before, after = build_method("local"), build_method("local", heads_before_pool=False)
+    before.attach(le)
+    after.attach(lowbit.create_model("lenet5", in_channels=1, image_size=28))
+    state = before.state_dict()
+    after.heads.load_state_dict(state["heads"])  # the shapes fit: only the recorded units tell them apart
+    with pytest.raises(ConfigError, match="the saved heads read") as e:
+        after.load_state_dict(state)
+    assert "\n" not in str(e.value)
+    old = {"heads": state["heads"]}  # saved before session 31: no record of the units read
+    with pytest.raises(ConfigError, match="not recorded"):
+        before.load_state_dict(old)
+    before.load_state_dict(state)  # the same cut resumes

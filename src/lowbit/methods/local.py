@@ -16,7 +16,7 @@ pooling (the reference computes a block's loss before the network's pooling laye
   ``linear_loss``);
 * ``R(x)``: rows centred and L2-normalised, ``R = x·xᵀ`` clamped to [-1, 1] (an N x N similarity).
 
-A forward hook on each block's last unit computes ``loss_i``, runs its backward at once (the block's
+A forward hook on the unit whose output the block's heads read (``Block.out``) computes ``loss_i``, runs its backward at once (the block's
 graph is freed before the next block runs, as in the reference code) and hands the next block the
 *detached* output: no gradient crosses a block boundary. The optimizer steps once per batch over all
 parameters (the blocks' gradients are disjoint). Quantized layers inside a block train by their
@@ -124,8 +124,8 @@ class LocalLoss(STE):
 
     # -- the blocks and their heads ------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
-        """Cut ``model`` into blocks, build the heads (on the model's device) and hook each block's
-        last unit. Idempotent for the same model."""
+        """Cut ``model`` into blocks, build the heads (on the model's device) and hook the unit whose
+        output each block's heads read (``Block.out``). Idempotent for the same model."""
         if self.heads is not None and self._model_id == id(model):
             return
         for h in self._hooks:
@@ -238,10 +238,19 @@ class LocalLoss(STE):
         return 1.0 - self.beta if self.beta < 1 else 1.0
 
     def state_dict(self) -> dict:
-        return {"heads": self.heads.state_dict() if self.heads is not None else None}
+        # "reads": the units the heads read; heads of the same shapes can read another unit (LeNet-5 under
+        # heads_before_pool true and false), which the shapes alone would not tell on a resume
+        return {"heads": self.heads.state_dict() if self.heads is not None else None,
+                "reads": [b.out_name for b in self.blocks]}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("heads") is not None and self.heads is not None:
+            now = [b.out_name for b in self.blocks]
+            if state.get("reads") != now:
+                saved = state.get("reads") or "units not recorded (saved before session 31)"
+                raise ConfigError(f"local loss: the saved heads read {saved}, this run's blocks read {now} (another "
+                                  "split_residual, heads_before_pool or lowbit version): they cannot resume this run; "
+                                  "train it again or set the options it was trained with")
             try:
                 self.heads.load_state_dict(state["heads"])
             except RuntimeError:  # torch's multi-line "Missing key(s) ..."

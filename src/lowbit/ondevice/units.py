@@ -114,19 +114,22 @@ class Block:
         or flatten (as in the reference code, whose pooling layers come after its blocks, so a block's loss is
         computed before them: ResNet's before its global pool, VGG's before its max-pool; before session 30 the
         heads read the pooled output), else the last. A block whose compute unit is followed at once by a pooling
-        reads the compute unit's output. With ``before_pool=False`` (the ``local`` option ``heads_before_pool:
+        reads the compute unit's output. Where a unit with parameters follows that pooling (conv -> pool -> BN, not in the
+        zoo), the heads read as with ``before_pool=False``: read before the pool, the BN's output would reach only the
+        next block's loss (session 31; a review found it). With ``before_pool=False`` (the ``local`` option ``heads_before_pool:
         false``, lowbit's rule before session 30): the last unit, or, where the block ends by flattening a map that
         is not globally pooled (LeNet-5's last conv block), the map (its channels are known before data, its flat
         width is not)."""
-        if not self.before_pool:
-            i = len(self.modules) - 1
-            while i > 0 and isinstance(self.modules[i], nn.Flatten) and not _global_pool(self.modules[i - 1]):
-                i -= 1
-            return i
-        for i, m in enumerate(self.modules[1:], 1):
-            if isinstance(m, _POOLS + (nn.Flatten,)):
-                return i - 1
-        return len(self.modules) - 1
+        if self.before_pool:
+            for i, m in enumerate(self.modules[1:], 1):
+                if isinstance(m, _POOLS + (nn.Flatten,)):
+                    if any(True for k in self.modules[i:] for _ in k.parameters()):
+                        break  # conv -> pool -> BN: read before the pool, the BN would train by the next block's loss
+                    return i - 1
+        i = len(self.modules) - 1
+        while i > 0 and isinstance(self.modules[i], nn.Flatten) and not _global_pool(self.modules[i - 1]):
+            i -= 1
+        return i
 
     @property
     def out(self) -> nn.Module:
