@@ -52,3 +52,18 @@ def test_table_002_from_the_cost_model():
     assert w3["inference_activation_mb"] == pytest.approx(0.006, abs=0.003)
     assert w3["train_activations_per_sample_mb (layer inputs)"] == pytest.approx(0.07, abs=0.025)
     assert w3["train_fixed_mb"] == pytest.approx(2.16, abs=0.05)
+
+
+def test_model_bits_follows_the_local_cut():
+    """``split_residual: false`` makes each residual block one block: local training's activations are its largest
+    block's, so the estimate must grow (before session 31 ``model_bits`` always used the default cut)."""
+    import lowbit
+    from lowbit.ondevice.memory import model_bits
+    from lowbit.quantize import layer_bits
+
+    torch.manual_seed(0)
+    m = lowbit.create_model("resnet8", in_channels=1, num_classes=10, image_size=8, width=0.25)
+    lowbit.quantize(m, {"method": {"name": "local"}})
+    x = torch.randn(2, 1, 8, 8)
+    split, whole = (model_bits("local", m, x, layer_bits(m), 32, split_residual=s)["activations"] for s in (True, False))
+    assert whole > split > 0

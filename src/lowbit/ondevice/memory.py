@@ -141,8 +141,9 @@ def _block_modules(model: nn.Module, x: torch.Tensor, bl) -> list[tuple[nn.Modul
 
 
 def model_bits(mode: str, model: nn.Module, x: torch.Tensor, bits: dict, batch: int, optimizer_slots: int = 1,
-               head_params: int = 0) -> dict:
-    """The cost model's training memory (bits) for ``mode`` at batch ``batch``."""
+               head_params: int = 0, split_residual: bool = True) -> dict:
+    """The cost model's training memory (bits) for ``mode`` at batch ``batch``; ``split_residual``: the ``local``
+    option of that name (how the blocks are cut; where the heads read changes no block's activations)."""
     if mode == "backprop":
         t = training_memory(model, x[:1], bits, batch, optimizer_slots, "all")
         return {"params": t["latent_params_bits"], "optimizer": t["optimizer_bits"],
@@ -151,7 +152,7 @@ def model_bits(mode: str, model: nn.Module, x: torch.Tensor, bits: dict, batch: 
         n_p = profile(model, x[:1], {}).params
         acts = 8 * _fp_elems(model, x) * batch
         return {"params": 8 * n_p, "optimizer": 0, "activations": acts, "total": 8 * n_p + acts}
-    bl, _ = blocks(model)
+    bl, _ = blocks(model, split_residual)
     per_block = []
     for b, (seq, inp) in zip(bl, _block_modules(model, x, bl)):
         sub = _sub_bits(bits, b.names)
@@ -219,7 +220,7 @@ def measure(model_name: str, mode: str, bits: str, batch: int, width: float = 1.
     x = torch.randn(batch, channels, image, image)
     y = torch.randint(0, 10, (batch,))
     m.train()
-    total = 4 * len(blocks(m)[0]) if mode == "local_greedy" else 4
+    total = 4 * len(method.blocks) if mode == "local_greedy" else 4
     method.setup(m, total, 1)
     if mode == "niti":
         xi = intops.from_float(x)
@@ -239,13 +240,14 @@ def measure(model_name: str, mode: str, bits: str, batch: int, width: float = 1.
         results.append({"stage": s, **measure_step(step, p)})
     worst = max(results, key=lambda r: r["peak_bytes"])
     return {"model": model_name, "mode": mode, "bits": bits, "batch": batch, "width": width, "image": image,
-            **{k: v for k, v in worst.items()}, "model_bytes": _model_bytes(mode, m, x, lb, batch, hp),
+            **{k: v for k, v in worst.items()}, "model_bytes": _model_bytes(mode, m, x, lb, batch, hp, getattr(method, "split_residual", True)),
             "stages": results}
 
 
-def _model_bytes(mode: str, m: nn.Module, x: torch.Tensor, lb: dict, batch: int, hp: int) -> dict:
+def _model_bytes(mode: str, m: nn.Module, x: torch.Tensor, lb: dict, batch: int, hp: int,
+                 split_residual: bool = True) -> dict:
     niti = mode == "niti"
-    est = model_bits(mode.replace("_fp32", ""), m, x, {} if niti else lb, batch, 0 if niti else 1, hp)
+    est = model_bits(mode.replace("_fp32", ""), m, x, {} if niti else lb, batch, 0 if niti else 1, hp, split_residual)
     return {k: v / 8 for k, v in est.items()}
 
 
