@@ -5,6 +5,7 @@ W4A4 / W8A8 ResNet-8 on Fashion-MNIST, each against the FP32 build of the same n
 Runs (short training, benchmarks/results/mcu/configs/*.yaml; train them first):
 
     for L in W1A1 W2A2 W4A4 W8A8 W1A1_int W2A2_int W4A4_int W8A8_int MBV2_W4A4_int MBV2_W8A8_int; do
+      rm -rf benchmarks/results/mcu/runs/$L   # the committed folder: its small files only, and a finished run is not retrained
       lowbit train benchmarks/results/mcu/configs/$L.yaml --out benchmarks/results/mcu/runs/$L; done
     python benchmarks/mcu_table.py            # -> benchmarks/results/mcu/{results.json,README.md}
 
@@ -284,6 +285,8 @@ def readme(results: list[dict], args) -> str:
         "row, every instruction count unchanged; MobileNetV2's `fp32` rows reused from session 20's first run)):", "",
         "```",
         "for L in W1A1 W2A2 W4A4 W8A8 W1A1_int W2A2_int W4A4_int W8A8_int MBV2_W4A4_int MBV2_W8A8_int; do",
+        "  rm -rf benchmarks/results/mcu/runs/$L   # the committed folder: its small files only, and a finished run "
+        "is not retrained",
         "  lowbit train benchmarks/results/mcu/configs/$L.yaml --out benchmarks/results/mcu/runs/$L; done",
         "PYTHONPATH=src python benchmarks/mcu_table.py --skip-wall",
         ("PYTHONPATH=src python benchmarks/mcu_table.py --wall-only "
