@@ -102,6 +102,15 @@ def rows(epochs: int = 3) -> dict:
 #: W2A2 / W4A4 from scratch are not in it: their paired differences spread by 1.25 points per seed (sessions
 #: 11-12), so 10 pairs bound the mean only to about −0.75 below it; about 45 pairs per width would be needed.
 DECLARED_S33 = {"rows": ("W8A8 integer s11 nomid", "W8A8 today"), "seeds": tuple(range(5, 15))}
+#: Session 33, the second declared sample, written after 12 of the 20 W8A8 runs above had finished (a run takes
+#: about 50 s on this session's machine, not the 4 min assumed above) and before any W2A2 / W4A4 run on these
+#: seeds: ResNet-8 W2A2 and W4A4 FROM SCRATCH, the same two rows ("WbAb integer s11 nomid" − "WbAb today"),
+#: seeds 5-54 (50 fresh pairs per width). Per width, the target is met when the one-sided 95 % lower bound
+#: (Student's t) of the paired difference over these 50 seeds alone is above −0.5; if the session ends first,
+#: the finished pairs are reported as PARTIAL and the same seeds continue:
+#:     python benchmarks/integer_seeds.py --paired "integer s11 nomid,today" --paired-seeds 5-54
+DECLARED_S33_LOW = {"rows": tuple(f"W{b}A{b} {r}" for b in (2, 4) for r in ("integer s11 nomid", "today")),
+                    "seeds": tuple(range(5, 55))}
 
 BASE = {
     "model": {"name": "resnet8"},
