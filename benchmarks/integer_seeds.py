@@ -162,6 +162,8 @@ def main() -> None:
             lo, hi = (int(v) for v in args.paired_seeds.split("-"))
         except ValueError:
             ap.error(f"--paired-seeds must look like A-B, got {args.paired_seeds!r}")
+        if hi < lo:  # an empty range would print a table with no rows
+            ap.error(f"--paired-seeds A-B needs A <= B, got {args.paired_seeds!r}")
         paired_seeds = list(range(lo, hi + 1))
     global OUT
     base = BASE
