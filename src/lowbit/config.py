@@ -146,12 +146,26 @@ class TrainConfig(_Strict):
     distill: DistillConfig | None = None
     #: under torchrun: BatchNorm statistics over all ranks (torch.nn.SyncBatchNorm; GPUs only)
     sync_batchnorm: bool = False
+    #: the first N of ``epochs`` train the network unquantized (FP32, at a constant lr), in the run folder's
+    #: ``warmup/``; the plan then trains from those weights for the rest, the lr going on where the schedule
+    #: would be (:mod:`lowbit.schedules.warmup`). 0: off. Integer mode's recipe from scratch (docs/export.md)
+    float_warmup_epochs: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _freeze_within_epochs(self):
         if self.freeze_bn_gradient != "running" and self.freeze_bn_after is None:  # ignored before session 25
             raise ValueError(f"freeze_bn_gradient: {self.freeze_bn_gradient} takes effect with freeze_bn_after (when "
                              "BatchNorm is frozen); set that too, or leave freeze_bn_gradient out")
+        if self.float_warmup_epochs and self.float_warmup_epochs >= self.epochs:
+            raise ValueError(f"float_warmup_epochs ({self.float_warmup_epochs}) must be less than epochs ({self.epochs}): "
+                             "the plan would never train")
+        if self.float_warmup_epochs and self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"float_warmup_epochs: the {self.schedule} schedule cannot go on after the warm-up; use "
+                             "cosine or constant")
+        if self.float_warmup_epochs and self.freeze_bn_after is not None and \
+                self.freeze_bn_after <= self.float_warmup_epochs:
+            raise ValueError(f"freeze_bn_after ({self.freeze_bn_after:g}) must be more than float_warmup_epochs "
+                             f"({self.float_warmup_epochs}): BatchNorm would be frozen in the FP32 warm-up")
         if self.freeze_bn_after is not None and self.freeze_bn_after >= self.epochs:
             raise ValueError(f"freeze_bn_after ({self.freeze_bn_after:g}) must be less than epochs ({self.epochs}): "
                              "BatchNorm would never be frozen")
@@ -167,6 +181,13 @@ class Config(_Strict):
     #: divide-and-conquer quantization (a schedule over fit; `lowbit train` dispatches to it)
     dcq: DCQConfig | None = None
     out_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _one_schedule(self):
+        if self.dcq is not None and self.train.float_warmup_epochs:
+            raise ValueError("train.float_warmup_epochs does not combine with dcq (DCQ starts from its FP32 teacher); "
+                             "leave one out")
+        return self
 
     def to_dict(self) -> dict:
         return {**self.model_dump(mode="json"), "plan": self.plan.to_dict()}

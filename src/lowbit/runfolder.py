@@ -32,7 +32,8 @@ LOCK = ".lock"
 #: files and folders a run folder may hold, all written by lowbit
 RUN_FILES = {"config.yaml", "plan.txt", "metrics.jsonl", "last.pt", "best.pt", "summary.json", LOCK,
              "last.tmp", "best.tmp", "export", "report",
-             "teacher.pt", "sections.json", "sections"}  # DCQ (schedules/dcq.py)
+             "teacher.pt", "sections.json", "sections",  # DCQ (schedules/dcq.py)
+             "warmup"}  # train.float_warmup_epochs (schedules/warmup.py)
 #: config fields that do not change a run's numbers (set by the process pool, the CLI, the machine; data.root: where
 #: this machine keeps the data set, since session 26, so that a run folder moved to another machine is read there)
 VOLATILE = {("train", "threads"), ("train", "progress"), ("train", "device"), ("data", "root")}
@@ -162,8 +163,9 @@ def check_fresh(run_dir: str | Path, cfg_yaml: str | None = None) -> None:
     # an aborted start: no epoch checkpointed (a best.pt without last.pt: the disk filled between the two; no checkpoint
     # and the first epoch's metrics line at most: its last.pt, written after that line, could not be written, e.g. a
     # full disk; before session 29 a new start and --resume both refused that folder, and `lowbit bench` stuck on it)
+    # (a float warm-up's warmup/ beside them, schedules/warmup.py: the same config continues it)
     metrics = run_dir / "metrics.jsonl"
-    aborted = present <= {"config.yaml", "plan.txt", "metrics.jsonl", "best.pt"} and (
+    aborted = present - {"warmup"} <= {"config.yaml", "plan.txt", "metrics.jsonl", "best.pt"} and (
         "best.pt" in present or not metrics.is_file()
         or sum(1 for ln in metrics.read_text().splitlines() if ln.strip()) <= 1)
     if aborted and cfg_yaml is not None and (run_dir / "config.yaml").is_file() and \

@@ -432,7 +432,9 @@ def run(cfg: Config, run_dir: str | Path, resume: bool = False, data: DataSplits
 
 
 def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
-         callbacks: list[Callable[[dict], None]] | None) -> RunResult:
+         callbacks: list[Callable[[dict], None]] | None, record: Config | None = None) -> RunResult:
+    """``record``: the config the run folder records (config.yaml, checkpoints, summary) when it is not ``cfg``, the
+    one trained: a schedule's stage (schedules/warmup.py)."""
     from . import distributed as ddp
 
     if ddp.active() and cfg.dcq is not None:
@@ -442,6 +444,11 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
         from .schedules.dcq import run_dcq
 
         return run_dcq(cfg, run_dir, resume=resume, data=data, callbacks=callbacks)
+    if cfg.train.float_warmup_epochs:  # an FP32 warm-up, then the plan (schedules/warmup.py)
+        from .schedules.warmup import run_warmup
+
+        return run_warmup(cfg, run_dir, resume=resume, data=data, callbacks=callbacks)
+    record = record or cfg
     t = cfg.train
     run_dir = Path(run_dir)
     if t.threads:
@@ -488,7 +495,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
     if resume:
         if not last.is_file():
             raise ConfigError(f"cannot resume: no checkpoint {last}")
-        ck = load_checkpoint(last, map_location=device, config=cfg)
+        ck = load_checkpoint(last, map_location=device, config=record)
         if "best" not in ck:
             raise ConfigError(f"{last}: not a last.pt checkpoint (no 'best' record)")
         best = ck["best"]
@@ -508,7 +515,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
         run_dir.mkdir(parents=True, exist_ok=True)
         from .runfolder import atomic_write
 
-        atomic_write(run_dir / "config.yaml", cfg.to_yaml())  # whole or absent: an empty one blocked a restart
+        atomic_write(run_dir / "config.yaml", record.to_yaml())  # whole or absent: an empty one blocked a restart
         (run_dir / "plan.txt").write_text(state.table() + "\n")
         (run_dir / "metrics.jsonl").write_text("")
 
@@ -522,7 +529,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
         model, method = ddp.setup(model, train_loader, method, device, ck["epoch"] + 1 if ck else 0,
                                   t.sync_batchnorm)
         fit_callbacks.append(ddp.MetricsAcrossRanks())
-    folder = RunFolder(run_dir, best, callbacks or [], config=cfg.to_dict())
+    folder = RunFolder(run_dir, best, callbacks or [], config=record.to_dict())
     if writer:  # one run folder, written by rank 0
         fit_callbacks.append(folder)
     fit(model, train_loader, method, opt, sched, epochs=t.epochs, device=device, callbacks=fit_callbacks,
@@ -538,7 +545,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
         best_ck["final_bn"] = recalibrate_run_bn(model, cfg, data, t.bn_recalibrate)
         _save(run_dir / "best.pt", best_ck)
     test = evaluate(model, test_loader)
-    summary = make_summary(cfg, model, data, test, folder.best)
+    summary = make_summary(record, model, data, test, folder.best)
     from .runfolder import atomic_write
 
     atomic_write(run_dir / "summary.json", json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
@@ -605,6 +612,8 @@ def make_summary(cfg: Config, model: nn.Module, data: DataSplits, test: dict, be
         "size_bytes": cost.size_bytes, "fp32_size_bytes": cost.fp32_size_bytes,
         "mem_002_bits": cost.mem_bits,
         "bn_recalibrated_batches": cfg.train.bn_recalibrate,
+        # best_epoch counts the quantized epochs, after these (schedules/warmup.py)
+        **({"float_warmup_epochs": cfg.train.float_warmup_epochs} if cfg.train.float_warmup_epochs else {}),
         "distinct_weight_values": distinct_weight_values(model),
         "method_info": quant_state(model).method.summary(model),
     }
@@ -623,6 +632,8 @@ def format_summary(s: dict) -> str:
         where = f"last epoch {s['best_epoch']}, no validation split"
     else:
         where = f"best validation epoch {s['best_epoch']}, val {100 * va:.2f}%"
+    if s.get("float_warmup_epochs"):
+        where += f" (epochs after {s['float_warmup_epochs']} FP32 warm-up epoch{'s' if s['float_warmup_epochs'] > 1 else ''})"
     return "\n".join([
         f"test accuracy   {100 * s['test_acc']:.2f}%  ({where}"
         f"{_test_images(s)})",
