@@ -105,6 +105,8 @@ def test_another_config_does_not_continue_a_cut_warm_up(tmp_path, fmnist_small):
 
     with pytest.raises(KeyboardInterrupt):
         run(cfg(), tmp_path / "r", data=fmnist_small, callbacks=[kill])
+    with pytest.raises(ConfigError, match=r"still in its FP32 warm-up \(warmup/\); `lowbit train --resume"):
+        load_run(tmp_path / "r")  # eval / export of a folder still warming up
     with pytest.raises(ConfigError, match="already holds a run"):
         check_fresh(tmp_path / "r", cfg("train.seed=1").to_yaml())
 

@@ -173,7 +173,9 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
                f"metrics.jsonl records {done} finished epoch(s), but the checkpoints are not in the folder: deleted, "
                "or not copied or committed with it" + ("; or the first could not be written (a full disk), and the "
                                                         "same `lowbit train` command starts the run again" if done == 1
-                                                        else "") if done else "the run did not finish an epoch")
+                                                        else "") if done else
+               f"it is still in its FP32 warm-up (warmup/); `lowbit train --resume {run_dir}` continues it"
+               if (run_dir / "warmup").is_dir() else "the run did not finish an epoch")
         raise ConfigError(f"{run_dir} has no best.pt checkpoint ({why})")
     cfg = run_config(run_dir)
     data = load_data(cfg)
