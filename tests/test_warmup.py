@@ -111,6 +111,14 @@ def test_another_config_does_not_continue_a_cut_warm_up(tmp_path, fmnist_small):
         check_fresh(tmp_path / "r", cfg("train.seed=1").to_yaml())
 
 
+def test_a_warm_up_that_cannot_start_leaves_no_folder(tmp_path, fmnist_small):
+    with pytest.raises(ConfigError, match="pretrained weights|init_from"):
+        run(cfg(f"model.init_from={tmp_path / 'missing.pt'}"), tmp_path / "r", data=fmnist_small)
+    from lowbit.runfolder import discard_if_unused
+
+    assert discard_if_unused(tmp_path / "r")  # what the CLI does with a folder it made: only the lock was left
+
+
 @pytest.mark.parametrize("overrides,msg", [
     (["train.float_warmup_epochs=3"], r"float_warmup_epochs \(3\) must be less than epochs \(3\)"),
     (["train.schedule=multistep"], "the multistep schedule cannot go on after the warm-up"),

@@ -633,9 +633,9 @@ def format_summary(s: dict) -> str:
     if va is None or (isinstance(va, float) and math.isnan(va)):
         where = f"last epoch {s['best_epoch']}, no validation split"
     else:
-        where = f"best validation epoch {s['best_epoch']}, val {100 * va:.2f}%"
-    if s.get("float_warmup_epochs"):
-        where += f" (epochs after {s['float_warmup_epochs']} FP32 warm-up epoch{'s' if s['float_warmup_epochs'] > 1 else ''})"
+        n = s.get("float_warmup_epochs")
+        after = f" after {n} FP32 warm-up epoch{'s' if n > 1 else ''}" if n else ""
+        where = f"best validation epoch {s['best_epoch']}{after}, val {100 * va:.2f}%"
     return "\n".join([
         f"test accuracy   {100 * s['test_acc']:.2f}%  ({where}"
         f"{_test_images(s)})",

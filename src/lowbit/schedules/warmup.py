@@ -61,7 +61,7 @@ def run_warmup(cfg: Config, run_dir: str | Path, resume: bool = False, data=None
     ``lowbit.train.run`` calls this for such a config (holding ``run_dir``'s lock). Returns the quantized
     stage's :class:`lowbit.train.RunResult`; each callback gets every epoch's row, the warm-up's first."""
     from .. import distributed as ddp
-    from ..runfolder import atomic_write
+    from ..runfolder import atomic_write, discard_if_unused
     from ..train import _run, load_data, run
 
     if ddp.active():
@@ -69,11 +69,27 @@ def run_warmup(cfg: Config, run_dir: str | Path, resume: bool = False, data=None
                           "or chain two runs with model.init_from")
     run_dir = Path(run_dir)
     warm_cfg, main_cfg = stage_configs(cfg, run_dir)
+
+    def say(line: str) -> None:  # beside fit's epoch lines, which count each stage's epochs from 1
+        if cfg.train.progress:
+            from tqdm import tqdm
+
+            tqdm.write(line)
+
     data = data or load_data(cfg)
     wdir = run_dir / WARMUP_DIR
     if not (wdir / "summary.json").is_file():
-        if not (run_dir / "config.yaml").is_file():  # a run folder from the start: --resume finds it
+        fresh = not (run_dir / "config.yaml").is_file()
+        if fresh:  # a run folder from the start: --resume finds it
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(run_dir / "config.yaml", cfg.to_yaml())
-        run(warm_cfg, wdir, resume=(wdir / "last.pt").is_file(), data=data, callbacks=callbacks)
+        say(f"FP32 warm-up: {warm_cfg.train.epochs} of {cfg.train.epochs} epochs, into {wdir}")
+        try:
+            run(warm_cfg, wdir, resume=(wdir / "last.pt").is_file(), data=data, callbacks=callbacks)
+        except BaseException:
+            if fresh and discard_if_unused(wdir):  # it failed before writing anything (a bad model, a missing file):
+                (run_dir / "config.yaml").unlink(missing_ok=True)  # no run folder is left, as a plain run leaves none
+            raise
+    say(f"the plan, from the warm-up's weights: {main_cfg.train.epochs} of {cfg.train.epochs} epochs, lr "
+        f"{main_cfg.train.lr:g} {cfg.train.schedule}")
     return _run(main_cfg, run_dir, resume and (run_dir / "last.pt").is_file(), data, callbacks, record=cfg)
