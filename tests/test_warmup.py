@@ -117,6 +117,10 @@ def test_a_warm_up_that_cannot_start_leaves_no_folder(tmp_path, fmnist_small):
     from lowbit.runfolder import discard_if_unused
 
     assert discard_if_unused(tmp_path / "r")  # what the CLI does with a folder it made: only the lock was left
+    # a plan that cannot apply to the model fails before the warm-up trains, and leaves nothing either
+    with pytest.raises(ConfigError, match="nope"):
+        run(cfg("plan.layers={nope: fp}"), tmp_path / "p", data=fmnist_small)
+    assert not (tmp_path / "p" / "warmup").exists() and discard_if_unused(tmp_path / "p")
 
 
 @pytest.mark.parametrize("overrides,msg", [
