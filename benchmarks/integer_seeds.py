@@ -205,6 +205,10 @@ def main() -> None:
                          "graph training sees")
     ap.add_argument("--paired-seeds", default=None, metavar="A-B",
                     help="with --paired: only seeds A..B (default 0-9); e.g. 5-14, the declared sample of session 33")
+    ap.add_argument("--one-config", default=None, metavar="ROW:SEED",
+                    help="a row that starts from a warm-up (e.g. 'W4A4 integer warm1:5') trained again as ONE config "
+                         "with train.float_warmup_epochs: 1 (lowbit.schedules.warmup), into seeds/one_config/; prints "
+                         "its test accuracy and loss beside the chained runs' (the row must be finished)")
     args = ap.parse_args()
     paired_seeds = None
     if args.paired_seeds:
@@ -245,6 +249,13 @@ def main() -> None:
             train(label, seed)
     for label, seed in jobs:
         train(label, seed)
+    if args.one_config:
+        label, _, seed = args.one_config.rpartition(":")
+        if not seed.isdigit():
+            ap.error(f"--one-config must look like ROW:SEED, got {args.one_config!r}")
+        if label not in WARM_OF or WARM_OF[label] != WARM_FP32:
+            ap.error(f"--one-config: {label!r} is not a row that starts from the FP32 warm-up ({WARM_FP32!r})")
+        print(one_config(all_rows[label], label, int(seed), base))
     if args.residual_eval:
         residual_eval()
     if args.recal:
@@ -261,6 +272,22 @@ def main() -> None:
                 if (OUT / k.replace(" ", "_") / f"seed{s}" / "summary.json").is_file():
                     recs += run_grid({k: for_seed(v, s)}, base, [s], OUT, workers=1)
         print(write_results(OUT, recs, aggregate(recs), meta={"note": "integer_seeds.py"}))
+
+
+def one_config(row: dict, label: str, seed: int, base: dict) -> str:
+    """``row`` (chained to the FP32 warm-up by model.init_from) as one config with train.float_warmup_epochs: 1,
+    trained into OUT/one_config/<row>/seed<k>: a JSON line with both runs' test accuracy and loss."""
+    import json
+
+    from lowbit.bench import run_grid
+
+    chained = json.loads((OUT / slug(label) / f"seed{seed}" / "summary.json").read_text())
+    ov = {"plan": row["plan"], "train": {"float_warmup_epochs": 1}}  # the base's 3 epochs and lr, in one run
+    run_grid({label: ov}, base, [seed], OUT / "one_config", workers=1)
+    one = json.loads((OUT / "one_config" / slug(label) / f"seed{seed}" / "summary.json").read_text())
+    return json.dumps({"row": label, "seed": seed, "one_config": [one["test_acc"], one["test_loss"]],
+                       "chained": [chained["test_acc"], chained["test_loss"]],
+                       "equal": (one["test_acc"], one["test_loss"]) == (chained["test_acc"], chained["test_loss"])})
 
 
 def paired(row: str, base: str, recal: int = 0, seeds: list[int] | None = None) -> str:
