@@ -24,6 +24,11 @@ rows that separate the causes of the gap:
   ``freeze plain`` (the last epoch, the frozen map's own gradient) and ``freeze late`` (the last half
   epoch, the frozen map's own gradient: the recipe docs/integer-log.md recommends).
 
+* session 34, integer mode from scratch after one FP32 epoch: ``R8 fp32 warm1`` (the warm-up, per seed),
+  ``WxAx integer warm1`` (integer mode's defaults from it), ``WxAx today fw1`` (today's mode from it) and the pilot's
+  ``WxAx today warm1`` / ``WxAx integer tw1`` (a warm-up in today's mode); ``--one-config`` trains such a row again
+  as one config with ``train.float_warmup_epochs: 1``.
+
     python benchmarks/integer_seeds.py --rows "W2A2 integer" --seeds 0       # slot
     python benchmarks/integer_seeds.py --jobs "W2A2 integer:1,W2A2 today:1"  # slot; in this order
     python benchmarks/integer_seeds.py --table                               # -> seeds/summary.md

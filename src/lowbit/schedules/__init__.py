@@ -1,4 +1,5 @@
-"""Training schedules over :func:`lowbit.fit`: knowledge distillation for any method and DCQ.
+"""Training schedules over :func:`lowbit.fit`: knowledge distillation for any method, DCQ, and an FP32 warm-up
+before the plan (``train.float_warmup_epochs``, :mod:`lowbit.schedules.warmup`).
 
 >>> from lowbit.schedules import distill, run_dcq
 >>> distill(lowbit.quant_state(model).method, teacher, temperature=4, alpha=0.9)  # KD, any method
