@@ -81,9 +81,10 @@ def run_warmup(cfg: Config, run_dir: str | Path, resume: bool = False, data=None
     wdir = run_dir / WARMUP_DIR
     if not (wdir / "summary.json").is_file():
         fresh = not (run_dir / "config.yaml").is_file()
-        if fresh:  # the plan on this model, before the warm-up trains: a plan that cannot apply fails now, not after it
+        if fresh:
+            # the plan on this model before the warm-up trains: a plan that cannot apply fails now, not after it
             build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})}), data)
-        if fresh:  # a run folder from the start: --resume finds it
+            # a run folder from the start: --resume finds it
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(run_dir / "config.yaml", cfg.to_yaml())
         say(f"FP32 warm-up: {warm_cfg.train.epochs} of {cfg.train.epochs} epochs, into {wdir}")
