@@ -109,6 +109,7 @@ def rows(epochs: int = 3) -> dict:
                                  (f"W{b}A{b} today fw1", WARM_FP32, today2)):
             WARM_OF[label] = warm
             r[label] = {**row, "model": {"init_from": str(OUT / slug(warm) / INIT_FROM_SEED)}}
+    r[WARM_FP32] = {"plan": {"weight": None, "act": None}, "train": WARM_TRAIN}
     return r
 
 
@@ -241,8 +242,6 @@ def main() -> None:
         ap.error(f"--jobs must look like ROW:SEED,ROW:SEED, got {args.jobs!r}")
     if args.ft and (sel or jobs):  # the FP32 start, once
         run_grid({PRETRAIN_LABEL: PRETRAIN}, BASE, [PRETRAIN_SEED], OUT, workers=1)
-    all_rows[WARM_FP32] = {"plan": {"weight": None, "act": None}, "train": WARM_TRAIN}
-
     def train(label: str, seed: int) -> None:
         warm = WARM_OF.get(label)
         if warm is not None:  # the seed's warm-up run first (skipped when finished)

@@ -156,16 +156,16 @@ class TrainConfig(_Strict):
         if self.freeze_bn_gradient != "running" and self.freeze_bn_after is None:  # ignored before session 25
             raise ValueError(f"freeze_bn_gradient: {self.freeze_bn_gradient} takes effect with freeze_bn_after (when "
                              "BatchNorm is frozen); set that too, or leave freeze_bn_gradient out")
-        if self.float_warmup_epochs and self.float_warmup_epochs >= self.epochs:
-            raise ValueError(f"float_warmup_epochs ({self.float_warmup_epochs}) must be less than epochs ({self.epochs}): "
-                             "the plan would never train")
-        if self.float_warmup_epochs and self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"float_warmup_epochs: the {self.schedule} schedule cannot go on after the warm-up; use "
-                             "cosine or constant")
-        if self.float_warmup_epochs and self.freeze_bn_after is not None and \
-                self.freeze_bn_after <= self.float_warmup_epochs:
-            raise ValueError(f"freeze_bn_after ({self.freeze_bn_after:g}) must be more than float_warmup_epochs "
-                             f"({self.float_warmup_epochs}): BatchNorm would be frozen in the FP32 warm-up")
+        if self.float_warmup_epochs:
+            if self.float_warmup_epochs >= self.epochs:
+                raise ValueError(f"float_warmup_epochs ({self.float_warmup_epochs}) must be less than epochs "
+                                 f"({self.epochs}): the plan would never train")
+            if self.schedule not in ("cosine", "constant"):
+                raise ValueError(f"float_warmup_epochs: the {self.schedule} schedule cannot go on after the warm-up; "
+                                 "use cosine or constant")
+            if self.freeze_bn_after is not None and self.freeze_bn_after <= self.float_warmup_epochs:
+                raise ValueError(f"freeze_bn_after ({self.freeze_bn_after:g}) must be more than float_warmup_epochs "
+                                 f"({self.float_warmup_epochs}): BatchNorm would be frozen in the FP32 warm-up")
         if self.freeze_bn_after is not None and self.freeze_bn_after >= self.epochs:
             raise ValueError(f"freeze_bn_after ({self.freeze_bn_after:g}) must be less than epochs ({self.epochs}): "
                              "BatchNorm would never be frozen")

@@ -62,6 +62,12 @@ def build_model(cfg: Config, data: DataSplits) -> nn.Module:
     return quantize(model, cfg.plan)
 
 
+def without_init_from(cfg: Config) -> Config:
+    """``cfg`` without its pretrained start (``model.init_from``): a run's checkpoints hold every weight, so a resumed
+    or reloaded run folder does not read it again (it may have moved or been deleted since)."""
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})})
+
+
 def load_data(cfg: Config) -> DataSplits:
     d = cfg.data
     return load_dataset(d.name, root=d.root, val_fraction=d.val_fraction, seed=cfg.train.seed, limit=d.limit)
@@ -181,7 +187,7 @@ def load_run(run_dir: str | Path) -> tuple[Config, DataSplits, nn.Module, dict]:
     data = load_data(cfg)
     # the checkpoint holds every weight: the pretrained start (model.init_from) is not read again,
     # so a run folder evaluates and exports after its start moved or from another directory
-    model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})}), data)
+    model = build_model(without_init_from(cfg), data)
     ck = load_checkpoint(ck_path, config=cfg)
     with checkpoint_fits(ck_path, run_dir):
         final_model(model, ck)
@@ -466,8 +472,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, data: DataSplits | None,
     data = data or load_data(cfg)
     # resuming: last.pt holds every weight, so the pretrained start (model.init_from) is not read again (a run
     # whose start was moved or deleted resumes; session 24)
-    model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})})
-                        if resume else cfg, data).to(device)
+    model = build_model(without_init_from(cfg) if resume else cfg, data).to(device)
     state = quant_state(model)
     method = state.method
     if ddp.active() and not method.ddp:

@@ -63,7 +63,7 @@ def run_warmup(cfg: Config, run_dir: str | Path, resume: bool = False, data=None
     stage's :class:`lowbit.train.RunResult`; each callback gets every epoch's row, the warm-up's first."""
     from .. import distributed as ddp
     from ..runfolder import atomic_write, discard_if_unused
-    from ..train import _run, build_model, load_data, run
+    from ..train import _run, build_model, load_data, run, without_init_from
 
     if ddp.active():
         raise ConfigError("torchrun: train.float_warmup_epochs does not run distributed yet; run it in one process, "
@@ -83,7 +83,7 @@ def run_warmup(cfg: Config, run_dir: str | Path, resume: bool = False, data=None
         fresh = not (run_dir / "config.yaml").is_file()
         if fresh:
             # the plan on this model before the warm-up trains: a plan that cannot apply fails now, not after it
-            build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})}), data)
+            build_model(without_init_from(cfg), data)
             # a run folder from the start: --resume finds it
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(run_dir / "config.yaml", cfg.to_yaml())
